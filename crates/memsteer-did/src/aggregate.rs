@@ -1,0 +1,156 @@
+//! Aggregations of cells: the path by event time and the instantaneous, persistent and residual
+//! summaries, overall and per cohort. Each is a linear functional of the cells, so its inference comes
+//! from the same influence functions and bootstrap draws.
+//!
+//! Weights are cohort sizes, treated as fixed by design (each training batch contributes a fixed number
+//! of instances); unlike R `did`'s `aggte` no weight-estimation term is added.
+
+use std::collections::BTreeMap;
+
+use memsteer_panel::Cohort;
+
+use crate::bootstrap::quantile_inverted_cdf;
+use crate::estimate::{Aggregate, CellSpec, CohortSummary, Inference, PathEstimate};
+use crate::functional::Functional;
+use crate::prepare::Cohorts;
+use crate::stats::normal_quantile;
+use crate::{BandScope, ValidConfig};
+
+pub(crate) struct Aggregates {
+    pub path: Vec<PathEstimate>,
+    pub path_funcs: Vec<Functional>,
+    pub instantaneous: Option<Aggregate>,
+    pub persistent: Option<Aggregate>,
+    pub residual: Option<Aggregate>,
+    pub per_cohort: Vec<CohortSummary>,
+    pub path_crit: f64,
+}
+
+/// Weighted average of cell functionals; `None` when `items` is empty.
+fn average(items: &[(f64, &Functional)]) -> Option<Functional> {
+    let total: f64 = items.iter().map(|(w, _)| w).sum();
+    if items.is_empty() || total <= 0.0 {
+        return None;
+    }
+    let mut f = Functional::default();
+    for (w, g) in items {
+        f.add_scaled(g, w / total);
+    }
+    Some(f)
+}
+
+impl Inference<'_> {
+    /// Estimate, SE and pointwise interval of each functional.
+    pub(crate) fn summarise(&self, funcs: &[Functional], alpha: f64) -> Vec<Aggregate> {
+        let (analytic, boot) = self.std_errors(funcs);
+        let z = normal_quantile(1.0 - alpha / 2.0);
+        funcs
+            .iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let estimate = f.value(self.cohorts);
+                let se = match &boot {
+                    Some(b) if b[i].is_finite() && b[i] > 0.0 => b[i],
+                    Some(_) => f64::NAN,
+                    None => analytic[i],
+                };
+                Aggregate { estimate, std_error: se, ci_lower: estimate - z * se, ci_upper: estimate + z * se }
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn aggregate(
+    cohorts: &Cohorts,
+    specs: &[CellSpec],
+    funcs: &[Functional],
+    inf: &Inference<'_>,
+    cfg: &ValidConfig,
+    steps: &[u64],
+) -> Aggregates {
+    let last = cohorts.c - 1;
+    let weight = |s: &CellSpec| cohorts.groups[s.group].n as f64;
+
+    // Path by event time.
+    let mut by_event: BTreeMap<i64, Vec<(f64, &Functional)>> = BTreeMap::new();
+    for (s, f) in specs.iter().zip(funcs) {
+        by_event.entry(s.c as i64 - s.g as i64).or_default().push((weight(s), f));
+    }
+    let events: Vec<i64> = by_event.keys().copied().collect();
+    let counts: Vec<usize> = by_event.values().map(Vec::len).collect();
+    let path_funcs: Vec<Functional> = by_event.values().filter_map(|v| average(v)).collect();
+    let path_stats = inf.summarise(&path_funcs, cfg.alpha);
+    let z = normal_quantile(1.0 - cfg.alpha / 2.0);
+    let se: Vec<f64> = path_stats.iter().map(|a| a.std_error).collect();
+    let include: Vec<bool> = events.iter().map(|&e| cfg.band_scope == BandScope::All || e >= 0).collect();
+    let path_crit = match inf.sup_t_draws(&path_funcs, &se, &include) {
+        Some(mut d) => quantile_inverted_cdf(&mut d, 1.0 - cfg.alpha),
+        None => z,
+    };
+    let path: Vec<PathEstimate> = events
+        .iter()
+        .zip(&path_stats)
+        .zip(&counts)
+        .zip(&include)
+        .map(|(((&e, a), &n), &inc)| {
+            let crit = if inc { path_crit } else { z };
+            PathEstimate {
+                event_time: e,
+                estimate: a.estimate,
+                std_error: a.std_error,
+                ci_lower: a.ci_lower,
+                ci_upper: a.ci_upper,
+                band_lower: a.estimate - crit * a.std_error,
+                band_upper: a.estimate + crit * a.std_error,
+                n_cohorts: n,
+            }
+        })
+        .collect();
+
+    // Overall summaries.
+    let mut overall: Vec<Functional> = Vec::new();
+    let mut slot = |f: Option<Functional>| {
+        f.map(|f| {
+            overall.push(f);
+            overall.len() - 1
+        })
+    };
+    let inst_slot = slot(events.iter().position(|&e| e == 0).map(|i| path_funcs[i].clone()));
+    let post: Vec<(f64, &Functional)> =
+        events.iter().zip(&path_funcs).filter(|(e, _)| **e > 0).map(|(_, f)| (1.0, f)).collect();
+    let pers_slot = slot(average(&post));
+    let resid: Vec<(f64, &Functional)> =
+        specs.iter().zip(funcs).filter(|(s, _)| s.c == last && s.c >= s.g).map(|(s, f)| (weight(s), f)).collect();
+    let resid_slot = slot(average(&resid));
+
+    // Per cohort.
+    let mut cohort_slots = Vec::new();
+    for (k, grp) in cohorts.groups.iter().enumerate() {
+        let Cohort::Treated(g) = grp.cohort else { continue };
+        let cells: Vec<(&CellSpec, &Functional)> = specs.iter().zip(funcs).filter(|(s, _)| s.group == k).collect();
+        let inst = cells.iter().find(|(s, _)| s.c == g).map(|(_, f)| (*f).clone());
+        let later: Vec<(f64, &Functional)> = cells.iter().filter(|(s, _)| s.c > g).map(|(_, f)| (1.0, *f)).collect();
+        let res = cells.iter().find(|(s, _)| s.c == last && last >= g).map(|(_, f)| (*f).clone());
+        cohort_slots.push((steps[g], grp.n, slot(inst), slot(average(&later)), slot(res)));
+    }
+    let stats = inf.summarise(&overall, cfg.alpha);
+    let get = |s: Option<usize>| s.map(|i| stats[i]);
+    Aggregates {
+        path,
+        path_funcs,
+        instantaneous: get(inst_slot),
+        persistent: get(pers_slot),
+        residual: get(resid_slot),
+        per_cohort: cohort_slots
+            .into_iter()
+            .map(|(cohort, n, a, b, c)| CohortSummary {
+                cohort,
+                n,
+                instantaneous: get(a),
+                persistent: get(b),
+                residual: get(c),
+            })
+            .collect(),
+        path_crit,
+    }
+}

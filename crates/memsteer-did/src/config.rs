@@ -1,0 +1,142 @@
+//! Estimation settings, validated once.
+
+use crate::{DidError, Result};
+
+/// Which estimator of τ(g, c).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Estimator {
+    /// Difference-in-differences `(Ȳ_c(g) − Ȳ_b(g)) − (Ȳ_c(C) − Ȳ_b(C))` (the paper's Estimator 2).
+    #[default]
+    Did,
+    /// Difference `Ȳ_c(g) − Ȳ_c(C)` (the paper's Estimator 1); biased when levels differ at baseline.
+    Difference,
+}
+
+/// Which instances serve as controls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ControlGroup {
+    /// Never-trained (validation) instances only.
+    #[default]
+    Never,
+    /// Never-trained instances plus cohorts not yet trained at both periods of the comparison.
+    NotYet,
+}
+
+/// Base period of DiD comparisons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BasePeriod {
+    /// Post-treatment cells compare with `g − 1`; pre-treatment cells with the previous checkpoint
+    /// (csdid's and R `did`'s default).
+    #[default]
+    Varying,
+    /// Every cell compares with `g − 1`.
+    Universal,
+}
+
+/// Distribution of the bootstrap multipliers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Multiplier {
+    /// ±1 with equal probability.
+    #[default]
+    Rademacher,
+    /// Mammen's two-point distribution (mean 0, variance 1, third moment 1).
+    Mammen,
+}
+
+/// Which cells the uniform (sup-t) band covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BandScope {
+    /// All cells, pre- and post-treatment (as csdid and the paper's analysis).
+    #[default]
+    All,
+    /// Post-treatment cells only.
+    Post,
+}
+
+/// Estimation settings as the user gives them; [`ProfileConfig::validate`] checks them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ProfileConfig {
+    /// Estimator.
+    pub estimator: Estimator,
+    /// Control group.
+    pub control: ControlGroup,
+    /// Base period (DiD only).
+    pub base_period: BasePeriod,
+    /// Bootstrap draws; 0 = analytic inference only.
+    pub bootstrap: usize,
+    /// Multiplier distribution.
+    pub multiplier: Multiplier,
+    /// Significance level of intervals, bands and tests.
+    pub alpha: f64,
+    /// Seed of the bootstrap.
+    pub seed: u64,
+    /// Cells covered by the uniform band.
+    pub band_scope: BandScope,
+    /// Cohorts smaller than this get a warning.
+    pub min_cohort_size: usize,
+    /// The cell-level Wald pre-test is skipped above this many pre-treatment cells.
+    pub max_wald_cells: usize,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            estimator: Estimator::Did,
+            control: ControlGroup::Never,
+            base_period: BasePeriod::Varying,
+            bootstrap: 1000,
+            multiplier: Multiplier::Rademacher,
+            alpha: 0.05,
+            seed: 20240101,
+            band_scope: BandScope::All,
+            min_cohort_size: 10,
+            max_wald_cells: 1500,
+        }
+    }
+}
+
+/// A [`ProfileConfig`] whose values have been checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidConfig(ProfileConfig);
+
+impl std::ops::Deref for ValidConfig {
+    type Target = ProfileConfig;
+    fn deref(&self) -> &ProfileConfig {
+        &self.0
+    }
+}
+
+impl ProfileConfig {
+    /// Checks the settings.
+    pub fn validate(self) -> Result<ValidConfig> {
+        if !(self.alpha > 0.0 && self.alpha < 0.5) {
+            return Err(DidError::Config {
+                name: "--alpha",
+                message: format!("expected a level in (0, 0.5), found {}", self.alpha),
+            });
+        }
+        if self.bootstrap != 0 && (self.bootstrap as f64) * self.alpha < 1.0 {
+            return Err(DidError::Config {
+                name: "--bootstrap",
+                message: format!(
+                    "{} draws cannot resolve the {} quantile of a band; use at least {} (or 0 for analytic inference)",
+                    self.bootstrap,
+                    1.0 - self.alpha,
+                    (1.0 / self.alpha).ceil()
+                ),
+            });
+        }
+        if self.bootstrap > 1_000_000 {
+            return Err(DidError::Config {
+                name: "--bootstrap",
+                message: format!("{} draws is more than the supported 1,000,000", self.bootstrap),
+            });
+        }
+        Ok(ValidConfig(self))
+    }
+}

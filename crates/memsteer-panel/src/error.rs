@@ -1,0 +1,141 @@
+//! The error type of `memsteer-panel`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, reading or writing a panel.
+///
+/// Every variant names its input (`source` is a file path or another label the caller gave) and, for
+/// row problems, the 1-based line number, so a user can open the file at the right place.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PanelError {
+    /// A file could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done (`reading`, `writing`, …).
+        action: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The input holds no header or no data rows.
+    #[error("{input}: {what}")]
+    Empty {
+        /// The input.
+        input: String,
+        /// What is missing.
+        what: String,
+    },
+    /// A required column is not in the header.
+    #[error("{input}: missing column `{column}` (the {role}); the header has: {available}")]
+    MissingColumn {
+        /// The input.
+        input: String,
+        /// The column that was looked for.
+        column: String,
+        /// What the column is used for.
+        role: &'static str,
+        /// The header's columns, comma separated.
+        available: String,
+    },
+    /// A field could not be parsed or holds a value that is not allowed.
+    #[error("{input}, line {line}, column `{column}`: {expected}, found {value:?}")]
+    Field {
+        /// The input.
+        input: String,
+        /// 1-based line number.
+        line: usize,
+        /// The column name.
+        column: String,
+        /// The offending text (truncated to 40 characters).
+        value: String,
+        /// What was expected there.
+        expected: String,
+    },
+    /// A row has a different number of fields from the header.
+    #[error("{input}, line {line}: expected {expected} fields like the header, found {found}")]
+    FieldCount {
+        /// The input.
+        input: String,
+        /// 1-based line number.
+        line: usize,
+        /// Fields in the header.
+        expected: usize,
+        /// Fields in the row.
+        found: usize,
+    },
+    /// The same (instance, checkpoint) pair appears twice.
+    #[error(
+        "{input}, line {line}: duplicate row for instance {instance:?} at checkpoint {checkpoint} (first seen on line {first_line})"
+    )]
+    Duplicate {
+        /// The input.
+        input: String,
+        /// The second occurrence.
+        line: usize,
+        /// The first occurrence.
+        first_line: usize,
+        /// The instance id.
+        instance: String,
+        /// The checkpoint step.
+        checkpoint: u64,
+    },
+    /// Two rows of one instance disagree about its treatment step.
+    #[error(
+        "{input}, line {line}: instance {instance:?} has treatment step {second} here but {first} on line {first_line}; an instance is trained in exactly one batch"
+    )]
+    ConflictingTreatment {
+        /// The input.
+        input: String,
+        /// The conflicting row.
+        line: usize,
+        /// Where the first value came from.
+        first_line: usize,
+        /// The instance id.
+        instance: String,
+        /// The first value (`never` for never-trained).
+        first: String,
+        /// The conflicting value.
+        second: String,
+    },
+    /// An instance lacks outcomes at some checkpoints.
+    #[error(
+        "{input}: instance {instance:?} has no outcome at {missing} of {total} checkpoints (e.g. step {example_step}); pass --drop-incomplete to drop such instances"
+    )]
+    Incomplete {
+        /// The input.
+        input: String,
+        /// The first incomplete instance.
+        instance: String,
+        /// How many checkpoints it lacks.
+        missing: usize,
+        /// The number of checkpoints in the panel.
+        total: usize,
+        /// One missing checkpoint step.
+        example_step: u64,
+    },
+    /// An instance's treatment step lies after the last checkpoint, so its cohort is undefined.
+    #[error(
+        "{input}: instance {instance:?} is trained at step {treatment} after the last checkpoint ({last_checkpoint}); use --max-step to cut the panel or fix the treatment step"
+    )]
+    TreatmentAfterLastCheckpoint {
+        /// The input.
+        input: String,
+        /// The instance id.
+        instance: String,
+        /// Its treatment step.
+        treatment: u64,
+        /// The last checkpoint step.
+        last_checkpoint: u64,
+    },
+    /// The checkpoint grid is not a strictly increasing, non-empty list of steps.
+    #[error("invalid checkpoint grid: {0}")]
+    Grid(String),
+    /// In-memory inputs have inconsistent shapes or values.
+    #[error("invalid panel: {0}")]
+    Invalid(String),
+}
+
+/// `Result` with [`PanelError`].
+pub type Result<T, E = PanelError> = std::result::Result<T, E>;
