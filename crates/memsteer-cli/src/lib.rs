@@ -1,1 +1,44 @@
-//! x
+//! The library behind the `memsteer` command: argument definitions and one function per subcommand,
+//! so `xtask` and tests drive exactly what users run.
+#![deny(missing_docs)]
+
+pub mod compare;
+pub mod plot;
+pub mod profile;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line interface of `memsteer`.
+#[derive(Debug, Parser)]
+#[command(name = "memsteer", version, about = "Measure what language models memorise, and steer them", long_about = None)]
+pub struct Cli {
+    /// Worker threads (default: all cores). Results do not depend on it.
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// The subcommand.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Estimate the memorisation profile of a panel of per-instance outcomes across checkpoints.
+    Profile(profile::ProfileArgs),
+    /// Correlate memorisation profiles (att.csv files) of several models.
+    Compare(compare::CompareArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n >= 1, "--threads must be at least 1");
+        // Ignore the error when a pool already exists (tests run several commands in one process).
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    }
+    match cli.command {
+        Command::Profile(args) => profile::run(&args).map(|_| ()),
+        Command::Compare(args) => compare::run(&args).map(|_| ()),
+    }
+}

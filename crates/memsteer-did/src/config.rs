@@ -81,6 +81,8 @@ pub struct ProfileConfig {
     pub min_cohort_size: usize,
     /// The cell-level Wald pre-test is skipped above this many pre-treatment cells.
     pub max_wald_cells: usize,
+    /// The path Wald pre-test uses event times `−pretrend_window ..= −1`.
+    pub pretrend_window: usize,
 }
 
 impl Default for ProfileConfig {
@@ -96,6 +98,7 @@ impl Default for ProfileConfig {
             band_scope: BandScope::All,
             min_cohort_size: 10,
             max_wald_cells: 1500,
+            pretrend_window: 10,
         }
     }
 }
@@ -129,6 +132,12 @@ impl ProfileConfig {
                     1.0 - self.alpha,
                     (1.0 / self.alpha).ceil()
                 ),
+            });
+        }
+        if self.pretrend_window == 0 {
+            return Err(DidError::Config {
+                name: "--pretrend-window",
+                message: "expected at least 1 pre-treatment event time".into(),
             });
         }
         if self.bootstrap > 1_000_000 {

@@ -87,6 +87,16 @@ impl Functional {
 
     /// `Σ_j ψ1_j ψ2_j`: the analytic covariance of two functionals.
     pub fn covariance(&self, other: &Functional, cohorts: &Cohorts) -> f64 {
+        self.covariance_with(other, cohorts, &|k| &cohorts.groups[k].cov)
+    }
+
+    /// The analytic covariance with cohort `k`'s covariance matrix taken from `cov_of(k)`.
+    pub fn covariance_with<'c>(
+        &self,
+        other: &Functional,
+        cohorts: &'c Cohorts,
+        cov_of: &(dyn Fn(usize) -> &'c [f64] + Sync),
+    ) -> f64 {
         let c = cohorts.c;
         let (a, b) = (&self.blocks, &other.blocks);
         let (mut i, mut j) = (0, 0);
@@ -97,9 +107,10 @@ impl Functional {
                 std::cmp::Ordering::Greater => j += 1,
                 std::cmp::Ordering::Equal => {
                     let g = &cohorts.groups[a[i].group];
+                    let cov = cov_of(a[i].group);
                     let mut quad = 0.0;
                     for &(t1, w1) in &a[i].terms {
-                        let row = &g.cov[t1 * c..(t1 + 1) * c];
+                        let row = &cov[t1 * c..(t1 + 1) * c];
                         for &(t2, w2) in &b[j].terms {
                             quad += w1 * w2 * row[t2];
                         }

@@ -32,6 +32,7 @@ mod diagnostics;
 mod error;
 mod estimate;
 mod functional;
+mod gaussian;
 mod gemm;
 pub mod io;
 mod prepare;

@@ -94,6 +94,36 @@ impl Cohorts {
         self.groups.iter().position(|g| g.cohort == Cohort::Never)
     }
 
+    /// For each treated group `g`, the within-cohort covariance pooled over all treated cohorts with
+    /// `g_k ≥ g` (divided by instances minus cohorts, so unbiased); `None` for the never-treated group.
+    ///
+    /// Training batches are drawn at random, so before `g` all these cohorts share one distribution and
+    /// the pooled matrix estimates cohort `g`'s pre-treatment covariance with far less noise than its
+    /// own. Every entry of one matrix comes from the same instances, so it is positive semi-definite and
+    /// any covariance assembled from these matrices is too.
+    pub fn pooled_pre_treatment_covs(&self) -> Vec<Option<Vec<f64>>> {
+        let c = self.c;
+        let mut out: Vec<Option<Vec<f64>>> = vec![None; self.groups.len()];
+        let mut sum = vec![0.0; c * c];
+        let mut n = 0usize;
+        let mut m = 0usize;
+        // Groups are sorted by cohort with never-treated last: sweep treated groups from the latest.
+        for (k, g) in self.groups.iter().enumerate().rev() {
+            if g.cohort == Cohort::Never {
+                continue;
+            }
+            for (s, v) in sum.iter_mut().zip(&g.cov) {
+                *s += g.n as f64 * v;
+            }
+            n += g.n;
+            m += 1;
+            // Unbiased: each cohort's own mean was estimated.
+            let df = n.saturating_sub(m).max(1) as f64;
+            out[k] = Some(sum.iter().map(|s| s / df).collect());
+        }
+        out
+    }
+
     /// Rows of group `k` in `z`.
     pub fn rows(&self, k: usize) -> &[f64] {
         let g = &self.groups[k];

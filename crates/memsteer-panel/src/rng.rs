@@ -97,7 +97,7 @@ mod tests {
 
     #[test]
     fn word_matches_sequential_stream() {
-        let key = 12345;
+        let key: u64 = 12345;
         let mut s = key;
         for i in 0..10 {
             s = s.wrapping_add(GAMMA);

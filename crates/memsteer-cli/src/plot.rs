@@ -1,0 +1,331 @@
+//! Figures: the profile heat map, the path with its bands, and profile correlation matrices.
+//! Each is written as SVG and PNG, atomically. Text uses the bundled DejaVu Sans.
+
+use std::path::{Path, PathBuf};
+use std::sync::Once;
+
+use anyhow::{Result, anyhow};
+use memsteer_did::Profile;
+use memsteer_did::compare::Correlation;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+static REGISTER: Once = Once::new();
+
+fn register_font() {
+    REGISTER.call_once(|| {
+        for style in [FontStyle::Normal, FontStyle::Bold] {
+            if plotters::style::register_font("sans-serif", style, FONT).is_err() {
+                eprintln!("warning: could not load the bundled font; figure text may be missing");
+            }
+        }
+    });
+}
+
+/// Diverging red–blue scale (ColorBrewer RdBu, reversed so that positive = red): `v` in [−1, 1].
+pub fn diverging(v: f64) -> RGBColor {
+    const STOPS: [(f64, [u8; 3]); 7] = [
+        (-1.0, [33, 102, 172]),
+        (-0.66, [103, 169, 207]),
+        (-0.33, [209, 229, 240]),
+        (0.0, [247, 247, 247]),
+        (0.33, [253, 219, 199]),
+        (0.66, [239, 138, 98]),
+        (1.0, [178, 24, 43]),
+    ];
+    let v = if v.is_finite() { v.clamp(-1.0, 1.0) } else { 0.0 };
+    let i = STOPS.iter().position(|s| s.0 >= v).unwrap_or(STOPS.len() - 1).max(1);
+    let (a, b) = (STOPS[i - 1], STOPS[i]);
+    let t = (v - a.0) / (b.0 - a.0);
+    let mix = |j: usize| (f64::from(a.1[j]) + t * (f64::from(b.1[j]) - f64::from(a.1[j]))).round() as u8;
+    RGBColor(mix(0), mix(1), mix(2))
+}
+
+/// Draws a figure on an SVG and a PNG backend and writes both atomically.
+macro_rules! with_backends {
+    ($dir:expr, $name:expr, $size:expr, |$root:ident| $body:block) => {{
+        register_font();
+        let dir: &Path = $dir;
+        let name: &str = $name;
+        let size: (u32, u32) = $size;
+        let mut files = Vec::new();
+        let mut svg = String::new();
+        {
+            let $root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
+            (|| -> Result<()> { $body })()?;
+            $root.present().map_err(|e| anyhow!("drawing {name}.svg: {e:?}"))?;
+        }
+        let svg_path = dir.join(format!("{name}.svg"));
+        memsteer_panel::write_atomic(&svg_path, |w| w.write_all(svg.as_bytes()))
+            .map_err(|e| anyhow!("writing {}: {e}", svg_path.display()))?;
+        files.push(svg_path);
+        let png_path = dir.join(format!("{name}.png"));
+        let tmp = dir.join(format!(".{name}.tmp-{}.png", std::process::id()));
+        {
+            let $root = BitMapBackend::new(&tmp, size).into_drawing_area();
+            (|| -> Result<()> { $body })()?;
+            $root.present().map_err(|e| anyhow!("drawing {name}.png: {e:?}"))?;
+        }
+        std::fs::rename(&tmp, &png_path).map_err(|e| anyhow!("writing {}: {e}", png_path.display()))?;
+        files.push(png_path);
+        Ok::<Vec<PathBuf>, anyhow::Error>(files)
+    }};
+}
+
+fn err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> anyhow::Error + '_ {
+    move |e| anyhow!("drawing {what}: {e:?}")
+}
+
+/// Writes `profile.svg/png` (heat map of significant cells) and `path.svg/png`.
+pub fn profile_figures(profile: &Profile, dir: &Path, mark_step: Option<u64>) -> Result<Vec<PathBuf>> {
+    let mut files = with_backends!(dir, "profile", (1000, 760), |root| { draw_profile(&root, profile, mark_step) })?;
+    files.extend(with_backends!(dir, "path", (1000, 560), |root| { draw_path(&root, profile) })?);
+    Ok(files)
+}
+
+/// Writes `correlations.svg/png`.
+pub fn correlation_figures(labels: &[String], matrix: &[Correlation], dir: &Path) -> Result<Vec<PathBuf>> {
+    with_backends!(dir, "correlations", (760, 680), |root| { draw_correlations(&root, labels, matrix) })
+}
+
+fn step_label(steps: &[u64], x: f64) -> String {
+    let i = x.floor();
+    if i < 0.0 || i as usize >= steps.len() {
+        return String::new();
+    }
+    let s = steps[i as usize];
+    if s >= 10_000 && s % 1000 == 0 { format!("{}k", s / 1000) } else { s.to_string() }
+}
+
+fn draw_colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, vmax: f64, label: &str) -> Result<()> {
+    let mut chart = ChartBuilder::on(area)
+        .margin_top(60)
+        .margin_bottom(70)
+        .margin_right(10)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0.0..1.0, -vmax..vmax)
+        .map_err(err("colour bar"))?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .disable_x_axis()
+        .y_desc(label)
+        .y_labels(7)
+        .y_label_formatter(&|v| format!("{v:.2}"))
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err("colour bar"))?;
+    let n = 100;
+    chart
+        .draw_series((0..n).map(|i| {
+            let lo = -vmax + 2.0 * vmax * i as f64 / n as f64;
+            let hi = -vmax + 2.0 * vmax * (i + 1) as f64 / n as f64;
+            Rectangle::new([(0.0, lo), (1.0, hi)], diverging((lo + hi) / (2.0 * vmax)).filled())
+        }))
+        .map_err(err("colour bar"))?;
+    Ok(())
+}
+
+fn draw_profile<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, mark_step: Option<u64>) -> Result<()> {
+    root.fill(&WHITE).map_err(err("profile"))?;
+    let (main, bar) = root.split_horizontally(root.dim_in_pixel().0 - 110);
+    let steps = &p.checkpoints;
+    let c_len = steps.len() as f64;
+    let g_min = p.cells.iter().map(|c| c.cohort_index).min().unwrap_or(0) as f64;
+    let g_max = p.cells.iter().map(|c| c.cohort_index).max().unwrap_or(0) as f64 + 1.0;
+    let sig: Vec<_> = p.cells.iter().filter(|c| c.is_significant()).collect();
+    let vmax = sig.iter().map(|c| c.estimate.abs()).fold(0.0, f64::max).max(1e-12);
+    let n_post = p.cells.iter().filter(|c| c.is_post()).count();
+    let n_sig_post = sig.iter().filter(|c| c.is_post()).count();
+    let mut chart = ChartBuilder::on(&main)
+        .caption(
+            format!("Memorisation profile: {n_sig_post} of {n_post} post-treatment cells significant"),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        // Cohorts run top to bottom, as in the paper's figures.
+        .build_cartesian_2d(0.0..c_len, g_max..g_min)
+        .map_err(err("profile"))?;
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_desc("checkpoint step")
+        .y_desc("cohort (first checkpoint after training)")
+        .x_labels(12)
+        .y_labels(12)
+        .x_label_formatter(&|x| step_label(steps, *x))
+        .y_label_formatter(&|y| step_label(steps, *y))
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err("profile"))?;
+    let grey = RGBColor(228, 228, 228);
+    chart
+        .draw_series(p.cells.iter().map(|c| {
+            let x = c.checkpoint_index as f64;
+            let y = c.cohort_index as f64;
+            let fill = if c.is_significant() { diverging(c.estimate / vmax) } else { grey };
+            Rectangle::new([(x, y), (x + 1.0, y + 1.0)], fill.filled())
+        }))
+        .map_err(err("profile"))?;
+    // The diagonal c = g: where instantaneous memorisation sits.
+    chart
+        .draw_series(LineSeries::new([(g_min, g_min), (g_max, g_max)], BLACK.mix(0.35).stroke_width(1)))
+        .map_err(err("profile"))?;
+    if let Some(step) = mark_step {
+        let x = steps.partition_point(|&s| s < step) as f64;
+        chart
+            .draw_series(DashedLineSeries::new([(x, g_min), (x, g_max)], 6, 4, BLACK.stroke_width(2)))
+            .map_err(err("profile"))?
+            .label(format!("step {step}"))
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 13))
+            .draw()
+            .map_err(err("profile"))?;
+    }
+    draw_colorbar(&bar, vmax, "τ(g, c), log-prob")?;
+    Ok(())
+}
+
+fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile) -> Result<()> {
+    root.fill(&WHITE).map_err(err("path"))?;
+    let path = &p.path;
+    if path.is_empty() {
+        return Ok(());
+    }
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let e_min = path[0].event_time as f64 - 0.5;
+    let e_max = path[path.len() - 1].event_time as f64 + 0.5;
+    let lo = path.iter().map(|q| finite(q.band_lower.min(q.estimate))).fold(0.0, f64::min);
+    let hi = path.iter().map(|q| finite(q.band_upper.max(q.estimate))).fold(0.0, f64::max);
+    let pad = 0.05 * (hi - lo).max(1e-9);
+    let mut chart = ChartBuilder::on(root)
+        .caption("Memorisation path (cohort-size weighted, by event time)", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d(e_min..e_max, (lo - pad)..(hi + pad))
+        .map_err(err("path"))?;
+    chart
+        .configure_mesh()
+        .light_line_style(BLACK.mix(0.05))
+        .bold_line_style(BLACK.mix(0.12))
+        .x_desc("event time c − g (checkpoints since training)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_desc("τ, log-probability")
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err("path"))?;
+    let band_color = RGBColor(178, 24, 43);
+    let polygon = |upper: &dyn Fn(&memsteer_did::PathEstimate) -> f64,
+                   lower: &dyn Fn(&memsteer_did::PathEstimate) -> f64| {
+        let mut pts: Vec<(f64, f64)> = path.iter().map(|q| (q.event_time as f64, finite(upper(q)))).collect();
+        pts.extend(path.iter().rev().map(|q| (q.event_time as f64, finite(lower(q)))));
+        pts
+    };
+    chart
+        .draw_series(std::iter::once(Polygon::new(
+            polygon(&|q| q.band_upper, &|q| q.band_lower),
+            band_color.mix(0.15).filled(),
+        )))
+        .map_err(err("path"))?
+        .label("uniform band")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], band_color.mix(0.15).filled()));
+    chart
+        .draw_series(std::iter::once(Polygon::new(
+            polygon(&|q| q.ci_upper, &|q| q.ci_lower),
+            band_color.mix(0.3).filled(),
+        )))
+        .map_err(err("path"))?
+        .label("pointwise interval")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], band_color.mix(0.3).filled()));
+    chart
+        .draw_series(LineSeries::new([(e_min, 0.0), (e_max, 0.0)], BLACK.mix(0.5).stroke_width(1)))
+        .map_err(err("path"))?;
+    chart
+        .draw_series(DashedLineSeries::new([(-0.5, lo - pad), (-0.5, hi + pad)], 5, 4, BLACK.mix(0.5).stroke_width(1)))
+        .map_err(err("path"))?;
+    chart
+        .draw_series(LineSeries::new(
+            path.iter().map(|q| (q.event_time as f64, finite(q.estimate))),
+            band_color.stroke_width(2),
+        ))
+        .map_err(err("path"))?
+        .label("estimate")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], band_color.stroke_width(2)));
+    let dot = if path.len() <= 60 { 3 } else { 2 };
+    chart
+        .draw_series(
+            path.iter().map(|q| Circle::new((q.event_time as f64, finite(q.estimate)), dot, band_color.filled())),
+        )
+        .map_err(err("path"))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(err("path"))?;
+    Ok(())
+}
+
+fn draw_correlations<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    labels: &[String],
+    m: &[Correlation],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err("correlations"))?;
+    let n = labels.len();
+    let (main, bar) = root.split_horizontally(root.dim_in_pixel().0 - 110);
+    let mut chart = ChartBuilder::on(&main)
+        .caption("Correlation of memorisation profiles", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(60)
+        .y_label_area_size(110)
+        .build_cartesian_2d(0.0..n as f64, n as f64..0.0)
+        .map_err(err("correlations"))?;
+    let name = |v: &f64| {
+        let i = v.floor();
+        if i >= 0.0 && (i as usize) < n && (v - i - 0.5).abs() < 0.26 {
+            labels[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_mesh()
+        .x_labels(2 * n + 1)
+        .y_labels(2 * n + 1)
+        .x_label_formatter(&name)
+        .y_label_formatter(&name)
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(err("correlations"))?;
+    chart
+        .draw_series((0..n * n).map(|k| {
+            let (i, j) = ((k / n) as f64, (k % n) as f64);
+            let fill = if m[k].r.is_finite() { diverging(m[k].r) } else { RGBColor(228, 228, 228) };
+            Rectangle::new([(j, i), (j + 1.0, i + 1.0)], fill.filled())
+        }))
+        .map_err(err("correlations"))?;
+    chart
+        .draw_series((0..n * n).map(|k| {
+            let (i, j) = ((k / n) as f64, (k % n) as f64);
+            let text = if m[k].r.is_finite() { format!("{:.2}", m[k].r) } else { "n/a".into() };
+            Text::new(text, (j + 0.38, i + 0.45), ("sans-serif", 15).into_font())
+        }))
+        .map_err(err("correlations"))?;
+    draw_colorbar(&bar, 1.0, "Pearson r")?;
+    Ok(())
+}

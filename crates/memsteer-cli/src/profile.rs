@@ -1,0 +1,367 @@
+//! `memsteer profile`: panel in, memorisation profile, summaries, diagnostics and figures out.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use memsteer_did::{BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, Profile, ProfileConfig};
+use memsteer_panel::read::{ColumnMap, IncompletePolicy, ReadOptions, ReadReport, TreatmentEncoding};
+use memsteer_panel::write_atomic;
+use serde::Serialize;
+
+use crate::progress::Bar;
+
+/// Estimator choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EstimatorArg {
+    /// Difference-in-differences.
+    Did,
+    /// Difference of levels (biased when levels differ at baseline).
+    Difference,
+}
+
+/// Control-group choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ControlArg {
+    /// Never-trained instances.
+    Never,
+    /// Never-trained plus not-yet-trained instances.
+    NotYet,
+}
+
+/// Base-period choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BaseArg {
+    /// g−1 for post cells, c−1 for pre cells.
+    Varying,
+    /// g−1 always.
+    Universal,
+}
+
+/// Multiplier choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MultiplierArg {
+    /// ±1.
+    Rademacher,
+    /// Mammen's two-point weights.
+    Mammen,
+}
+
+/// Band-scope choice on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BandArg {
+    /// All cells, pre and post.
+    All,
+    /// Post-treatment cells only.
+    Post,
+}
+
+/// Arguments of `memsteer profile`.
+#[derive(Debug, Clone, Args)]
+pub struct ProfileArgs {
+    /// Panel file: long CSV with instance_id,treatment_step,checkpoint_step,outcome.
+    #[arg(long)]
+    pub panel: PathBuf,
+    /// Output directory (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Estimator.
+    #[arg(long, value_enum, default_value = "did")]
+    pub estimator: EstimatorArg,
+    /// Control group.
+    #[arg(long, value_enum, default_value = "never")]
+    pub control: ControlArg,
+    /// Base period of DiD comparisons.
+    #[arg(long = "base-period", value_enum, default_value = "varying")]
+    pub base_period: BaseArg,
+    /// Multiplier-bootstrap draws; 0 = analytic inference only (bands then hold pointwise intervals).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Distribution of the bootstrap multipliers.
+    #[arg(long, value_enum, default_value = "rademacher")]
+    pub multiplier: MultiplierArg,
+    /// Cells covered by the uniform band.
+    #[arg(long, value_enum, default_value = "all")]
+    pub band: BandArg,
+    /// Significance level.
+    #[arg(long, default_value_t = 0.05)]
+    pub alpha: f64,
+    /// Bootstrap seed.
+    #[arg(long, default_value_t = 20240101)]
+    pub seed: u64,
+    /// Drop instances that lack some checkpoints instead of failing.
+    #[arg(long)]
+    pub drop_incomplete: bool,
+    /// Column holding instance ids.
+    #[arg(long, default_value = "instance_id")]
+    pub instance_col: String,
+    /// Column holding checkpoint steps.
+    #[arg(long, default_value = "checkpoint_step")]
+    pub checkpoint_col: String,
+    /// Column holding outcomes.
+    #[arg(long, default_value = "outcome")]
+    pub outcome_col: String,
+    /// Column holding treatment steps (or sequence indices with --treatment-from-seq-idx).
+    #[arg(long, default_value = "treatment_step")]
+    pub treatment_col: String,
+    /// Decode the treatment column as a Pythia sequence index with this batch size: seq_idx > 0 was
+    /// trained at step ceil(seq_idx / BATCH_SIZE), seq_idx ≤ 0 is a validation sequence.
+    #[arg(long, value_name = "BATCH_SIZE")]
+    pub treatment_from_seq_idx: Option<u64>,
+    /// Negate outcomes (for losses / surprisals, so that memorisation is positive).
+    #[arg(long)]
+    pub negate: bool,
+    /// Keep only checkpoints (and cohorts) up to this step, e.g. the end of the first epoch.
+    #[arg(long)]
+    pub max_step: Option<u64>,
+    /// Draw a dashed line at this step in the profile figure (e.g. the end of the first epoch).
+    #[arg(long)]
+    pub mark_step: Option<u64>,
+    /// Warn about cohorts smaller than this.
+    #[arg(long, default_value_t = 10)]
+    pub min_cohort_size: usize,
+    /// Skip the figures.
+    #[arg(long)]
+    pub no_figures: bool,
+    /// No progress bars and no summary on stdout.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl ProfileArgs {
+    /// Arguments with every default, for `panel` and `out`.
+    pub fn new(panel: PathBuf, out: PathBuf) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrap {
+            #[command(flatten)]
+            args: ProfileArgs,
+        }
+        let parsed = Wrap::try_parse_from([
+            "memsteer".as_ref(),
+            "--panel".as_ref(),
+            panel.as_os_str(),
+            "--out".as_ref(),
+            out.as_os_str(),
+        ]);
+        match parsed {
+            Ok(w) => w.args,
+            Err(e) => unreachable!("default profile arguments always parse: {e}"),
+        }
+    }
+
+    /// The estimation settings.
+    pub fn config(&self) -> ProfileConfig {
+        ProfileConfig {
+            estimator: match self.estimator {
+                EstimatorArg::Did => Estimator::Did,
+                EstimatorArg::Difference => Estimator::Difference,
+            },
+            control: match self.control {
+                ControlArg::Never => ControlGroup::Never,
+                ControlArg::NotYet => ControlGroup::NotYet,
+            },
+            base_period: match self.base_period {
+                BaseArg::Varying => BasePeriod::Varying,
+                BaseArg::Universal => BasePeriod::Universal,
+            },
+            bootstrap: self.bootstrap,
+            multiplier: match self.multiplier {
+                MultiplierArg::Rademacher => Multiplier::Rademacher,
+                MultiplierArg::Mammen => Multiplier::Mammen,
+            },
+            alpha: self.alpha,
+            seed: self.seed,
+            band_scope: match self.band {
+                BandArg::All => BandScope::All,
+                BandArg::Post => BandScope::Post,
+            },
+            min_cohort_size: self.min_cohort_size,
+            ..ProfileConfig::default()
+        }
+    }
+
+    /// The reader settings.
+    pub fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            columns: ColumnMap {
+                instance: self.instance_col.clone(),
+                treatment: self.treatment_col.clone(),
+                checkpoint: self.checkpoint_col.clone(),
+                outcome: self.outcome_col.clone(),
+            },
+            treatment: match self.treatment_from_seq_idx {
+                Some(batch_size) => TreatmentEncoding::FromSeqIdx { batch_size },
+                None => TreatmentEncoding::Step,
+            },
+            negate: self.negate,
+            max_step: self.max_step,
+            incomplete: if self.drop_incomplete { IncompletePolicy::Drop } else { IncompletePolicy::Error },
+        }
+    }
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Serialize)]
+struct SummaryFile<'a> {
+    memsteer_version: &'static str,
+    format_version: u32,
+    panel: String,
+    settings: &'a ProfileConfig,
+    seed: u64,
+    inference: &'static str,
+    n_instances: usize,
+    n_never_trained: usize,
+    n_cohorts: usize,
+    n_checkpoints: usize,
+    n_cells: usize,
+    n_significant_post_cells: usize,
+    critical_value: f64,
+    path_critical_value: f64,
+    instantaneous: Option<memsteer_did::Aggregate>,
+    persistent: Option<memsteer_did::Aggregate>,
+    residual: Option<memsteer_did::Aggregate>,
+    per_cohort: &'a [memsteer_did::CohortSummary],
+    read: ReadSummary,
+}
+
+#[derive(Debug, Serialize)]
+struct ReadSummary {
+    rows: usize,
+    instances_seen: usize,
+    dropped_incomplete: usize,
+    dropped_after_max_step: usize,
+    dropped_no_pre_period: usize,
+    max_step: Option<u64>,
+    negated: bool,
+}
+
+/// The result of a profile run.
+#[derive(Debug)]
+pub struct ProfileOutcome {
+    /// The estimates.
+    pub profile: Profile,
+    /// What the reader reported.
+    pub report: ReadReport,
+    /// Files written.
+    pub files: Vec<PathBuf>,
+}
+
+fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    write_atomic(path, |w| {
+        serde_json::to_writer_pretty(&mut *w, value).map_err(std::io::Error::other)?;
+        writeln!(w)
+    })
+    .with_context(|| format!("writing {}", path.display()))
+}
+
+/// Runs `memsteer profile`.
+pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
+    let cfg = args.config().validate()?;
+    let bar = Bar::new(args.quiet);
+    bar.spin("reading");
+    let (panel, report) = memsteer_panel::read::read_csv(&args.panel, &args.read_options())
+        .with_context(|| format!("reading panel {}", args.panel.display()))?;
+    memsteer_did::Progress::finish(&bar);
+    let profile = memsteer_did::estimate(&panel, &cfg, &bar)
+        .with_context(|| format!("estimating the profile of {}", args.panel.display()))?;
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating output directory {}", args.out.display()))?;
+    bar.spin("writing");
+    let mut files = Vec::new();
+    let att = args.out.join("att.csv");
+    write_atomic(&att, |w| memsteer_did::io::write_att_csv(&profile, w))
+        .with_context(|| format!("writing {}", att.display()))?;
+    files.push(att);
+    let path = args.out.join("path.csv");
+    write_atomic(&path, |w| memsteer_did::io::write_path_csv(&profile, w))
+        .with_context(|| format!("writing {}", path.display()))?;
+    files.push(path);
+
+    let n_cohorts = profile.per_cohort.len();
+    let summary = SummaryFile {
+        memsteer_version: env!("CARGO_PKG_VERSION"),
+        format_version: 1,
+        panel: args.panel.display().to_string(),
+        settings: &cfg,
+        seed: cfg.seed,
+        inference: if cfg.bootstrap > 0 { "multiplier bootstrap" } else { "analytic" },
+        n_instances: profile.n_instances,
+        n_never_trained: profile.n_never,
+        n_cohorts,
+        n_checkpoints: profile.checkpoints.len(),
+        n_cells: profile.cells.len(),
+        n_significant_post_cells: profile.cells.iter().filter(|c| c.is_post() && c.is_significant()).count(),
+        critical_value: profile.critical_value,
+        path_critical_value: profile.path_critical_value,
+        instantaneous: profile.instantaneous,
+        persistent: profile.persistent,
+        residual: profile.residual,
+        per_cohort: &profile.per_cohort,
+        read: ReadSummary {
+            rows: report.rows,
+            instances_seen: report.instances_seen,
+            dropped_incomplete: report.dropped_incomplete,
+            dropped_after_max_step: report.dropped_after_max_step,
+            dropped_no_pre_period: profile.n_dropped_no_pre,
+            max_step: args.max_step,
+            negated: args.negate,
+        },
+    };
+    let summary_path = args.out.join("summary.json");
+    write_json(&summary_path, &summary)?;
+    files.push(summary_path);
+    let mut diagnostics = profile.diagnostics.clone();
+    diagnostics.warnings.splice(0..0, report.warnings.iter().cloned());
+    let diag_path = args.out.join("diagnostics.json");
+    write_json(&diag_path, &diagnostics)?;
+    files.push(diag_path);
+
+    if !args.no_figures {
+        bar.spin("figures");
+        files.extend(crate::plot::profile_figures(&profile, &args.out, args.mark_step)?);
+    }
+    memsteer_did::Progress::finish(&bar);
+    if !args.quiet {
+        print_summary(&profile, &diagnostics, &args.out);
+    }
+    Ok(ProfileOutcome { profile, report, files })
+}
+
+fn fmt_agg(name: &str, a: &Option<memsteer_did::Aggregate>) -> String {
+    match a {
+        Some(a) => format!(
+            "  {name:<14} {:>9.4}  (se {:.4}, 95% CI {:.4} to {:.4})",
+            a.estimate, a.std_error, a.ci_lower, a.ci_upper
+        ),
+        None => format!("  {name:<14} not estimable"),
+    }
+}
+
+fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path) {
+    let post = p.cells.iter().filter(|c| c.is_post()).count();
+    let sig = p.cells.iter().filter(|c| c.is_post() && c.is_significant()).count();
+    println!(
+        "memorisation profile: {} instances ({} never trained), {} cohorts, {} checkpoints",
+        p.n_instances,
+        p.n_never,
+        p.per_cohort.len(),
+        p.checkpoints.len()
+    );
+    println!("  {post} post-treatment cells, {sig} significant (uniform band, critical value {:.3})", p.critical_value);
+    println!("{}", fmt_agg("instantaneous", &p.instantaneous));
+    println!("{}", fmt_agg("persistent", &p.persistent));
+    println!("{}", fmt_agg("residual", &p.residual));
+    if let Some(t) = &d.pretrend_sup_t {
+        println!("  pre-trend sup-t test: statistic {:.3} over {} cells, p = {:.4}", t.statistic, t.n_cells, t.p_value);
+    }
+    if let Some(t) = &d.pretrend_path_wald
+        && let (Some(s), Some(pv)) = (t.statistic, t.p_value)
+    {
+        println!("  pre-trend path Wald: χ²({}) = {:.2}, p = {:.4}", t.df, s, pv);
+    }
+    for w in &d.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("  wrote {}", out.display());
+}
