@@ -10,11 +10,25 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub(crate) struct Bar {
     current: Mutex<Option<ProgressBar>>,
     quiet: bool,
+    /// With `MEMSTEER_TIMINGS` set, each step's wall time goes to stderr.
+    timings: Option<Mutex<Option<(String, std::time::Instant)>>>,
 }
 
 impl Bar {
     pub fn new(quiet: bool) -> Self {
-        Self { current: Mutex::new(None), quiet }
+        let timings = std::env::var_os("MEMSTEER_TIMINGS").map(|_| Mutex::new(None));
+        Self { current: Mutex::new(None), quiet, timings }
+    }
+
+    fn time_step(&self, next: Option<&str>) {
+        if let Some(t) = &self.timings
+            && let Ok(mut guard) = t.lock()
+        {
+            if let Some((name, start)) = guard.take() {
+                eprintln!("timing: {name} {:.3} s", start.elapsed().as_secs_f64());
+            }
+            *guard = next.map(|n| (n.to_string(), std::time::Instant::now()));
+        }
     }
 
     fn with(&self, f: impl FnOnce(&mut Option<ProgressBar>)) {
@@ -29,6 +43,7 @@ impl Bar {
     }
 
     fn start_inner(&self, name: &str, total: Option<u64>) {
+        self.time_step(Some(name));
         if self.quiet {
             return;
         }
@@ -68,6 +83,7 @@ impl memsteer_did::Progress for Bar {
         });
     }
     fn finish(&self) {
+        self.time_step(None);
         self.with(|c| {
             if let Some(b) = c.take() {
                 b.finish_and_clear();

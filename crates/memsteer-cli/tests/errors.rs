@@ -44,7 +44,19 @@ fn missing_files_and_columns() {
     std::fs::write(&p, "id,step,y\n1,0,1\n").expect("write");
     let err = fails(&["profile", "--panel", s(&p), "--out", s(dir.path())]);
     assert!(err.contains("missing column `instance_id`") && err.contains("id,step,y"), "{err}");
-    let err = fails(&["profile", "--panel", s(&p), "--out", s(dir.path()), "--instance-col", "id", "--checkpoint-col", "step", "--outcome-col", "y"]);
+    let err = fails(&[
+        "profile",
+        "--panel",
+        s(&p),
+        "--out",
+        s(dir.path()),
+        "--instance-col",
+        "id",
+        "--checkpoint-col",
+        "step",
+        "--outcome-col",
+        "y",
+    ]);
     assert!(err.contains("missing column `treatment_step`"), "{err}");
 }
 

@@ -8,11 +8,16 @@ fn writes_every_output_in_the_documented_formats() {
     let panel = synthetic_panel(dir.path(), "panel.csv", 1);
     let out = dir.path().join("out");
     let stdout = ok(&["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "200", "--mark-step", "5000"]);
-    assert!(stdout.contains("instantaneous") && stdout.contains("persistent") && stdout.contains("residual"), "{stdout}");
+    assert!(
+        stdout.contains("instantaneous") && stdout.contains("persistent") && stdout.contains("residual"),
+        "{stdout}"
+    );
     let att = std::fs::read_to_string(out.join("att.csv")).expect("att.csv");
     assert_eq!(
         att.lines().next(),
-        Some("cohort,checkpoint,event_time,estimate,std_error,ci_lower,ci_upper,band_lower,band_upper,n_treated,n_control")
+        Some(
+            "cohort,checkpoint,event_time,estimate,std_error,ci_lower,ci_upper,band_lower,band_upper,n_treated,n_control"
+        )
     );
     // Cohorts 1000..10000 × checkpoints 1000..13000: 10 × 13 cells.
     assert_eq!(att.lines().count(), 1 + 10 * 13);
@@ -53,7 +58,17 @@ fn writes_every_output_in_the_documented_formats() {
 fn matches_csdid_through_the_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out");
-    ok(&["profile", "--panel", s(&fixture("csdid/panel_a.csv")), "--out", s(&out), "--bootstrap", "0", "--no-figures", "--quiet"]);
+    ok(&[
+        "profile",
+        "--panel",
+        s(&fixture("csdid/panel_a.csv")),
+        "--out",
+        s(&out),
+        "--bootstrap",
+        "0",
+        "--no-figures",
+        "--quiet",
+    ]);
     let golden = std::fs::read_to_string(fixture("csdid/golden_a.csv")).expect("golden");
     let expected: std::collections::HashMap<(String, String), (f64, f64)> = golden
         .lines()
@@ -92,7 +107,19 @@ fn same_seed_gives_byte_identical_outputs_with_one_or_two_threads() {
     assert_eq!(summary(&a), summary(&b));
     // A different seed changes the bootstrap.
     let c = dir.path().join("c");
-    ok(&["profile", "--panel", s(&panel), "--out", s(&c), "--bootstrap", "300", "--seed", "7", "--quiet", "--no-figures"]);
+    ok(&[
+        "profile",
+        "--panel",
+        s(&panel),
+        "--out",
+        s(&c),
+        "--bootstrap",
+        "300",
+        "--seed",
+        "7",
+        "--quiet",
+        "--no-figures",
+    ]);
     assert_ne!(std::fs::read(a.join("att.csv")).expect("a"), std::fs::read(c.join("att.csv")).expect("c"));
 }
 
@@ -101,7 +128,18 @@ fn adapter_flags_read_the_papers_statistics_layout() {
     let dir = tempfile::tempdir().expect("tempdir");
     // seq_idx > 0: trained at step ceil(seq_idx / 4); ≤ 0: validation. Surprisal outcomes.
     let mut csv = String::from("seq_idx,step,sup_seq,other\n");
-    for (idx, base) in [(1i64, 10.0), (3, 11.0), (5, 9.0), (7, 10.5), (9, 10.0), (11, 9.5), (0, 10.0), (-1, 10.2), (-2, 9.8), (-3, 10.1)] {
+    for (idx, base) in [
+        (1i64, 10.0),
+        (3, 11.0),
+        (5, 9.0),
+        (7, 10.5),
+        (9, 10.0),
+        (11, 9.5),
+        (0, 10.0),
+        (-1, 10.2),
+        (-2, 9.8),
+        (-3, 10.1),
+    ] {
         for (c, step) in [0u64, 1, 2, 3].iter().enumerate() {
             let treated_by = if idx > 0 { (idx as u64).div_ceil(4) } else { u64::MAX };
             let memorised = if *step >= treated_by { 0.8 } else { 0.0 };
@@ -113,9 +151,28 @@ fn adapter_flags_read_the_papers_statistics_layout() {
     std::fs::write(&panel, csv).expect("write");
     let out = dir.path().join("out");
     ok(&[
-        "profile", "--panel", s(&panel), "--out", s(&out), "--instance-col", "seq_idx", "--treatment-col", "seq_idx",
-        "--treatment-from-seq-idx", "4", "--checkpoint-col", "step", "--outcome-col", "sup_seq", "--negate",
-        "--bootstrap", "0", "--no-figures", "--quiet", "--min-cohort-size", "1",
+        "profile",
+        "--panel",
+        s(&panel),
+        "--out",
+        s(&out),
+        "--instance-col",
+        "seq_idx",
+        "--treatment-col",
+        "seq_idx",
+        "--treatment-from-seq-idx",
+        "4",
+        "--checkpoint-col",
+        "step",
+        "--outcome-col",
+        "sup_seq",
+        "--negate",
+        "--bootstrap",
+        "0",
+        "--no-figures",
+        "--quiet",
+        "--min-cohort-size",
+        "1",
     ]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
@@ -139,7 +196,20 @@ fn drop_incomplete_and_max_step_are_reported() {
     let err = fails(&["profile", "--panel", s(&broken), "--out", s(&dir.path().join("x")), "--quiet"]);
     assert!(err.contains("broken.csv") && err.contains("--drop-incomplete"), "{err}");
     let out = dir.path().join("out");
-    ok(&["profile", "--panel", s(&broken), "--out", s(&out), "--drop-incomplete", "--max-step", "8000", "--bootstrap", "0", "--quiet", "--no-figures"]);
+    ok(&[
+        "profile",
+        "--panel",
+        s(&broken),
+        "--out",
+        s(&out),
+        "--drop-incomplete",
+        "--max-step",
+        "8000",
+        "--bootstrap",
+        "0",
+        "--quiet",
+        "--no-figures",
+    ]);
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
     assert_eq!(summary["read"]["dropped_incomplete"], 1);

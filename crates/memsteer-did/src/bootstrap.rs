@@ -151,8 +151,13 @@ pub(crate) fn quantile_inverted_cdf(x: &mut [f64], p: f64) -> f64 {
 pub(crate) fn iqr_se(draws: &[f64], scratch: &mut Vec<f64>) -> f64 {
     scratch.clear();
     scratch.extend_from_slice(draws);
-    let q75 = quantile_inverted_cdf(scratch, 0.75);
-    let q25 = quantile_inverted_cdf(scratch, 0.25);
+    let n = scratch.len();
+    let rank = |p: f64| ((p * n as f64).ceil() as usize).clamp(1, n) - 1;
+    let (lo, hi) = (rank(0.25), rank(0.75));
+    // One selection for the 25% point, then a second within the part above it.
+    let (_, q25, upper) = scratch.select_nth_unstable_by(lo, f64::total_cmp);
+    let q25 = *q25;
+    let q75 = if hi == lo { q25 } else { *upper.select_nth_unstable_by(hi - lo - 1, f64::total_cmp).1 };
     (q75 - q25) / crate::stats::NORMAL_IQR
 }
 
@@ -168,6 +173,22 @@ mod tests {
         assert_eq!(quantile_inverted_cdf(&mut x, 0.75), 8.0);
         assert_eq!(quantile_inverted_cdf(&mut x, 0.95), 10.0);
         assert_eq!(quantile_inverted_cdf(&mut x, 0.5), 5.0);
+    }
+
+    #[test]
+    fn iqr_se_matches_two_separate_quantiles() {
+        let x: Vec<f64> = (0..1001).map(|i| ((i * 7919) % 1001) as f64 * 0.37 - 50.0).collect();
+        let mut a = x.clone();
+        let want =
+            (quantile_inverted_cdf(&mut a, 0.75) - quantile_inverted_cdf(&mut a, 0.25)) / crate::stats::NORMAL_IQR;
+        assert_eq!(iqr_se(&x, &mut Vec::new()), want);
+        for n in [1usize, 2, 3, 4, 1000] {
+            let y: Vec<f64> = (0..n).map(|i| i as f64).collect();
+            let mut b = y.clone();
+            let want =
+                (quantile_inverted_cdf(&mut b, 0.75) - quantile_inverted_cdf(&mut b, 0.25)) / crate::stats::NORMAL_IQR;
+            assert_eq!(iqr_se(&y, &mut Vec::new()), want, "n = {n}");
+        }
     }
 
     #[test]

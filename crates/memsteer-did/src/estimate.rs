@@ -389,6 +389,8 @@ pub fn estimate(panel: &Panel, cfg: &ValidConfig, progress: &dyn Progress) -> Re
     // The bootstrap sums are the largest buffer; the diagnostics do not need them.
     drop(inf);
     drop(sums);
+    progress.finish();
+    progress.start("diagnostics", 1);
     let diagnostics = crate::diagnostics::diagnose(
         &cohorts,
         &specs,

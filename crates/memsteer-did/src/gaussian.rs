@@ -15,11 +15,13 @@ use rayon::prelude::*;
 use crate::functional::Functional;
 use crate::prepare::Cohorts;
 
-/// A standard normal from two counter-based words (Box–Muller, cosine branch).
-fn normal(key: u64, i: u64) -> f64 {
-    let u1 = ((rng::word(key, 2 * i) >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
-    let u2 = (rng::word(key, 2 * i + 1) >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+/// Fills `out` with standard normals from a SplitMix64 stream seeded with `key` (Marsaglia's polar
+/// method: no trigonometry, two normals per accepted pair).
+fn fill_normals(key: u64, out: &mut [f64]) {
+    let mut rng = rng::SplitMix64::new(key);
+    for x in out.iter_mut() {
+        *x = rng.normal();
+    }
 }
 
 /// Lower-triangular `L` (row-major, `h×h`) with `L Lᵀ = A` for a positive semi-definite `A`; columns
@@ -72,11 +74,14 @@ impl GaussianSums {
                     }
                 }
                 let key = rng::mix64(rng::mix64(seed ^ 0x5851_F42D_4C95_7F2D) ^ k as u64);
-                let e: Vec<f64> = (0..h * draws).map(|i| normal(key, i as u64)).collect();
+                let mut e = vec![0.0; h * draws];
+                fill_normals(key, &mut e);
                 let mut u = vec![0.0; h * draws];
                 crate::gemm::at_b(h, h, draws, (g.n as f64).sqrt(), &lt, &e, 0.0, &mut u);
                 let sv_key = rng::mix64(key ^ 0x9E37_79B9);
-                let sv = (0..draws).map(|b| (g.n as f64).sqrt() * normal(sv_key, b as u64)).collect();
+                let mut sv = vec![0.0; draws];
+                fill_normals(sv_key, &mut sv);
+                sv.iter_mut().for_each(|x| *x *= (g.n as f64).sqrt());
                 (u, sv)
             })
             .collect();
@@ -147,7 +152,8 @@ mod tests {
     #[test]
     fn normal_draws_are_standard() {
         let n = 100_000;
-        let xs: Vec<f64> = (0..n).map(|i| normal(42, i)).collect();
+        let mut xs = vec![0.0; n];
+        fill_normals(42, &mut xs);
         let mean = xs.iter().sum::<f64>() / n as f64;
         let var = xs.iter().map(|x| x * x).sum::<f64>() / n as f64;
         let tail = xs.iter().filter(|x| x.abs() > 3.0).count() as f64 / n as f64;

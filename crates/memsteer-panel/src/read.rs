@@ -7,9 +7,11 @@
 //! column names, decodes the `seq_idx` layout of released Pythia statistics, negates loss-like
 //! outcomes and cuts the panel at a maximum step.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::path::Path;
+
+use rayon::prelude::*;
 
 use crate::{CheckpointGrid, Cohort, Panel, PanelError, Result};
 
@@ -129,15 +131,92 @@ struct Instance {
     treatment: Option<u64>,
 }
 
+/// A run of adjacent rows with the same instance id, within one chunk.
+struct LocalId<'a> {
+    id: Cow<'a, [u8]>,
+    first_line: usize,
+    treatment: Option<u64>,
+}
+
+/// One parsed row; `local` indexes its chunk's [`LocalId`]s.
+struct RawRow {
+    local: u32,
+    line: u32,
+    step: u64,
+    outcome: f64,
+}
+
+/// What one chunk of lines parses into.
+struct Chunk<'a> {
+    ids: Vec<LocalId<'a>>,
+    rows: Vec<RawRow>,
+    steps: FxHashSet<u64>,
+    rows_read: usize,
+    rows_after_max_step: usize,
+}
+
+/// Splits `body` into about `parts` pieces that end at line boundaries.
+fn split_lines(body: &[u8], parts: usize) -> Vec<&[u8]> {
+    let target = (body.len() / parts.max(1)).max(1 << 16);
+    let mut out = Vec::new();
+    let mut rest = body;
+    while !rest.is_empty() {
+        if rest.len() <= target {
+            out.push(rest);
+            break;
+        }
+        let cut = match rest[target..].iter().position(|&b| b == b'\n') {
+            Some(p) => target + p + 1,
+            None => rest.len(),
+        };
+        let (head, tail) = rest.split_at(cut);
+        out.push(head);
+        rest = tail;
+    }
+    if out.is_empty() {
+        out.push(body);
+    }
+    out
+}
+
+/// A fast, non-cryptographic hasher (the multiply–rotate "Fx" hash) for ids and steps.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl std::hash::Hasher for FxHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.write_u64(u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        }
+        for &b in chunks.remainder() {
+            self.write_u64(u64::from(b));
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0.rotate_left(5) ^ x).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_usize(&mut self, x: usize) {
+        self.write_u64(x as u64);
+    }
+}
+
+type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
+type FxHashMap<K, V> = HashMap<K, V, FxBuild>;
+type FxHashSet<K> = std::collections::HashSet<K, FxBuild>;
+
 fn trim_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
 
 /// Splits one CSV line into fields, honouring double quotes. Returns the number of fields.
-fn split_fields<'b>(line: &'b [u8], out: &mut Vec<std::borrow::Cow<'b, [u8]>>) {
+fn split_fields<'b>(line: &'b [u8], out: &mut Vec<Cow<'b, [u8]>>) {
     out.clear();
     if !line.contains(&b'"') {
-        out.extend(line.split(|&b| b == b',').map(std::borrow::Cow::Borrowed));
+        out.extend(line.split(|&b| b == b',').map(Cow::Borrowed));
         return;
     }
     let mut field = Vec::new();
@@ -289,24 +368,20 @@ impl<'a> Parser<'a> {
         }
     }
 
-    fn run(self) -> Result<(Panel, ReadReport)> {
-        if let TreatmentEncoding::FromSeqIdx { batch_size: 0 } = self.options.treatment {
-            return Err(PanelError::Invalid("--treatment-from-seq-idx needs a batch size ≥ 1".into()));
-        }
-        let mut report = ReadReport::default();
-        let mut index: HashMap<&'a [u8], u32> = HashMap::new();
-        let mut owned_index: HashMap<Vec<u8>, u32> = HashMap::new();
-        let mut instances: Vec<Instance> = Vec::new();
-        let mut ids: Vec<String> = Vec::new();
-        // Rows as (instance, checkpoint step, outcome, line).
-        let mut rows: Vec<(u32, u64, f64, u32)> = Vec::new();
-        let mut steps: HashMap<u64, ()> = HashMap::new();
+    /// Parses the rows of one chunk of the body (whole lines, starting at line `first_line`).
+    fn parse_chunk(&self, chunk: &'a [u8], first_line: usize) -> Result<Chunk<'a>> {
+        let mut out = Chunk {
+            ids: Vec::new(),
+            rows: Vec::with_capacity(chunk.len() / 32),
+            steps: FxHashSet::default(),
+            rows_read: 0,
+            rows_after_max_step: 0,
+        };
         let mut fields = Vec::with_capacity(self.cols.count);
-        let mut last: Option<(&'a [u8], u32)> = None;
         let max_step = self.options.max_step;
-
-        let mut line_no = self.first_body_line - 1;
-        for raw in self.body.split(|&b| b == b'\n') {
+        let mut line_no = first_line - 1;
+        let mut last_step = u64::MAX;
+        for raw in chunk.split(|&b| b == b'\n') {
             line_no += 1;
             let line = trim_cr(raw);
             if line.is_empty() {
@@ -321,63 +396,122 @@ impl<'a> Parser<'a> {
                     found: fields.len(),
                 });
             }
-            report.rows += 1;
-            let id_bytes = &fields[self.cols.instance];
-            if id_bytes.is_empty() {
+            out.rows_read += 1;
+            let id = &fields[self.cols.instance];
+            if id.is_empty() {
                 return Err(self.field_error(line_no, self.cols.instance, b"", "a non-empty instance id"));
             }
             let step = self.parse_step(line_no, self.cols.checkpoint, &fields[self.cols.checkpoint])?;
             let outcome = self.parse_outcome(line_no, &fields[self.cols.outcome])?;
             let treatment = self.parse_treatment(line_no, &fields[self.cols.treatment])?;
-
-            // Intern the instance id; rows of one instance are usually adjacent.
-            let inst = match (&last, id_bytes) {
-                (Some((prev, i)), std::borrow::Cow::Borrowed(b)) if *prev == *b => *i,
+            // Rows of one instance are usually adjacent: one local id per run of rows.
+            let local = match out.ids.last() {
+                Some(last) if last.id[..] == id[..] => out.ids.len() - 1,
                 _ => {
-                    let next = instances.len() as u32;
-                    let (i, is_new) = match id_bytes {
-                        std::borrow::Cow::Borrowed(b) => match index.entry(b) {
-                            Entry::Occupied(e) => (*e.get(), false),
-                            Entry::Vacant(e) => (*e.insert(next), true),
-                        },
-                        std::borrow::Cow::Owned(b) => match owned_index.entry(b.clone()) {
-                            Entry::Occupied(e) => (*e.get(), false),
-                            Entry::Vacant(e) => (*e.insert(next), true),
-                        },
-                    };
-                    if is_new {
-                        instances.push(Instance { first_line: line_no, treatment });
-                        ids.push(String::from_utf8_lossy(id_bytes).into_owned());
-                    }
-                    if let std::borrow::Cow::Borrowed(b) = id_bytes {
-                        last = Some((b, i));
-                    } else {
-                        last = None;
-                    }
-                    i
+                    out.ids.push(LocalId {
+                        id: std::mem::take(&mut fields[self.cols.instance]),
+                        first_line: line_no,
+                        treatment,
+                    });
+                    out.ids.len() - 1
                 }
             };
-            let info = &instances[inst as usize];
-            if info.treatment != treatment {
-                let fmt = |t: Option<u64>| t.map_or("never".to_string(), |t| t.to_string());
-                return Err(PanelError::ConflictingTreatment {
-                    input: self.source.into(),
-                    line: line_no,
-                    first_line: info.first_line,
-                    instance: ids[inst as usize].clone(),
-                    first: fmt(info.treatment),
-                    second: fmt(treatment),
-                });
+            let entry = &out.ids[local];
+            if entry.treatment != treatment {
+                return Err(self.conflict(line_no, entry.first_line, &entry.id, entry.treatment, treatment));
             }
             if max_step.is_some_and(|m| step > m) {
-                report.rows_after_max_step += 1;
+                out.rows_after_max_step += 1;
                 continue;
             }
-            steps.insert(step, ());
-            rows.push((inst, step, outcome, line_no as u32));
+            if step != last_step {
+                out.steps.insert(step);
+                last_step = step;
+            }
+            out.rows.push(RawRow { local: local as u32, line: line_no as u32, step, outcome });
         }
+        Ok(out)
+    }
+
+    fn conflict(
+        &self,
+        line: usize,
+        first_line: usize,
+        id: &[u8],
+        first: Option<u64>,
+        second: Option<u64>,
+    ) -> PanelError {
+        let fmt = |t: Option<u64>| t.map_or("never".to_string(), |t| t.to_string());
+        PanelError::ConflictingTreatment {
+            input: self.source.into(),
+            line,
+            first_line,
+            instance: String::from_utf8_lossy(id).into_owned(),
+            first: fmt(first),
+            second: fmt(second),
+        }
+    }
+
+    fn run(self) -> Result<(Panel, ReadReport)> {
+        if let TreatmentEncoding::FromSeqIdx { batch_size: 0 } = self.options.treatment {
+            return Err(PanelError::Invalid("--treatment-from-seq-idx needs a batch size ≥ 1".into()));
+        }
+        let max_step = self.options.max_step;
+        let mut report = ReadReport::default();
+
+        // Split the body into chunks of whole lines and parse them in parallel; line numbers come from
+        // a parallel count of the newlines before each chunk.
+        let chunks = split_lines(self.body, 4 * rayon::current_num_threads());
+        let newlines: Vec<usize> = chunks.par_iter().map(|c| c.iter().filter(|&&b| b == b'\n').count()).collect();
+        let mut first_lines = Vec::with_capacity(chunks.len());
+        let mut line = self.first_body_line;
+        for n in &newlines {
+            first_lines.push(line);
+            line += n;
+        }
+        let parsed: Vec<Chunk<'a>> = chunks
+            .par_iter()
+            .zip(first_lines.par_iter())
+            .map(|(chunk, &first)| self.parse_chunk(chunk, first))
+            .collect::<Result<_>>()?;
+
+        // Intern instance ids across chunks, in file order.
+        let mut index: FxHashMap<&[u8], u32> = FxHashMap::default();
+        let mut instances: Vec<Instance> = Vec::new();
+        let mut ids: Vec<String> = Vec::new();
+        let mut global: Vec<Vec<u32>> = Vec::with_capacity(parsed.len());
+        let mut steps: FxHashSet<u64> = FxHashSet::default();
+        for chunk in &parsed {
+            report.rows += chunk.rows_read;
+            report.rows_after_max_step += chunk.rows_after_max_step;
+            steps.extend(chunk.steps.iter().copied());
+            let mut map = Vec::with_capacity(chunk.ids.len());
+            for local in &chunk.ids {
+                let next = instances.len() as u32;
+                let i = *index.entry(&local.id[..]).or_insert(next);
+                if i == next {
+                    instances.push(Instance { first_line: local.first_line, treatment: local.treatment });
+                    ids.push(String::from_utf8_lossy(&local.id).into_owned());
+                } else {
+                    let info = &instances[i as usize];
+                    if info.treatment != local.treatment {
+                        return Err(self.conflict(
+                            local.first_line,
+                            info.first_line,
+                            &local.id,
+                            info.treatment,
+                            local.treatment,
+                        ));
+                    }
+                }
+                map.push(i);
+            }
+            global.push(map);
+        }
+        drop(index);
         report.instances_seen = instances.len();
-        if rows.is_empty() {
+        let n_rows: usize = parsed.iter().map(|c| c.rows.len()).sum();
+        if n_rows == 0 {
             return Err(PanelError::Empty {
                 input: self.source.into(),
                 what: if report.rows == 0 {
@@ -387,38 +521,40 @@ impl<'a> Parser<'a> {
                 },
             });
         }
-        let mut steps: Vec<u64> = steps.into_keys().collect();
+        let mut steps: Vec<u64> = steps.into_iter().collect();
         steps.sort_unstable();
         let grid = CheckpointGrid::new(steps)?;
         let c = grid.len();
         let n = instances.len();
         let mut outcomes = vec![0.0f64; n * c];
         let mut filled = vec![0u32; n * c]; // line number of the row that filled a cell, 0 = empty
-        // Map steps to indices through a hash map: the grid is small, rows are many.
-        let step_index: HashMap<u64, usize> = grid.steps().iter().enumerate().map(|(i, &s)| (s, i)).collect();
-        let mut last_step = (u64::MAX, 0usize);
-        for &(inst, step, y, line) in &rows {
-            let ci = if last_step.0 == step {
-                last_step.1
-            } else {
-                let ci = step_index[&step];
-                last_step = (step, ci);
-                ci
-            };
-            let cell = inst as usize * c + ci;
-            if filled[cell] != 0 {
-                return Err(PanelError::Duplicate {
-                    input: self.source.into(),
-                    line: line as usize,
-                    first_line: filled[cell] as usize,
-                    instance: ids[inst as usize].clone(),
-                    checkpoint: step,
-                });
+        let grid_steps = grid.steps();
+        let mut next_index = 0usize;
+        for (chunk, map) in parsed.iter().zip(&global) {
+            for row in &chunk.rows {
+                // Rows usually walk the grid in order: try the next index before searching.
+                let ci = if grid_steps.get(next_index) == Some(&row.step) {
+                    next_index
+                } else {
+                    grid_steps.partition_point(|&s| s < row.step)
+                };
+                next_index = ci + 1;
+                let inst = map[row.local as usize] as usize;
+                let cell = inst * c + ci;
+                if filled[cell] != 0 {
+                    return Err(PanelError::Duplicate {
+                        input: self.source.into(),
+                        line: row.line as usize,
+                        first_line: filled[cell] as usize,
+                        instance: ids[inst].clone(),
+                        checkpoint: row.step,
+                    });
+                }
+                filled[cell] = row.line;
+                outcomes[cell] = row.outcome;
             }
-            filled[cell] = line;
-            outcomes[cell] = y;
         }
-        drop(rows);
+        drop(parsed);
 
         // Completeness, cohorts and the max-step cut.
         let mut keep = vec![true; n];

@@ -179,3 +179,40 @@ fn invalid_utf8_never_panics() {
     let err = parse_csv(&body, "panel.csv", &ReadOptions::default()).expect_err("bad outcome");
     assert!(err.to_string().contains("line 3"), "{err}");
 }
+
+/// A body large enough to be parsed in several chunks in parallel.
+fn big_body(instances: usize, checkpoints: usize) -> String {
+    let mut s = String::from(HEADER);
+    for i in 0..instances {
+        let t = if i % 5 == 0 { "never".to_string() } else { (1 + i % (checkpoints - 1)).to_string() };
+        for c in 0..checkpoints {
+            s.push_str(&format!("inst-{i},{t},{c},{}\n", -(i as f64) - 0.25 * c as f64));
+        }
+    }
+    s
+}
+
+#[test]
+fn multi_chunk_input_parses_identically_and_numbers_lines_across_chunks() {
+    let body = big_body(3000, 20); // ~1.2 MB, many chunks
+    let p = parse(&body).expect("parses");
+    assert_eq!(p.n_instances(), 3000);
+    assert_eq!(p.outcomes(2999)[19], -2999.0 - 0.25 * 19.0);
+    assert_eq!(p.id(1234), "inst-1234");
+    // An error far into the file names its true line.
+    let mut lines: Vec<String> = body.lines().map(String::from).collect();
+    lines[50_001] = "inst-2500,1,1,oops".into();
+    let err = error(&(lines.join("\n") + "\n"));
+    assert!(err.contains("line 50002") && err.contains("oops"), "{err}");
+}
+
+#[test]
+fn duplicates_and_conflicts_across_chunks_are_found() {
+    let body = big_body(3000, 20);
+    let dup = format!("{body}inst-7,8,3,1.0\n");
+    let err = error(&dup);
+    assert!(err.contains("line 60002") && err.contains("duplicate") && err.contains("line 145"), "{err}");
+    let conflict = format!("{body}inst-7,9,3,1.0\n");
+    let err = error(&conflict);
+    assert!(err.contains("inst-7") && err.contains("treatment step 9"), "{err}");
+}
