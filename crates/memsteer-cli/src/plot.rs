@@ -53,7 +53,8 @@ macro_rules! with_backends {
         let mut svg = String::new();
         {
             let $root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-            (|| -> Result<()> { $body })()?;
+            let drawn: Result<()> = $body;
+            drawn?;
             $root.present().map_err(|e| anyhow!("drawing {name}.svg: {e:?}"))?;
         }
         let svg_path = dir.join(format!("{name}.svg"));
@@ -64,7 +65,8 @@ macro_rules! with_backends {
         let tmp = dir.join(format!(".{name}.tmp-{}.png", std::process::id()));
         {
             let $root = BitMapBackend::new(&tmp, size).into_drawing_area();
-            (|| -> Result<()> { $body })()?;
+            let drawn: Result<()> = $body;
+            drawn?;
             $root.present().map_err(|e| anyhow!("drawing {name}.png: {e:?}"))?;
         }
         std::fs::rename(&tmp, &png_path).map_err(|e| anyhow!("writing {}: {e}", png_path.display()))?;

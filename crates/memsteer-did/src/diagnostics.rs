@@ -178,7 +178,7 @@ fn normal_score(t: f64, df: f64) -> f64 {
     }
     let Ok(dist) = StudentsT::new(0.0, 1.0, df) else { return t };
     let tail = dist.sf(t.abs());
-    if !(tail > 0.0) {
+    if tail.is_nan() || tail <= 0.0 {
         return t;
     }
     let z = -Normal::standard().inverse_cdf(tail);

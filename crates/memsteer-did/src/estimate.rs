@@ -387,7 +387,6 @@ pub fn estimate(panel: &Panel, cfg: &ValidConfig, progress: &dyn Progress) -> Re
     progress.start("aggregations", 1);
     let agg = crate::aggregate::aggregate(&cohorts, &specs, &funcs, &inf, cfg, steps);
     // The bootstrap sums are the largest buffer; the diagnostics do not need them.
-    drop(inf);
     drop(sums);
     progress.finish();
     progress.start("diagnostics", 1);

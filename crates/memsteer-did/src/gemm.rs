@@ -3,6 +3,7 @@
 
 /// `C (m×n) = α · Aᵀ B + β C` where `A` is `k×m` row-major (so `Aᵀ` is `m×k`), `B` is `k×n`
 /// row-major and `C` is `m×n` row-major.
+#[allow(clippy::too_many_arguments)] // the BLAS signature
 pub(crate) fn at_b(m: usize, k: usize, n: usize, alpha: f64, a: &[f64], b: &[f64], beta: f64, c: &mut [f64]) {
     assert!(a.len() >= k * m, "A holds {} values, needs {}", a.len(), k * m);
     assert!(b.len() >= k * n, "B holds {} values, needs {}", b.len(), k * n);

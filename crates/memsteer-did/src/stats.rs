@@ -33,7 +33,7 @@ pub(crate) fn cholesky_solve(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
     let n = b.len();
     let mut l = a.to_vec();
     let scale = (0..n).map(|i| a[i * n + i].abs()).fold(0.0, f64::max);
-    if !(scale > 0.0) {
+    if scale.is_nan() || scale <= 0.0 {
         return None;
     }
     for j in 0..n {
@@ -45,7 +45,7 @@ pub(crate) fn cholesky_solve(a: &[f64], b: &[f64]) -> Option<Vec<f64>> {
             row_j[k] = (row_j[k] - s) / row_k[k];
         }
         let d = row_j[j] - row_j[..j].iter().map(|x| x * x).sum::<f64>();
-        if !(d > 1e-12 * scale) {
+        if d.is_nan() || d <= 1e-12 * scale {
             return None;
         }
         row_j[j] = d.sqrt();
