@@ -59,7 +59,8 @@ pub enum BandArg {
 /// Arguments of `memsteer profile`.
 #[derive(Debug, Clone, Args)]
 pub struct ProfileArgs {
-    /// Panel file: long CSV with instance_id,treatment_step,checkpoint_step,outcome.
+    /// Panel file: long CSV with instance_id,treatment_step,checkpoint_step,outcome, or the same columns in
+    /// a .parquet file.
     #[arg(long)]
     pub panel: PathBuf,
     /// Output directory (created if missing).
@@ -260,7 +261,7 @@ pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
     let cfg = args.config().validate()?;
     let bar = Bar::new(args.quiet);
     bar.spin("reading");
-    let (panel, report) = memsteer_panel::read::read_csv(&args.panel, &args.read_options())
+    let (panel, report) = memsteer_panel::read::read_panel(&args.panel, &args.read_options())
         .with_context(|| format!("reading panel {}", args.panel.display()))?;
     memsteer_did::Progress::finish(&bar);
     let profile = memsteer_did::estimate(&panel, &cfg, &bar)

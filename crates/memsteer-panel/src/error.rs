@@ -40,12 +40,12 @@ pub enum PanelError {
         available: String,
     },
     /// A field could not be parsed or holds a value that is not allowed.
-    #[error("{input}, line {line}, column `{column}`: {expected}, found {value:?}")]
+    #[error("{input}, {line}, column `{column}`: {expected}, found {value:?}")]
     Field {
         /// The input.
         input: String,
-        /// 1-based line number.
-        line: usize,
+        /// Where in the input.
+        line: Location,
         /// The column name.
         column: String,
         /// The offending text (truncated to 40 characters).
@@ -54,12 +54,12 @@ pub enum PanelError {
         expected: String,
     },
     /// A row has a different number of fields from the header.
-    #[error("{input}, line {line}: expected {expected} fields like the header, found {found}")]
+    #[error("{input}, {line}: expected {expected} fields like the header, found {found}")]
     FieldCount {
         /// The input.
         input: String,
-        /// 1-based line number.
-        line: usize,
+        /// Where in the input.
+        line: Location,
         /// Fields in the header.
         expected: usize,
         /// Fields in the row.
@@ -67,15 +67,15 @@ pub enum PanelError {
     },
     /// The same (instance, checkpoint) pair appears twice.
     #[error(
-        "{input}, line {line}: duplicate row for instance {instance:?} at checkpoint {checkpoint} (first seen on line {first_line})"
+        "{input}, {line}: duplicate row for instance {instance:?} at checkpoint {checkpoint} (first seen on {first_line})"
     )]
     Duplicate {
         /// The input.
         input: String,
         /// The second occurrence.
-        line: usize,
+        line: Location,
         /// The first occurrence.
-        first_line: usize,
+        first_line: Location,
         /// The instance id.
         instance: String,
         /// The checkpoint step.
@@ -83,15 +83,15 @@ pub enum PanelError {
     },
     /// Two rows of one instance disagree about its treatment step.
     #[error(
-        "{input}, line {line}: instance {instance:?} has treatment step {second} here but {first} on line {first_line}; an instance is trained in exactly one batch"
+        "{input}, {line}: instance {instance:?} has treatment step {second} here but {first} on {first_line}; an instance is trained in exactly one batch"
     )]
     ConflictingTreatment {
         /// The input.
         input: String,
         /// The conflicting row.
-        line: usize,
+        line: Location,
         /// Where the first value came from.
-        first_line: usize,
+        first_line: Location,
         /// The instance id.
         instance: String,
         /// The first value (`never` for never-trained).
@@ -135,6 +135,24 @@ pub enum PanelError {
     /// In-memory inputs have inconsistent shapes or values.
     #[error("invalid panel: {0}")]
     Invalid(String),
+}
+
+/// A place in an input file: a 1-based line of a text file or a 1-based data row of a columnar file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    /// Line of a text file (the header is line 1).
+    Line(usize),
+    /// Data row of a columnar file (the first row is row 1).
+    Row(usize),
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Line(n) => write!(f, "line {n}"),
+            Location::Row(n) => write!(f, "row {n}"),
+        }
+    }
 }
 
 /// `Result` with [`PanelError`].

@@ -29,6 +29,6 @@ pub mod read;
 pub mod rng;
 pub mod synthetic;
 
-pub use error::{PanelError, Result};
+pub use error::{Location, PanelError, Result};
 pub use grid::{CheckpointGrid, Cohort};
 pub use panel::{Panel, write_atomic};

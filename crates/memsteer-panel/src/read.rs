@@ -13,7 +13,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::{CheckpointGrid, Cohort, Panel, PanelError, Result};
+use crate::{CheckpointGrid, Cohort, Location, Panel, PanelError, Result};
 
 /// Names of the four columns the reader needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +96,24 @@ pub struct ReadReport {
     pub warnings: Vec<String>,
 }
 
+/// Reads a panel file: Parquet when the name ends in `.parquet` (feature `parquet`), long CSV otherwise.
+pub fn read_panel(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadReport)> {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+        #[cfg(feature = "parquet")]
+        return parquet::read(path, options);
+        #[cfg(not(feature = "parquet"))]
+        return Err(PanelError::Invalid(format!(
+            "{}: this build reads CSV only; rebuild with the `parquet` feature (the memsteer CLI enables it by default)",
+            path.display()
+        )));
+    }
+    read_csv(path, options)
+}
+
+#[cfg(feature = "parquet")]
+#[path = "read_parquet.rs"]
+mod parquet;
+
 /// Reads a long CSV panel from a file.
 pub fn read_csv(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadReport)> {
     let bytes =
@@ -117,12 +135,36 @@ struct Columns {
     names: Vec<String>,
 }
 
+impl Columns {
+    /// Finds the four columns in a header, or names the missing one and lists what is there.
+    fn find(names: &[String], m: &ColumnMap, source: &str) -> Result<Self> {
+        let find = |name: &str, role: &'static str| {
+            names.iter().position(|n| n == name).ok_or_else(|| PanelError::MissingColumn {
+                input: source.into(),
+                column: name.into(),
+                role,
+                available: names.join(","),
+            })
+        };
+        Ok(Columns {
+            instance: find(&m.instance, "instance id")?,
+            treatment: find(&m.treatment, "treatment step")?,
+            checkpoint: find(&m.checkpoint, "checkpoint step")?,
+            outcome: find(&m.outcome, "outcome")?,
+            count: names.len(),
+            names: names.to_vec(),
+        })
+    }
+}
+
 struct Parser<'a> {
     source: &'a str,
     options: &'a ReadOptions,
     body: &'a [u8],
     first_body_line: usize,
     cols: Columns,
+    /// How positions are reported (`line` for CSV, `row` for Parquet).
+    loc: fn(usize) -> Location,
 }
 
 /// One instance as collected while scanning.
@@ -151,6 +193,7 @@ struct Chunk<'a> {
     ids: Vec<LocalId<'a>>,
     rows: Vec<RawRow>,
     steps: FxHashSet<u64>,
+    last_step: Option<u64>,
     rows_read: usize,
     rows_after_max_step: usize,
 }
@@ -269,30 +312,21 @@ impl<'a> Parser<'a> {
         let mut fields = Vec::new();
         split_fields(header, &mut fields);
         let names: Vec<String> = fields.iter().map(|f| String::from_utf8_lossy(f).trim().to_string()).collect();
-        let find = |name: &str, role: &'static str| {
-            names.iter().position(|n| n == name).ok_or_else(|| PanelError::MissingColumn {
-                input: source.into(),
-                column: name.into(),
-                role,
-                available: names.join(","),
-            })
-        };
-        let m = &options.columns;
-        let cols = Columns {
-            instance: find(&m.instance, "instance id")?,
-            treatment: find(&m.treatment, "treatment step")?,
-            checkpoint: find(&m.checkpoint, "checkpoint step")?,
-            outcome: find(&m.outcome, "outcome")?,
-            count: names.len(),
-            names,
-        };
-        Ok(Self { source, options, body, first_body_line: 2, cols })
+        let cols = Columns::find(&names, &options.columns, source)?;
+        Ok(Self { source, options, body, first_body_line: 2, cols, loc: Location::Line })
+    }
+
+    fn check_options(&self) -> Result<()> {
+        if let TreatmentEncoding::FromSeqIdx { batch_size: 0 } = self.options.treatment {
+            return Err(PanelError::Invalid("--treatment-from-seq-idx needs a batch size ≥ 1".into()));
+        }
+        Ok(())
     }
 
     fn field_error(&self, line: usize, col: usize, value: &[u8], expected: &str) -> PanelError {
         PanelError::Field {
             input: self.source.into(),
-            line,
+            line: (self.loc)(line),
             column: self.cols.names[col].clone(),
             value: show(value),
             expected: expected.into(),
@@ -374,13 +408,12 @@ impl<'a> Parser<'a> {
             ids: Vec::new(),
             rows: Vec::with_capacity(chunk.len() / 32),
             steps: FxHashSet::default(),
+            last_step: None,
             rows_read: 0,
             rows_after_max_step: 0,
         };
         let mut fields = Vec::with_capacity(self.cols.count);
-        let max_step = self.options.max_step;
         let mut line_no = first_line - 1;
-        let mut last_step = u64::MAX;
         for raw in chunk.split(|&b| b == b'\n') {
             line_no += 1;
             let line = trim_cr(raw);
@@ -391,7 +424,7 @@ impl<'a> Parser<'a> {
             if fields.len() != self.cols.count {
                 return Err(PanelError::FieldCount {
                     input: self.source.into(),
-                    line: line_no,
+                    line: (self.loc)(line_no),
                     expected: self.cols.count,
                     found: fields.len(),
                 });
@@ -404,33 +437,44 @@ impl<'a> Parser<'a> {
             let step = self.parse_step(line_no, self.cols.checkpoint, &fields[self.cols.checkpoint])?;
             let outcome = self.parse_outcome(line_no, &fields[self.cols.outcome])?;
             let treatment = self.parse_treatment(line_no, &fields[self.cols.treatment])?;
-            // Rows of one instance are usually adjacent: one local id per run of rows.
-            let local = match out.ids.last() {
-                Some(last) if last.id[..] == id[..] => out.ids.len() - 1,
-                _ => {
-                    out.ids.push(LocalId {
-                        id: std::mem::take(&mut fields[self.cols.instance]),
-                        first_line: line_no,
-                        treatment,
-                    });
-                    out.ids.len() - 1
-                }
-            };
-            let entry = &out.ids[local];
-            if entry.treatment != treatment {
-                return Err(self.conflict(line_no, entry.first_line, &entry.id, entry.treatment, treatment));
-            }
-            if max_step.is_some_and(|m| step > m) {
-                out.rows_after_max_step += 1;
-                continue;
-            }
-            if step != last_step {
-                out.steps.insert(step);
-                last_step = step;
-            }
-            out.rows.push(RawRow { local: local as u32, line: line_no as u32, step, outcome });
+            let id = std::mem::take(&mut fields[self.cols.instance]);
+            self.push_row(&mut out, line_no, id, treatment, step, outcome)?;
         }
         Ok(out)
+    }
+
+    /// Adds one parsed row to a chunk: local id runs, treatment consistency, the max-step cut.
+    fn push_row(
+        &self,
+        out: &mut Chunk<'a>,
+        line_no: usize,
+        id: Cow<'a, [u8]>,
+        treatment: Option<u64>,
+        step: u64,
+        outcome: f64,
+    ) -> Result<()> {
+        // Rows of one instance are usually adjacent: one local id per run of rows.
+        let local = match out.ids.last() {
+            Some(last) if last.id[..] == id[..] => out.ids.len() - 1,
+            _ => {
+                out.ids.push(LocalId { id, first_line: line_no, treatment });
+                out.ids.len() - 1
+            }
+        };
+        let entry = &out.ids[local];
+        if entry.treatment != treatment {
+            return Err(self.conflict(line_no, entry.first_line, &entry.id, entry.treatment, treatment));
+        }
+        if self.options.max_step.is_some_and(|m| step > m) {
+            out.rows_after_max_step += 1;
+            return Ok(());
+        }
+        if out.last_step != Some(step) {
+            out.steps.insert(step);
+            out.last_step = Some(step);
+        }
+        out.rows.push(RawRow { local: local as u32, line: line_no as u32, step, outcome });
+        Ok(())
     }
 
     fn conflict(
@@ -444,8 +488,8 @@ impl<'a> Parser<'a> {
         let fmt = |t: Option<u64>| t.map_or("never".to_string(), |t| t.to_string());
         PanelError::ConflictingTreatment {
             input: self.source.into(),
-            line,
-            first_line,
+            line: (self.loc)(line),
+            first_line: (self.loc)(first_line),
             instance: String::from_utf8_lossy(id).into_owned(),
             first: fmt(first),
             second: fmt(second),
@@ -453,11 +497,7 @@ impl<'a> Parser<'a> {
     }
 
     fn run(self) -> Result<(Panel, ReadReport)> {
-        if let TreatmentEncoding::FromSeqIdx { batch_size: 0 } = self.options.treatment {
-            return Err(PanelError::Invalid("--treatment-from-seq-idx needs a batch size ≥ 1".into()));
-        }
-        let max_step = self.options.max_step;
-        let mut report = ReadReport::default();
+        self.check_options()?;
 
         // Split the body into chunks of whole lines and parse them in parallel; line numbers come from
         // a parallel count of the newlines before each chunk.
@@ -474,6 +514,13 @@ impl<'a> Parser<'a> {
             .zip(first_lines.par_iter())
             .map(|(chunk, &first)| self.parse_chunk(chunk, first))
             .collect::<Result<_>>()?;
+        self.assemble(parsed)
+    }
+
+    /// Interns ids across chunks, builds the grid and the outcome matrix, and applies the policies.
+    fn assemble(&self, parsed: Vec<Chunk<'_>>) -> Result<(Panel, ReadReport)> {
+        let max_step = self.options.max_step;
+        let mut report = ReadReport::default();
 
         // Intern instance ids across chunks, in file order.
         let mut index: FxHashMap<&[u8], u32> = FxHashMap::default();
@@ -544,8 +591,8 @@ impl<'a> Parser<'a> {
                 if filled[cell] != 0 {
                     return Err(PanelError::Duplicate {
                         input: self.source.into(),
-                        line: row.line as usize,
-                        first_line: filled[cell] as usize,
+                        line: (self.loc)(row.line as usize),
+                        first_line: (self.loc)(filled[cell] as usize),
                         instance: ids[inst].clone(),
                         checkpoint: row.step,
                     });

@@ -46,3 +46,92 @@ proptest! {
         }
     }
 }
+
+#[cfg(feature = "parquet")]
+mod parquet_input {
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use arrow_array::{ArrayRef, BooleanArray, Float32Array, Int64Array, RecordBatch, StringArray, UInt32Array};
+    use memsteer_panel::read::{ReadOptions, read_csv, read_panel};
+    use parquet::arrow::ArrowWriter;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures").join(name)
+    }
+
+    fn write(path: &std::path::Path, columns: Vec<(&str, ArrayRef)>) {
+        let batch = RecordBatch::try_from_iter(columns).expect("batch");
+        let file = std::fs::File::create(path).expect("create");
+        let mut w = ArrowWriter::try_new(file, batch.schema(), None).expect("writer");
+        w.write(&batch).expect("write");
+        w.close().expect("close");
+    }
+
+    /// A Parquet file written by pandas/pyarrow (fixtures/csdid/make_parquet.py) reads as the same
+    /// panel as its CSV twin.
+    #[test]
+    fn pyarrow_file_equals_its_csv() {
+        let (a, _) = read_panel(&fixture("csdid/panel_a.parquet"), &ReadOptions::default()).expect("parquet");
+        let (b, _) = read_csv(&fixture("csdid/panel_a.csv"), &ReadOptions::default()).expect("csv");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn integer_ids_null_treatments_and_float32_outcomes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.parquet");
+        write(
+            &path,
+            vec![
+                ("instance_id", Arc::new(UInt32Array::from(vec![7, 7, 8, 8])) as ArrayRef),
+                ("treatment_step", Arc::new(Int64Array::from(vec![Some(5), Some(5), None, None])) as ArrayRef),
+                ("checkpoint_step", Arc::new(Int64Array::from(vec![0, 10, 0, 10])) as ArrayRef),
+                ("outcome", Arc::new(Float32Array::from(vec![-1.5, -1.0, -2.0, -2.25])) as ArrayRef),
+            ],
+        );
+        let (p, report) = read_panel(&path, &ReadOptions::default()).expect("reads");
+        assert_eq!(report.rows, 4);
+        assert_eq!(p.ids(), &["7", "8"]);
+        assert_eq!(p.treatment_step(0), Some(5));
+        assert_eq!(p.treatment_step(1), None);
+        assert_eq!(p.outcomes(1), &[-2.0, -2.25]);
+    }
+
+    #[test]
+    fn errors_name_the_row() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.parquet");
+        write(
+            &path,
+            vec![
+                ("instance_id", Arc::new(StringArray::from(vec!["a", "a", "b"])) as ArrayRef),
+                ("treatment_step", Arc::new(StringArray::from(vec!["never", "never", "3"])) as ArrayRef),
+                ("checkpoint_step", Arc::new(Int64Array::from(vec![0, 1, 0])) as ArrayRef),
+                ("outcome", Arc::new(Float32Array::from(vec![Some(1.0), None, Some(2.0)])) as ArrayRef),
+            ],
+        );
+        let err = read_panel(&path, &ReadOptions::default()).expect_err("null outcome").to_string();
+        assert!(err.contains("bad.parquet, row 2") && err.contains("outcome"), "{err}");
+        let path = dir.path().join("types.parquet");
+        write(
+            &path,
+            vec![
+                ("instance_id", Arc::new(BooleanArray::from(vec![true])) as ArrayRef),
+                ("treatment_step", Arc::new(Int64Array::from(vec![1])) as ArrayRef),
+                ("checkpoint_step", Arc::new(Int64Array::from(vec![0])) as ArrayRef),
+                ("outcome", Arc::new(Float32Array::from(vec![1.0])) as ArrayRef),
+            ],
+        );
+        let err = read_panel(&path, &ReadOptions::default()).expect_err("boolean id").to_string();
+        assert!(err.contains("row 1") && err.contains("found type Boolean"), "{err}");
+        let path = dir.path().join("cols.parquet");
+        write(&path, vec![("x", Arc::new(Int64Array::from(vec![1])) as ArrayRef)]);
+        let err = read_panel(&path, &ReadOptions::default()).expect_err("columns").to_string();
+        assert!(err.contains("missing column `instance_id`") && err.contains("header has: x"), "{err}");
+        let path = dir.path().join("junk.parquet");
+        std::fs::write(&path, b"not parquet").expect("write");
+        let err = read_panel(&path, &ReadOptions::default()).expect_err("junk").to_string();
+        assert!(err.contains("junk.parquet") && err.contains("not a readable Parquet file"), "{err}");
+    }
+}

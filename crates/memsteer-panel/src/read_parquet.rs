@@ -1,0 +1,124 @@
+//! Parquet input (feature `parquet`): the same columns as the long CSV format, any integer, float or
+//! string physical types; positions in errors are 1-based data rows.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
+};
+use arrow_array::{Array, ArrayRef};
+use arrow_schema::DataType;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::{Chunk, Columns, FxHashSet, Parser, ReadOptions, ReadReport};
+use crate::{Location, Panel, PanelError, Result};
+
+/// A cell as text (`None` for null), so the CSV field rules apply unchanged.
+fn text(col: &ArrayRef, row: usize) -> std::result::Result<Option<Cow<'_, [u8]>>, String> {
+    if col.is_null(row) {
+        return Ok(None);
+    }
+    let t = |s: String| Ok(Some(Cow::Owned(s.into_bytes())));
+    match col.data_type() {
+        DataType::Utf8 => Ok(Some(Cow::Borrowed(col.as_string::<i32>().value(row).as_bytes()))),
+        DataType::LargeUtf8 => Ok(Some(Cow::Borrowed(col.as_string::<i64>().value(row).as_bytes()))),
+        DataType::Utf8View => Ok(Some(Cow::Borrowed(col.as_string_view().value(row).as_bytes()))),
+        DataType::Int8 => t(col.as_primitive::<Int8Type>().value(row).to_string()),
+        DataType::Int16 => t(col.as_primitive::<Int16Type>().value(row).to_string()),
+        DataType::Int32 => t(col.as_primitive::<Int32Type>().value(row).to_string()),
+        DataType::Int64 => t(col.as_primitive::<Int64Type>().value(row).to_string()),
+        DataType::UInt8 => t(col.as_primitive::<UInt8Type>().value(row).to_string()),
+        DataType::UInt16 => t(col.as_primitive::<UInt16Type>().value(row).to_string()),
+        DataType::UInt32 => t(col.as_primitive::<UInt32Type>().value(row).to_string()),
+        DataType::UInt64 => t(col.as_primitive::<UInt64Type>().value(row).to_string()),
+        DataType::Float32 => t(format!("{:?}", col.as_primitive::<Float32Type>().value(row))),
+        DataType::Float64 => t(format!("{:?}", col.as_primitive::<Float64Type>().value(row))),
+        other => Err(format!("a string, integer or float column, found type {other}")),
+    }
+}
+
+/// A cell as text, with type errors reported at `row_no`.
+fn cell<'c>(parser: &Parser<'_>, col: &'c ArrayRef, r: usize, row_no: usize, c: usize) -> Result<Option<Cow<'c, [u8]>>> {
+    text(col, r).map_err(|e| parser.field_error(row_no, c, b"", &e))
+}
+
+/// A numeric cell as `f64` without a round trip through text.
+fn number(col: &ArrayRef, row: usize) -> Option<f64> {
+    if col.is_null(row) {
+        return None;
+    }
+    Some(match col.data_type() {
+        DataType::Float64 => col.as_primitive::<Float64Type>().value(row),
+        DataType::Float32 => f64::from(col.as_primitive::<Float32Type>().value(row)),
+        DataType::Int64 => col.as_primitive::<Int64Type>().value(row) as f64,
+        DataType::Int32 => f64::from(col.as_primitive::<Int32Type>().value(row)),
+        _ => return None,
+    })
+}
+
+/// Reads a Parquet panel.
+pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadReport)> {
+    let source = path.display().to_string();
+    let io = |e: std::io::Error| PanelError::Io { action: "reading", path: path.to_path_buf(), source: e };
+    let invalid = |e: String| PanelError::Invalid(format!("{source}: {e}"));
+    let file = std::fs::File::open(path).map_err(io)?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| invalid(format!("not a readable Parquet file ({e})")))?;
+    let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let cols = Columns::find(&names, &options.columns, &source)?;
+    let reader = builder.with_batch_size(1 << 16).build().map_err(|e| invalid(e.to_string()))?;
+    let parser = Parser { source: &source, options, body: &[], first_body_line: 1, cols, loc: Location::Row };
+    parser.check_options()?;
+
+    let mut chunks: Vec<Chunk<'_>> = Vec::new();
+    let mut row_no = 0usize;
+    for batch in reader {
+        let batch = batch.map_err(|e| invalid(format!("reading record batch: {e}")))?;
+        let (ci, ct, cc, co) = (parser.cols.instance, parser.cols.treatment, parser.cols.checkpoint, parser.cols.outcome);
+        let (id_col, t_col, c_col, o_col) = (batch.column(ci), batch.column(ct), batch.column(cc), batch.column(co));
+        let mut out = Chunk {
+            ids: Vec::new(),
+            rows: Vec::with_capacity(batch.num_rows()),
+            steps: FxHashSet::default(),
+            last_step: None,
+            rows_read: 0,
+            rows_after_max_step: 0,
+        };
+        for r in 0..batch.num_rows() {
+            row_no += 1;
+            out.rows_read += 1;
+            let field = |col, c| cell(&parser, col, r, row_no, c);
+            let id = match field(id_col, ci)? {
+                Some(id) if !id.is_empty() => Cow::Owned(id.into_owned()),
+                _ => return Err(parser.field_error(row_no, ci, b"", "a non-empty instance id")),
+            };
+            let step = match field(c_col, cc)? {
+                Some(v) => parser.parse_step(row_no, cc, &v)?,
+                None => return Err(parser.field_error(row_no, cc, b"null", "an integer step")),
+            };
+            let outcome = match number(o_col, r) {
+                Some(y) if y.is_finite() => {
+                    if options.negate {
+                        -y
+                    } else {
+                        y
+                    }
+                }
+                Some(y) => return Err(parser.field_error(row_no, co, y.to_string().as_bytes(), "a finite number")),
+                None => match field(o_col, co)? {
+                    Some(v) => parser.parse_outcome(row_no, &v)?,
+                    None => return Err(parser.field_error(row_no, co, b"null", "a number")),
+                },
+            };
+            let treatment = match field(t_col, ct)? {
+                Some(v) => parser.parse_treatment(row_no, &v)?,
+                None => None,
+            };
+            parser.push_row(&mut out, row_no, id, treatment, step, outcome)?;
+        }
+        chunks.push(out);
+    }
+    parser.assemble(chunks)
+}
