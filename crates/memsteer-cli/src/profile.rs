@@ -121,6 +121,12 @@ pub struct ProfileArgs {
     /// Warn about cohorts smaller than this.
     #[arg(long, default_value_t = 10)]
     pub min_cohort_size: usize,
+    /// The path Wald pre-trend test covers event times −W … −1.
+    #[arg(long, value_name = "W", default_value_t = 10)]
+    pub pretrend_window: usize,
+    /// Skip csdid's cell-level Wald pre-test above this many pre-treatment cells.
+    #[arg(long, default_value_t = 1500)]
+    pub max_wald_cells: usize,
     /// Skip the figures.
     #[arg(long)]
     pub no_figures: bool,
@@ -178,7 +184,8 @@ impl ProfileArgs {
                 BandArg::Post => BandScope::Post,
             },
             min_cohort_size: self.min_cohort_size,
-            ..ProfileConfig::default()
+            pretrend_window: self.pretrend_window,
+            max_wald_cells: self.max_wald_cells,
         }
     }
 
