@@ -223,8 +223,28 @@ fn drop_incomplete_and_max_step_are_reported() {
 fn parquet_and_csv_panels_give_identical_profiles() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("csv"), dir.path().join("parquet"));
-    ok(&["profile", "--panel", s(&fixture("csdid/panel_a.csv")), "--out", s(&a), "--bootstrap", "200", "--quiet", "--no-figures"]);
-    ok(&["profile", "--panel", s(&fixture("csdid/panel_a.parquet")), "--out", s(&b), "--bootstrap", "200", "--quiet", "--no-figures"]);
+    ok(&[
+        "profile",
+        "--panel",
+        s(&fixture("csdid/panel_a.csv")),
+        "--out",
+        s(&a),
+        "--bootstrap",
+        "200",
+        "--quiet",
+        "--no-figures",
+    ]);
+    ok(&[
+        "profile",
+        "--panel",
+        s(&fixture("csdid/panel_a.parquet")),
+        "--out",
+        s(&b),
+        "--bootstrap",
+        "200",
+        "--quiet",
+        "--no-figures",
+    ]);
     for name in ["att.csv", "path.csv", "diagnostics.json"] {
         assert!(std::fs::read(a.join(name)).expect("a") == std::fs::read(b.join(name)).expect("b"), "{name} differs");
     }

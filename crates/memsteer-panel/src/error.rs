@@ -141,9 +141,9 @@ pub enum PanelError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Location {
     /// Line of a text file (the header is line 1).
-    Line(usize),
+    Line(u32),
     /// Data row of a columnar file (the first row is row 1).
-    Row(usize),
+    Row(u32),
 }
 
 impl std::fmt::Display for Location {

@@ -164,7 +164,7 @@ struct Parser<'a> {
     first_body_line: usize,
     cols: Columns,
     /// How positions are reported (`line` for CSV, `row` for Parquet).
-    loc: fn(usize) -> Location,
+    loc: fn(u32) -> Location,
 }
 
 /// One instance as collected while scanning.
@@ -251,6 +251,11 @@ type FxBuild = std::hash::BuildHasherDefault<FxHasher>;
 type FxHashMap<K, V> = HashMap<K, V, FxBuild>;
 type FxHashSet<K> = std::collections::HashSet<K, FxBuild>;
 
+/// Line and row numbers past `u32::MAX` (a 4-billion-line file) saturate in messages.
+fn sat(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 fn trim_cr(line: &[u8]) -> &[u8] {
     line.strip_suffix(b"\r").unwrap_or(line)
 }
@@ -326,7 +331,7 @@ impl<'a> Parser<'a> {
     fn field_error(&self, line: usize, col: usize, value: &[u8], expected: &str) -> PanelError {
         PanelError::Field {
             input: self.source.into(),
-            line: (self.loc)(line),
+            line: (self.loc)(sat(line)),
             column: self.cols.names[col].clone(),
             value: show(value),
             expected: expected.into(),
@@ -424,7 +429,7 @@ impl<'a> Parser<'a> {
             if fields.len() != self.cols.count {
                 return Err(PanelError::FieldCount {
                     input: self.source.into(),
-                    line: (self.loc)(line_no),
+                    line: (self.loc)(sat(line_no)),
                     expected: self.cols.count,
                     found: fields.len(),
                 });
@@ -473,7 +478,7 @@ impl<'a> Parser<'a> {
             out.steps.insert(step);
             out.last_step = Some(step);
         }
-        out.rows.push(RawRow { local: local as u32, line: line_no as u32, step, outcome });
+        out.rows.push(RawRow { local: local as u32, line: sat(line_no), step, outcome });
         Ok(())
     }
 
@@ -488,8 +493,8 @@ impl<'a> Parser<'a> {
         let fmt = |t: Option<u64>| t.map_or("never".to_string(), |t| t.to_string());
         PanelError::ConflictingTreatment {
             input: self.source.into(),
-            line: (self.loc)(line),
-            first_line: (self.loc)(first_line),
+            line: (self.loc)(sat(line)),
+            first_line: (self.loc)(sat(first_line)),
             instance: String::from_utf8_lossy(id).into_owned(),
             first: fmt(first),
             second: fmt(second),
@@ -591,8 +596,8 @@ impl<'a> Parser<'a> {
                 if filled[cell] != 0 {
                     return Err(PanelError::Duplicate {
                         input: self.source.into(),
-                        line: (self.loc)(row.line as usize),
-                        first_line: (self.loc)(filled[cell] as usize),
+                        line: (self.loc)(row.line),
+                        first_line: (self.loc)(filled[cell]),
                         instance: ids[inst].clone(),
                         checkpoint: row.step,
                     });

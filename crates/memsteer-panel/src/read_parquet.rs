@@ -40,7 +40,13 @@ fn text(col: &ArrayRef, row: usize) -> std::result::Result<Option<Cow<'_, [u8]>>
 }
 
 /// A cell as text, with type errors reported at `row_no`.
-fn cell<'c>(parser: &Parser<'_>, col: &'c ArrayRef, r: usize, row_no: usize, c: usize) -> Result<Option<Cow<'c, [u8]>>> {
+fn cell<'c>(
+    parser: &Parser<'_>,
+    col: &'c ArrayRef,
+    r: usize,
+    row_no: usize,
+    c: usize,
+) -> Result<Option<Cow<'c, [u8]>>> {
     text(col, r).map_err(|e| parser.field_error(row_no, c, b"", &e))
 }
 
@@ -76,7 +82,8 @@ pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRep
     let mut row_no = 0usize;
     for batch in reader {
         let batch = batch.map_err(|e| invalid(format!("reading record batch: {e}")))?;
-        let (ci, ct, cc, co) = (parser.cols.instance, parser.cols.treatment, parser.cols.checkpoint, parser.cols.outcome);
+        let (ci, ct, cc, co) =
+            (parser.cols.instance, parser.cols.treatment, parser.cols.checkpoint, parser.cols.outcome);
         let (id_col, t_col, c_col, o_col) = (batch.column(ci), batch.column(ct), batch.column(cc), batch.column(co));
         let mut out = Chunk {
             ids: Vec::new(),
