@@ -3,6 +3,7 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod hmm;
 pub mod plot;
 pub mod profile;
 mod progress;
@@ -28,6 +29,8 @@ pub enum Command {
     Profile(profile::ProfileArgs),
     /// Correlate memorisation profiles (att.csv files) of several models.
     Compare(compare::CompareArgs),
+    /// Hidden Markov model laboratory (Theorem 2 of LM-Steer).
+    Hmm(hmm::HmmArgs),
 }
 
 /// Runs a parsed command line.
@@ -40,5 +43,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Profile(args) => profile::run(&args).map(|_| ()),
         Command::Compare(args) => compare::run(&args).map(|_| ()),
+        Command::Hmm(args) => hmm::run(&args),
     }
 }

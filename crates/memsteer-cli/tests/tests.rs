@@ -48,3 +48,24 @@ pub fn synthetic_panel(dir: &Path, name: &str, seed: u64) -> PathBuf {
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+mod hmm {
+    use super::*;
+
+    #[test]
+    fn theorem2_json_reports_rounding_level_error_and_a_clear_control_gap() {
+        let out = ok(&["hmm", "theorem2", "--seed", "3", "--states", "3", "--vocab", "4", "--length", "4", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(out.trim()).expect("one JSON object");
+        let err = v["max_abs_error"].as_f64().expect("max_abs_error");
+        let control = v["control_max_abs_error"].as_f64().expect("control");
+        assert!(err <= 1e-10, "{v}");
+        assert!(control > 1e-6 && control > 1e4 * err.max(1e-16), "{v}");
+        assert_eq!(v["semantic_states"], 3);
+        assert_eq!(v["vocab"], 4);
+        assert_eq!(v["length"], 4);
+        let text = ok(&["hmm", "theorem2"]);
+        assert!(text.contains("negative control"), "{text}");
+        let e = fails(&["hmm", "theorem2", "--conditions", "1"]);
+        assert!(e.contains("≥ 2 condition states"), "{e}");
+    }
+}

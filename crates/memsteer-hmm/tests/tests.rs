@@ -1,0 +1,4 @@
+//! Integration tests of `memsteer-hmm`.
+
+mod core;
+mod theorem2;

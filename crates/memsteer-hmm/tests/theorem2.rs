@@ -1,0 +1,71 @@
+//! Theorem 2: the identity holds to rounding error on random Assumption-1 HMMs of several sizes, the
+//! two distributions it connects really differ, and a semantic change leaves a clear residual for the
+//! best linear W.
+
+use memsteer_hmm::theorem2::{Assumption1Hmm, Theorem2Config, check_theorem2};
+use proptest::prelude::*;
+
+#[test]
+fn identity_holds_to_rounding_and_the_control_does_not() {
+    for (semantic, conditions, vocab, length) in [(2, 2, 3, 6), (3, 2, 4, 5), (4, 2, 5, 5), (6, 3, 6, 4), (8, 4, 3, 6)]
+    {
+        for seed in [1, 2, 3] {
+            let cfg = Theorem2Config {
+                seed,
+                semantic_states: semantic,
+                condition_states: conditions,
+                vocab,
+                length,
+                samples: 5,
+                sample_length: 300,
+            };
+            let r = check_theorem2(&cfg).expect("check");
+            let at = format!("{semantic}+{conditions} states, {vocab} symbols, seed {seed}: {r:?}");
+            assert!(r.assumption1_violation < 1e-12, "{at}");
+            assert!(r.max_abs_error <= 1e-10, "{at}");
+            assert!(r.max_rel_error <= 1e-9, "{at}");
+            assert!(r.sampled_max_abs_log_error <= 1e-9, "{at}");
+            // Steering is needed: the unsteered model is far from π'.
+            assert!(r.unsteered_max_abs_error > 1e-4, "{at}");
+            // The negative control leaves a gap many orders of magnitude above rounding.
+            assert!(
+                r.control_max_abs_error > 1e3 * r.max_abs_error.max(1e-15) && r.control_max_abs_error > 1e-5,
+                "{at}"
+            );
+            assert!(r.control_max_rel_error > 1e-2, "{at}");
+        }
+    }
+}
+
+#[test]
+fn theorem2_w_refuses_a_semantic_change() {
+    let m = Assumption1Hmm::random(3, 2, 4, 5).expect("model");
+    let mut a = m.representation_of(&[0.2, 0.1, 0.2, 0.3, 0.2]);
+    let b = m.representation_of(&[0.1, 0.2, 0.2, 0.3, 0.2]);
+    assert!(m.theorem2_w(&a, &b).expect_err("semantic change").to_string().contains("semantic dimension"));
+    a[4] = 0.0;
+    let c = a.clone();
+    assert!(m.theorem2_w(&a, &c).expect_err("zero entry").to_string().contains("is zero"));
+}
+
+#[test]
+fn one_condition_state_cannot_switch() {
+    let cfg = Theorem2Config { condition_states: 1, ..Theorem2Config::default() };
+    assert!(check_theorem2(&cfg).expect_err("one condition").to_string().contains("≥ 2 condition states"));
+}
+
+#[test]
+fn enumeration_limit_is_an_error_not_a_hang() {
+    let cfg = Theorem2Config { vocab: 50, length: 8, ..Theorem2Config::default() };
+    assert!(check_theorem2(&cfg).expect_err("too many").to_string().contains("too many"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #[test]
+    fn identity_holds_for_random_instances(seed in any::<u64>(), semantic in 1usize..6, conditions in 2usize..5, vocab in 2usize..5) {
+        let cfg = Theorem2Config { seed, semantic_states: semantic, condition_states: conditions, vocab, length: 4, samples: 2, sample_length: 100 };
+        let r = check_theorem2(&cfg).expect("check");
+        prop_assert!(r.max_abs_error <= 1e-10 && r.sampled_max_abs_log_error <= 1e-9, "{:?}", r);
+    }
+}
