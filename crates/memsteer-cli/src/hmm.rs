@@ -18,6 +18,59 @@ pub enum HmmCommand {
     /// Check LM-Steer's Theorem 2 on a random Assumption-1 HMM (switching the initial condition is a
     /// linear map of the word embeddings), with a negative control.
     Theorem2(Theorem2Args),
+    /// Simulate a training run on HMM data: write the per-instance panel and the exact counterfactual
+    /// memorisation τ(g, c).
+    Simulate(SimulateArgs),
+}
+
+/// Arguments of `memsteer hmm simulate`.
+#[derive(Debug, Clone, Args)]
+pub struct SimulateArgs {
+    /// Seed of every random draw.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output directory: panel.csv, truth.csv, simulation.json.
+    #[arg(long)]
+    pub out: std::path::PathBuf,
+    /// Hidden states of the data HMM.
+    #[arg(long, default_value_t = 4)]
+    pub states: usize,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 8)]
+    pub vocab: usize,
+    /// Tokens per instance.
+    #[arg(long, default_value_t = 24)]
+    pub length: usize,
+    /// Instances per optimizer step.
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    /// Optimizer steps (one epoch).
+    #[arg(long, default_value_t = 240)]
+    pub steps: usize,
+    /// Never-trained validation instances.
+    #[arg(long, default_value_t = 400)]
+    pub validation: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1.0)]
+    pub lr: f64,
+    /// Mix this much of another emission matrix into the validation data (0–1).
+    #[arg(long, default_value_t = 0.0)]
+    pub validation_shift: f64,
+    /// Counterfactual: replace the cohort's batches by fresh ones, or skip them.
+    #[arg(long, value_enum, default_value = "substitute")]
+    pub counterfactual: CounterfactualArg,
+    /// Counterfactual runs per cohort (substitute), averaged.
+    #[arg(long, default_value_t = 8)]
+    pub replicates: usize,
+}
+
+/// `--counterfactual` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CounterfactualArg {
+    /// Fresh batches in place of the cohort's.
+    Substitute,
+    /// The cohort's steps skipped.
+    Remove,
 }
 
 /// Arguments of `memsteer hmm theorem2`.
@@ -58,7 +111,58 @@ pub fn run(args: &HmmArgs) -> Result<()> {
             }
             Ok(())
         }
+        HmmCommand::Simulate(a) => simulate(a).map(|_| ()),
     }
+}
+
+/// Runs `memsteer hmm simulate`, returning the simulation.
+pub fn simulate(a: &SimulateArgs) -> Result<memsteer_hmm::simulate::Simulation> {
+    use anyhow::Context;
+    use memsteer_hmm::simulate::{Counterfactual, SimulationConfig};
+    let cfg = SimulationConfig {
+        seed: a.seed,
+        states: a.states,
+        vocab: a.vocab,
+        length: a.length,
+        batch_size: a.batch_size,
+        steps: a.steps,
+        validation: a.validation,
+        learning_rate: a.lr,
+        validation_shift: a.validation_shift,
+        counterfactual: match a.counterfactual {
+            CounterfactualArg::Substitute => Counterfactual::Substitute,
+            CounterfactualArg::Remove => Counterfactual::Remove,
+        },
+        replicates: a.replicates,
+        ..SimulationConfig::default()
+    };
+    let sim = memsteer_hmm::simulate::simulate(&cfg)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let panel = a.out.join("panel.csv");
+    sim.panel.write_csv(&panel).with_context(|| format!("writing {}", panel.display()))?;
+    let truth = a.out.join("truth.csv");
+    memsteer_panel::write_atomic(&truth, |w| {
+        writeln!(w, "cohort_step,checkpoint_step,tau")?;
+        for t in &sim.truth {
+            writeln!(w, "{},{},{}", t.cohort_step, t.checkpoint_step, t.tau)?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", truth.display()))?;
+    let meta = a.out.join("simulation.json");
+    memsteer_panel::write_atomic(&meta, |w| {
+        serde_json::to_writer_pretty(&mut *w, &cfg).map_err(std::io::Error::other)?;
+        writeln!(w)
+    })
+    .with_context(|| format!("writing {}", meta.display()))?;
+    println!(
+        "simulated {} instances × {} checkpoints ({} cohorts); wrote {}",
+        sim.panel.n_instances(),
+        sim.panel.n_checkpoints(),
+        sim.truth.len() / sim.panel.n_checkpoints().max(1),
+        a.out.display()
+    );
+    Ok(sim)
 }
 
 /// Runs the Theorem 2 check.

@@ -68,4 +68,43 @@ mod hmm {
         let e = fails(&["hmm", "theorem2", "--conditions", "1"]);
         assert!(e.contains("≥ 2 condition states"), "{e}");
     }
+
+    #[test]
+    fn simulate_writes_a_panel_the_profile_reads_and_the_truth() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("sim");
+        ok(&["hmm", "simulate", "--seed", "2", "--out", s(&out), "--steps", "64", "--replicates", "2"]);
+        let truth = std::fs::read_to_string(out.join("truth.csv")).expect("truth");
+        assert!(truth.starts_with("cohort_step,checkpoint_step,tau\n"), "{truth}");
+        let prof = dir.path().join("profile");
+        ok(&[
+            "profile",
+            "--panel",
+            s(&out.join("panel.csv")),
+            "--out",
+            s(&prof),
+            "--bootstrap",
+            "100",
+            "--quiet",
+            "--no-figures",
+            "--min-cohort-size",
+            "1",
+        ]);
+        let att = std::fs::read_to_string(prof.join("att.csv")).expect("att");
+        // Every estimated cell has a truth row.
+        let keys: std::collections::HashSet<(String, String)> = truth
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f[0].to_string(), f[1].to_string())
+            })
+            .collect();
+        for line in att.lines().skip(1) {
+            let f: Vec<&str> = line.split(',').collect();
+            assert!(keys.contains(&(f[0].to_string(), f[1].to_string())), "{line}");
+        }
+        let e = fails(&["hmm", "simulate", "--out", s(&out), "--validation-shift", "3"]);
+        assert!(e.contains("validation shift"), "{e}");
+    }
 }

@@ -72,6 +72,16 @@ impl Hmm {
         &self.init
     }
 
+    /// The emission distribution of state `s`.
+    pub fn emission_row(&self, s: usize) -> Vec<f64> {
+        self.emit[s * self.vocab..(s + 1) * self.vocab].to_vec()
+    }
+
+    /// The transition matrix, `S×S` row-major.
+    pub fn transition_matrix(&self) -> &[f64] {
+        &self.trans
+    }
+
     /// `P(o | s)` for all `s`: the vector `p(o)` of Eq. 4.
     pub fn emission_column(&self, o: usize) -> Vec<f64> {
         (0..self.states).map(|s| self.emit[s * self.vocab + o]).collect()

@@ -6,6 +6,8 @@
 //! - [`theorem2`]: Assumption-1 constructions and LM-Steer's Theorem 2 — switching the initial condition
 //!   π → π' is exactly a linear map of the word embeddings — checked exhaustively and on long samples,
 //!   with a negative control.
+//! - [`simulate`]: synthetic training runs whose per-instance log-probabilities form a memorisation panel,
+//!   with the exact counterfactual τ(g, c) from leave-cohort-out retraining.
 //!
 //! ```
 //! use memsteer_hmm::theorem2::{check_theorem2, Theorem2Config};
@@ -18,6 +20,7 @@
 mod error;
 pub mod hmm;
 mod linalg;
+pub mod simulate;
 pub mod theorem2;
 
 pub use error::{HmmError, Result};

@@ -1,4 +1,5 @@
 //! Integration tests of `memsteer-hmm`.
 
 mod core;
+mod simulate;
 mod theorem2;
