@@ -12,7 +12,7 @@ use memsteer_panel::synthetic::SyntheticConfig;
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  reproduce [--quick] [FIGURE…]   regenerate the figures under target/reproduce/ (FIGURE: profile, compare)
+  reproduce [--quick] [FIGURE…]   regenerate the figures under target/reproduce/ (FIGURE: profile, compare, hmm)
   synth --out FILE [--cohorts K] [--per-cohort N] [--validation V] [--checkpoints C] [--seed S]
         [--trend X] [--shift X] [--anticipation X]
                                   write a synthetic Pythia-like panel (long CSV)
@@ -108,7 +108,7 @@ fn synth(args: &[String]) -> Result<()> {
 fn reproduce(args: &[String]) -> Result<()> {
     let f = Flags::parse(args, &[])?;
     let quick = f.has("quick");
-    let all = ["profile", "compare"];
+    let all = ["profile", "compare", "hmm"];
     let wanted: Vec<&str> = if f.free.is_empty() { all.to_vec() } else { f.free.iter().map(String::as_str).collect() };
     if let Some(bad) = wanted.iter().find(|w| !all.contains(w)) {
         bail!("unknown figure `{bad}`; available: {}", all.join(", "));
@@ -155,6 +155,23 @@ fn reproduce(args: &[String]) -> Result<()> {
             significant_only: false,
             out: Some(out.join("compare")),
         })?;
+    }
+    if wanted.contains(&"hmm") {
+        let files = memsteer_cli::hmm::reproduce_figures(&out.join("hmm"), quick)?;
+        println!("hmm: {} files (Theorem 2 illustration, estimators vs exact counterfactuals)", files.len());
+        let r = memsteer_cli::hmm::theorem2(&memsteer_cli::hmm::Theorem2Args {
+            seed: 1,
+            states: 4,
+            conditions: 2,
+            vocab: 5,
+            length: 5,
+            samples: 20,
+            json: false,
+        })?;
+        println!(
+            "  Theorem 2: max abs error {:.1e} over {} sequences; negative control {:.1e}",
+            r.max_abs_error, r.sequences_checked, r.control_max_abs_error
+        );
     }
     println!("figures under {}", out.display());
     Ok(())

@@ -331,3 +331,155 @@ fn draw_correlations<DB: DrawingBackend>(
     draw_colorbar(&bar, 1.0, "Pearson r")?;
     Ok(())
 }
+
+/// Writes `NAME.svg/png`: the memorisation path of a synthetic run, true τ against the DiD estimate
+/// (with its pointwise interval) and the difference estimator.
+pub fn estimator_vs_truth_figures(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    truth: &[(i64, f64)],
+    did: &[memsteer_did::PathEstimate],
+    difference: &[memsteer_did::PathEstimate],
+) -> Result<Vec<PathBuf>> {
+    with_backends!(dir, name, (1000, 560), |root| { draw_estimator_vs_truth(&root, title, truth, did, difference) })
+}
+
+fn draw_estimator_vs_truth<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    truth: &[(i64, f64)],
+    did: &[memsteer_did::PathEstimate],
+    difference: &[memsteer_did::PathEstimate],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err("estimator vs truth"))?;
+    let all_e = truth.iter().map(|t| t.0).chain(did.iter().map(|p| p.event_time));
+    let (e_min, e_max) = all_e.fold((i64::MAX, i64::MIN), |(a, b), e| (a.min(e), b.max(e)));
+    if e_min > e_max {
+        return Ok(());
+    }
+    let values = truth
+        .iter()
+        .map(|t| t.1)
+        .chain(did.iter().flat_map(|p| [p.ci_lower, p.ci_upper]))
+        .chain(difference.iter().map(|p| p.estimate))
+        .filter(|v| v.is_finite());
+    let (lo, hi) = values.fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let pad = 0.05 * (hi - lo).max(1e-9);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d((e_min as f64 - 0.5)..(e_max as f64 + 0.5), (lo - pad)..(hi + pad))
+        .map_err(err("estimator vs truth"))?;
+    chart
+        .configure_mesh()
+        .light_line_style(BLACK.mix(0.05))
+        .bold_line_style(BLACK.mix(0.12))
+        .x_desc("event time c − g (checkpoints since training)")
+        .y_desc("τ, log-probability")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err("estimator vs truth"))?;
+    let red = RGBColor(178, 24, 43);
+    let blue = RGBColor(33, 102, 172);
+    let mut band: Vec<(f64, f64)> = did.iter().map(|p| (p.event_time as f64, p.ci_upper)).collect();
+    band.extend(did.iter().rev().map(|p| (p.event_time as f64, p.ci_lower)));
+    chart
+        .draw_series(std::iter::once(Polygon::new(band, red.mix(0.2).filled())))
+        .map_err(err("estimator vs truth"))?
+        .label("DiD 95% interval")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], red.mix(0.2).filled()));
+    chart
+        .draw_series(LineSeries::new(did.iter().map(|p| (p.event_time as f64, p.estimate)), red.stroke_width(2)))
+        .map_err(err("estimator vs truth"))?
+        .label("difference-in-differences")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], red.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(
+            difference.iter().map(|p| (p.event_time as f64, p.estimate)),
+            blue.stroke_width(2),
+        ))
+        .map_err(err("estimator vs truth"))?
+        .label("difference")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], blue.stroke_width(2)));
+    chart
+        .draw_series(LineSeries::new(truth.iter().map(|&(e, t)| (e as f64, t)), BLACK.stroke_width(2)))
+        .map_err(err("estimator vs truth"))?
+        .label("true τ (counterfactual retraining)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(2)));
+    chart
+        .draw_series(truth.iter().map(|&(e, t)| Circle::new((e as f64, t), 3, BLACK.filled())))
+        .map_err(err("estimator vs truth"))?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(err("estimator vs truth"))?;
+    Ok(())
+}
+
+/// Writes `theorem2.svg/png`: next-token distributions under π, π' and the steered π-model.
+pub fn theorem2_figures(dir: &Path, ill: &memsteer_hmm::theorem2::Illustration) -> Result<Vec<PathBuf>> {
+    with_backends!(dir, "theorem2", (900, 520), |root| { draw_theorem2(&root, ill) })
+}
+
+fn draw_theorem2<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    ill: &memsteer_hmm::theorem2::Illustration,
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err("theorem2"))?;
+    let v = ill.under_pi.len();
+    let top = ill.under_pi.iter().chain(&ill.under_pi2).chain(&ill.steered).copied().fold(0.0, f64::max) * 1.35;
+    let prefix: Vec<String> = ill.prefix.iter().map(|o| o.to_string()).collect();
+    let mut chart = ChartBuilder::on(root)
+        .caption(format!("Theorem 2: next token after [{}]", prefix.join(" ")), ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(0.0..v as f64, 0.0..top.max(1e-9))
+        .map_err(err("theorem2"))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(2 * v + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor();
+            if (x - i - 0.5).abs() < 0.26 && i >= 0.0 { format!("symbol {}", i as usize) } else { String::new() }
+        })
+        .y_desc("P(next token)")
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err("theorem2"))?;
+    let series: [(&str, &[f64], RGBColor, f64); 3] = [
+        ("start π", &ill.under_pi, RGBColor(150, 150, 150), 0.12),
+        ("start π'", &ill.under_pi2, RGBColor(33, 102, 172), 0.38),
+        ("start π, embeddings W e_v", &ill.steered, RGBColor(178, 24, 43), 0.64),
+    ];
+    for (label, probs, color, offset) in series {
+        chart
+            .draw_series(probs.iter().enumerate().map(|(i, &p)| {
+                let x0 = i as f64 + offset;
+                Rectangle::new([(x0, 0.0), (x0 + 0.24, p)], color.filled())
+            }))
+            .map_err(err("theorem2"))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(err("theorem2"))?;
+    Ok(())
+}

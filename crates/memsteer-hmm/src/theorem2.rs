@@ -63,7 +63,14 @@ impl Assumption1Hmm {
             semantic,
             semantic,
         );
-        let emit: Vec<f64> = (0..d).flat_map(|_| random_distribution(vocab, &mut rng)).collect();
+        // Peaked emissions (cubed uniforms): states, and so conditions, are distinguishable by their words.
+        let emit: Vec<f64> = (0..d)
+            .flat_map(|_| {
+                let raw: Vec<f64> = (0..vocab).map(|_| rng.uniform().powi(3) + 0.02).collect();
+                let z: f64 = raw.iter().sum();
+                raw.into_iter().map(move |x| x / z)
+            })
+            .collect();
         Ok(Self { d_sem: semantic, d_cond: conditions, vocab, phi, a_prime, emit })
     }
 
@@ -330,6 +337,66 @@ impl Default for Theorem2Config {
     }
 }
 
+struct Setup {
+    m: Assumption1Hmm,
+    rng: SplitMix64,
+    phi1: Vec<f64>,
+    phi2: Vec<f64>,
+    w: Vec<f64>,
+    cond1: Vec<f64>,
+}
+
+/// The construction shared by the check and the illustration: the model, φ_π, φ_π' and the W.
+fn setup(cfg: &Theorem2Config) -> Result<Setup> {
+    let m = Assumption1Hmm::random(cfg.semantic_states, cfg.condition_states, cfg.vocab, cfg.seed)?;
+    let mut rng = SplitMix64::new(cfg.seed ^ 0xA5A5_A5A5);
+    let (ds, dc) = (cfg.semantic_states, cfg.condition_states);
+    // π: semantic mass 0.5 spread over semantic states, condition mass 0.5 over condition states;
+    // π': the same semantic part, the condition mass redistributed.
+    let sem: Vec<f64> = random_distribution(ds, &mut rng).into_iter().map(|x| 0.5 * x).collect();
+    // A lopsided condition mix, and π' with the condition masses in reverse order: a clear switch.
+    let raw: Vec<f64> = (0..dc).map(|_| rng.uniform().powi(3) + 0.02).collect();
+    let z: f64 = raw.iter().sum();
+    let cond1: Vec<f64> = raw.iter().map(|x| 0.5 * x / z).collect();
+    let cond2: Vec<f64> = cond1.iter().rev().copied().collect();
+    let pi1: Vec<f64> = sem.iter().chain(&cond1).copied().collect();
+    let pi2: Vec<f64> = sem.iter().chain(&cond2).copied().collect();
+    let (phi1, phi2) = (m.representation_of(&pi1), m.representation_of(&pi2));
+    let w = m.theorem2_w(&phi1, &phi2)?;
+    Ok(Setup { m, rng, phi1, phi2, w, cond1 })
+}
+
+/// Next-token distributions after one sampled prefix, for the Theorem 2 figure.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Illustration {
+    /// The prefix (sampled from the π' model).
+    pub prefix: Vec<usize>,
+    /// P(· | prefix) starting from π.
+    pub under_pi: Vec<f64>,
+    /// P(· | prefix) starting from π'.
+    pub under_pi2: Vec<f64>,
+    /// P(· | prefix) of the π-model with embeddings W e_v.
+    pub steered: Vec<f64>,
+}
+
+/// Next-token distributions under π, π' and the steered π-model after a prefix of `prefix_len` tokens.
+pub fn illustrate(cfg: &Theorem2Config, prefix_len: usize) -> Result<Illustration> {
+    let Setup { m, mut rng, phi1, phi2, w, .. } = setup(cfg)?;
+    let (h1, h2) = (m.hmm(&phi1)?, m.hmm(&phi2)?);
+    let prefix = h2.sample(prefix_len, &mut rng);
+    let e = m.embeddings();
+    let mut c = phi1.clone();
+    for &o in &prefix {
+        c = m.advance(&c, o);
+    }
+    Ok(Illustration {
+        under_pi: h1.next_token(&prefix)?,
+        under_pi2: h2.next_token(&prefix)?,
+        steered: m.lm_next(&c, Some(&w), &e),
+        prefix,
+    })
+}
+
 /// Builds a random Assumption-1 HMM, two initial distributions differing only in their condition part,
 /// the Theorem 2 W, and checks the identity exhaustively and on sampled long sequences; then the negative
 /// control with a semantic change.
@@ -345,18 +412,8 @@ pub fn check_theorem2(cfg: &Theorem2Config) -> Result<Theorem2Report> {
             cfg.vocab, cfg.length
         )));
     }
-    let m = Assumption1Hmm::random(cfg.semantic_states, cfg.condition_states, cfg.vocab, cfg.seed)?;
-    let mut rng = SplitMix64::new(cfg.seed ^ 0xA5A5_A5A5);
+    let Setup { m, mut rng, phi1, phi2, w, cond1 } = setup(cfg)?;
     let (ds, dc) = (cfg.semantic_states, cfg.condition_states);
-    // π: semantic mass 0.5 spread over semantic states, condition mass 0.5 over condition states;
-    // π': the same semantic part, the condition mass redistributed.
-    let sem: Vec<f64> = random_distribution(ds, &mut rng).into_iter().map(|x| 0.5 * x).collect();
-    let cond1: Vec<f64> = random_distribution(dc, &mut rng).into_iter().map(|x| 0.5 * x).collect();
-    let cond2: Vec<f64> = random_distribution(dc, &mut rng).into_iter().map(|x| 0.5 * x).collect();
-    let pi1: Vec<f64> = sem.iter().chain(&cond1).copied().collect();
-    let pi2: Vec<f64> = sem.iter().chain(&cond2).copied().collect();
-    let (phi1, phi2) = (m.representation_of(&pi1), m.representation_of(&pi2));
-    let w = m.theorem2_w(&phi1, &phi2)?;
     let e = m.embeddings();
     let h1 = m.hmm(&phi1)?;
     let h2 = m.hmm(&phi2)?;

@@ -69,3 +69,12 @@ proptest! {
         prop_assert!(r.max_abs_error <= 1e-10 && r.sampled_max_abs_log_error <= 1e-9, "{:?}", r);
     }
 }
+
+#[test]
+fn illustration_steered_equals_the_target_distribution() {
+    let ill = memsteer_hmm::theorem2::illustrate(&Theorem2Config::default(), 6).expect("illustration");
+    assert_eq!(ill.prefix.len(), 6);
+    let gap = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    assert!(gap(&ill.steered, &ill.under_pi2) < 1e-12);
+    assert!(gap(&ill.under_pi, &ill.under_pi2) > 1e-3);
+}
