@@ -18,9 +18,40 @@ pub enum HmmCommand {
     /// Check LM-Steer's Theorem 2 on a random Assumption-1 HMM (switching the initial condition is a
     /// linear map of the word embeddings), with a negative control.
     Theorem2(Theorem2Args),
+    /// Learn the steer from samples of the π' process by the LM-Steer objective and compare it with the
+    /// analytic W of Theorem 2, for growing sample sizes.
+    LearnSteer(LearnArgs),
     /// Simulate a training run on HMM data: write the per-instance panel and the exact counterfactual
     /// memorisation τ(g, c).
     Simulate(SimulateArgs),
+}
+
+/// Arguments of `memsteer hmm learn-steer`.
+#[derive(Debug, Clone, Args)]
+pub struct LearnArgs {
+    /// Seed of the construction and the samples.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Training-set sizes (sequences of 20 tokens), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    pub samples: Vec<usize>,
+    /// Levenberg–Marquardt iterations per fit (at most).
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the learned-steer experiment.
+pub fn learn(a: &LearnArgs) -> Result<Vec<memsteer_hmm::theorem2::LearnedSteer>> {
+    let cfg = memsteer_hmm::theorem2::LearnConfig {
+        model: Theorem2Config { seed: a.seed, ..Theorem2Config::default() },
+        sample_sizes: a.samples.clone(),
+        steps: a.steps,
+        ..Default::default()
+    };
+    Ok(memsteer_hmm::theorem2::learn_steers(&cfg)?)
 }
 
 /// Arguments of `memsteer hmm simulate`.
@@ -112,6 +143,30 @@ pub fn run(args: &HmmArgs) -> Result<()> {
             Ok(())
         }
         HmmCommand::Simulate(a) => simulate(a).map(|_| ()),
+        HmmCommand::LearnSteer(a) => {
+            let curve = learn(a)?;
+            if a.json {
+                for p in &curve {
+                    println!("{}", serde_json::to_string(p)?);
+                }
+            } else {
+                println!(
+                    "{:>8} {:>8} {:>10} {:>10} {:>12} {:>10}",
+                    "samples", "tokens", "TV learned", "TV none", "KL learned", "‖ΔWE‖ rel"
+                );
+                for p in &curve {
+                    println!(
+                        "{:>8} {:>8} {:>10.2e} {:>10.2e} {:>12.2e} {:>10.3}",
+                        p.samples, p.tokens, p.tv, p.tv_unsteered, p.kl, p.distance_to_analytic
+                    );
+                }
+                println!(
+                    "(KL of the analytic W: {:.1e}; TV = mean total variation to the π' process on held-out contexts)",
+                    curve.first().map_or(f64::NAN, |p| p.kl_analytic)
+                );
+            }
+            Ok(())
+        }
     }
 }
 
@@ -208,6 +263,9 @@ pub fn reproduce_figures(out: &std::path::Path, quick: bool) -> Result<Vec<std::
     let mut files = Vec::new();
     let ill = memsteer_hmm::theorem2::illustrate(&Theorem2Config::default(), 2)?;
     files.extend(crate::plot::theorem2_figures(out, &ill)?);
+    let sizes = if quick { vec![10, 30, 100, 300, 1000] } else { vec![10, 30, 100, 300, 1000, 3000, 10000] };
+    let curve = learn(&LearnArgs { seed: 1, samples: sizes, steps: 100, json: false })?;
+    files.extend(crate::plot::learned_steer_figures(out, &curve)?);
 
     for (name, shift, title) in [
         ("estimator-vs-truth", 0.0, "Synthetic training run: estimates vs exact counterfactual memorisation"),

@@ -483,3 +483,64 @@ fn draw_theorem2<DB: DrawingBackend>(
         .map_err(err("theorem2"))?;
     Ok(())
 }
+
+/// Writes `learned-steer.svg/png`: KL to the π' process of the learned steer against training samples.
+pub fn learned_steer_figures(dir: &Path, curve: &[memsteer_hmm::theorem2::LearnedSteer]) -> Result<Vec<PathBuf>> {
+    with_backends!(dir, "learned-steer", (900, 520), |root| { draw_learned(&root, curve) })
+}
+
+fn draw_learned<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    curve: &[memsteer_hmm::theorem2::LearnedSteer],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err("learned steer"))?;
+    if curve.is_empty() {
+        return Ok(());
+    }
+    let xs: Vec<f64> = curve.iter().map(|p| p.samples as f64).collect();
+    let (x0, x1) = (xs[0] * 0.8, xs[xs.len() - 1] * 1.25);
+    let kls: Vec<f64> = curve.iter().map(|p| p.tv.max(1e-6)).collect();
+    let y_hi = kls.iter().copied().fold(curve[0].tv_unsteered, f64::max) * 2.0;
+    let y_lo = kls.iter().copied().fold(f64::INFINITY, f64::min) / 2.0;
+    let mut chart = ChartBuilder::on(root)
+        .caption("Learned steer: distance to the π' process vs training samples", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(75)
+        .build_cartesian_2d((x0..x1).log_scale(), (y_lo..y_hi).log_scale())
+        .map_err(err("learned steer"))?;
+    chart
+        .configure_mesh()
+        .x_desc("training sequences from π' (20 tokens each)")
+        .y_desc("mean total variation to P_π', held-out contexts")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.3}"))
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err("learned steer"))?;
+    let red = RGBColor(178, 24, 43);
+    chart
+        .draw_series(LineSeries::new(xs.iter().copied().zip(kls.iter().copied()), red.stroke_width(2)))
+        .map_err(err("learned steer"))?
+        .label("learned W (LM-Steer objective)")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], red.stroke_width(2)));
+    chart
+        .draw_series(xs.iter().zip(&kls).map(|(&x, &y)| Circle::new((x, y), 4, red.filled())))
+        .map_err(err("learned steer"))?;
+    let u = curve[0].tv_unsteered;
+    chart
+        .draw_series(DashedLineSeries::new([(x0, u), (x1, u)], 6, 4, BLACK.mix(0.6).stroke_width(2)))
+        .map_err(err("learned steer"))?
+        .label("no steer (start π)")
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.6).stroke_width(2)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(err("learned steer"))?;
+    Ok(())
+}

@@ -473,3 +473,227 @@ pub fn check_theorem2(cfg: &Theorem2Config) -> Result<Theorem2Report> {
         w_diagonal: (0..d).map(|i| w[i * d + i]).collect(),
     })
 }
+
+/// One point of the learned-steer convergence curve.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LearnedSteer {
+    /// Training sequences sampled from the π' process.
+    pub samples: usize,
+    /// Tokens they hold.
+    pub tokens: usize,
+    /// Mean total variation between P_π'(·|ctx) and P_(π, W_learned E)(·|ctx) over held-out contexts.
+    pub tv: f64,
+    /// The same for the unsteered π-model.
+    pub tv_unsteered: f64,
+    /// Mean KL(P_π'(·|ctx) ‖ P_(π, W_learned E)(·|ctx)) over held-out contexts (sensitive to contexts
+    /// where the linear scores of a learned steer come near zero).
+    pub kl: f64,
+    /// The same for the unsteered π-model, for scale.
+    pub kl_unsteered: f64,
+    /// The same for the analytic W (rounding level).
+    pub kl_analytic: f64,
+    /// min_s ‖s W_learned E − W_analytic E‖_F / ‖W_analytic E‖_F: W matters only through the embeddings it
+    /// acts on (with fewer symbols than dimensions part of it is unidentified) and only up to scale.
+    pub distance_to_analytic: f64,
+    /// The learned W, row-major.
+    pub w: Vec<f64>,
+}
+
+/// Settings of [`learn_steers`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LearnConfig {
+    /// The construction (as for [`check_theorem2`]).
+    pub model: Theorem2Config,
+    /// Training-set sizes (sequences) to learn from.
+    pub sample_sizes: Vec<usize>,
+    /// Tokens per training sequence.
+    pub sequence_length: usize,
+    /// Levenberg–Marquardt iterations (at most).
+    pub steps: usize,
+}
+
+impl Default for LearnConfig {
+    fn default() -> Self {
+        Self {
+            model: Theorem2Config::default(),
+            sample_sizes: vec![10, 100, 1000, 5000],
+            sequence_length: 20,
+            steps: 100,
+        }
+    }
+}
+
+/// Mean log-likelihood, gradient and Hessian (row-major over the `d²` entries of `M`) of
+/// `log(cᵀ M e_o) − log(cᵀ M s)`, `s = Σ_v e_v`; `None` when a score is not positive.
+fn objective(
+    data: &[(Vec<f64>, usize)],
+    e: &[f64],
+    sum_e: &[f64],
+    d: usize,
+    w: &[f64],
+    with_hessian: bool,
+) -> Option<(f64, Vec<f64>, Vec<f64>)> {
+    let p = d * d;
+    let (mut f, mut g) = (0.0, vec![0.0; p]);
+    let mut h = if with_hessian { vec![0.0; p * p] } else { Vec::new() };
+    let (mut a, mut b) = (vec![0.0; p], vec![0.0; p]);
+    for (c, o) in data {
+        let cw: Vec<f64> = (0..d).map(|j| (0..d).map(|i| c[i] * w[i * d + j]).sum()).collect();
+        let num: f64 = (0..d).map(|j| cw[j] * e[o * d + j]).sum();
+        let den: f64 = (0..d).map(|j| cw[j] * sum_e[j]).sum();
+        if num.is_nan() || den.is_nan() || num <= 0.0 || den <= 0.0 {
+            return None;
+        }
+        f += num.ln() - den.ln();
+        for i in 0..d {
+            for j in 0..d {
+                a[i * d + j] = c[i] * e[o * d + j] / num;
+                b[i * d + j] = c[i] * sum_e[j] / den;
+                g[i * d + j] += a[i * d + j] - b[i * d + j];
+            }
+        }
+        if with_hessian {
+            for k in 0..p {
+                for l in 0..p {
+                    h[k * p + l] += b[k] * b[l] - a[k] * a[l];
+                }
+            }
+        }
+    }
+    let n = data.len() as f64;
+    g.iter_mut().for_each(|x| *x /= n);
+    h.iter_mut().for_each(|x| *x /= n);
+    Some((f / n, g, h))
+}
+
+/// Maximises the LM-Steer likelihood over `M` from `M = I` by Levenberg–Marquardt.
+fn fit_lm_steer(data: &[(Vec<f64>, usize)], e: &[f64], d: usize, v: usize, max_iter: usize) -> Vec<f64> {
+    let p = d * d;
+    let sum_e: Vec<f64> = (0..d).map(|i| (0..v).map(|o| e[o * d + i]).sum()).collect();
+    let mut w: Vec<f64> = (0..p).map(|k| if k % (d + 1) == 0 { 1.0 } else { 0.0 }).collect();
+    let Some((mut f, mut g, mut h)) = objective(data, e, &sum_e, d, &w, true) else { return w };
+    let mut lambda = 1e-3 * (0..p).map(|k| h[k * p + k].abs()).fold(0.0, f64::max).max(1e-12);
+    for _ in 0..max_iter {
+        // Solve (−H + λ I) Δ = g for the ascent step.
+        let mut a: Vec<f64> = h.iter().map(|x| -x).collect();
+        for k in 0..p {
+            a[k * p + k] += lambda;
+        }
+        let Some(delta) = solve(&a, &g, p, 1) else {
+            lambda *= 10.0;
+            continue;
+        };
+        let trial: Vec<f64> = w.iter().zip(&delta).map(|(x, dx)| x + dx).collect();
+        match objective(data, e, &sum_e, d, &trial, true) {
+            Some((f2, g2, h2)) if f2 >= f => {
+                let gain = f2 - f;
+                w = trial;
+                (f, g, h) = (f2, g2, h2);
+                lambda = (lambda / 3.0).max(1e-15);
+                if gain < 1e-13 {
+                    break;
+                }
+            }
+            _ => lambda *= 4.0,
+        }
+        if lambda > 1e12 {
+            break;
+        }
+    }
+    w
+}
+
+/// Total variation between `p` and `q` with negative scores of `q` clipped to zero and renormalised.
+fn tv(p: &[f64], q: &[f64]) -> f64 {
+    let clipped: Vec<f64> = q.iter().map(|x| if x.is_finite() { x.max(0.0) } else { 0.0 }).collect();
+    let z: f64 = clipped.iter().sum();
+    if z <= 0.0 {
+        return 1.0;
+    }
+    0.5 * p.iter().zip(&clipped).map(|(a, b)| (a - b / z).abs()).sum::<f64>()
+}
+
+/// KL(p ‖ q); a steer that drives some score of `q` to zero or below (an invalid linear LM on that
+/// context) is charged as if it gave those symbols probability 1e-12.
+fn kl(p: &[f64], q: &[f64]) -> f64 {
+    let clipped: Vec<f64> = q.iter().map(|x| if x.is_finite() { x.max(1e-12) } else { 1e-12 }).collect();
+    let z: f64 = clipped.iter().sum();
+    p.iter().zip(&clipped).filter(|(a, _)| **a > 0.0).map(|(a, b)| a * (a / (b / z)).ln()).sum()
+}
+
+/// Fits the steer by the LM-Steer objective: maximise the mean next-token log-likelihood of sequences
+/// sampled from the π' process under the π-model with embeddings `M e_v` (`M = I + εW`, started at `I`,
+/// maximised by Levenberg–Marquardt on the exact gradient and Hessian), for each training-set size; evaluates on held-out contexts.
+pub fn learn_steers(cfg: &LearnConfig) -> Result<Vec<LearnedSteer>> {
+    let Setup { m, mut rng, phi1, phi2, w: w_analytic, .. } = setup(&cfg.model)?;
+    let h2 = m.hmm(&phi2)?;
+    let e = m.embeddings();
+    let d = m.dim();
+    let v = m.vocab();
+    // Contexts (normalised, under π) and targets of a set of sequences from π'.
+    let contexts = |seqs: &[Vec<usize>]| -> Vec<(Vec<f64>, usize)> {
+        let mut out = Vec::new();
+        for seq in seqs {
+            let mut c = phi1.clone();
+            for &o in seq {
+                out.push((c.clone(), o));
+                c = m.advance(&c, o);
+            }
+        }
+        out
+    };
+    let held: Vec<Vec<usize>> = (0..200).map(|_| h2.sample(cfg.sequence_length, &mut rng)).collect();
+    // Held-out evaluation: contexts with their true π' conditionals.
+    let mut eval: Vec<(Vec<f64>, Vec<f64>)> = Vec::new();
+    for seq in &held {
+        let mut c = phi1.clone();
+        for t in 0..seq.len() {
+            eval.push((c.clone(), h2.next_token(&seq[..t])?));
+            c = m.advance(&c, seq[t]);
+        }
+    }
+    let mean_kl =
+        |w: Option<&[f64]>| eval.iter().map(|(c, p)| kl(p, &m.lm_next(c, w, &e))).sum::<f64>() / eval.len() as f64;
+    let kl_unsteered = mean_kl(None);
+    let mean_tv =
+        |w: Option<&[f64]>| eval.iter().map(|(c, p)| tv(p, &m.lm_next(c, w, &e))).sum::<f64>() / eval.len() as f64;
+    let tv_unsteered = mean_tv(None);
+    let kl_analytic = mean_kl(Some(&w_analytic));
+    // W E for the identifiable part of a steer: (W E)[i, v] = Σ_j W[i, j] e_v[j].
+    let e_ref = &e;
+    let apply = |w: &[f64]| -> Vec<f64> {
+        let mut out = Vec::with_capacity(d * v);
+        for i in 0..d {
+            for o in 0..v {
+                out.push((0..d).map(|j| w[i * d + j] * e_ref[o * d + j]).sum::<f64>());
+            }
+        }
+        out
+    };
+    let target = apply(&w_analytic);
+    let norm_a = target.iter().map(|x| x * x).sum::<f64>().sqrt();
+
+    let mut out = Vec::new();
+    let max_n = cfg.sample_sizes.iter().copied().max().unwrap_or(0);
+    let pool: Vec<Vec<usize>> = (0..max_n).map(|_| h2.sample(cfg.sequence_length, &mut rng)).collect();
+    for &n in &cfg.sample_sizes {
+        let data = contexts(&pool[..n]);
+        let w = fit_lm_steer(&data, &e, d, v, cfg.steps);
+        let kl_learned = mean_kl(Some(&w));
+        let we = apply(&w);
+        let s = we.iter().zip(&target).map(|(a, b)| a * b).sum::<f64>() / we.iter().map(|a| a * a).sum::<f64>();
+        let dist = we.iter().zip(&target).map(|(a, b)| (s * a - b).powi(2)).sum::<f64>().sqrt() / norm_a;
+        out.push(LearnedSteer {
+            samples: n,
+            tokens: data.len(),
+            tv: mean_tv(Some(&w)),
+            tv_unsteered,
+            kl: kl_learned,
+            kl_unsteered,
+            kl_analytic,
+            distance_to_analytic: dist,
+            w,
+        });
+    }
+    Ok(out)
+}

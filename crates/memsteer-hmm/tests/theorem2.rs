@@ -78,3 +78,14 @@ fn illustration_steered_equals_the_target_distribution() {
     assert!(gap(&ill.steered, &ill.under_pi2) < 1e-12);
     assert!(gap(&ill.under_pi, &ill.under_pi2) > 1e-3);
 }
+
+#[test]
+fn learned_steers_approach_the_target_process_as_samples_grow() {
+    let cfg = memsteer_hmm::theorem2::LearnConfig { sample_sizes: vec![10, 100, 1000], ..Default::default() };
+    let curve = memsteer_hmm::theorem2::learn_steers(&cfg).expect("learn");
+    // Measured (seed 1): TV 0.19 / 0.054 / 0.017, KL 1.5 / 0.17 / 1.3e-3 (unsteered TV 0.11).
+    assert!(curve[0].kl_analytic < 1e-12);
+    assert!(curve.windows(2).all(|w| w[1].tv < w[0].tv && w[1].kl < w[0].kl), "{curve:?}");
+    let last = curve.last().expect("points");
+    assert!(last.tv < 0.2 * last.tv_unsteered, "{last:?}");
+}
