@@ -263,7 +263,7 @@ pub fn reproduce_figures(out: &std::path::Path, quick: bool) -> Result<Vec<std::
     let mut files = Vec::new();
     let ill = memsteer_hmm::theorem2::illustrate(&Theorem2Config::default(), 2)?;
     files.extend(crate::plot::theorem2_figures(out, &ill)?);
-    let sizes = if quick { vec![10, 30, 100, 300, 1000] } else { vec![10, 30, 100, 300, 1000, 3000, 10000] };
+    let sizes = if quick { vec![10, 30, 100, 300, 1000] } else { vec![10, 30, 100, 300, 1000, 3000] };
     let curve = learn(&LearnArgs { seed: 1, samples: sizes, steps: 100, json: false })?;
     files.extend(crate::plot::learned_steer_figures(out, &curve)?);
 

@@ -75,6 +75,21 @@ macro_rules! with_backends {
     }};
 }
 
+/// The legend box every figure uses: upper right, translucent white.
+fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    what: &str,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .label_font(("sans-serif", 13))
+        .draw()
+        .map_err(err(what))
+}
+
 fn err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> anyhow::Error + '_ {
     move |e| anyhow!("drawing {what}: {e:?}")
 }
@@ -184,14 +199,7 @@ fn draw_profile<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, 
             .map_err(err("profile"))?
             .label(format!("step {step}"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.stroke_width(2)));
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .label_font(("sans-serif", 13))
-            .draw()
-            .map_err(err("profile"))?;
+        legend(&mut chart, "profile")?;
     }
     draw_colorbar(&bar, vmax, "τ(g, c), log-prob")?;
     Ok(())
@@ -270,14 +278,7 @@ fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile) -> 
             path.iter().map(|q| Circle::new((q.event_time as f64, finite(q.estimate)), dot, band_color.filled())),
         )
         .map_err(err("path"))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(err("path"))?;
+    legend(&mut chart, "path")?;
     Ok(())
 }
 
@@ -414,14 +415,7 @@ fn draw_estimator_vs_truth<DB: DrawingBackend>(
     chart
         .draw_series(truth.iter().map(|&(e, t)| Circle::new((e as f64, t), 3, BLACK.filled())))
         .map_err(err("estimator vs truth"))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(err("estimator vs truth"))?;
+    legend(&mut chart, "estimator vs truth")?;
     Ok(())
 }
 
@@ -473,14 +467,7 @@ fn draw_theorem2<DB: DrawingBackend>(
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], color.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(err("theorem2"))?;
+    legend(&mut chart, "theorem2")?;
     Ok(())
 }
 
@@ -534,13 +521,6 @@ fn draw_learned<DB: DrawingBackend>(
         .map_err(err("learned steer"))?
         .label("no steer (start π)")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 18, y)], BLACK.mix(0.6).stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .label_font(("sans-serif", 13))
-        .draw()
-        .map_err(err("learned steer"))?;
+    legend(&mut chart, "learned steer")?;
     Ok(())
 }

@@ -61,7 +61,7 @@ fn enumeration_limit_is_an_error_not_a_hang() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 16, rng_seed: proptest::test_runner::RngSeed::Fixed(20261127), ..ProptestConfig::default() })]
     #[test]
     fn identity_holds_for_random_instances(seed in any::<u64>(), semantic in 1usize..6, conditions in 2usize..5, vocab in 2usize..5) {
         let cfg = Theorem2Config { seed, semantic_states: semantic, condition_states: conditions, vocab, length: 4, samples: 2, sample_length: 100 };
