@@ -1,0 +1,58 @@
+//! Criterion benches of the fused log-prob kernel against the materialised computation (full logits
+//! buffer, then log-softmax) and the bare matrix product, same shapes, same run.
+//!
+//! Shape: GPT-2 small's output layer (hidden 768, vocabulary 50,257), 256 tokens.
+#![allow(unsafe_code)]
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use memsteer_kernels::{Device, log_prob_targets};
+use memsteer_panel::rng::SplitMix64;
+
+const TOKENS: usize = 256;
+const DIM: usize = 768;
+const VOCAB: usize = 50257;
+
+/// `C = A Bᵀ` through matrixmultiply (the same GEMM the kernel uses).
+fn sgemm_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
+    // SAFETY: shapes checked above; `c` does not alias `a` or `b`.
+    unsafe {
+        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+    }
+}
+
+fn materialised(hidden: &[f32], emb: &[f32], targets: &[u32], logits: &mut [f32], out: &mut [f32]) {
+    sgemm_a_bt(TOKENS, DIM, VOCAB, hidden, emb, logits);
+    for (t, o) in out.iter_mut().enumerate() {
+        let row = &logits[t * VOCAB..(t + 1) * VOCAB];
+        let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = m + row.iter().map(|x| (x - m).exp()).sum::<f32>().ln();
+        *o = row[targets[t] as usize] - lse;
+    }
+}
+
+fn kernels(c: &mut Criterion) {
+    let mut rng = SplitMix64::new(1);
+    let hidden: Vec<f32> = (0..TOKENS * DIM).map(|_| rng.normal() as f32).collect();
+    let emb: Vec<f32> = (0..VOCAB * DIM).map(|_| 0.05 * rng.normal() as f32).collect();
+    let targets: Vec<u32> = (0..TOKENS).map(|_| rng.below(VOCAB as u64) as u32).collect();
+    let mut out = vec![0.0f32; TOKENS];
+    let mut logits = vec![0.0f32; TOKENS * VOCAB];
+    let mut g = c.benchmark_group("cpu/output_layer_gpt2_256tok");
+    g.sample_size(10).measurement_time(Duration::from_secs(10));
+    g.throughput(Throughput::Elements((2 * TOKENS * DIM * VOCAB) as u64)); // flops of the product
+    g.bench_function("fused_log_prob_targets", |b| {
+        b.iter(|| log_prob_targets(&Device::Cpu, black_box(&hidden), &emb, DIM, &targets, &mut out).expect("ok"))
+    });
+    g.bench_function("materialised_logits_then_log_softmax", |b| {
+        b.iter(|| materialised(black_box(&hidden), &emb, &targets, &mut logits, &mut out))
+    });
+    g.bench_function("sgemm_only", |b| b.iter(|| sgemm_a_bt(TOKENS, DIM, VOCAB, black_box(&hidden), &emb, &mut logits)));
+    g.finish();
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

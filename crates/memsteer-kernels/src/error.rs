@@ -1,0 +1,36 @@
+//! The error type of `memsteer-kernels`.
+
+/// Invalid kernel inputs or an unavailable device.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KernelError {
+    /// A buffer has the wrong length.
+    #[error("{what}: expected {expected} values, found {found}")]
+    Shape {
+        /// Which buffer.
+        what: &'static str,
+        /// What was expected.
+        expected: String,
+        /// Its length.
+        found: usize,
+    },
+    /// A target id is outside the vocabulary.
+    #[error("target {id} at position {position} is outside the vocabulary of {vocab}")]
+    Target {
+        /// Token position.
+        position: usize,
+        /// The id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+    /// CUDA was requested from a build without it.
+    #[error("CUDA device {ordinal} requested, but this build has no CUDA kernels (feature `cuda`)")]
+    NotCompiledWithCuda {
+        /// The device asked for.
+        ordinal: usize,
+    },
+}
+
+/// `Result` with [`KernelError`].
+pub type Result<T, E = KernelError> = std::result::Result<T, E>;

@@ -1,0 +1,111 @@
+//! The hot operations of memsteer's language-model work, behind one [`Device`].
+//!
+//! - [`log_prob_targets`]: `log softmax(h Eᵀ)[target]` for every token, fused — vocabulary tiles are
+//!   streamed through an online log-sum-exp, so no `[tokens, vocab]` buffer ever exists (memory is
+//!   `O(block × tile)`).
+//! - [`steered_projection`]: LM-Steer's `c' = c + ε Σ_i s_i (c P1_i) P2_iᵀ` for a batch of hidden states.
+//!
+//! The CPU implementations are always built. CUDA arrives behind the `cuda` feature with the same
+//! functions; until then [`Device::cuda`] returns [`KernelError::NotCompiledWithCuda`], so callers carry
+//! no `cfg`.
+//!
+//! ```
+//! use memsteer_kernels::{log_prob_targets, Device};
+//! // Two tokens, hidden size 2, vocabulary of 3.
+//! let hidden = [1.0f32, 0.0, 0.0, 1.0];
+//! let embedding = [1.0f32, 0.0, 0.0, 1.0, 0.0, 0.0];
+//! let mut out = [0.0f32; 2];
+//! log_prob_targets(&Device::Cpu, &hidden, &embedding, 2, &[0, 2], &mut out).unwrap();
+//! let lse = (1.0f32.exp() + 2.0).ln();
+//! assert!((out[0] - (1.0 - lse)).abs() < 1e-6);
+//! assert!((out[1] - (0.0 - lse)).abs() < 1e-6);
+//! ```
+#![deny(missing_docs)]
+
+mod cpu;
+mod error;
+#[allow(unsafe_code)]
+mod sgemm;
+
+pub use error::{KernelError, Result};
+
+/// Where a kernel runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Device {
+    /// The CPU (multi-threaded with rayon).
+    #[default]
+    Cpu,
+}
+
+impl Device {
+    /// The CUDA device `ordinal`. This build has no CUDA kernels yet.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Err(KernelError::NotCompiledWithCuda { ordinal })
+    }
+}
+
+/// Fused target log-probabilities.
+///
+/// `hidden` is `tokens × dim` row-major (final hidden states after the last layer norm), `embedding` is
+/// `vocab × dim` row-major (the output embedding), `targets` has one vocabulary id per token. Writes
+/// `out[t] = log softmax(hidden[t] · embeddingᵀ)[targets[t]]` in nats. Accumulation is in `f32` with a
+/// per-token running maximum, so large logits cannot overflow.
+pub fn log_prob_targets(device: &Device, hidden: &[f32], embedding: &[f32], dim: usize, targets: &[u32], out: &mut [f32]) -> Result<()> {
+    let tokens = targets.len();
+    if dim == 0 {
+        return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
+    }
+    check_len("hidden", hidden.len(), tokens * dim)?;
+    check_len("out", out.len(), tokens)?;
+    if embedding.len() % dim != 0 || embedding.is_empty() {
+        return Err(KernelError::Shape { what: "embedding", expected: format!("a non-empty multiple of dim = {dim}"), found: embedding.len() });
+    }
+    let vocab = embedding.len() / dim;
+    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(KernelError::Target { position, id, vocab });
+    }
+    match device {
+        Device::Cpu => cpu::log_prob_targets(hidden, embedding, dim, vocab, targets, out),
+    }
+    Ok(())
+}
+
+/// A set of low-rank steers `W = Σ_i s_i P1_i P2_iᵀ` (`P1`, `P2`: `steers × dim × rank`, row-major).
+#[derive(Debug, Clone, Copy)]
+pub struct Steers<'a> {
+    /// `P1`, `steers × dim × rank`.
+    pub p1: &'a [f32],
+    /// `P2`, `steers × dim × rank`.
+    pub p2: &'a [f32],
+    /// Number of steers.
+    pub steers: usize,
+    /// Hidden size.
+    pub dim: usize,
+    /// Rank of each steer.
+    pub rank: usize,
+}
+
+/// LM-Steer's projection `c' = c + ε Σ_i s_i (c P1_i) P2_iᵀ` for every row `c` of `hidden`
+/// (`tokens × dim`), written to `out`.
+pub fn steered_projection(device: &Device, hidden: &[f32], steers: &Steers<'_>, strengths: &[f32], epsilon: f32, out: &mut [f32]) -> Result<()> {
+    let Steers { p1, p2, steers: s, dim: d, rank: r } = *steers;
+    if d == 0 {
+        return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
+    }
+    check_len("p1", p1.len(), s * d * r)?;
+    check_len("p2", p2.len(), s * d * r)?;
+    check_len("strengths", strengths.len(), s)?;
+    if hidden.len() % d != 0 {
+        return Err(KernelError::Shape { what: "hidden", expected: format!("a multiple of dim = {d}"), found: hidden.len() });
+    }
+    check_len("out", out.len(), hidden.len())?;
+    match device {
+        Device::Cpu => cpu::steered_projection(hidden, steers, strengths, epsilon, out),
+    }
+    Ok(())
+}
+
+fn check_len(what: &'static str, found: usize, expected: usize) -> Result<()> {
+    if found == expected { Ok(()) } else { Err(KernelError::Shape { what, expected: expected.to_string(), found }) }
+}

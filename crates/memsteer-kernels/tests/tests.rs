@@ -1,0 +1,120 @@
+//! Kernels against straightforward `f64` references.
+
+use memsteer_kernels::{Device, KernelError, Steers, log_prob_targets, steered_projection};
+use memsteer_panel::rng::SplitMix64;
+use proptest::prelude::*;
+
+fn randn(n: usize, scale: f64, rng: &mut SplitMix64) -> Vec<f32> {
+    (0..n).map(|_| (scale * rng.normal()) as f32).collect()
+}
+
+/// `log softmax(h Eᵀ)[t]` in f64, materialising every logit.
+fn reference(hidden: &[f32], emb: &[f32], dim: usize, targets: &[u32]) -> Vec<f64> {
+    let vocab = emb.len() / dim;
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let h = &hidden[i * dim..(i + 1) * dim];
+            let logits: Vec<f64> = (0..vocab).map(|v| (0..dim).map(|k| f64::from(h[k]) * f64::from(emb[v * dim + k])).sum()).collect();
+            let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+            logits[t as usize] - lse
+        })
+        .collect()
+}
+
+fn check(tokens: usize, dim: usize, vocab: usize, scale: f64, seed: u64) {
+    let mut rng = SplitMix64::new(seed);
+    let hidden = randn(tokens * dim, scale, &mut rng);
+    let emb = randn(vocab * dim, 1.0, &mut rng);
+    let targets: Vec<u32> = (0..tokens).map(|_| rng.below(vocab as u64) as u32).collect();
+    let mut out = vec![0.0f32; tokens];
+    log_prob_targets(&Device::Cpu, &hidden, &emb, dim, &targets, &mut out).expect("kernel");
+    let want = reference(&hidden, &emb, dim, &targets);
+    for (i, (got, want)) in out.iter().zip(&want).enumerate() {
+        // f32 accumulation over `dim` products: relative 1e-5 of the logit scale.
+        let tol = 1e-5 * (1.0 + want.abs()) * (dim as f64).sqrt() * scale.max(1.0);
+        assert!((f64::from(*got) - want).abs() <= tol, "token {i}: {got} vs {want} ({tokens}×{dim}, V={vocab}, scale {scale})");
+    }
+}
+
+#[test]
+fn matches_the_materialised_reference_across_tile_and_block_edges() {
+    for (tokens, dim, vocab) in [(1, 1, 2), (3, 8, 5), (64, 16, 512), (65, 16, 513), (130, 32, 1500), (7, 64, 50257 / 10)] {
+        check(tokens, dim, vocab, 1.0, tokens as u64 * 31 + vocab as u64);
+    }
+}
+
+#[test]
+fn large_logits_do_not_overflow() {
+    // Logits in the hundreds: exp would overflow f32 without the running maximum.
+    check(20, 16, 700, 40.0, 5);
+}
+
+#[test]
+fn errors_name_the_buffer_and_the_expectation() {
+    let mut out = [0.0f32; 2];
+    let e = log_prob_targets(&Device::Cpu, &[0.0; 4], &[0.0; 6], 2, &[0, 3], &mut out).expect_err("target");
+    assert!(matches!(e, KernelError::Target { position: 1, id: 3, vocab: 3 }), "{e}");
+    let e = log_prob_targets(&Device::Cpu, &[0.0; 3], &[0.0; 6], 2, &[0, 1], &mut out).expect_err("shape");
+    assert_eq!(e.to_string(), "hidden: expected 4 values, found 3");
+    let e = log_prob_targets(&Device::Cpu, &[0.0; 4], &[0.0; 5], 2, &[0, 1], &mut out).expect_err("embedding");
+    assert!(e.to_string().contains("multiple of dim = 2"), "{e}");
+    assert!(Device::cuda(0).expect_err("no cuda").to_string().contains("feature `cuda`"));
+}
+
+#[test]
+fn steered_projection_equals_the_dense_steer() {
+    let (tokens, d, r, s) = (9, 12, 3, 2);
+    let mut rng = SplitMix64::new(4);
+    let hidden = randn(tokens * d, 1.0, &mut rng);
+    let p1 = randn(s * d * r, 0.5, &mut rng);
+    let p2 = randn(s * d * r, 0.5, &mut rng);
+    let strengths = [1.0f32, -2.0];
+    let eps = 0.3f32;
+    let steers = Steers { p1: &p1, p2: &p2, steers: s, dim: d, rank: r };
+    let mut out = vec![0.0f32; tokens * d];
+    steered_projection(&Device::Cpu, &hidden, &steers, &strengths, eps, &mut out).expect("kernel");
+    // Dense W = Σ_i s_i P1_i P2_iᵀ (d × d); c' = c + ε c W.
+    let mut w = vec![0.0f64; d * d];
+    for i in 0..s {
+        for a in 0..d {
+            for b in 0..d {
+                let dot: f64 = (0..r).map(|k| f64::from(p1[i * d * r + a * r + k]) * f64::from(p2[i * d * r + b * r + k])).sum();
+                w[a * d + b] += f64::from(strengths[i]) * dot;
+            }
+        }
+    }
+    for t in 0..tokens {
+        for b in 0..d {
+            let cw: f64 = (0..d).map(|a| f64::from(hidden[t * d + a]) * w[a * d + b]).sum();
+            let want = f64::from(hidden[t * d + b]) + f64::from(eps) * cw;
+            assert!((f64::from(out[t * d + b]) - want).abs() < 1e-5, "({t}, {b})");
+        }
+    }
+    // ε = 0 is the identity.
+    steered_projection(&Device::Cpu, &hidden, &steers, &strengths, 0.0, &mut out).expect("kernel");
+    assert_eq!(out, hidden);
+    let e = steered_projection(&Device::Cpu, &hidden, &steers, &[1.0], eps, &mut out).expect_err("strengths");
+    assert_eq!(e.to_string(), "strengths: expected 2 values, found 1");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, rng_seed: proptest::test_runner::RngSeed::Fixed(20261127), ..ProptestConfig::default() })]
+
+    /// For one hidden state, the probabilities of all targets sum to one and each log-probability ≤ 0.
+    #[test]
+    fn probabilities_over_the_vocabulary_sum_to_one(seed in any::<u64>(), dim in 1usize..24, vocab in 2usize..1200, scale in 0.1f64..8.0) {
+        let mut rng = SplitMix64::new(seed);
+        let h = randn(dim, scale, &mut rng);
+        let emb = randn(vocab * dim, 1.0, &mut rng);
+        let hidden: Vec<f32> = (0..vocab).flat_map(|_| h.iter().copied()).collect();
+        let targets: Vec<u32> = (0..vocab as u32).collect();
+        let mut out = vec![0.0f32; vocab];
+        log_prob_targets(&Device::Cpu, &hidden, &emb, dim, &targets, &mut out).expect("kernel");
+        prop_assert!(out.iter().all(|&x| x <= 1e-6));
+        let total: f64 = out.iter().map(|&x| f64::from(x).exp()).sum();
+        prop_assert!((total - 1.0).abs() < 1e-4, "sum {}", total);
+    }
+}
