@@ -20,7 +20,22 @@ fn sgemm_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32])
     assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
     // SAFETY: shapes checked above; `c` does not alias `a` or `b`.
     unsafe {
-        matrixmultiply::sgemm(m, k, n, 1.0, a.as_ptr(), k as isize, 1, b.as_ptr(), 1, k as isize, 0.0, c.as_mut_ptr(), n as isize, 1);
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            k as isize,
+            1,
+            b.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
     }
 }
 
@@ -50,7 +65,9 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("materialised_logits_then_log_softmax", |b| {
         b.iter(|| materialised(black_box(&hidden), &emb, &targets, &mut logits, &mut out))
     });
-    g.bench_function("sgemm_only", |b| b.iter(|| sgemm_a_bt(TOKENS, DIM, VOCAB, black_box(&hidden), &emb, &mut logits)));
+    g.bench_function("sgemm_only", |b| {
+        b.iter(|| sgemm_a_bt(TOKENS, DIM, VOCAB, black_box(&hidden), &emb, &mut logits))
+    });
     g.finish();
 }
 

@@ -3,6 +3,7 @@
 //! - [`log_prob_targets`]: `log softmax(h Eᵀ)[target]` for every token, fused — vocabulary tiles are
 //!   streamed through an online log-sum-exp, so no `[tokens, vocab]` buffer ever exists (memory is
 //!   `O(block × tile)`).
+//! - [`matmul`]: row-major `f32` matrix products (the transformer's linear layers).
 //! - [`steered_projection`]: LM-Steer's `c' = c + ε Σ_i s_i (c P1_i) P2_iᵀ` for a batch of hidden states.
 //!
 //! The CPU implementations are always built. CUDA arrives behind the `cuda` feature with the same
@@ -51,7 +52,14 @@ impl Device {
 /// `vocab × dim` row-major (the output embedding), `targets` has one vocabulary id per token. Writes
 /// `out[t] = log softmax(hidden[t] · embeddingᵀ)[targets[t]]` in nats. Accumulation is in `f32` with a
 /// per-token running maximum, so large logits cannot overflow.
-pub fn log_prob_targets(device: &Device, hidden: &[f32], embedding: &[f32], dim: usize, targets: &[u32], out: &mut [f32]) -> Result<()> {
+pub fn log_prob_targets(
+    device: &Device,
+    hidden: &[f32],
+    embedding: &[f32],
+    dim: usize,
+    targets: &[u32],
+    out: &mut [f32],
+) -> Result<()> {
     let tokens = targets.len();
     if dim == 0 {
         return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
@@ -59,7 +67,11 @@ pub fn log_prob_targets(device: &Device, hidden: &[f32], embedding: &[f32], dim:
     check_len("hidden", hidden.len(), tokens * dim)?;
     check_len("out", out.len(), tokens)?;
     if embedding.len() % dim != 0 || embedding.is_empty() {
-        return Err(KernelError::Shape { what: "embedding", expected: format!("a non-empty multiple of dim = {dim}"), found: embedding.len() });
+        return Err(KernelError::Shape {
+            what: "embedding",
+            expected: format!("a non-empty multiple of dim = {dim}"),
+            found: embedding.len(),
+        });
     }
     let vocab = embedding.len() / dim;
     if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
@@ -88,7 +100,14 @@ pub struct Steers<'a> {
 
 /// LM-Steer's projection `c' = c + ε Σ_i s_i (c P1_i) P2_iᵀ` for every row `c` of `hidden`
 /// (`tokens × dim`), written to `out`.
-pub fn steered_projection(device: &Device, hidden: &[f32], steers: &Steers<'_>, strengths: &[f32], epsilon: f32, out: &mut [f32]) -> Result<()> {
+pub fn steered_projection(
+    device: &Device,
+    hidden: &[f32],
+    steers: &Steers<'_>,
+    strengths: &[f32],
+    epsilon: f32,
+    out: &mut [f32],
+) -> Result<()> {
     let Steers { p1, p2, steers: s, dim: d, rank: r } = *steers;
     if d == 0 {
         return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
@@ -97,11 +116,26 @@ pub fn steered_projection(device: &Device, hidden: &[f32], steers: &Steers<'_>, 
     check_len("p2", p2.len(), s * d * r)?;
     check_len("strengths", strengths.len(), s)?;
     if hidden.len() % d != 0 {
-        return Err(KernelError::Shape { what: "hidden", expected: format!("a multiple of dim = {d}"), found: hidden.len() });
+        return Err(KernelError::Shape {
+            what: "hidden",
+            expected: format!("a multiple of dim = {d}"),
+            found: hidden.len(),
+        });
     }
     check_len("out", out.len(), hidden.len())?;
     match device {
         Device::Cpu => cpu::steered_projection(hidden, steers, strengths, epsilon, out),
+    }
+    Ok(())
+}
+
+/// `out (m×n) = a (m×k) · b (k×n)`, row-major `f32`.
+pub fn matmul(device: &Device, a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> Result<()> {
+    check_len("a", a.len(), m * k)?;
+    check_len("b", b.len(), k * n)?;
+    check_len("out", out.len(), m * n)?;
+    match device {
+        Device::Cpu => sgemm::a_b(m, k, n, a, b, out),
     }
     Ok(())
 }

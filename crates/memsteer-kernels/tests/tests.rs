@@ -16,7 +16,8 @@ fn reference(hidden: &[f32], emb: &[f32], dim: usize, targets: &[u32]) -> Vec<f6
         .enumerate()
         .map(|(i, &t)| {
             let h = &hidden[i * dim..(i + 1) * dim];
-            let logits: Vec<f64> = (0..vocab).map(|v| (0..dim).map(|k| f64::from(h[k]) * f64::from(emb[v * dim + k])).sum()).collect();
+            let logits: Vec<f64> =
+                (0..vocab).map(|v| (0..dim).map(|k| f64::from(h[k]) * f64::from(emb[v * dim + k])).sum()).collect();
             let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
             let lse = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
             logits[t as usize] - lse
@@ -35,13 +36,18 @@ fn check(tokens: usize, dim: usize, vocab: usize, scale: f64, seed: u64) {
     for (i, (got, want)) in out.iter().zip(&want).enumerate() {
         // f32 accumulation over `dim` products: relative 1e-5 of the logit scale.
         let tol = 1e-5 * (1.0 + want.abs()) * (dim as f64).sqrt() * scale.max(1.0);
-        assert!((f64::from(*got) - want).abs() <= tol, "token {i}: {got} vs {want} ({tokens}×{dim}, V={vocab}, scale {scale})");
+        assert!(
+            (f64::from(*got) - want).abs() <= tol,
+            "token {i}: {got} vs {want} ({tokens}×{dim}, V={vocab}, scale {scale})"
+        );
     }
 }
 
 #[test]
 fn matches_the_materialised_reference_across_tile_and_block_edges() {
-    for (tokens, dim, vocab) in [(1, 1, 2), (3, 8, 5), (64, 16, 512), (65, 16, 513), (130, 32, 1500), (7, 64, 50257 / 10)] {
+    for (tokens, dim, vocab) in
+        [(1, 1, 2), (3, 8, 5), (64, 16, 512), (65, 16, 513), (130, 32, 1500), (7, 64, 50257 / 10)]
+    {
         check(tokens, dim, vocab, 1.0, tokens as u64 * 31 + vocab as u64);
     }
 }
@@ -81,7 +87,8 @@ fn steered_projection_equals_the_dense_steer() {
     for i in 0..s {
         for a in 0..d {
             for b in 0..d {
-                let dot: f64 = (0..r).map(|k| f64::from(p1[i * d * r + a * r + k]) * f64::from(p2[i * d * r + b * r + k])).sum();
+                let dot: f64 =
+                    (0..r).map(|k| f64::from(p1[i * d * r + a * r + k]) * f64::from(p2[i * d * r + b * r + k])).sum();
                 w[a * d + b] += f64::from(strengths[i]) * dot;
             }
         }
@@ -98,6 +105,23 @@ fn steered_projection_equals_the_dense_steer() {
     assert_eq!(out, hidden);
     let e = steered_projection(&Device::Cpu, &hidden, &steers, &[1.0], eps, &mut out).expect_err("strengths");
     assert_eq!(e.to_string(), "strengths: expected 2 values, found 1");
+}
+
+#[test]
+fn matmul_matches_the_triple_loop() {
+    let mut rng = SplitMix64::new(8);
+    let (m, k, n) = (5, 7, 3);
+    let a = randn(m * k, 1.0, &mut rng);
+    let b = randn(k * n, 1.0, &mut rng);
+    let mut c = vec![0.0f32; m * n];
+    memsteer_kernels::matmul(&Device::Cpu, &a, &b, m, k, n, &mut c).expect("matmul");
+    for i in 0..m {
+        for j in 0..n {
+            let want: f32 = (0..k).map(|l| a[i * k + l] * b[l * n + j]).sum();
+            assert!((c[i * n + j] - want).abs() < 1e-5);
+        }
+    }
+    assert!(memsteer_kernels::matmul(&Device::Cpu, &a, &b, m, k + 1, n, &mut c).is_err());
 }
 
 proptest! {

@@ -1,0 +1,228 @@
+//! GPT-2 (Hugging Face `GPT2LMHeadModel` layout) on CPU.
+
+use std::path::Path;
+
+use memsteer_kernels::{Device, log_prob_targets, matmul};
+use rayon::prelude::*;
+
+use crate::config::{Activation, Gpt2Config};
+use crate::weights::Weights;
+use crate::{LmError, Result};
+
+#[derive(Debug)]
+struct Block {
+    ln1: (Vec<f32>, Vec<f32>),
+    attn_w: Vec<f32>,
+    attn_b: Vec<f32>,
+    proj_w: Vec<f32>,
+    proj_b: Vec<f32>,
+    ln2: (Vec<f32>, Vec<f32>),
+    fc_w: Vec<f32>,
+    fc_b: Vec<f32>,
+    out_w: Vec<f32>,
+    out_b: Vec<f32>,
+}
+
+/// A loaded GPT-2 model (weights in `f32`, whatever their storage type).
+#[derive(Debug)]
+pub struct Gpt2 {
+    cfg: Gpt2Config,
+    wte: Vec<f32>,
+    wpe: Vec<f32>,
+    blocks: Vec<Block>,
+    ln_f: (Vec<f32>, Vec<f32>),
+}
+
+fn layer_norm(x: &mut [f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
+    let d = g.len();
+    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let inv = 1.0 / (var + eps).sqrt();
+        for i in 0..d {
+            o[i] = (row[i] - mean) * inv * g[i] + b[i];
+        }
+    }
+}
+
+fn gelu(x: f32, act: Activation) -> f32 {
+    match act {
+        Activation::GeluTanh => 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()),
+        Activation::GeluExact => 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2)),
+    }
+}
+
+/// erf with |error| < 1.5e-7 (Abramowitz–Stegun 7.1.26), computed in f64.
+fn erf(x: f32) -> f32 {
+    let x = f64::from(x);
+    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
+    let y = 1.0
+        - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736) * t + 0.254_829_592)
+            * t
+            * (-x * x).exp();
+    (y.copysign(x)) as f32
+}
+
+fn add_bias(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_exact_mut(b.len()) {
+        for (v, bi) in row.iter_mut().zip(b) {
+            *v += bi;
+        }
+    }
+}
+
+impl Gpt2 {
+    /// Loads `dir/model.safetensors` (or its shards) for `cfg`. Tensor names may carry the
+    /// `transformer.` prefix of `GPT2LMHeadModel` checkpoints.
+    pub fn load(dir: &Path, cfg: Gpt2Config) -> Result<Self> {
+        let w = Weights::open(dir)?;
+        let d = cfg.n_embd;
+        let t = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+            let prefixed = format!("transformer.{name}");
+            w.tensor(&[name, &prefixed], shape)
+        };
+        let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((t(&format!("{name}.weight"), &[d])?, t(&format!("{name}.bias"), &[d])?))
+        };
+        let mut blocks = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = |s: &str| format!("h.{i}.{s}");
+            blocks.push(Block {
+                ln1: ln(&p("ln_1"))?,
+                attn_w: t(&p("attn.c_attn.weight"), &[d, 3 * d])?,
+                attn_b: t(&p("attn.c_attn.bias"), &[3 * d])?,
+                proj_w: t(&p("attn.c_proj.weight"), &[d, d])?,
+                proj_b: t(&p("attn.c_proj.bias"), &[d])?,
+                ln2: ln(&p("ln_2"))?,
+                fc_w: t(&p("mlp.c_fc.weight"), &[d, 4 * d])?,
+                fc_b: t(&p("mlp.c_fc.bias"), &[4 * d])?,
+                out_w: t(&p("mlp.c_proj.weight"), &[4 * d, d])?,
+                out_b: t(&p("mlp.c_proj.bias"), &[d])?,
+            });
+        }
+        Ok(Self {
+            wte: t("wte.weight", &[cfg.vocab_size, d])?,
+            wpe: t("wpe.weight", &[cfg.n_positions, d])?,
+            ln_f: ln("ln_f")?,
+            blocks,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Gpt2Config {
+        &self.cfg
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() > self.cfg.n_positions {
+            return Err(LmError::Input(format!(
+                "sequence of {} tokens is longer than the context of {}",
+                tokens.len(),
+                self.cfg.n_positions
+            )));
+        }
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
+            return Err(LmError::Input(format!(
+                "token id {t} at position {i} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Final hidden states (after `ln_f`), `tokens × n_embd`.
+    pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check(tokens)?;
+        let (t, d) = (tokens.len(), self.cfg.n_embd);
+        let (h, hd) = (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head);
+        let dev = Device::Cpu;
+        let mut x = vec![0.0f32; t * d];
+        for (i, &tok) in tokens.iter().enumerate() {
+            let (e, p) = (&self.wte[tok as usize * d..(tok as usize + 1) * d], &self.wpe[i * d..(i + 1) * d]);
+            for k in 0..d {
+                x[i * d + k] = e[k] + p[k];
+            }
+        }
+        let eps = self.cfg.layer_norm_epsilon;
+        let mut a = vec![0.0f32; t * d];
+        let mut qkv = vec![0.0f32; t * 3 * d];
+        let mut ctx = vec![0.0f32; t * d];
+        let mut tmp = vec![0.0f32; t * d];
+        let mut hidden4 = vec![0.0f32; t * 4 * d];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut scores = vec![0.0f32; t];
+        for b in &self.blocks {
+            layer_norm(&mut x, &b.ln1, eps, &mut a);
+            matmul(&dev, &a, &b.attn_w, t, d, 3 * d, &mut qkv)?;
+            add_bias(&mut qkv, &b.attn_b);
+            for head in 0..h {
+                let (qo, ko, vo) = (head * hd, d + head * hd, 2 * d + head * hd);
+                for i in 0..t {
+                    let q = &qkv[i * 3 * d + qo..i * 3 * d + qo + hd];
+                    let mut max = f32::NEG_INFINITY;
+                    for j in 0..=i {
+                        let k = &qkv[j * 3 * d + ko..j * 3 * d + ko + hd];
+                        let s = q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale;
+                        scores[j] = s;
+                        max = max.max(s);
+                    }
+                    let mut z = 0.0;
+                    for s in &mut scores[..=i] {
+                        *s = (*s - max).exp();
+                        z += *s;
+                    }
+                    let out = &mut ctx[i * d + head * hd..i * d + (head + 1) * hd];
+                    out.fill(0.0);
+                    for j in 0..=i {
+                        let wgt = scores[j] / z;
+                        let v = &qkv[j * 3 * d + vo..j * 3 * d + vo + hd];
+                        for (o, vv) in out.iter_mut().zip(v) {
+                            *o += wgt * vv;
+                        }
+                    }
+                }
+            }
+            matmul(&dev, &ctx, &b.proj_w, t, d, d, &mut tmp)?;
+            add_bias(&mut tmp, &b.proj_b);
+            x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);
+            layer_norm(&mut x, &b.ln2, eps, &mut a);
+            matmul(&dev, &a, &b.fc_w, t, d, 4 * d, &mut hidden4)?;
+            add_bias(&mut hidden4, &b.fc_b);
+            let act = self.cfg.activation;
+            hidden4.iter_mut().for_each(|v| *v = gelu(*v, act));
+            matmul(&dev, &hidden4, &b.out_w, t, 4 * d, d, &mut tmp)?;
+            add_bias(&mut tmp, &b.out_b);
+            x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);
+        }
+        let mut out = vec![0.0f32; t * d];
+        layer_norm(&mut x, &self.ln_f, eps, &mut out);
+        Ok(out)
+    }
+
+    /// `log p(x_t | x_<t)` for `t = 1..T` (the first token is not scored), in nats.
+    pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            self.check(tokens)?;
+            return Ok(Vec::new());
+        }
+        let hidden = self.hidden_states(tokens)?;
+        let d = self.cfg.n_embd;
+        let mut out = vec![0.0f32; tokens.len() - 1];
+        log_prob_targets(&Device::Cpu, &hidden[..(tokens.len() - 1) * d], &self.wte, d, &tokens[1..], &mut out)?;
+        Ok(out)
+    }
+
+    /// Logits of the next token after the whole sequence (one vocabulary-wide row).
+    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(tokens)?;
+        let d = self.cfg.n_embd;
+        let last = &hidden[hidden.len().saturating_sub(d)..];
+        Ok(self.wte.chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+    }
+
+    /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in parallel across sequences.
+    pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
+        batch.par_iter().map(|s| self.token_log_probs(s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
+    }
+}

@@ -1,0 +1,114 @@
+//! memsteer-lm against golden outputs of an independent (numpy) GPT-2 implementation, and its errors.
+
+use std::path::{Path, PathBuf};
+
+use memsteer_lm::config::ModelConfig;
+use memsteer_lm::gpt2::Gpt2;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm").join(name)
+}
+
+fn load(dir: &Path) -> Gpt2 {
+    match ModelConfig::from_file(&dir.join("config.json")).expect("config") {
+        ModelConfig::Gpt2(cfg) => Gpt2::load(dir, cfg).expect("load"),
+        other => panic!("unexpected config {other:?}"),
+    }
+}
+
+fn check_golden(name: &str) {
+    let dir = fixture(name);
+    let model = load(&dir);
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).expect("golden")).expect("json");
+    let seqs = golden["sequences"].as_array().expect("sequences");
+    let batch: Vec<Vec<u32>> = seqs
+        .iter()
+        .map(|s| s["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect())
+        .collect();
+    let totals = model.sequence_log_probs(&batch).expect("log-probs");
+    for ((s, tokens), total) in seqs.iter().zip(&batch).zip(&totals) {
+        let want = s["sequence_log_prob"].as_f64().expect("total");
+        assert!(
+            (total - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{name}, {} tokens: {total} vs {want}",
+            tokens.len()
+        );
+        let per_token = model.token_log_probs(tokens).expect("tokens");
+        for (got, want) in per_token.iter().zip(s["token_log_probs"].as_array().expect("per token")) {
+            let want = want.as_f64().expect("lp");
+            assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: token lp {got} vs {want}");
+        }
+        let logits = model.last_logits(tokens).expect("logits");
+        for (got, want) in logits.iter().zip(s["last_logits"].as_array().expect("logits")) {
+            let want = want.as_f64().expect("logit");
+            assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: logit {got} vs {want}");
+        }
+    }
+}
+
+#[test]
+fn gpt2_f32_matches_the_reference() {
+    check_golden("tiny-gpt2-f32");
+}
+
+#[test]
+fn gpt2_f16_storage_with_transformer_prefix_matches_the_reference() {
+    check_golden("tiny-gpt2-f16-prefixed");
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let model = load(&fixture("tiny-gpt2-f32"));
+    let e = model.token_log_probs(&[1, 50]).expect_err("vocab").to_string();
+    assert!(e.contains("token id 50 at position 1") && e.contains("vocabulary of 50"), "{e}");
+    let e = model.token_log_probs(&[1; 25]).expect_err("length").to_string();
+    assert!(e.contains("25 tokens") && e.contains("context of 24"), "{e}");
+    assert!(model.token_log_probs(&[3]).expect("one token").is_empty());
+}
+
+#[test]
+fn malformed_configs_and_weights_give_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path();
+    let cfg_err = |json: &str| {
+        std::fs::write(p.join("config.json"), json).expect("write");
+        ModelConfig::from_file(&p.join("config.json")).expect_err("bad config").to_string()
+    };
+    assert!(cfg_err("{").contains("not valid JSON"));
+    assert!(cfg_err(r#"{"vocab_size": 5}"#).contains("missing field `model_type`"));
+    assert!(cfg_err(r#"{"model_type": "llama"}"#).contains("unsupported model_type \"llama\""));
+    assert!(
+        cfg_err(r#"{"model_type": "gpt2", "vocab_size": 5, "n_positions": 8, "n_embd": 6, "n_layer": 1}"#)
+            .contains("missing field `n_head`")
+    );
+    assert!(
+        cfg_err(r#"{"model_type": "gpt2", "vocab_size": 5, "n_positions": 8, "n_embd": 6, "n_layer": 1, "n_head": 4}"#)
+            .contains("not divisible")
+    );
+    assert!(
+        cfg_err(
+            r#"{"model_type": "gpt2", "vocab_size": -5, "n_positions": 8, "n_embd": 6, "n_layer": 1, "n_head": 2}"#
+        )
+        .contains("`vocab_size` must be a positive integer")
+    );
+
+    // Weights: missing file (with a hint for pytorch_model.bin), truncated file, wrong shapes, dtype.
+    let good = fixture("tiny-gpt2-f32");
+    let ModelConfig::Gpt2(cfg) = ModelConfig::from_file(&good.join("config.json")).expect("config") else {
+        panic!("gpt2")
+    };
+    std::fs::write(p.join("pytorch_model.bin"), b"pickle").expect("write");
+    let e = Gpt2::load(p, cfg.clone()).expect_err("no weights").to_string();
+    assert!(e.contains("no model.safetensors") && e.contains("does not unpickle"), "{e}");
+    let bytes = std::fs::read(good.join("model.safetensors")).expect("read");
+    std::fs::write(p.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
+    let e = Gpt2::load(p, cfg.clone()).expect_err("truncated").to_string();
+    assert!(e.contains("not a readable safetensors file"), "{e}");
+    let wider = memsteer_lm::config::Gpt2Config { n_embd: 32, ..cfg.clone() };
+    let e = Gpt2::load(&good, wider).expect_err("shape").to_string();
+    assert!(e.contains("tensor `h.0.ln_1.weight`: shape [16], expected [32]"), "{e}");
+    let deeper = memsteer_lm::config::Gpt2Config { n_layer: 3, ..cfg };
+    let e = Gpt2::load(&good, deeper).expect_err("missing").to_string();
+    assert!(e.contains("h.2.ln_1.weight") && e.contains("missing"), "{e}");
+}
