@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod hmm;
+pub mod logprobs;
 pub mod plot;
 pub mod profile;
 mod progress;
@@ -31,6 +32,8 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Hidden Markov model laboratory (Theorem 2 of LM-Steer).
     Hmm(hmm::HmmArgs),
+    /// Per-instance sequence log-probabilities at every checkpoint, as a panel (resumable, shardable).
+    Logprobs(logprobs::LogprobsArgs),
 }
 
 /// Runs a parsed command line.
@@ -44,5 +47,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(args) => profile::run(&args).map(|_| ()),
         Command::Compare(args) => compare::run(&args).map(|_| ()),
         Command::Hmm(args) => hmm::run(&args),
+        Command::Logprobs(args) => logprobs::run(&args).map(|_| ()),
     }
 }

@@ -2,6 +2,7 @@
 
 mod compare;
 mod errors;
+mod logprobs;
 mod profile;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,272 @@
+//! `memsteer logprobs`: per-instance sequence log-probabilities at every checkpoint, as a panel for
+//! `memsteer profile`. Work is split into (checkpoint, shard) units, each written atomically to a part
+//! file; a rerun skips finished units, and the panel is assembled once every unit of every shard exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use memsteer_lm::config::ModelConfig;
+use memsteer_lm::gpt2::Gpt2;
+use memsteer_panel::write_atomic;
+
+/// Arguments of `memsteer logprobs`.
+#[derive(Debug, Clone, Args)]
+pub struct LogprobsArgs {
+    /// A checkpoint as STEP=DIR (a Hugging Face model directory); repeat for every checkpoint.
+    #[arg(long = "checkpoint", value_name = "STEP=DIR")]
+    pub checkpoint: Vec<String>,
+    /// A JSON object mapping checkpoint steps to model directories (relative to the manifest).
+    #[arg(long = "checkpoints", value_name = "MANIFEST")]
+    pub manifest: Option<PathBuf>,
+    /// Instances, JSON lines: {"id": …, "treatment_step": int | null, "tokens": [int, …]}.
+    #[arg(long)]
+    pub instances: PathBuf,
+    /// Output panel (long CSV: instance_id,treatment_step,checkpoint_step,outcome).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Sequences evaluated together (in parallel).
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Evaluate only shard I of N (0-based, instances i with i mod N = I), e.g. from a job array.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// One instance to score.
+#[derive(Debug, Clone)]
+struct Instance {
+    id: String,
+    treatment: Option<u64>,
+    tokens: Vec<u32>,
+}
+
+fn parse_checkpoints(a: &LogprobsArgs) -> Result<BTreeMap<u64, PathBuf>> {
+    let mut out = BTreeMap::new();
+    let mut add = |step: u64, dir: PathBuf, what: &str| -> Result<()> {
+        ensure!(dir.is_dir(), "{what}: checkpoint directory {} does not exist", dir.display());
+        ensure!(out.insert(step, dir).is_none(), "{what}: checkpoint step {step} is given twice");
+        Ok(())
+    };
+    for spec in &a.checkpoint {
+        let (step, dir) = spec.split_once('=').with_context(|| format!("--checkpoint {spec:?}: expected STEP=DIR"))?;
+        let step: u64 = step
+            .trim()
+            .parse()
+            .with_context(|| format!("--checkpoint {spec:?}: STEP must be a non-negative integer"))?;
+        add(step, PathBuf::from(dir), "--checkpoint")?;
+    }
+    if let Some(m) = &a.manifest {
+        let text = std::fs::read_to_string(m).with_context(|| format!("reading {}", m.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", m.display()))?;
+        let obj = v
+            .as_object()
+            .with_context(|| format!("{}: expected a JSON object mapping steps to directories", m.display()))?;
+        let base = m.parent().unwrap_or(Path::new("."));
+        for (k, d) in obj {
+            let step: u64 = k
+                .parse()
+                .with_context(|| format!("{}: key {k:?} is not a step (non-negative integer)", m.display()))?;
+            let d =
+                d.as_str().with_context(|| format!("{}: the directory of step {k} must be a string", m.display()))?;
+            add(step, base.join(d), &m.display().to_string())?;
+        }
+    }
+    ensure!(!out.is_empty(), "no checkpoints: give --checkpoint STEP=DIR or --checkpoints MANIFEST");
+    Ok(out)
+}
+
+fn read_instances(path: &Path) -> Result<Vec<Instance>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading instances {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        let at = || format!("{}, line {}", path.display(), i + 1);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+        let id = match v.get("id") {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(serde_json::Value::Number(n)) => n.to_string(),
+            other => bail!("{}: field `id` must be a non-empty string or a number, found {:?}", at(), other),
+        };
+        ensure!(seen.insert(id.clone()), "{}: instance id {id:?} appears twice", at());
+        let treatment =
+            match v.get("treatment_step") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(x) => Some(x.as_u64().filter(|s| *s >= 1).with_context(|| {
+                    format!("{}: `treatment_step` must be a 1-based step or null, found {x}", at())
+                })?),
+            };
+        let tokens = match (v.get("tokens"), v.get("text")) {
+            (Some(serde_json::Value::Array(t)), _) => t
+                .iter()
+                .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+                .collect::<Option<Vec<u32>>>()
+                .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
+            (None, Some(_)) => {
+                bail!("{}: `text` instances need a tokenizer, which this build does not have yet; give `tokens`", at())
+            }
+            _ => bail!("{}: expected a `tokens` array", at()),
+        };
+        ensure!(!tokens.is_empty(), "{}: `tokens` is empty", at());
+        out.push(Instance { id, treatment, tokens });
+    }
+    ensure!(!out.is_empty(), "{}: no instances", path.display());
+    Ok(out)
+}
+
+fn parse_shard(s: &Option<String>) -> Result<(usize, usize)> {
+    let Some(s) = s else { return Ok((0, 1)) };
+    let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected I/N"))?;
+    let (i, n): (usize, usize) =
+        (i.parse().context("--shard: I must be an integer")?, n.parse().context("--shard: N must be an integer")?);
+    ensure!(n >= 1 && i < n, "--shard {s}: expected 0 ≤ I < N");
+    Ok((i, n))
+}
+
+fn part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
+    parts.join(format!("step-{step}.shard-{shard}-of-{shards}.csv"))
+}
+
+fn csv_id(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogprobsOutcome {
+    /// Units computed in this run.
+    pub computed: usize,
+    /// Units found finished and skipped.
+    pub skipped: usize,
+    /// Whether the panel was assembled.
+    pub assembled: bool,
+}
+
+/// Runs `memsteer logprobs`.
+pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
+    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    ensure!(
+        a.out.extension().is_none_or(|e| !e.eq_ignore_ascii_case("parquet")),
+        "{}: Parquet output is not written yet; use a .csv name",
+        a.out.display()
+    );
+    let checkpoints = parse_checkpoints(a)?;
+    let instances = read_instances(&a.instances)?;
+    let (shard, shards) = parse_shard(&a.shard)?;
+    let mine: Vec<&Instance> =
+        instances.iter().enumerate().filter(|(i, _)| i % shards == shard).map(|(_, x)| x).collect();
+
+    let mut parts_name = a.out.file_name().unwrap_or_default().to_os_string();
+    parts_name.push(".parts");
+    let parts = a.out.with_file_name(parts_name);
+    std::fs::create_dir_all(&parts).with_context(|| format!("creating {}", parts.display()))?;
+    // The parts belong to one set of inputs: refuse to mix runs over different instances or grids.
+    let fingerprint = serde_json::json!({
+        "instances": instances.len(),
+        "instances_hash": format!("{:016x}", memsteer_panel::rng::hash_key(0, &std::fs::read(&a.instances)?)),
+        "checkpoints": checkpoints.keys().collect::<Vec<_>>(),
+        "shards": shards,
+    });
+    let ledger = parts.join("ledger.json");
+    if ledger.exists() {
+        let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ledger)?)
+            .with_context(|| format!("{}: not valid JSON", ledger.display()))?;
+        ensure!(
+            old == fingerprint,
+            "{} was made for other inputs (instances, checkpoints or shard count differ); remove {} to start over",
+            ledger.display(),
+            parts.display()
+        );
+    } else {
+        write_atomic(&ledger, |w| writeln!(w, "{fingerprint}"))?;
+    }
+
+    let total_tokens: usize = mine.iter().map(|x| x.tokens.len()).sum();
+    let todo: Vec<(&u64, &PathBuf)> =
+        checkpoints.iter().filter(|(s, _)| !part_path(&parts, **s, shard, shards).exists()).collect();
+    let skipped = checkpoints.len() - todo.len();
+    let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new((todo.len() * total_tokens) as u64) };
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {human_pos}/{human_len} tokens, {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let start = Instant::now();
+    for (step, dir) in &todo {
+        bar.set_prefix(format!("step {step}"));
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let model = match cfg {
+            ModelConfig::Gpt2(c) => Gpt2::load(dir, c)?,
+            other => bail!("{}: unsupported architecture {other:?}", dir.display()),
+        };
+        let mut outcomes = Vec::with_capacity(mine.len());
+        for batch in mine.chunks(a.batch_size) {
+            let seqs: Vec<Vec<u32>> = batch.iter().map(|x| x.tokens.clone()).collect();
+            let lp = model.sequence_log_probs(&seqs).map_err(|e| {
+                // Name the instance when one sequence is at fault.
+                let culprit = batch.iter().find(|x| model.token_log_probs(&x.tokens).is_err()).map(|x| x.id.clone());
+                anyhow::anyhow!(
+                    "{}: {e}{}",
+                    dir.display(),
+                    culprit.map(|c| format!(" (instance {c:?})")).unwrap_or_default()
+                )
+            })?;
+            outcomes.extend(lp);
+            bar.inc(batch.iter().map(|x| x.tokens.len() as u64).sum());
+        }
+        let path = part_path(&parts, **step, shard, shards);
+        write_atomic(&path, |w| {
+            for (x, y) in mine.iter().zip(&outcomes) {
+                let t = x.treatment.map_or("never".to_string(), |t| t.to_string());
+                writeln!(w, "{},{t},{step},{y:?}", csv_id(&x.id))?;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    bar.finish_and_clear();
+    let computed = todo.len();
+
+    // Assemble when every unit of every shard is there.
+    let all: Vec<PathBuf> = checkpoints
+        .keys()
+        .flat_map(|s| (0..shards).map(move |i| (*s, i)))
+        .map(|(s, i)| part_path(&parts, s, i, shards))
+        .collect();
+    let missing = all.iter().filter(|p| !p.exists()).count();
+    let assembled = missing == 0;
+    if assembled {
+        write_atomic(&a.out, |w| {
+            writeln!(w, "instance_id,treatment_step,checkpoint_step,outcome")?;
+            for p in &all {
+                w.write_all(&std::fs::read(p)?)?;
+            }
+            Ok(())
+        })
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    }
+    if !a.quiet {
+        let secs = start.elapsed().as_secs_f64();
+        println!(
+            "shard {shard}/{shards}: {computed} checkpoint(s) computed ({} tokens in {secs:.1} s), {skipped} already done; {}",
+            computed * total_tokens,
+            if assembled {
+                format!("wrote {}", a.out.display())
+            } else {
+                format!("{missing} unit(s) of other shards still missing")
+            }
+        );
+    }
+    Ok(LogprobsOutcome { computed, skipped, assembled })
+}

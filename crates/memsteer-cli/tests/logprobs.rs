@@ -1,0 +1,162 @@
+//! `memsteer logprobs` end to end: golden values, resumption, sharding, feeding `memsteer profile`.
+
+use super::*;
+
+/// Two tiny GPT-2 "checkpoints" (different random models standing in for a training run) and 12
+/// instances; two instances use the golden sequences of the f32 model.
+fn setup(dir: &Path) -> (PathBuf, Vec<String>) {
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("lm/tiny-gpt2-f32/golden.json")).expect("golden"))
+            .expect("json");
+    let seqs: Vec<Vec<u64>> = golden["sequences"]
+        .as_array()
+        .expect("seqs")
+        .iter()
+        .map(|s| s["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")).collect())
+        .collect();
+    let mut lines = Vec::new();
+    for i in 0..12u64 {
+        let tokens: Vec<u64> = match i {
+            0 => seqs[2].clone(),
+            1 => seqs[3].clone(),
+            _ => (0..(5 + i % 6)).map(|k| (i * 7 + k * 3) % 50).collect(),
+        };
+        let treatment = match i % 3 {
+            0 => "null".to_string(),
+            1 => "500".to_string(),
+            _ => "1500".to_string(),
+        };
+        lines.push(format!(r#"{{"id": "x{i}", "treatment_step": {treatment}, "tokens": {tokens:?}}}"#));
+    }
+    let instances = dir.join("instances.jsonl");
+    std::fs::write(&instances, lines.join("\n") + "\n").expect("write");
+    let ckpts = vec![
+        format!("0={}", s(&fixture("lm/tiny-gpt2-f32"))),
+        format!("1000={}", s(&fixture("lm/tiny-gpt2-f16-prefixed"))),
+        format!("2000={}", s(&fixture("lm/tiny-gpt2-f32"))),
+    ];
+    (instances, ckpts)
+}
+
+fn args<'a>(ckpts: &'a [String], instances: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec!["logprobs", "--instances", s(instances), "--out", s(out), "--quiet"];
+    for c in ckpts {
+        v.push("--checkpoint");
+        v.push(c);
+    }
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn writes_a_panel_with_reference_log_probs_that_profile_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, ckpts) = setup(dir.path());
+    let out = dir.path().join("panel.csv");
+    ok(&args(&ckpts, &instances, &out, &["--batch-size", "5"]));
+    let text = std::fs::read_to_string(&out).expect("panel");
+    assert_eq!(text.lines().count(), 1 + 12 * 3);
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("lm/tiny-gpt2-f32/golden.json")).expect("golden"))
+            .expect("json");
+    for (id, g) in [("x0", 2), ("x1", 3)] {
+        let want = golden["sequences"][g]["sequence_log_prob"].as_f64().expect("lp");
+        let row = text.lines().find(|l| l.starts_with(&format!("{id},")) && l.contains(",0,")).expect("row");
+        let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
+        assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{id}: {got} vs {want}");
+    }
+    let prof = dir.path().join("profile");
+    ok(&[
+        "profile",
+        "--panel",
+        s(&out),
+        "--out",
+        s(&prof),
+        "--bootstrap",
+        "0",
+        "--min-cohort-size",
+        "1",
+        "--quiet",
+        "--no-figures",
+    ]);
+    assert!(prof.join("att.csv").exists());
+}
+
+#[test]
+fn reruns_skip_finished_units_and_recover_from_a_crash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, ckpts) = setup(dir.path());
+    let out = dir.path().join("panel.csv");
+    ok(&args(&ckpts, &instances, &out, &[]));
+    let first = std::fs::read(&out).expect("panel");
+    let parts = dir.path().join("panel.csv.parts");
+    // A crash after the first unit: the others' parts are gone, a temporary file is left over.
+    std::fs::remove_file(parts.join("step-2000.shard-0-of-1.csv")).expect("rm");
+    std::fs::remove_file(&out).expect("rm");
+    std::fs::write(parts.join("step-1000.shard-0-of-1.csv.tmp-99999"), "half a fi").expect("write");
+    let loud = |extra: &[&str]| -> String {
+        let a: Vec<&str> = args(&ckpts, &instances, &out, extra).into_iter().filter(|a| *a != "--quiet").collect();
+        ok(&a)
+    };
+    let said = loud(&[]);
+    assert!(said.contains("1 checkpoint(s) computed") && said.contains("2 already done"), "{said}");
+    assert_eq!(std::fs::read(&out).expect("panel"), first);
+    let said = loud(&[]);
+    assert!(said.contains("0 checkpoint(s) computed") && said.contains("3 already done"), "{said}");
+    assert_eq!(std::fs::read(&out).expect("panel"), first);
+    // Other inputs with the same parts directory are refused.
+    let mut other = ckpts.clone();
+    other.pop();
+    let e = fails(&args(&other, &instances, &out, &[]));
+    assert!(e.contains("made for other inputs"), "{e}");
+}
+
+#[test]
+fn shards_assemble_the_same_panel() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, ckpts) = setup(dir.path());
+    let whole = dir.path().join("whole.csv");
+    ok(&args(&ckpts, &instances, &whole, &[]));
+    let sharded = dir.path().join("sharded.csv");
+    ok(&args(&ckpts, &instances, &sharded, &["--shard", "1/2"]));
+    assert!(!sharded.exists(), "one shard alone must not assemble the panel");
+    ok(&args(&ckpts, &instances, &sharded, &["--shard", "0/2"]));
+    let sorted = |p: &Path| {
+        let mut l: Vec<String> = std::fs::read_to_string(p).expect("read").lines().map(String::from).collect();
+        l.sort();
+        l
+    };
+    assert_eq!(sorted(&whole), sorted(&sharded));
+}
+
+#[test]
+fn bad_inputs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, ckpts) = setup(dir.path());
+    let out = dir.path().join("p.csv");
+    let e = fails(&["logprobs", "--instances", s(&instances), "--out", s(&out), "--checkpoint", "abc"]);
+    assert!(e.contains("expected STEP=DIR"), "{e}");
+    let e = fails(&["logprobs", "--instances", s(&instances), "--out", s(&out), "--checkpoint", "5=/no/such/dir"]);
+    assert!(e.contains("/no/such/dir") && e.contains("does not exist"), "{e}");
+    let e = fails(&args(&ckpts, &instances, &out, &["--shard", "2/2"]));
+    assert!(e.contains("0 ≤ I < N"), "{e}");
+    for (body, expect) in [
+        (
+            "{\"id\": \"a\", \"tokens\": [1, 2]}\n{\"id\": \"a\", \"tokens\": [3]}\n",
+            "line 2: instance id \"a\" appears twice",
+        ),
+        ("{\"id\": \"a\", \"text\": \"hello\"}\n", "need a tokenizer"),
+        ("{\"id\": \"a\", \"tokens\": [1, -2]}\n", "line 1: `tokens` must hold non-negative integer ids"),
+        ("{\"id\": \"a\", \"treatment_step\": 0, \"tokens\": [1]}\n", "1-based step or null"),
+        ("not json\n", "line 1: not a JSON object"),
+    ] {
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, body).expect("write");
+        let e = fails(&args(&ckpts, &bad, &dir.path().join("q.csv"), &[]));
+        assert!(e.contains(expect) && e.contains("bad.jsonl"), "{body}: {e}");
+    }
+    let bad = dir.path().join("oov.jsonl");
+    std::fs::write(&bad, "{\"id\": \"far\", \"tokens\": [1, 99]}\n").expect("write");
+    let e = fails(&args(&ckpts, &bad, &dir.path().join("r.csv"), &[]));
+    assert!(e.contains("token id 99") && e.contains("instance \"far\""), "{e}");
+}
