@@ -9,11 +9,10 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use memsteer_lm::config::ModelConfig;
-use memsteer_lm::gpt2::Gpt2;
+use memsteer_lm::Model;
 use memsteer_panel::write_atomic;
 
-/// Arguments of `memsteer logprobs`.
+/// Arguments of `memsteer logprobs` (GPT-2 and GPT-NeoX checkpoints).
 #[derive(Debug, Clone, Args)]
 pub struct LogprobsArgs {
     /// A checkpoint as STEP=DIR (a Hugging Face model directory); repeat for every checkpoint.
@@ -205,11 +204,7 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     let start = Instant::now();
     for (step, dir) in &todo {
         bar.set_prefix(format!("step {step}"));
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
-        let model = match cfg {
-            ModelConfig::Gpt2(c) => Gpt2::load(dir, c)?,
-            other => bail!("{}: unsupported architecture {other:?}", dir.display()),
-        };
+        let model = Model::load(dir).with_context(|| format!("loading checkpoint {step} from {}", dir.display()))?;
         let mut outcomes = Vec::with_capacity(mine.len());
         for batch in mine.chunks(a.batch_size) {
             let seqs: Vec<Vec<u32>> = batch.iter().map(|x| x.tokens.clone()).collect();

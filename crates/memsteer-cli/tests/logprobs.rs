@@ -160,3 +160,30 @@ fn bad_inputs() {
     let e = fails(&args(&ckpts, &bad, &dir.path().join("r.csv"), &[]));
     assert!(e.contains("token id 99") && e.contains("instance \"far\""), "{e}");
 }
+
+#[test]
+fn pythia_layout_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("lm/tiny-neox-pythia-f16/golden.json")).expect("golden"))
+            .expect("json");
+    let tokens = golden["sequences"][2]["tokens"].clone();
+    let want = golden["sequences"][2]["sequence_log_prob"].as_f64().expect("lp");
+    let instances = dir.path().join("i.jsonl");
+    std::fs::write(
+        &instances,
+        format!("{{\"id\": 1, \"treatment_step\": 700, \"tokens\": {tokens}}}\n{{\"id\": 2, \"tokens\": [3, 4, 5]}}\n"),
+    )
+    .expect("write");
+    let out = dir.path().join("p.csv");
+    let ckpts = [
+        format!("0={}", s(&fixture("lm/tiny-neox-pythia-f16"))),
+        format!("1000={}", s(&fixture("lm/tiny-neox-sequential-f32"))),
+    ];
+    ok(&args(&ckpts, &instances, &out, &[]));
+    let text = std::fs::read_to_string(&out).expect("panel");
+    let row = text.lines().find(|l| l.starts_with("1,700,0,")).expect("row");
+    let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
+    assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
+    assert_eq!(text.lines().count(), 1 + 2 * 2);
+}

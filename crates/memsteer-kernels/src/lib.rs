@@ -140,6 +140,25 @@ pub fn matmul(device: &Device, a: &[f32], b: &[f32], m: usize, k: usize, n: usiz
     Ok(())
 }
 
+/// `out (m×n) = a (m×k) · bᵀ` with `b` stored `n×k` row-major (PyTorch `Linear` weights), `f32`.
+pub fn matmul_transposed(
+    device: &Device,
+    a: &[f32],
+    b: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    check_len("a", a.len(), m * k)?;
+    check_len("b", b.len(), n * k)?;
+    check_len("out", out.len(), m * n)?;
+    match device {
+        Device::Cpu => sgemm::a_bt(m, k, n, a, b, out),
+    }
+    Ok(())
+}
+
 fn check_len(what: &'static str, found: usize, expected: usize) -> Result<()> {
     if found == expected { Ok(()) } else { Err(KernelError::Shape { what, expected: expected.to_string(), found }) }
 }

@@ -122,6 +122,16 @@ fn matmul_matches_the_triple_loop() {
         }
     }
     assert!(memsteer_kernels::matmul(&Device::Cpu, &a, &b, m, k + 1, n, &mut c).is_err());
+    // The transposed form on bᵀ stored n×k gives the same product.
+    let mut bt = vec![0.0f32; n * k];
+    for l in 0..k {
+        for j in 0..n {
+            bt[j * k + l] = b[l * n + j];
+        }
+    }
+    let mut c2 = vec![0.0f32; m * n];
+    memsteer_kernels::matmul_transposed(&Device::Cpu, &a, &bt, m, k, n, &mut c2).expect("matmul_transposed");
+    assert!(c.iter().zip(&c2).all(|(x, y)| (x - y).abs() < 1e-5));
 }
 
 proptest! {

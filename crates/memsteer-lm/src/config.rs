@@ -34,12 +34,44 @@ pub struct Gpt2Config {
     pub activation: Activation,
 }
 
+/// A GPT-NeoX (Pythia) configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeoXConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Attention heads.
+    pub num_attention_heads: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Share of each head's dimensions that get rotary embeddings (`rotary_pct` or
+    /// `rope_parameters.partial_rotary_factor`).
+    pub rotary_pct: f64,
+    /// Rotary base (`rotary_emb_base` or `rope_theta`).
+    pub rotary_base: f64,
+    /// `x + attn(ln1 x) + mlp(ln2 x)` (true, Pythia) or sequential blocks.
+    pub use_parallel_residual: bool,
+    /// Output embedding tied to the input embedding.
+    pub tie_word_embeddings: bool,
+    /// Layer-norm epsilon.
+    pub layer_norm_eps: f32,
+    /// MLP activation.
+    pub activation: Activation,
+}
+
 /// A configuration of a supported architecture.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ModelConfig {
     /// GPT-2.
     Gpt2(Gpt2Config),
+    /// GPT-NeoX (Pythia).
+    GptNeoX(NeoXConfig),
 }
 
 fn activation(name: &str, path: &Path) -> Result<Activation> {
@@ -95,7 +127,60 @@ impl ModelConfig {
                 }
                 Ok(ModelConfig::Gpt2(cfg))
             }
-            other => Err(err(format!("unsupported model_type {other:?}; this build runs gpt2 (GPT-NeoX is planned)"))),
+            "gpt_neox" => {
+                let number = |keys: &[&str], default: Option<f64>| -> Result<f64> {
+                    for k in keys {
+                        let mut cur = Some(v);
+                        for part in k.split('.') {
+                            cur = cur.and_then(|c| c.get(part));
+                        }
+                        if let Some(x) = cur {
+                            return x.as_f64().ok_or_else(|| err(format!("field `{k}` must be a number, found {x}")));
+                        }
+                    }
+                    default.ok_or_else(|| err(format!("missing field `{}`", keys.join("` or `"))))
+                };
+                let flag = |key: &str, default: bool| -> Result<bool> {
+                    match v.get(key) {
+                        None => Ok(default),
+                        Some(x) => {
+                            x.as_bool().ok_or_else(|| err(format!("field `{key}` must be true or false, found {x}")))
+                        }
+                    }
+                };
+                let rotary_pct = number(
+                    &["rotary_pct", "partial_rotary_factor", "rope_parameters.partial_rotary_factor"],
+                    Some(1.0),
+                )?;
+                if !(0.0..=1.0).contains(&rotary_pct) {
+                    return Err(err(format!("rotary share must lie in [0, 1], found {rotary_pct}")));
+                }
+                let cfg = NeoXConfig {
+                    vocab_size: usize_field("vocab_size")?,
+                    max_position_embeddings: usize_field("max_position_embeddings")?,
+                    hidden_size: usize_field("hidden_size")?,
+                    num_hidden_layers: usize_field("num_hidden_layers")?,
+                    num_attention_heads: usize_field("num_attention_heads")?,
+                    intermediate_size: usize_field("intermediate_size")?,
+                    rotary_pct,
+                    rotary_base: number(
+                        &["rotary_emb_base", "rope_theta", "rope_parameters.rope_theta"],
+                        Some(10000.0),
+                    )?,
+                    use_parallel_residual: flag("use_parallel_residual", true)?,
+                    tie_word_embeddings: flag("tie_word_embeddings", false)?,
+                    layer_norm_eps: number(&["layer_norm_eps"], Some(1e-5))? as f32,
+                    activation: activation(v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu"), path)?,
+                };
+                if cfg.hidden_size % cfg.num_attention_heads != 0 {
+                    return Err(err(format!(
+                        "hidden_size = {} is not divisible by num_attention_heads = {}",
+                        cfg.hidden_size, cfg.num_attention_heads
+                    )));
+                }
+                Ok(ModelConfig::GptNeoX(cfg))
+            }
+            other => Err(err(format!("unsupported model_type {other:?}; this build runs gpt2 and gpt_neox"))),
         }
     }
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 use memsteer_kernels::{Device, log_prob_targets, matmul};
 use rayon::prelude::*;
 
-use crate::config::{Activation, Gpt2Config};
+use crate::config::Gpt2Config;
+use crate::ops::{add_bias, causal_attention, gelu, layer_norm};
 use crate::weights::Weights;
 use crate::{LmError, Result};
 
@@ -31,44 +32,6 @@ pub struct Gpt2 {
     wpe: Vec<f32>,
     blocks: Vec<Block>,
     ln_f: (Vec<f32>, Vec<f32>),
-}
-
-fn layer_norm(x: &mut [f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
-    let d = g.len();
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let mean = row.iter().sum::<f32>() / d as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for i in 0..d {
-            o[i] = (row[i] - mean) * inv * g[i] + b[i];
-        }
-    }
-}
-
-fn gelu(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::GeluTanh => 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()),
-        Activation::GeluExact => 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2)),
-    }
-}
-
-/// erf with |error| < 1.5e-7 (Abramowitz–Stegun 7.1.26), computed in f64.
-fn erf(x: f32) -> f32 {
-    let x = f64::from(x);
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let y = 1.0
-        - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736) * t + 0.254_829_592)
-            * t
-            * (-x * x).exp();
-    (y.copysign(x)) as f32
-}
-
-fn add_bias(x: &mut [f32], b: &[f32]) {
-    for row in x.chunks_exact_mut(b.len()) {
-        for (v, bi) in row.iter_mut().zip(b) {
-            *v += bi;
-        }
-    }
 }
 
 impl Gpt2 {
@@ -135,7 +98,7 @@ impl Gpt2 {
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.check(tokens)?;
         let (t, d) = (tokens.len(), self.cfg.n_embd);
-        let (h, hd) = (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head);
+        let h = self.cfg.n_head;
         let dev = Device::Cpu;
         let mut x = vec![0.0f32; t * d];
         for (i, &tok) in tokens.iter().enumerate() {
@@ -150,39 +113,18 @@ impl Gpt2 {
         let mut ctx = vec![0.0f32; t * d];
         let mut tmp = vec![0.0f32; t * d];
         let mut hidden4 = vec![0.0f32; t * 4 * d];
-        let scale = 1.0 / (hd as f32).sqrt();
-        let mut scores = vec![0.0f32; t];
+        let (mut q, mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d], vec![0.0f32; t * d]);
         for b in &self.blocks {
             layer_norm(&mut x, &b.ln1, eps, &mut a);
             matmul(&dev, &a, &b.attn_w, t, d, 3 * d, &mut qkv)?;
             add_bias(&mut qkv, &b.attn_b);
-            for head in 0..h {
-                let (qo, ko, vo) = (head * hd, d + head * hd, 2 * d + head * hd);
-                for i in 0..t {
-                    let q = &qkv[i * 3 * d + qo..i * 3 * d + qo + hd];
-                    let mut max = f32::NEG_INFINITY;
-                    for j in 0..=i {
-                        let k = &qkv[j * 3 * d + ko..j * 3 * d + ko + hd];
-                        let s = q.iter().zip(k).map(|(x, y)| x * y).sum::<f32>() * scale;
-                        scores[j] = s;
-                        max = max.max(s);
-                    }
-                    let mut z = 0.0;
-                    for s in &mut scores[..=i] {
-                        *s = (*s - max).exp();
-                        z += *s;
-                    }
-                    let out = &mut ctx[i * d + head * hd..i * d + (head + 1) * hd];
-                    out.fill(0.0);
-                    for j in 0..=i {
-                        let wgt = scores[j] / z;
-                        let v = &qkv[j * 3 * d + vo..j * 3 * d + vo + hd];
-                        for (o, vv) in out.iter_mut().zip(v) {
-                            *o += wgt * vv;
-                        }
-                    }
-                }
+            for i in 0..t {
+                let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
+                q[i * d..(i + 1) * d].copy_from_slice(&row[..d]);
+                k[i * d..(i + 1) * d].copy_from_slice(&row[d..2 * d]);
+                v[i * d..(i + 1) * d].copy_from_slice(&row[2 * d..]);
             }
+            causal_attention(&q, &k, &v, t, d, h, &mut ctx);
             matmul(&dev, &ctx, &b.proj_w, t, d, d, &mut tmp)?;
             add_bias(&mut tmp, &b.proj_b);
             x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);

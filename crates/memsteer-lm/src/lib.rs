@@ -1,9 +1,9 @@
 //! memsteer's transformer runtime (CPU): Hugging Face `config.json`, safetensors weights (f32, f16,
-//! bf16; single file or sharded), and the GPT-2 forward pass with per-token and per-sequence
+//! bf16; single file or sharded), and GPT-2 / GPT-NeoX forward passes with per-token and per-sequence
 //! log-probabilities through the fused output layer of `memsteer-kernels`.
 //!
-//! GPT-NeoX (Pythia), the KV cache, sampling, the tokenizer and `memsteer logprobs` are the next steps
-//! (issue 4); this crate grows toward them.
+//! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too. The KV
+//! cache, sampling and the tokenizer are the next steps.
 //!
 //! ```no_run
 //! use memsteer_lm::{config::ModelConfig, gpt2::Gpt2};
@@ -18,6 +18,54 @@
 pub mod config;
 mod error;
 pub mod gpt2;
+pub mod neox;
+mod ops;
 pub mod weights;
 
 pub use error::{LmError, Result};
+
+use std::path::Path;
+
+/// A loaded model of any supported architecture.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Model {
+    /// GPT-2.
+    Gpt2(gpt2::Gpt2),
+    /// GPT-NeoX (Pythia).
+    GptNeoX(neox::GptNeoX),
+}
+
+impl Model {
+    /// Loads `dir/config.json` and the weights next to it.
+    pub fn load(dir: &Path) -> Result<Self> {
+        Ok(match config::ModelConfig::from_file(&dir.join("config.json"))? {
+            config::ModelConfig::Gpt2(c) => Model::Gpt2(gpt2::Gpt2::load(dir, c)?),
+            config::ModelConfig::GptNeoX(c) => Model::GptNeoX(neox::GptNeoX::load(dir, c)?),
+        })
+    }
+
+    /// `log p(x_t | x_<t)` for `t = 1..T`, in nats.
+    pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Model::Gpt2(m) => m.token_log_probs(tokens),
+            Model::GptNeoX(m) => m.token_log_probs(tokens),
+        }
+    }
+
+    /// Sequence log-probabilities (first token not scored), in parallel across sequences.
+    pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
+        match self {
+            Model::Gpt2(m) => m.sequence_log_probs(batch),
+            Model::GptNeoX(m) => m.sequence_log_probs(batch),
+        }
+    }
+
+    /// Logits of the next token after the whole sequence.
+    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Model::Gpt2(m) => m.last_logits(tokens),
+            Model::GptNeoX(m) => m.last_logits(tokens),
+        }
+    }
+}

@@ -18,7 +18,7 @@ fn load(dir: &Path) -> Gpt2 {
 
 fn check_golden(name: &str) {
     let dir = fixture(name);
-    let model = load(&dir);
+    let model = memsteer_lm::Model::load(&dir).expect("load");
     let golden: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).expect("golden")).expect("json");
     let seqs = golden["sequences"].as_array().expect("sequences");
@@ -55,6 +55,37 @@ fn gpt2_f32_matches_the_reference() {
 #[test]
 fn gpt2_f16_storage_with_transformer_prefix_matches_the_reference() {
     check_golden("tiny-gpt2-f16-prefixed");
+}
+
+#[test]
+fn neox_pythia_layout_f16_old_style_config_matches_the_reference() {
+    // Parallel residual, rotary on 25% of each head, untied output embedding, rotary_pct / rotary_emb_base.
+    check_golden("tiny-neox-pythia-f16");
+}
+
+#[test]
+fn neox_sequential_full_rotary_tied_new_style_config_matches_the_reference() {
+    // Sequential residual, full rotary, tied embeddings, rope_parameters.{partial_rotary_factor, rope_theta}.
+    check_golden("tiny-neox-sequential-f32");
+}
+
+#[test]
+fn neox_configs_in_both_key_styles() {
+    let old = ModelConfig::from_file(&fixture("tiny-neox-pythia-f16/config.json")).expect("old");
+    let new = ModelConfig::from_file(&fixture("tiny-neox-sequential-f32/config.json")).expect("new");
+    match (old, new) {
+        (ModelConfig::GptNeoX(a), ModelConfig::GptNeoX(b)) => {
+            assert_eq!(
+                (a.rotary_pct, a.rotary_base, a.use_parallel_residual, a.tie_word_embeddings),
+                (0.25, 10000.0, true, false)
+            );
+            assert_eq!(
+                (b.rotary_pct, b.rotary_base, b.use_parallel_residual, b.tie_word_embeddings),
+                (1.0, 500.0, false, true)
+            );
+        }
+        other => panic!("expected two NeoX configs, got {other:?}"),
+    }
 }
 
 #[test]

@@ -1,0 +1,219 @@
+//! GPT-NeoX (Hugging Face `GPTNeoXForCausalLM` layout, as Pythia) on CPU.
+
+use std::path::Path;
+
+use memsteer_kernels::{Device, log_prob_targets, matmul_transposed};
+use rayon::prelude::*;
+
+use crate::config::NeoXConfig;
+use crate::ops::{add_bias, causal_attention, gelu, layer_norm};
+use crate::weights::Weights;
+use crate::{LmError, Result};
+
+#[derive(Debug)]
+struct Layer {
+    ln1: (Vec<f32>, Vec<f32>),
+    ln2: (Vec<f32>, Vec<f32>),
+    qkv_w: Vec<f32>,
+    qkv_b: Vec<f32>,
+    dense_w: Vec<f32>,
+    dense_b: Vec<f32>,
+    up_w: Vec<f32>,
+    up_b: Vec<f32>,
+    down_w: Vec<f32>,
+    down_b: Vec<f32>,
+}
+
+/// A loaded GPT-NeoX model.
+#[derive(Debug)]
+pub struct GptNeoX {
+    cfg: NeoXConfig,
+    embed_in: Vec<f32>,
+    /// `None` when tied to `embed_in`.
+    embed_out: Option<Vec<f32>>,
+    layers: Vec<Layer>,
+    ln_f: (Vec<f32>, Vec<f32>),
+    /// Rotary inverse frequencies (`rot / 2` of them).
+    inv_freq: Vec<f64>,
+    rot: usize,
+}
+
+impl GptNeoX {
+    /// Loads `dir/model.safetensors` (or its shards) for `cfg`.
+    pub fn load(dir: &Path, cfg: NeoXConfig) -> Result<Self> {
+        let w = Weights::open(dir)?;
+        let (d, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let t = |name: &str, shape: &[usize]| w.tensor(&[name], shape);
+        let ln = |name: &str| -> Result<(Vec<f32>, Vec<f32>)> {
+            Ok((t(&format!("{name}.weight"), &[d])?, t(&format!("{name}.bias"), &[d])?))
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+            layers.push(Layer {
+                ln1: ln(&p("input_layernorm"))?,
+                ln2: ln(&p("post_attention_layernorm"))?,
+                qkv_w: t(&p("attention.query_key_value.weight"), &[3 * d, d])?,
+                qkv_b: t(&p("attention.query_key_value.bias"), &[3 * d])?,
+                dense_w: t(&p("attention.dense.weight"), &[d, d])?,
+                dense_b: t(&p("attention.dense.bias"), &[d])?,
+                up_w: t(&p("mlp.dense_h_to_4h.weight"), &[inter, d])?,
+                up_b: t(&p("mlp.dense_h_to_4h.bias"), &[inter])?,
+                down_w: t(&p("mlp.dense_4h_to_h.weight"), &[d, inter])?,
+                down_b: t(&p("mlp.dense_4h_to_h.bias"), &[d])?,
+            });
+        }
+        let hd = d / cfg.num_attention_heads;
+        let rot = ((hd as f64) * cfg.rotary_pct) as usize / 2 * 2;
+        let inv_freq = (0..rot / 2).map(|i| 1.0 / cfg.rotary_base.powf((2 * i) as f64 / rot as f64)).collect();
+        Ok(Self {
+            embed_in: t("gpt_neox.embed_in.weight", &[v, d])?,
+            embed_out: if cfg.tie_word_embeddings { None } else { Some(t("embed_out.weight", &[v, d])?) },
+            ln_f: ln("gpt_neox.final_layer_norm")?,
+            layers,
+            inv_freq,
+            rot,
+            cfg,
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NeoXConfig {
+        &self.cfg
+    }
+
+    fn output_embedding(&self) -> &[f32] {
+        self.embed_out.as_deref().unwrap_or(&self.embed_in)
+    }
+
+    fn check(&self, tokens: &[u32]) -> Result<()> {
+        if tokens.len() > self.cfg.max_position_embeddings {
+            return Err(LmError::Input(format!(
+                "sequence of {} tokens is longer than the context of {}",
+                tokens.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
+            return Err(LmError::Input(format!(
+                "token id {t} at position {i} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Rotates the first `rot` dimensions of each head of `x` (`t × d`) in place (rotate-half form).
+    fn rotary(&self, x: &mut [f32], t: usize) {
+        let (d, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
+        let (hd, half) = (d / heads, self.rot / 2);
+        for pos in 0..t {
+            for h in 0..heads {
+                let base = pos * d + h * hd;
+                for i in 0..half {
+                    let angle = pos as f64 * self.inv_freq[i];
+                    let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
+                    let (a, b) = (x[base + i], x[base + i + half]);
+                    x[base + i] = a * cos - b * sin;
+                    x[base + i + half] = b * cos + a * sin;
+                }
+            }
+        }
+    }
+
+    /// Final hidden states (after the final layer norm), `tokens × hidden_size`.
+    pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.check(tokens)?;
+        let (t, d) = (tokens.len(), self.cfg.hidden_size);
+        let (heads, inter) = (self.cfg.num_attention_heads, self.cfg.intermediate_size);
+        let hd = d / heads;
+        let dev = Device::Cpu;
+        let eps = self.cfg.layer_norm_eps;
+        let mut x = vec![0.0f32; t * d];
+        for (i, &tok) in tokens.iter().enumerate() {
+            x[i * d..(i + 1) * d].copy_from_slice(&self.embed_in[tok as usize * d..(tok as usize + 1) * d]);
+        }
+        let (mut h1, mut h2) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+        let mut qkv = vec![0.0f32; t * 3 * d];
+        let (mut q, mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d], vec![0.0f32; t * d]);
+        let (mut ctx, mut attn) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+        let (mut mid, mut mlp) = (vec![0.0f32; t * inter], vec![0.0f32; t * d]);
+        for l in &self.layers {
+            layer_norm(&mut x, &l.ln1, eps, &mut h1);
+            matmul_transposed(&dev, &h1, &l.qkv_w, t, d, 3 * d, &mut qkv)?;
+            add_bias(&mut qkv, &l.qkv_b);
+            // Per head the fused output is [q (hd), k (hd), v (hd)].
+            for i in 0..t {
+                for h in 0..heads {
+                    let src = &qkv[i * 3 * d + h * 3 * hd..i * 3 * d + (h + 1) * 3 * hd];
+                    let dst = i * d + h * hd;
+                    q[dst..dst + hd].copy_from_slice(&src[..hd]);
+                    k[dst..dst + hd].copy_from_slice(&src[hd..2 * hd]);
+                    v[dst..dst + hd].copy_from_slice(&src[2 * hd..]);
+                }
+            }
+            if self.rot > 0 {
+                self.rotary(&mut q, t);
+                self.rotary(&mut k, t);
+            }
+            causal_attention(&q, &k, &v, t, d, heads, &mut ctx);
+            matmul_transposed(&dev, &ctx, &l.dense_w, t, d, d, &mut attn)?;
+            add_bias(&mut attn, &l.dense_b);
+            let act = self.cfg.activation;
+            let mut run_mlp = |input: &[f32], out: &mut [f32]| -> Result<()> {
+                matmul_transposed(&dev, input, &l.up_w, t, d, inter, &mut mid)?;
+                add_bias(&mut mid, &l.up_b);
+                mid.iter_mut().for_each(|m| *m = gelu(*m, act));
+                matmul_transposed(&dev, &mid, &l.down_w, t, inter, d, out)?;
+                add_bias(out, &l.down_b);
+                Ok(())
+            };
+            if self.cfg.use_parallel_residual {
+                layer_norm(&mut x, &l.ln2, eps, &mut h2);
+                run_mlp(&h2, &mut mlp)?;
+                x.iter_mut().zip(attn.iter().zip(&mlp)).for_each(|(xi, (a, m))| *xi += a + m);
+            } else {
+                x.iter_mut().zip(&attn).for_each(|(xi, a)| *xi += a);
+                layer_norm(&mut x, &l.ln2, eps, &mut h2);
+                run_mlp(&h2, &mut mlp)?;
+                x.iter_mut().zip(&mlp).for_each(|(xi, m)| *xi += m);
+            }
+        }
+        let mut out = vec![0.0f32; t * d];
+        layer_norm(&mut x, &self.ln_f, eps, &mut out);
+        Ok(out)
+    }
+
+    /// `log p(x_t | x_<t)` for `t = 1..T`, in nats.
+    pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if tokens.len() < 2 {
+            self.check(tokens)?;
+            return Ok(Vec::new());
+        }
+        let hidden = self.hidden_states(tokens)?;
+        let d = self.cfg.hidden_size;
+        let mut out = vec![0.0f32; tokens.len() - 1];
+        log_prob_targets(
+            &Device::Cpu,
+            &hidden[..(tokens.len() - 1) * d],
+            self.output_embedding(),
+            d,
+            &tokens[1..],
+            &mut out,
+        )?;
+        Ok(out)
+    }
+
+    /// Logits of the next token after the whole sequence.
+    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let hidden = self.hidden_states(tokens)?;
+        let d = self.cfg.hidden_size;
+        let last = &hidden[hidden.len().saturating_sub(d)..];
+        Ok(self.output_embedding().chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+    }
+
+    /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in parallel across sequences.
+    pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
+        batch.par_iter().map(|s| self.token_log_probs(s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
+    }
+}
