@@ -21,7 +21,8 @@ pub struct LogprobsArgs {
     /// A JSON object mapping checkpoint steps to model directories (relative to the manifest).
     #[arg(long = "checkpoints", value_name = "MANIFEST")]
     pub manifest: Option<PathBuf>,
-    /// Instances, JSON lines: {"id": …, "treatment_step": int | null, "tokens": [int, …]}.
+    /// Instances, JSON lines: {"id": …, "treatment_step": int | null, "tokens": [int, …]} or with a
+    /// "text" string instead of "tokens" (tokenized with the first checkpoint's tokenizer).
     #[arg(long)]
     pub instances: PathBuf,
     /// Output panel (long CSV: instance_id,treatment_step,checkpoint_step,outcome).
@@ -44,6 +45,9 @@ struct Instance {
     id: String,
     treatment: Option<u64>,
     tokens: Vec<u32>,
+    /// Text to tokenize with the model's tokenizer (then `tokens` is filled in).
+    text: Option<String>,
+    line: usize,
 }
 
 fn parse_checkpoints(a: &LogprobsArgs) -> Result<BTreeMap<u64, PathBuf>> {
@@ -106,19 +110,20 @@ fn read_instances(path: &Path) -> Result<Vec<Instance>> {
                     format!("{}: `treatment_step` must be a 1-based step or null, found {x}", at())
                 })?),
             };
-        let tokens = match (v.get("tokens"), v.get("text")) {
-            (Some(serde_json::Value::Array(t)), _) => t
-                .iter()
-                .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
-                .collect::<Option<Vec<u32>>>()
-                .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
-            (None, Some(_)) => {
-                bail!("{}: `text` instances need a tokenizer, which this build does not have yet; give `tokens`", at())
+        let (tokens, text) = match (v.get("tokens"), v.get("text")) {
+            (Some(serde_json::Value::Array(t)), _) => {
+                let t = t
+                    .iter()
+                    .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+                    .collect::<Option<Vec<u32>>>()
+                    .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?;
+                ensure!(!t.is_empty(), "{}: `tokens` is empty", at());
+                (t, None)
             }
-            _ => bail!("{}: expected a `tokens` array", at()),
+            (None, Some(serde_json::Value::String(text))) => (Vec::new(), Some(text.clone())),
+            _ => bail!("{}: expected a `tokens` array of ids or a `text` string", at()),
         };
-        ensure!(!tokens.is_empty(), "{}: `tokens` is empty", at());
-        out.push(Instance { id, treatment, tokens });
+        out.push(Instance { id, treatment, tokens, text, line: i + 1 });
     }
     ensure!(!out.is_empty(), "{}: no instances", path.display());
     Ok(out)
@@ -161,7 +166,22 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
         a.out.display()
     );
     let checkpoints = parse_checkpoints(a)?;
-    let instances = read_instances(&a.instances)?;
+    let mut instances = read_instances(&a.instances)?;
+    if instances.iter().any(|x| x.text.is_some()) {
+        // Text is tokenized once, with the tokenizer shipped next to the first checkpoint.
+        let dir = checkpoints.values().next().context("no checkpoints")?;
+        let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(dir).with_context(|| {
+            format!("{} has `text` instances: loading the tokenizer of {}", a.instances.display(), dir.display())
+        })?;
+        for x in &mut instances {
+            if let Some(text) = &x.text {
+                x.tokens = tok
+                    .encode(text)
+                    .with_context(|| format!("{}, line {}: tokenizing", a.instances.display(), x.line))?;
+                ensure!(!x.tokens.is_empty(), "{}, line {}: `text` is empty", a.instances.display(), x.line);
+            }
+        }
+    }
     let (shard, shards) = parse_shard(&a.shard)?;
     let mine: Vec<&Instance> =
         instances.iter().enumerate().filter(|(i, _)| i % shards == shard).map(|(_, x)| x).collect();

@@ -145,7 +145,7 @@ fn bad_inputs() {
             "{\"id\": \"a\", \"tokens\": [1, 2]}\n{\"id\": \"a\", \"tokens\": [3]}\n",
             "line 2: instance id \"a\" appears twice",
         ),
-        ("{\"id\": \"a\", \"text\": \"hello\"}\n", "need a tokenizer"),
+        ("{\"id\": \"a\", \"text\": \"hello\"}\n", "loading the tokenizer"),
         ("{\"id\": \"a\", \"tokens\": [1, -2]}\n", "line 1: `tokens` must hold non-negative integer ids"),
         ("{\"id\": \"a\", \"treatment_step\": 0, \"tokens\": [1]}\n", "1-based step or null"),
         ("not json\n", "line 1: not a JSON object"),
@@ -186,4 +186,32 @@ fn pythia_layout_checkpoints() {
     let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
     assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
     assert_eq!(text.lines().count(), 1 + 2 * 2);
+}
+
+#[test]
+fn text_instances_are_tokenized_with_the_checkpoints_tokenizer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model_dir = fixture("lm/tiny-gpt2-tokenizer");
+    let instances = dir.path().join("i.jsonl");
+    let texts = ["The quick brown fox jumps over the lazy dog.", "Memorisation, measured causally: it's DiD!"];
+    std::fs::write(
+        &instances,
+        format!(
+            "{{\"id\": \"a\", \"treatment_step\": 3, \"text\": {:?}}}\n{{\"id\": \"b\", \"text\": {:?}}}\n",
+            texts[0], texts[1]
+        ),
+    )
+    .expect("write");
+    let out = dir.path().join("p.csv");
+    let ckpts = [format!("0={}", s(&model_dir)), format!("10={}", s(&model_dir))];
+    ok(&args(&ckpts, &instances, &out, &[]));
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&model_dir).expect("tokenizer");
+    let model = memsteer_lm::Model::load(&model_dir).expect("model");
+    let text = std::fs::read_to_string(&out).expect("panel");
+    for (id, t) in ["a", "b"].iter().zip(texts) {
+        let want = model.sequence_log_probs(&[tok.encode(t).expect("ids")]).expect("lp")[0];
+        let row = text.lines().find(|l| l.starts_with(&format!("{id},")) && l.contains(",0,")).expect("row");
+        let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
+        assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "{id}: {got} vs {want}");
+    }
 }

@@ -2,8 +2,9 @@
 //! bf16; single file or sharded), and GPT-2 / GPT-NeoX forward passes with per-token and per-sequence
 //! log-probabilities through the fused output layer of `memsteer-kernels`.
 //!
-//! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too. The KV
-//! cache, sampling and the tokenizer are the next steps.
+//! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too, and
+//! [`tokenizer`] gives GPT-2 byte-level BPE ids equal to Hugging Face `tokenizers`'. The KV cache and
+//! sampling are the next steps.
 //!
 //! ```no_run
 //! use memsteer_lm::{config::ModelConfig, gpt2::Gpt2};
@@ -20,6 +21,7 @@ mod error;
 pub mod gpt2;
 pub mod neox;
 mod ops;
+pub mod tokenizer;
 pub mod weights;
 
 pub use error::{LmError, Result};

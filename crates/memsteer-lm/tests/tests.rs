@@ -143,3 +143,55 @@ fn malformed_configs_and_weights_give_clear_errors() {
     let e = Gpt2::load(&good, deeper).expect_err("missing").to_string();
     assert!(e.contains("h.2.ln_1.weight") && e.contains("missing"), "{e}");
 }
+
+mod tokenizer {
+    use memsteer_lm::tokenizer::Tokenizer;
+
+    fn tok_fixture(rel: &str) -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizer").join(rel)
+    }
+
+    fn cases() -> Vec<serde_json::Value> {
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(tok_fixture("golden.json")).expect("golden")).expect("json");
+        v["cases"].as_array().expect("cases").clone()
+    }
+
+    fn ids(v: &serde_json::Value) -> Vec<u32> {
+        v.as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    }
+
+    /// GPT-2's vocabulary from encoder.json + vocab.bpe against Hugging Face `tokenizers` on unicode,
+    /// whitespace runs, contractions, numbers, emoji and special tokens.
+    #[test]
+    fn gpt2_ids_equal_the_reference() {
+        let t = Tokenizer::from_files(&tok_fixture("gpt2/encoder.json"), &tok_fixture("gpt2/vocab.bpe")).expect("load");
+        assert_eq!(t.vocab_size(), 50257);
+        for c in cases() {
+            let text = c["text"].as_str().expect("text");
+            assert_eq!(t.encode(text).expect("encode"), ids(&c["gpt2"]), "{text:?}");
+            assert_eq!(t.decode(&ids(&c["gpt2"])).expect("decode"), text);
+        }
+    }
+
+    /// A tokenizer.json written by `tokenizers` (byte-level BPE with 1,000 merges).
+    #[test]
+    fn tokenizer_json_ids_equal_the_reference() {
+        let dir = tok_fixture("small");
+        let t = Tokenizer::from_dir(&dir).expect("load");
+        for c in cases() {
+            let text = c["text"].as_str().expect("text");
+            assert_eq!(t.encode(text).expect("encode"), ids(&c["small"]), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn tokenizer_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(Tokenizer::from_dir(dir.path()).expect_err("none").to_string().contains("no tokenizer.json"));
+        std::fs::write(dir.path().join("tokenizer.json"), r#"{"model": {"type": "WordPiece"}}"#).expect("write");
+        assert!(Tokenizer::from_dir(dir.path()).expect_err("wordpiece").to_string().contains("expected BPE"));
+        let t = Tokenizer::from_files(&tok_fixture("gpt2/encoder.json"), &tok_fixture("gpt2/vocab.bpe")).expect("load");
+        assert!(t.decode(&[60000]).expect_err("unknown id").to_string().contains("60000"));
+    }
+}
