@@ -6,7 +6,7 @@ use memsteer_kernels::{Device, log_prob_targets, matmul};
 use rayon::prelude::*;
 
 use crate::config::Gpt2Config;
-use crate::ops::{add_bias, causal_attention, gelu, layer_norm};
+use crate::ops::{KvCache, add_bias, causal_attention, gelu, layer_norm};
 use crate::weights::Weights;
 use crate::{LmError, Result};
 
@@ -96,13 +96,29 @@ impl Gpt2 {
 
     /// Final hidden states (after `ln_f`), `tokens × n_embd`.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(tokens, &mut KvCache::new())
+    }
+
+    /// Hidden states of `tokens` continuing the positions in `cache` (which it extends).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         self.check(tokens)?;
+        let p0 = cache.len();
+        if p0 + tokens.len() > self.cfg.n_positions {
+            return Err(LmError::Input(format!(
+                "{} cached + {} new tokens exceed the context of {}",
+                p0,
+                tokens.len(),
+                self.cfg.n_positions
+            )));
+        }
+
         let (t, d) = (tokens.len(), self.cfg.n_embd);
         let h = self.cfg.n_head;
         let dev = Device::Cpu;
         let mut x = vec![0.0f32; t * d];
         for (i, &tok) in tokens.iter().enumerate() {
-            let (e, p) = (&self.wte[tok as usize * d..(tok as usize + 1) * d], &self.wpe[i * d..(i + 1) * d]);
+            let pos = p0 + i;
+            let (e, p) = (&self.wte[tok as usize * d..(tok as usize + 1) * d], &self.wpe[pos * d..(pos + 1) * d]);
             for k in 0..d {
                 x[i * d + k] = e[k] + p[k];
             }
@@ -114,7 +130,7 @@ impl Gpt2 {
         let mut tmp = vec![0.0f32; t * d];
         let mut hidden4 = vec![0.0f32; t * 4 * d];
         let (mut q, mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d], vec![0.0f32; t * d]);
-        for b in &self.blocks {
+        for (l, b) in self.blocks.iter().enumerate() {
             layer_norm(&mut x, &b.ln1, eps, &mut a);
             matmul(&dev, &a, &b.attn_w, t, d, 3 * d, &mut qkv)?;
             add_bias(&mut qkv, &b.attn_b);
@@ -124,7 +140,8 @@ impl Gpt2 {
                 k[i * d..(i + 1) * d].copy_from_slice(&row[d..2 * d]);
                 v[i * d..(i + 1) * d].copy_from_slice(&row[2 * d..]);
             }
-            causal_attention(&q, &k, &v, t, d, h, &mut ctx);
+            let (ks, vs) = cache.extend(l, &k, &v);
+            causal_attention(&q, ks, vs, t, p0 + t, d, h, &mut ctx);
             matmul(&dev, &ctx, &b.proj_w, t, d, d, &mut tmp)?;
             add_bias(&mut tmp, &b.proj_b);
             x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);
@@ -137,9 +154,18 @@ impl Gpt2 {
             add_bias(&mut tmp, &b.out_b);
             x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);
         }
+        cache.advance(t);
         let mut out = vec![0.0f32; t * d];
         layer_norm(&mut x, &self.ln_f, eps, &mut out);
         Ok(out)
+    }
+
+    /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
+    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let hidden = self.forward(tokens, cache)?;
+        let d = self.cfg.n_embd;
+        let last = &hidden[hidden.len().saturating_sub(d)..];
+        Ok(self.wte.chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T` (the first token is not scored), in nats.

@@ -3,8 +3,8 @@
 //! log-probabilities through the fused output layer of `memsteer-kernels`.
 //!
 //! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too, and
-//! [`tokenizer`] gives GPT-2 byte-level BPE ids equal to Hugging Face `tokenizers`'. The KV cache and
-//! sampling are the next steps.
+//! [`tokenizer`] gives GPT-2 byte-level BPE ids equal to Hugging Face `tokenizers`'. [`KvCache`] and
+//! [`sample`] drive seeded generation ([`Model::generate`]).
 //!
 //! ```no_run
 //! use memsteer_lm::{config::ModelConfig, gpt2::Gpt2};
@@ -21,10 +21,12 @@ mod error;
 pub mod gpt2;
 pub mod neox;
 mod ops;
+pub mod sample;
 pub mod tokenizer;
 pub mod weights;
 
 pub use error::{LmError, Result};
+pub use ops::KvCache;
 
 use std::path::Path;
 
@@ -69,5 +71,39 @@ impl Model {
             Model::Gpt2(m) => m.last_logits(tokens),
             Model::GptNeoX(m) => m.last_logits(tokens),
         }
+    }
+
+    /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
+    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        match self {
+            Model::Gpt2(m) => m.next_logits(tokens, cache),
+            Model::GptNeoX(m) => m.next_logits(tokens, cache),
+        }
+    }
+
+    /// Continues `prompt` by `max_new` sampled tokens with a KV cache; `uniform` supplies the random
+    /// draws (pass a seeded generator for reproducible output).
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        max_new: usize,
+        cfg: &sample::SamplingConfig,
+        uniform: &mut dyn FnMut() -> f64,
+    ) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(LmError::Input("generation needs a prompt of at least one token".into()));
+        }
+        let mut cache = KvCache::new();
+        let mut logits = self.next_logits(prompt, &mut cache)?;
+        let mut out = Vec::with_capacity(max_new);
+        for _ in 0..max_new {
+            let next = sample::sample(&logits, cfg, uniform()) as u32;
+            out.push(next);
+            if out.len() == max_new {
+                break;
+            }
+            logits = self.next_logits(&[next], &mut cache)?;
+        }
+        Ok(out)
     }
 }

@@ -6,7 +6,7 @@ use memsteer_kernels::{Device, log_prob_targets, matmul_transposed};
 use rayon::prelude::*;
 
 use crate::config::NeoXConfig;
-use crate::ops::{add_bias, causal_attention, gelu, layer_norm};
+use crate::ops::{KvCache, add_bias, causal_attention, gelu, layer_norm};
 use crate::weights::Weights;
 use crate::{LmError, Result};
 
@@ -103,13 +103,15 @@ impl GptNeoX {
         Ok(())
     }
 
-    /// Rotates the first `rot` dimensions of each head of `x` (`t × d`) in place (rotate-half form).
-    fn rotary(&self, x: &mut [f32], t: usize) {
+    /// Rotates the first `rot` dimensions of each head of `x` (`t × d`, positions `p0..p0+t`) in place
+    /// (rotate-half form).
+    fn rotary(&self, x: &mut [f32], t: usize, p0: usize) {
         let (d, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
         let (hd, half) = (d / heads, self.rot / 2);
-        for pos in 0..t {
+        for row in 0..t {
+            let pos = p0 + row;
             for h in 0..heads {
-                let base = pos * d + h * hd;
+                let base = row * d + h * hd;
                 for i in 0..half {
                     let angle = pos as f64 * self.inv_freq[i];
                     let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
@@ -123,7 +125,22 @@ impl GptNeoX {
 
     /// Final hidden states (after the final layer norm), `tokens × hidden_size`.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(tokens, &mut KvCache::new())
+    }
+
+    /// Hidden states of `tokens` continuing the positions in `cache` (which it extends).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         self.check(tokens)?;
+        let p0 = cache.len();
+        if p0 + tokens.len() > self.cfg.max_position_embeddings {
+            return Err(LmError::Input(format!(
+                "{} cached + {} new tokens exceed the context of {}",
+                p0,
+                tokens.len(),
+                self.cfg.max_position_embeddings
+            )));
+        }
+
         let (t, d) = (tokens.len(), self.cfg.hidden_size);
         let (heads, inter) = (self.cfg.num_attention_heads, self.cfg.intermediate_size);
         let hd = d / heads;
@@ -138,7 +155,7 @@ impl GptNeoX {
         let (mut q, mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d], vec![0.0f32; t * d]);
         let (mut ctx, mut attn) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
         let (mut mid, mut mlp) = (vec![0.0f32; t * inter], vec![0.0f32; t * d]);
-        for l in &self.layers {
+        for (li, l) in self.layers.iter().enumerate() {
             layer_norm(&mut x, &l.ln1, eps, &mut h1);
             matmul_transposed(&dev, &h1, &l.qkv_w, t, d, 3 * d, &mut qkv)?;
             add_bias(&mut qkv, &l.qkv_b);
@@ -153,10 +170,11 @@ impl GptNeoX {
                 }
             }
             if self.rot > 0 {
-                self.rotary(&mut q, t);
-                self.rotary(&mut k, t);
+                self.rotary(&mut q, t, p0);
+                self.rotary(&mut k, t, p0);
             }
-            causal_attention(&q, &k, &v, t, d, heads, &mut ctx);
+            let (ks, vs) = cache.extend(li, &k, &v);
+            causal_attention(&q, ks, vs, t, p0 + t, d, heads, &mut ctx);
             matmul_transposed(&dev, &ctx, &l.dense_w, t, d, d, &mut attn)?;
             add_bias(&mut attn, &l.dense_b);
             let act = self.cfg.activation;
@@ -179,9 +197,18 @@ impl GptNeoX {
                 x.iter_mut().zip(&mlp).for_each(|(xi, m)| *xi += m);
             }
         }
+        cache.advance(t);
         let mut out = vec![0.0f32; t * d];
         layer_norm(&mut x, &self.ln_f, eps, &mut out);
         Ok(out)
+    }
+
+    /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
+    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        let hidden = self.forward(tokens, cache)?;
+        let d = self.cfg.hidden_size;
+        let last = &hidden[hidden.len().saturating_sub(d)..];
+        Ok(self.output_embedding().chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T`, in nats.

@@ -40,36 +40,90 @@ pub(crate) fn add_bias(x: &mut [f32], b: &[f32]) {
     }
 }
 
-/// Causal multi-head attention: `q`, `k`, `v` are `t × d` with head `h` in columns `h·hd .. (h+1)·hd`;
-/// writes `softmax(q kᵀ / √hd + causal mask) v` per head into `out` (`t × d`).
-pub(crate) fn causal_attention(q: &[f32], k: &[f32], v: &[f32], t: usize, d: usize, heads: usize, out: &mut [f32]) {
+/// Causal multi-head attention with cached keys: `q` is `t_q × d` (the newest `t_q` positions), `k` and
+/// `v` are `t_kv × d` (all positions so far, the newest last); head `h` occupies columns
+/// `h·hd .. (h+1)·hd`. Query `i` sits at position `t_kv − t_q + i` and sees keys up to it. Writes
+/// `softmax(q kᵀ / √hd + causal mask) v` per head into `out` (`t_q × d`).
+pub(crate) fn causal_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    t_q: usize,
+    t_kv: usize,
+    d: usize,
+    heads: usize,
+    out: &mut [f32],
+) {
     let hd = d / heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0.0f32; t];
+    let offset = t_kv - t_q;
+    let mut scores = vec![0.0f32; t_kv];
     for head in 0..heads {
         let off = head * hd;
-        for i in 0..t {
+        for i in 0..t_q {
+            let last = offset + i;
             let qi = &q[i * d + off..i * d + off + hd];
             let mut max = f32::NEG_INFINITY;
-            for j in 0..=i {
+            for j in 0..=last {
                 let kj = &k[j * d + off..j * d + off + hd];
                 let s = qi.iter().zip(kj).map(|(x, y)| x * y).sum::<f32>() * scale;
                 scores[j] = s;
                 max = max.max(s);
             }
             let mut z = 0.0;
-            for s in &mut scores[..=i] {
+            for s in &mut scores[..=last] {
                 *s = (*s - max).exp();
                 z += *s;
             }
             let o = &mut out[i * d + off..i * d + off + hd];
             o.fill(0.0);
-            for j in 0..=i {
+            for j in 0..=last {
                 let w = scores[j] / z;
                 for (oo, vv) in o.iter_mut().zip(&v[j * d + off..j * d + off + hd]) {
                     *oo += w * vv;
                 }
             }
         }
+    }
+}
+
+/// Keys and values of every layer for the positions seen so far (incremental decoding).
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per layer: keys and values, `len × d` each.
+    layers: Vec<(Vec<f32>, Vec<f32>)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends layer `l`'s keys and values for new positions and returns all of them.
+    pub(crate) fn extend(&mut self, l: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+        if self.layers.len() <= l {
+            self.layers.resize_with(l + 1, Default::default);
+        }
+        let (ks, vs) = &mut self.layers[l];
+        ks.extend_from_slice(k);
+        vs.extend_from_slice(v);
+        (ks, vs)
+    }
+
+    /// Records that `t` new positions went through every layer.
+    pub(crate) fn advance(&mut self, t: usize) {
+        self.len += t;
     }
 }

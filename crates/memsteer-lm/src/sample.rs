@@ -1,0 +1,68 @@
+//! Next-token sampling: temperature, top-k and nucleus (top-p), driven by a caller-supplied uniform
+//! draw so that every random choice comes from a seeded generator.
+
+/// Sampling settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingConfig {
+    /// Softmax temperature; 0 picks the most likely token.
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens.
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches `p`.
+    pub top_p: Option<f32>,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: None, top_p: None }
+    }
+}
+
+/// The filtered, renormalised distribution `sample` draws from, as (token, probability) pairs sorted by
+/// decreasing probability.
+pub fn distribution(logits: &[f32], cfg: &SamplingConfig) -> Vec<(usize, f64)> {
+    if logits.is_empty() {
+        return Vec::new();
+    }
+    let argmax = logits.iter().enumerate().fold(0, |best, (i, &x)| if x > logits[best] { i } else { best });
+    if cfg.temperature <= 0.0 {
+        return vec![(argmax, 1.0)];
+    }
+    let t = f64::from(cfg.temperature);
+    let m = f64::from(logits[argmax]);
+    let mut probs: Vec<(usize, f64)> =
+        logits.iter().enumerate().map(|(i, &x)| (i, ((f64::from(x) - m) / t).exp())).collect();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    if let Some(k) = cfg.top_k {
+        probs.truncate(k.max(1));
+    }
+    let z: f64 = probs.iter().map(|p| p.1).sum();
+    probs.iter_mut().for_each(|p| p.1 /= z);
+    if let Some(top_p) = cfg.top_p {
+        let mut acc = 0.0;
+        let keep = probs
+            .iter()
+            .position(|p| {
+                acc += p.1;
+                acc >= f64::from(top_p)
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+        let z: f64 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= z);
+    }
+    probs
+}
+
+/// Draws a token from `logits` with the uniform number `u ∈ [0, 1)`.
+pub fn sample(logits: &[f32], cfg: &SamplingConfig, u: f64) -> usize {
+    let dist = distribution(logits, cfg);
+    let mut acc = 0.0;
+    for &(tok, p) in &dist {
+        acc += p;
+        if u < acc {
+            return tok;
+        }
+    }
+    dist.last().map_or(0, |d| d.0)
+}
