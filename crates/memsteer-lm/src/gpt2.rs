@@ -141,7 +141,7 @@ impl Gpt2 {
                 v[i * d..(i + 1) * d].copy_from_slice(&row[2 * d..]);
             }
             let (ks, vs) = cache.extend(l, &k, &v);
-            causal_attention(&q, ks, vs, t, p0 + t, d, h, &mut ctx);
+            causal_attention(&q, ks, vs, (t, p0 + t), d, h, &mut ctx);
             matmul(&dev, &ctx, &b.proj_w, t, d, d, &mut tmp)?;
             add_bias(&mut tmp, &b.proj_b);
             x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);

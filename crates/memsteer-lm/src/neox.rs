@@ -174,7 +174,7 @@ impl GptNeoX {
                 self.rotary(&mut k, t, p0);
             }
             let (ks, vs) = cache.extend(li, &k, &v);
-            causal_attention(&q, ks, vs, t, p0 + t, d, heads, &mut ctx);
+            causal_attention(&q, ks, vs, (t, p0 + t), d, heads, &mut ctx);
             matmul_transposed(&dev, &ctx, &l.dense_w, t, d, d, &mut attn)?;
             add_bias(&mut attn, &l.dense_b);
             let act = self.cfg.activation;

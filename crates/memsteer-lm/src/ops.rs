@@ -40,7 +40,7 @@ pub(crate) fn add_bias(x: &mut [f32], b: &[f32]) {
     }
 }
 
-/// Causal multi-head attention with cached keys: `q` is `t_q × d` (the newest `t_q` positions), `k` and
+/// Causal multi-head attention with cached keys (`(t_q, t_kv)` = query and key counts): `q` is `t_q × d` (the newest `t_q` positions), `k` and
 /// `v` are `t_kv × d` (all positions so far, the newest last); head `h` occupies columns
 /// `h·hd .. (h+1)·hd`. Query `i` sits at position `t_kv − t_q + i` and sees keys up to it. Writes
 /// `softmax(q kᵀ / √hd + causal mask) v` per head into `out` (`t_q × d`).
@@ -48,8 +48,7 @@ pub(crate) fn causal_attention(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    t_q: usize,
-    t_kv: usize,
+    (t_q, t_kv): (usize, usize),
     d: usize,
     heads: usize,
     out: &mut [f32],
