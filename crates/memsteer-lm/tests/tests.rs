@@ -220,7 +220,7 @@ mod generation {
             let worst = full.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst < 1e-4, "{name}: max |Δ logit| {worst}");
             // The cache respects the context length.
-            let e = m.next_logits(&vec![1; 20], &mut cache).expect_err("context").to_string();
+            let e = m.next_logits(&[1; 20], &mut cache).expect_err("context").to_string();
             assert!(e.contains("exceed the context"), "{e}");
         }
     }
