@@ -59,7 +59,8 @@ fn gpt2_small(dir: &Path) {
 
 fn pythia_70m(dir: &Path) {
     let (d, l, v, p, inter) = (512, 6, 50304, 2048, 2048);
-    let mut t = vec![("gpt_neox.embed_in.weight".to_string(), vec![v, d]), ("embed_out.weight".to_string(), vec![v, d])];
+    let mut t =
+        vec![("gpt_neox.embed_in.weight".to_string(), vec![v, d]), ("embed_out.weight".to_string(), vec![v, d])];
     for i in 0..l {
         for (n, s) in [
             ("input_layernorm.weight", vec![d]),
@@ -90,7 +91,9 @@ fn lm(c: &mut Criterion) {
     let mut rng = SplitMix64::new(2);
     let batch: Vec<Vec<u32>> = (0..BATCH).map(|_| (0..TOKENS).map(|_| rng.below(50257) as u32).collect()).collect();
     let mut g = c.benchmark_group("cpu/sequence_log_probs_8x256");
-    g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Elements((BATCH * TOKENS) as u64));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(30))
+        .throughput(Throughput::Elements((BATCH * TOKENS) as u64));
     for (name, build) in [("gpt2_small_124m", gpt2_small as fn(&Path)), ("pythia_70m", pythia_70m)] {
         let dir = std::env::temp_dir().join(format!("memsteer-bench-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");

@@ -25,9 +25,14 @@ pub struct LogprobsArgs {
     /// "text" string instead of "tokens" (tokenized with the first checkpoint's tokenizer).
     #[arg(long)]
     pub instances: PathBuf,
-    /// Output panel (long CSV: instance_id,treatment_step,checkpoint_step,outcome).
+    /// Output panel: long CSV (instance_id,treatment_step,checkpoint_step,outcome), or Parquet with the
+    /// same columns when the name ends in .parquet.
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write per-token log-probabilities, one JSON line per (instance, checkpoint):
+    /// {"id": …, "checkpoint_step": …, "token_log_probs": [log p(x_1 | x_0), …]}.
+    #[arg(long, value_name = "FILE")]
+    pub per_token: Option<PathBuf>,
     /// Sequences evaluated together (in parallel).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -142,6 +147,10 @@ fn part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
     parts.join(format!("step-{step}.shard-{shard}-of-{shards}.csv"))
 }
 
+fn token_part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
+    parts.join(format!("step-{step}.shard-{shard}-of-{shards}.tokens.jsonl"))
+}
+
 fn csv_id(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
@@ -160,11 +169,6 @@ pub struct LogprobsOutcome {
 /// Runs `memsteer logprobs`.
 pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
-    ensure!(
-        a.out.extension().is_none_or(|e| !e.eq_ignore_ascii_case("parquet")),
-        "{}: Parquet output is not written yet; use a .csv name",
-        a.out.display()
-    );
     let checkpoints = parse_checkpoints(a)?;
     let mut instances = read_instances(&a.instances)?;
     if instances.iter().any(|x| x.text.is_some()) {
@@ -212,8 +216,11 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     }
 
     let total_tokens: usize = mine.iter().map(|x| x.tokens.len()).sum();
-    let todo: Vec<(&u64, &PathBuf)> =
-        checkpoints.iter().filter(|(s, _)| !part_path(&parts, **s, shard, shards).exists()).collect();
+    let per_token = a.per_token.is_some();
+    let unit_done = |step: u64, i: usize| {
+        part_path(&parts, step, i, shards).exists() && (!per_token || token_part_path(&parts, step, i, shards).exists())
+    };
+    let todo: Vec<(&u64, &PathBuf)> = checkpoints.iter().filter(|(s, _)| !unit_done(**s, shard)).collect();
     let skipped = checkpoints.len() - todo.len();
     let bar = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new((todo.len() * total_tokens) as u64) };
     bar.set_style(
@@ -226,9 +233,9 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
         bar.set_prefix(format!("step {step}"));
         let model = Model::load(dir).with_context(|| format!("loading checkpoint {step} from {}", dir.display()))?;
         let mut outcomes = Vec::with_capacity(mine.len());
+        let mut token_lps: Vec<Vec<f32>> = Vec::new();
         for batch in mine.chunks(a.batch_size) {
-            let seqs: Vec<Vec<u32>> = batch.iter().map(|x| x.tokens.clone()).collect();
-            let lp = model.sequence_log_probs(&seqs).map_err(|e| {
+            let name_culprit = |e: memsteer_lm::LmError| {
                 // Name the instance when one sequence is at fault.
                 let culprit = batch.iter().find(|x| model.token_log_probs(&x.tokens).is_err()).map(|x| x.id.clone());
                 anyhow::anyhow!(
@@ -236,9 +243,32 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
                     dir.display(),
                     culprit.map(|c| format!(" (instance {c:?})")).unwrap_or_default()
                 )
-            })?;
-            outcomes.extend(lp);
+            };
+            if per_token {
+                use rayon::prelude::*;
+                let lps: Vec<Vec<f32>> = batch
+                    .par_iter()
+                    .map(|x| model.token_log_probs(&x.tokens))
+                    .collect::<Result<_, _>>()
+                    .map_err(name_culprit)?;
+                outcomes.extend(lps.iter().map(|lp| lp.iter().map(|&v| f64::from(v)).sum::<f64>()));
+                token_lps.extend(lps);
+            } else {
+                let seqs: Vec<Vec<u32>> = batch.iter().map(|x| x.tokens.clone()).collect();
+                outcomes.extend(model.sequence_log_probs(&seqs).map_err(name_culprit)?);
+            }
             bar.inc(batch.iter().map(|x| x.tokens.len() as u64).sum());
+        }
+        if per_token {
+            let path = token_part_path(&parts, **step, shard, shards);
+            write_atomic(&path, |w| {
+                for (x, lp) in mine.iter().zip(&token_lps) {
+                    let line = serde_json::json!({"id": x.id, "checkpoint_step": step, "token_log_probs": lp});
+                    writeln!(w, "{line}")?;
+                }
+                Ok(())
+            })
+            .with_context(|| format!("writing {}", path.display()))?;
         }
         let path = part_path(&parts, **step, shard, shards);
         write_atomic(&path, |w| {
@@ -259,17 +289,39 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
         .flat_map(|s| (0..shards).map(move |i| (*s, i)))
         .map(|(s, i)| part_path(&parts, s, i, shards))
         .collect();
-    let missing = all.iter().filter(|p| !p.exists()).count();
+    let token_parts: Vec<PathBuf> = if per_token {
+        checkpoints
+            .keys()
+            .flat_map(|s| (0..shards).map(move |i| (*s, i)))
+            .map(|(s, i)| token_part_path(&parts, s, i, shards))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let missing = all.iter().chain(&token_parts).filter(|p| !p.exists()).count();
     let assembled = missing == 0;
     if assembled {
-        write_atomic(&a.out, |w| {
-            writeln!(w, "instance_id,treatment_step,checkpoint_step,outcome")?;
-            for p in &all {
-                w.write_all(&std::fs::read(p)?)?;
-            }
-            Ok(())
-        })
-        .with_context(|| format!("writing {}", a.out.display()))?;
+        let mut csv = b"instance_id,treatment_step,checkpoint_step,outcome\n".to_vec();
+        for p in &all {
+            csv.extend_from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?);
+        }
+        if a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+            // Through the panel type, so that the file is validated and typed like any other panel.
+            let (panel, _) = memsteer_panel::read::parse_csv(&csv, &parts.display().to_string(), &Default::default())
+                .with_context(|| format!("assembling {}", a.out.display()))?;
+            panel.write(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+        } else {
+            write_atomic(&a.out, |w| w.write_all(&csv)).with_context(|| format!("writing {}", a.out.display()))?;
+        }
+        if let Some(pt) = &a.per_token {
+            write_atomic(pt, |w| {
+                for p in &token_parts {
+                    w.write_all(&std::fs::read(p)?)?;
+                }
+                Ok(())
+            })
+            .with_context(|| format!("writing {}", pt.display()))?;
+        }
     }
     if !a.quiet {
         let secs = start.elapsed().as_secs_f64();

@@ -215,3 +215,34 @@ fn text_instances_are_tokenized_with_the_checkpoints_tokenizer() {
         assert!((got - want).abs() < 1e-9 * want.abs().max(1.0), "{id}: {got} vs {want}");
     }
 }
+
+#[test]
+fn parquet_output_and_per_token_log_probs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, ckpts) = setup(dir.path());
+    let csv = dir.path().join("p.csv");
+    ok(&args(&ckpts, &instances, &csv, &[]));
+    let pq = dir.path().join("p.parquet");
+    let tokens = dir.path().join("tokens.jsonl");
+    ok(&args(&ckpts, &instances, &pq, &["--per-token", s(&tokens)]));
+    let opts = memsteer_panel::read::ReadOptions::default();
+    let (a, _) = memsteer_panel::read::read_panel(&csv, &opts).expect("csv");
+    let (b, _) = memsteer_panel::read::read_panel(&pq, &opts).expect("parquet");
+    assert_eq!(a.ids(), b.ids());
+    for i in 0..a.n_instances() {
+        for (x, y) in a.outcomes(i).iter().zip(b.outcomes(i)) {
+            assert!((x - y).abs() < 1e-9, "{x} vs {y}");
+        }
+    }
+    // Per-token lines: one per (instance, checkpoint), summing to the panel's outcome.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&tokens)
+        .expect("tokens")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 12 * 3);
+    let first = lines.iter().find(|l| l["id"] == "x0" && l["checkpoint_step"] == 0).expect("x0 at 0");
+    let sum: f64 = first["token_log_probs"].as_array().expect("lps").iter().map(|v| v.as_f64().expect("lp")).sum();
+    let i = a.ids().iter().position(|id| id == "x0").expect("x0");
+    assert!((sum - a.outcomes(i)[0]).abs() < 1e-4, "{sum} vs {}", a.outcomes(i)[0]);
+}

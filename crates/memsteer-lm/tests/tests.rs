@@ -272,3 +272,20 @@ mod generation {
         assert!(m.generate(&[], 3, &SamplingConfig::default(), &mut || 0.5).is_err());
     }
 }
+
+#[test]
+fn unsupported_dtypes_and_sharded_indexes() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bytes: Vec<u8> = [1i32, 2].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let view = TensorView::new(Dtype::I32, vec![2], &bytes).expect("view");
+    safetensors::serialize_to_file(vec![("x", view)], None, &dir.path().join("shard-1.safetensors")).expect("write");
+    // A sharded index pointing at that file.
+    std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"weight_map": {"x": "shard-1.safetensors"}}"#)
+        .expect("write");
+    let w = memsteer_lm::weights::Weights::open(dir.path()).expect("open");
+    let e = w.tensor(&["x"], &[2]).expect_err("dtype").to_string();
+    assert!(e.contains("dtype I32 is not supported") && e.contains("shard-1.safetensors"), "{e}");
+    let e = w.tensor(&["y"], &[2]).expect_err("missing").to_string();
+    assert!(e.contains("`y`") && e.contains("missing"), "{e}");
+}

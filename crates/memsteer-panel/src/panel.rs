@@ -166,6 +166,20 @@ impl Panel {
         write_atomic(path, |w| self.write_csv_to(w))
     }
 
+    /// Writes the panel by extension: Parquet for `.parquet` (feature `parquet`), long CSV otherwise.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+            #[cfg(feature = "parquet")]
+            return crate::read::write_parquet(self, path);
+            #[cfg(not(feature = "parquet"))]
+            return Err(PanelError::Invalid(format!(
+                "{}: this build writes CSV only; rebuild with the `parquet` feature",
+                path.display()
+            )));
+        }
+        self.write_csv(path)
+    }
+
     /// Writes the long CSV format to any writer.
     pub fn write_csv_to(&self, w: &mut dyn Write) -> std::io::Result<()> {
         writeln!(w, "instance_id,treatment_step,checkpoint_step,outcome")?;

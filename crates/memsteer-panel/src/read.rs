@@ -114,6 +114,9 @@ pub fn read_panel(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRepo
 #[path = "read_parquet.rs"]
 mod parquet;
 
+#[cfg(feature = "parquet")]
+pub(crate) use parquet::write as write_parquet;
+
 /// Reads a long CSV panel from a file.
 pub fn read_csv(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadReport)> {
     let bytes =

@@ -1,5 +1,5 @@
-//! Parquet input (feature `parquet`): the same columns as the long CSV format, any integer, float or
-//! string physical types; positions in errors are 1-based data rows.
+//! Parquet input and output (feature `parquet`): the same columns as the long CSV format, any integer,
+//! float or string physical types on input; positions in errors are 1-based data rows.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -128,4 +128,49 @@ pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRep
         chunks.push(out);
     }
     parser.assemble(chunks)
+}
+
+/// Writes the panel as Parquet with the long format's four columns (`treatment_step` null for
+/// never-trained instances), atomically.
+pub(crate) fn write(panel: &Panel, path: &Path) -> Result<()> {
+    use std::sync::Arc;
+
+    use arrow_array::{Float64Array, Int64Array, RecordBatch, StringArray};
+    use arrow_schema::{DataType, Field, Schema};
+    use parquet::arrow::ArrowWriter;
+
+    let c = panel.n_checkpoints();
+    let n = panel.n_instances() * c;
+    let mut ids = Vec::with_capacity(n);
+    let mut treat = Vec::with_capacity(n);
+    let mut steps = Vec::with_capacity(n);
+    for i in 0..panel.n_instances() {
+        for k in 0..c {
+            ids.push(panel.id(i));
+            treat.push(panel.treatment_step(i).map(|t| t as i64));
+            steps.push(panel.grid().step(k) as i64);
+        }
+    }
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("instance_id", DataType::Utf8, false),
+        Field::new("treatment_step", DataType::Int64, true),
+        Field::new("checkpoint_step", DataType::Int64, false),
+        Field::new("outcome", DataType::Float64, false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(Int64Array::from(treat)),
+            Arc::new(Int64Array::from(steps)),
+            Arc::new(Float64Array::from(panel.outcome_matrix().to_vec())),
+        ],
+    )
+    .map_err(|e| PanelError::Invalid(format!("building the Parquet batch: {e}")))?;
+    let encode = |e: parquet::errors::ParquetError| PanelError::Invalid(format!("encoding {}: {e}", path.display()));
+    let mut bytes = Vec::new();
+    let mut writer = ArrowWriter::try_new(&mut bytes, schema, None).map_err(encode)?;
+    writer.write(&batch).map_err(encode)?;
+    writer.close().map_err(encode)?;
+    crate::write_atomic(path, |w| w.write_all(&bytes))
 }

@@ -80,6 +80,16 @@ mod parquet_input {
     }
 
     #[test]
+    fn written_parquet_reads_back_identically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let panel = memsteer_panel::synthetic::SyntheticConfig::pythia_like(4, 5, 6, 6, 2).generate().expect("panel");
+        let path = dir.path().join("p.parquet");
+        panel.write(&path).expect("write");
+        let (back, _) = read_panel(&path, &ReadOptions::default()).expect("read");
+        assert_eq!(back, panel);
+    }
+
+    #[test]
     fn integer_ids_null_treatments_and_float32_outcomes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("p.parquet");
