@@ -2,7 +2,6 @@
 //! buffer, then log-softmax) and the bare matrix product, same shapes, same run.
 //!
 //! Shape: GPT-2 small's output layer (hidden 768, vocabulary 50,257), 256 tokens.
-#![allow(unsafe_code)]
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -15,28 +14,9 @@ const TOKENS: usize = 256;
 const DIM: usize = 768;
 const VOCAB: usize = 50257;
 
-/// `C = A Bᵀ` through matrixmultiply (the same GEMM the kernel uses).
+/// `C = A Bᵀ`, the same GEMM the fused kernel uses.
 fn sgemm_a_bt(m: usize, k: usize, n: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
-    assert!(a.len() >= m * k && b.len() >= n * k && c.len() >= m * n);
-    // SAFETY: shapes checked above; `c` does not alias `a` or `b`.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            1.0,
-            a.as_ptr(),
-            k as isize,
-            1,
-            b.as_ptr(),
-            1,
-            k as isize,
-            0.0,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
-    }
+    memsteer_kernels::matmul_transposed(&Device::Cpu, a, b, m, k, n, c).expect("shapes");
 }
 
 fn materialised(hidden: &[f32], emb: &[f32], targets: &[u32], logits: &mut [f32], out: &mut [f32]) {

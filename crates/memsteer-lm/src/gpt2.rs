@@ -2,13 +2,12 @@
 
 use std::path::Path;
 
-use memsteer_kernels::{Device, log_prob_targets, matmul};
-use rayon::prelude::*;
+use memsteer_kernels::{Device, matmul};
 
+use crate::Result;
 use crate::config::Gpt2Config;
-use crate::ops::{KvCache, add_bias, causal_attention, gelu, layer_norm};
+use crate::ops::{Decoder, KvCache, add_bias, causal_attention, check_input, gelu, layer_norm};
 use crate::weights::Weights;
-use crate::{LmError, Result};
 
 #[derive(Debug)]
 struct Block {
@@ -77,23 +76,6 @@ impl Gpt2 {
         &self.cfg
     }
 
-    fn check(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.len() > self.cfg.n_positions {
-            return Err(LmError::Input(format!(
-                "sequence of {} tokens is longer than the context of {}",
-                tokens.len(),
-                self.cfg.n_positions
-            )));
-        }
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
-            return Err(LmError::Input(format!(
-                "token id {t} at position {i} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            )));
-        }
-        Ok(())
-    }
-
     /// Final hidden states (after `ln_f`), `tokens × n_embd`.
     pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         self.forward(tokens, &mut KvCache::new())
@@ -101,16 +83,8 @@ impl Gpt2 {
 
     /// Hidden states of `tokens` continuing the positions in `cache` (which it extends).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.check(tokens)?;
+        check_input(self, tokens, cache.len())?;
         let p0 = cache.len();
-        if p0 + tokens.len() > self.cfg.n_positions {
-            return Err(LmError::Input(format!(
-                "{} cached + {} new tokens exceed the context of {}",
-                p0,
-                tokens.len(),
-                self.cfg.n_positions
-            )));
-        }
 
         let (t, d) = (tokens.len(), self.cfg.n_embd);
         let h = self.cfg.n_head;
@@ -162,35 +136,39 @@ impl Gpt2 {
 
     /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
     pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let hidden = self.forward(tokens, cache)?;
-        let d = self.cfg.n_embd;
-        let last = &hidden[hidden.len().saturating_sub(d)..];
-        Ok(self.wte.chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+        crate::ops::next_logits(self, tokens, cache)
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T` (the first token is not scored), in nats.
     pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.len() < 2 {
-            self.check(tokens)?;
-            return Ok(Vec::new());
-        }
-        let hidden = self.hidden_states(tokens)?;
-        let d = self.cfg.n_embd;
-        let mut out = vec![0.0f32; tokens.len() - 1];
-        log_prob_targets(&Device::Cpu, &hidden[..(tokens.len() - 1) * d], &self.wte, d, &tokens[1..], &mut out)?;
-        Ok(out)
+        crate::ops::token_log_probs(self, tokens)
     }
 
     /// Logits of the next token after the whole sequence (one vocabulary-wide row).
     pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let hidden = self.hidden_states(tokens)?;
-        let d = self.cfg.n_embd;
-        let last = &hidden[hidden.len().saturating_sub(d)..];
-        Ok(self.wte.chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+        crate::ops::next_logits(self, tokens, &mut KvCache::new())
     }
 
     /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in parallel across sequences.
     pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
-        batch.par_iter().map(|s| self.token_log_probs(s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
+        crate::ops::sequence_log_probs(self, batch)
+    }
+}
+
+impl Decoder for Gpt2 {
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        Gpt2::forward(self, tokens, cache)
+    }
+    fn output_embedding(&self) -> &[f32] {
+        &self.wte
+    }
+    fn dim(&self) -> usize {
+        self.cfg.n_embd
+    }
+    fn context(&self) -> usize {
+        self.cfg.n_positions
+    }
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
     }
 }

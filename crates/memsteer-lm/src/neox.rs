@@ -2,13 +2,12 @@
 
 use std::path::Path;
 
-use memsteer_kernels::{Device, log_prob_targets, matmul_transposed};
-use rayon::prelude::*;
+use memsteer_kernels::{Device, matmul_transposed};
 
+use crate::Result;
 use crate::config::NeoXConfig;
-use crate::ops::{KvCache, add_bias, causal_attention, gelu, layer_norm};
+use crate::ops::{Decoder, KvCache, add_bias, causal_attention, check_input, gelu, layer_norm};
 use crate::weights::Weights;
-use crate::{LmError, Result};
 
 #[derive(Debug)]
 struct Layer {
@@ -82,27 +81,6 @@ impl GptNeoX {
         &self.cfg
     }
 
-    fn output_embedding(&self) -> &[f32] {
-        self.embed_out.as_deref().unwrap_or(&self.embed_in)
-    }
-
-    fn check(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.len() > self.cfg.max_position_embeddings {
-            return Err(LmError::Input(format!(
-                "sequence of {} tokens is longer than the context of {}",
-                tokens.len(),
-                self.cfg.max_position_embeddings
-            )));
-        }
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
-            return Err(LmError::Input(format!(
-                "token id {t} at position {i} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            )));
-        }
-        Ok(())
-    }
-
     /// Rotates the first `rot` dimensions of each head of `x` (`t × d`, positions `p0..p0+t`) in place
     /// (rotate-half form).
     fn rotary(&self, x: &mut [f32], t: usize, p0: usize) {
@@ -130,16 +108,8 @@ impl GptNeoX {
 
     /// Hidden states of `tokens` continuing the positions in `cache` (which it extends).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.check(tokens)?;
+        check_input(self, tokens, cache.len())?;
         let p0 = cache.len();
-        if p0 + tokens.len() > self.cfg.max_position_embeddings {
-            return Err(LmError::Input(format!(
-                "{} cached + {} new tokens exceed the context of {}",
-                p0,
-                tokens.len(),
-                self.cfg.max_position_embeddings
-            )));
-        }
 
         let (t, d) = (tokens.len(), self.cfg.hidden_size);
         let (heads, inter) = (self.cfg.num_attention_heads, self.cfg.intermediate_size);
@@ -205,42 +175,39 @@ impl GptNeoX {
 
     /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
     pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        let hidden = self.forward(tokens, cache)?;
-        let d = self.cfg.hidden_size;
-        let last = &hidden[hidden.len().saturating_sub(d)..];
-        Ok(self.output_embedding().chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+        crate::ops::next_logits(self, tokens, cache)
     }
 
-    /// `log p(x_t | x_<t)` for `t = 1..T`, in nats.
+    /// `log p(x_t | x_<t)` for `t = 1..T` (the first token is not scored), in nats.
     pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if tokens.len() < 2 {
-            self.check(tokens)?;
-            return Ok(Vec::new());
-        }
-        let hidden = self.hidden_states(tokens)?;
-        let d = self.cfg.hidden_size;
-        let mut out = vec![0.0f32; tokens.len() - 1];
-        log_prob_targets(
-            &Device::Cpu,
-            &hidden[..(tokens.len() - 1) * d],
-            self.output_embedding(),
-            d,
-            &tokens[1..],
-            &mut out,
-        )?;
-        Ok(out)
+        crate::ops::token_log_probs(self, tokens)
     }
 
-    /// Logits of the next token after the whole sequence.
+    /// Logits of the next token after the whole sequence (one vocabulary-wide row).
     pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let hidden = self.hidden_states(tokens)?;
-        let d = self.cfg.hidden_size;
-        let last = &hidden[hidden.len().saturating_sub(d)..];
-        Ok(self.output_embedding().chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+        crate::ops::next_logits(self, tokens, &mut KvCache::new())
     }
 
     /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in parallel across sequences.
     pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
-        batch.par_iter().map(|s| self.token_log_probs(s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
+        crate::ops::sequence_log_probs(self, batch)
+    }
+}
+
+impl Decoder for GptNeoX {
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        GptNeoX::forward(self, tokens, cache)
+    }
+    fn output_embedding(&self) -> &[f32] {
+        self.embed_out.as_deref().unwrap_or(&self.embed_in)
+    }
+    fn dim(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    fn context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+    fn vocab(&self) -> usize {
+        self.cfg.vocab_size
     }
 }

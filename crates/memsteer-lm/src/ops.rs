@@ -1,6 +1,9 @@
 //! Small per-element and per-row operations shared by the architectures.
 
+use memsteer_kernels::{Device, log_prob_targets};
+
 use crate::config::Activation;
+use crate::{LmError, Result};
 
 pub(crate) fn layer_norm(x: &mut [f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
     let d = g.len();
@@ -125,4 +128,67 @@ impl KvCache {
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;
     }
+}
+
+/// What the shared input checks and output-layer code need from an architecture.
+pub(crate) trait Decoder: Sync {
+    /// Hidden states (after the final layer norm) of `tokens` continuing `cache`.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>>;
+    /// The output embedding, `vocab × dim`.
+    fn output_embedding(&self) -> &[f32];
+    /// Hidden size.
+    fn dim(&self) -> usize;
+    /// Context length.
+    fn context(&self) -> usize;
+    /// Vocabulary size.
+    fn vocab(&self) -> usize;
+}
+
+/// Token ids inside the vocabulary, and the sequence (after `cached` positions) inside the context.
+pub(crate) fn check_input(m: &impl Decoder, tokens: &[u32], cached: usize) -> Result<()> {
+    if cached == 0 && tokens.len() > m.context() {
+        return Err(LmError::Input(format!(
+            "sequence of {} tokens is longer than the context of {}",
+            tokens.len(),
+            m.context()
+        )));
+    }
+    if cached + tokens.len() > m.context() {
+        return Err(LmError::Input(format!(
+            "{cached} cached + {} new tokens exceed the context of {}",
+            tokens.len(),
+            m.context()
+        )));
+    }
+    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= m.vocab()) {
+        return Err(LmError::Input(format!("token id {t} at position {i} is outside the vocabulary of {}", m.vocab())));
+    }
+    Ok(())
+}
+
+/// Next-token logits after feeding `tokens` on top of `cache`.
+pub(crate) fn next_logits(m: &impl Decoder, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let hidden = m.forward(tokens, cache)?;
+    let d = m.dim();
+    let last = &hidden[hidden.len().saturating_sub(d)..];
+    Ok(m.output_embedding().chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+}
+
+/// `log p(x_t | x_<t)` for `t = 1..T` through the fused output layer.
+pub(crate) fn token_log_probs(m: &impl Decoder, tokens: &[u32]) -> Result<Vec<f32>> {
+    if tokens.len() < 2 {
+        check_input(m, tokens, 0)?;
+        return Ok(Vec::new());
+    }
+    let hidden = m.forward(tokens, &mut KvCache::new())?;
+    let d = m.dim();
+    let mut out = vec![0.0f32; tokens.len() - 1];
+    log_prob_targets(&Device::Cpu, &hidden[..(tokens.len() - 1) * d], m.output_embedding(), d, &tokens[1..], &mut out)?;
+    Ok(out)
+}
+
+/// Sequence log-probabilities, in parallel across sequences.
+pub(crate) fn sequence_log_probs(m: &impl Decoder, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
+    use rayon::prelude::*;
+    batch.par_iter().map(|s| token_log_probs(m, s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
 }
