@@ -112,7 +112,7 @@ fn step_label(steps: &[u64], x: f64) -> String {
         return String::new();
     }
     let s = steps[i as usize];
-    if s >= 10_000 && s % 1000 == 0 { format!("{}k", s / 1000) } else { s.to_string() }
+    if s >= 10_000 && s.is_multiple_of(1000) { format!("{}k", s / 1000) } else { s.to_string() }
 }
 
 fn draw_colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, vmax: f64, label: &str) -> Result<()> {

@@ -66,7 +66,7 @@ pub fn log_prob_targets(
     }
     check_len("hidden", hidden.len(), tokens * dim)?;
     check_len("out", out.len(), tokens)?;
-    if embedding.len() % dim != 0 || embedding.is_empty() {
+    if !embedding.len().is_multiple_of(dim) || embedding.is_empty() {
         return Err(KernelError::Shape {
             what: "embedding",
             expected: format!("a non-empty multiple of dim = {dim}"),
@@ -115,7 +115,7 @@ pub fn steered_projection(
     check_len("p1", p1.len(), s * d * r)?;
     check_len("p2", p2.len(), s * d * r)?;
     check_len("strengths", strengths.len(), s)?;
-    if hidden.len() % d != 0 {
+    if !hidden.len().is_multiple_of(d) {
         return Err(KernelError::Shape {
             what: "hidden",
             expected: format!("a multiple of dim = {d}"),

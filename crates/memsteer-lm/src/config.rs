@@ -122,7 +122,7 @@ impl ModelConfig {
                     layer_norm_epsilon: eps,
                     activation: activation(act, path)?,
                 };
-                if cfg.n_embd % cfg.n_head != 0 {
+                if !cfg.n_embd.is_multiple_of(cfg.n_head) {
                     return Err(err(format!("n_embd = {} is not divisible by n_head = {}", cfg.n_embd, cfg.n_head)));
                 }
                 Ok(ModelConfig::Gpt2(cfg))
@@ -172,7 +172,7 @@ impl ModelConfig {
                     layer_norm_eps: number(&["layer_norm_eps"], Some(1e-5))? as f32,
                     activation: activation(v.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu"), path)?,
                 };
-                if cfg.hidden_size % cfg.num_attention_heads != 0 {
+                if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
                     return Err(err(format!(
                         "hidden_size = {} is not divisible by num_attention_heads = {}",
                         cfg.hidden_size, cfg.num_attention_heads
