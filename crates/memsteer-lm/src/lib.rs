@@ -6,17 +6,18 @@
 //! [`tokenizer`] gives GPT-2 byte-level BPE ids equal to Hugging Face `tokenizers`'. [`KvCache`] and
 //! [`sample`] drive seeded generation ([`Model::generate`]).
 //!
-//! ```no_run
-//! use memsteer_lm::{config::ModelConfig, gpt2::Gpt2};
-//! let dir = std::path::Path::new("fixtures/lm/tiny-gpt2-f32");
-//! let ModelConfig::Gpt2(cfg) = ModelConfig::from_file(&dir.join("config.json"))? else { unreachable!() };
-//! let model = Gpt2::load(dir, cfg)?;
+//! ```
+//! use memsteer_lm::Model;
+//! // Any Hugging Face GPT-2 or GPT-NeoX directory; here a tiny random model from the repository.
+//! let model = Model::load(std::path::Path::new("../../fixtures/lm/tiny-gpt2-f32"))?;
 //! let lp = model.sequence_log_probs(&[vec![1, 2, 3]])?;
+//! assert!(lp[0] < 0.0);
 //! # Ok::<(), memsteer_lm::LmError>(())
 //! ```
 #![deny(missing_docs)]
 
 pub mod config;
+mod decoder;
 mod error;
 pub mod gpt2;
 pub mod neox;
@@ -25,6 +26,7 @@ pub mod sample;
 pub mod tokenizer;
 pub mod weights;
 
+pub use decoder::Decoder;
 pub use error::{LmError, Result};
 pub use ops::KvCache;
 

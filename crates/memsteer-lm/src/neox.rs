@@ -4,9 +4,10 @@ use std::path::Path;
 
 use memsteer_kernels::{Device, matmul_transposed};
 
+use crate::Decoder;
 use crate::Result;
 use crate::config::NeoXConfig;
-use crate::ops::{Decoder, KvCache, add_bias, causal_attention, check_input, gelu, layer_norm};
+use crate::ops::{KvCache, add_bias, causal_attention, check_input, gelu, layer_norm};
 use crate::weights::Weights;
 
 #[derive(Debug)]
@@ -101,13 +102,7 @@ impl GptNeoX {
         }
     }
 
-    /// Final hidden states (after the final layer norm), `tokens × hidden_size`.
-    pub fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.forward(tokens, &mut KvCache::new())
-    }
-
-    /// Hidden states of `tokens` continuing the positions in `cache` (which it extends).
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    fn run(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         check_input(self, tokens, cache.len())?;
         let p0 = cache.len();
 
@@ -172,31 +167,11 @@ impl GptNeoX {
         layer_norm(&mut x, &self.ln_f, eps, &mut out);
         Ok(out)
     }
-
-    /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
-    pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        crate::ops::next_logits(self, tokens, cache)
-    }
-
-    /// `log p(x_t | x_<t)` for `t = 1..T` (the first token is not scored), in nats.
-    pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        crate::ops::token_log_probs(self, tokens)
-    }
-
-    /// Logits of the next token after the whole sequence (one vocabulary-wide row).
-    pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        crate::ops::next_logits(self, tokens, &mut KvCache::new())
-    }
-
-    /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in parallel across sequences.
-    pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
-        crate::ops::sequence_log_probs(self, batch)
-    }
 }
 
 impl Decoder for GptNeoX {
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        GptNeoX::forward(self, tokens, cache)
+        self.run(tokens, cache)
     }
     fn output_embedding(&self) -> &[f32] {
         self.embed_out.as_deref().unwrap_or(&self.embed_in)

@@ -130,22 +130,8 @@ impl KvCache {
     }
 }
 
-/// What the shared input checks and output-layer code need from an architecture.
-pub(crate) trait Decoder: Sync {
-    /// Hidden states (after the final layer norm) of `tokens` continuing `cache`.
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>>;
-    /// The output embedding, `vocab × dim`.
-    fn output_embedding(&self) -> &[f32];
-    /// Hidden size.
-    fn dim(&self) -> usize;
-    /// Context length.
-    fn context(&self) -> usize;
-    /// Vocabulary size.
-    fn vocab(&self) -> usize;
-}
-
 /// Token ids inside the vocabulary, and the sequence (after `cached` positions) inside the context.
-pub(crate) fn check_input(m: &impl Decoder, tokens: &[u32], cached: usize) -> Result<()> {
+pub(crate) fn check_input(m: &impl crate::Decoder, tokens: &[u32], cached: usize) -> Result<()> {
     if cached == 0 && tokens.len() > m.context() {
         return Err(LmError::Input(format!(
             "sequence of {} tokens is longer than the context of {}",
@@ -167,7 +153,7 @@ pub(crate) fn check_input(m: &impl Decoder, tokens: &[u32], cached: usize) -> Re
 }
 
 /// Next-token logits after feeding `tokens` on top of `cache`.
-pub(crate) fn next_logits(m: &impl Decoder, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+pub(crate) fn next_logits(m: &impl crate::Decoder, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let hidden = m.forward(tokens, cache)?;
     let d = m.dim();
     let last = &hidden[hidden.len().saturating_sub(d)..];
@@ -175,7 +161,7 @@ pub(crate) fn next_logits(m: &impl Decoder, tokens: &[u32], cache: &mut KvCache)
 }
 
 /// `log p(x_t | x_<t)` for `t = 1..T` through the fused output layer.
-pub(crate) fn token_log_probs(m: &impl Decoder, tokens: &[u32]) -> Result<Vec<f32>> {
+pub(crate) fn token_log_probs(m: &impl crate::Decoder, tokens: &[u32]) -> Result<Vec<f32>> {
     if tokens.len() < 2 {
         check_input(m, tokens, 0)?;
         return Ok(Vec::new());
@@ -188,7 +174,7 @@ pub(crate) fn token_log_probs(m: &impl Decoder, tokens: &[u32]) -> Result<Vec<f3
 }
 
 /// Sequence log-probabilities, in parallel across sequences.
-pub(crate) fn sequence_log_probs(m: &impl Decoder, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
+pub(crate) fn sequence_log_probs(m: &impl crate::Decoder, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
     use rayon::prelude::*;
     batch.par_iter().map(|s| token_log_probs(m, s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
 }

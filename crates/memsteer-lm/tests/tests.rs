@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use memsteer_lm::Decoder;
 use memsteer_lm::config::ModelConfig;
 use memsteer_lm::gpt2::Gpt2;
 
