@@ -116,6 +116,9 @@ impl SimulationConfig {
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad(format!("learning rate must be positive, found {}", self.learning_rate));
         }
+        if self.counterfactual == Counterfactual::Substitute && self.replicates == 0 {
+            return bad("the substitute counterfactual needs at least 1 replicate".into());
+        }
         if !(0.0..=1.0).contains(&self.validation_shift) {
             return bad(format!("validation shift must lie in [0, 1], found {}", self.validation_shift));
         }
@@ -278,7 +281,7 @@ pub fn simulate(cfg: &SimulationConfig) -> Result<Simulation> {
     // Fresh instances that stand in for a cohort's batches in its counterfactual run (one per training
     // slot, drawn once, so every counterfactual run uses the same substitutes for a given step).
     let replicates = match cfg.counterfactual {
-        Counterfactual::Substitute => cfg.replicates.max(1),
+        Counterfactual::Substitute => cfg.replicates,
         Counterfactual::Remove => 1,
     };
     let substitutes: Vec<Vec<Vec<usize>>> = match cfg.counterfactual {

@@ -401,6 +401,9 @@ pub fn illustrate(cfg: &Theorem2Config, prefix_len: usize) -> Result<Illustratio
 /// the Theorem 2 W, and checks the identity exhaustively and on sampled long sequences; then the negative
 /// control with a semantic change.
 pub fn check_theorem2(cfg: &Theorem2Config) -> Result<Theorem2Report> {
+    if cfg.length == 0 {
+        return Err(HmmError::Construction("the exhaustive check needs a sequence length of at least 1".into()));
+    }
     if cfg.condition_states < 2 {
         return Err(HmmError::Construction(
             "switching the condition needs ≥ 2 condition states: π and π' share their semantic part, so with one condition state they are equal".into(),
@@ -625,6 +628,15 @@ fn kl(p: &[f64], q: &[f64]) -> f64 {
 /// sampled from the π' process under the π-model with embeddings `M e_v` (`M = I + εW`, started at `I`,
 /// maximised by Levenberg–Marquardt on the exact gradient and Hessian), for each training-set size; evaluates on held-out contexts.
 pub fn learn_steers(cfg: &LearnConfig) -> Result<Vec<LearnedSteer>> {
+    if cfg.sample_sizes.is_empty() || cfg.sample_sizes.contains(&0) {
+        return Err(HmmError::Construction(format!(
+            "training-set sizes must be at least 1 sequence, found {:?}",
+            cfg.sample_sizes
+        )));
+    }
+    if cfg.sequence_length == 0 || cfg.steps == 0 {
+        return Err(HmmError::Construction("sequence length and iterations must be at least 1".into()));
+    }
     let Setup { m, mut rng, phi1, phi2, w: w_analytic, .. } = setup(&cfg.model)?;
     let h2 = m.hmm(&phi2)?;
     let e = m.embeddings();

@@ -114,6 +114,8 @@ fn simulation_is_deterministic_and_validates_settings() {
     assert_eq!(a.truth, b.truth);
     let bad = SimulationConfig { checkpoints: vec![0, 10, 5, 40], ..cfg.clone() };
     assert!(simulate(&bad).expect_err("grid").to_string().contains("increase strictly"));
+    let bad = SimulationConfig { replicates: 0, ..cfg.clone() };
+    assert!(simulate(&bad).expect_err("replicates").to_string().contains("at least 1 replicate"));
     let bad = SimulationConfig { validation_shift: 2.0, ..cfg };
     assert!(simulate(&bad).expect_err("shift").to_string().contains("validation shift"));
 }

@@ -89,3 +89,18 @@ fn learned_steers_approach_the_target_process_as_samples_grow() {
     let last = curve.last().expect("points");
     assert!(last.tv < 0.2 * last.tv_unsteered, "{last:?}");
 }
+
+#[test]
+fn an_empty_exhaustive_check_is_refused() {
+    let cfg = Theorem2Config { length: 0, ..Theorem2Config::default() };
+    assert!(check_theorem2(&cfg).expect_err("length 0").to_string().contains("at least 1"));
+}
+
+#[test]
+fn learned_steer_settings_are_validated() {
+    let bad = memsteer_hmm::theorem2::LearnConfig { sample_sizes: vec![0, 5], ..Default::default() };
+    let e = memsteer_hmm::theorem2::learn_steers(&bad).expect_err("zero samples").to_string();
+    assert!(e.contains("at least 1 sequence") && e.contains("[0, 5]"), "{e}");
+    let bad = memsteer_hmm::theorem2::LearnConfig { sample_sizes: vec![], ..Default::default() };
+    assert!(memsteer_hmm::theorem2::learn_steers(&bad).is_err());
+}
