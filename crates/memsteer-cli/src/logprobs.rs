@@ -122,7 +122,12 @@ fn read_instances(path: &Path) -> Result<Vec<Instance>> {
                     .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
                     .collect::<Option<Vec<u32>>>()
                     .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?;
-                ensure!(!t.is_empty(), "{}: `tokens` is empty", at());
+                ensure!(
+                    t.len() >= 2,
+                    "{}: instance {id:?} has {} token(s); a sequence log-probability needs at least two (the first token is not scored)",
+                    at(),
+                    t.len()
+                );
                 (t, None)
             }
             (None, Some(serde_json::Value::String(text))) => (Vec::new(), Some(text.clone())),
@@ -182,7 +187,14 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
                 x.tokens = tok
                     .encode(text)
                     .with_context(|| format!("{}, line {}: tokenizing", a.instances.display(), x.line))?;
-                ensure!(!x.tokens.is_empty(), "{}, line {}: `text` is empty", a.instances.display(), x.line);
+                ensure!(
+                    x.tokens.len() >= 2,
+                    "{}, line {}: instance {:?} tokenizes to {} token(s); a sequence log-probability needs at least two (the first token is not scored)",
+                    a.instances.display(),
+                    x.line,
+                    x.id,
+                    x.tokens.len()
+                );
             }
         }
     }
@@ -194,19 +206,55 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     parts_name.push(".parts");
     let parts = a.out.with_file_name(parts_name);
     std::fs::create_dir_all(&parts).with_context(|| format!("creating {}", parts.display()))?;
-    // The parts belong to one set of inputs: refuse to mix runs over different instances or grids.
+    // The parts belong to one set of inputs: refuse to mix runs over different instances, grids or
+    // weights. Each checkpoint is fingerprinted (headers and samples of every tensor: microseconds).
+    let mut weights = serde_json::Map::new();
+    for (step, dir) in &checkpoints {
+        let fp = memsteer_lm::weights::Weights::open(dir)
+            .with_context(|| format!("checkpoint {step}: opening the weights in {}", dir.display()))?
+            .fingerprint();
+        weights.insert(step.to_string(), serde_json::json!({"dir": dir.display().to_string(), "weights": fp}));
+    }
     let fingerprint = serde_json::json!({
         "instances": instances.len(),
         "instances_hash": format!("{:016x}", memsteer_panel::rng::hash_key(0, &std::fs::read(&a.instances)?)),
         "checkpoints": checkpoints.keys().collect::<Vec<_>>(),
         "shards": shards,
+        "checkpoint_weights": weights,
     });
     let ledger = parts.join("ledger.json");
     if ledger.exists() {
         let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ledger)?)
             .with_context(|| format!("{}: not valid JSON", ledger.display()))?;
+        // A different model under the same step is the mistake worth naming precisely.
+        if let Some(old_weights) = old.get("checkpoint_weights").and_then(|w| w.as_object()) {
+            for (step, now) in fingerprint["checkpoint_weights"].as_object().into_iter().flatten() {
+                if let Some(before) = old_weights.get(step) {
+                    ensure!(
+                        before["weights"] == now["weights"],
+                        "checkpoint {step}: {} holds other weights than the ones the finished parts in {} were computed from ({}); remove {} to start over, or point step {step} at the original checkpoint",
+                        now["dir"].as_str().unwrap_or_default(),
+                        parts.display(),
+                        before["dir"].as_str().unwrap_or_default(),
+                        parts.display()
+                    );
+                }
+            }
+        }
+        // Directories may move between machines (shards); the weights may not.
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(w) = v.get_mut("checkpoint_weights").and_then(|w| w.as_object_mut()) {
+                w.values_mut().for_each(|e| {
+                    if let Some(o) = e.as_object_mut() {
+                        o.remove("dir");
+                    }
+                });
+            }
+            v
+        };
         ensure!(
-            old == fingerprint,
+            strip(&old) == strip(&fingerprint),
             "{} was made for other inputs (instances, checkpoints or shard count differ); remove {} to start over",
             ledger.display(),
             parts.display()
@@ -235,27 +283,28 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
         let mut outcomes = Vec::with_capacity(mine.len());
         let mut token_lps: Vec<Vec<f32>> = Vec::new();
         for batch in mine.chunks(a.batch_size) {
-            let name_culprit = |e: memsteer_lm::LmError| {
+            let seqs: Vec<&[u32]> = batch.iter().map(|x| x.tokens.as_slice()).collect();
+            let lps = model.token_log_probs_batch(&seqs).map_err(|e| match e {
                 // Name the instance when one sequence is at fault.
-                let culprit = batch.iter().find(|x| model.token_log_probs(&x.tokens).is_err()).map(|x| x.id.clone());
-                anyhow::anyhow!(
-                    "{}: {e}{}",
+                memsteer_lm::LmError::Sequence { index, message } => anyhow::anyhow!(
+                    "{}: instance {:?} ({}, line {}): {message}",
                     dir.display(),
-                    culprit.map(|c| format!(" (instance {c:?})")).unwrap_or_default()
-                )
-            };
+                    batch[index].id,
+                    a.instances.display(),
+                    batch[index].line
+                ),
+                e if batch.len() == 1 => anyhow::anyhow!(
+                    "{}: instance {:?} ({}, line {}): {e}",
+                    dir.display(),
+                    batch[0].id,
+                    a.instances.display(),
+                    batch[0].line
+                ),
+                e => anyhow::anyhow!("{}: {e}", dir.display()),
+            })?;
+            outcomes.extend(lps.iter().map(|lp| lp.iter().map(|&v| f64::from(v)).sum::<f64>()));
             if per_token {
-                use rayon::prelude::*;
-                let lps: Vec<Vec<f32>> = batch
-                    .par_iter()
-                    .map(|x| model.token_log_probs(&x.tokens))
-                    .collect::<Result<_, _>>()
-                    .map_err(name_culprit)?;
-                outcomes.extend(lps.iter().map(|lp| lp.iter().map(|&v| f64::from(v)).sum::<f64>()));
                 token_lps.extend(lps);
-            } else {
-                let seqs: Vec<Vec<u32>> = batch.iter().map(|x| x.tokens.clone()).collect();
-                outcomes.extend(model.sequence_log_probs(&seqs).map_err(name_culprit)?);
             }
             bar.inc(batch.iter().map(|x| x.tokens.len() as u64).sum());
         }

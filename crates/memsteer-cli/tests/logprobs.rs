@@ -159,6 +159,41 @@ fn bad_inputs() {
     std::fs::write(&bad, "{\"id\": \"far\", \"tokens\": [1, 99]}\n").expect("write");
     let e = fails(&args(&ckpts, &bad, &dir.path().join("r.csv"), &[]));
     assert!(e.contains("token id 99") && e.contains("instance \"far\""), "{e}");
+    // Inside a batch of several, the culprit is still named, with its line.
+    std::fs::write(&bad, "{\"id\": \"a\", \"tokens\": [1, 2]}\n{\"id\": \"b\", \"tokens\": [3, 4]}\n{\"id\": \"c\", \"tokens\": [1, 2, 77]}\n")
+        .expect("write");
+    let e = fails(&args(&ckpts, &bad, &dir.path().join("r2.csv"), &[]));
+    assert!(e.contains("instance \"c\"") && e.contains("line 3") && e.contains("token id 77 at position 2"), "{e}");
+    // One token has no log-probability: an error naming the instance, never a silent 0.
+    std::fs::write(&bad, "{\"id\": \"a\", \"tokens\": [1, 2]}\n{\"id\": \"lonely\", \"tokens\": [3]}\n")
+        .expect("write");
+    let e = fails(&args(&ckpts, &bad, &dir.path().join("r3.csv"), &[]));
+    assert!(e.contains("line 2") && e.contains("\"lonely\" has 1 token(s)") && e.contains("at least two"), "{e}");
+}
+
+#[test]
+fn a_different_model_under_a_finished_step_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, ckpts) = setup(dir.path());
+    let out = dir.path().join("panel.csv");
+    ok(&args(&ckpts, &instances, &out, &[]));
+    // Same steps, but step 1000 now points at another model: the finished part must not be reused.
+    let mut swapped = ckpts.clone();
+    swapped[1] = format!("1000={}", s(&fixture("lm/tiny-gpt2-f32")));
+    let e = fails(&args(&swapped, &instances, &out, &[]));
+    assert!(
+        e.contains("checkpoint 1000") && e.contains("other weights") && e.contains("tiny-gpt2-f16-prefixed"),
+        "{e}"
+    );
+    // A copy of the same weights in another directory is the same checkpoint (shards on other machines).
+    let copy = dir.path().join("copy");
+    std::fs::create_dir(&copy).expect("mkdir");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("lm/tiny-gpt2-f16-prefixed").join(f), copy.join(f)).expect("copy");
+    }
+    let mut moved = ckpts.clone();
+    moved[1] = format!("1000={}", s(&copy));
+    ok(&args(&moved, &instances, &out, &[]));
 }
 
 #[test]

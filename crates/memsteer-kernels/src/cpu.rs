@@ -2,10 +2,12 @@
 
 use rayon::prelude::*;
 
-use crate::Steers;
+use crate::{MatMut, MatRef, Steers, vmath};
 
-/// Tokens per block (rows of one logits tile).
-const TOKEN_BLOCK: usize = 64;
+/// Fewest tokens per block (rows of one logits tile).
+const MIN_TOKEN_BLOCK: usize = 32;
+/// Most tokens per block: larger blocks stream the output embedding fewer times.
+const MAX_TOKEN_BLOCK: usize = 256;
 /// Vocabulary entries per tile.
 const VOCAB_TILE: usize = 512;
 
@@ -16,11 +18,15 @@ pub(crate) fn log_prob_targets(
     vocab: usize,
     targets: &[u32],
     out: &mut [f32],
-) {
-    out.par_chunks_mut(TOKEN_BLOCK).zip(targets.par_chunks(TOKEN_BLOCK)).enumerate().for_each(
-        |(blk, (out, targets))| {
+) -> crate::Result<()> {
+    // Each row's result depends only on that row (the tile products and the running log-sum-exp
+    // are per row, in vocabulary order), so the block size may follow the thread count without
+    // changing any number.
+    let threads = rayon::current_num_threads();
+    let block = targets.len().div_ceil(2 * threads).clamp(MIN_TOKEN_BLOCK, MAX_TOKEN_BLOCK);
+    out.par_chunks_mut(block).zip(targets.par_chunks(block)).zip(hidden.par_chunks(block * dim)).try_for_each(
+        |((out, targets), h)| {
             let rows = targets.len();
-            let h = &hidden[blk * TOKEN_BLOCK * dim..(blk * TOKEN_BLOCK + rows) * dim];
             let mut logits = vec![0.0f32; rows * VOCAB_TILE];
             let mut max = vec![f32::NEG_INFINITY; rows];
             let mut sum = vec![0.0f32; rows];
@@ -28,7 +34,15 @@ pub(crate) fn log_prob_targets(
             for v0 in (0..vocab).step_by(VOCAB_TILE) {
                 let width = VOCAB_TILE.min(vocab - v0);
                 let tile = &mut logits[..rows * width];
-                crate::sgemm::a_bt(rows, dim, width, h, &embedding[v0 * dim..(v0 + width) * dim], tile);
+                crate::native::gemm(
+                    rows,
+                    dim,
+                    width,
+                    MatRef::row_major(h, dim),
+                    MatRef::row_major(&embedding[v0 * dim..(v0 + width) * dim], dim).t(),
+                    0.0,
+                    MatMut::row_major(tile, width),
+                )?;
                 for r in 0..rows {
                     let row = &tile[r * width..(r + 1) * width];
                     let t = targets[r] as usize;
@@ -36,20 +50,20 @@ pub(crate) fn log_prob_targets(
                         target_logit[r] = row[t - v0];
                     }
                     // Online log-sum-exp: rescale the running sum when the maximum grows.
-                    let tile_max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let tile_max = vmath::max(row);
                     if tile_max > max[r] {
-                        sum[r] *= (max[r] - tile_max).exp();
+                        sum[r] *= vmath::exp(max[r] - tile_max);
                         max[r] = tile_max;
                     }
-                    let m = max[r];
-                    sum[r] += row.iter().map(|x| (x - m).exp()).sum::<f32>();
+                    sum[r] += vmath::sum_exp(row, max[r]);
                 }
             }
             for r in 0..rows {
                 out[r] = target_logit[r] - (max[r] + sum[r].ln());
             }
+            Ok(())
         },
-    );
+    )
 }
 
 pub(crate) fn steered_projection(

@@ -24,6 +24,16 @@ pub enum KernelError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// A shape product does not fit in memory addresses.
+    #[error("{what}: a {rows} × {cols} matrix overflows the address space")]
+    Overflow {
+        /// Which matrix.
+        what: &'static str,
+        /// Rows asked for.
+        rows: usize,
+        /// Columns asked for.
+        cols: usize,
+    },
     /// CUDA was requested from a build without it.
     #[error("CUDA device {ordinal} requested, but this build has no CUDA kernels (feature `cuda`)")]
     NotCompiledWithCuda {

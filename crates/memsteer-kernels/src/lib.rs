@@ -25,8 +25,8 @@
 
 mod cpu;
 mod error;
-#[allow(unsafe_code)]
-mod sgemm;
+mod native;
+pub mod vmath;
 
 pub use error::{KernelError, Result};
 
@@ -64,7 +64,7 @@ pub fn log_prob_targets(
     if dim == 0 {
         return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
     }
-    check_len("hidden", hidden.len(), tokens * dim)?;
+    check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
     check_len("out", out.len(), tokens)?;
     if !embedding.len().is_multiple_of(dim) || embedding.is_empty() {
         return Err(KernelError::Shape {
@@ -80,7 +80,6 @@ pub fn log_prob_targets(
     match device {
         Device::Cpu => cpu::log_prob_targets(hidden, embedding, dim, vocab, targets, out),
     }
-    Ok(())
 }
 
 /// A set of low-rank steers `W = Σ_i s_i P1_i P2_iᵀ` (`P1`, `P2`: `steers × dim × rank`, row-major).
@@ -112,8 +111,9 @@ pub fn steered_projection(
     if d == 0 {
         return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
     }
-    check_len("p1", p1.len(), s * d * r)?;
-    check_len("p2", p2.len(), s * d * r)?;
+    let per = product("p1", s, product("p1", d, r)?)?;
+    check_len("p1", p1.len(), per)?;
+    check_len("p2", p2.len(), per)?;
     check_len("strengths", strengths.len(), s)?;
     if !hidden.len().is_multiple_of(d) {
         return Err(KernelError::Shape {
@@ -131,13 +131,12 @@ pub fn steered_projection(
 
 /// `out (m×n) = a (m×k) · b (k×n)`, row-major `f32`.
 pub fn matmul(device: &Device, a: &[f32], b: &[f32], m: usize, k: usize, n: usize, out: &mut [f32]) -> Result<()> {
-    check_len("a", a.len(), m * k)?;
-    check_len("b", b.len(), k * n)?;
-    check_len("out", out.len(), m * n)?;
+    check_len("a", a.len(), product("a", m, k)?)?;
+    check_len("b", b.len(), product("b", k, n)?)?;
+    check_len("out", out.len(), product("out", m, n)?)?;
     match device {
-        Device::Cpu => sgemm::a_b(m, k, n, a, b, out),
+        Device::Cpu => native::par_gemm(m, k, n, a, b, false, out),
     }
-    Ok(())
 }
 
 /// `out (m×n) = a (m×k) · bᵀ` with `b` stored `n×k` row-major (PyTorch `Linear` weights), `f32`.
@@ -150,13 +149,73 @@ pub fn matmul_transposed(
     n: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    check_len("a", a.len(), m * k)?;
-    check_len("b", b.len(), n * k)?;
-    check_len("out", out.len(), m * n)?;
+    check_len("a", a.len(), product("a", m, k)?)?;
+    check_len("b", b.len(), product("b", n, k)?)?;
+    check_len("out", out.len(), product("out", m, n)?)?;
     match device {
-        Device::Cpu => sgemm::a_bt(m, k, n, a, b, out),
+        Device::Cpu => native::par_gemm(m, k, n, a, b, true, out),
     }
-    Ok(())
+}
+
+/// A read-only strided `f32` matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    /// The backing slice.
+    pub data: &'a [f32],
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride.
+    pub cs: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A row-major view with `cols` columns.
+    pub fn row_major(data: &'a [f32], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+    /// The transpose of this view (no copy).
+    pub fn t(self) -> Self {
+        Self { data: self.data, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// A writable strided `f32` matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
+#[derive(Debug)]
+pub struct MatMut<'a> {
+    /// The backing slice.
+    pub data: &'a mut [f32],
+    /// Row stride.
+    pub rs: usize,
+    /// Column stride.
+    pub cs: usize,
+}
+
+impl<'a> MatMut<'a> {
+    /// A row-major view with `cols` columns.
+    pub fn row_major(data: &'a mut [f32], cols: usize) -> Self {
+        Self { data, rs: cols, cs: 1 }
+    }
+}
+
+/// `C (m×n) = A (m×k) · B (k×n) + β·C` on strided views, on the calling thread (for callers that
+/// parallelise above it, such as attention over heads). Shapes and strides are checked with
+/// overflow-checked arithmetic against the slices.
+pub fn matmul_strided(
+    device: &Device,
+    (m, k, n): (usize, usize, usize),
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    c: MatMut<'_>,
+) -> Result<()> {
+    match device {
+        Device::Cpu => native::gemm(m, k, n, a, b, beta, c),
+    }
+}
+
+/// `m · n` with overflow reported as [`KernelError::Overflow`].
+fn product(what: &'static str, rows: usize, cols: usize) -> Result<usize> {
+    rows.checked_mul(cols).ok_or(KernelError::Overflow { what, rows, cols })
 }
 
 fn check_len(what: &'static str, found: usize, expected: usize) -> Result<()> {

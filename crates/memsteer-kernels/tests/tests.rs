@@ -152,3 +152,94 @@ proptest! {
         prop_assert!((total - 1.0).abs() < 1e-4, "sum {}", total);
     }
 }
+
+/// Runs `f` on a private rayon pool of `threads` threads.
+fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("pool").install(f)
+}
+
+#[test]
+fn results_are_bitwise_identical_across_thread_counts() {
+    let mut rng = SplitMix64::new(21);
+    let (m, k, n) = (300, 70, 650);
+    let a = randn(m * k, 1.0, &mut rng);
+    let b = randn(n * k, 1.0, &mut rng);
+    let targets: Vec<u32> = (0..m).map(|_| rng.below(n as u64) as u32).collect();
+    let run = |threads| {
+        on_threads(threads, || {
+            let mut c = vec![0.0f32; m * n];
+            memsteer_kernels::matmul_transposed(&Device::Cpu, &a, &b, m, k, n, &mut c).expect("matmul");
+            // A short, wide product takes the column split.
+            let mut row = vec![0.0f32; 3 * n];
+            memsteer_kernels::matmul_transposed(&Device::Cpu, &a[..3 * k], &b, 3, k, n, &mut row).expect("row");
+            let mut lp = vec![0.0f32; m];
+            log_prob_targets(&Device::Cpu, &a, &b, k, &targets, &mut lp).expect("log-probs");
+            (c, row, lp)
+        })
+    };
+    let one = run(1);
+    for threads in [2, 3, 8] {
+        let many = run(threads);
+        assert!(one.0.iter().zip(&many.0).all(|(x, y)| x.to_bits() == y.to_bits()), "matmul, {threads} threads");
+        assert!(one.1.iter().zip(&many.1).all(|(x, y)| x.to_bits() == y.to_bits()), "columns, {threads} threads");
+        assert!(one.2.iter().zip(&many.2).all(|(x, y)| x.to_bits() == y.to_bits()), "log-probs, {threads} threads");
+    }
+    // The split products equal the first rows of the full one.
+    assert_eq!(&one.0[..3 * n], &one.1[..]);
+}
+
+#[test]
+fn overflowing_dimensions_are_errors_not_panics() {
+    use memsteer_kernels::{MatMut, MatRef, matmul, matmul_strided};
+    let mut out = [0.0f32; 4];
+    let e = matmul(&Device::Cpu, &[0.0; 4], &[0.0; 4], usize::MAX / 2, 3, 2, &mut out).expect_err("overflow");
+    assert!(matches!(e, KernelError::Overflow { what: "a", .. }), "{e}");
+    assert!(e.to_string().contains("overflows"), "{e}");
+    let e = memsteer_kernels::matmul_transposed(&Device::Cpu, &[0.0; 4], &[0.0; 4], 2, 2, usize::MAX, &mut out)
+        .expect_err("overflow");
+    assert!(matches!(e, KernelError::Overflow { .. }), "{e}");
+    let e =
+        log_prob_targets(&Device::Cpu, &[0.0; 4], &[0.0; 4], usize::MAX, &[0, 0], &mut out[..2]).expect_err("overflow");
+    assert!(matches!(e, KernelError::Overflow { .. }), "{e}");
+    // Strided views: a stride that walks past the address space, and one past the slice.
+    let a = [1.0f32; 4];
+    let e = matmul_strided(
+        &Device::Cpu,
+        (2, 2, 2),
+        MatRef { data: &a, rs: usize::MAX, cs: 1 },
+        MatRef::row_major(&a, 2),
+        0.0,
+        MatMut::row_major(&mut out, 2),
+    )
+    .expect_err("overflow");
+    assert!(matches!(e, KernelError::Overflow { .. }), "{e}");
+    let e = matmul_strided(
+        &Device::Cpu,
+        (2, 2, 2),
+        MatRef { data: &a, rs: 3, cs: 1 },
+        MatRef::row_major(&a, 2),
+        0.0,
+        MatMut::row_major(&mut out, 2),
+    )
+    .expect_err("out of bounds");
+    assert_eq!(e.to_string(), "a: expected at least 5 values, found 4");
+}
+
+#[test]
+fn strided_matmul_reads_transposed_and_offset_views() {
+    use memsteer_kernels::{MatMut, MatRef, matmul_strided};
+    let mut rng = SplitMix64::new(3);
+    // Q and K of one head inside a fused [t, 3·d] buffer: scores = Q Kᵀ, accumulated with β = 1.
+    let (t, d, hd, off) = (5, 12, 4, 4);
+    let qkv = randn(t * 3 * d, 1.0, &mut rng);
+    let mut s = vec![1.0f32; t * t];
+    let q = MatRef { data: &qkv[off..], rs: 3 * d, cs: 1 };
+    let k = MatRef { data: &qkv[d + off..], rs: 3 * d, cs: 1 };
+    matmul_strided(&Device::Cpu, (t, hd, t), q, k.t(), 1.0, MatMut::row_major(&mut s, t)).expect("gemm");
+    for i in 0..t {
+        for j in 0..t {
+            let want: f32 = 1.0 + (0..hd).map(|l| qkv[i * 3 * d + off + l] * qkv[j * 3 * d + d + off + l]).sum::<f32>();
+            assert!((s[i * t + j] - want).abs() < 1e-5);
+        }
+    }
+}

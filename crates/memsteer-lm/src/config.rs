@@ -28,6 +28,10 @@ pub struct Gpt2Config {
     pub n_layer: usize,
     /// Attention heads.
     pub n_head: usize,
+    /// MLP width (`n_inner`; 4 · `n_embd` when null or absent).
+    pub n_inner: usize,
+    /// Output embedding tied to the token embedding (`lm_head.weight` is read when not).
+    pub tie_word_embeddings: bool,
     /// Layer-norm epsilon.
     pub layer_norm_epsilon: f32,
     /// Activation of the MLP.
@@ -85,6 +89,27 @@ fn activation(name: &str, path: &Path) -> Result<Activation> {
     }
 }
 
+/// Keys this runtime does not implement, with the values under which it still computes exactly what
+/// Hugging Face computes (absent keys take these values). Any other value is an error naming the key,
+/// never a silently different model.
+fn check_unsupported(v: &Value, path: &Path, keys: &[(&str, &[Value])]) -> Result<()> {
+    for (key, fine) in keys {
+        if let Some(x) = v.get(*key)
+            && !fine.contains(x)
+        {
+            let allowed: Vec<String> = fine.iter().map(Value::to_string).collect();
+            return Err(LmError::Config {
+                path: path.into(),
+                message: format!(
+                    "`{key}` = {x} is not supported by this runtime (it implements {}); refusing to compute a different model",
+                    allowed.join(" or ")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 impl ModelConfig {
     /// Reads `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -111,14 +136,35 @@ impl ModelConfig {
             v.get("model_type").and_then(Value::as_str).ok_or_else(|| err("missing field `model_type`".into()))?;
         match model_type {
             "gpt2" => {
+                check_unsupported(
+                    v,
+                    path,
+                    &[
+                        ("scale_attn_by_inverse_layer_idx", &[Value::Bool(false), Value::Null]),
+                        ("reorder_and_upcast_attn", &[Value::Bool(false), Value::Null]),
+                        ("scale_attn_weights", &[Value::Bool(true), Value::Null]),
+                        ("add_cross_attention", &[Value::Bool(false), Value::Null]),
+                    ],
+                )?;
                 let eps = v.get("layer_norm_epsilon").and_then(Value::as_f64).unwrap_or(1e-5) as f32;
                 let act = v.get("activation_function").and_then(Value::as_str).unwrap_or("gelu_new");
+                let n_embd = usize_field("n_embd")?;
                 let cfg = Gpt2Config {
                     vocab_size: usize_field("vocab_size")?,
                     n_positions: usize_field("n_positions")?,
-                    n_embd: usize_field("n_embd")?,
+                    n_embd,
                     n_layer: usize_field("n_layer")?,
                     n_head: usize_field("n_head")?,
+                    n_inner: match v.get("n_inner") {
+                        None | Some(Value::Null) => 4 * n_embd,
+                        Some(_) => usize_field("n_inner")?,
+                    },
+                    tie_word_embeddings: match v.get("tie_word_embeddings") {
+                        None => true,
+                        Some(x) => x.as_bool().ok_or_else(|| {
+                            err(format!("field `tie_word_embeddings` must be true or false, found {x}"))
+                        })?,
+                    },
                     layer_norm_epsilon: eps,
                     activation: activation(act, path)?,
                 };
@@ -128,6 +174,22 @@ impl ModelConfig {
                 Ok(ModelConfig::Gpt2(cfg))
             }
             "gpt_neox" => {
+                check_unsupported(
+                    v,
+                    path,
+                    &[
+                        ("rope_scaling", &[Value::Null]),
+                        ("attention_bias", &[Value::Bool(true), Value::Null]),
+                        ("use_qk_norm", &[Value::Bool(false), Value::Null]),
+                    ],
+                )?;
+                if let Some(t) = v.pointer("/rope_parameters/rope_type")
+                    && t != "default"
+                {
+                    return Err(err(format!(
+                        "`rope_parameters.rope_type` = {t} is not supported by this runtime (it implements \"default\"); refusing to compute a different model"
+                    )));
+                }
                 let number = |keys: &[&str], default: Option<f64>| -> Result<f64> {
                     for k in keys {
                         let mut cur = Some(v);

@@ -3,12 +3,15 @@
 use crate::Result;
 use crate::ops::{self, KvCache};
 
-/// A decoder-only language model: architectures supply the forward pass and their shapes; the
-/// log-probabilities, logits and batching come with the trait.
+/// A decoder-only language model: architectures supply the forward pass over a packed batch and their
+/// shapes; the log-probabilities, logits and batching come with the trait.
 pub trait Decoder: Sync {
-    /// Hidden states (after the final layer norm) of `tokens` continuing the positions in `cache`,
-    /// which it extends; `tokens × dim`.
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>>;
+    /// Final hidden states (after the last layer norm) of the sequences `seqs` laid end to end,
+    /// `Σ len × dim`. With a cache (which it extends) there must be one sequence, continuing the
+    /// cached positions. Every sequence is checked (non-empty, ids inside the vocabulary, inside the
+    /// context) before any work; errors of a batch of several name the sequence
+    /// ([`crate::LmError::Sequence`]).
+    fn forward_packed(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>>;
     /// The output embedding, `vocab × dim`.
     fn output_embedding(&self) -> &[f32];
     /// Hidden size.
@@ -18,9 +21,14 @@ pub trait Decoder: Sync {
     /// Vocabulary size.
     fn vocab(&self) -> usize;
 
+    /// Hidden states of `tokens` continuing the positions in `cache`, which it extends; `tokens × dim`.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.forward_packed(&[tokens], Some(cache))
+    }
+
     /// Final hidden states of a whole sequence.
     fn hidden_states(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.forward(tokens, &mut KvCache::new())
+        self.forward_packed(&[tokens], None)
     }
 
     /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
@@ -40,15 +48,23 @@ pub trait Decoder: Sync {
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T` (the first token is not scored), in nats, through the fused
-    /// output layer.
+    /// output layer. A sequence of fewer than two tokens is an error: it has nothing to score.
     fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>>
     where
         Self: Sized,
     {
-        ops::token_log_probs(self, tokens)
+        Ok(ops::token_log_probs_batch(self, &[tokens])?.pop().unwrap_or_default())
     }
 
-    /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in parallel across sequences.
+    /// [`Decoder::token_log_probs`] of every sequence, in one packed forward pass.
+    fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>>
+    where
+        Self: Sized,
+    {
+        ops::token_log_probs_batch(self, seqs)
+    }
+
+    /// `Σ_{t≥1} log p(x_t | x_<t)` for every sequence, in one packed forward pass.
     fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>>
     where
         Self: Sized,

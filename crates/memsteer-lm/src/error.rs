@@ -43,6 +43,14 @@ pub enum LmError {
     /// Invalid model input.
     #[error("{0}")]
     Input(String),
+    /// Invalid input in one sequence of a batch.
+    #[error("sequence {index} of the batch: {message}")]
+    Sequence {
+        /// The sequence's index in the batch.
+        index: usize,
+        /// What is wrong.
+        message: String,
+    },
     /// A kernel rejected its inputs.
     #[error(transparent)]
     Kernel(#[from] memsteer_kernels::KernelError),

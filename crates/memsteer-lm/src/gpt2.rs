@@ -7,7 +7,7 @@ use memsteer_kernels::{Device, matmul};
 use crate::Decoder;
 use crate::Result;
 use crate::config::Gpt2Config;
-use crate::ops::{KvCache, add_bias, causal_attention, check_input, gelu, layer_norm};
+use crate::ops::{self, Heads, KvCache};
 use crate::weights::Weights;
 
 #[derive(Debug)]
@@ -29,6 +29,8 @@ struct Block {
 pub struct Gpt2 {
     cfg: Gpt2Config,
     wte: Vec<f32>,
+    /// `None` when tied to `wte`.
+    lm_head: Option<Vec<f32>>,
     wpe: Vec<f32>,
     blocks: Vec<Block>,
     ln_f: (Vec<f32>, Vec<f32>),
@@ -39,7 +41,7 @@ impl Gpt2 {
     /// `transformer.` prefix of `GPT2LMHeadModel` checkpoints.
     pub fn load(dir: &Path, cfg: Gpt2Config) -> Result<Self> {
         let w = Weights::open(dir)?;
-        let d = cfg.n_embd;
+        let (d, inner) = (cfg.n_embd, cfg.n_inner);
         let t = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
             let prefixed = format!("transformer.{name}");
             w.tensor(&[name, &prefixed], shape)
@@ -57,14 +59,19 @@ impl Gpt2 {
                 proj_w: t(&p("attn.c_proj.weight"), &[d, d])?,
                 proj_b: t(&p("attn.c_proj.bias"), &[d])?,
                 ln2: ln(&p("ln_2"))?,
-                fc_w: t(&p("mlp.c_fc.weight"), &[d, 4 * d])?,
-                fc_b: t(&p("mlp.c_fc.bias"), &[4 * d])?,
-                out_w: t(&p("mlp.c_proj.weight"), &[4 * d, d])?,
+                fc_w: t(&p("mlp.c_fc.weight"), &[d, inner])?,
+                fc_b: t(&p("mlp.c_fc.bias"), &[inner])?,
+                out_w: t(&p("mlp.c_proj.weight"), &[inner, d])?,
                 out_b: t(&p("mlp.c_proj.bias"), &[d])?,
             });
         }
         Ok(Self {
             wte: t("wte.weight", &[cfg.vocab_size, d])?,
+            lm_head: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(w.tensor(&["lm_head.weight"], &[cfg.vocab_size, d])?)
+            },
             wpe: t("wpe.weight", &[cfg.n_positions, d])?,
             ln_f: ln("ln_f")?,
             blocks,
@@ -77,65 +84,70 @@ impl Gpt2 {
         &self.cfg
     }
 
-    fn run(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        check_input(self, tokens, cache.len())?;
-        let p0 = cache.len();
-
-        let (t, d) = (tokens.len(), self.cfg.n_embd);
-        let h = self.cfg.n_head;
+    fn run(&self, seqs: &[&[u32]], mut cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let lay = ops::layout(self, seqs, past)?;
+        let (t, d) = (lay.rows(), self.cfg.n_embd);
+        let (heads, hd) = (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head);
         let dev = Device::Cpu;
         let mut x = vec![0.0f32; t * d];
-        for (i, &tok) in tokens.iter().enumerate() {
-            let pos = p0 + i;
+        let tokens = seqs.iter().flat_map(|s| s.iter());
+        for ((row, &tok), &pos) in x.chunks_exact_mut(d).zip(tokens).zip(&lay.positions) {
             let (e, p) = (&self.wte[tok as usize * d..(tok as usize + 1) * d], &self.wpe[pos * d..(pos + 1) * d]);
-            for k in 0..d {
-                x[i * d + k] = e[k] + p[k];
-            }
+            row.iter_mut().zip(e.iter().zip(p)).for_each(|(x, (e, p))| *x = e + p);
         }
         let eps = self.cfg.layer_norm_epsilon;
+        let act = self.cfg.activation;
         let mut a = vec![0.0f32; t * d];
         let mut qkv = vec![0.0f32; t * 3 * d];
         let mut ctx = vec![0.0f32; t * d];
         let mut tmp = vec![0.0f32; t * d];
-        let mut hidden4 = vec![0.0f32; t * 4 * d];
-        let (mut q, mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d], vec![0.0f32; t * d]);
+        let inner = self.cfg.n_inner;
+        let mut hidden4 = vec![0.0f32; t * inner];
+        // In the fused projection a row is [q (d) | k (d) | v (d)], head h at offset h·hd of each.
+        let fused = |base| Heads { data: &[], row_stride: 3 * d, base, head_stride: hd };
         for (l, b) in self.blocks.iter().enumerate() {
-            layer_norm(&mut x, &b.ln1, eps, &mut a);
+            ops::layer_norm(&x, &b.ln1, eps, &mut a);
             matmul(&dev, &a, &b.attn_w, t, d, 3 * d, &mut qkv)?;
-            add_bias(&mut qkv, &b.attn_b);
-            for i in 0..t {
-                let row = &qkv[i * 3 * d..(i + 1) * 3 * d];
-                q[i * d..(i + 1) * d].copy_from_slice(&row[..d]);
-                k[i * d..(i + 1) * d].copy_from_slice(&row[d..2 * d]);
-                v[i * d..(i + 1) * d].copy_from_slice(&row[2 * d..]);
+            ops::bias_act(&mut qkv, &b.attn_b, None);
+            let q = Heads { data: &qkv, ..fused(0) };
+            if let Some(c) = cache.as_deref_mut() {
+                let (mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+                for i in 0..t {
+                    k[i * d..(i + 1) * d].copy_from_slice(&qkv[i * 3 * d + d..i * 3 * d + 2 * d]);
+                    v[i * d..(i + 1) * d].copy_from_slice(&qkv[i * 3 * d + 2 * d..(i + 1) * 3 * d]);
+                }
+                let (ks, vs) = c.extend(l, &k, &v);
+                let cached = |data| Heads { data, row_stride: d, base: 0, head_stride: hd };
+                ops::attention((q, cached(ks), cached(vs)), &lay, &|_| 0, (heads, hd), &mut ctx)?;
+            } else {
+                let (k, v) = (Heads { data: &qkv, ..fused(d) }, Heads { data: &qkv, ..fused(2 * d) });
+                ops::attention((q, k, v), &lay, &|s| lay.starts[s], (heads, hd), &mut ctx)?;
             }
-            let (ks, vs) = cache.extend(l, &k, &v);
-            causal_attention(&q, ks, vs, (t, p0 + t), d, h, &mut ctx);
             matmul(&dev, &ctx, &b.proj_w, t, d, d, &mut tmp)?;
-            add_bias(&mut tmp, &b.proj_b);
-            x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);
-            layer_norm(&mut x, &b.ln2, eps, &mut a);
-            matmul(&dev, &a, &b.fc_w, t, d, 4 * d, &mut hidden4)?;
-            add_bias(&mut hidden4, &b.fc_b);
-            let act = self.cfg.activation;
-            hidden4.iter_mut().for_each(|v| *v = gelu(*v, act));
-            matmul(&dev, &hidden4, &b.out_w, t, 4 * d, d, &mut tmp)?;
-            add_bias(&mut tmp, &b.out_b);
-            x.iter_mut().zip(&tmp).for_each(|(v, u)| *v += u);
+            ops::bias_act(&mut tmp, &b.proj_b, None);
+            ops::residual(&mut x, &tmp, None);
+            ops::layer_norm(&x, &b.ln2, eps, &mut a);
+            matmul(&dev, &a, &b.fc_w, t, d, inner, &mut hidden4)?;
+            ops::bias_act(&mut hidden4, &b.fc_b, Some(act));
+            matmul(&dev, &hidden4, &b.out_w, t, inner, d, &mut tmp)?;
+            ops::bias_act(&mut tmp, &b.out_b, None);
+            ops::residual(&mut x, &tmp, None);
         }
-        cache.advance(t);
-        let mut out = vec![0.0f32; t * d];
-        layer_norm(&mut x, &self.ln_f, eps, &mut out);
-        Ok(out)
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        ops::layer_norm(&x, &self.ln_f, eps, &mut a);
+        Ok(a)
     }
 }
 
 impl Decoder for Gpt2 {
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.run(tokens, cache)
+    fn forward_packed(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
+        self.run(seqs, cache)
     }
     fn output_embedding(&self) -> &[f32] {
-        &self.wte
+        self.lm_head.as_deref().unwrap_or(&self.wte)
     }
     fn dim(&self) -> usize {
         self.cfg.n_embd

@@ -59,7 +59,24 @@ impl Model {
         }
     }
 
-    /// Sequence log-probabilities (first token not scored), in parallel across sequences.
+    /// [`Model::token_log_probs`] of every sequence, in one packed forward pass.
+    pub fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        match self {
+            Model::Gpt2(m) => m.token_log_probs_batch(seqs),
+            Model::GptNeoX(m) => m.token_log_probs_batch(seqs),
+        }
+    }
+
+    /// The architecture behind the [`Decoder`] interface.
+    pub fn decoder(&self) -> &dyn Decoder {
+        match self {
+            Model::Gpt2(m) => m,
+            Model::GptNeoX(m) => m,
+        }
+    }
+
+    /// Sequence log-probabilities (first token not scored) in one packed forward pass; every
+    /// sequence needs at least two tokens.
     pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
         match self {
             Model::Gpt2(m) => m.sequence_log_probs(batch),

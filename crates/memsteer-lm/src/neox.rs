@@ -7,7 +7,9 @@ use memsteer_kernels::{Device, matmul_transposed};
 use crate::Decoder;
 use crate::Result;
 use crate::config::NeoXConfig;
-use crate::ops::{KvCache, add_bias, causal_attention, check_input, gelu, layer_norm};
+use rayon::prelude::*;
+
+use crate::ops::{self, Heads, KvCache};
 use crate::weights::Weights;
 
 #[derive(Debug)]
@@ -82,96 +84,110 @@ impl GptNeoX {
         &self.cfg
     }
 
-    /// Rotates the first `rot` dimensions of each head of `x` (`t × d`, positions `p0..p0+t`) in place
-    /// (rotate-half form).
-    fn rotary(&self, x: &mut [f32], t: usize, p0: usize) {
-        let (d, heads) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
-        let (hd, half) = (d / heads, self.rot / 2);
-        for row in 0..t {
-            let pos = p0 + row;
-            for h in 0..heads {
-                let base = row * d + h * hd;
-                for i in 0..half {
-                    let angle = pos as f64 * self.inv_freq[i];
-                    let (sin, cos) = (angle.sin() as f32, angle.cos() as f32);
-                    let (a, b) = (x[base + i], x[base + i + half]);
-                    x[base + i] = a * cos - b * sin;
-                    x[base + i + half] = b * cos + a * sin;
-                }
+    /// `(cos, sin)` of every rotary angle for positions `0..positions`, `positions × rot/2` each.
+    fn rotary_table(&self, positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.rot / 2;
+        let mut cos = Vec::with_capacity(positions * half);
+        let mut sin = Vec::with_capacity(positions * half);
+        for pos in 0..positions {
+            for f in &self.inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
             }
         }
+        (cos, sin)
     }
 
-    fn run(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        check_input(self, tokens, cache.len())?;
-        let p0 = cache.len();
-
-        let (t, d) = (tokens.len(), self.cfg.hidden_size);
+    fn run(&self, seqs: &[&[u32]], mut cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let lay = ops::layout(self, seqs, past)?;
+        let (t, d) = (lay.rows(), self.cfg.hidden_size);
         let (heads, inter) = (self.cfg.num_attention_heads, self.cfg.intermediate_size);
         let hd = d / heads;
         let dev = Device::Cpu;
         let eps = self.cfg.layer_norm_eps;
+        let act = self.cfg.activation;
         let mut x = vec![0.0f32; t * d];
-        for (i, &tok) in tokens.iter().enumerate() {
-            x[i * d..(i + 1) * d].copy_from_slice(&self.embed_in[tok as usize * d..(tok as usize + 1) * d]);
+        for (row, &tok) in x.chunks_exact_mut(d).zip(seqs.iter().flat_map(|s| s.iter())) {
+            row.copy_from_slice(&self.embed_in[tok as usize * d..(tok as usize + 1) * d]);
         }
+        let half = self.rot / 2;
+        let (cos, sin) = self.rotary_table(lay.positions.iter().max().map_or(0, |p| p + 1));
         let (mut h1, mut h2) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
         let mut qkv = vec![0.0f32; t * 3 * d];
-        let (mut q, mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d], vec![0.0f32; t * d]);
         let (mut ctx, mut attn) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
         let (mut mid, mut mlp) = (vec![0.0f32; t * inter], vec![0.0f32; t * d]);
+        // In the fused projection each head's slice of a row is [q (hd), k (hd), v (hd)].
+        let fused = |base| Heads { data: &[], row_stride: 3 * d, base, head_stride: 3 * hd };
         for (li, l) in self.layers.iter().enumerate() {
-            layer_norm(&mut x, &l.ln1, eps, &mut h1);
+            ops::layer_norm(&x, &l.ln1, eps, &mut h1);
             matmul_transposed(&dev, &h1, &l.qkv_w, t, d, 3 * d, &mut qkv)?;
-            add_bias(&mut qkv, &l.qkv_b);
-            // Per head the fused output is [q (hd), k (hd), v (hd)].
-            for i in 0..t {
-                for h in 0..heads {
-                    let src = &qkv[i * 3 * d + h * 3 * hd..i * 3 * d + (h + 1) * 3 * hd];
-                    let dst = i * d + h * hd;
-                    q[dst..dst + hd].copy_from_slice(&src[..hd]);
-                    k[dst..dst + hd].copy_from_slice(&src[hd..2 * hd]);
-                    v[dst..dst + hd].copy_from_slice(&src[2 * hd..]);
+            ops::bias_act(&mut qkv, &l.qkv_b, None);
+            if half > 0 {
+                // Rotate-half rotary embedding of the first `rot` dimensions of every q and k head.
+                qkv.par_chunks_mut(3 * d).zip(&lay.positions).for_each(|(row, &pos)| {
+                    let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+                    for h in 0..heads {
+                        for part in [0, hd] {
+                            let base = h * 3 * hd + part;
+                            for i in 0..half {
+                                let (a, b) = (row[base + i], row[base + i + half]);
+                                row[base + i] = a * c[i] - b * s[i];
+                                row[base + i + half] = b * c[i] + a * s[i];
+                            }
+                        }
+                    }
+                });
+            }
+            let q = Heads { data: &qkv, ..fused(0) };
+            if let Some(c) = cache.as_deref_mut() {
+                let (mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+                for i in 0..t {
+                    for h in 0..heads {
+                        let src = i * 3 * d + h * 3 * hd;
+                        k[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&qkv[src + hd..src + 2 * hd]);
+                        v[i * d + h * hd..i * d + (h + 1) * hd].copy_from_slice(&qkv[src + 2 * hd..src + 3 * hd]);
+                    }
                 }
+                let (ks, vs) = c.extend(li, &k, &v);
+                let cached = |data| Heads { data, row_stride: d, base: 0, head_stride: hd };
+                ops::attention((q, cached(ks), cached(vs)), &lay, &|_| 0, (heads, hd), &mut ctx)?;
+            } else {
+                let (k, v) = (Heads { data: &qkv, ..fused(hd) }, Heads { data: &qkv, ..fused(2 * hd) });
+                ops::attention((q, k, v), &lay, &|s| lay.starts[s], (heads, hd), &mut ctx)?;
             }
-            if self.rot > 0 {
-                self.rotary(&mut q, t, p0);
-                self.rotary(&mut k, t, p0);
-            }
-            let (ks, vs) = cache.extend(li, &k, &v);
-            causal_attention(&q, ks, vs, (t, p0 + t), d, heads, &mut ctx);
             matmul_transposed(&dev, &ctx, &l.dense_w, t, d, d, &mut attn)?;
-            add_bias(&mut attn, &l.dense_b);
-            let act = self.cfg.activation;
+            ops::bias_act(&mut attn, &l.dense_b, None);
             let mut run_mlp = |input: &[f32], out: &mut [f32]| -> Result<()> {
                 matmul_transposed(&dev, input, &l.up_w, t, d, inter, &mut mid)?;
-                add_bias(&mut mid, &l.up_b);
-                mid.iter_mut().for_each(|m| *m = gelu(*m, act));
+                ops::bias_act(&mut mid, &l.up_b, Some(act));
                 matmul_transposed(&dev, &mid, &l.down_w, t, inter, d, out)?;
-                add_bias(out, &l.down_b);
+                ops::bias_act(out, &l.down_b, None);
                 Ok(())
             };
             if self.cfg.use_parallel_residual {
-                layer_norm(&mut x, &l.ln2, eps, &mut h2);
+                ops::layer_norm(&x, &l.ln2, eps, &mut h2);
                 run_mlp(&h2, &mut mlp)?;
-                x.iter_mut().zip(attn.iter().zip(&mlp)).for_each(|(xi, (a, m))| *xi += a + m);
+                ops::residual(&mut x, &attn, Some(&mlp));
             } else {
-                x.iter_mut().zip(&attn).for_each(|(xi, a)| *xi += a);
-                layer_norm(&mut x, &l.ln2, eps, &mut h2);
+                ops::residual(&mut x, &attn, None);
+                ops::layer_norm(&x, &l.ln2, eps, &mut h2);
                 run_mlp(&h2, &mut mlp)?;
-                x.iter_mut().zip(&mlp).for_each(|(xi, m)| *xi += m);
+                ops::residual(&mut x, &mlp, None);
             }
         }
-        cache.advance(t);
-        let mut out = vec![0.0f32; t * d];
-        layer_norm(&mut x, &self.ln_f, eps, &mut out);
-        Ok(out)
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        ops::layer_norm(&x, &self.ln_f, eps, &mut h1);
+        Ok(h1)
     }
 }
 
 impl Decoder for GptNeoX {
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.run(tokens, cache)
+    fn forward_packed(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
+        self.run(seqs, cache)
     }
     fn output_embedding(&self) -> &[f32] {
         self.embed_out.as_deref().unwrap_or(&self.embed_in)

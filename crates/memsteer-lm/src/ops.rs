@@ -1,92 +1,200 @@
-//! Small per-element and per-row operations shared by the architectures.
+//! Operations shared by the architectures, on packed batches: the rows of several sequences are laid
+//! end to end, so every linear layer is one large matrix product split across threads by the
+//! kernels, and attention runs one task per (sequence, head).
 
-use memsteer_kernels::{Device, log_prob_targets};
+use memsteer_kernels::{Device, MatMut, MatRef, log_prob_targets, matmul_strided, vmath};
+use rayon::prelude::*;
 
 use crate::config::Activation;
 use crate::{LmError, Result};
 
-pub(crate) fn layer_norm(x: &mut [f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
+/// Rows per parallel task of the row-wise operations.
+const ROW_BLOCK: usize = 32;
+/// Query rows per attention tile (bounds the score buffer at `QUERY_BLOCK × keys`).
+const QUERY_BLOCK: usize = 64;
+
+/// Where the sequences of a packed batch sit.
+#[derive(Debug, Clone)]
+pub(crate) struct Layout {
+    /// Sequence `s` holds rows `starts[s]..starts[s + 1]`.
+    pub starts: Vec<usize>,
+    /// Positions already in the cache (only a single sequence may continue a cache).
+    pub past: usize,
+    /// The position of every row.
+    pub positions: Vec<usize>,
+}
+
+impl Layout {
+    /// Rows of the packed batch.
+    pub fn rows(&self) -> usize {
+        self.starts.last().copied().unwrap_or(0)
+    }
+}
+
+/// Checks every sequence (non-empty, ids inside the vocabulary, inside the context after `past`
+/// cached positions) before anything is allocated from them, and lays them out.
+pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], past: usize) -> Result<Layout> {
+    let name = |i: usize, message: String| {
+        if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } }
+    };
+    if past > 0 && seqs.len() != 1 {
+        return Err(LmError::Input(format!("a KV cache continues one sequence, not {}", seqs.len())));
+    }
+    let mut starts = Vec::with_capacity(seqs.len() + 1);
+    starts.push(0usize);
+    for (i, s) in seqs.iter().enumerate() {
+        if s.is_empty() {
+            return Err(name(i, "empty sequence".into()));
+        }
+        if past == 0 && s.len() > m.context() {
+            return Err(name(
+                i,
+                format!("sequence of {} tokens is longer than the context of {}", s.len(), m.context()),
+            ));
+        }
+        if past + s.len() > m.context() {
+            return Err(name(
+                i,
+                format!("{past} cached + {} new tokens exceed the context of {}", s.len(), m.context()),
+            ));
+        }
+        if let Some((p, t)) = s.iter().enumerate().find(|(_, t)| **t as usize >= m.vocab()) {
+            return Err(name(i, format!("token id {t} at position {p} is outside the vocabulary of {}", m.vocab())));
+        }
+        starts.push(starts[i] + s.len());
+    }
+    let positions = seqs.iter().flat_map(|s| past..past + s.len()).collect();
+    Ok(Layout { starts, past, positions })
+}
+
+/// `out = layer_norm(x)` row by row (`g`, `b` of length `d`).
+pub(crate) fn layer_norm(x: &[f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
     let d = g.len();
-    for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-        let mean = row.iter().sum::<f32>() / d as f32;
-        let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-        let inv = 1.0 / (var + eps).sqrt();
-        for i in 0..d {
-            o[i] = (row[i] - mean) * inv * g[i] + b[i];
+    out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).for_each(|(out, x)| {
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                o[i] = (row[i] - mean) * inv * g[i] + b[i];
+            }
         }
-    }
+    });
 }
 
-pub(crate) fn gelu(x: f32, act: Activation) -> f32 {
-    match act {
-        Activation::GeluTanh => 0.5 * x * (1.0 + (0.797_884_6 * (x + 0.044_715 * x * x * x)).tanh()),
-        Activation::GeluExact => 0.5 * x * (1.0 + erf(x / std::f32::consts::SQRT_2)),
-    }
-}
-
-/// erf with |error| < 1.5e-7 (Abramowitz–Stegun 7.1.26), computed in f64.
-fn erf(x: f32) -> f32 {
-    let x = f64::from(x);
-    let t = 1.0 / (1.0 + 0.327_591_1 * x.abs());
-    let y = 1.0
-        - (((((1.061_405_429 * t - 1.453_152_027) * t) + 1.421_413_741) * t - 0.284_496_736) * t + 0.254_829_592)
-            * t
-            * (-x * x).exp();
-    (y.copysign(x)) as f32
-}
-
-pub(crate) fn add_bias(x: &mut [f32], b: &[f32]) {
-    for row in x.chunks_exact_mut(b.len()) {
-        for (v, bi) in row.iter_mut().zip(b) {
-            *v += bi;
+/// Adds `b` to every row of `x`, then applies `act` if given.
+pub(crate) fn bias_act(x: &mut [f32], b: &[f32], act: Option<Activation>) {
+    let d = b.len();
+    x.par_chunks_mut(ROW_BLOCK * d).for_each(|x| {
+        for row in x.chunks_exact_mut(d) {
+            row.iter_mut().zip(b).for_each(|(v, bi)| *v += bi);
+            match act {
+                None => {}
+                Some(Activation::GeluTanh) => vmath::gelu_tanh_in_place(row),
+                Some(Activation::GeluExact) => vmath::gelu_erf_in_place(row),
+            }
         }
+    });
+}
+
+/// `x += a` (and `+= b` when given), elementwise.
+pub(crate) fn residual(x: &mut [f32], a: &[f32], b: Option<&[f32]>) {
+    const CHUNK: usize = 1 << 14;
+    match b {
+        None => x.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(x, a)| {
+            x.iter_mut().zip(a).for_each(|(x, a)| *x += a);
+        }),
+        Some(b) => x.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).zip(b.par_chunks(CHUNK)).for_each(|((x, a), b)| {
+            x.iter_mut().zip(a.iter().zip(b)).for_each(|(x, (a, b))| *x += a + b);
+        }),
     }
 }
 
-/// Causal multi-head attention with cached keys (`(t_q, t_kv)` = query and key counts): `q` is `t_q × d` (the newest `t_q` positions), `k` and
-/// `v` are `t_kv × d` (all positions so far, the newest last); head `h` occupies columns
-/// `h·hd .. (h+1)·hd`. Query `i` sits at position `t_kv − t_q + i` and sees keys up to it. Writes
-/// `softmax(q kᵀ / √hd + causal mask) v` per head into `out` (`t_q × d`).
-pub(crate) fn causal_attention(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    (t_q, t_kv): (usize, usize),
-    d: usize,
-    heads: usize,
+/// Per-head views into a row-major buffer: head `h` of row `r` starts at
+/// `data[r·row_stride + base + h·head_stride]` and holds `head_dim` values.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Heads<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub base: usize,
+    pub head_stride: usize,
+}
+
+impl<'a> Heads<'a> {
+    /// Head `h` from row `row0` on, as a (rows × head_dim) view.
+    fn at(&self, h: usize, row0: usize) -> MatRef<'a> {
+        let start = (row0 * self.row_stride + self.base + h * self.head_stride).min(self.data.len());
+        MatRef { data: &self.data[start..], rs: self.row_stride, cs: 1 }
+    }
+}
+
+/// Causal multi-head attention over a packed batch, written to `out` (`rows × heads·head_dim`).
+/// Queries of sequence `s` are rows `starts[s]..` of `q`; its keys and values are rows
+/// `key_row0(s)..key_row0(s) + past + len` of `k` and `v`. Query `i` of a sequence sits at position
+/// `past + i` and sees keys up to it. One task per (sequence, head); scores are tiled by
+/// `QUERY_BLOCK` query rows and reach only the keys a tile can see.
+pub(crate) fn attention(
+    (q, k, v): (Heads<'_>, Heads<'_>, Heads<'_>),
+    layout: &Layout,
+    key_row0: &(dyn Fn(usize) -> usize + Sync),
+    (heads, hd): (usize, usize),
     out: &mut [f32],
-) {
-    let hd = d / heads;
+) -> Result<()> {
+    let d = heads * hd;
+    let past = layout.past;
     let scale = 1.0 / (hd as f32).sqrt();
-    let offset = t_kv - t_q;
-    let mut scores = vec![0.0f32; t_kv];
-    for head in 0..heads {
-        let off = head * hd;
-        for i in 0..t_q {
-            let last = offset + i;
-            let qi = &q[i * d + off..i * d + off + hd];
-            let mut max = f32::NEG_INFINITY;
-            for j in 0..=last {
-                let kj = &k[j * d + off..j * d + off + hd];
-                let s = qi.iter().zip(kj).map(|(x, y)| x * y).sum::<f32>() * scale;
-                scores[j] = s;
-                max = max.max(s);
-            }
-            let mut z = 0.0;
-            for s in &mut scores[..=last] {
-                *s = (*s - max).exp();
-                z += *s;
-            }
-            let o = &mut out[i * d + off..i * d + off + hd];
-            o.fill(0.0);
-            for j in 0..=last {
-                let w = scores[j] / z;
-                for (oo, vv) in o.iter_mut().zip(&v[j * d + off..j * d + off + hd]) {
-                    *oo += w * vv;
-                }
-            }
+    // Head-major scratch: sequence s's region holds its heads one after another (len × hd each).
+    let mut scratch = vec![0.0f32; out.len()];
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(layout.starts.len() * heads);
+    let mut rest = scratch.as_mut_slice();
+    for s in 0..layout.starts.len() - 1 {
+        let len = layout.starts[s + 1] - layout.starts[s];
+        let (region, tail) = rest.split_at_mut(len * d);
+        rest = tail;
+        for (h, chunk) in region.chunks_exact_mut(len * hd).enumerate() {
+            tasks.push((s, h, chunk));
         }
     }
+    let dev = Device::Cpu;
+    tasks.into_par_iter().try_for_each(|(s, h, o)| -> Result<()> {
+        let len = layout.starts[s + 1] - layout.starts[s];
+        let (qm, km, vm) = (q.at(h, layout.starts[s]), k.at(h, key_row0(s)), v.at(h, key_row0(s)));
+        let mut scores = vec![0.0f32; QUERY_BLOCK.min(len) * (past + len)];
+        for i0 in (0..len).step_by(QUERY_BLOCK) {
+            let rows = QUERY_BLOCK.min(len - i0);
+            let keys = past + i0 + rows;
+            let sc = &mut scores[..rows * keys];
+            let q_tile = MatRef { data: &qm.data[(i0 * qm.rs).min(qm.data.len())..], ..qm };
+            matmul_strided(&dev, (rows, hd, keys), q_tile, km.t(), 0.0, MatMut::row_major(sc, keys))?;
+            for r in 0..rows {
+                let row = &mut sc[r * keys..(r + 1) * keys];
+                let last = past + i0 + r;
+                row[..=last].iter_mut().for_each(|x| *x *= scale);
+                vmath::softmax_in_place(&mut row[..=last]);
+                row[last + 1..].fill(0.0);
+            }
+            matmul_strided(
+                &dev,
+                (rows, keys, hd),
+                MatRef::row_major(sc, keys),
+                vm,
+                0.0,
+                MatMut::row_major(&mut o[i0 * hd..(i0 + rows) * hd], hd),
+            )?;
+        }
+        Ok(())
+    })?;
+    // Back to row-major (rows × d).
+    out.par_chunks_mut(d).enumerate().for_each(|(row, o)| {
+        let s = layout.starts.partition_point(|&st| st <= row) - 1;
+        let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
+        let i = row - start;
+        for h in 0..heads {
+            let src = start * d + h * len * hd + i * hd;
+            o[h * hd..(h + 1) * hd].copy_from_slice(&scratch[src..src + hd]);
+        }
+    });
+    Ok(())
 }
 
 /// Keys and values of every layer for the positions seen so far (incremental decoding).
@@ -130,51 +238,52 @@ impl KvCache {
     }
 }
 
-/// Token ids inside the vocabulary, and the sequence (after `cached` positions) inside the context.
-pub(crate) fn check_input(m: &impl crate::Decoder, tokens: &[u32], cached: usize) -> Result<()> {
-    if cached == 0 && tokens.len() > m.context() {
-        return Err(LmError::Input(format!(
-            "sequence of {} tokens is longer than the context of {}",
-            tokens.len(),
-            m.context()
-        )));
-    }
-    if cached + tokens.len() > m.context() {
-        return Err(LmError::Input(format!(
-            "{cached} cached + {} new tokens exceed the context of {}",
-            tokens.len(),
-            m.context()
-        )));
-    }
-    if let Some((i, t)) = tokens.iter().enumerate().find(|(_, t)| **t as usize >= m.vocab()) {
-        return Err(LmError::Input(format!("token id {t} at position {i} is outside the vocabulary of {}", m.vocab())));
-    }
-    Ok(())
-}
-
 /// Next-token logits after feeding `tokens` on top of `cache`.
 pub(crate) fn next_logits(m: &impl crate::Decoder, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
     let hidden = m.forward(tokens, cache)?;
     let d = m.dim();
     let last = &hidden[hidden.len().saturating_sub(d)..];
-    Ok(m.output_embedding().chunks_exact(d).map(|e| e.iter().zip(last).map(|(a, b)| a * b).sum()).collect())
+    let mut logits = vec![0.0f32; m.vocab()];
+    memsteer_kernels::matmul_transposed(&Device::Cpu, last, m.output_embedding(), 1, d, m.vocab(), &mut logits)?;
+    Ok(logits)
 }
 
-/// `log p(x_t | x_<t)` for `t = 1..T` through the fused output layer.
-pub(crate) fn token_log_probs(m: &impl crate::Decoder, tokens: &[u32]) -> Result<Vec<f32>> {
-    if tokens.len() < 2 {
-        check_input(m, tokens, 0)?;
+/// `log p(x_t | x_<t)` for `t = 1..T` of every sequence, through one packed forward pass and the
+/// fused output layer. Every sequence needs at least two tokens.
+pub(crate) fn token_log_probs_batch(m: &impl crate::Decoder, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.len() < 2) {
+        let message =
+            format!("{} token(s): a log-probability needs at least two (the first token is not scored)", s.len());
+        return Err(if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } });
+    }
+    if seqs.is_empty() {
         return Ok(Vec::new());
     }
-    let hidden = m.forward(tokens, &mut KvCache::new())?;
+    let hidden = m.forward_packed(seqs, None)?;
     let d = m.dim();
-    let mut out = vec![0.0f32; tokens.len() - 1];
-    log_prob_targets(&Device::Cpu, &hidden[..(tokens.len() - 1) * d], m.output_embedding(), d, &tokens[1..], &mut out)?;
-    Ok(out)
+    // Every row but each sequence's last predicts the next token.
+    let scored: usize = seqs.iter().map(|s| s.len() - 1).sum();
+    let mut h = Vec::with_capacity(scored * d);
+    let mut targets = Vec::with_capacity(scored);
+    let mut row = 0;
+    for s in seqs {
+        h.extend_from_slice(&hidden[row * d..(row + s.len() - 1) * d]);
+        targets.extend_from_slice(&s[1..]);
+        row += s.len();
+    }
+    let mut out = vec![0.0f32; scored];
+    log_prob_targets(&Device::Cpu, &h, m.output_embedding(), d, &targets, &mut out)?;
+    let mut result = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for s in seqs {
+        result.push(out[at..at + s.len() - 1].to_vec());
+        at += s.len() - 1;
+    }
+    Ok(result)
 }
 
-/// Sequence log-probabilities, in parallel across sequences.
+/// Sequence log-probabilities (sums over tokens in `f64`).
 pub(crate) fn sequence_log_probs(m: &impl crate::Decoder, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
-    use rayon::prelude::*;
-    batch.par_iter().map(|s| token_log_probs(m, s).map(|lp| lp.iter().map(|&x| f64::from(x)).sum())).collect()
+    let seqs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
+    Ok(token_log_probs_batch(m, &seqs)?.iter().map(|lp| lp.iter().map(|&x| f64::from(x)).sum()).collect())
 }

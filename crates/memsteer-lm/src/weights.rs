@@ -1,4 +1,12 @@
-//! Safetensors weights (single file or sharded with `model.safetensors.index.json`), converted to `f32`.
+//! Safetensors weights (single file or sharded with `model.safetensors.index.json`), memory-mapped,
+//! each header parsed once, tensors converted to `f32` in bulk.
+//!
+//! This is the one module of the crate with `unsafe` code: mapping a file. A mapped file that another
+//! process truncates or rewrites while it is mapped is undefined behaviour, as for every
+//! memory-mapped reader (safetensors', candle's); checkpoints are read-only inputs, so memsteer maps
+//! them, and converts every tensor to owned `f32` at load time so the mapping lives only as long as
+//! [`Weights`].
+#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -7,93 +15,200 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::{LmError, Result};
 
-/// The raw bytes of every weight file of a model directory.
+/// One mapped weight file.
+#[derive(Debug)]
+struct File {
+    path: PathBuf,
+    bytes: memmap2::Mmap,
+    /// Offset of the data section (after the 8-byte length and the JSON header).
+    data_start: usize,
+}
+
+/// Where one tensor lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    /// Byte range inside the file's data section.
+    range: (usize, usize),
+}
+
+/// The weight files of a model directory, mapped, with every tensor's location.
 #[derive(Debug)]
 pub struct Weights {
-    files: Vec<(PathBuf, Vec<u8>)>,
-    /// Tensor name → index into `files`.
-    index: HashMap<String, usize>,
+    files: Vec<File>,
+    index: HashMap<String, Entry>,
+}
+
+fn weight_paths(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    let sharded = dir.join("model.safetensors.index.json");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    if sharded.exists() {
+        let text = std::fs::read_to_string(&sharded).map_err(|source| LmError::Io { path: sharded.clone(), source })?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| LmError::Config { path: sharded.clone(), message: format!("not valid JSON: {e}") })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| LmError::Config { path: sharded.clone(), message: "missing object `weight_map`".into() })?;
+        let mut files = Vec::new();
+        for (name, f) in map {
+            let f = f.as_str().ok_or_else(|| LmError::Config {
+                path: sharded.clone(),
+                message: format!("`weight_map` entry {name:?} must name a file"),
+            })?;
+            files.push(f.to_string());
+        }
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let pt = dir.join("pytorch_model.bin");
+    let hint = if pt.exists() {
+        " (found pytorch_model.bin: convert it to safetensors first, e.g. with the safetensors package's torch helpers; memsteer does not unpickle)"
+    } else {
+        ""
+    };
+    Err(LmError::Io {
+        path: single,
+        source: std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no model.safetensors or model.safetensors.index.json{hint}"),
+        ),
+    })
+}
+
+fn map(path: &Path) -> Result<memmap2::Mmap> {
+    let file = std::fs::File::open(path).map_err(|source| LmError::Io { path: path.into(), source })?;
+    // SAFETY: the mapping is read-only and private to this process; see the module documentation
+    // for the one remaining hazard (another process changing the file while it is mapped).
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|source| LmError::Io { path: path.into(), source })
 }
 
 impl Weights {
     /// Opens `model.safetensors` or the shards listed in `model.safetensors.index.json` under `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let single = dir.join("model.safetensors");
-        let sharded = dir.join("model.safetensors.index.json");
-        let paths: Vec<PathBuf> = if single.exists() {
-            vec![single]
-        } else if sharded.exists() {
-            let text =
-                std::fs::read_to_string(&sharded).map_err(|source| LmError::Io { path: sharded.clone(), source })?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| LmError::Config { path: sharded.clone(), message: format!("not valid JSON: {e}") })?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| LmError::Config {
-                path: sharded.clone(),
-                message: "missing object `weight_map`".into(),
-            })?;
-            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
-            files.sort();
-            files.dedup();
-            files.into_iter().map(|f| dir.join(f)).collect()
-        } else {
-            let pt = dir.join("pytorch_model.bin");
-            let hint = if pt.exists() {
-                " (found pytorch_model.bin: convert it to safetensors first, e.g. with the safetensors package's torch helpers; memsteer does not unpickle)"
-            } else {
-                ""
-            };
-            return Err(LmError::Io {
-                path: single,
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no model.safetensors or model.safetensors.index.json{hint}"),
-                ),
-            });
-        };
-        let mut files = Vec::with_capacity(paths.len());
+        let mut files = Vec::new();
         let mut index = HashMap::new();
-        for path in paths {
-            let bytes = std::fs::read(&path).map_err(|source| LmError::Io { path: path.clone(), source })?;
-            let names: Vec<String> = SafeTensors::deserialize(&bytes)
-                .map_err(|e| LmError::Weights { path: path.clone(), message: e.to_string() })?
-                .names()
-                .into_iter()
-                .map(String::from)
-                .collect();
-            for n in names {
-                index.insert(n, files.len());
+        for path in weight_paths(dir)? {
+            let bytes = map(&path)?;
+            let (header, meta) = SafeTensors::read_metadata(&bytes)
+                .map_err(|e| LmError::Weights { path: path.clone(), message: e.to_string() })?;
+            let data_start = 8 + header;
+            let data_len = bytes.len().saturating_sub(data_start);
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                if a > b || b > data_len {
+                    return Err(LmError::Tensor {
+                        path: path.clone(),
+                        name,
+                        message: format!("data offsets {a}..{b} lie outside the {data_len}-byte data section"),
+                    });
+                }
+                index.insert(
+                    name,
+                    Entry { file: files.len(), dtype: info.dtype, shape: info.shape.clone(), range: (a, b) },
+                );
             }
-            files.push((path, bytes));
+            files.push(File { path, bytes, data_start });
         }
         Ok(Self { files, index })
     }
 
-    /// The first of `names` present in the files.
-    fn find<'n>(&self, names: &[&'n str]) -> Option<(&'n str, usize)> {
-        names.iter().find_map(|n| self.index.get(*n).map(|&i| (*n, i)))
+    /// Tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
     }
 
     /// Loads a tensor as `f32`, checking its shape; `names` are alternatives (e.g. with and without a
     /// `transformer.` prefix).
     pub fn tensor(&self, names: &[&str], shape: &[usize]) -> Result<Vec<f32>> {
-        let Some((name, file)) = self.find(names) else {
-            let path = self.files.first().map(|f| f.0.clone()).unwrap_or_default();
-            return Err(LmError::Tensor { path, name: names[0].to_string(), message: "missing".into() });
+        let Some((name, e)) = names.iter().find_map(|n| self.index.get(*n).map(|e| (*n, e))) else {
+            let path = self.files.first().map(|f| f.path.clone()).unwrap_or_default();
+            return Err(LmError::Tensor {
+                path,
+                name: names.first().copied().unwrap_or_default().to_string(),
+                message: "missing".into(),
+            });
         };
-        let (path, bytes) = &self.files[file];
-        let err = |message: String| LmError::Tensor { path: path.clone(), name: name.to_string(), message };
-        let st = SafeTensors::deserialize(bytes)
-            .map_err(|e| LmError::Weights { path: path.clone(), message: e.to_string() })?;
-        let view = st.tensor(name).map_err(|e| err(e.to_string()))?;
-        if view.shape() != shape {
-            return Err(err(format!("shape {:?}, expected {:?}", view.shape(), shape)));
+        let file = &self.files[e.file];
+        let err = |message: String| LmError::Tensor { path: file.path.clone(), name: name.to_string(), message };
+        if e.shape != shape {
+            return Err(err(format!("shape {:?}, expected {:?}", e.shape, shape)));
         }
-        let data = view.data();
-        Ok(match view.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        let data = &file.bytes[file.data_start + e.range.0..file.data_start + e.range.1];
+        let count: usize = shape.iter().product();
+        let width = match e.dtype {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
             other => return Err(err(format!("dtype {other:?} is not supported; expected F32, F16 or BF16"))),
-        })
+        };
+        if data.len() != count * width {
+            return Err(err(format!("holds {} bytes, expected {} for shape {shape:?}", data.len(), count * width)));
+        }
+        let mut out = vec![0.0f32; count];
+        match e.dtype {
+            Dtype::F32 => {
+                for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            Dtype::F16 => {
+                use half::slice::HalfFloatSliceExt;
+                let bits: Vec<half::f16> =
+                    data.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+                bits.convert_to_f32_slice(&mut out);
+            }
+            _ => {
+                use half::slice::HalfFloatSliceExt;
+                let bits: Vec<half::bf16> =
+                    data.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+                bits.convert_to_f32_slice(&mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A fingerprint of the weights: FNV-1a over every file's header and, for each tensor, its first
+    /// and last 4 KiB. Two checkpoints of one training run differ in every tensor, so they differ here;
+    /// it costs microseconds, not a pass over the file.
+    pub fn fingerprint(&self) -> String {
+        let mut h = Fnv::default();
+        let mut names: Vec<&String> = self.index.keys().collect();
+        names.sort();
+        for f in &self.files {
+            h.write(&f.bytes[..f.data_start.min(f.bytes.len())]);
+        }
+        for n in names {
+            let e = &self.index[n];
+            let f = &self.files[e.file];
+            let data = &f.bytes[f.data_start + e.range.0..f.data_start + e.range.1];
+            h.write(n.as_bytes());
+            h.write(&data[..data.len().min(4096)]);
+            h.write(&data[data.len().saturating_sub(4096)..]);
+        }
+        format!("{:016x}", h.0)
+    }
+}
+
+/// 64-bit FNV-1a.
+#[derive(Debug)]
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
     }
 }

@@ -27,6 +27,8 @@ fn check_golden(name: &str) {
         .iter()
         .map(|s| s["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect())
         .collect();
+    // A one-token sequence has nothing to score: an error, not a log-probability of 0.
+    let (seqs, batch): (Vec<_>, Vec<_>) = seqs.iter().zip(batch).filter(|(_, b)| b.len() >= 2).unzip();
     let totals = model.sequence_log_probs(&batch).expect("log-probs");
     for ((s, tokens), total) in seqs.iter().zip(&batch).zip(&totals) {
         let want = s["sequence_log_prob"].as_f64().expect("total");
@@ -96,7 +98,12 @@ fn bad_inputs_are_named() {
     assert!(e.contains("token id 50 at position 1") && e.contains("vocabulary of 50"), "{e}");
     let e = model.token_log_probs(&[1; 25]).expect_err("length").to_string();
     assert!(e.contains("25 tokens") && e.contains("context of 24"), "{e}");
-    assert!(model.token_log_probs(&[3]).expect("one token").is_empty());
+    let e = model.token_log_probs(&[3]).expect_err("one token").to_string();
+    assert!(e.contains("1 token(s)") && e.contains("at least two"), "{e}");
+    let e = model.sequence_log_probs(&[vec![1, 2], vec![4]]).expect_err("short").to_string();
+    assert!(e.starts_with("sequence 1 of the batch: 1 token(s)"), "{e}");
+    let e = model.sequence_log_probs(&[vec![1, 2], vec![1, 99]]).expect_err("vocab").to_string();
+    assert!(e.starts_with("sequence 1 of the batch: token id 99 at position 1"), "{e}");
 }
 
 #[test]
@@ -124,6 +131,34 @@ fn malformed_configs_and_weights_give_clear_errors() {
         )
         .contains("`vocab_size` must be a positive integer")
     );
+
+    // Keys the runtime does not implement, set to values that change the model, are named.
+    let base = r#"{"model_type": "gpt2", "vocab_size": 5, "n_positions": 8, "n_embd": 6, "n_layer": 1, "n_head": 2"#;
+    for (extra, key) in [
+        (r#", "scale_attn_by_inverse_layer_idx": true}"#, "`scale_attn_by_inverse_layer_idx` = true"),
+        (r#", "reorder_and_upcast_attn": true}"#, "`reorder_and_upcast_attn` = true"),
+        (r#", "scale_attn_weights": false}"#, "`scale_attn_weights` = false"),
+    ] {
+        let e = cfg_err(&format!("{base}{extra}"));
+        assert!(e.contains(key) && e.contains("not supported"), "{e}");
+    }
+    // … while their defaults, written out, are fine.
+    std::fs::write(p.join("config.json"), format!("{base}, \"scale_attn_weights\": true, \"n_inner\": null}}"))
+        .expect("write");
+    ModelConfig::from_file(&p.join("config.json")).expect("defaults written out");
+    let neox = r#"{"model_type": "gpt_neox", "vocab_size": 5, "max_position_embeddings": 8, "hidden_size": 6,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 8"#;
+    for (extra, key) in [
+        (r#", "rope_scaling": {"type": "linear", "factor": 2.0}}"#, "`rope_scaling`"),
+        (r#", "attention_bias": false}"#, "`attention_bias` = false"),
+        (
+            r#", "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000}}"#,
+            "`rope_parameters.rope_type` = \"yarn\"",
+        ),
+    ] {
+        let e = cfg_err(&format!("{neox}{extra}"));
+        assert!(e.contains(key) && e.contains("not supported"), "{e}");
+    }
 
     // Weights: missing file (with a hint for pytorch_model.bin), truncated file, wrong shapes, dtype.
     let good = fixture("tiny-gpt2-f32");
