@@ -187,13 +187,92 @@ mod tokenizer {
     }
 
     #[test]
+    fn accessors_agree_with_the_vocabulary_files() {
+        let t = Tokenizer::from_files(&tok_fixture("gpt2/encoder.json"), &tok_fixture("gpt2/vocab.bpe")).expect("load");
+        // encoder.json: "Hello" 15496, "\u0120world" 995, "<|endoftext|>" 50256.
+        assert_eq!(t.token_to_id("Hello"), Some(15496));
+        assert_eq!(t.id_to_token(995).as_deref(), Some("\u{120}world"));
+        assert_eq!(t.token_to_id("<|endoftext|>"), Some(50256));
+        assert_eq!(t.id_to_token(50256).as_deref(), Some("<|endoftext|>"));
+        assert_eq!(t.id_to_token(50257), None);
+        assert_eq!(t.token_to_id("not a token"), None);
+        let small = Tokenizer::from_dir(&tok_fixture("small")).expect("load");
+        assert_eq!(small.vocab_size(), 1257); // 1,256 BPE tokens + <|endoftext|>
+        assert_eq!(small.token_to_id("<|endoftext|>"), Some(1256));
+        assert_eq!(small.decode(&[39, 695, 78, 995]).expect("decode"), "Hello world");
+    }
+
+    /// The `vocab.json` + `merges.txt` names load the same tokenizer as `encoder.json` + `vocab.bpe`.
+    #[test]
+    fn hugging_face_file_names_load_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(tok_fixture("gpt2/encoder.json"), dir.path().join("vocab.json")).expect("copy");
+        std::fs::copy(tok_fixture("gpt2/vocab.bpe"), dir.path().join("merges.txt")).expect("copy");
+        let t = Tokenizer::from_dir(dir.path()).expect("load");
+        for c in cases() {
+            let text = c["text"].as_str().expect("text");
+            assert_eq!(t.encode(text).expect("encode"), ids(&c["gpt2"]), "{text:?}");
+        }
+    }
+
+    #[test]
     fn tokenizer_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(Tokenizer::from_dir(dir.path()).expect_err("none").to_string().contains("no tokenizer.json"));
-        std::fs::write(dir.path().join("tokenizer.json"), r#"{"model": {"type": "WordPiece"}}"#).expect("write");
-        assert!(Tokenizer::from_dir(dir.path()).expect_err("wordpiece").to_string().contains("expected BPE"));
+        let p = dir.path();
+        assert!(Tokenizer::from_dir(p).expect_err("none").to_string().contains("no tokenizer.json"));
+        let tj = p.join("tokenizer.json");
+        let small = std::fs::read_to_string(tok_fixture("small/tokenizer.json")).expect("read");
+        let mut json: serde_json::Value = serde_json::from_str(&small).expect("json");
+        let err = |text: &str| {
+            std::fs::write(&tj, text).expect("write");
+            let e = Tokenizer::from_dir(p).expect_err("bad tokenizer.json").to_string();
+            assert!(e.contains(&tj.display().to_string()), "{e}");
+            e
+        };
+        let e = err(&small[..small.len() / 2]);
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = err("[1, 2]");
+        assert!(e.contains("expected a JSON object"), "{e}");
+        // An empty added token (which `tokenizers` would drop silently).
+        json["added_tokens"][0]["content"] = "".into();
+        let e = err(&json.to_string());
+        assert!(e.contains("added_tokens[0] has empty `content`"), "{e}");
+        json["added_tokens"][0]["content"] = "<|endoftext|>".into();
+        // An unknown model type.
+        let mut unknown = json.clone();
+        unknown["model"]["type"] = "Llama".into();
+        let e = err(&unknown.to_string());
+        assert!(e.contains("model type \"Llama\" is not one of BPE, WordPiece, WordLevel, Unigram"), "{e}");
+        // A BPE model without merges.
+        let mut no_merges = json.clone();
+        no_merges["model"].as_object_mut().expect("model").remove("merges");
+        let e = err(&no_merges.to_string());
+        assert!(e.contains("the BPE model has no `model.merges`"), "{e}");
+        // A merge of symbols that are not in the vocabulary (caught by `tokenizers`).
+        let mut bad_merge = json.clone();
+        bad_merge["model"]["merges"][0] = serde_json::json!(["\u{2603}", "\u{2603}"]);
+        let e = err(&bad_merge.to_string());
+        assert!(e.contains("not a tokenizer that `tokenizers` 0.22 can load"), "{e}");
+        // An unknown pre-tokenizer.
+        let mut bad_pre = json.clone();
+        bad_pre["pre_tokenizer"] = serde_json::json!({"type": "NoSuchPreTokenizer"});
+        let e = err(&bad_pre.to_string());
+        assert!(e.contains("can load"), "{e}");
+        // GPT-2 layout: malformed merges and merges outside the vocabulary name the merges file.
+        std::fs::remove_file(&tj).expect("rm");
+        std::fs::write(p.join("vocab.json"), r#"{"a": 0, "b": 1, "ab": 2}"#).expect("write");
+        std::fs::write(p.join("merges.txt"), "#version: 0.2\na b\nab\n").expect("write");
+        let e = Tokenizer::from_dir(p).expect_err("merges").to_string();
+        assert!(e.contains("merges.txt") && e.contains("line 3: expected two symbols"), "{e}");
+        std::fs::write(p.join("merges.txt"), "a c\n").expect("write");
+        let e = Tokenizer::from_dir(p).expect_err("oov merge").to_string();
+        assert!(e.contains("merges.txt") && e.contains("vocab.json"), "{e}");
+        std::fs::write(p.join("vocab.json"), r#"{"a": -1}"#).expect("write");
+        let e = Tokenizer::from_dir(p).expect_err("vocab").to_string();
+        assert!(e.contains("vocab.json") && e.contains("non-negative integer"), "{e}");
         let t = Tokenizer::from_files(&tok_fixture("gpt2/encoder.json"), &tok_fixture("gpt2/vocab.bpe")).expect("load");
-        assert!(t.decode(&[60000]).expect_err("unknown id").to_string().contains("60000"));
+        let e = t.decode(&[15496, 60000]).expect_err("unknown id").to_string();
+        assert!(e.contains("token id 60000") && e.contains("encoder.json"), "{e}");
     }
 }
 
