@@ -1,4 +1,5 @@
-//! memsteer-lm against golden outputs of an independent (numpy) GPT-2 implementation, and its errors.
+//! memsteer-lm against golden outputs of Hugging Face transformers (tiny random models it saved, log-probs
+//! from its forward pass; see fixtures/lm/make_tiny_*.py) and `tokenizers`, and its errors.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,14 @@ fn load(dir: &Path) -> Gpt2 {
     }
 }
 
+/// Relative tolerance (to max(1, |x|)) of memsteer's f32 log-probs and logits against the goldens.
+const TOLERANCE: f64 = 1e-4;
+
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= TOLERANCE * want.abs().max(1.0)
+}
+
+/// Checks every golden sequence of `fixtures/lm/NAME`; prints the largest absolute and relative differences.
 fn check_golden(name: &str) {
     let dir = fixture(name);
     let model = memsteer_lm::Model::load(&dir).expect("load");
@@ -27,30 +36,42 @@ fn check_golden(name: &str) {
         .iter()
         .map(|s| s["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect())
         .collect();
+    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
+    let mut track = |got: f64, want: f64| {
+        worst_abs = worst_abs.max((got - want).abs());
+        worst_rel = worst_rel.max((got - want).abs() / want.abs().max(1.0));
+        close(got, want)
+    };
     let totals = model.sequence_log_probs(&batch).expect("log-probs");
     for ((s, tokens), total) in seqs.iter().zip(&batch).zip(&totals) {
         let want = s["sequence_log_prob"].as_f64().expect("total");
-        assert!(
-            (total - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "{name}, {} tokens: {total} vs {want}",
-            tokens.len()
-        );
+        assert!(track(*total, want), "{name}, {} tokens: {total} vs {want}", tokens.len());
         let per_token = model.token_log_probs(tokens).expect("tokens");
-        for (got, want) in per_token.iter().zip(s["token_log_probs"].as_array().expect("per token")) {
+        let want_tokens = s["token_log_probs"].as_array().expect("per token");
+        assert_eq!(per_token.len(), want_tokens.len(), "{name}");
+        for (got, want) in per_token.iter().zip(want_tokens) {
             let want = want.as_f64().expect("lp");
-            assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: token lp {got} vs {want}");
+            assert!(track(f64::from(*got), want), "{name}: token lp {got} vs {want}");
         }
         let logits = model.last_logits(tokens).expect("logits");
-        for (got, want) in logits.iter().zip(s["last_logits"].as_array().expect("logits")) {
+        let want_logits = s["last_logits"].as_array().expect("logits");
+        assert_eq!(logits.len(), want_logits.len(), "{name}");
+        for (got, want) in logits.iter().zip(want_logits) {
             let want = want.as_f64().expect("logit");
-            assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: logit {got} vs {want}");
+            assert!(track(f64::from(*got), want), "{name}: logit {got} vs {want}");
         }
     }
+    eprintln!("{name}: max |memsteer - transformers| {worst_abs:.2e}, relative {worst_rel:.2e}");
 }
 
 #[test]
 fn gpt2_f32_matches_the_reference() {
     check_golden("tiny-gpt2-f32");
+}
+
+#[test]
+fn gpt2_with_a_1256_token_vocabulary_matches_the_reference() {
+    check_golden("tiny-gpt2-tokenizer");
 }
 
 #[test]
@@ -68,6 +89,38 @@ fn neox_pythia_layout_f16_old_style_config_matches_the_reference() {
 fn neox_sequential_full_rotary_tied_new_style_config_matches_the_reference() {
     // Sequential residual, full rotary, tied embeddings, rope_parameters.{partial_rotary_factor, rope_theta}.
     check_golden("tiny-neox-sequential-f32");
+}
+
+/// A GPT-NeoX with a `tokenizer.json` written by Python `tokenizers` (NFC normalizer, digits + byte-level
+/// pre-tokenizer sequence, template post-processor prepending `<|endoftext|>`, added `<|sep|>`): memsteer's
+/// tokenizer gives `tokenizers`' ids and decoded text, including for decomposed (non-NFC) input, and the
+/// log-probabilities of its ids are transformers'.
+#[test]
+fn neox_with_an_nfc_tokenizer_matches_tokenizers_and_transformers() {
+    let name = "tiny-neox-tokenizer-nfc";
+    check_golden(name);
+    let dir = fixture(name);
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer");
+    let model = memsteer_lm::Model::load(&dir).expect("model");
+    assert_eq!(tok.vocab_size(), 321);
+    assert_eq!((tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|sep|>")), (Some(0), Some(320)));
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).expect("golden")).expect("json");
+    let seqs = golden["sequences"].as_array().expect("sequences");
+    assert!(seqs.iter().any(|s| s["text"].as_str().expect("text").contains('\u{301}')), "a decomposed text");
+    for s in seqs {
+        let text = s["text"].as_str().expect("text");
+        let want: Vec<u32> =
+            s["tokens"].as_array().expect("ids").iter().map(|t| t.as_u64().expect("id") as u32).collect();
+        let ids = tok.encode(text).expect("encode");
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(tok.decode(&ids).expect("decode"), s["decoded"].as_str().expect("decoded"), "{text:?}");
+        let total = model.sequence_log_probs(std::slice::from_ref(&ids)).expect("lp")[0];
+        let want_total = s["sequence_log_prob"].as_f64().expect("total");
+        assert!(close(total, want_total), "{text:?}: {total} vs {want_total}");
+    }
+    // Decomposed and composed spellings are the same tokens.
+    assert_eq!(seqs[0]["tokens"], seqs[1]["tokens"]);
 }
 
 #[test]
