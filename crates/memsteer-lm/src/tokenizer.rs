@@ -133,8 +133,23 @@ impl Tokenizer {
     /// Token ids of `text`, as `tokenizer(text)["input_ids"]` in `transformers`: added tokens such as
     /// `<|endoftext|>` are matched first, and the post-processor's special tokens (if any) are added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, true).map_err(|e| tok_err(&self.source, format!("tokenizing text: {e}")))?;
+        let enc = self
+            .guard("tokenizing text", || self.inner.encode(text, true))?
+            .map_err(|e| tok_err(&self.source, format!("tokenizing text: {e}")))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Runs `f`, turning a panic inside `tokenizers` (which it can raise on inconsistent files that
+    /// the checks at load time do not catch) into an error naming the file.
+    fn guard<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tok_err(&self.source, format!("{what}: `tokenizers` failed on this file ({msg})"))
+        })
     }
 
     /// The text of token ids (special tokens kept; invalid UTF-8 replaced); errors on ids that are
@@ -146,12 +161,13 @@ impl Tokenizer {
                 format!("token id {bad} is not in the vocabulary (size {})", self.vocab_size),
             ));
         }
-        self.inner.decode(ids, false).map_err(|e| tok_err(&self.source, format!("decoding: {e}")))
+        self.guard("decoding", || self.inner.decode(ids, false))?
+            .map_err(|e| tok_err(&self.source, format!("decoding: {e}")))
     }
 }
 
-/// Checks what `tokenizers` would accept silently or report vaguely: empty added tokens, unknown
-/// model types, a BPE model without merges.
+/// Checks what `tokenizers` would accept silently, report vaguely or panic on later: empty added tokens,
+/// unknown model types, a BPE model without merges, template special tokens that are not defined.
 fn check_tokenizer_json(v: &Value, path: &Path) -> Result<()> {
     let obj = v.as_object().ok_or_else(|| tok_err(path, "expected a JSON object"))?;
     for (i, t) in obj.get("added_tokens").and_then(Value::as_array).into_iter().flatten().enumerate() {
@@ -170,6 +186,41 @@ fn check_tokenizer_json(v: &Value, path: &Path) -> Result<()> {
             for key in ["vocab", "merges"] {
                 if model.get(key).is_none() {
                     return Err(tok_err(path, format!("the BPE model has no `model.{key}`")));
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Some(pp) = obj.get("post_processor") {
+        check_post_processor(pp, path)?;
+    }
+    Ok(())
+}
+
+/// A `TemplateProcessing` (alone or in a `Sequence`) must define every special token its templates use.
+fn check_post_processor(pp: &Value, path: &Path) -> Result<()> {
+    match pp.get("type").and_then(Value::as_str) {
+        Some("Sequence") => {
+            for p in pp.get("processors").and_then(Value::as_array).into_iter().flatten() {
+                check_post_processor(p, path)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let defined = pp.get("special_tokens").and_then(Value::as_object);
+            for key in ["single", "pair"] {
+                for piece in pp.get(key).and_then(Value::as_array).into_iter().flatten() {
+                    let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(tok_err(
+                            path,
+                            format!(
+                                "post_processor.{key} uses the special token {id:?}, which \
+                                 post_processor.special_tokens does not define"
+                            ),
+                        ));
+                    }
                 }
             }
         }

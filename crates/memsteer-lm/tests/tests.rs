@@ -311,6 +311,22 @@ mod tokenizer {
         bad_pre["pre_tokenizer"] = serde_json::json!({"type": "NoSuchPreTokenizer"});
         let e = err(&bad_pre.to_string());
         assert!(e.contains("can load"), "{e}");
+        // A template post-processor using a special token it does not define (`tokenizers` would panic
+        // on the first text).
+        let mut template = json.clone();
+        template["post_processor"] = serde_json::json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [], "special_tokens": {}});
+        let e = err(&template.to_string());
+        assert!(e.contains("post_processor.single uses the special token \"<s>\""), "{e}");
+        // A panic inside `tokenizers` (its Strip decoder indexes past a short token) becomes an error.
+        let mut strip = json.clone();
+        strip["decoder"] = serde_json::json!({"type": "Strip", "content": "H", "start": 0, "stop": 5});
+        std::fs::write(&tj, strip.to_string()).expect("write");
+        let t = Tokenizer::from_dir(p).expect("loads");
+        let h = t.token_to_id("H").expect("H");
+        let e = t.decode(&[h]).expect_err("panics inside tokenizers").to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("decoding: `tokenizers` failed on this file"), "{e}");
         // GPT-2 layout: malformed merges and merges outside the vocabulary name the merges file.
         std::fs::remove_file(&tj).expect("rm");
         std::fs::write(p.join("vocab.json"), r#"{"a": 0, "b": 1, "ab": 2}"#).expect("write");
