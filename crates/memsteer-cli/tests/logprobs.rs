@@ -281,3 +281,49 @@ fn parquet_output_and_per_token_log_probs() {
     let i = a.ids().iter().position(|id| id == "x0").expect("x0");
     assert!((sum - a.outcomes(i)[0]).abs() < 1e-4, "{sum} vs {}", a.outcomes(i)[0]);
 }
+
+/// `text` instances through a `tokenizer.json` written by Python `tokenizers` with an NFC normalizer, an
+/// added special token and a post-processor that prepends `<|endoftext|>`: the panel and the per-token
+/// file hold transformers' log-probabilities of `tokenizers`' ids (golden), decomposed input included.
+#[test]
+fn text_instances_through_an_nfc_tokenizer_give_the_reference_log_probs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model_dir = fixture("lm/tiny-neox-tokenizer-nfc");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir.join("golden.json")).expect("golden")).expect("json");
+    let seqs = golden["sequences"].as_array().expect("sequences");
+    let lines: Vec<String> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, g)| serde_json::json!({"id": format!("t{i}"), "treatment_step": 5, "text": g["text"]}).to_string())
+        .collect();
+    let instances = dir.path().join("i.jsonl");
+    std::fs::write(&instances, lines.join("\n") + "\n").expect("write");
+    let out = dir.path().join("p.csv");
+    let tokens = dir.path().join("tokens.jsonl");
+    let ckpts = [format!("0={}", s(&model_dir)), format!("10={}", s(&model_dir))];
+    ok(&args(&ckpts, &instances, &out, &["--per-token", s(&tokens)]));
+    let panel = std::fs::read_to_string(&out).expect("panel");
+    let per_token: Vec<serde_json::Value> = std::fs::read_to_string(&tokens)
+        .expect("tokens")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    for (i, g) in seqs.iter().enumerate() {
+        let id = format!("t{i}");
+        let want = g["sequence_log_prob"].as_f64().expect("lp");
+        for step in [0, 10] {
+            let row = panel.lines().find(|l| l.starts_with(&format!("{id},5,{step},"))).expect("row");
+            let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
+            assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{id} at {step}: {got} vs {want}");
+        }
+        let line = per_token.iter().find(|l| l["id"] == id.as_str() && l["checkpoint_step"] == 0).expect("line");
+        let got = line["token_log_probs"].as_array().expect("lps");
+        let want = g["token_log_probs"].as_array().expect("lps");
+        assert_eq!(got.len(), want.len(), "{id}: number of scored tokens");
+        for (a, b) in got.iter().zip(want) {
+            let (a, b) = (a.as_f64().expect("lp"), b.as_f64().expect("lp"));
+            assert!((a - b).abs() < 1e-4 * b.abs().max(1.0), "{id}: token lp {a} vs {b}");
+        }
+    }
+}

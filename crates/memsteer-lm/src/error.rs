@@ -40,6 +40,14 @@ pub enum LmError {
         /// What is wrong.
         message: String,
     },
+    /// A tokenizer file is malformed or unusable, or text could not be tokenized with it.
+    #[error("{path}: {message}")]
+    Tokenizer {
+        /// The tokenizer file (`tokenizer.json`, or the vocabulary of a GPT-2 layout).
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Invalid model input.
     #[error("{0}")]
     Input(String),

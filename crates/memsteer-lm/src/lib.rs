@@ -3,7 +3,8 @@
 //! log-probabilities through the fused output layer of `memsteer-kernels`.
 //!
 //! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too, and
-//! [`tokenizer`] gives GPT-2 byte-level BPE ids equal to Hugging Face `tokenizers`'. [`KvCache`] and
+//! [`tokenizer`] wraps the `tokenizers` crate (`tokenizer.json`, or GPT-2's vocabulary and merges files), with
+//! ids equal to Hugging Face `tokenizers`'. [`KvCache`] and
 //! [`sample`] drive seeded generation ([`Model::generate`]).
 //!
 //! ```

@@ -70,7 +70,12 @@ impl GptNeoX {
         let inv_freq = (0..rot / 2).map(|i| 1.0 / cfg.rotary_base.powf((2 * i) as f64 / rot as f64)).collect();
         Ok(Self {
             embed_in: t("gpt_neox.embed_in.weight", &[v, d])?,
-            embed_out: if cfg.tie_word_embeddings { None } else { Some(t("embed_out.weight", &[v, d])?) },
+            // transformers 5 names the output layer `lm_head` in memory; saved files say `embed_out`.
+            embed_out: if cfg.tie_word_embeddings {
+                None
+            } else {
+                Some(w.tensor(&["embed_out.weight", "lm_head.weight"], &[v, d])?)
+            },
             ln_f: ln("gpt_neox.final_layer_norm")?,
             layers,
             inv_freq,

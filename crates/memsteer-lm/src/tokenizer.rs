@@ -1,49 +1,39 @@
-//! GPT-2 byte-level BPE (also GPT-NeoX's): `vocab.json` + `merges.txt`, `encoder.json` + `vocab.bpe`, or
-//! a byte-level BPE `tokenizer.json`. Ids equal Hugging Face `tokenizers`' (golden tests).
+//! Tokenization through Hugging Face's `tokenizers` crate (pure Rust build), so normalizers,
+//! pre-tokenizer sequences, post-processors and added tokens behave exactly as in `tokenizers` and
+//! `transformers`.
+//!
+//! A model directory's `tokenizer.json` is preferred; without one, GPT-2's byte-level BPE is built in
+//! code from `vocab.json` + `merges.txt` or `encoder.json` + `vocab.bpe` (byte-level pre-tokenizer
+//! without a prefix space, byte-level decoder, `<|endoftext|>` as a special token when the vocabulary
+//! has it), as `transformers` converts a slow GPT-2 tokenizer. Ids equal `tokenizers`' (golden tests
+//! in `fixtures/tokenizer/` and `fixtures/lm/`).
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 
-use fancy_regex::Regex;
 use serde_json::Value;
+use tokenizers::models::bpe::{BPE, Vocab};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer as HfTokenizer};
 
 use crate::{LmError, Result};
 
-/// GPT-2's pre-tokenization pattern (contractions, letter runs, number runs, other runs, whitespace).
-const PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+/// The model types `tokenizers` can load from a `tokenizer.json`.
+const MODEL_TYPES: [&str; 4] = ["BPE", "WordPiece", "WordLevel", "Unigram"];
 
-/// A byte-level BPE tokenizer.
-#[derive(Debug)]
+/// A tokenizer loaded from a model directory.
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
-    encoder: HashMap<String, u32>,
-    decoder: Vec<Option<String>>,
-    ranks: HashMap<(String, String), usize>,
-    /// Added (special) tokens, longest first.
-    added: Vec<(String, u32)>,
-    byte_to_char: [char; 256],
-    char_to_byte: HashMap<char, u8>,
-    pattern: Regex,
+    inner: HfTokenizer,
+    /// The file it was loaded from (the vocabulary file for the GPT-2 layouts), named in errors.
+    source: PathBuf,
+    /// Largest id + 1, added tokens included.
+    vocab_size: usize,
 }
 
-/// GPT-2's reversible map from bytes to printable characters.
-fn bytes_to_unicode() -> [char; 256] {
-    let mut map = ['\0'; 256];
-    let mut n = 0u32;
-    for b in 0..256u32 {
-        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        map[b as usize] = if printable {
-            char::from_u32(b).unwrap_or('\0')
-        } else {
-            let c = char::from_u32(256 + n).unwrap_or('\0');
-            n += 1;
-            c
-        };
-    }
-    map
-}
-
-fn config_err(path: &Path, message: impl Into<String>) -> LmError {
-    LmError::Config { path: path.to_path_buf(), message: message.into() }
+fn tok_err(path: &Path, message: impl Into<String>) -> LmError {
+    LmError::Tokenizer { path: path.to_path_buf(), message: message.into() }
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -72,11 +62,11 @@ impl Tokenizer {
         })
     }
 
-    /// Loads `vocab.json`/`encoder.json` and `merges.txt`/`vocab.bpe`; `<|endoftext|>` becomes a
-    /// special token when the vocabulary has it.
+    /// Builds GPT-2's byte-level BPE from `vocab.json`/`encoder.json` and `merges.txt`/`vocab.bpe`;
+    /// `<|endoftext|>` becomes a special token when the vocabulary has it.
     pub fn from_files(vocab: &Path, merges: &Path) -> Result<Self> {
         let v: Value =
-            serde_json::from_str(&read(vocab)?).map_err(|e| config_err(vocab, format!("not valid JSON: {e}")))?;
+            serde_json::from_str(&read(vocab)?).map_err(|e| tok_err(vocab, format!("not valid JSON: {e}")))?;
         let encoder = vocab_map(&v, vocab)?;
         let text = read(merges)?;
         let mut pairs = Vec::new();
@@ -84,187 +74,169 @@ impl Tokenizer {
             if (i == 0 && line.starts_with("#version")) || line.is_empty() {
                 continue;
             }
-            let (a, b) = line.split_once(' ').ok_or_else(|| {
-                config_err(merges, format!("line {}: expected two symbols separated by a space", i + 1))
-            })?;
+            let (a, b) = line
+                .split_once(' ')
+                .filter(|(a, b)| !a.is_empty() && !b.is_empty() && !b.contains(' '))
+                .ok_or_else(|| tok_err(merges, format!("line {}: expected two symbols separated by a space", i + 1)))?;
             pairs.push((a.to_string(), b.to_string()));
         }
-        let added = encoder.get("<|endoftext|>").map(|&id| vec![("<|endoftext|>".to_string(), id)]).unwrap_or_default();
-        Self::build(encoder, pairs, added)
+        let eos = encoder.contains_key("<|endoftext|>");
+        let bpe = BPE::builder()
+            .vocab_and_merges(encoder.into_iter().collect::<Vocab>(), pairs)
+            .build()
+            .map_err(|e| tok_err(merges, format!("merges do not fit {}: {e}", vocab.display())))?;
+        let mut inner = HfTokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_decoder(Some(ByteLevel::new(true, true, true)))
+            .with_post_processor(Some(ByteLevel::new(true, false, true)));
+        if eos {
+            inner.add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+        }
+        Ok(Self::wrap(inner, vocab))
     }
 
-    /// Loads a Hugging Face `tokenizer.json` with a byte-level BPE model.
+    /// Loads a Hugging Face `tokenizer.json` (any model, normalizer, pre-tokenizer, post-processor
+    /// and decoder that `tokenizers` reads). Truncation and padding stored in the file are switched
+    /// off, as `transformers` does when a text is tokenized without `truncation=` or `padding=`.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
-        let v: Value =
-            serde_json::from_str(&read(path)?).map_err(|e| config_err(path, format!("not valid JSON: {e}")))?;
-        let model = v.get("model").ok_or_else(|| config_err(path, "missing `model`"))?;
-        if model.get("type").and_then(Value::as_str) != Some("BPE") {
-            return Err(config_err(path, format!("model type {:?} is not supported; expected BPE", model.get("type"))));
-        }
-        let pre = v.get("pre_tokenizer").map(|p| p.to_string()).unwrap_or_default();
-        if !pre.contains("ByteLevel") {
-            return Err(config_err(
-                path,
-                "only byte-level BPE (GPT-2, GPT-NeoX) is supported: no ByteLevel pre-tokenizer found",
+        let text = read(path)?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| tok_err(path, format!("not valid JSON: {e}")))?;
+        check_tokenizer_json(&v, path)?;
+        let mut inner = HfTokenizer::from_str(&text)
+            .map_err(|e| tok_err(path, format!("not a tokenizer that `tokenizers` 0.22 can load: {e}")))?;
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(|e| tok_err(path, format!("switching truncation off: {e}")))?;
+        Ok(Self::wrap(inner, path))
+    }
+
+    fn wrap(inner: HfTokenizer, source: &Path) -> Self {
+        let vocab_size = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
+        Self { inner, source: source.to_path_buf(), vocab_size }
+    }
+
+    /// Vocabulary size: the largest token id + 1, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The token string of `id` (byte-level tokens in their printable form, e.g. `Ġthe`), if any.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The id of the token string `token`, if it is in the vocabulary or an added token.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Token ids of `text`, as `tokenizer(text)["input_ids"]` in `transformers`: added tokens such as
+    /// `<|endoftext|>` are matched first, and the post-processor's special tokens (if any) are added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .guard("tokenizing text", || self.inner.encode(text, true))?
+            .map_err(|e| tok_err(&self.source, format!("tokenizing text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Runs `f`, turning a panic inside `tokenizers` (which it can raise on inconsistent files that
+    /// the checks at load time do not catch) into an error naming the file.
+    fn guard<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tok_err(&self.source, format!("{what}: `tokenizers` failed on this file ({msg})"))
+        })
+    }
+
+    /// The text of token ids (special tokens kept; invalid UTF-8 replaced); errors on ids that are
+    /// not in the vocabulary.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        if let Some(&bad) = ids.iter().find(|&&id| self.inner.id_to_token(id).is_none()) {
+            return Err(tok_err(
+                &self.source,
+                format!("token id {bad} is not in the vocabulary (size {})", self.vocab_size),
             ));
         }
-        let encoder = vocab_map(model.get("vocab").ok_or_else(|| config_err(path, "missing `model.vocab`"))?, path)?;
-        let merges =
-            model.get("merges").and_then(Value::as_array).ok_or_else(|| config_err(path, "missing `model.merges`"))?;
-        let mut pairs = Vec::with_capacity(merges.len());
-        for (i, m) in merges.iter().enumerate() {
-            let pair = match m {
-                Value::String(s) => s.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())),
-                Value::Array(a) if a.len() == 2 => match (a[0].as_str(), a[1].as_str()) {
-                    (Some(x), Some(y)) => Some((x.to_string(), y.to_string())),
-                    _ => None,
-                },
-                _ => None,
-            };
-            pairs.push(
-                pair.ok_or_else(|| config_err(path, format!("model.merges[{i}]: expected \"a b\" or [\"a\", \"b\"]")))?,
-            );
-        }
-        let mut added = Vec::new();
-        for t in v.get("added_tokens").and_then(Value::as_array).into_iter().flatten() {
-            if let (Some(content), Some(id)) =
-                (t.get("content").and_then(Value::as_str), t.get("id").and_then(Value::as_u64))
-            {
-                added.push((content.to_string(), id as u32));
-            }
-        }
-        Self::build(encoder, pairs, added)
-    }
-
-    fn build(
-        mut encoder: HashMap<String, u32>,
-        pairs: Vec<(String, String)>,
-        mut added: Vec<(String, u32)>,
-    ) -> Result<Self> {
-        for (content, id) in &added {
-            encoder.insert(content.clone(), *id);
-        }
-        added.sort_by_key(|(c, _)| std::cmp::Reverse(c.len()));
-        let size = encoder.values().map(|&i| i as usize + 1).max().unwrap_or(0);
-        let mut decoder = vec![None; size];
-        for (tok, &id) in &encoder {
-            decoder[id as usize] = Some(tok.clone());
-        }
-        let ranks = pairs.into_iter().enumerate().map(|(i, p)| (p, i)).collect();
-        let byte_to_char = bytes_to_unicode();
-        let char_to_byte = byte_to_char.iter().enumerate().map(|(b, &c)| (c, b as u8)).collect();
-        let pattern = Regex::new(PATTERN).map_err(|e| LmError::Input(format!("pre-tokenizer pattern: {e}")))?;
-        Ok(Self { encoder, decoder, ranks, added, byte_to_char, char_to_byte, pattern })
-    }
-
-    /// Vocabulary size (largest id + 1).
-    pub fn vocab_size(&self) -> usize {
-        self.decoder.len()
-    }
-
-    /// Token ids of `text`; added tokens such as `<|endoftext|>` are matched first.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = Vec::new();
-        let mut rest = text;
-        while !rest.is_empty() {
-            // The earliest added token in the rest (longest first at a tie).
-            let next = self
-                .added
-                .iter()
-                .filter_map(|(c, id)| rest.find(c.as_str()).map(|p| (p, c.len(), *id)))
-                .min_by_key(|&(p, len, _)| (p, std::cmp::Reverse(len)));
-            let (plain, special) = match next {
-                Some((p, len, id)) => (&rest[..p], Some((len, id, p))),
-                None => (rest, None),
-            };
-            self.encode_plain(plain, &mut ids)?;
-            match special {
-                Some((len, id, p)) => {
-                    ids.push(id);
-                    rest = &rest[p + len..];
-                }
-                None => break,
-            }
-        }
-        Ok(ids)
-    }
-
-    fn encode_plain(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
-        for m in self.pattern.find_iter(text) {
-            let piece = m.map_err(|e| LmError::Input(format!("pre-tokenizing: {e}")))?.as_str();
-            let mapped: String = piece.bytes().map(|b| self.byte_to_char[b as usize]).collect();
-            for sym in self.bpe(&mapped) {
-                let id = self
-                    .encoder
-                    .get(&sym)
-                    .ok_or_else(|| LmError::Input(format!("symbol {sym:?} is not in the vocabulary")))?;
-                ids.push(*id);
-            }
-        }
-        Ok(())
-    }
-
-    fn bpe(&self, word: &str) -> Vec<String> {
-        let mut parts: Vec<String> = word.chars().map(String::from).collect();
-        while parts.len() > 1 {
-            let best = parts
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| self.ranks.get(&(w[0].clone(), w[1].clone())).map(|&r| (r, i)))
-                .min();
-            let Some((_, i)) = best else { break };
-            let (a, b) = (parts[i].clone(), parts[i + 1].clone());
-            // Merge every occurrence of the pair, left to right.
-            let mut merged = Vec::with_capacity(parts.len());
-            let mut j = 0;
-            while j < parts.len() {
-                if j + 1 < parts.len() && parts[j] == a && parts[j + 1] == b {
-                    merged.push(format!("{a}{b}"));
-                    j += 2;
-                } else {
-                    merged.push(parts[j].clone());
-                    j += 1;
-                }
-            }
-            parts = merged;
-        }
-        parts
-    }
-
-    /// The text of token ids (invalid UTF-8 is replaced); errors on unknown ids.
-    pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        let mut bytes = Vec::new();
-        for &id in ids {
-            let tok = self
-                .decoder
-                .get(id as usize)
-                .and_then(|t| t.as_ref())
-                .ok_or_else(|| LmError::Input(format!("token id {id} is not in the vocabulary")))?;
-            if self.added.iter().any(|(c, _)| c == tok) {
-                bytes.extend_from_slice(tok.as_bytes());
-                continue;
-            }
-            for ch in tok.chars() {
-                bytes.push(
-                    *self
-                        .char_to_byte
-                        .get(&ch)
-                        .ok_or_else(|| LmError::Input(format!("token {tok:?} has a non-byte symbol {ch:?}")))?,
-                );
-            }
-        }
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        self.guard("decoding", || self.inner.decode(ids, false))?
+            .map_err(|e| tok_err(&self.source, format!("decoding: {e}")))
     }
 }
 
+/// Checks what `tokenizers` would accept silently, report vaguely or panic on later: empty added tokens,
+/// unknown model types, a BPE model without merges, template special tokens that are not defined.
+fn check_tokenizer_json(v: &Value, path: &Path) -> Result<()> {
+    let obj = v.as_object().ok_or_else(|| tok_err(path, "expected a JSON object"))?;
+    for (i, t) in obj.get("added_tokens").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        match t.get("content").and_then(Value::as_str) {
+            Some("") => return Err(tok_err(path, format!("added_tokens[{i}] has empty `content`"))),
+            Some(_) => {}
+            None => return Err(tok_err(path, format!("added_tokens[{i}] has no string `content`"))),
+        }
+    }
+    let model = obj.get("model").ok_or_else(|| tok_err(path, "missing `model`"))?;
+    match model.get("type").and_then(Value::as_str) {
+        Some(ty) if !MODEL_TYPES.contains(&ty) => {
+            return Err(tok_err(path, format!("model type {ty:?} is not one of {}", MODEL_TYPES.join(", "))));
+        }
+        Some("BPE") => {
+            for key in ["vocab", "merges"] {
+                if model.get(key).is_none() {
+                    return Err(tok_err(path, format!("the BPE model has no `model.{key}`")));
+                }
+            }
+        }
+        _ => {}
+    }
+    if let Some(pp) = obj.get("post_processor") {
+        check_post_processor(pp, path)?;
+    }
+    Ok(())
+}
+
+/// A `TemplateProcessing` (alone or in a `Sequence`) must define every special token its templates use.
+fn check_post_processor(pp: &Value, path: &Path) -> Result<()> {
+    match pp.get("type").and_then(Value::as_str) {
+        Some("Sequence") => {
+            for p in pp.get("processors").and_then(Value::as_array).into_iter().flatten() {
+                check_post_processor(p, path)?;
+            }
+        }
+        Some("TemplateProcessing") => {
+            let defined = pp.get("special_tokens").and_then(Value::as_object);
+            for key in ["single", "pair"] {
+                for piece in pp.get(key).and_then(Value::as_array).into_iter().flatten() {
+                    let Some(id) = piece.get("SpecialToken").and_then(|t| t.get("id")).and_then(Value::as_str) else {
+                        continue;
+                    };
+                    if !defined.is_some_and(|d| d.contains_key(id)) {
+                        return Err(tok_err(
+                            path,
+                            format!(
+                                "post_processor.{key} uses the special token {id:?}, which \
+                                 post_processor.special_tokens does not define"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 fn vocab_map(v: &Value, path: &Path) -> Result<HashMap<String, u32>> {
-    let obj =
-        v.as_object().ok_or_else(|| config_err(path, "vocabulary must be a JSON object mapping tokens to ids"))?;
+    let obj = v.as_object().ok_or_else(|| tok_err(path, "vocabulary must be a JSON object mapping tokens to ids"))?;
     obj.iter()
         .map(|(k, id)| {
-            id.as_u64().filter(|&i| i <= u64::from(u32::MAX)).map(|i| (k.clone(), i as u32)).ok_or_else(|| {
-                config_err(path, format!("id of token {k:?} must be a non-negative integer, found {id}"))
-            })
+            id.as_u64()
+                .filter(|&i| i <= u64::from(u32::MAX))
+                .map(|i| (k.clone(), i as u32))
+                .ok_or_else(|| tok_err(path, format!("id of token {k:?} must be a non-negative integer, found {id}")))
         })
         .collect()
 }

@@ -1,4 +1,5 @@
-//! memsteer-lm against golden outputs of an independent (numpy) GPT-2 implementation, and its errors.
+//! memsteer-lm against golden outputs of Hugging Face transformers (tiny random models it saved, log-probs
+//! from its forward pass; see fixtures/lm/make_tiny_*.py) and `tokenizers`, and its errors.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +18,14 @@ fn load(dir: &Path) -> Gpt2 {
     }
 }
 
+/// Relative tolerance (to max(1, |x|)) of memsteer's f32 log-probs and logits against the goldens.
+const TOLERANCE: f64 = 1e-4;
+
+fn close(got: f64, want: f64) -> bool {
+    (got - want).abs() <= TOLERANCE * want.abs().max(1.0)
+}
+
+/// Checks every golden sequence of `fixtures/lm/NAME`; prints the largest absolute and relative differences.
 fn check_golden(name: &str) {
     let dir = fixture(name);
     let model = memsteer_lm::Model::load(&dir).expect("load");
@@ -29,30 +38,42 @@ fn check_golden(name: &str) {
         .collect();
     // A one-token sequence has nothing to score: an error, not a log-probability of 0.
     let (seqs, batch): (Vec<_>, Vec<_>) = seqs.iter().zip(batch).filter(|(_, b)| b.len() >= 2).unzip();
+    let (mut worst_abs, mut worst_rel) = (0.0f64, 0.0f64);
+    let mut track = |got: f64, want: f64| {
+        worst_abs = worst_abs.max((got - want).abs());
+        worst_rel = worst_rel.max((got - want).abs() / want.abs().max(1.0));
+        close(got, want)
+    };
     let totals = model.sequence_log_probs(&batch).expect("log-probs");
     for ((s, tokens), total) in seqs.iter().zip(&batch).zip(&totals) {
         let want = s["sequence_log_prob"].as_f64().expect("total");
-        assert!(
-            (total - want).abs() <= 1e-4 * want.abs().max(1.0),
-            "{name}, {} tokens: {total} vs {want}",
-            tokens.len()
-        );
+        assert!(track(*total, want), "{name}, {} tokens: {total} vs {want}", tokens.len());
         let per_token = model.token_log_probs(tokens).expect("tokens");
-        for (got, want) in per_token.iter().zip(s["token_log_probs"].as_array().expect("per token")) {
+        let want_tokens = s["token_log_probs"].as_array().expect("per token");
+        assert_eq!(per_token.len(), want_tokens.len(), "{name}");
+        for (got, want) in per_token.iter().zip(want_tokens) {
             let want = want.as_f64().expect("lp");
-            assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: token lp {got} vs {want}");
+            assert!(track(f64::from(*got), want), "{name}: token lp {got} vs {want}");
         }
         let logits = model.last_logits(tokens).expect("logits");
-        for (got, want) in logits.iter().zip(s["last_logits"].as_array().expect("logits")) {
+        let want_logits = s["last_logits"].as_array().expect("logits");
+        assert_eq!(logits.len(), want_logits.len(), "{name}");
+        for (got, want) in logits.iter().zip(want_logits) {
             let want = want.as_f64().expect("logit");
-            assert!((f64::from(*got) - want).abs() <= 1e-4 * want.abs().max(1.0), "{name}: logit {got} vs {want}");
+            assert!(track(f64::from(*got), want), "{name}: logit {got} vs {want}");
         }
     }
+    eprintln!("{name}: max |memsteer - transformers| {worst_abs:.2e}, relative {worst_rel:.2e}");
 }
 
 #[test]
 fn gpt2_f32_matches_the_reference() {
     check_golden("tiny-gpt2-f32");
+}
+
+#[test]
+fn gpt2_with_a_1256_token_vocabulary_matches_the_reference() {
+    check_golden("tiny-gpt2-tokenizer");
 }
 
 #[test]
@@ -70,6 +91,38 @@ fn neox_pythia_layout_f16_old_style_config_matches_the_reference() {
 fn neox_sequential_full_rotary_tied_new_style_config_matches_the_reference() {
     // Sequential residual, full rotary, tied embeddings, rope_parameters.{partial_rotary_factor, rope_theta}.
     check_golden("tiny-neox-sequential-f32");
+}
+
+/// A GPT-NeoX with a `tokenizer.json` written by Python `tokenizers` (NFC normalizer, digits + byte-level
+/// pre-tokenizer sequence, template post-processor prepending `<|endoftext|>`, added `<|sep|>`): memsteer's
+/// tokenizer gives `tokenizers`' ids and decoded text, including for decomposed (non-NFC) input, and the
+/// log-probabilities of its ids are transformers'.
+#[test]
+fn neox_with_an_nfc_tokenizer_matches_tokenizers_and_transformers() {
+    let name = "tiny-neox-tokenizer-nfc";
+    check_golden(name);
+    let dir = fixture(name);
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer");
+    let model = memsteer_lm::Model::load(&dir).expect("model");
+    assert_eq!(tok.vocab_size(), 321);
+    assert_eq!((tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|sep|>")), (Some(0), Some(320)));
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).expect("golden")).expect("json");
+    let seqs = golden["sequences"].as_array().expect("sequences");
+    assert!(seqs.iter().any(|s| s["text"].as_str().expect("text").contains('\u{301}')), "a decomposed text");
+    for s in seqs {
+        let text = s["text"].as_str().expect("text");
+        let want: Vec<u32> =
+            s["tokens"].as_array().expect("ids").iter().map(|t| t.as_u64().expect("id") as u32).collect();
+        let ids = tok.encode(text).expect("encode");
+        assert_eq!(ids, want, "{text:?}");
+        assert_eq!(tok.decode(&ids).expect("decode"), s["decoded"].as_str().expect("decoded"), "{text:?}");
+        let total = model.sequence_log_probs(std::slice::from_ref(&ids)).expect("lp")[0];
+        let want_total = s["sequence_log_prob"].as_f64().expect("total");
+        assert!(close(total, want_total), "{text:?}: {total} vs {want_total}");
+    }
+    // Decomposed and composed spellings are the same tokens.
+    assert_eq!(seqs[0]["tokens"], seqs[1]["tokens"]);
 }
 
 #[test]
@@ -222,13 +275,108 @@ mod tokenizer {
     }
 
     #[test]
+    fn accessors_agree_with_the_vocabulary_files() {
+        let t = Tokenizer::from_files(&tok_fixture("gpt2/encoder.json"), &tok_fixture("gpt2/vocab.bpe")).expect("load");
+        // encoder.json: "Hello" 15496, "\u0120world" 995, "<|endoftext|>" 50256.
+        assert_eq!(t.token_to_id("Hello"), Some(15496));
+        assert_eq!(t.id_to_token(995).as_deref(), Some("\u{120}world"));
+        assert_eq!(t.token_to_id("<|endoftext|>"), Some(50256));
+        assert_eq!(t.id_to_token(50256).as_deref(), Some("<|endoftext|>"));
+        assert_eq!(t.id_to_token(50257), None);
+        assert_eq!(t.token_to_id("not a token"), None);
+        let small = Tokenizer::from_dir(&tok_fixture("small")).expect("load");
+        assert_eq!(small.vocab_size(), 1257); // 1,256 BPE tokens + <|endoftext|>
+        assert_eq!(small.token_to_id("<|endoftext|>"), Some(1256));
+        assert_eq!(small.decode(&[39, 695, 78, 995]).expect("decode"), "Hello world");
+    }
+
+    /// The `vocab.json` + `merges.txt` names load the same tokenizer as `encoder.json` + `vocab.bpe`.
+    #[test]
+    fn hugging_face_file_names_load_too() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::copy(tok_fixture("gpt2/encoder.json"), dir.path().join("vocab.json")).expect("copy");
+        std::fs::copy(tok_fixture("gpt2/vocab.bpe"), dir.path().join("merges.txt")).expect("copy");
+        let t = Tokenizer::from_dir(dir.path()).expect("load");
+        for c in cases() {
+            let text = c["text"].as_str().expect("text");
+            assert_eq!(t.encode(text).expect("encode"), ids(&c["gpt2"]), "{text:?}");
+        }
+    }
+
+    #[test]
     fn tokenizer_errors() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert!(Tokenizer::from_dir(dir.path()).expect_err("none").to_string().contains("no tokenizer.json"));
-        std::fs::write(dir.path().join("tokenizer.json"), r#"{"model": {"type": "WordPiece"}}"#).expect("write");
-        assert!(Tokenizer::from_dir(dir.path()).expect_err("wordpiece").to_string().contains("expected BPE"));
+        let p = dir.path();
+        assert!(Tokenizer::from_dir(p).expect_err("none").to_string().contains("no tokenizer.json"));
+        let tj = p.join("tokenizer.json");
+        let small = std::fs::read_to_string(tok_fixture("small/tokenizer.json")).expect("read");
+        let mut json: serde_json::Value = serde_json::from_str(&small).expect("json");
+        let err = |text: &str| {
+            std::fs::write(&tj, text).expect("write");
+            let e = Tokenizer::from_dir(p).expect_err("bad tokenizer.json").to_string();
+            assert!(e.contains(&tj.display().to_string()), "{e}");
+            e
+        };
+        let e = err(&small[..small.len() / 2]);
+        assert!(e.contains("not valid JSON"), "{e}");
+        let e = err("[1, 2]");
+        assert!(e.contains("expected a JSON object"), "{e}");
+        // An empty added token (which `tokenizers` would drop silently).
+        json["added_tokens"][0]["content"] = "".into();
+        let e = err(&json.to_string());
+        assert!(e.contains("added_tokens[0] has empty `content`"), "{e}");
+        json["added_tokens"][0]["content"] = "<|endoftext|>".into();
+        // An unknown model type.
+        let mut unknown = json.clone();
+        unknown["model"]["type"] = "Llama".into();
+        let e = err(&unknown.to_string());
+        assert!(e.contains("model type \"Llama\" is not one of BPE, WordPiece, WordLevel, Unigram"), "{e}");
+        // A BPE model without merges.
+        let mut no_merges = json.clone();
+        no_merges["model"].as_object_mut().expect("model").remove("merges");
+        let e = err(&no_merges.to_string());
+        assert!(e.contains("the BPE model has no `model.merges`"), "{e}");
+        // A merge of symbols that are not in the vocabulary (caught by `tokenizers`).
+        let mut bad_merge = json.clone();
+        bad_merge["model"]["merges"][0] = serde_json::json!(["\u{2603}", "\u{2603}"]);
+        let e = err(&bad_merge.to_string());
+        assert!(e.contains("not a tokenizer that `tokenizers` 0.22 can load"), "{e}");
+        // An unknown pre-tokenizer.
+        let mut bad_pre = json.clone();
+        bad_pre["pre_tokenizer"] = serde_json::json!({"type": "NoSuchPreTokenizer"});
+        let e = err(&bad_pre.to_string());
+        assert!(e.contains("can load"), "{e}");
+        // A template post-processor using a special token it does not define (`tokenizers` would panic
+        // on the first text).
+        let mut template = json.clone();
+        template["post_processor"] = serde_json::json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [], "special_tokens": {}});
+        let e = err(&template.to_string());
+        assert!(e.contains("post_processor.single uses the special token \"<s>\""), "{e}");
+        // A panic inside `tokenizers` (its Strip decoder indexes past a short token) becomes an error.
+        let mut strip = json.clone();
+        strip["decoder"] = serde_json::json!({"type": "Strip", "content": "H", "start": 0, "stop": 5});
+        std::fs::write(&tj, strip.to_string()).expect("write");
+        let t = Tokenizer::from_dir(p).expect("loads");
+        let h = t.token_to_id("H").expect("H");
+        let e = t.decode(&[h]).expect_err("panics inside tokenizers").to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("decoding: `tokenizers` failed on this file"), "{e}");
+        // GPT-2 layout: malformed merges and merges outside the vocabulary name the merges file.
+        std::fs::remove_file(&tj).expect("rm");
+        std::fs::write(p.join("vocab.json"), r#"{"a": 0, "b": 1, "ab": 2}"#).expect("write");
+        std::fs::write(p.join("merges.txt"), "#version: 0.2\na b\nab\n").expect("write");
+        let e = Tokenizer::from_dir(p).expect_err("merges").to_string();
+        assert!(e.contains("merges.txt") && e.contains("line 3: expected two symbols"), "{e}");
+        std::fs::write(p.join("merges.txt"), "a c\n").expect("write");
+        let e = Tokenizer::from_dir(p).expect_err("oov merge").to_string();
+        assert!(e.contains("merges.txt") && e.contains("vocab.json"), "{e}");
+        std::fs::write(p.join("vocab.json"), r#"{"a": -1}"#).expect("write");
+        let e = Tokenizer::from_dir(p).expect_err("vocab").to_string();
+        assert!(e.contains("vocab.json") && e.contains("non-negative integer"), "{e}");
         let t = Tokenizer::from_files(&tok_fixture("gpt2/encoder.json"), &tok_fixture("gpt2/vocab.bpe")).expect("load");
-        assert!(t.decode(&[60000]).expect_err("unknown id").to_string().contains("60000"));
+        let e = t.decode(&[15496, 60000]).expect_err("unknown id").to_string();
+        assert!(e.contains("token id 60000") && e.contains("encoder.json"), "{e}");
     }
 }
 
