@@ -473,3 +473,24 @@ fn unsupported_dtypes_and_sharded_indexes() {
     let e = w.tensor(&["y"], &[2]).expect_err("missing").to_string();
     assert!(e.contains("`y`") && e.contains("missing"), "{e}");
 }
+
+/// The built-in corpus's tokenizer (`fixtures/corpus`, trained by Python `tokenizers`): memsteer gives
+/// Python's ids for the probes and decodes the whole of Moby Dick back to itself.
+#[test]
+fn built_in_corpus_tokenizer_matches_python_and_round_trips() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpus");
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&dir).expect("tokenizer");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).expect("golden")).expect("json");
+    assert_eq!(tok.vocab_size() as u64, golden["vocab_size"].as_u64().expect("size"));
+    for p in golden["probes"].as_array().expect("probes") {
+        let text = p["text"].as_str().expect("text");
+        let want: Vec<u32> = p["ids"].as_array().expect("ids").iter().map(|x| x.as_u64().expect("id") as u32).collect();
+        assert_eq!(tok.encode(text).expect("encode"), want, "{text}");
+        assert_eq!(tok.decode(&want).expect("decode"), text);
+    }
+    let moby = std::fs::read_to_string(dir.join("moby_dick.txt")).expect("corpus");
+    let chapter = &moby[..moby.find("CHAPTER 2.").expect("chapter 2")];
+    let ids = tok.encode(chapter).expect("encode");
+    assert_eq!(tok.decode(&ids).expect("decode"), chapter);
+}
