@@ -101,7 +101,7 @@ pub enum PanelError {
     },
     /// An instance lacks outcomes at some checkpoints.
     #[error(
-        "{input}: instance {instance:?} has no outcome at {missing} of {total} checkpoints (e.g. step {example_step}); pass --drop-incomplete to drop such instances"
+        "{input}: instance {instance:?} has no outcome at {missing} of {total} checkpoints (e.g. step {example_step}); a panel needs one row per instance and checkpoint (or drop incomplete instances)"
     )]
     Incomplete {
         /// The input.
@@ -117,7 +117,7 @@ pub enum PanelError {
     },
     /// An instance's treatment step lies after the last checkpoint, so its cohort is undefined.
     #[error(
-        "{input}: instance {instance:?} is trained at step {treatment} after the last checkpoint ({last_checkpoint}); use --max-step to cut the panel or fix the treatment step"
+        "{input}: instance {instance:?} is trained at step {treatment} after the last checkpoint ({last_checkpoint}); cut the panel at a maximum step or fix the treatment step"
     )]
     TreatmentAfterLastCheckpoint {
         /// The input.
@@ -129,6 +129,31 @@ pub enum PanelError {
         /// The last checkpoint step.
         last_checkpoint: u64,
     },
+    /// Far fewer rows than instances × checkpoints: nearly every instance lacks checkpoints, which is
+    /// what a wrong column mapping looks like (e.g. an outcome column read as instance ids, or a
+    /// column of large integers read as checkpoint steps). Detected before anything of that size is
+    /// allocated.
+    #[error(
+        "{input}: {instances} distinct instance ids × {checkpoints} distinct checkpoint steps need one row each, but the file has {rows} rows; check that the instance and checkpoint columns are the right ones"
+    )]
+    Sparse {
+        /// The input.
+        input: String,
+        /// Distinct instance ids.
+        instances: usize,
+        /// Distinct checkpoint steps.
+        checkpoints: usize,
+        /// Data rows (at or before the maximum step).
+        rows: usize,
+    },
+    /// A reader option is out of range.
+    #[error("invalid option `{option}`: {message}")]
+    InvalidOption {
+        /// The [`crate::read::ReadOptions`] setting (`batch_size` of the sequence-index encoding, …).
+        option: &'static str,
+        /// What was wrong and what is allowed.
+        message: String,
+    },
     /// The checkpoint grid is not a strictly increasing, non-empty list of steps.
     #[error("invalid checkpoint grid: {0}")]
     Grid(String),
@@ -139,6 +164,7 @@ pub enum PanelError {
 
 /// A place in an input file: a 1-based line of a text file or a 1-based data row of a columnar file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Location {
     /// Line of a text file (the header is line 1).
     Line(u32),
