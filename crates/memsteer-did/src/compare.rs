@@ -6,6 +6,7 @@ use crate::io::AttRow;
 
 /// Which shared post-treatment cells enter the correlation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum CompareCells {
     /// All shared post-treatment cells (what the paper's Figure 6 used).
     #[default]
@@ -16,6 +17,7 @@ pub enum CompareCells {
 
 /// A Pearson correlation and the number of cells behind it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Correlation {
     /// Pearson's r (NaN with fewer than two cells or no variation).
     pub r: f64,
