@@ -157,7 +157,44 @@ pub enum PanelError {
     /// The checkpoint grid is not a strictly increasing, non-empty list of steps.
     #[error("invalid checkpoint grid: {0}")]
     Grid(String),
-    /// In-memory inputs have inconsistent shapes or values.
+    /// In-memory inputs disagree in length.
+    #[error("invalid panel: {what}: expected {expected}, found {found}")]
+    ShapeMismatch {
+        /// Which input (`treatment steps`, `outcomes`, …).
+        what: &'static str,
+        /// The length the other inputs imply.
+        expected: usize,
+        /// The length given.
+        found: usize,
+    },
+    /// An in-memory outcome is NaN or infinite.
+    #[error(
+        "invalid panel: outcome of instance {instance:?} at checkpoint {checkpoint} is {value}, expected a finite number"
+    )]
+    NonFiniteOutcome {
+        /// The instance id.
+        instance: String,
+        /// The checkpoint step.
+        checkpoint: u64,
+        /// The value.
+        value: f64,
+    },
+    /// An instance id appears twice among in-memory inputs.
+    #[error("invalid panel: instance id {0:?} appears twice")]
+    DuplicateId(String),
+    /// The file needs a cargo feature this build lacks (Parquet without the `parquet` feature).
+    #[error("{path}: this build cannot {action} {format} files; rebuild with the `{feature}` feature")]
+    FeatureDisabled {
+        /// The file.
+        path: PathBuf,
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file format.
+        format: &'static str,
+        /// The cargo feature that adds it.
+        feature: &'static str,
+    },
+    /// Other invalid inputs (synthetic-panel settings, Parquet encoding problems), described in words.
     #[error("invalid panel: {0}")]
     Invalid(String),
 }

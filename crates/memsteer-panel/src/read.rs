@@ -166,10 +166,12 @@ pub fn read_panel(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRepo
         #[cfg(feature = "parquet")]
         return parquet::read(path, options);
         #[cfg(not(feature = "parquet"))]
-        return Err(PanelError::Invalid(format!(
-            "{}: this build reads CSV only; rebuild with the `parquet` feature (the memsteer CLI enables it by default)",
-            path.display()
-        )));
+        return Err(PanelError::FeatureDisabled {
+            path: path.to_path_buf(),
+            action: "read",
+            format: "Parquet",
+            feature: "parquet",
+        });
     }
     read_csv(path, options)
 }

@@ -180,3 +180,19 @@ fn synthetic_cohort_sizes_and_noise() {
     cfg.cohort_sizes = Some(vec![1, 2]);
     assert!(cfg.generate().expect_err("wrong length").to_string().contains("cohort_sizes has 2 entries"));
 }
+
+/// In-memory panels get typed errors callers can match on.
+#[test]
+fn panel_new_errors_are_typed() {
+    use memsteer_panel::{CheckpointGrid, Panel, PanelError};
+    let grid = || CheckpointGrid::new(vec![0, 10]).expect("grid");
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let e = Panel::new(grid(), ids(&["a"]), vec![None, None], vec![0.0; 2]).expect_err("treatment length");
+    assert!(matches!(e, PanelError::ShapeMismatch { expected: 1, found: 2, .. }), "{e}");
+    let e = Panel::new(grid(), ids(&["a"]), vec![None], vec![0.0; 3]).expect_err("outcome length");
+    assert!(matches!(e, PanelError::ShapeMismatch { expected: 2, found: 3, .. }), "{e}");
+    let e = Panel::new(grid(), ids(&["a"]), vec![None], vec![0.0, f64::NAN]).expect_err("NaN");
+    assert!(matches!(&e, PanelError::NonFiniteOutcome { instance, checkpoint: 10, .. } if instance == "a"), "{e}");
+    let e = Panel::new(grid(), ids(&["a", "a"]), vec![None, None], vec![0.0; 4]).expect_err("duplicate");
+    assert!(matches!(&e, PanelError::DuplicateId(id) if id == "a"), "{e}");
+}
