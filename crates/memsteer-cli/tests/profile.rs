@@ -41,6 +41,9 @@ fn writes_every_output_in_the_documented_formats() {
     assert!(diag["pretrend_cell_wald"]["statistic"].is_f64());
     assert!(diag["baseline_balance"]["difference"].is_f64());
     assert!(diag["anticipation"]["estimate"].is_f64());
+    assert_eq!(diag["pretrend_sup_t"]["draws"], 200);
+    assert!(diag["se_fallback"]["cells"].as_array().is_some_and(Vec::is_empty), "{}", diag["se_fallback"]);
+    assert_eq!(summary["instantaneous"]["se_source"], "bootstrap");
     for fig in ["profile", "path"] {
         let svg = std::fs::read_to_string(out.join(format!("{fig}.svg"))).expect("svg");
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{fig}.svg");
@@ -351,4 +354,16 @@ fn interval_labels_follow_alpha() {
     assert!(svg.contains("90% pointwise interval") && svg.contains("90% uniform band") && !svg.contains("95%"));
     let stdout = ok(&["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "200", "--alpha", "0.025"]);
     assert!(stdout.contains("97.5% CI"), "{stdout}");
+    // 20 draws resolve the band's quantile at α = 0.05 but give no robust SE: analytic SEs, flagged.
+    let out = ok(&["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "20", "--no-figures"]);
+    assert!(out.contains("se 0.") && out.contains(" analytic,"), "{out}");
+    let diag: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/diagnostics.json")).expect("diag"))
+            .expect("json");
+    assert!(diag["se_fallback"]["cells"].as_array().is_some_and(|c| !c.is_empty()), "{}", diag["se_fallback"]);
+    assert!(
+        diag["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w.as_str().is_some_and(|w| w.contains("20 bootstrap draws"))))
+    );
 }

@@ -29,7 +29,7 @@ pub struct Correlation {
 ///
 /// ```
 /// use memsteer_did::{compare::{profile_correlation, CompareCells}, io::AttRow};
-/// let row = |g, c, y: f64| AttRow { cohort: g, checkpoint: c, event_time: 0, estimate: y, band_lower: y - 1.0, band_upper: y + 1.0 };
+/// let row = |g, c, y: f64| AttRow::new(g, c, 0, y, y - 1.0, y + 1.0);
 /// let a = [row(1, 1, 1.0), row(2, 2, 2.0), row(3, 3, 3.0)];
 /// let b = [row(1, 1, 2.0), row(2, 2, 4.0), row(3, 3, 6.5)];
 /// let r = profile_correlation(&a, &b, CompareCells::All);
