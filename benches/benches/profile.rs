@@ -17,7 +17,7 @@ fn panel(k: usize, per: usize, val: usize, c: usize) -> memsteer_panel::Panel {
 }
 
 fn config(draws: usize) -> memsteer_did::ValidConfig {
-    ProfileConfig { bootstrap: draws, ..ProfileConfig::default() }.validate().expect("config")
+    ProfileConfig::default().with_bootstrap(draws).validate().expect("config")
 }
 
 fn estimator(c: &mut Criterion) {

@@ -1,4 +1,5 @@
-//! Project tasks: `cargo xtask reproduce [--quick] [FIGURE…]`, `synth`, `bench-peers`, `fixtures`.
+//! Project tasks: `cargo xtask reproduce [--quick] [FIGURE…]`, `synth`, `bench-peers`, `fixtures`,
+//! `calibrate [--quick]`.
 //!
 //! Needs nothing but cargo and rustc (bench-peers and fixtures also need Python with csdid, which they
 //! explain how to install).
@@ -9,6 +10,8 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 use memsteer_panel::synthetic::SyntheticConfig;
 
+mod calibrate;
+
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
@@ -18,7 +21,10 @@ tasks:
                                   write a synthetic Pythia-like panel (long CSV)
   bench-peers [--size small|paper|both] [--python PY]
                                   time memsteer and csdid side by side on the same panel
-  fixtures [--python PY]          regenerate fixtures/csdid golden files";
+  fixtures [--python PY]          regenerate fixtures/csdid golden files
+  calibrate [--quick] [--sims N]  size of the pre-trend tests and coverage of intervals and bands on
+                                  thousands of synthetic panels; the full run writes the table into
+                                  docs/diagnostics.md, --quick (CI) only checks the gates";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -31,6 +37,7 @@ fn main() -> Result<()> {
         "synth" => synth(rest),
         "bench-peers" => bench_peers(rest),
         "fixtures" => fixtures(rest),
+        "calibrate" => calibrate::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())

@@ -279,8 +279,11 @@ pub fn reproduce_figures(out: &std::path::Path, quick: bool) -> Result<Vec<std::
         };
         let sim = simulate(&cfg)?;
         let estimate = |estimator| -> Result<memsteer_did::Profile> {
-            let settings =
-                ProfileConfig { estimator, bootstrap: 0, min_cohort_size: 1, ..ProfileConfig::default() }.validate()?;
+            let settings = ProfileConfig::default()
+                .with_estimator(estimator)
+                .with_bootstrap(0)
+                .with_min_cohort_size(1)
+                .validate()?;
             Ok(memsteer_did::estimate(&sim.panel, &settings, &NoProgress)?)
         };
         let (did, difference) = (estimate(Estimator::Did)?, estimate(Estimator::Difference)?);
@@ -303,7 +306,16 @@ pub fn reproduce_figures(out: &std::path::Path, quick: bool) -> Result<Vec<std::
         }
         let truth: Vec<(i64, f64)> =
             acc.into_iter().filter(|(_, (_, n))| *n > 0.0).map(|(e, (s, n))| (e, s / n)).collect();
-        files.extend(crate::plot::estimator_vs_truth_figures(out, name, title, &truth, &did.path, &difference.path)?);
+        let alpha = ProfileConfig::default().alpha;
+        files.extend(crate::plot::estimator_vs_truth_figures(
+            out,
+            name,
+            title,
+            &truth,
+            &did.path,
+            &difference.path,
+            alpha,
+        )?);
     }
     Ok(files)
 }

@@ -95,9 +95,12 @@ fn err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> anyhow::Error + '_ {
 }
 
 /// Writes `profile.svg/png` (heat map of significant cells) and `path.svg/png`.
-pub fn profile_figures(profile: &Profile, dir: &Path, mark_step: Option<u64>) -> Result<Vec<PathBuf>> {
-    let mut files = with_backends!(dir, "profile", (1000, 760), |root| { draw_profile(&root, profile, mark_step) })?;
-    files.extend(with_backends!(dir, "path", (1000, 560), |root| { draw_path(&root, profile) })?);
+/// Intervals and bands are labelled with their level `1 − alpha`.
+pub fn profile_figures(profile: &Profile, dir: &Path, mark_step: Option<u64>, alpha: f64) -> Result<Vec<PathBuf>> {
+    let level = crate::profile::level_label(alpha);
+    let mut files =
+        with_backends!(dir, "profile", (1000, 760), |root| { draw_profile(&root, profile, mark_step, &level) })?;
+    files.extend(with_backends!(dir, "path", (1000, 560), |root| { draw_path(&root, profile, &level) })?);
     Ok(files)
 }
 
@@ -144,7 +147,12 @@ fn draw_colorbar<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, vmax: f64, l
     Ok(())
 }
 
-fn draw_profile<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, mark_step: Option<u64>) -> Result<()> {
+fn draw_profile<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    p: &Profile,
+    mark_step: Option<u64>,
+    level: &str,
+) -> Result<()> {
     root.fill(&WHITE).map_err(err("profile"))?;
     let (main, bar) = root.split_horizontally(root.dim_in_pixel().0 - 110);
     let steps = &p.checkpoints;
@@ -157,7 +165,9 @@ fn draw_profile<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, 
     let n_sig_post = sig.iter().filter(|c| c.is_post()).count();
     let mut chart = ChartBuilder::on(&main)
         .caption(
-            format!("Memorisation profile: {n_sig_post} of {n_post} post-treatment cells significant"),
+            format!(
+                "Memorisation profile: {n_sig_post} of {n_post} post-treatment cells significant ({level} uniform band)"
+            ),
             ("sans-serif", 20),
         )
         .margin(15)
@@ -205,7 +215,7 @@ fn draw_profile<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, 
     Ok(())
 }
 
-fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile) -> Result<()> {
+fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, level: &str) -> Result<()> {
     root.fill(&WHITE).map_err(err("path"))?;
     let path = &p.path;
     if path.is_empty() {
@@ -248,7 +258,7 @@ fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile) -> 
             band_color.mix(0.15).filled(),
         )))
         .map_err(err("path"))?
-        .label("uniform band")
+        .label(format!("{level} uniform band"))
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], band_color.mix(0.15).filled()));
     chart
         .draw_series(std::iter::once(Polygon::new(
@@ -256,7 +266,7 @@ fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile) -> 
             band_color.mix(0.3).filled(),
         )))
         .map_err(err("path"))?
-        .label("pointwise interval")
+        .label(format!("{level} pointwise interval"))
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], band_color.mix(0.3).filled()));
     chart
         .draw_series(LineSeries::new([(e_min, 0.0), (e_max, 0.0)], BLACK.mix(0.5).stroke_width(1)))
@@ -334,7 +344,7 @@ fn draw_correlations<DB: DrawingBackend>(
 }
 
 /// Writes `NAME.svg/png`: the memorisation path of a synthetic run, true τ against the DiD estimate
-/// (with its pointwise interval) and the difference estimator.
+/// (with its pointwise interval at level `1 − alpha`) and the difference estimator.
 pub fn estimator_vs_truth_figures(
     dir: &Path,
     name: &str,
@@ -342,8 +352,12 @@ pub fn estimator_vs_truth_figures(
     truth: &[(i64, f64)],
     did: &[memsteer_did::PathEstimate],
     difference: &[memsteer_did::PathEstimate],
+    alpha: f64,
 ) -> Result<Vec<PathBuf>> {
-    with_backends!(dir, name, (1000, 560), |root| { draw_estimator_vs_truth(&root, title, truth, did, difference) })
+    let level = crate::profile::level_label(alpha);
+    with_backends!(dir, name, (1000, 560), |root| {
+        draw_estimator_vs_truth(&root, title, truth, did, difference, &level)
+    })
 }
 
 fn draw_estimator_vs_truth<DB: DrawingBackend>(
@@ -352,6 +366,7 @@ fn draw_estimator_vs_truth<DB: DrawingBackend>(
     truth: &[(i64, f64)],
     did: &[memsteer_did::PathEstimate],
     difference: &[memsteer_did::PathEstimate],
+    level: &str,
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err("estimator vs truth"))?;
     let all_e = truth.iter().map(|t| t.0).chain(did.iter().map(|p| p.event_time));
@@ -392,7 +407,7 @@ fn draw_estimator_vs_truth<DB: DrawingBackend>(
     chart
         .draw_series(std::iter::once(Polygon::new(band, red.mix(0.2).filled())))
         .map_err(err("estimator vs truth"))?
-        .label("DiD 95% interval")
+        .label(format!("DiD {level} interval"))
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 18, y + 5)], red.mix(0.2).filled()));
     chart
         .draw_series(LineSeries::new(did.iter().map(|p| (p.event_time as f64, p.estimate)), red.stroke_width(2)))

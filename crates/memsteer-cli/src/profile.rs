@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use memsteer_did::{BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, Profile, ProfileConfig};
+use memsteer_did::{BandScope, BasePeriod, ControlGroup, DidError, Estimator, Multiplier, Profile, ProfileConfig};
 use memsteer_panel::read::{ColumnMap, IncompletePolicy, ReadOptions, ReadReport, TreatmentEncoding};
-use memsteer_panel::write_atomic;
+use memsteer_panel::{PanelError, write_atomic};
 use serde::Serialize;
 
 use crate::progress::Bar;
@@ -63,9 +63,10 @@ pub struct ProfileArgs {
     /// a .parquet file.
     #[arg(long)]
     pub panel: PathBuf,
-    /// Output directory (created if missing).
+    /// Output directory (created if missing) [default: PANEL's name without extension + `-profile`,
+    /// next to PANEL].
     #[arg(long)]
-    pub out: PathBuf,
+    pub out: Option<PathBuf>,
     /// Estimator.
     #[arg(long, value_enum, default_value = "did")]
     pub estimator: EstimatorArg,
@@ -102,11 +103,14 @@ pub struct ProfileArgs {
     /// Column holding outcomes.
     #[arg(long, default_value = "outcome")]
     pub outcome_col: String,
-    /// Column holding treatment steps (or sequence indices with --treatment-from-seq-idx).
-    #[arg(long, default_value = "treatment_step")]
-    pub treatment_col: String,
-    /// Decode the treatment column as a Pythia sequence index with this batch size: seq_idx > 0 was
-    /// trained at step ceil(seq_idx / BATCH_SIZE), seq_idx ≤ 0 is a validation sequence.
+    /// Column holding treatment steps (or sequence indices with --treatment-from-seq-idx) [default:
+    /// treatment_step, or the instance column with --treatment-from-seq-idx].
+    #[arg(long)]
+    pub treatment_col: Option<String>,
+    /// Decode a Pythia sequence index into the treatment step with this batch size: seq_idx > 0 was
+    /// trained at step ceil(seq_idx / BATCH_SIZE), seq_idx ≤ 0 is a validation sequence. The index is
+    /// read from --treatment-col when given, otherwise from the instance column (the released
+    /// statistics' layout, where seq_idx is both the id and the treatment).
     #[arg(long, value_name = "BATCH_SIZE")]
     pub treatment_from_seq_idx: Option<u64>,
     /// Negate outcomes (for losses / surprisals, so that memorisation is positive).
@@ -144,69 +148,130 @@ impl ProfileArgs {
             #[command(flatten)]
             args: ProfileArgs,
         }
-        let parsed = Wrap::try_parse_from([
-            "memsteer".as_ref(),
-            "--panel".as_ref(),
-            panel.as_os_str(),
-            "--out".as_ref(),
-            out.as_os_str(),
-        ]);
+        let parsed = Wrap::try_parse_from(["memsteer".as_ref(), "--panel".as_ref(), panel.as_os_str()]);
         match parsed {
-            Ok(w) => w.args,
+            Ok(w) => ProfileArgs { out: Some(out), ..w.args },
             Err(e) => unreachable!("default profile arguments always parse: {e}"),
         }
     }
 
+    /// The output directory: `--out`, or `STEM-profile` next to the panel file.
+    pub fn out_dir(&self) -> PathBuf {
+        if let Some(out) = &self.out {
+            return out.clone();
+        }
+        let mut name = self.panel.file_stem().unwrap_or_default().to_os_string();
+        name.push("-profile");
+        self.panel.with_file_name(name)
+    }
+
     /// The estimation settings.
     pub fn config(&self) -> ProfileConfig {
-        ProfileConfig {
-            estimator: match self.estimator {
+        ProfileConfig::default()
+            .with_estimator(match self.estimator {
                 EstimatorArg::Did => Estimator::Did,
                 EstimatorArg::Difference => Estimator::Difference,
-            },
-            control: match self.control {
+            })
+            .with_control(match self.control {
                 ControlArg::Never => ControlGroup::Never,
                 ControlArg::NotYet => ControlGroup::NotYet,
-            },
-            base_period: match self.base_period {
+            })
+            .with_base_period(match self.base_period {
                 BaseArg::Varying => BasePeriod::Varying,
                 BaseArg::Universal => BasePeriod::Universal,
-            },
-            bootstrap: self.bootstrap,
-            multiplier: match self.multiplier {
+            })
+            .with_bootstrap(self.bootstrap)
+            .with_multiplier(match self.multiplier {
                 MultiplierArg::Rademacher => Multiplier::Rademacher,
                 MultiplierArg::Mammen => Multiplier::Mammen,
-            },
-            alpha: self.alpha,
-            seed: self.seed,
-            band_scope: match self.band {
+            })
+            .with_alpha(self.alpha)
+            .with_seed(self.seed)
+            .with_band_scope(match self.band {
                 BandArg::All => BandScope::All,
                 BandArg::Post => BandScope::Post,
-            },
-            min_cohort_size: self.min_cohort_size,
-            pretrend_window: self.pretrend_window,
-            max_wald_cells: self.max_wald_cells,
+            })
+            .with_min_cohort_size(self.min_cohort_size)
+            .with_pretrend_window(self.pretrend_window)
+            .with_max_wald_cells(self.max_wald_cells)
+    }
+
+    /// The column the treatment is read from: `--treatment-col`, else the instance column when a
+    /// sequence index is decoded (`--treatment-from-seq-idx` without `--treatment-col`), else
+    /// `treatment_step`.
+    pub fn treatment_column(&self) -> String {
+        match (&self.treatment_col, self.treatment_from_seq_idx) {
+            (Some(col), _) => col.clone(),
+            (None, Some(_)) => self.instance_col.clone(),
+            (None, None) => "treatment_step".into(),
         }
     }
 
     /// The reader settings.
     pub fn read_options(&self) -> ReadOptions {
-        ReadOptions {
-            columns: ColumnMap {
-                instance: self.instance_col.clone(),
-                treatment: self.treatment_col.clone(),
-                checkpoint: self.checkpoint_col.clone(),
-                outcome: self.outcome_col.clone(),
-            },
-            treatment: match self.treatment_from_seq_idx {
+        ReadOptions::default()
+            .with_columns(ColumnMap::new(
+                self.instance_col.clone(),
+                self.treatment_column(),
+                self.checkpoint_col.clone(),
+                self.outcome_col.clone(),
+            ))
+            .with_treatment(match self.treatment_from_seq_idx {
                 Some(batch_size) => TreatmentEncoding::FromSeqIdx { batch_size },
                 None => TreatmentEncoding::Step,
-            },
-            negate: self.negate,
-            max_step: self.max_step,
-            incomplete: if self.drop_incomplete { IncompletePolicy::Drop } else { IncompletePolicy::Error },
-        }
+            })
+            .with_negate(self.negate)
+            .with_max_step(self.max_step)
+            .with_incomplete(if self.drop_incomplete { IncompletePolicy::Drop } else { IncompletePolicy::Error })
     }
+}
+
+/// The command-line flag behind a library setting or reader option, for error messages.
+fn flag_of(field: &str) -> String {
+    match field {
+        "band_scope" => "--band".into(),
+        "batch_size" => "--treatment-from-seq-idx".into(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
+
+/// Adds the command line's view (flag names, what to pass) to a library error.
+fn with_cli_context(e: anyhow::Error) -> anyhow::Error {
+    let hint = if let Some(d) = e.downcast_ref::<DidError>() {
+        match d {
+            DidError::Config { field, .. } => Some(format!("invalid {}", flag_of(field))),
+            DidError::NoNeverTreated => {
+                Some("--control never needs never-trained instances; try --control not-yet".into())
+            }
+            _ => None,
+        }
+    } else if let Some(p) = e.downcast_ref::<PanelError>() {
+        match p {
+            PanelError::Incomplete { .. } => {
+                Some("pass --drop-incomplete to drop instances that lack checkpoints".into())
+            }
+            PanelError::TreatmentAfterLastCheckpoint { .. } => {
+                Some("use --max-step to cut the panel, or fix the treatment step".into())
+            }
+            PanelError::InvalidOption { option, .. } => Some(format!("invalid {}", flag_of(option))),
+            PanelError::Sparse { .. } => {
+                Some("check --instance-col and --checkpoint-col (and --treatment-col / --outcome-col)".into())
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    match hint {
+        Some(h) => e.context(h),
+        None => e,
+    }
+}
+
+/// `(1 − α)` as a percentage label: `95%` for α = 0.05, `97.5%` for α = 0.025.
+pub fn level_label(alpha: f64) -> String {
+    let pct = ((1.0 - alpha) * 100.0 * 1000.0).round() / 1000.0;
+    format!("{pct}%")
 }
 
 /// What `summary.json` holds.
@@ -265,23 +330,26 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
 
 /// Runs `memsteer profile`.
 pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
-    let cfg = args.config().validate()?;
+    let cfg = args.config().validate().map_err(|e| with_cli_context(e.into()))?;
     let bar = Bar::new(args.quiet);
     bar.spin("reading");
     let (panel, report) = memsteer_panel::read::read_panel(&args.panel, &args.read_options())
+        .map_err(|e| with_cli_context(e.into()))
         .with_context(|| format!("reading panel {}", args.panel.display()))?;
     memsteer_did::Progress::finish(&bar);
     let profile = memsteer_did::estimate(&panel, &cfg, &bar)
+        .map_err(|e| with_cli_context(e.into()))
         .with_context(|| format!("estimating the profile of {}", args.panel.display()))?;
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating output directory {}", args.out.display()))?;
+    let out_dir = args.out_dir();
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
     bar.spin("writing");
     let mut files = Vec::new();
-    let att = args.out.join("att.csv");
+    let att = out_dir.join("att.csv");
     write_atomic(&att, |w| memsteer_did::io::write_att_csv(&profile, w))
         .with_context(|| format!("writing {}", att.display()))?;
     files.push(att);
-    let path = args.out.join("path.csv");
+    let path = out_dir.join("path.csv");
     write_atomic(&path, |w| memsteer_did::io::write_path_csv(&profile, w))
         .with_context(|| format!("writing {}", path.display()))?;
     files.push(path);
@@ -316,37 +384,42 @@ pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
             negated: args.negate,
         },
     };
-    let summary_path = args.out.join("summary.json");
+    let summary_path = out_dir.join("summary.json");
     write_json(&summary_path, &summary)?;
     files.push(summary_path);
     let mut diagnostics = profile.diagnostics.clone();
     diagnostics.warnings.splice(0..0, report.warnings.iter().cloned());
-    let diag_path = args.out.join("diagnostics.json");
+    let diag_path = out_dir.join("diagnostics.json");
     write_json(&diag_path, &diagnostics)?;
     files.push(diag_path);
 
     if !args.no_figures {
         bar.spin("figures");
-        files.extend(crate::plot::profile_figures(&profile, &args.out, args.mark_step)?);
+        files.extend(crate::plot::profile_figures(&profile, &out_dir, args.mark_step, cfg.alpha)?);
     }
     memsteer_did::Progress::finish(&bar);
     if !args.quiet {
-        print_summary(&profile, &diagnostics, &args.out);
+        print_summary(&profile, &diagnostics, &out_dir, cfg.alpha);
     }
     Ok(ProfileOutcome { profile, report, files })
 }
 
-fn fmt_agg(name: &str, a: &Option<memsteer_did::Aggregate>) -> String {
+fn fmt_agg(name: &str, a: &Option<memsteer_did::Aggregate>, level: &str) -> String {
     match a {
         Some(a) => format!(
-            "  {name:<14} {:>9.4}  (se {:.4}, 95% CI {:.4} to {:.4})",
-            a.estimate, a.std_error, a.ci_lower, a.ci_upper
+            "  {name:<14} {:>9.4}  (se {:.4}{}, {level} CI {:.4} to {:.4})",
+            a.estimate,
+            a.std_error,
+            if a.se_source.is_fallback() { " analytic" } else { "" },
+            a.ci_lower,
+            a.ci_upper
         ),
         None => format!("  {name:<14} not estimable"),
     }
 }
 
-fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path) {
+fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path, alpha: f64) {
+    let level = level_label(alpha);
     let post = p.cells.iter().filter(|c| c.is_post()).count();
     let sig = p.cells.iter().filter(|c| c.is_post() && c.is_significant()).count();
     println!(
@@ -356,10 +429,13 @@ fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path) {
         p.per_cohort.len(),
         p.checkpoints.len()
     );
-    println!("  {post} post-treatment cells, {sig} significant (uniform band, critical value {:.3})", p.critical_value);
-    println!("{}", fmt_agg("instantaneous", &p.instantaneous));
-    println!("{}", fmt_agg("persistent", &p.persistent));
-    println!("{}", fmt_agg("residual", &p.residual));
+    println!(
+        "  {post} post-treatment cells, {sig} significant ({level} uniform band, critical value {:.3})",
+        p.critical_value
+    );
+    println!("{}", fmt_agg("instantaneous", &p.instantaneous, &level));
+    println!("{}", fmt_agg("persistent", &p.persistent, &level));
+    println!("{}", fmt_agg("residual", &p.residual, &level));
     if let Some(t) = &d.pretrend_sup_t {
         println!("  pre-trend sup-t test: statistic {:.3} over {} cells, p = {:.4}", t.statistic, t.n_cells, t.p_value);
     }

@@ -72,5 +72,5 @@ fn invalid_settings() {
     let err = fails(&["profile", "--panel", s(&panel), "--out", s(&out), "--estimator", "magic"]);
     assert!(err.contains("magic"), "{err}");
     let err = fails(&["profile", "--panel", s(&panel), "--out", s(&out), "--treatment-from-seq-idx", "0"]);
-    assert!(err.contains("batch size"), "{err}");
+    assert!(err.contains("batch size") && err.contains("--treatment-from-seq-idx"), "{err}");
 }

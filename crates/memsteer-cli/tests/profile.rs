@@ -41,6 +41,9 @@ fn writes_every_output_in_the_documented_formats() {
     assert!(diag["pretrend_cell_wald"]["statistic"].is_f64());
     assert!(diag["baseline_balance"]["difference"].is_f64());
     assert!(diag["anticipation"]["estimate"].is_f64());
+    assert_eq!(diag["pretrend_sup_t"]["draws"], 200);
+    assert!(diag["se_fallback"]["cells"].as_array().is_some_and(Vec::is_empty), "{}", diag["se_fallback"]);
+    assert_eq!(summary["instantaneous"]["se_source"], "bootstrap");
     for fig in ["profile", "path"] {
         let svg = std::fs::read_to_string(out.join(format!("{fig}.svg"))).expect("svg");
         assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{fig}.svg");
@@ -248,4 +251,119 @@ fn parquet_and_csv_panels_give_identical_profiles() {
     for name in ["att.csv", "path.csv", "diagnostics.json"] {
         assert!(std::fs::read(a.join(name)).expect("a") == std::fs::read(b.join(name)).expect("b"), "{name} differs");
     }
+}
+
+/// The paper's released statistics layout (`seq_idx,step,sup_seq`, surprisals, batch size 1024): one
+/// flag decodes `seq_idx` into the treatment step with no treatment column, and the output directory
+/// defaults to `STEM-profile` next to the panel.
+#[test]
+fn released_statistics_layout_works_with_one_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let steps = [0u64, 1000, 2000, 3000, 4000, 5000];
+    let mut csv = String::from("seq_idx,step,sup_seq\n");
+    let mut rows = Vec::new();
+    // 12 trained sequences per cohort: seq_idx in (1024·(g−1)·1000, 1024·g·1000] lands at checkpoint g.
+    for g in 1..steps.len() as i64 - 1 {
+        for j in 0..12i64 {
+            let step_in = (g - 1) * 1000 + 1 + j * 80; // optimizer step within (step_{g-1}, step_g]
+            rows.push(((step_in - 1) * 1024 + 1 + j, Some(step_in as u64)));
+        }
+    }
+    for v in 0..20i64 {
+        rows.push((-v, None));
+    }
+    for (k, (idx, trained)) in rows.iter().enumerate() {
+        for (c, &step) in steps.iter().enumerate() {
+            let memorised = if trained.is_some_and(|t| step >= t) { 1.5 } else { 0.0 };
+            let noise = ((k * 13 + c * 7) % 11) as f64 * 0.02;
+            // Surprisal falls with training and falls more once memorised.
+            csv.push_str(&format!("{idx},{step},{}\n", 40.0 - 2.0 * c as f64 - memorised + noise));
+        }
+    }
+    let panel = dir.path().join("stats.csv");
+    std::fs::write(&panel, &csv).expect("write");
+    ok(&[
+        "profile",
+        "--panel",
+        s(&panel),
+        "--instance-col",
+        "seq_idx",
+        "--checkpoint-col",
+        "step",
+        "--outcome-col",
+        "sup_seq",
+        "--treatment-from-seq-idx",
+        "1024",
+        "--negate",
+        "--bootstrap",
+        "200",
+        "--no-figures",
+        "--quiet",
+    ]);
+    let out = dir.path().join("stats-profile");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+    assert_eq!(summary["n_never_trained"], 20);
+    assert_eq!(summary["n_cohorts"], 4);
+    assert_eq!(summary["n_instances"], 4 * 12 + 20);
+    let inst = summary["instantaneous"]["estimate"].as_f64().expect("inst");
+    assert!((inst - 1.5).abs() < 0.1, "instantaneous {inst}");
+    // Cohorts are checkpoint steps 1000..4000, as decoded from seq_idx.
+    let att = std::fs::read_to_string(out.join("att.csv")).expect("att");
+    let cohorts: std::collections::BTreeSet<&str> =
+        att.lines().skip(1).map(|l| l.split(',').next().unwrap_or("")).collect();
+    assert_eq!(cohorts.into_iter().collect::<Vec<_>>(), ["1000", "2000", "3000", "4000"]);
+
+    // A seq_idx that is not an integer is an error naming the file, line and column.
+    let bad = csv.replacen("\n1,0,", "\n1.5,0,", 1);
+    assert_ne!(bad, csv);
+    let bad_path = dir.path().join("bad.csv");
+    std::fs::write(&bad_path, bad).expect("write");
+    let err = fails(&[
+        "profile",
+        "--panel",
+        s(&bad_path),
+        "--instance-col",
+        "seq_idx",
+        "--checkpoint-col",
+        "step",
+        "--outcome-col",
+        "sup_seq",
+        "--treatment-from-seq-idx",
+        "1024",
+        "--quiet",
+    ]);
+    assert!(
+        err.contains("bad.csv")
+            && err.contains("line 2")
+            && err.contains("`seq_idx`")
+            && err.contains("integer sequence index"),
+        "{err}"
+    );
+}
+
+/// Printed intervals and figure legends name the level from --alpha.
+#[test]
+fn interval_labels_follow_alpha() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let panel = synthetic_panel(dir.path(), "panel.csv", 6);
+    let out = dir.path().join("out");
+    let stdout = ok(&["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "200", "--alpha", "0.1"]);
+    assert!(stdout.contains("90% CI") && stdout.contains("90% uniform band") && !stdout.contains("95%"), "{stdout}");
+    let svg = std::fs::read_to_string(out.join("path.svg")).expect("svg");
+    assert!(svg.contains("90% pointwise interval") && svg.contains("90% uniform band") && !svg.contains("95%"));
+    let stdout = ok(&["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "200", "--alpha", "0.025"]);
+    assert!(stdout.contains("97.5% CI"), "{stdout}");
+    // 20 draws resolve the band's quantile at α = 0.05 but give no robust SE: analytic SEs, flagged.
+    let out = ok(&["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "20", "--no-figures"]);
+    assert!(out.contains("se 0.") && out.contains(" analytic,"), "{out}");
+    let diag: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("out/diagnostics.json")).expect("diag"))
+            .expect("json");
+    assert!(diag["se_fallback"]["cells"].as_array().is_some_and(|c| !c.is_empty()), "{}", diag["se_fallback"]);
+    assert!(
+        diag["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w.as_str().is_some_and(|w| w.contains("20 bootstrap draws"))))
+    );
 }

@@ -10,10 +10,12 @@ use std::collections::BTreeMap;
 use memsteer_panel::Cohort;
 
 use crate::bootstrap::quantile_inverted_cdf;
-use crate::estimate::{Aggregate, CellSpec, CohortSummary, Inference, PathEstimate};
+use crate::cells::CellSpec;
 use crate::functional::Functional;
+use crate::inference::Inference;
 use crate::prepare::Cohorts;
 use crate::stats::normal_quantile;
+use crate::types::{Aggregate, CohortSummary, PathEstimate};
 use crate::{BandScope, ValidConfig};
 
 pub(crate) struct Aggregates {
@@ -24,6 +26,8 @@ pub(crate) struct Aggregates {
     pub residual: Option<Aggregate>,
     pub per_cohort: Vec<CohortSummary>,
     pub path_crit: f64,
+    /// Summaries whose bootstrap SE fell back to the analytic one.
+    pub n_summary_fallbacks: usize,
 }
 
 /// Weighted average of cell functionals; `None` when `items` is empty.
@@ -37,27 +41,6 @@ fn average(items: &[(f64, &Functional)]) -> Option<Functional> {
         f.add_scaled(g, w / total);
     }
     Some(f)
-}
-
-impl Inference<'_> {
-    /// Estimate, SE and pointwise interval of each functional.
-    pub(crate) fn summarise(&self, funcs: &[Functional], alpha: f64) -> Vec<Aggregate> {
-        let (analytic, boot) = self.std_errors(funcs);
-        let z = normal_quantile(1.0 - alpha / 2.0);
-        funcs
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let estimate = f.value(self.cohorts);
-                let se = match &boot {
-                    Some(b) if b[i].is_finite() && b[i] > 0.0 => b[i],
-                    Some(_) => f64::NAN,
-                    None => analytic[i],
-                };
-                Aggregate { estimate, std_error: se, ci_lower: estimate - z * se, ci_upper: estimate + z * se }
-            })
-            .collect()
-    }
 }
 
 pub(crate) fn aggregate(
@@ -103,6 +86,7 @@ pub(crate) fn aggregate(
                 band_lower: a.estimate - crit * a.std_error,
                 band_upper: a.estimate + crit * a.std_error,
                 n_cohorts: n,
+                se_source: a.se_source,
             }
         })
         .collect();
@@ -134,6 +118,7 @@ pub(crate) fn aggregate(
         cohort_slots.push((steps[g], grp.n, slot(inst), slot(average(&later)), slot(res)));
     }
     let stats = inf.summarise(&overall, cfg.alpha);
+    let n_summary_fallbacks = stats.iter().filter(|a| a.se_source.is_fallback()).count();
     let get = |s: Option<usize>| s.map(|i| stats[i]);
     Aggregates {
         path,
@@ -152,5 +137,6 @@ pub(crate) fn aggregate(
             })
             .collect(),
         path_crit,
+        n_summary_fallbacks,
     }
 }

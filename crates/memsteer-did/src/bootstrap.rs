@@ -70,7 +70,13 @@ fn fill_multipliers(keys: &[u64], seed: u64, kind: Multiplier, b0: usize, b1: us
 
 impl BootSums {
     /// Computes all cohorts' sums; `tick` is called once per finished task.
-    pub fn compute(cohorts: &Cohorts, draws: usize, seed: u64, kind: Multiplier, tick: &(dyn Fn(u64) + Sync)) -> Self {
+    pub fn compute(
+        cohorts: &Cohorts,
+        draws: usize,
+        seed: u64,
+        kind: Multiplier,
+        tick: &(dyn Fn(u64) + Sync),
+    ) -> crate::Result<Self> {
         let c = cohorts.c;
         let n_blocks = draws.div_ceil(DRAW_BLOCK);
         let tasks: Vec<(usize, usize)> =
@@ -90,7 +96,7 @@ impl BootSums {
                     let rows = UNIT_CHUNK.min(g.n - start);
                     let v = &mut v[..rows * width];
                     fill_multipliers(&keys[start..start + rows], seed, kind, b0, b1, v);
-                    crate::gemm::at_b(c, rows, width, 1.0, &z[start * c..(start + rows) * c], v, 1.0, &mut u);
+                    crate::gemm::at_b(c, rows, width, 1.0, &z[start * c..(start + rows) * c], v, 1.0, &mut u)?;
                     for row in v.chunks_exact(width) {
                         for (s, x) in sv.iter_mut().zip(row) {
                             *s += x;
@@ -98,16 +104,16 @@ impl BootSums {
                     }
                 }
                 tick(1);
-                (u, sv)
+                Ok((u, sv))
             })
-            .collect();
+            .collect::<crate::Result<_>>()?;
         let mut u: Vec<Vec<Vec<f64>>> = (0..cohorts.groups.len()).map(|_| Vec::with_capacity(n_blocks)).collect();
         let mut sv: Vec<Vec<f64>> = (0..cohorts.groups.len()).map(|_| Vec::with_capacity(draws)).collect();
         for (&(k, _), (uk, svk)) in tasks.iter().zip(results) {
             u[k].push(uk);
             sv[k].extend_from_slice(&svk);
         }
-        Self { draws, c, u, sv }
+        Ok(Self { draws, c, u, sv })
     }
 
     /// Number of tasks [`BootSums::compute`] ticks for.

@@ -6,6 +6,7 @@ use crate::io::AttRow;
 
 /// Which shared post-treatment cells enter the correlation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum CompareCells {
     /// All shared post-treatment cells (what the paper's Figure 6 used).
     #[default]
@@ -16,6 +17,7 @@ pub enum CompareCells {
 
 /// A Pearson correlation and the number of cells behind it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+#[non_exhaustive]
 pub struct Correlation {
     /// Pearson's r (NaN with fewer than two cells or no variation).
     pub r: f64,
@@ -27,7 +29,7 @@ pub struct Correlation {
 ///
 /// ```
 /// use memsteer_did::{compare::{profile_correlation, CompareCells}, io::AttRow};
-/// let row = |g, c, y: f64| AttRow { cohort: g, checkpoint: c, event_time: 0, estimate: y, band_lower: y - 1.0, band_upper: y + 1.0 };
+/// let row = |g, c, y: f64| AttRow::new(g, c, 0, y, y - 1.0, y + 1.0);
 /// let a = [row(1, 1, 1.0), row(2, 2, 2.0), row(3, 3, 3.0)];
 /// let b = [row(1, 1, 2.0), row(2, 2, 4.0), row(3, 3, 6.5)];
 /// let r = profile_correlation(&a, &b, CompareCells::All);

@@ -5,6 +5,7 @@ use crate::{DidError, Result};
 /// Which estimator of τ(g, c).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Estimator {
     /// Difference-in-differences `(Ȳ_c(g) − Ȳ_b(g)) − (Ȳ_c(C) − Ȳ_b(C))` (the paper's Estimator 2).
     #[default]
@@ -16,6 +17,7 @@ pub enum Estimator {
 /// Which instances serve as controls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum ControlGroup {
     /// Never-trained (validation) instances only.
     #[default]
@@ -27,6 +29,7 @@ pub enum ControlGroup {
 /// Base period of DiD comparisons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum BasePeriod {
     /// Post-treatment cells compare with `g − 1`; pre-treatment cells with the previous checkpoint
     /// (csdid's and R `did`'s default).
@@ -39,6 +42,7 @@ pub enum BasePeriod {
 /// Distribution of the bootstrap multipliers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum Multiplier {
     /// ±1 with equal probability.
     #[default]
@@ -50,6 +54,7 @@ pub enum Multiplier {
 /// Which cells the uniform (sup-t) band covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
 pub enum BandScope {
     /// All cells, pre- and post-treatment (as csdid and the paper's analysis).
     #[default]
@@ -59,7 +64,17 @@ pub enum BandScope {
 }
 
 /// Estimation settings as the user gives them; [`ProfileConfig::validate`] checks them.
+///
+/// Start from [`ProfileConfig::default`] and change fields, or chain the `with_*` methods:
+///
+/// ```
+/// use memsteer_did::{ControlGroup, ProfileConfig};
+/// let cfg = ProfileConfig::default().with_bootstrap(0).with_control(ControlGroup::NotYet);
+/// assert_eq!(cfg.bootstrap, 0);
+/// assert!(cfg.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
 pub struct ProfileConfig {
     /// Estimator.
     pub estimator: Estimator,
@@ -105,6 +120,7 @@ impl Default for ProfileConfig {
 
 /// A [`ProfileConfig`] whose values have been checked.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct ValidConfig(ProfileConfig);
 
 impl std::ops::Deref for ValidConfig {
@@ -114,18 +130,49 @@ impl std::ops::Deref for ValidConfig {
     }
 }
 
+macro_rules! with {
+    ($($(#[$doc:meta])* $name:ident: $field:ident: $ty:ty;)*) => {
+        $($(#[$doc])* #[must_use] pub fn $name(mut self, $field: $ty) -> Self { self.$field = $field; self })*
+    };
+}
+
 impl ProfileConfig {
+    with! {
+        /// Sets [`ProfileConfig::estimator`].
+        with_estimator: estimator: Estimator;
+        /// Sets [`ProfileConfig::control`].
+        with_control: control: ControlGroup;
+        /// Sets [`ProfileConfig::base_period`].
+        with_base_period: base_period: BasePeriod;
+        /// Sets [`ProfileConfig::bootstrap`].
+        with_bootstrap: bootstrap: usize;
+        /// Sets [`ProfileConfig::multiplier`].
+        with_multiplier: multiplier: Multiplier;
+        /// Sets [`ProfileConfig::alpha`].
+        with_alpha: alpha: f64;
+        /// Sets [`ProfileConfig::seed`].
+        with_seed: seed: u64;
+        /// Sets [`ProfileConfig::band_scope`].
+        with_band_scope: band_scope: BandScope;
+        /// Sets [`ProfileConfig::min_cohort_size`].
+        with_min_cohort_size: min_cohort_size: usize;
+        /// Sets [`ProfileConfig::max_wald_cells`].
+        with_max_wald_cells: max_wald_cells: usize;
+        /// Sets [`ProfileConfig::pretrend_window`].
+        with_pretrend_window: pretrend_window: usize;
+    }
+
     /// Checks the settings.
     pub fn validate(self) -> Result<ValidConfig> {
         if !(self.alpha > 0.0 && self.alpha < 0.5) {
             return Err(DidError::Config {
-                name: "--alpha",
+                field: "alpha",
                 message: format!("expected a level in (0, 0.5), found {}", self.alpha),
             });
         }
         if self.bootstrap != 0 && (self.bootstrap as f64) * self.alpha < 1.0 {
             return Err(DidError::Config {
-                name: "--bootstrap",
+                field: "bootstrap",
                 message: format!(
                     "{} draws cannot resolve the {} quantile of a band; use at least {} (or 0 for analytic inference)",
                     self.bootstrap,
@@ -136,13 +183,13 @@ impl ProfileConfig {
         }
         if self.pretrend_window == 0 {
             return Err(DidError::Config {
-                name: "--pretrend-window",
+                field: "pretrend_window",
                 message: "expected at least 1 pre-treatment event time".into(),
             });
         }
         if self.bootstrap > 1_000_000 {
             return Err(DidError::Config {
-                name: "--bootstrap",
+                field: "bootstrap",
                 message: format!("{} draws is more than the supported 1,000,000", self.bootstrap),
             });
         }

@@ -9,96 +9,12 @@
 use crate::BasePeriod;
 use crate::ValidConfig;
 use crate::aggregate::Aggregates;
-use crate::estimate::CellSpec;
+use crate::cells::CellSpec;
 use crate::functional::Functional;
 use crate::prepare::Cohorts;
 use crate::stats::{chi2_sf, cholesky_solve, normal_two_sided_p};
+use crate::types::{BalanceCheck, Diagnostics, PointTest, SeFallback, SupTTest, WaldTest};
 use memsteer_panel::Cohort;
-
-/// Sup-t joint test that all pre-treatment cells are zero.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct SupTTest {
-    /// max over pre-treatment cells of |estimate / se|.
-    pub statistic: f64,
-    /// Share of bootstrap draws whose maximum reaches the statistic.
-    pub p_value: f64,
-    /// Number of cells tested.
-    pub n_cells: usize,
-    /// Whether the test rejects at the configured α.
-    pub rejects: bool,
-}
-
-/// A Wald χ² test.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct WaldTest {
-    /// The statistic (absent when it could not be computed).
-    pub statistic: Option<f64>,
-    /// Degrees of freedom (number of estimates tested).
-    pub df: usize,
-    /// Upper-tail p-value.
-    pub p_value: Option<f64>,
-    /// Whether the χ² approximation can be trusted at this size.
-    pub reliable: bool,
-    /// Whether the test rejects at α (false when not computed).
-    pub rejects: bool,
-    /// Why it was not computed, or why not to trust it.
-    pub note: Option<String>,
-}
-
-/// A single estimate tested against zero.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct PointTest {
-    /// Event time of the estimate.
-    pub event_time: i64,
-    /// The estimate.
-    pub estimate: f64,
-    /// Its standard error.
-    pub std_error: f64,
-    /// Two-sided normal p-value.
-    pub p_value: f64,
-    /// What it checks.
-    pub note: String,
-}
-
-/// Treated vs never-treated outcome levels at the first checkpoint.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct BalanceCheck {
-    /// The checkpoint step compared.
-    pub checkpoint: u64,
-    /// Mean outcome of treated instances.
-    pub treated_mean: f64,
-    /// Mean outcome of never-treated instances.
-    pub never_mean: f64,
-    /// Difference (treated − never).
-    pub difference: f64,
-    /// Welch standard error of the difference.
-    pub std_error: f64,
-    /// Two-sided p-value.
-    pub p_value: f64,
-    /// What it means.
-    pub note: String,
-}
-
-/// All diagnostics of one estimation.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct Diagnostics {
-    /// Sup-t pre-trend test (needs bootstrap draws).
-    pub pretrend_sup_t: Option<SupTTest>,
-    /// Wald test on the pre-period path.
-    pub pretrend_path_wald: Option<WaldTest>,
-    /// Cell-level Wald pre-test, as csdid / R `did` report it.
-    pub pretrend_cell_wald: Option<WaldTest>,
-    /// The estimate just before treatment.
-    pub anticipation: Option<PointTest>,
-    /// Baseline level balance.
-    pub baseline_balance: Option<BalanceCheck>,
-    /// Cohorts smaller than the configured minimum: (cohort step, size).
-    pub small_cohorts: Vec<(u64, usize)>,
-    /// Cells that could not be estimated for lack of controls.
-    pub skipped_cells: usize,
-    /// Human-readable warnings.
-    pub warnings: Vec<String>,
-}
 
 fn wald<'c>(
     funcs: &[&Functional],
@@ -170,6 +86,14 @@ fn horizon_pooled_variance(f: &Functional, cohorts: &Cohorts) -> (f64, f64) {
     (total, df)
 }
 
+/// The Monte Carlo p-value `(1 + #{draws ≥ statistic}) / (B + 1)` of a statistic against `B` reference
+/// draws: the observed statistic counts as one draw, so the p-value is never 0 and the test has level
+/// at most α for any `B` when the draws are exchangeable with it.
+pub(crate) fn monte_carlo_p_value(draws: &[f64], statistic: f64) -> f64 {
+    let at_least = draws.iter().filter(|&&d| d >= statistic).count();
+    (1 + at_least) as f64 / (draws.len() + 1) as f64
+}
+
 /// The standard-normal score with the same tail probability as `t` under Student's t with `df`.
 fn normal_score(t: f64, df: f64) -> f64 {
     use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
@@ -197,7 +121,8 @@ pub(crate) fn diagnose(
     skipped: usize,
     dropped_no_pre: usize,
     steps: &[u64],
-) -> Diagnostics {
+    se_fallback: SeFallback,
+) -> crate::Result<Diagnostics> {
     let mut warnings = Vec::new();
     let alpha = cfg.alpha;
     let is_pre: Vec<bool> = specs.iter().map(|s| s.c < s.g).collect();
@@ -229,7 +154,7 @@ pub(crate) fn diagnose(
         None
     } else {
         let draws = if cfg.bootstrap > 0 { cfg.bootstrap } else { 1000 };
-        let gauss = crate::gaussian::GaussianSums::draw(cohorts, &pooled, draws, cfg.seed);
+        let gauss = crate::gaussian::GaussianSums::draw(cohorts, &pooled, draws, cfg.seed)?;
         let pre: Vec<usize> = (0..specs.len()).filter(|&i| is_pre[i]).collect();
         let pre_funcs: Vec<&Functional> = pre.iter().map(|&i| &funcs[i]).collect();
         let pre_ses: Vec<f64> = pre.iter().map(|&i| pre_se[i]).collect();
@@ -238,8 +163,8 @@ pub(crate) fn diagnose(
                 .filter(|&i| is_pre[i] && pre_se[i].is_finite() && pre_se[i] > 0.0)
                 .map(|i| normal_score(values[i] / pre_se[i], pre_var[i].1).abs())
                 .fold(0.0, f64::max);
-            let p_value = draws.iter().filter(|&&d| d >= statistic).count() as f64 / draws.len() as f64;
-            SupTTest { statistic, p_value, n_cells: n_pre, rejects: p_value < alpha }
+            let p_value = monte_carlo_p_value(&draws, statistic);
+            SupTTest { statistic, p_value, draws: draws.len(), n_cells: n_pre, rejects: p_value <= alpha }
         })
     };
     if n_pre == 0 {
@@ -390,11 +315,20 @@ pub(crate) fn diagnose(
         && b.p_value < alpha
     {
         warnings.push(format!(
-            "treated and never-trained instances differ by {:.4} at the first checkpoint (p = {:.2e}): the difference estimator is biased by about that much; use --estimator did",
+            "treated and never-trained instances differ by {:.4} at the first checkpoint (p = {:.2e}): the difference estimator is biased by about that much; use difference-in-differences",
             b.difference, b.p_value
         ));
     }
-    Diagnostics {
+    if !se_fallback.is_empty() {
+        warnings.push(format!(
+            "{} cells, {} path points and {} summaries report the analytic standard error because {}",
+            se_fallback.cells.len(),
+            se_fallback.path.len(),
+            se_fallback.summaries,
+            se_fallback.reason.as_deref().unwrap_or("their bootstrap standard error was unusable")
+        ));
+    }
+    Ok(Diagnostics {
         pretrend_sup_t,
         pretrend_path_wald,
         pretrend_cell_wald,
@@ -402,6 +336,20 @@ pub(crate) fn diagnose(
         baseline_balance,
         small_cohorts,
         skipped_cells: skipped,
+        se_fallback,
         warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn monte_carlo_p_value_counts_the_observed_statistic() {
+        let draws = [0.5, 1.0, 2.0, 3.0];
+        // Two of four draws reach 2.0: (1 + 2) / 5.
+        assert_eq!(super::monte_carlo_p_value(&draws, 2.0), 0.6);
+        // A statistic beyond every draw gets 1 / (B + 1), never 0.
+        assert_eq!(super::monte_carlo_p_value(&draws, 10.0), 0.2);
+        assert_eq!(super::monte_carlo_p_value(&draws, 0.0), 1.0);
     }
 }

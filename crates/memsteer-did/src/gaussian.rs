@@ -53,7 +53,7 @@ pub(crate) struct GaussianSums {
 }
 
 impl GaussianSums {
-    pub fn draw(cohorts: &Cohorts, pooled: &[Option<Vec<f64>>], draws: usize, seed: u64) -> Self {
+    pub fn draw(cohorts: &Cohorts, pooled: &[Option<Vec<f64>>], draws: usize, seed: u64) -> crate::Result<Self> {
         let c = cohorts.c;
         let parts: Vec<(Vec<f64>, Vec<f64>)> = cohorts
             .groups
@@ -77,16 +77,16 @@ impl GaussianSums {
                 let mut e = vec![0.0; h * draws];
                 fill_normals(key, &mut e);
                 let mut u = vec![0.0; h * draws];
-                crate::gemm::at_b(h, h, draws, (g.n as f64).sqrt(), &lt, &e, 0.0, &mut u);
+                crate::gemm::at_b(h, h, draws, (g.n as f64).sqrt(), &lt, &e, 0.0, &mut u)?;
                 let sv_key = rng::mix64(key ^ 0x9E37_79B9);
                 let mut sv = vec![0.0; draws];
                 fill_normals(sv_key, &mut sv);
                 sv.iter_mut().for_each(|x| *x *= (g.n as f64).sqrt());
-                (u, sv)
+                Ok((u, sv))
             })
-            .collect();
+            .collect::<crate::Result<_>>()?;
         let (u, sv) = parts.into_iter().unzip();
-        Self { draws, u, sv }
+        Ok(Self { draws, u, sv })
     }
 
     /// The draws of a pre-treatment functional (all its terms lie before each block's cohort).

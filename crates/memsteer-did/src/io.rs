@@ -49,6 +49,7 @@ pub fn write_path_csv(profile: &Profile, w: &mut dyn Write) -> std::io::Result<(
 
 /// One row of an `att.csv` read back.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
 pub struct AttRow {
     /// Cohort step.
     pub cohort: u64,
@@ -65,6 +66,11 @@ pub struct AttRow {
 }
 
 impl AttRow {
+    /// A row from its values.
+    pub fn new(cohort: u64, checkpoint: u64, event_time: i64, estimate: f64, band_lower: f64, band_upper: f64) -> Self {
+        Self { cohort, checkpoint, event_time, estimate, band_lower, band_upper }
+    }
+
     /// Zero lies outside the band.
     pub fn is_significant(&self) -> bool {
         self.band_lower > 0.0 || self.band_upper < 0.0

@@ -9,14 +9,15 @@
 //! (influence-function) standard errors and a multiplier bootstrap for all cells at once with robust
 //! (IQR) standard errors and sup-t uniform bands. Aggregations: the path by event time, instantaneous,
 //! persistent and residual memorisation. Diagnostics: pre-trend tests that hold their size with
-//! thousands of cells, anticipation, baseline balance.
+//! thousands of cells, anticipation, baseline balance. Per-cell influence functions
+//! ([`influence_functions`]) let users build aggregations of their own.
 //!
 //! ```
 //! use memsteer_panel::synthetic::SyntheticConfig;
 //! use memsteer_did::{estimate, NoProgress, ProfileConfig};
 //!
 //! let panel = SyntheticConfig::pythia_like(6, 40, 80, 8, 1).generate().unwrap();
-//! let cfg = ProfileConfig { bootstrap: 200, ..ProfileConfig::default() }.validate().unwrap();
+//! let cfg = ProfileConfig::default().with_bootstrap(200).validate().unwrap();
 //! let profile = estimate(&panel, &cfg, &NoProgress).unwrap();
 //! let inst = profile.instantaneous.unwrap();
 //! // The generator's instantaneous effect is 2.0 + 0.3 residual.
@@ -26,6 +27,7 @@
 
 mod aggregate;
 mod bootstrap;
+mod cells;
 pub mod compare;
 mod config;
 mod diagnostics;
@@ -34,14 +36,22 @@ mod estimate;
 mod functional;
 mod gaussian;
 mod gemm;
+mod inference;
+pub mod influence;
 pub mod io;
 mod prepare;
 pub mod stats;
+mod types;
 
 pub use config::{BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, ProfileConfig, ValidConfig};
-pub use diagnostics::{BalanceCheck, Diagnostics, PointTest, SupTTest, WaldTest};
 pub use error::{DidError, Result};
-pub use estimate::{Aggregate, CellEstimate, CohortSummary, NoProgress, PathEstimate, Profile, Progress, estimate};
+pub use estimate::{NoProgress, Progress, estimate};
+pub use inference::MIN_BOOTSTRAP_SE_DRAWS;
+pub use influence::{CellKey, Influence, InfluenceFunctions, influence_functions};
+pub use types::{
+    Aggregate, BalanceCheck, CellEstimate, CohortSummary, Diagnostics, PathEstimate, PointTest, Profile, SeFallback,
+    StdErrorSource, SupTTest, WaldTest,
+};
 
 /// Numerical tolerances used across the crate's tests, in one place.
 pub mod tolerances {

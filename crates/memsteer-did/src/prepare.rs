@@ -29,11 +29,13 @@ pub(crate) struct Cohorts {
     pub keys: Vec<u64>,
     /// Raw outcomes at the first checkpoint, grouped like `z`.
     pub first: Vec<f64>,
+    /// Per row: the instance's index in the panel.
+    pub order: Vec<usize>,
 }
 
 impl Cohorts {
     /// Groups the panel's instances by cohort, keeping those for which `keep` holds.
-    pub fn new(panel: &Panel, keep: impl Fn(Cohort) -> bool) -> Self {
+    pub fn new(panel: &Panel, keep: impl Fn(Cohort) -> bool) -> crate::Result<Self> {
         let c = panel.n_checkpoints();
         let mut order: Vec<usize> = (0..panel.n_instances()).filter(|&i| keep(panel.cohort(i))).collect();
         // Stable sort: within a cohort, rows keep file order.
@@ -82,11 +84,11 @@ impl Cohorts {
                     }
                 }
                 let mut cov = vec![0.0; c * c];
-                crate::gemm::at_b(c, len, c, 1.0 / len as f64, block, block, 0.0, &mut cov);
-                Group { cohort, start, n: len, mean, cov }
+                crate::gemm::at_b(c, len, c, 1.0 / len as f64, block, block, 0.0, &mut cov)?;
+                Ok(Group { cohort, start, n: len, mean, cov })
             })
-            .collect();
-        Self { c, groups, z, keys, first }
+            .collect::<crate::Result<_>>()?;
+        Ok(Self { c, groups, z, keys, first, order })
     }
 
     /// Index of the never-treated group, if any.

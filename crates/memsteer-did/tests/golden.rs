@@ -51,14 +51,12 @@ fn check_panel(name: &str) {
     assert_eq!(golden.len(), 8, "eight csdid runs per panel");
     for (run, cells) in &golden {
         let (control, base_period, bootstrap) = settings(run);
-        let cfg = ProfileConfig {
-            control,
-            base_period,
-            bootstrap: if bootstrap { 1000 } else { 0 },
-            ..ProfileConfig::default()
-        }
-        .validate()
-        .expect("config");
+        let cfg = ProfileConfig::default()
+            .with_control(control)
+            .with_base_period(base_period)
+            .with_bootstrap(if bootstrap { 1000 } else { 0 })
+            .validate()
+            .expect("config");
         let profile = estimate(&panel, &cfg, &NoProgress).expect("estimate");
         // The same set of cells, except csdid's universal-base reference cells (0 by construction) and
         // cells without controls (NaN in csdid, not estimated here).
@@ -127,7 +125,7 @@ fn matches_csdid_on_panel_a() {
 fn matches_csdid_on_panel_b_with_instances_trained_before_the_first_checkpoint() {
     check_panel("b");
     let (panel, _) = read_csv(&fixture("panel_b.csv"), &ReadOptions::default()).expect("panel");
-    let cfg = ProfileConfig { bootstrap: 0, ..ProfileConfig::default() }.validate().expect("cfg");
+    let cfg = ProfileConfig::default().with_bootstrap(0).validate().expect("cfg");
     let profile = estimate(&panel, &cfg, &NoProgress).expect("estimate");
     assert_eq!(profile.n_dropped_no_pre, 6);
     assert!(profile.diagnostics.warnings.iter().any(|w| w.contains("dropped 6 instances")));

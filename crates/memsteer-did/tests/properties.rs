@@ -2,7 +2,7 @@
 //! power of the pre-trend tests, the difference estimator's bias under a validation shift, and
 //! determinism across thread counts.
 
-use memsteer_did::{ControlGroup, Estimator, NoProgress, Profile, ProfileConfig, estimate};
+use memsteer_did::{ControlGroup, DidError, Estimator, NoProgress, Profile, ProfileConfig, estimate};
 use memsteer_panel::synthetic::SyntheticConfig;
 use proptest::prelude::*;
 
@@ -12,7 +12,7 @@ fn run(cfg: &SyntheticConfig, settings: ProfileConfig) -> Profile {
 }
 
 fn analytic() -> ProfileConfig {
-    ProfileConfig { bootstrap: 0, ..ProfileConfig::default() }
+    ProfileConfig::default().with_bootstrap(0)
 }
 
 proptest! {
@@ -26,7 +26,7 @@ proptest! {
         cfg.residual = effect;
         let control = if not_yet { ControlGroup::NotYet } else { ControlGroup::Never };
         for estimator in [Estimator::Did, Estimator::Difference] {
-            let p = run(&cfg, ProfileConfig { estimator, control, ..analytic() });
+            let p = run(&cfg, analytic().with_estimator(estimator).with_control(control));
             let inst = p.instantaneous.expect("instantaneous");
             prop_assert!((inst.estimate - effect).abs() < 4.5 * inst.std_error,
                 "{estimator:?}: {} vs {effect} (se {})", inst.estimate, inst.std_error);
@@ -43,7 +43,7 @@ fn pointwise_intervals_cover_at_the_nominal_rate() {
     let (mut band_covered, mut band_total) = (0usize, 0usize);
     for seed in 0..16 {
         let cfg = SyntheticConfig::pythia_like(8, 40, 120, 12, 100 + seed);
-        let p = run(&cfg, ProfileConfig { bootstrap: 400, seed, ..ProfileConfig::default() });
+        let p = run(&cfg, ProfileConfig::default().with_bootstrap(400).with_seed(seed));
         for c in p.cells.iter().filter(|c| c.is_post()) {
             let truth = cfg.true_effect(c.cohort_index, c.checkpoint_index);
             total += 1;
@@ -74,7 +74,7 @@ fn pretrend_tests_hold_size_and_have_power() {
     let (mut sup_rejects, mut path_rejects, mut n_pre) = (0, 0, 0);
     for seed in 0..runs {
         let cfg = SyntheticConfig::pythia_like(60, per, 400, 64, 1000 + seed);
-        let p = run(&cfg, ProfileConfig { bootstrap: 200, seed, ..ProfileConfig::default() });
+        let p = run(&cfg, ProfileConfig::default().with_bootstrap(200).with_seed(seed));
         let d = &p.diagnostics;
         let sup = d.pretrend_sup_t.as_ref().expect("sup-t");
         n_pre = sup.n_cells;
@@ -99,7 +99,7 @@ fn pretrend_tests_hold_size_and_have_power() {
         for seed in 0..10 {
             let mut cfg = SyntheticConfig::pythia_like(60, 20, 400, 64, 2000 + seed);
             cfg.trend_violation = trend;
-            let p = run(&cfg, ProfileConfig { bootstrap: 200, seed, ..ProfileConfig::default() });
+            let p = run(&cfg, ProfileConfig::default().with_bootstrap(200).with_seed(seed));
             sup += usize::from(p.diagnostics.pretrend_sup_t.as_ref().expect("sup-t").rejects);
             path += usize::from(p.diagnostics.pretrend_path_wald.as_ref().expect("path").rejects);
         }
@@ -120,7 +120,7 @@ fn validation_shift_biases_difference_not_did() {
     cfg.unit_sd = 1.0;
     let truth = cfg.true_effect(1, 1);
     let did = run(&cfg, analytic());
-    let diff = run(&cfg, ProfileConfig { estimator: Estimator::Difference, ..analytic() });
+    let diff = run(&cfg, analytic().with_estimator(Estimator::Difference));
     let d = did.instantaneous.expect("did");
     let f = diff.instantaneous.expect("difference");
     assert!((d.estimate - truth).abs() < 4.0 * d.std_error, "DiD {} vs {truth}", d.estimate);
@@ -146,7 +146,7 @@ fn anticipation_is_flagged() {
 fn deterministic_across_thread_counts() {
     let cfg = SyntheticConfig::pythia_like(12, 50, 200, 16, 4);
     let panel = cfg.generate().expect("panel");
-    let settings = ProfileConfig { bootstrap: 300, ..ProfileConfig::default() }.validate().expect("cfg");
+    let settings = ProfileConfig::default().with_bootstrap(300).validate().expect("cfg");
     let with = |threads| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -175,17 +175,14 @@ fn errors_are_clear() {
     cfg.n_validation = 0;
     let panel = cfg.generate().expect("panel");
     let err = estimate(&panel, &analytic().validate().expect("cfg"), &NoProgress).expect_err("no never-treated");
-    assert!(err.to_string().contains("no never-trained"), "{err}");
+    assert!(matches!(err, DidError::NoNeverTreated), "{err}");
+    assert!(err.to_string().contains("no never-trained") && !err.to_string().contains("--"), "{err}");
     // Not-yet-treated controls work without never-treated instances.
-    let p = estimate(
-        &panel,
-        &ProfileConfig { control: ControlGroup::NotYet, ..analytic() }.validate().expect("cfg"),
-        &NoProgress,
-    )
-    .expect("not-yet");
+    let p = estimate(&panel, &analytic().with_control(ControlGroup::NotYet).validate().expect("cfg"), &NoProgress)
+        .expect("not-yet");
     assert!(!p.cells.is_empty());
-    let bad = ProfileConfig { alpha: 0.7, ..ProfileConfig::default() }.validate().expect_err("alpha");
-    assert!(bad.to_string().contains("--alpha"));
-    let bad = ProfileConfig { bootstrap: 10, ..ProfileConfig::default() }.validate().expect_err("draws");
-    assert!(bad.to_string().contains("--bootstrap"));
+    let bad = ProfileConfig::default().with_alpha(0.7).validate().expect_err("alpha");
+    assert!(matches!(bad, DidError::Config { field: "alpha", .. }) && !bad.to_string().contains("--"), "{bad}");
+    let bad = ProfileConfig::default().with_bootstrap(10).validate().expect_err("draws");
+    assert!(matches!(bad, DidError::Config { field: "bootstrap", .. }) && !bad.to_string().contains("--"), "{bad}");
 }

@@ -1,4 +1,5 @@
 //! Integration tests of `memsteer-did`: peer parity (csdid golden files), properties, errors.
 
+mod api;
 mod golden;
 mod properties;

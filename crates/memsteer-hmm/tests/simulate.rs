@@ -7,8 +7,12 @@ use memsteer_hmm::simulate::{Counterfactual, Simulation, SimulationConfig, simul
 use proptest::prelude::*;
 
 fn profile(sim: &Simulation, estimator: Estimator, bootstrap: usize) -> Profile {
-    let cfg =
-        ProfileConfig { estimator, bootstrap, min_cohort_size: 1, ..ProfileConfig::default() }.validate().expect("cfg");
+    let cfg = ProfileConfig::default()
+        .with_estimator(estimator)
+        .with_bootstrap(bootstrap)
+        .with_min_cohort_size(1)
+        .validate()
+        .expect("cfg");
     estimate(&sim.panel, &cfg, &NoProgress).expect("estimate")
 }
 

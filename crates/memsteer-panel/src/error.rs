@@ -101,7 +101,7 @@ pub enum PanelError {
     },
     /// An instance lacks outcomes at some checkpoints.
     #[error(
-        "{input}: instance {instance:?} has no outcome at {missing} of {total} checkpoints (e.g. step {example_step}); pass --drop-incomplete to drop such instances"
+        "{input}: instance {instance:?} has no outcome at {missing} of {total} checkpoints (e.g. step {example_step}); a panel needs one row per instance and checkpoint (or drop incomplete instances)"
     )]
     Incomplete {
         /// The input.
@@ -117,7 +117,7 @@ pub enum PanelError {
     },
     /// An instance's treatment step lies after the last checkpoint, so its cohort is undefined.
     #[error(
-        "{input}: instance {instance:?} is trained at step {treatment} after the last checkpoint ({last_checkpoint}); use --max-step to cut the panel or fix the treatment step"
+        "{input}: instance {instance:?} is trained at step {treatment} after the last checkpoint ({last_checkpoint}); cut the panel at a maximum step or fix the treatment step"
     )]
     TreatmentAfterLastCheckpoint {
         /// The input.
@@ -129,16 +129,79 @@ pub enum PanelError {
         /// The last checkpoint step.
         last_checkpoint: u64,
     },
+    /// Far fewer rows than instances × checkpoints: nearly every instance lacks checkpoints, which is
+    /// what a wrong column mapping looks like (e.g. an outcome column read as instance ids, or a
+    /// column of large integers read as checkpoint steps). Detected before anything of that size is
+    /// allocated.
+    #[error(
+        "{input}: {instances} distinct instance ids × {checkpoints} distinct checkpoint steps need one row each, but the file has {rows} rows; check that the instance and checkpoint columns are the right ones"
+    )]
+    Sparse {
+        /// The input.
+        input: String,
+        /// Distinct instance ids.
+        instances: usize,
+        /// Distinct checkpoint steps.
+        checkpoints: usize,
+        /// Data rows (at or before the maximum step).
+        rows: usize,
+    },
+    /// A reader option is out of range.
+    #[error("invalid option `{option}`: {message}")]
+    InvalidOption {
+        /// The [`crate::read::ReadOptions`] setting (`batch_size` of the sequence-index encoding, …).
+        option: &'static str,
+        /// What was wrong and what is allowed.
+        message: String,
+    },
     /// The checkpoint grid is not a strictly increasing, non-empty list of steps.
     #[error("invalid checkpoint grid: {0}")]
     Grid(String),
-    /// In-memory inputs have inconsistent shapes or values.
+    /// In-memory inputs disagree in length.
+    #[error("invalid panel: {what}: expected {expected}, found {found}")]
+    ShapeMismatch {
+        /// Which input (`treatment steps`, `outcomes`, …).
+        what: &'static str,
+        /// The length the other inputs imply.
+        expected: usize,
+        /// The length given.
+        found: usize,
+    },
+    /// An in-memory outcome is NaN or infinite.
+    #[error(
+        "invalid panel: outcome of instance {instance:?} at checkpoint {checkpoint} is {value}, expected a finite number"
+    )]
+    NonFiniteOutcome {
+        /// The instance id.
+        instance: String,
+        /// The checkpoint step.
+        checkpoint: u64,
+        /// The value.
+        value: f64,
+    },
+    /// An instance id appears twice among in-memory inputs.
+    #[error("invalid panel: instance id {0:?} appears twice")]
+    DuplicateId(String),
+    /// The file needs a cargo feature this build lacks (Parquet without the `parquet` feature).
+    #[error("{path}: this build cannot {action} {format} files; rebuild with the `{feature}` feature")]
+    FeatureDisabled {
+        /// The file.
+        path: PathBuf,
+        /// `read` or `write`.
+        action: &'static str,
+        /// The file format.
+        format: &'static str,
+        /// The cargo feature that adds it.
+        feature: &'static str,
+    },
+    /// Other invalid inputs (synthetic-panel settings, Parquet encoding problems), described in words.
     #[error("invalid panel: {0}")]
     Invalid(String),
 }
 
 /// A place in an input file: a 1-based line of a text file or a 1-based data row of a columnar file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Location {
     /// Line of a text file (the header is line 1).
     Line(u32),

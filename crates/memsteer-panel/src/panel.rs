@@ -31,27 +31,33 @@ impl Panel {
         let n = ids.len();
         let c = grid.len();
         if treatment.len() != n {
-            return Err(PanelError::Invalid(format!("{n} instance ids but {} treatment steps", treatment.len())));
+            return Err(PanelError::ShapeMismatch {
+                what: "treatment steps (one per instance id)",
+                expected: n,
+                found: treatment.len(),
+            });
         }
-        if outcomes.len() != n * c {
-            return Err(PanelError::Invalid(format!(
-                "{n} instances × {c} checkpoints need {} outcomes, found {}",
-                n * c,
-                outcomes.len()
-            )));
+        match n.checked_mul(c) {
+            Some(cells) if cells == outcomes.len() => {}
+            cells => {
+                return Err(PanelError::ShapeMismatch {
+                    what: "outcomes (instances × checkpoints)",
+                    expected: cells.unwrap_or(usize::MAX),
+                    found: outcomes.len(),
+                });
+            }
         }
         if let Some(pos) = outcomes.iter().position(|y| !y.is_finite()) {
-            return Err(PanelError::Invalid(format!(
-                "outcome of instance {:?} at checkpoint {} is {}, expected a finite number",
-                ids[pos / c],
-                grid.step(pos % c),
-                outcomes[pos]
-            )));
+            return Err(PanelError::NonFiniteOutcome {
+                instance: ids[pos / c].clone(),
+                checkpoint: grid.step(pos % c),
+                value: outcomes[pos],
+            });
         }
         let mut seen = std::collections::HashSet::with_capacity(n);
         for id in &ids {
             if !seen.insert(id.as_str()) {
-                return Err(PanelError::Invalid(format!("instance id {id:?} appears twice")));
+                return Err(PanelError::DuplicateId(id.clone()));
             }
         }
         let mut cohorts = Vec::with_capacity(n);
@@ -172,10 +178,12 @@ impl Panel {
             #[cfg(feature = "parquet")]
             return crate::read::write_parquet(self, path);
             #[cfg(not(feature = "parquet"))]
-            return Err(PanelError::Invalid(format!(
-                "{}: this build writes CSV only; rebuild with the `parquet` feature",
-                path.display()
-            )));
+            return Err(PanelError::FeatureDisabled {
+                path: path.to_path_buf(),
+                action: "write",
+                format: "Parquet",
+                feature: "parquet",
+            });
         }
         self.write_csv(path)
     }

@@ -17,6 +17,7 @@ use crate::{CheckpointGrid, Cohort, Location, Panel, PanelError, Result};
 
 /// Names of the four columns the reader needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ColumnMap {
     /// Instance identifier column (default `instance_id`).
     pub instance: String,
@@ -26,6 +27,23 @@ pub struct ColumnMap {
     pub checkpoint: String,
     /// Outcome column (default `outcome`).
     pub outcome: String,
+}
+
+impl ColumnMap {
+    /// The four column names.
+    pub fn new(
+        instance: impl Into<String>,
+        treatment: impl Into<String>,
+        checkpoint: impl Into<String>,
+        outcome: impl Into<String>,
+    ) -> Self {
+        Self {
+            instance: instance.into(),
+            treatment: treatment.into(),
+            checkpoint: checkpoint.into(),
+            outcome: outcome.into(),
+        }
+    }
 }
 
 impl Default for ColumnMap {
@@ -41,6 +59,7 @@ impl Default for ColumnMap {
 
 /// How the treatment column encodes when an instance was trained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum TreatmentEncoding {
     /// The optimizer step (1-based); `never` or empty for never-trained instances.
     #[default]
@@ -56,6 +75,7 @@ pub enum TreatmentEncoding {
 
 /// What to do with instances that lack outcomes at some checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum IncompletePolicy {
     /// Fail with an error naming the first such instance.
     #[default]
@@ -64,8 +84,18 @@ pub enum IncompletePolicy {
     Drop,
 }
 
-/// Options of [`read_csv`] / [`parse_csv`].
+/// Options of [`read_csv`] / [`parse_csv`]: start from [`ReadOptions::default`] and chain `with_*`.
+///
+/// ```
+/// use memsteer_panel::read::{ColumnMap, ReadOptions, TreatmentEncoding};
+/// let opts = ReadOptions::default()
+///     .with_columns(ColumnMap::new("seq_idx", "seq_idx", "step", "sup_seq"))
+///     .with_treatment(TreatmentEncoding::FromSeqIdx { batch_size: 1024 })
+///     .with_negate(true);
+/// assert!(opts.negate);
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct ReadOptions {
     /// Column names.
     pub columns: ColumnMap,
@@ -79,8 +109,42 @@ pub struct ReadOptions {
     pub incomplete: IncompletePolicy,
 }
 
+impl ReadOptions {
+    /// Sets [`ReadOptions::columns`].
+    #[must_use]
+    pub fn with_columns(mut self, columns: ColumnMap) -> Self {
+        self.columns = columns;
+        self
+    }
+    /// Sets [`ReadOptions::treatment`].
+    #[must_use]
+    pub fn with_treatment(mut self, treatment: TreatmentEncoding) -> Self {
+        self.treatment = treatment;
+        self
+    }
+    /// Sets [`ReadOptions::negate`].
+    #[must_use]
+    pub fn with_negate(mut self, negate: bool) -> Self {
+        self.negate = negate;
+        self
+    }
+    /// Sets [`ReadOptions::max_step`].
+    #[must_use]
+    pub fn with_max_step(mut self, max_step: Option<u64>) -> Self {
+        self.max_step = max_step;
+        self
+    }
+    /// Sets [`ReadOptions::incomplete`].
+    #[must_use]
+    pub fn with_incomplete(mut self, incomplete: IncompletePolicy) -> Self {
+        self.incomplete = incomplete;
+        self
+    }
+}
+
 /// What the reader did besides building the panel.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReadReport {
     /// Data rows read.
     pub rows: usize,
@@ -102,10 +166,12 @@ pub fn read_panel(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRepo
         #[cfg(feature = "parquet")]
         return parquet::read(path, options);
         #[cfg(not(feature = "parquet"))]
-        return Err(PanelError::Invalid(format!(
-            "{}: this build reads CSV only; rebuild with the `parquet` feature (the memsteer CLI enables it by default)",
-            path.display()
-        )));
+        return Err(PanelError::FeatureDisabled {
+            path: path.to_path_buf(),
+            action: "read",
+            format: "Parquet",
+            feature: "parquet",
+        });
     }
     read_csv(path, options)
 }
@@ -326,7 +392,10 @@ impl<'a> Parser<'a> {
 
     fn check_options(&self) -> Result<()> {
         if let TreatmentEncoding::FromSeqIdx { batch_size: 0 } = self.options.treatment {
-            return Err(PanelError::Invalid("--treatment-from-seq-idx needs a batch size ≥ 1".into()));
+            return Err(PanelError::InvalidOption {
+                option: "batch_size",
+                message: "decoding a sequence index needs a batch size ≥ 1, found 0".into(),
+            });
         }
         Ok(())
     }
@@ -442,6 +511,9 @@ impl<'a> Parser<'a> {
             if id.is_empty() {
                 return Err(self.field_error(line_no, self.cols.instance, b"", "a non-empty instance id"));
             }
+            if std::str::from_utf8(id).is_err() {
+                return Err(self.field_error(line_no, self.cols.instance, id, "an instance id in UTF-8"));
+            }
             let step = self.parse_step(line_no, self.cols.checkpoint, &fields[self.cols.checkpoint])?;
             let outcome = self.parse_outcome(line_no, &fields[self.cols.outcome])?;
             let treatment = self.parse_treatment(line_no, &fields[self.cols.treatment])?;
@@ -546,7 +618,11 @@ impl<'a> Parser<'a> {
                 let i = *index.entry(&local.id[..]).or_insert(next);
                 if i == next {
                     instances.push(Instance { first_line: local.first_line, treatment: local.treatment });
-                    ids.push(String::from_utf8_lossy(&local.id).into_owned());
+                    // Ids were checked to be UTF-8 when parsed; never merge ids lossily.
+                    let id = std::str::from_utf8(&local.id).map_err(|_| {
+                        self.field_error(local.first_line, self.cols.instance, &local.id, "an instance id in UTF-8")
+                    })?;
+                    ids.push(id.to_owned());
                 } else {
                     let info = &instances[i as usize];
                     if info.treatment != local.treatment {
@@ -572,7 +648,7 @@ impl<'a> Parser<'a> {
                 what: if report.rows == 0 {
                     "no data rows after the header".into()
                 } else {
-                    format!("no rows at or before --max-step {}", max_step.unwrap_or(0))
+                    format!("no rows at or before the maximum step {}", max_step.unwrap_or(0))
                 },
             });
         }
@@ -581,9 +657,43 @@ impl<'a> Parser<'a> {
         let grid = CheckpointGrid::new(steps)?;
         let c = grid.len();
         let n = instances.len();
-        let mut outcomes = vec![0.0f64; n * c];
-        let mut filled = vec![0u32; n * c]; // line number of the row that filled a cell, 0 = empty
         let grid_steps = grid.steps();
+
+        // Every allocation below is bounded by the number of rows, never by values read from the file:
+        // a complete instance has exactly one row per checkpoint, so only instances with at least `c`
+        // rows can be complete, and the dense grid holds those alone (at most `n_rows` cells). Instances
+        // with fewer rows are incomplete; a wrong column mapping (a column of huge integers as the
+        // checkpoint, an outcome as the instance id) makes nearly every instance so.
+        let mut count = vec![0u32; n];
+        for (chunk, map) in parsed.iter().zip(&global) {
+            for row in &chunk.rows {
+                let k = &mut count[map[row.local as usize] as usize];
+                *k = k.saturating_add(1);
+            }
+        }
+        let mut slot: Vec<Option<u32>> = Vec::with_capacity(n);
+        let mut n_complete = 0u32;
+        for &k in &count {
+            if k as usize >= c {
+                slot.push(Some(n_complete));
+                n_complete += 1;
+            } else {
+                slot.push(None);
+            }
+        }
+        let first_short = slot.iter().position(Option::is_none);
+        if first_short.is_some()
+            && self.options.incomplete == IncompletePolicy::Error
+            && (n as u128) * (c as u128) > 2 * n_rows as u128
+        {
+            return Err(PanelError::Sparse { input: self.source.into(), instances: n, checkpoints: c, rows: n_rows });
+        }
+        let dense = n_complete as usize * c; // ≤ n_rows
+        let mut outcomes = vec![0.0f64; dense];
+        let mut filled = vec![0u32; dense]; // line number of the row that filled a cell, 0 = empty
+        // Rows of instances that cannot be complete: only checked for duplicates (bounded by rows).
+        let mut short_rows: FxHashMap<(u32, u32), u32> = FxHashMap::default();
+        let mut short_seen = vec![false; if first_short.is_some() { c } else { 0 }];
         let mut next_index = 0usize;
         for (chunk, map) in parsed.iter().zip(&global) {
             for row in &chunk.rows {
@@ -595,84 +705,99 @@ impl<'a> Parser<'a> {
                 };
                 next_index = ci + 1;
                 let inst = map[row.local as usize] as usize;
-                let cell = inst * c + ci;
-                if filled[cell] != 0 {
+                let first_line = match slot[inst] {
+                    Some(d) => {
+                        let cell = d as usize * c + ci;
+                        let first = std::mem::replace(&mut filled[cell], row.line);
+                        outcomes[cell] = row.outcome;
+                        first
+                    }
+                    None => {
+                        if Some(inst) == first_short {
+                            short_seen[ci] = true;
+                        }
+                        short_rows.insert((inst as u32, ci as u32), row.line).unwrap_or(0)
+                    }
+                };
+                if first_line != 0 {
                     return Err(PanelError::Duplicate {
                         input: self.source.into(),
                         line: (self.loc)(row.line),
-                        first_line: (self.loc)(filled[cell]),
+                        first_line: (self.loc)(first_line),
                         instance: ids[inst].clone(),
                         checkpoint: row.step,
                     });
                 }
-                filled[cell] = row.line;
-                outcomes[cell] = row.outcome;
             }
         }
         drop(parsed);
+        drop(short_rows);
+        drop(filled);
 
-        // Completeness, cohorts and the max-step cut.
-        let mut keep = vec![true; n];
-        let mut cohorts = Vec::with_capacity(n);
-        for i in 0..n {
-            let row = &filled[i * c..(i + 1) * c];
-            let missing = row.iter().filter(|&&l| l == 0).count();
-            if missing > 0 {
-                match self.options.incomplete {
-                    IncompletePolicy::Error => {
-                        let first_missing = row.iter().position(|&l| l == 0).unwrap_or(0);
-                        return Err(PanelError::Incomplete {
-                            input: self.source.into(),
-                            instance: ids[i].clone(),
-                            missing,
-                            total: c,
-                            example_step: grid.step(first_missing),
-                        });
-                    }
-                    IncompletePolicy::Drop => {
-                        keep[i] = false;
-                        report.dropped_incomplete += 1;
-                        cohorts.push(Cohort::Never);
-                        continue;
-                    }
+        // Without duplicates an instance with at least `c` rows is complete; the others lack checkpoints.
+        if let Some(i) = first_short {
+            match self.options.incomplete {
+                IncompletePolicy::Error => {
+                    let first_missing = short_seen.iter().position(|&seen| !seen).unwrap_or(0);
+                    return Err(PanelError::Incomplete {
+                        input: self.source.into(),
+                        instance: ids[i].clone(),
+                        missing: c - count[i] as usize,
+                        total: c,
+                        example_step: grid.step(first_missing),
+                    });
+                }
+                IncompletePolicy::Drop => {
+                    report.dropped_incomplete = n - n_complete as usize;
                 }
             }
-            let cohort = match instances[i].treatment {
-                None => Cohort::Never,
+        }
+
+        // Cohorts and the max-step cut, over the complete instances.
+        let mut kept_ids = Vec::with_capacity(n_complete as usize);
+        let mut treatment = Vec::with_capacity(n_complete as usize);
+        let mut cohorts = Vec::with_capacity(n_complete as usize);
+        let mut keep = Vec::with_capacity(n_complete as usize);
+        for (i, id) in ids.into_iter().enumerate() {
+            if slot[i].is_none() {
+                continue;
+            }
+            let (cohort, kept) = match instances[i].treatment {
+                None => (Cohort::Never, true),
                 Some(t) => match grid.cohort_of(t) {
-                    Some(g) => Cohort::Treated(g),
+                    Some(g) => (Cohort::Treated(g), true),
                     None if max_step.is_some() => {
-                        keep[i] = false;
                         report.dropped_after_max_step += 1;
-                        Cohort::Never
+                        (Cohort::Never, false)
                     }
                     None => {
                         return Err(PanelError::TreatmentAfterLastCheckpoint {
                             input: self.source.into(),
-                            instance: ids[i].clone(),
+                            instance: id,
                             treatment: t,
                             last_checkpoint: grid.last_step(),
                         });
                     }
                 },
             };
+            kept_ids.push(id);
+            treatment.push(instances[i].treatment);
             cohorts.push(cohort);
+            keep.push(kept);
         }
-        drop(filled);
-        let treatment: Vec<Option<u64>> = instances.iter().map(|x| x.treatment).collect();
-        let mut panel = Panel::from_parts(grid, ids, treatment, cohorts, outcomes);
+        let mut panel = Panel::from_parts(grid, kept_ids, treatment, cohorts, outcomes);
         if keep.iter().any(|k| !k) {
             panel.retain_instances(|i, _, _| keep[i]);
         }
         if report.dropped_incomplete > 0 {
             report.warnings.push(format!(
-                "dropped {} of {} instances that lack outcomes at some checkpoints (--drop-incomplete)",
+                "dropped {} of {} instances that lack outcomes at some checkpoints",
                 report.dropped_incomplete, report.instances_seen
             ));
         }
         if report.dropped_after_max_step > 0 {
             report.warnings.push(format!(
-                "dropped {} instances trained after --max-step {}",
+                "dropped {} instances trained after the maximum step {}",
                 report.dropped_after_max_step,
                 max_step.unwrap_or(0)
             ));

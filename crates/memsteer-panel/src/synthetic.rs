@@ -11,6 +11,7 @@ use crate::{CheckpointGrid, Panel, Result};
 
 /// Parameters of a synthetic panel.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct SyntheticConfig {
     /// Checkpoint steps (strictly increasing).
     pub checkpoints: Vec<u64>,
@@ -39,6 +40,17 @@ pub struct SyntheticConfig {
     pub trend_violation: f64,
     /// Effect at `e = −1` (violates no anticipation).
     pub anticipation: f64,
+    /// Unequal cohort sizes: instances of treated cohort `g` (`g = 1..=n_cohorts`) at index `g − 1`;
+    /// `None` gives every cohort `per_cohort`.
+    pub cohort_sizes: Option<Vec<usize>>,
+    /// Heteroskedastic cohorts: noise standard deviation of treated cohort `g` (at index `g − 1`) from
+    /// its treatment checkpoint on (effect heterogeneity); before treatment it is `noise_sd`, as random
+    /// batch assignment implies. `None` gives every cohort `noise_sd`. Validation instances always use
+    /// `noise_sd`.
+    pub cohort_noise_sd: Option<Vec<f64>>,
+    /// Apply `cohort_noise_sd` before treatment too: cohorts then differ before treatment, which
+    /// violates the exchangeability that the pooled pre-trend tests rely on.
+    pub cohort_noise_before_treatment: bool,
 }
 
 impl SyntheticConfig {
@@ -65,6 +77,25 @@ impl SyntheticConfig {
             validation_shift: 0.0,
             trend_violation: 0.0,
             anticipation: 0.0,
+            cohort_sizes: None,
+            cohort_noise_sd: None,
+            cohort_noise_before_treatment: false,
+        }
+    }
+
+    /// Size of treated cohort `g` (`1..=n_cohorts`).
+    pub fn cohort_size(&self, g: usize) -> usize {
+        self.cohort_sizes.as_ref().and_then(|s| s.get(g.wrapping_sub(1)).copied()).unwrap_or(self.per_cohort)
+    }
+
+    /// Noise standard deviation of treated cohort `g` (`1..=n_cohorts`; validation instances for
+    /// `None`) at checkpoint index `c`.
+    pub fn noise_sd_of(&self, cohort: Option<usize>, c: usize) -> f64 {
+        match (cohort, &self.cohort_noise_sd) {
+            (Some(g), Some(sd)) if c >= g || self.cohort_noise_before_treatment => {
+                sd.get(g.wrapping_sub(1)).copied().unwrap_or(self.noise_sd)
+            }
+            _ => self.noise_sd,
         }
     }
 
@@ -98,7 +129,26 @@ impl SyntheticConfig {
                 self.n_cohorts + 1
             )));
         }
-        let n = self.n_cohorts * self.per_cohort + self.n_validation;
+        for (name, len) in [
+            ("cohort_sizes", self.cohort_sizes.as_ref().map(Vec::len)),
+            ("cohort_noise_sd", self.cohort_noise_sd.as_ref().map(Vec::len)),
+        ] {
+            if let Some(len) = len
+                && len != self.n_cohorts
+            {
+                return Err(crate::PanelError::Invalid(format!(
+                    "{name} has {len} entries, expected one per treated cohort ({})",
+                    self.n_cohorts
+                )));
+            }
+        }
+        if let Some(sd) = self.cohort_noise_sd.as_ref().and_then(|v| v.iter().find(|x| !(x.is_finite() && **x >= 0.0)))
+        {
+            return Err(crate::PanelError::Invalid(format!(
+                "cohort_noise_sd holds {sd}, expected finite non-negative standard deviations"
+            )));
+        }
+        let n = (1..=self.n_cohorts).map(|g| self.cohort_size(g)).sum::<usize>() + self.n_validation;
         let mut rng = SplitMix64::new(self.seed);
         let mut ids = Vec::with_capacity(n);
         let mut treatment = Vec::with_capacity(n);
@@ -110,7 +160,8 @@ impl SyntheticConfig {
             let slope = cohort.map_or(0.0, |g| self.trend_violation * g as f64 / self.n_cohorts.max(1) as f64);
             for (c, base) in curve.iter().enumerate() {
                 let tau = cohort.map_or(0.0, |g| self.true_effect(g, c));
-                outcomes.push(alpha + base + shift + tau + slope * c as f64 + self.noise_sd * rng.normal());
+                let noise_sd = self.noise_sd_of(cohort, c);
+                outcomes.push(alpha + base + shift + tau + slope * c as f64 + noise_sd * rng.normal());
             }
             let step = cohort.map(|g| {
                 let lo = grid.step(g - 1);
@@ -124,7 +175,7 @@ impl SyntheticConfig {
             });
         };
         for g in 1..=self.n_cohorts {
-            for _ in 0..self.per_cohort {
+            for _ in 0..self.cohort_size(g) {
                 push(Some(g), &mut rng, &mut ids);
             }
         }

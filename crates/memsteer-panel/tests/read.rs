@@ -101,13 +101,10 @@ fn incomplete_instances_error_or_drop() {
     let body = format!("{HEADER}a,never,0,1\na,never,10,1\nb,5,0,1\nc,5,0,1\nc,5,10,2\n");
     let msg = error(&body);
     assert!(
-        msg.contains("\"b\"")
-            && msg.contains("1 of 2 checkpoints")
-            && msg.contains("step 10")
-            && msg.contains("--drop-incomplete"),
+        msg.contains("\"b\"") && msg.contains("1 of 2 checkpoints") && msg.contains("step 10") && !msg.contains("--"),
         "{msg}"
     );
-    let opts = ReadOptions { incomplete: IncompletePolicy::Drop, ..ReadOptions::default() };
+    let opts = ReadOptions::default().with_incomplete(IncompletePolicy::Drop);
     let (p, report) = parse_csv(body.as_bytes(), "panel.csv", &opts).expect("drops");
     assert_eq!(p.ids(), &["a", "c"]);
     assert_eq!(report.dropped_incomplete, 1);
@@ -118,7 +115,7 @@ fn incomplete_instances_error_or_drop() {
 fn treatment_after_last_checkpoint() {
     check(
         &format!("{HEADER}a,11,0,1\na,11,10,1\n"),
-        &["\"a\"", "step 11", "after the last checkpoint (10)", "--max-step"],
+        &["\"a\"", "step 11", "after the last checkpoint (10)", "maximum step"],
     );
 }
 
@@ -131,25 +128,26 @@ fn wrong_field_count() {
 fn seq_idx_layout_negate_and_column_mapping() {
     // The layout of the memorisation-profile paper's released Pythia statistics.
     let body = "seq_idx,step,sup_seq\n1024,0,5.0\n1024,1000,4.0\n1025,0,5.0\n1025,1000,4.5\n0,0,6\n0,1000,6\n-3,0,6\n-3,1000,6\n";
-    let opts = ReadOptions {
-        columns: ColumnMap {
-            instance: "seq_idx".into(),
-            treatment: "seq_idx".into(),
-            checkpoint: "step".into(),
-            outcome: "sup_seq".into(),
-        },
-        treatment: TreatmentEncoding::FromSeqIdx { batch_size: 1024 },
-        negate: true,
-        ..ReadOptions::default()
-    };
+    let opts = ReadOptions::default()
+        .with_columns(ColumnMap::new("seq_idx", "seq_idx", "step", "sup_seq"))
+        .with_treatment(TreatmentEncoding::FromSeqIdx { batch_size: 1024 })
+        .with_negate(true);
     let p = parse_with(body, &opts).expect("parses");
     assert_eq!(p.treatment_step(0), Some(1)); // ceil(1024 / 1024)
     assert_eq!(p.treatment_step(1), Some(2)); // ceil(1025 / 1024)
     assert_eq!(p.treatment_step(2), None);
     assert_eq!(p.treatment_step(3), None);
     assert_eq!(p.outcomes(0), &[-5.0, -4.0]);
-    let bad = ReadOptions { treatment: TreatmentEncoding::FromSeqIdx { batch_size: 0 }, ..opts };
-    assert!(parse_with(body, &bad).is_err());
+    let bad = opts.clone().with_treatment(TreatmentEncoding::FromSeqIdx { batch_size: 0 });
+    let err = parse_with(body, &bad).expect_err("batch size 0");
+    assert!(
+        matches!(err, PanelError::InvalidOption { option: "batch_size", .. }) && !err.to_string().contains("--"),
+        "{err}"
+    );
+    // A sequence index that is not an integer names the line and column.
+    let err = parse_with(&body.replace("\n1025,0,", "\n10.5,0,"), &opts).expect_err("fractional seq_idx");
+    let msg = err.to_string();
+    assert!(msg.contains("line 4") && msg.contains("`seq_idx`") && msg.contains("integer sequence index"), "{msg}");
 }
 
 #[test]
@@ -157,7 +155,7 @@ fn max_step_cuts_checkpoints_and_drops_later_cohorts() {
     let body = format!(
         "{HEADER}a,5,0,1\na,5,10,2\na,5,20,3\nb,15,0,1\nb,15,10,1\nb,15,20,2\nv,never,0,1\nv,never,10,1\nv,never,20,1\n"
     );
-    let opts = ReadOptions { max_step: Some(10), ..ReadOptions::default() };
+    let opts = ReadOptions::default().with_max_step(Some(10));
     let (p, report) = parse_csv(body.as_bytes(), "panel.csv", &opts).expect("parses");
     assert_eq!(p.grid().steps(), &[0, 10]);
     assert_eq!(p.ids(), &["a", "v"]);
@@ -176,8 +174,62 @@ fn missing_file_names_the_path() {
 fn invalid_utf8_never_panics() {
     let mut body = HEADER.as_bytes().to_vec();
     body.extend_from_slice(b"a\xff,never,0,1\na\xff,never,1,\xfe\n");
-    let err = parse_csv(&body, "panel.csv", &ReadOptions::default()).expect_err("bad outcome");
-    assert!(err.to_string().contains("line 3"), "{err}");
+    let err = parse_csv(&body, "panel.csv", &ReadOptions::default()).expect_err("bad id");
+    assert!(err.to_string().contains("line 2"), "{err}");
+}
+
+/// Ids that are not valid UTF-8 are an error naming the file, line and column, never replaced by
+/// U+FFFD (which would merge two different ids into one instance).
+#[test]
+fn non_utf8_instance_ids_are_errors_not_merged() {
+    let mut body = HEADER.as_bytes().to_vec();
+    body.extend_from_slice(
+        b"a,never,0,1
+a,never,1,1
+b\xff,never,0,1
+b\xff,never,1,1
+b\xfe,never,0,1
+b\xfe,never,1,1
+",
+    );
+    let err = parse_csv(&body, "panel.csv", &ReadOptions::default()).expect_err("invalid UTF-8 id");
+    assert!(matches!(&err, PanelError::Field { column, .. } if column == "instance_id"), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("panel.csv") && msg.contains("line 4") && msg.contains("UTF-8"), "{msg}");
+}
+
+/// A wrong column mapping (a column of large distinct integers read as checkpoint steps, an outcome
+/// read as the instance id) is an error found before the dense grid is allocated: 60,000 rows would
+/// otherwise ask for 60,000 × 60,000 cells (29 GB).
+#[test]
+fn wrong_column_mapping_is_an_error_not_an_allocation() {
+    let mut body = String::from("instance_id,treatment_step,checkpoint_step,outcome,hash\n");
+    for i in 0..60_000u64 {
+        body.push_str(&format!("i{},never,{},{}.5,{}\n", i / 3, i % 3, i, i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 8));
+    }
+    // The right mapping reads fine: 20,000 instances × 3 checkpoints.
+    let p = parse(&body).expect("parses");
+    assert_eq!((p.n_instances(), p.n_checkpoints()), (20_000, 3));
+    let start = std::time::Instant::now();
+    for (columns, what) in [
+        (ColumnMap::new("instance_id", "treatment_step", "hash", "outcome"), "huge integers as checkpoints"),
+        (ColumnMap::new("outcome", "treatment_step", "hash", "outcome"), "outcome as instance, hash as checkpoint"),
+        (ColumnMap::new("outcome", "treatment_step", "checkpoint_step", "outcome"), "outcome as instance"),
+    ] {
+        for policy in [IncompletePolicy::Error, IncompletePolicy::Drop] {
+            let opts = ReadOptions::default().with_columns(columns.clone()).with_incomplete(policy);
+            let err = parse_with(&body, &opts).expect_err(what);
+            let msg = err.to_string();
+            match policy {
+                IncompletePolicy::Error => {
+                    assert!(matches!(err, PanelError::Sparse { rows: 60_000, .. }), "{what}: {msg}");
+                    assert!(msg.contains("panel.csv") && msg.contains("60000 rows"), "{msg}");
+                }
+                _ => assert!(msg.contains("no instances left"), "{what}: {msg}"),
+            }
+        }
+    }
+    assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
 }
 
 /// A body large enough to be parsed in several chunks in parallel.

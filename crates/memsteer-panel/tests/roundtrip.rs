@@ -147,3 +147,52 @@ mod parquet_input {
         assert!(err.contains("junk.parquet") && err.contains("not a readable Parquet file"), "{err}");
     }
 }
+
+/// Unequal cohort sizes and heteroskedastic cohorts: the sizes are as asked, and each cohort's
+/// first-difference variance (the instance level cancels) is close to `2σ_g²` after treatment and to
+/// `2σ²` (common noise) before it unless the cohort noise applies before treatment too.
+#[test]
+fn synthetic_cohort_sizes_and_noise() {
+    let mut cfg = memsteer_panel::synthetic::SyntheticConfig::pythia_like(3, 0, 400, 6, 11);
+    cfg.cohort_sizes = Some(vec![400, 50, 1200]);
+    cfg.cohort_noise_sd = Some(vec![0.5, 1.0, 3.0]);
+    let p = cfg.generate().expect("panel");
+    assert_eq!(p.n_instances(), 400 + 50 + 1200 + 400);
+    let variance = |p: &memsteer_panel::Panel, g: usize, c: usize| {
+        let diffs: Vec<f64> = (0..p.n_instances())
+            .filter(|&i| p.cohort(i) == memsteer_panel::Cohort::Treated(g))
+            .map(|i| p.outcomes(i)[c] - p.outcomes(i)[c - 1])
+            .collect();
+        assert_eq!(diffs.len(), [400, 50, 1200][g - 1]);
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (diffs.len() - 1) as f64
+    };
+    for (g, sd) in [(1usize, 0.5f64), (3, 3.0)] {
+        let var = variance(&p, g, 5);
+        assert!((var / (2.0 * sd * sd) - 1.0).abs() < 0.15, "cohort {g}: variance {var}, expected {}", 2.0 * sd * sd);
+    }
+    // Cohort 3 before treatment (checkpoints 1 → 2): the common noise SD 1.
+    let var = variance(&p, 3, 2);
+    assert!((var / 2.0 - 1.0).abs() < 0.15, "cohort 3 before treatment: variance {var}");
+    cfg.cohort_noise_before_treatment = true;
+    let var = variance(&cfg.generate().expect("panel"), 3, 2);
+    assert!((var / 18.0 - 1.0).abs() < 0.15, "cohort 3 before treatment, heteroskedastic throughout: {var}");
+    cfg.cohort_sizes = Some(vec![1, 2]);
+    assert!(cfg.generate().expect_err("wrong length").to_string().contains("cohort_sizes has 2 entries"));
+}
+
+/// In-memory panels get typed errors callers can match on.
+#[test]
+fn panel_new_errors_are_typed() {
+    use memsteer_panel::{CheckpointGrid, Panel, PanelError};
+    let grid = || CheckpointGrid::new(vec![0, 10]).expect("grid");
+    let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let e = Panel::new(grid(), ids(&["a"]), vec![None, None], vec![0.0; 2]).expect_err("treatment length");
+    assert!(matches!(e, PanelError::ShapeMismatch { expected: 1, found: 2, .. }), "{e}");
+    let e = Panel::new(grid(), ids(&["a"]), vec![None], vec![0.0; 3]).expect_err("outcome length");
+    assert!(matches!(e, PanelError::ShapeMismatch { expected: 2, found: 3, .. }), "{e}");
+    let e = Panel::new(grid(), ids(&["a"]), vec![None], vec![0.0, f64::NAN]).expect_err("NaN");
+    assert!(matches!(&e, PanelError::NonFiniteOutcome { instance, checkpoint: 10, .. } if instance == "a"), "{e}");
+    let e = Panel::new(grid(), ids(&["a", "a"]), vec![None, None], vec![0.0; 4]).expect_err("duplicate");
+    assert!(matches!(&e, PanelError::DuplicateId(id) if id == "a"), "{e}");
+}
