@@ -4,7 +4,8 @@
 //!
 //! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too, and
 //! [`tokenizer`] gives GPT-2 byte-level BPE ids equal to Hugging Face `tokenizers`'. [`KvCache`] and
-//! [`sample`] drive seeded generation ([`Model::generate`]).
+//! [`sample`] drive seeded generation ([`Model::generate`]). [`train`] trains GPT-NeoX models
+//! (explicit backward per operation, AdamW, schedules) and writes checkpoints this runtime loads.
 //!
 //! ```
 //! use memsteer_lm::Model;
@@ -24,6 +25,7 @@ pub mod neox;
 mod ops;
 pub mod sample;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use decoder::Decoder;
