@@ -213,22 +213,21 @@ impl Params {
         Self::init_random_std(cfg, seed, 0.02)
     }
 
+    /// Random initialisation ([`Params::init_random`]) of the GPT-NeoX model a Hugging Face
+    /// `config.json` describes; checkpoints keep that file's contents.
+    pub fn from_config_file(path: &Path, seed: u64) -> Result<Self> {
+        let json = read_json(path)?;
+        let mut p = Self::init_random(neox_config(&json, path)?, seed)?;
+        p.source_config = Some(json);
+        Ok(p)
+    }
+
     /// Loads a Hugging Face GPT-NeoX directory (`config.json` + safetensors weights, any of f32, f16,
     /// bf16).
     pub fn from_hf(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|source| LmError::Io { path: path.clone(), source })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| LmError::Config { path: path.clone(), message: format!("not valid JSON: {e}") })?;
-        let cfg = match ModelConfig::from_json(&json, &path)? {
-            ModelConfig::GptNeoX(c) => c,
-            _ => {
-                return Err(LmError::Config {
-                    path,
-                    message: "the trainer trains GPT-NeoX models (model_type \"gpt_neox\")".into(),
-                });
-            }
-        };
+        let json = read_json(&path)?;
+        let cfg = neox_config(&json, &path)?;
         let mut p = Self::zeros(cfg)?;
         let w = Weights::open(dir)?;
         for t in &p.tensors {
@@ -248,7 +247,16 @@ impl Params {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let config = match &self.source_config {
-            Some(c) => c.clone(),
+            Some(c) => {
+                // The weights are written in f32 whatever the source stored.
+                let mut c = c.clone();
+                for key in ["torch_dtype", "dtype"] {
+                    if let Some(v) = c.get_mut(key) {
+                        *v = "float32".into();
+                    }
+                }
+                c
+            }
             None => self.config_json(),
         };
         let text = serde_json::to_string_pretty(&config).map_err(|e| LmError::Input(e.to_string()))?;
@@ -548,6 +556,22 @@ impl Params {
         let (mut hf, mut mean_f, mut rstd_f) = (vec![0.0f32; n * d], vec![0.0f32; n], vec![0.0f32; n]);
         ops::layer_norm_forward(&x, (self.t(f), self.t(f + 1)), eps, &mut hf, &mut mean_f, &mut rstd_f);
         Ok(Activations { layout, tokens, rotary, layers, x_final: x, hf, mean_f, rstd_f })
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| LmError::Io { path: path.into(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| LmError::Config { path: path.into(), message: format!("not valid JSON: {e}") })
+}
+
+fn neox_config(json: &serde_json::Value, path: &Path) -> Result<NeoXConfig> {
+    match ModelConfig::from_json(json, path)? {
+        ModelConfig::GptNeoX(c) => Ok(c),
+        _ => Err(LmError::Config {
+            path: path.into(),
+            message: "the trainer trains GPT-NeoX models (model_type \"gpt_neox\")".into(),
+        }),
     }
 }
 
