@@ -10,9 +10,13 @@
 //! - `instances.jsonl`: every training and validation instance with its tokens and `treatment_step`
 //!   (the first step whose batch held it; `null` for validation instances and instances never drawn).
 //!
+//! - `run.json`: the settings, seed and input hashes of the run.
+//!
 //! The data order comes from the seed: each epoch is a seeded permutation of the instances, and
 //! batches run through the epochs one after another. The logs are rewritten (atomically) at every
-//! checkpoint and at the end.
+//! checkpoint, and every checkpoint after step 0 holds AdamW's state (`optimizer.safetensors`), so a
+//! rerun with the same settings resumes from the last complete checkpoint and ends with the same
+//! bytes as an uninterrupted run; a finished run is left as it is.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -26,6 +30,9 @@ use memsteer_panel::rng::SplitMix64;
 use memsteer_panel::write_atomic;
 
 use crate::logprobs::{Instance, read_instances};
+
+/// AdamW's state inside a checkpoint directory.
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Tokenizer files copied into every checkpoint when present.
 const TOKENIZER_FILES: [&str; 7] = [
@@ -223,8 +230,12 @@ impl Logs<'_> {
     }
 }
 
-fn save_checkpoint(params: &Params, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
-    params.save_hf(dir).with_context(|| format!("writing checkpoint {}", dir.display()))?;
+/// Saves the weights (and, after step 0, AdamW's state as `optimizer.safetensors`) to `dir`.
+fn save_checkpoint(trainer: &Trainer, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
+    trainer.params().save_hf(dir).with_context(|| format!("writing checkpoint {}", dir.display()))?;
+    if trainer.steps_done() > 0 {
+        trainer.save_optimizer(&dir.join(OPTIMIZER_FILE))?;
+    }
     if let Some(src) = tokenizer {
         for f in TOKENIZER_FILES {
             let p = src.join(f);
@@ -234,6 +245,97 @@ fn save_checkpoint(params: &Params, dir: &Path, tokenizer: Option<&Path>) -> Res
         }
     }
     Ok(())
+}
+
+/// Everything that determines a run's results: a rerun resumes only when these are equal.
+fn run_settings(a: &TrainArgs, steps: usize, checkpoints: &BTreeSet<usize>) -> Result<serde_json::Value> {
+    let hash = |p: &Path| -> Result<String> {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(format!("{:016x}", memsteer_panel::rng::hash_key(0, &bytes)))
+    };
+    let model = match (&a.model_config, &a.init) {
+        (Some(c), _) => serde_json::json!({"config": hash(c)?}),
+        (_, Some(d)) => serde_json::json!({"init_weights": memsteer_lm::weights::Weights::open(d)?.fingerprint()}),
+        _ => serde_json::Value::Null,
+    };
+    Ok(serde_json::json!({
+        "model": model,
+        "seed": a.seed,
+        "instances": hash(&a.instances)?,
+        "validation": a.validation.as_deref().map(hash).transpose()?,
+        "batch_size": a.batch_size,
+        "steps": steps,
+        "lr": a.lr,
+        "min_lr": a.min_lr.unwrap_or(0.1 * a.lr),
+        "warmup": a.warmup,
+        "schedule": a.schedule,
+        "weight_decay": a.weight_decay,
+        "grad_clip": a.grad_clip,
+        "checkpoint_steps": checkpoints,
+    }))
+}
+
+/// Restores the trainer and the logs from the last complete checkpoint of an interrupted run in
+/// `out`; returns its step (0 when none is usable: the run starts over, from the same seed).
+fn resume(
+    out: &Path,
+    trainer: &mut Trainer,
+    logs: &mut Logs<'_>,
+    train: &[Instance],
+    grid: &BTreeSet<usize>,
+) -> Result<usize> {
+    let manifest: serde_json::Map<String, serde_json::Value> =
+        match std::fs::read_to_string(out.join("checkpoints.json")) {
+            Ok(t) => serde_json::from_str(&t)
+                .with_context(|| format!("{}/checkpoints.json: not valid JSON", out.display()))?,
+            Err(_) => serde_json::Map::new(),
+        };
+    let mut saved: Vec<usize> = manifest.keys().filter_map(|k| k.parse().ok()).filter(|k| grid.contains(k)).collect();
+    saved.sort_unstable();
+    let usable = |k: usize| {
+        let d = out.join(format!("step{k}"));
+        d.join("model.safetensors").is_file() && (k == 0 || d.join(OPTIMIZER_FILE).is_file())
+    };
+    let Some(&k) = saved.iter().rev().find(|&&k| usable(k)) else { return Ok(0) };
+    logs.checkpoints = saved.into_iter().filter(|&s| s <= k).collect();
+    if k == 0 {
+        return Ok(0);
+    }
+    let dir = out.join(format!("step{k}"));
+    let params = Params::from_hf(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
+    trainer.params_mut().data_mut().copy_from_slice(params.data());
+    trainer.load_optimizer(&dir.join(OPTIMIZER_FILE)).with_context(|| format!("resuming from {}", dir.display()))?;
+    ensure!(
+        trainer.steps_done() == k,
+        "{}: optimizer state of step {}, expected {k}",
+        dir.display(),
+        trainer.steps_done()
+    );
+    let index: HashMap<&str, usize> = train.iter().enumerate().map(|(i, x)| (x.id.as_str(), i)).collect();
+    let text = std::fs::read_to_string(out.join("batches.jsonl")).context("resuming: reading batches.jsonl")?;
+    for line in text.lines().take(k) {
+        let v: serde_json::Value = serde_json::from_str(line).context("resuming: batches.jsonl is not JSON lines")?;
+        let ids = v["ids"]
+            .as_array()
+            .context("resuming: batches.jsonl line without `ids`")?
+            .iter()
+            .map(|id| id.as_str().and_then(|s| index.get(s).copied()))
+            .collect::<Option<Vec<usize>>>()
+            .context("resuming: batches.jsonl names an unknown instance")?;
+        logs.batches.push(ids);
+    }
+    let text = std::fs::read_to_string(out.join("loss.csv")).context("resuming: reading loss.csv")?;
+    for line in text.lines().skip(1).take(k) {
+        let f: Vec<f64> =
+            line.split(',').skip(1).map(str::parse).collect::<Result<_, _>>().context("resuming: loss.csv")?;
+        ensure!(f.len() == 2, "resuming: loss.csv rows must be step,loss,lr");
+        logs.losses.push((f[0], f[1]));
+    }
+    ensure!(
+        logs.batches.len() == k && logs.losses.len() == k,
+        "resuming: batches.jsonl or loss.csv holds fewer than the {k} steps of the last checkpoint"
+    );
+    Ok(k)
 }
 
 /// Runs `memsteer train`.
@@ -285,17 +387,31 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
     };
     ensure!(a.grad_clip >= 0.0 && a.grad_clip.is_finite(), "--grad-clip must be a non-negative number");
     let mut trainer = Trainer::new(params, &cfg)?;
-    ensure!(
-        !a.out.join("batches.jsonl").exists(),
-        "{} already holds a training run (batches.jsonl); choose another --out or remove it",
-        a.out.display()
-    );
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-
+    let settings = run_settings(a, steps, &checkpoints)?;
+    let run_file = a.out.join("run.json");
     let mut logs =
         Logs { out: &a.out, batches: Vec::with_capacity(steps), losses: Vec::new(), checkpoints: Vec::new() };
-    if checkpoints.contains(&0) {
-        save_checkpoint(trainer.params(), &a.out.join("step0"), tokenizer)?;
+    let mut done = 0;
+    if run_file.exists() || a.out.join("batches.jsonl").exists() {
+        let before: serde_json::Value = std::fs::read_to_string(&run_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .with_context(|| format!("{} holds files of a training run but no readable run.json", a.out.display()))?;
+        ensure!(
+            before == settings,
+            "{} already holds a different training run (other settings, model or instances; see its run.json); choose another --out or remove it",
+            a.out.display()
+        );
+        done = resume(&a.out, &mut trainer, &mut logs, &train, &checkpoints)?;
+        if !a.quiet && done > 0 {
+            eprintln!("resuming {} from the checkpoint at step {done}", a.out.display());
+        }
+    } else {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        write_atomic(&run_file, |w| writeln!(w, "{settings:#}"))?;
+    }
+    if done == 0 && checkpoints.contains(&0) && logs.checkpoints.is_empty() {
+        save_checkpoint(&trainer, &a.out.join("step0"), tokenizer)?;
         logs.checkpoints.push(0);
         logs.write(&train, &validation)?;
     }
@@ -312,8 +428,9 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
     let start = Instant::now();
     let mut tokens_seen = 0usize;
     let mut order: HashMap<u64, Vec<usize>> = HashMap::new();
-    let mut last_loss = f64::NAN;
-    for k in 1..=steps {
+    let mut last_loss = logs.losses.last().map_or(f64::NAN, |l| l.0);
+    bar.set_position(done as u64);
+    for k in done + 1..=steps {
         let ids: Vec<usize> = ((k - 1) * a.batch_size..k * a.batch_size)
             .map(|pos| {
                 let epoch = (pos / n) as u64;
@@ -332,7 +449,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
         bar.set_message(format!("loss {:.4} lr {:.2e} {rate:.0} tok/s", st.loss, st.lr));
         bar.inc(1);
         if checkpoints.contains(&k) {
-            save_checkpoint(trainer.params(), &a.out.join(format!("step{k}")), tokenizer)?;
+            save_checkpoint(&trainer, &a.out.join(format!("step{k}")), tokenizer)?;
             logs.checkpoints.push(k);
             logs.write(&train, &validation)?;
         }
@@ -341,7 +458,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
     if !a.quiet {
         let secs = start.elapsed().as_secs_f64();
         eprintln!(
-            "trained {steps} steps ({tokens_seen} tokens) in {secs:.1} s, {:.0} tokens/s; last loss {last_loss:.4}",
+            "trained to step {steps} ({tokens_seen} tokens in this run) in {secs:.1} s, {:.0} tokens/s; last loss {last_loss:.4}",
             tokens_seen as f64 / secs.max(1e-9)
         );
     }

@@ -139,9 +139,35 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
     for f in ["loss.csv", "batches.jsonl", "instances.jsonl", "step10/model.safetensors"] {
         assert_eq!(std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"), "{f}");
     }
-    // A finished run is not overwritten.
-    let e = fails(&train_args(&c, &t, &v, &out));
-    assert!(e.contains("already holds a training run"), "{e}");
+    // A rerun of a finished run changes nothing; other settings in the same directory are refused.
+    let before = std::fs::read(out.join("step10/model.safetensors")).expect("weights");
+    ok(&train_args(&c, &t, &v, &out));
+    assert_eq!(std::fs::read(out.join("step10/model.safetensors")).expect("weights"), before);
+    let mut other = train_args(&c, &t, &v, &out);
+    let i = other.iter().position(|x| *x == "0.01").expect("lr");
+    other[i] = "0.02";
+    let e = fails(&other);
+    assert!(e.contains("different training run"), "{e}");
+    // An interrupted run (here: its last checkpoints lost) resumes from the last complete checkpoint
+    // and ends with the same bytes as the uninterrupted one.
+    for k in [8, 10] {
+        std::fs::remove_dir_all(out1.join(format!("step{k}"))).expect("remove");
+    }
+    std::fs::write(out1.join("checkpoints.json"), r#"{"0": "step0", "1": "step1", "2": "step2", "4": "step4"}"#)
+        .expect("manifest");
+    std::fs::remove_file(out1.join("step4/optimizer.safetensors")).expect("remove");
+    // Step 4 lacks its optimizer state now, so the run resumes from step 2.
+    ok(&train_args(&c, &t, &v, &out1));
+    for f in [
+        "loss.csv",
+        "batches.jsonl",
+        "instances.jsonl",
+        "checkpoints.json",
+        "step10/model.safetensors",
+        "step8/optimizer.safetensors",
+    ] {
+        assert_eq!(std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"), "{f}");
+    }
 }
 
 #[test]

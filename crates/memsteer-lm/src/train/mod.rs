@@ -725,6 +725,11 @@ impl Trainer {
         &self.params
     }
 
+    /// The parameters, writable (e.g. to restore a checkpoint before [`Trainer::load_optimizer`]).
+    pub fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
     /// The gradient of the last step (after clipping).
     pub fn grads(&self) -> &[f32] {
         &self.grads
@@ -743,6 +748,60 @@ impl Trainer {
     /// The schedule.
     pub fn schedule(&self) -> &LrSchedule {
         &self.schedule
+    }
+
+    /// Writes AdamW's state (tensors `exp_avg` and `exp_avg_sq` over the flat buffer, the step count
+    /// in the metadata) to a safetensors file, through a temporary file renamed into place.
+    pub fn save_optimizer(&self, path: &Path) -> Result<()> {
+        let (m, v) = self.opt.moments();
+        let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|f| f.to_le_bytes()).collect() };
+        let (mb, vb) = (bytes(m), bytes(v));
+        let err = |e: safetensors::SafeTensorError| LmError::Weights { path: path.into(), message: e.to_string() };
+        let views = vec![
+            (
+                "exp_avg",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![m.len()], &mb).map_err(err)?,
+            ),
+            (
+                "exp_avg_sq",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![v.len()], &vb).map_err(err)?,
+            ),
+        ];
+        let meta = std::collections::HashMap::from([
+            ("format".to_string(), "memsteer-adamw".to_string()),
+            ("step".to_string(), self.step.to_string()),
+        ]);
+        write_atomic(path, &safetensors::serialize(views, Some(meta)).map_err(err)?)
+    }
+
+    /// Restores the state [`Trainer::save_optimizer`] wrote, and its step count.
+    pub fn load_optimizer(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|source| LmError::Io { path: path.into(), source })?;
+        let bad = |message: String| LmError::Weights { path: path.into(), message };
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let step: usize = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no `step` in the metadata".into()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.shape() != [self.params.data.len()] {
+                return Err(bad(format!(
+                    "{name}: expected F32 of shape [{}], found {:?} {:?}",
+                    self.params.data.len(),
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        };
+        let (m, v) = (read("exp_avg")?, read("exp_avg_sq")?);
+        self.opt.restore(m, v, step as u64)?;
+        self.step = step;
+        Ok(())
     }
 
     /// One optimizer step on `batch`: loss and gradient, clipping, AdamW at the schedule's rate.

@@ -308,3 +308,28 @@ fn identical_across_thread_counts() {
     assert_eq!(l1, l3);
     assert!(p1.iter().zip(&p3).all(|(a, b)| a.to_bits() == b.to_bits()), "parameters differ");
 }
+
+#[test]
+fn resuming_from_saved_optimizer_state_is_exact() {
+    let cfg = small(true, false, Activation::GeluExact);
+    let batches: Vec<Vec<u32>> = (0..6).map(|k| (0..9).map(|i| ((k * 5 + i * 3) % 13) as u32).collect()).collect();
+    let tc = TrainConfig { warmup: 2, ..TrainConfig::new(1e-2, 6) };
+    let mut a = Trainer::new(Params::init_random(cfg.clone(), 9).unwrap(), &tc).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (k, b) in batches.iter().enumerate() {
+        a.train_step(&[b.as_slice(), &b[2..]]).unwrap();
+        if k == 2 {
+            a.params().save_hf(dir.path()).unwrap();
+            a.save_optimizer(&dir.path().join("optimizer.safetensors")).unwrap();
+        }
+    }
+    let mut b = Trainer::new(Params::from_hf(dir.path()).unwrap(), &tc).unwrap();
+    b.load_optimizer(&dir.path().join("optimizer.safetensors")).unwrap();
+    assert_eq!(b.steps_done(), 3);
+    for batch in &batches[3..] {
+        b.train_step(&[batch.as_slice(), &batch[2..]]).unwrap();
+    }
+    assert_eq!(a.params().data(), b.params().data());
+    let mut other = Trainer::new(Params::init_random(tiny_config(10, 8, 1, 2), 1).unwrap(), &tc).unwrap();
+    assert!(other.load_optimizer(&dir.path().join("optimizer.safetensors")).is_err());
+}
