@@ -1,5 +1,5 @@
 //! Training GPT-NeoX models on CPU, llm.c style: one parameter buffer with named views in Hugging
-//! Face order, an explicit forward and backward per operation ([`ops`]), AdamW ([`adamw`]) and
+//! Face order, an explicit forward and backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and
 //! learning-rate schedules ([`schedule`]).
 //!
 //! The forward computes exactly the function [`crate::neox::GptNeoX`] computes, the loss is the mean
