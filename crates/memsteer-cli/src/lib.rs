@@ -8,6 +8,7 @@ pub mod logprobs;
 pub mod plot;
 pub mod profile;
 mod progress;
+pub mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +35,8 @@ pub enum Command {
     Hmm(hmm::HmmArgs),
     /// Per-instance sequence log-probabilities at every checkpoint, as a panel (resumable, shardable).
     Logprobs(logprobs::LogprobsArgs),
+    /// Train a small GPT-NeoX model with every batch logged, writing checkpoints for `logprobs`.
+    Train(train::TrainArgs),
 }
 
 /// Runs a parsed command line.
@@ -48,5 +51,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Compare(args) => compare::run(&args).map(|_| ()),
         Command::Hmm(args) => hmm::run(&args),
         Command::Logprobs(args) => logprobs::run(&args).map(|_| ()),
+        Command::Train(args) => train::run(&args).map(|_| ()),
     }
 }

@@ -44,15 +44,15 @@ pub struct LogprobsArgs {
     pub quiet: bool,
 }
 
-/// One instance to score.
+/// One instance to score (or to train on, in `memsteer train`).
 #[derive(Debug, Clone)]
-struct Instance {
-    id: String,
+pub(crate) struct Instance {
+    pub(crate) id: String,
     treatment: Option<u64>,
-    tokens: Vec<u32>,
+    pub(crate) tokens: Vec<u32>,
     /// Text to tokenize with the model's tokenizer (then `tokens` is filled in).
-    text: Option<String>,
-    line: usize,
+    pub(crate) text: Option<String>,
+    pub(crate) line: usize,
 }
 
 fn parse_checkpoints(a: &LogprobsArgs) -> Result<BTreeMap<u64, PathBuf>> {
@@ -91,7 +91,7 @@ fn parse_checkpoints(a: &LogprobsArgs) -> Result<BTreeMap<u64, PathBuf>> {
     Ok(out)
 }
 
-fn read_instances(path: &Path) -> Result<Vec<Instance>> {
+pub(crate) fn read_instances(path: &Path) -> Result<Vec<Instance>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading instances {}", path.display()))?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();

@@ -4,8 +4,9 @@
 //!
 //! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too, and
 //! [`tokenizer`] wraps the `tokenizers` crate (`tokenizer.json`, or GPT-2's vocabulary and merges files), with
-//! ids equal to Hugging Face `tokenizers`'. [`KvCache`] and
-//! [`sample`] drive seeded generation ([`Model::generate`]).
+//! ids equal to Hugging Face `tokenizers`'. [`KvCache`] and [`sample`] drive seeded generation
+//! ([`Model::generate`]). [`train`] trains GPT-NeoX models (explicit backward per operation, AdamW,
+//! schedules) and writes checkpoints this runtime loads.
 //!
 //! ```
 //! use memsteer_lm::Model;
@@ -25,6 +26,7 @@ pub mod neox;
 mod ops;
 pub mod sample;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use decoder::Decoder;

@@ -7,6 +7,8 @@ use memsteer_lm::Decoder;
 use memsteer_lm::config::ModelConfig;
 use memsteer_lm::gpt2::Gpt2;
 
+mod train;
+
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm").join(name)
 }

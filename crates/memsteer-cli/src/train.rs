@@ -1,0 +1,491 @@
+//! `memsteer train`: trains a small GPT-NeoX model on instances with every batch logged, writing
+//! checkpoints and the files `memsteer logprobs` needs to measure memorisation.
+//!
+//! Output directory:
+//! - `step{K}/`: Hugging Face checkpoints (`config.json`, `model.safetensors` in f32, tokenizer files
+//!   when a tokenizer was given) after `K` optimizer steps (`step0` is the initialisation);
+//! - `checkpoints.json`: `{"K": "step{K}", …}`, the manifest `memsteer logprobs --checkpoints` reads;
+//! - `batches.jsonl`: one line per optimizer step, `{"step": K, "ids": [instance ids]}` (K 1-based);
+//! - `loss.csv`: `step,loss,lr` (the batch's loss before the update, the rate used);
+//! - `instances.jsonl`: every training and validation instance with its tokens and `treatment_step`
+//!   (the first step whose batch held it; `null` for validation instances and instances never drawn).
+//!
+//! - `run.json`: the settings, seed and input hashes of the run.
+//!
+//! The data order comes from the seed: each epoch is a seeded permutation of the instances, and
+//! batches run through the epochs one after another. The logs are rewritten (atomically) at every
+//! checkpoint, and every checkpoint after step 0 holds AdamW's state (`optimizer.safetensors`), so a
+//! rerun with the same settings resumes from the last complete checkpoint and ends with the same
+//! bytes as an uninterrupted run; a finished run is left as it is.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use memsteer_lm::train::{AdamWConfig, Params, Schedule, TrainConfig, Trainer};
+use memsteer_panel::rng::SplitMix64;
+use memsteer_panel::write_atomic;
+
+use crate::logprobs::{Instance, read_instances};
+
+/// AdamW's state inside a checkpoint directory.
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+/// Tokenizer files copied into every checkpoint when present.
+const TOKENIZER_FILES: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "encoder.json",
+    "vocab.bpe",
+];
+
+/// Arguments of `memsteer train`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    /// A Hugging Face GPT-NeoX `config.json`: the model is initialised randomly from --seed.
+    #[arg(long, value_name = "FILE", conflicts_with = "init", required_unless_present = "init")]
+    pub model_config: Option<PathBuf>,
+    /// Start from the weights of a Hugging Face GPT-NeoX directory instead.
+    #[arg(long, value_name = "DIR")]
+    pub init: Option<PathBuf>,
+    /// Training instances, JSON lines: {"id": …, "tokens": [int, …]} or with a "text" string
+    /// (tokenized with the --tokenizer or --init directory's tokenizer).
+    #[arg(long, value_name = "FILE")]
+    pub instances: PathBuf,
+    /// Validation instances (same format), never trained on; listed with treatment_step null.
+    #[arg(long, value_name = "FILE")]
+    pub validation: Option<PathBuf>,
+    /// A directory with tokenizer files, used for "text" instances and copied into every checkpoint
+    /// (default: the --init directory).
+    #[arg(long, value_name = "DIR")]
+    pub tokenizer: Option<PathBuf>,
+    /// Instances per optimizer step.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Optimizer steps (default: --epochs passes over the instances, rounded up to whole batches).
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<usize>,
+    /// Passes over the instances when --steps is not given.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule (default 0.1 · lr).
+    #[arg(long)]
+    pub min_lr: Option<f64>,
+    /// Warm-up steps (learning rate lr·k/W at step k ≤ W).
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// After the warm-up: cosine (to --min-lr at the last step) or constant.
+    #[arg(long, default_value = "cosine", value_parser = ["cosine", "constant"])]
+    pub schedule: String,
+    /// AdamW's decoupled weight decay (2-D weights and embeddings only).
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip gradients to this global L2 norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f64,
+    /// Seed of the initialisation and the data order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Steps to save checkpoints at: integers and ranges START:END:STRIDE, comma-separated, e.g.
+    /// 0,1,2,4,8,16,32,64,128,256,512,1000:10000:1000. The last step is always saved.
+    #[arg(long, default_value = "0", value_name = "LIST")]
+    pub checkpoint_steps: String,
+    /// Output directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    /// Optimizer steps taken.
+    pub steps: usize,
+    /// Checkpoint steps written.
+    pub checkpoints: Vec<usize>,
+    /// Loss of the last batch (before its update).
+    pub last_loss: f64,
+}
+
+/// Parses a checkpoint list such as `0,1,2,4,100:1000:100`.
+pub fn parse_checkpoint_steps(list: &str) -> Result<BTreeSet<usize>> {
+    let mut out = BTreeSet::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = || format!("--checkpoint-steps: {item:?} is neither a step nor START:END:STRIDE");
+        if item.contains(':') {
+            let parts: Vec<&str> = item.split(':').collect();
+            ensure!(parts.len() == 3, "{}", bad());
+            let n: Vec<usize> = parts.iter().map(|p| p.trim().parse()).collect::<Result<_, _>>().with_context(bad)?;
+            ensure!(n[2] >= 1 && n[0] <= n[1], "--checkpoint-steps: {item:?} needs START ≤ END and STRIDE ≥ 1");
+            out.extend((n[0]..=n[1]).step_by(n[2]));
+        } else {
+            out.insert(item.parse().with_context(bad)?);
+        }
+    }
+    Ok(out)
+}
+
+/// The instance order of `epoch`: a Fisher–Yates permutation from a stream keyed by seed and epoch.
+fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut rng = SplitMix64::new(memsteer_panel::rng::hash_key(seed, &epoch.to_le_bytes()));
+    let mut p: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        p.swap(i, j);
+    }
+    p
+}
+
+fn tokenize(instances: &mut [Instance], tokenizer: Option<&Path>, file: &Path) -> Result<()> {
+    if !instances.iter().any(|x| x.text.is_some()) {
+        return Ok(());
+    }
+    let dir = tokenizer.with_context(|| {
+        format!("{} has `text` instances: give --tokenizer DIR (or --init DIR with tokenizer files)", file.display())
+    })?;
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(dir)
+        .with_context(|| format!("loading the tokenizer of {}", dir.display()))?;
+    for x in instances.iter_mut() {
+        if let Some(text) = &x.text {
+            x.tokens = tok.encode(text).with_context(|| format!("{}, line {}: tokenizing", file.display(), x.line))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_fits(instances: &[Instance], params: &Params, file: &Path) -> Result<()> {
+    let cfg = params.config();
+    for x in instances {
+        let at = || format!("{}, line {} (instance {:?})", file.display(), x.line, x.id);
+        ensure!(x.tokens.len() >= 2, "{}: {} token(s); training needs at least two", at(), x.tokens.len());
+        ensure!(
+            x.tokens.len() <= cfg.max_position_embeddings,
+            "{}: {} tokens exceed the model's context of {}",
+            at(),
+            x.tokens.len(),
+            cfg.max_position_embeddings
+        );
+        if let Some(t) = x.tokens.iter().find(|t| **t as usize >= cfg.vocab_size) {
+            bail!("{}: token id {t} is outside the model's vocabulary of {}", at(), cfg.vocab_size);
+        }
+    }
+    Ok(())
+}
+
+/// The run's logs, rewritten whole at every checkpoint.
+struct Logs<'a> {
+    out: &'a Path,
+    batches: Vec<Vec<usize>>,
+    losses: Vec<(f64, f64)>,
+    checkpoints: Vec<usize>,
+}
+
+impl Logs<'_> {
+    fn write(&self, train: &[Instance], validation: &[Instance]) -> Result<()> {
+        let out = self.out;
+        write_atomic(&out.join("batches.jsonl"), |w| {
+            for (k, ids) in self.batches.iter().enumerate() {
+                let ids: Vec<&str> = ids.iter().map(|&i| train[i].id.as_str()).collect();
+                writeln!(w, "{}", serde_json::json!({"step": k + 1, "ids": ids}))?;
+            }
+            Ok(())
+        })?;
+        write_atomic(&out.join("loss.csv"), |w| {
+            writeln!(w, "step,loss,lr")?;
+            for (k, (loss, lr)) in self.losses.iter().enumerate() {
+                writeln!(w, "{},{loss},{lr}", k + 1)?;
+            }
+            Ok(())
+        })?;
+        let mut first = vec![None; train.len()];
+        for (k, ids) in self.batches.iter().enumerate() {
+            for &i in ids {
+                first[i].get_or_insert(k + 1);
+            }
+        }
+        write_atomic(&out.join("instances.jsonl"), |w| {
+            for (x, t) in train.iter().zip(&first) {
+                writeln!(w, "{}", serde_json::json!({"id": x.id, "treatment_step": t, "tokens": x.tokens}))?;
+            }
+            for x in validation {
+                writeln!(w, "{}", serde_json::json!({"id": x.id, "treatment_step": null, "tokens": x.tokens}))?;
+            }
+            Ok(())
+        })?;
+        let manifest: serde_json::Map<String, serde_json::Value> =
+            self.checkpoints.iter().map(|k| (k.to_string(), format!("step{k}").into())).collect();
+        write_atomic(&out.join("checkpoints.json"), |w| writeln!(w, "{}", serde_json::Value::Object(manifest)))?;
+        Ok(())
+    }
+}
+
+/// Saves the weights (and, after step 0, AdamW's state as `optimizer.safetensors`) to `dir`.
+fn save_checkpoint(trainer: &Trainer, dir: &Path, tokenizer: Option<&Path>) -> Result<()> {
+    trainer.params().save_hf(dir).with_context(|| format!("writing checkpoint {}", dir.display()))?;
+    if trainer.steps_done() > 0 {
+        trainer.save_optimizer(&dir.join(OPTIMIZER_FILE))?;
+    }
+    if let Some(src) = tokenizer {
+        for f in TOKENIZER_FILES {
+            let p = src.join(f);
+            if p.is_file() {
+                std::fs::copy(&p, dir.join(f)).with_context(|| format!("copying {}", p.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Everything that determines a run's results: a rerun resumes only when these are equal.
+fn run_settings(a: &TrainArgs, steps: usize, checkpoints: &BTreeSet<usize>) -> Result<serde_json::Value> {
+    let hash = |p: &Path| -> Result<String> {
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(format!("{:016x}", memsteer_panel::rng::hash_key(0, &bytes)))
+    };
+    let model = match (&a.model_config, &a.init) {
+        (Some(c), _) => serde_json::json!({"config": hash(c)?}),
+        (_, Some(d)) => serde_json::json!({"init_weights": memsteer_lm::weights::Weights::open(d)?.fingerprint()}),
+        _ => serde_json::Value::Null,
+    };
+    Ok(serde_json::json!({
+        "model": model,
+        "seed": a.seed,
+        "instances": hash(&a.instances)?,
+        "validation": a.validation.as_deref().map(hash).transpose()?,
+        "batch_size": a.batch_size,
+        "steps": steps,
+        "lr": a.lr,
+        "min_lr": a.min_lr.unwrap_or(0.1 * a.lr),
+        "warmup": a.warmup,
+        "schedule": a.schedule,
+        "weight_decay": a.weight_decay,
+        "grad_clip": a.grad_clip,
+        "checkpoint_steps": checkpoints,
+    }))
+}
+
+/// Restores the trainer and the logs from the last complete checkpoint of an interrupted run in
+/// `out`; returns its step (0 when none is usable: the run starts over, from the same seed).
+fn resume(
+    out: &Path,
+    trainer: &mut Trainer,
+    logs: &mut Logs<'_>,
+    train: &[Instance],
+    grid: &BTreeSet<usize>,
+) -> Result<usize> {
+    let manifest: serde_json::Map<String, serde_json::Value> =
+        match std::fs::read_to_string(out.join("checkpoints.json")) {
+            Ok(t) => serde_json::from_str(&t)
+                .with_context(|| format!("{}/checkpoints.json: not valid JSON", out.display()))?,
+            Err(_) => serde_json::Map::new(),
+        };
+    let mut saved: Vec<usize> = manifest.keys().filter_map(|k| k.parse().ok()).filter(|k| grid.contains(k)).collect();
+    saved.sort_unstable();
+    let usable = |k: usize| {
+        let d = out.join(format!("step{k}"));
+        d.join("model.safetensors").is_file() && (k == 0 || d.join(OPTIMIZER_FILE).is_file())
+    };
+    let Some(&k) = saved.iter().rev().find(|&&k| usable(k)) else { return Ok(0) };
+    logs.checkpoints = saved.into_iter().filter(|&s| s <= k).collect();
+    if k == 0 {
+        return Ok(0);
+    }
+    let dir = out.join(format!("step{k}"));
+    let params = Params::from_hf(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
+    trainer.params_mut().data_mut().copy_from_slice(params.data());
+    trainer.load_optimizer(&dir.join(OPTIMIZER_FILE)).with_context(|| format!("resuming from {}", dir.display()))?;
+    ensure!(
+        trainer.steps_done() == k,
+        "{}: optimizer state of step {}, expected {k}",
+        dir.display(),
+        trainer.steps_done()
+    );
+    let index: HashMap<&str, usize> = train.iter().enumerate().map(|(i, x)| (x.id.as_str(), i)).collect();
+    let text = std::fs::read_to_string(out.join("batches.jsonl")).context("resuming: reading batches.jsonl")?;
+    for line in text.lines().take(k) {
+        let v: serde_json::Value = serde_json::from_str(line).context("resuming: batches.jsonl is not JSON lines")?;
+        let ids = v["ids"]
+            .as_array()
+            .context("resuming: batches.jsonl line without `ids`")?
+            .iter()
+            .map(|id| id.as_str().and_then(|s| index.get(s).copied()))
+            .collect::<Option<Vec<usize>>>()
+            .context("resuming: batches.jsonl names an unknown instance")?;
+        logs.batches.push(ids);
+    }
+    let text = std::fs::read_to_string(out.join("loss.csv")).context("resuming: reading loss.csv")?;
+    for line in text.lines().skip(1).take(k) {
+        let f: Vec<f64> =
+            line.split(',').skip(1).map(str::parse).collect::<Result<_, _>>().context("resuming: loss.csv")?;
+        ensure!(f.len() == 2, "resuming: loss.csv rows must be step,loss,lr");
+        logs.losses.push((f[0], f[1]));
+    }
+    ensure!(
+        logs.batches.len() == k && logs.losses.len() == k,
+        "resuming: batches.jsonl or loss.csv holds fewer than the {k} steps of the last checkpoint"
+    );
+    Ok(k)
+}
+
+/// Runs `memsteer train`.
+pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
+    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    let schedule: Schedule = a.schedule.parse()?;
+    let params = match (&a.model_config, &a.init) {
+        (Some(c), None) => {
+            Params::from_config_file(c, a.seed).with_context(|| format!("initialising a model from {}", c.display()))?
+        }
+        (None, Some(d)) => Params::from_hf(d).with_context(|| format!("loading the initial model {}", d.display()))?,
+        _ => bail!("give exactly one of --model-config FILE and --init DIR"),
+    };
+    let tokenizer = a.tokenizer.as_deref().or(a.init.as_deref());
+    let mut train = read_instances(&a.instances)?;
+    tokenize(&mut train, tokenizer, &a.instances)?;
+    check_fits(&train, &params, &a.instances)?;
+    let mut validation = match &a.validation {
+        Some(v) => read_instances(v)?,
+        None => Vec::new(),
+    };
+    if let Some(v) = &a.validation {
+        tokenize(&mut validation, tokenizer, v)?;
+        check_fits(&validation, &params, v)?;
+        let ids: std::collections::HashSet<&str> = train.iter().map(|x| x.id.as_str()).collect();
+        if let Some(x) = validation.iter().find(|x| ids.contains(x.id.as_str())) {
+            bail!("{}, line {}: instance id {:?} is also a training instance", v.display(), x.line, x.id);
+        }
+    }
+    let n = train.len();
+    let steps = match a.steps {
+        Some(s) => s,
+        None => (a.epochs.unwrap_or(1) * n).div_ceil(a.batch_size),
+    };
+    ensure!(steps >= 1, "the run has no steps: give --steps or --epochs of at least 1");
+    let mut checkpoints = parse_checkpoint_steps(&a.checkpoint_steps)?;
+    if let Some(&k) = checkpoints.iter().find(|&&k| k > steps) {
+        bail!("--checkpoint-steps: step {k} lies beyond the run's {steps} steps");
+    }
+    checkpoints.insert(steps);
+    let cfg = TrainConfig {
+        lr: a.lr,
+        min_lr: a.min_lr.unwrap_or(0.1 * a.lr),
+        warmup: a.warmup,
+        steps,
+        schedule,
+        adamw: AdamWConfig { weight_decay: a.weight_decay, ..AdamWConfig::default() },
+        grad_clip: if a.grad_clip > 0.0 { Some(a.grad_clip) } else { None },
+    };
+    ensure!(a.grad_clip >= 0.0 && a.grad_clip.is_finite(), "--grad-clip must be a non-negative number");
+    let mut trainer = Trainer::new(params, &cfg)?;
+    let settings = run_settings(a, steps, &checkpoints)?;
+    let run_file = a.out.join("run.json");
+    let mut logs =
+        Logs { out: &a.out, batches: Vec::with_capacity(steps), losses: Vec::new(), checkpoints: Vec::new() };
+    let mut done = 0;
+    if run_file.exists() || a.out.join("batches.jsonl").exists() {
+        let before: serde_json::Value = std::fs::read_to_string(&run_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .with_context(|| format!("{} holds files of a training run but no readable run.json", a.out.display()))?;
+        ensure!(
+            before == settings,
+            "{} already holds a different training run (other settings, model or instances; see its run.json); choose another --out or remove it",
+            a.out.display()
+        );
+        done = resume(&a.out, &mut trainer, &mut logs, &train, &checkpoints)?;
+        if !a.quiet && done > 0 {
+            eprintln!("resuming {} from the checkpoint at step {done}", a.out.display());
+        }
+    } else {
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        write_atomic(&run_file, |w| writeln!(w, "{settings:#}"))?;
+    }
+    if done == 0 && checkpoints.contains(&0) && logs.checkpoints.is_empty() {
+        save_checkpoint(&trainer, &a.out.join("step0"), tokenizer)?;
+        logs.checkpoints.push(0);
+        logs.write(&train, &validation)?;
+    }
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(steps as u64).with_style(
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        )
+    };
+    bar.set_prefix("train");
+    let start = Instant::now();
+    let mut tokens_seen = 0usize;
+    let mut order: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut last_loss = logs.losses.last().map_or(f64::NAN, |l| l.0);
+    bar.set_position(done as u64);
+    for k in done + 1..=steps {
+        let ids: Vec<usize> = ((k - 1) * a.batch_size..k * a.batch_size)
+            .map(|pos| {
+                let epoch = (pos / n) as u64;
+                // Only the current epoch's (and at a boundary, the next one's) order is kept.
+                order.retain(|&e, _| e + 1 >= epoch);
+                order.entry(epoch).or_insert_with(|| permutation(n, a.seed, epoch))[pos % n]
+            })
+            .collect();
+        let seqs: Vec<&[u32]> = ids.iter().map(|&i| train[i].tokens.as_slice()).collect();
+        let st = trainer.train_step(&seqs).with_context(|| format!("optimizer step {k}"))?;
+        tokens_seen += seqs.iter().map(|s| s.len()).sum::<usize>();
+        last_loss = st.loss;
+        logs.batches.push(ids);
+        logs.losses.push((st.loss, st.lr));
+        let rate = tokens_seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!("loss {:.4} lr {:.2e} {rate:.0} tok/s", st.loss, st.lr));
+        bar.inc(1);
+        if checkpoints.contains(&k) {
+            save_checkpoint(&trainer, &a.out.join(format!("step{k}")), tokenizer)?;
+            logs.checkpoints.push(k);
+            logs.write(&train, &validation)?;
+        }
+    }
+    bar.finish_and_clear();
+    if !a.quiet {
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "trained to step {steps} ({tokens_seen} tokens in this run) in {secs:.1} s, {:.0} tokens/s; last loss {last_loss:.4}",
+            tokens_seen as f64 / secs.max(1e-9)
+        );
+    }
+    Ok(TrainOutcome { steps, checkpoints: logs.checkpoints, last_loss })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_lists() {
+        let s = parse_checkpoint_steps("0,1,2,4, 10:30:10").unwrap();
+        assert_eq!(s.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 4, 10, 20, 30]);
+        assert!(parse_checkpoint_steps("1,x").is_err());
+        assert!(parse_checkpoint_steps("5:1:1").is_err());
+        assert!(parse_checkpoint_steps("1:5:0").is_err());
+    }
+
+    #[test]
+    fn permutations_are_seeded() {
+        let p = permutation(10, 3, 0);
+        let mut sorted = p.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..10).collect::<Vec<_>>());
+        assert_eq!(p, permutation(10, 3, 0));
+        assert_ne!(p, permutation(10, 3, 1));
+        assert_ne!(p, permutation(10, 4, 0));
+    }
+}

@@ -1,0 +1,195 @@
+//! `memsteer train` end to end: logs consistent with each other, checkpoints `memsteer logprobs`
+//! reads, identical output for any thread count, clear errors.
+
+use super::*;
+
+/// A tiny GPT-NeoX config, 12 training instances following a learnable pattern and 3 validation ones.
+fn setup(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type": "gpt_neox", "architectures": ["GPTNeoXForCausalLM"], "vocab_size": 32,
+            "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
+            "max_position_embeddings": 32, "rotary_pct": 0.25, "use_parallel_residual": true,
+            "tie_word_embeddings": false, "hidden_act": "gelu", "layer_norm_eps": 1e-5}"#,
+    )
+    .expect("config");
+    let line = |id: String, start: u64, len: u64| {
+        let tokens: Vec<u64> = (0..len).map(|k| (start + 3 * k) % 32).collect();
+        format!(r#"{{"id": "{id}", "tokens": {tokens:?}}}"#)
+    };
+    let train: Vec<String> = (0..12).map(|i| line(format!("t{i}"), i * 5, 8 + i % 4)).collect();
+    let val: Vec<String> = (0..3).map(|i| line(format!("v{i}"), 7 + i, 10)).collect();
+    let (ti, vi) = (dir.join("train.jsonl"), dir.join("val.jsonl"));
+    std::fs::write(&ti, train.join("\n") + "\n").expect("train");
+    std::fs::write(&vi, val.join("\n") + "\n").expect("val");
+    (config, ti, vi)
+}
+
+fn train_args<'a>(c: &'a Path, t: &'a Path, v: &'a Path, out: &'a Path) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model-config",
+        s(c),
+        "--instances",
+        s(t),
+        "--validation",
+        s(v),
+        "--batch-size",
+        "3",
+        "--steps",
+        "10",
+        "--lr",
+        "0.01",
+        "--warmup",
+        "2",
+        "--seed",
+        "5",
+        "--checkpoint-steps",
+        "0,1,2,4:8:4",
+        "--out",
+        s(out),
+        "--quiet",
+    ]
+}
+
+#[test]
+fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let out = dir.path().join("run");
+    ok(&train_args(&c, &t, &v, &out));
+    for k in [0, 1, 2, 4, 8, 10] {
+        assert!(out.join(format!("step{k}/model.safetensors")).is_file(), "step{k}");
+    }
+    assert!(!out.join("step3").exists());
+    // batches.jsonl: 10 steps of 3 ids; the first 4 steps are one permutation of the 12 instances.
+    let batches: Vec<serde_json::Value> = std::fs::read_to_string(out.join("batches.jsonl"))
+        .expect("batches")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(batches.len(), 10);
+    let mut first_step = std::collections::HashMap::new();
+    for (k, b) in batches.iter().enumerate() {
+        assert_eq!(b["step"], k + 1);
+        let ids = b["ids"].as_array().expect("ids");
+        assert_eq!(ids.len(), 3);
+        for id in ids {
+            first_step.entry(id.as_str().expect("id").to_string()).or_insert(k + 1);
+        }
+    }
+    let epoch1: std::collections::HashSet<String> =
+        batches[..4].iter().flat_map(|b| b["ids"].as_array().unwrap().iter().map(|x| x.to_string())).collect();
+    assert_eq!(epoch1.len(), 12);
+    // instances.jsonl: treatment_step = the first batch holding the instance; validation null.
+    let inst = std::fs::read_to_string(out.join("instances.jsonl")).expect("instances");
+    assert_eq!(inst.lines().count(), 15);
+    for l in inst.lines() {
+        let x: serde_json::Value = serde_json::from_str(l).expect("json");
+        let id = x["id"].as_str().expect("id");
+        if id.starts_with('v') {
+            assert!(x["treatment_step"].is_null(), "{l}");
+        } else {
+            assert_eq!(x["treatment_step"], first_step[id], "{l}");
+        }
+    }
+    // loss.csv: warm-up lr·k/W, then cosine to 0.1·lr.
+    let loss = std::fs::read_to_string(out.join("loss.csv")).expect("loss");
+    let rows: Vec<Vec<f64>> =
+        loss.lines().skip(1).map(|l| l.split(',').map(|f| f.parse().expect("number")).collect()).collect();
+    assert_eq!(rows.len(), 10);
+    assert!((rows[0][2] - 0.005).abs() < 1e-15 && (rows[1][2] - 0.01).abs() < 1e-15);
+    assert!((rows[9][2] - 0.001).abs() < 1e-12);
+    // Training on a pattern lowers the loss.
+    assert!(rows[9][1] < rows[0][1] - 0.1, "{loss}");
+    // The checkpoints feed `memsteer logprobs` directly.
+    let panel = dir.path().join("panel.csv");
+    ok(&[
+        "logprobs",
+        "--checkpoints",
+        s(&out.join("checkpoints.json")),
+        "--instances",
+        s(&out.join("instances.jsonl")),
+        "--out",
+        s(&panel),
+        "--quiet",
+    ]);
+    let text = std::fs::read_to_string(&panel).expect("panel");
+    assert_eq!(text.lines().count(), 1 + 15 * 6);
+    // Trained instances gain log-probability between step 0 and step 10.
+    let mut gain = 0.0;
+    for l in text.lines().skip(1) {
+        let f: Vec<&str> = l.split(',').collect();
+        if f[0].starts_with('t') {
+            let y: f64 = f[3].parse().expect("outcome");
+            match f[2] {
+                "0" => gain -= y,
+                "10" => gain += y,
+                _ => {}
+            }
+        }
+    }
+    assert!(gain > 0.0, "{text}");
+    // Same run on one thread: byte-identical logs and checkpoints.
+    let out1 = dir.path().join("run1");
+    let mut args = vec!["--threads", "1"];
+    args.extend(train_args(&c, &t, &v, &out1));
+    ok(&args);
+    for f in ["loss.csv", "batches.jsonl", "instances.jsonl", "step10/model.safetensors"] {
+        assert_eq!(std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"), "{f}");
+    }
+    // A rerun of a finished run changes nothing; other settings in the same directory are refused.
+    let before = std::fs::read(out.join("step10/model.safetensors")).expect("weights");
+    ok(&train_args(&c, &t, &v, &out));
+    assert_eq!(std::fs::read(out.join("step10/model.safetensors")).expect("weights"), before);
+    let mut other = train_args(&c, &t, &v, &out);
+    let i = other.iter().position(|x| *x == "0.01").expect("lr");
+    other[i] = "0.02";
+    let e = fails(&other);
+    assert!(e.contains("different training run"), "{e}");
+    // An interrupted run (here: its last checkpoints lost) resumes from the last complete checkpoint
+    // and ends with the same bytes as the uninterrupted one.
+    for k in [8, 10] {
+        std::fs::remove_dir_all(out1.join(format!("step{k}"))).expect("remove");
+    }
+    std::fs::write(out1.join("checkpoints.json"), r#"{"0": "step0", "1": "step1", "2": "step2", "4": "step4"}"#)
+        .expect("manifest");
+    std::fs::remove_file(out1.join("step4/optimizer.safetensors")).expect("remove");
+    // Step 4 lacks its optimizer state now, so the run resumes from step 2.
+    ok(&train_args(&c, &t, &v, &out1));
+    for f in [
+        "loss.csv",
+        "batches.jsonl",
+        "instances.jsonl",
+        "checkpoints.json",
+        "step10/model.safetensors",
+        "step8/optimizer.safetensors",
+    ] {
+        assert_eq!(std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"), "{f}");
+    }
+}
+
+#[test]
+fn bad_inputs_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let out = dir.path().join("run");
+    let e = fails(&["train", "--instances", s(&t), "--out", s(&out)]);
+    assert!(e.contains("--model-config") || e.contains("--init"), "{e}");
+    let mut a = train_args(&c, &t, &v, &out);
+    a.extend(["--schedule", "linear"]);
+    let e = fails(&a);
+    assert!(e.contains("linear"), "{e}");
+    let mut a = train_args(&c, &t, &v, &out);
+    let i = a.iter().position(|x| *x == "0,1,2,4:8:4").expect("list");
+    a[i] = "0,20";
+    let e = fails(&a);
+    assert!(e.contains("beyond the run's 10 steps"), "{e}");
+    let big = dir.path().join("big.jsonl");
+    std::fs::write(&big, "{\"id\": \"a\", \"tokens\": [1, 40]}\n").expect("write");
+    let e = fails(&train_args(&c, &big, &v, &out));
+    assert!(e.contains("outside the model's vocabulary of 32"), "{e}");
+    let e = fails(&train_args(&c, &t, &t, &out));
+    assert!(e.contains("also a training instance"), "{e}");
+}

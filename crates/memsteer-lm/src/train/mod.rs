@@ -1,0 +1,829 @@
+//! Training GPT-NeoX models on CPU, llm.c style: one parameter buffer with named views in Hugging
+//! Face order, an explicit forward and backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and
+//! learning-rate schedules ([`schedule`]).
+//!
+//! The forward computes exactly the function [`crate::neox::GptNeoX`] computes, the loss is the mean
+//! cross-entropy over every predicted position of a batch (each sequence's tokens after its first),
+//! and checkpoints are Hugging Face directories that [`crate::Model::load`] and transformers read.
+//! Results are deterministic from the seed and identical for any number of rayon threads.
+//!
+//! ```
+//! use memsteer_lm::train::{Params, TrainConfig, Trainer};
+//! let cfg = memsteer_lm::train::tiny_config(16, 32, 2, 2);
+//! let params = Params::init_random(cfg, 7)?;
+//! let mut trainer = Trainer::new(params, &TrainConfig::new(1e-2, 5))?;
+//! let batch: Vec<&[u32]> = vec![&[1, 2, 3, 4], &[5, 6, 7, 8]];
+//! let first = trainer.train_step(&batch)?.loss;
+//! for _ in 0..4 {
+//!     trainer.train_step(&batch)?;
+//! }
+//! assert!(trainer.params().loss(&batch)? < first);
+//! # Ok::<(), memsteer_lm::LmError>(())
+//! ```
+
+pub mod adamw;
+mod ops;
+pub mod schedule;
+
+use std::ops::Range;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+pub use adamw::{AdamW, AdamWConfig, clip_grad_norm, grad_norm};
+pub use schedule::{LrSchedule, Schedule};
+
+use crate::config::{Activation, ModelConfig, NeoXConfig};
+use crate::ops::Layout;
+use crate::weights::Weights;
+use crate::{LmError, Result};
+
+/// One named tensor of the parameter buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Hugging Face name (`gpt_neox.layers.0.attention.query_key_value.weight`, …).
+    pub name: String,
+    /// Shape as Hugging Face stores it (`Linear` weights `[out, in]`).
+    pub shape: Vec<usize>,
+    /// Offset in the buffer.
+    pub offset: usize,
+}
+
+impl TensorInfo {
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Its range in the buffer.
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.len()
+    }
+}
+
+/// Tensors per layer, in Hugging Face order.
+const PER_LAYER: usize = 12;
+const LN1_W: usize = 0;
+const LN2_W: usize = 2;
+const QKV_W: usize = 4;
+const DENSE_W: usize = 6;
+const UP_W: usize = 8;
+const DOWN_W: usize = 10;
+
+/// A small GPT-NeoX configuration for tests and examples: `vocab`, `hidden`, `layers`, `heads`,
+/// intermediate size 4·hidden, 64 positions, rotary on 25% of each head, parallel residual, untied,
+/// exact GELU.
+pub fn tiny_config(vocab: usize, hidden: usize, layers: usize, heads: usize) -> NeoXConfig {
+    NeoXConfig {
+        vocab_size: vocab,
+        max_position_embeddings: 64,
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: 4 * hidden,
+        rotary_pct: 0.25,
+        rotary_base: 10000.0,
+        use_parallel_residual: true,
+        tie_word_embeddings: false,
+        layer_norm_eps: 1e-5,
+        activation: Activation::GeluExact,
+    }
+}
+
+/// The parameters of a GPT-NeoX model in one buffer, with named views in Hugging Face order.
+#[derive(Debug, Clone)]
+pub struct Params {
+    cfg: NeoXConfig,
+    /// The `config.json` the parameters were loaded with (written back unchanged on save).
+    source_config: Option<serde_json::Value>,
+    tensors: Vec<TensorInfo>,
+    data: Vec<f32>,
+}
+
+/// SplitMix64's output function (Steele, Lea & Flood 2014).
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The `i`-th word of the counter-based SplitMix64 stream `key`.
+fn word(key: u64, i: u64) -> u64 {
+    mix64(key.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i.wrapping_add(1))))
+}
+
+/// A standard normal draw for element `i` of stream `key` (Box–Muller on two words).
+fn normal(key: u64, i: u64) -> f64 {
+    let unit = |w: u64| (w >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+    let u1 = 1.0 - unit(word(key, 2 * i)); // (0, 1]
+    let u2 = unit(word(key, 2 * i + 1));
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+fn check_config(cfg: &NeoXConfig) -> Result<()> {
+    let bad = |m: String| Err(LmError::Input(format!("GPT-NeoX config: {m}")));
+    if [cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size]
+        .contains(&0)
+        || cfg.max_position_embeddings == 0
+    {
+        return bad("sizes must be positive".into());
+    }
+    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
+        return bad(format!(
+            "hidden_size = {} is not divisible by num_attention_heads = {}",
+            cfg.hidden_size, cfg.num_attention_heads
+        ));
+    }
+    if !(0.0..=1.0).contains(&cfg.rotary_pct) {
+        return bad(format!("rotary share must lie in [0, 1], found {}", cfg.rotary_pct));
+    }
+    Ok(())
+}
+
+impl Params {
+    /// Zero parameters laid out for `cfg`.
+    pub fn zeros(cfg: NeoXConfig) -> Result<Self> {
+        check_config(&cfg)?;
+        let (d, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let mut tensors = Vec::new();
+        let mut offset = 0usize;
+        let mut push = |name: String, shape: Vec<usize>| -> Result<()> {
+            let len = shape
+                .iter()
+                .try_fold(1usize, |a, &b| a.checked_mul(b))
+                .ok_or_else(|| LmError::Input(format!("tensor {name} of shape {shape:?} is too large")))?;
+            tensors.push(TensorInfo { name, shape, offset });
+            offset = offset.checked_add(len).ok_or_else(|| LmError::Input("model is too large".into()))?;
+            Ok(())
+        };
+        push("gpt_neox.embed_in.weight".into(), vec![v, d])?;
+        for i in 0..cfg.num_hidden_layers {
+            let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+            for ln in ["input_layernorm", "post_attention_layernorm"] {
+                push(p(&format!("{ln}.weight")), vec![d])?;
+                push(p(&format!("{ln}.bias")), vec![d])?;
+            }
+            for (name, out, inp) in [
+                ("attention.query_key_value", 3 * d, d),
+                ("attention.dense", d, d),
+                ("mlp.dense_h_to_4h", inter, d),
+                ("mlp.dense_4h_to_h", d, inter),
+            ] {
+                push(p(&format!("{name}.weight")), vec![out, inp])?;
+                push(p(&format!("{name}.bias")), vec![out])?;
+            }
+        }
+        push("gpt_neox.final_layer_norm.weight".into(), vec![d])?;
+        push("gpt_neox.final_layer_norm.bias".into(), vec![d])?;
+        if !cfg.tie_word_embeddings {
+            push("embed_out.weight".into(), vec![v, d])?;
+        }
+        Ok(Self { cfg, source_config: None, tensors, data: vec![0.0; offset] })
+    }
+
+    /// Random initialisation as Hugging Face's `GPTNeoXPreTrainedModel` (`initializer_range` 0.02):
+    /// weight matrices and embeddings normal with standard deviation `std`, layer-norm weights 1,
+    /// biases 0. Draws are counter-based (element `i` of a tensor comes from a SplitMix64 stream keyed
+    /// by the seed and the tensor's name), so they do not depend on threads or on other tensors.
+    pub fn init_random_std(cfg: NeoXConfig, seed: u64, std: f32) -> Result<Self> {
+        let mut p = Self::zeros(cfg)?;
+        for t in &p.tensors {
+            let slice = &mut p.data[t.range()];
+            if t.shape.len() == 2 {
+                let mut key = mix64(seed ^ 0x6A09_E667_F3BC_C909);
+                for b in t.name.bytes() {
+                    key = mix64(key ^ u64::from(b));
+                }
+                slice
+                    .par_iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = (normal(key, i as u64) * f64::from(std)) as f32);
+            } else if t.name.ends_with("layernorm.weight") || t.name.ends_with("final_layer_norm.weight") {
+                slice.fill(1.0);
+            }
+        }
+        Ok(p)
+    }
+
+    /// [`Params::init_random_std`] with Hugging Face's default standard deviation 0.02.
+    pub fn init_random(cfg: NeoXConfig, seed: u64) -> Result<Self> {
+        Self::init_random_std(cfg, seed, 0.02)
+    }
+
+    /// Random initialisation ([`Params::init_random`]) of the GPT-NeoX model a Hugging Face
+    /// `config.json` describes; checkpoints keep that file's contents.
+    pub fn from_config_file(path: &Path, seed: u64) -> Result<Self> {
+        let json = read_json(path)?;
+        let mut p = Self::init_random(neox_config(&json, path)?, seed)?;
+        p.source_config = Some(json);
+        Ok(p)
+    }
+
+    /// Loads a Hugging Face GPT-NeoX directory (`config.json` + safetensors weights, any of f32, f16,
+    /// bf16).
+    pub fn from_hf(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let json = read_json(&path)?;
+        let cfg = neox_config(&json, &path)?;
+        let mut p = Self::zeros(cfg)?;
+        let w = Weights::open(dir)?;
+        for t in &p.tensors {
+            let values = w.tensor(&[&t.name], &t.shape)?;
+            p.data[t.range()].copy_from_slice(&values);
+        }
+        p.source_config = Some(json);
+        Ok(p)
+    }
+
+    /// Writes `dir/config.json` and `dir/model.safetensors` (f32, every tensor under its Hugging Face
+    /// name), each through a temporary file renamed into place.
+    pub fn save_hf(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| LmError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let config = match &self.source_config {
+            Some(c) => {
+                // The weights are written in f32 whatever the source stored.
+                let mut c = c.clone();
+                for key in ["torch_dtype", "dtype"] {
+                    if let Some(v) = c.get_mut(key) {
+                        *v = "float32".into();
+                    }
+                }
+                c
+            }
+            None => self.config_json(),
+        };
+        let text = serde_json::to_string_pretty(&config).map_err(|e| LmError::Input(e.to_string()))?;
+        write_atomic(&dir.join("config.json"), text.as_bytes())?;
+        let bytes: Vec<Vec<u8>> =
+            self.tensors.iter().map(|t| self.data[t.range()].iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+        let path = dir.join("model.safetensors");
+        let mut views = Vec::with_capacity(self.tensors.len());
+        for (t, b) in self.tensors.iter().zip(&bytes) {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, t.shape.clone(), b)
+                .map_err(|e| LmError::Weights { path: path.clone(), message: e.to_string() })?;
+            views.push((t.name.clone(), view));
+        }
+        let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let file = safetensors::serialize(views, Some(meta))
+            .map_err(|e| LmError::Weights { path: path.clone(), message: e.to_string() })?;
+        write_atomic(&path, &file)
+    }
+
+    /// The Hugging Face `config.json` of this configuration.
+    pub fn config_json(&self) -> serde_json::Value {
+        let c = &self.cfg;
+        // Through the shortest decimal of the f32, so 1e-5 is written as 1e-5.
+        let eps: f64 = c.layer_norm_eps.to_string().parse().unwrap_or(f64::from(c.layer_norm_eps));
+        serde_json::json!({
+            "architectures": ["GPTNeoXForCausalLM"],
+            "model_type": "gpt_neox",
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "max_position_embeddings": c.max_position_embeddings,
+            "rotary_pct": c.rotary_pct,
+            "rotary_emb_base": c.rotary_base,
+            "use_parallel_residual": c.use_parallel_residual,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "layer_norm_eps": eps,
+            "hidden_act": match c.activation { Activation::GeluExact => "gelu", Activation::GeluTanh => "gelu_new" },
+            "initializer_range": 0.02,
+            "attention_bias": true,
+            "torch_dtype": "float32",
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NeoXConfig {
+        &self.cfg
+    }
+
+    /// The named tensors, in Hugging Face order.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The whole buffer.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// The whole buffer, writable.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        &mut self.data
+    }
+
+    /// The values of the tensor called `name`.
+    pub fn tensor(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.iter().find(|t| t.name == name).map(|t| &self.data[t.range()])
+    }
+
+    /// Ranges that get weight decay: 2-D weights and embeddings (not biases or layer norms).
+    pub fn decay_ranges(&self) -> Vec<Range<usize>> {
+        self.tensors.iter().filter(|t| t.shape.len() == 2).map(TensorInfo::range).collect()
+    }
+
+    fn t(&self, i: usize) -> &[f32] {
+        &self.data[self.tensors[i].range()]
+    }
+
+    fn layer(&self, l: usize, k: usize) -> usize {
+        1 + l * PER_LAYER + k
+    }
+
+    fn final_ln(&self) -> usize {
+        1 + self.cfg.num_hidden_layers * PER_LAYER
+    }
+
+    /// Index of the output embedding (`embed_in` when tied).
+    fn out_index(&self) -> usize {
+        if self.cfg.tie_word_embeddings { 0 } else { self.final_ln() + 2 }
+    }
+
+    /// `log p(x_t | x_<t)` for `t = 1..T` of every sequence, by the trainer's forward pass.
+    pub fn token_log_probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let acts = self.forward(seqs)?;
+        let d = self.cfg.hidden_size;
+        let lp = ops::output_layer(&acts.hf, self.t(self.out_index()), &acts.layout, &acts.tokens, d, None)?;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for s in seqs {
+            out.push(lp[at..at + s.len() - 1].to_vec());
+            at += s.len() - 1;
+        }
+        Ok(out)
+    }
+
+    /// Mean cross-entropy (nats) over every predicted position of the batch.
+    pub fn loss(&self, seqs: &[&[u32]]) -> Result<f64> {
+        let lp = self.token_log_probs(seqs)?;
+        let n: usize = lp.iter().map(Vec::len).sum();
+        Ok(-lp.iter().flatten().map(|&x| f64::from(x)).sum::<f64>() / n as f64)
+    }
+
+    /// The loss of [`Params::loss`] and its gradient, written into `grads` (overwritten; same layout
+    /// as the parameter buffer).
+    pub fn loss_and_grad(&self, seqs: &[&[u32]], grads: &mut [f32]) -> Result<f64> {
+        if grads.len() != self.data.len() {
+            return Err(LmError::Input(format!(
+                "gradient buffer of {} values for {} parameters",
+                grads.len(),
+                self.data.len()
+            )));
+        }
+        let acts = self.forward(seqs)?;
+        grads.fill(0.0);
+        let c = &self.cfg;
+        let (d, inter) = (c.hidden_size, c.intermediate_size);
+        let heads = c.num_attention_heads;
+        let hd = d / heads;
+        let n = acts.layout.rows();
+        let mut dhf = vec![0.0f32; n * d];
+        let out_range = self.tensors[self.out_index()].range();
+        let lp = ops::output_layer(
+            &acts.hf,
+            self.t(self.out_index()),
+            &acts.layout,
+            &acts.tokens,
+            d,
+            Some((&mut dhf, &mut grads[out_range])),
+        )?;
+        let loss = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
+        // Final layer norm.
+        let f = self.final_ln();
+        let mut dx = vec![0.0f32; n * d];
+        {
+            let (dg, db) = pair_mut(grads, &self.tensors, f);
+            ops::layer_norm_backward(&dhf, &acts.x_final, (&acts.mean_f, &acts.rstd_f), self.t(f), &mut dx, dg, db);
+        }
+        let mut dmid = vec![0.0f32; n * inter];
+        let mut dh = vec![0.0f32; n * d];
+        let mut dctx = vec![0.0f32; n * d];
+        let mut dqkv = vec![0.0f32; n * 3 * d];
+        for (l, a) in acts.layers.iter().enumerate().rev() {
+            let id = |k| self.layer(l, k);
+            // The MLP branch: its input is x_in (parallel) or x_mid (sequential).
+            let mlp_in = if c.use_parallel_residual { &a.x_in } else { &a.x_mid };
+            let mut dres = dx.clone();
+            ops::linear_backward(
+                &dx,
+                &a.mid,
+                self.t(id(DOWN_W)),
+                n,
+                Some(&mut dmid),
+                pair_mut(grads, &self.tensors, id(DOWN_W)),
+            )?;
+            ops::gelu_backward(&mut dmid, &a.pre, c.activation);
+            ops::linear_backward(
+                &dmid,
+                &a.h2,
+                self.t(id(UP_W)),
+                n,
+                Some(&mut dh),
+                pair_mut(grads, &self.tensors, id(UP_W)),
+            )?;
+            {
+                let (dg, db) = pair_mut(grads, &self.tensors, id(LN2_W));
+                ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(id(LN2_W)), &mut dres, dg, db);
+            }
+            // The attention branch: its output gradient is dx (parallel) or the gradient at x_mid.
+            // (Sequential: `dres` now holds the gradient at x_mid, which also flows on to x_in.)
+            let dattn = if c.use_parallel_residual { dx.clone() } else { dres.clone() };
+            ops::linear_backward(
+                &dattn,
+                &a.ctx,
+                self.t(id(DENSE_W)),
+                n,
+                Some(&mut dctx),
+                pair_mut(grads, &self.tensors, id(DENSE_W)),
+            )?;
+            ops::attention_backward(&dctx, &a.qkv, &acts.layout, (heads, hd), &mut dqkv)?;
+            acts.rotary.apply(&mut dqkv, &acts.layout.positions, true);
+            ops::linear_backward(
+                &dqkv,
+                &a.h1,
+                self.t(id(QKV_W)),
+                n,
+                Some(&mut dh),
+                pair_mut(grads, &self.tensors, id(QKV_W)),
+            )?;
+            {
+                let (dg, db) = pair_mut(grads, &self.tensors, id(LN1_W));
+                ops::layer_norm_backward(&dh, &a.x_in, (&a.mean1, &a.rstd1), self.t(id(LN1_W)), &mut dres, dg, db);
+            }
+            dx = dres;
+        }
+        // Embedding: rows in order, so repeated tokens add up in a fixed order.
+        let emb = &mut grads[self.tensors[0].range()];
+        for (r, &tok) in acts.tokens.iter().enumerate() {
+            let row = &mut emb[tok as usize * d..(tok as usize + 1) * d];
+            row.iter_mut().zip(&dx[r * d..(r + 1) * d]).for_each(|(g, v)| *g += v);
+        }
+        Ok(loss)
+    }
+
+    /// Checks the batch and lays it out.
+    fn layout(&self, seqs: &[&[u32]]) -> Result<Layout> {
+        if seqs.is_empty() {
+            return Err(LmError::Input("empty batch".into()));
+        }
+        let name = |i: usize, message: String| {
+            if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } }
+        };
+        let mut starts = vec![0usize];
+        for (i, s) in seqs.iter().enumerate() {
+            if s.len() < 2 {
+                return Err(name(i, format!("{} token(s): training needs at least two per sequence", s.len())));
+            }
+            if s.len() > self.cfg.max_position_embeddings {
+                return Err(name(
+                    i,
+                    format!(
+                        "sequence of {} tokens is longer than the context of {}",
+                        s.len(),
+                        self.cfg.max_position_embeddings
+                    ),
+                ));
+            }
+            if let Some((p, t)) = s.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
+                return Err(name(
+                    i,
+                    format!("token id {t} at position {p} is outside the vocabulary of {}", self.cfg.vocab_size),
+                ));
+            }
+            starts.push(starts[i] + s.len());
+        }
+        let positions = seqs.iter().flat_map(|s| 0..s.len()).collect();
+        Ok(Layout { starts, past: 0, positions })
+    }
+
+    /// The forward pass, keeping what the backward needs.
+    fn forward(&self, seqs: &[&[u32]]) -> Result<Activations> {
+        let layout = self.layout(seqs)?;
+        let c = &self.cfg;
+        let (d, inter, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
+        let heads = c.num_attention_heads;
+        let hd = d / heads;
+        let n = layout.rows();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let emb = self.t(0);
+        let mut x = vec![0.0f32; n * d];
+        for (row, &tok) in x.chunks_exact_mut(d).zip(&tokens) {
+            row.copy_from_slice(&emb[tok as usize * d..(tok as usize + 1) * d]);
+        }
+        let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let rotary = ops::Rotary::new(heads, hd, c.rotary_pct, c.rotary_base, longest);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let mut attn = vec![0.0f32; n * d];
+        let mut mlp = vec![0.0f32; n * d];
+        for l in 0..c.num_hidden_layers {
+            let id = |k| self.layer(l, k);
+            let ln = |k: usize| (self.t(id(k)), self.t(id(k) + 1));
+            let mut a = LayerActs::new(n, d, inter);
+            a.x_in.copy_from_slice(&x);
+            ops::layer_norm_forward(&x, ln(LN1_W), eps, &mut a.h1, &mut a.mean1, &mut a.rstd1);
+            ops::linear_forward(&a.h1, self.t(id(QKV_W)), self.t(id(QKV_W) + 1), n, d, &mut a.qkv)?;
+            rotary.apply(&mut a.qkv, &layout.positions, false);
+            ops::attention_forward(&a.qkv, &layout, (heads, hd), &mut a.ctx)?;
+            ops::linear_forward(&a.ctx, self.t(id(DENSE_W)), self.t(id(DENSE_W) + 1), n, d, &mut attn)?;
+            let run_mlp = |input: &[f32], a: &mut LayerActs, out: &mut [f32]| -> Result<()> {
+                ops::layer_norm_forward(input, ln(LN2_W), eps, &mut a.h2, &mut a.mean2, &mut a.rstd2);
+                ops::linear_forward(&a.h2, self.t(id(UP_W)), self.t(id(UP_W) + 1), n, d, &mut a.pre)?;
+                ops::gelu_forward(&a.pre, c.activation, &mut a.mid);
+                ops::linear_forward(&a.mid, self.t(id(DOWN_W)), self.t(id(DOWN_W) + 1), n, inter, out)
+            };
+            if c.use_parallel_residual {
+                run_mlp(&x, &mut a, &mut mlp)?;
+                crate::ops::residual(&mut x, &attn, Some(&mlp));
+            } else {
+                crate::ops::residual(&mut x, &attn, None);
+                a.x_mid = x.clone();
+                run_mlp(&x, &mut a, &mut mlp)?;
+                crate::ops::residual(&mut x, &mlp, None);
+            }
+            layers.push(a);
+        }
+        let f = self.final_ln();
+        let (mut hf, mut mean_f, mut rstd_f) = (vec![0.0f32; n * d], vec![0.0f32; n], vec![0.0f32; n]);
+        ops::layer_norm_forward(&x, (self.t(f), self.t(f + 1)), eps, &mut hf, &mut mean_f, &mut rstd_f);
+        Ok(Activations { layout, tokens, rotary, layers, x_final: x, hf, mean_f, rstd_f })
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|source| LmError::Io { path: path.into(), source })?;
+    serde_json::from_str(&text)
+        .map_err(|e| LmError::Config { path: path.into(), message: format!("not valid JSON: {e}") })
+}
+
+fn neox_config(json: &serde_json::Value, path: &Path) -> Result<NeoXConfig> {
+    match ModelConfig::from_json(json, path)? {
+        ModelConfig::GptNeoX(c) => Ok(c),
+        _ => Err(LmError::Config {
+            path: path.into(),
+            message: "the trainer trains GPT-NeoX models (model_type \"gpt_neox\")".into(),
+        }),
+    }
+}
+
+/// The weight (or layer-norm gain) at tensor `i` and the bias right after it, both writable.
+fn pair_mut<'a>(grads: &'a mut [f32], tensors: &[TensorInfo], i: usize) -> (&'a mut [f32], &'a mut [f32]) {
+    let (w, b) = (tensors[i].range(), tensors[i + 1].range());
+    debug_assert_eq!(w.end, b.start);
+    let (gw, gb) = grads[w.start..b.end].split_at_mut(w.len());
+    (gw, gb)
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|source| LmError::Io { path: tmp.clone(), source })?;
+    std::fs::rename(&tmp, path).map_err(|source| LmError::Io { path: path.into(), source })
+}
+
+/// What one layer's forward keeps for its backward.
+#[derive(Debug)]
+struct LayerActs {
+    x_in: Vec<f32>,
+    h1: Vec<f32>,
+    mean1: Vec<f32>,
+    rstd1: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    /// The residual stream between the attention and the MLP (sequential residual only).
+    x_mid: Vec<f32>,
+    h2: Vec<f32>,
+    mean2: Vec<f32>,
+    rstd2: Vec<f32>,
+    pre: Vec<f32>,
+    mid: Vec<f32>,
+}
+
+impl LayerActs {
+    fn new(n: usize, d: usize, inter: usize) -> Self {
+        Self {
+            x_in: vec![0.0; n * d],
+            h1: vec![0.0; n * d],
+            mean1: vec![0.0; n],
+            rstd1: vec![0.0; n],
+            qkv: vec![0.0; n * 3 * d],
+            ctx: vec![0.0; n * d],
+            x_mid: Vec::new(),
+            h2: vec![0.0; n * d],
+            mean2: vec![0.0; n],
+            rstd2: vec![0.0; n],
+            pre: vec![0.0; n * inter],
+            mid: vec![0.0; n * inter],
+        }
+    }
+}
+
+/// A forward pass's saved state.
+#[derive(Debug)]
+struct Activations {
+    layout: Layout,
+    tokens: Vec<u32>,
+    rotary: ops::Rotary,
+    layers: Vec<LayerActs>,
+    x_final: Vec<f32>,
+    hf: Vec<f32>,
+    mean_f: Vec<f32>,
+    rstd_f: Vec<f32>,
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine schedule.
+    pub min_lr: f64,
+    /// Warm-up steps.
+    pub warmup: usize,
+    /// Optimizer steps of the run (the cosine's length).
+    pub steps: usize,
+    /// Cosine or constant after the warm-up.
+    pub schedule: Schedule,
+    /// AdamW's β₁, β₂, ε and weight decay.
+    pub adamw: AdamWConfig,
+    /// Clip gradients to this global norm (`None`: no clipping).
+    pub grad_clip: Option<f64>,
+}
+
+impl TrainConfig {
+    /// `lr` over `steps` steps: no warm-up, cosine to `0.1·lr`, weight decay 0.01, clipping at 1.
+    pub fn new(lr: f64, steps: usize) -> Self {
+        Self {
+            lr,
+            min_lr: 0.1 * lr,
+            warmup: 0,
+            steps,
+            schedule: Schedule::Cosine,
+            adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+            grad_clip: Some(1.0),
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepStats {
+    /// The optimizer step (1-based).
+    pub step: usize,
+    /// The batch's loss before the update.
+    pub loss: f64,
+    /// The learning rate used.
+    pub lr: f64,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+}
+
+/// Parameters, their gradient buffer, AdamW and the schedule.
+#[derive(Debug, Clone)]
+pub struct Trainer {
+    params: Params,
+    grads: Vec<f32>,
+    opt: AdamW,
+    schedule: LrSchedule,
+    grad_clip: Option<f64>,
+    decay: Vec<Range<usize>>,
+    step: usize,
+}
+
+impl Trainer {
+    /// A trainer at step 0; checks the settings.
+    pub fn new(params: Params, cfg: &TrainConfig) -> Result<Self> {
+        let schedule = LrSchedule::new(cfg.schedule, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)?;
+        if let Some(c) = cfg.grad_clip
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(LmError::Input(format!("gradient clipping norm must be positive, found {c}")));
+        }
+        let opt = AdamW::new(cfg.adamw, params.data.len())?;
+        let decay = params.decay_ranges();
+        Ok(Self {
+            grads: vec![0.0; params.data.len()],
+            params,
+            opt,
+            schedule,
+            grad_clip: cfg.grad_clip,
+            decay,
+            step: 0,
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// The parameters, writable (e.g. to restore a checkpoint before [`Trainer::load_optimizer`]).
+    pub fn params_mut(&mut self) -> &mut Params {
+        &mut self.params
+    }
+
+    /// The gradient of the last step (after clipping).
+    pub fn grads(&self) -> &[f32] {
+        &self.grads
+    }
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps_done(&self) -> usize {
+        self.step
+    }
+
+    /// The schedule.
+    pub fn schedule(&self) -> &LrSchedule {
+        &self.schedule
+    }
+
+    /// Writes AdamW's state (tensors `exp_avg` and `exp_avg_sq` over the flat buffer, the step count
+    /// in the metadata) to a safetensors file, through a temporary file renamed into place.
+    pub fn save_optimizer(&self, path: &Path) -> Result<()> {
+        let (m, v) = self.opt.moments();
+        let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|f| f.to_le_bytes()).collect() };
+        let (mb, vb) = (bytes(m), bytes(v));
+        let err = |e: safetensors::SafeTensorError| LmError::Weights { path: path.into(), message: e.to_string() };
+        let views = vec![
+            (
+                "exp_avg",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![m.len()], &mb).map_err(err)?,
+            ),
+            (
+                "exp_avg_sq",
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![v.len()], &vb).map_err(err)?,
+            ),
+        ];
+        let meta = std::collections::HashMap::from([
+            ("format".to_string(), "memsteer-adamw".to_string()),
+            ("step".to_string(), self.step.to_string()),
+        ]);
+        write_atomic(path, &safetensors::serialize(views, Some(meta)).map_err(err)?)
+    }
+
+    /// Restores the state [`Trainer::save_optimizer`] wrote, and its step count.
+    pub fn load_optimizer(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|source| LmError::Io { path: path.into(), source })?;
+        let bad = |message: String| LmError::Weights { path: path.into(), message };
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
+        let step: usize = meta
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no `step` in the metadata".into()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let read = |name: &str| -> Result<Vec<f32>> {
+            let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
+            if t.dtype() != safetensors::Dtype::F32 || t.shape() != [self.params.data.len()] {
+                return Err(bad(format!(
+                    "{name}: expected F32 of shape [{}], found {:?} {:?}",
+                    self.params.data.len(),
+                    t.dtype(),
+                    t.shape()
+                )));
+            }
+            Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        };
+        let (m, v) = (read("exp_avg")?, read("exp_avg_sq")?);
+        self.opt.restore(m, v, step as u64)?;
+        self.step = step;
+        Ok(())
+    }
+
+    /// One optimizer step on `batch`: loss and gradient, clipping, AdamW at the schedule's rate.
+    pub fn train_step(&mut self, batch: &[&[u32]]) -> Result<StepStats> {
+        let loss = self.params.loss_and_grad(batch, &mut self.grads)?;
+        let norm = match self.grad_clip {
+            Some(c) => clip_grad_norm(&mut self.grads, c),
+            None => grad_norm(&self.grads),
+        };
+        if !loss.is_finite() || !norm.is_finite() {
+            return Err(LmError::Input(format!(
+                "step {}: loss {loss} or gradient norm {norm} is not finite",
+                self.step + 1
+            )));
+        }
+        let k = self.step + 1;
+        let lr = self.schedule.lr_at(k);
+        self.opt.step(&mut self.params.data, &self.grads, &self.decay, lr)?;
+        self.step = k;
+        Ok(StepStats { step: k, loss, lr, grad_norm: norm })
+    }
+}
+
+#[cfg(test)]
+mod tests;

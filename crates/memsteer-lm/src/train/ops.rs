@@ -1,0 +1,421 @@
+//! Forward and backward of every operation of the GPT-NeoX trainer, on packed row-major buffers
+//! (`rows × width`, the rows of several sequences end to end, as the runtime lays them out).
+//!
+//! Forwards compute exactly what [`crate::neox::GptNeoX`] computes (same formulas, same kernels, the
+//! runtime's own attention). Backwards write input gradients (overwriting) and accumulate parameter
+//! gradients (`+=`). Every reduction over rows (bias, layer-norm and weight gradients) runs over a
+//! fixed partition of the rows and adds the partial results in a fixed order, and the kernels' GEMMs
+//! give each element the same `k`-ordered sum whatever the split, so results do not depend on the
+//! number of threads.
+
+use memsteer_kernels::{Device, MatMut, MatRef, matmul, matmul_strided, matmul_transposed, vmath};
+use rayon::prelude::*;
+
+use crate::Result;
+use crate::config::Activation;
+use crate::ops::{Heads, Layout};
+
+/// Rows per parallel task of the row-wise operations (fixed: it defines the reduction order).
+const ROW_BLOCK: usize = 32;
+/// Tasks of a weight gradient `dW += dYᵀ X` (each packs all of `X`, so few and large; the split
+/// depends on the shapes only).
+const WEIGHT_TASKS: usize = 8;
+
+/// Layer norm of every row: `out = (x − mean)·rstd·g + b`, keeping `mean` and `rstd` for the backward.
+pub(crate) fn layer_norm_forward(
+    x: &[f32],
+    (g, b): (&[f32], &[f32]),
+    eps: f32,
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
+    let d = g.len();
+    out.par_chunks_mut(ROW_BLOCK * d)
+        .zip(x.par_chunks(ROW_BLOCK * d))
+        .zip(mean.par_chunks_mut(ROW_BLOCK).zip(rstd.par_chunks_mut(ROW_BLOCK)))
+        .for_each(|((out, x), (mean, rstd))| {
+            for (((row, o), m), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(mean).zip(rstd) {
+                // The runtime's formulas, operation for operation.
+                let mu = row.iter().sum::<f32>() / d as f32;
+                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for i in 0..d {
+                    o[i] = (row[i] - mu) * inv * g[i] + b[i];
+                }
+                *m = mu;
+                *r = inv;
+            }
+        });
+}
+
+/// Sums `f(block)` over fixed blocks of `ROW_BLOCK` rows, each giving `width` partial sums, and adds
+/// the partials to `acc` in block order.
+fn blocked_sum(rows: usize, width: usize, acc: &mut [f32], f: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync) {
+    let blocks = rows.div_ceil(ROW_BLOCK);
+    let partials: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|blk| {
+            let mut p = vec![0.0f32; width];
+            f(blk * ROW_BLOCK..((blk + 1) * ROW_BLOCK).min(rows), &mut p);
+            p
+        })
+        .collect();
+    for p in partials {
+        acc.iter_mut().zip(&p).for_each(|(a, v)| *a += v);
+    }
+}
+
+/// Backward of [`layer_norm_forward`]: `dx += ∂/∂x`, `dg += Σ dout·x̂`, `db += Σ dout`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn layer_norm_backward(
+    dout: &[f32],
+    x: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    g: &[f32],
+    dx: &mut [f32],
+    dg: &mut [f32],
+    db: &mut [f32],
+) {
+    let d = g.len();
+    let rows = mean.len();
+    dx.par_chunks_mut(ROW_BLOCK * d).enumerate().for_each(|(blk, dx)| {
+        for (i, dxr) in dx.chunks_exact_mut(d).enumerate() {
+            let r = blk * ROW_BLOCK + i;
+            let (xr, dr) = (&x[r * d..(r + 1) * d], &dout[r * d..(r + 1) * d]);
+            let (mu, inv) = (mean[r], rstd[r]);
+            let (mut m1, mut m2) = (0.0f32, 0.0f32);
+            for j in 0..d {
+                let dn = dr[j] * g[j];
+                m1 += dn;
+                m2 += dn * (xr[j] - mu) * inv;
+            }
+            m1 /= d as f32;
+            m2 /= d as f32;
+            for j in 0..d {
+                let xhat = (xr[j] - mu) * inv;
+                dxr[j] += inv * (dr[j] * g[j] - m1 - xhat * m2);
+            }
+        }
+    });
+    let mut both = vec![0.0f32; 2 * d];
+    blocked_sum(rows, 2 * d, &mut both, |range, p| {
+        for r in range {
+            let (xr, dr) = (&x[r * d..(r + 1) * d], &dout[r * d..(r + 1) * d]);
+            for j in 0..d {
+                p[j] += dr[j] * (xr[j] - mean[r]) * rstd[r];
+                p[d + j] += dr[j];
+            }
+        }
+    });
+    dg.iter_mut().zip(&both[..d]).for_each(|(a, v)| *a += v);
+    db.iter_mut().zip(&both[d..]).for_each(|(a, v)| *a += v);
+}
+
+/// `y = x Wᵀ + b` with `W` stored `out × in` (PyTorch `Linear`).
+pub(crate) fn linear_forward(x: &[f32], w: &[f32], b: &[f32], rows: usize, din: usize, y: &mut [f32]) -> Result<()> {
+    let dout = b.len();
+    matmul_transposed(&Device::Cpu, x, w, rows, din, dout, y)?;
+    crate::ops::bias_act(y, b, None);
+    Ok(())
+}
+
+/// `dw += dyᵀ x` (`dy`: `rows × out`, `x`: `rows × in`, `dw`: `out × in`), split over blocks of output
+/// rows fixed by the shapes.
+pub(crate) fn weight_grad(dy: &[f32], x: &[f32], rows: usize, din: usize, dw: &mut [f32]) -> Result<()> {
+    let dout = dw.len() / din;
+    let block = dout.div_ceil(WEIGHT_TASKS).max(16);
+    dw.par_chunks_mut(block * din).enumerate().try_for_each(|(blk, dw)| {
+        let o0 = blk * block;
+        let block_rows = dw.len() / din;
+        matmul_strided(
+            &Device::Cpu,
+            (block_rows, rows, din),
+            MatRef { data: &dy[o0..], rs: 1, cs: dout },
+            MatRef::row_major(x, din),
+            1.0,
+            MatMut::row_major(dw, din),
+        )
+    })?;
+    Ok(())
+}
+
+/// `db += Σ_rows dy`.
+pub(crate) fn bias_grad(dy: &[f32], db: &mut [f32]) {
+    let w = db.len();
+    let rows = dy.len() / w;
+    blocked_sum(rows, w, db, |range, p| {
+        for r in range {
+            p.iter_mut().zip(&dy[r * w..(r + 1) * w]).for_each(|(a, v)| *a += v);
+        }
+    });
+}
+
+/// Backward of [`linear_forward`]: `dx = dy W` (overwritten, when asked), `dw += dyᵀ x`, `db += Σ dy`.
+pub(crate) fn linear_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    dx: Option<&mut [f32]>,
+    (dw, db): (&mut [f32], &mut [f32]),
+) -> Result<()> {
+    let dout = db.len();
+    let din = w.len() / dout;
+    if let Some(dx) = dx {
+        matmul(&Device::Cpu, dy, w, rows, dout, din, dx)?;
+    }
+    weight_grad(dy, x, rows, din, dw)?;
+    bias_grad(dy, db);
+    Ok(())
+}
+
+/// `post = gelu(pre)` with the runtime's vectorised GELU.
+pub(crate) fn gelu_forward(pre: &[f32], act: Activation, post: &mut [f32]) {
+    post.par_chunks_mut(1 << 14).zip(pre.par_chunks(1 << 14)).for_each(|(o, i)| {
+        o.copy_from_slice(i);
+        match act {
+            Activation::GeluExact => vmath::gelu_erf_in_place(o),
+            Activation::GeluTanh => vmath::gelu_tanh_in_place(o),
+        }
+    });
+}
+
+/// `d gelu / dx` at `x`, in `f32` with the vectorisable `exp` of the forward. Exact GELU:
+/// `Φ(x) + x φ(x)`, with `Φ` from the forward's erfc approximation (Abramowitz–Stegun 7.1.26, absolute
+/// error below 1.5e-7) sharing its `exp(−x²/2)` with `φ`. Tanh GELU: `½(1 + tanh u) + ½x(1 − tanh²u) u'`.
+#[inline(always)]
+pub(crate) fn gelu_derivative(x: f32, act: Activation) -> f32 {
+    match act {
+        Activation::GeluExact => {
+            let z = (x * std::f32::consts::FRAC_1_SQRT_2).abs();
+            let t = 1.0 / (1.0 + 0.327_591_1 * z);
+            let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_7) * t - 0.284_496_74) * t + 0.254_829_6) * t;
+            let e = vmath::exp(-z * z);
+            let erfc = poly * e;
+            let cdf = 0.5 * if x >= 0.0 { 2.0 - erfc } else { erfc };
+            // 1/√(2π)
+            cdf + x * e * 0.398_942_3
+        }
+        Activation::GeluTanh => {
+            const C: f32 = 0.797_884_6; // √(2/π)
+            let u = C * (x + 0.044_715 * x * x * x);
+            let th = 2.0 / (1.0 + vmath::exp(-2.0 * u)) - 1.0;
+            0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * C * (1.0 + 3.0 * 0.044_715 * x * x)
+        }
+    }
+}
+
+/// Backward of [`gelu_forward`] in place: `d ← d · gelu'(pre)`.
+pub(crate) fn gelu_backward(d: &mut [f32], pre: &[f32], act: Activation) {
+    d.par_chunks_mut(1 << 14).zip(pre.par_chunks(1 << 14)).for_each(|(d, p)| {
+        d.iter_mut().zip(p).for_each(|(d, &x)| *d *= gelu_derivative(x, act));
+    });
+}
+
+/// Rotary tables and shapes of the fused QKV rows (`[q, k, v]` per head).
+#[derive(Debug, Clone)]
+pub(crate) struct Rotary {
+    /// `positions × rot/2` cosines.
+    pub cos: Vec<f32>,
+    /// `positions × rot/2` sines.
+    pub sin: Vec<f32>,
+    /// Rotated dimensions per head (even).
+    pub rot: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Head dimension.
+    pub hd: usize,
+}
+
+impl Rotary {
+    /// The runtime's tables: angles in `f64`, rounded to `f32`.
+    pub fn new(heads: usize, hd: usize, pct: f64, base: f64, positions: usize) -> Self {
+        let rot = ((hd as f64) * pct) as usize / 2 * 2;
+        let inv_freq: Vec<f64> = (0..rot / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / rot as f64)).collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in 0..positions {
+            for f in &inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Self { cos, sin, rot, heads, hd }
+    }
+
+    /// Rotate-half of the first `rot` dimensions of every q and k head, in place; `inverse` applies
+    /// the transposed rotation (the backward of the forward rotation).
+    pub fn apply(&self, qkv: &mut [f32], positions: &[usize], inverse: bool) {
+        let half = self.rot / 2;
+        if half == 0 {
+            return;
+        }
+        let (heads, hd) = (self.heads, self.hd);
+        let width = 3 * heads * hd;
+        qkv.par_chunks_mut(width).zip(positions).for_each(|(row, &pos)| {
+            let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
+            for h in 0..heads {
+                for part in [0, hd] {
+                    let base = h * 3 * hd + part;
+                    for i in 0..half {
+                        let (a, b) = (row[base + i], row[base + i + half]);
+                        if inverse {
+                            row[base + i] = a * c[i] + b * s[i];
+                            row[base + i + half] = b * c[i] - a * s[i];
+                        } else {
+                            row[base + i] = a * c[i] - b * s[i];
+                            row[base + i + half] = b * c[i] + a * s[i];
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Causal attention of the fused, rotated `qkv` (`rows × 3d`), through the runtime's own kernel.
+pub(crate) fn attention_forward(
+    qkv: &[f32],
+    layout: &Layout,
+    (heads, hd): (usize, usize),
+    ctx: &mut [f32],
+) -> Result<()> {
+    let d = heads * hd;
+    let fused = |base| Heads { data: qkv, row_stride: 3 * d, base, head_stride: 3 * hd };
+    crate::ops::attention((fused(0), fused(hd), fused(2 * hd)), layout, &|s| layout.starts[s], (heads, hd), ctx)
+}
+
+/// Backward of [`attention_forward`]: `dqkv` (overwritten, `rows × 3d`, gradients with respect to the
+/// rotated q, k and v) from `dctx` (`rows × d`). One task per (sequence, head); the probabilities are
+/// recomputed rather than stored.
+pub(crate) fn attention_backward(
+    dctx: &[f32],
+    qkv: &[f32],
+    layout: &Layout,
+    (heads, hd): (usize, usize),
+    dqkv: &mut [f32],
+) -> Result<()> {
+    let d = heads * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let dev = Device::Cpu;
+    // Head-major scratch: sequence s's region holds its heads one after another (len × 3hd each).
+    let mut scratch = vec![0.0f32; dqkv.len()];
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(layout.starts.len() * heads);
+    let mut rest = scratch.as_mut_slice();
+    for s in 0..layout.starts.len() - 1 {
+        let len = layout.starts[s + 1] - layout.starts[s];
+        let (region, tail) = rest.split_at_mut(len * 3 * d);
+        rest = tail;
+        for (h, chunk) in region.chunks_exact_mut(len * 3 * hd).enumerate() {
+            tasks.push((s, h, chunk));
+        }
+    }
+    tasks.into_par_iter().try_for_each(|(s, h, out)| -> Result<()> {
+        let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
+        let head = |part: usize| MatRef { data: &qkv[start * 3 * d + h * 3 * hd + part..], rs: 3 * d, cs: 1 };
+        let (q, k, v) = (head(0), head(hd), head(2 * hd));
+        let dout = MatRef { data: &dctx[start * d + h * hd..], rs: d, cs: 1 };
+        let mut p = vec![0.0f32; len * len];
+        matmul_strided(&dev, (len, hd, len), q, k.t(), 0.0, MatMut::row_major(&mut p, len))?;
+        for (r, row) in p.chunks_exact_mut(len).enumerate() {
+            row[..=r].iter_mut().for_each(|x| *x *= scale);
+            vmath::softmax_in_place(&mut row[..=r]);
+            row[r + 1..].fill(0.0);
+        }
+        let mut ds = vec![0.0f32; len * len];
+        matmul_strided(&dev, (len, hd, len), dout, v.t(), 0.0, MatMut::row_major(&mut ds, len))?;
+        // dV = Pᵀ dO
+        matmul_strided(
+            &dev,
+            (len, len, hd),
+            MatRef::row_major(&p, len).t(),
+            dout,
+            0.0,
+            MatMut { data: &mut out[2 * hd..], rs: 3 * hd, cs: 1 },
+        )?;
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, zero above the diagonal.
+        for r in 0..len {
+            let (pr, dr) = (&p[r * len..(r + 1) * len], &mut ds[r * len..(r + 1) * len]);
+            let dot: f32 = pr[..=r].iter().zip(&dr[..=r]).map(|(a, b)| a * b).sum();
+            for j in 0..=r {
+                dr[j] = pr[j] * (dr[j] - dot) * scale;
+            }
+            dr[r + 1..].fill(0.0);
+        }
+        // dQ = dS K, dK = dSᵀ Q.
+        matmul_strided(
+            &dev,
+            (len, len, hd),
+            MatRef::row_major(&ds, len),
+            k,
+            0.0,
+            MatMut { data: &mut out[..], rs: 3 * hd, cs: 1 },
+        )?;
+        matmul_strided(
+            &dev,
+            (len, len, hd),
+            MatRef::row_major(&ds, len).t(),
+            q,
+            0.0,
+            MatMut { data: &mut out[hd..], rs: 3 * hd, cs: 1 },
+        )?;
+        Ok(())
+    })?;
+    // Back to row-major (rows × 3d): head h of a row is 3hd contiguous values in both layouts.
+    dqkv.par_chunks_mut(3 * d).enumerate().for_each(|(row, o)| {
+        let s = layout.starts.partition_point(|&st| st <= row) - 1;
+        let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
+        let i = row - start;
+        for h in 0..heads {
+            let src = start * 3 * d + h * len * 3 * hd + i * 3 * hd;
+            o[h * 3 * hd..(h + 1) * 3 * hd].copy_from_slice(&scratch[src..src + 3 * hd]);
+        }
+    });
+    Ok(())
+}
+
+/// The output layer and mean cross-entropy over the predicted rows (every row but each sequence's
+/// last). Returns each predicted row's `log p(target)`; with `grads`, writes `dhidden` (overwritten,
+/// zero on unpredicted rows) and accumulates `dw += ∂loss/∂W` for `loss = −mean log p`.
+pub(crate) fn output_layer(
+    hidden: &[f32],
+    w: &[f32],
+    layout: &Layout,
+    tokens: &[u32],
+    d: usize,
+    grads: Option<(&mut [f32], &mut [f32])>,
+) -> Result<Vec<f32>> {
+    let vocab = w.len() / d;
+    let seqs = layout.starts.len() - 1;
+    let predicted: Vec<usize> =
+        (0..seqs).flat_map(|s| layout.starts[s]..layout.starts[s + 1].saturating_sub(1)).collect();
+    let p = predicted.len();
+    let mut h = vec![0.0f32; p * d];
+    h.par_chunks_mut(d).zip(&predicted).for_each(|(o, &r)| o.copy_from_slice(&hidden[r * d..(r + 1) * d]));
+    let mut logits = vec![0.0f32; p * vocab];
+    matmul_transposed(&Device::Cpu, &h, w, p, d, vocab, &mut logits)?;
+    let want_grad = grads.is_some();
+    let inv_p = 1.0 / p as f32;
+    let mut logp = vec![0.0f32; p];
+    logits.par_chunks_mut(vocab).zip(&mut logp).zip(&predicted).for_each(|((row, lp), &r)| {
+        let t = tokens[r + 1] as usize;
+        let m = vmath::max(row);
+        let lse = m + vmath::sum_exp(row, m).ln();
+        *lp = row[t] - lse;
+        if want_grad {
+            row.iter_mut().for_each(|x| *x = vmath::exp(*x - lse) * inv_p);
+            row[t] -= inv_p;
+        }
+    });
+    if let Some((dhidden, dw)) = grads {
+        let mut dh = vec![0.0f32; p * d];
+        matmul(&Device::Cpu, &logits, w, p, vocab, d, &mut dh)?;
+        dhidden.fill(0.0);
+        for (i, &r) in predicted.iter().enumerate() {
+            dhidden[r * d..(r + 1) * d].copy_from_slice(&dh[i * d..(i + 1) * d]);
+        }
+        weight_grad(&logits, &h, p, d, dw)?;
+    }
+    Ok(logp)
+}

@@ -1,0 +1,335 @@
+//! Gradient checks of every operation and of the whole model, agreement with the runtime, save/load
+//! round trips and determinism across thread counts.
+//!
+//! Gradient checks compare with central differences `D(h) = (f(x + h) − f(x − h)) / 2h` of an `f64`
+//! objective of the `f32` operations, Richardson-extrapolated, `(4·D(h/2) − D(h))/3` with `h = 1e-2`
+//! on inputs of order 1, which cancels the `h²` truncation term (left alone it reached 1% on the whole
+//! model with large weights). What remains is rounding, about `ε_f32 · |f| · √ops / h` (1e-6 … 1e-5),
+//! and `h⁴` truncation, so a right gradient agrees to about 1e-4 relative, and one that is wrong in any
+//! term is off by the size of that term. Tolerances `ATOL + RTOL·|g|`: (1e-4, 1e-3) per operation and
+//! (1e-4, 3e-3) for the whole model; the worst observed is about a third of them.
+
+use super::ops::{self, Rotary};
+use super::*;
+use crate::ops::Layout;
+
+/// Central-difference step.
+const H: f32 = 1e-2;
+
+fn randn(seed: u64, n: usize, std: f32) -> Vec<f32> {
+    (0..n).map(|i| (normal(seed, i as u64) * f64::from(std)) as f32).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum()
+}
+
+/// Compares `analytic` with central differences of `f` at `x` on the coordinates `which`; returns
+/// the worst `|fd − g| / (atol + rtol·|g|)` (must stay below 1).
+fn check(
+    what: &str,
+    x: &[f32],
+    analytic: &[f32],
+    which: impl IntoIterator<Item = usize>,
+    (atol, rtol): (f64, f64),
+    f: impl Fn(&[f32]) -> f64,
+) -> f64 {
+    let mut worst = 0.0f64;
+    let mut xp = x.to_vec();
+    for i in which {
+        let mut central = |h: f32| {
+            xp[i] = x[i] + h;
+            let up = f(&xp);
+            xp[i] = x[i] - h;
+            let down = f(&xp);
+            xp[i] = x[i];
+            (up - down) / (f64::from(xp[i] + h) - f64::from(xp[i] - h))
+        };
+        // Richardson extrapolation of two central differences cancels the h² term.
+        let (d1, d2) = (central(H), central(H / 2.0));
+        let fd = (4.0 * d2 - d1) / 3.0;
+        let g = f64::from(analytic[i]);
+        let ratio = (fd - g).abs() / (atol + rtol * g.abs());
+        assert!(ratio < 1.0, "{what}[{i}]: finite difference {fd}, analytic {g}");
+        worst = worst.max(ratio);
+        if std::env::var_os("MEMSTEER_GRADCHECK_VERBOSE").is_some() && ratio > 0.5 {
+            eprintln!("{what}[{i}]: fd {fd} analytic {g}");
+        }
+    }
+    worst
+}
+
+/// Per-op tolerance: absolute and relative.
+const OP_TOL: (f64, f64) = (1e-4, 1e-3);
+
+#[test]
+fn layer_norm_gradients() {
+    let (rows, d) = (5, 7);
+    let x: Vec<f32> = randn(1, rows * d, 1.5).iter().map(|v| v + 0.3).collect();
+    let g: Vec<f32> = randn(2, d, 0.3).iter().map(|v| v + 1.0).collect();
+    let b = randn(3, d, 0.3);
+    let w = randn(4, rows * d, 1.0);
+    let f = |x: &[f32], g: &[f32], b: &[f32]| {
+        let (mut o, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+        ops::layer_norm_forward(x, (g, b), 1e-5, &mut o, &mut m, &mut r);
+        dot(&o, &w)
+    };
+    let (mut o, mut m, mut r) = (vec![0.0; rows * d], vec![0.0; rows], vec![0.0; rows]);
+    ops::layer_norm_forward(&x, (&g, &b), 1e-5, &mut o, &mut m, &mut r);
+    let (mut dx, mut dg, mut db) = (vec![0.0; rows * d], vec![0.0; d], vec![0.0; d]);
+    ops::layer_norm_backward(&w, &x, (&m, &r), &g, &mut dx, &mut dg, &mut db);
+    check("ln dx", &x, &dx, 0..rows * d, OP_TOL, |x| f(x, &g, &b));
+    check("ln dg", &g, &dg, 0..d, OP_TOL, |g| f(&x, g, &b));
+    check("ln db", &b, &db, 0..d, OP_TOL, |b| f(&x, &g, b));
+}
+
+#[test]
+fn linear_gradients() {
+    let (rows, din, dout) = (6, 5, 3);
+    let x = randn(5, rows * din, 1.0);
+    let wt = randn(6, dout * din, 0.5);
+    let b = randn(7, dout, 0.5);
+    let w = randn(8, rows * dout, 1.0);
+    let f = |x: &[f32], wt: &[f32], b: &[f32]| {
+        let mut y = vec![0.0; rows * dout];
+        ops::linear_forward(x, wt, b, rows, din, &mut y).unwrap();
+        dot(&y, &w)
+    };
+    let (mut dx, mut dw, mut db) = (vec![0.0; rows * din], vec![0.0; dout * din], vec![0.0; dout]);
+    ops::linear_backward(&w, &x, &wt, rows, Some(&mut dx), (&mut dw, &mut db)).unwrap();
+    check("linear dx", &x, &dx, 0..rows * din, OP_TOL, |x| f(x, &wt, &b));
+    check("linear dw", &wt, &dw, 0..dout * din, OP_TOL, |wt| f(&x, wt, &b));
+    check("linear db", &b, &db, 0..dout, OP_TOL, |b| f(&x, &wt, b));
+}
+
+#[test]
+fn gelu_gradients() {
+    let x: Vec<f32> = (0..81).map(|i| -6.0 + i as f32 * 0.15).collect();
+    for act in [Activation::GeluExact, Activation::GeluTanh] {
+        let w = randn(9, x.len(), 1.0);
+        let f = |x: &[f32]| {
+            let mut y = vec![0.0; x.len()];
+            ops::gelu_forward(x, act, &mut y);
+            dot(&y, &w)
+        };
+        let mut d = w.clone();
+        ops::gelu_backward(&mut d, &x, act);
+        check(&format!("{act:?}"), &x, &d, 0..x.len(), OP_TOL, f);
+    }
+}
+
+#[test]
+fn rotary_backward_is_the_transpose() {
+    // The rotation is linear, so the backward must satisfy ⟨R x, y⟩ = ⟨x, Rᵀ y⟩, and Rᵀ R = I.
+    let (heads, hd) = (3, 8);
+    let rot = Rotary::new(heads, hd, 0.5, 10000.0, 10);
+    let positions = vec![0, 3, 9, 1];
+    let x = randn(10, 4 * 3 * heads * hd, 1.0);
+    let y = randn(11, x.len(), 1.0);
+    let (mut rx, mut rty) = (x.clone(), y.clone());
+    rot.apply(&mut rx, &positions, false);
+    rot.apply(&mut rty, &positions, true);
+    assert!((dot(&rx, &y) - dot(&x, &rty)).abs() < 1e-5);
+    rot.apply(&mut rx, &positions, true);
+    assert!(rx.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-6));
+    assert_ne!(rot.rot, 0);
+}
+
+#[test]
+fn attention_gradients() {
+    let (heads, hd) = (2, 4);
+    let d = heads * hd;
+    let layout = Layout { starts: vec![0, 3, 8], past: 0, positions: vec![0, 1, 2, 0, 1, 2, 3, 4] };
+    let n = 8;
+    let qkv = randn(12, n * 3 * d, 1.0);
+    let w = randn(13, n * d, 1.0);
+    let f = |qkv: &[f32]| {
+        let mut ctx = vec![0.0; n * d];
+        ops::attention_forward(qkv, &layout, (heads, hd), &mut ctx).unwrap();
+        dot(&ctx, &w)
+    };
+    let mut dqkv = vec![0.0; n * 3 * d];
+    ops::attention_backward(&w, &qkv, &layout, (heads, hd), &mut dqkv).unwrap();
+    check("attention dqkv", &qkv, &dqkv, 0..n * 3 * d, OP_TOL, f);
+}
+
+#[test]
+fn output_layer_gradients() {
+    let (d, vocab) = (6, 11);
+    let layout = Layout { starts: vec![0, 4, 7], past: 0, positions: vec![0, 1, 2, 3, 0, 1, 2] };
+    let tokens = [3u32, 10, 0, 3, 7, 7, 1];
+    let hidden = randn(14, 7 * d, 1.0);
+    let w = randn(15, vocab * d, 0.7);
+    let f = |h: &[f32], w: &[f32]| {
+        let lp = ops::output_layer(h, w, &layout, &tokens, d, None).unwrap();
+        -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64
+    };
+    let (mut dh, mut dw) = (vec![1.0; 7 * d], vec![0.0; vocab * d]);
+    ops::output_layer(&hidden, &w, &layout, &tokens, d, Some((&mut dh, &mut dw))).unwrap();
+    // Each sequence's last row predicts nothing.
+    assert!(dh[3 * d..4 * d].iter().chain(&dh[6 * d..]).all(|&g| g == 0.0));
+    check("output dh", &hidden, &dh, 0..7 * d, OP_TOL, |h| f(h, &w));
+    check("output dw", &w, &dw, 0..vocab * d, OP_TOL, |w| f(&hidden, w));
+}
+
+fn small(parallel: bool, tied: bool, act: Activation) -> NeoXConfig {
+    NeoXConfig {
+        vocab_size: 13,
+        max_position_embeddings: 16,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 12,
+        rotary_pct: 0.5,
+        rotary_base: 10000.0,
+        use_parallel_residual: parallel,
+        tie_word_embeddings: tied,
+        layer_norm_eps: 1e-5,
+        activation: act,
+    }
+}
+
+/// The whole model's loss against central differences on every parameter of a tiny model (a few
+/// thousand forward passes): both residual layouts, tied and untied, both GELUs.
+#[test]
+fn whole_model_gradient() {
+    let batch: Vec<&[u32]> = vec![&[1, 5, 12, 5, 0, 3], &[7, 7, 2, 9], &[4, 11, 6, 8, 10, 2, 1]];
+    for (parallel, tied, act) in [
+        (true, false, Activation::GeluExact),
+        (false, true, Activation::GeluTanh),
+        (true, true, Activation::GeluTanh),
+        (false, false, Activation::GeluExact),
+    ] {
+        // Large weights, so every term of the gradient matters.
+        let mut p = Params::init_random_std(small(parallel, tied, act), 21, 0.4).unwrap();
+        // Layer norms and biases away from their initial 1 and 0.
+        let n = p.data.len();
+        let jitter = randn(22, n, 0.2);
+        for t in p.tensors.clone() {
+            if t.shape.len() == 1 {
+                p.data[t.range()].iter_mut().zip(&jitter[t.range()]).for_each(|(x, j)| *x += j);
+            }
+        }
+        let mut g = vec![0.0; n];
+        let loss = p.loss_and_grad(&batch, &mut g).unwrap();
+        assert!((loss - p.loss(&batch).unwrap()).abs() < 1e-9);
+        let x = p.data.clone();
+        let worst = check(&format!("model {parallel} {tied} {act:?}"), &x, &g, 0..n, (1e-4, 3e-3), |x| {
+            let mut q = p.clone();
+            q.data.copy_from_slice(x);
+            q.loss(&batch).unwrap()
+        });
+        eprintln!("whole model (parallel {parallel}, tied {tied}, {act:?}): worst ratio {worst:.3}");
+    }
+}
+
+#[test]
+fn forward_equals_the_runtime() {
+    for parallel in [true, false] {
+        for act in [Activation::GeluExact, Activation::GeluTanh] {
+            let mut cfg = small(parallel, !parallel, act);
+            cfg.vocab_size = 40;
+            let p = Params::init_random_std(cfg, 5, 0.3).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            p.save_hf(dir.path()).unwrap();
+            let model = crate::Model::load(dir.path()).unwrap();
+            let seqs: Vec<Vec<u32>> = vec![(0..16).map(|i| (i * 7 + 3) % 40).collect(), vec![5, 9], vec![1, 2, 3]];
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let ours = p.token_log_probs(&refs).unwrap();
+            for (s, o) in seqs.iter().zip(&ours) {
+                let theirs = model.token_log_probs(s).unwrap();
+                assert_eq!(theirs.len(), o.len());
+                for (a, b) in o.iter().zip(&theirs) {
+                    assert!((a - b).abs() <= 1e-5, "parallel {parallel} {act:?}: {a} vs {b}");
+                }
+            }
+            // The round trip is exact.
+            let back = Params::from_hf(dir.path()).unwrap();
+            assert_eq!(back.data, p.data);
+            assert_eq!(back.tensors, p.tensors);
+        }
+    }
+}
+
+#[test]
+fn init_follows_hugging_face() {
+    let p = Params::init_random(tiny_config(50, 32, 2, 4), 3).unwrap();
+    assert_eq!(p.tensors[0].name, "gpt_neox.embed_in.weight");
+    assert_eq!(p.tensors[5].name, "gpt_neox.layers.0.attention.query_key_value.weight");
+    assert_eq!(p.tensors[5].shape, vec![96, 32]);
+    assert_eq!(p.tensors.last().unwrap().name, "embed_out.weight");
+    let w = p.tensor("gpt_neox.layers.1.mlp.dense_h_to_4h.weight").unwrap();
+    let mean = w.iter().map(|&x| f64::from(x)).sum::<f64>() / w.len() as f64;
+    let sd = (w.iter().map(|&x| (f64::from(x) - mean).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+    assert!(mean.abs() < 0.002 && (sd - 0.02).abs() < 0.001, "mean {mean}, sd {sd}");
+    assert!(p.tensor("gpt_neox.layers.1.input_layernorm.weight").unwrap().iter().all(|&x| x == 1.0));
+    assert!(p.tensor("gpt_neox.layers.1.attention.dense.bias").unwrap().iter().all(|&x| x == 0.0));
+    // Same seed, same values; another seed, others.
+    assert_eq!(Params::init_random(tiny_config(50, 32, 2, 4), 3).unwrap().data, p.data);
+    assert_ne!(Params::init_random(tiny_config(50, 32, 2, 4), 4).unwrap().data, p.data);
+    assert_eq!(p.decay_ranges().len(), 2 + 2 * 4);
+}
+
+#[test]
+fn bad_batches_are_errors() {
+    let p = Params::init_random(tiny_config(10, 8, 1, 2), 1).unwrap();
+    assert!(p.loss(&[]).is_err());
+    assert!(p.loss(&[&[1]]).is_err());
+    assert!(p.loss(&[&[1, 2], &[3, 10]]).unwrap_err().to_string().contains("sequence 1"));
+    let long: Vec<u32> = vec![1; 65];
+    assert!(p.loss(&[&long]).is_err());
+    let mut g = vec![0.0; 3];
+    assert!(p.loss_and_grad(&[&[1, 2]], &mut g).is_err());
+}
+
+fn run_steps(threads: usize) -> (Vec<f32>, Vec<f64>) {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| {
+        // Large enough that the kernels split their GEMMs across threads (work ≥ 2¹⁸ multiply-adds).
+        let mut cfg = tiny_config(300, 64, 2, 4);
+        cfg.intermediate_size = 256;
+        let p = Params::init_random(cfg, 11).unwrap();
+        let mut t = Trainer::new(p, &TrainConfig { warmup: 1, ..TrainConfig::new(3e-3, 3) }).unwrap();
+        let mut losses = Vec::new();
+        for step in 0..3u64 {
+            let seqs: Vec<Vec<u32>> =
+                (0..4).map(|s| (0..48).map(|i| (word(step * 10 + s, i) % 300) as u32).collect()).collect();
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            losses.push(t.train_step(&refs).unwrap().loss);
+        }
+        (t.params().data.clone(), losses)
+    })
+}
+
+#[test]
+fn identical_across_thread_counts() {
+    let (p1, l1) = run_steps(1);
+    let (p3, l3) = run_steps(3);
+    assert_eq!(l1, l3);
+    assert!(p1.iter().zip(&p3).all(|(a, b)| a.to_bits() == b.to_bits()), "parameters differ");
+}
+
+#[test]
+fn resuming_from_saved_optimizer_state_is_exact() {
+    let cfg = small(true, false, Activation::GeluExact);
+    let batches: Vec<Vec<u32>> = (0..6).map(|k| (0..9).map(|i| ((k * 5 + i * 3) % 13) as u32).collect()).collect();
+    let tc = TrainConfig { warmup: 2, ..TrainConfig::new(1e-2, 6) };
+    let mut a = Trainer::new(Params::init_random(cfg.clone(), 9).unwrap(), &tc).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (k, b) in batches.iter().enumerate() {
+        a.train_step(&[b.as_slice(), &b[2..]]).unwrap();
+        if k == 2 {
+            a.params().save_hf(dir.path()).unwrap();
+            a.save_optimizer(&dir.path().join("optimizer.safetensors")).unwrap();
+        }
+    }
+    let mut b = Trainer::new(Params::from_hf(dir.path()).unwrap(), &tc).unwrap();
+    b.load_optimizer(&dir.path().join("optimizer.safetensors")).unwrap();
+    assert_eq!(b.steps_done(), 3);
+    for batch in &batches[3..] {
+        b.train_step(&[batch.as_slice(), &batch[2..]]).unwrap();
+    }
+    assert_eq!(a.params().data(), b.params().data());
+    let mut other = Trainer::new(Params::init_random(tiny_config(10, 8, 1, 2), 1).unwrap(), &tc).unwrap();
+    assert!(other.load_optimizer(&dir.path().join("optimizer.safetensors")).is_err());
+}
