@@ -137,7 +137,9 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
     args.extend(train_args(&c, &t, &v, &out1));
     ok(&args);
     for f in ["loss.csv", "batches.jsonl", "instances.jsonl", "step10/model.safetensors"] {
-        assert_eq!(std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"), "{f}");
+        let (a, b) = (std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"));
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert!(a == b, "{f}: lengths {} vs {}, first difference at byte {first:?}", a.len(), b.len());
     }
     // A rerun of a finished run changes nothing; other settings in the same directory are refused.
     let before = std::fs::read(out.join("step10/model.safetensors")).expect("weights");
@@ -166,7 +168,9 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
         "step10/model.safetensors",
         "step8/optimizer.safetensors",
     ] {
-        assert_eq!(std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"), "{f}");
+        let (a, b) = (std::fs::read(out.join(f)).expect("a"), std::fs::read(out1.join(f)).expect("b"));
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert!(a == b, "{f}: lengths {} vs {}, first difference at byte {first:?}", a.len(), b.len());
     }
 }
 

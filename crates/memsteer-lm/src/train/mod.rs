@@ -756,6 +756,9 @@ impl Trainer {
         let (m, v) = self.opt.moments();
         let bytes = |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|f| f.to_le_bytes()).collect() };
         let (mb, vb) = (bytes(m), bytes(v));
+        // The step is a tensor, not metadata: safetensors writes its metadata map in hash order, so two
+        // metadata keys would make identical states differ byte for byte between processes.
+        let step_bytes = (self.step as u64).to_le_bytes();
         let err = |e: safetensors::SafeTensorError| LmError::Weights { path: path.into(), message: e.to_string() };
         let views = vec![
             (
@@ -766,11 +769,9 @@ impl Trainer {
                 "exp_avg_sq",
                 safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![v.len()], &vb).map_err(err)?,
             ),
+            ("step", safetensors::tensor::TensorView::new(safetensors::Dtype::U64, vec![1], &step_bytes).map_err(err)?),
         ];
-        let meta = std::collections::HashMap::from([
-            ("format".to_string(), "memsteer-adamw".to_string()),
-            ("step".to_string(), self.step.to_string()),
-        ]);
+        let meta = std::collections::HashMap::from([("format".to_string(), "memsteer-adamw".to_string())]);
         write_atomic(path, &safetensors::serialize(views, Some(meta)).map_err(err)?)
     }
 
@@ -778,14 +779,14 @@ impl Trainer {
     pub fn load_optimizer(&mut self, path: &Path) -> Result<()> {
         let bytes = std::fs::read(path).map_err(|source| LmError::Io { path: path.into(), source })?;
         let bad = |message: String| LmError::Weights { path: path.into(), message };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-        let step: usize = meta
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("step"))
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("no `step` in the metadata".into()))?;
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
+        let step = st
+            .tensor("step")
+            .ok()
+            .filter(|t| t.dtype() == safetensors::Dtype::U64 && t.shape() == [1])
+            .and_then(|t| <[u8; 8]>::try_from(t.data()).ok())
+            .and_then(|b| usize::try_from(u64::from_le_bytes(b)).ok())
+            .ok_or_else(|| bad("no `step` tensor (U64, shape [1])".into()))?;
         let read = |name: &str| -> Result<Vec<f32>> {
             let t = st.tensor(name).map_err(|e| bad(format!("{name}: {e}")))?;
             if t.dtype() != safetensors::Dtype::F32 || t.shape() != [self.params.data.len()] {
