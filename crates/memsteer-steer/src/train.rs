@@ -112,17 +112,17 @@ impl TrainConfig {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "rank": self.rank,
-            "epsilon": self.epsilon,
-            "lr": self.lr,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "adam_epsilon": self.adam_epsilon,
-            "weight_decay": self.weight_decay,
+            "epsilon": json_f32(self.epsilon),
+            "lr": json_f32(self.lr),
+            "beta1": json_f32(self.beta1),
+            "beta2": json_f32(self.beta2),
+            "adam_epsilon": json_f32(self.adam_epsilon),
+            "weight_decay": json_f32(self.weight_decay),
             "steps": self.steps,
             "batch_size": self.batch_size,
             "max_length": self.max_length,
             "seed": self.seed,
-            "init_std": self.init_std,
+            "init_std": json_f32(self.init_std),
             "label": self.label,
         })
     }
@@ -316,7 +316,7 @@ pub fn train_cached(
     let p2 = params.split_off(steers * per);
     let mut training = config.to_json();
     training["rank"] = rank.into();
-    training["final_loss"] = losses.last().copied().unwrap_or(f64::NAN).into();
+    training["final_loss"] = json_f32(losses.last().copied().unwrap_or(f64::NAN) as f32);
     training["sequences"] = cache.seqs.len().into();
     training["rows"] = cache.targets.len().into();
     let spec = SteerSpec {
@@ -331,6 +331,12 @@ pub fn train_cached(
     let steer = Steer::new(spec, params, p2, training)?;
     let report = TrainReport { losses, sequences: cache.seqs.len(), rows: cache.targets.len(), skipped: cache.skipped };
     Ok((steer, report))
+}
+
+/// An `f32` as the JSON number of its shortest decimal form (`0.999`, not `0.9990000128746033`), which
+/// reads back to the same value; non-finite values become `null`.
+fn json_f32(x: f32) -> serde_json::Value {
+    x.to_string().parse::<f64>().ok().and_then(serde_json::Number::from_f64).map_or(serde_json::Value::Null, Into::into)
 }
 
 /// One Adam update (PyTorch's form, with the authors' L2 term `λ‖P‖²` folded into the gradient).
