@@ -20,7 +20,7 @@
 //! config.steps = 5;
 //! let (steer, report) = train(model.decoder(), &positive, &negative, &config, &mut |_| {})?;
 //! assert_eq!(report.losses.len(), 5);
-//! let path = std::env::temp_dir().join("memsteer-steer-doc.safetensors");
+//! let path = std::env::temp_dir().join(format!("steer-doc-{}.safetensors", std::process::id()));
 //! steer.save(&path)?;
 //! let again = Steer::load_for(&path, model.decoder())?;
 //! assert_eq!(again, steer);
@@ -41,3 +41,8 @@ mod train;
 pub use error::{Result, SteerError};
 pub use steer::{FORMAT_VERSION, Steer, SteerSpec, embedding_fingerprint};
 pub use train::{DEFAULT_MAX_RANK, HiddenCache, Progress, TrainConfig, TrainReport, train, train_cached};
+
+/// The README's example, compiled and run as a doctest.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

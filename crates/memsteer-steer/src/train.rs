@@ -157,7 +157,13 @@ impl HiddenCache {
         negative: &[Vec<u32>],
         max_length: usize,
     ) -> Result<Self> {
-        let keep = max_length.min(decoder.context());
+        if max_length < 2 {
+            return Err(SteerError::Config {
+                field: "max_length",
+                message: format!("expected at least 2 tokens, found {max_length}"),
+            });
+        }
+        let keep = max_length.min(decoder.context()).max(2);
         let mut cache =
             HiddenCache { dim: decoder.dim(), hidden: Vec::new(), targets: Vec::new(), seqs: Vec::new(), skipped: 0 };
         for (name, corpus, strength) in [("positive", positive, 1.0f32), ("negative", negative, -1.0)] {

@@ -625,9 +625,10 @@ fn steer_for_another_model_is_refused() {
 #[test]
 fn fingerprint_is_stable_and_sensitive() {
     let e: Vec<f32> = (0..64).map(|i| i as f32 * 0.25).collect();
-    // Pinned value: the fingerprint is part of the file format.
+    // Pinned value (computed independently in Python: FNV-1a 64 over the u64 LE length, then the f32 LE
+    // values): the fingerprint is part of the file format.
     let fp = embedding_fingerprint(&e);
-    assert_eq!(fp.len(), 16);
+    assert_eq!(fp, "3aa1c812c8d2b5cb");
     assert_eq!(fp, embedding_fingerprint(&e.clone()));
     let mut f = e.clone();
     f[63] += 1e-6;
@@ -635,4 +636,18 @@ fn fingerprint_is_stable_and_sensitive() {
     // Large embeddings are sampled, still sensitive to the sampled values and to the length.
     let big = vec![0.5f32; (1 << 20) + 7];
     assert_ne!(embedding_fingerprint(&big), embedding_fingerprint(&big[..big.len() - 1]));
+}
+
+/// The cache keeps `max_length` tokens of each sequence (one row per predicted token) and skips sequences of
+/// fewer than two tokens.
+#[test]
+fn hidden_cache_truncates_and_skips() {
+    let model = tiny_gpt2();
+    let dec = model.decoder();
+    let long: Vec<u32> = (0..20).map(|i| i % 50).collect();
+    let cache = HiddenCache::build(dec, &[long.clone(), vec![3]], &[long.clone(), long[..3].to_vec()], 6).unwrap();
+    assert_eq!((cache.sequences(), cache.rows(), cache.skipped(), cache.dim()), (3, 5 + 5 + 2, 1, 16));
+    let msg =
+        HiddenCache::build(dec, std::slice::from_ref(&long), std::slice::from_ref(&long), 1).unwrap_err().to_string();
+    assert!(msg.starts_with("max_length: expected at least 2"), "{msg}");
 }
