@@ -651,3 +651,39 @@ fn hidden_cache_truncates_and_skips() {
         HiddenCache::build(dec, std::slice::from_ref(&long), std::slice::from_ref(&long), 1).unwrap_err().to_string();
     assert!(msg.starts_with("max_length: expected at least 2"), "{msg}");
 }
+
+/// Timing of one training step at GPT-2 small's output-layer shape (d 768, vocab 50,257, rank 768, 256 rows);
+/// slow, so behind `MEMSTEER_SLOW=1`.
+#[test]
+fn slow_training_step_timing_at_gpt2_shape() {
+    if std::env::var("MEMSTEER_SLOW").as_deref() != Ok("1") {
+        eprintln!("skipped: set MEMSTEER_SLOW=1");
+        return;
+    }
+    let (n, d, r, vocab) = (256, 768, 768, 50_257);
+    let mut rng = Rng(1);
+    let h: Vec<f32> = (0..n * d).map(|_| rng.sym(1.0)).collect();
+    let e: Vec<f32> = (0..vocab * d).map(|_| rng.sym(0.05)).collect();
+    let p1: Vec<f32> = (0..2 * d * r).map(|_| rng.sym(0.01)).collect();
+    let p2 = p1.clone();
+    let strengths: Vec<f32> = (0..n).flat_map(|t| [if t % 2 == 0 { 1.0 } else { -1.0 }, 1.0]).collect();
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+    let (mut g1, mut g2) = (vec![0.0; p1.len()], vec![0.0; p2.len()]);
+    let batch = SteerBatch { hidden: &h, strengths: &strengths, targets: &targets };
+    let steers = Steers { p1: &p1, p2: &p2, steers: 2, dim: d, rank: r };
+    let start = std::time::Instant::now();
+    steer_loss_and_grads(&steers, 1e-3, &e, &batch, &mut g1, &mut g2).unwrap();
+    let step = start.elapsed();
+    let mut grad = vec![0.0f32; n * d];
+    let start = std::time::Instant::now();
+    nll_and_grad(&h, &e, d, &targets, 1.0, &mut grad).unwrap();
+    let fused = start.elapsed();
+    let mut lp = vec![0.0f32; n];
+    let start = std::time::Instant::now();
+    memsteer_kernels::log_prob_targets(&memsteer_kernels::Device::Cpu, &h, &e, d, &targets, &mut lp).unwrap();
+    let forward = start.elapsed();
+    eprintln!(
+        "{} threads, {n} rows: training step {step:.2?}; fused output layer forward+backward {fused:.2?}; kernels' forward only {forward:.2?}",
+        rayon::current_num_threads()
+    );
+}
