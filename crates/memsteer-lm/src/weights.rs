@@ -212,3 +212,50 @@ impl Fnv {
         }
     }
 }
+
+/// One tensor to write: name, dtype, shape and its little-endian bytes.
+pub type TensorBytes<'a> = (&'a str, Dtype, Vec<usize>, &'a [u8]);
+
+/// Serialises tensors and metadata in the safetensors format with a byte-stable header: metadata keys
+/// sorted, tensors in the order given. (`safetensors::serialize` writes its metadata map in hash
+/// order, so two runs that compute the same values could write different bytes.) Errors when a
+/// tensor's byte length does not match its shape and dtype.
+pub fn serialize_stable(
+    tensors: &[TensorBytes<'_>],
+    metadata: &std::collections::BTreeMap<String, String>,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let meta: serde_json::Map<String, serde_json::Value> =
+            metadata.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(meta));
+    }
+    let mut offset = 0usize;
+    for (name, dtype, shape, bytes) in tensors {
+        let count = shape.iter().try_fold(1usize, |a, &b| a.checked_mul(b));
+        let need = count.and_then(|c| c.checked_mul(dtype.bitsize() / 8));
+        if need != Some(bytes.len()) {
+            return Err(format!(
+                "tensor `{name}`: {} bytes do not hold a {dtype:?} tensor of shape {shape:?}",
+                bytes.len()
+            ));
+        }
+        header.insert(
+            (*name).to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    // serde_json's map keeps keys sorted, so the header is the same bytes for the same content.
+    let mut json = serde_json::to_string(&serde_json::Value::Object(header)).map_err(|e| e.to_string())?;
+    while !json.len().is_multiple_of(8) {
+        json.push(' ');
+    }
+    let mut out = Vec::with_capacity(8 + json.len() + offset);
+    out.extend_from_slice(&(json.len() as u64).to_le_bytes());
+    out.extend_from_slice(json.as_bytes());
+    for (_, _, _, bytes) in tensors {
+        out.extend_from_slice(bytes);
+    }
+    Ok(out)
+}

@@ -1,11 +1,10 @@
 //! The steer model `W_s = P1_s P2_sᵀ` and its safetensors file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use memsteer_kernels::{Device, Steers, log_prob_targets, matmul_transposed, steered_projection};
 use memsteer_lm::Decoder;
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 
 use crate::{Result, SteerError};
 
@@ -280,9 +279,7 @@ impl Steer {
         let b2 = f32_bytes(&self.projector2);
         let fmt =
             |message: String| SteerError::Format { path: path.to_path_buf(), field: "safetensors".into(), message };
-        let t1 = TensorView::new(Dtype::F32, shape.clone(), &b1).map_err(|e| fmt(e.to_string()))?;
-        let t2 = TensorView::new(Dtype::F32, shape, &b2).map_err(|e| fmt(e.to_string()))?;
-        let meta: HashMap<String, String> = [
+        let meta: std::collections::BTreeMap<String, String> = [
             ("epsilon", format_f32(self.epsilon)),
             ("rank", self.rank.to_string()),
             ("hidden_size", self.hidden_size.to_string()),
@@ -295,8 +292,12 @@ impl Steer {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let bytes = safetensors::serialize([("projector1", t1), ("projector2", t2)], Some(meta))
-            .map_err(|e| fmt(e.to_string()))?;
+        // Byte-stable header (sorted metadata), so the same steer is the same file in every run.
+        let bytes = memsteer_lm::weights::serialize_stable(
+            &[("projector1", Dtype::F32, shape.clone(), &b1), ("projector2", Dtype::F32, shape, &b2)],
+            &meta,
+        )
+        .map_err(fmt)?;
         let io = |source| SteerError::Io { path: path.to_path_buf(), source };
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".tmp");
