@@ -156,6 +156,12 @@ fn token_part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> Path
     parts.join(format!("step-{step}.shard-{shard}-of-{shards}.tokens.jsonl"))
 }
 
+/// Whether `(step, shard)`'s parts are all written.
+fn unit_is_finished(parts: &Path, step: u64, shard: usize, shards: usize, per_token: bool) -> bool {
+    part_path(parts, step, shard, shards).exists()
+        && (!per_token || token_part_path(parts, step, shard, shards).exists())
+}
+
 fn csv_id(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
 }
@@ -210,10 +216,23 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     // weights. Each checkpoint is fingerprinted (headers and samples of every tensor: microseconds).
     let mut weights = serde_json::Map::new();
     for (step, dir) in &checkpoints {
-        let fp = memsteer_lm::weights::Weights::open(dir)
-            .with_context(|| format!("checkpoint {step}: opening the weights in {}", dir.display()))?
-            .fingerprint();
-        weights.insert(step.to_string(), serde_json::json!({"dir": dir.display().to_string(), "weights": fp}));
+        // The model is its config and its weights; a finished step whose weights were since deleted (to
+        // free disk) is recorded as unavailable and not compared.
+        let fp = match memsteer_lm::weights::Weights::open(dir) {
+            Ok(w) => w.fingerprint(),
+            Err(_) if unit_is_finished(&parts, *step, shard, shards, a.per_token.is_some()) => "unavailable".into(),
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("checkpoint {step}: opening the weights in {}", dir.display())));
+            }
+        };
+        let config = std::fs::read(dir.join("config.json"))
+            .map(|b| format!("{:016x}", memsteer_panel::rng::hash_key(0, &b)))
+            .unwrap_or_else(|_| "unavailable".into());
+        weights.insert(
+            step.to_string(),
+            serde_json::json!({"dir": dir.display().to_string(), "weights": fp, "config": config}),
+        );
     }
     let fingerprint = serde_json::json!({
         "instances": instances.len(),
@@ -227,38 +246,47 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
         let old: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ledger)?)
             .with_context(|| format!("{}: not valid JSON", ledger.display()))?;
         // A different model under the same step is the mistake worth naming precisely.
+        let same = |a: &serde_json::Value, b: &serde_json::Value| a == b || a == "unavailable" || b == "unavailable";
         if let Some(old_weights) = old.get("checkpoint_weights").and_then(|w| w.as_object()) {
             for (step, now) in fingerprint["checkpoint_weights"].as_object().into_iter().flatten() {
                 if let Some(before) = old_weights.get(step) {
-                    ensure!(
-                        before["weights"] == now["weights"],
-                        "checkpoint {step}: {} holds other weights than the ones the finished parts in {} were computed from ({}); remove {} to start over, or point step {step} at the original checkpoint",
-                        now["dir"].as_str().unwrap_or_default(),
-                        parts.display(),
-                        before["dir"].as_str().unwrap_or_default(),
-                        parts.display()
-                    );
+                    let what = if !same(&before["weights"], &now["weights"]) {
+                        Some("other weights")
+                    } else if before.get("config").is_some() && !same(&before["config"], &now["config"]) {
+                        Some("another config.json")
+                    } else {
+                        None
+                    };
+                    if let Some(what) = what {
+                        bail!(
+                            "checkpoint {step}: {} holds {what} than the ones the finished parts in {} were computed from ({}); remove {} to start over, or point step {step} at the original checkpoint",
+                            now["dir"].as_str().unwrap_or_default(),
+                            parts.display(),
+                            before["dir"].as_str().unwrap_or_default(),
+                            parts.display()
+                        );
+                    }
                 }
             }
         }
-        // Directories may move between machines (shards); the weights may not.
-        let strip = |v: &serde_json::Value| {
+        // Directories may move between machines (shards); the models may not. A ledger written before
+        // fingerprints existed is compared on the rest and upgraded.
+        let rest = |v: &serde_json::Value| {
             let mut v = v.clone();
-            if let Some(w) = v.get_mut("checkpoint_weights").and_then(|w| w.as_object_mut()) {
-                w.values_mut().for_each(|e| {
-                    if let Some(o) = e.as_object_mut() {
-                        o.remove("dir");
-                    }
-                });
+            if let Some(o) = v.as_object_mut() {
+                o.remove("checkpoint_weights");
             }
             v
         };
         ensure!(
-            strip(&old) == strip(&fingerprint),
+            rest(&old) == rest(&fingerprint),
             "{} was made for other inputs (instances, checkpoints or shard count differ); remove {} to start over",
             ledger.display(),
             parts.display()
         );
+        if old.get("checkpoint_weights").is_none() {
+            write_atomic(&ledger, |w| writeln!(w, "{fingerprint}"))?;
+        }
     } else {
         write_atomic(&ledger, |w| writeln!(w, "{fingerprint}"))?;
     }

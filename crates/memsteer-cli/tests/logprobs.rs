@@ -194,6 +194,24 @@ fn a_different_model_under_a_finished_step_is_refused() {
     let mut moved = ckpts.clone();
     moved[1] = format!("1000={}", s(&copy));
     ok(&args(&moved, &instances, &out, &[]));
+    // Same weights, another config.json: another model.
+    let cfg = std::fs::read_to_string(copy.join("config.json")).expect("config");
+    std::fs::write(
+        copy.join("config.json"),
+        cfg.replace("\"layer_norm_epsilon\": 1e-05", "\"layer_norm_epsilon\": 0.001"),
+    )
+    .expect("write");
+    assert_ne!(
+        std::fs::read_to_string(copy.join("config.json")).expect("config"),
+        cfg,
+        "the edit must change the file"
+    );
+    let e = fails(&args(&moved, &instances, &out, &[]));
+    assert!(e.contains("checkpoint 1000") && e.contains("another config.json"), "{e}");
+    // A finished step whose weights were deleted to free disk does not block the rerun.
+    std::fs::write(copy.join("config.json"), &cfg).expect("restore");
+    std::fs::remove_file(copy.join("model.safetensors")).expect("rm");
+    ok(&args(&moved, &instances, &out, &[]));
 }
 
 #[test]

@@ -40,11 +40,32 @@ fn check(what: &'static str, len: usize, rows: usize, cols: usize, rs: usize, cs
     Ok(())
 }
 
+/// Whether distinct `(i, j)` of an `m × n` view with strides `(rs, cs)` address distinct elements
+/// (sufficient: one stride steps over a whole row or column of the other).
+fn distinct(m: usize, n: usize, rs: usize, cs: usize) -> bool {
+    match (m > 1, n > 1) {
+        (false, false) => true,
+        (true, false) => rs != 0,
+        (false, true) => cs != 0,
+        (true, true) => {
+            (cs >= 1 && n.checked_mul(cs).is_some_and(|w| rs >= w))
+                || (rs >= 1 && m.checked_mul(rs).is_some_and(|h| cs >= h))
+        }
+    }
+}
+
 /// `C (m×n) = A (m×k) · B (k×n) + β C`, strided, single-threaded.
 pub(crate) fn gemm(m: usize, k: usize, n: usize, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: MatMut<'_>) -> Result<()> {
     check("a", a.data.len(), m, k, a.rs, a.cs)?;
     check("b", b.data.len(), k, n, b.rs, b.cs)?;
     check("c", c.data.len(), m, n, c.rs, c.cs)?;
+    if !distinct(m, n, c.rs, c.cs) {
+        return Err(KernelError::Shape {
+            what: "c",
+            expected: format!("strides that give each of the {m} × {n} elements its own place"),
+            found: c.data.len(),
+        });
+    }
     if m == 0 || n == 0 {
         return Ok(());
     }
@@ -147,6 +168,8 @@ pub(crate) fn par_gemm(
     check("a", a.len(), m, k, k, 1)?;
     check("b", b.len(), k, n, brs, bcs)?;
     check("c", c.len(), m, n, n, 1)?;
+    // Exactly the matrices, so that every split sees the same rows.
+    let (a, c) = (&a[..m * k], &mut c[..m * n]);
     let threads = rayon::current_num_threads();
     let work = m.saturating_mul(k).saturating_mul(n);
     if threads == 1 || work < PARALLEL_MIN_WORK || k == 0 {

@@ -61,9 +61,14 @@ pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
     acc.iter().sum::<f32>() + s
 }
 
-/// Softmax of `xs` in place (a row of attention scores). An all-(−∞) row becomes all zeros.
+/// Softmax of `xs` in place (a row of attention scores). An all-(−∞) row becomes all zeros; a row
+/// holding a NaN becomes all NaN (never a plausible distribution).
 pub fn softmax_in_place(xs: &mut [f32]) {
     let m = max(xs);
+    if xs.iter().any(|x| x.is_nan()) {
+        xs.fill(f32::NAN);
+        return;
+    }
     if m == f32::NEG_INFINITY {
         xs.fill(0.0);
         return;
@@ -156,6 +161,9 @@ mod tests {
             let w = (f64::from(x) - f64::from(m)).exp() / want;
             assert!((f64::from(*p) - w).abs() < 1e-6, "{p} vs {w}");
         }
+        let mut poisoned = [0.0, f32::NAN, 1.0];
+        softmax_in_place(&mut poisoned);
+        assert!(poisoned.iter().all(|p| p.is_nan()));
         let mut dead = [f32::NEG_INFINITY; 3];
         softmax_in_place(&mut dead);
         assert_eq!(dead, [0.0; 3]);

@@ -226,6 +226,36 @@ fn overflowing_dimensions_are_errors_not_panics() {
 }
 
 #[test]
+fn output_views_whose_elements_alias_are_refused() {
+    use memsteer_kernels::{MatMut, MatRef, matmul_strided};
+    let a = [1.0f32; 4];
+    let mut out = [0.0f32; 4];
+    for (rs, cs) in [(0, 1), (1, 1), (1, 0)] {
+        let e = matmul_strided(
+            &Device::Cpu,
+            (2, 2, 2),
+            MatRef::row_major(&a, 2),
+            MatRef::row_major(&a, 2),
+            0.0,
+            MatMut { data: &mut out, rs, cs },
+        )
+        .expect_err("aliasing");
+        assert!(e.to_string().contains("its own place"), "({rs}, {cs}): {e}");
+    }
+    // Column-major output is fine.
+    matmul_strided(
+        &Device::Cpu,
+        (2, 2, 2),
+        MatRef::row_major(&a, 2),
+        MatRef::row_major(&a, 2),
+        0.0,
+        MatMut { data: &mut out, rs: 1, cs: 2 },
+    )
+    .expect("column-major");
+    assert_eq!(out, [2.0; 4]);
+}
+
+#[test]
 fn strided_matmul_reads_transposed_and_offset_views() {
     use memsteer_kernels::{MatMut, MatRef, matmul_strided};
     let mut rng = SplitMix64::new(3);

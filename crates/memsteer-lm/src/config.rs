@@ -6,6 +6,9 @@ use serde_json::Value;
 
 use crate::{LmError, Result};
 
+/// The largest size any `config.json` dimension may take (2²⁶).
+pub const MAX_DIMENSION: u64 = 1 << 26;
+
 /// GELU variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
@@ -124,11 +127,10 @@ impl ModelConfig {
         let err = |message: String| LmError::Config { path: path.into(), message };
         let usize_field = |key: &str| -> Result<usize> {
             match v.get(key) {
-                Some(x) => x
-                    .as_u64()
-                    .filter(|n| *n > 0)
-                    .map(|n| n as usize)
-                    .ok_or_else(|| err(format!("field `{key}` must be a positive integer, found {x}"))),
+                // Bounded, so that products of dimensions (4·n_embd, vocab × d, …) cannot overflow.
+                Some(x) => x.as_u64().filter(|n| *n > 0 && *n <= MAX_DIMENSION).map(|n| n as usize).ok_or_else(|| {
+                    err(format!("field `{key}` must be a positive integer of at most {MAX_DIMENSION}, found {x}"))
+                }),
                 None => Err(err(format!("missing field `{key}`"))),
             }
         };

@@ -85,8 +85,7 @@ impl Gpt2 {
     }
 
     fn run(&self, seqs: &[&[u32]], mut cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let lay = ops::layout(self, seqs, past)?;
+        let lay = ops::layout(self, seqs, cache.as_deref())?;
         let (t, d) = (lay.rows(), self.cfg.n_embd);
         let (heads, hd) = (self.cfg.n_head, self.cfg.n_embd / self.cfg.n_head);
         let dev = Device::Cpu;

@@ -89,12 +89,12 @@ impl GptNeoX {
         &self.cfg
     }
 
-    /// `(cos, sin)` of every rotary angle for positions `0..positions`, `positions × rot/2` each.
-    fn rotary_table(&self, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    /// `(cos, sin)` of every rotary angle for positions `from..to`, `(to − from) × rot/2` each.
+    fn rotary_table(&self, (from, to): (usize, usize)) -> (Vec<f32>, Vec<f32>) {
         let half = self.rot / 2;
-        let mut cos = Vec::with_capacity(positions * half);
-        let mut sin = Vec::with_capacity(positions * half);
-        for pos in 0..positions {
+        let mut cos = Vec::with_capacity((to - from) * half);
+        let mut sin = Vec::with_capacity((to - from) * half);
+        for pos in from..to {
             for f in &self.inv_freq {
                 let angle = pos as f64 * f;
                 cos.push(angle.cos() as f32);
@@ -105,8 +105,7 @@ impl GptNeoX {
     }
 
     fn run(&self, seqs: &[&[u32]], mut cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let lay = ops::layout(self, seqs, past)?;
+        let lay = ops::layout(self, seqs, cache.as_deref())?;
         let (t, d) = (lay.rows(), self.cfg.hidden_size);
         let (heads, inter) = (self.cfg.num_attention_heads, self.cfg.intermediate_size);
         let hd = d / heads;
@@ -118,7 +117,9 @@ impl GptNeoX {
             row.copy_from_slice(&self.embed_in[tok as usize * d..(tok as usize + 1) * d]);
         }
         let half = self.rot / 2;
-        let (cos, sin) = self.rotary_table(lay.positions.iter().max().map_or(0, |p| p + 1));
+        // Only the positions this call sees (decoding one token costs one row, not the whole prefix).
+        let first = lay.positions.iter().min().copied().unwrap_or(0);
+        let (cos, sin) = self.rotary_table((first, lay.positions.iter().max().map_or(first, |p| p + 1)));
         let (mut h1, mut h2) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
         let mut qkv = vec![0.0f32; t * 3 * d];
         let (mut ctx, mut attn) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
@@ -132,7 +133,8 @@ impl GptNeoX {
             if half > 0 {
                 // Rotate-half rotary embedding of the first `rot` dimensions of every q and k head.
                 qkv.par_chunks_mut(3 * d).zip(&lay.positions).for_each(|(row, &pos)| {
-                    let (c, s) = (&cos[pos * half..(pos + 1) * half], &sin[pos * half..(pos + 1) * half]);
+                    let at = pos - first;
+                    let (c, s) = (&cos[at * half..(at + 1) * half], &sin[at * half..(at + 1) * half]);
                     for h in 0..heads {
                         for part in [0, hd] {
                             let base = h * 3 * hd + part;

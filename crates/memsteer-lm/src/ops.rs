@@ -33,11 +33,12 @@ impl Layout {
 
 /// Checks every sequence (non-empty, ids inside the vocabulary, inside the context after `past`
 /// cached positions) before anything is allocated from them, and lays them out.
-pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], past: usize) -> Result<Layout> {
+pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], cache: Option<&KvCache>) -> Result<Layout> {
+    let past = cache.map_or(0, KvCache::len);
     let name = |i: usize, message: String| {
         if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } }
     };
-    if past > 0 && seqs.len() != 1 {
+    if cache.is_some() && seqs.len() != 1 {
         return Err(LmError::Input(format!("a KV cache continues one sequence, not {}", seqs.len())));
     }
     let mut starts = Vec::with_capacity(seqs.len() + 1);

@@ -92,7 +92,7 @@ fn map(path: &Path) -> Result<memmap2::Mmap> {
 impl Weights {
     /// Opens `model.safetensors` or the shards listed in `model.safetensors.index.json` under `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let mut files = Vec::new();
+        let mut files: Vec<File> = Vec::new();
         let mut index = HashMap::new();
         for path in weight_paths(dir)? {
             let bytes = map(&path)?;
@@ -109,10 +109,17 @@ impl Weights {
                         message: format!("data offsets {a}..{b} lie outside the {data_len}-byte data section"),
                     });
                 }
-                index.insert(
-                    name,
-                    Entry { file: files.len(), dtype: info.dtype, shape: info.shape.clone(), range: (a, b) },
-                );
+                let entry = Entry { file: files.len(), dtype: info.dtype, shape: info.shape.clone(), range: (a, b) };
+                if let Some(first) = index.insert(name.clone(), entry) {
+                    return Err(LmError::Tensor {
+                        path: path.clone(),
+                        name,
+                        message: format!(
+                            "also stored in {}; a tensor must live in one shard",
+                            files[first.file].path.display()
+                        ),
+                    });
+                }
             }
             files.push(File { path, bytes, data_start });
         }
@@ -173,23 +180,33 @@ impl Weights {
         Ok(out)
     }
 
-    /// A fingerprint of the weights: FNV-1a over every file's header and, for each tensor, its first
-    /// and last 4 KiB. Two checkpoints of one training run differ in every tensor, so they differ here;
-    /// it costs microseconds, not a pass over the file.
+    /// A fingerprint of the weights: FNV-1a over every file's header and, for each tensor (by name),
+    /// its byte length and 16 windows of up to 1 KiB spread evenly over its data, each part
+    /// length-prefixed. Two checkpoints of one training run differ in every tensor, so they differ
+    /// here; it reads at most 16 KiB per tensor, not the whole file.
     pub fn fingerprint(&self) -> String {
+        const WINDOWS: usize = 16;
+        const WINDOW: usize = 1024;
         let mut h = Fnv::default();
+        let part = |h: &mut Fnv, bytes: &[u8]| {
+            h.write(&(bytes.len() as u64).to_le_bytes());
+            h.write(bytes);
+        };
+        for f in &self.files {
+            part(&mut h, &f.bytes[..f.data_start.min(f.bytes.len())]);
+        }
         let mut names: Vec<&String> = self.index.keys().collect();
         names.sort();
-        for f in &self.files {
-            h.write(&f.bytes[..f.data_start.min(f.bytes.len())]);
-        }
         for n in names {
             let e = &self.index[n];
             let f = &self.files[e.file];
             let data = &f.bytes[f.data_start + e.range.0..f.data_start + e.range.1];
-            h.write(n.as_bytes());
-            h.write(&data[..data.len().min(4096)]);
-            h.write(&data[data.len().saturating_sub(4096)..]);
+            part(&mut h, n.as_bytes());
+            let stride = data.len().saturating_sub(WINDOW) / (WINDOWS - 1);
+            for w in 0..WINDOWS {
+                let start = (w * stride).min(data.len());
+                part(&mut h, &data[start..(start + WINDOW).min(data.len())]);
+            }
         }
         format!("{:016x}", h.0)
     }

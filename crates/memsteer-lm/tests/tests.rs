@@ -155,6 +155,9 @@ fn bad_inputs_are_named() {
     assert!(e.contains("25 tokens") && e.contains("context of 24"), "{e}");
     let e = model.token_log_probs(&[3]).expect_err("one token").to_string();
     assert!(e.contains("1 token(s)") && e.contains("at least two"), "{e}");
+    // A KV cache continues one sequence: a batch of two with a cache would mix their keys.
+    let e = model.forward_packed(&[&[1, 2, 3], &[4, 5]], Some(&mut memsteer_lm::KvCache::new())).expect_err("cache");
+    assert!(e.to_string().contains("a KV cache continues one sequence, not 2"), "{e}");
     let e = model.sequence_log_probs(&[vec![1, 2], vec![4]]).expect_err("short").to_string();
     assert!(e.starts_with("sequence 1 of the batch: 1 token(s)"), "{e}");
     let e = model.sequence_log_probs(&[vec![1, 2], vec![1, 99]]).expect_err("vocab").to_string();
@@ -185,6 +188,12 @@ fn malformed_configs_and_weights_give_clear_errors() {
             r#"{"model_type": "gpt2", "vocab_size": -5, "n_positions": 8, "n_embd": 6, "n_layer": 1, "n_head": 2}"#
         )
         .contains("`vocab_size` must be a positive integer")
+    );
+    assert!(
+        cfg_err(
+            r#"{"model_type": "gpt2", "vocab_size": 5, "n_positions": 8, "n_embd": 9223372036854775807, "n_layer": 1, "n_head": 1}"#
+        )
+        .contains("`n_embd` must be a positive integer of at most 67108864")
     );
 
     // Keys the runtime does not implement, set to values that change the model, are named.
