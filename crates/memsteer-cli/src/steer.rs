@@ -554,19 +554,26 @@ pub fn choose_spans(evidence: &[Option<f64>], max_spans: usize, max_len: usize) 
     spans
 }
 
-/// The text of every token: the growth of the decoded prefix, or the token alone where a prefix ends
-/// inside a multi-byte character.
+/// The text of every token: the growth of the decoded prefix. A token that ends inside a multi-byte
+/// character (byte-level BPE) gets an empty piece and the token completing the character gets all of it,
+/// so the pieces concatenate to the decoded text; where a prefix is not stable, the token alone.
 fn token_pieces(tok: &Tokenizer, ids: &[u32]) -> Result<Vec<String>> {
     let mut pieces = Vec::with_capacity(ids.len());
     let mut prev = String::new();
     for k in 0..ids.len() {
-        let cur = tok.decode(&ids[..=k])?;
-        let piece = match cur.strip_prefix(prev.as_str()) {
-            Some(rest) if !prev.contains('\u{FFFD}') => rest.to_string(),
-            _ => tok.decode(&ids[k..=k])?,
-        };
-        pieces.push(piece);
-        prev = cur;
+        let full = tok.decode(&ids[..=k])?;
+        // Trailing replacement characters stand for an incomplete character, unless the text ends here.
+        let cur = if k + 1 < ids.len() { full.trim_end_matches('\u{FFFD}').to_string() } else { full };
+        match cur.strip_prefix(prev.as_str()) {
+            Some(rest) => {
+                pieces.push(rest.to_string());
+                prev = cur;
+            }
+            None => {
+                pieces.push(tok.decode(&ids[k..=k])?);
+                prev = cur;
+            }
+        }
     }
     Ok(pieces)
 }

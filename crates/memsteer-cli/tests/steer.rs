@@ -233,6 +233,13 @@ fn steer_train_generate_and_highlight_end_to_end() {
     assert_eq!(page.matches("class=\"span\"").count(), spans.len());
     assert!(page.contains("<style>"));
     // Without --json: the text with the spans marked, and a line per span.
+    // Multi-byte characters split across byte-level tokens come out whole.
+    let unicode = "naïve café ✓ 日本";
+    let json = ok(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", unicode, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    let pieces: String =
+        v["tokens"].as_array().expect("tokens").iter().map(|t| t["text"].as_str().expect("text")).collect();
+    assert_eq!(pieces, unicode);
     let plain = ok(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text]);
     assert!(plain.contains("[[") && plain.contains("span 1:"), "{plain}");
 }
