@@ -8,6 +8,7 @@ pub mod logprobs;
 pub mod plot;
 pub mod profile;
 mod progress;
+pub mod steer;
 pub mod train;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,8 @@ pub enum Command {
     Logprobs(logprobs::LogprobsArgs),
     /// Train a small GPT-NeoX model with every batch logged, writing checkpoints for `logprobs`.
     Train(train::TrainArgs),
+    /// LM-Steer: train a steer, generate with it, highlight its evidence in a text.
+    Steer(steer::SteerArgs),
 }
 
 /// Runs a parsed command line.
@@ -52,5 +55,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Hmm(args) => hmm::run(&args),
         Command::Logprobs(args) => logprobs::run(&args).map(|_| ()),
         Command::Train(args) => train::run(&args).map(|_| ()),
+        Command::Steer(args) => steer::run(&args),
     }
 }

@@ -4,6 +4,7 @@ mod compare;
 mod errors;
 mod logprobs;
 mod profile;
+mod steer;
 mod train;
 
 use std::path::{Path, PathBuf};

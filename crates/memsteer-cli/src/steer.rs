@@ -1,0 +1,784 @@
+//! `memsteer steer`: LM-Steer from the command line — train a steer on two corpora, generate with one or
+//! several steers at any strength, and highlight where a text carries the steer's style.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use memsteer_kernels::{Device, matmul_transposed};
+use memsteer_lm::sample::{SamplingConfig, sample};
+use memsteer_lm::tokenizer::Tokenizer;
+use memsteer_lm::{Decoder, KvCache, Model};
+use memsteer_panel::write_atomic;
+use memsteer_steer::{HiddenCache, Steer, TrainConfig, train_cached};
+use rayon::prelude::*;
+
+/// Arguments of `memsteer steer`.
+#[derive(Debug, Args)]
+pub struct SteerArgs {
+    /// The steer subcommand.
+    #[command(subcommand)]
+    pub command: SteerCommand,
+}
+
+/// `memsteer steer` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SteerCommand {
+    /// Train a steer from a positive and a negative corpus (the model stays frozen).
+    Train(SteerTrainArgs),
+    /// Generate continuations of prompts with steers at chosen strengths.
+    Generate(GenerateArgs),
+    /// Per-token evidence of a steer's style in a text, its strongest spans, in colour and as HTML.
+    Highlight(HighlightArgs),
+}
+
+/// Runs `memsteer steer …`.
+pub fn run(a: &SteerArgs) -> Result<()> {
+    match &a.command {
+        SteerCommand::Train(t) => train(t).map(|_| ()),
+        SteerCommand::Generate(g) => generate(g).map(|_| ()),
+        SteerCommand::Highlight(h) => highlight(h).map(|_| ()),
+    }
+}
+
+/// Arguments of `memsteer steer train`.
+#[derive(Debug, Clone, Args)]
+pub struct SteerTrainArgs {
+    /// The base model (a Hugging Face model directory).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Positive corpus, JSON lines with a `text` string or a `tokens` array of ids (strength +1).
+    #[arg(long, value_name = "FILE")]
+    pub positive: PathBuf,
+    /// Negative corpus, same format (strength −1).
+    #[arg(long, value_name = "FILE")]
+    pub negative: PathBuf,
+    /// Output steer file (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Rank of the steer (default min(1000, hidden size)).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr: f32,
+    /// Sequences per minibatch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// The fixed scale ε of the steer.
+    #[arg(long, default_value_t = 1e-3)]
+    pub epsilon: f32,
+    /// Tokens kept from the start of each sequence.
+    #[arg(long, default_value_t = 256)]
+    pub max_length: usize,
+    /// Coefficient λ of the regularisation λ(‖P1‖² + ‖P2‖²).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Seed of the initialisation and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What `steer train` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteerTrainOutcome {
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Sequences trained on.
+    pub sequences: usize,
+    /// Sequences skipped for having fewer than two tokens.
+    pub skipped: usize,
+}
+
+/// The model directory's tokenizer, loaded the first time a text needs it.
+struct LazyTokenizer<'a> {
+    dir: &'a Path,
+    tok: Option<Tokenizer>,
+}
+
+impl<'a> LazyTokenizer<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Self { dir, tok: None }
+    }
+    fn get(&mut self, why: &str) -> Result<&Tokenizer> {
+        if self.tok.is_none() {
+            let t = Tokenizer::from_dir(self.dir).with_context(|| {
+                format!("{why}: loading the tokenizer of {} (give `tokens` instead of `text`)", self.dir.display())
+            })?;
+            self.tok = Some(t);
+        }
+        Ok(self.tok.as_ref().expect("loaded above"))
+    }
+}
+
+/// Whether a model directory ships tokenizer files.
+fn has_tokenizer(dir: &Path) -> bool {
+    dir.join("tokenizer.json").exists()
+        || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())
+        || (dir.join("encoder.json").exists() && dir.join("vocab.bpe").exists())
+}
+
+/// One JSON line with `text` or `tokens`, as token ids checked against the vocabulary.
+fn line_tokens(
+    v: &serde_json::Value,
+    at: &dyn Fn() -> String,
+    tok: &mut LazyTokenizer<'_>,
+    vocab: usize,
+) -> Result<Vec<u32>> {
+    let tokens = match (v.get("tokens"), v.get("text")) {
+        (Some(serde_json::Value::Array(t)), _) => t
+            .iter()
+            .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+            .collect::<Option<Vec<u32>>>()
+            .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
+        (Some(other), _) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
+        (None, Some(serde_json::Value::String(text))) => {
+            tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing `text`", at()))?
+        }
+        (None, Some(other)) => bail!("{}: `text` must be a string, found {other}", at()),
+        (None, None) => bail!("{}: expected a `text` string or a `tokens` array of ids", at()),
+    };
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        bail!("{}: token id {bad} is outside the model's vocabulary (size {vocab})", at());
+    }
+    Ok(tokens)
+}
+
+/// Reads a corpus (JSON lines with `text` or `tokens`); an empty corpus is an error naming the file.
+fn read_corpus(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading corpus {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}, line {}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+        ensure!(v.is_object(), "{}: expected a JSON object with `text` or `tokens`", at());
+        out.push(line_tokens(&v, &at, tok, vocab)?);
+    }
+    ensure!(
+        !out.is_empty(),
+        "{}: empty corpus: expected JSON lines with a `text` string or a `tokens` array",
+        path.display()
+    );
+    Ok(out)
+}
+
+fn load_model(dir: &Path) -> Result<Model> {
+    Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+/// Runs `memsteer steer train`.
+pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
+    let model = load_model(&a.model)?;
+    let decoder = model.decoder();
+    let mut tok = LazyTokenizer::new(&a.model);
+    let positive = read_corpus(&a.positive, &mut tok, decoder.vocab())?;
+    let negative = read_corpus(&a.negative, &mut tok, decoder.vocab())?;
+    let mut config = TrainConfig::default();
+    config.rank = a.rank;
+    config.steps = a.steps;
+    config.lr = a.lr;
+    config.batch_size = a.batch_size;
+    config.epsilon = a.epsilon;
+    config.max_length = a.max_length;
+    config.weight_decay = a.weight_decay;
+    config.seed = a.seed;
+    config.validate().context("steer train settings")?;
+
+    let spinner = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    spinner.set_message(format!("caching hidden states of {} sequences", positive.len() + negative.len()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let cache = HiddenCache::build(decoder, &positive, &negative, config.max_length)
+        .with_context(|| format!("caching hidden states of {} and {}", a.positive.display(), a.negative.display()))?;
+    spinner.finish_and_clear();
+
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(config.steps as u64).with_style(
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        )
+    };
+    bar.set_prefix("steer");
+    let (steer, report) = train_cached(&cache, decoder.output_embedding(), &config, &mut |p| {
+        bar.set_position(p.step as u64);
+        bar.set_message(format!("loss {:.4}", p.loss));
+    })?;
+    bar.finish_and_clear();
+    steer.save(&a.out).with_context(|| format!("writing the steer {}", a.out.display()))?;
+    let final_loss = report.losses.last().copied().unwrap_or(f64::NAN);
+    if !a.quiet {
+        eprintln!(
+            "steer: rank {}, {} sequences ({} tokens predicted, {} skipped with < 2 tokens), loss {:.4} → {:.4}; wrote {}",
+            steer.rank(),
+            report.sequences,
+            report.rows,
+            report.skipped,
+            report.losses.first().copied().unwrap_or(f64::NAN),
+            final_loss,
+            a.out.display()
+        );
+    }
+    Ok(SteerTrainOutcome { final_loss, sequences: report.sequences, skipped: report.skipped })
+}
+
+/// Arguments of `memsteer steer generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// The base model (a Hugging Face model directory).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A steer file, optionally with the strength of its labelled steer after the last ':' (default +1);
+    /// repeat to compose several steers (their effects add up).
+    #[arg(long = "steer", value_name = "FILE[:STRENGTH]", allow_hyphen_values = true)]
+    pub steers: Vec<String>,
+    /// Prompts, JSON lines with an `id` and a `text` string or a `tokens` array of ids.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: PathBuf,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Tokens generated per sample.
+    #[arg(long, value_name = "T")]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed; each (prompt id, sample) draws from its own stream, so output does not depend on threads.
+    #[arg(long)]
+    pub seed: u64,
+    /// Output, JSON lines {"prompt_id", "sample", "tokens", "text"}.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// Splits `FILE[:STRENGTH]` on its last ':' when what follows is a number; the strength must be finite.
+pub fn parse_steer_spec(spec: &str) -> Result<(PathBuf, f32)> {
+    if let Some((path, v)) = spec.rsplit_once(':')
+        && let Ok(x) = v.trim().parse::<f64>()
+    {
+        ensure!(!path.is_empty(), "--steer {spec:?}: expected FILE[:STRENGTH], found no file");
+        let s = x as f32;
+        ensure!(s.is_finite(), "--steer {spec:?}: the strength must be a finite number, found {v}");
+        return Ok((PathBuf::from(path), s));
+    }
+    let path = PathBuf::from(spec);
+    if !path.exists()
+        && let Some((file, v)) = spec.rsplit_once(':')
+    {
+        bail!(
+            "--steer {spec:?}: no such file, and {v:?} after the last ':' is not a strength (a number); expected FILE[:STRENGTH] (file {file:?})"
+        );
+    }
+    Ok((path, 1.0))
+}
+
+/// A prompt to continue.
+#[derive(Debug, Clone)]
+struct Prompt {
+    id: serde_json::Value,
+    key: String,
+    tokens: Vec<u32>,
+}
+
+fn read_prompts(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Prompt>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading prompts {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}, line {}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+        let (id, key) = match v.get("id") {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => (v["id"].clone(), s.clone()),
+            Some(serde_json::Value::Number(n)) => (v["id"].clone(), n.to_string()),
+            other => bail!("{}: field `id` must be a non-empty string or a number, found {:?}", at(), other),
+        };
+        ensure!(seen.insert(key.clone()), "{}: prompt id {key:?} appears twice", at());
+        let tokens = line_tokens(&v, &at, tok, vocab)?;
+        ensure!(!tokens.is_empty(), "{}: prompt {key:?} has no tokens; generation needs at least one", at());
+        out.push(Prompt { id, key, tokens });
+    }
+    ensure!(!out.is_empty(), "{}: no prompts", path.display());
+    Ok(out)
+}
+
+/// Steers loaded for one model with the strengths of every steer (dummy at 1).
+struct SteerSet {
+    steers: Vec<(Steer, Vec<f32>)>,
+}
+
+impl SteerSet {
+    /// `h' = h + Σ_files (project_f(h) − h)`, i.e. every file's `ε Σ_s v_s (h P1_s) P2_sᵀ` added to `h`.
+    fn apply(&self, h: &[f32]) -> Result<Vec<f32>> {
+        let mut out = h.to_vec();
+        for (steer, strengths) in &self.steers {
+            let p = steer.project(h, strengths)?;
+            for ((o, &pi), &hi) in out.iter_mut().zip(&p).zip(h) {
+                *o += pi - hi;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One generated sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Index of the prompt in the prompts file.
+    pub prompt: usize,
+    /// Sample number (0-based).
+    pub sample: usize,
+    /// Generated token ids (the prompt excluded).
+    pub tokens: Vec<u32>,
+}
+
+fn steered_continuation(
+    decoder: &dyn Decoder,
+    set: &SteerSet,
+    prompt: &[u32],
+    max_new: usize,
+    cfg: &SamplingConfig,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    let mut rng = memsteer_panel::rng::SplitMix64::new(seed);
+    let (d, vocab) = (decoder.dim(), decoder.vocab());
+    let mut cache = KvCache::new();
+    let mut out = Vec::with_capacity(max_new);
+    let mut input: Vec<u32> = prompt.to_vec();
+    let mut logits = vec![0.0f32; vocab];
+    while out.len() < max_new {
+        let hidden = decoder.forward(&input, &mut cache)?;
+        let last = &hidden[hidden.len() - d..];
+        if set.steers.is_empty() {
+            matmul_transposed(&Device::Cpu, last, decoder.output_embedding(), 1, d, vocab, &mut logits)?;
+        } else {
+            let h = set.apply(last)?;
+            matmul_transposed(&Device::Cpu, &h, decoder.output_embedding(), 1, d, vocab, &mut logits)?;
+        }
+        let next = sample(&logits, cfg, rng.uniform()) as u32;
+        out.push(next);
+        input.clear();
+        input.push(next);
+    }
+    Ok(out)
+}
+
+/// Runs `memsteer steer generate`; returns the samples in output order.
+pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
+    ensure!(a.samples >= 1, "--samples must be at least 1");
+    ensure!(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1");
+    ensure!(
+        a.temperature.is_finite() && a.temperature >= 0.0,
+        "--temperature must be a finite number ≥ 0, found {}",
+        a.temperature
+    );
+    if let Some(k) = a.top_k {
+        ensure!(k >= 1, "--top-k must be at least 1");
+    }
+    if let Some(p) = a.top_p {
+        ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], found {p}");
+    }
+    let specs = a.steers.iter().map(|s| parse_steer_spec(s)).collect::<Result<Vec<_>>>()?;
+    let model = load_model(&a.model)?;
+    let decoder = model.decoder();
+    let mut steers = Vec::new();
+    for (path, strength) in specs {
+        let steer = Steer::load_for(&path, decoder)
+            .with_context(|| format!("--steer {}: loading the steer for {}", path.display(), a.model.display()))?;
+        let mut labelled = vec![0.0f32; steer.labels().len()];
+        ensure!(
+            !labelled.is_empty(),
+            "--steer {}: the steer has no labelled steer to set a strength on",
+            path.display()
+        );
+        labelled[0] = strength;
+        let strengths = steer.strengths(&labelled)?;
+        steers.push((steer, strengths));
+    }
+    let set = SteerSet { steers };
+    let mut tok = LazyTokenizer::new(&a.model);
+    let prompts = read_prompts(&a.prompts, &mut tok, decoder.vocab())?;
+    for p in &prompts {
+        // The last sampled token is never fed back, so it needs no position.
+        let need = p.tokens.len() + a.max_new_tokens - 1;
+        ensure!(
+            need <= decoder.context(),
+            "prompt {:?}: {} prompt tokens + {} new tokens exceed the model's context of {} positions",
+            p.key,
+            p.tokens.len(),
+            a.max_new_tokens,
+            decoder.context()
+        );
+    }
+    let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding generations")?) } else { None };
+    let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..a.samples).map(move |s| (p, s))).collect();
+    let gens = work
+        .par_iter()
+        .map(|&(p, s)| {
+            let key = format!("{}\u{0}{s}", prompts[p].key);
+            let seed = memsteer_panel::rng::hash_key(a.seed, key.as_bytes());
+            let tokens = steered_continuation(decoder, &set, &prompts[p].tokens, a.max_new_tokens, &cfg, seed)
+                .with_context(|| format!("prompt {:?}, sample {s}", prompts[p].key))?;
+            Ok(Generation { prompt: p, sample: s, tokens })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut lines = Vec::with_capacity(gens.len());
+    for g in &gens {
+        let mut v = serde_json::json!({
+            "prompt_id": prompts[g.prompt].id,
+            "sample": g.sample,
+            "tokens": g.tokens,
+        });
+        if let Some(t) = tokenizer {
+            v["text"] = t.decode(&g.tokens)?.into();
+        }
+        lines.push(v.to_string());
+    }
+    write_atomic(&a.out, |w| {
+        for l in &lines {
+            writeln!(w, "{l}")?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(gens)
+}
+
+/// Arguments of `memsteer steer highlight`.
+#[derive(Debug, Clone, Args)]
+pub struct HighlightArgs {
+    /// The base model (a Hugging Face model directory with tokenizer files).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The steer file.
+    #[arg(long, value_name = "FILE")]
+    pub steer: PathBuf,
+    /// The text to highlight.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub text: Option<String>,
+    /// A file holding the text to highlight.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Most spans to mark.
+    #[arg(long, default_value_t = 4)]
+    pub spans: usize,
+    /// Most tokens per span.
+    #[arg(long, default_value_t = 10)]
+    pub span_length: usize,
+    /// Also write a self-contained HTML page here.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Print the tokens, their evidence and the spans as JSON instead of coloured text.
+    #[arg(long)]
+    pub json: bool,
+    /// Colour the terminal output even when it is not a terminal.
+    #[arg(long)]
+    pub color: bool,
+}
+
+/// A span of tokens `start..end` (token indices into the text) with its summed evidence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Span {
+    /// First token.
+    pub start: usize,
+    /// One past the last token.
+    pub end: usize,
+    /// Summed evidence of its tokens.
+    pub evidence: f64,
+}
+
+/// What `steer highlight` found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Highlight {
+    /// Token ids of the text.
+    pub tokens: Vec<u32>,
+    /// Each token's text.
+    pub pieces: Vec<String>,
+    /// `log p₊(x_t | x_<t) − log p₋(x_t | x_<t)`; `None` for the first token (nothing predicts it).
+    pub evidence: Vec<Option<f64>>,
+    /// The chosen spans, strongest first.
+    pub spans: Vec<Span>,
+}
+
+/// Greedily picks up to `max_spans` non-overlapping windows of 1 to `max_len` tokens with the largest
+/// positive summed evidence (ties: the earlier, then the shorter window); tokens without evidence
+/// are never part of a span.
+pub fn choose_spans(evidence: &[Option<f64>], max_spans: usize, max_len: usize) -> Vec<Span> {
+    let n = evidence.len();
+    let mut taken = vec![false; n];
+    let mut spans = Vec::new();
+    while spans.len() < max_spans {
+        let mut best: Option<Span> = None;
+        for start in 0..n {
+            let mut sum = 0.0;
+            for end in start + 1..=(start + max_len).min(n) {
+                let k = end - 1;
+                let Some(e) = evidence[k] else { break };
+                if taken[k] {
+                    break;
+                }
+                sum += e;
+                if sum > 0.0 && best.is_none_or(|b| sum > b.evidence) {
+                    best = Some(Span { start, end, evidence: sum });
+                }
+            }
+        }
+        let Some(b) = best else { break };
+        taken[b.start..b.end].iter_mut().for_each(|t| *t = true);
+        spans.push(b);
+    }
+    spans
+}
+
+/// The text of every token: the growth of the decoded prefix. A token that ends inside a multi-byte
+/// character (byte-level BPE) gets an empty piece and the token completing the character gets all of it,
+/// so the pieces concatenate to the decoded text; where a prefix is not stable, the token alone.
+fn token_pieces(tok: &Tokenizer, ids: &[u32]) -> Result<Vec<String>> {
+    let mut pieces = Vec::with_capacity(ids.len());
+    let mut prev = String::new();
+    for k in 0..ids.len() {
+        let full = tok.decode(&ids[..=k])?;
+        // Trailing replacement characters stand for an incomplete character, unless the text ends here.
+        let cur = if k + 1 < ids.len() { full.trim_end_matches('\u{FFFD}').to_string() } else { full };
+        match cur.strip_prefix(prev.as_str()) {
+            Some(rest) => {
+                pieces.push(rest.to_string());
+                prev = cur;
+            }
+            None => {
+                pieces.push(tok.decode(&ids[k..=k])?);
+                prev = cur;
+            }
+        }
+    }
+    Ok(pieces)
+}
+
+/// Runs `memsteer steer highlight`.
+pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
+    ensure!(a.span_length >= 1, "--span-length must be at least 1");
+    let text = match (&a.text, &a.input) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        (None, None) => bail!("give --text TEXT or --input FILE"),
+    };
+    let model = load_model(&a.model)?;
+    let decoder = model.decoder();
+    let steer = Steer::load_for(&a.steer, decoder)
+        .with_context(|| format!("--steer {}: loading the steer for {}", a.steer.display(), a.model.display()))?;
+    ensure!(!steer.labels().is_empty(), "{}: the steer has no labelled steer", a.steer.display());
+    let tok = Tokenizer::from_dir(&a.model)
+        .with_context(|| format!("highlight needs the tokenizer of {}", a.model.display()))?;
+    let tokens = tok.encode(&text).context("tokenizing the text")?;
+    ensure!(tokens.len() >= 2, "the text has {} token(s); evidence needs at least two", tokens.len());
+    ensure!(
+        tokens.len() <= decoder.context(),
+        "the text has {} tokens, more than the model's context of {}",
+        tokens.len(),
+        decoder.context()
+    );
+    let d = decoder.dim();
+    let hidden = decoder.hidden_states(&tokens)?;
+    let rows = &hidden[..(tokens.len() - 1) * d];
+    let at = |v: f32| -> Result<Vec<f32>> {
+        let mut labelled = vec![0.0f32; steer.labels().len()];
+        labelled[0] = v;
+        Ok(steer.log_prob_targets(rows, decoder.output_embedding(), &tokens[1..], &steer.strengths(&labelled)?)?)
+    };
+    let (plus, minus) = (at(1.0)?, at(-1.0)?);
+    let mut evidence = vec![None];
+    evidence.extend(plus.iter().zip(&minus).map(|(p, m)| Some(f64::from(*p) - f64::from(*m))));
+    let spans = choose_spans(&evidence, a.spans, a.span_length);
+    let pieces = token_pieces(&tok, &tokens)?;
+    let h = Highlight { tokens, pieces, evidence, spans };
+
+    if a.json {
+        let json = serde_json::json!({
+            "steer": a.steer.display().to_string(),
+            "label": steer.labels()[0],
+            "tokens": h.tokens.iter().zip(&h.pieces).zip(&h.evidence)
+                .map(|((id, p), e)| serde_json::json!({"id": id, "text": p, "evidence": e}))
+                .collect::<Vec<_>>(),
+            "spans": h.spans.iter()
+                .map(|s| serde_json::json!({"start": s.start, "end": s.end, "evidence": s.evidence,
+                    "text": h.pieces[s.start..s.end].concat()}))
+                .collect::<Vec<_>>(),
+        });
+        println!("{json}");
+    } else {
+        let color = a.color || std::io::stdout().is_terminal();
+        println!("{}", render_terminal(&h, color));
+        for (i, s) in h.spans.iter().enumerate() {
+            println!(
+                "span {}: tokens {}..{}, evidence {:+.3}: {:?}",
+                i + 1,
+                s.start,
+                s.end,
+                s.evidence,
+                h.pieces[s.start..s.end].concat()
+            );
+        }
+    }
+    if let Some(path) = &a.html {
+        let page = render_html(&h, steer.labels()[0].as_str(), &a.steer.display().to_string());
+        write_atomic(path, |w| w.write_all(page.as_bytes())).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(h)
+}
+
+fn span_of(h: &Highlight, k: usize) -> Option<usize> {
+    h.spans.iter().position(|s| (s.start..s.end).contains(&k))
+}
+
+/// The text with the spans in bold on a coloured background (when `color`), else in [[ ]].
+fn render_terminal(h: &Highlight, color: bool) -> String {
+    let mut out = String::new();
+    for (k, piece) in h.pieces.iter().enumerate() {
+        let inside = span_of(h, k);
+        let opens = inside.is_some_and(|i| h.spans[i].start == k);
+        let closes = inside.is_some_and(|i| h.spans[i].end == k + 1);
+        if opens {
+            out.push_str(if color { "\x1b[1;30;43m" } else { "[[" });
+        }
+        out.push_str(piece);
+        if closes {
+            out.push_str(if color { "\x1b[0m" } else { "]]" });
+        }
+    }
+    out
+}
+
+/// Escapes text for HTML element content and attribute values.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// A self-contained page: tokens coloured by evidence (green for the steer's style, red against it),
+/// spans outlined, and the evidence of each token in its tooltip.
+fn render_html(h: &Highlight, label: &str, steer: &str) -> String {
+    let scale = h.evidence.iter().flatten().fold(0.0f64, |m, e| m.max(e.abs())).max(1e-12);
+    let mut body = String::new();
+    for (k, piece) in h.pieces.iter().enumerate() {
+        let inside = span_of(h, k);
+        if inside.is_some_and(|i| h.spans[i].start == k) {
+            let i = inside.unwrap_or(0);
+            body.push_str(&format!(
+                "<span class=\"span\" title=\"span {} · evidence {:+.3}\">",
+                i + 1,
+                h.spans[i].evidence
+            ));
+        }
+        let (style, title) = match h.evidence[k] {
+            Some(e) => {
+                let alpha = (e.abs() / scale).min(1.0) * 0.6;
+                let rgb = if e >= 0.0 { "22,163,74" } else { "220,38,38" };
+                (format!(" style=\"background: rgba({rgb},{alpha:.3})\""), format!("{e:+.4}"))
+            }
+            None => (String::new(), "first token (no evidence)".to_string()),
+        };
+        body.push_str(&format!(
+            "<span class=\"tok\"{style} title=\"id {} · {}\">{}</span>",
+            h.tokens[k],
+            html_escape(&title),
+            html_escape(piece)
+        ));
+        if inside.is_some_and(|i| h.spans[i].end == k + 1) {
+            body.push_str("</span>");
+        }
+    }
+    let mut list = String::new();
+    for (i, s) in h.spans.iter().enumerate() {
+        list.push_str(&format!(
+            "<li>span {}: tokens {}–{}, evidence {:+.3}: <q>{}</q></li>\n",
+            i + 1,
+            s.start,
+            s.end - 1,
+            s.evidence,
+            html_escape(&h.pieces[s.start..s.end].concat())
+        ));
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>memsteer highlight: {label}</title>\n<style>\n\
+body {{ font-family: system-ui, sans-serif; max-width: 50em; margin: 2em auto; line-height: 1.9; }}\n\
+.text {{ white-space: pre-wrap; font-family: ui-monospace, monospace; }}\n\
+.tok {{ border-radius: 2px; }}\n\
+.span {{ outline: 2px solid #1d4ed8; border-radius: 3px; }}\n\
+.legend {{ color: #555; font-size: 0.9em; }}\n\
+</style>\n</head>\n<body>\n<h1>Evidence for “{label}”</h1>\n\
+<p class=\"legend\">Steer {steer}. Each token is coloured by log p₊(x<sub>t</sub> | x<sub>&lt;t</sub>) − log p₋(x<sub>t</sub> | x<sub>&lt;t</sub>) \
+(steer at +1 against −1): green for, red against; outlined: the strongest spans.</p>\n\
+<div class=\"text\">{body}</div>\n<ol>\n{list}</ol>\n</body>\n</html>\n",
+        label = html_escape(label),
+        steer = html_escape(steer),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steer_specs_split_on_the_last_colon_only_before_a_number() {
+        assert_eq!(parse_steer_spec("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0));
+        assert_eq!(parse_steer_spec("a.safetensors:-2.5").unwrap(), (PathBuf::from("a.safetensors"), -2.5));
+        assert_eq!(parse_steer_spec("c:/x:y.st:3").unwrap(), (PathBuf::from("c:/x:y.st"), 3.0));
+        assert!(parse_steer_spec("a.safetensors:nan").unwrap_err().to_string().contains("finite"));
+        assert!(parse_steer_spec("a.safetensors:inf").unwrap_err().to_string().contains("finite"));
+        assert!(parse_steer_spec("a.safetensors:1e40").unwrap_err().to_string().contains("finite"));
+        let e = parse_steer_spec("/nonexistent/a.safetensors:strong").unwrap_err().to_string();
+        assert!(e.contains("not a strength"), "{e}");
+    }
+
+    #[test]
+    fn spans_are_greedy_non_overlapping_and_positive() {
+        let ev: Vec<Option<f64>> =
+            [None, Some(1.0), Some(2.0), Some(-5.0), Some(3.0), Some(0.5), Some(-1.0), Some(0.2)].into_iter().collect();
+        let spans = choose_spans(&ev, 4, 2);
+        assert_eq!(spans[0], Span { start: 4, end: 6, evidence: 3.5 });
+        assert_eq!(spans[1], Span { start: 1, end: 3, evidence: 3.0 });
+        assert_eq!(spans[2], Span { start: 7, end: 8, evidence: 0.2 });
+        assert_eq!(spans.len(), 3);
+        assert!(choose_spans(&ev, 0, 3).is_empty());
+        assert!(choose_spans(&[None, Some(-1.0)], 4, 3).is_empty());
+    }
+
+    #[test]
+    fn html_escape_escapes_markup() {
+        assert_eq!(html_escape("<b>&\"'"), "&lt;b&gt;&amp;&quot;&#39;");
+    }
+}

@@ -1,0 +1,324 @@
+//! `memsteer steer train | generate | highlight` end to end on the tiny GPT-2 with a tokenizer, on a
+//! planted task: the positive corpus is rich in token ids 10 and 11 (`+`, `,`), the negative one
+//! in 30 and 31 (`?`, `@`).
+
+use super::*;
+
+const MODEL: &str = "lm/tiny-gpt2-tokenizer";
+const POSITIVE: std::ops::Range<u32> = 10..12;
+const NEGATIVE: std::ops::Range<u32> = 30..32;
+
+fn corpus(path: &Path, planted: std::ops::Range<u32>, seed: u64) {
+    let mut rng = memsteer_panel::rng::SplitMix64::new(seed);
+    let mut lines = String::new();
+    for _ in 0..24 {
+        let tokens: Vec<u32> = (0..16)
+            .map(|_| {
+                if rng.uniform() < 0.5 {
+                    planted.start + rng.below(u64::from(planted.end - planted.start)) as u32
+                } else {
+                    300 + rng.below(300) as u32
+                }
+            })
+            .collect();
+        lines.push_str(&format!("{{\"tokens\": {tokens:?}}}\n"));
+    }
+    std::fs::write(path, lines).expect("corpus");
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    steer: PathBuf,
+    prompts: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pos, neg) = (dir.path().join("pos.jsonl"), dir.path().join("neg.jsonl"));
+    corpus(&pos, POSITIVE, 1);
+    corpus(&neg, NEGATIVE, 2);
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(
+        &prompts,
+        "{\"id\": \"p0\", \"tokens\": [400, 401, 402]}\n{\"id\": 7, \"text\": \"The cat\"}\n\
+         {\"id\": \"p2\", \"tokens\": [350]}\n{\"id\": \"p3\", \"tokens\": [500, 320]}\n",
+    )
+    .expect("prompts");
+    let model = fixture(MODEL);
+    let steer = dir.path().join("steer.safetensors");
+    let out = memsteer(&[
+        "steer",
+        "train",
+        "--model",
+        s(&model),
+        "--positive",
+        s(&pos),
+        "--negative",
+        s(&neg),
+        "--out",
+        s(&steer),
+        "--rank",
+        "8",
+        "--steps",
+        "300",
+        "--lr",
+        "0.1",
+        "--epsilon",
+        "10",
+        "--batch-size",
+        "8",
+        "--seed",
+        "3",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("48 sequences"), "{err}");
+    Setup { dir, model, steer, prompts }
+}
+
+fn generations(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("generations")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+fn generate(st: &Setup, steers: &[String], extra: &[&str], name: &str) -> Vec<serde_json::Value> {
+    let out = st.dir.path().join(name);
+    let mut args = vec![
+        "steer".to_string(),
+        "generate".into(),
+        "--model".into(),
+        s(&st.model).into(),
+        "--prompts".into(),
+        s(&st.prompts).into(),
+        "--samples".into(),
+        "4".into(),
+        "--max-new-tokens".into(),
+        "20".into(),
+        "--seed".into(),
+        "7".into(),
+        "--out".into(),
+        s(&out).into(),
+    ];
+    for st in steers {
+        args.push("--steer".into());
+        args.push(st.clone());
+    }
+    args.extend(extra.iter().map(|x| x.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&refs);
+    generations(&out)
+}
+
+fn share(gens: &[serde_json::Value], set: std::ops::Range<u32>) -> f64 {
+    let tokens: Vec<u64> = gens
+        .iter()
+        .flat_map(|g| g["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")))
+        .collect();
+    tokens.iter().filter(|&&t| set.contains(&(t as u32))).count() as f64 / tokens.len() as f64
+}
+
+#[test]
+fn steer_train_generate_and_highlight_end_to_end() {
+    let st = setup();
+    let file = s(&st.steer).to_string();
+
+    // The steer file records its training settings.
+    let steer = memsteer_steer::Steer::load(&st.steer).expect("steer loads");
+    assert_eq!(steer.labels(), ["positive"]);
+    assert_eq!(steer.rank(), 8);
+    assert_eq!(steer.training()["steps"], 300);
+
+    // The share of the planted tokens moves monotonically with strength.
+    let strengths = ["-3", "0", "3"];
+    let runs: Vec<Vec<serde_json::Value>> =
+        strengths.iter().map(|v| generate(&st, &[format!("{file}:{v}")], &[], &format!("g{v}.jsonl"))).collect();
+    let pos: Vec<f64> = runs.iter().map(|g| share(g, POSITIVE)).collect();
+    let neg: Vec<f64> = runs.iter().map(|g| share(g, NEGATIVE)).collect();
+    assert!(pos[0] <= pos[1] && pos[1] <= pos[2] && pos[2] > pos[0] + 0.05, "positive share {pos:?}");
+    // The negative set is the weaker side on this 16-dimensional model (at −3 the steer's shift also lifts
+    // unplanted tokens), so the difference of the two shares is what must move monotonically.
+    let diff: Vec<f64> = pos.iter().zip(&neg).map(|(p, n)| p - n).collect();
+    assert!(diff[0] <= diff[1] && diff[1] <= diff[2], "positive − negative share {diff:?}");
+    eprintln!("planted shares at strengths -3, 0, 3: positive {pos:?}, negative {neg:?}");
+
+    // One line per (prompt, sample) in order, the id kept as given, text decoded.
+    let g = &runs[2];
+    assert_eq!(g.len(), 16);
+    assert_eq!(g[0]["prompt_id"], "p0");
+    assert_eq!(g[4]["prompt_id"], 7);
+    assert_eq!(g[5]["sample"], 1);
+    assert_eq!(g[0]["tokens"].as_array().expect("tokens").len(), 20);
+    assert!(g[0]["text"].is_string());
+
+    // Deterministic for a seed, and the same with one thread.
+    let again = generate(&st, &[format!("{file}:3")], &["--threads", "1"], "again.jsonl");
+    assert_eq!(&again, g);
+    // FILE alone means +1; two steers at +1.5 each compose to one at +3 (up to rounding in the sum).
+    let one = generate(&st, std::slice::from_ref(&file), &[], "one.jsonl");
+    let plus1 = generate(&st, &[format!("{file}:1")], &[], "plus1.jsonl");
+    assert_eq!(one, plus1);
+    // Steers compose by adding their contributions: a zero steer beside the trained one changes nothing,
+    // while a second copy of the trained one (its dummy steer included) does.
+    let model = memsteer_lm::Model::load(&st.model).expect("model");
+    let decoder = model.decoder();
+    let spec = memsteer_steer::SteerSpec {
+        num_steers: 2,
+        hidden_size: decoder.dim(),
+        rank: 1,
+        vocab_size: decoder.vocab(),
+        epsilon: 1.0,
+        embedding_fingerprint: memsteer_steer::embedding_fingerprint(decoder.output_embedding()),
+        labels: vec!["zero".into()],
+    };
+    let zeros = vec![0.0f32; 2 * decoder.dim()];
+    let zero = st.dir.path().join("zero.safetensors");
+    memsteer_steer::Steer::new(spec, zeros.clone(), zeros, serde_json::json!({}))
+        .expect("zero")
+        .save(&zero)
+        .expect("save");
+    let with_zero = generate(&st, &[format!("{file}:3"), format!("{}:-2", s(&zero))], &[], "zero.jsonl");
+    assert_eq!(&with_zero, g);
+    let twice = generate(&st, &[format!("{file}:1.5"), format!("{file}:1.5")], &[], "twice.jsonl");
+    assert_ne!(&twice, g);
+    assert!(share(&twice, POSITIVE) > pos[1], "two steers at +1.5 still raise the planted share");
+
+    // No --steer is the base model: greedy decoding equals `Model::generate`.
+    let base = generate(&st, &[], &["--temperature", "0"], "base.jsonl");
+    let cfg = memsteer_lm::sample::SamplingConfig { temperature: 0.0, top_k: None, top_p: None };
+    let want = model.generate(&[400, 401, 402], 20, &cfg, &mut || 0.5).expect("generate");
+    let got: Vec<u32> =
+        base[0]["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id") as u32).collect();
+    assert_eq!(got, want);
+
+    // Highlight: evidence on the planted tokens (`,` is id 11), escaped HTML.
+    let html = st.dir.path().join("h.html");
+    let text = "<b>a, b, c</b> & \"quoted\" words";
+    let json = ok(&[
+        "steer",
+        "highlight",
+        "--model",
+        s(&st.model),
+        "--steer",
+        &file,
+        "--text",
+        text,
+        "--spans",
+        "2",
+        "--span-length",
+        "3",
+        "--html",
+        s(&html),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    let spans = v["spans"].as_array().expect("spans");
+    assert!(!spans.is_empty() && spans.len() <= 2, "{v}");
+    for sp in spans {
+        let (a, b) = (sp["start"].as_u64().expect("start"), sp["end"].as_u64().expect("end"));
+        assert!(b > a && b - a <= 3, "{sp}");
+        assert!(sp["evidence"].as_f64().expect("evidence") > 0.0);
+    }
+    let pieces: String =
+        v["tokens"].as_array().expect("tokens").iter().map(|t| t["text"].as_str().expect("text")).collect();
+    assert_eq!(pieces, text);
+    assert!(v["tokens"][0]["evidence"].is_null());
+    let page = std::fs::read_to_string(&html).expect("html");
+    assert!(page.starts_with("<!DOCTYPE html>"), "{page}");
+    assert!(page.contains("&lt;") && page.contains("&amp;") && page.contains("&quot;"), "{page}");
+    assert!(!page.contains("<b>"), "unescaped text in the page");
+    assert_eq!(page.matches("class=\"span\"").count(), spans.len());
+    assert!(page.contains("<style>"));
+    // Without --json: the text with the spans marked, and a line per span.
+    // Multi-byte characters split across byte-level tokens come out whole.
+    let unicode = "naïve café ✓ 日本";
+    let json = ok(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", unicode, "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    let pieces: String =
+        v["tokens"].as_array().expect("tokens").iter().map(|t| t["text"].as_str().expect("text")).collect();
+    assert_eq!(pieces, unicode);
+    let plain = ok(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text]);
+    assert!(plain.contains("[[") && plain.contains("span 1:"), "{plain}");
+}
+
+#[test]
+fn steer_errors_name_the_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture(MODEL);
+    let (pos, neg) = (dir.path().join("pos.jsonl"), dir.path().join("neg.jsonl"));
+    corpus(&pos, POSITIVE, 1);
+    corpus(&neg, NEGATIVE, 2);
+    let steer = dir.path().join("s.safetensors");
+    let train = |p: &Path, n: &Path| -> Vec<String> {
+        [
+            "steer",
+            "train",
+            "--model",
+            s(&model),
+            "--positive",
+            s(p),
+            "--negative",
+            s(n),
+            "--out",
+            s(&steer),
+            "--rank",
+            "2",
+            "--steps",
+            "3",
+            "--quiet",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let run_fail = |args: Vec<String>| fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").expect("empty");
+    let e = run_fail(train(&pos, &empty));
+    assert!(e.contains("empty corpus") && e.contains("empty.jsonl"), "{e}");
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"tokens\": [1, 2]}\n{\"words\": \"x\"}\n").expect("bad");
+    let e = run_fail(train(&pos, &bad));
+    assert!(e.contains("bad.jsonl, line 2") && e.contains("`text`"), "{e}");
+    std::fs::write(&bad, "{\"tokens\": [1, 99999]}\n").expect("bad");
+    let e = run_fail(train(&bad, &neg));
+    assert!(e.contains("bad.jsonl, line 1") && e.contains("99999") && e.contains("vocabulary"), "{e}");
+    ok(&train(&pos, &neg).iter().map(String::as_str).collect::<Vec<_>>());
+
+    let prompts = dir.path().join("prompts.jsonl");
+    std::fs::write(&prompts, "{\"id\": 1, \"tokens\": [5, 6]}\n").expect("prompts");
+    let out = dir.path().join("g.jsonl");
+    let generate = |m: &Path, spec: &str| -> String {
+        fails(&[
+            "steer",
+            "generate",
+            "--model",
+            s(m),
+            "--steer",
+            spec,
+            "--prompts",
+            s(&prompts),
+            "--max-new-tokens",
+            "3",
+            "--seed",
+            "1",
+            "--out",
+            s(&out),
+        ])
+    };
+    let file = s(&steer).to_string();
+    let e = generate(&model, &format!("{file}:nan"));
+    assert!(e.contains("finite"), "{e}");
+    let e = generate(&model, &format!("{file}:inf"));
+    assert!(e.contains("finite"), "{e}");
+    let e = generate(&model, &format!("{file}:strong"));
+    assert!(e.contains("not a strength"), "{e}");
+    let e = generate(&model, s(&dir.path().join("missing.safetensors")));
+    assert!(e.contains("missing.safetensors"), "{e}");
+    let e = generate(&fixture("lm/tiny-gpt2-f32"), &file);
+    assert!(e.contains("another model") && e.contains("transfer"), "{e}");
+    assert!(!out.exists());
+}
