@@ -500,3 +500,59 @@ fn transfer_matching_and_errors() {
         Err(SteerError::Config { field: "top_k", .. })
     ));
 }
+
+/// Timing of explain and transfer at GPT-2 small's shape (d 768, rank 768, vocabulary 50,257) and of the
+/// fit to a GPT-2 medium width (1024) on the authors' 4,000 pairs; slow, so behind `MEMSTEER_SLOW=1`.
+#[test]
+fn slow_explain_and_transfer_timing_at_gpt2_shape() {
+    if std::env::var("MEMSTEER_SLOW").as_deref() != Ok("1") {
+        eprintln!("skipped: set MEMSTEER_SLOW=1");
+        return;
+    }
+    let (d, r, vocab, dt) = (768usize, 768usize, 50_257usize, 1024usize);
+    let mut rng = Rng(71);
+    let e32: Vec<f32> = (0..vocab * d).map(|_| (0.05 * rng.normal()) as f32).collect();
+    let spec = SteerSpec {
+        num_steers: 2,
+        hidden_size: d,
+        rank: r,
+        vocab_size: vocab,
+        epsilon: 1e-3,
+        embedding_fingerprint: embedding_fingerprint(&e32),
+        labels: vec!["positive".into()],
+    };
+    let p1: Vec<f32> = (0..2 * d * r).map(|_| (0.01 * rng.normal()) as f32).collect();
+    let p2: Vec<f32> = (0..2 * d * r).map(|_| (0.01 * rng.normal()) as f32).collect();
+    let steer = Steer::new(spec, p1, p2, serde_json::json!({})).unwrap();
+    let t = std::time::Instant::now();
+    let ex = explain(&steer, &e32, &ExplainConfig { dims: 5, top: 10 }, &|_| None).unwrap();
+    eprintln!("explain d {d} rank {r} vocab {vocab}: {:.2} s", t.elapsed().as_secs_f64());
+    assert_eq!(ex.dimensions.len(), 5);
+    let a: Vec<f32> = (0..d * dt).map(|_| (rng.normal() / (d as f64).sqrt()) as f32).collect();
+    // Rows past the 4,000 fitted ones only need to exist.
+    let mut to32: Vec<f32> = (0..vocab * dt).map(|_| (0.05 * rng.normal()) as f32).collect();
+    to32[..4000 * dt].iter_mut().for_each(|x| *x = 0.0);
+    for v in 0..4000 {
+        for k in 0..d {
+            let x = e32[v * d + k];
+            for (o, &y) in to32[v * dt..(v + 1) * dt].iter_mut().zip(&a[k * dt..(k + 1) * dt]) {
+                *o += x * y;
+            }
+        }
+    }
+    let t = std::time::Instant::now();
+    let (moved, map) = transfer(
+        &steer,
+        &EmbeddingView::new(&e32, d).unwrap(),
+        &EmbeddingView::new(&to32, dt).unwrap(),
+        &SharedTokens::by_id(vocab, vocab).unwrap(),
+        &TransferConfig { top_k: Some(4000), ridge: 0.0 },
+    )
+    .unwrap();
+    eprintln!(
+        "transfer {d} → {dt} on 4000 pairs: {:.2} s, relative residual {:.2e}",
+        t.elapsed().as_secs_f64(),
+        map.relative_residual
+    );
+    assert_eq!(moved.hidden_size(), dt);
+}
