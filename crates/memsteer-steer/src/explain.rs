@@ -52,7 +52,7 @@ use crate::{Result, Steer, SteerError, embedding_fingerprint};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExplainConfig {
     /// Singular directions per steer, the largest first (at least 1; capped at the steer's rank and hidden
-    /// size).
+    /// size). Directions past the steer's numerical rank have singular value ≈ 0 and arbitrary tokens.
     pub dims: usize,
     /// Tokens at each end of a direction (at least 1; capped at the vocabulary size).
     pub top: usize,

@@ -10,6 +10,8 @@ const QR_DEPENDENT_RTOL: f64 = 1e-13;
 const JACOBI_TOL: f64 = 1e-15;
 /// One-sided Jacobi: sweeps at most (convergence is quadratic; a handful is typical).
 const JACOBI_MAX_SWEEPS: usize = 80;
+/// One-sided Jacobi: rotate the pairs of a round in parallel from this many columns on.
+const PARALLEL_JACOBI_MIN: usize = 64;
 /// Cholesky: a pivot at most `CHOLESKY_RTOL · n · max diagonal` means the matrix is singular to working
 /// precision.
 const CHOLESKY_RTOL: f64 = 1e-15;
@@ -116,44 +118,60 @@ pub(crate) struct SmallSvd {
 
 /// SVD of a square `n×n` matrix by one-sided (Hestenes) Jacobi: plane rotations `V` orthogonalise the
 /// columns of `A V`, whose norms are the singular values (high relative accuracy); sorted descending.
+///
+/// Pairs are visited in round-robin (tournament) order: each of the `n − 1` rounds of a sweep rotates
+/// `⌊n/2⌋` disjoint column pairs, in parallel from [`PARALLEL_JACOBI_MIN`] columns on. Pairs of a round touch
+/// disjoint columns, so the result is bitwise the same whatever the number of threads.
 pub(crate) fn jacobi_svd(a: &[f64], n: usize) -> SmallSvd {
     debug_assert_eq!(a.len(), n * n);
-    let mut cols: Vec<Vec<f64>> = (0..n).map(|j| (0..n).map(|i| a[i * n + j]).collect()).collect();
-    let mut vcols: Vec<Vec<f64>> = (0..n)
+    let mut cols: Vec<JacobiColumn> = (0..n)
         .map(|j| {
-            let mut e = vec![0.0; n];
-            e[j] = 1.0;
-            e
+            let mut v = vec![0.0; n];
+            v[j] = 1.0;
+            JacobiColumn { a: (0..n).map(|i| a[i * n + j]).collect(), v, norm2: 0.0 }
         })
         .collect();
+    // Round-robin schedule over an even number of players (the one past `n`, if any, sits out).
+    let players = n + n % 2;
     for _sweep in 0..JACOBI_MAX_SWEEPS {
+        for c in &mut cols {
+            c.norm2 = dot(&c.a, &c.a);
+        }
         let mut rotated = false;
-        let mut norms: Vec<f64> = cols.iter().map(|c| dot(c, c)).collect();
-        for p in 0..n {
-            for q in p + 1..n {
-                let (alpha, beta) = (norms[p], norms[q]);
-                let gamma = dot(&cols[p], &cols[q]);
-                if gamma == 0.0 || gamma.abs() <= JACOBI_TOL * (alpha * beta).sqrt() {
-                    continue;
+        for round in 0..players.saturating_sub(1) {
+            let m = players - 1;
+            let mut pairs = Vec::with_capacity(players / 2);
+            let mut push = |x: usize, y: usize| {
+                if x < n && y < n {
+                    pairs.push((x.min(y), x.max(y)));
                 }
-                rotated = true;
-                let zeta = (beta - alpha) / (2.0 * gamma);
-                let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
-                let c = 1.0 / (1.0 + t * t).sqrt();
-                let s = c * t;
-                let (lo, hi) = cols.split_at_mut(q);
-                rotate(&mut lo[p], &mut hi[0], c, s);
-                let (lo, hi) = vcols.split_at_mut(q);
-                rotate(&mut lo[p], &mut hi[0], c, s);
-                norms[p] = alpha - t * gamma;
-                norms[q] = beta + t * gamma;
+            };
+            push(m, round);
+            for i in 1..players / 2 {
+                push((round + i) % m, (round + m - i) % m);
             }
+            let mut slots: Vec<Option<JacobiColumn>> = cols.drain(..).map(Some).collect();
+            let mut work: Vec<(usize, usize, JacobiColumn, JacobiColumn)> = pairs
+                .iter()
+                .map(|&(p, q)| (p, q, slots[p].take().expect("disjoint"), slots[q].take().expect("disjoint")))
+                .collect();
+            let any = if n >= PARALLEL_JACOBI_MIN {
+                work.par_iter_mut().map(|(_, _, x, y)| jacobi_rotate(x, y)).reduce(|| false, |a, b| a | b)
+            } else {
+                work.iter_mut().map(|(_, _, x, y)| jacobi_rotate(x, y)).fold(false, |a, b| a | b)
+            };
+            rotated |= any;
+            for (p, q, x, y) in work {
+                slots[p] = Some(x);
+                slots[q] = Some(y);
+            }
+            cols = slots.into_iter().map(|c| c.expect("every column back")).collect();
         }
         if !rotated {
             break;
         }
     }
-    let mut order: Vec<(f64, usize)> = cols.iter().enumerate().map(|(j, c)| (dot(c, c).sqrt(), j)).collect();
+    let mut order: Vec<(f64, usize)> = cols.iter().enumerate().map(|(j, c)| (dot(&c.a, &c.a).sqrt(), j)).collect();
     order.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)));
     let mut u = vec![0.0; n * n];
     let mut v = vec![0.0; n * n];
@@ -162,12 +180,37 @@ pub(crate) fn jacobi_svd(a: &[f64], n: usize) -> SmallSvd {
         s.push(sigma);
         for i in 0..n {
             if sigma > 0.0 {
-                u[i * n + k] = cols[j][i] / sigma;
+                u[i * n + k] = cols[j].a[i] / sigma;
             }
-            v[i * n + k] = vcols[j][i];
+            v[i * n + k] = cols[j].v[i];
         }
     }
     SmallSvd { u, s, v }
+}
+
+/// A column of `A V`, the matching column of `V`, and its squared norm.
+struct JacobiColumn {
+    a: Vec<f64>,
+    v: Vec<f64>,
+    norm2: f64,
+}
+
+/// Orthogonalises one pair of columns; whether it rotated.
+fn jacobi_rotate(x: &mut JacobiColumn, y: &mut JacobiColumn) -> bool {
+    let (alpha, beta) = (x.norm2, y.norm2);
+    let gamma = dot(&x.a, &y.a);
+    if gamma == 0.0 || gamma.abs() <= JACOBI_TOL * (alpha * beta).sqrt() {
+        return false;
+    }
+    let zeta = (beta - alpha) / (2.0 * gamma);
+    let t = zeta.signum() / (zeta.abs() + (1.0 + zeta * zeta).sqrt());
+    let c = 1.0 / (1.0 + t * t).sqrt();
+    let s = c * t;
+    rotate(&mut x.a, &mut y.a, c, s);
+    rotate(&mut x.v, &mut y.v, c, s);
+    x.norm2 = alpha - t * gamma;
+    y.norm2 = beta + t * gamma;
+    true
 }
 
 fn rotate(x: &mut [f64], y: &mut [f64], c: f64, s: f64) {
@@ -355,6 +398,24 @@ mod tests {
         let eye: Vec<f64> = (0..n * n).map(|i| if i / n == i % n { 1.0 } else { 0.0 }).collect();
         assert!(max_abs_diff(&utu, &eye) < 1e-13);
         assert!(max_abs_diff(&vtv, &eye) < 1e-13);
+    }
+
+    #[test]
+    fn parallel_jacobi_is_thread_independent_and_accurate() {
+        let mut seed = 6;
+        let n = 81; // odd, above the parallel threshold
+        let a: Vec<f64> = (0..n * n).map(|_| lcg(&mut seed)).collect();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| jacobi_svd(&a, n));
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| jacobi_svd(&a, n));
+        assert_eq!(one.s, three.s);
+        assert_eq!(one.v, three.v);
+        let mut us = one.u.clone();
+        for i in 0..n {
+            for j in 0..n {
+                us[i * n + j] *= one.s[j];
+            }
+        }
+        assert!(max_abs_diff(&matmul(&us, &transpose(&one.v, n, n), n, n, n), &a) < 1e-12);
     }
 
     #[test]

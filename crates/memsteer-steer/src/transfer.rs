@@ -235,6 +235,8 @@ pub struct EmbeddingMap {
     pub shared: usize,
     /// The ridge actually used (the configured one, or the automatic one).
     pub ridge: f64,
+    /// Whether `ridge` was added automatically because `XᵀX` was singular (a caller may warn).
+    pub ridge_automatic: bool,
     /// `‖X H − Y‖_F / ‖Y‖_F` on the pairs used.
     pub relative_residual: f64,
 }
@@ -290,6 +292,7 @@ pub fn fit_map(
         cholesky(&a, m)
     };
     let mut ridge = config.ridge;
+    let mut ridge_automatic = false;
     let mut factor = with_ridge(ridge);
     if factor.is_none() && config.ridge == 0.0 {
         let mean_diag = (0..m).map(|i| g[i * m + i]).sum::<f64>() / m as f64;
@@ -298,6 +301,7 @@ pub fn fit_map(
             factor = with_ridge(lambda);
             if factor.is_some() {
                 ridge = lambda;
+                ridge_automatic = true;
                 break;
             }
             lambda *= AUTO_RIDGE_GROWTH;
@@ -338,15 +342,24 @@ pub fn fit_map(
         .into_iter()
         .fold((0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
     let relative_residual = if den > 0.0 { (num / den).sqrt() } else { num.sqrt() };
-    Ok(EmbeddingMap { h, d_from: m, d_to: p, pairs_used: n, shared: shared.pairs.len(), ridge, relative_residual })
+    Ok(EmbeddingMap {
+        h,
+        d_from: m,
+        d_to: p,
+        pairs_used: n,
+        shared: shared.pairs.len(),
+        ridge,
+        ridge_automatic,
+        relative_residual,
+    })
 }
 
 /// Moves `steer` from the model with output embedding `from` (the steer's own model: size and fingerprint
 /// are checked) to the model with output embedding `to`: fits `H` ([`fit_map`]) and returns the steer with
 /// `P1' = Hᵀ P1`, `P2' = Hᵀ P2` for every steer (the dummy included), the target's hidden size, vocabulary
 /// size and fingerprint, the same ε and labels, and the source's training settings with a `"transfer"`
-/// entry (source shapes and fingerprint, shared and used pairs, matching, `top_k`, ridge, relative
-/// residual); with the fitted map.
+/// entry (source shapes and fingerprint, shared and used pairs, matching, `top_k`, ridge and whether it was
+/// automatic, relative residual); with the fitted map.
 pub fn transfer(
     steer: &Steer,
     from: &EmbeddingView<'_>,
@@ -380,6 +393,7 @@ pub fn transfer(
         "pairs_used": map.pairs_used,
         "top_k": config.top_k,
         "ridge": map.ridge,
+        "ridge_automatic": map.ridge_automatic,
         "relative_residual": map.relative_residual,
     });
     let moved = apply_map(steer, &map, to, record)?;

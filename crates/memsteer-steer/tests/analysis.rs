@@ -335,6 +335,7 @@ fn transfer_recovers_rotated_steer() {
     eprintln!("rotation: relative residual {:.2e}, ridge {:e}", map.relative_residual, map.ridge);
     assert!(map.relative_residual < 1e-6, "residual {}", map.relative_residual);
     assert_eq!(map.ridge, 0.0);
+    assert!(!map.ridge_automatic);
     assert!(max_abs_diff(&map.h, &q) < 1e-5, "H differs from Q by {:e}", max_abs_diff(&map.h, &q));
     assert_eq!((moved.hidden_size(), moved.rank(), moved.vocab_size(), moved.num_steers()), (d, r, vocab, 2));
     assert_eq!(moved.fingerprint(), embedding_fingerprint(&e_to32));
@@ -353,6 +354,8 @@ fn transfer_recovers_rotated_steer() {
     assert_eq!(t["pairs_used"], vocab);
     assert_eq!(t["from_hidden_size"], d);
     assert_eq!(t["from_embedding_fingerprint"], steer.fingerprint());
+    assert_eq!(t["ridge_automatic"], false);
+    assert!(t["top_k"].is_null());
     assert!(t["relative_residual"].as_f64().unwrap() < 1e-6);
     // Steered logits agree on corresponding hidden states.
     let rows = 5;
@@ -471,7 +474,7 @@ fn transfer_matching_and_errors() {
     let flat32 = f32s(&matmul(&coef, &basis, vocab, 3, d));
     let flat = EmbeddingView::new(&flat32, d).unwrap();
     let fit = fit_map(&flat, &view, &ids, &TransferConfig::default()).unwrap();
-    assert!(fit.ridge > 0.0, "expected an automatic ridge");
+    assert!(fit.ridge > 0.0 && fit.ridge_automatic, "expected an automatic ridge");
     // Mismatches.
     let other32 = f32s(&(0..vocab * d).map(|_| rng.normal()).collect::<Vec<_>>());
     let other = EmbeddingView::new(&other32, d).unwrap();
