@@ -281,44 +281,50 @@ pub(crate) fn cholesky_solve(l: &[f64], b: &[f64], n: usize, p: usize) -> Vec<f6
     x
 }
 
-/// `XᵀX` (`m×m`) and `XᵀY` (`m×p`) for the rows `X` (`n×m`) and `Y` (`n×p`) produced by `row(i)`, summed
-/// over fixed blocks of rows in parallel and then in block order (bitwise identical across thread counts).
+/// `XᵀX` (`m×m`) and `XᵀY` (`m×p`) for the rows `X` (`n×m`) and `Y` (`n×p`) produced by `row(i)`: fixed
+/// blocks of rows in parallel, their partial sums added in block order (bitwise identical across thread
+/// counts; memory one partial sum per thread).
 pub(crate) fn gram<F>(n: usize, m: usize, p: usize, row: F) -> (Vec<f64>, Vec<f64>)
 where
     F: Fn(usize, &mut [f64], &mut [f64]) + Sync,
 {
-    let blocks: Vec<(Vec<f64>, Vec<f64>)> = (0..n.div_ceil(GRAM_BLOCK_ROWS))
-        .into_par_iter()
-        .map(|b| {
-            let mut g = vec![0.0; m * m];
-            let mut c = vec![0.0; m * p];
-            let mut x = vec![0.0; m];
-            let mut y = vec![0.0; p];
-            for i in b * GRAM_BLOCK_ROWS..((b + 1) * GRAM_BLOCK_ROWS).min(n) {
-                row(i, &mut x, &mut y);
-                for (a, &xa) in x.iter().enumerate() {
-                    if xa == 0.0 {
-                        continue;
-                    }
-                    for (g, &xb) in g[a * m + a..(a + 1) * m].iter_mut().zip(&x[a..]) {
-                        *g += xa * xb;
-                    }
-                    for (c, &yb) in c[a * p..(a + 1) * p].iter_mut().zip(&y) {
-                        *c += xa * yb;
-                    }
+    let block = |b: usize| {
+        let mut g = vec![0.0; m * m];
+        let mut c = vec![0.0; m * p];
+        let mut x = vec![0.0; m];
+        let mut y = vec![0.0; p];
+        for i in b * GRAM_BLOCK_ROWS..((b + 1) * GRAM_BLOCK_ROWS).min(n) {
+            row(i, &mut x, &mut y);
+            for (a, &xa) in x.iter().enumerate() {
+                if xa == 0.0 {
+                    continue;
+                }
+                for (g, &xb) in g[a * m + a..(a + 1) * m].iter_mut().zip(&x[a..]) {
+                    *g += xa * xb;
+                }
+                for (c, &yb) in c[a * p..(a + 1) * p].iter_mut().zip(&y) {
+                    *c += xa * yb;
                 }
             }
-            (g, c)
-        })
-        .collect();
+        }
+        (g, c)
+    };
     let mut g = vec![0.0; m * m];
     let mut c = vec![0.0; m * p];
-    for (bg, bc) in &blocks {
-        for (a, b) in g.iter_mut().zip(bg) {
-            *a += b;
-        }
-        for (a, b) in c.iter_mut().zip(bc) {
-            *a += b;
+    // As many blocks at a time as there are threads (bounded memory), added in block order: the sum does
+    // not depend on the grouping.
+    let blocks = n.div_ceil(GRAM_BLOCK_ROWS);
+    let group = rayon::current_num_threads().max(1);
+    for first in (0..blocks).step_by(group) {
+        let partial: Vec<(Vec<f64>, Vec<f64>)> =
+            (first..(first + group).min(blocks)).into_par_iter().map(block).collect();
+        for (bg, bc) in &partial {
+            for (a, b) in g.iter_mut().zip(bg) {
+                *a += b;
+            }
+            for (a, b) in c.iter_mut().zip(bc) {
+                *a += b;
+            }
         }
     }
     // Mirror the upper triangle.
@@ -445,5 +451,13 @@ mod tests {
         });
         assert!(max_abs_diff(&g, &matmul_tn(&x, &x, n, m, m)) < 1e-11);
         assert!(max_abs_diff(&c, &matmul_tn(&x, &y, n, m, p)) < 1e-11);
+        let fill = |i: usize, xr: &mut [f64], yr: &mut [f64]| {
+            xr.copy_from_slice(&x[i * m..(i + 1) * m]);
+            yr.copy_from_slice(&y[i * p..(i + 1) * p]);
+        };
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap().install(|| gram(n, m, p, fill));
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap().install(|| gram(n, m, p, fill));
+        assert_eq!(one, three);
+        assert_eq!(one, (g, c));
     }
 }
