@@ -51,6 +51,39 @@ pub enum SteerError {
     /// Invalid input data (a corpus, strengths, hidden states).
     #[error("{0}")]
     Input(String),
+    /// Two models share no token, so no map between their embeddings can be fitted.
+    #[error(
+        "transfer: the two vocabularies share no token (source vocabulary {from_vocab}, target vocabulary {to_vocab})"
+    )]
+    NoSharedTokens {
+        /// Source vocabulary size.
+        from_vocab: usize,
+        /// Target vocabulary size.
+        to_vocab: usize,
+    },
+    /// Fewer shared tokens than the source hidden size and no ridge: the least-squares fit is underdetermined.
+    #[error(
+        "transfer: {shared} shared tokens for a source hidden size of {hidden_size}: the least-squares fit is underdetermined; pass a ridge > 0 or use more shared tokens"
+    )]
+    Underdetermined {
+        /// Shared tokens used in the fit.
+        shared: usize,
+        /// Source hidden size (unknowns per column of `H`).
+        hidden_size: usize,
+    },
+    /// Arrays whose sizes do not agree.
+    #[error("{what}: expected {expected}, found {found}")]
+    Shape {
+        /// The array at fault.
+        what: String,
+        /// The size expected.
+        expected: String,
+        /// The size found.
+        found: String,
+    },
+    /// A numerical procedure failed (a system singular even after regularisation, a non-finite result).
+    #[error("{0}")]
+    Numerical(String),
     /// The language model failed.
     #[error(transparent)]
     Lm(#[from] memsteer_lm::LmError),

@@ -9,6 +9,9 @@
 //! - [`train`]: training from a positive and a negative corpus on hidden states cached once, with Adam
 //!   and the authors' dummy steer; [`fused`] holds the output layer's forward and backward with no
 //!   `[tokens, vocab]` buffer.
+//! - [`explain`]: the SVD of each steer and the tokens at both ends of its top singular directions.
+//! - [`transfer`]: moves a steer to another model through a least-squares map `H` between the two output
+//!   embeddings (`W' = Hᵀ W H`).
 //!
 //! ```
 //! use memsteer_lm::Model;
@@ -34,9 +37,12 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod explain;
 pub mod fused;
+mod linalg;
 mod steer;
 mod train;
+pub mod transfer;
 
 pub use error::{Result, SteerError};
 pub use steer::{FORMAT_VERSION, Steer, SteerSpec, embedding_fingerprint};
