@@ -32,6 +32,10 @@ pub enum SteerCommand {
     Generate(GenerateArgs),
     /// Per-token evidence of a steer's style in a text, its strongest spans, in colour and as HTML.
     Highlight(HighlightArgs),
+    /// The words a steer promotes and suppresses: the tokens at both ends of its top singular directions.
+    Explain(ExplainArgs),
+    /// Move a steer to another model through a least-squares map between their output embeddings.
+    Transfer(TransferArgs),
 }
 
 /// Runs `memsteer steer …`.
@@ -40,7 +44,124 @@ pub fn run(a: &SteerArgs) -> Result<()> {
         SteerCommand::Train(t) => train(t).map(|_| ()),
         SteerCommand::Generate(g) => generate(g).map(|_| ()),
         SteerCommand::Highlight(h) => highlight(h).map(|_| ()),
+        SteerCommand::Explain(e) => explain(e).map(|_| ()),
+        SteerCommand::Transfer(t) => transfer(t).map(|_| ()),
     }
+}
+
+/// Arguments of `memsteer steer explain`.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// The model the steer was trained on (a Hugging Face directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The steer file.
+    #[arg(long)]
+    pub steer: PathBuf,
+    /// Singular directions per labelled steer, the largest first.
+    #[arg(long, default_value_t = 5)]
+    pub dims: usize,
+    /// Tokens shown at each end of a direction.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Print JSON ({"dimensions": [{"steer", "rank", "singular_value", "positive": [{"id", "token",
+    /// "score"}], "negative": […]}]}) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `memsteer steer explain`.
+pub fn explain(a: &ExplainArgs) -> Result<memsteer_steer::explain::Explanation> {
+    let model = load_model(&a.model)?;
+    let dec = model.decoder();
+    let steer = Steer::load_for(&a.steer, dec)?;
+    let tok = has_tokenizer(&a.model).then(|| Tokenizer::from_dir(&a.model)).transpose()?;
+    let name = |id: u32| tok.as_ref().and_then(|t| t.id_to_token(id));
+    let config = memsteer_steer::explain::ExplainConfig { dims: a.dims, top: a.top };
+    let ex = memsteer_steer::explain::explain(&steer, dec.output_embedding(), &config, &name)
+        .with_context(|| format!("explaining {}", a.steer.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ex)?);
+    } else {
+        print!("{ex}");
+    }
+    Ok(ex)
+}
+
+/// Arguments of `memsteer steer transfer`.
+#[derive(Debug, Clone, Args)]
+pub struct TransferArgs {
+    /// The steer file (trained on the --from model).
+    #[arg(long)]
+    pub steer: PathBuf,
+    /// The model the steer was trained on.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The model to move it to.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Where to write the transferred steer.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fit the map on the first N shared tokens only (the authors use 4,000).
+    #[arg(long, value_name = "N")]
+    pub top_k: Option<usize>,
+    /// Ridge added to the least-squares normal equations (0: plain least squares).
+    #[arg(long, default_value_t = 0.0)]
+    pub ridge: f64,
+}
+
+/// Runs `memsteer steer transfer`; returns the transferred steer and the fit's relative residual.
+pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
+    use memsteer_steer::transfer::{EmbeddingView, Matching, SharedTokens, TransferConfig};
+    ensure!(a.ridge.is_finite() && a.ridge >= 0.0, "--ridge must be a finite number ≥ 0, found {}", a.ridge);
+    let (from_model, to_model) = (load_model(&a.from)?, load_model(&a.to)?);
+    let (from, to) = (from_model.decoder(), to_model.decoder());
+    let steer = Steer::load_for(&a.steer, from)?;
+    let tok = |dir: &Path| has_tokenizer(dir).then(|| Tokenizer::from_dir(dir)).transpose();
+    let (tf, tt) = (tok(&a.from)?, tok(&a.to)?);
+    let from_name = tf.as_ref().map(|t| move |id: u32| t.id_to_token(id));
+    let to_name = tt.as_ref().map(|t| move |id: u32| t.id_to_token(id));
+    let shared = SharedTokens::matched(
+        from.vocab(),
+        from_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
+        to.vocab(),
+        to_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
+    )
+    .with_context(|| format!("matching the vocabularies of {} and {}", a.from.display(), a.to.display()))?;
+    if shared.matching == Matching::ById {
+        eprintln!(
+            "warning: neither model has tokenizer files; tokens are matched by id, which assumes both use the same tokenizer"
+        );
+    }
+    let config = TransferConfig { top_k: a.top_k, ridge: a.ridge };
+    let (moved, map) = memsteer_steer::transfer::transfer(
+        &steer,
+        &EmbeddingView::of(from)?,
+        &EmbeddingView::of(to)?,
+        &shared,
+        &config,
+    )
+    .with_context(|| format!("transferring {} to {}", a.steer.display(), a.to.display()))?;
+    if map.ridge_automatic {
+        eprintln!("warning: the least-squares fit was singular; a ridge of {:e} was added", map.ridge);
+    }
+    moved.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "fitted H ({} × {}) on {} of {} shared tokens (matched by {}), relative residual {:.3e}; wrote {}",
+        map.d_from,
+        map.d_to,
+        map.pairs_used,
+        map.shared,
+        match shared.matching {
+            Matching::ByString => "string",
+            Matching::ById => "id",
+            _ => "the caller",
+        },
+        map.relative_residual,
+        a.out.display()
+    );
+    Ok((moved, map.relative_residual))
 }
 
 /// Arguments of `memsteer steer train`.

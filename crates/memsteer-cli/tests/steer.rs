@@ -322,3 +322,93 @@ fn steer_errors_name_the_problem() {
     assert!(e.contains("another model") && e.contains("transfer"), "{e}");
     assert!(!out.exists());
 }
+
+#[test]
+fn steer_explain_and_transfer_end_to_end() {
+    let st = setup();
+    // explain --json: the layout, singular values descending, every direction with both ends.
+    let out = ok(&[
+        "steer",
+        "explain",
+        "--model",
+        s(&st.model),
+        "--steer",
+        s(&st.steer),
+        "--dims",
+        "3",
+        "--top",
+        "4",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let dims = v["dimensions"].as_array().expect("dimensions");
+    assert_eq!(dims.len(), 3);
+    let sv: Vec<f64> = dims.iter().map(|d| d["singular_value"].as_f64().expect("σ")).collect();
+    assert!(sv.windows(2).all(|w| w[0] >= w[1]) && sv[0] > 0.0, "{sv:?}");
+    for d in dims {
+        assert_eq!(d["steer"], 0);
+        for side in ["positive", "negative"] {
+            let toks = d[side].as_array().expect("tokens");
+            assert_eq!(toks.len(), 4);
+            assert!(toks.iter().all(|t| t["id"].is_u64() && t["token"].is_string() && t["score"].is_f64()));
+        }
+    }
+    // The planted tokens stand at one end of the top direction (the steer was trained to move them).
+    let top: Vec<u64> = ["positive", "negative"]
+        .iter()
+        .flat_map(|side| dims[0][side].as_array().expect("tokens").iter().map(|t| t["id"].as_u64().expect("id")))
+        .collect();
+    let planted = POSITIVE.chain(NEGATIVE).map(u64::from).collect::<Vec<_>>();
+    assert!(top.iter().any(|id| planted.contains(id)), "top direction's tokens {top:?} miss the planted {planted:?}");
+    let table = ok(&["steer", "explain", "--model", s(&st.model), "--steer", s(&st.steer), "--dims", "1"]);
+    assert!(!table.trim().is_empty());
+
+    // transfer onto a copy of the model: the map is the identity (residual ≈ 0) and the steer is unchanged.
+    let copy = st.dir.path().join("copy");
+    std::fs::create_dir(&copy).expect("mkdir");
+    for entry in std::fs::read_dir(&st.model).expect("model dir") {
+        let p = entry.expect("entry").path();
+        std::fs::copy(&p, copy.join(p.file_name().expect("name"))).expect("copy");
+    }
+    let moved = st.dir.path().join("moved.safetensors");
+    let args =
+        ["steer", "transfer", "--steer", s(&st.steer), "--from", s(&st.model), "--to", s(&copy), "--out", s(&moved)];
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_memsteer")).args(args).output().expect("run");
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}");
+    assert!(said.contains("matched by string") && said.contains("relative residual"), "{said}");
+    let a = memsteer_steer::Steer::load(&st.steer).expect("steer");
+    let b = memsteer_steer::Steer::load(&moved).expect("moved");
+    let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + p.abs()));
+    assert!(close(a.projector1(), b.projector1()) && close(a.projector2(), b.projector2()));
+    assert!(b.training()["transfer"]["relative_residual"].as_f64().expect("residual") < 1e-5);
+
+    // A target without token strings cannot be matched by string, and vocabularies differ: a clear error.
+    let e = fails(&[
+        "steer",
+        "transfer",
+        "--steer",
+        s(&st.steer),
+        "--from",
+        s(&st.model),
+        "--to",
+        s(&fixture("lm/tiny-gpt2-f32")),
+        "--out",
+        s(&moved),
+    ]);
+    assert!(e.contains("token strings are known for the source model only"), "{e}");
+    let e = fails(&[
+        "steer",
+        "transfer",
+        "--steer",
+        s(&st.steer),
+        "--from",
+        s(&st.model),
+        "--to",
+        s(&copy),
+        "--out",
+        s(&moved),
+        "--ridge=-1",
+    ]);
+    assert!(e.contains("--ridge"), "{e}");
+}
