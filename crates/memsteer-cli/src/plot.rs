@@ -539,3 +539,64 @@ fn draw_learned<DB: DrawingBackend>(
     legend(&mut chart, "learned steer")?;
     Ok(())
 }
+
+/// Writes the continuous-control figure of `steer eval` (an SVG at `path`): mean style score against
+/// strength, each point `(strength, mean, standard deviation)` with a ±1 sd bar.
+pub fn steer_eval_figure(path: &Path, points: &[(f64, f64, f64)], y_desc: &str) -> Result<()> {
+    register_font();
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (800, 520)).into_drawing_area();
+        draw_steer_eval(&root, points, y_desc)?;
+        root.present().map_err(|e| anyhow!("drawing {}: {e:?}", path.display()))?;
+    }
+    memsteer_panel::write_atomic(path, |w| w.write_all(svg.as_bytes()))
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+}
+
+fn draw_steer_eval<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    points: &[(f64, f64, f64)],
+    y_desc: &str,
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err("steer eval"))?;
+    let mut pts = points.to_vec();
+    pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+    if pts.is_empty() {
+        return Ok(());
+    }
+    let (xmin, xmax) = (pts[0].0, pts[pts.len() - 1].0);
+    let pad = ((xmax - xmin) * 0.08).max(0.5);
+    let lo = pts.iter().map(|p| p.1 - p.2).fold(f64::INFINITY, f64::min);
+    let hi = pts.iter().map(|p| p.1 + p.2).fold(f64::NEG_INFINITY, f64::max);
+    let ypad = ((hi - lo) * 0.08).max(0.05);
+    let mut chart = ChartBuilder::on(root)
+        .caption("Continuous control: style score against steer strength", ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d((xmin - pad)..(xmax + pad), (lo - ypad)..(hi + ypad))
+        .map_err(err("steer eval"))?;
+    chart
+        .configure_mesh()
+        .x_desc("steer strength")
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err("steer eval"))?;
+    let blue = RGBColor(33, 102, 172);
+    chart
+        .draw_series(
+            pts.iter().map(|&(x, m, s)| PathElement::new([(x, m - s), (x, m + s)], blue.mix(0.5).stroke_width(2))),
+        )
+        .map_err(err("steer eval"))?;
+    chart
+        .draw_series(LineSeries::new(pts.iter().map(|&(x, m, _)| (x, m)), blue.stroke_width(2)))
+        .map_err(err("steer eval"))?
+        .label("mean score (bars: ±1 sd over samples)")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], blue.stroke_width(2)));
+    chart.draw_series(pts.iter().map(|&(x, m, _)| Circle::new((x, m), 4, blue.filled()))).map_err(err("steer eval"))?;
+    legend(&mut chart, "steer eval")?;
+    Ok(())
+}

@@ -36,6 +36,8 @@ pub enum SteerCommand {
     Explain(ExplainArgs),
     /// Move a steer to another model through a least-squares map between their output embeddings.
     Transfer(TransferArgs),
+    /// Evaluate generations: dist-1/2/3, conditional perplexity and style scores, per file (strength).
+    Eval(EvalArgs),
 }
 
 /// Runs `memsteer steer …`.
@@ -46,6 +48,7 @@ pub fn run(a: &SteerArgs) -> Result<()> {
         SteerCommand::Highlight(h) => highlight(h).map(|_| ()),
         SteerCommand::Explain(e) => explain(e).map(|_| ()),
         SteerCommand::Transfer(t) => transfer(t).map(|_| ()),
+        SteerCommand::Eval(e) => eval(e).map(|_| ()),
     }
 }
 
@@ -867,6 +870,479 @@ body {{ font-family: system-ui, sans-serif; max-width: 50em; margin: 2em auto; l
         label = html_escape(label),
         steer = html_escape(steer),
     )
+}
+
+/// The style scorer of `steer eval`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ScorerKind {
+    /// Logistic regression on bag-of-words trained on the built-in UCI sentences; score = P(positive).
+    BuiltinSentiment,
+    /// No style score.
+    None,
+}
+
+/// Arguments of `memsteer steer eval`.
+#[derive(Debug, Clone, Args)]
+pub struct EvalArgs {
+    /// A generations file (`steer generate --out`), optionally with a label after the last ':' (e.g. the
+    /// strength it was generated at: `g3.jsonl:3`); repeat for several files.
+    #[arg(long = "generations", value_name = "FILE[:LABEL]", required = true, allow_hyphen_values = true)]
+    pub generations: Vec<String>,
+    /// The prompts the generations continue (JSON lines with `id` and `text` or `tokens`), for perplexity.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+    /// Model directory under which to compute the conditional perplexity of the continuations.
+    #[arg(long, value_name = "DIR")]
+    pub ppl_model: Option<PathBuf>,
+    /// The built-in style scorer (ignored with --scorer-cmd).
+    #[arg(long, value_enum, default_value_t = ScorerKind::BuiltinSentiment)]
+    pub scorer: ScorerKind,
+    /// External scorer run with `sh -c`: one JSON line {"text": …} per sample on its stdin, one number per
+    /// line on its stdout.
+    #[arg(long, value_name = "CMD")]
+    pub scorer_cmd: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw the mean score against the label (read as a number) into this SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// The evaluation of one generations file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FileEval {
+    /// The file.
+    pub file: String,
+    /// Its label (`FILE:LABEL`), if any.
+    pub label: Option<String>,
+    /// Samples in the file.
+    pub samples: usize,
+    /// Distinct prompts.
+    pub prompts: usize,
+    /// dist-1, dist-2, dist-3.
+    pub dist: [f64; 3],
+    /// Whether dist-n counted token ids as words (the file has no `text`).
+    pub dist_on_tokens: bool,
+    /// Mean perplexity of the samples kept (those below 1e4), with `--ppl-model`.
+    pub perplexity: Option<f64>,
+    /// Samples dropped for a perplexity ≥ 1e4.
+    pub perplexity_dropped: Option<usize>,
+    /// Mean style score.
+    pub score_mean: Option<f64>,
+    /// Standard deviation of the style scores.
+    pub score_std: Option<f64>,
+    /// Per-sample style scores, in file order.
+    #[serde(skip)]
+    pub scores: Vec<f64>,
+}
+
+/// What `steer eval` reports.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct EvalReport {
+    /// The scorer used: `builtin-sentiment`, `command` or `none`.
+    pub scorer: String,
+    /// Held-out accuracy of the built-in scorer.
+    pub scorer_held_out_accuracy: Option<f64>,
+    /// Held-out sentences of the built-in scorer.
+    pub scorer_held_out: Option<usize>,
+    /// One entry per generations file, in argument order.
+    pub files: Vec<FileEval>,
+}
+
+/// Perplexities at or above this are dropped from the mean, as the LM-Steer authors do.
+pub const PPL_CUTOFF: f64 = 1e4;
+
+/// One line of a generations file.
+#[derive(Debug, Clone)]
+struct Sample {
+    prompt_key: String,
+    tokens: Option<Vec<u32>>,
+    text: Option<String>,
+}
+
+/// Splits `FILE[:LABEL]`: an existing path is a file; otherwise the part after the last ':' is the label.
+fn parse_generations_spec(spec: &str) -> (PathBuf, Option<String>) {
+    if !Path::new(spec).exists()
+        && let Some((file, label)) = spec.rsplit_once(':')
+        && !file.is_empty()
+        && !label.is_empty()
+    {
+        return (PathBuf::from(file), Some(label.to_string()));
+    }
+    (PathBuf::from(spec), None)
+}
+
+fn prompt_key(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn read_generations(path: &Path) -> Result<Vec<Sample>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading generations {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}, line {}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+        let prompt_key = v
+            .get("prompt_id")
+            .and_then(prompt_key)
+            .with_context(|| format!("{}: expected a `prompt_id` string or number", at()))?;
+        let tokens = match v.get("tokens") {
+            None => None,
+            Some(serde_json::Value::Array(t)) => Some(
+                t.iter()
+                    .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+                    .collect::<Option<Vec<u32>>>()
+                    .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
+            ),
+            Some(other) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
+        };
+        let text = match v.get("text") {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
+        };
+        ensure!(tokens.is_some() || text.is_some(), "{}: a sample needs `text` or `tokens`", at());
+        out.push(Sample { prompt_key, tokens, text });
+    }
+    ensure!(!out.is_empty(), "{}: no generations", path.display());
+    Ok(out)
+}
+
+/// dist-1/2/3 as the LM-Steer (and DExperts) authors compute them: for each prompt, the distinct n-grams
+/// over all its samples' words divided by the total number of words of those samples, averaged over
+/// prompts. `groups[p]` holds the word lists of prompt p's samples.
+pub fn distinct_n(groups: &[Vec<Vec<String>>]) -> [f64; 3] {
+    let mut sums = [0.0f64; 3];
+    let mut counted = 0usize;
+    for samples in groups {
+        let total: usize = samples.iter().map(Vec::len).sum();
+        if total == 0 {
+            continue;
+        }
+        counted += 1;
+        for (n, sum) in (1..=3).zip(sums.iter_mut()) {
+            let mut seen = std::collections::HashSet::new();
+            for words in samples {
+                for w in words.windows(n) {
+                    seen.insert(w);
+                }
+            }
+            *sum += seen.len() as f64 / total as f64;
+        }
+    }
+    sums.map(|s| if counted == 0 { 0.0 } else { s / counted as f64 })
+}
+
+/// Runs an external scorer: `sh -c CMD`, JSON lines {"text"} on stdin, one number per line on stdout.
+pub fn run_scorer_cmd(cmd: &str, texts: &[&str]) -> Result<Vec<f64>> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("--scorer-cmd {cmd:?}: starting `sh -c`"))?;
+    let mut input = String::new();
+    for t in texts {
+        input.push_str(&serde_json::json!({ "text": t }).to_string());
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().context("the scorer's stdin")?;
+    let writer = std::thread::spawn(move || {
+        // A scorer that exits without reading everything closes the pipe; its exit status tells.
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let out = child.wait_with_output().with_context(|| format!("--scorer-cmd {cmd:?}: waiting for it"))?;
+    let _ = writer.join();
+    if !out.status.success() {
+        bail!(
+            "--scorer-cmd {cmd:?} failed ({}); its stderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    let stdout = String::from_utf8(out.stdout).with_context(|| format!("--scorer-cmd {cmd:?}: stdout is not UTF-8"))?;
+    let mut scores = Vec::new();
+    for (i, line) in stdout.lines().enumerate() {
+        let l = line.trim();
+        if l.is_empty() {
+            continue;
+        }
+        let x: f64 = l
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--scorer-cmd {cmd:?}: output line {} is not a number: {l:?}", i + 1))?;
+        ensure!(x.is_finite(), "--scorer-cmd {cmd:?}: output line {} is not a finite number: {l:?}", i + 1);
+        scores.push(x);
+    }
+    ensure!(
+        scores.len() == texts.len(),
+        "--scorer-cmd {cmd:?}: expected {} scores (one per sample, one per line), got {}",
+        texts.len(),
+        scores.len()
+    );
+    Ok(scores)
+}
+
+/// Conditional perplexities `exp(−mean log p(continuation | prompt))` of every sample, in file order.
+fn perplexities(
+    model: &Model,
+    tok: &mut LazyTokenizer<'_>,
+    prompts: Option<&std::collections::HashMap<String, Vec<u32>>>,
+    samples: &[Sample],
+    file: &Path,
+) -> Result<Vec<f64>> {
+    let dec = model.decoder();
+    let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(samples.len());
+    for (i, s) in samples.iter().enumerate() {
+        let at = || format!("{}, sample {} (prompt {:?})", file.display(), i + 1, s.prompt_key);
+        let cont = match (&s.tokens, &s.text) {
+            (Some(t), _) => t.clone(),
+            (None, Some(text)) => tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing", at()))?,
+            (None, None) => unreachable!("checked when reading"),
+        };
+        if let Some(&bad) = cont.iter().find(|&&t| t as usize >= dec.vocab()) {
+            bail!("{}: token id {bad} is outside the perplexity model's vocabulary (size {})", at(), dec.vocab());
+        }
+        let prompt: &[u32] = match prompts {
+            Some(map) => {
+                map.get(&s.prompt_key).with_context(|| format!("{}: no prompt with this id in --prompts", at()))?
+            }
+            None => &[],
+        };
+        let seq: Vec<u32> = prompt.iter().chain(&cont).copied().collect();
+        ensure!(
+            !cont.is_empty() && seq.len() >= 2,
+            "{}: too few tokens to score (a continuation needs at least {} without --prompts)",
+            at(),
+            if prompts.is_some() { 1 } else { 2 }
+        );
+        ensure!(
+            seq.len() <= dec.context(),
+            "{}: {} tokens exceed the perplexity model's context of {}",
+            at(),
+            seq.len(),
+            dec.context()
+        );
+        // Index into the log-probs of the first scored continuation token.
+        let first = prompt.len().max(1) - 1;
+        seqs.push((seq, first));
+    }
+    let chunks: Vec<&[(Vec<u32>, usize)]> = seqs.chunks(16).collect();
+    let per_chunk = chunks
+        .par_iter()
+        .map(|chunk| {
+            let refs: Vec<&[u32]> = chunk.iter().map(|(s, _)| s.as_slice()).collect();
+            let lps = model.token_log_probs_batch(&refs)?;
+            Ok(lps
+                .iter()
+                .zip(chunk.iter())
+                .map(|(lp, (_, first))| {
+                    let tail = &lp[*first..];
+                    let mean = tail.iter().map(|&x| f64::from(x)).sum::<f64>() / tail.len() as f64;
+                    (-mean).exp()
+                })
+                .collect::<Vec<f64>>())
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(per_chunk.into_iter().flatten().collect())
+}
+
+/// Runs `memsteer steer eval`.
+pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
+    let specs: Vec<(PathBuf, Option<String>)> = a.generations.iter().map(|g| parse_generations_spec(g)).collect();
+    let files = specs.iter().map(|(p, _)| read_generations(p)).collect::<Result<Vec<_>>>()?;
+    // The perplexity model and the prompts it conditions on.
+    let ppl = match &a.ppl_model {
+        Some(dir) => {
+            let model = load_model(dir)?;
+            let mut tok = LazyTokenizer::new(dir);
+            let prompts = match &a.prompts {
+                Some(p) => Some(
+                    read_prompts(p, &mut tok, model.decoder().vocab())?
+                        .into_iter()
+                        .map(|p| (p.key, p.tokens))
+                        .collect::<std::collections::HashMap<_, _>>(),
+                ),
+                None => {
+                    eprintln!(
+                        "note: no --prompts; perplexity is the continuations' own (each scored from its second token)"
+                    );
+                    None
+                }
+            };
+            Some((model, dir.clone(), prompts))
+        }
+        None => None,
+    };
+    let builtin = match (&a.scorer_cmd, a.scorer) {
+        (None, ScorerKind::BuiltinSentiment) => Some(crate::sentiment::SentimentScorer::builtin()?),
+        _ => None,
+    };
+    let scoring = a.scorer_cmd.is_some() || builtin.is_some();
+    let mut report = EvalReport {
+        scorer: match (&a.scorer_cmd, builtin) {
+            (Some(_), _) => "command".into(),
+            (None, Some(_)) => "builtin-sentiment".into(),
+            (None, None) => "none".into(),
+        },
+        scorer_held_out_accuracy: builtin.map(|b| b.held_out_accuracy),
+        scorer_held_out: builtin.map(|b| b.held_out_size),
+        files: Vec::new(),
+    };
+    for ((path, label), samples) in specs.iter().zip(&files) {
+        // Samples grouped by prompt, prompts in order of first appearance.
+        let mut order: Vec<&str> = Vec::new();
+        let mut groups: std::collections::HashMap<&str, Vec<Vec<String>>> = std::collections::HashMap::new();
+        let dist_on_tokens = samples.iter().any(|s| s.text.is_none());
+        if dist_on_tokens {
+            eprintln!("note: {} has samples without `text`; dist-n counts token ids as words", path.display());
+        }
+        for s in samples {
+            let words: Vec<String> = match (&s.text, &s.tokens) {
+                (Some(t), _) if !dist_on_tokens => t.split_whitespace().map(str::to_string).collect(),
+                (_, Some(t)) => t.iter().map(u32::to_string).collect(),
+                (Some(t), None) => t.split_whitespace().map(str::to_string).collect(),
+                (None, None) => Vec::new(),
+            };
+            if !groups.contains_key(s.prompt_key.as_str()) {
+                order.push(&s.prompt_key);
+            }
+            groups.entry(&s.prompt_key).or_default().push(words);
+        }
+        let grouped: Vec<Vec<Vec<String>>> = order.iter().map(|k| groups.remove(k).unwrap_or_default()).collect();
+        let dist = distinct_n(&grouped);
+
+        let (perplexity, perplexity_dropped) = match &ppl {
+            Some((model, dir, prompts)) => {
+                let mut tok = LazyTokenizer::new(dir);
+                let all = perplexities(model, &mut tok, prompts.as_ref(), samples, path)?;
+                let kept: Vec<f64> = all.iter().copied().filter(|p| p.is_finite() && *p < PPL_CUTOFF).collect();
+                let mean = (!kept.is_empty()).then(|| kept.iter().sum::<f64>() / kept.len() as f64);
+                (mean, Some(all.len() - kept.len()))
+            }
+            None => (None, None),
+        };
+
+        let scores = if scoring {
+            let texts = samples
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    s.text.as_deref().with_context(|| {
+                        format!(
+                            "{}, sample {}: style scoring needs `text` (generate with a tokenizer)",
+                            path.display(),
+                            i + 1
+                        )
+                    })
+                })
+                .collect::<Result<Vec<&str>>>()?;
+            match (&a.scorer_cmd, builtin) {
+                (Some(cmd), _) => run_scorer_cmd(cmd, &texts).with_context(|| format!("scoring {}", path.display()))?,
+                (None, Some(b)) => texts.iter().map(|t| b.score(t)).collect(),
+                (None, None) => Vec::new(),
+            }
+        } else {
+            Vec::new()
+        };
+        let (score_mean, score_std) = if scores.is_empty() {
+            (None, None)
+        } else {
+            let n = scores.len() as f64;
+            let m = scores.iter().sum::<f64>() / n;
+            let var = scores.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n;
+            (Some(m), Some(var.sqrt()))
+        };
+        report.files.push(FileEval {
+            file: path.display().to_string(),
+            label: label.clone(),
+            samples: samples.len(),
+            prompts: grouped.len(),
+            dist,
+            dist_on_tokens,
+            perplexity,
+            perplexity_dropped,
+            score_mean,
+            score_std,
+            scores,
+        });
+    }
+
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", eval_table(&report));
+    }
+    if let Some(plot) = &a.plot {
+        let mut points = Vec::new();
+        for f in &report.files {
+            let Some(m) = f.score_mean else {
+                bail!("--plot needs style scores (use --scorer builtin-sentiment or --scorer-cmd)");
+            };
+            let label = f
+                .label
+                .as_deref()
+                .with_context(|| format!("--plot: {} has no label; give it as FILE:STRENGTH", f.file))?;
+            let x: f64 = label
+                .trim()
+                .parse()
+                .ok()
+                .filter(|x: &f64| x.is_finite())
+                .with_context(|| format!("--plot: the label {label:?} of {} is not a number", f.file))?;
+            points.push((x, m, f.score_std.unwrap_or(0.0)));
+        }
+        let y_desc = match report.scorer.as_str() {
+            "builtin-sentiment" => "mean P(positive), built-in scorer",
+            _ => "mean style score",
+        };
+        crate::plot::steer_eval_figure(plot, &points, y_desc)?;
+        eprintln!("wrote {}", plot.display());
+    }
+    Ok(report)
+}
+
+/// A readable table of an evaluation.
+fn eval_table(r: &EvalReport) -> String {
+    let mut out = String::new();
+    if let (Some(acc), Some(n)) = (r.scorer_held_out_accuracy, r.scorer_held_out) {
+        out.push_str(&format!("scorer: built-in sentiment (held-out accuracy {acc:.3} on {n} sentences)\n"));
+    } else {
+        out.push_str(&format!("scorer: {}\n", r.scorer));
+    }
+    out.push_str(&format!(
+        "{:<28} {:>8} {:>7} {:>7} {:>7} {:>7} {:>10} {:>7} {:>8} {:>8}\n",
+        "file", "label", "samples", "dist-1", "dist-2", "dist-3", "perplexity", "dropped", "score", "std"
+    ));
+    let opt = |x: Option<f64>, p: usize| x.map_or("-".to_string(), |v| format!("{v:.p$}"));
+    for f in &r.files {
+        let name = Path::new(&f.file).file_name().map_or(f.file.clone(), |n| n.to_string_lossy().into_owned());
+        out.push_str(&format!(
+            "{:<28} {:>8} {:>7} {:>7.4} {:>7.4} {:>7.4} {:>10} {:>7} {:>8} {:>8}\n",
+            name,
+            f.label.as_deref().unwrap_or("-"),
+            f.samples,
+            f.dist[0],
+            f.dist[1],
+            f.dist[2],
+            opt(f.perplexity, 2),
+            f.perplexity_dropped.map_or("-".to_string(), |d| d.to_string()),
+            opt(f.score_mean, 4),
+            opt(f.score_std, 4),
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

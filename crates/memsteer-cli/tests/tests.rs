@@ -5,6 +5,7 @@ mod errors;
 mod logprobs;
 mod profile;
 mod steer;
+mod steer_eval;
 mod train;
 
 use std::path::{Path, PathBuf};
