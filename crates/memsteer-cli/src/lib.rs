@@ -39,7 +39,7 @@ pub enum Command {
     Logprobs(logprobs::LogprobsArgs),
     /// Train a small GPT-NeoX model with every batch logged, writing checkpoints for `logprobs`.
     Train(train::TrainArgs),
-    /// LM-Steer: train a steer, generate with it, highlight its evidence in a text.
+    /// LM-Steer: train a steer, generate with it, explain, highlight, evaluate and transfer it.
     Steer(steer::SteerArgs),
 }
 

@@ -1,5 +1,6 @@
 //! `memsteer steer`: LM-Steer from the command line — train a steer on two corpora, generate with one or
-//! several steers at any strength, and highlight where a text carries the steer's style.
+//! several steers at any strength, highlight where a text carries the steer's style, explain, transfer,
+//! and evaluate generations (dist-n, perplexity, style scores).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
