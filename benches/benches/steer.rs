@@ -81,6 +81,18 @@ fn random_steer(decoder: &dyn Decoder, seed: u64, strength: f32) -> (Steer, Vec<
     (steer, strengths)
 }
 
+/// `h' = h + Σ_files (project_f(h) − h)`, as `steer generate`'s `SteerSet::apply`.
+fn apply(steers: &[(Steer, Vec<f32>)], last: &[f32]) -> Vec<f32> {
+    let mut h = last.to_vec();
+    for (steer, strengths) in steers {
+        let p = steer.project(last, strengths).expect("project");
+        for ((o, &pi), &hi) in h.iter_mut().zip(&p).zip(last) {
+            *o += pi - hi;
+        }
+    }
+    h
+}
+
 /// Greedy decoding as `memsteer steer generate`'s `steered_continuation`: the KV cache, the last hidden
 /// state through every steer (`h' = h + Σ_files (project_f(h) − h)`), logits against the output embedding.
 fn decode(decoder: &dyn Decoder, steers: &[(Steer, Vec<f32>)], prompt: &[u32]) -> Vec<u32> {
@@ -96,13 +108,7 @@ fn decode(decoder: &dyn Decoder, steers: &[(Steer, Vec<f32>)], prompt: &[u32]) -
         if steers.is_empty() {
             matmul_transposed(&Device::Cpu, last, decoder.output_embedding(), 1, d, vocab, &mut logits).expect("mm");
         } else {
-            let mut h = last.to_vec();
-            for (steer, strengths) in steers {
-                let p = steer.project(last, strengths).expect("project");
-                for ((o, &pi), &hi) in h.iter_mut().zip(&p).zip(last) {
-                    *o += pi - hi;
-                }
-            }
+            let h = apply(steers, last);
             matmul_transposed(&Device::Cpu, &h, decoder.output_embedding(), 1, d, vocab, &mut logits).expect("mm");
         }
         let next = sample(&logits, &cfg, 0.5) as u32;
@@ -131,6 +137,15 @@ fn steer_decode(c: &mut Criterion) {
         .throughput(Throughput::Elements(NEW_TOKENS as u64));
     for (name, steers) in [("base", &[][..]), ("one_steer", &one[..]), ("two_steers", &two[..])] {
         g.bench_function(name, |b| b.iter(|| decode(decoder, black_box(steers), black_box(&prompt))));
+    }
+    g.finish();
+
+    // What the steers add to one decode step on their own: the last hidden state through every steer.
+    let h: Vec<f32> = (0..decoder.dim()).map(|_| rng.normal() as f32).collect();
+    let mut g = c.benchmark_group("cpu/steer_apply_1row");
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    for (name, steers) in [("one_steer", &one[..]), ("two_steers", &two[..])] {
+        g.bench_function(name, |b| b.iter(|| apply(black_box(steers), black_box(&h))));
     }
     g.finish();
     let _ = std::fs::remove_dir_all(&dir);
