@@ -66,6 +66,9 @@ pub(crate) fn log_prob_targets(
     )
 }
 
+/// Output entries (or rank entries) per task when a single row is split across threads.
+const STEER_CHUNK: usize = 64;
+
 pub(crate) fn steered_projection(
     hidden: &[f32],
     steers: &Steers<'_>,
@@ -74,8 +77,11 @@ pub(crate) fn steered_projection(
     out: &mut [f32],
 ) {
     let Steers { p1, p2, steers: s, dim: d, rank: r } = *steers;
-    out.par_chunks_mut(d).zip(hidden.par_chunks(d)).for_each(|(o, c)| {
-        o.copy_from_slice(c);
+    if hidden.len() == d {
+        // One row (a decode step): split `c P1` over the rank and `proj P2ᵀ` over the output across
+        // threads. Every entry is summed in the same order as in the many-row path below, so the result
+        // is the same bitwise whatever the thread count and however many rows come together.
+        out.copy_from_slice(hidden);
         let mut proj = vec![0.0f32; r];
         for i in 0..s {
             let scale = epsilon * strengths[i];
@@ -84,18 +90,63 @@ pub(crate) fn steered_projection(
             }
             let a = &p1[i * d * r..(i + 1) * d * r];
             let b = &p2[i * d * r..(i + 1) * d * r];
-            // proj = c P1_i (1 × r)
-            proj.fill(0.0);
-            for (k, &ck) in c.iter().enumerate() {
-                for (pj, &x) in proj.iter_mut().zip(&a[k * r..(k + 1) * r]) {
-                    *pj += ck * x;
+            proj.par_chunks_mut(STEER_CHUNK).enumerate().for_each(|(t, pj)| {
+                let (j0, n) = (t * STEER_CHUNK, pj.len());
+                pj.fill(0.0);
+                for (k, &ck) in hidden.iter().enumerate() {
+                    for (p, &x) in pj.iter_mut().zip(&a[k * r + j0..k * r + j0 + n]) {
+                        *p += ck * x;
+                    }
+                }
+            });
+            let proj = &proj;
+            out.par_chunks_mut(STEER_CHUNK).enumerate().for_each(|(t, oc)| {
+                for (dk, ok) in oc.iter_mut().enumerate() {
+                    let k = t * STEER_CHUNK + dk;
+                    *ok += scale * dot(proj, &b[k * r..(k + 1) * r]);
+                }
+            });
+        }
+        return;
+    }
+    out.par_chunks_mut(d).zip(hidden.par_chunks(d)).for_each_init(
+        || vec![0.0f32; r],
+        |proj, (o, c)| {
+            o.copy_from_slice(c);
+            for i in 0..s {
+                let scale = epsilon * strengths[i];
+                if scale == 0.0 {
+                    continue;
+                }
+                let a = &p1[i * d * r..(i + 1) * d * r];
+                let b = &p2[i * d * r..(i + 1) * d * r];
+                // proj = c P1_i (1 × r)
+                proj.fill(0.0);
+                for (k, &ck) in c.iter().enumerate() {
+                    for (pj, &x) in proj.iter_mut().zip(&a[k * r..(k + 1) * r]) {
+                        *pj += ck * x;
+                    }
+                }
+                // o += scale · proj P2_iᵀ
+                for (k, ok) in o.iter_mut().enumerate() {
+                    *ok += scale * dot(proj, &b[k * r..(k + 1) * r]);
                 }
             }
-            // o += scale · proj P2_iᵀ
-            for (k, ok) in o.iter_mut().enumerate() {
-                let dot: f32 = proj.iter().zip(&b[k * r..(k + 1) * r]).map(|(x, y)| x * y).sum();
-                *ok += scale * dot;
-            }
+        },
+    );
+}
+
+/// `Σ xᵢ yᵢ` with eight explicit accumulators (so it vectorises), summed in a fixed order.
+#[inline]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f32; LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail: f32 = xc.remainder().iter().zip(yc.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in xc.zip(yc) {
+        for l in 0..LANES {
+            acc[l] += a[l] * b[l];
         }
-    });
+    }
+    acc.iter().sum::<f32>() + tail
 }

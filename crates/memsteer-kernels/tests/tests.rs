@@ -273,3 +273,27 @@ fn strided_matmul_reads_transposed_and_offset_views() {
         }
     }
 }
+
+/// A single row (the decode path, split across threads) gives bitwise what the same row gives in a batch,
+/// on any number of threads; rank and dimension not multiples of the chunk or lane sizes.
+#[test]
+fn steered_projection_single_row_matches_the_batch_bitwise() {
+    let (tokens, d, r, s) = (5, 131, 77, 2);
+    let mut rng = SplitMix64::new(31);
+    let hidden = randn(tokens * d, 1.0, &mut rng);
+    let p1 = randn(s * d * r, 0.5, &mut rng);
+    let p2 = randn(s * d * r, 0.5, &mut rng);
+    let strengths = [0.7f32, 1.0];
+    let steers = Steers { p1: &p1, p2: &p2, steers: s, dim: d, rank: r };
+    let mut batch = vec![0.0f32; tokens * d];
+    steered_projection(&Device::Cpu, &hidden, &steers, &strengths, 1e-3, &mut batch).expect("kernel");
+    for threads in [1, 2, 3, 8] {
+        for t in 0..tokens {
+            let row = &hidden[t * d..(t + 1) * d];
+            let mut out = vec![0.0f32; d];
+            on_threads(threads, || steered_projection(&Device::Cpu, row, &steers, &strengths, 1e-3, &mut out))
+                .expect("kernel");
+            assert_eq!(out, &batch[t * d..(t + 1) * d], "row {t}, {threads} threads");
+        }
+    }
+}
