@@ -6,59 +6,19 @@
 //! it: the labelled steer and the dummy steer (strength 1), so `num_steers = 2`.
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Duration;
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use memsteer_benches::write_gpt2_small;
 use memsteer_kernels::{Device, matmul_transposed};
 use memsteer_lm::sample::{SamplingConfig, sample};
 use memsteer_lm::{Decoder, KvCache, Model};
 use memsteer_panel::rng::SplitMix64;
 use memsteer_steer::{Steer, SteerSpec, embedding_fingerprint};
-use safetensors::tensor::{Dtype, TensorView};
 
 const PROMPT: usize = 16;
 const NEW_TOKENS: usize = 32;
 const RANK: usize = 768;
-
-fn write_gpt2_small(dir: &Path) {
-    let (d, l, v, p) = (768, 12, 50257, 1024);
-    let mut t = vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".to_string(), vec![p, d])];
-    for i in 0..l {
-        for (n, s) in [
-            ("ln_1.weight", vec![d]),
-            ("ln_1.bias", vec![d]),
-            ("attn.c_attn.weight", vec![d, 3 * d]),
-            ("attn.c_attn.bias", vec![3 * d]),
-            ("attn.c_proj.weight", vec![d, d]),
-            ("attn.c_proj.bias", vec![d]),
-            ("ln_2.weight", vec![d]),
-            ("ln_2.bias", vec![d]),
-            ("mlp.c_fc.weight", vec![d, 4 * d]),
-            ("mlp.c_fc.bias", vec![4 * d]),
-            ("mlp.c_proj.weight", vec![4 * d, d]),
-            ("mlp.c_proj.bias", vec![d]),
-        ] {
-            t.push((format!("h.{i}.{n}"), s));
-        }
-    }
-    t.push(("ln_f.weight".into(), vec![d]));
-    t.push(("ln_f.bias".into(), vec![d]));
-    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_positions": p, "n_embd": d, "n_layer": l, "n_head": 12});
-    let mut rng = SplitMix64::new(1);
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = t
-        .into_iter()
-        .map(|(name, shape)| {
-            let n: usize = shape.iter().product();
-            let bytes = (0..n).flat_map(|_| half::f16::from_f32((0.02 * rng.normal()) as f32).to_le_bytes()).collect();
-            (name, shape, bytes)
-        })
-        .collect();
-    let views: Vec<(String, TensorView<'_>)> =
-        data.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F16, s.clone(), b).expect("view"))).collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write");
-    std::fs::write(dir.join("config.json"), cfg.to_string()).expect("config");
-}
 
 /// A random steer for `decoder` shaped as `steer train` writes it (labelled + dummy, rank [`RANK`]), with
 /// the strengths `steer generate` uses for `FILE:strength`.

@@ -26,44 +26,59 @@ pub(crate) fn log_prob_targets(
     let block = targets.len().div_ceil(2 * threads).clamp(MIN_TOKEN_BLOCK, MAX_TOKEN_BLOCK);
     out.par_chunks_mut(block).zip(targets.par_chunks(block)).zip(hidden.par_chunks(block * dim)).try_for_each(
         |((out, targets), h)| {
-            let rows = targets.len();
-            let mut logits = vec![0.0f32; rows * VOCAB_TILE];
-            let mut max = vec![f32::NEG_INFINITY; rows];
-            let mut sum = vec![0.0f32; rows];
-            let mut target_logit = vec![0.0f32; rows];
-            for v0 in (0..vocab).step_by(VOCAB_TILE) {
-                let width = VOCAB_TILE.min(vocab - v0);
-                let tile = &mut logits[..rows * width];
-                crate::native::gemm(
-                    rows,
-                    dim,
-                    width,
-                    MatRef::row_major(h, dim),
-                    MatRef::row_major(&embedding[v0 * dim..(v0 + width) * dim], dim).t(),
-                    0.0,
-                    MatMut::row_major(tile, width),
-                )?;
-                for r in 0..rows {
-                    let row = &tile[r * width..(r + 1) * width];
-                    let t = targets[r] as usize;
-                    if (v0..v0 + width).contains(&t) {
-                        target_logit[r] = row[t - v0];
-                    }
-                    // Online log-sum-exp: rescale the running sum when the maximum grows.
-                    let tile_max = vmath::max(row);
-                    if tile_max > max[r] {
-                        sum[r] *= vmath::exp(max[r] - tile_max);
-                        max[r] = tile_max;
-                    }
-                    sum[r] += vmath::sum_exp(row, max[r]);
-                }
-            }
-            for r in 0..rows {
-                out[r] = target_logit[r] - (max[r] + sum[r].ln());
+            let (lse, target_logit) = log_sum_exp_block(h, embedding, dim, vocab, targets)?;
+            for (o, (t, l)) in out.iter_mut().zip(target_logit.iter().zip(&lse)) {
+                *o = t - l;
             }
             Ok(())
         },
     )
+}
+
+/// Per row of `h` (`rows × dim`): `log Σ_v exp(h Eᵀ)_v` and the target's logit, streaming the vocabulary
+/// in tiles through an online log-sum-exp on the calling thread. Each row's numbers depend on that row
+/// alone, whatever the block it sits in.
+pub(crate) fn log_sum_exp_block(
+    h: &[f32],
+    embedding: &[f32],
+    dim: usize,
+    vocab: usize,
+    targets: &[u32],
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    let rows = targets.len();
+    let mut logits = vec![0.0f32; rows * VOCAB_TILE.min(vocab)];
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0.0f32; rows];
+    let mut target_logit = vec![0.0f32; rows];
+    for v0 in (0..vocab).step_by(VOCAB_TILE) {
+        let width = VOCAB_TILE.min(vocab - v0);
+        let tile = &mut logits[..rows * width];
+        crate::native::gemm(
+            rows,
+            dim,
+            width,
+            MatRef::row_major(h, dim),
+            MatRef::row_major(&embedding[v0 * dim..(v0 + width) * dim], dim).t(),
+            0.0,
+            MatMut::row_major(tile, width),
+        )?;
+        for r in 0..rows {
+            let row = &tile[r * width..(r + 1) * width];
+            let t = targets[r] as usize;
+            if (v0..v0 + width).contains(&t) {
+                target_logit[r] = row[t - v0];
+            }
+            // Online log-sum-exp: rescale the running sum when the maximum grows.
+            let tile_max = vmath::max(row);
+            if tile_max > max[r] {
+                sum[r] *= vmath::exp(max[r] - tile_max);
+                max[r] = tile_max;
+            }
+            sum[r] += vmath::sum_exp(row, max[r]);
+        }
+    }
+    let lse = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
+    Ok((lse, target_logit))
 }
 
 /// Output entries (or rank entries) per task when a single row is split across threads.

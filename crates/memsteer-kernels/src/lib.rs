@@ -82,6 +82,37 @@ pub fn log_prob_targets(
     }
 }
 
+/// Per row of `hidden` (`rows × dim`, row-major): `log Σ_v exp(hidden Eᵀ)_v` and the logit of the row's
+/// target, on the calling thread (for callers that parallelise over row blocks, such as a fused backward
+/// pass). The vocabulary is streamed in tiles through an online log-sum-exp, so no `rows × vocab` buffer
+/// exists; [`log_prob_targets`] is `target_logit − lse` of this, split across threads.
+pub fn log_sum_exp_rows(
+    device: &Device,
+    hidden: &[f32],
+    embedding: &[f32],
+    dim: usize,
+    targets: &[u32],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    if dim == 0 {
+        return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
+    }
+    check_len("hidden", hidden.len(), product("hidden", targets.len(), dim)?)?;
+    if !embedding.len().is_multiple_of(dim) || embedding.is_empty() {
+        return Err(KernelError::Shape {
+            what: "embedding",
+            expected: format!("a non-empty multiple of dim = {dim}"),
+            found: embedding.len(),
+        });
+    }
+    let vocab = embedding.len() / dim;
+    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(KernelError::Target { position, id, vocab });
+    }
+    match device {
+        Device::Cpu => cpu::log_sum_exp_block(hidden, embedding, dim, vocab, targets),
+    }
+}
+
 /// A set of low-rank steers `W = Σ_i s_i P1_i P2_iᵀ` (`P1`, `P2`: `steers × dim × rank`, row-major).
 #[derive(Debug, Clone, Copy)]
 pub struct Steers<'a> {

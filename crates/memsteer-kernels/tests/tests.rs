@@ -297,3 +297,26 @@ fn steered_projection_single_row_matches_the_batch_bitwise() {
         }
     }
 }
+
+#[test]
+fn log_sum_exp_rows_match_f64_and_compose_to_log_probs() {
+    let mut rng = SplitMix64::new(12);
+    let (rows, dim, vocab) = (5, 7, 1030);
+    let h = randn(rows * dim, 1.0, &mut rng);
+    let e = randn(vocab * dim, 1.0, &mut rng);
+    let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u64) as u32).collect();
+    let (lse, tl) = memsteer_kernels::log_sum_exp_rows(&Device::Cpu, &h, &e, dim, &targets).expect("lse");
+    let mut lp = vec![0.0f32; rows];
+    log_prob_targets(&Device::Cpu, &h, &e, dim, &targets, &mut lp).expect("lp");
+    for r in 0..rows {
+        let logits: Vec<f64> =
+            (0..vocab).map(|v| (0..dim).map(|k| f64::from(h[r * dim + k]) * f64::from(e[v * dim + k])).sum()).collect();
+        let m = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let want = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        assert!((f64::from(lse[r]) - want).abs() < 1e-4 * (1.0 + want.abs()), "row {r}");
+        assert!((f64::from(tl[r]) - logits[targets[r] as usize]).abs() < 1e-4);
+        assert_eq!(lp[r].to_bits(), (tl[r] - lse[r]).to_bits(), "log_prob_targets is target − lse");
+    }
+    let e2 = memsteer_kernels::log_sum_exp_rows(&Device::Cpu, &h, &e, dim, &[0, 1, 2, 3, 5000]).expect_err("id");
+    assert!(matches!(e2, KernelError::Target { position: 4, id: 5000, .. }), "{e2}");
+}

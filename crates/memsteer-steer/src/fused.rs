@@ -65,30 +65,9 @@ fn block_nll_and_grad(
     grad: &mut [f32],
 ) -> Result<Vec<f32>> {
     let rows = targets.len();
+    // Pass 1: the kernels' online log-sum-exp (the same tiles and order as their fused log-probs).
+    let (lse, target_logit) = memsteer_kernels::log_sum_exp_rows(&Device::Cpu, h, embedding, dim, targets)?;
     let mut logits = vec![0.0f32; rows * VOCAB_TILE];
-    let mut max = vec![f32::NEG_INFINITY; rows];
-    let mut sum = vec![0.0f32; rows];
-    let mut target_logit = vec![0.0f32; rows];
-    // Pass 1: online log-sum-exp.
-    for v0 in (0..vocab).step_by(VOCAB_TILE) {
-        let width = VOCAB_TILE.min(vocab - v0);
-        let tile = &mut logits[..rows * width];
-        tile_logits(h, embedding, dim, v0, width, tile)?;
-        for r in 0..rows {
-            let row = &tile[r * width..(r + 1) * width];
-            let t = targets[r] as usize;
-            if (v0..v0 + width).contains(&t) {
-                target_logit[r] = row[t - v0];
-            }
-            let tile_max = vmath::max(row);
-            if tile_max > max[r] {
-                sum[r] *= vmath::exp(max[r] - tile_max);
-                max[r] = tile_max;
-            }
-            sum[r] += vmath::sum_exp(row, max[r]);
-        }
-    }
-    let lse: Vec<f32> = max.iter().zip(&sum).map(|(m, s)| m + s.ln()).collect();
     // Pass 2: recompute each tile, turn it into scale · (p − onehot) and accumulate (P_tile · E_tile).
     grad.fill(0.0);
     for v0 in (0..vocab).step_by(VOCAB_TILE) {
