@@ -277,17 +277,27 @@ fn line_tokens(
     Ok(tokens)
 }
 
-/// Reads a corpus (JSON lines with `text` or `tokens`); an empty corpus is an error naming the file.
-fn read_corpus(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Vec<u32>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading corpus {}", path.display()))?;
+/// The non-blank lines of a JSON-lines file, parsed, with their 1-based line numbers; `what` names the
+/// file's role in errors.
+fn json_lines(path: &Path, what: &str) -> Result<Vec<(usize, serde_json::Value)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let at = || format!("{}, line {}", path.display(), i + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+        let v = serde_json::from_str(line)
+            .with_context(|| format!("{}, line {}: not a JSON object", path.display(), i + 1))?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+/// Reads a corpus (JSON lines with `text` or `tokens`); an empty corpus is an error naming the file.
+fn read_corpus(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::new();
+    for (line, v) in json_lines(path, "corpus")? {
+        let at = || format!("{}, line {line}", path.display());
         ensure!(v.is_object(), "{}: expected a JSON object with `text` or `tokens`", at());
         out.push(line_tokens(&v, &at, tok, vocab)?);
     }
@@ -426,16 +436,10 @@ struct Prompt {
 }
 
 fn read_prompts(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Prompt>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading prompts {}", path.display()))?;
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}, line {}", path.display(), i + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+    for (line, v) in json_lines(path, "prompts")? {
+        let at = || format!("{}, line {line}", path.display());
         let (id, key) = match v.get("id") {
             Some(serde_json::Value::String(s)) if !s.is_empty() => (v["id"].clone(), s.clone()),
             Some(serde_json::Value::Number(n)) => (v["id"].clone(), n.to_string()),
@@ -983,15 +987,9 @@ fn prompt_key(v: &serde_json::Value) -> Option<String> {
 }
 
 fn read_generations(path: &Path) -> Result<Vec<Sample>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading generations {}", path.display()))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = || format!("{}, line {}", path.display(), i + 1);
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}: not a JSON object", at()))?;
+    for (line, v) in json_lines(path, "generations")? {
+        let at = || format!("{}, line {line}", path.display());
         let prompt_key = v
             .get("prompt_id")
             .and_then(prompt_key)
