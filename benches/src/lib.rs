@@ -5,23 +5,135 @@
 use std::path::Path;
 
 use memsteer_panel::rng::SplitMix64;
-use safetensors::tensor::{Dtype, TensorView};
+pub use safetensors::tensor::Dtype;
+use safetensors::tensor::TensorView;
+
+#[cfg(feature = "cuda")]
+pub mod gpu;
 
 /// Writes `config` and random f16 tensors (normal, std 0.02, seed 1) of the given shapes to `dir`.
 fn write_model(dir: &Path, config: serde_json::Value, tensors: Vec<(String, Vec<usize>)>) {
-    let mut rng = SplitMix64::new(1);
+    write_model_as(dir, config, tensors, Dtype::F16, 0.02, 1);
+}
+
+/// Writes `config` and random tensors of `dtype` to `dir`: matrices normal with std `std`, layer-norm
+/// weights `1 + std·N(0, 1)`, other vectors `std·N(0, 1)`, from `seed`.
+fn write_model_as(
+    dir: &Path,
+    config: serde_json::Value,
+    tensors: Vec<(String, Vec<usize>)>,
+    dtype: Dtype,
+    std: f64,
+    seed: u64,
+) {
+    use rayon::prelude::*;
+    // Blocks of 2^20 values, each from its own seeded generator: parallel, and the same bytes
+    // whatever the thread count.
+    const BLOCK: usize = 1 << 20;
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
-        .map(|(name, shape)| {
+        .enumerate()
+        .map(|(ti, (name, shape))| {
             let n: usize = shape.iter().product();
-            let bytes = (0..n).flat_map(|_| half::f16::from_f32((0.02 * rng.normal()) as f32).to_le_bytes()).collect();
+            let unit =
+                shape.len() == 1 && (name.contains("ln_") || name.contains("layernorm")) && name.ends_with("weight");
+            let width = if dtype == Dtype::F32 { 4 } else { 2 };
+            let mut bytes = vec![0u8; n * width];
+            bytes.par_chunks_mut(BLOCK * width).enumerate().for_each(|(bi, out)| {
+                let mut rng =
+                    SplitMix64::new(seed ^ ((ti as u64) << 32) ^ (bi as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for o in out.chunks_exact_mut(width) {
+                    let v = (if unit { 1.0 } else { 0.0 } + std * rng.normal()) as f32;
+                    match dtype {
+                        Dtype::F32 => o.copy_from_slice(&v.to_le_bytes()),
+                        Dtype::BF16 => o.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                        _ => o.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    }
+                }
+            });
             (name, shape, bytes)
         })
         .collect();
     let views: Vec<(String, TensorView<'_>)> =
-        data.iter().map(|(n, s, b)| (n.clone(), TensorView::new(Dtype::F16, s.clone(), b).expect("view"))).collect();
+        data.iter().map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).expect("view"))).collect();
     safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).expect("write");
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+}
+
+/// A model shape for the random-model writers.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    /// Hidden size.
+    pub d: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Attention heads.
+    pub heads: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Context length.
+    pub context: usize,
+}
+
+/// A GPT-NeoX model of `shape` (MLP 4·d, rotary 25 %, untied output layer, `parallel` residual or not)
+/// with random `dtype` weights (see `write_model_as`) in `dir`.
+pub fn write_neox(dir: &Path, shape: Shape, parallel: bool, dtype: Dtype, std: f64, seed: u64) {
+    let Shape { d, layers: l, heads, vocab: v, context: p } = shape;
+    let inter = 4 * d;
+    let mut t =
+        vec![("gpt_neox.embed_in.weight".to_string(), vec![v, d]), ("embed_out.weight".to_string(), vec![v, d])];
+    for i in 0..l {
+        for (n, s) in [
+            ("input_layernorm.weight", vec![d]),
+            ("input_layernorm.bias", vec![d]),
+            ("post_attention_layernorm.weight", vec![d]),
+            ("post_attention_layernorm.bias", vec![d]),
+            ("attention.query_key_value.weight", vec![3 * d, d]),
+            ("attention.query_key_value.bias", vec![3 * d]),
+            ("attention.dense.weight", vec![d, d]),
+            ("attention.dense.bias", vec![d]),
+            ("mlp.dense_h_to_4h.weight", vec![inter, d]),
+            ("mlp.dense_h_to_4h.bias", vec![inter]),
+            ("mlp.dense_4h_to_h.weight", vec![d, inter]),
+            ("mlp.dense_4h_to_h.bias", vec![d]),
+        ] {
+            t.push((format!("gpt_neox.layers.{i}.{n}"), s));
+        }
+    }
+    t.push(("gpt_neox.final_layer_norm.weight".into(), vec![d]));
+    t.push(("gpt_neox.final_layer_norm.bias".into(), vec![d]));
+    let cfg = serde_json::json!({"model_type": "gpt_neox", "vocab_size": v, "max_position_embeddings": p, "hidden_size": d,
+        "num_hidden_layers": l, "num_attention_heads": heads, "intermediate_size": inter, "rotary_pct": 0.25,
+        "rotary_emb_base": 10000, "use_parallel_residual": parallel, "hidden_act": "gelu"});
+    write_model_as(dir, cfg, t, dtype, std, seed);
+}
+
+/// A GPT-2 model of `shape` (MLP 4·d, tied output layer) with random `dtype` weights in `dir`.
+pub fn write_gpt2(dir: &Path, shape: Shape, dtype: Dtype, std: f64, seed: u64) {
+    let Shape { d, layers: l, heads, vocab: v, context: p } = shape;
+    let mut t = vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".to_string(), vec![p, d])];
+    for i in 0..l {
+        for (n, s) in [
+            ("ln_1.weight", vec![d]),
+            ("ln_1.bias", vec![d]),
+            ("attn.c_attn.weight", vec![d, 3 * d]),
+            ("attn.c_attn.bias", vec![3 * d]),
+            ("attn.c_proj.weight", vec![d, d]),
+            ("attn.c_proj.bias", vec![d]),
+            ("ln_2.weight", vec![d]),
+            ("ln_2.bias", vec![d]),
+            ("mlp.c_fc.weight", vec![d, 4 * d]),
+            ("mlp.c_fc.bias", vec![4 * d]),
+            ("mlp.c_proj.weight", vec![4 * d, d]),
+            ("mlp.c_proj.bias", vec![d]),
+        ] {
+            t.push((format!("h.{i}.{n}"), s));
+        }
+    }
+    t.push(("ln_f.weight".into(), vec![d]));
+    t.push(("ln_f.bias".into(), vec![d]));
+    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_positions": p, "n_embd": d, "n_layer": l, "n_head": heads});
+    write_model_as(dir, cfg, t, dtype, std, seed);
 }
 
 /// GPT-2 small's shape (124M: 12 × 768, vocabulary 50,257) with random f16 weights, in `dir`.

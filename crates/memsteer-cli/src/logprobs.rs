@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use memsteer_kernels::Device;
 use memsteer_lm::Model;
 use memsteer_panel::write_atomic;
 
@@ -36,12 +37,42 @@ pub struct LogprobsArgs {
     /// Sequences evaluated together (in parallel).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
+    /// Where to score: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature (weights stay in
+    /// their stored type on the GPU; f16/bf16 checkpoints run on tensor cores).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Evaluate only shard I of N (0-based, instances i with i mod N = I), e.g. from a job array.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// A checkpoint loaded where it is scored (one per run: the variants' sizes do not matter).
+#[allow(clippy::large_enum_variant)]
+enum Scorer {
+    Cpu(Model),
+    #[cfg(feature = "cuda")]
+    Gpu(memsteer_lm::gpu::GpuModel),
+}
+
+impl Scorer {
+    fn load(dir: &Path, device: &Device) -> memsteer_lm::Result<Self> {
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => Ok(Scorer::Gpu(memsteer_lm::gpu::GpuModel::load(dir, device)?)),
+            _ => Ok(Scorer::Cpu(Model::load(dir)?)),
+        }
+    }
+
+    fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> memsteer_lm::Result<Vec<Vec<f32>>> {
+        match self {
+            Scorer::Cpu(m) => m.token_log_probs_batch(seqs),
+            #[cfg(feature = "cuda")]
+            Scorer::Gpu(m) => m.token_log_probs_batch(seqs),
+        }
+    }
 }
 
 /// One instance to score (or to train on, in `memsteer train`).
@@ -180,6 +211,7 @@ pub struct LogprobsOutcome {
 /// Runs `memsteer logprobs`.
 pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    let device = Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
     let checkpoints = parse_checkpoints(a)?;
     let mut instances = read_instances(&a.instances)?;
     if instances.iter().any(|x| x.text.is_some()) {
@@ -307,7 +339,8 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     let start = Instant::now();
     for (step, dir) in &todo {
         bar.set_prefix(format!("step {step}"));
-        let model = Model::load(dir).with_context(|| format!("loading checkpoint {step} from {}", dir.display()))?;
+        let model =
+            Scorer::load(dir, &device).with_context(|| format!("loading checkpoint {step} from {}", dir.display()))?;
         let mut outcomes = Vec::with_capacity(mine.len());
         let mut token_lps: Vec<Vec<f32>> = Vec::new();
         for batch in mine.chunks(a.batch_size) {

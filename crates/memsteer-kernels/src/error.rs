@@ -34,8 +34,29 @@ pub enum KernelError {
         /// Columns asked for.
         cols: usize,
     },
+    /// CUDA is compiled in, but the device cannot be used here (no driver, no library, no such device).
+    #[error("CUDA device {ordinal} is not available: {reason}")]
+    CudaUnavailable {
+        /// The device asked for.
+        ordinal: usize,
+        /// What is missing.
+        reason: String,
+    },
+    /// A CUDA call failed.
+    #[error("CUDA {op} failed: {message}")]
+    Cuda {
+        /// The operation.
+        op: &'static str,
+        /// The driver's, NVRTC's or cuBLAS's message.
+        message: String,
+    },
+    /// A device name that is not `cpu`, `cuda` or `cuda:N`.
+    #[error("unknown device {0:?}: expected `cpu`, `cuda` or `cuda:N`")]
+    UnknownDevice(String),
     /// CUDA was requested from a build without it.
-    #[error("CUDA device {ordinal} requested, but this build has no CUDA kernels (feature `cuda`)")]
+    #[error(
+        "CUDA device {ordinal} requested, but this build has no CUDA support: rebuild with `--features cuda` (e.g. `cargo install --path crates/memsteer-cli --features cuda`)"
+    )]
     NotCompiledWithCuda {
         /// The device asked for.
         ordinal: usize,

@@ -6,9 +6,11 @@
 //! - [`matmul`]: row-major `f32` matrix products (the transformer's linear layers).
 //! - [`steered_projection`]: LM-Steer's `c' = c + ε Σ_i s_i (c P1_i) P2_iᵀ` for a batch of hidden states.
 //!
-//! The CPU implementations are always built. CUDA arrives behind the `cuda` feature with the same
-//! functions; until then [`Device::cuda`] returns [`KernelError::NotCompiledWithCuda`], so callers carry
-//! no `cfg`.
+//! The CPU implementations are always built. The `cuda` feature adds [`Device::Cuda`] (module
+//! `cuda`: NVRTC-compiled kernels and cuBLAS) behind the same functions, which then copy their host
+//! slices to the device and back, plus device-resident operations for the runtime's GPU forward
+//! pass. Without the feature, [`Device::cuda`] returns [`KernelError::NotCompiledWithCuda`], so
+//! callers carry no `cfg`.
 //!
 //! ```
 //! use memsteer_kernels::{log_prob_targets, Device};
@@ -24,6 +26,8 @@
 #![deny(missing_docs)]
 
 mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod error;
 mod native;
 pub mod vmath;
@@ -37,12 +41,56 @@ pub enum Device {
     /// The CPU (multi-threaded with rayon).
     #[default]
     Cpu,
+    /// A CUDA device (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda(CudaDevice),
 }
 
+/// A CUDA device opened by [`Device::cuda`]; equal when the ordinals are.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+pub struct CudaDevice(pub std::sync::Arc<cuda::Gpu>);
+
+#[cfg(feature = "cuda")]
+impl PartialEq for CudaDevice {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.ordinal() == other.0.ordinal()
+    }
+}
+#[cfg(feature = "cuda")]
+impl Eq for CudaDevice {}
+
 impl Device {
-    /// The CUDA device `ordinal`. This build has no CUDA kernels yet.
+    /// The CUDA device `ordinal`: opened once per process (kernels compiled by NVRTC on first use).
+    /// A build without the `cuda` feature returns [`KernelError::NotCompiledWithCuda`]; a build with
+    /// it on a machine without a driver, the CUDA libraries or that device returns
+    /// [`KernelError::CudaUnavailable`] saying which.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Err(KernelError::NotCompiledWithCuda { ordinal })
+        #[cfg(feature = "cuda")]
+        {
+            Ok(Device::Cuda(CudaDevice(cuda::Gpu::open(ordinal)?)))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            Err(KernelError::NotCompiledWithCuda { ordinal })
+        }
+    }
+
+    /// Parses `cpu`, `cuda` (device 0) or `cuda:N`, opening a CUDA device as [`Device::cuda`] does.
+    pub fn parse(name: &str) -> Result<Device> {
+        match name.trim() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Device::cuda(0),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => Device::cuda(n),
+                _ => Err(KernelError::UnknownDevice(other.to_string())),
+            },
+        }
+    }
+
+    /// Whether this is a CUDA device.
+    pub fn is_cuda(&self) -> bool {
+        !matches!(self, Device::Cpu)
     }
 }
 
@@ -79,6 +127,8 @@ pub fn log_prob_targets(
     }
     match device {
         Device::Cpu => cpu::log_prob_targets(hidden, embedding, dim, vocab, targets, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(g) => cuda::host::log_prob_targets(&g.0, hidden, embedding, dim, targets, out, None),
     }
 }
 
@@ -110,6 +160,14 @@ pub fn log_sum_exp_rows(
     }
     match device {
         Device::Cpu => cpu::log_sum_exp_block(hidden, embedding, dim, vocab, targets),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(g) => {
+            let mut lp = vec![0.0f32; targets.len()];
+            let mut lse = vec![0.0f32; targets.len()];
+            cuda::host::log_prob_targets(&g.0, hidden, embedding, dim, targets, &mut lp, Some(&mut lse))?;
+            let target = lp.iter().zip(&lse).map(|(p, l)| p + l).collect();
+            Ok((lse, target))
+        }
     }
 }
 
@@ -156,6 +214,8 @@ pub fn steered_projection(
     check_len("out", out.len(), hidden.len())?;
     match device {
         Device::Cpu => cpu::steered_projection(hidden, steers, strengths, epsilon, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(g) => cuda::host::steered_projection(&g.0, hidden, steers, strengths, epsilon, out)?,
     }
     Ok(())
 }
@@ -167,6 +227,8 @@ pub fn matmul(device: &Device, a: &[f32], b: &[f32], m: usize, k: usize, n: usiz
     check_len("out", out.len(), product("out", m, n)?)?;
     match device {
         Device::Cpu => native::par_gemm(m, k, n, a, b, false, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(g) => cuda::host::matmul(&g.0, a, b, (m, k, n), false, out),
     }
 }
 
@@ -185,6 +247,8 @@ pub fn matmul_transposed(
     check_len("out", out.len(), product("out", m, n)?)?;
     match device {
         Device::Cpu => native::par_gemm(m, k, n, a, b, true, out),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(g) => cuda::host::matmul(&g.0, a, b, (m, k, n), true, out),
     }
 }
 
@@ -230,7 +294,8 @@ impl<'a> MatMut<'a> {
 
 /// `C (m×n) = A (m×k) · B (k×n) + β·C` on strided views, on the calling thread (for callers that
 /// parallelise above it, such as attention over heads). Shapes and strides are checked with
-/// overflow-checked arithmetic against the slices.
+/// overflow-checked arithmetic against the slices. Strided host views are a CPU-side helper: on a
+/// CUDA device this runs on the CPU too.
 pub fn matmul_strided(
     device: &Device,
     (m, k, n): (usize, usize, usize),
@@ -241,6 +306,8 @@ pub fn matmul_strided(
 ) -> Result<()> {
     match device {
         Device::Cpu => native::gemm(m, k, n, a, b, beta, c),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => native::gemm(m, k, n, a, b, beta, c),
     }
 }
 

@@ -22,6 +22,8 @@ pub mod config;
 mod decoder;
 mod error;
 pub mod gpt2;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod neox;
 mod ops;
 pub mod sample;

@@ -34,6 +34,11 @@ impl Layout {
 /// Checks every sequence (non-empty, ids inside the vocabulary, inside the context after `past`
 /// cached positions) before anything is allocated from them, and lays them out.
 pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], cache: Option<&KvCache>) -> Result<Layout> {
+    layout_for((m.vocab(), m.context()), seqs, cache)
+}
+
+/// [`layout`] for a model of `vocab` tokens and `context` positions.
+pub(crate) fn layout_for((vocab, context): (usize, usize), seqs: &[&[u32]], cache: Option<&KvCache>) -> Result<Layout> {
     let past = cache.map_or(0, KvCache::len);
     let name = |i: usize, message: String| {
         if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } }
@@ -47,20 +52,14 @@ pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], cache: Option<&Kv
         if s.is_empty() {
             return Err(name(i, "empty sequence".into()));
         }
-        if past == 0 && s.len() > m.context() {
-            return Err(name(
-                i,
-                format!("sequence of {} tokens is longer than the context of {}", s.len(), m.context()),
-            ));
+        if past == 0 && s.len() > context {
+            return Err(name(i, format!("sequence of {} tokens is longer than the context of {}", s.len(), context)));
         }
-        if past + s.len() > m.context() {
-            return Err(name(
-                i,
-                format!("{past} cached + {} new tokens exceed the context of {}", s.len(), m.context()),
-            ));
+        if past + s.len() > context {
+            return Err(name(i, format!("{past} cached + {} new tokens exceed the context of {}", s.len(), context)));
         }
-        if let Some((p, t)) = s.iter().enumerate().find(|(_, t)| **t as usize >= m.vocab()) {
-            return Err(name(i, format!("token id {t} at position {p} is outside the vocabulary of {}", m.vocab())));
+        if let Some((p, t)) = s.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+            return Err(name(i, format!("token id {t} at position {p} is outside the vocabulary of {}", vocab)));
         }
         starts.push(starts[i] + s.len());
     }

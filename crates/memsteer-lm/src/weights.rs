@@ -131,9 +131,9 @@ impl Weights {
         self.index.keys().map(String::as_str)
     }
 
-    /// Loads a tensor as `f32`, checking its shape; `names` are alternatives (e.g. with and without a
-    /// `transformer.` prefix).
-    pub fn tensor(&self, names: &[&str], shape: &[usize]) -> Result<Vec<f32>> {
+    /// A tensor's stored element type and little-endian bytes, checking its shape and that its type
+    /// is F32, F16 or BF16; `names` are alternatives as for [`Weights::tensor`].
+    pub fn raw(&self, names: &[&str], shape: &[usize]) -> Result<(Dtype, &[u8])> {
         let Some((name, e)) = names.iter().find_map(|n| self.index.get(*n).map(|e| (*n, e))) else {
             let path = self.files.first().map(|f| f.path.clone()).unwrap_or_default();
             return Err(LmError::Tensor {
@@ -157,8 +157,16 @@ impl Weights {
         if data.len() != count * width {
             return Err(err(format!("holds {} bytes, expected {} for shape {shape:?}", data.len(), count * width)));
         }
+        Ok((e.dtype, data))
+    }
+
+    /// Loads a tensor as `f32`, checking its shape; `names` are alternatives (e.g. with and without a
+    /// `transformer.` prefix).
+    pub fn tensor(&self, names: &[&str], shape: &[usize]) -> Result<Vec<f32>> {
+        let (dtype, data) = self.raw(names, shape)?;
+        let count: usize = shape.iter().product();
         let mut out = vec![0.0f32; count];
-        match e.dtype {
+        match dtype {
             Dtype::F32 => {
                 for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
                     *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);

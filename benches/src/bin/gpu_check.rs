@@ -1,0 +1,134 @@
+//! `memsteer-gpu-check`: the GPU runtime against the CPU path (parity) and its speed at Pythia shapes,
+//! printed as tables. Run by `scripts/gpu-check.sh` on a machine with a CUDA GPU.
+//!
+//! Usage: `memsteer-gpu-check [parity] [head] [logprobs] [--work DIR]` (all three when none is named).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use memsteer_benches::Shape;
+use memsteer_benches::gpu::{bench_logprobs, bench_output_layer, device, parity};
+use memsteer_kernels::Device;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut work = std::env::temp_dir().join("memsteer-gpu-check");
+    let mut what: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == "--work" {
+            work = PathBuf::from(it.next().expect("--work DIR"));
+        } else {
+            what.push(a.clone());
+        }
+    }
+    if what.first().map(String::as_str) == Some("write-pythia70m") {
+        // A random Pythia-70M-shaped f16 model and 64 random 2048-token instances, for the CLI run.
+        let dir = PathBuf::from(what.get(1).expect("write-pythia70m DIR"));
+        std::fs::create_dir_all(&dir).expect("create DIR");
+        let s = Shape { d: 512, layers: 6, heads: 8, vocab: 50304, context: 2048 };
+        memsteer_benches::write_neox(&dir, s, true, memsteer_benches::Dtype::F16, 0.02, 5);
+        let mut rng = memsteer_panel::rng::SplitMix64::new(17);
+        let lines: Vec<String> = (0..64)
+            .map(|i| {
+                let toks: Vec<u64> = (0..2048).map(|_| rng.below(50304)).collect();
+                serde_json::json!({"id": format!("x{i}"), "treatment_step": null, "tokens": toks}).to_string()
+            })
+            .collect();
+        std::fs::write(dir.join("instances.jsonl"), lines.join("\n") + "\n").expect("instances");
+        return ExitCode::SUCCESS;
+    }
+    if what.is_empty() {
+        what = vec!["parity".into(), "head".into(), "logprobs".into()];
+    }
+    let dev = match device() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("no usable GPU: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let Device::Cuda(g) = &dev else { unreachable!("device() opens CUDA") };
+    println!("device: {:?}", g.0);
+    let mut failed = false;
+    if what.iter().any(|w| w == "parity") {
+        println!(
+            "\n| parity case | tokens | max abs | max rel | mean abs | bound | ok |\n|---|---|---|---|---|---|---|"
+        );
+        match parity(&work, &dev) {
+            Ok(rows) => {
+                for p in rows {
+                    println!(
+                        "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.0e} | {} |",
+                        p.case,
+                        p.tokens,
+                        p.max_abs,
+                        p.max_rel,
+                        p.mean_abs,
+                        p.bound,
+                        if p.ok() { "yes" } else { "NO" }
+                    );
+                    failed |= !p.ok();
+                }
+            }
+            Err(e) => {
+                println!("parity failed to run: {e}");
+                failed = true;
+            }
+        }
+    }
+    if what.iter().any(|w| w == "head") {
+        let (n, v, d) = (16384, 50304, 768);
+        println!(
+            "\n| fused output layer n={n} V={v} d={d} | inputs | chunk | logits | ms | peak MiB |\n|---|---|---|---|---|---|"
+        );
+        match bench_output_layer(&g.0, (n, v, d), &[128, 256, 512, 1024, 4096], 5) {
+            Ok(rows) => {
+                for r in rows {
+                    println!(
+                        "| memsteer | {:?} | {} | {:?} | {:.3} | {:.0} |",
+                        r.inputs,
+                        r.chunk,
+                        r.logits,
+                        r.ms,
+                        r.peak as f64 / 1048576.0
+                    );
+                }
+            }
+            Err(e) => {
+                println!("output-layer bench failed: {e}");
+                failed = true;
+            }
+        }
+    }
+    if what.iter().any(|w| w == "logprobs") {
+        let shapes = [
+            ("pythia-70m", Shape { d: 512, layers: 6, heads: 8, vocab: 50304, context: 2048 }),
+            ("pythia-160m", Shape { d: 768, layers: 12, heads: 12, vocab: 50304, context: 2048 }),
+            ("pythia-410m", Shape { d: 1024, layers: 24, heads: 16, vocab: 50304, context: 2048 }),
+            ("pythia-1.4b", Shape { d: 2048, layers: 24, heads: 16, vocab: 50304, context: 2048 }),
+        ];
+        println!(
+            "\n| memsteer GpuModel f16 | attention | B | T | tokens/s | weights GiB | peak GiB |\n|---|---|---|---|---|---|---|"
+        );
+        for (name, s) in shapes {
+            match bench_logprobs(&dev, &work.join(name), s, (8, 2048, 3)) {
+                Ok(rows) => {
+                    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                    for (how, rate, weights, peak) in rows {
+                        println!(
+                            "| {name} | {how:?} | 8 | 2048 | {rate:.0} | {:.2} | {:.2} |",
+                            gib(weights),
+                            gib(peak)
+                        );
+                    }
+                }
+                Err(e) => {
+                    println!("| {name} | failed: {e} |");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if failed { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}

@@ -1,0 +1,218 @@
+//! GPU checks (feature `cuda`): the runtime on a CUDA device against the CPU path on random models
+//! (parity), and its speed and memory at the paper's scale (Pythia shapes, T = 2048). Used by the
+//! `memsteer-gpu-check` binary (`scripts/gpu-check.sh`) and by `tests/cuda.rs`.
+
+use std::path::Path;
+use std::time::Instant;
+
+use memsteer_kernels::Device;
+use memsteer_kernels::cuda::{Attention, DType, Gpu, Linear};
+use memsteer_lm::Model;
+use memsteer_lm::gpu::GpuModel;
+use memsteer_panel::rng::SplitMix64;
+
+use crate::{Dtype, Shape, write_gpt2, write_neox};
+
+/// One parity measurement: per-token log-probs of the GPU path against the CPU path.
+#[derive(Debug, Clone)]
+pub struct Parity {
+    /// Which model.
+    pub case: String,
+    /// Tokens compared.
+    pub tokens: usize,
+    /// Largest absolute difference (nats).
+    pub max_abs: f64,
+    /// Largest difference relative to `max(1, |cpu|)`.
+    pub max_rel: f64,
+    /// Mean absolute difference.
+    pub mean_abs: f64,
+    /// The bound on `max_rel` this case must meet.
+    pub bound: f64,
+}
+
+impl Parity {
+    /// Whether the case meets its bound.
+    pub fn ok(&self) -> bool {
+        self.max_rel <= self.bound
+    }
+}
+
+/// Opens CUDA device 0, or says why not.
+pub fn device() -> Result<Device, String> {
+    Device::cuda(0).map_err(|e| e.to_string())
+}
+
+fn random_seqs(lens: &[usize], vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = SplitMix64::new(seed);
+    lens.iter().map(|&n| (0..n).map(|_| rng.below(vocab as u64) as u32).collect()).collect()
+}
+
+/// Small random GPT-2 and GPT-NeoX models in f32, f16 and bf16, scored by the CPU runtime and on
+/// `device`. Bounds: 1e-4 relative for f32 weights (the bar); for f16/bf16 weights the
+/// products take half-precision inputs (the CPU path widens the same stored weights to f32 and keeps
+/// activations in f32), so each product's inputs carry 2⁻¹¹ (f16) or 2⁻⁸ (bf16) relative rounding;
+/// through 2 layers and the output layer that is a few 1e-3 (f16) or a few 1e-2 (bf16) nats on
+/// logits of spread ~3, bounded here at 2e-2 and 1.5e-1 relative to max(1, |log p|).
+pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
+    // Heads of 64 (d 128, 2 heads) and 128 (d 256, 2 heads): the fused attention kernel's sizes.
+    let hd64 = Shape { d: 128, layers: 2, heads: 2, vocab: 1000, context: 600 };
+    let hd128 = Shape { d: 256, layers: 2, heads: 2, vocab: 1000, context: 600 };
+    // Lengths cross the attention tiles (64 fused, 256 tiled) and include the shortest sequence.
+    let seqs = random_seqs(&[600, 257, 2, 31, 129, 64, 65], 1000, 7);
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (f, t, a) = (Attention::Fused, Attention::Tiled, Attention::Auto);
+    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 12] = [
+        ("gpt2", hd64, Dtype::F32, a, false, 1e-4),
+        ("neox-parallel", hd64, Dtype::F32, a, false, 1e-4),
+        ("neox-sequential", hd128, Dtype::F32, a, false, 1e-4),
+        ("gpt2", hd64, Dtype::F16, t, false, 2e-2),
+        ("gpt2", hd64, Dtype::F16, f, false, 2e-2),
+        ("neox-parallel", hd64, Dtype::F16, t, false, 2e-2),
+        ("neox-parallel", hd64, Dtype::F16, f, false, 2e-2),
+        ("neox-parallel", hd64, Dtype::F16, f, true, 2e-2),
+        ("neox-parallel", hd128, Dtype::F16, f, false, 2e-2),
+        ("neox-parallel", hd64, Dtype::BF16, t, false, 1.5e-1),
+        ("neox-parallel", hd64, Dtype::BF16, f, false, 1.5e-1),
+        ("gpt2", hd128, Dtype::BF16, f, false, 1.5e-1),
+    ];
+    let mut out = Vec::new();
+    for (i, (arch, shape, dtype, attention, f16_logits, bound)) in cases.into_iter().enumerate() {
+        let m = dir.join(format!("parity-{i}"));
+        std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
+        if arch == "gpt2" {
+            write_gpt2(&m, shape, dtype, 0.3, 11 + i as u64);
+        } else {
+            write_neox(&m, shape, arch == "neox-parallel", dtype, 0.3, 11 + i as u64);
+        }
+        let cpu =
+            Model::load(&m).map_err(|e| e.to_string())?.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+        let mut gpu_model = GpuModel::load(&m, device).map_err(|e| e.to_string())?;
+        gpu_model.set_attention(attention);
+        if f16_logits {
+            gpu_model.set_output_chunk(100, DType::F16);
+        }
+        let gpu = gpu_model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+        let case = format!(
+            "{arch} {dtype:?} hd {} attention {attention:?}{}",
+            shape.d / shape.heads,
+            if f16_logits { ", f16 logits" } else { "" }
+        );
+        let mut p = Parity { case, tokens: 0, max_abs: 0.0, max_rel: 0.0, mean_abs: 0.0, bound };
+        for (a, b) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
+            let diff = f64::from(a - b).abs();
+            p.tokens += 1;
+            p.max_abs = if diff.is_nan() { f64::INFINITY } else { p.max_abs.max(diff) };
+            p.max_rel = if diff.is_nan() { f64::INFINITY } else { p.max_rel.max(diff / f64::from(a.abs()).max(1.0)) };
+            p.mean_abs += diff;
+        }
+        if cpu.iter().map(Vec::len).sum::<usize>() != p.tokens || gpu.iter().map(Vec::len).sum::<usize>() != p.tokens {
+            return Err(format!("{}: token counts differ", p.case));
+        }
+        p.mean_abs /= p.tokens.max(1) as f64;
+        out.push(p);
+    }
+    Ok(out)
+}
+
+/// One timing of the fused output layer.
+#[derive(Debug, Clone)]
+pub struct HeadTiming {
+    /// Input type.
+    pub inputs: DType,
+    /// Rows per chunk.
+    pub chunk: usize,
+    /// Logits type of the chunk.
+    pub logits: DType,
+    /// Best of the repetitions, milliseconds.
+    pub ms: f64,
+    /// Peak memory above the inputs, bytes.
+    pub peak: usize,
+}
+
+/// The fused output layer at `n` rows, vocabulary `vocab`, hidden `d`, for bf16 inputs (f32 logits)
+/// and f16 inputs (f32 and f16 logits), for each chunk size: best of `reps` after a warm-up.
+pub fn bench_output_layer(
+    gpu: &Gpu,
+    (n, vocab, d): (usize, usize, usize),
+    chunks: &[usize],
+    reps: usize,
+) -> Result<Vec<HeadTiming>, String> {
+    let e = |x: memsteer_kernels::KernelError| x.to_string();
+    let mut rng = SplitMix64::new(3);
+    let h: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32).collect();
+    let w: Vec<f32> = (0..vocab * d).map(|_| (0.02 * rng.normal()) as f32).collect();
+    let targets: Vec<u32> = (0..n).map(|_| rng.below(vocab as u64) as u32).collect();
+    let tb = gpu.upload_u32(&targets).map_err(e)?;
+    let out = gpu.alloc(DType::F32, n).map_err(e)?;
+    let mut res = Vec::new();
+    for inputs in [DType::Bf16, DType::F16] {
+        let bytes = |x: &[f32]| -> Vec<u8> {
+            if inputs == DType::Bf16 {
+                x.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect()
+            } else {
+                x.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect()
+            }
+        };
+        let (hb, wb) =
+            (gpu.upload_bytes(inputs, &bytes(&h)).map_err(e)?, gpu.upload_bytes(inputs, &bytes(&w)).map_err(e)?);
+        let lin = Linear { w: wb.view(), outputs: vocab, inputs: d, inputs_major: false };
+        let types: &[DType] = if inputs == DType::F16 { &[DType::F32, DType::F16] } else { &[DType::F32] };
+        for &chunk in chunks {
+            for &logits in types {
+                gpu.synchronize().map_err(e)?;
+                let base = gpu.memory().0;
+                gpu.reset_peak();
+                let run = || {
+                    gpu.log_prob_targets(hb.view(), &lin, tb.view(), out.view(), None, n, chunk, logits)
+                        .and_then(|_| gpu.synchronize())
+                };
+                run().map_err(e)?;
+                let mut best = f64::INFINITY;
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    run().map_err(e)?;
+                    best = best.min(t.elapsed().as_secs_f64());
+                }
+                res.push(HeadTiming { inputs, chunk, logits, ms: best * 1e3, peak: gpu.memory().1 - base });
+            }
+        }
+    }
+    Ok(res)
+}
+
+/// Sequence scoring at a Pythia shape: `batches` batches of `batch` random sequences of `t` tokens on
+/// a random f16 model written to `dir`, with each attention implementation. Returns, per
+/// implementation, (tokens/s of the best batch, bytes of the weights, peak bytes of weights plus the
+/// forward pass).
+pub fn bench_logprobs(
+    device: &Device,
+    dir: &Path,
+    shape: Shape,
+    (batch, t, batches): (usize, usize, usize),
+) -> Result<Vec<(Attention, f64, usize, usize)>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    write_neox(dir, shape, true, Dtype::F16, 0.02, 5);
+    let mut model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(dir);
+    let gpu = model.gpu().clone();
+    let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let mut out = Vec::new();
+    for how in [Attention::Fused, Attention::Tiled] {
+        model.set_attention(how);
+        model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+        let base = gpu.memory().0;
+        gpu.reset_peak();
+        let mut best = f64::INFINITY;
+        for _ in 0..batches {
+            let t0 = Instant::now();
+            let lp = model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+            best = best.min(t0.elapsed().as_secs_f64());
+            if lp.iter().flatten().any(|v| !v.is_finite()) {
+                return Err("non-finite log-prob".into());
+            }
+        }
+        out.push((how, (batch * t) as f64 / best, base, gpu.memory().1));
+    }
+    Ok(out)
+}

@@ -1,0 +1,396 @@
+// memsteer's CUDA kernels, compiled once per process by NVRTC (see cuda/mod.rs).
+//
+// No system headers: NVRTC gives none. Half-precision conversions are inline PTX or bit operations,
+// -inf is written as a bit pattern. Element types are passed as run-time codes (0 = f32, 1 = f16,
+// 2 = bf16): every thread of a launch takes the same branch, so the switch costs nothing measurable
+// next to the memory traffic these kernels are bound by.
+//
+// Matrix products are not here: cuBLAS (tensor cores for f16/bf16, f32 accumulation) does them.
+// These kernels are the memory-bound rest: embeddings, layer norm, bias + activation, residuals, the
+// QKV split with rotary embeddings, the causal softmax, and the row-wise log-sum-exp of the output
+// layer (which never sees more than one bounded chunk of logits).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float b2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+__device__ __forceinline__ u16 f2b(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                     // round to nearest even
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ float ld(const void* p, i64 i, int dt) {
+    if (dt == 0) return ((const float*)p)[i];
+    u16 v = ((const u16*)p)[i];
+    return dt == 1 ? h2f(v) : b2f(v);
+}
+__device__ __forceinline__ void st(void* p, i64 i, int dt, float v) {
+    if (dt == 0) ((float*)p)[i] = v;
+    else if (dt == 1) ((u16*)p)[i] = f2h(v);
+    else ((u16*)p)[i] = f2b(v);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the total.
+__device__ float block_sum(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : 0.0f;
+    return warp_sum(v);
+}
+__device__ float block_max(float v) {
+    __shared__ float sh[32];
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    v = lane < nw ? sh[lane] : NEG_INF;
+    return warp_max(v);
+}
+// (max, sum of exp(x - max)) merged with another such pair.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    float mm = fmaxf(m, m2);
+    if (mm == NEG_INF) return;
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+// Casts n values from f32 to the type `dt`.
+extern "C" __global__ void cast_f32(const float* x, void* y, int dt, i64 n) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        st(y, i, dt, x[i]);
+}
+
+// x[r] = wte[tok[r]] (+ wpe[pos[r]] when wpe is not null); one block per row.
+extern "C" __global__ void embed(const u32* tok, const u32* pos, const void* wte, const void* wpe, int dt,
+                                 float* x, int d) {
+    i64 r = blockIdx.x;
+    i64 t = tok[r];
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = ld(wte, t * d + c, dt);
+        if (wpe) v += ld(wpe, (i64)pos[r] * d + c, dt);
+        x[r * d + c] = v;
+    }
+}
+
+// out[r] = (x[r] − mean) / sqrt(var + eps) · g + b, written as `out_dt`; one block per row, two passes
+// over the row as the CPU path does (mean, then the mean squared deviation).
+extern "C" __global__ void layer_norm(const float* x, const void* g, const void* b, int dt, void* out, int out_dt,
+                                      int d, float eps) {
+    i64 r = blockIdx.x;
+    const float* row = x + r * d;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) s += row[c];
+    float mean = block_sum(s) / d;
+    float q = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float e = row[c] - mean;
+        q += e * e;
+    }
+    float inv = 1.0f / sqrtf(block_sum(q) / d + eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x)
+        st(out, r * d + c, out_dt, (row[c] - mean) * inv * ld(g, c, dt) + ld(b, c, dt));
+}
+
+__device__ __forceinline__ float gelu(float x, int act) {
+    if (act == 1) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    if (act == 2) {
+        float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(u));
+    }
+    return x;
+}
+
+// out = act(y + b) over a rows × cols matrix, written as `out_dt` (act: 0 none, 1 exact GELU, 2 tanh GELU).
+extern "C" __global__ void bias_act(const float* y, const void* b, int dt, void* out, int out_dt, i64 rows, int cols,
+                                    int act) {
+    i64 n = rows * cols;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        st(out, i, out_dt, gelu(y[i] + ld(b, i % cols, dt), act));
+}
+
+// x += (a + ba) (+ (b2 + bb) when b2 is not null), ba and bb biases of length d.
+extern "C" __global__ void residual(float* x, const float* a, const void* ba, const float* b2, const void* bb, int dt,
+                                    i64 rows, int d) {
+    i64 n = rows * d;
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        int c = (int)(i % d);
+        float v = a[i] + ld(ba, c, dt);
+        if (b2) v += b2[i] + ld(bb, c, dt);
+        x[i] += v;
+    }
+}
+
+// Splits the fused QKV projection (plus bias) into head-major q, k, v (heads × rows × hd, type out_dt),
+// rotating the first `rot` dimensions of every q and k head (rotate-half, GPT-NeoX) with the tables
+// cos_t/sin_t (position × rot/2). neox = 1: a row is [q k v] per head; neox = 0 (GPT-2): [q | k | v].
+// One block per row.
+extern "C" __global__ void qkv_split(const float* qkv, const void* bias, int dt, const u32* pos, const float* cos_t,
+                                     const float* sin_t, int rot, int neox, void* q, void* k, void* v, int out_dt,
+                                     i64 rows, int heads, int hd) {
+    i64 r = blockIdx.x;
+    int d = heads * hd, half = rot / 2;
+    const float* row = qkv + r * 3 * d;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        int h = j / hd, i = j % hd;
+        int base_q = neox ? h * 3 * hd : h * hd;
+        int stride = neox ? hd : d;
+        i64 dst = ((i64)h * rows + r) * hd + i;
+        for (int part = 0; part < 3; part++) {
+            int at = base_q + part * stride;
+            float val = row[at + i] + ld(bias, at + i, dt);
+            if (part < 2 && i < rot) {
+                int f = i < half ? i : i - half;
+                float c = cos_t[(i64)pos[r] * half + f], s = sin_t[(i64)pos[r] * half + f];
+                if (i < half) {
+                    float o = row[at + i + half] + ld(bias, at + i + half, dt);
+                    val = val * c - o * s;
+                } else {
+                    float o = row[at + i - half] + ld(bias, at + i - half, dt);
+                    val = val * c + o * s;
+                }
+            }
+            st(part == 0 ? q : (part == 1 ? k : v), dst, out_dt, val);
+        }
+    }
+}
+
+// Causal softmax of one query block's scores: s is (heads × qb × kn) f32, query i of the block sits at
+// position q0 + i of its sequence and sees keys 0..=q0 + i. Writes p (type p_dt), zero past the diagonal.
+// Grid (qb, heads).
+extern "C" __global__ void causal_softmax(const float* s, void* p, int p_dt, int qb, int kn, int q0, float scale) {
+    i64 row = (i64)blockIdx.y * qb + blockIdx.x;
+    const float* x = s + row * kn;
+    int last = q0 + blockIdx.x;
+    float m = NEG_INF;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, x[j] * scale);
+    m = block_max(m);
+    float sum = 0.0f;
+    for (int j = threadIdx.x; j <= last; j += blockDim.x) sum += expf(x[j] * scale - m);
+    float inv = 1.0f / block_sum(sum);
+    for (int j = threadIdx.x; j < kn; j += blockDim.x)
+        st(p, row * kn + j, p_dt, j <= last ? expf(x[j] * scale - m) * inv : 0.0f);
+}
+
+// Per row of a chunk of logits (rows × V, type l_dt): lse = log Σ exp, and out = logit[target] − lse.
+// lse may be null. One block per row; an online (max, sum) per thread, merged across the block.
+extern "C" __global__ void lse_target(const void* logits, int l_dt, i64 V, const u32* tgt, float* out, float* lse) {
+    i64 r = blockIdx.x;
+    float m = NEG_INF, s = 0.0f;
+    for (i64 j = threadIdx.x; j < V; j += blockDim.x) {
+        float x = ld(logits, r * V + j, l_dt);
+        if (x > m) {
+            s = s * expf(m - x) + 1.0f;
+            m = x;
+        } else {
+            s += expf(x - m);
+        }
+    }
+    float bm = block_max(m);
+    float bs = block_sum(m == NEG_INF ? 0.0f : s * expf(m - bm));
+    if (threadIdx.x == 0) {
+        float l = bm + logf(bs);
+        if (out) out[r] = ld(logits, r * V + tgt[r], l_dt) - l;
+        if (lse) lse[r] = l;
+    }
+}
+
+// The output layer's backward over a chunk, in place: logits[r, v] ← g[r] · (softmax(logits[r])_v − [v = target]),
+// the gradient of g[r] · (−log p(target)) with respect to the logits, given lse from lse_target.
+extern "C" __global__ void softmax_grad(float* logits, i64 V, const u32* tgt, const float* lse, const float* g) {
+    i64 r = blockIdx.x;
+    float l = lse[r], gr = g[r];
+    u32 t = tgt[r];
+    for (i64 j = threadIdx.x; j < V; j += blockDim.x) {
+        float p = expf(logits[r * V + j] - l);
+        logits[r * V + j] = gr * (p - (j == t ? 1.0f : 0.0f));
+    }
+}
+
+// ---- Fused causal attention (flash-attention style) on tensor cores -------------------------------
+// One block = 4 warps = 64 queries of one (head, sequence); key tiles of 64 keys are staged in shared
+// memory (K as is, V transposed), each warp computes S = Q Kᵀ for its 16 queries with
+// mma.sync.m16n8k16 (f16 or bf16 inputs, f32 accumulation), keeps a running max and sum per row, and
+// accumulates O = P V with P rounded to the input type, as flash attention does. No score matrix ever
+// leaves registers. q, k, v are head-major (heads × rows × HD); ctx is row-major (rows × heads·HD).
+
+template <bool BF>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    if (BF) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+template <bool BF>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u16 a = BF ? f2b(lo) : f2h(lo), b = BF ? f2b(hi) : f2h(hi);
+    return (u32)a | ((u32)b << 16);
+}
+
+template <int HD, bool BF>
+__device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* ctx, const u32* starts,
+                                const u32* lens, int rows, int heads, float scale) {
+    __shared__ u32 ks[64][HD / 2 + 4];  // K tile: [key][dim pair]
+    __shared__ u16 vt[HD][64 + 8];      // V tile transposed: [dim][key]
+    const int s = blockIdx.z, h = blockIdx.y;
+    const int len = (int)lens[s], start = (int)starts[s];
+    const int q0 = blockIdx.x * 64;
+    if (q0 >= len) return;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const i64 head_base = ((i64)h * rows + start) * HD;  // element offset of this (head, sequence)
+    const u32* q32 = (const u32*)(q + head_base);
+    const u32* k32 = (const u32*)(k + head_base);
+    const u32* v32 = (const u32*)(v + head_base);
+    const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows
+    // Q fragments for the warp's 16 rows, all HD/16 k-steps.
+    u32 qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        int c = kk * 8 + t;  // u32 column (dims 2c, 2c+1)
+        qa[kk][0] = r0 < len ? q32[(i64)r0 * (HD / 2) + c] : 0u;
+        qa[kk][1] = r1 < len ? q32[(i64)r1 * (HD / 2) + c] : 0u;
+        qa[kk][2] = r0 < len ? q32[(i64)r0 * (HD / 2) + c + 4] : 0u;
+        qa[kk][3] = r1 < len ? q32[(i64)r1 * (HD / 2) + c + 4] : 0u;
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    const int last_key = min(q0 + 63, len - 1);
+    for (int key0 = 0; key0 <= last_key; key0 += 64) {
+        __syncthreads();
+        for (int i = tid; i < 64 * (HD / 2); i += blockDim.x) {
+            int key = i / (HD / 2), c = i % (HD / 2);
+            bool in = key0 + key < len;
+            ks[key][c] = in ? k32[(i64)(key0 + key) * (HD / 2) + c] : 0u;
+            u32 val = in ? v32[(i64)(key0 + key) * (HD / 2) + c] : 0u;
+            vt[2 * c][key] = (u16)(val & 0xffffu);
+            vt[2 * c + 1][key] = (u16)(val >> 16);
+        }
+        __syncthreads();
+        float sc[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+#pragma unroll
+            for (int n = 0; n < 8; n++) mma16816<BF>(sc[n], qa[kk], ks[n * 8 + g][kk * 8 + t], ks[n * 8 + g][kk * 8 + t + 4]);
+        }
+        // Scale, mask (future keys and keys past the sequence), running max per row.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int key = key0 + n * 8 + 2 * t + (e & 1);
+                int row = e < 2 ? r0 : r1;
+                float x = (key > row || key >= len) ? NEG_INF : sc[n][e] * scale;
+                sc[n][e] = x;
+                if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        float b0 = mx0 == NEG_INF ? 0.0f : mx0, b1 = mx1 == NEG_INF ? 0.0f : mx1;
+        float c0 = expf(m0 - b0), c1 = expf(m1 - b1);  // m = -inf gives 0: nothing to rescale yet
+        m0 = mx0;
+        m1 = mx1;
+        l0 *= c0;
+        l1 *= c1;
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            o[i][0] *= c0;
+            o[i][1] *= c0;
+            o[i][2] *= c1;
+            o[i][3] *= c1;
+        }
+        u32 pa[4][4];
+#pragma unroll
+        for (int n = 0; n < 8; n++) {
+            float p0 = expf(sc[n][0] - b0), p1 = expf(sc[n][1] - b0);
+            float p2 = expf(sc[n][2] - b1), p3 = expf(sc[n][3] - b1);
+            l0 += p0 + p1;
+            l1 += p2 + p3;
+            int j = n >> 1, hi = n & 1;
+            pa[j][hi * 2 + 0] = pack2<BF>(p0, p1);
+            pa[j][hi * 2 + 1] = pack2<BF>(p2, p3);
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#pragma unroll
+            for (int dn = 0; dn < HD / 8; dn++) {
+                u32 v0 = *(const u32*)&vt[dn * 8 + g][j * 16 + 2 * t];
+                u32 v1 = *(const u32*)&vt[dn * 8 + g][j * 16 + 2 * t + 8];
+                mma16816<BF>(o[dn], pa[j], v0, v1);
+            }
+        }
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int d = heads * HD;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; dn++) {
+        int col = h * HD + dn * 8 + 2 * t;
+        if (r0 < len) *(u32*)&ctx[(i64)(start + r0) * d + col] = pack2<BF>(o[dn][0] * i0, o[dn][1] * i0);
+        if (r1 < len) *(u32*)&ctx[(i64)(start + r1) * d + col] = pack2<BF>(o[dn][2] * i1, o[dn][3] * i1);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) flash_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<64, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<64, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<128, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<128, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}

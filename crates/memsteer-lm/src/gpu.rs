@@ -1,0 +1,372 @@
+//! GPT-2 and GPT-NeoX scoring on a CUDA device (feature `cuda`).
+//!
+//! [`GpuModel::load`] uploads a checkpoint once, in its stored element type (a tensor stored in
+//! another type than the input embedding is converted to it). The forward pass keeps the residual
+//! stream, layer norms, softmax statistics and every product's accumulation in `f32`; the inputs of
+//! the matrix products are in the weights' type (so `f16`/`bf16` checkpoints run on tensor cores
+//! through cuBLAS, and `f32` checkpoints give the CPU path's numbers). Attention is tiled by query
+//! blocks ([`memsteer_kernels::cuda::QUERY_TILE`]), and the output layer is fused with the
+//! log-softmax over chunks of rows, so neither `[T, T]` scores per head nor `[tokens, vocabulary]`
+//! logits ever exist.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use memsteer_kernels::Device;
+use memsteer_kernels::cuda::{Attention, DType, DevBuf, Gpu, Linear, OUTPUT_CHUNK, View};
+use safetensors::Dtype;
+
+use crate::config::{Activation, ModelConfig};
+use crate::ops;
+use crate::weights::Weights;
+use crate::{LmError, Result};
+
+struct Layer {
+    ln1: (DevBuf, DevBuf),
+    ln2: (DevBuf, DevBuf),
+    qkv: DevBuf,
+    qkv_b: DevBuf,
+    proj: DevBuf,
+    proj_b: DevBuf,
+    up: DevBuf,
+    up_b: DevBuf,
+    down: DevBuf,
+    down_b: DevBuf,
+}
+
+/// A GPT-2 or GPT-NeoX checkpoint resident on a CUDA device.
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    neox: bool,
+    parallel: bool,
+    dtype: DType,
+    dims: (usize, usize, usize, usize),
+    vocab: usize,
+    context: usize,
+    eps: f32,
+    act: i32,
+    rotary: Option<(DevBuf, DevBuf, usize)>,
+    wte: DevBuf,
+    wpe: Option<DevBuf>,
+    out: Option<DevBuf>,
+    layers: Vec<Layer>,
+    ln_f: (DevBuf, DevBuf),
+    chunk: usize,
+    logits: DType,
+    attention: Attention,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (d, heads, _, inter) = self.dims;
+        write!(
+            f,
+            "GpuModel({} layers, d {d}, {heads} heads, inner {inter}, {:?} on {:?})",
+            self.layers.len(),
+            self.dtype,
+            self.gpu
+        )
+    }
+}
+
+fn dtype_of(d: Dtype) -> DType {
+    match d {
+        Dtype::F16 => DType::F16,
+        Dtype::BF16 => DType::Bf16,
+        _ => DType::F32,
+    }
+}
+
+/// Converts little-endian `bytes` of `from` to `to`.
+fn convert(bytes: &[u8], from: DType, to: DType) -> Vec<u8> {
+    let vals: Vec<f32> = match from {
+        DType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        DType::Bf16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+    };
+    match to {
+        DType::F16 => vals.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        DType::Bf16 => vals.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+        _ => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    }
+}
+
+fn kerr(e: memsteer_kernels::KernelError) -> LmError {
+    LmError::from(e)
+}
+
+impl GpuModel {
+    /// Loads `dir` (as [`crate::Model::load`]) onto `device`, which must be a CUDA device.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let Device::Cuda(cuda) = device else {
+            return Err(LmError::Input(format!("GpuModel needs a CUDA device, not {device:?}")));
+        };
+        let gpu = cuda.0.clone();
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let w = Weights::open(dir)?;
+        let (embed_name, v, d) = match &cfg {
+            ModelConfig::Gpt2(c) => ("wte.weight", c.vocab_size, c.n_embd),
+            ModelConfig::GptNeoX(c) => ("gpt_neox.embed_in.weight", c.vocab_size, c.hidden_size),
+        };
+        let prefixed = format!("transformer.{embed_name}");
+        let dtype = dtype_of(w.raw(&[embed_name, &prefixed], &[v, d])?.0);
+        let up = |names: &[&str], shape: &[usize]| -> Result<DevBuf> {
+            let (dt, bytes) = w.raw(names, shape)?;
+            let dt = dtype_of(dt);
+            if dt == dtype {
+                gpu.upload_bytes(dtype, bytes).map_err(kerr)
+            } else {
+                gpu.upload_bytes(dtype, &convert(bytes, dt, dtype)).map_err(kerr)
+            }
+        };
+        let act = |a: Activation| match a {
+            Activation::GeluExact => 1,
+            Activation::GeluTanh => 2,
+        };
+        match cfg {
+            ModelConfig::Gpt2(c) => {
+                let (d, inner) = (c.n_embd, c.n_inner);
+                let t = |name: &str, shape: &[usize]| up(&[name, &format!("transformer.{name}")], shape);
+                let ln = |name: &str| -> Result<(DevBuf, DevBuf)> {
+                    Ok((t(&format!("{name}.weight"), &[d])?, t(&format!("{name}.bias"), &[d])?))
+                };
+                let mut layers = Vec::with_capacity(c.n_layer);
+                for i in 0..c.n_layer {
+                    let p = |s: &str| format!("h.{i}.{s}");
+                    layers.push(Layer {
+                        ln1: ln(&p("ln_1"))?,
+                        qkv: t(&p("attn.c_attn.weight"), &[d, 3 * d])?,
+                        qkv_b: t(&p("attn.c_attn.bias"), &[3 * d])?,
+                        proj: t(&p("attn.c_proj.weight"), &[d, d])?,
+                        proj_b: t(&p("attn.c_proj.bias"), &[d])?,
+                        ln2: ln(&p("ln_2"))?,
+                        up: t(&p("mlp.c_fc.weight"), &[d, inner])?,
+                        up_b: t(&p("mlp.c_fc.bias"), &[inner])?,
+                        down: t(&p("mlp.c_proj.weight"), &[inner, d])?,
+                        down_b: t(&p("mlp.c_proj.bias"), &[d])?,
+                    });
+                }
+                Ok(Self {
+                    neox: false,
+                    parallel: false,
+                    dtype,
+                    dims: (d, c.n_head, d / c.n_head, inner),
+                    vocab: c.vocab_size,
+                    context: c.n_positions,
+                    eps: c.layer_norm_epsilon,
+                    act: act(c.activation),
+                    rotary: None,
+                    wte: t("wte.weight", &[c.vocab_size, d])?,
+                    wpe: Some(t("wpe.weight", &[c.n_positions, d])?),
+                    out: if c.tie_word_embeddings { None } else { Some(up(&["lm_head.weight"], &[c.vocab_size, d])?) },
+                    layers,
+                    ln_f: ln("ln_f")?,
+                    chunk: OUTPUT_CHUNK,
+                    logits: DType::F32,
+                    attention: Attention::Auto,
+                    gpu,
+                })
+            }
+            ModelConfig::GptNeoX(c) => {
+                let (d, inter) = (c.hidden_size, c.intermediate_size);
+                let t = |name: &str, shape: &[usize]| up(&[name], shape);
+                let ln = |name: &str| -> Result<(DevBuf, DevBuf)> {
+                    Ok((t(&format!("{name}.weight"), &[d])?, t(&format!("{name}.bias"), &[d])?))
+                };
+                let mut layers = Vec::with_capacity(c.num_hidden_layers);
+                for i in 0..c.num_hidden_layers {
+                    let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
+                    layers.push(Layer {
+                        ln1: ln(&p("input_layernorm"))?,
+                        ln2: ln(&p("post_attention_layernorm"))?,
+                        qkv: t(&p("attention.query_key_value.weight"), &[3 * d, d])?,
+                        qkv_b: t(&p("attention.query_key_value.bias"), &[3 * d])?,
+                        proj: t(&p("attention.dense.weight"), &[d, d])?,
+                        proj_b: t(&p("attention.dense.bias"), &[d])?,
+                        up: t(&p("mlp.dense_h_to_4h.weight"), &[inter, d])?,
+                        up_b: t(&p("mlp.dense_h_to_4h.bias"), &[inter])?,
+                        down: t(&p("mlp.dense_4h_to_h.weight"), &[d, inter])?,
+                        down_b: t(&p("mlp.dense_4h_to_h.bias"), &[d])?,
+                    });
+                }
+                let heads = c.num_attention_heads;
+                let hd = d / heads;
+                let rot = ((hd as f64) * c.rotary_pct) as usize / 2 * 2;
+                // The CPU path's angles: f64, then rounded to f32.
+                let rotary = if rot > 0 {
+                    let inv: Vec<f64> =
+                        (0..rot / 2).map(|i| 1.0 / c.rotary_base.powf((2 * i) as f64 / rot as f64)).collect();
+                    let n = c.max_position_embeddings;
+                    let (mut cos, mut sin) = (Vec::with_capacity(n * rot / 2), Vec::with_capacity(n * rot / 2));
+                    for pos in 0..n {
+                        for f in &inv {
+                            cos.push((pos as f64 * f).cos() as f32);
+                            sin.push((pos as f64 * f).sin() as f32);
+                        }
+                    }
+                    Some((gpu.upload_f32(&cos).map_err(kerr)?, gpu.upload_f32(&sin).map_err(kerr)?, rot))
+                } else {
+                    None
+                };
+                Ok(Self {
+                    neox: true,
+                    parallel: c.use_parallel_residual,
+                    dtype,
+                    dims: (d, heads, hd, inter),
+                    vocab: c.vocab_size,
+                    context: c.max_position_embeddings,
+                    eps: c.layer_norm_eps,
+                    act: act(c.activation),
+                    rotary,
+                    wte: t("gpt_neox.embed_in.weight", &[c.vocab_size, d])?,
+                    wpe: None,
+                    out: if c.tie_word_embeddings {
+                        None
+                    } else {
+                        Some(up(&["embed_out.weight", "lm_head.weight"], &[c.vocab_size, d])?)
+                    },
+                    layers,
+                    ln_f: ln("gpt_neox.final_layer_norm")?,
+                    chunk: OUTPUT_CHUNK,
+                    logits: DType::F32,
+                    attention: Attention::Auto,
+                    gpu,
+                })
+            }
+        }
+    }
+
+    /// The element type the weights live in on the device.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Rows per chunk of the fused output layer and the type of its logits (`F32`, or `F16` to halve
+    /// the chunk's memory traffic at about 1e-3 relative precision of each logit).
+    /// `F16` logits need f16 weights (cuBLAS writes f16 only from f16 inputs); otherwise `F32` is used.
+    pub fn set_output_chunk(&mut self, rows: usize, logits: DType) {
+        self.chunk = rows.max(1);
+        self.logits = if logits == DType::F16 && self.dtype == DType::F16 { DType::F16 } else { DType::F32 };
+    }
+
+    /// How attention is computed (default [`Attention::Auto`]: the fused kernel for f16/bf16 heads of
+    /// 64 or 128 dimensions, the tiled cuBLAS path otherwise).
+    pub fn set_attention(&mut self, how: Attention) {
+        self.attention = how;
+    }
+
+    /// `log p(x_t | x_<t)` for `t = 1..T` of every sequence (first token not scored), in one packed
+    /// forward pass on the device. The same checks and errors as the CPU path
+    /// ([`crate::Decoder::token_log_probs_batch`]).
+    pub fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.len() < 2) {
+            let message =
+                format!("{} token(s): a log-probability needs at least two (the first token is not scored)", s.len());
+            return Err(if seqs.len() == 1 {
+                LmError::Input(message)
+            } else {
+                LmError::Sequence { index: i, message }
+            });
+        }
+        if seqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lay = ops::layout_for((self.vocab, self.context), seqs, None)?;
+        let rows = lay.rows();
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
+        // Row r predicts token r + 1; each sequence's last row predicts nothing (target 0, dropped).
+        let mut targets = vec![0u32; rows];
+        for w in lay.starts.windows(2) {
+            targets[w[0]..w[1] - 1].copy_from_slice(&tokens[w[0] + 1..w[1]]);
+        }
+        let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+        let lp = self.forward_log_probs(&tokens, &positions, &targets, &spans).map_err(kerr)?;
+        Ok(spans.iter().map(|&(start, len)| lp[start..start + len - 1].to_vec()).collect())
+    }
+
+    fn forward_log_probs(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        targets: &[u32],
+        spans: &[(usize, usize)],
+    ) -> memsteer_kernels::Result<Vec<f32>> {
+        let g = &*self.gpu;
+        let (d, heads, hd, inter) = self.dims;
+        let (rows, dt) = (tokens.len(), self.dtype);
+        let (tok, pos, tgt) = (g.upload_u32(tokens)?, g.upload_u32(positions)?, g.upload_u32(targets)?);
+        let x = g.alloc(DType::F32, rows * d)?;
+        let h = g.alloc(dt, rows * d)?;
+        let qkv = g.alloc(DType::F32, rows * 3 * d)?;
+        let (q, k, v) = (g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?);
+        let ctx = g.alloc(dt, rows * d)?;
+        let attn = g.alloc(DType::F32, rows * d)?;
+        let mid = g.alloc(DType::F32, rows * inter)?;
+        let midc = g.alloc(dt, rows * inter)?;
+        let mlp = g.alloc(DType::F32, rows * d)?;
+        g.embed(
+            (tokens, tok.view()),
+            (positions, pos.view()),
+            self.wte.view(),
+            self.wpe.as_ref().map(DevBuf::view),
+            x.view(),
+            d,
+        )?;
+        let lin = |w: &DevBuf, outputs: usize, inputs: usize| Linear {
+            w: w.view(),
+            outputs,
+            inputs,
+            inputs_major: !self.neox,
+        };
+        let pair = |p: &(DevBuf, DevBuf)| (p.0.view(), p.1.view());
+        let rotary = self.rotary.as_ref().map(|(c, s, r)| (c.view(), s.view(), *r));
+        for l in &self.layers {
+            g.layer_norm(x.view(), pair(&l.ln1), self.eps, h.view(), rows, d)?;
+            g.linear(h.view(), &lin(&l.qkv, 3 * d, d), qkv.view(), rows)?;
+            g.qkv_split(
+                qkv.view(),
+                l.qkv_b.view(),
+                (positions, pos.view()),
+                rotary,
+                self.neox,
+                (q.view(), k.view(), v.view()),
+                (rows, heads, hd),
+            )?;
+            g.attention_with(self.attention, (q.view(), k.view(), v.view()), ctx.view(), spans, (rows, heads, hd))?;
+            g.linear(ctx.view(), &lin(&l.proj, d, d), attn.view(), rows)?;
+            let run_mlp = |input: View| -> memsteer_kernels::Result<()> {
+                g.linear(input, &lin(&l.up, inter, d), mid.view(), rows)?;
+                g.bias_act(mid.view(), l.up_b.view(), midc.view(), (rows, inter), self.act)?;
+                g.linear(midc.view(), &lin(&l.down, d, inter), mlp.view(), rows)
+            };
+            if self.parallel {
+                g.layer_norm(x.view(), pair(&l.ln2), self.eps, h.view(), rows, d)?;
+                run_mlp(h.view())?;
+                g.residual(x.view(), (attn.view(), l.proj_b.view()), Some((mlp.view(), l.down_b.view())), rows, d)?;
+            } else {
+                g.residual(x.view(), (attn.view(), l.proj_b.view()), None, rows, d)?;
+                g.layer_norm(x.view(), pair(&l.ln2), self.eps, h.view(), rows, d)?;
+                run_mlp(h.view())?;
+                g.residual(x.view(), (mlp.view(), l.down_b.view()), None, rows, d)?;
+            }
+        }
+        g.layer_norm(x.view(), pair(&self.ln_f), self.eps, h.view(), rows, d)?;
+        // Free the layer buffers before the output layer's chunk is allocated.
+        drop((qkv, q, k, v, ctx, attn, mid, midc, mlp));
+        let e = Linear {
+            w: self.out.as_ref().unwrap_or(&self.wte).view(),
+            outputs: self.vocab,
+            inputs: d,
+            inputs_major: false,
+        };
+        let lp = g.alloc(DType::F32, rows)?;
+        g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, self.logits)?;
+        g.download_f32(lp.view())
+    }
+}
