@@ -24,6 +24,9 @@ trap 'rm -rf "$work"' EXIT
   timeout 300 "$bin/memsteer-gpu-check" parity head logprobs --work "$work"
   status=$?
   echo
+  echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"
+  MEMSTEER_GPU_PROFILE=1 timeout 200 "$bin/memsteer-gpu-check" profile --work "$work"
+  echo
   echo "## PyTorch on the same GPU"
   PYTHONUNBUFFERED=1 timeout 300 python3 scripts/torch_reference.py || echo "(PyTorch reference failed)"
   echo

@@ -48,7 +48,7 @@ fn random_seqs(lens: &[usize], vocab: usize, seed: u64) -> Vec<Vec<u32>> {
 }
 
 /// Small random GPT-2 and GPT-NeoX models in f32, f16 and bf16, scored by the CPU runtime and on
-/// `device`. Bounds: 1e-4 relative for f32 weights (the bar); for f16/bf16 weights the
+/// `device`, with both attention implementations and both logits types. Bounds: 1e-4 relative for f32 weights (the bar); for f16/bf16 weights the
 /// products take half-precision inputs (the CPU path widens the same stored weights to f32 and keeps
 /// activations in f32), so each product's inputs carry 2⁻¹¹ (f16) or 2⁻⁸ (bf16) relative rounding;
 /// through 2 layers and the output layer that is a few 1e-3 (f16) or a few 1e-2 (bf16) nats on
@@ -60,8 +60,8 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
     // Lengths cross the attention tiles (64 fused, 256 tiled) and include the shortest sequence.
     let seqs = random_seqs(&[600, 257, 2, 31, 129, 64, 65], 1000, 7);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    let (f, t, a) = (Attention::Fused, Attention::Tiled, Attention::Auto);
-    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 12] = [
+    let (f, t, a, tv) = (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV);
+    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 16] = [
         ("gpt2", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-parallel", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-sequential", hd128, Dtype::F32, a, false, 1e-4),
@@ -70,19 +70,25 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         ("neox-parallel", hd64, Dtype::F16, t, false, 2e-2),
         ("neox-parallel", hd64, Dtype::F16, f, false, 2e-2),
         ("neox-parallel", hd64, Dtype::F16, f, true, 2e-2),
+        ("neox-parallel", hd64, Dtype::F16, tv, false, 2e-2),
+        ("neox-parallel", hd128, Dtype::F16, tv, false, 2e-2),
+        ("gpt2", hd128, Dtype::BF16, tv, false, 1.5e-1),
         ("neox-parallel", hd128, Dtype::F16, f, false, 2e-2),
         ("neox-parallel", hd64, Dtype::BF16, t, false, 1.5e-1),
         ("neox-parallel", hd64, Dtype::BF16, f, false, 1.5e-1),
+        ("gpt2", hd128, Dtype::BF16, t, false, 1.5e-1),
         ("gpt2", hd128, Dtype::BF16, f, false, 1.5e-1),
     ];
     let mut out = Vec::new();
     for (i, (arch, shape, dtype, attention, f16_logits, bound)) in cases.into_iter().enumerate() {
         let m = dir.join(format!("parity-{i}"));
         std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
+        // Weights of std 2.4/√d: unit-scale activations, logits spread over a few nats.
+        let std = 2.4 / (shape.d as f64).sqrt();
         if arch == "gpt2" {
-            write_gpt2(&m, shape, dtype, 0.3, 11 + i as u64);
+            write_gpt2(&m, shape, dtype, std, 11 + i as u64);
         } else {
-            write_neox(&m, shape, arch == "neox-parallel", dtype, 0.3, 11 + i as u64);
+            write_neox(&m, shape, arch == "neox-parallel", dtype, std, 11 + i as u64);
         }
         let cpu =
             Model::load(&m).map_err(|e| e.to_string())?.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
@@ -129,8 +135,9 @@ pub struct HeadTiming {
     pub peak: usize,
 }
 
-/// The fused output layer at `n` rows, vocabulary `vocab`, hidden `d`, for bf16 inputs (f32 logits)
-/// and f16 inputs (f32 and f16 logits), for each chunk size: best of `reps` after a warm-up.
+/// The fused output layer at `n` rows, vocabulary `vocab`, hidden `d`, for bf16 and f16 inputs with
+/// f32 and f16 logits, for each chunk size: best of `reps` after a warm-up. Peak memory is above the
+/// inputs (and the f16 copy of a bf16 output embedding).
 pub fn bench_output_layer(
     gpu: &Gpu,
     (n, vocab, d): (usize, usize, usize),
@@ -156,15 +163,25 @@ pub fn bench_output_layer(
         let (hb, wb) =
             (gpu.upload_bytes(inputs, &bytes(&h)).map_err(e)?, gpu.upload_bytes(inputs, &bytes(&w)).map_err(e)?);
         let lin = Linear { w: wb.view(), outputs: vocab, inputs: d, inputs_major: false };
-        let types: &[DType] = if inputs == DType::F16 { &[DType::F32, DType::F16] } else { &[DType::F32] };
+        // bf16 with f16 logits is the bf16 model's path: E converted to f16 once (at model load, not
+        // timed), the hidden states converted in each call (timed).
+        let e16 = gpu.alloc(DType::F16, vocab * d).map_err(e)?;
+        gpu.convert(wb.view(), e16.view(), vocab * d).map_err(e)?;
+        let lin16 = Linear { w: e16.view(), ..lin };
+        let h16 = gpu.alloc(DType::F16, n * d).map_err(e)?;
         for &chunk in chunks {
-            for &logits in types {
+            for logits in [DType::F32, DType::F16] {
                 gpu.synchronize().map_err(e)?;
                 let base = gpu.memory().0;
                 gpu.reset_peak();
                 let run = || {
-                    gpu.log_prob_targets(hb.view(), &lin, tb.view(), out.view(), None, n, chunk, logits)
-                        .and_then(|_| gpu.synchronize())
+                    if logits == DType::F16 && inputs == DType::Bf16 {
+                        gpu.convert(hb.view(), h16.view(), n * d)?;
+                        gpu.log_prob_targets(h16.view(), &lin16, tb.view(), out.view(), None, n, chunk, logits)?;
+                    } else {
+                        gpu.log_prob_targets(hb.view(), &lin, tb.view(), out.view(), None, n, chunk, logits)?;
+                    }
+                    gpu.synchronize()
                 };
                 run().map_err(e)?;
                 let mut best = f64::INFINITY;
@@ -198,7 +215,7 @@ pub fn bench_logprobs(
     let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let mut out = Vec::new();
-    for how in [Attention::Fused, Attention::Tiled] {
+    for how in [Attention::Fused, Attention::FusedTransposedV, Attention::Tiled] {
         model.set_attention(how);
         model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
         let base = gpu.memory().0;
@@ -215,4 +232,19 @@ pub fn bench_logprobs(
         out.push((how, (batch * t) as f64 / best, base, gpu.memory().1));
     }
     Ok(out)
+}
+
+/// One profiled forward pass (after a warm-up) of `batch` sequences of `t` tokens at `shape` with
+/// random f16 weights: with `MEMSTEER_GPU_PROFILE` set, the model prints its per-stage times.
+pub fn profile_logprobs(device: &Device, dir: &Path, shape: Shape, (batch, t): (usize, usize)) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    write_neox(dir, shape, true, Dtype::F16, 0.02, 5);
+    let model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(dir);
+    let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    for _ in 0..2 {
+        model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }

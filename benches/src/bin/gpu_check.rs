@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memsteer_benches::Shape;
-use memsteer_benches::gpu::{bench_logprobs, bench_output_layer, device, parity};
+use memsteer_benches::gpu::{bench_logprobs, bench_output_layer, device, parity, profile_logprobs};
 use memsteer_kernels::Device;
 
 fn main() -> ExitCode {
@@ -101,13 +101,23 @@ fn main() -> ExitCode {
             }
         }
     }
+    let shapes = [
+        ("pythia-70m", Shape { d: 512, layers: 6, heads: 8, vocab: 50304, context: 2048 }),
+        ("pythia-160m", Shape { d: 768, layers: 12, heads: 12, vocab: 50304, context: 2048 }),
+        ("pythia-410m", Shape { d: 1024, layers: 24, heads: 16, vocab: 50304, context: 2048 }),
+        ("pythia-1.4b", Shape { d: 2048, layers: 24, heads: 16, vocab: 50304, context: 2048 }),
+    ];
+    if what.iter().any(|w| w == "profile") {
+        // Per-stage times on stderr (run with MEMSTEER_GPU_PROFILE=1).
+        for (name, s) in shapes {
+            eprintln!("{name}:");
+            if let Err(e) = profile_logprobs(&dev, &work.join(name), s, (8, 2048)) {
+                println!("{name}: profile failed: {e}");
+                failed = true;
+            }
+        }
+    }
     if what.iter().any(|w| w == "logprobs") {
-        let shapes = [
-            ("pythia-70m", Shape { d: 512, layers: 6, heads: 8, vocab: 50304, context: 2048 }),
-            ("pythia-160m", Shape { d: 768, layers: 12, heads: 12, vocab: 50304, context: 2048 }),
-            ("pythia-410m", Shape { d: 1024, layers: 24, heads: 16, vocab: 50304, context: 2048 }),
-            ("pythia-1.4b", Shape { d: 2048, layers: 24, heads: 16, vocab: 50304, context: 2048 }),
-        ];
         println!(
             "\n| memsteer GpuModel f16 | attention | B | T | tokens/s | weights GiB | peak GiB |\n|---|---|---|---|---|---|---|"
         );

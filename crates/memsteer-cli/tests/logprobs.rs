@@ -140,6 +140,11 @@ fn bad_inputs() {
     assert!(e.contains("/no/such/dir") && e.contains("does not exist"), "{e}");
     let e = fails(&args(&ckpts, &instances, &out, &["--shard", "2/2"]));
     assert!(e.contains("0 ≤ I < N"), "{e}");
+    let e = fails(&args(&ckpts, &instances, &out, &["--device", "tpu"]));
+    assert!(e.contains("unknown device \"tpu\"") && e.contains("cuda:N"), "{e}");
+    // Without the `cuda` feature, --device cuda says how to get it; with it and no GPU, what is missing.
+    let e = fails(&args(&ckpts, &instances, &out, &["--device", "cuda:0"]));
+    assert!(e.contains("--features cuda") || e.contains("is not available"), "{e}");
     for (body, expect) in [
         (
             "{\"id\": \"a\", \"tokens\": [1, 2]}\n{\"id\": \"a\", \"tokens\": [3]}\n",

@@ -54,6 +54,9 @@ pub struct GpuModel {
     chunk: usize,
     logits: DType,
     attention: Attention,
+    /// For bf16 checkpoints: the output embedding in f16 (exact for values in f16's normal range),
+    /// so that the output layer writes f16 logits (cuBLAS writes f16 only from f16 inputs).
+    head16: Option<DevBuf>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -123,7 +126,15 @@ impl GpuModel {
             Activation::GeluExact => 1,
             Activation::GeluTanh => 2,
         };
-        match cfg {
+        let (head_name, head_alt): (&str, &str) = match &cfg {
+            ModelConfig::Gpt2(c) if c.tie_word_embeddings => ("wte.weight", "transformer.wte.weight"),
+            ModelConfig::Gpt2(_) => ("lm_head.weight", "lm_head.weight"),
+            ModelConfig::GptNeoX(c) if c.tie_word_embeddings => {
+                ("gpt_neox.embed_in.weight", "gpt_neox.embed_in.weight")
+            }
+            ModelConfig::GptNeoX(_) => ("embed_out.weight", "lm_head.weight"),
+        };
+        let mut model: Self = (match cfg {
             ModelConfig::Gpt2(c) => {
                 let (d, inner) = (c.n_embd, c.n_inner);
                 let t = |name: &str, shape: &[usize]| up(&[name, &format!("transformer.{name}")], shape);
@@ -162,8 +173,9 @@ impl GpuModel {
                     layers,
                     ln_f: ln("ln_f")?,
                     chunk: OUTPUT_CHUNK,
-                    logits: DType::F32,
+                    logits: if dtype == DType::F16 { DType::F16 } else { DType::F32 },
                     attention: Attention::Auto,
+                    head16: None,
                     gpu,
                 })
             }
@@ -228,12 +240,23 @@ impl GpuModel {
                     layers,
                     ln_f: ln("gpt_neox.final_layer_norm")?,
                     chunk: OUTPUT_CHUNK,
-                    logits: DType::F32,
+                    logits: if dtype == DType::F16 { DType::F16 } else { DType::F32 },
                     attention: Attention::Auto,
+                    head16: None,
                     gpu,
                 })
             }
+        } as Result<Self>)?;
+        if dtype == DType::Bf16 {
+            let (stored, bytes) = w.raw(&[head_name, head_alt], &[v, d])?;
+            let f16 = convert(bytes, dtype_of(stored), DType::F16);
+            let in_range = f16.chunks_exact(2).all(|b| half::f16::from_le_bytes([b[0], b[1]]).is_finite());
+            if in_range {
+                model.head16 = Some(model.gpu.upload_bytes(DType::F16, &f16).map_err(kerr)?);
+                model.logits = DType::F16;
+            }
         }
+        Ok(model)
     }
 
     /// The element type the weights live in on the device.
@@ -247,15 +270,17 @@ impl GpuModel {
     }
 
     /// Rows per chunk of the fused output layer and the type of its logits (`F32`, or `F16` to halve
-    /// the chunk's memory traffic at about 1e-3 relative precision of each logit).
+    /// the chunk's memory traffic at about 5e-4 relative precision of each logit; the default for
+    /// f16 weights and for bf16 weights whose output embedding fits f16, `F32` otherwise).
     /// `F16` logits need f16 weights (cuBLAS writes f16 only from f16 inputs); otherwise `F32` is used.
     pub fn set_output_chunk(&mut self, rows: usize, logits: DType) {
         self.chunk = rows.max(1);
-        self.logits = if logits == DType::F16 && self.dtype == DType::F16 { DType::F16 } else { DType::F32 };
+        let f16_head = self.dtype == DType::F16 || self.head16.is_some();
+        self.logits = if logits == DType::F16 && f16_head { DType::F16 } else { DType::F32 };
     }
 
     /// How attention is computed (default [`Attention::Auto`]: the fused kernel for f16/bf16 heads of
-    /// 64 or 128 dimensions, the tiled cuBLAS path otherwise).
+    /// 64 dimensions, the tiled cuBLAS path otherwise).
     pub fn set_attention(&mut self, how: Attention) {
         self.attention = how;
     }
@@ -300,16 +325,20 @@ impl GpuModel {
         let g = &*self.gpu;
         let (d, heads, hd, inter) = self.dims;
         let (rows, dt) = (tokens.len(), self.dtype);
+        let mut prof = Profile::new(g);
         let (tok, pos, tgt) = (g.upload_u32(tokens)?, g.upload_u32(positions)?, g.upload_u32(targets)?);
+        // The residual stream is f32; product outputs and the other activations are in the weights'
+        // type (f32 models stay f32 throughout).
         let x = g.alloc(DType::F32, rows * d)?;
         let h = g.alloc(dt, rows * d)?;
-        let qkv = g.alloc(DType::F32, rows * 3 * d)?;
+        let qkv = g.alloc(dt, rows * 3 * d)?;
         let (q, k, v) = (g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?);
         let ctx = g.alloc(dt, rows * d)?;
-        let attn = g.alloc(DType::F32, rows * d)?;
-        let mid = g.alloc(DType::F32, rows * inter)?;
-        let midc = g.alloc(dt, rows * inter)?;
-        let mlp = g.alloc(DType::F32, rows * d)?;
+        let attn = g.alloc(dt, rows * d)?;
+        // The MLP runs over blocks of rows, so its wide activation is bounded by MLP_ROWS × inner.
+        let block = MLP_ROWS.min(rows);
+        let mid = g.alloc(dt, block * inter)?;
+        let mlp = g.alloc(dt, rows * d)?;
         g.embed(
             (tokens, tok.view()),
             (positions, pos.view()),
@@ -318,6 +347,7 @@ impl GpuModel {
             x.view(),
             d,
         )?;
+        prof.mark("embed");
         let lin = |w: &DevBuf, outputs: usize, inputs: usize| Linear {
             w: w.view(),
             outputs,
@@ -328,7 +358,9 @@ impl GpuModel {
         let rotary = self.rotary.as_ref().map(|(c, s, r)| (c.view(), s.view(), *r));
         for l in &self.layers {
             g.layer_norm(x.view(), pair(&l.ln1), self.eps, h.view(), rows, d)?;
+            prof.mark("layer norm");
             g.linear(h.view(), &lin(&l.qkv, 3 * d, d), qkv.view(), rows)?;
+            prof.mark("qkv product");
             g.qkv_split(
                 qkv.view(),
                 l.qkv_b.view(),
@@ -338,35 +370,98 @@ impl GpuModel {
                 (q.view(), k.view(), v.view()),
                 (rows, heads, hd),
             )?;
+            prof.mark("qkv split + rotary");
             g.attention_with(self.attention, (q.view(), k.view(), v.view()), ctx.view(), spans, (rows, heads, hd))?;
+            prof.mark("attention");
             g.linear(ctx.view(), &lin(&l.proj, d, d), attn.view(), rows)?;
-            let run_mlp = |input: View| -> memsteer_kernels::Result<()> {
-                g.linear(input, &lin(&l.up, inter, d), mid.view(), rows)?;
-                g.bias_act(mid.view(), l.up_b.view(), midc.view(), (rows, inter), self.act)?;
-                g.linear(midc.view(), &lin(&l.down, d, inter), mlp.view(), rows)
+            prof.mark("attention output product");
+            let run_mlp = |input: View, prof: &mut Profile<'_>| -> memsteer_kernels::Result<()> {
+                for r0 in (0..rows).step_by(block) {
+                    let n = block.min(rows - r0);
+                    let m = mid.view().slice(0, n * inter)?;
+                    g.linear(input.slice(r0 * d, n * d)?, &lin(&l.up, inter, d), m, n)?;
+                    prof.mark("mlp products");
+                    g.bias_act(m, l.up_b.view(), m, (n, inter), self.act)?;
+                    prof.mark("bias + gelu");
+                    g.linear(m, &lin(&l.down, d, inter), mlp.view().slice(r0 * d, n * d)?, n)?;
+                    prof.mark("mlp products");
+                }
+                Ok(())
             };
             if self.parallel {
                 g.layer_norm(x.view(), pair(&l.ln2), self.eps, h.view(), rows, d)?;
-                run_mlp(h.view())?;
+                prof.mark("layer norm");
+                run_mlp(h.view(), &mut prof)?;
                 g.residual(x.view(), (attn.view(), l.proj_b.view()), Some((mlp.view(), l.down_b.view())), rows, d)?;
+                prof.mark("residual");
             } else {
                 g.residual(x.view(), (attn.view(), l.proj_b.view()), None, rows, d)?;
                 g.layer_norm(x.view(), pair(&l.ln2), self.eps, h.view(), rows, d)?;
-                run_mlp(h.view())?;
+                prof.mark("layer norm");
+                run_mlp(h.view(), &mut prof)?;
                 g.residual(x.view(), (mlp.view(), l.down_b.view()), None, rows, d)?;
+                prof.mark("residual");
             }
         }
-        g.layer_norm(x.view(), pair(&self.ln_f), self.eps, h.view(), rows, d)?;
         // Free the layer buffers before the output layer's chunk is allocated.
-        drop((qkv, q, k, v, ctx, attn, mid, midc, mlp));
-        let e = Linear {
-            w: self.out.as_ref().unwrap_or(&self.wte).view(),
-            outputs: self.vocab,
-            inputs: d,
-            inputs_major: false,
-        };
+        drop((qkv, q, k, v, ctx, attn, mid, mlp));
         let lp = g.alloc(DType::F32, rows)?;
-        g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, self.logits)?;
-        g.download_f32(lp.view())
+        if let (Some(head), DType::F16) = (&self.head16, self.logits) {
+            let hf = g.alloc(DType::F16, rows * d)?;
+            g.layer_norm(x.view(), pair(&self.ln_f), self.eps, hf.view(), rows, d)?;
+            let e = Linear { w: head.view(), outputs: self.vocab, inputs: d, inputs_major: false };
+            g.log_prob_targets(hf.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, DType::F16)?;
+        } else {
+            g.layer_norm(x.view(), pair(&self.ln_f), self.eps, h.view(), rows, d)?;
+            let w = self.out.as_ref().unwrap_or(&self.wte).view();
+            let e = Linear { w, outputs: self.vocab, inputs: d, inputs_major: false };
+            let logits = if self.dtype == DType::F16 { self.logits } else { DType::F32 };
+            g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, logits)?;
+        }
+        prof.mark("output layer");
+        let out = g.download_f32(lp.view());
+        prof.report(rows);
+        out
+    }
+}
+
+/// Rows per block of the MLP (bounds its `rows × inner` activation).
+const MLP_ROWS: usize = 4096;
+
+/// Per-stage wall time of the forward pass when `MEMSTEER_GPU_PROFILE` is set (each stage is
+/// synchronised, so the total is a little above the unprofiled time), printed to stderr.
+struct Profile<'a> {
+    gpu: Option<&'a Gpu>,
+    last: std::time::Instant,
+    stages: Vec<(&'static str, f64)>,
+}
+
+impl<'a> Profile<'a> {
+    fn new(gpu: &'a Gpu) -> Self {
+        let on = std::env::var_os("MEMSTEER_GPU_PROFILE").is_some();
+        if on {
+            let _ = gpu.synchronize();
+        }
+        Self { gpu: on.then_some(gpu), last: std::time::Instant::now(), stages: Vec::new() }
+    }
+    fn mark(&mut self, stage: &'static str) {
+        let Some(g) = self.gpu else { return };
+        let _ = g.synchronize();
+        let now = std::time::Instant::now();
+        let dt = (now - self.last).as_secs_f64();
+        self.last = now;
+        match self.stages.iter_mut().find(|(s, _)| *s == stage) {
+            Some((_, t)) => *t += dt,
+            None => self.stages.push((stage, dt)),
+        }
+    }
+    fn report(&self, rows: usize) {
+        if self.gpu.is_none() {
+            return;
+        }
+        let total: f64 = self.stages.iter().map(|s| s.1).sum();
+        let parts: Vec<String> =
+            self.stages.iter().map(|(s, t)| format!("{s} {:.2} ms ({:.0}%)", t * 1e3, 100.0 * t / total)).collect();
+        eprintln!("forward of {rows} rows: {:.2} ms: {}", total * 1e3, parts.join(", "));
     }
 }

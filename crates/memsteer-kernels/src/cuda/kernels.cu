@@ -45,6 +45,12 @@ __device__ __forceinline__ void st(void* p, i64 i, int dt, float v) {
     else ((u16*)p)[i] = f2b(v);
 }
 
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -82,10 +88,10 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mm;
 }
 
-// Casts n values from f32 to the type `dt`.
-extern "C" __global__ void cast_f32(const float* x, void* y, int dt, i64 n) {
+// Converts n values from type x_dt to type y_dt.
+extern "C" __global__ void convert(const void* x, int x_dt, void* y, int y_dt, i64 n) {
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        st(y, i, dt, x[i]);
+        st(y, i, y_dt, ld(x, i, x_dt));
 }
 
 // x[r] = wte[tok[r]] (+ wpe[pos[r]] when wpe is not null); one block per row.
@@ -128,36 +134,44 @@ __device__ __forceinline__ float gelu(float x, int act) {
     return x;
 }
 
-// out = act(y + b) over a rows × cols matrix, written as `out_dt` (act: 0 none, 1 exact GELU, 2 tanh GELU).
-extern "C" __global__ void bias_act(const float* y, const void* b, int dt, void* out, int out_dt, i64 rows, int cols,
-                                    int act) {
-    i64 n = rows * cols;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
-        st(out, i, out_dt, gelu(y[i] + ld(b, i % cols, dt), act));
+// out = act(y + b) over a rows × cols matrix (y of type y_dt, b of type dt), written as `out_dt`
+// (act: 0 none, 1 exact GELU, 2 tanh GELU); out may be y when the types agree. Grid (column blocks,
+// row blocks): no integer division per element.
+extern "C" __global__ void bias_act(const void* y, int y_dt, const void* b, int dt, void* out, int out_dt, i64 rows,
+                                    int cols, int act) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float bc = ld(b, c, dt);
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        i64 i = r * cols + c;
+        st(out, i, out_dt, gelu(ld(y, i, y_dt) + bc, act));
+    }
 }
 
-// x += (a + ba) (+ (b2 + bb) when b2 is not null), ba and bb biases of length d.
-extern "C" __global__ void residual(float* x, const float* a, const void* ba, const float* b2, const void* bb, int dt,
-                                    i64 rows, int d) {
-    i64 n = rows * d;
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        int c = (int)(i % d);
-        float v = a[i] + ld(ba, c, dt);
-        if (b2) v += b2[i] + ld(bb, c, dt);
+// x += (a + ba) (+ (b2 + bb) when b2 is not null): a and b2 of type a_dt, biases (length d) of type dt.
+extern "C" __global__ void residual(float* x, const void* a, const void* ba, const void* b2, const void* bb, int a_dt,
+                                    int dt, i64 rows, int d) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= d) return;
+    float bias = ld(ba, c, dt) + (b2 ? ld(bb, c, dt) : 0.0f);
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        i64 i = r * d + c;
+        float v = ld(a, i, a_dt) + bias;
+        if (b2) v += ld(b2, i, a_dt);
         x[i] += v;
     }
 }
 
-// Splits the fused QKV projection (plus bias) into head-major q, k, v (heads × rows × hd, type out_dt),
+// Splits the fused QKV projection (type qkv_dt, plus bias) into head-major q, k, v (heads × rows × hd, type out_dt),
 // rotating the first `rot` dimensions of every q and k head (rotate-half, GPT-NeoX) with the tables
 // cos_t/sin_t (position × rot/2). neox = 1: a row is [q k v] per head; neox = 0 (GPT-2): [q | k | v].
 // One block per row.
-extern "C" __global__ void qkv_split(const float* qkv, const void* bias, int dt, const u32* pos, const float* cos_t,
+extern "C" __global__ void qkv_split(const void* qkv, int qkv_dt, const void* bias, int dt, const u32* pos, const float* cos_t,
                                      const float* sin_t, int rot, int neox, void* q, void* k, void* v, int out_dt,
                                      i64 rows, int heads, int hd) {
     i64 r = blockIdx.x;
     int d = heads * hd, half = rot / 2;
-    const float* row = qkv + r * 3 * d;
+    const i64 row = r * 3 * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         int h = j / hd, i = j % hd;
         int base_q = neox ? h * 3 * hd : h * hd;
@@ -165,15 +179,15 @@ extern "C" __global__ void qkv_split(const float* qkv, const void* bias, int dt,
         i64 dst = ((i64)h * rows + r) * hd + i;
         for (int part = 0; part < 3; part++) {
             int at = base_q + part * stride;
-            float val = row[at + i] + ld(bias, at + i, dt);
+            float val = ld(qkv, row + at + i, qkv_dt) + ld(bias, at + i, dt);
             if (part < 2 && i < rot) {
                 int f = i < half ? i : i - half;
                 float c = cos_t[(i64)pos[r] * half + f], s = sin_t[(i64)pos[r] * half + f];
                 if (i < half) {
-                    float o = row[at + i + half] + ld(bias, at + i + half, dt);
+                    float o = ld(qkv, row + at + i + half, qkv_dt) + ld(bias, at + i + half, dt);
                     val = val * c - o * s;
                 } else {
-                    float o = row[at + i - half] + ld(bias, at + i - half, dt);
+                    float o = ld(qkv, row + at + i - half, qkv_dt) + ld(bias, at + i - half, dt);
                     val = val * c + o * s;
                 }
             }
@@ -222,6 +236,56 @@ extern "C" __global__ void lse_target(const void* logits, int l_dt, i64 V, const
     }
 }
 
+// lse_target for rows whose length V is a multiple of 8: 16-byte loads (8 halves or 4 floats), one
+// running-max update per load, exponentials through ex2 (2⁻²² relative error), no branch per element.
+extern "C" __global__ void lse_target_vec(const void* logits, int l_dt, i64 V, const u32* tgt, float* out, float* lse) {
+    const float L2E = 1.4426950408889634f;
+    i64 r = blockIdx.x;
+    float m = NEG_INF, s = 0.0f;  // running max and Σ 2^((x − m)·log2 e)
+    if (l_dt == 1) {
+        const uint4* p = (const uint4*)((const u16*)logits + r * V);
+        for (i64 i = threadIdx.x; i < V / 8; i += blockDim.x) {
+            uint4 u = p[i];
+            u32 w[4] = {u.x, u.y, u.z, u.w};
+            float x[8];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                x[2 * e] = h2f((u16)(w[e] & 0xffffu));
+                x[2 * e + 1] = h2f((u16)(w[e] >> 16));
+            }
+            float mx = x[0];
+#pragma unroll
+            for (int e = 1; e < 8; e++) mx = fmaxf(mx, x[e]);
+            if (mx > m) {
+                s *= ex2((m - mx) * L2E);
+                m = mx;
+            }
+            float ml = m * L2E;
+#pragma unroll
+            for (int e = 0; e < 8; e++) s += ex2(x[e] * L2E - ml);
+        }
+    } else {
+        const float4* p = (const float4*)((const float*)logits + r * V);
+        for (i64 i = threadIdx.x; i < V / 4; i += blockDim.x) {
+            float4 u = p[i];
+            float mx = fmaxf(fmaxf(u.x, u.y), fmaxf(u.z, u.w));
+            if (mx > m) {
+                s *= ex2((m - mx) * L2E);
+                m = mx;
+            }
+            float ml = m * L2E;
+            s += ex2(u.x * L2E - ml) + ex2(u.y * L2E - ml) + ex2(u.z * L2E - ml) + ex2(u.w * L2E - ml);
+        }
+    }
+    float bm = block_max(m);
+    float bs = block_sum(m == NEG_INF ? 0.0f : s * expf(m - bm));
+    if (threadIdx.x == 0) {
+        float l = bm + logf(bs);
+        if (out) out[r] = ld(logits, r * V + tgt[r], l_dt) - l;
+        if (lse) lse[r] = l;
+    }
+}
+
 // The output layer's backward over a chunk, in place: logits[r, v] ← g[r] · (softmax(logits[r])_v − [v = target]),
 // the gradient of g[r] · (−log p(target)) with respect to the logits, given lse from lse_target.
 extern "C" __global__ void softmax_grad(float* logits, i64 V, const u32* tgt, const float* lse, const float* g) {
@@ -238,7 +302,8 @@ extern "C" __global__ void softmax_grad(float* logits, i64 V, const u32* tgt, co
 // One block = 4 warps = 64 queries of one (head, sequence); key tiles of 64 keys are staged in shared
 // memory (K as is, V transposed), each warp computes S = Q Kᵀ for its 16 queries with
 // mma.sync.m16n8k16 (f16 or bf16 inputs, f32 accumulation), keeps a running max and sum per row, and
-// accumulates O = P V with P rounded to the input type, as flash attention does. No score matrix ever
+// accumulates O = P V with P rounded to the input type, as flash attention does. Scores are kept in
+// log2 units (the scale includes log2 e), so every exponential is one ex2.approx. No score matrix ever
 // leaves registers. q, k, v are head-major (heads × rows × HD); ctx is row-major (rows × heads·HD).
 
 template <bool BF>
@@ -264,11 +329,13 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
     return (u32)a | ((u32)b << 16);
 }
 
-template <int HD, bool BF>
+// LDSM: V stays row-major in shared memory and its B fragments come from ldmatrix.trans (coalesced
+// loads, conflict-free stores and reads); otherwise V is transposed on its way into shared memory.
+template <int HD, bool BF, bool LDSM>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* ctx, const u32* starts,
                                 const u32* lens, int rows, int heads, float scale) {
-    __shared__ u32 ks[64][HD / 2 + 4];  // K tile: [key][dim pair]
-    __shared__ u16 vt[HD][64 + 8];      // V tile transposed: [dim][key]
+    __shared__ u32 ks[64][HD / 2 + 4];                     // K tile: [key][dim pair]
+    __shared__ __align__(16) u16 vt[LDSM ? 64 : HD][(LDSM ? HD : 64) + 8];  // V: [key][dim] or [dim][key]
     const int s = blockIdx.z, h = blockIdx.y;
     const int len = (int)lens[s], start = (int)starts[s];
     const int q0 = blockIdx.x * 64;
@@ -296,13 +363,18 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
     const int last_key = min(q0 + 63, len - 1);
     for (int key0 = 0; key0 <= last_key; key0 += 64) {
         __syncthreads();
+        // A warp's lanes take consecutive dimension pairs of one key: coalesced loads.
         for (int i = tid; i < 64 * (HD / 2); i += blockDim.x) {
             int key = i / (HD / 2), c = i % (HD / 2);
             bool in = key0 + key < len;
             ks[key][c] = in ? k32[(i64)(key0 + key) * (HD / 2) + c] : 0u;
             u32 val = in ? v32[(i64)(key0 + key) * (HD / 2) + c] : 0u;
-            vt[2 * c][key] = (u16)(val & 0xffffu);
-            vt[2 * c + 1][key] = (u16)(val >> 16);
+            if (LDSM) {
+                *(u32*)&vt[key][2 * c] = val;
+            } else {
+                vt[2 * c][key] = (u16)(val & 0xffffu);
+                vt[2 * c + 1][key] = (u16)(val >> 16);
+            }
         }
         __syncthreads();
         float sc[8][4];
@@ -321,7 +393,7 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
             for (int e = 0; e < 4; e++) {
                 int key = key0 + n * 8 + 2 * t + (e & 1);
                 int row = e < 2 ? r0 : r1;
-                float x = (key > row || key >= len) ? NEG_INF : sc[n][e] * scale;
+                float x = (key > row || key >= len) ? NEG_INF : sc[n][e] * scale;  // log2 units
                 sc[n][e] = x;
                 if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -331,7 +403,7 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
         mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
         float b0 = mx0 == NEG_INF ? 0.0f : mx0, b1 = mx1 == NEG_INF ? 0.0f : mx1;
-        float c0 = expf(m0 - b0), c1 = expf(m1 - b1);  // m = -inf gives 0: nothing to rescale yet
+        float c0 = ex2(m0 - b0), c1 = ex2(m1 - b1);  // m = -inf gives 0: nothing to rescale yet
         m0 = mx0;
         m1 = mx1;
         l0 *= c0;
@@ -346,8 +418,8 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
         u32 pa[4][4];
 #pragma unroll
         for (int n = 0; n < 8; n++) {
-            float p0 = expf(sc[n][0] - b0), p1 = expf(sc[n][1] - b0);
-            float p2 = expf(sc[n][2] - b1), p3 = expf(sc[n][3] - b1);
+            float p0 = ex2(sc[n][0] - b0), p1 = ex2(sc[n][1] - b0);
+            float p2 = ex2(sc[n][2] - b1), p3 = ex2(sc[n][3] - b1);
             l0 += p0 + p1;
             l1 += p2 + p3;
             int j = n >> 1, hi = n & 1;
@@ -358,8 +430,19 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
         for (int j = 0; j < 4; j++) {
 #pragma unroll
             for (int dn = 0; dn < HD / 8; dn++) {
-                u32 v0 = *(const u32*)&vt[dn * 8 + g][j * 16 + 2 * t];
-                u32 v1 = *(const u32*)&vt[dn * 8 + g][j * 16 + 2 * t + 8];
+                u32 v0, v1;
+                if (LDSM) {
+                    // Lanes 0-7 address keys j·16 + 0..7, lanes 8-15 keys j·16 + 8..15, at dims dn·8..+7;
+                    // .trans hands lane (g, t) keys 2t, 2t+1 (and +8) of dim g: the m16n8k16 B fragment.
+                    const u16* row = &vt[j * 16 + (lane & 15)][dn * 8];
+                    u32 addr = (u32)__cvta_generic_to_shared(row);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                                 : "=r"(v0), "=r"(v1)
+                                 : "r"(addr));
+                } else {
+                    v0 = *(const u32*)&vt[dn * 8 + g][j * 16 + 2 * t];
+                    v1 = *(const u32*)&vt[dn * 8 + g][j * 16 + 2 * t + 8];
+                }
                 mma16816<BF>(o[dn], pa[j], v0, v1);
             }
         }
@@ -380,17 +463,33 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
 
 extern "C" __global__ void __launch_bounds__(128) flash_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
         const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<64, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+    flash_attention<64, false, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
         const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<64, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+    flash_attention<64, true, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
         const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<128, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+    flash_attention<128, false, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
         const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<128, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+    flash_attention<128, true, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_tv_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<64, false, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_tv_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<64, true, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_tv_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<128, false, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash_tv_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention<128, true, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
 }

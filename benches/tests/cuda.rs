@@ -1,0 +1,23 @@
+//! The GPU runtime against the CPU runtime on random GPT-2 and GPT-NeoX models (f32 to 1e-4
+//! relative; f16 and bf16 within the bounds `memsteer_benches::gpu::parity` justifies), both
+//! attention kernels and both logits types. Runs with `--features cuda` on a machine with a GPU and
+//! skips with a message otherwise; `scripts/gpu-check.sh` runs the same check plus the benchmarks.
+#![cfg(feature = "cuda")]
+
+#[test]
+fn gpu_log_probs_equal_the_cpu_runtime() {
+    let device = match memsteer_benches::gpu::device() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("skipped: no usable GPU ({e})");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("memsteer-gpu-parity-{}", std::process::id()));
+    let rows = memsteer_benches::gpu::parity(&dir, &device).expect("parity runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(rows.len() >= 10);
+    for p in &rows {
+        assert!(p.ok(), "{}: max relative difference {:.2e} above {:.0e}", p.case, p.max_rel, p.bound);
+    }
+}
