@@ -38,7 +38,16 @@ trap 'rm -rf "$work"' EXIT
   t1=$(date +%s.%N)
   python3 -c "import sys; t=float(sys.argv[2])-float(sys.argv[1]); print(f\"wall {t:.2f} s for 131072 tokens, load and NVRTC compile included: {131072/t:,.0f} tokens/s\")" "$t0" "$t1"
   head -3 "$work/p70.csv"
-  echo "missing device in a CPU-only request:"; "$bin/memsteer" logprobs --device cuda:7 --checkpoint "0=$work/p70" \
+  echo
+  echo "## memsteer steer train: hidden states on the GPU against the CPU (Pythia-70M shape, 128 sequences of 256 tokens cached, 2 steps of 4)"
+  for dev in cuda cpu; do
+    t0=$(date +%s.%N)
+    "$bin/memsteer" steer train --device $dev --model "$work/p70" --positive "$work/p70/instances.jsonl" \
+      --negative "$work/p70/instances.jsonl" --out "$work/steer-$dev.safetensors" --rank 16 --steps 2 --batch-size 4 --quiet
+    t1=$(date +%s.%N)
+    python3 -c "import sys; print(f'--device {sys.argv[3]}: {float(sys.argv[2]) - float(sys.argv[1]):.2f} s')" "$t0" "$t1" "$dev"
+  done
+  echo "a device that does not exist:"; "$bin/memsteer" logprobs --device cuda:7 --checkpoint "0=$work/p70" \
     --instances "$work/p70/instances.jsonl" --out "$work/x.csv" 2>&1 | tail -2
   exit $status
 } 2>&1 | tee "$log"

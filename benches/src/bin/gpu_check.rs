@@ -53,19 +53,21 @@ fn main() -> ExitCode {
     let mut failed = false;
     if what.iter().any(|w| w == "parity") {
         println!(
-            "\n| parity case | tokens | max abs | max rel | mean abs | bound | ok |\n|---|---|---|---|---|---|---|"
+            "\n| parity case | tokens | max abs | max rel | mean abs | bound | hidden states max rel | bound | ok |\n|---|---|---|---|---|---|---|---|---|"
         );
         match parity(&work, &dev) {
             Ok(rows) => {
                 for p in rows {
                     println!(
-                        "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.0e} | {} |",
+                        "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.1e} | {:.2e} | {:.1e} | {} |",
                         p.case,
                         p.tokens,
                         p.max_abs,
                         p.max_rel,
                         p.mean_abs,
                         p.bound,
+                        p.hidden_max_rel,
+                        p.hidden_bound,
                         if p.ok() { "yes" } else { "NO" }
                     );
                     failed |= !p.ok();

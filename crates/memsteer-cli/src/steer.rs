@@ -207,6 +207,10 @@ pub struct SteerTrainArgs {
     /// Seed of the initialisation and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+    /// feature (hidden states on the GPU; the steer and the output layer stay on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -313,9 +317,48 @@ fn load_model(dir: &Path) -> Result<Model> {
     Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))
 }
 
+/// A model loaded for `--device`: on the CPU, or (feature `cuda`) with its whole-sequence forward passes
+/// on a GPU.
+#[allow(clippy::large_enum_variant)]
+enum Loaded {
+    Cpu(Model),
+    #[cfg(feature = "cuda")]
+    Gpu(memsteer_lm::gpu::GpuDecoder),
+}
+
+impl Loaded {
+    fn decoder(&self) -> &dyn Decoder {
+        match self {
+            Loaded::Cpu(m) => m.decoder(),
+            #[cfg(feature = "cuda")]
+            Loaded::Gpu(m) => m,
+        }
+    }
+
+    fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> memsteer_lm::Result<Vec<Vec<f32>>> {
+        match self {
+            Loaded::Cpu(m) => m.token_log_probs_batch(seqs),
+            #[cfg(feature = "cuda")]
+            Loaded::Gpu(m) => m.gpu().token_log_probs_batch(seqs),
+        }
+    }
+}
+
+fn load_on(dir: &Path, device: &str) -> Result<Loaded> {
+    let device = memsteer_kernels::Device::parse(device).with_context(|| format!("--device {device}"))?;
+    match device {
+        #[cfg(feature = "cuda")]
+        memsteer_kernels::Device::Cuda(_) => Ok(Loaded::Gpu(
+            memsteer_lm::gpu::GpuDecoder::load(dir, &device)
+                .with_context(|| format!("loading the model in {} onto the GPU", dir.display()))?,
+        )),
+        _ => Ok(Loaded::Cpu(load_model(dir)?)),
+    }
+}
+
 /// Runs `memsteer steer train`.
 pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
-    let model = load_model(&a.model)?;
+    let model = load_on(&a.model, &a.device)?;
     let decoder = model.decoder();
     let mut tok = LazyTokenizer::new(&a.model);
     let positive = read_corpus(&a.positive, &mut tok, decoder.vocab())?;
@@ -621,6 +664,10 @@ pub struct HighlightArgs {
     /// Also write a self-contained HTML page here.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
+    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+    /// feature (hidden states on the GPU; the steer and the output layer stay on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print the tokens, their evidence and the spans as JSON instead of coloured text.
     #[arg(long)]
     pub json: bool,
@@ -715,7 +762,7 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
         (None, Some(p)) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
         (None, None) => bail!("give --text TEXT or --input FILE"),
     };
-    let model = load_model(&a.model)?;
+    let model = load_on(&a.model, &a.device)?;
     let decoder = model.decoder();
     let steer = Steer::load_for(&a.steer, decoder)
         .with_context(|| format!("--steer {}: loading the steer for {}", a.steer.display(), a.model.display()))?;
@@ -906,6 +953,10 @@ pub struct EvalArgs {
     /// line on its stdout.
     #[arg(long, value_name = "CMD")]
     pub scorer_cmd: Option<String>,
+    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+    /// feature (the perplexity model's log-probabilities on the GPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -1096,7 +1147,7 @@ pub fn run_scorer_cmd(cmd: &str, texts: &[&str]) -> Result<Vec<f64>> {
 
 /// Conditional perplexities `exp(−mean log p(continuation | prompt))` of every sample, in file order.
 fn perplexities(
-    model: &Model,
+    model: &Loaded,
     tok: &mut LazyTokenizer<'_>,
     prompts: Option<&std::collections::HashMap<String, Vec<u32>>>,
     samples: &[Sample],
@@ -1165,7 +1216,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     // The perplexity model and the prompts it conditions on.
     let ppl = match &a.ppl_model {
         Some(dir) => {
-            let model = load_model(dir)?;
+            let model = load_on(dir, &a.device)?;
             let mut tok = LazyTokenizer::new(dir);
             let prompts = match &a.prompts {
                 Some(p) => Some(

@@ -286,6 +286,14 @@ fn steer_errors_name_the_problem() {
     std::fs::write(&bad, "{\"tokens\": [1, 99999]}\n").expect("bad");
     let e = run_fail(train(&bad, &neg));
     assert!(e.contains("bad.jsonl, line 1") && e.contains("99999") && e.contains("vocabulary"), "{e}");
+    let mut on = train(&pos, &neg);
+    on.extend(["--device".to_string(), "tpu".to_string()]);
+    let e = run_fail(on);
+    assert!(e.contains("unknown device \"tpu\""), "{e}");
+    let mut on = train(&pos, &neg);
+    on.extend(["--device".to_string(), "cuda:3".to_string()]);
+    let e = run_fail(on);
+    assert!(e.contains("--features cuda") || e.contains("is not available"), "{e}");
     ok(&train(&pos, &neg).iter().map(String::as_str).collect::<Vec<_>>());
 
     let prompts = dir.path().join("prompts.jsonl");

@@ -19,7 +19,7 @@ use safetensors::Dtype;
 use crate::config::{Activation, ModelConfig};
 use crate::ops;
 use crate::weights::Weights;
-use crate::{LmError, Result};
+use crate::{Decoder, LmError, Result};
 
 struct Layer {
     ln1: (DevBuf, DevBuf),
@@ -311,22 +311,33 @@ impl GpuModel {
             targets[w[0]..w[1] - 1].copy_from_slice(&tokens[w[0] + 1..w[1]]);
         }
         let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
-        let lp = self.forward_log_probs(&tokens, &positions, &targets, &spans).map_err(kerr)?;
+        let lp = self.forward(&tokens, &positions, Some(&targets), &spans).map_err(kerr)?;
         Ok(spans.iter().map(|&(start, len)| lp[start..start + len - 1].to_vec()).collect())
     }
 
-    fn forward_log_probs(
+    /// Final hidden states (after the last layer norm, `f32`) of the sequences laid end to end,
+    /// `Σ len × dim`, computed on the device: for callers that apply their own output layer (LM-Steer).
+    pub fn hidden_states(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
+        let lay = ops::layout_for((self.vocab, self.context), seqs, None)?;
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
+        let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+        self.forward(&tokens, &positions, None, &spans).map_err(kerr)
+    }
+
+    /// The forward pass: per-row target log-probs when `targets` is given, else the final hidden states.
+    fn forward(
         &self,
         tokens: &[u32],
         positions: &[u32],
-        targets: &[u32],
+        targets: Option<&[u32]>,
         spans: &[(usize, usize)],
     ) -> memsteer_kernels::Result<Vec<f32>> {
         let g = &*self.gpu;
         let (d, heads, hd, inter) = self.dims;
         let (rows, dt) = (tokens.len(), self.dtype);
         let mut prof = Profile::new(g);
-        let (tok, pos, tgt) = (g.upload_u32(tokens)?, g.upload_u32(positions)?, g.upload_u32(targets)?);
+        let (tok, pos) = (g.upload_u32(tokens)?, g.upload_u32(positions)?);
         // The residual stream is f32; product outputs and the other activations are in the weights'
         // type (f32 models stay f32 throughout).
         let x = g.alloc(DType::F32, rows * d)?;
@@ -405,6 +416,12 @@ impl GpuModel {
         }
         // Free the layer buffers before the output layer's chunk is allocated.
         drop((qkv, q, k, v, ctx, attn, mid, mlp));
+        let Some(targets) = targets else {
+            let hs = g.alloc(DType::F32, rows * d)?;
+            g.layer_norm(x.view(), pair(&self.ln_f), self.eps, hs.view(), rows, d)?;
+            return g.download_f32(hs.view());
+        };
+        let tgt = g.upload_u32(targets)?;
         let lp = g.alloc(DType::F32, rows)?;
         if let (Some(head), DType::F16) = (&self.head16, self.logits) {
             let hf = g.alloc(DType::F16, rows * d)?;
@@ -463,5 +480,48 @@ impl<'a> Profile<'a> {
         let parts: Vec<String> =
             self.stages.iter().map(|(s, t)| format!("{s} {:.2} ms ({:.0}%)", t * 1e3, 100.0 * t / total)).collect();
         eprintln!("forward of {rows} rows: {:.2} ms: {}", total * 1e3, parts.join(", "));
+    }
+}
+
+/// A [`Decoder`] whose whole-sequence forward passes run on the GPU ([`GpuModel::hidden_states`]) and
+/// whose cached decoding steps run on the CPU copy of the same checkpoint: for the LM-Steer commands,
+/// whose heavy work is hidden states of whole sequences (the steer and the output layer stay on the
+/// CPU). With f16/bf16 weights the hidden states differ from the CPU path's by the rounding the parity
+/// check bounds.
+#[derive(Debug)]
+pub struct GpuDecoder {
+    cpu: crate::Model,
+    gpu: GpuModel,
+}
+
+impl GpuDecoder {
+    /// Loads `dir` on the CPU and onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Ok(Self { cpu: crate::Model::load(dir)?, gpu: GpuModel::load(dir, device)? })
+    }
+    /// The device half.
+    pub fn gpu(&self) -> &GpuModel {
+        &self.gpu
+    }
+}
+
+impl Decoder for GpuDecoder {
+    fn forward_packed(&self, seqs: &[&[u32]], cache: Option<&mut crate::KvCache>) -> Result<Vec<f32>> {
+        match cache {
+            Some(c) => self.cpu.decoder().forward_packed(seqs, Some(c)),
+            None => self.gpu.hidden_states(seqs),
+        }
+    }
+    fn output_embedding(&self) -> &[f32] {
+        self.cpu.decoder().output_embedding()
+    }
+    fn dim(&self) -> usize {
+        self.cpu.decoder().dim()
+    }
+    fn context(&self) -> usize {
+        self.cpu.decoder().context()
+    }
+    fn vocab(&self) -> usize {
+        self.cpu.decoder().vocab()
     }
 }
