@@ -21,20 +21,20 @@ trap 'rm -rf "$work"' EXIT
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   echo "## memsteer"
-  timeout 300 "$bin/memsteer-gpu-check" parity head logprobs --work "$work"
-  status=$?
+  status=0
+  timeout 300 "$bin/memsteer-gpu-check" parity head logprobs --work "$work" || status=1
   echo
   echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"
-  MEMSTEER_GPU_PROFILE=1 timeout 200 "$bin/memsteer-gpu-check" profile --work "$work"
+  MEMSTEER_GPU_PROFILE=1 timeout 200 "$bin/memsteer-gpu-check" profile --work "$work" || status=1
   echo
   echo "## PyTorch on the same GPU"
   PYTHONUNBUFFERED=1 timeout 300 python3 scripts/torch_reference.py || echo "(PyTorch reference failed)"
   echo
   echo "## memsteer logprobs --device cuda, end to end (Pythia-70M shape, f16, 64 × 2048 tokens)"
-  "$bin/memsteer-gpu-check" write-pythia70m "$work/p70"
+  "$bin/memsteer-gpu-check" write-pythia70m "$work/p70" || status=1
   t0=$(date +%s.%N)
   "$bin/memsteer" logprobs --device cuda --checkpoint "0=$work/p70" --instances "$work/p70/instances.jsonl" \
-    --out "$work/p70.csv" --batch-size 8 --quiet
+    --out "$work/p70.csv" --batch-size 8 --quiet || status=1
   t1=$(date +%s.%N)
   python3 -c "import sys; t=float(sys.argv[2])-float(sys.argv[1]); print(f\"wall {t:.2f} s for 131072 tokens, load and NVRTC compile included: {131072/t:,.0f} tokens/s\")" "$t0" "$t1"
   head -3 "$work/p70.csv"
@@ -43,7 +43,8 @@ trap 'rm -rf "$work"' EXIT
   for dev in cuda cpu; do
     t0=$(date +%s.%N)
     "$bin/memsteer" steer train --device $dev --model "$work/p70" --positive "$work/p70/instances.jsonl" \
-      --negative "$work/p70/instances.jsonl" --out "$work/steer-$dev.safetensors" --rank 16 --steps 2 --batch-size 4 --quiet
+      --negative "$work/p70/instances.jsonl" --out "$work/steer-$dev.safetensors" --rank 16 --steps 2 --batch-size 4 --quiet \
+      || status=1
     t1=$(date +%s.%N)
     python3 -c "import sys; print(f'--device {sys.argv[3]}: {float(sys.argv[2]) - float(sys.argv[1]):.2f} s')" "$t0" "$t1" "$dev"
   done

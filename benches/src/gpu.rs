@@ -62,11 +62,14 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
     // Heads of 64 (d 128, 2 heads) and 128 (d 256, 2 heads): the fused attention kernel's sizes.
     let hd64 = Shape { d: 128, layers: 2, heads: 2, vocab: 1000, context: 600 };
     let hd128 = Shape { d: 256, layers: 2, heads: 2, vocab: 1000, context: 600 };
-    // Lengths cross the attention tiles (64 fused, 256 tiled) and include the shortest sequence.
-    let seqs = random_seqs(&[600, 257, 2, 31, 129, 64, 65], 1000, 7);
+    // A vocabulary that is not a multiple of 8: the scalar log-sum-exp kernel.
+    let odd = Shape { vocab: 1001, ..hd64 };
+    // Lengths cross the attention tiles (64 fused, 256 tiled) and include the shortest sequence;
+    // 4,748 rows in all cross the MLP's 4,096-row blocks.
+    let seqs = random_seqs(&[600, 600, 600, 600, 600, 600, 600, 257, 2, 31, 129, 64, 65], 1000, 7);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let (f, t, a, tv) = (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV);
-    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 16] = [
+    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 20] = [
         ("gpt2", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-parallel", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-sequential", hd128, Dtype::F32, a, false, 1e-4),
@@ -83,6 +86,10 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         ("neox-parallel", hd64, Dtype::BF16, f, false, 1.5e-1),
         ("gpt2", hd128, Dtype::BF16, t, false, 1.5e-1),
         ("gpt2", hd128, Dtype::BF16, f, false, 1.5e-1),
+        ("gpt2-untied", hd64, Dtype::F32, a, false, 1e-4),
+        ("gpt2-untied", hd64, Dtype::BF16, a, true, 1.5e-1),
+        ("neox-parallel", odd, Dtype::F16, a, true, 2e-2),
+        ("neox-parallel", odd, Dtype::F32, a, false, 1e-4),
     ];
     let mut out = Vec::new();
     for (i, (arch, shape, dtype, attention, f16_logits, bound)) in cases.into_iter().enumerate() {
@@ -90,8 +97,8 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
         // Weights of std 2.4/√d: unit-scale activations, logits spread over a few nats.
         let std = 2.4 / (shape.d as f64).sqrt();
-        if arch == "gpt2" {
-            write_gpt2(&m, shape, dtype, std, 11 + i as u64);
+        if arch.starts_with("gpt2") {
+            write_gpt2(&m, shape, arch == "gpt2-untied", dtype, std, 11 + i as u64);
         } else {
             write_neox(&m, shape, arch == "neox-parallel", dtype, std, 11 + i as u64);
         }
@@ -121,8 +128,9 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
             })
             .fold(0.0, f64::max);
         let case = format!(
-            "{arch} {dtype:?} hd {} attention {attention:?}{}",
+            "{arch} {dtype:?} hd {} vocab {} attention {attention:?}{}",
             shape.d / shape.heads,
+            shape.vocab,
             if f16_logits { ", f16 logits" } else { "" }
         );
         // Hidden states carry the rounding undamped by the softmax: for f32 the same 1e-4; for half
@@ -232,12 +240,13 @@ pub fn bench_output_layer(
 /// a random f16 model written to `dir`, with each attention implementation. Returns, per
 /// implementation, (tokens/s of the best batch, bytes of the weights, peak bytes of weights plus the
 /// forward pass).
+#[allow(clippy::type_complexity)]
 pub fn bench_logprobs(
     device: &Device,
     dir: &Path,
     shape: Shape,
     (batch, t, batches): (usize, usize, usize),
-) -> Result<Vec<(Attention, f64, usize, usize)>, String> {
+) -> Result<Vec<(String, f64, usize, usize)>, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     write_neox(dir, shape, true, Dtype::F16, 0.02, 5);
     let mut model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
@@ -246,8 +255,15 @@ pub fn bench_logprobs(
     let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let mut out = Vec::new();
-    for how in [Attention::Fused, Attention::FusedTransposedV, Attention::Tiled] {
+    let configs = [
+        (Attention::Fused, DType::F16),
+        (Attention::Fused, DType::F32),
+        (Attention::FusedTransposedV, DType::F16),
+        (Attention::Tiled, DType::F16),
+    ];
+    for (how, logits) in configs {
         model.set_attention(how);
+        model.set_output_chunk(memsteer_kernels::cuda::OUTPUT_CHUNK, logits);
         model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
         let base = gpu.memory().0;
         gpu.reset_peak();
@@ -260,7 +276,7 @@ pub fn bench_logprobs(
                 return Err("non-finite log-prob".into());
             }
         }
-        out.push((how, (batch * t) as f64 / best, base, gpu.memory().1));
+        out.push((format!("{how:?}, {logits:?} logits"), (batch * t) as f64 / best, base, gpu.memory().1));
     }
     Ok(out)
 }

@@ -108,10 +108,14 @@ pub fn write_neox(dir: &Path, shape: Shape, parallel: bool, dtype: Dtype, std: f
     write_model_as(dir, cfg, t, dtype, std, seed);
 }
 
-/// A GPT-2 model of `shape` (MLP 4·d, tied output layer) with random `dtype` weights in `dir`.
-pub fn write_gpt2(dir: &Path, shape: Shape, dtype: Dtype, std: f64, seed: u64) {
+/// A GPT-2 model of `shape` (MLP 4·d; output layer tied to the input embedding, or a separate
+/// `lm_head` when `untied`) with random `dtype` weights in `dir`.
+pub fn write_gpt2(dir: &Path, shape: Shape, untied: bool, dtype: Dtype, std: f64, seed: u64) {
     let Shape { d, layers: l, heads, vocab: v, context: p } = shape;
     let mut t = vec![("wte.weight".to_string(), vec![v, d]), ("wpe.weight".to_string(), vec![p, d])];
+    if untied {
+        t.push(("lm_head.weight".to_string(), vec![v, d]));
+    }
     for i in 0..l {
         for (n, s) in [
             ("ln_1.weight", vec![d]),
@@ -132,7 +136,8 @@ pub fn write_gpt2(dir: &Path, shape: Shape, dtype: Dtype, std: f64, seed: u64) {
     }
     t.push(("ln_f.weight".into(), vec![d]));
     t.push(("ln_f.bias".into(), vec![d]));
-    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_positions": p, "n_embd": d, "n_layer": l, "n_head": heads});
+    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_positions": p, "n_embd": d, "n_layer": l,
+        "n_head": heads, "tie_word_embeddings": !untied});
     write_model_as(dir, cfg, t, dtype, std, seed);
 }
 

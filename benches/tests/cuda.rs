@@ -1,7 +1,7 @@
 //! The GPU runtime against the CPU runtime on random GPT-2 and GPT-NeoX models (f32 to 1e-4
 //! relative; f16 and bf16 within the bounds `memsteer_benches::gpu::parity` justifies), both
 //! attention kernels and both logits types. Runs with `--features cuda` on a machine with a GPU and
-//! skips with a message otherwise; `scripts/gpu-check.sh` runs the same check plus the benchmarks.
+//! skips with a message otherwise (fails instead when `MEMSTEER_REQUIRE_GPU` is set); `scripts/gpu-check.sh` runs the same check plus the benchmarks.
 #![cfg(feature = "cuda")]
 
 #[test]
@@ -9,6 +9,7 @@ fn gpu_log_probs_equal_the_cpu_runtime() {
     let device = match memsteer_benches::gpu::device() {
         Ok(d) => d,
         Err(e) => {
+            assert!(std::env::var_os("MEMSTEER_REQUIRE_GPU").is_none(), "MEMSTEER_REQUIRE_GPU is set: {e}");
             eprintln!("skipped: no usable GPU ({e})");
             return;
         }

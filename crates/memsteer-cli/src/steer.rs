@@ -335,6 +335,10 @@ impl Loaded {
         }
     }
 
+    fn is_gpu(&self) -> bool {
+        !matches!(self, Loaded::Cpu(_))
+    }
+
     fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> memsteer_lm::Result<Vec<Vec<f32>>> {
         match self {
             Loaded::Cpu(m) => m.token_log_probs_batch(seqs),
@@ -1190,22 +1194,26 @@ fn perplexities(
         seqs.push((seq, first));
     }
     let chunks: Vec<&[(Vec<u32>, usize)]> = seqs.chunks(16).collect();
-    let per_chunk = chunks
-        .par_iter()
-        .map(|chunk| {
-            let refs: Vec<&[u32]> = chunk.iter().map(|(s, _)| s.as_slice()).collect();
-            let lps = model.token_log_probs_batch(&refs)?;
-            Ok(lps
-                .iter()
-                .zip(chunk.iter())
-                .map(|(lp, (_, first))| {
-                    let tail = &lp[*first..];
-                    let mean = tail.iter().map(|&x| f64::from(x)).sum::<f64>() / tail.len() as f64;
-                    (-mean).exp()
-                })
-                .collect::<Vec<f64>>())
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let score = |chunk: &&[(Vec<u32>, usize)]| -> Result<Vec<f64>> {
+        let refs: Vec<&[u32]> = chunk.iter().map(|(s, _)| s.as_slice()).collect();
+        let lps = model.token_log_probs_batch(&refs)?;
+        Ok(lps
+            .iter()
+            .zip(chunk.iter())
+            .map(|(lp, (_, first))| {
+                let tail = &lp[*first..];
+                let mean = tail.iter().map(|&x| f64::from(x)).sum::<f64>() / tail.len() as f64;
+                (-mean).exp()
+            })
+            .collect())
+    };
+    // On the CPU, chunks in parallel; a GPU takes one chunk at a time (concurrent callers would each
+    // hold a forward pass's buffers and gain nothing on its one stream).
+    let per_chunk = if model.is_gpu() {
+        chunks.iter().map(score).collect::<Result<Vec<_>>>()?
+    } else {
+        chunks.par_iter().map(score).collect::<Result<Vec<_>>>()?
+    };
     Ok(per_chunk.into_iter().flatten().collect())
 }
 

@@ -291,7 +291,7 @@ fn steer_errors_name_the_problem() {
     let e = run_fail(on);
     assert!(e.contains("unknown device \"tpu\""), "{e}");
     let mut on = train(&pos, &neg);
-    on.extend(["--device".to_string(), "cuda:3".to_string()]);
+    on.extend(["--device".to_string(), "cuda:999".to_string()]);
     let e = run_fail(on);
     assert!(e.contains("--features cuda") || e.contains("is not available"), "{e}");
     ok(&train(&pos, &neg).iter().map(String::as_str).collect::<Vec<_>>());

@@ -50,6 +50,14 @@ pub enum KernelError {
         /// The driver's, NVRTC's or cuBLAS's message.
         message: String,
     },
+    /// An operation that this device or these operands do not support.
+    #[error("{what}: {message}")]
+    Unsupported {
+        /// The operation.
+        what: &'static str,
+        /// Why not, and what would work.
+        message: String,
+    },
     /// A device name that is not `cpu`, `cuda` or `cuda:N`.
     #[error("unknown device {0:?}: expected `cpu`, `cuda` or `cuda:N`")]
     UnknownDevice(String),

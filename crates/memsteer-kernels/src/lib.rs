@@ -6,7 +6,7 @@
 //! - [`matmul`]: row-major `f32` matrix products (the transformer's linear layers).
 //! - [`steered_projection`]: LM-Steer's `c' = c + ε Σ_i s_i (c P1_i) P2_iᵀ` for a batch of hidden states.
 //!
-//! The CPU implementations are always built. The `cuda` feature adds [`Device::Cuda`] (module
+//! The CPU implementations are always built. The `cuda` feature adds `Device::Cuda` (module
 //! `cuda`: NVRTC-compiled kernels and cuBLAS) behind the same functions, which then copy their host
 //! slices to the device and back, plus device-resident operations for the runtime's GPU forward
 //! pass. Without the feature, [`Device::cuda`] returns [`KernelError::NotCompiledWithCuda`], so

@@ -334,6 +334,7 @@ mod cuda {
         match Device::cuda(0) {
             Ok(d) => Some(d),
             Err(e) => {
+                assert!(std::env::var_os("MEMSTEER_REQUIRE_GPU").is_none(), "MEMSTEER_REQUIRE_GPU is set: {e}");
                 eprintln!("skipped: no usable GPU ({e})");
                 None
             }
@@ -350,7 +351,8 @@ mod cuda {
             eprintln!("skipped: NVRTC (libnvrtc.so.13) is not on the library path");
             return;
         }
-        for arch in ["compute_80", "compute_90"] {
+        // compute_75 too: the tensor-core kernels are compiled out below sm_80, the rest must build.
+        for arch in ["compute_75", "compute_80", "compute_90"] {
             let ptx = cuda::compile(arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
             for k in cuda::KERNELS {
                 assert!(ptx.contains(&format!(".entry {k}(")), "{arch}: {k}");

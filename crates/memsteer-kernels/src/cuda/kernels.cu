@@ -94,12 +94,18 @@ extern "C" __global__ void convert(const void* x, int x_dt, void* y, int y_dt, i
         st(y, i, y_dt, ld(x, i, x_dt));
 }
 
-// x[r] = wte[tok[r]] (+ wpe[pos[r]] when wpe is not null); one block per row.
+// x[r] = wte[tok[r]] (+ wpe[pos[r]] when wpe is not null); one block per row. An id or position
+// outside its table (the host checks first) gives NaN, never a read outside the table.
 extern "C" __global__ void embed(const u32* tok, const u32* pos, const void* wte, const void* wpe, int dt,
-                                 float* x, int d) {
+                                 float* x, int d, i64 vocab, i64 positions) {
     i64 r = blockIdx.x;
     i64 t = tok[r];
+    bool bad = t >= vocab || (wpe && (i64)pos[r] >= positions);
     for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        if (bad) {
+            x[r * d + c] = __int_as_float(0x7fc00000);
+            continue;
+        }
         float v = ld(wte, t * d + c, dt);
         if (wpe) v += ld(wpe, (i64)pos[r] * d + c, dt);
         x[r * d + c] = v;
@@ -168,8 +174,9 @@ extern "C" __global__ void residual(float* x, const void* a, const void* ba, con
 // One block per row.
 extern "C" __global__ void qkv_split(const void* qkv, int qkv_dt, const void* bias, int dt, const u32* pos, const float* cos_t,
                                      const float* sin_t, int rot, int neox, void* q, void* k, void* v, int out_dt,
-                                     i64 rows, int heads, int hd) {
+                                     i64 rows, int heads, int hd, i64 positions) {
     i64 r = blockIdx.x;
+    if (rot > 0 && (i64)pos[r] >= positions) rot = 0;  // outside the tables (the host checks first): no rotation
     int d = heads * hd, half = rot / 2;
     const i64 row = r * 3 * d;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
@@ -231,7 +238,7 @@ extern "C" __global__ void lse_target(const void* logits, int l_dt, i64 V, const
     float bs = block_sum(m == NEG_INF ? 0.0f : s * expf(m - bm));
     if (threadIdx.x == 0) {
         float l = bm + logf(bs);
-        if (out) out[r] = ld(logits, r * V + tgt[r], l_dt) - l;
+        if (out) out[r] = tgt[r] < V ? ld(logits, r * V + tgt[r], l_dt) - l : __int_as_float(0x7fc00000);
         if (lse) lse[r] = l;
     }
 }
@@ -281,22 +288,11 @@ extern "C" __global__ void lse_target_vec(const void* logits, int l_dt, i64 V, c
     float bs = block_sum(m == NEG_INF ? 0.0f : s * expf(m - bm));
     if (threadIdx.x == 0) {
         float l = bm + logf(bs);
-        if (out) out[r] = ld(logits, r * V + tgt[r], l_dt) - l;
+        if (out) out[r] = tgt[r] < V ? ld(logits, r * V + tgt[r], l_dt) - l : __int_as_float(0x7fc00000);
         if (lse) lse[r] = l;
     }
 }
 
-// The output layer's backward over a chunk, in place: logits[r, v] ← g[r] · (softmax(logits[r])_v − [v = target]),
-// the gradient of g[r] · (−log p(target)) with respect to the logits, given lse from lse_target.
-extern "C" __global__ void softmax_grad(float* logits, i64 V, const u32* tgt, const float* lse, const float* g) {
-    i64 r = blockIdx.x;
-    float l = lse[r], gr = g[r];
-    u32 t = tgt[r];
-    for (i64 j = threadIdx.x; j < V; j += blockDim.x) {
-        float p = expf(logits[r * V + j] - l);
-        logits[r * V + j] = gr * (p - (j == t ? 1.0f : 0.0f));
-    }
-}
 
 // ---- Fused causal attention (flash-attention style) on tensor cores -------------------------------
 // One block = 4 warps = 64 queries of one (head, sequence); key tiles of 64 keys are staged in shared
@@ -308,6 +304,7 @@ extern "C" __global__ void softmax_grad(float* logits, i64 V, const u32* tgt, co
 
 template <bool BF>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
     if (BF) {
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -321,6 +318,7 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
             : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
     }
+#endif
 }
 
 template <bool BF>
@@ -334,6 +332,7 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 template <int HD, bool BF, bool LDSM>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* ctx, const u32* starts,
                                 const u32* lens, int rows, int heads, float scale) {
+#if __CUDA_ARCH__ >= 800  // mma.sync m16n8k16 needs sm_80; the host never launches these below it
     __shared__ u32 ks[64][HD / 2 + 4];                     // K tile: [key][dim pair]
     __shared__ __align__(16) u16 vt[LDSM ? 64 : HD][(LDSM ? HD : 64) + 8];  // V: [key][dim] or [dim][key]
     const int s = blockIdx.z, h = blockIdx.y;
@@ -459,6 +458,7 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
         if (r0 < len) *(u32*)&ctx[(i64)(start + r0) * d + col] = pack2<BF>(o[dn][0] * i0, o[dn][1] * i0);
         if (r1 < len) *(u32*)&ctx[(i64)(start + r1) * d + col] = pack2<BF>(o[dn][2] * i1, o[dn][3] * i1);
     }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,

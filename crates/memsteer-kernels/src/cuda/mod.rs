@@ -12,6 +12,7 @@
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -24,7 +25,7 @@ use crate::{KernelError, Result};
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 18] = [
+pub const KERNELS: [&str; 17] = [
     "convert",
     "embed",
     "layer_norm",
@@ -34,7 +35,6 @@ pub const KERNELS: [&str; 18] = [
     "causal_softmax",
     "lse_target",
     "lse_target_vec",
-    "softmax_grad",
     "flash_hd64_f16",
     "flash_hd64_bf16",
     "flash_hd128_f16",
@@ -95,13 +95,15 @@ impl DType {
 /// A typed window into device memory: a pointer, an element type and a length. Views are checked
 /// against the shapes of every operation they are passed to.
 #[derive(Debug, Clone, Copy)]
-pub struct View {
+pub struct View<'a> {
     ptr: u64,
     dtype: DType,
     len: usize,
+    /// Borrows the [`DevBuf`] it points into, so a view cannot outlive its buffer.
+    _buf: PhantomData<&'a DevBuf>,
 }
 
-impl View {
+impl<'a> View<'a> {
     /// Element type.
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -115,11 +117,14 @@ impl View {
         self.len == 0
     }
     /// Elements `start..start + len`.
-    pub fn slice(&self, start: usize, len: usize) -> Result<View> {
+    pub fn slice(&self, start: usize, len: usize) -> Result<View<'a>> {
         match start.checked_add(len) {
-            Some(end) if end <= self.len => {
-                Ok(View { ptr: self.ptr + (start * self.dtype.size()) as u64, dtype: self.dtype, len })
-            }
+            Some(end) if end <= self.len => Ok(View {
+                ptr: self.ptr + (start * self.dtype.size()) as u64,
+                dtype: self.dtype,
+                len,
+                _buf: PhantomData,
+            }),
             _ => Err(KernelError::Shape {
                 what: "device view",
                 expected: format!("elements {start}..{start}+{len} inside {}", self.len),
@@ -135,10 +140,9 @@ impl View {
     }
     fn need_type(&self, what: &'static str, ok: &[DType]) -> Result<()> {
         if !ok.contains(&self.dtype) {
-            return Err(KernelError::Shape {
+            return Err(KernelError::Unsupported {
                 what,
-                expected: format!("element type among {ok:?}, not {:?}", self.dtype),
-                found: self.len,
+                message: format!("element type {:?}, expected one of {ok:?}", self.dtype),
             });
         }
         Ok(())
@@ -156,36 +160,38 @@ struct MemCounter {
 #[derive(Debug)]
 pub struct DevBuf {
     _slice: CudaSlice<u8>,
-    view: View,
+    ptr: u64,
+    dtype: DType,
+    len: usize,
     mem: Arc<MemCounter>,
 }
 
 impl DevBuf {
     /// The whole buffer.
-    pub fn view(&self) -> View {
-        self.view
+    pub fn view(&self) -> View<'_> {
+        View { ptr: self.ptr, dtype: self.dtype, len: self.len, _buf: PhantomData }
     }
     /// Elements.
     pub fn len(&self) -> usize {
-        self.view.len
+        self.len
     }
     /// Whether it holds no element.
     pub fn is_empty(&self) -> bool {
-        self.view.len == 0
+        self.len == 0
     }
 }
 
 impl Drop for DevBuf {
     fn drop(&mut self) {
-        self.mem.current.fetch_sub(self.view.len * self.view.dtype.size(), Ordering::Relaxed);
+        self.mem.current.fetch_sub(self.len * self.dtype.size(), Ordering::Relaxed);
     }
 }
 
 /// A weight matrix for `y = x Wᵀ` with `x` of `inputs` columns and `y` of `outputs` columns.
 #[derive(Debug, Clone, Copy)]
-pub struct Linear {
+pub struct Linear<'a> {
     /// The stored values.
-    pub w: View,
+    pub w: View<'a>,
     /// Output features.
     pub outputs: usize,
     /// Input features.
@@ -213,8 +219,8 @@ pub enum Attention {
 
 /// A matrix operand of [`Gpu::gemm`], column-major as cuBLAS sees it.
 #[derive(Debug, Clone, Copy)]
-struct Operand {
-    v: View,
+struct Operand<'a> {
+    v: View<'a>,
     trans: bool,
     ld: usize,
     stride: usize,
@@ -237,6 +243,21 @@ pub struct Gpu {
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Gpu({}: {}, sm_{}{})", self.ordinal, self.name, self.capability.0, self.capability.1)
+    }
+}
+
+/// Side-stream work still to be waited for by the main stream (see [`Gpu::log_prob_targets`]).
+struct SideWork<'a> {
+    stream: &'a CudaStream,
+    done: [Option<cudarc::driver::CudaEvent>; 2],
+}
+
+impl Drop for SideWork<'_> {
+    fn drop(&mut self) {
+        for d in self.done.iter_mut().filter_map(Option::take) {
+            // Best effort on an error path: the error being returned is the one to report.
+            let _ = self.stream.wait(&d);
+        }
     }
 }
 
@@ -273,8 +294,13 @@ pub fn compile(arch: &str) -> Result<String> {
         name: Some("memsteer_kernels.cu".into()),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
-        .map_err(|e| KernelError::Cuda { op: "NVRTC compile", message: format!("{e:?}") })?;
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| {
+        let message = match &e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        };
+        KernelError::Cuda { op: "NVRTC compile", message }
+    })?;
     let text = ptx.to_src();
     for k in KERNELS {
         if !text.contains(&format!(".entry {k}(")) {
@@ -322,13 +348,29 @@ impl Gpu {
         }
         cudarc::driver::result::init()
             .map_err(|e| unavailable(ordinal, format!("the CUDA driver did not start: {e}")))?;
+        let mut version = 0i32;
+        // SAFETY: the driver library is loaded and initialised; the call writes one integer.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }
+            .result()
+            .map_err(|e| unavailable(ordinal, format!("driver version: {e}")))?;
+        if version < 13_000 {
+            return Err(unavailable(
+                ordinal,
+                format!(
+                    "the driver supports CUDA {}.{}; memsteer's kernels need CUDA 13 (driver 580 or newer)",
+                    version / 1000,
+                    version % 1000 / 10
+                ),
+            ));
+        }
         let count = CudaContext::device_count().map_err(|e| unavailable(ordinal, e.to_string()))?;
         if ordinal >= count.max(0) as usize {
             return Err(unavailable(ordinal, format!("this machine has {count} CUDA device(s)")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| unavailable(ordinal, e.to_string()))?;
-        // One stream, used by one caller at a time: no cross-stream events needed.
-        // SAFETY: every buffer of this backend is used on `stream` only.
+        // Buffers are allocated, used and freed on `stream`; the one exception, the output layer's
+        // side stream, is ordered by explicit events (`log_prob_targets`, `SideWork`).
+        // SAFETY: so cudarc's per-buffer event tracking is not needed.
         unsafe { ctx.disable_event_tracking() };
         let name = ctx.name().map_err(|e| cuda_err("device name", e))?;
         let capability = ctx.compute_capability().map_err(|e| cuda_err("compute capability", e))?;
@@ -389,7 +431,7 @@ impl Gpu {
         let ptr = slice.device_ptr(&self.stream).0;
         let now = self.mem.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.mem.peak.fetch_max(now, Ordering::Relaxed);
-        Ok(DevBuf { _slice: slice, view: View { ptr, dtype, len }, mem: self.mem.clone() })
+        Ok(DevBuf { _slice: slice, ptr, dtype, len, mem: self.mem.clone() })
     }
 
     /// Copies raw little-endian `bytes` of `dtype` elements to the device.
@@ -416,7 +458,7 @@ impl Gpu {
         self.upload_bytes(DType::U32, &bytes)
     }
     /// Copies an `f32` view to the host.
-    pub fn download_f32(&self, v: View) -> Result<Vec<f32>> {
+    pub fn download_f32(&self, v: View<'_>) -> Result<Vec<f32>> {
         v.need_type("download", &[DType::F32])?;
         let mut bytes = vec![0u8; v.len * 4];
         // SAFETY: `v` lies inside a live allocation of this device (views are only made by this
@@ -470,9 +512,9 @@ impl Gpu {
     fn gemm(
         &self,
         (m, n, k): (usize, usize, usize),
-        a: Operand,
-        b: Operand,
-        c: Operand,
+        a: Operand<'_>,
+        b: Operand<'_>,
+        c: Operand<'_>,
         batch: usize,
         alpha: f32,
         beta: f32,
@@ -481,7 +523,7 @@ impl Gpu {
             return Ok(());
         }
         // Extent of a column-major operand: the last element of the last batch.
-        let extent = |o: &Operand, rows: usize, cols: usize| -> Option<usize> {
+        let extent = |o: &Operand<'_>, rows: usize, cols: usize| -> Option<usize> {
             let (r, c) = if o.trans { (cols, rows) } else { (rows, cols) };
             if o.ld < r.max(1) {
                 return None;
@@ -539,11 +581,11 @@ impl Gpu {
     pub fn matmul(
         &self,
         (m, k, n): (usize, usize, usize),
-        a: View,
+        a: View<'_>,
         a_t: bool,
-        b: View,
+        b: View<'_>,
         b_t: bool,
-        c: View,
+        c: View<'_>,
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
@@ -555,7 +597,7 @@ impl Gpu {
 
     /// `y (rows × outputs) = x (rows × inputs) · Wᵀ`; `x` must have the weight's element type, `y` is
     /// `f32` or the weight's type (accumulation is `f32` either way).
-    pub fn linear(&self, x: View, w: &Linear, y: View, rows: usize) -> Result<()> {
+    pub fn linear(&self, x: View<'_>, w: &Linear<'_>, y: View<'_>, rows: usize) -> Result<()> {
         if x.dtype != w.w.dtype {
             return Err(KernelError::Shape {
                 what: "linear input",
@@ -568,7 +610,7 @@ impl Gpu {
     }
 
     /// `y = x` for `n` values, converted from `x`'s float type to `y`'s (round to nearest even).
-    pub fn convert(&self, x: View, y: View, n: usize) -> Result<()> {
+    pub fn convert(&self, x: View<'_>, y: View<'_>, n: usize) -> Result<()> {
         x.need("convert input", n)?;
         y.need("convert output", n)?;
         if !x.dtype.is_float() || !y.dtype.is_float() {
@@ -584,15 +626,18 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn embed(
         &self,
-        tok: (&[u32], View),
-        pos: (&[u32], View),
-        wte: View,
-        wpe: Option<View>,
-        x: View,
+        tok: (&[u32], View<'_>),
+        pos: (&[u32], View<'_>),
+        wte: View<'_>,
+        wpe: Option<View<'_>>,
+        x: View<'_>,
         d: usize,
     ) -> Result<()> {
         let rows = tok.0.len();
-        if d == 0 || pos.0.len() != rows {
+        if d == 0 {
+            return Err(KernelError::Shape { what: "embed width", expected: "at least 1".into(), found: 0 });
+        }
+        if pos.0.len() != rows {
             return Err(KernelError::Shape {
                 what: "embed positions",
                 expected: format!("{rows}"),
@@ -622,6 +667,8 @@ impl Gpu {
         pos.1.need("embed positions", rows)?;
         x.need("embed output", rows * d)?;
         x.need_type("embed output", &[DType::F32])?;
+        // The kernel bounds ids and positions by the tables too (NaN outside), in case the device
+        // copies differ from the host slices checked above.
         let args = [
             Arg::P(tok.1.ptr),
             Arg::P(pos.1.ptr),
@@ -630,12 +677,22 @@ impl Gpu {
             Arg::I(wte.dtype.code()),
             Arg::P(x.ptr),
             Arg::I(d as i32),
+            Arg::L((wte.len / d) as i64),
+            Arg::L(wpe.map_or(0, |p| p.len / d) as i64),
         ];
         self.launch("embed", (rows as u32, 1, 1), BLOCK, &args)
     }
 
     /// Layer norm of `rows` rows of `d` (`x` in `f32`), written in `out`'s type.
-    pub fn layer_norm(&self, x: View, (g, b): (View, View), eps: f32, out: View, rows: usize, d: usize) -> Result<()> {
+    pub fn layer_norm(
+        &self,
+        x: View<'_>,
+        (g, b): (View<'_>, View<'_>),
+        eps: f32,
+        out: View<'_>,
+        rows: usize,
+        d: usize,
+    ) -> Result<()> {
         x.need_type("layer norm input", &[DType::F32])?;
         x.need("layer norm input", rows * d)?;
         out.need("layer norm output", rows * d)?;
@@ -667,7 +724,14 @@ impl Gpu {
 
     /// `out = act(y + b)` (`act`: 0 none, 1 exact GELU, 2 tanh GELU) over `rows × cols`, `y` of any
     /// float type, in `out`'s type (`out` may be `y`).
-    pub fn bias_act(&self, y: View, b: View, out: View, (rows, cols): (usize, usize), act: i32) -> Result<()> {
+    pub fn bias_act(
+        &self,
+        y: View<'_>,
+        b: View<'_>,
+        out: View<'_>,
+        (rows, cols): (usize, usize),
+        act: i32,
+    ) -> Result<()> {
         y.need("bias input", rows * cols)?;
         out.need("bias output", rows * cols)?;
         b.need("bias", cols)?;
@@ -689,9 +753,9 @@ impl Gpu {
     /// of length `d`, one type).
     pub fn residual(
         &self,
-        x: View,
-        (a, ba): (View, View),
-        second: Option<(View, View)>,
+        x: View<'_>,
+        (a, ba): (View<'_>, View<'_>),
+        second: Option<(View<'_>, View<'_>)>,
         rows: usize,
         d: usize,
     ) -> Result<()> {
@@ -733,12 +797,12 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn qkv_split(
         &self,
-        qkv: View,
-        bias: View,
-        pos: (&[u32], View),
-        rotary: Option<(View, View, usize)>,
+        qkv: View<'_>,
+        bias: View<'_>,
+        pos: (&[u32], View<'_>),
+        rotary: Option<(View<'_>, View<'_>, usize)>,
         neox: bool,
-        (q, k, v): (View, View, View),
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
         let d = heads * hd;
@@ -781,6 +845,7 @@ impl Gpu {
             Arg::L(rows as i64),
             Arg::I(heads as i32),
             Arg::I(hd as i32),
+            Arg::L(rotary.map_or(0, |(c, _, r)| if r == 0 { 0 } else { c.len / (r / 2) }) as i64),
         ];
         self.launch("qkv_split", (rows as u32, 1, 1), BLOCK, &args)
     }
@@ -792,17 +857,18 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        (q, k, v): (View, View, View),
-        ctx: View,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
         spans: &[(usize, usize)],
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
         self.attention_with(Attention::Auto, (q, k, v), ctx, spans, (rows, heads, hd))
     }
 
-    /// Whether [`Attention::Fused`] runs for these operands: f16 or bf16 heads of 64 or 128.
-    pub fn fused_attention_applies(dtype: DType, hd: usize) -> bool {
-        matches!(dtype, DType::F16 | DType::Bf16) && matches!(hd, 64 | 128)
+    /// Whether [`Attention::Fused`] runs for these operands on this device: f16 or bf16 heads of 64 or
+    /// 128, compute capability 8.0 or above (`mma.sync` m16n8k16).
+    pub fn fused_attention_applies(&self, dtype: DType, hd: usize) -> bool {
+        matches!(dtype, DType::F16 | DType::Bf16) && matches!(hd, 64 | 128) && self.capability >= (8, 0)
     }
 
     /// [`Gpu::attention`] with the implementation chosen: [`Attention::Fused`] is the flash-attention
@@ -812,8 +878,8 @@ impl Gpu {
     pub fn attention_with(
         &self,
         how: Attention,
-        (q, k, v): (View, View, View),
-        ctx: View,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
         spans: &[(usize, usize)],
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
@@ -821,13 +887,16 @@ impl Gpu {
             Attention::Tiled => false,
             // Measured on an H200 (docs/performance.md): the fused kernel is 1.4-1.45× the tiled path at
             // 64-dimensional heads, the tiled path 1.07× the fused kernel at 128.
-            Attention::Auto => Self::fused_attention_applies(q.dtype, hd) && hd == 64,
+            Attention::Auto => self.fused_attention_applies(q.dtype, hd) && hd == 64,
             Attention::Fused | Attention::FusedTransposedV => {
-                if !Self::fused_attention_applies(q.dtype, hd) {
-                    return Err(KernelError::Shape {
+                if !self.fused_attention_applies(q.dtype, hd) {
+                    return Err(KernelError::Unsupported {
                         what: "fused attention",
-                        expected: format!("f16 or bf16 heads of 64 or 128 dimensions, not {:?} × {hd}", q.dtype),
-                        found: hd,
+                        message: format!(
+                            "needs f16 or bf16 heads of 64 or 128 dimensions on compute capability 8.0 or above; \
+                             here {:?} heads of {hd} on {}.{}",
+                            q.dtype, self.capability.0, self.capability.1
+                        ),
                     });
                 }
                 true
@@ -902,8 +971,8 @@ impl Gpu {
 
     fn flash_attention(
         &self,
-        (q, k, v): (View, View, View),
-        ctx: View,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
         spans: &[(usize, usize)],
         (rows, heads, hd): (usize, usize, usize),
         transposed_v: bool,
@@ -925,10 +994,12 @@ impl Gpu {
         if spans.is_empty() {
             return Ok(());
         }
-        let starts: Vec<u32> = spans.iter().map(|s| s.0 as u32).collect();
-        let lens: Vec<u32> = spans.iter().map(|s| s.1 as u32).collect();
-        let (sb, lb) = (self.upload_u32(&starts)?, self.upload_u32(&lens)?);
-        let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        if rows > i32::MAX as usize || heads > 65_535 {
+            return Err(KernelError::Unsupported {
+                what: "fused attention",
+                message: format!("{rows} rows and {heads} heads; at most 2³¹ − 1 rows and 65,535 heads"),
+            });
+        }
         let name = match (transposed_v, hd, q.dtype) {
             (false, 64, DType::F16) => "flash_hd64_f16",
             (false, 64, _) => "flash_hd64_bf16",
@@ -939,27 +1010,28 @@ impl Gpu {
             (true, 128, DType::F16) => "flash_tv_hd128_f16",
             (true, _, _) => "flash_tv_hd128_bf16",
         };
-        let args = [
-            Arg::P(q.ptr),
-            Arg::P(k.ptr),
-            Arg::P(v.ptr),
-            Arg::P(ctx.ptr),
-            Arg::P(sb.view().ptr),
-            Arg::P(lb.view().ptr),
-            Arg::I(rows as i32),
-            Arg::I(heads as i32),
-            // Scores in log2 units: the kernel's exponentials are ex2.
-            Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
-        ];
-        let grid = (longest.div_ceil(64) as u32, heads as u32, spans.len() as u32);
-        if spans.len() > 65_535 || heads > 65_535 {
-            return Err(KernelError::Shape {
-                what: "fused attention grid",
-                expected: "at most 65,535 sequences and heads".into(),
-                found: spans.len(),
-            });
+        // A launch's grid holds at most 65,535 sequences (grid.z): larger batches go in groups.
+        for group in spans.chunks(65_535) {
+            let starts: Vec<u32> = group.iter().map(|s| s.0 as u32).collect();
+            let lens: Vec<u32> = group.iter().map(|s| s.1 as u32).collect();
+            let (sb, lb) = (self.upload_u32(&starts)?, self.upload_u32(&lens)?);
+            let longest = group.iter().map(|s| s.1).max().unwrap_or(0);
+            let args = [
+                Arg::P(q.ptr),
+                Arg::P(k.ptr),
+                Arg::P(v.ptr),
+                Arg::P(ctx.ptr),
+                Arg::P(sb.view().ptr),
+                Arg::P(lb.view().ptr),
+                Arg::I(rows as i32),
+                Arg::I(heads as i32),
+                // Scores in log2 units: the kernel's exponentials are ex2.
+                Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
+            ];
+            let grid = (longest.div_ceil(64) as u32, heads as u32, group.len() as u32);
+            self.launch(name, grid, 128, &args)?;
         }
-        self.launch(name, grid, 128, &args)
+        Ok(())
     }
 
     /// Fused target log-probabilities on the device: `out[r] = log softmax(hidden[r] · Eᵀ)[targets[r]]`
@@ -969,21 +1041,20 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn log_prob_targets(
         &self,
-        hidden: View,
-        e: &Linear,
-        targets: View,
-        out: View,
-        lse: Option<View>,
+        hidden: View<'_>,
+        e: &Linear<'_>,
+        targets: View<'_>,
+        out: View<'_>,
+        lse: Option<View<'_>>,
         rows: usize,
         chunk: usize,
         logits_type: DType,
     ) -> Result<()> {
         let vocab = e.outputs;
         if !(logits_type == DType::F32 || (logits_type == DType::F16 && e.w.dtype == DType::F16)) {
-            return Err(KernelError::Shape {
+            return Err(KernelError::Unsupported {
                 what: "logits type",
-                expected: format!("F32, or F16 with f16 weights (not {logits_type:?} with {:?})", e.w.dtype),
-                found: rows,
+                message: format!("{logits_type:?} with {:?} weights; F32, or F16 with f16 weights", e.w.dtype),
             });
         }
         targets.need("targets", rows)?;
@@ -999,7 +1070,10 @@ impl Gpu {
         // memory-bound reductions). Events order each buffer's reuse.
         let bufs = [self.alloc(logits_type, chunk * vocab)?, self.alloc(logits_type, chunk * vocab)?];
         let ev = |e: cudarc::driver::DriverError| cuda_err("event", e);
-        let mut done: [Option<cudarc::driver::CudaEvent>; 2] = [None, None];
+        // Declared after `bufs`, so dropped first: on every exit, error paths included, the main
+        // stream waits for the side stream's reductions before the buffers are freed on it.
+        let mut guard = SideWork { stream: &self.stream, done: [None, None] };
+        let done = &mut guard.done;
         for (i, r0) in (0..rows).step_by(chunk).enumerate() {
             let n = chunk.min(rows - r0);
             let h = hidden.slice(r0 * e.inputs, n * e.inputs)?;
@@ -1023,53 +1097,8 @@ impl Gpu {
             self.launch_on(&self.side, kernel, (n as u32, 1, 1), 512, &args)?;
             done[i % 2] = Some(self.side.record_event(None).map_err(ev)?);
         }
-        for d in done.iter().flatten() {
-            self.stream.wait(d).map_err(ev)?;
-        }
-        Ok(())
-    }
-
-    /// The output layer's backward, fused per chunk: given per-row weights `g` (the loss's gradient
-    /// with respect to each row's `−log p(target)`), writes `dh[r] = g[r] · (softmax(h[r] Eᵀ) − onehot)
-    /// · E` for `rows` rows of `f32` `hidden`, with `f32` `E`, and each row's log-sum-exp to `lse`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn log_prob_backward(
-        &self,
-        hidden: View,
-        e: &Linear,
-        targets: View,
-        g: View,
-        dh: View,
-        lse: View,
-        rows: usize,
-        chunk: usize,
-    ) -> Result<()> {
-        let (vocab, d) = (e.outputs, e.inputs);
-        for (what, v) in
-            [("hidden", hidden), ("weight", e.w), ("gradient", dh), ("row weights", g), ("log-sum-exp", lse)]
-        {
-            v.need_type(what, &[DType::F32])?;
-        }
-        dh.need("gradient", rows * d)?;
-        g.need("row weights", rows)?;
-        lse.need("log-sum-exp", rows)?;
-        targets.need("targets", rows)?;
-        hidden.need("hidden", rows * d)?;
-        let chunk = chunk.clamp(1, rows.max(1));
-        let logits = self.alloc(DType::F32, chunk * vocab)?;
-        for r0 in (0..rows).step_by(chunk) {
-            let n = chunk.min(rows - r0);
-            let h = hidden.slice(r0 * d, n * d)?;
-            let lg = logits.view().slice(0, n * vocab)?;
-            self.matmul((n, d, vocab), h, false, e.w, !e.inputs_major, lg, 1.0, 0.0)?;
-            let (t, l) = (targets.slice(r0, n)?, lse.slice(r0, n)?);
-            let args = [Arg::P(lg.ptr), Arg::I(0), Arg::L(vocab as i64), Arg::P(t.ptr), Arg::P(0), Arg::P(l.ptr)];
-            self.launch("lse_target", (n as u32, 1, 1), 512, &args)?;
-            let args =
-                [Arg::P(lg.ptr), Arg::L(vocab as i64), Arg::P(t.ptr), Arg::P(l.ptr), Arg::P(g.slice(r0, n)?.ptr)];
-            self.launch("softmax_grad", (n as u32, 1, 1), 512, &args)?;
-            // dh (n × d) = G (n × V) · E (V × d): E is stored V × d when not inputs-major.
-            self.matmul((n, vocab, d), lg, false, e.w, e.inputs_major, dh.slice(r0 * d, n * d)?, 1.0, 0.0)?;
+        for d in guard.done.iter_mut().filter_map(Option::take) {
+            self.stream.wait(&d).map_err(ev)?;
         }
         Ok(())
     }
@@ -1080,12 +1109,12 @@ impl Gpu {
     #[allow(clippy::too_many_arguments)]
     pub fn steered_projection(
         &self,
-        h: View,
-        (p1, p2): (View, View),
+        h: View<'_>,
+        (p1, p2): (View<'_>, View<'_>),
         strengths: &[f32],
         epsilon: f32,
-        out: View,
-        tmp: View,
+        out: View<'_>,
+        tmp: View<'_>,
         (rows, dim, rank): (usize, usize, usize),
     ) -> Result<()> {
         let steers = strengths.len();
