@@ -204,6 +204,13 @@ pub struct SteerTrainArgs {
     /// Coefficient λ of the regularisation λ(‖P1‖² + ‖P2‖²).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
+    /// Memory for the cached hidden states, in GiB; beyond it they spill to a temporary file (read back
+    /// one minibatch at a time; the same steer either way).
+    #[arg(long, value_name = "GIB", default_value_t = 4.0)]
+    pub cache_memory: f64,
+    /// Directory of the spill file (default: the system's temporary directory).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Seed of the initialisation and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -381,9 +388,26 @@ pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
     let spinner = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
     spinner.set_message(format!("caching hidden states of {} sequences", positive.len() + negative.len()));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
-    let cache = HiddenCache::build(decoder, &positive, &negative, config.max_length)
-        .with_context(|| format!("caching hidden states of {} and {}", a.positive.display(), a.negative.display()))?;
+    ensure!(
+        a.cache_memory.is_finite() && a.cache_memory >= 0.0,
+        "--cache-memory: expected GiB ≥ 0, found {}",
+        a.cache_memory
+    );
+    let budget = (a.cache_memory * (1u64 << 30) as f64).min(usize::MAX as f64) as usize;
+    let cache =
+        HiddenCache::build_with(decoder, &positive, &negative, config.max_length, budget, a.cache_dir.as_deref())
+            .with_context(|| {
+                format!("caching hidden states of {} and {}", a.positive.display(), a.negative.display())
+            })?;
     spinner.finish_and_clear();
+    if cache.spilled() && !a.quiet {
+        eprintln!(
+            "hidden states ({} rows × {}) exceed --cache-memory {} GiB: spilled to a temporary file",
+            cache.rows(),
+            cache.dim(),
+            a.cache_memory
+        );
+    }
 
     let bar = if a.quiet {
         ProgressBar::hidden()

@@ -295,6 +295,16 @@ fn steer_errors_name_the_problem() {
     let e = run_fail(on);
     assert!(e.contains("--features cuda") || e.contains("is not available"), "{e}");
     ok(&train(&pos, &neg).iter().map(String::as_str).collect::<Vec<_>>());
+    // Spilling the hidden states to disk gives the same steer file, byte for byte.
+    let in_memory = std::fs::read(&steer).expect("steer");
+    let mut spill = train(&pos, &neg);
+    spill.extend(["--cache-memory", "0", "--cache-dir", s(dir.path())].map(String::from));
+    ok(&spill.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(std::fs::read(&steer).expect("steer"), in_memory);
+    let mut bad = train(&pos, &neg);
+    bad.push("--cache-memory=-1".to_string());
+    let e = run_fail(bad);
+    assert!(e.contains("--cache-memory"), "{e}");
 
     let prompts = dir.path().join("prompts.jsonl");
     std::fs::write(&prompts, "{\"id\": 1, \"tokens\": [5, 6]}\n").expect("prompts");

@@ -136,15 +136,27 @@ struct CachedSeq {
     strength: f32,
 }
 
+/// Where the cached hidden states live: in memory, or in an anonymous temporary file (deleted when
+/// the cache is dropped) once they outgrow the memory budget of [`HiddenCache::build_with`].
+#[derive(Debug)]
+enum Rows {
+    Memory(Vec<f32>),
+    Disk { file: std::sync::Mutex<std::fs::File>, values: usize },
+}
+
 /// Final hidden states of a labelled corpus, one row per predicted token: `h_t` with its target `x_{t+1}`
 /// and the strength of its sequence (+1 positive, −1 negative).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct HiddenCache {
     dim: usize,
-    hidden: Vec<f32>,
+    hidden: Rows,
     targets: Vec<u32>,
     seqs: Vec<CachedSeq>,
     skipped: usize,
+}
+
+fn io_error(what: &str, e: std::io::Error) -> SteerError {
+    SteerError::Input(format!("hidden-state cache file: {what}: {e}"))
 }
 
 impl HiddenCache {
@@ -157,6 +169,21 @@ impl HiddenCache {
         negative: &[Vec<u32>],
         max_length: usize,
     ) -> Result<Self> {
+        Self::build_with(decoder, positive, negative, max_length, usize::MAX, None)
+    }
+
+    /// [`HiddenCache::build`] holding at most `memory_bytes` of hidden states in memory: beyond that
+    /// they spill to an anonymous temporary file in `spill_dir` (the system's temporary directory when
+    /// `None`), read back one minibatch at a time during training. Training on a spilled cache gives
+    /// bitwise the same steer as on one in memory.
+    pub fn build_with(
+        decoder: &dyn Decoder,
+        positive: &[Vec<u32>],
+        negative: &[Vec<u32>],
+        max_length: usize,
+        memory_bytes: usize,
+        spill_dir: Option<&std::path::Path>,
+    ) -> Result<Self> {
         if max_length < 2 {
             return Err(SteerError::Config {
                 field: "max_length",
@@ -164,8 +191,13 @@ impl HiddenCache {
             });
         }
         let keep = max_length.min(decoder.context()).max(2);
-        let mut cache =
-            HiddenCache { dim: decoder.dim(), hidden: Vec::new(), targets: Vec::new(), seqs: Vec::new(), skipped: 0 };
+        let mut cache = HiddenCache {
+            dim: decoder.dim(),
+            hidden: Rows::Memory(Vec::new()),
+            targets: Vec::new(),
+            seqs: Vec::new(),
+            skipped: 0,
+        };
         for (name, corpus, strength) in [("positive", positive, 1.0f32), ("negative", negative, -1.0)] {
             if corpus.is_empty() {
                 return Err(SteerError::Input(format!("{name} corpus: expected at least one sequence, found none")));
@@ -184,13 +216,59 @@ impl HiddenCache {
                 for seq in chunk {
                     let rows = seq.len() - 1;
                     cache.seqs.push(CachedSeq { start: cache.targets.len(), rows, strength });
-                    cache.hidden.extend_from_slice(&h[offset * d..(offset + rows) * d]);
+                    cache.push_rows(&h[offset * d..(offset + rows) * d], memory_bytes, spill_dir)?;
                     cache.targets.extend_from_slice(&seq[1..]);
                     offset += seq.len();
                 }
             }
         }
         Ok(cache)
+    }
+
+    /// Appends rows, moving everything to a temporary file once memory would exceed `budget` bytes.
+    fn push_rows(&mut self, rows: &[f32], budget: usize, dir: Option<&std::path::Path>) -> Result<()> {
+        use std::io::Write;
+        if let Rows::Memory(v) = &mut self.hidden {
+            if (v.len() + rows.len()).saturating_mul(4) <= budget {
+                v.extend_from_slice(rows);
+                return Ok(());
+            }
+            let dir = dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
+            let mut file =
+                tempfile::tempfile_in(&dir).map_err(|e| io_error(&format!("creating one in {}", dir.display()), e))?;
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            file.write_all(&bytes).map_err(|e| io_error("writing", e))?;
+            self.hidden = Rows::Disk { file: std::sync::Mutex::new(file), values: v.len() };
+        }
+        if let Rows::Disk { file, values } = &mut self.hidden {
+            let bytes: Vec<u8> = rows.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let f = file.get_mut().unwrap_or_else(|e| e.into_inner());
+            f.write_all(&bytes).map_err(|e| io_error("writing", e))?;
+            *values += rows.len();
+        }
+        Ok(())
+    }
+
+    /// Appends the hidden states of cached sequence `s` to `out`.
+    fn rows_into(&self, s: CachedSeq, out: &mut Vec<f32>) -> Result<()> {
+        use std::io::{Read, Seek, SeekFrom};
+        let d = self.dim;
+        match &self.hidden {
+            Rows::Memory(v) => out.extend_from_slice(&v[s.start * d..(s.start + s.rows) * d]),
+            Rows::Disk { file, .. } => {
+                let mut f = file.lock().unwrap_or_else(|e| e.into_inner());
+                let mut bytes = vec![0u8; s.rows * d * 4];
+                f.seek(SeekFrom::Start((s.start * d * 4) as u64)).map_err(|e| io_error("seeking", e))?;
+                f.read_exact(&mut bytes).map_err(|e| io_error("reading back", e))?;
+                out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the hidden states were spilled to a temporary file.
+    pub fn spilled(&self) -> bool {
+        matches!(self.hidden, Rows::Disk { .. })
     }
 
     /// Hidden size.
@@ -298,7 +376,7 @@ pub fn train_cached(
         strengths.clear();
         for &s in &order[cursor..cursor + take] {
             let seq = cache.seqs[s];
-            hidden.extend_from_slice(&cache.hidden[seq.start * d..(seq.start + seq.rows) * d]);
+            cache.rows_into(seq, &mut hidden)?;
             targets.extend_from_slice(&cache.targets[seq.start..seq.start + seq.rows]);
             for _ in 0..seq.rows {
                 strengths.extend_from_slice(&[seq.strength, 1.0]);

@@ -375,6 +375,33 @@ fn training_is_identical_across_thread_counts() {
 }
 
 #[test]
+fn a_cache_spilled_to_disk_trains_the_same_steer() {
+    let model = tiny_gpt2();
+    let dec = model.decoder();
+    let mut rng = Rng(9);
+    let positive = planted_corpus(&mut rng, SET_A, 24);
+    let negative = planted_corpus(&mut rng, SET_B, 24);
+    let mut config = planted_config();
+    config.steps = 10;
+    let memory = HiddenCache::build(dec, &positive, &negative, config.max_length).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A 1 KiB budget: the first sequences stay in memory until it is exceeded, then all of it moves.
+    let disk = HiddenCache::build_with(dec, &positive, &negative, config.max_length, 1024, Some(dir.path())).unwrap();
+    assert!(!memory.spilled() && disk.spilled());
+    assert_eq!((memory.rows(), memory.sequences()), (disk.rows(), disk.sequences()));
+    let (a, ra) = train_cached(&memory, dec.output_embedding(), &config, &mut |_| {}).unwrap();
+    let (b, rb) = train_cached(&disk, dec.output_embedding(), &config, &mut |_| {}).unwrap();
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(a.projector1()), bits(b.projector1()));
+    assert_eq!(bits(a.projector2()), bits(b.projector2()));
+    assert_eq!(ra.losses, rb.losses);
+    // A spill directory that does not exist is an error naming it, not a panic.
+    let missing = dir.path().join("no/such/dir");
+    let e = HiddenCache::build_with(dec, &positive, &negative, config.max_length, 1024, Some(&missing)).unwrap_err();
+    assert!(e.to_string().contains("no/such/dir"), "{e}");
+}
+
+#[test]
 fn defaults_are_the_authors() {
     let c = TrainConfig::default();
     assert_eq!((c.epsilon, c.lr, c.beta1, c.beta2, c.adam_epsilon), (1e-3, 1e-2, 0.9, 0.999, 1e-8));
