@@ -15,7 +15,8 @@ mod calibrate;
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
-  reproduce [--quick] [FIGURE…]   regenerate the figures under target/reproduce/ (FIGURE: profile, compare, hmm)
+  reproduce [--quick] [FIGURE…]   regenerate the figures under target/reproduce/ (FIGURE: profile, compare, hmm,
+                                  trained)
   synth --out FILE [--cohorts K] [--per-cohort N] [--validation V] [--checkpoints C] [--seed S]
         [--trend X] [--shift X] [--anticipation X]
                                   write a synthetic Pythia-like panel (long CSV)
@@ -115,7 +116,7 @@ fn synth(args: &[String]) -> Result<()> {
 fn reproduce(args: &[String]) -> Result<()> {
     let f = Flags::parse(args, &[])?;
     let quick = f.has("quick");
-    let all = ["profile", "compare", "hmm"];
+    let all = ["profile", "compare", "hmm", "trained"];
     let wanted: Vec<&str> = if f.free.is_empty() { all.to_vec() } else { f.free.iter().map(String::as_str).collect() };
     if let Some(bad) = wanted.iter().find(|w| !all.contains(w)) {
         bail!("unknown figure `{bad}`; available: {}", all.join(", "));
@@ -180,7 +181,114 @@ fn reproduce(args: &[String]) -> Result<()> {
             r.max_abs_error, r.sequences_checked, r.control_max_abs_error
         );
     }
+    if wanted.contains(&"trained") {
+        trained_run(&out.join("trained"), quick)?;
+    }
     println!("figures under {}", out.display());
+    Ok(())
+}
+
+/// The memorisation profile of a real training run: a small GPT-NeoX trained with `memsteer train` on
+/// the built-in English text (Moby Dick, tokenized with the built-in 4,096-token BPE, cut into
+/// 64-token instances, a held-out part never trained on), every checkpoint scored with `memsteer
+/// logprobs`, estimated with `memsteer profile`. Each step reuses finished work on a rerun.
+fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
+    use std::io::Write;
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let corpus = root().join("fixtures/corpus");
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&corpus)?;
+    let text = std::fs::read_to_string(corpus.join("moby_dick.txt"))?;
+    let ids = tok.encode(&text)?;
+    let (len, train_n, val_n) = if quick { (64, 960, 240) } else { (64, 2400, 600) };
+    let seqs: Vec<&[u32]> = ids.chunks_exact(len).collect();
+    if seqs.len() < train_n + val_n {
+        bail!("the built-in corpus gives {} instances of {len} tokens, fewer than {}", seqs.len(), train_n + val_n);
+    }
+    // A seeded random split of the book's chunks (training and validation from one distribution, as
+    // parallel trends needs; a start/end split gave clear pre-trends), validation never trained on.
+    let mut seqs = seqs;
+    let mut rng = memsteer_panel::rng::SplitMix64::new(3);
+    for i in (1..seqs.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        seqs.swap(i, j);
+    }
+    let write = |path: &std::path::Path, prefix: &str, part: &[&[u32]]| -> Result<()> {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (i, s) in part.iter().enumerate() {
+            writeln!(f, "{}", serde_json::json!({"id": format!("{prefix}{i}"), "tokens": s}))?;
+        }
+        Ok(f.flush()?)
+    };
+    let (train, val) = (dir.join("train.jsonl"), dir.join("validation.jsonl"));
+    write(&train, "t", &seqs[..train_n])?;
+    write(&val, "v", &seqs[train_n..train_n + val_n])?;
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({"model_type": "gpt_neox", "vocab_size": tok.vocab_size(), "hidden_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+            "max_position_embeddings": len, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+            "use_parallel_residual": true, "tie_word_embeddings": false, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-5})
+        .to_string(),
+    )?;
+    let steps = train_n / 8;
+    let run = dir.join("run");
+    let s = |p: &std::path::Path| p.display().to_string();
+    memsteer_cli::run_from([
+        "memsteer".to_string(),
+        "train".into(),
+        "--model-config".into(),
+        s(&config),
+        "--instances".into(),
+        s(&train),
+        "--validation".into(),
+        s(&val),
+        "--batch-size".into(),
+        "8".into(),
+        "--epochs".into(),
+        "1".into(),
+        "--lr".into(),
+        "3e-3".into(),
+        "--warmup".into(),
+        "10".into(),
+        "--schedule".into(),
+        "cosine".into(),
+        "--checkpoint-steps".into(),
+        format!("0:{steps}:10"),
+        "--seed".into(),
+        "0".into(),
+        "--out".into(),
+        s(&run),
+        "--quiet".into(),
+    ])
+    .context("training")?;
+    let panel = dir.join("panel.csv");
+    memsteer_cli::run_from([
+        "memsteer".to_string(),
+        "logprobs".into(),
+        "--checkpoints".into(),
+        s(&run.join("checkpoints.json")),
+        "--instances".into(),
+        s(&run.join("instances.jsonl")),
+        "--out".into(),
+        s(&panel),
+        "--batch-size".into(),
+        "32".into(),
+        "--quiet".into(),
+    ])
+    .context("scoring the checkpoints")?;
+    let mut a = memsteer_cli::profile::ProfileArgs::new(panel, dir.join("profile"));
+    a.bootstrap = if quick { 200 } else { 1000 };
+    a.quiet = true;
+    memsteer_cli::profile::run(&a).context("estimating the profile")?;
+    println!(
+        "trained: {train_n} instances × {len} tokens, {steps} steps, {} checkpoints, profile under {} ({:.0} s)",
+        steps / 10 + 1,
+        dir.join("profile").display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -43,6 +43,17 @@ pub enum Command {
     Steer(steer::SteerArgs),
 }
 
+/// Parses `args` (the program name first, as `std::env::args` gives it) and runs the command: for
+/// tools that drive `memsteer` in process, such as `cargo xtask reproduce`.
+pub fn run_from<I, T>(args: I) -> anyhow::Result<()>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser;
+    run(Cli::try_parse_from(args)?)
+}
+
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(n) = cli.threads {
