@@ -182,16 +182,20 @@ fn reproduce(args: &[String]) -> Result<()> {
         );
     }
     if wanted.contains(&"trained") {
-        trained_run(&out.join("trained"), quick)?;
+        // Separate directories: a rerun reuses finished training, so the two sizes must not mix.
+        trained_run(&out.join(if quick { "trained-quick" } else { "trained" }), quick)?;
     }
     println!("figures under {}", out.display());
     Ok(())
 }
 
-/// The memorisation profile of a real training run: a small GPT-NeoX trained with `memsteer train` on
-/// the built-in English text (Moby Dick, tokenized with the built-in 4,096-token BPE, cut into
-/// 64-token instances, a held-out part never trained on), every checkpoint scored with `memsteer
-/// logprobs`, estimated with `memsteer profile`. Each step reuses finished work on a rerun.
+/// Memorisation profiles of real training runs: small GPT-NeoX models (three sizes × cosine and
+/// constant schedules) trained with `memsteer train` on the built-in English text (Moby Dick,
+/// tokenized with the built-in 4,096-token BPE, cut into 64-token instances, a seeded random held-out
+/// part never trained on; the same instances and batches for every run), every checkpoint scored with
+/// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
+/// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
+/// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
 fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
@@ -201,13 +205,12 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     let text = std::fs::read_to_string(corpus.join("moby_dick.txt"))?;
     let ids = tok.encode(&text)?;
     let (len, train_n, val_n) = if quick { (64, 960, 240) } else { (64, 2400, 600) };
-    let seqs: Vec<&[u32]> = ids.chunks_exact(len).collect();
+    let mut seqs: Vec<&[u32]> = ids.chunks_exact(len).collect();
     if seqs.len() < train_n + val_n {
         bail!("the built-in corpus gives {} instances of {len} tokens, fewer than {}", seqs.len(), train_n + val_n);
     }
     // A seeded random split of the book's chunks (training and validation from one distribution, as
     // parallel trends needs; a start/end split gave clear pre-trends), validation never trained on.
-    let mut seqs = seqs;
     let mut rng = memsteer_panel::rng::SplitMix64::new(3);
     for i in (1..seqs.len()).rev() {
         let j = rng.below(i as u64 + 1) as usize;
@@ -223,72 +226,180 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     let (train, val) = (dir.join("train.jsonl"), dir.join("validation.jsonl"));
     write(&train, "t", &seqs[..train_n])?;
     write(&val, "v", &seqs[train_n..train_n + val_n])?;
-    let config = dir.join("config.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({"model_type": "gpt_neox", "vocab_size": tok.vocab_size(), "hidden_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
-            "max_position_embeddings": len, "rotary_pct": 0.25, "rotary_emb_base": 10000,
-            "use_parallel_residual": true, "tie_word_embeddings": false, "hidden_act": "gelu",
-            "layer_norm_eps": 1e-5})
-        .to_string(),
-    )?;
     let steps = train_n / 8;
-    let run = dir.join("run");
     let s = |p: &std::path::Path| p.display().to_string();
-    memsteer_cli::run_from([
-        "memsteer".to_string(),
-        "train".into(),
-        "--model-config".into(),
-        s(&config),
-        "--instances".into(),
-        s(&train),
-        "--validation".into(),
-        s(&val),
-        "--batch-size".into(),
-        "8".into(),
-        "--epochs".into(),
-        "1".into(),
-        "--lr".into(),
-        "3e-3".into(),
-        "--warmup".into(),
-        "10".into(),
-        "--schedule".into(),
-        "cosine".into(),
-        "--checkpoint-steps".into(),
-        format!("0:{steps}:10"),
-        "--seed".into(),
-        "0".into(),
-        "--out".into(),
-        s(&run),
-        "--quiet".into(),
-    ])
-    .context("training")?;
-    let panel = dir.join("panel.csv");
-    memsteer_cli::run_from([
-        "memsteer".to_string(),
-        "logprobs".into(),
-        "--checkpoints".into(),
-        s(&run.join("checkpoints.json")),
-        "--instances".into(),
-        s(&run.join("instances.jsonl")),
-        "--out".into(),
-        s(&panel),
-        "--batch-size".into(),
-        "32".into(),
-        "--quiet".into(),
-    ])
-    .context("scoring the checkpoints")?;
-    let mut a = memsteer_cli::profile::ProfileArgs::new(panel, dir.join("profile"));
-    a.bootstrap = if quick { 200 } else { 1000 };
-    a.quiet = true;
-    memsteer_cli::profile::run(&a).context("estimating the profile")?;
+    let sizes = [("small", 32, 2), ("medium", 64, 4), ("large", 128, 4)];
+    let mut runs = Vec::new();
+    for (size, hidden, heads) in sizes {
+        for schedule in ["cosine", "constant"] {
+            let rd = dir.join(format!("{size}-{schedule}"));
+            std::fs::create_dir_all(&rd)?;
+            let config = rd.join("config.json");
+            std::fs::write(
+                &config,
+                serde_json::json!({"model_type": "gpt_neox", "vocab_size": tok.vocab_size(), "hidden_size": hidden,
+                    "num_hidden_layers": 2, "num_attention_heads": heads, "intermediate_size": 4 * hidden,
+                    "max_position_embeddings": len, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+                    "use_parallel_residual": true, "tie_word_embeddings": false, "hidden_act": "gelu",
+                    "layer_norm_eps": 1e-5})
+                .to_string(),
+            )?;
+            let run = rd.join("run");
+            memsteer_cli::run_from([
+                "memsteer".to_string(),
+                "train".into(),
+                "--model-config".into(),
+                s(&config),
+                "--instances".into(),
+                s(&train),
+                "--validation".into(),
+                s(&val),
+                "--batch-size".into(),
+                "8".into(),
+                "--epochs".into(),
+                "1".into(),
+                "--lr".into(),
+                "3e-3".into(),
+                "--warmup".into(),
+                "10".into(),
+                "--schedule".into(),
+                schedule.into(),
+                "--checkpoint-steps".into(),
+                format!("0:{steps}:10"),
+                "--seed".into(),
+                "0".into(),
+                "--out".into(),
+                s(&run),
+                "--quiet".into(),
+            ])
+            .with_context(|| format!("training {size}-{schedule}"))?;
+            let panel = rd.join("panel.csv");
+            memsteer_cli::run_from([
+                "memsteer".to_string(),
+                "logprobs".into(),
+                "--checkpoints".into(),
+                s(&run.join("checkpoints.json")),
+                "--instances".into(),
+                s(&run.join("instances.jsonl")),
+                "--out".into(),
+                s(&panel),
+                "--batch-size".into(),
+                "32".into(),
+                "--quiet".into(),
+            ])
+            .with_context(|| format!("scoring the checkpoints of {size}-{schedule}"))?;
+            let mut a = memsteer_cli::profile::ProfileArgs::new(panel, rd.join("profile"));
+            a.bootstrap = if quick { 200 } else { 1000 };
+            a.quiet = true;
+            memsteer_cli::profile::run(&a).with_context(|| format!("estimating the profile of {size}-{schedule}"))?;
+            runs.push((size, schedule, rd));
+        }
+    }
+    trained_figures(dir, &runs)?;
     println!(
-        "trained: {train_n} instances × {len} tokens, {steps} steps, {} checkpoints, profile under {} ({:.0} s)",
+        "trained: {} runs of {train_n} instances × {len} tokens, {steps} steps, {} checkpoints each, under {} ({:.0} s)",
+        runs.len(),
         steps / 10 + 1,
-        dir.join("profile").display(),
+        dir.display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(())
+}
+
+/// The figures across the trained runs, and their numbers on stdout.
+fn trained_figures(dir: &std::path::Path, runs: &[(&str, &str, std::path::PathBuf)]) -> Result<()> {
+    use memsteer_cli::plot::{Series, series_figure};
+    let summary = |rd: &std::path::Path| -> Result<serde_json::Value> {
+        let p = rd.join("profile/summary.json");
+        Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)
+    };
+    let lrs = |rd: &std::path::Path| -> Result<Vec<f64>> {
+        let p = rd.join("run/loss.csv");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        text.lines().skip(1).map(|l| Ok(l.rsplit(',').next().unwrap_or_default().parse::<f64>()?)).collect()
+    };
+    let est = |v: &serde_json::Value| -> (f64, f64) {
+        let e = v["estimate"].as_f64().unwrap_or(f64::NAN);
+        (e, v["ci_upper"].as_f64().unwrap_or(e) - e)
+    };
+    let find = |size: &str, schedule: &str| runs.iter().find(|r| r.0 == size && r.1 == schedule).map(|r| r.2.clone());
+    // Path by size (cosine): the paper's Figures 1-2.
+    let mut by_size: Vec<Series> = Vec::new();
+    for size in ["small", "medium", "large"] {
+        let Some(rd) = find(size, "cosine") else { continue };
+        let text = std::fs::read_to_string(rd.join("profile/path.csv"))?;
+        let pts = text
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<f64> = l.split(',').filter_map(|x| x.parse().ok()).collect();
+                (f.len() >= 5).then(|| (f[0], f[1], f[4] - f[1]))
+            })
+            .collect();
+        let s = summary(&rd)?;
+        let (i, _) = est(&s["instantaneous"]);
+        let (r, _) = est(&s["residual"]);
+        println!("  {size:>6} cosine: instantaneous {i:.2}, residual {r:.2} nats per instance");
+        by_size.push((size.to_string(), pts));
+    }
+    series_figure(
+        dir,
+        "path-by-size",
+        "Memorisation path by model size (cosine schedule)",
+        ("checkpoints after treatment (event time)", "τ: log-prob gain over never-trained, nats"),
+        &by_size,
+    )?;
+    // Instantaneous memorisation against the learning rate, and residual memorisation, by schedule
+    // (medium size): the paper's Figures 3 and 5.
+    let (mut inst, mut resid): (Vec<Series>, Vec<Series>) = (Vec::new(), Vec::new());
+    for schedule in ["cosine", "constant"] {
+        let Some(rd) = find("medium", schedule) else { continue };
+        let (s, lr) = (summary(&rd)?, lrs(&rd)?);
+        let mut ip = Vec::new();
+        let mut rp = Vec::new();
+        for c in s["per_cohort"].as_array().cloned().unwrap_or_default() {
+            let g = c["cohort"].as_u64().unwrap_or(0) as usize;
+            let window: Vec<f64> = lr.iter().skip(g.saturating_sub(10)).take(10).copied().collect();
+            let mean_lr = window.iter().sum::<f64>() / window.len().max(1) as f64;
+            let (i, ih) = est(&c["instantaneous"]);
+            let (r, rh) = est(&c["residual"]);
+            ip.push((mean_lr * 1e3, i, ih));
+            rp.push((g as f64, r, rh));
+        }
+        let n = ip.len() as f64;
+        let (mx, my) = (ip.iter().map(|p| p.0).sum::<f64>() / n, ip.iter().map(|p| p.1).sum::<f64>() / n);
+        let (sxy, sxx, syy) = ip.iter().fold((0.0, 0.0, 0.0), |(a, b, c), p| {
+            (a + (p.0 - mx) * (p.1 - my), b + (p.0 - mx).powi(2), c + (p.1 - my).powi(2))
+        });
+        let r = if sxx > 0.0 && syy > 0.0 { sxy / (sxx * syy).sqrt() } else { f64::NAN };
+        println!(
+            "  medium {schedule}: correlation of instantaneous memorisation with the cohort's learning rate {r:.2}"
+        );
+        inst.push((schedule.to_string(), ip));
+        resid.push((schedule.to_string(), rp));
+    }
+    series_figure(
+        dir,
+        "instantaneous-vs-lr",
+        "Instantaneous memorisation against the learning rate (medium model)",
+        ("mean learning rate while the cohort was trained (×1e-3)", "τ(g, g), nats"),
+        &inst,
+    )?;
+    series_figure(
+        dir,
+        "residual-by-schedule",
+        "Residual memorisation at the last checkpoint (medium model)",
+        ("cohort (step of its first checkpoint)", "τ(g, T), nats"),
+        &resid,
+    )?;
+    // Correlation of the profiles across sizes (cosine): the paper's Figure 6.
+    let sized: Vec<_> = ["small", "medium", "large"].iter().filter_map(|z| find(z, "cosine").map(|d| (z, d))).collect();
+    memsteer_cli::compare::run(&memsteer_cli::compare::CompareArgs {
+        profiles: sized.iter().map(|(_, d)| d.join("profile/att.csv")).collect(),
+        labels: Some(sized.iter().map(|(z, _)| z.to_string()).collect()),
+        significant_only: false,
+        out: Some(dir.join("compare")),
+    })?;
     Ok(())
 }
 

@@ -600,3 +600,72 @@ fn draw_steer_eval<DB: DrawingBackend>(
     legend(&mut chart, "steer eval")?;
     Ok(())
 }
+
+/// One line of a [`series_figure`]: a label and points `(x, y, half-width of the y interval)`.
+pub type Series = (String, Vec<(f64, f64, f64)>);
+
+/// A line figure of several labelled series with interval bars, written as `dir/name.svg` and
+/// `dir/name.png` (for figures assembled from several runs, such as `cargo xtask reproduce trained`).
+pub fn series_figure(
+    dir: &Path,
+    name: &str,
+    title: &str,
+    descs: (&str, &str),
+    series: &[Series],
+) -> Result<Vec<PathBuf>> {
+    with_backends!(dir, name, (900, 560), |root| { draw_series(&root, title, descs, series) })
+}
+
+fn draw_series<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    series: &[Series],
+) -> Result<()> {
+    root.fill(&WHITE).map_err(err(title))?;
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y, h) in series.iter().flat_map(|s| s.1.iter()) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y - h);
+        y1 = y1.max(y + h);
+    }
+    if !(x0.is_finite() && y0.is_finite() && x1.is_finite() && y1.is_finite()) {
+        return Err(anyhow!("{title}: no finite points to draw"));
+    }
+    let xpad = ((x1 - x0) * 0.05).max(1e-9);
+    let ypad = ((y1 - y0.min(0.0)) * 0.08).max(1e-9);
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 20))
+        .margin(15)
+        .x_label_area_size(50)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0.min(0.0) - ypad)..(y1 + ypad))
+        .map_err(err(title))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 15))
+        .draw()
+        .map_err(err(title))?;
+    let palette = [RGBColor(33, 102, 172), RGBColor(178, 24, 43), RGBColor(27, 120, 55), RGBColor(118, 42, 131)];
+    for (i, (label, points)) in series.iter().enumerate() {
+        let c = palette[i % palette.len()];
+        let mut p = points.clone();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(
+                p.iter().map(|&(x, y, h)| PathElement::new([(x, y - h), (x, y + h)], c.mix(0.45).stroke_width(2))),
+            )
+            .map_err(err(title))?;
+        chart
+            .draw_series(LineSeries::new(p.iter().map(|&(x, y, _)| (x, y)), c.stroke_width(2)))
+            .map_err(err(title))?
+            .label(label.as_str())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 18, y)], c.stroke_width(2)));
+        chart.draw_series(p.iter().map(|&(x, y, _)| Circle::new((x, y), 3, c.filled()))).map_err(err(title))?;
+    }
+    legend(&mut chart, title)
+}
