@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use memsteer_panel::synthetic::SyntheticConfig;
 
 mod calibrate;
@@ -296,12 +296,201 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
         }
     }
     trained_figures(dir, &runs)?;
+    // Counterfactual truth for the medium cosine run: retrain without chosen cohorts' batches.
+    let reserve: Vec<Vec<u32>> = seqs[train_n + val_n..].iter().map(|s| s.to_vec()).collect();
+    let cohorts: &[usize] = if quick { &[30, 70] } else { &[20, 50, 80, 110] };
+    counterfactual_truth(&dir.join("medium-cosine"), &train, &reserve, cohorts, if quick { 2 } else { 4 })?;
     println!(
         "trained: {} runs of {train_n} instances × {len} tokens, {steps} steps, {} checkpoints each, under {} ({:.0} s)",
         runs.len(),
         steps / 10 + 1,
         dir.display(),
         started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The true counterfactual memorisation of chosen cohorts of a trained run, by retraining: from the
+/// checkpoint before a cohort's batches, the same run continues with those batches replaced by fresh
+/// batches of unused instances from the same book (never trained on in either run), everything else
+/// identical (order, schedule, optimizer state). τ(g, c) is the cohort's mean `log p_actual(x) −
+/// log p_counterfactual(x)` at checkpoint `c`, averaged over `replicates` draws of the fresh batches
+/// (the HMM laboratory's definition). Writes `truth.csv` (`cohort_step,checkpoint_step,tau`, the format
+/// of `memsteer hmm simulate`) and compares DiD and the difference estimator with it, cell by cell.
+fn counterfactual_truth(
+    rd: &std::path::Path,
+    train_file: &std::path::Path,
+    reserve: &[Vec<u32>],
+    cohorts: &[usize],
+    replicates: usize,
+) -> Result<()> {
+    use memsteer_lm::train::{AdamWConfig, Params, Schedule, TrainConfig, Trainer};
+    use std::collections::HashMap;
+    let truth_path = rd.join("truth.csv");
+    let run = rd.join("run");
+    let tokens: HashMap<String, Vec<u32>> = std::fs::read_to_string(train_file)?
+        .lines()
+        .map(|l| -> Result<(String, Vec<u32>)> {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            let t = v["tokens"].as_array().context("tokens")?.iter().map(|x| x.as_u64().unwrap_or(0) as u32).collect();
+            Ok((v["id"].as_str().context("id")?.to_string(), t))
+        })
+        .collect::<Result<_>>()?;
+    let batches: Vec<Vec<String>> = std::fs::read_to_string(run.join("batches.jsonl"))?
+        .lines()
+        .map(|l| -> Result<Vec<String>> {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(v["ids"].as_array().context("ids")?.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        })
+        .collect::<Result<_>>()?;
+    let steps = batches.len();
+    let cfg = TrainConfig {
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup: 10,
+        steps,
+        schedule: Schedule::Cosine,
+        adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
+        grad_clip: Some(1.0),
+    };
+    let sums = |p: &Params, seqs: &[&[u32]]| -> Result<Vec<f64>> {
+        Ok(p.token_log_probs(seqs)?.iter().map(|lp| lp.iter().map(|&x| f64::from(x)).sum()).collect())
+    };
+    // Null check: from the checkpoint before the first cohort, the actual batches must give back the
+    // actual next checkpoint, so that every difference below is the replaced batches' doing.
+    if let Some(&g) = cohorts.first() {
+        let dir = run.join(format!("step{}", g - 10));
+        let mut trainer = Trainer::new(Params::from_hf(&dir)?, &cfg)?;
+        if g > 10 {
+            trainer.load_optimizer(&dir.join("optimizer.safetensors"))?;
+        }
+        for step in g - 9..=g {
+            let batch: Vec<&[u32]> = batches[step - 1].iter().map(|id| tokens[id].as_slice()).collect();
+            trainer.train_step(&batch)?;
+        }
+        let actual = Params::from_hf(&run.join(format!("step{g}")))?;
+        let gap = actual.data().iter().zip(trainer.params().data()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        println!(
+            "  retraining steps {}..{g} with the actual batches reproduces checkpoint {g}: max |Δθ| = {gap:e}",
+            g - 9
+        );
+        ensure!(gap == 0.0, "retraining from step {} does not reproduce checkpoint {g} (max |Δθ| = {gap:e})", g - 10);
+    }
+    if !truth_path.exists() {
+        let mut rows = Vec::new();
+        for &g in cohorts {
+            // The cohort: the instances of the batches after checkpoint g − 10, up to g.
+            let members: Vec<&[u32]> = batches[g - 10..g].iter().flatten().map(|id| tokens[id].as_slice()).collect();
+            let mut tau: std::collections::BTreeMap<usize, f64> = Default::default();
+            for r in 0..replicates {
+                let start = g - 10;
+                let dir = run.join(format!("step{start}"));
+                let mut trainer = Trainer::new(Params::from_hf(&dir)?, &cfg)?;
+                if start > 0 {
+                    trainer.load_optimizer(&dir.join("optimizer.safetensors"))?;
+                }
+                let mut rng = memsteer_panel::rng::SplitMix64::new(7_000 + 100 * r as u64 + g as u64);
+                let mut pool: Vec<usize> = (0..reserve.len()).collect();
+                for step in start + 1..=steps {
+                    let batch: Vec<&[u32]> = if step <= g {
+                        (0..batches[step - 1].len())
+                            .map(|_| reserve[pool.swap_remove(rng.below(pool.len() as u64) as usize)].as_slice())
+                            .collect()
+                    } else {
+                        batches[step - 1].iter().map(|id| tokens[id].as_slice()).collect()
+                    };
+                    trainer.train_step(&batch)?;
+                    if step % 10 == 0 {
+                        let actual = Params::from_hf(&run.join(format!("step{step}")))?;
+                        let (a, c) = (sums(&actual, &members)?, sums(trainer.params(), &members)?);
+                        let gap = a.iter().zip(&c).map(|(a, c)| a - c).sum::<f64>() / a.len() as f64;
+                        *tau.entry(step).or_default() += gap / replicates as f64;
+                    }
+                }
+            }
+            rows.extend(tau.into_iter().map(|(c, t)| (g, c, t)));
+        }
+        let mut text = String::from("cohort_step,checkpoint_step,tau\n");
+        for (g, c, t) in &rows {
+            text.push_str(&format!("{g},{c},{t}\n"));
+        }
+        std::fs::write(&truth_path, text)?;
+    }
+    // The estimators on the same run: DiD (already estimated) and the difference estimator.
+    let diff_dir = rd.join("profile-difference");
+    if !diff_dir.join("att.csv").exists() {
+        let mut a = memsteer_cli::profile::ProfileArgs::new(rd.join("panel.csv"), diff_dir.clone());
+        a.estimator = memsteer_cli::profile::EstimatorArg::Difference;
+        a.bootstrap = 200;
+        a.quiet = true;
+        memsteer_cli::profile::run(&a)?;
+    }
+    let cells = |p: &std::path::Path| -> Result<HashMap<(usize, usize), (f64, f64)>> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        Ok(text
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                let (g, c, e, hi) = (
+                    f.first()?.parse().ok()?,
+                    f.get(1)?.parse().ok()?,
+                    f.get(3)?.parse().ok()?,
+                    f.get(6)?.parse::<f64>().ok()?,
+                );
+                Some(((g, c), (e, hi - e)))
+            })
+            .collect())
+    };
+    let (did, diff) = (cells(&rd.join("profile/att.csv"))?, cells(&diff_dir.join("att.csv"))?);
+    let truth: Vec<(usize, usize, f64)> = std::fs::read_to_string(&truth_path)?
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
+        })
+        .collect();
+    println!("  counterfactual truth (medium cosine, {replicates} retraining replicates per cohort):");
+    let mut covered = (0, 0);
+    let mut err = (0.0, 0.0, 0usize);
+    for &g in cohorts {
+        let mut series: Vec<memsteer_cli::plot::Series> = vec![
+            ("truth (retraining)".into(), Vec::new()),
+            ("DiD".into(), Vec::new()),
+            ("difference".into(), Vec::new()),
+        ];
+        for &(tg, c, t) in truth.iter().filter(|r| r.0 == g) {
+            series[0].1.push((c as f64, t, 0.0));
+            if let (Some(&(d, dh)), Some(&(f, fh))) = (did.get(&(tg, c)), diff.get(&(tg, c))) {
+                series[1].1.push((c as f64, d, dh));
+                series[2].1.push((c as f64, f, fh));
+                covered.0 += usize::from((d - t).abs() <= dh);
+                covered.1 += usize::from((f - t).abs() <= fh);
+                err.0 += (d - t).abs();
+                err.1 += (f - t).abs();
+                err.2 += 1;
+                println!(
+                    "    g = {g:>3}, c = {c:>3}: truth {t:6.2}, DiD {d:6.2} ± {dh:.2}, difference {f:6.2} ± {fh:.2}"
+                );
+            }
+        }
+        memsteer_cli::plot::series_figure(
+            rd,
+            &format!("truth-cohort-{g}"),
+            &format!("Estimators against retraining, cohort {g} (medium model, cosine)"),
+            ("checkpoint step", "τ(g, c), nats"),
+            &series,
+        )?;
+    }
+    let n = err.2.max(1) as f64;
+    println!(
+        "    over {} cells: mean |DiD − truth| {:.2} (95% CI covers the truth in {}), mean |difference − truth| {:.2} (covers in {})",
+        err.2,
+        err.0 / n,
+        covered.0,
+        err.1 / n,
+        covered.1
     );
     Ok(())
 }
