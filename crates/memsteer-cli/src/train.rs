@@ -48,6 +48,10 @@ const TOKENIZER_FILES: [&str; 7] = [
 /// Arguments of `memsteer train`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
+    /// A TOML file holding any of these flags as keys (`batch_size = 8`, `schedule = "cosine"`,
+    /// `checkpoint_steps = [0, 1, 2, 4]`, `quiet = true`); flags on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// A Hugging Face GPT-NeoX `config.json`: the model is initialised randomly from --seed.
     #[arg(long, value_name = "FILE", conflicts_with = "init", required_unless_present = "init")]
     pub model_config: Option<PathBuf>,

@@ -197,3 +197,45 @@ fn bad_inputs_are_clear_errors() {
     let e = fails(&train_args(&c, &t, &t, &out));
     assert!(e.contains("also a training instance"), "{e}");
 }
+
+#[test]
+fn a_toml_config_holds_the_flags_and_the_command_line_overrides_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let cfg = dir.path().join("train.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "model_config = {:?}\ninstances = {:?}\nvalidation = {:?}\nbatch-size = 3\nsteps = 10\nlr = 0.01\n\
+             warmup = 2\nseed = 5\ncheckpoint_steps = [0, 1, 2, 4]\nquiet = true\n",
+            s(&c),
+            s(&t),
+            s(&v)
+        ),
+    )
+    .expect("toml");
+    // The command line's --steps 4 overrides the file's 10.
+    let out = dir.path().join("run");
+    ok(&["train", "--config", s(&cfg), "--steps", "4", "--out", s(&out)]);
+    let losses = std::fs::read_to_string(out.join("loss.csv")).expect("loss.csv");
+    assert_eq!(losses.lines().count(), 1 + 4, "{losses}");
+    let batches = std::fs::read_to_string(out.join("batches.jsonl")).expect("batches");
+    let first: serde_json::Value = serde_json::from_str(batches.lines().next().expect("a batch")).expect("json");
+    assert_eq!(first["ids"].as_array().expect("ids").len(), 3, "batch size from the file");
+    // The same run from flags alone gives the same losses.
+    let flags = dir.path().join("flags");
+    let mut args = train_args(&c, &t, &v, &flags);
+    let at = args.iter().position(|a| *a == "--steps").expect("--steps");
+    args[at + 1] = "4";
+    let cp = args.iter().position(|a| *a == "--checkpoint-steps").expect("--checkpoint-steps");
+    args[cp + 1] = "0,1,2,4";
+    ok(&args);
+    assert_eq!(std::fs::read_to_string(flags.join("loss.csv")).expect("loss.csv"), losses);
+    // Unknown keys and unreadable files are errors naming the file.
+    std::fs::write(&cfg, "stpes = 3\n").expect("toml");
+    let e = fails(&["train", "--config", s(&cfg), "--out", s(&out)]);
+    assert!(e.contains("train.toml") && e.contains("unknown key `stpes`"), "{e}");
+    std::fs::write(&cfg, "steps = [\n").expect("toml");
+    let e = fails(&["train", "--config", s(&cfg), "--out", s(&out)]);
+    assert!(e.contains("train.toml") && e.contains("TOML"), "{e}");
+}
