@@ -196,6 +196,15 @@ fn reproduce(args: &[String]) -> Result<()> {
 /// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
 /// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
 /// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
+/// Prints a line and keeps it for the run's gallery.
+macro_rules! say {
+    ($report:expr, $($arg:tt)*) => {{
+        let line = format!($($arg)*);
+        println!("{line}");
+        $report.push(line);
+    }};
+}
+
 fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
@@ -295,11 +304,20 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
             runs.push((size, schedule, rd));
         }
     }
-    trained_figures(dir, &runs)?;
+    let mut report = Vec::new();
+    trained_figures(dir, &runs, &mut report)?;
     // Counterfactual truth for the medium cosine run: retrain without chosen cohorts' batches.
     let reserve: Vec<Vec<u32>> = seqs[train_n + val_n..].iter().map(|s| s.to_vec()).collect();
     let cohorts: &[usize] = if quick { &[30, 70] } else { &[20, 50, 80, 110] };
-    counterfactual_truth(&dir.join("medium-cosine"), &train, &reserve, cohorts, if quick { 2 } else { 4 })?;
+    counterfactual_truth(
+        &dir.join("medium-cosine"),
+        &train,
+        &reserve,
+        cohorts,
+        if quick { 2 } else { 4 },
+        &mut report,
+    )?;
+    write_trained_gallery(dir, quick, &report)?;
     println!(
         "trained: {} runs of {train_n} instances × {len} tokens, {steps} steps, {} checkpoints each, under {} ({:.0} s)",
         runs.len(),
@@ -323,6 +341,7 @@ fn counterfactual_truth(
     reserve: &[Vec<u32>],
     cohorts: &[usize],
     replicates: usize,
+    report: &mut Vec<String>,
 ) -> Result<()> {
     use memsteer_lm::train::{AdamWConfig, Params, Schedule, TrainConfig, Trainer};
     use std::collections::HashMap;
@@ -370,7 +389,8 @@ fn counterfactual_truth(
         }
         let actual = Params::from_hf(&run.join(format!("step{g}")))?;
         let gap = actual.data().iter().zip(trainer.params().data()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        println!(
+        say!(
+            report,
             "  retraining steps {}..{g} with the actual batches reproduces checkpoint {g}: max |Δθ| = {gap:e}",
             g - 9
         );
@@ -451,7 +471,7 @@ fn counterfactual_truth(
             Some((f.first()?.parse().ok()?, f.get(1)?.parse().ok()?, f.get(2)?.parse().ok()?))
         })
         .collect();
-    println!("  counterfactual truth (medium cosine, {replicates} retraining replicates per cohort):");
+    say!(report, "  counterfactual truth (medium cosine, {replicates} retraining replicates per cohort):");
     let mut covered = (0, 0);
     let mut err = (0.0, 0.0, 0usize);
     for &g in cohorts {
@@ -470,7 +490,8 @@ fn counterfactual_truth(
                 err.0 += (d - t).abs();
                 err.1 += (f - t).abs();
                 err.2 += 1;
-                println!(
+                say!(
+                    report,
                     "    g = {g:>3}, c = {c:>3}: truth {t:6.2}, DiD {d:6.2} ± {dh:.2}, difference {f:6.2} ± {fh:.2}"
                 );
             }
@@ -484,7 +505,8 @@ fn counterfactual_truth(
         )?;
     }
     let n = err.2.max(1) as f64;
-    println!(
+    say!(
+        report,
         "    over {} cells: mean |DiD − truth| {:.2} (95% CI covers the truth in {}), mean |difference − truth| {:.2} (covers in {})",
         err.2,
         err.0 / n,
@@ -496,7 +518,11 @@ fn counterfactual_truth(
 }
 
 /// The figures across the trained runs, and their numbers on stdout.
-fn trained_figures(dir: &std::path::Path, runs: &[(&str, &str, std::path::PathBuf)]) -> Result<()> {
+fn trained_figures(
+    dir: &std::path::Path,
+    runs: &[(&str, &str, std::path::PathBuf)],
+    report: &mut Vec<String>,
+) -> Result<()> {
     use memsteer_cli::plot::{Series, series_figure};
     let summary = |rd: &std::path::Path| -> Result<serde_json::Value> {
         let p = rd.join("profile/summary.json");
@@ -528,7 +554,7 @@ fn trained_figures(dir: &std::path::Path, runs: &[(&str, &str, std::path::PathBu
         let s = summary(&rd)?;
         let (i, _) = est(&s["instantaneous"]);
         let (r, _) = est(&s["residual"]);
-        println!("  {size:>6} cosine: instantaneous {i:.2}, residual {r:.2} nats per instance");
+        say!(report, "  {size:>6} cosine: instantaneous {i:.2}, residual {r:.2} nats per instance");
         by_size.push((size.to_string(), pts));
     }
     series_figure(
@@ -561,7 +587,8 @@ fn trained_figures(dir: &std::path::Path, runs: &[(&str, &str, std::path::PathBu
             (a + (p.0 - mx) * (p.1 - my), b + (p.0 - mx).powi(2), c + (p.1 - my).powi(2))
         });
         let r = if sxx > 0.0 && syy > 0.0 { sxy / (sxx * syy).sqrt() } else { f64::NAN };
-        println!(
+        say!(
+            report,
             "  medium {schedule}: correlation of instantaneous memorisation with the cohort's learning rate {r:.2}"
         );
         inst.push((schedule.to_string(), ip));
@@ -589,6 +616,36 @@ fn trained_figures(dir: &std::path::Path, runs: &[(&str, &str, std::path::PathBu
         significant_only: false,
         out: Some(dir.join("compare")),
     })?;
+    Ok(())
+}
+
+/// Writes `dir/gallery.md`: the numbers of this run and its figures (the curated copy with the paper's
+/// findings beside them is `docs/gallery.md`).
+fn write_trained_gallery(dir: &std::path::Path, quick: bool, report: &[String]) -> Result<()> {
+    let mut md = format!(
+        "# Trained runs ({})\n\nWritten by `cargo xtask reproduce{} trained`; the paper's findings beside these \
+         figures, and where they do not hold, are in `docs/gallery.md`.\n\n```text\n{}\n```\n\n",
+        if quick { "quick" } else { "full" },
+        if quick { " --quick" } else { "" },
+        report.join("\n")
+    );
+    let mut figures = vec![
+        "path-by-size.png".to_string(),
+        "compare/correlations.png".into(),
+        "instantaneous-vs-lr.png".into(),
+        "residual-by-schedule.png".into(),
+    ];
+    let mut truth: Vec<String> = std::fs::read_dir(dir.join("medium-cosine"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("truth-cohort-") && n.ends_with(".png"))
+        .map(|n| format!("medium-cosine/{n}"))
+        .collect();
+    truth.sort();
+    figures.extend(truth);
+    for f in figures {
+        md.push_str(&format!("![{f}]({f})\n\n"));
+    }
+    std::fs::write(dir.join("gallery.md"), md)?;
     Ok(())
 }
 
