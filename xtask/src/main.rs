@@ -189,13 +189,6 @@ fn reproduce(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Memorisation profiles of real training runs: small GPT-NeoX models (three sizes × cosine and
-/// constant schedules) trained with `memsteer train` on the built-in English text (Moby Dick,
-/// tokenized with the built-in 4,096-token BPE, cut into 64-token instances, a seeded random held-out
-/// part never trained on; the same instances and batches for every run), every checkpoint scored with
-/// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
-/// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
-/// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
 /// Prints a line and keeps it for the run's gallery.
 macro_rules! say {
     ($report:expr, $($arg:tt)*) => {{
@@ -205,6 +198,13 @@ macro_rules! say {
     }};
 }
 
+/// Memorisation profiles of real training runs: small GPT-NeoX models (three sizes × cosine and
+/// constant schedules) trained with `memsteer train` on the built-in English text (Moby Dick,
+/// tokenized with the built-in 4,096-token BPE, cut into 64-token instances, a seeded random held-out
+/// part never trained on; the same instances and batches for every run), every checkpoint scored with
+/// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
+/// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
+/// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
 fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
@@ -351,7 +351,12 @@ fn counterfactual_truth(
         .lines()
         .map(|l| -> Result<(String, Vec<u32>)> {
             let v: serde_json::Value = serde_json::from_str(l)?;
-            let t = v["tokens"].as_array().context("tokens")?.iter().map(|x| x.as_u64().unwrap_or(0) as u32).collect();
+            let t = v["tokens"]
+                .as_array()
+                .context("tokens")?
+                .iter()
+                .map(|x| x.as_u64().map(|t| t as u32).context("a token id"))
+                .collect::<Result<_>>()?;
             Ok((v["id"].as_str().context("id")?.to_string(), t))
         })
         .collect::<Result<_>>()?;
@@ -363,9 +368,21 @@ fn counterfactual_truth(
         })
         .collect::<Result<_>>()?;
     let steps = batches.len();
+    let token = |id: &str| -> Result<&[u32]> {
+        tokens
+            .get(id)
+            .map(Vec::as_slice)
+            .with_context(|| format!("batches.jsonl names {id:?}, not in {}", train_file.display()))
+    };
+    ensure!(reserve.len() >= 10 * 8 * 2, "only {} unused instances for fresh batches", reserve.len());
+    ensure!(
+        cohorts.iter().all(|&g| g >= 10 && g <= batches.len() && g % 10 == 0),
+        "cohorts must be checkpoint steps of at least 10"
+    );
+    // The run's own settings (`memsteer train` computes min_lr as 0.1 · lr).
     let cfg = TrainConfig {
         lr: 3e-3,
-        min_lr: 3e-4,
+        min_lr: 0.1 * 3e-3,
         warmup: 10,
         steps,
         schedule: Schedule::Cosine,
@@ -384,7 +401,7 @@ fn counterfactual_truth(
             trainer.load_optimizer(&dir.join("optimizer.safetensors"))?;
         }
         for step in g - 9..=g {
-            let batch: Vec<&[u32]> = batches[step - 1].iter().map(|id| tokens[id].as_slice()).collect();
+            let batch = batches[step - 1].iter().map(|id| token(id)).collect::<Result<Vec<_>>>()?;
             trainer.train_step(&batch)?;
         }
         let actual = Params::from_hf(&run.join(format!("step{g}")))?;
@@ -396,11 +413,20 @@ fn counterfactual_truth(
         );
         ensure!(gap == 0.0, "retraining from step {} does not reproduce checkpoint {g} (max |Δθ| = {gap:e})", g - 10);
     }
-    if !truth_path.exists() {
+    // Reused only when made for these cohorts, replicates and batches (a key file beside it).
+    let batches_bytes = std::fs::read(run.join("batches.jsonl"))?;
+    let key = format!(
+        "cohorts {cohorts:?}, replicates {replicates}, seeds v1, batches.jsonl {} bytes, fnv {:016x}",
+        batches_bytes.len(),
+        batches_bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    );
+    let key_path = rd.join("truth.key");
+    let fresh = truth_path.exists() && std::fs::read_to_string(&key_path).is_ok_and(|k| k == key);
+    if !fresh {
         let mut rows = Vec::new();
         for &g in cohorts {
             // The cohort: the instances of the batches after checkpoint g − 10, up to g.
-            let members: Vec<&[u32]> = batches[g - 10..g].iter().flatten().map(|id| tokens[id].as_slice()).collect();
+            let members = batches[g - 10..g].iter().flatten().map(|id| token(id)).collect::<Result<Vec<_>>>()?;
             let mut tau: std::collections::BTreeMap<usize, f64> = Default::default();
             for r in 0..replicates {
                 let start = g - 10;
@@ -409,7 +435,7 @@ fn counterfactual_truth(
                 if start > 0 {
                     trainer.load_optimizer(&dir.join("optimizer.safetensors"))?;
                 }
-                let mut rng = memsteer_panel::rng::SplitMix64::new(7_000 + 100 * r as u64 + g as u64);
+                let mut rng = memsteer_panel::rng::SplitMix64::new(0x7000_0000 ^ ((g as u64) << 16) ^ r as u64);
                 let mut pool: Vec<usize> = (0..reserve.len()).collect();
                 for step in start + 1..=steps {
                     let batch: Vec<&[u32]> = if step <= g {
@@ -417,7 +443,7 @@ fn counterfactual_truth(
                             .map(|_| reserve[pool.swap_remove(rng.below(pool.len() as u64) as usize)].as_slice())
                             .collect()
                     } else {
-                        batches[step - 1].iter().map(|id| tokens[id].as_slice()).collect()
+                        batches[step - 1].iter().map(|id| token(id)).collect::<Result<Vec<_>>>()?
                     };
                     trainer.train_step(&batch)?;
                     if step % 10 == 0 {
@@ -434,11 +460,14 @@ fn counterfactual_truth(
         for (g, c, t) in &rows {
             text.push_str(&format!("{g},{c},{t}\n"));
         }
-        std::fs::write(&truth_path, text)?;
+        let tmp = rd.join(".truth.csv.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &truth_path)?;
+        std::fs::write(&key_path, &key)?;
     }
     // The estimators on the same run: DiD (already estimated) and the difference estimator.
     let diff_dir = rd.join("profile-difference");
-    if !diff_dir.join("att.csv").exists() {
+    {
         let mut a = memsteer_cli::profile::ProfileArgs::new(rd.join("panel.csv"), diff_dir.clone());
         a.estimator = memsteer_cli::profile::EstimatorArg::Difference;
         a.bootstrap = 200;
@@ -640,7 +669,9 @@ fn write_trained_gallery(dir: &std::path::Path, quick: bool, report: &[String]) 
         .filter(|n| n.starts_with("truth-cohort-") && n.ends_with(".png"))
         .map(|n| format!("medium-cosine/{n}"))
         .collect();
-    truth.sort();
+    truth.sort_by_key(|n| {
+        n.trim_start_matches("medium-cosine/truth-cohort-").trim_end_matches(".png").parse::<u64>().unwrap_or(0)
+    });
     figures.extend(truth);
     for f in figures {
         md.push_str(&format!("![{f}]({f})\n\n"));

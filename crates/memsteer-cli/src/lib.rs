@@ -57,39 +57,75 @@ where
 }
 
 /// Expands `memsteer train --config FILE`: the TOML file's keys (the long flags' names, with `_` or
-/// `-`) become flags placed before those on the command line, which therefore override them. Values:
-/// strings, numbers, `true` (a switch that is on; `false` leaves it off) and arrays (joined with
-/// commas, e.g. `checkpoint_steps = [0, 1, 2, 4]`). An unknown key is an error naming the file.
+/// `-`) become flags, except those the command line gives (or excludes: `--steps` drops a file's
+/// `epochs`), so the command line overrides the file. Values: strings, numbers, `true` for a switch
+/// that is on (`false` leaves it off) and arrays (joined with commas, e.g. `checkpoint_steps = [0, 1,
+/// 2, 4]`). Relative paths are taken from the current directory, as on the command line. An unknown
+/// key, or a value of the wrong kind, is an error naming the file.
 pub fn expand_config(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::ffi::OsString>> {
     use anyhow::{Context, bail};
     use clap::CommandFactory;
-    // `memsteer train`, not `memsteer steer train`: the first word that is not a flag or its value.
-    let Some(sub) = args.iter().position(|a| a == "train") else { return Ok(args) };
-    if args[..sub].iter().any(|a| a == "steer") {
-        return Ok(args);
+    // The subcommand is the first word that is neither a flag nor the value of the global --threads.
+    let mut sub = None;
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--threads" {
+            i += 2;
+            continue;
+        }
+        if !a.starts_with('-') {
+            sub = Some(i);
+            break;
+        }
+        i += 1;
     }
+    let Some(sub) = sub.filter(|&i| args[i] == "train") else { return Ok(args) };
     let mut path = None;
+    let mut given: Vec<String> = Vec::new();
     for (i, a) in args.iter().enumerate().skip(sub + 1) {
         let a = a.to_string_lossy();
         if a == "--config" {
             path = Some(args.get(i + 1).context("--config needs a FILE")?.clone());
         } else if let Some(p) = a.strip_prefix("--config=") {
             path = Some(p.into());
+        } else if let Some(flag) = a.strip_prefix("--") {
+            given.push(flag.split('=').next().unwrap_or_default().to_string());
         }
     }
     let Some(path) = path else { return Ok(args) };
     let shown = std::path::Path::new(&path).display().to_string();
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading --config {shown}"))?;
     let table: toml::Table = toml::from_str(&text).with_context(|| format!("{shown}: not a TOML table"))?;
-    let cmd = Cli::command();
+    let mut cmd = Cli::command();
+    // Built, so that conflicts are known from both sides.
+    cmd.build();
     let train = cmd.find_subcommand("train").context("the train command")?;
     let known: Vec<&str> = train.get_arguments().filter_map(|a| a.get_long()).filter(|l| *l != "config").collect();
     let mut extra: Vec<std::ffi::OsString> = Vec::new();
     for (key, value) in &table {
         let flag = key.replace('_', "-");
-        if !known.contains(&flag.as_str()) {
+        let Some(arg) = train.get_arguments().find(|a| a.get_long() == Some(flag.as_str()) && flag != "config") else {
             bail!("{shown}: unknown key `{key}`; `memsteer train` takes {}", known.join(", "));
+        };
+        // The command line overrides the file: a key whose flag, or a flag it excludes (--steps and
+        // --epochs, --model-config and --init), is given on the command line is left out.
+        let conflicts = |a: &clap::Arg| -> Vec<String> {
+            train.get_arg_conflicts_with(a).iter().filter_map(|c| c.get_long().map(String::from)).collect()
+        };
+        // Conflicts are declared on one side only (e.g. on --steps), so look from both.
+        let excluded = conflicts(arg).iter().any(|l| given.contains(l))
+            || given.iter().any(|g| {
+                train
+                    .get_arguments()
+                    .find(|a| a.get_long() == Some(g.as_str()))
+                    .is_some_and(|a| conflicts(a).contains(&flag))
+            });
+        if given.contains(&flag) || excluded {
+            continue;
         }
+        let takes_value = arg.get_num_args().is_none_or(|n| n.takes_values())
+            && !matches!(arg.get_action(), clap::ArgAction::SetTrue | clap::ArgAction::SetFalse);
         let scalar = |v: &toml::Value| -> anyhow::Result<String> {
             Ok(match v {
                 toml::Value::String(s) => s.clone(),
@@ -98,14 +134,16 @@ pub fn expand_config(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::f
                 _ => bail!("{shown}: key `{key}`: expected a string, a number or an array of them"),
             })
         };
-        match value {
-            toml::Value::Boolean(true) => extra.push(format!("--{flag}").into()),
-            toml::Value::Boolean(false) => {}
-            toml::Value::Array(items) => {
+        match (value, takes_value) {
+            (toml::Value::Boolean(true), false) => extra.push(format!("--{flag}").into()),
+            (toml::Value::Boolean(false), false) => {}
+            (_, false) => bail!("{shown}: key `{key}` is a switch: expected true or false"),
+            (toml::Value::Boolean(_), true) => bail!("{shown}: key `{key}` takes a value, not true or false"),
+            (toml::Value::Array(items), true) => {
                 let parts = items.iter().map(scalar).collect::<anyhow::Result<Vec<_>>>()?;
-                extra.extend([format!("--{flag}").into(), parts.join(",").into()]);
+                extra.push(format!("--{flag}={}", parts.join(",")).into());
             }
-            other => extra.extend([format!("--{flag}").into(), scalar(other)?.into()]),
+            (other, true) => extra.push(format!("--{flag}={}", scalar(other)?).into()),
         }
     }
     let mut out = args[..=sub].to_vec();

@@ -624,7 +624,8 @@ fn draw_series<DB: DrawingBackend>(
 ) -> Result<()> {
     root.fill(&WHITE).map_err(err(title))?;
     let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y, h) in series.iter().flat_map(|s| s.1.iter()) {
+    let finite = |q: &&(f64, f64, f64)| q.0.is_finite() && q.1.is_finite() && q.2.is_finite();
+    for &(x, y, h) in series.iter().flat_map(|s| s.1.iter()).filter(finite) {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y - h);
@@ -653,7 +654,8 @@ fn draw_series<DB: DrawingBackend>(
     let palette = [RGBColor(33, 102, 172), RGBColor(178, 24, 43), RGBColor(27, 120, 55), RGBColor(118, 42, 131)];
     for (i, (label, points)) in series.iter().enumerate() {
         let c = palette[i % palette.len()];
-        let mut p = points.clone();
+        // Points with a non-finite coordinate or interval are left out, not drawn off the axes.
+        let mut p: Vec<(f64, f64, f64)> = points.iter().filter(finite).copied().collect();
         p.sort_by(|a, b| a.0.total_cmp(&b.0));
         chart
             .draw_series(

@@ -208,7 +208,8 @@ pub struct SteerTrainArgs {
     /// one minibatch at a time; the same steer either way).
     #[arg(long, value_name = "GIB", default_value_t = 4.0)]
     pub cache_memory: f64,
-    /// Directory of the spill file (default: the system's temporary directory).
+    /// Directory of the spill file (default: the system's temporary directory; where that is a tmpfs
+    /// held in memory, give a directory on disk).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Seed of the initialisation and the batch order.

@@ -297,9 +297,11 @@ fn steer_errors_name_the_problem() {
     ok(&train(&pos, &neg).iter().map(String::as_str).collect::<Vec<_>>());
     // Spilling the hidden states to disk gives the same steer file, byte for byte.
     let in_memory = std::fs::read(&steer).expect("steer");
-    let mut spill = train(&pos, &neg);
+    let mut spill: Vec<String> = train(&pos, &neg).into_iter().filter(|a| a != "--quiet").collect();
     spill.extend(["--cache-memory", "0", "--cache-dir", s(dir.path())].map(String::from));
-    ok(&spill.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = memsteer(&spill.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("spilled to a temporary file"), "the cache did not spill");
     assert_eq!(std::fs::read(&steer).expect("steer"), in_memory);
     let mut bad = train(&pos, &neg);
     bad.push("--cache-memory=-1".to_string());

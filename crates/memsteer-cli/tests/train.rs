@@ -206,7 +206,7 @@ fn a_toml_config_holds_the_flags_and_the_command_line_overrides_it() {
     std::fs::write(
         &cfg,
         format!(
-            "model_config = {:?}\ninstances = {:?}\nvalidation = {:?}\nbatch-size = 3\nsteps = 10\nlr = 0.01\n\
+            "model_config = {:?}\ninstances = {:?}\nvalidation = {:?}\nbatch-size = 3\nepochs = 2\nlr = 0.01\n\
              warmup = 2\nseed = 5\ncheckpoint_steps = [0, 1, 2, 4]\nquiet = true\n",
             s(&c),
             s(&t),
@@ -214,9 +214,10 @@ fn a_toml_config_holds_the_flags_and_the_command_line_overrides_it() {
         ),
     )
     .expect("toml");
-    // The command line's --steps 4 overrides the file's 10.
+    // The command line's --steps 4 overrides the file's `epochs` (the two exclude each other), and a
+    // global --threads before the subcommand is no obstacle.
     let out = dir.path().join("run");
-    ok(&["train", "--config", s(&cfg), "--steps", "4", "--out", s(&out)]);
+    ok(&["--threads", "2", "train", "--config", s(&cfg), "--steps", "4", "--out", s(&out)]);
     let losses = std::fs::read_to_string(out.join("loss.csv")).expect("loss.csv");
     assert_eq!(losses.lines().count(), 1 + 4, "{losses}");
     let batches = std::fs::read_to_string(out.join("batches.jsonl")).expect("batches");
@@ -238,4 +239,10 @@ fn a_toml_config_holds_the_flags_and_the_command_line_overrides_it() {
     std::fs::write(&cfg, "steps = [\n").expect("toml");
     let e = fails(&["train", "--config", s(&cfg), "--out", s(&out)]);
     assert!(e.contains("train.toml") && e.contains("TOML"), "{e}");
+    std::fs::write(&cfg, "quiet = \"yes\"\n").expect("toml");
+    let e = fails(&["train", "--config", s(&cfg), "--out", s(&out)]);
+    assert!(e.contains("train.toml") && e.contains("`quiet` is a switch"), "{e}");
+    std::fs::write(&cfg, "steps = true\n").expect("toml");
+    let e = fails(&["train", "--config", s(&cfg), "--out", s(&out)]);
+    assert!(e.contains("train.toml") && e.contains("takes a value"), "{e}");
 }

@@ -236,8 +236,11 @@ impl HiddenCache {
             let dir = dir.map_or_else(std::env::temp_dir, std::path::Path::to_path_buf);
             let mut file =
                 tempfile::tempfile_in(&dir).map_err(|e| io_error(&format!("creating one in {}", dir.display()), e))?;
-            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-            file.write_all(&bytes).map_err(|e| io_error("writing", e))?;
+            // In blocks of 1 MiB, so that spilling never holds a second copy of the cache.
+            for block in v.chunks(1 << 18) {
+                let bytes: Vec<u8> = block.iter().flat_map(|x| x.to_le_bytes()).collect();
+                file.write_all(&bytes).map_err(|e| io_error("writing", e))?;
+            }
             self.hidden = Rows::Disk { file: std::sync::Mutex::new(file), values: v.len() };
         }
         if let Rows::Disk { file, values } = &mut self.hidden {
