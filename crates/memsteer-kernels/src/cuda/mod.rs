@@ -902,10 +902,7 @@ impl Gpu {
                 true
             }
         };
-        if fused {
-            let transposed_v = how == Attention::FusedTransposedV;
-            return self.flash_attention((q, k, v), ctx, spans, (rows, heads, hd), transposed_v);
-        }
+        // One set of checks for both implementations (flash_attention is only reached from here).
         let d = heads * hd;
         for (what, o) in [("q", q), ("k", k), ("v", v), ("attention output", ctx)] {
             o.need(what, rows * d)?;
@@ -919,6 +916,10 @@ impl Gpu {
                 expected: format!("inside {rows} rows"),
                 found: s + l,
             });
+        }
+        if fused {
+            let transposed_v = how == Attention::FusedTransposedV;
+            return self.flash_attention((q, k, v), ctx, spans, (rows, heads, hd), transposed_v);
         }
         let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
         let tile = QUERY_TILE.min(longest.max(1));
@@ -977,20 +978,6 @@ impl Gpu {
         (rows, heads, hd): (usize, usize, usize),
         transposed_v: bool,
     ) -> Result<()> {
-        let d = heads * hd;
-        for (what, o) in [("q", q), ("k", k), ("v", v), ("attention output", ctx)] {
-            o.need(what, rows * d)?;
-            if o.dtype != q.dtype {
-                return Err(KernelError::Shape { what, expected: format!("{:?}", q.dtype), found: o.len });
-            }
-        }
-        if let Some(&(s, l)) = spans.iter().find(|(s, l)| s + l > rows) {
-            return Err(KernelError::Shape {
-                what: "attention span",
-                expected: format!("inside {rows} rows"),
-                found: s + l,
-            });
-        }
         if spans.is_empty() {
             return Ok(());
         }
