@@ -11,12 +11,13 @@ use anyhow::{Context, Result, bail, ensure};
 use memsteer_panel::synthetic::SyntheticConfig;
 
 mod calibrate;
+mod steer_demo;
 
 const USAGE: &str = "usage: cargo xtask <task>
 
 tasks:
   reproduce [--quick] [FIGURE…]   regenerate the figures under target/reproduce/ (FIGURE: profile, compare, hmm,
-                                  trained)
+                                  trained, steer)
   synth --out FILE [--cohorts K] [--per-cohort N] [--validation V] [--checkpoints C] [--seed S]
         [--trend X] [--shift X] [--anticipation X]
                                   write a synthetic Pythia-like panel (long CSV)
@@ -116,7 +117,7 @@ fn synth(args: &[String]) -> Result<()> {
 fn reproduce(args: &[String]) -> Result<()> {
     let f = Flags::parse(args, &[])?;
     let quick = f.has("quick");
-    let all = ["profile", "compare", "hmm", "trained"];
+    let all = ["profile", "compare", "hmm", "trained", "steer"];
     let wanted: Vec<&str> = if f.free.is_empty() { all.to_vec() } else { f.free.iter().map(String::as_str).collect() };
     if let Some(bad) = wanted.iter().find(|w| !all.contains(w)) {
         bail!("unknown figure `{bad}`; available: {}", all.join(", "));
@@ -184,6 +185,9 @@ fn reproduce(args: &[String]) -> Result<()> {
     if wanted.contains(&"trained") {
         // Separate directories: a rerun reuses finished training, so the two sizes must not mix.
         trained_run(&out.join(if quick { "trained-quick" } else { "trained" }), quick)?;
+    }
+    if wanted.contains(&"steer") {
+        steer_demo::run(&out.join(if quick { "steer-quick" } else { "steer" }), quick)?;
     }
     println!("figures under {}", out.display());
     Ok(())

@@ -113,6 +113,20 @@ pub struct TransferArgs {
     /// Ridge added to the least-squares normal equations (0: plain least squares).
     #[arg(long, default_value_t = 0.0)]
     pub ridge: f64,
+    /// How W is carried over: `orthogonal` is the authors' W' = HᵀWH (exact when H is orthogonal);
+    /// `two-sided` fits E_from ≈ E_to G as well and uses W' = HᵀWGᵀ (exact for any invertible linear
+    /// relation between the two models).
+    #[arg(long, value_enum, default_value_t = MapKind::Orthogonal)]
+    pub map: MapKind,
+}
+
+/// How `steer transfer` carries W to the target model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapKind {
+    /// W' = HᵀWH (the authors').
+    Orthogonal,
+    /// W' = HᵀWGᵀ with E_from ≈ E_to G fitted too.
+    TwoSided,
 }
 
 /// Runs `memsteer steer transfer`; returns the transferred steer and the fit's relative residual.
@@ -138,7 +152,11 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
             "warning: neither model has tokenizer files; tokens are matched by id, which assumes both use the same tokenizer"
         );
     }
-    let config = TransferConfig { top_k: a.top_k, ridge: a.ridge };
+    let map = match a.map {
+        MapKind::Orthogonal => memsteer_steer::transfer::TransferMap::Orthogonal,
+        MapKind::TwoSided => memsteer_steer::transfer::TransferMap::TwoSided,
+    };
+    let config = TransferConfig { top_k: a.top_k, ridge: a.ridge, map };
     let (moved, map) = memsteer_steer::transfer::transfer(
         &steer,
         &EmbeddingView::of(from)?,
@@ -152,7 +170,7 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
     }
     moved.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
-        "fitted H ({} × {}) on {} of {} shared tokens (matched by {}), relative residual {:.3e}; wrote {}",
+        "fitted H ({} × {}) on {} of {} shared tokens (matched by {}), relative residual {:.3e}; W' = {}; wrote {}",
         map.d_from,
         map.d_to,
         map.pairs_used,
@@ -163,6 +181,10 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
             _ => "the caller",
         },
         map.relative_residual,
+        match a.map {
+            MapKind::Orthogonal => "HᵀWH",
+            MapKind::TwoSided => "HᵀWGᵀ",
+        },
         a.out.display()
     );
     Ok((moved, map.relative_residual))
@@ -690,6 +712,10 @@ pub struct HighlightArgs {
     /// Most tokens per span.
     #[arg(long, default_value_t = 10)]
     pub span_length: usize,
+    /// Strength S of the comparison: evidence is log p(x_t | x_<t) with the labelled steer at +S minus at
+    /// −S; a negative S marks where the text carries the opposite style (e.g. −1 for the negative corpus).
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub strength: f32,
     /// Also write a self-contained HTML page here.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
@@ -786,6 +812,11 @@ fn token_pieces(tok: &Tokenizer, ids: &[u32]) -> Result<Vec<String>> {
 /// Runs `memsteer steer highlight`.
 pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
     ensure!(a.span_length >= 1, "--span-length must be at least 1");
+    ensure!(
+        a.strength.is_finite() && a.strength != 0.0,
+        "--strength must be a finite non-zero number, found {}",
+        a.strength
+    );
     let text = match (&a.text, &a.input) {
         (Some(t), _) => t.clone(),
         (None, Some(p)) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -814,7 +845,7 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
         labelled[0] = v;
         Ok(steer.log_prob_targets(rows, decoder.output_embedding(), &tokens[1..], &steer.strengths(&labelled)?)?)
     };
-    let (plus, minus) = (at(1.0)?, at(-1.0)?);
+    let (plus, minus) = (at(a.strength)?, at(-a.strength)?);
     let mut evidence = vec![None];
     evidence.extend(plus.iter().zip(&minus).map(|(p, m)| Some(f64::from(*p) - f64::from(*m))));
     let spans = choose_spans(&evidence, a.spans, a.span_length);
@@ -825,6 +856,7 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
         let json = serde_json::json!({
             "steer": a.steer.display().to_string(),
             "label": steer.labels()[0],
+            "strength": a.strength,
             "tokens": h.tokens.iter().zip(&h.pieces).zip(&h.evidence)
                 .map(|((id, p), e)| serde_json::json!({"id": id, "text": p, "evidence": e}))
                 .collect::<Vec<_>>(),
@@ -849,7 +881,7 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
         }
     }
     if let Some(path) = &a.html {
-        let page = render_html(&h, steer.labels()[0].as_str(), &a.steer.display().to_string());
+        let page = render_html(&h, steer.labels()[0].as_str(), &a.steer.display().to_string(), a.strength);
         write_atomic(path, |w| w.write_all(page.as_bytes())).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(h)
@@ -895,7 +927,7 @@ pub fn html_escape(s: &str) -> String {
 
 /// A self-contained page: tokens coloured by evidence (green for the steer's style, red against it),
 /// spans outlined, and the evidence of each token in its tooltip.
-fn render_html(h: &Highlight, label: &str, steer: &str) -> String {
+fn render_html(h: &Highlight, label: &str, steer: &str, strength: f32) -> String {
     let scale = h.evidence.iter().flatten().fold(0.0f64, |m, e| m.max(e.abs())).max(1e-12);
     let mut body = String::new();
     for (k, piece) in h.pieces.iter().enumerate() {
@@ -944,12 +976,15 @@ body {{ font-family: system-ui, sans-serif; max-width: 50em; margin: 2em auto; l
 .tok {{ border-radius: 2px; }}\n\
 .span {{ outline: 2px solid #1d4ed8; border-radius: 3px; }}\n\
 .legend {{ color: #555; font-size: 0.9em; }}\n\
-</style>\n</head>\n<body>\n<h1>Evidence for “{label}”</h1>\n\
+</style>\n</head>\n<body>\n<h1>Evidence {direction} “{label}”</h1>\n\
 <p class=\"legend\">Steer {steer}. Each token is coloured by log p₊(x<sub>t</sub> | x<sub>&lt;t</sub>) − log p₋(x<sub>t</sub> | x<sub>&lt;t</sub>) \
-(steer at +1 against −1): green for, red against; outlined: the strongest spans.</p>\n\
+(the labelled steer at {plus} against {minus}): green for, red against; outlined: the strongest spans.</p>\n\
 <div class=\"text\">{body}</div>\n<ol>\n{list}</ol>\n</body>\n</html>\n",
         label = html_escape(label),
         steer = html_escape(steer),
+        plus = strength,
+        minus = -strength,
+        direction = if strength > 0.0 { "for" } else { "against" },
     )
 }
 

@@ -47,7 +47,7 @@ use std::collections::HashMap;
 
 use rayon::prelude::*;
 
-use crate::linalg::{cholesky, cholesky_solve, gram, matmul_tn};
+use crate::linalg::{cholesky, cholesky_solve, gram, matmul_tn, transpose};
 use crate::{Result, Steer, SteerError, SteerSpec, embedding_fingerprint};
 
 /// The automatic ridge starts at this fraction of the mean diagonal of `XᵀX`.
@@ -203,6 +203,29 @@ impl SharedTokens {
     }
 }
 
+/// How the steer is carried through the fitted maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransferMap {
+    /// The authors' `W' = Hᵀ W H`: exact when `H` is orthogonal.
+    #[default]
+    Orthogonal,
+    /// `W' = Hᵀ W Gᵀ`, with a second fit `E_from ≈ E_to G` on the same tokens: exact for any invertible
+    /// linear relation between the two models (`E_to = E_from A`, hidden states `h_to = h_from A⁻ᵀ`, as
+    /// equal base logits imply), and equal to `Hᵀ W H` when `H` is orthogonal. The base logits tie
+    /// `h_from ≈ h_to Hᵀ`; the steer's term `h_from W E_fromᵀ` then becomes `h_to Hᵀ W Gᵀ E_toᵀ`.
+    TwoSided,
+}
+
+impl TransferMap {
+    /// The name recorded in a transferred steer's metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            TransferMap::Orthogonal => "orthogonal",
+            TransferMap::TwoSided => "two-sided",
+        }
+    }
+}
+
 /// Settings of the least-squares fit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransferConfig {
@@ -211,12 +234,14 @@ pub struct TransferConfig {
     /// Ridge `λ ≥ 0` added to the diagonal of `XᵀX` (absolute, in squared embedding units); 0 for plain
     /// least squares (with an automatic tiny ridge if `XᵀX` is singular).
     pub ridge: f64,
+    /// How `W` is carried to the target.
+    pub map: TransferMap,
 }
 
 impl Default for TransferConfig {
-    /// All shared tokens, no ridge.
+    /// All shared tokens, no ridge, the authors' `Hᵀ W H`.
     fn default() -> Self {
-        Self { top_k: None, ridge: 0.0 }
+        Self { top_k: None, ridge: 0.0, map: TransferMap::Orthogonal }
     }
 }
 
@@ -384,7 +409,22 @@ pub fn transfer(
         return Err(mismatch("embedding_fingerprint", steer.fingerprint().to_string(), fp));
     }
     let map = fit_map(from, to, shared, config)?;
+    // Two-sided: the inverse fit E_from ≈ E_to G on the same pairs; P2 is carried by Gᵀ (d_from × d_to).
+    let inverse = match config.map {
+        TransferMap::Orthogonal => None,
+        TransferMap::TwoSided => {
+            let swapped =
+                SharedTokens { pairs: shared.pairs.iter().map(|&(f, t)| (t, f)).collect(), matching: shared.matching };
+            Some(fit_map(to, from, &swapped, config)?)
+        }
+    };
+    let right = match &inverse {
+        Some(g) => transpose(&g.h, g.d_from, g.d_to),
+        None => map.h.clone(),
+    };
     let record = serde_json::json!({
+        "map": config.map.name(),
+        "inverse_relative_residual": inverse.as_ref().map(|g| g.relative_residual),
         "from_hidden_size": from.dim,
         "from_vocab_size": from.vocab,
         "from_embedding_fingerprint": steer.fingerprint(),
@@ -396,7 +436,7 @@ pub fn transfer(
         "ridge_automatic": map.ridge_automatic,
         "relative_residual": map.relative_residual,
     });
-    let moved = apply_map(steer, &map, to, record)?;
+    let moved = apply_maps(steer, &map, &right, to, record)?;
     Ok((moved, map))
 }
 
@@ -409,7 +449,23 @@ pub fn apply_map(
     to: &EmbeddingView<'_>,
     record: serde_json::Value,
 ) -> Result<Steer> {
-    if map.d_from != steer.hidden_size() || map.d_to != to.dim || map.h.len() != map.d_from * map.d_to {
+    apply_maps(steer, map, &map.h, to, record)
+}
+
+/// `W' = Hᵀ W R` in low-rank form (`P1' = Hᵀ P1`, `P2' = Rᵀ P2`), `R` (`d_from × d_to`, row-major) being
+/// `H` itself or the transposed inverse fit.
+fn apply_maps(
+    steer: &Steer,
+    map: &EmbeddingMap,
+    right: &[f64],
+    to: &EmbeddingView<'_>,
+    record: serde_json::Value,
+) -> Result<Steer> {
+    if map.d_from != steer.hidden_size()
+        || map.d_to != to.dim
+        || map.h.len() != map.d_from * map.d_to
+        || right.len() != map.h.len()
+    {
         return Err(SteerError::Shape {
             what: "embedding map".into(),
             expected: format!("{} × {} (steer hidden size × target hidden size)", steer.hidden_size(), to.dim),
@@ -420,9 +476,9 @@ pub fn apply_map(
     let mut p1 = Vec::with_capacity(steer.num_steers() * dt * r);
     let mut p2 = Vec::with_capacity(steer.num_steers() * dt * r);
     for s in 0..steer.num_steers() {
-        for (src, dst) in [(steer.projector1(), &mut p1), (steer.projector2(), &mut p2)] {
+        for (src, m, dst) in [(steer.projector1(), &map.h[..], &mut p1), (steer.projector2(), right, &mut p2)] {
             let block: Vec<f64> = src[s * d * r..(s + 1) * d * r].iter().map(|&x| f64::from(x)).collect();
-            dst.extend(matmul_tn(&map.h, &block, d, dt, r).into_iter().map(|x| x as f32));
+            dst.extend(matmul_tn(m, &block, d, dt, r).into_iter().map(|x| x as f32));
         }
     }
     let training = match steer.training() {

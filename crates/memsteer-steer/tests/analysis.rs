@@ -3,7 +3,7 @@
 //! preserved, residuals, token matching and errors).
 
 use memsteer_steer::explain::{ExplainConfig, explain, steer_svd};
-use memsteer_steer::transfer::{EmbeddingView, Matching, SharedTokens, TransferConfig, fit_map, transfer};
+use memsteer_steer::transfer::{EmbeddingView, Matching, SharedTokens, TransferConfig, TransferMap, fit_map, transfer};
 use memsteer_steer::{Steer, SteerError, SteerSpec, embedding_fingerprint};
 
 /// Singular values of the low-rank SVD against the dense reference, relative to σ_max.
@@ -428,11 +428,13 @@ fn noisy_transfer_has_a_residual() {
     eprintln!("noisy: relative residual {:.4} (noise/signal 0.3)", all.relative_residual);
     assert!(all.relative_residual > 0.2 && all.relative_residual < 0.4, "{}", all.relative_residual);
     assert!(max_abs_diff(&all.h, &q) < 0.2);
-    let first = fit_map(&from, &to, &shared, &TransferConfig { top_k: Some(30), ridge: 0.0 }).unwrap();
+    let first =
+        fit_map(&from, &to, &shared, &TransferConfig { top_k: Some(30), ridge: 0.0, ..Default::default() }).unwrap();
     assert_eq!((first.pairs_used, first.shared), (30, vocab));
     // Fewer pairs: the fit overfits them, the residual on them is smaller.
     assert!(first.relative_residual < all.relative_residual);
-    let ridged = fit_map(&from, &to, &shared, &TransferConfig { top_k: None, ridge: 1e4 }).unwrap();
+    let ridged =
+        fit_map(&from, &to, &shared, &TransferConfig { top_k: None, ridge: 1e4, ..Default::default() }).unwrap();
     let norm = |h: &[f64]| h.iter().map(|x| x * x).sum::<f64>().sqrt();
     assert!(norm(&ridged.h) < 0.5 * norm(&all.h));
     assert_eq!(ridged.ridge, 1e4);
@@ -463,11 +465,14 @@ fn transfer_matching_and_errors() {
     let view = EmbeddingView::new(&e32, d).unwrap();
     let ids = SharedTokens::by_id(vocab, vocab).unwrap();
     // Underdetermined without a ridge, fine with one.
-    let few = TransferConfig { top_k: Some(5), ridge: 0.0 };
+    let few = TransferConfig { top_k: Some(5), ridge: 0.0, ..Default::default() };
     let err = transfer(&steer, &view, &view, &ids, &few).unwrap_err();
     assert!(matches!(err, SteerError::Underdetermined { shared: 5, hidden_size: 12 }), "{err}");
     assert!(err.to_string().contains("ridge"));
-    assert!(transfer(&steer, &view, &view, &ids, &TransferConfig { top_k: Some(5), ridge: 1e-3 }).is_ok());
+    assert!(
+        transfer(&steer, &view, &view, &ids, &TransferConfig { top_k: Some(5), ridge: 1e-3, ..Default::default() })
+            .is_ok()
+    );
     // Singular normal equations (all embeddings in a 3-dimensional subspace): automatic tiny ridge.
     let basis: Vec<f64> = (0..3 * d).map(|_| rng.normal()).collect();
     let coef: Vec<f64> = (0..vocab * 3).map(|_| rng.normal()).collect();
@@ -495,11 +500,11 @@ fn transfer_matching_and_errors() {
         Err(SteerError::NoSharedTokens { .. })
     ));
     assert!(matches!(
-        fit_map(&view, &view, &ids, &TransferConfig { top_k: None, ridge: -1.0 }),
+        fit_map(&view, &view, &ids, &TransferConfig { top_k: None, ridge: -1.0, ..Default::default() }),
         Err(SteerError::Config { field: "ridge", .. })
     ));
     assert!(matches!(
-        fit_map(&view, &view, &ids, &TransferConfig { top_k: Some(0), ridge: 0.0 }),
+        fit_map(&view, &view, &ids, &TransferConfig { top_k: Some(0), ridge: 0.0, ..Default::default() }),
         Err(SteerError::Config { field: "top_k", .. })
     ));
 }
@@ -549,7 +554,7 @@ fn slow_explain_and_transfer_timing_at_gpt2_shape() {
         &EmbeddingView::new(&e32, d).unwrap(),
         &EmbeddingView::new(&to32, dt).unwrap(),
         &SharedTokens::by_id(vocab, vocab).unwrap(),
-        &TransferConfig { top_k: Some(4000), ridge: 0.0 },
+        &TransferConfig { top_k: Some(4000), ridge: 0.0, ..Default::default() },
     )
     .unwrap();
     eprintln!(
@@ -558,4 +563,54 @@ fn slow_explain_and_transfer_timing_at_gpt2_shape() {
         map.relative_residual
     );
     assert_eq!(moved.hidden_size(), dt);
+}
+
+/// A relation between the models that is linear and invertible but far from orthogonal (`E_to = E_from A`,
+/// hidden states `h_from = h_to Aᵀ`, so the base logits agree): the two-sided map carries the steer's
+/// effect on the logits exactly; the authors' `Hᵀ W H`, exact only for orthogonal maps, does not.
+#[test]
+fn two_sided_transfer_is_exact_for_any_invertible_map() {
+    let mut rng = Rng(61);
+    let (d, vocab, r) = (10usize, 60usize, 3usize);
+    let e_from32 = f32s(&(0..vocab * d).map(|_| rng.normal()).collect::<Vec<_>>());
+    // A = Q · diag(0.3 … 2.55): invertible, column scales far from equal.
+    let q = random_orthogonal(d, &mut rng);
+    let a: Vec<f64> = (0..d * d).map(|k| q[k] * (0.3 + 0.25 * (k % d) as f64)).collect();
+    let e_to32 = f32s(&matmul(&f64s(&e_from32), &a, vocab, d, d));
+    let steer = random_steer(&mut rng, &e_from32, d, r, 0.05);
+    let (from, to) = (EmbeddingView::new(&e_from32, d).unwrap(), EmbeddingView::new(&e_to32, d).unwrap());
+    let shared = SharedTokens::by_id(vocab, vocab).unwrap();
+    let rows = 5;
+    let h_to = f32s(&(0..rows * d).map(|_| rng.normal()).collect::<Vec<_>>());
+    let h_from = f32s(&matmul(&f64s(&h_to), &transpose(&a, d, d), rows, d, d));
+    let effect = |st: &Steer, h: &[f32], e: &[f32]| {
+        let hi = f64s(&st.logits(h, e, &st.strengths(&[3.0]).unwrap()).unwrap());
+        let lo = f64s(&st.logits(h, e, &st.strengths(&[-2.0]).unwrap()).unwrap());
+        hi.iter().zip(&lo).map(|(a, b)| a - b).collect::<Vec<_>>()
+    };
+    let want = effect(&steer, &h_from, &e_from32);
+    assert!(max_abs(&want) > 0.1, "effect {}", max_abs(&want));
+    let run = |map: TransferMap| {
+        let (moved, _) = transfer(&steer, &from, &to, &shared, &TransferConfig { map, ..Default::default() }).unwrap();
+        let err = max_abs_diff(&effect(&moved, &h_to, &e_to32), &want) / max_abs(&want);
+        (moved, err)
+    };
+    let (two, two_err) = run(TransferMap::TwoSided);
+    let (_, orth_err) = run(TransferMap::Orthogonal);
+    eprintln!("invertible map: effect error two-sided {two_err:.2e}, orthogonal {orth_err:.2e}");
+    assert!(two_err < 1e-3, "two-sided: {two_err:e}");
+    assert!(orth_err > 0.1, "HᵀWH should miss a non-orthogonal map, error {orth_err:e}");
+    let t = &two.training()["transfer"];
+    assert_eq!(t["map"], "two-sided");
+    assert!(t["inverse_relative_residual"].as_f64().unwrap() < 1e-6);
+    // On an orthogonal map the two forms agree.
+    let e_rot = f32s(&matmul(&f64s(&e_from32), &q, vocab, d, d));
+    let rot = EmbeddingView::new(&e_rot, d).unwrap();
+    let config = |map| TransferConfig { map, ..Default::default() };
+    let (a1, _) = transfer(&steer, &from, &rot, &shared, &config(TransferMap::Orthogonal)).unwrap();
+    let (a2, _) = transfer(&steer, &from, &rot, &shared, &config(TransferMap::TwoSided)).unwrap();
+    for s in 0..2 {
+        let (w1, w2) = (dense_w(&a1, s), dense_w(&a2, s));
+        assert!(max_abs_diff(&w1, &w2) / max_abs(&w1) <= TRANSFER_RTOL, "steer {s}");
+    }
 }
