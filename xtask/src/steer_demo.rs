@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result};
 use memsteer_cli::steer::{EvalArgs, ExplainArgs, GenerateArgs, HighlightArgs, ScorerKind, TransferArgs};
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_panel::rng::{SplitMix64, hash_key};
@@ -41,8 +41,14 @@ const BATCH: usize = 16;
 const PROMPT_WORDS: usize = 2;
 /// `<|endoftext|>` in the built-in tokenizer: it separates sentences and starts every prompt.
 const EOS: u32 = 0;
-/// The two model sizes: name, hidden size, layers, heads.
-const SIZES: [(&str, usize, usize, usize); 2] = [("small", 64, 2, 4), ("large", 128, 4, 4)];
+/// The language models: name, hidden size, layers, heads, seed. `large-b` is `large` trained again from
+/// another seed (initialisation and batch order): a target of the same size for the transfer.
+const MODELS: [(&str, usize, usize, usize, u64); 3] =
+    [("small", 64, 2, 4, 0), ("large", 128, 4, 4, 0), ("large-b", 128, 4, 4, 1)];
+/// The models a steer is trained on (indices into `MODELS`).
+const STEERED: [usize; 2] = [0, 1];
+/// Transfers: (source, target) indices into `MODELS`.
+const TRANSFERS: [(usize, usize); 3] = [(1, 2), (1, 0), (0, 1)];
 
 /// One labelled sentence of the built-in corpus.
 struct Sentence {
@@ -94,9 +100,17 @@ fn positive_share(scores: &[f64]) -> (f64, f64) {
     (p, 1.96 * (p * (1.0 - p) / n).sqrt())
 }
 
-/// Spearman-free monotonicity check: the number of adjacent strength pairs where the share drops.
+/// The number of adjacent strength pairs where the share drops (0: monotone).
 fn drops(points: &[(f64, f64, f64)]) -> usize {
     points.windows(2).filter(|w| w[1].1 < w[0].1).count()
+}
+
+/// Share at the strongest positive strength minus share at the strongest negative one.
+fn effect(points: &[(f64, f64, f64)]) -> f64 {
+    match (points.first(), points.last()) {
+        (Some(a), Some(b)) => b.1 - a.1,
+        _ => 0.0,
+    }
 }
 
 /// Runs the demo into `dir`.
@@ -109,12 +123,12 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             new_tokens: 16,
             epochs: 2,
             steer_steps: 300,
-            strengths: &[-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0],
+            strengths: &[-4.0, -2.0, 0.0, 2.0, 4.0],
         }
     } else {
         Plan {
-            prompts: 150,
-            samples: 8,
+            prompts: 100,
+            samples: 5,
             new_tokens: 20,
             epochs: 4,
             steer_steps: 1000,
@@ -194,7 +208,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     )?;
     let steps = plan.epochs * n / BATCH;
     say(format!(
-        "data: steer on {} positive + {} negative sentences (the scorer's held-out part); {} prompts (the first {PROMPT_WORDS} words of other held-out-from-the-LM sentences); language models on {n} instances of {LEN} tokens ({reviews} of reviews, the rest Moby Dick), {} epochs",
+        "data: steer on {} positive + {} negative sentences (the scorer's held-out part); {} prompts (the first {PROMPT_WORDS} words of review sentences kept out of the models' and the steer's training); language models on {n} instances of {LEN} tokens ({reviews} of reviews, the rest Moby Dick), {} epochs",
         steer_set.iter().filter(|x| x.positive).count(),
         steer_set.iter().filter(|x| !x.positive).count(),
         prompt_set.len(),
@@ -203,7 +217,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
 
     // --- Language models.
     let mut models = Vec::new();
-    for (name, hidden, layers, heads) in SIZES {
+    for (name, hidden, layers, heads, seed) in MODELS {
         let md = dir.join(format!("lm-{name}"));
         std::fs::create_dir_all(&md)?;
         let config = md.join("config.json");
@@ -217,6 +231,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             .to_string(),
         )?;
         let run = md.join("run");
+        let reused = run.join(format!("step{steps}/model.safetensors")).is_file();
         let t = std::time::Instant::now();
         memsteer_cli::run_from([
             "memsteer".to_string(),
@@ -240,20 +255,28 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             "--checkpoint-steps".into(),
             steps.to_string(),
             "--seed".into(),
-            "0".into(),
+            seed.to_string(),
             "--out".into(),
             s(&run),
             "--quiet".into(),
         ])
         .with_context(|| format!("training the {name} language model"))?;
-        say(format!("lm-{name}: hidden {hidden}, {layers} layers, {steps} steps ({:.0} s)", t.elapsed().as_secs_f64()));
+        say(format!(
+            "lm-{name}: hidden {hidden}, {layers} layers, seed {seed}, {steps} steps ({})",
+            if reused {
+                "reused from an earlier run".to_string()
+            } else {
+                format!("{:.0} s", t.elapsed().as_secs_f64())
+            }
+        ));
         models.push((name, run.join(format!("step{steps}"))));
     }
-    let ppl_model = models[models.len() - 1].1.clone();
+    let ppl_model = models[1].1.clone();
 
-    // --- Steers, one per model, then each moved to the other model.
-    let mut steers: Vec<(String, PathBuf, PathBuf)> = Vec::new(); // (label, model dir, steer file)
-    for (name, model) in &models {
+    // --- Steers on two of the models, each moved to other models with both maps.
+    let mut steers: Vec<(String, usize, PathBuf)> = Vec::new(); // (label, model index, steer file)
+    for &m in &STEERED {
+        let (name, model) = &models[m];
         let out = dir.join(format!("steer-{name}.safetensors"));
         let t = std::time::Instant::now();
         let o = memsteer_cli::steer::train(&memsteer_cli::steer::SteerTrainArgs {
@@ -282,50 +305,64 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             o.final_loss,
             t.elapsed().as_secs_f64()
         ));
-        steers.push((format!("{name} (trained on it)"), model.clone(), out));
+        steers.push((format!("{name}, its own steer"), m, out));
     }
-    let mut transfers = Vec::new();
-    for (i, (from_name, from)) in models.iter().enumerate() {
-        for (to_name, to) in models.iter().filter(|(n, _)| n != from_name) {
-            let out = dir.join(format!("steer-{from_name}-to-{to_name}.safetensors"));
+    let mut transfer_rows = Vec::new(); // (source, target, map, residual, steer index)
+    for &(from, to) in &TRANSFERS {
+        let (from_name, from_dir) = &models[from];
+        let (to_name, to_dir) = &models[to];
+        let source = steers.iter().find(|x| x.1 == from).map(|x| x.2.clone()).context("no steer on the source")?;
+        for (map, tag, formula) in [
+            (memsteer_cli::steer::MapKind::Orthogonal, "hwh", "HᵀWH"),
+            (memsteer_cli::steer::MapKind::TwoSided, "two-sided", "HᵀWGᵀ"),
+        ] {
+            let out = dir.join(format!("steer-{from_name}-to-{to_name}-{tag}.safetensors"));
             let (_, residual) = memsteer_cli::steer::transfer(&TransferArgs {
-                steer: steers[i].2.clone(),
-                from: from.clone(),
-                to: to.clone(),
+                steer: source.clone(),
+                from: from_dir.clone(),
+                to: to_dir.clone(),
                 out: out.clone(),
                 top_k: None,
                 ridge: 0.0,
-                map: memsteer_cli::steer::MapKind::Orthogonal,
+                map,
             })?;
-            say(format!(
-                "transfer {from_name} → {to_name}: W' = HᵀWH, H fitted on the shared vocabulary, relative residual {residual:.3}"
-            ));
-            transfers.push((format!("{to_name} (moved from {from_name})"), to.clone(), out));
+            transfer_rows.push((*from_name, *to_name, formula, residual, steers.len()));
+            steers.push((format!("{to_name}, moved from {from_name} by {formula}"), to, out));
         }
     }
-    steers.extend(transfers);
 
-    // --- Generation at each strength and evaluation.
-    let mut series = Vec::new();
+    // --- Generation at each strength (the base model's once per model) and evaluation.
+    let mut base_gen: Vec<Option<PathBuf>> = vec![None; models.len()];
+    let mut curves: Vec<Vec<(f64, f64, f64)>> = Vec::new();
     let mut tables = Vec::new();
-    for (label, model, steer) in &steers {
+    for (label, m, steer) in &steers {
+        let model = &models[*m].1;
         let tag = steer.file_stem().and_then(|x| x.to_str()).unwrap_or("steer").to_string();
         let mut specs = Vec::new();
         for &v in plan.strengths {
-            let out = dir.join(format!("gen-{tag}-{v:+}.jsonl"));
-            memsteer_cli::steer::generate(&GenerateArgs {
-                model: model.clone(),
-                steers: if v == 0.0 { vec![] } else { vec![format!("{}:{v}", steer.display())] },
-                prompts: prompts.clone(),
-                samples: plan.samples,
-                max_new_tokens: plan.new_tokens,
-                temperature: 1.0,
-                top_k: None,
-                top_p: Some(0.9),
-                seed: 1,
-                out: out.clone(),
-            })
-            .with_context(|| format!("generating with {} at {v}", steer.display()))?;
+            let out = if v == 0.0 {
+                dir.join(format!("gen-{}-base.jsonl", models[*m].0))
+            } else {
+                dir.join(format!("gen-{tag}-{v:+}.jsonl"))
+            };
+            if v != 0.0 || base_gen[*m].is_none() {
+                memsteer_cli::steer::generate(&GenerateArgs {
+                    model: model.clone(),
+                    steers: if v == 0.0 { vec![] } else { vec![format!("{}:{v}", steer.display())] },
+                    prompts: prompts.clone(),
+                    samples: plan.samples,
+                    max_new_tokens: plan.new_tokens,
+                    temperature: 1.0,
+                    top_k: None,
+                    top_p: Some(0.9),
+                    seed: 1,
+                    out: out.clone(),
+                })
+                .with_context(|| format!("generating with {} at {v}", steer.display()))?;
+                if v == 0.0 {
+                    base_gen[*m] = Some(out.clone());
+                }
+            }
             specs.push(format!("{}:{v}", out.display()));
         }
         let ev = memsteer_cli::steer::eval(&EvalArgs {
@@ -339,8 +376,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             plot: None,
         })?;
         let mut points = Vec::new();
-        let mut table = format!(
-            "| strength | positive share | mean P(positive) | perplexity (dropped) | dist-1 | dist-2 | dist-3 |\n|---:|---:|---:|---:|---:|---:|---:|\n"
+        let mut table = String::from(
+            "| strength | positive share | mean P(positive) | perplexity (dropped) | dist-1 | dist-2 | dist-3 |\n|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for (f, &v) in ev.files.iter().zip(plan.strengths) {
             let (share, half) = positive_share(&f.scores);
@@ -355,16 +392,17 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 f.dist[2]
             ));
         }
-        let lo = points.first().map_or(0.0, |p| p.1);
-        let hi = points.last().map_or(0.0, |p| p.1);
         say(format!(
-            "{label}: positive share {lo:.2} at {:+} → {hi:.2} at {:+}; {} drop(s) between adjacent strengths",
-            plan.strengths[0],
-            plan.strengths[plan.strengths.len() - 1],
+            "{label}: positive share {:.2} at {:+} → {:.2} at {:+} (effect {:+.2}); {} drop(s) between adjacent strengths",
+            points[0].1,
+            points[0].0,
+            points[points.len() - 1].1,
+            points[points.len() - 1].0,
+            effect(&points),
             drops(&points)
         ));
         tables.push((label.clone(), table));
-        series.push((label.clone(), points));
+        curves.push(points);
     }
     let scorer = memsteer_cli::sentiment::SentimentScorer::builtin()?;
     say(format!(
@@ -372,16 +410,43 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         100.0 * scorer.held_out_accuracy,
         scorer.held_out_size
     ));
+    let series_of = |idx: &[usize]| -> Vec<memsteer_cli::plot::Series> {
+        idx.iter().map(|&i| (steers[i].0.clone(), curves[i].clone())).collect()
+    };
     memsteer_cli::plot::series_figure(
         dir,
         "positive-share",
         "Share of positive continuations against steer strength",
         ("steer strength", "share scored positive (bars: 95% interval)"),
-        &series,
+        &series_of(&[0, 1]),
     )?;
+    // The same-size transfer beside the source's own curve.
+    let same: Vec<usize> =
+        std::iter::once(1).chain(transfer_rows.iter().filter(|r| r.1 == "large-b").map(|r| r.4)).collect();
+    memsteer_cli::plot::series_figure(
+        dir,
+        "transfer",
+        "A steer moved to another model: large → large-b (other seed)",
+        ("steer strength", "share scored positive (bars: 95% interval)"),
+        &series_of(&same),
+    )?;
+    let mut transfer_md = String::from(
+        "| source → target | map | fit residual | effect on the target | source's own effect | kept |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    for (from, to, formula, residual, i) in &transfer_rows {
+        let own = steers.iter().position(|x| models[x.1].0 == *from && x.0.ends_with("its own steer")).unwrap_or(0);
+        let (e, e0) = (effect(&curves[*i]), effect(&curves[own]));
+        transfer_md.push_str(&format!(
+            "| {from} → {to} | {formula} | {residual:.3} | {e:+.2} | {e0:+.2} | {} |\n",
+            if e0.abs() > 1e-9 { format!("{:.0}%", 100.0 * e / e0) } else { "–".into() }
+        ));
+        say(format!(
+            "transfer {from} → {to} by {formula}: fit residual {residual:.3}, effect {e:+.2} of the source's {e0:+.2}"
+        ));
+    }
 
     // --- Explanation and highlighted sentences (the larger model's own steer).
-    let (_, large_model, large_steer) = &steers[models.len() - 1];
+    let (large_model, large_steer) = (&models[1].1, &steers[1].2);
     let ex = memsteer_cli::steer::explain(&ExplainArgs {
         model: large_model.clone(),
         steer: large_steer.clone(),
@@ -395,7 +460,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         v.iter()
             .map(|t| {
                 let piece = tok.decode(&[t.id]).unwrap_or_else(|_| format!("#{}", t.id));
-                format!("`{}`", piece.replace(' ', "·").replace('|', "\\|").replace('`', "'"))
+                let shown = piece.replace(' ', "·").replace('\n', "⏎").replace('\t', "⇥").replace('|', "\\|");
+                format!("`{}`", shown.replace('`', "'"))
             })
             .collect::<Vec<_>>()
             .join(" ")
@@ -409,58 +475,89 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             words(&d.negative)
         ));
     }
+    // Highlighted: the held-out sentences (prompt sources, never trained on by the models or the steer)
+    // the scorer rates most clearly positive and negative, each against its own label's direction.
     let mut highlights = String::new();
-    let picks: Vec<&&Sentence> = [true, false]
+    let mut rated: Vec<(f64, &&Sentence)> = prompt_set
         .iter()
-        .filter_map(|want| prompt_set.iter().find(|x| x.positive == *want && x.text.split_whitespace().count() >= 8))
+        .filter(|x| (8..=24).contains(&x.text.split_whitespace().count()))
+        .map(|x| (scorer.score(&x.text), x))
+        .collect();
+    rated.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let picks: Vec<&&Sentence> = rated
+        .iter()
+        .filter(|(_, x)| x.positive)
+        .take(2)
+        .chain(rated.iter().rev().filter(|(_, x)| !x.positive).take(2))
+        .map(|(_, x)| *x)
         .collect();
     for (k, x) in picks.into_iter().enumerate() {
         let html = dir.join(format!("highlight-{}.html", k + 1));
+        let strength = if x.positive { 1.0 } else { -1.0 };
         let h = memsteer_cli::steer::highlight(&HighlightArgs {
             model: large_model.clone(),
             steer: large_steer.clone(),
             text: Some(x.text.clone()),
             input: None,
             spans: 2,
-            span_length: 6,
+            span_length: 4,
+            strength,
             html: Some(html.clone()),
             device: "cpu".into(),
             json: false,
             color: false,
         })?;
-        let spans: Vec<String> = h
-            .spans
-            .iter()
-            .map(|sp| format!("“{}” ({:+.2})", h.pieces[sp.start..sp.end].concat().trim(), sp.evidence))
-            .collect();
+        let mut marked = String::new();
+        for (i, piece) in h.pieces.iter().enumerate() {
+            let opens = h.spans.iter().any(|sp| sp.start == i);
+            let closes = h.spans.iter().any(|sp| sp.end == i + 1);
+            let (lead, body) = match piece.strip_prefix(' ') {
+                Some(rest) if opens => (" ", rest),
+                _ => ("", piece.as_str()),
+            };
+            marked.push_str(lead);
+            if opens {
+                marked.push_str("**");
+            }
+            marked.push_str(&body.replace('*', "\\*"));
+            if closes {
+                marked.push_str("**");
+            }
+        }
         let total: f64 = h.evidence.iter().flatten().sum();
         highlights.push_str(&format!(
-            "- {} sentence, summed evidence {total:+.2}: “{}” — strongest spans {} ([HTML]({}))\n",
-            if x.positive { "a positive" } else { "a negative" },
-            x.text,
-            spans.join(", "),
-            html.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+            "- {} (evidence {} “positive” summed over the sentence: {total:+.2}; [HTML]({})): {}\n",
+            if x.positive {
+                "positive, the steer at +1 against −1"
+            } else {
+                "negative, the steer at −1 against +1"
+            },
+            if x.positive { "for" } else { "against" },
+            html.file_name().and_then(|n| n.to_str()).unwrap_or_default(),
+            marked.trim()
         ));
     }
 
     // --- The run's gallery.
     let mut md = format!(
         "# LM-Steer on trained models ({})\n\nWritten by `cargo xtask reproduce{} steer`; what matches the paper \
-         and what does not is in `docs/gallery.md`.\n\n```text\n{}\n```\n\n![positive share](positive-share.png)\n\n",
+         and what does not is in `docs/gallery.md`.\n\n```text\n{}\n```\n\n![positive share](positive-share.png)\n\n\
+         ## Transfer (`steer transfer`)\n\nEffect: share of positive continuations at the strongest positive \
+         strength minus at the strongest negative one.\n\n{transfer_md}\n![transfer](transfer.png)\n\n",
         if quick { "quick" } else { "full" },
         if quick { " --quick" } else { "" },
         report.join("\n")
     );
+    md.push_str(&format!(
+        "## What the large model's steer promotes (`steer explain`)\n\nThe top singular directions of W, \
+         each with the tokens at its two ends (the sign of a direction is arbitrary; · is a space):\n\n{explain_md}\n\
+         ## Where held-out sentences carry the style (`steer highlight`)\n\nIn bold, the two strongest spans of \
+         up to 4 tokens.\n\n{highlights}\n"
+    ));
     for (label, table) in &tables {
         md.push_str(&format!("## {label}\n\n{table}\n"));
     }
-    md.push_str(&format!(
-        "## What the large model's steer promotes (`steer explain`)\n\nThe top singular directions of W, \
-         each with the tokens at its two ends (the sign of a direction is arbitrary):\n\n{explain_md}\n\
-         ## Where held-out sentences carry the style (`steer highlight`)\n\n{highlights}\n"
-    ));
-    std::fs::write(dir.join("gallery.md"), md)?;
-    ensure!(!series.is_empty(), "no steer was evaluated");
+    memsteer_panel::write_atomic(&dir.join("gallery.md"), |w| w.write_all(md.as_bytes()))?;
     println!("steer: under {} ({:.0} s)", dir.display(), started.elapsed().as_secs_f64());
     Ok(())
 }

@@ -242,6 +242,22 @@ fn steer_train_generate_and_highlight_end_to_end() {
     assert_eq!(pieces, unicode);
     let plain = ok(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text]);
     assert!(plain.contains("[[") && plain.contains("span 1:"), "{plain}");
+    // --strength -1 compares the other way round: every token's evidence changes sign.
+    let evidence = |extra: &[&str]| -> Vec<f64> {
+        let args =
+            [&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text, "--json"], extra]
+                .concat();
+        let v: serde_json::Value = serde_json::from_str(ok(&args).trim()).expect("JSON");
+        v["tokens"].as_array().expect("tokens").iter().skip(1).map(|t| t["evidence"].as_f64().expect("e")).collect()
+    };
+    let (up, down) = (evidence(&[]), evidence(&["--strength", "-1"]));
+    assert!(up.iter().any(|e| e.abs() > 1e-3), "{up:?}");
+    for (a, b) in up.iter().zip(&down) {
+        assert!((a + b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+    let e =
+        fails(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text, "--strength", "0"]);
+    assert!(e.contains("--strength"), "{e}");
 }
 
 #[test]
@@ -402,6 +418,23 @@ fn steer_explain_and_transfer_end_to_end() {
     let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + p.abs()));
     assert!(close(a.projector1(), b.projector1()) && close(a.projector2(), b.projector2()));
     assert!(b.training()["transfer"]["relative_residual"].as_f64().expect("residual") < 1e-5);
+    assert_eq!(b.training()["transfer"]["map"], "orthogonal");
+    // The two-sided map on the identity: the same steer, both fits recorded.
+    let two = st.dir.path().join("two.safetensors");
+    let mut args2 = args.to_vec();
+    args2[9] = s(&two);
+    args2.extend(["--map", "two-sided"]);
+    let said = String::from_utf8_lossy(
+        &std::process::Command::new(env!("CARGO_BIN_EXE_memsteer")).args(&args2).output().expect("run").stderr,
+    )
+    .to_string();
+    assert!(said.contains("HᵀWGᵀ"), "{said}");
+    let c = memsteer_steer::Steer::load(&two).expect("two-sided");
+    assert!(close(a.projector1(), c.projector1()) && close(a.projector2(), c.projector2()));
+    assert_eq!(c.training()["transfer"]["map"], "two-sided");
+    assert!(c.training()["transfer"]["inverse_relative_residual"].as_f64().expect("inverse residual") < 1e-5);
+    let e = fails(&[&args[..], &["--map", "diagonal"]].concat());
+    assert!(e.contains("--map") && e.contains("two-sided"), "{e}");
 
     // A target without token strings cannot be matched by string, and vocabularies differ: a clear error.
     let e = fails(&[
