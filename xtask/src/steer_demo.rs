@@ -1,13 +1,16 @@
 //! `cargo xtask reproduce steer`: LM-Steer end to end on models the project trains itself.
 //!
-//! Two small GPT-NeoX models (`memsteer train`) learn English from the built-in corpus: the UCI
-//! review sentences (without their labels) and Moby Dick. A sentiment steer is trained on each
-//! (`memsteer steer train`, the model frozen) from the labelled sentences the built-in scorer holds
-//! out, so the scorer that judges the steered text never saw the steer's data. Then, as in the
-//! LM-Steer paper: continuations of held-out review openings at a range of strengths (`steer
-//! generate`), their share of positive continuations, perplexity under the larger model and dist-n
-//! (`steer eval`); the words the steer promotes (`steer explain`); where held-out sentences carry the
-//! style (`steer highlight`); and each steer moved to the other model size (`steer transfer`) with the
+//! Small GPT-NeoX models (`memsteer train`) learn English from the built-in corpus: the UCI review
+//! sentences (without their labels) and Moby Dick. Two sizes, `small` and `large`, a second `large`
+//! from another seed (`large-b`, a same-size transfer target), and a `judge` of the large shape from a
+//! third seed that generates nothing and only scores perplexity. A sentiment steer is trained on
+//! `small` and on `large` (`memsteer steer train`, the model frozen) from the labelled sentences the
+//! built-in scorer holds out (and whose text it never trained on), so the scorer that judges the
+//! steered text never saw the steer's data. Then, as in the LM-Steer paper: continuations of review
+//! openings that no model or steer trained on, at a range of strengths (`steer generate`), their
+//! share of positive continuations (intervals over prompts), perplexity under the judge and dist-n
+//! (`steer eval`); the words the steer promotes (`steer explain`); where such sentences carry the style
+//! (`steer highlight`); and each steer moved to other models with both maps (`steer transfer`) and the
 //! effect it keeps there. Writes figures, tables and `gallery.md` under the run's directory.
 
 use std::path::{Path, PathBuf};
@@ -43,8 +46,10 @@ const PROMPT_WORDS: usize = 2;
 const EOS: u32 = 0;
 /// The language models: name, hidden size, layers, heads, seed. `large-b` is `large` trained again from
 /// another seed (initialisation and batch order): a target of the same size for the transfer.
-const MODELS: [(&str, usize, usize, usize, u64); 3] =
-    [("small", 64, 2, 4, 0), ("large", 128, 4, 4, 0), ("large-b", 128, 4, 4, 1)];
+const MODELS: [(&str, usize, usize, usize, u64); 4] =
+    [("small", 64, 2, 4, 0), ("large", 128, 4, 4, 0), ("large-b", 128, 4, 4, 1), ("judge", 128, 4, 4, 2)];
+/// The model that scores perplexity (index into `MODELS`).
+const JUDGE: usize = 3;
 /// The models a steer is trained on (indices into `MODELS`).
 const STEERED: [usize; 2] = [0, 1];
 /// Transfers: (source, target) indices into `MODELS`.
@@ -93,11 +98,64 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
-/// Share of scores at or above 0.5 and its 95% normal-approximation half-width.
-fn positive_share(scores: &[f64]) -> (f64, f64) {
-    let n = scores.len().max(1) as f64;
-    let p = scores.iter().filter(|&&x| x >= 0.5).count() as f64 / n;
-    (p, 1.96 * (p * (1.0 - p) / n).sqrt())
+/// Mean and 95% normal-approximation half-width (1.96 standard errors) of per-prompt values: samples of
+/// one prompt are correlated, so prompts, not samples, are the independent units.
+fn mean_ci(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    if n < 2 {
+        return (mean, f64::NAN);
+    }
+    let var = xs.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1) as f64;
+    (mean, 1.96 * (var / n as f64).sqrt())
+}
+
+/// Each prompt's share of samples scored positive (P(positive) ≥ 0.5), keyed by prompt id; `scores`
+/// are in the order of the generations file's lines.
+fn prompt_shares(generations: &Path, scores: &[f64]) -> Result<std::collections::BTreeMap<String, f64>> {
+    let text = std::fs::read_to_string(generations).with_context(|| format!("reading {}", generations.display()))?;
+    let ids: Vec<String> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            Ok(v["prompt_id"].as_str().map_or_else(|| v["prompt_id"].to_string(), str::to_string))
+        })
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        ids.len() == scores.len(),
+        "{}: {} lines, {} scores",
+        generations.display(),
+        ids.len(),
+        scores.len()
+    );
+    let mut counts: std::collections::BTreeMap<String, (usize, usize)> = std::collections::BTreeMap::new();
+    for (id, &sc) in ids.into_iter().zip(scores) {
+        let c = counts.entry(id).or_default();
+        c.0 += usize::from(sc >= 0.5);
+        c.1 += 1;
+    }
+    Ok(counts.into_iter().map(|(k, (p, n))| (k, p as f64 / n as f64)).collect())
+}
+
+/// What one steer (or transferred steer) did across the strengths.
+struct Curve {
+    /// `(strength, mean share over prompts, 95% half-width)`.
+    points: Vec<(f64, f64, f64)>,
+    /// Effect (strongest positive minus strongest negative strength) and its 95% half-width.
+    effect: (f64, f64),
+    /// Perplexity and dist-1 at the strongest negative strength, at 0 and at the strongest positive one.
+    low: (f64, f64),
+    base: (f64, f64),
+    high: (f64, f64),
+}
+
+/// Lowercased words of a sentence joined by single spaces: duplicates under different ids compare equal.
+fn normalized(text: &str) -> String {
+    text.to_lowercase().split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The number of adjacent strength pairs where the share drops (0: monotone).
@@ -105,12 +163,11 @@ fn drops(points: &[(f64, f64, f64)]) -> usize {
     points.windows(2).filter(|w| w[1].1 < w[0].1).count()
 }
 
-/// Share at the strongest positive strength minus share at the strongest negative one.
-fn effect(points: &[(f64, f64, f64)]) -> f64 {
-    match (points.first(), points.last()) {
-        (Some(a), Some(b)) => b.1 - a.1,
-        _ => 0.0,
-    }
+/// The steer's effect: per prompt, the share at the strongest positive strength minus the share at the
+/// strongest negative one; mean and 95% half-width over prompts.
+fn effect(lo: &std::collections::BTreeMap<String, f64>, hi: &std::collections::BTreeMap<String, f64>) -> (f64, f64) {
+    let diffs: Vec<f64> = hi.iter().filter_map(|(k, h)| lo.get(k).map(|l| h - l)).collect();
+    mean_ci(&diffs)
 }
 
 /// Runs the demo into `dir`.
@@ -152,8 +209,16 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ids.extend(tok.encode(t)?);
         Ok(ids)
     };
-    let (steer_set, rest): (Vec<&Sentence>, Vec<&Sentence>) =
+    // The corpus repeats some sentences under different ids: a held-out sentence whose text the scorer
+    // also trained on (under another id) is left out of the steer's data, and repeats are kept once.
+    let (held, rest): (Vec<&Sentence>, Vec<&Sentence>) =
         sentences.iter().partition(|x| memsteer_cli::sentiment::held_out(&x.id));
+    let scorer_texts: std::collections::HashSet<String> = rest.iter().map(|x| normalized(&x.text)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let steer_set: Vec<&Sentence> = held
+        .into_iter()
+        .filter(|x| !scorer_texts.contains(&normalized(&x.text)) && seen.insert(normalized(&x.text)))
+        .collect();
     let mut candidates: Vec<&Sentence> = rest.clone();
     candidates.sort_by_key(|x| hash_key(11, x.id.as_bytes()));
     let prompt_set: Vec<&Sentence> = candidates
@@ -161,8 +226,10 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         .filter(|x| x.text.split_whitespace().count() > PROMPT_WORDS + 2)
         .take(plan.prompts)
         .collect();
-    let prompt_ids: std::collections::HashSet<&str> = prompt_set.iter().map(|x| x.id.as_str()).collect();
-    let lm_set: Vec<&Sentence> = rest.iter().copied().filter(|x| !prompt_ids.contains(x.id.as_str())).collect();
+    // Prompt sentences (by text, so their repeats too) stay out of the language models' data.
+    let prompt_texts: std::collections::HashSet<String> = prompt_set.iter().map(|x| normalized(&x.text)).collect();
+    let lm_set: Vec<&Sentence> =
+        rest.iter().copied().filter(|x| !prompt_texts.contains(&normalized(&x.text))).collect();
 
     let (pos, neg) = (dir.join("positive.jsonl"), dir.join("negative.jsonl"));
     for (path, want) in [(&pos, true), (&neg, false)] {
@@ -208,7 +275,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     )?;
     let steps = plan.epochs * n / BATCH;
     say(format!(
-        "data: steer on {} positive + {} negative sentences (the scorer's held-out part); {} prompts (the first {PROMPT_WORDS} words of review sentences kept out of the models' and the steer's training); language models on {n} instances of {LEN} tokens ({reviews} of reviews, the rest Moby Dick), {} epochs",
+        "data: steer on {} positive + {} negative sentences (the scorer's held-out part, less texts it trained on under another id and repeats); {} prompts (the first {PROMPT_WORDS} words of review sentences kept out of the models' and the steer's training); language models on {n} instances of {LEN} tokens ({reviews} of reviews, the rest Moby Dick), {} epochs",
         steer_set.iter().filter(|x| x.positive).count(),
         steer_set.iter().filter(|x| !x.positive).count(),
         prompt_set.len(),
@@ -231,9 +298,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             .to_string(),
         )?;
         let run = md.join("run");
-        let reused = run.join(format!("step{steps}/model.safetensors")).is_file();
-        let t = std::time::Instant::now();
-        memsteer_cli::run_from([
+        let argv = [
             "memsteer".to_string(),
             "train".into(),
             "--model-config".into(),
@@ -259,8 +324,24 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             "--out".into(),
             s(&run),
             "--quiet".into(),
-        ])
-        .with_context(|| format!("training the {name} language model"))?;
+        ];
+        // A finished run with the same settings and instances is reused; one from other settings or data
+        // (an older version of this demo) is removed and trained again.
+        let key_file = md.join("run.key");
+        let key = format!(
+            "instances {:016x} config {:016x} argv {:016x}\n",
+            hash_key(1, &std::fs::read(&lm_train)?),
+            hash_key(1, &std::fs::read(&config)?),
+            hash_key(1, argv.join(" ").as_bytes())
+        );
+        if run.exists() && std::fs::read_to_string(&key_file).ok().as_deref() != Some(key.as_str()) {
+            println!("{}: from another version of this run; training again", run.display());
+            std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
+        }
+        std::fs::write(&key_file, &key)?;
+        let reused = run.join(format!("step{steps}/model.safetensors")).is_file();
+        let t = std::time::Instant::now();
+        memsteer_cli::run_from(argv.clone()).with_context(|| format!("training the {name} language model"))?;
         say(format!(
             "lm-{name}: hidden {hidden}, {layers} layers, seed {seed}, {steps} steps ({})",
             if reused {
@@ -271,7 +352,11 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ));
         models.push((name, run.join(format!("step{steps}"))));
     }
-    let ppl_model = models[1].1.clone();
+    let ppl_model = models[JUDGE].1.clone();
+    say(format!(
+        "perplexity: under lm-{} (the large shape from seed {}), which generates nothing",
+        MODELS[JUDGE].0, MODELS[JUDGE].4
+    ));
 
     // --- Steers on two of the models, each moved to other models with both maps.
     let mut steers: Vec<(String, usize, PathBuf)> = Vec::new(); // (label, model index, steer file)
@@ -333,7 +418,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
 
     // --- Generation at each strength (the base model's once per model) and evaluation.
     let mut base_gen: Vec<Option<PathBuf>> = vec![None; models.len()];
-    let mut curves: Vec<Vec<(f64, f64, f64)>> = Vec::new();
+    let mut curves: Vec<Curve> = Vec::new();
     let mut tables = Vec::new();
     for (label, m, steer) in &steers {
         let model = &models[*m].1;
@@ -376,12 +461,15 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             plot: None,
         })?;
         let mut points = Vec::new();
+        let mut shares = Vec::new();
         let mut table = String::from(
             "| strength | positive share | mean P(positive) | perplexity (dropped) | dist-1 | dist-2 | dist-3 |\n|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for (f, &v) in ev.files.iter().zip(plan.strengths) {
-            let (share, half) = positive_share(&f.scores);
+            let per_prompt = prompt_shares(Path::new(&f.file), &f.scores)?;
+            let (share, half) = mean_ci(&per_prompt.values().copied().collect::<Vec<_>>());
             points.push((v, share, half));
+            shares.push(per_prompt);
             table.push_str(&format!(
                 "| {v:+} | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
                 f.score_mean.unwrap_or(f64::NAN),
@@ -392,17 +480,25 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 f.dist[2]
             ));
         }
+        let last = points.len() - 1;
+        let (e, e_half) = effect(&shares[0], &shares[last]);
         say(format!(
-            "{label}: positive share {:.2} at {:+} → {:.2} at {:+} (effect {:+.2}); {} drop(s) between adjacent strengths",
+            "{label}: positive share {:.2} at {:+} → {:.2} at {:+} (effect {e:+.2} ± {e_half:.2}); {} drop(s) between adjacent strengths",
             points[0].1,
             points[0].0,
-            points[points.len() - 1].1,
-            points[points.len() - 1].0,
-            effect(&points),
+            points[last].1,
+            points[last].0,
             drops(&points)
         ));
         tables.push((label.clone(), table));
-        curves.push(points);
+        let ends = |i: usize| (ev.files[i].perplexity.unwrap_or(f64::NAN), ev.files[i].dist[0]);
+        curves.push(Curve {
+            points,
+            effect: (e, e_half),
+            low: ends(0),
+            base: ends(plan.strengths.iter().position(|&v| v == 0.0).unwrap_or(0)),
+            high: ends(last),
+        });
     }
     let scorer = memsteer_cli::sentiment::SentimentScorer::builtin()?;
     say(format!(
@@ -411,13 +507,14 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         scorer.held_out_size
     ));
     let series_of = |idx: &[usize]| -> Vec<memsteer_cli::plot::Series> {
-        idx.iter().map(|&i| (steers[i].0.clone(), curves[i].clone())).collect()
+        // The figures' font has no superscript T.
+        idx.iter().map(|&i| (steers[i].0.replace('ᵀ', "^T"), curves[i].points.clone())).collect()
     };
     memsteer_cli::plot::series_figure(
         dir,
         "positive-share",
         "Share of positive continuations against steer strength",
-        ("steer strength", "share scored positive (bars: 95% interval)"),
+        ("steer strength", "share scored positive (bars: 95% interval over prompts)"),
         &series_of(&[0, 1]),
     )?;
     // The same-size transfer beside the source's own curve.
@@ -427,21 +524,29 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         dir,
         "transfer",
         "A steer moved to another model: large → large-b (other seed)",
-        ("steer strength", "share scored positive (bars: 95% interval)"),
+        ("steer strength", "share scored positive (bars: 95% interval over prompts)"),
         &series_of(&same),
     )?;
-    let mut transfer_md = String::from(
-        "| source → target | map | fit residual | effect on the target | source's own effect | kept |\n|---|---|---:|---:|---:|---:|\n",
+    let (lo, hi) = (plan.strengths[0], plan.strengths[plan.strengths.len() - 1]);
+    let mut transfer_md = format!(
+        "| source → target | map | fit residual | effect on the target | source's own effect | perplexity at {lo:+} / 0 / {hi:+} | dist-1 at {lo:+} / 0 / {hi:+} |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
     for (from, to, formula, residual, i) in &transfer_rows {
         let own = steers.iter().position(|x| models[x.1].0 == *from && x.0.ends_with("its own steer")).unwrap_or(0);
-        let (e, e0) = (effect(&curves[*i]), effect(&curves[own]));
+        let (c, c0) = (&curves[*i], &curves[own]);
+        let ((e, eh), (e0, e0h)) = (c.effect, c0.effect);
         transfer_md.push_str(&format!(
-            "| {from} → {to} | {formula} | {residual:.3} | {e:+.2} | {e0:+.2} | {} |\n",
-            if e0.abs() > 1e-9 { format!("{:.0}%", 100.0 * e / e0) } else { "–".into() }
+            "| {from} → {to} | {formula} | {residual:.3} | {e:+.2} ± {eh:.2} | {e0:+.2} ± {e0h:.2} | {:.0} / {:.0} / {:.0} | {:.2} / {:.2} / {:.2} |\n",
+            c.low.0,
+            c.base.0,
+            c.high.0,
+            c.low.1,
+            c.base.1,
+            c.high.1
         ));
         say(format!(
-            "transfer {from} → {to} by {formula}: fit residual {residual:.3}, effect {e:+.2} of the source's {e0:+.2}"
+            "transfer {from} → {to} by {formula}: fit residual {residual:.3}, effect {e:+.2} ± {eh:.2} (the source's own {e0:+.2}); perplexity {:.0} / {:.0} / {:.0} at {lo:+} / 0 / {hi:+}",
+            c.low.0, c.base.0, c.high.0
         ));
     }
 
@@ -475,7 +580,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             words(&d.negative)
         ));
     }
-    // Highlighted: the held-out sentences (prompt sources, never trained on by the models or the steer)
+    // Highlighted: sentences kept out of the models' and the steer's training (the prompts' sources)
     // the scorer rates most clearly positive and negative, each against its own label's direction.
     let mut highlights = String::new();
     let mut rated: Vec<(f64, &&Sentence)> = prompt_set
@@ -509,8 +614,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         })?;
         let mut marked = String::new();
         for (i, piece) in h.pieces.iter().enumerate() {
-            let opens = h.spans.iter().any(|sp| sp.start == i);
-            let closes = h.spans.iter().any(|sp| sp.end == i + 1);
+            // Adjacent spans are marked as one bold run (`****` would not render).
+            let opens = h.spans.iter().any(|sp| sp.start == i) && !h.spans.iter().any(|sp| sp.end == i);
+            let closes = h.spans.iter().any(|sp| sp.end == i + 1) && !h.spans.iter().any(|sp| sp.start == i + 1);
             let (lead, body) = match piece.strip_prefix(' ') {
                 Some(rest) if opens => (" ", rest),
                 _ => ("", piece.as_str()),
@@ -519,7 +625,12 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             if opens {
                 marked.push_str("**");
             }
-            marked.push_str(&body.replace('*', "\\*"));
+            for c in body.chars() {
+                if matches!(c, '\\' | '*' | '_' | '`' | '[' | ']') {
+                    marked.push('\\');
+                }
+                marked.push(c);
+            }
             if closes {
                 marked.push_str("**");
             }
@@ -542,8 +653,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     let mut md = format!(
         "# LM-Steer on trained models ({})\n\nWritten by `cargo xtask reproduce{} steer`; what matches the paper \
          and what does not is in `docs/gallery.md`.\n\n```text\n{}\n```\n\n![positive share](positive-share.png)\n\n\
-         ## Transfer (`steer transfer`)\n\nEffect: share of positive continuations at the strongest positive \
-         strength minus at the strongest negative one.\n\n{transfer_md}\n![transfer](transfer.png)\n\n",
+         ## Transfer (`steer transfer`)\n\nEffect: per prompt, the share of positive continuations at the \
+         strongest positive strength minus at the strongest negative one, averaged over prompts (± 95% interval \
+         over prompts).\n\n{transfer_md}\n![transfer](transfer.png)\n\n",
         if quick { "quick" } else { "full" },
         if quick { " --quick" } else { "" },
         report.join("\n")
@@ -551,7 +663,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     md.push_str(&format!(
         "## What the large model's steer promotes (`steer explain`)\n\nThe top singular directions of W, \
          each with the tokens at its two ends (the sign of a direction is arbitrary; · is a space):\n\n{explain_md}\n\
-         ## Where held-out sentences carry the style (`steer highlight`)\n\nIn bold, the two strongest spans of \
+         ## Where unseen sentences carry the style (`steer highlight`)\n\nSentences no model or steer trained on \
+         (the prompts' sources), the two the scorer rates most positive and the two it rates most negative. \
+         In bold, the two strongest spans of \
          up to 4 tokens.\n\n{highlights}\n"
     ));
     for (label, table) in &tables {

@@ -168,9 +168,19 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
     if map.ridge_automatic {
         eprintln!("warning: the least-squares fit was singular; a ridge of {:e} was added", map.ridge);
     }
+    let inverse = &moved.training()["transfer"]["inverse"];
+    if inverse["ridge_automatic"] == true {
+        eprintln!(
+            "warning: the inverse fit (E_from ≈ E_to G) was singular; a ridge of {:e} was added",
+            inverse["ridge"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let inverse_note = inverse["relative_residual"]
+        .as_f64()
+        .map_or(String::new(), |r| format!(", inverse fit G relative residual {r:.3e}"));
     moved.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
-        "fitted H ({} × {}) on {} of {} shared tokens (matched by {}), relative residual {:.3e}; W' = {}; wrote {}",
+        "fitted H ({} × {}) on {} of {} shared tokens (matched by {}), relative residual {:.3e}{inverse_note}; W' = {}; wrote {}",
         map.d_from,
         map.d_to,
         map.pairs_used,
@@ -925,8 +935,9 @@ pub fn html_escape(s: &str) -> String {
     out
 }
 
-/// A self-contained page: tokens coloured by evidence (green for the steer's style, red against it),
-/// spans outlined, and the evidence of each token in its tooltip.
+/// A self-contained page: tokens coloured by evidence (green where the steer at `strength` makes the token
+/// likelier than at `−strength`, red where less likely), spans outlined, and the evidence of each token in
+/// its tooltip.
 fn render_html(h: &Highlight, label: &str, steer: &str, strength: f32) -> String {
     let scale = h.evidence.iter().flatten().fold(0.0f64, |m, e| m.max(e.abs())).max(1e-12);
     let mut body = String::new();
@@ -978,7 +989,7 @@ body {{ font-family: system-ui, sans-serif; max-width: 50em; margin: 2em auto; l
 .legend {{ color: #555; font-size: 0.9em; }}\n\
 </style>\n</head>\n<body>\n<h1>Evidence {direction} “{label}”</h1>\n\
 <p class=\"legend\">Steer {steer}. Each token is coloured by log p₊(x<sub>t</sub> | x<sub>&lt;t</sub>) − log p₋(x<sub>t</sub> | x<sub>&lt;t</sub>) \
-(the labelled steer at {plus} against {minus}): green for, red against; outlined: the strongest spans.</p>\n\
+(the labelled steer at {plus} against {minus}): green where the token is likelier at {plus}, red where it is likelier at {minus}; outlined: the strongest spans.</p>\n\
 <div class=\"text\">{body}</div>\n<ol>\n{list}</ol>\n</body>\n</html>\n",
         label = html_escape(label),
         steer = html_escape(steer),

@@ -255,6 +255,29 @@ fn steer_train_generate_and_highlight_end_to_end() {
     for (a, b) in up.iter().zip(&down) {
         assert!((a + b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
     }
+    // The strength is used as given, not only its sign: evidence at 2 is larger than at 1 on the planted token.
+    let twice = evidence(&["--strength", "2"]);
+    let (i, a) = up.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).expect("tokens");
+    assert!(twice[i].abs() > 1.5 * a.abs(), "strength 2: {} vs strength 1: {a}", twice[i]);
+    let against = st.dir.path().join("against.html");
+    let json = ok(&[
+        "steer",
+        "highlight",
+        "--model",
+        s(&st.model),
+        "--steer",
+        &file,
+        "--text",
+        text,
+        "--json",
+        "--strength=-1.5",
+        "--html",
+        s(&against),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    assert_eq!(v["strength"], -1.5);
+    let page = std::fs::read_to_string(&against).expect("html");
+    assert!(page.contains("Evidence against") && page.contains("at -1.5 against 1.5"), "{page}");
     let e =
         fails(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text, "--strength", "0"]);
     assert!(e.contains("--strength"), "{e}");
@@ -432,7 +455,7 @@ fn steer_explain_and_transfer_end_to_end() {
     let c = memsteer_steer::Steer::load(&two).expect("two-sided");
     assert!(close(a.projector1(), c.projector1()) && close(a.projector2(), c.projector2()));
     assert_eq!(c.training()["transfer"]["map"], "two-sided");
-    assert!(c.training()["transfer"]["inverse_relative_residual"].as_f64().expect("inverse residual") < 1e-5);
+    assert!(c.training()["transfer"]["inverse"]["relative_residual"].as_f64().expect("inverse residual") < 1e-5);
     let e = fails(&[&args[..], &["--map", "diagonal"]].concat());
     assert!(e.contains("--map") && e.contains("two-sided"), "{e}");
 

@@ -1,6 +1,8 @@
 //! Moving a steer to another model (issue 9, part 7), as LM-Steer does: fit a linear map `H`
 //! (`d_from × d_to`) with `E_to ≈ E_from H` on the tokens both vocabularies share, by least squares in
-//! closed form, and give the target model `W' = Hᵀ W H`.
+//! closed form, and give the target model `W' = Hᵀ W H` ([`TransferMap::Orthogonal`], the default), or
+//! fit the inverse direction `E_from ≈ E_to G` as well and give it `W' = Hᵀ W Gᵀ`
+//! ([`TransferMap::TwoSided`], exact for any invertible linear relation between the models).
 //!
 //! Why `Hᵀ W H`: if the target's hidden states relate to the source's as `h_to = h_from H` and its output
 //! embeddings as `E_to = E_from H` with `H` orthogonal, the steered logits `h_to (I + ε W') E_toᵀ` equal the
@@ -381,10 +383,12 @@ pub fn fit_map(
 
 /// Moves `steer` from the model with output embedding `from` (the steer's own model: size and fingerprint
 /// are checked) to the model with output embedding `to`: fits `H` ([`fit_map`]) and returns the steer with
-/// `P1' = Hᵀ P1`, `P2' = Hᵀ P2` for every steer (the dummy included), the target's hidden size, vocabulary
-/// size and fingerprint, the same ε and labels, and the source's training settings with a `"transfer"`
-/// entry (source shapes and fingerprint, shared and used pairs, matching, `top_k`, ridge and whether it was
-/// automatic, relative residual); with the fitted map.
+/// `P1' = Hᵀ P1` and `P2' = Hᵀ P2` (orthogonal map) or `P2' = G P2` (two-sided, `G` fitted with
+/// `E_from ≈ E_to G` on the same pairs) for every steer (the dummy included), the target's hidden size,
+/// vocabulary size and fingerprint, the same ε and labels, and the source's training settings with a
+/// `"transfer"` entry (map, source shapes and fingerprint, shared and used pairs, matching, `top_k`, ridge
+/// and whether it was automatic, relative residual, and for the two-sided map the inverse fit's pairs,
+/// ridge and residual under `"inverse"`); with the fitted map `H`.
 pub fn transfer(
     steer: &Steer,
     from: &EmbeddingView<'_>,
@@ -415,7 +419,12 @@ pub fn transfer(
         TransferMap::TwoSided => {
             let swapped =
                 SharedTokens { pairs: shared.pairs.iter().map(|&(f, t)| (t, f)).collect(), matching: shared.matching };
-            Some(fit_map(to, from, &swapped, config)?)
+            let g = fit_map(to, from, &swapped, config).map_err(|e| {
+                SteerError::Input(format!(
+                    "two-sided transfer: the inverse fit E_from ≈ E_to G (target embeddings to source ones) failed: {e}"
+                ))
+            })?;
+            Some(g)
         }
     };
     let right = match &inverse {
@@ -424,7 +433,12 @@ pub fn transfer(
     };
     let record = serde_json::json!({
         "map": config.map.name(),
-        "inverse_relative_residual": inverse.as_ref().map(|g| g.relative_residual),
+        "inverse": inverse.as_ref().map(|g| serde_json::json!({
+            "pairs_used": g.pairs_used,
+            "ridge": g.ridge,
+            "ridge_automatic": g.ridge_automatic,
+            "relative_residual": g.relative_residual,
+        })),
         "from_hidden_size": from.dim,
         "from_vocab_size": from.vocab,
         "from_embedding_fingerprint": steer.fingerprint(),
@@ -440,7 +454,8 @@ pub fn transfer(
     Ok((moved, map))
 }
 
-/// The steer `W' = Hᵀ W H` for the model with output embedding `to`, given a fitted map; `record` goes into
+/// The steer `W' = Hᵀ W H` (the orthogonal form) for the model with output embedding `to`, given a fitted
+/// map; `record` goes into
 /// the training metadata under `"transfer"` (beside the source's settings, or as
 /// `{"source": …, "transfer": …}` when those are not a JSON object).
 pub fn apply_map(

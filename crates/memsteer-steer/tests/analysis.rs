@@ -563,6 +563,7 @@ fn slow_explain_and_transfer_timing_at_gpt2_shape() {
         map.relative_residual
     );
     assert_eq!(moved.hidden_size(), dt);
+    assert_eq!(moved.training()["transfer"]["inverse"]["ridge_automatic"], true);
 }
 
 /// A relation between the models that is linear and invertible but far from orthogonal (`E_to = E_from A`,
@@ -602,7 +603,24 @@ fn two_sided_transfer_is_exact_for_any_invertible_map() {
     assert!(orth_err > 0.1, "HᵀWH should miss a non-orthogonal map, error {orth_err:e}");
     let t = &two.training()["transfer"];
     assert_eq!(t["map"], "two-sided");
-    assert!(t["inverse_relative_residual"].as_f64().unwrap() < 1e-6);
+    assert!(t["inverse"]["relative_residual"].as_f64().unwrap() < 1e-6);
+    assert_eq!(t["inverse"]["pairs_used"], vocab);
+    // A wider target (E_to = E_from B, B d × dt of full row rank, h_from = h_to Bᵀ): the base logits still
+    // agree and the two-sided map is still exact (the inverse fit's XᵀX is singular: the automatic ridge).
+    let dt = d + 4;
+    let b: Vec<f64> = (0..d * dt).map(|_| rng.normal()).collect();
+    let e_wide = f32s(&matmul(&f64s(&e_from32), &b, vocab, d, dt));
+    let wide = EmbeddingView::new(&e_wide, dt).unwrap();
+    let h_wide = f32s(&(0..rows * dt).map(|_| rng.normal()).collect::<Vec<_>>());
+    let h_src = f32s(&matmul(&f64s(&h_wide), &transpose(&b, d, dt), rows, dt, d));
+    let want = effect(&steer, &h_src, &e_from32);
+    let two_sided = TransferConfig { map: TransferMap::TwoSided, ..Default::default() };
+    let (moved, _) = transfer(&steer, &from, &wide, &shared, &two_sided).unwrap();
+    assert_eq!(moved.hidden_size(), dt);
+    assert_eq!(moved.training()["transfer"]["inverse"]["ridge_automatic"], true);
+    let err = max_abs_diff(&effect(&moved, &h_wide, &e_wide), &want) / max_abs(&want);
+    eprintln!("wider target: effect error two-sided {err:.2e}");
+    assert!(err < 1e-3, "wider two-sided: {err:e}");
     // On an orthogonal map the two forms agree.
     let e_rot = f32s(&matmul(&f64s(&e_from32), &q, vocab, d, d));
     let rot = EmbeddingView::new(&e_rot, d).unwrap();
