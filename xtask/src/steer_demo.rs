@@ -416,7 +416,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         }
     }
 
-    // --- Generation at each strength (the base model's once per model) and evaluation.
+    // --- Generation at each strength and evaluation. Strength 0 is the steer file at 0, its dummy steer
+    // at 1 as at every strength; the base model without any steer is generated once per model and
+    // reported beside the curve.
     let mut base_gen: Vec<Option<PathBuf>> = vec![None; models.len()];
     let mut curves: Vec<Curve> = Vec::new();
     let mut tables = Vec::new();
@@ -424,32 +426,37 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         let model = &models[*m].1;
         let tag = steer.file_stem().and_then(|x| x.to_str()).unwrap_or("steer").to_string();
         let mut specs = Vec::new();
+        let generate = |steers: Vec<String>, out: &Path| -> Result<()> {
+            memsteer_cli::steer::generate(&GenerateArgs {
+                model: model.clone(),
+                steers,
+                prompts: prompts.clone(),
+                samples: plan.samples,
+                max_new_tokens: plan.new_tokens,
+                temperature: 1.0,
+                top_k: None,
+                top_p: Some(0.9),
+                seed: 1,
+                out: out.to_path_buf(),
+            })
+            .map(|_| ())
+            .with_context(|| format!("generating {}", out.display()))
+        };
         for &v in plan.strengths {
-            let out = if v == 0.0 {
-                dir.join(format!("gen-{}-base.jsonl", models[*m].0))
-            } else {
-                dir.join(format!("gen-{tag}-{v:+}.jsonl"))
-            };
-            if v != 0.0 || base_gen[*m].is_none() {
-                memsteer_cli::steer::generate(&GenerateArgs {
-                    model: model.clone(),
-                    steers: if v == 0.0 { vec![] } else { vec![format!("{}:{v}", steer.display())] },
-                    prompts: prompts.clone(),
-                    samples: plan.samples,
-                    max_new_tokens: plan.new_tokens,
-                    temperature: 1.0,
-                    top_k: None,
-                    top_p: Some(0.9),
-                    seed: 1,
-                    out: out.clone(),
-                })
-                .with_context(|| format!("generating with {} at {v}", steer.display()))?;
-                if v == 0.0 {
-                    base_gen[*m] = Some(out.clone());
-                }
-            }
+            let out = dir.join(format!("gen-{tag}-{v:+}.jsonl"));
+            generate(vec![format!("{}:{v}", steer.display())], &out)?;
             specs.push(format!("{}:{v}", out.display()));
         }
+        let base = match &base_gen[*m] {
+            Some(b) => b.clone(),
+            None => {
+                let b = dir.join(format!("gen-{}-no-steer.jsonl", models[*m].0));
+                generate(vec![], &b)?;
+                base_gen[*m] = Some(b.clone());
+                b
+            }
+        };
+        specs.push(format!("{}:none", base.display()));
         let ev = memsteer_cli::steer::eval(&EvalArgs {
             generations: specs,
             prompts: Some(prompts.clone()),
@@ -471,7 +478,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             points.push((v, share, half));
             shares.push(per_prompt);
             table.push_str(&format!(
-                "| {v:+} | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
+                "| {} | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
+                if v == 0.0 { "0".to_string() } else { format!("{v:+}") },
                 f.score_mean.unwrap_or(f64::NAN),
                 f.perplexity.map_or("–".into(), |p| format!("{p:.1}")),
                 f.perplexity_dropped.unwrap_or(0),
@@ -480,6 +488,18 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 f.dist[2]
             ));
         }
+        let no_steer = &ev.files[plan.strengths.len()];
+        let (share, half) =
+            mean_ci(&prompt_shares(Path::new(&no_steer.file), &no_steer.scores)?.values().copied().collect::<Vec<_>>());
+        table.push_str(&format!(
+            "| no steer | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
+            no_steer.score_mean.unwrap_or(f64::NAN),
+            no_steer.perplexity.map_or("–".into(), |p| format!("{p:.1}")),
+            no_steer.perplexity_dropped.unwrap_or(0),
+            no_steer.dist[0],
+            no_steer.dist[1],
+            no_steer.dist[2]
+        ));
         let last = points.len() - 1;
         let (e, e_half) = effect(&shares[0], &shares[last]);
         say(format!(

@@ -110,7 +110,8 @@ pub struct TransferArgs {
     /// Fit the map on the first N shared tokens only (the authors use 4,000).
     #[arg(long, value_name = "N")]
     pub top_k: Option<usize>,
-    /// Ridge added to the least-squares normal equations (0: plain least squares).
+    /// Ridge added to the least-squares normal equations (0: plain least squares); with `--map
+    /// two-sided` the inverse fit gets the same value, in the target's embedding units.
     #[arg(long, default_value_t = 0.0)]
     pub ridge: f64,
     /// How W is carried over: `orthogonal` is the authors' W' = HᵀWH (exact when H is orthogonal);
