@@ -141,6 +141,25 @@ fn prompt_shares(generations: &Path, scores: &[f64]) -> Result<std::collections:
     Ok(counts.into_iter().map(|(k, (p, n))| (k, p as f64 / n as f64)).collect())
 }
 
+/// Runs `make` unless `out` exists beside `out.key` holding `key` (a rerun reuses a finished step whose
+/// inputs are unchanged); then records the key. Returns whether it ran.
+fn unless_done(out: &Path, key: &str, make: impl FnOnce() -> Result<()>) -> Result<bool> {
+    let key_file =
+        out.with_file_name(format!("{}.key", out.file_name().and_then(|n| n.to_str()).context("an output file name")?));
+    if out.is_file() && std::fs::read_to_string(&key_file).ok().as_deref() == Some(key) {
+        return Ok(false);
+    }
+    let _ = std::fs::remove_file(&key_file);
+    make()?;
+    std::fs::write(&key_file, key).with_context(|| format!("writing {}", key_file.display()))?;
+    Ok(true)
+}
+
+/// A hash of a file's bytes, for the keys of [`unless_done`].
+fn file_hash(path: &Path) -> Result<String> {
+    Ok(format!("{:016x}", hash_key(1, &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)))
+}
+
 /// What one steer (or transferred steer) did across the strengths.
 struct Curve {
     /// `(strength, mean share over prompts, 95% half-width)`.
@@ -350,7 +369,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 format!("{:.0} s", t.elapsed().as_secs_f64())
             }
         ));
-        models.push((name, run.join(format!("step{steps}"))));
+        models.push((name, run.join(format!("step{steps}")), key.trim().to_string()));
     }
     let ppl_model = models[JUDGE].1.clone();
     say(format!(
@@ -361,56 +380,73 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     // --- Steers on two of the models, each moved to other models with both maps.
     let mut steers: Vec<(String, usize, PathBuf)> = Vec::new(); // (label, model index, steer file)
     for &m in &STEERED {
-        let (name, model) = &models[m];
+        let (name, model, model_key) = &models[m];
         let out = dir.join(format!("steer-{name}.safetensors"));
         let t = std::time::Instant::now();
-        let o = memsteer_cli::steer::train(&memsteer_cli::steer::SteerTrainArgs {
-            model: model.clone(),
-            positive: pos.clone(),
-            negative: neg.clone(),
-            out: out.clone(),
-            rank: None,
-            steps: plan.steer_steps,
-            lr: 1e-2,
-            batch_size: 32,
-            epsilon: 1e-3,
-            max_length: 256,
-            weight_decay: 0.0,
-            cache_memory: 4.0,
-            cache_dir: None,
-            seed: 0,
-            device: "cpu".into(),
-            quiet: true,
-        })
-        .with_context(|| format!("training the steer of lm-{name}"))?;
+        let key = format!(
+            "{model_key} positive {} negative {} steps {}",
+            file_hash(&pos)?,
+            file_hash(&neg)?,
+            plan.steer_steps
+        );
+        let trained = unless_done(&out, &key, || {
+            memsteer_cli::steer::train(&memsteer_cli::steer::SteerTrainArgs {
+                model: model.clone(),
+                positive: pos.clone(),
+                negative: neg.clone(),
+                out: out.clone(),
+                rank: None,
+                steps: plan.steer_steps,
+                lr: 1e-2,
+                batch_size: 32,
+                epsilon: 1e-3,
+                max_length: 256,
+                weight_decay: 0.0,
+                cache_memory: 4.0,
+                cache_dir: None,
+                seed: 0,
+                device: "cpu".into(),
+                quiet: true,
+            })
+            .map(|_| ())
+            .with_context(|| format!("training the steer of lm-{name}"))
+        })?;
+        let training = memsteer_steer::Steer::load(&out)?.training().clone();
         say(format!(
-            "steer-{name}: {} sequences, {} steps, last loss {:.3} ({:.0} s)",
-            o.sequences,
+            "steer-{name}: {} sequences, {} steps, last loss {:.3} ({})",
+            training["sequences"],
             plan.steer_steps,
-            o.final_loss,
-            t.elapsed().as_secs_f64()
+            training["final_loss"].as_f64().unwrap_or(f64::NAN),
+            if trained { format!("{:.0} s", t.elapsed().as_secs_f64()) } else { "reused".into() }
         ));
         steers.push((format!("{name}, its own steer"), m, out));
     }
     let mut transfer_rows = Vec::new(); // (source, target, map, residual, steer index)
     for &(from, to) in &TRANSFERS {
-        let (from_name, from_dir) = &models[from];
-        let (to_name, to_dir) = &models[to];
+        let (from_name, from_dir, _) = &models[from];
+        let (to_name, to_dir, to_key) = &models[to];
         let source = steers.iter().find(|x| x.1 == from).map(|x| x.2.clone()).context("no steer on the source")?;
         for (map, tag, formula) in [
             (memsteer_cli::steer::MapKind::Orthogonal, "hwh", "HᵀWH"),
             (memsteer_cli::steer::MapKind::TwoSided, "two-sided", "HᵀWGᵀ"),
         ] {
             let out = dir.join(format!("steer-{from_name}-to-{to_name}-{tag}.safetensors"));
-            let (_, residual) = memsteer_cli::steer::transfer(&TransferArgs {
-                steer: source.clone(),
-                from: from_dir.clone(),
-                to: to_dir.clone(),
-                out: out.clone(),
-                top_k: None,
-                ridge: 0.0,
-                map,
+            let key = format!("{} to {to_key} map {tag}", file_hash(&source)?);
+            unless_done(&out, &key, || {
+                memsteer_cli::steer::transfer(&TransferArgs {
+                    steer: source.clone(),
+                    from: from_dir.clone(),
+                    to: to_dir.clone(),
+                    out: out.clone(),
+                    top_k: None,
+                    ridge: 0.0,
+                    map,
+                })
+                .map(|_| ())
             })?;
+            let residual = memsteer_steer::Steer::load(&out)?.training()["transfer"]["relative_residual"]
+                .as_f64()
+                .unwrap_or(f64::NAN);
             transfer_rows.push((*from_name, *to_name, formula, residual, steers.len()));
             steers.push((format!("{to_name}, moved from {from_name} by {formula}"), to, out));
         }
@@ -422,36 +458,45 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     let mut base_gen: Vec<Option<PathBuf>> = vec![None; models.len()];
     let mut curves: Vec<Curve> = Vec::new();
     let mut tables = Vec::new();
+    let prompts_hash = file_hash(&prompts)?;
     for (label, m, steer) in &steers {
-        let model = &models[*m].1;
+        let (model, model_key) = (&models[*m].1, &models[*m].2);
         let tag = steer.file_stem().and_then(|x| x.to_str()).unwrap_or("steer").to_string();
         let mut specs = Vec::new();
-        let generate = |steers: Vec<String>, out: &Path| -> Result<()> {
-            memsteer_cli::steer::generate(&GenerateArgs {
-                model: model.clone(),
-                steers,
-                prompts: prompts.clone(),
-                samples: plan.samples,
-                max_new_tokens: plan.new_tokens,
-                temperature: 1.0,
-                top_k: None,
-                top_p: Some(0.9),
-                seed: 1,
-                out: out.to_path_buf(),
+        let steer_hash = file_hash(steer)?;
+        let generate = |steers: Vec<String>, what: String, out: &Path| -> Result<()> {
+            let key = format!(
+                "{what} model {model_key} prompts {prompts_hash} samples {} tokens {} top-p 0.9 seed 1",
+                plan.samples, plan.new_tokens
+            );
+            unless_done(out, &key, || {
+                memsteer_cli::steer::generate(&GenerateArgs {
+                    model: model.clone(),
+                    steers,
+                    prompts: prompts.clone(),
+                    samples: plan.samples,
+                    max_new_tokens: plan.new_tokens,
+                    temperature: 1.0,
+                    top_k: None,
+                    top_p: Some(0.9),
+                    seed: 1,
+                    out: out.to_path_buf(),
+                })
+                .map(|_| ())
+                .with_context(|| format!("generating {}", out.display()))
             })
             .map(|_| ())
-            .with_context(|| format!("generating {}", out.display()))
         };
         for &v in plan.strengths {
             let out = dir.join(format!("gen-{tag}-{v:+}.jsonl"));
-            generate(vec![format!("{}:{v}", steer.display())], &out)?;
+            generate(vec![format!("{}:{v}", steer.display())], format!("steer {steer_hash} at {v}"), &out)?;
             specs.push(format!("{}:{v}", out.display()));
         }
         let base = match &base_gen[*m] {
             Some(b) => b.clone(),
             None => {
                 let b = dir.join(format!("gen-{}-no-steer.jsonl", models[*m].0));
-                generate(vec![], &b)?;
+                generate(vec![], "no steer".into(), &b)?;
                 base_gen[*m] = Some(b.clone());
                 b
             }
@@ -537,16 +582,24 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ("steer strength", "share scored positive (bars: 95% interval over prompts)"),
         &series_of(&[0, 1]),
     )?;
-    // The same-size transfer beside the source's own curve.
-    let same: Vec<usize> =
-        std::iter::once(1).chain(transfer_rows.iter().filter(|r| r.1 == "large-b").map(|r| r.4)).collect();
-    memsteer_cli::plot::series_figure(
-        dir,
-        "transfer",
-        "A steer moved to another model: large → large-b (other seed)",
-        ("steer strength", "share scored positive (bars: 95% interval over prompts)"),
-        &series_of(&same),
-    )?;
+    // Each transfer beside the source's own curve.
+    let mut transfer_figures = String::new();
+    for &(from, to) in &TRANSFERS {
+        let (from_name, to_name) = (models[from].0, models[to].0);
+        let own = steers.iter().position(|x| x.1 == from).context("no steer on the source")?;
+        let idx: Vec<usize> = std::iter::once(own)
+            .chain(transfer_rows.iter().filter(|r| r.0 == from_name && r.1 == to_name).map(|r| r.4))
+            .collect();
+        let name = format!("transfer-{from_name}-to-{to_name}");
+        memsteer_cli::plot::series_figure(
+            dir,
+            &name,
+            &format!("A steer moved to another model: {from_name} → {to_name}"),
+            ("steer strength", "share scored positive (bars: 95% interval over prompts)"),
+            &series_of(&idx),
+        )?;
+        transfer_figures.push_str(&format!("![{name}]({name}.png)\n\n"));
+    }
     let (lo, hi) = (plan.strengths[0], plan.strengths[plan.strengths.len() - 1]);
     let mut transfer_md = format!(
         "| source → target | map | fit residual | effect on the target | source's own effect | perplexity at {lo:+} / 0 / {hi:+} | dist-1 at {lo:+} / 0 / {hi:+} |\n|---|---|---:|---:|---:|---:|---:|\n",
@@ -585,8 +638,19 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         v.iter()
             .map(|t| {
                 let piece = tok.decode(&[t.id]).unwrap_or_else(|_| format!("#{}", t.id));
-                let shown = piece.replace(' ', "·").replace('\n', "⏎").replace('\t', "⇥").replace('|', "\\|");
-                format!("`{}`", shown.replace('`', "'"))
+                let mut shown = String::new();
+                for c in piece.chars() {
+                    match c {
+                        ' ' => shown.push('·'),
+                        '\n' => shown.push('⏎'),
+                        '\t' => shown.push('⇥'),
+                        '|' => shown.push_str("\\|"),
+                        '`' => shown.push('\''),
+                        c if c.is_control() => shown.push_str(&format!("U+{:04X}", u32::from(c))),
+                        c => shown.push(c),
+                    }
+                }
+                format!("`{shown}`")
             })
             .collect::<Vec<_>>()
             .join(" ")
@@ -675,7 +739,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
          and what does not is in `docs/gallery.md`.\n\n```text\n{}\n```\n\n![positive share](positive-share.png)\n\n\
          ## Transfer (`steer transfer`)\n\nEffect: per prompt, the share of positive continuations at the \
          strongest positive strength minus at the strongest negative one, averaged over prompts (± 95% interval \
-         over prompts).\n\n{transfer_md}\n![transfer](transfer.png)\n\n",
+         over prompts).\n\n{transfer_md}\n{transfer_figures}",
         if quick { "quick" } else { "full" },
         if quick { " --quick" } else { "" },
         report.join("\n")
