@@ -160,6 +160,19 @@ fn file_hash(path: &Path) -> Result<String> {
     Ok(format!("{:016x}", hash_key(1, &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)))
 }
 
+/// One row of a steer's table: its label, positive share ± half-width, then `steer eval`'s numbers.
+fn table_row(label: &str, (share, half): (f64, f64), f: &memsteer_cli::steer::FileEval) -> String {
+    format!(
+        "| {label} | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
+        f.score_mean.unwrap_or(f64::NAN),
+        f.perplexity.map_or("–".into(), |p| format!("{p:.1}")),
+        f.perplexity_dropped.unwrap_or(0),
+        f.dist[0],
+        f.dist[1],
+        f.dist[2]
+    )
+}
+
 /// What one steer (or transferred steer) did across the strengths.
 struct Curve {
     /// `(strength, mean share over prompts, 95% half-width)`.
@@ -522,29 +535,13 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             let (share, half) = mean_ci(&per_prompt.values().copied().collect::<Vec<_>>());
             points.push((v, share, half));
             shares.push(per_prompt);
-            table.push_str(&format!(
-                "| {} | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
-                if v == 0.0 { "0".to_string() } else { format!("{v:+}") },
-                f.score_mean.unwrap_or(f64::NAN),
-                f.perplexity.map_or("–".into(), |p| format!("{p:.1}")),
-                f.perplexity_dropped.unwrap_or(0),
-                f.dist[0],
-                f.dist[1],
-                f.dist[2]
-            ));
+            let label = if v == 0.0 { "0".to_string() } else { format!("{v:+}") };
+            table.push_str(&table_row(&label, (share, half), f));
         }
         let no_steer = &ev.files[plan.strengths.len()];
-        let (share, half) =
+        let share =
             mean_ci(&prompt_shares(Path::new(&no_steer.file), &no_steer.scores)?.values().copied().collect::<Vec<_>>());
-        table.push_str(&format!(
-            "| no steer | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
-            no_steer.score_mean.unwrap_or(f64::NAN),
-            no_steer.perplexity.map_or("–".into(), |p| format!("{p:.1}")),
-            no_steer.perplexity_dropped.unwrap_or(0),
-            no_steer.dist[0],
-            no_steer.dist[1],
-            no_steer.dist[2]
-        ));
+        table.push_str(&table_row("no steer", share, no_steer));
         let last = points.len() - 1;
         let (e, e_half) = effect(&shares[0], &shares[last]);
         say(format!(

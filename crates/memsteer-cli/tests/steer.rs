@@ -243,11 +243,14 @@ fn steer_train_generate_and_highlight_end_to_end() {
     let plain = ok(&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text]);
     assert!(plain.contains("[[") && plain.contains("span 1:"), "{plain}");
     // --strength -1 compares the other way round: every token's evidence changes sign.
-    let evidence = |extra: &[&str]| -> Vec<f64> {
+    let highlight_json = |extra: &[&str]| -> serde_json::Value {
         let args =
             [&["steer", "highlight", "--model", s(&st.model), "--steer", &file, "--text", text, "--json"], extra]
                 .concat();
-        let v: serde_json::Value = serde_json::from_str(ok(&args).trim()).expect("JSON");
+        serde_json::from_str(ok(&args).trim()).expect("JSON")
+    };
+    let evidence = |extra: &[&str]| -> Vec<f64> {
+        let v = highlight_json(extra);
         v["tokens"].as_array().expect("tokens").iter().skip(1).map(|t| t["evidence"].as_f64().expect("e")).collect()
     };
     let (up, down) = (evidence(&[]), evidence(&["--strength", "-1"]));
@@ -260,21 +263,7 @@ fn steer_train_generate_and_highlight_end_to_end() {
     let (i, a) = up.iter().enumerate().max_by(|x, y| x.1.abs().total_cmp(&y.1.abs())).expect("tokens");
     assert!(twice[i].abs() > 1.5 * a.abs(), "strength 2: {} vs strength 1: {a}", twice[i]);
     let against = st.dir.path().join("against.html");
-    let json = ok(&[
-        "steer",
-        "highlight",
-        "--model",
-        s(&st.model),
-        "--steer",
-        &file,
-        "--text",
-        text,
-        "--json",
-        "--strength=-1.5",
-        "--html",
-        s(&against),
-    ]);
-    let v: serde_json::Value = serde_json::from_str(json.trim()).expect("JSON");
+    let v = highlight_json(&["--strength=-1.5", "--html", s(&against)]);
     assert_eq!(v["strength"], -1.5);
     let page = std::fs::read_to_string(&against).expect("html");
     assert!(page.contains("Evidence against") && page.contains("at -1.5 against 1.5"), "{page}");
