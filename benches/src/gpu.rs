@@ -69,7 +69,8 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
     let seqs = random_seqs(&[600, 600, 600, 600, 600, 600, 600, 257, 2, 31, 129, 64, 65], 1000, 7);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let (f, t, a, tv) = (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV);
-    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 20] = [
+    let pl = Attention::Pipelined;
+    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 25] = [
         ("gpt2", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-parallel", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-sequential", hd128, Dtype::F32, a, false, 1e-4),
@@ -90,6 +91,13 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         ("gpt2-untied", hd64, Dtype::BF16, a, true, 1.5e-1),
         ("neox-parallel", odd, Dtype::F16, a, true, 2e-2),
         ("neox-parallel", odd, Dtype::F32, a, false, 1e-4),
+        // The pipelined kernel: 128-query blocks of 64-key tiles at heads of 64, 64-query blocks of
+        // 32-key tiles at 128 (lengths 2, 31, 64, 65, 129, 257 and 600 cross both).
+        ("neox-parallel", hd64, Dtype::F16, pl, false, 2e-2),
+        ("neox-parallel", hd128, Dtype::F16, pl, false, 2e-2),
+        ("gpt2", hd64, Dtype::BF16, pl, false, 1.5e-1),
+        ("gpt2", hd128, Dtype::BF16, pl, true, 1.5e-1),
+        ("neox-sequential", hd64, Dtype::F16, pl, true, 2e-2),
     ];
     let mut out = Vec::new();
     for (i, (arch, shape, dtype, attention, f16_logits, bound)) in cases.into_iter().enumerate() {
@@ -256,10 +264,10 @@ pub fn bench_logprobs(
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let mut out = Vec::new();
     let configs = [
-        (Attention::Fused, DType::F16),
         (Attention::Fused, DType::F32),
-        (Attention::FusedTransposedV, DType::F16),
-        (Attention::Tiled, DType::F16),
+        (Attention::Pipelined, DType::F32),
+        (Attention::Pipelined, DType::F16),
+        (Attention::Tiled, DType::F32),
     ];
     for (how, logits) in configs {
         model.set_attention(how);
@@ -282,11 +290,19 @@ pub fn bench_logprobs(
 }
 
 /// One profiled forward pass (after a warm-up) of `batch` sequences of `t` tokens at `shape` with
-/// random f16 weights: with `MEMSTEER_GPU_PROFILE` set, the model prints its per-stage times.
-pub fn profile_logprobs(device: &Device, dir: &Path, shape: Shape, (batch, t): (usize, usize)) -> Result<(), String> {
+/// random f16 weights and attention computed `how`: with `MEMSTEER_GPU_PROFILE` set, the model
+/// prints its per-stage times.
+pub fn profile_logprobs(
+    device: &Device,
+    dir: &Path,
+    shape: Shape,
+    (batch, t): (usize, usize),
+    how: Attention,
+) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     write_neox(dir, shape, true, Dtype::F16, 0.02, 5);
-    let model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
+    let mut model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
+    model.set_attention(how);
     let _ = std::fs::remove_dir_all(dir);
     let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use memsteer_benches::Shape;
 use memsteer_benches::gpu::{bench_logprobs, bench_output_layer, device, parity, profile_logprobs};
 use memsteer_kernels::Device;
+use memsteer_kernels::cuda::Attention;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -112,10 +113,12 @@ fn main() -> ExitCode {
     if what.iter().any(|w| w == "profile") {
         // Per-stage times on stderr (run with MEMSTEER_GPU_PROFILE=1).
         for (name, s) in shapes {
-            eprintln!("{name}:");
-            if let Err(e) = profile_logprobs(&dev, &work.join(name), s, (8, 2048)) {
-                println!("{name}: profile failed: {e}");
-                failed = true;
+            for how in [Attention::Auto, Attention::Pipelined] {
+                eprintln!("{name}, attention {how:?}:");
+                if let Err(e) = profile_logprobs(&dev, &work.join(name), s, (8, 2048), how) {
+                    println!("{name}: profile failed: {e}");
+                    failed = true;
+                }
             }
         }
     }

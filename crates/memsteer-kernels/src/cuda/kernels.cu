@@ -493,3 +493,223 @@ extern "C" __global__ void __launch_bounds__(128) flash_tv_hd128_bf16(const u16*
         const u32* starts, const u32* lens, int rows, int heads, float scale) {
     flash_attention<128, true, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
 }
+
+// ---- Pipelined fused attention ---------------------------------------------------------------------
+// The same computation as flash_attention, organised as FlashAttention-2 does:
+// - WARPS warps of 16 queries per block (128 queries at heads of 64: half the K/V traffic per query);
+// - K/V tiles of KN keys copied global → shared by cp.async (16 bytes per copy, no registers in between),
+//   double-buffered: tile i + 1 is in flight while tile i is computed; keys past the sequence are
+//   zero-filled by the copy itself;
+// - K fragments by ldmatrix (x4: two k-steps of one 8-key n-tile per instruction), V fragments by
+//   ldmatrix.trans (x4: two 8-dimension columns), P packed two values per cvt;
+// - the mask is applied only on tiles that cross the diagonal or the sequence's end, and a warp skips
+//   the tiles that lie wholly past its last query;
+// - query blocks are launched last-first (grid.z reversed): the blocks with the most keys start first.
+// Grid: (heads, sequences, query blocks); q, k, v, ctx as for flash_attention; q, k, v 16-byte aligned.
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int bytes) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(bytes));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
+
+// Two floats rounded to one register of two halves (lo in the low 16 bits): one instruction.
+template <bool BF>
+__device__ __forceinline__ u32 pack2x(float lo, float hi) {
+    u32 r = 0;
+#if __CUDA_ARCH__ >= 800
+    if (BF) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+
+template <int HD, int KN, int WARPS, bool BF>
+__device__ void flash_attention_pipelined(const u16* q, const u16* k, const u16* v, u16* ctx, const u32* starts,
+                                          const u32* lens, int rows, int heads, float scale) {
+#if __CUDA_ARCH__ >= 800
+    constexpr int BM = WARPS * 16, THREADS = WARPS * 32, LD = HD + 8;  // row pitch: 16 bytes of padding
+    constexpr int CHUNKS = KN * HD / 8;                                    // 16-byte copies per tile and operand
+    static_assert(CHUNKS % THREADS == 0, "every thread issues the same number of copies");
+    __shared__ __align__(16) u16 ks[2][KN][LD];
+    __shared__ __align__(16) u16 vs[2][KN][LD];
+    const int h = blockIdx.x, s = blockIdx.y;
+    const int len = (int)lens[s], start = (int)starts[s];
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * BM;
+    if (q0 >= len) return;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const i64 head_base = ((i64)h * rows + start) * HD;
+    const u16* kh = k + head_base;
+    const u16* vh = v + head_base;
+    const u32* q32 = (const u32*)(q + head_base);
+    const int w0 = q0 + warp * 16;              // the warp's first query
+    const int r0 = w0 + g, r1 = r0 + 8;         // this thread's two query rows
+    const int w_last = w0 < len ? min(w0 + 15, len - 1) : -1;  // the warp's last query in the sequence (-1: none)
+    const int last_key = min(q0 + BM - 1, len - 1);
+    const int tiles = last_key / KN + 1;
+
+    // Issues the copies of tile `i` into buffer `b` (one commit group).
+    auto load = [&](int i, int b) {
+        const int key0 = i * KN;
+#pragma unroll
+        for (int i = 0; i < CHUNKS / THREADS; i++) {
+            const int c = tid + i * THREADS;
+            const int key = c / (HD / 8), col = (c % (HD / 8)) * 8;
+            const bool in = key0 + key < len;
+            const i64 off = in ? (i64)(key0 + key) * HD + col : 0;  // a valid address even when zero-filled
+            cp_async16((u32)__cvta_generic_to_shared(&ks[b][key][col]), kh + off, in ? 16 : 0);
+            cp_async16((u32)__cvta_generic_to_shared(&vs[b][key][col]), vh + off, in ? 16 : 0);
+        }
+        cp_async_commit();
+    };
+    load(0, 0);
+
+    u32 qa[HD / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        const int c = kk * 8 + t;
+        qa[kk][0] = r0 < len ? q32[(i64)r0 * (HD / 2) + c] : 0u;
+        qa[kk][1] = r1 < len ? q32[(i64)r1 * (HD / 2) + c] : 0u;
+        qa[kk][2] = r0 < len ? q32[(i64)r0 * (HD / 2) + c + 4] : 0u;
+        qa[kk][3] = r1 < len ? q32[(i64)r1 * (HD / 2) + c + 4] : 0u;
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float m0 = NEG_INF, m1 = NEG_INF, l0 = 0.0f, l1 = 0.0f;
+
+    for (int it = 0; it < tiles; it++) {
+        const int b = it & 1, key0 = it * KN;
+        if (it + 1 < tiles) {
+            load(it + 1, b ^ 1);  // its buffer was last read in iteration it − 1, before the barrier below
+            cp_async_wait<1>();   // tile it has landed (this thread's copies)
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();          // ... and every thread's copies
+        if (key0 <= w_last) {     // otherwise every key of the tile lies past the warp's queries
+            float sc[KN / 8][4];
+#pragma unroll
+            for (int n = 0; n < KN / 8; n++) sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+            for (int kk2 = 0; kk2 < HD / 32; kk2++) {
+#pragma unroll
+                for (int n = 0; n < KN / 8; n++) {
+                    // Lane l addresses row l & 7 (key n·8 + l & 7) of matrix l >> 3 (dims kk2·32 + (l >> 3)·8):
+                    // registers 0-3 are the B fragments (b0, b1) of k-steps 2·kk2 and 2·kk2 + 1.
+                    u32 b0, b1, b2, b3;
+                    u32 addr = (u32)__cvta_generic_to_shared(&ks[b][n * 8 + (lane & 7)][kk2 * 32 + (lane >> 3) * 8]);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                                 : "=r"(b0), "=r"(b1), "=r"(b2), "=r"(b3)
+                                 : "r"(addr));
+                    mma16816<BF>(sc[n], qa[2 * kk2], b0, b1);
+                    mma16816<BF>(sc[n], qa[2 * kk2 + 1], b2, b3);
+                }
+            }
+            // Scale; mask only where the tile crosses the warp's diagonal or the sequence's end.
+            const bool mask = key0 + KN - 1 > w0 || key0 + KN > len;
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int n = 0; n < KN / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float x = sc[n][e] * scale;  // log2 units
+                    if (mask) {
+                        const int key = key0 + n * 8 + 2 * t + (e & 1);
+                        if (key > (e < 2 ? r0 : r1) || key >= len) x = NEG_INF;
+                    }
+                    sc[n][e] = x;
+                    if (e < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+                }
+            }
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+            const float base0 = mx0 == NEG_INF ? 0.0f : mx0, base1 = mx1 == NEG_INF ? 0.0f : mx1;
+            const float c0 = ex2(m0 - base0), c1 = ex2(m1 - base1);
+            m0 = mx0;
+            m1 = mx1;
+            l0 *= c0;
+            l1 *= c1;
+#pragma unroll
+            for (int i = 0; i < HD / 8; i++) {
+                o[i][0] *= c0;
+                o[i][1] *= c0;
+                o[i][2] *= c1;
+                o[i][3] *= c1;
+            }
+            u32 pa[KN / 16][4];
+#pragma unroll
+            for (int n = 0; n < KN / 8; n++) {
+                const float p0 = ex2(sc[n][0] - base0), p1 = ex2(sc[n][1] - base0);
+                const float p2 = ex2(sc[n][2] - base1), p3 = ex2(sc[n][3] - base1);
+                l0 += p0 + p1;
+                l1 += p2 + p3;
+                const int j = n >> 1, hi = n & 1;
+                pa[j][hi * 2 + 0] = pack2x<BF>(p0, p1);
+                pa[j][hi * 2 + 1] = pack2x<BF>(p2, p3);
+            }
+#pragma unroll
+            for (int j = 0; j < KN / 16; j++) {
+#pragma unroll
+                for (int dn = 0; dn < HD / 8; dn += 2) {
+                    // Lanes 0-15 address keys j·16 + (l & 15) at dims dn·8, lanes 16-31 the same keys at
+                    // dims (dn + 1)·8; .trans gives the B fragments of dimension columns dn and dn + 1.
+                    u32 v0, v1, v2, v3;
+                    u32 addr = (u32)__cvta_generic_to_shared(&vs[b][j * 16 + (lane & 15)][(dn + (lane >> 4)) * 8]);
+                    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                                 : "=r"(v0), "=r"(v1), "=r"(v2), "=r"(v3)
+                                 : "r"(addr));
+                    mma16816<BF>(o[dn], pa[j], v0, v1);
+                    mma16816<BF>(o[dn + 1], pa[j], v2, v3);
+                }
+            }
+        }
+        __syncthreads();  // every warp is done with buffer b before iteration it + 1 refills it
+    }
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float i0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, i1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    const int d = heads * HD;
+#pragma unroll
+    for (int dn = 0; dn < HD / 8; dn++) {
+        const int col = h * HD + dn * 8 + 2 * t;
+        if (r0 < len) *(u32*)&ctx[(i64)(start + r0) * d + col] = pack2x<BF>(o[dn][0] * i0, o[dn][1] * i0);
+        if (r1 < len) *(u32*)&ctx[(i64)(start + r1) * d + col] = pack2x<BF>(o[dn][2] * i1, o[dn][3] * i1);
+    }
+#endif
+}
+
+// Heads of 64: 128-query blocks (8 warps), 64-key tiles (36 KiB of shared memory, double-buffered).
+extern "C" __global__ void __launch_bounds__(256, 2) flash2_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention_pipelined<64, 64, 8, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(256, 2) flash2_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention_pipelined<64, 64, 8, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+// Heads of 128: 64-query blocks (4 warps: the accumulators take twice the registers), 32-key tiles
+// (34 KiB, double-buffered, inside the 48 KiB of static shared memory).
+extern "C" __global__ void __launch_bounds__(128) flash2_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention_pipelined<128, 32, 4, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}
+extern "C" __global__ void __launch_bounds__(128) flash2_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
+        const u32* starts, const u32* lens, int rows, int heads, float scale) {
+    flash_attention_pipelined<128, 32, 4, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+}

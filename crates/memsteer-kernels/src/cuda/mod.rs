@@ -25,7 +25,7 @@ use crate::{KernelError, Result};
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 17] = [
+pub const KERNELS: [&str; 21] = [
     "convert",
     "embed",
     "layer_norm",
@@ -43,6 +43,10 @@ pub const KERNELS: [&str; 17] = [
     "flash_tv_hd64_bf16",
     "flash_tv_hd128_f16",
     "flash_tv_hd128_bf16",
+    "flash2_hd64_f16",
+    "flash2_hd64_bf16",
+    "flash2_hd128_f16",
+    "flash2_hd128_bf16",
 ];
 
 /// Threads per block of the row kernels.
@@ -213,6 +217,12 @@ pub enum Attention {
     /// The fused kernel with V transposed on its way into shared memory instead of read by
     /// `ldmatrix.trans` (the first version, kept for comparison).
     FusedTransposedV,
+    /// The fused kernel organised as FlashAttention-2 is: double-buffered `cp.async` K/V tiles,
+    /// 128-query blocks at heads of 64, `ldmatrix` for K, masking only on diagonal tiles, the longest
+    /// query blocks launched first. Same sizes and types as [`Attention::Fused`]; written without a
+    /// GPU at hand, so [`Attention::Auto`] does not take it until `scripts/gpu-check.sh` has measured
+    /// its parity and speed.
+    Pipelined,
     /// cuBLAS products over query tiles with a softmax kernel between them.
     Tiled,
 }
@@ -888,7 +898,7 @@ impl Gpu {
             // Measured on an H200 (docs/performance.md): the fused kernel is 1.4-1.45× the tiled path at
             // 64-dimensional heads, the tiled path 1.07× the fused kernel at 128.
             Attention::Auto => self.fused_attention_applies(q.dtype, hd) && hd == 64,
-            Attention::Fused | Attention::FusedTransposedV => {
+            Attention::Fused | Attention::FusedTransposedV | Attention::Pipelined => {
                 if !self.fused_attention_applies(q.dtype, hd) {
                     return Err(KernelError::Unsupported {
                         what: "fused attention",
@@ -918,6 +928,9 @@ impl Gpu {
             });
         }
         if fused {
+            if how == Attention::Pipelined {
+                return self.flash_attention_pipelined((q, k, v), ctx, spans, (rows, heads, hd));
+            }
             let transposed_v = how == Attention::FusedTransposedV;
             return self.flash_attention((q, k, v), ctx, spans, (rows, heads, hd), transposed_v);
         }
@@ -1017,6 +1030,69 @@ impl Gpu {
             ];
             let grid = (longest.div_ceil(64) as u32, heads as u32, group.len() as u32);
             self.launch(name, grid, 128, &args)?;
+        }
+        Ok(())
+    }
+
+    /// [`Attention::Pipelined`], after [`Gpu::attention_with`]'s checks; its own: q, k and v start on
+    /// 16-byte boundaries (`cp.async`), and the grid's limits.
+    fn flash_attention_pipelined(
+        &self,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+    ) -> Result<()> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        // Queries per block: 8 warps of 16 at heads of 64, 4 at 128 (kernels.cu).
+        let block_queries = if hd == 64 { 128 } else { 64 };
+        let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let blocks = longest.div_ceil(block_queries);
+        if rows > i32::MAX as usize || heads > i32::MAX as usize || blocks > 65_535 {
+            return Err(KernelError::Unsupported {
+                what: "pipelined attention",
+                message: format!(
+                    "{rows} rows, {heads} heads, sequences of {longest}; at most 2³¹ − 1 rows and heads and \
+                     sequences of {} tokens",
+                    65_535 * block_queries
+                ),
+            });
+        }
+        if let Some((what, _)) = [("q", q), ("k", k), ("v", v)].into_iter().find(|(_, o)| o.ptr % 16 != 0) {
+            return Err(KernelError::Unsupported {
+                what: "pipelined attention",
+                message: format!("{what} must start on a 16-byte boundary (cp.async)"),
+            });
+        }
+        let name = match (hd, q.dtype) {
+            (64, DType::F16) => "flash2_hd64_f16",
+            (64, _) => "flash2_hd64_bf16",
+            (_, DType::F16) => "flash2_hd128_f16",
+            (_, _) => "flash2_hd128_bf16",
+        };
+        let threads = if hd == 64 { 256 } else { 128 };
+        // A launch's grid holds at most 65,535 sequences (grid.y): larger batches go in groups.
+        for group in spans.chunks(65_535) {
+            let starts: Vec<u32> = group.iter().map(|s| s.0 as u32).collect();
+            let lens: Vec<u32> = group.iter().map(|s| s.1 as u32).collect();
+            let (sb, lb) = (self.upload_u32(&starts)?, self.upload_u32(&lens)?);
+            let longest = group.iter().map(|s| s.1).max().unwrap_or(0);
+            let args = [
+                Arg::P(q.ptr),
+                Arg::P(k.ptr),
+                Arg::P(v.ptr),
+                Arg::P(ctx.ptr),
+                Arg::P(sb.view().ptr),
+                Arg::P(lb.view().ptr),
+                Arg::I(rows as i32),
+                Arg::I(heads as i32),
+                Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
+            ];
+            // Query blocks on grid.z, which the kernel walks last-first.
+            let grid = (heads as u32, group.len() as u32, longest.div_ceil(block_queries) as u32);
+            self.launch(name, grid, threads, &args)?;
         }
         Ok(())
     }
