@@ -22,7 +22,7 @@ trap 'rm -rf "$work"' EXIT
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   echo "## memsteer"
   status=0
-  timeout 300 "$bin/memsteer-gpu-check" parity head logprobs --work "$work" || status=1
+  timeout 330 "$bin/memsteer-gpu-check" parity steer head logprobs --work "$work" || status=1
   echo
   echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"
   MEMSTEER_GPU_PROFILE=1 timeout 200 "$bin/memsteer-gpu-check" profile --work "$work" || status=1

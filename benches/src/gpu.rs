@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use memsteer_kernels::Device;
-use memsteer_kernels::cuda::{Attention, DType, Gpu, Linear};
+use memsteer_kernels::cuda::{Attention, DType, Gpu, Linear, SteerStepInputs, SteerTrainer};
 use memsteer_lm::Model;
 use memsteer_lm::gpu::GpuModel;
 use memsteer_panel::rng::SplitMix64;
@@ -310,4 +310,151 @@ pub fn profile_logprobs(
         model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// The LM-Steer training step on the device ([`SteerTrainer`]) against the CPU path
+/// (`memsteer_steer::fused::steer_loss_and_grads`) on random inputs.
+#[derive(Debug, Clone)]
+pub struct SteerParity {
+    /// Which inputs.
+    pub case: String,
+    /// Loss on the CPU and on the GPU.
+    pub loss: (f64, f64),
+    /// Largest gradient difference relative to the largest CPU gradient entry (`P1`, `P2`).
+    pub grad_rel: (f64, f64),
+}
+
+impl SteerParity {
+    /// Bound on every relative difference (the 1e-4 for f32).
+    pub const BOUND: f64 = 1e-4;
+
+    /// Whether the case meets [`SteerParity::BOUND`].
+    pub fn ok(&self) -> bool {
+        let loss_rel = (self.loss.0 - self.loss.1).abs() / self.loss.0.abs().max(1.0);
+        [loss_rel, self.grad_rel.0, self.grad_rel.1].iter().all(|&x| x <= Self::BOUND)
+    }
+}
+
+struct SteerCase {
+    rows: usize,
+    vocab: usize,
+    dim: usize,
+    rank: usize,
+    steers: usize,
+    epsilon: f32,
+}
+
+#[allow(clippy::type_complexity)]
+fn steer_inputs(c: &SteerCase, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>) {
+    let mut rng = SplitMix64::new(seed);
+    let mut normal = |n: usize, std: f64| -> Vec<f32> { (0..n).map(|_| (std * rng.normal()) as f32).collect() };
+    let e = normal(c.vocab * c.dim, 1.0 / (c.dim as f64).sqrt());
+    let h = normal(c.rows * c.dim, 2.0);
+    let per = c.steers * c.dim * c.rank;
+    let (p1, p2) = (normal(per, 0.3), normal(per, 0.3));
+    let mut rng = SplitMix64::new(seed + 1);
+    // Strengths of the labelled steer ±1 by row, the others 1 (as training uses them).
+    let strengths: Vec<f32> =
+        (0..c.rows * c.steers).map(|i| if i % c.steers == 0 && rng.below(2) == 0 { -1.0 } else { 1.0 }).collect();
+    let targets: Vec<u32> = (0..c.rows).map(|_| rng.below(c.vocab as u64) as u32).collect();
+    (e, h, p1, p2, strengths, targets)
+}
+
+/// Loss and gradients of the device's steer step against the CPU's: vocabularies that are and are
+/// not multiples of 8 (both log-sum-exp kernels), row counts crossing the logits chunks, one and two
+/// steers, ranks below and equal to the hidden size.
+pub fn steer_parity(gpu: &std::sync::Arc<Gpu>) -> Result<Vec<SteerParity>, String> {
+    let e = |x: memsteer_kernels::KernelError| x.to_string();
+    let cases = [
+        SteerCase { rows: 700, vocab: 1000, dim: 128, rank: 16, steers: 2, epsilon: 0.5 },
+        SteerCase { rows: 300, vocab: 1003, dim: 64, rank: 64, steers: 2, epsilon: 0.1 },
+        SteerCase { rows: 129, vocab: 5000, dim: 96, rank: 8, steers: 1, epsilon: 1.0 },
+    ];
+    let mut out = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let (emb, h, p1, p2, strengths, targets) = steer_inputs(c, 40 + i as u64);
+        let per = c.steers * c.dim * c.rank;
+        let (mut c1, mut c2, mut g1, mut g2) = (vec![0.0; per], vec![0.0; per], vec![0.0; per], vec![0.0; per]);
+        let steers = memsteer_kernels::Steers { p1: &p1, p2: &p2, steers: c.steers, dim: c.dim, rank: c.rank };
+        let batch = memsteer_steer::fused::SteerBatch { hidden: &h, strengths: &strengths, targets: &targets };
+        let cpu = memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, &emb, &batch, &mut c1, &mut c2)
+            .map_err(|x| x.to_string())?;
+        let mut t = SteerTrainer::new(gpu, &emb, c.dim).map_err(e)?;
+        t.set_chunk(256);
+        let inputs = SteerStepInputs {
+            p1: &p1,
+            p2: &p2,
+            steers: c.steers,
+            rank: c.rank,
+            epsilon: c.epsilon,
+            hidden: &h,
+            strengths: &strengths,
+            targets: &targets,
+        };
+        let dev = t.loss_and_grads(&inputs, &mut g1, &mut g2).map_err(e)?;
+        let rel = |a: &[f32], b: &[f32]| {
+            let scale = a.iter().fold(0.0f64, |m, x| m.max(f64::from(x.abs()))).max(f64::MIN_POSITIVE);
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| {
+                    let d = f64::from(x - y).abs() / scale;
+                    if d.is_nan() { f64::INFINITY } else { d }
+                })
+                .fold(0.0, f64::max)
+        };
+        out.push(SteerParity {
+            case: format!(
+                "rows {} vocab {} dim {} rank {} steers {} ε {}",
+                c.rows, c.vocab, c.dim, c.rank, c.steers, c.epsilon
+            ),
+            loss: (cpu, dev),
+            grad_rel: (rel(&c1, &g1), rel(&c2, &g2)),
+        });
+    }
+    Ok(out)
+}
+
+/// One steer training step (GPT-2 small's output layer: `d = 768`, `V = 50,257`, rank 768, two steers)
+/// at `rows` rows: milliseconds of the best of `reps` on the device, and of one step on the CPU
+/// when `cpu` is set.
+pub fn bench_steer_step(
+    gpu: &std::sync::Arc<Gpu>,
+    rows: usize,
+    reps: usize,
+    cpu: bool,
+) -> Result<(f64, Option<f64>), String> {
+    let e = |x: memsteer_kernels::KernelError| x.to_string();
+    let c = SteerCase { rows, vocab: 50_257, dim: 768, rank: 768, steers: 2, epsilon: 1e-3 };
+    let (emb, h, p1, p2, strengths, targets) = steer_inputs(&c, 3);
+    let per = c.steers * c.dim * c.rank;
+    let (mut g1, mut g2) = (vec![0.0; per], vec![0.0; per]);
+    let t = SteerTrainer::new(gpu, &emb, c.dim).map_err(e)?;
+    let inputs = SteerStepInputs {
+        p1: &p1,
+        p2: &p2,
+        steers: c.steers,
+        rank: c.rank,
+        epsilon: c.epsilon,
+        hidden: &h,
+        strengths: &strengths,
+        targets: &targets,
+    };
+    t.loss_and_grads(&inputs, &mut g1, &mut g2).map_err(e)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        t.loss_and_grads(&inputs, &mut g1, &mut g2).map_err(e)?;
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    let cpu_ms = if cpu {
+        let steers = memsteer_kernels::Steers { p1: &p1, p2: &p2, steers: c.steers, dim: c.dim, rank: c.rank };
+        let batch = memsteer_steer::fused::SteerBatch { hidden: &h, strengths: &strengths, targets: &targets };
+        let t0 = Instant::now();
+        memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, &emb, &batch, &mut g1, &mut g2)
+            .map_err(|x| x.to_string())?;
+        Some(t0.elapsed().as_secs_f64() * 1e3)
+    } else {
+        None
+    };
+    Ok((best * 1e3, cpu_ms))
 }

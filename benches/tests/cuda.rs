@@ -22,3 +22,21 @@ fn gpu_log_probs_equal_the_cpu_runtime() {
         assert!(p.ok(), "{}: max relative difference {:.2e} above {:.0e}", p.case, p.max_rel, p.bound);
     }
 }
+
+#[test]
+fn gpu_steer_step_equals_the_cpu_path() {
+    let device = match memsteer_benches::gpu::device() {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(std::env::var_os("MEMSTEER_REQUIRE_GPU").is_none(), "MEMSTEER_REQUIRE_GPU is set: {e}");
+            eprintln!("skipped: no usable GPU ({e})");
+            return;
+        }
+    };
+    let memsteer_kernels::Device::Cuda(g) = &device else { unreachable!("device() opens CUDA") };
+    let rows = memsteer_benches::gpu::steer_parity(&g.0).expect("steer parity runs");
+    assert_eq!(rows.len(), 3);
+    for p in &rows {
+        assert!(p.ok(), "{}: loss {:?}, gradient differences {:?}", p.case, p.loss, p.grad_rel);
+    }
+}

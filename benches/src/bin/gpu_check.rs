@@ -1,13 +1,16 @@
 //! `memsteer-gpu-check`: the GPU runtime against the CPU path (parity) and its speed at Pythia shapes,
 //! printed as tables. Run by `scripts/gpu-check.sh` on a machine with a CUDA GPU.
 //!
-//! Usage: `memsteer-gpu-check [parity] [head] [logprobs] [--work DIR]` (all three when none is named).
+//! Usage: `memsteer-gpu-check [parity] [steer] [head] [logprobs] [profile] [--work DIR]` (parity, steer,
+//! head and logprobs when none is named).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memsteer_benches::Shape;
-use memsteer_benches::gpu::{bench_logprobs, bench_output_layer, device, parity, profile_logprobs};
+use memsteer_benches::gpu::{
+    bench_logprobs, bench_output_layer, bench_steer_step, device, parity, profile_logprobs, steer_parity,
+};
 use memsteer_kernels::Device;
 use memsteer_kernels::cuda::Attention;
 
@@ -40,7 +43,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if what.is_empty() {
-        what = vec!["parity".into(), "head".into(), "logprobs".into()];
+        what = vec!["parity".into(), "steer".into(), "head".into(), "logprobs".into()];
     }
     let dev = match device() {
         Ok(d) => d,
@@ -77,6 +80,46 @@ fn main() -> ExitCode {
             Err(e) => {
                 println!("parity failed to run: {e}");
                 failed = true;
+            }
+        }
+    }
+    if what.iter().any(|w| w == "steer") {
+        println!(
+            "\n| steer step parity (f32) | loss CPU | loss GPU | P1 grad max rel | P2 grad max rel | ok |\n|---|---|---|---|---|---|"
+        );
+        match steer_parity(&g.0) {
+            Ok(rows) => {
+                for p in rows {
+                    println!(
+                        "| {} | {:.6} | {:.6} | {:.2e} | {:.2e} | {} |",
+                        p.case,
+                        p.loss.0,
+                        p.loss.1,
+                        p.grad_rel.0,
+                        p.grad_rel.1,
+                        if p.ok() { "yes" } else { "NO" }
+                    );
+                    failed |= !p.ok();
+                }
+            }
+            Err(e) => {
+                println!("steer parity failed to run: {e}");
+                failed = true;
+            }
+        }
+        println!(
+            "\n| steer training step, d 768, V 50257, rank 768, 2 steers (f32) | rows | GPU ms | CPU ms |\n|---|---|---|---|"
+        );
+        for (rows, cpu) in [(2048, true), (8192, false)] {
+            match bench_steer_step(&g.0, rows, 3, cpu) {
+                Ok((gpu_ms, cpu_ms)) => println!(
+                    "| memsteer | {rows} | {gpu_ms:.1} | {} |",
+                    cpu_ms.map_or("—".to_string(), |c| format!("{c:.0}"))
+                ),
+                Err(e) => {
+                    println!("| memsteer | {rows} | failed: {e} | |");
+                    failed = true;
+                }
             }
         }
     }

@@ -13,7 +13,7 @@ use memsteer_lm::sample::{SamplingConfig, sample};
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_lm::{Decoder, KvCache, Model};
 use memsteer_panel::write_atomic;
-use memsteer_steer::{HiddenCache, Steer, TrainConfig, train_cached};
+use memsteer_steer::{HiddenCache, Steer, TrainConfig, train_cached_on};
 use rayon::prelude::*;
 
 /// Arguments of `memsteer steer`.
@@ -248,8 +248,8 @@ pub struct SteerTrainArgs {
     /// Seed of the initialisation and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
-    /// feature (hidden states on the GPU; the steer and the output layer stay on the CPU).
+    /// Where the work runs: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature (hidden
+    /// states, and each step's steered output layer and its backward, on the GPU; Adam on the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// No progress bar.
@@ -453,7 +453,8 @@ pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
         )
     };
     bar.set_prefix("steer");
-    let (steer, report) = train_cached(&cache, decoder.output_embedding(), &config, &mut |p| {
+    let device = memsteer_kernels::Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
+    let (steer, report) = train_cached_on(&device, &cache, decoder.output_embedding(), &config, &mut |p| {
         bar.set_position(p.step as u64);
         bar.set_message(format!("loss {:.4}", p.loss));
     })?;

@@ -4,7 +4,7 @@
 //! sequence goes through the model once ([`HiddenCache::build`]); training then runs on the rows
 //! `(h_t, x_{t+1}, strength)` with the fused output layer of [`crate::fused`], never on the model again.
 
-use memsteer_kernels::Steers;
+use memsteer_kernels::{Device, Steers};
 use memsteer_lm::Decoder;
 
 use crate::fused::{SteerBatch, steer_loss_and_grads};
@@ -342,6 +342,21 @@ pub fn train_cached(
     config: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Steer, TrainReport)> {
+    train_cached_on(&Device::Cpu, cache, embedding, config, progress)
+}
+
+/// [`train_cached`] with each step's loss and gradients computed on `device`: on a CUDA device
+/// (feature `cuda`) the output embedding is uploaded once and each minibatch's steered projection,
+/// fused output layer and backward run there (`memsteer_kernels::cuda::SteerTrainer`; Adam stays on
+/// the host). The same minibatches and updates as on the CPU; the numbers differ from the CPU's only
+/// in the order of the sums. Deterministic on a given device.
+pub fn train_cached_on(
+    device: &Device,
+    cache: &HiddenCache,
+    embedding: &[f32],
+    config: &TrainConfig,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<(Steer, TrainReport)> {
     config.validate()?;
     let d = cache.dim;
     if d == 0 || embedding.is_empty() || !embedding.len().is_multiple_of(d) {
@@ -363,6 +378,18 @@ pub fn train_cached(
     let mut m = vec![0.0f32; params.len()];
     let mut v = vec![0.0f32; params.len()];
 
+    #[cfg(feature = "cuda")]
+    let gpu_step = match device {
+        Device::Cuda(g) => Some(memsteer_kernels::cuda::SteerTrainer::new(&g.0, embedding, d)?),
+        _ => None,
+    };
+    #[cfg(not(feature = "cuda"))]
+    if device.is_cuda() {
+        return Err(SteerError::Config {
+            field: "device",
+            message: "a CUDA device, but memsteer-steer was built without its `cuda` feature".into(),
+        });
+    }
     let mut order: Vec<usize> = (0..cache.seqs.len()).collect();
     let mut cursor = order.len();
     let mut losses = Vec::with_capacity(config.steps);
@@ -390,6 +417,31 @@ pub fn train_cached(
         let (p1, p2) = params.split_at(steers * per);
         let (g1, g2) = grads.split_at_mut(steers * per);
         let batch = SteerBatch { hidden: &hidden, strengths: &strengths, targets: &targets };
+        #[cfg(feature = "cuda")]
+        let loss = match &gpu_step {
+            Some(t) => {
+                let inputs = memsteer_kernels::cuda::SteerStepInputs {
+                    p1,
+                    p2,
+                    steers,
+                    rank,
+                    epsilon: config.epsilon,
+                    hidden: &hidden,
+                    strengths: &strengths,
+                    targets: &targets,
+                };
+                t.loss_and_grads(&inputs, g1, g2)?
+            }
+            None => steer_loss_and_grads(
+                &Steers { p1, p2, steers, dim: d, rank },
+                config.epsilon,
+                embedding,
+                &batch,
+                g1,
+                g2,
+            )?,
+        };
+        #[cfg(not(feature = "cuda"))]
         let loss =
             steer_loss_and_grads(&Steers { p1, p2, steers, dim: d, rank }, config.epsilon, embedding, &batch, g1, g2)?;
         if !loss.is_finite() {

@@ -294,6 +294,27 @@ extern "C" __global__ void lse_target_vec(const void* logits, int l_dt, i64 V, c
 }
 
 
+// ---- LM-Steer training (the output layer's backward on one chunk of logits) -----------------------
+// m[t, :] *= factor · strengths[t · steers + i] for a rows × cols f32 matrix. Grid (column blocks, row blocks).
+extern "C" __global__ void scale_rows(float* m, int cols, const float* strengths, int steers, int i, float factor,
+                                      i64 rows) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) m[r * cols + c] *= factor * strengths[r * steers + i];
+}
+
+// Turns a chunk of f32 logits (rows × V) into scale · (softmax − one-hot(target)), in place, from each
+// row's log-sum-exp. Grid (column blocks, row blocks).
+extern "C" __global__ void softmax_grad(float* logits, i64 V, const float* lse, const u32* tgt, float scale, i64 rows) {
+    i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if (j >= V) return;
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        i64 at = r * V + j;
+        float p = expf(logits[at] - lse[r]);
+        logits[at] = scale * (j == (i64)tgt[r] ? p - 1.0f : p);
+    }
+}
+
 // ---- Fused causal attention (flash-attention style) on tensor cores -------------------------------
 // One block = 4 warps = 64 queries of one (head, sequence); key tiles of 64 keys are staged in shared
 // memory (K as is, V transposed), each warp computes S = Q Kᵀ for its 16 queries with

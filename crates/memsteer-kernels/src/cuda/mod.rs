@@ -21,11 +21,14 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 
 use crate::{KernelError, Result};
 
+mod steer;
+pub use steer::{SteerStepInputs, SteerTrainer};
+
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 21] = [
+pub const KERNELS: [&str; 23] = [
     "convert",
     "embed",
     "layer_norm",
@@ -35,6 +38,8 @@ pub const KERNELS: [&str; 21] = [
     "causal_softmax",
     "lse_target",
     "lse_target_vec",
+    "scale_rows",
+    "softmax_grad",
     "flash_hd64_f16",
     "flash_hd64_bf16",
     "flash_hd128_f16",
