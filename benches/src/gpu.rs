@@ -70,7 +70,7 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let (f, t, a, tv) = (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV);
     let pl = Attention::Pipelined;
-    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 25] = [
+    let cases: [(&str, Shape, Dtype, Attention, bool, f64); 29] = [
         ("gpt2", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-parallel", hd64, Dtype::F32, a, false, 1e-4),
         ("neox-sequential", hd128, Dtype::F32, a, false, 1e-4),
@@ -98,9 +98,19 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         ("gpt2", hd64, Dtype::BF16, pl, false, 1.5e-1),
         ("gpt2", hd128, Dtype::BF16, pl, true, 1.5e-1),
         ("neox-sequential", hd64, Dtype::F16, pl, true, 2e-2),
+        // The vectorised layer norm and bias + GELU (`Gpu::set_vectorised`), alone and with the
+        // pipelined attention: f32 (layer norm only), f16 and bf16, both GELUs.
+        ("gpt2+vec", hd64, Dtype::F32, a, false, 1e-4),
+        ("gpt2+vec", hd64, Dtype::F16, a, false, 2e-2),
+        ("neox-parallel+vec", hd128, Dtype::BF16, a, false, 1.5e-1),
+        ("neox-sequential+vec", hd64, Dtype::F16, pl, false, 2e-2),
     ];
     let mut out = Vec::new();
-    for (i, (arch, shape, dtype, attention, f16_logits, bound)) in cases.into_iter().enumerate() {
+    for (i, (case_name, shape, dtype, attention, f16_logits, bound)) in cases.into_iter().enumerate() {
+        let (arch, vectorised) = match case_name.strip_suffix("+vec") {
+            Some(a) => (a, true),
+            None => (case_name, false),
+        };
         let m = dir.join(format!("parity-{i}"));
         std::fs::create_dir_all(&m).map_err(|e| e.to_string())?;
         // Weights of std 2.4/√d: unit-scale activations, logits spread over a few nats.
@@ -118,8 +128,10 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         if f16_logits {
             gpu_model.set_output_chunk(100, DType::F16);
         }
-        let gpu = gpu_model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
-        let gpu_hidden = gpu_model.hidden_states(&refs).map_err(|e| e.to_string())?;
+        gpu_model.gpu().set_vectorised(vectorised);
+        let scored = gpu_model.token_log_probs_batch(&refs).and_then(|lp| Ok((lp, gpu_model.hidden_states(&refs)?)));
+        gpu_model.gpu().set_vectorised(false);
+        let (gpu, gpu_hidden) = scored.map_err(|e| e.to_string())?;
         if gpu_hidden.len() != cpu_hidden.len() {
             return Err(format!(
                 "hidden states: {} values on the GPU, {} on the CPU",
@@ -136,10 +148,11 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
             })
             .fold(0.0, f64::max);
         let case = format!(
-            "{arch} {dtype:?} hd {} vocab {} attention {attention:?}{}",
+            "{arch} {dtype:?} hd {} vocab {} attention {attention:?}{}{}",
             shape.d / shape.heads,
             shape.vocab,
-            if f16_logits { ", f16 logits" } else { "" }
+            if f16_logits { ", f16 logits" } else { "" },
+            if vectorised { ", vectorised" } else { "" }
         );
         // Hidden states carry the rounding undamped by the softmax: for f32 the same 1e-4; for half
         // precision a regression bound about twice the largest value measured on an H200
@@ -264,14 +277,16 @@ pub fn bench_logprobs(
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let mut out = Vec::new();
     let configs = [
-        (Attention::Fused, DType::F32),
-        (Attention::Pipelined, DType::F32),
-        (Attention::Pipelined, DType::F16),
-        (Attention::Tiled, DType::F32),
+        (Attention::Fused, DType::F32, false),
+        (Attention::Pipelined, DType::F32, false),
+        (Attention::Pipelined, DType::F32, true),
+        (Attention::Pipelined, DType::F16, true),
+        (Attention::Tiled, DType::F32, false),
     ];
-    for (how, logits) in configs {
+    for (how, logits, vectorised) in configs {
         model.set_attention(how);
         model.set_output_chunk(memsteer_kernels::cuda::OUTPUT_CHUNK, logits);
+        gpu.set_vectorised(vectorised);
         model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
         let base = gpu.memory().0;
         gpu.reset_peak();
@@ -284,30 +299,36 @@ pub fn bench_logprobs(
                 return Err("non-finite log-prob".into());
             }
         }
-        out.push((format!("{how:?}, {logits:?} logits"), (batch * t) as f64 / best, base, gpu.memory().1));
+        let label = format!("{how:?}, {logits:?} logits{}", if vectorised { ", vectorised" } else { "" });
+        out.push((label, (batch * t) as f64 / best, base, gpu.memory().1));
     }
+    gpu.set_vectorised(false);
     Ok(out)
 }
 
 /// One profiled forward pass (after a warm-up) of `batch` sequences of `t` tokens at `shape` with
-/// random f16 weights and attention computed `how`: with `MEMSTEER_GPU_PROFILE` set, the model
-/// prints its per-stage times.
+/// random f16 weights (written once), for each (attention, vectorised kernels) configuration: with
+/// `MEMSTEER_GPU_PROFILE` set, the model prints its per-stage times.
 pub fn profile_logprobs(
     device: &Device,
     dir: &Path,
     shape: Shape,
     (batch, t): (usize, usize),
-    how: Attention,
+    configs: &[(Attention, bool)],
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     write_neox(dir, shape, true, Dtype::F16, 0.02, 5);
     let mut model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
-    model.set_attention(how);
     let _ = std::fs::remove_dir_all(dir);
     let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    for _ in 0..2 {
-        model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+    for &(how, vectorised) in configs {
+        eprintln!("attention {how:?}{}:", if vectorised { ", vectorised kernels" } else { "" });
+        model.set_attention(how);
+        model.gpu().set_vectorised(vectorised);
+        let result = (0..2).try_for_each(|_| model.token_log_probs_batch(&refs).map(|_| ()));
+        model.gpu().set_vectorised(false);
+        result.map_err(|e| e.to_string())?;
     }
     Ok(())
 }

@@ -154,6 +154,79 @@ extern "C" __global__ void bias_act(const void* y, int y_dt, const void* b, int 
     }
 }
 
+// ---- Vectorised variants of layer_norm and bias_act (Gpu::set_vectorised) -----------------------------
+// layer_norm with one warp per row and 16-byte loads: d a multiple of 4, x and out 16-byte aligned.
+// The same two passes (mean, then the mean squared deviation), the row re-read from L1. Half-precision
+// outputs are stored four at a time (8 bytes). 8 rows per block of 256 threads.
+extern "C" __global__ void layer_norm_warp(const float* x, const void* g, const void* b, int dt, void* out, int out_dt,
+                                           i64 rows, int d, float eps) {
+    const i64 r = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;  // a whole warp leaves together: the shuffles below see all 32 lanes
+    const int lane = threadIdx.x & 31, n4 = d >> 2;
+    const float4* row = (const float4*)(x + r * d);
+    float s = 0.0f;
+    for (int i = lane; i < n4; i += 32) {
+        float4 v = row[i];
+        s += (v.x + v.y) + (v.z + v.w);
+    }
+    const float mean = warp_sum(s) / d;
+    float q = 0.0f;
+    for (int i = lane; i < n4; i += 32) {
+        float4 v = row[i];
+        float a = v.x - mean, bb = v.y - mean, c = v.z - mean, e = v.w - mean;
+        q += (a * a + bb * bb) + (c * c + e * e);
+    }
+    const float inv = 1.0f / sqrtf(warp_sum(q) / d + eps);
+    for (int i = lane; i < n4; i += 32) {
+        float4 v = row[i];
+        const int c = 4 * i;
+        float y[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) y[e] = (y[e] - mean) * inv * ld(g, c + e, dt) + ld(b, c + e, dt);
+        if (out_dt == 0) {
+            ((float4*)out)[r * n4 + i] = make_float4(y[0], y[1], y[2], y[3]);
+        } else {
+            u32 lo, hi;
+            if (out_dt == 1) {
+                lo = (u32)f2h(y[0]) | ((u32)f2h(y[1]) << 16);
+                hi = (u32)f2h(y[2]) | ((u32)f2h(y[3]) << 16);
+            } else {
+                lo = (u32)f2b(y[0]) | ((u32)f2b(y[1]) << 16);
+                hi = (u32)f2b(y[2]) | ((u32)f2b(y[3]) << 16);
+            }
+            ((uint2*)out)[r * n4 + i] = make_uint2(lo, hi);
+        }
+    }
+}
+
+// bias_act for y and out of one half type h_dt (1 f16, 2 bf16; out may be y) with cols a multiple of 8,
+// both 16-byte aligned: each thread takes 8 columns (one 16-byte load and store per row) over a stride
+// of rows. Grid (column groups of 8 · blockDim, row blocks).
+extern "C" __global__ void bias_act_vec(const void* y, const void* b, int dt, void* out, int h_dt, i64 rows, int cols,
+                                        int act) {
+    const int c8 = blockIdx.x * blockDim.x + threadIdx.x;  // which group of 8 columns
+    const int groups = cols >> 3;
+    if (c8 >= groups) return;
+    float bias[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) bias[e] = ld(b, c8 * 8 + e, dt);
+    for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
+        const i64 i = r * groups + c8;
+        uint4 u = ((const uint4*)y)[i];
+        u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            u16 lo = (u16)(w[e] & 0xffffu), hi = (u16)(w[e] >> 16);
+            float a = (h_dt == 1 ? h2f(lo) : b2f(lo)) + bias[2 * e];
+            float c = (h_dt == 1 ? h2f(hi) : b2f(hi)) + bias[2 * e + 1];
+            a = gelu(a, act);
+            c = gelu(c, act);
+            w[e] = h_dt == 1 ? ((u32)f2h(a) | ((u32)f2h(c) << 16)) : ((u32)f2b(a) | ((u32)f2b(c) << 16));
+        }
+        ((uint4*)out)[i] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
 // x += (a + ba) (+ (b2 + bb) when b2 is not null): a and b2 of type a_dt, biases (length d) of type dt.
 extern "C" __global__ void residual(float* x, const void* a, const void* ba, const void* b2, const void* bb, int a_dt,
                                     int dt, i64 rows, int d) {

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
@@ -28,11 +28,13 @@ pub use steer::{SteerStepInputs, SteerTrainer};
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 23] = [
+pub const KERNELS: [&str; 25] = [
     "convert",
     "embed",
     "layer_norm",
     "bias_act",
+    "layer_norm_warp",
+    "bias_act_vec",
     "residual",
     "qkv_split",
     "causal_softmax",
@@ -253,6 +255,9 @@ pub struct Gpu {
     blas: Mutex<CudaBlas>,
     funcs: HashMap<&'static str, CudaFunction>,
     mem: Arc<MemCounter>,
+    /// Whether [`Gpu::layer_norm`] and [`Gpu::bias_act`] take their vectorised kernels where the
+    /// shapes allow ([`Gpu::set_vectorised`]).
+    vectorised: AtomicBool,
 }
 
 impl std::fmt::Debug for Gpu {
@@ -408,6 +413,7 @@ impl Gpu {
             blas: Mutex::new(blas),
             funcs,
             mem: Default::default(),
+            vectorised: AtomicBool::new(false),
         })
     }
 
@@ -427,6 +433,14 @@ impl Gpu {
     pub fn reset_peak(&self) {
         self.mem.peak.store(self.mem.current.load(Ordering::Relaxed), Ordering::Relaxed);
     }
+    /// Whether [`Gpu::layer_norm`] and [`Gpu::bias_act`] use their vectorised kernels (one warp per
+    /// row with 16-byte loads; 8 half-precision values per thread) where the shapes and alignments
+    /// allow, for every user of this device in the process. Off by default: written without a GPU at
+    /// hand, they stay opt-in until `scripts/gpu-check.sh` has measured their parity and speed.
+    pub fn set_vectorised(&self, on: bool) {
+        self.vectorised.store(on, Ordering::Relaxed);
+    }
+
     /// Waits for every queued operation.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| cuda_err("synchronize", e))
@@ -720,6 +734,22 @@ impl Gpu {
                 found: b.len,
             });
         }
+        let aligned = x.ptr.is_multiple_of(16) && out.ptr.is_multiple_of(16) && d.is_multiple_of(4);
+        if self.vectorised.load(Ordering::Relaxed) && aligned && rows.div_ceil(8) <= i32::MAX as usize {
+            let args = [
+                Arg::P(x.ptr),
+                Arg::P(g.ptr),
+                Arg::P(b.ptr),
+                Arg::I(g.dtype.code()),
+                Arg::P(out.ptr),
+                Arg::I(out.dtype.code()),
+                Arg::L(rows as i64),
+                Arg::I(d as i32),
+                Arg::F(eps),
+            ];
+            // 8 warps per block, one row each.
+            return self.launch("layer_norm_warp", (rows.div_ceil(8) as u32, 1, 1), 256, &args);
+        }
         let args = [
             Arg::P(x.ptr),
             Arg::P(g.ptr),
@@ -750,6 +780,23 @@ impl Gpu {
         y.need("bias input", rows * cols)?;
         out.need("bias output", rows * cols)?;
         b.need("bias", cols)?;
+        let half = matches!(y.dtype, DType::F16 | DType::Bf16) && out.dtype == y.dtype;
+        let aligned = y.ptr.is_multiple_of(16) && out.ptr.is_multiple_of(16) && cols.is_multiple_of(8);
+        if self.vectorised.load(Ordering::Relaxed) && half && aligned {
+            let args = [
+                Arg::P(y.ptr),
+                Arg::P(b.ptr),
+                Arg::I(b.dtype.code()),
+                Arg::P(out.ptr),
+                Arg::I(y.dtype.code()),
+                Arg::L(rows as i64),
+                Arg::I(cols as i32),
+                Arg::I(act),
+            ];
+            // 128 threads of 8 columns per block; each thread walks about 8 rows.
+            let grid = ((cols / 8).div_ceil(128).max(1) as u32, rows.div_ceil(8).clamp(1, 32_768) as u32, 1);
+            return self.launch("bias_act_vec", grid, 128, &args);
+        }
         let args = [
             Arg::P(y.ptr),
             Arg::I(y.dtype.code()),
@@ -1065,7 +1112,7 @@ impl Gpu {
                 ),
             });
         }
-        if let Some((what, _)) = [("q", q), ("k", k), ("v", v)].into_iter().find(|(_, o)| o.ptr % 16 != 0) {
+        if let Some((what, _)) = [("q", q), ("k", k), ("v", v)].into_iter().find(|(_, o)| !o.ptr.is_multiple_of(16)) {
             return Err(KernelError::Unsupported {
                 what: "pipelined attention",
                 message: format!("{what} must start on a 16-byte boundary (cp.async)"),
