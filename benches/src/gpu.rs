@@ -191,6 +191,9 @@ pub struct HeadTiming {
     pub logits: DType,
     /// Best of the repetitions, milliseconds.
     pub ms: f64,
+    /// Best of the repetitions of the chunks' products alone (cuBLAS into one logits buffer, no
+    /// reduction), milliseconds: what the row reductions and their overlap add is `ms` minus this.
+    pub products_ms: f64,
     /// Peak memory above the inputs, bytes.
     pub peak: usize,
 }
@@ -250,7 +253,25 @@ pub fn bench_output_layer(
                     run().map_err(e)?;
                     best = best.min(t.elapsed().as_secs_f64());
                 }
-                res.push(HeadTiming { inputs, chunk, logits, ms: best * 1e3, peak: gpu.memory().1 - base });
+                let peak = gpu.memory().1 - base;
+                let lg = gpu.alloc(logits, chunk.min(n) * vocab).map_err(e)?;
+                let (x, l) = if logits == DType::F16 && inputs == DType::Bf16 { (&h16, &lin16) } else { (&hb, &lin) };
+                let products = || {
+                    for r0 in (0..n).step_by(chunk) {
+                        let rows = chunk.min(n - r0);
+                        let (h, o) = (x.view().slice(r0 * d, rows * d)?, lg.view().slice(0, rows * vocab)?);
+                        gpu.matmul((rows, d, vocab), h, false, l.w, true, o, 1.0, 0.0)?;
+                    }
+                    gpu.synchronize()
+                };
+                products().map_err(e)?;
+                let mut products_best = f64::INFINITY;
+                for _ in 0..reps {
+                    let t = Instant::now();
+                    products().map_err(e)?;
+                    products_best = products_best.min(t.elapsed().as_secs_f64());
+                }
+                res.push(HeadTiming { inputs, chunk, logits, ms: best * 1e3, products_ms: products_best * 1e3, peak });
             }
         }
     }

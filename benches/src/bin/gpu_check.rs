@@ -126,17 +126,18 @@ fn main() -> ExitCode {
     if what.iter().any(|w| w == "head") {
         let (n, v, d) = (16384, 50304, 768);
         println!(
-            "\n| fused output layer n={n} V={v} d={d} | inputs | chunk | logits | ms | peak MiB |\n|---|---|---|---|---|---|"
+            "\n| fused output layer n={n} V={v} d={d} | inputs | chunk | logits | ms | products alone ms | peak MiB |\n|---|---|---|---|---|---|---|"
         );
         match bench_output_layer(&g.0, (n, v, d), &[128, 256, 512, 1024, 4096], 5) {
             Ok(rows) => {
                 for r in rows {
                     println!(
-                        "| memsteer | {:?} | {} | {:?} | {:.3} | {:.0} |",
+                        "| memsteer | {:?} | {} | {:?} | {:.3} | {:.3} | {:.0} |",
                         r.inputs,
                         r.chunk,
                         r.logits,
                         r.ms,
+                        r.products_ms,
                         r.peak as f64 / 1048576.0
                     );
                 }
