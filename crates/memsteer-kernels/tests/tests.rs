@@ -360,6 +360,40 @@ mod cuda {
         }
     }
 
+    /// NVRTC stops at PTX; `ptxas` (from the `nvidia-cuda-nvcc` wheel, `MEMSTEER_PTXAS`) assembles it
+    /// for sm_80 and sm_90 as the driver will at load time, which catches what PTX does not: static
+    /// shared memory above 48 KiB, too many registers for a launch bound, instructions the
+    /// architecture lacks. CI sets `MEMSTEER_REQUIRE_PTXAS=1` so the check cannot skip there.
+    #[test]
+    fn every_kernel_assembles_with_ptxas() {
+        let required = std::env::var_os("MEMSTEER_REQUIRE_PTXAS").is_some();
+        let ptxas = std::env::var_os("MEMSTEER_PTXAS").map(std::path::PathBuf::from).filter(|p| p.is_file());
+        let (Some(ptxas), true) = (ptxas, cuda::nvrtc_present()) else {
+            assert!(!required, "MEMSTEER_REQUIRE_PTXAS is set but MEMSTEER_PTXAS or NVRTC is missing");
+            eprintln!("skipped: set MEMSTEER_PTXAS to a ptxas binary (and put NVRTC on the library path)");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("memsteer-ptxas-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for sm in ["80", "90"] {
+            let ptx = cuda::compile(&format!("compute_{sm}")).unwrap_or_else(|e| panic!("compute_{sm}: {e}"));
+            let (src, bin) = (dir.join(format!("k{sm}.ptx")), dir.join(format!("k{sm}.cubin")));
+            std::fs::write(&src, ptx).expect("write PTX");
+            let out = std::process::Command::new(&ptxas)
+                .args(["-v", "--gpu-name", &format!("sm_{sm}"), "-o"])
+                .arg(&bin)
+                .arg(&src)
+                .output()
+                .expect("run ptxas");
+            let log = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "ptxas sm_{sm} failed:\n{log}");
+            for k in cuda::KERNELS {
+                assert!(log.contains(&format!("'{k}'")), "sm_{sm}: no ptxas report for {k}");
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn unknown_device_names_are_errors() {
         let e = Device::parse("tpu").expect_err("tpu");
