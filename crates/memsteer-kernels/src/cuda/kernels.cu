@@ -653,12 +653,12 @@ __device__ void flash_attention_pipelined(const u16* q, const u16* k, const u16*
     const int last_key = min(q0 + BM - 1, len - 1);
     const int tiles = last_key / KN + 1;
 
-    // Issues the copies of tile `i` into buffer `b` (one commit group).
-    auto load = [&](int i, int b) {
-        const int key0 = i * KN;
+    // Issues the copies of tile `tile` into buffer `b` (one commit group).
+    auto load = [&](int tile, int b) {
+        const int key0 = tile * KN;
 #pragma unroll
-        for (int i = 0; i < CHUNKS / THREADS; i++) {
-            const int c = tid + i * THREADS;
+        for (int j = 0; j < CHUNKS / THREADS; j++) {
+            const int c = tid + j * THREADS;
             const int key = c / (HD / 8), col = (c % (HD / 8)) * 8;
             const bool in = key0 + key < len;
             const i64 off = in ? (i64)(key0 + key) * HD + col : 0;  // a valid address even when zero-filled

@@ -86,10 +86,10 @@ impl SteerTrainer {
                 Err(KernelError::Shape { what, expected: expected.to_string(), found })
             }
         };
-        if n == 0 || r == 0 || s == 0 {
+        if n == 0 || r == 0 {
             return Err(KernelError::Shape {
                 what: "steer step",
-                expected: "at least one row, steer and rank".into(),
+                expected: "at least one row and rank 1".into(),
                 found: 0,
             });
         }
