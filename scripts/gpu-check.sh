@@ -4,10 +4,19 @@
 # On a machine with an NVIDIA GPU (driver for CUDA 13) and PyTorch + transformers in `python3`:
 #   scripts/gpu-check.sh            # builds with `--features cuda` when cargo is present
 #   MEMSTEER_GPU_BIN=DIR scripts/gpu-check.sh   # or uses prebuilt `memsteer` and `memsteer-gpu-check`
-# Prints: parity with the CPU path, the fused output layer, scoring at Pythia shapes (T = 2048, B = 8),
+# On a GPU machine without cargo, build here and carry the binaries (`.gpu-bin` is git-ignored):
+#   cargo build --release -p memsteer-benches -p memsteer-cli \
+#     --features memsteer-benches/cuda,memsteer-cli/cuda --bin memsteer-gpu-check --bin memsteer
+#   mkdir -p .gpu-bin && cp target/release/memsteer target/release/memsteer-gpu-check .gpu-bin/ && strip .gpu-bin/*
+#   then there: MEMSTEER_GPU_BIN=.gpu-bin scripts/gpu-check.sh
+# Prints: parity with the CPU path (scoring and the LM-Steer training step), the fused output layer, scoring at Pythia shapes (T = 2048, B = 8),
 # the same measurements by PyTorch on the same GPU, and `memsteer logprobs --device cuda` end to end.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu-check.md.
+# `scripts/gpu-check.sh quick` runs only memsteer's own checks (parity, steer step, output layer,
+# scoring; no profile, no PyTorch, no CLI runs): a few minutes, for a first look at new kernels.
 set -uo pipefail
+quick=0
+[ "${1:-}" = quick ] && quick=1
 cd "$(dirname "$0")/.."
 bin="${MEMSTEER_GPU_BIN:-}"
 if [ -z "$bin" ]; then
@@ -23,6 +32,7 @@ trap 'rm -rf "$work"' EXIT
   echo "## memsteer"
   status=0
   timeout 330 "$bin/memsteer-gpu-check" parity steer head logprobs --work "$work" || status=1
+  [ $quick = 1 ] && exit $status
   echo
   echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"
   MEMSTEER_GPU_PROFILE=1 timeout 200 "$bin/memsteer-gpu-check" profile --work "$work" || status=1
