@@ -386,8 +386,42 @@ struct SteerCase {
     epsilon: f32,
 }
 
-#[allow(clippy::type_complexity)]
-fn steer_inputs(c: &SteerCase, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<u32>) {
+/// Random inputs of one steer step, owned (see [`steer_inputs`]).
+struct SteerData {
+    emb: Vec<f32>,
+    h: Vec<f32>,
+    p1: Vec<f32>,
+    p2: Vec<f32>,
+    strengths: Vec<f32>,
+    targets: Vec<u32>,
+}
+
+impl SteerData {
+    fn inputs<'a>(&'a self, c: &SteerCase) -> SteerStepInputs<'a> {
+        SteerStepInputs {
+            p1: &self.p1,
+            p2: &self.p2,
+            steers: c.steers,
+            rank: c.rank,
+            epsilon: c.epsilon,
+            hidden: &self.h,
+            strengths: &self.strengths,
+            targets: &self.targets,
+        }
+    }
+
+    /// The CPU path's loss, gradients written to `g1`, `g2`.
+    fn cpu(&self, c: &SteerCase, g1: &mut [f32], g2: &mut [f32]) -> Result<f64, String> {
+        let steers =
+            memsteer_kernels::Steers { p1: &self.p1, p2: &self.p2, steers: c.steers, dim: c.dim, rank: c.rank };
+        let batch =
+            memsteer_steer::fused::SteerBatch { hidden: &self.h, strengths: &self.strengths, targets: &self.targets };
+        memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, &self.emb, &batch, g1, g2)
+            .map_err(|x| x.to_string())
+    }
+}
+
+fn steer_inputs(c: &SteerCase, seed: u64) -> SteerData {
     let mut rng = SplitMix64::new(seed);
     let mut normal = |n: usize, std: f64| -> Vec<f32> { (0..n).map(|_| (std * rng.normal()) as f32).collect() };
     let e = normal(c.vocab * c.dim, 1.0 / (c.dim as f64).sqrt());
@@ -399,7 +433,7 @@ fn steer_inputs(c: &SteerCase, seed: u64) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<
     let strengths: Vec<f32> =
         (0..c.rows * c.steers).map(|i| if i % c.steers == 0 && rng.below(2) == 0 { -1.0 } else { 1.0 }).collect();
     let targets: Vec<u32> = (0..c.rows).map(|_| rng.below(c.vocab as u64) as u32).collect();
-    (e, h, p1, p2, strengths, targets)
+    SteerData { emb: e, h, p1, p2, strengths, targets }
 }
 
 /// Loss and gradients of the device's steer step against the CPU's: vocabularies that are and are
@@ -414,26 +448,13 @@ pub fn steer_parity(gpu: &std::sync::Arc<Gpu>) -> Result<Vec<SteerParity>, Strin
     ];
     let mut out = Vec::new();
     for (i, c) in cases.iter().enumerate() {
-        let (emb, h, p1, p2, strengths, targets) = steer_inputs(c, 40 + i as u64);
+        let data = steer_inputs(c, 40 + i as u64);
         let per = c.steers * c.dim * c.rank;
         let (mut c1, mut c2, mut g1, mut g2) = (vec![0.0; per], vec![0.0; per], vec![0.0; per], vec![0.0; per]);
-        let steers = memsteer_kernels::Steers { p1: &p1, p2: &p2, steers: c.steers, dim: c.dim, rank: c.rank };
-        let batch = memsteer_steer::fused::SteerBatch { hidden: &h, strengths: &strengths, targets: &targets };
-        let cpu = memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, &emb, &batch, &mut c1, &mut c2)
-            .map_err(|x| x.to_string())?;
-        let mut t = SteerTrainer::new(gpu, &emb, c.dim).map_err(e)?;
+        let cpu = data.cpu(c, &mut c1, &mut c2)?;
+        let mut t = SteerTrainer::new(gpu, &data.emb, c.dim).map_err(e)?;
         t.set_chunk(256);
-        let inputs = SteerStepInputs {
-            p1: &p1,
-            p2: &p2,
-            steers: c.steers,
-            rank: c.rank,
-            epsilon: c.epsilon,
-            hidden: &h,
-            strengths: &strengths,
-            targets: &targets,
-        };
-        let dev = t.loss_and_grads(&inputs, &mut g1, &mut g2).map_err(e)?;
+        let dev = t.loss_and_grads(&data.inputs(c), &mut g1, &mut g2).map_err(e)?;
         let rel = |a: &[f32], b: &[f32]| {
             let scale = a.iter().fold(0.0f64, |m, x| m.max(f64::from(x.abs()))).max(f64::MIN_POSITIVE);
             a.iter()
@@ -467,20 +488,11 @@ pub fn bench_steer_step(
 ) -> Result<(f64, Option<f64>), String> {
     let e = |x: memsteer_kernels::KernelError| x.to_string();
     let c = SteerCase { rows, vocab: 50_257, dim: 768, rank: 768, steers: 2, epsilon: 1e-3 };
-    let (emb, h, p1, p2, strengths, targets) = steer_inputs(&c, 3);
+    let data = steer_inputs(&c, 3);
     let per = c.steers * c.dim * c.rank;
     let (mut g1, mut g2) = (vec![0.0; per], vec![0.0; per]);
-    let t = SteerTrainer::new(gpu, &emb, c.dim).map_err(e)?;
-    let inputs = SteerStepInputs {
-        p1: &p1,
-        p2: &p2,
-        steers: c.steers,
-        rank: c.rank,
-        epsilon: c.epsilon,
-        hidden: &h,
-        strengths: &strengths,
-        targets: &targets,
-    };
+    let t = SteerTrainer::new(gpu, &data.emb, c.dim).map_err(e)?;
+    let inputs = data.inputs(&c);
     t.loss_and_grads(&inputs, &mut g1, &mut g2).map_err(e)?;
     let mut best = f64::INFINITY;
     for _ in 0..reps {
@@ -489,11 +501,8 @@ pub fn bench_steer_step(
         best = best.min(t0.elapsed().as_secs_f64());
     }
     let cpu_ms = if cpu {
-        let steers = memsteer_kernels::Steers { p1: &p1, p2: &p2, steers: c.steers, dim: c.dim, rank: c.rank };
-        let batch = memsteer_steer::fused::SteerBatch { hidden: &h, strengths: &strengths, targets: &targets };
         let t0 = Instant::now();
-        memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, &emb, &batch, &mut g1, &mut g2)
-            .map_err(|x| x.to_string())?;
+        data.cpu(&c, &mut g1, &mut g2)?;
         Some(t0.elapsed().as_secs_f64() * 1e3)
     } else {
         None

@@ -4,16 +4,21 @@
 //! skips with a message otherwise (fails instead when `MEMSTEER_REQUIRE_GPU` is set); `scripts/gpu-check.sh` runs the same check plus the benchmarks.
 #![cfg(feature = "cuda")]
 
-#[test]
-fn gpu_log_probs_equal_the_cpu_runtime() {
-    let device = match memsteer_benches::gpu::device() {
-        Ok(d) => d,
+/// CUDA device 0, or `None` after saying why the test skips (a failure with `MEMSTEER_REQUIRE_GPU`).
+fn gpu() -> Option<memsteer_kernels::Device> {
+    match memsteer_benches::gpu::device() {
+        Ok(d) => Some(d),
         Err(e) => {
             assert!(std::env::var_os("MEMSTEER_REQUIRE_GPU").is_none(), "MEMSTEER_REQUIRE_GPU is set: {e}");
             eprintln!("skipped: no usable GPU ({e})");
-            return;
+            None
         }
-    };
+    }
+}
+
+#[test]
+fn gpu_log_probs_equal_the_cpu_runtime() {
+    let Some(device) = gpu() else { return };
     let dir = std::env::temp_dir().join(format!("memsteer-gpu-parity-{}", std::process::id()));
     let rows = memsteer_benches::gpu::parity(&dir, &device).expect("parity runs");
     let _ = std::fs::remove_dir_all(&dir);
@@ -25,14 +30,7 @@ fn gpu_log_probs_equal_the_cpu_runtime() {
 
 #[test]
 fn gpu_steer_step_equals_the_cpu_path() {
-    let device = match memsteer_benches::gpu::device() {
-        Ok(d) => d,
-        Err(e) => {
-            assert!(std::env::var_os("MEMSTEER_REQUIRE_GPU").is_none(), "MEMSTEER_REQUIRE_GPU is set: {e}");
-            eprintln!("skipped: no usable GPU ({e})");
-            return;
-        }
-    };
+    let Some(device) = gpu() else { return };
     let memsteer_kernels::Device::Cuda(g) = &device else { unreachable!("device() opens CUDA") };
     let rows = memsteer_benches::gpu::steer_parity(&g.0).expect("steer parity runs");
     assert_eq!(rows.len(), 3);

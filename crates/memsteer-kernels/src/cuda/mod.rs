@@ -1062,7 +1062,26 @@ impl Gpu {
             (true, 128, DType::F16) => "flash_tv_hd128_f16",
             (true, _, _) => "flash_tv_hd128_bf16",
         };
-        // A launch's grid holds at most 65,535 sequences (grid.z): larger batches go in groups.
+        // Grid (query blocks of 64, heads, sequences).
+        self.launch_flash(name, 128, (q, k, v), ctx, spans, (rows, heads, hd), |longest, seqs| {
+            (longest.div_ceil(64) as u32, heads as u32, seqs as u32)
+        })
+    }
+
+    /// Launches a flash-attention kernel (`name`, `threads` per block) on `spans` in groups of at most
+    /// 65,535 sequences (a grid dimension's limit), each group's starts and lengths uploaded;
+    /// `grid(longest, sequences)` gives a group's grid.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_flash(
+        &self,
+        name: &'static str,
+        threads: u32,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+        grid: impl Fn(usize, usize) -> (u32, u32, u32),
+    ) -> Result<()> {
         for group in spans.chunks(65_535) {
             let starts: Vec<u32> = group.iter().map(|s| s.0 as u32).collect();
             let lens: Vec<u32> = group.iter().map(|s| s.1 as u32).collect();
@@ -1080,8 +1099,7 @@ impl Gpu {
                 // Scores in log2 units: the kernel's exponentials are ex2.
                 Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
             ];
-            let grid = (longest.div_ceil(64) as u32, heads as u32, group.len() as u32);
-            self.launch(name, grid, 128, &args)?;
+            self.launch(name, grid(longest, group.len()), threads, &args)?;
         }
         Ok(())
     }
@@ -1125,28 +1143,10 @@ impl Gpu {
             (_, _) => "flash2_hd128_bf16",
         };
         let threads = if hd == 64 { 256 } else { 128 };
-        // A launch's grid holds at most 65,535 sequences (grid.y): larger batches go in groups.
-        for group in spans.chunks(65_535) {
-            let starts: Vec<u32> = group.iter().map(|s| s.0 as u32).collect();
-            let lens: Vec<u32> = group.iter().map(|s| s.1 as u32).collect();
-            let (sb, lb) = (self.upload_u32(&starts)?, self.upload_u32(&lens)?);
-            let longest = group.iter().map(|s| s.1).max().unwrap_or(0);
-            let args = [
-                Arg::P(q.ptr),
-                Arg::P(k.ptr),
-                Arg::P(v.ptr),
-                Arg::P(ctx.ptr),
-                Arg::P(sb.view().ptr),
-                Arg::P(lb.view().ptr),
-                Arg::I(rows as i32),
-                Arg::I(heads as i32),
-                Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
-            ];
-            // Query blocks on grid.z, which the kernel walks last-first.
-            let grid = (heads as u32, group.len() as u32, longest.div_ceil(block_queries) as u32);
-            self.launch(name, grid, threads, &args)?;
-        }
-        Ok(())
+        // Grid (heads, sequences, query blocks): the kernel walks grid.z last-first.
+        self.launch_flash(name, threads, (q, k, v), ctx, spans, (rows, heads, hd), |longest, seqs| {
+            (heads as u32, seqs as u32, longest.div_ceil(block_queries) as u32)
+        })
     }
 
     /// Fused target log-probabilities on the device: `out[r] = log softmax(hidden[r] · Eᵀ)[targets[r]]`
