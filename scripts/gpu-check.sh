@@ -58,6 +58,19 @@ trap 'rm -rf "$work"' EXIT
     t1=$(date +%s.%N)
     python3 -c "import sys; print(f'--device {sys.argv[3]}: {float(sys.argv[2]) - float(sys.argv[1]):.2f} s')" "$t0" "$t1" "$dev"
   done
+  echo
+  echo "## memsteer steer generate: every sample batched on the GPU against cached decoding on the CPU (Pythia-70M shape, 64 prompts × 4 samples, 16 new tokens)"
+  python3 -c "import json,sys; [print(json.dumps({'id': i, 'tokens': json.loads(l)['tokens'][:8]})) for i, l in enumerate(open(sys.argv[1]))]" \
+    "$work/p70/instances.jsonl" > "$work/prompts.jsonl"
+  for dev in cuda cpu; do
+    t0=$(date +%s.%N)
+    "$bin/memsteer" steer generate --device $dev --model "$work/p70" --steer "$work/steer-cuda.safetensors:2" \
+      --prompts "$work/prompts.jsonl" --samples 4 --max-new-tokens 16 --seed 3 --out "$work/gen-$dev.jsonl" || status=1
+    t1=$(date +%s.%N)
+    python3 -c "import sys; print(f'--device {sys.argv[3]}: {float(sys.argv[2]) - float(sys.argv[1]):.2f} s')" "$t0" "$t1" "$dev"
+  done
+  python3 -c "import json,sys; a,b=[[json.loads(l)['tokens'] for l in open(f)] for f in sys.argv[1:]]; print(f'{sum(x==y for x,y in zip(a,b))} of {len(a)} samples identical (f16 weights: the GPU rounds differently, so a few may diverge)')" \
+    "$work/gen-cuda.jsonl" "$work/gen-cpu.jsonl" || status=1
   echo "a device that does not exist:"; "$bin/memsteer" logprobs --device cuda:7 --checkpoint "0=$work/p70" \
     --instances "$work/p70/instances.jsonl" --out "$work/x.csv" 2>&1 | tail -2
   exit $status

@@ -494,6 +494,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                     top_p: Some(0.9),
                     seed: 1,
                     out: out.to_path_buf(),
+                    device: "cpu".into(),
                 })
                 .map(|_| ())
                 .with_context(|| format!("generating {}", out.display()))

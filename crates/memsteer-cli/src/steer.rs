@@ -510,6 +510,11 @@ pub struct GenerateArgs {
     /// Output, JSON lines {"prompt_id", "sample", "tokens", "text"}.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+    /// Where the model runs: `cpu` (cached decoding, samples in parallel), or `cuda` / `cuda:N` in a
+    /// build with the `cuda` feature (all samples together, each step one whole-sequence forward pass
+    /// of every sample on the GPU, no KV cache; the same seeds, so the same tokens up to rounding).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 /// Splits `FILE[:STRENGTH]` on its last ':' when what follows is a number; the strength must be finite.
@@ -621,6 +626,69 @@ fn steered_continuation(
     Ok(out)
 }
 
+/// Tokens of one whole-sequence forward pass of [`batched_continuations`] (bounds device memory), and
+/// streams per logits product (`streams × vocab` values at once).
+const BATCH_LIMITS: (usize, usize) = (1 << 16, 256);
+
+/// Every continuation at once, for a decoder whose strength is whole-sequence forward passes (the GPU):
+/// each step runs one packed forward pass (`forward_packed(…, None)`, no KV cache) over every stream's
+/// tokens so far, steers each stream's last hidden state on the host as [`steered_continuation`] does,
+/// computes the logits on `device` and samples each stream from its own generator seeded by `seeds`.
+/// `(max_rows, max_logits)`: tokens per forward pass (a longer single stream still goes alone) and
+/// streams per logits product.
+/// With the same decoder numbers it gives [`steered_continuation`]'s tokens (tested on the CPU).
+/// Recomputing the prefix makes a step cost the whole sequence: right for the short continuations of
+/// steer evaluations, not for long ones.
+fn batched_continuations(
+    decoder: &dyn Decoder,
+    device: &Device,
+    set: &SteerSet,
+    prompts: &[&[u32]],
+    seeds: &[u64],
+    (max_new, cfg): (usize, &SamplingConfig),
+    (max_rows, max_logits): (usize, usize),
+) -> Result<Vec<Vec<u32>>> {
+    let (d, vocab) = (decoder.dim(), decoder.vocab());
+    let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut rngs: Vec<_> = seeds.iter().map(|&s| memsteer_panel::rng::SplitMix64::new(s)).collect();
+    let mut logits = Vec::new();
+    for _ in 0..max_new {
+        let mut start = 0;
+        while start < seqs.len() {
+            // The next group of streams: at least one, at most max_rows tokens otherwise.
+            let (mut end, mut rows) = (start + 1, seqs[start].len());
+            while end < seqs.len() && rows + seqs[end].len() <= max_rows {
+                rows += seqs[end].len();
+                end += 1;
+            }
+            let refs: Vec<&[u32]> = seqs[start..end].iter().map(Vec::as_slice).collect();
+            let hidden = decoder.forward_packed(&refs, None)?;
+            let mut last = Vec::with_capacity(refs.len() * d);
+            let mut at = 0;
+            for s in &refs {
+                at += s.len();
+                let row = &hidden[(at - 1) * d..at * d];
+                if set.steers.is_empty() {
+                    last.extend_from_slice(row);
+                } else {
+                    last.extend(set.apply(row)?);
+                }
+            }
+            for (c, rows) in last.chunks(max_logits.max(1) * d).enumerate() {
+                let n = rows.len() / d;
+                logits.resize(n * vocab, 0.0);
+                matmul_transposed(device, rows, decoder.output_embedding(), n, d, vocab, &mut logits)?;
+                for (i, l) in logits.chunks(vocab).enumerate() {
+                    let k = start + c * max_logits.max(1) + i;
+                    seqs[k].push(sample(l, cfg, rngs[k].uniform()) as u32);
+                }
+            }
+            start = end;
+        }
+    }
+    Ok(seqs.into_iter().zip(prompts).map(|(s, p)| s[p.len()..].to_vec()).collect())
+}
+
 /// Runs `memsteer steer generate`; returns the samples in output order.
 pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
     ensure!(a.samples >= 1, "--samples must be at least 1");
@@ -637,7 +705,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
         ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], found {p}");
     }
     let specs = a.steers.iter().map(|s| parse_steer_spec(s)).collect::<Result<Vec<_>>>()?;
-    let model = load_model(&a.model)?;
+    let model = load_on(&a.model, &a.device)?;
     let decoder = model.decoder();
     let mut steers = Vec::new();
     for (path, strength) in specs {
@@ -671,16 +739,28 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
     let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding generations")?) } else { None };
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..a.samples).map(move |s| (p, s))).collect();
-    let gens = work
-        .par_iter()
-        .map(|&(p, s)| {
-            let key = format!("{}\u{0}{s}", prompts[p].key);
-            let seed = memsteer_panel::rng::hash_key(a.seed, key.as_bytes());
-            let tokens = steered_continuation(decoder, &set, &prompts[p].tokens, a.max_new_tokens, &cfg, seed)
-                .with_context(|| format!("prompt {:?}, sample {s}", prompts[p].key))?;
-            Ok(Generation { prompt: p, sample: s, tokens })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let seed_of = |p: usize, s: usize| {
+        let key = format!("{}\u{0}{s}", prompts[p].key);
+        memsteer_panel::rng::hash_key(a.seed, key.as_bytes())
+    };
+    let gens = if model.is_gpu() {
+        let device = Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
+        let starts: Vec<&[u32]> = work.iter().map(|&(p, _)| prompts[p].tokens.as_slice()).collect();
+        let seeds: Vec<u64> = work.iter().map(|&(p, s)| seed_of(p, s)).collect();
+        let tokens =
+            batched_continuations(decoder, &device, &set, &starts, &seeds, (a.max_new_tokens, &cfg), BATCH_LIMITS)
+                .with_context(|| format!("generating {} samples on {}", work.len(), a.device))?;
+        work.iter().zip(tokens).map(|(&(prompt, sample), tokens)| Generation { prompt, sample, tokens }).collect()
+    } else {
+        work.par_iter()
+            .map(|&(p, s)| {
+                let tokens =
+                    steered_continuation(decoder, &set, &prompts[p].tokens, a.max_new_tokens, &cfg, seed_of(p, s))
+                        .with_context(|| format!("prompt {:?}, sample {s}", prompts[p].key))?;
+                Ok(Generation { prompt: p, sample: s, tokens })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
     let mut lines = Vec::with_capacity(gens.len());
     for g in &gens {
         let mut v = serde_json::json!({
@@ -1479,6 +1559,59 @@ fn eval_table(r: &EvalReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The batched path (what `--device cuda` runs) and the cached per-sample path give the same
+    /// tokens from the same decoder and seeds: prompts of different lengths, several in one group and
+    /// groups split by the row budget, with and without a steer, sampled and greedy.
+    #[test]
+    fn batched_continuations_equal_cached_decoding() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm/tiny-gpt2-f32");
+        let model = Model::load(&dir).unwrap();
+        let dec = model.decoder();
+        let (d, vocab) = (dec.dim(), dec.vocab());
+        let mut rng = memsteer_panel::rng::SplitMix64::new(5);
+        let prompts: Vec<Vec<u32>> =
+            [1usize, 3, 7, 2, 5].iter().map(|&n| (0..n).map(|_| rng.below(vocab as u64) as u32).collect()).collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| 100 + i).collect();
+        let rank = 2;
+        let p: Vec<f32> = (0..2 * 2 * d * rank).map(|_| rng.normal() as f32).collect();
+        let spec = memsteer_steer::SteerSpec {
+            num_steers: 2,
+            hidden_size: d,
+            rank,
+            vocab_size: vocab,
+            epsilon: 0.5,
+            embedding_fingerprint: memsteer_steer::embedding_fingerprint(dec.output_embedding()),
+            labels: vec!["x".into()],
+        };
+        let steer =
+            Steer::new(spec, p[..2 * d * rank].to_vec(), p[2 * d * rank..].to_vec(), serde_json::json!({})).unwrap();
+        let strengths = steer.strengths(&[-2.0]).unwrap();
+        for (set, temperature) in [
+            (SteerSet { steers: Vec::new() }, 1.0),
+            (SteerSet { steers: vec![(steer.clone(), strengths.clone())] }, 1.0),
+            (SteerSet { steers: vec![(steer.clone(), strengths.clone())] }, 0.0),
+        ] {
+            let cfg = SamplingConfig { temperature, top_k: None, top_p: None };
+            let want: Vec<Vec<u32>> = refs
+                .iter()
+                .zip(&seeds)
+                .map(|(prompt, &seed)| steered_continuation(dec, &set, prompt, 6, &cfg, seed).unwrap())
+                .collect();
+            // One group and one logits product; groups of a few streams (and a long stream alone) and
+            // logits two streams at a time.
+            for limits in [BATCH_LIMITS, (12, 2)] {
+                let batched = batched_continuations(dec, &Device::Cpu, &set, &refs, &seeds, (6, &cfg), limits).unwrap();
+                assert_eq!(batched, want, "temperature {temperature}, limits {limits:?}");
+            }
+            let batched = want;
+            // Different streams draw different tokens (the comparison is not between constants).
+            if temperature > 0.0 {
+                assert!(batched.iter().any(|b| b != &batched[0]));
+            }
+        }
+    }
 
     #[test]
     fn steer_specs_split_on_the_last_colon_only_before_a_number() {

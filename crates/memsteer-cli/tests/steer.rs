@@ -368,6 +368,26 @@ fn steer_errors_name_the_problem() {
     assert!(e.contains("missing.safetensors"), "{e}");
     let e = generate(&fixture("lm/tiny-gpt2-f32"), &file);
     assert!(e.contains("another model") && e.contains("transfer"), "{e}");
+    let e = fails(&[
+        "steer",
+        "generate",
+        "--model",
+        s(&model),
+        "--prompts",
+        s(&prompts),
+        "--max-new-tokens",
+        "3",
+        "--seed",
+        "1",
+        "--out",
+        s(&out),
+        "--device",
+        "cuda:999",
+    ]);
+    assert!(
+        e.contains("--device cuda:999") && (e.contains("--features cuda") || e.contains("is not available")),
+        "{e}"
+    );
     assert!(!out.exists());
 }
 
