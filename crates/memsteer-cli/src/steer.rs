@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use memsteer_kernels::{Device, matmul_transposed};
+use memsteer_kernels::{Device, ResidentMatrix, matmul_transposed};
 use memsteer_lm::sample::{SamplingConfig, sample};
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_lm::{Decoder, KvCache, Model};
@@ -652,6 +652,8 @@ fn batched_continuations(
     let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
     let mut rngs: Vec<_> = seeds.iter().map(|&s| memsteer_panel::rng::SplitMix64::new(s)).collect();
     let mut logits = Vec::new();
+    // The output embedding stays on the device across steps.
+    let embedding = ResidentMatrix::new(device, decoder.output_embedding(), vocab, d)?;
     for _ in 0..max_new {
         let mut start = 0;
         while start < seqs.len() {
@@ -677,7 +679,7 @@ fn batched_continuations(
             for (c, rows) in last.chunks(max_logits.max(1) * d).enumerate() {
                 let n = rows.len() / d;
                 logits.resize(n * vocab, 0.0);
-                matmul_transposed(device, rows, decoder.output_embedding(), n, d, vocab, &mut logits)?;
+                embedding.matmul_transposed(rows, n, &mut logits)?;
                 for (i, l) in logits.chunks(vocab).enumerate() {
                     let k = start + c * max_logits.max(1) + i;
                     seqs[k].push(sample(l, cfg, rngs[k].uniform()) as u32);

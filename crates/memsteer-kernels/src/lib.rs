@@ -252,6 +252,63 @@ pub fn matmul_transposed(
     }
 }
 
+/// An `n × k` `f32` matrix (row-major) kept where `device` computes, for repeated
+/// [`ResidentMatrix::matmul_transposed`] calls: on a CUDA device it is uploaded once, not per call
+/// (e.g. the output embedding of a decoding loop); on the CPU it borrows the slice.
+#[derive(Debug)]
+pub enum ResidentMatrix<'a> {
+    /// Host memory, products on the CPU.
+    Host {
+        /// The matrix.
+        b: &'a [f32],
+        /// Rows.
+        n: usize,
+        /// Columns.
+        k: usize,
+    },
+    /// Uploaded to a CUDA device (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Cuda {
+        /// The device.
+        gpu: std::sync::Arc<cuda::Gpu>,
+        /// The matrix on the device.
+        b: cuda::DevBuf,
+        /// Rows.
+        n: usize,
+        /// Columns.
+        k: usize,
+    },
+}
+
+impl<'a> ResidentMatrix<'a> {
+    /// `b` (`n × k`, row-major) on `device`.
+    pub fn new(device: &Device, b: &'a [f32], n: usize, k: usize) -> Result<Self> {
+        check_len("b", b.len(), product("b", n, k)?)?;
+        match device {
+            Device::Cpu => Ok(ResidentMatrix::Host { b, n, k }),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => Ok(ResidentMatrix::Cuda { gpu: g.0.clone(), b: g.0.upload_f32(b)?, n, k }),
+        }
+    }
+
+    /// `out (m×n) = a (m×k) · bᵀ`, as [`matmul_transposed`] computes it on the same device.
+    pub fn matmul_transposed(&self, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            ResidentMatrix::Host { b, n, k } => matmul_transposed(&Device::Cpu, a, b, m, *k, *n, out),
+            #[cfg(feature = "cuda")]
+            ResidentMatrix::Cuda { gpu, b, n, k } => {
+                check_len("a", a.len(), product("a", m, *k)?)?;
+                check_len("out", out.len(), product("out", m, *n)?)?;
+                let da = gpu.upload_f32(a)?;
+                let c = gpu.alloc(cuda::DType::F32, m * n)?;
+                gpu.matmul((m, *k, *n), da.view(), false, b.view(), true, c.view(), 1.0, 0.0)?;
+                out.copy_from_slice(&gpu.download_f32(c.view())?);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// A read-only strided `f32` matrix view: element `(i, j)` is `data[i·rs + j·cs]`.
 #[derive(Debug, Clone, Copy)]
 pub struct MatRef<'a> {

@@ -322,6 +322,21 @@ fn log_sum_exp_rows_match_f64_and_compose_to_log_probs() {
     assert!(matches!(e2, KernelError::Target { position: 4, id: 5000, .. }), "{e2}");
 }
 
+#[test]
+fn resident_matrix_on_the_cpu_is_matmul_transposed_and_checks_shapes() {
+    let mut rng = SplitMix64::new(33);
+    let (m, k, n) = (5, 7, 11);
+    let (a, b) = (randn(m * k, 1.0, &mut rng), randn(n * k, 1.0, &mut rng));
+    let (mut want, mut got) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+    memsteer_kernels::matmul_transposed(&Device::Cpu, &a, &b, m, k, n, &mut want).unwrap();
+    let r = memsteer_kernels::ResidentMatrix::new(&Device::Cpu, &b, n, k).unwrap();
+    r.matmul_transposed(&a, m, &mut got).unwrap();
+    assert_eq!(got, want);
+    assert!(want.iter().any(|x| *x != 0.0));
+    assert!(memsteer_kernels::ResidentMatrix::new(&Device::Cpu, &b, n + 1, k).is_err());
+    assert!(r.matmul_transposed(&a[1..], m, &mut got).is_err());
+}
+
 /// The CUDA backend: every kernel compiles with NVRTC wherever NVRTC loads (CI installs it from the
 /// `nvidia-cuda-nvrtc` wheel and sets `MEMSTEER_REQUIRE_NVRTC=1` so the check cannot skip there), and
 /// the device results equal the CPU's wherever a GPU is present.
@@ -399,6 +414,23 @@ mod cuda {
         let e = Device::parse("tpu").expect_err("tpu");
         assert!(matches!(e, KernelError::UnknownDevice(_)), "{e}");
         assert_eq!(Device::parse("cpu").expect("cpu"), Device::Cpu);
+    }
+
+    #[test]
+    fn resident_matrix_products_equal_the_cpu() {
+        let Some(dev) = gpu() else { return };
+        let mut rng = SplitMix64::new(32);
+        let (m, k, n) = (37, 48, 1003);
+        let (a, b) = (randn(m * k, 1.0, &mut rng), randn(n * k, 1.0, &mut rng));
+        let (mut cpu, mut gpu) = (vec![0.0f32; m * n], vec![0.0f32; m * n]);
+        memsteer_kernels::matmul_transposed(&Device::Cpu, &a, &b, m, k, n, &mut cpu).unwrap();
+        let resident = memsteer_kernels::ResidentMatrix::new(&dev, &b, n, k).unwrap();
+        for _ in 0..2 {
+            resident.matmul_transposed(&a, m, &mut gpu).unwrap();
+            for (x, y) in cpu.iter().zip(&gpu) {
+                assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]
