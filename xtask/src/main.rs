@@ -464,9 +464,7 @@ fn counterfactual_truth(
         for (g, c, t) in &rows {
             text.push_str(&format!("{g},{c},{t}\n"));
         }
-        let tmp = rd.join(".truth.csv.tmp");
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &truth_path)?;
+        memsteer_panel::durable::write_bytes(&truth_path, text.as_bytes())?;
         std::fs::write(&key_path, &key)?;
     }
     // The estimators on the same run: DiD (already estimated) and the difference estimator.

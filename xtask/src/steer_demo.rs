@@ -415,6 +415,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 epsilon: 1e-3,
                 max_length: 256,
                 weight_decay: 0.0,
+                init_std: 1e-2,
                 cache_memory: 4.0,
                 cache_dir: None,
                 seed: 0,
@@ -440,8 +441,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         let (to_name, to_dir, to_key) = &models[to];
         let source = steers.iter().find(|x| x.1 == from).map(|x| x.2.clone()).context("no steer on the source")?;
         for (map, tag, formula) in [
-            (memsteer_cli::steer::MapKind::Orthogonal, "hwh", "HᵀWH"),
-            (memsteer_cli::steer::MapKind::TwoSided, "two-sided", "HᵀWGᵀ"),
+            (memsteer_cli::steer::MapKind::Paper, "paper", "the paper's HᵀWH"),
+            (memsteer_cli::steer::MapKind::Authors, "authors", "the authors' BWBᵀ"),
+            (memsteer_cli::steer::MapKind::TwoSided, "two-sided", "two-sided HᵀWGᵀ"),
         ] {
             let out = dir.join(format!("steer-{from_name}-to-{to_name}-{tag}.safetensors"));
             let key = format!("{} to {to_key} map {tag}", file_hash(&source)?);

@@ -62,14 +62,17 @@ macro_rules! with_backends {
             .map_err(|e| anyhow!("writing {}: {e}", svg_path.display()))?;
         files.push(svg_path);
         let png_path = dir.join(format!("{name}.png"));
-        let tmp = dir.join(format!(".{name}.tmp-{}.png", std::process::id()));
+        // The encoder picks the format from the extension: the temporary name keeps `.png`.
+        let mut tmp = memsteer_panel::durable::temp_path(&png_path).into_os_string();
+        tmp.push(".png");
+        let tmp = PathBuf::from(tmp);
         {
             let $root = BitMapBackend::new(&tmp, size).into_drawing_area();
             let drawn: Result<()> = $body;
             drawn?;
             $root.present().map_err(|e| anyhow!("drawing {name}.png: {e:?}"))?;
         }
-        std::fs::rename(&tmp, &png_path).map_err(|e| anyhow!("writing {}: {e}", png_path.display()))?;
+        memsteer_panel::durable::commit(&tmp, &png_path).map_err(|e| anyhow!("writing {}: {e}", png_path.display()))?;
         files.push(png_path);
         Ok::<Vec<PathBuf>, anyhow::Error>(files)
     }};

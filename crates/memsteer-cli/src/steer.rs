@@ -39,6 +39,9 @@ pub enum SteerCommand {
     Transfer(TransferArgs),
     /// Evaluate generations: dist-1/2/3, conditional perplexity and style scores, per file (strength).
     Eval(EvalArgs),
+    /// Which strength of a steer best explains a text (the authors' zero-shot style classifier), with
+    /// per-word evidence.
+    Detect(DetectArgs),
 }
 
 /// Runs `memsteer steer …`.
@@ -50,7 +53,186 @@ pub fn run(a: &SteerArgs) -> Result<()> {
         SteerCommand::Explain(e) => explain(e).map(|_| ()),
         SteerCommand::Transfer(t) => transfer(t).map(|_| ()),
         SteerCommand::Eval(e) => eval(e).map(|_| ()),
+        SteerCommand::Detect(d) => detect(d).map(|_| ()),
     }
+}
+
+/// Arguments of `memsteer steer detect`.
+#[derive(Debug, Clone, Args)]
+pub struct DetectArgs {
+    /// The model the steer was trained on (a Hugging Face directory; tokenizer files for `text`).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The steer file.
+    #[arg(long, value_name = "FILE")]
+    pub steer: PathBuf,
+    /// One text to analyse.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub text: Option<String>,
+    /// JSON lines with a `text` string or a `tokens` array (other fields, such as `id` or `label`, are
+    /// copied to the output); one JSON line out per line in.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub input: Option<PathBuf>,
+    /// Smallest strength of the grid.
+    #[arg(long, default_value_t = -3.0, allow_hyphen_values = true)]
+    pub min: f32,
+    /// Largest strength of the grid.
+    #[arg(long, default_value_t = 3.0, allow_hyphen_values = true)]
+    pub max: f32,
+    /// Strengths in the grid, evenly spaced from --min to --max.
+    #[arg(long, default_value_t = 7)]
+    pub bins: usize,
+    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+    /// feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print JSON (one line per text) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A word of a text and its mean per-token evidence.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WordEvidence {
+    /// The word as it reads in the text (surrounding whitespace trimmed).
+    pub word: String,
+    /// Mean evidence of its tokens (`log P_best − log P_0` per token).
+    pub evidence: f64,
+}
+
+/// What `steer detect` found for one text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detected {
+    /// The fields of the input line (empty for `--text`).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The analysis.
+    pub detection: memsteer_steer::evidence::Detection,
+    /// Per-word evidence (words split at whitespace and punctuation; token ids when the model has no
+    /// tokenizer).
+    pub words: Vec<WordEvidence>,
+}
+
+/// Groups tokens into words: a new word starts at a piece that begins with whitespace, at punctuation,
+/// and after punctuation; each word gets the mean evidence of its tokens that have one.
+fn word_evidence(pieces: &[String], evidence: &[Option<f64>]) -> Vec<WordEvidence> {
+    let is_punct = |s: &str| !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_punctuation());
+    let mut words: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut prev_punct = true;
+    for (piece, e) in pieces.iter().zip(evidence) {
+        let punct = is_punct(piece);
+        let starts = words.is_empty() || prev_punct || punct || piece.starts_with(char::is_whitespace);
+        if starts {
+            words.push((String::new(), Vec::new()));
+        }
+        let w = words.last_mut().expect("pushed above");
+        w.0.push_str(piece);
+        w.1.extend(e);
+        prev_punct = punct;
+    }
+    words
+        .into_iter()
+        .filter(|(w, e)| !w.trim().is_empty() && !e.is_empty())
+        .map(|(w, e)| WordEvidence { word: w.trim().to_string(), evidence: e.iter().sum::<f64>() / e.len() as f64 })
+        .collect()
+}
+
+/// Runs `memsteer steer detect`.
+pub fn detect(a: &DetectArgs) -> Result<Vec<Detected>> {
+    let config = memsteer_steer::evidence::DetectConfig { min: a.min, max: a.max, bins: a.bins };
+    config.strengths().context("--min, --max, --bins")?;
+    let model = load_on(&a.model, &a.device)?;
+    let decoder = model.decoder();
+    let steer = Steer::load_for(&a.steer, decoder)
+        .with_context(|| format!("--steer {}: loading the steer for {}", a.steer.display(), a.model.display()))?;
+    ensure!(!steer.labels().is_empty(), "{}: the steer has no labelled steer", a.steer.display());
+    let mut tok = LazyTokenizer::new(&a.model);
+    let inputs: Vec<(String, serde_json::Map<String, serde_json::Value>, Vec<u32>)> = match (&a.text, &a.input) {
+        (Some(t), _) => {
+            let ids = tok.get("--text")?.encode(t).context("tokenizing --text")?;
+            vec![("--text".to_string(), serde_json::Map::new(), ids)]
+        }
+        (None, Some(p)) => json_lines(p, "texts")?
+            .into_iter()
+            .map(|(line, v)| {
+                let at = || format!("{}, line {line}", p.display());
+                let ids = line_tokens(&v, &at, &mut tok, decoder.vocab())?;
+                let fields = match v {
+                    serde_json::Value::Object(mut o) => {
+                        o.remove("tokens");
+                        o
+                    }
+                    _ => bail!("{}: expected a JSON object", at()),
+                };
+                Ok((at(), fields, ids))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        (None, None) => bail!("give --text TEXT or --input FILE.jsonl"),
+    };
+    let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding tokens")?.clone()) } else { None };
+    let d = decoder.dim();
+    let bar = if a.json && inputs.len() > 1 && std::io::stderr().is_terminal() {
+        ProgressBar::new(inputs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut out = Vec::with_capacity(inputs.len());
+    for (at, fields, ids) in inputs {
+        ensure!(ids.len() >= 2, "{at}: {} token(s); detection needs at least two", ids.len());
+        ensure!(
+            ids.len() <= decoder.context(),
+            "{at}: {} tokens, more than the model's context of {}",
+            ids.len(),
+            decoder.context()
+        );
+        let hidden = decoder.hidden_states(&ids)?;
+        let rows = &hidden[..(ids.len() - 1) * d];
+        let detection = memsteer_steer::evidence::detect(&steer, rows, decoder.output_embedding(), &ids[1..], &config)
+            .with_context(|| at.clone())?;
+        let pieces = match &tokenizer {
+            Some(t) => token_pieces(t, &ids)?,
+            None => ids.iter().map(|i| format!(" {i}")).collect(),
+        };
+        let evidence: Vec<Option<f64>> =
+            std::iter::once(None).chain(detection.evidence.iter().copied().map(Some)).collect();
+        let words = word_evidence(&pieces, &evidence);
+        let found = Detected { fields, detection, words };
+        if a.json {
+            println!("{}", detected_json(&found));
+        } else {
+            print!("{}", detected_table(&at, &found));
+        }
+        bar.inc(1);
+        out.push(found);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// One output line of `steer detect --json`: the input's fields, then `best_strength`, `strengths`,
+/// `losses`, `distribution` and `words` (`[{"word", "evidence"}]`).
+pub fn detected_json(d: &Detected) -> serde_json::Value {
+    let mut o = d.fields.clone();
+    let det = &d.detection;
+    o.insert("best_strength".into(), det.best_strength().into());
+    o.insert("strengths".into(), det.strengths.clone().into());
+    o.insert("losses".into(), det.losses.clone().into());
+    o.insert("distribution".into(), det.distribution.clone().into());
+    o.insert("words".into(), serde_json::to_value(&d.words).unwrap_or_default());
+    serde_json::Value::Object(o)
+}
+
+fn detected_table(at: &str, d: &Detected) -> String {
+    let det = &d.detection;
+    let mut s = format!("{at}: best strength {:+}\n  strength    loss  P(strength)\n", det.best_strength());
+    for ((v, l), p) in det.strengths.iter().zip(&det.losses).zip(&det.distribution) {
+        let mark = if *v == det.best_strength() { " <" } else { "" };
+        s.push_str(&format!("  {v:>+8.3} {l:>7.4} {p:>12.4}{mark}\n"));
+    }
+    let mut words: Vec<&WordEvidence> = d.words.iter().collect();
+    words.sort_by(|a, b| b.evidence.total_cmp(&a.evidence));
+    let top: Vec<String> = words.iter().take(8).map(|w| format!("{} ({:+.3})", w.word, w.evidence)).collect();
+    s.push_str(&format!("  words that favour it most: {}\n", top.join(", ")));
+    s
 }
 
 /// Arguments of `memsteer steer explain`.
@@ -107,27 +289,44 @@ pub struct TransferArgs {
     /// Where to write the transferred steer.
     #[arg(long)]
     pub out: PathBuf,
-    /// Fit the map on the first N shared tokens only (the authors use 4,000).
+    /// Fit the map on the first N shared tokens only (default: all; with `--map authors` their 4,000, in
+    /// the target vocabulary's order).
     #[arg(long, value_name = "N")]
     pub top_k: Option<usize>,
     /// Ridge added to the least-squares normal equations (0: plain least squares); with `--map
     /// two-sided` the inverse fit gets the same value, in the target's embedding units.
     #[arg(long, default_value_t = 0.0)]
     pub ridge: f64,
-    /// How W is carried over: `orthogonal` is the authors' W' = HᵀWH (exact when H is orthogonal);
-    /// `two-sided` fits E_from ≈ E_to G as well and uses W' = HᵀWGᵀ (exact for any invertible linear
-    /// relation between the two models).
-    #[arg(long, value_enum, default_value_t = MapKind::Orthogonal)]
+    /// How W is carried over. `paper`: the paper's e_v = H e'_v, fitted as E_from ≈ E_to Hᵀ, and
+    /// W' = HᵀWH. `authors`: the authors' steer_transfer.py: E_to B ≈ E_from on the first --top-k (4,000)
+    /// shared tokens, rows of B normalised, P' = B P (the closed-form optimum of their loss stands in for
+    /// their Adam loop). `two-sided`: E_to ≈ E_from H and E_from ≈ E_to G, W' = HᵀWGᵀ (exact for any
+    /// invertible linear relation between the models; the others only for orthogonal ones).
+    #[arg(long, value_enum, default_value_t = MapKind::Paper)]
     pub map: MapKind,
 }
 
 /// How `steer transfer` carries W to the target model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum MapKind {
-    /// W' = HᵀWH (the authors').
-    Orthogonal,
-    /// W' = HᵀWGᵀ with E_from ≈ E_to G fitted too.
+    /// W' = HᵀWH with E_from ≈ E_to Hᵀ (the paper's).
+    Paper,
+    /// P' = B P with E_to B ≈ E_from on 4,000 tokens, rows of B normalised (the authors' script).
+    Authors,
+    /// W' = HᵀWGᵀ with E_to ≈ E_from H and E_from ≈ E_to G.
     TwoSided,
+}
+
+impl MapKind {
+    /// The library's map.
+    pub fn map(self) -> memsteer_steer::transfer::TransferMap {
+        use memsteer_steer::transfer::TransferMap;
+        match self {
+            MapKind::Paper => TransferMap::Paper,
+            MapKind::Authors => TransferMap::Authors,
+            MapKind::TwoSided => TransferMap::TwoSided,
+        }
+    }
 }
 
 /// Runs `memsteer steer transfer`; returns the transferred steer and the fit's relative residual.
@@ -153,11 +352,7 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
             "warning: neither model has tokenizer files; tokens are matched by id, which assumes both use the same tokenizer"
         );
     }
-    let map = match a.map {
-        MapKind::Orthogonal => memsteer_steer::transfer::TransferMap::Orthogonal,
-        MapKind::TwoSided => memsteer_steer::transfer::TransferMap::TwoSided,
-    };
-    let config = TransferConfig { top_k: a.top_k, ridge: a.ridge, map };
+    let config = TransferConfig { top_k: a.top_k, ridge: a.ridge, map: a.map.map() };
     let (moved, map) = memsteer_steer::transfer::transfer(
         &steer,
         &EmbeddingView::of(from)?,
@@ -181,7 +376,9 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
         .map_or(String::new(), |r| format!(", inverse fit G relative residual {r:.3e}"));
     moved.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     eprintln!(
-        "fitted H ({} × {}) on {} of {} shared tokens (matched by {}), relative residual {:.3e}{inverse_note}; W' = {}; wrote {}",
+        "map {}: W' = {}; H {} × {}, fitted on {} of {} shared tokens (matched by {}), relative residual {:.3e}{inverse_note}; wrote {}",
+        config.map.name(),
+        config.map.formula(),
         map.d_from,
         map.d_to,
         map.pairs_used,
@@ -192,10 +389,6 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
             _ => "the caller",
         },
         map.relative_residual,
-        match a.map {
-            MapKind::Orthogonal => "HᵀWH",
-            MapKind::TwoSided => "HᵀWGᵀ",
-        },
         a.out.display()
     );
     Ok((moved, map.relative_residual))
@@ -237,6 +430,10 @@ pub struct SteerTrainArgs {
     /// Coefficient λ of the regularisation λ(‖P1‖² + ‖P2‖²).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
+    /// Standard deviation of the projectors' normal initialisation (the authors' `init_var`); must be
+    /// positive: at zero the gradient of W = P1 P2ᵀ is zero.
+    #[arg(long, default_value_t = 1e-2)]
+    pub init_std: f32,
     /// Memory for the cached hidden states, in GiB; beyond it they spill to a temporary file (read back
     /// one minibatch at a time; the same steer either way).
     #[arg(long, value_name = "GIB", default_value_t = 4.0)]
@@ -294,6 +491,24 @@ fn has_tokenizer(dir: &Path) -> bool {
     dir.join("tokenizer.json").exists()
         || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())
         || (dir.join("encoder.json").exists() && dir.join("vocab.bpe").exists())
+}
+
+/// A fingerprint of a model directory's tokenizer files (names and bytes), `None` when it has none:
+/// `steer generate` writes it beside the ids it generates, so that `steer eval` scores ids only under a
+/// model with the same tokenizer.
+pub fn tokenizer_fingerprint(dir: &Path) -> Result<Option<String>> {
+    let mut hash = 0u64;
+    let mut any = false;
+    for f in crate::train::TOKENIZER_FILES {
+        let p = dir.join(f);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            hash = memsteer_panel::rng::hash_key(hash, f.as_bytes());
+            hash = memsteer_panel::rng::hash_key(hash, &bytes);
+            any = true;
+        }
+    }
+    Ok(any.then(|| format!("{hash:016x}")))
 }
 
 /// One JSON line with `text` or `tokens`, as token ids checked against the vocabulary.
@@ -417,6 +632,7 @@ pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
     config.max_length = a.max_length;
     config.weight_decay = a.weight_decay;
     config.seed = a.seed;
+    config.init_std = a.init_std;
     config.validate().context("steer train settings")?;
 
     let spinner = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
@@ -618,7 +834,7 @@ fn steered_continuation(
             let h = set.apply(last)?;
             matmul_transposed(&Device::Cpu, &h, decoder.output_embedding(), 1, d, vocab, &mut logits)?;
         }
-        let next = sample(&logits, cfg, rng.uniform()) as u32;
+        let next = sample(&logits, cfg, rng.uniform()).with_context(|| format!("step {}", out.len()))? as u32;
         out.push(next);
         input.clear();
         input.push(next);
@@ -644,7 +860,7 @@ fn batched_continuations(
     device: &Device,
     set: &SteerSet,
     prompts: &[&[u32]],
-    seeds: &[u64],
+    (seeds, name): (&[u64], &(dyn Fn(usize) -> String + Sync)),
     (max_new, cfg): (usize, &SamplingConfig),
     (max_rows, max_logits): (usize, usize),
 ) -> Result<Vec<Vec<u32>>> {
@@ -682,7 +898,10 @@ fn batched_continuations(
                 embedding.matmul_transposed(rows, n, &mut logits)?;
                 for (i, l) in logits.chunks(vocab).enumerate() {
                     let k = start + c * max_logits.max(1) + i;
-                    seqs[k].push(sample(l, cfg, rngs[k].uniform()) as u32);
+                    let step = seqs[k].len() - prompts[k].len();
+                    let next =
+                        sample(l, cfg, rngs[k].uniform()).with_context(|| format!("{}, step {step}", name(k)))?;
+                    seqs[k].push(next as u32);
                 }
             }
             start = end;
@@ -726,9 +945,15 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
     let set = SteerSet { steers };
     let mut tok = LazyTokenizer::new(&a.model);
     let prompts = read_prompts(&a.prompts, &mut tok, decoder.vocab())?;
+    ensure!(
+        a.max_new_tokens <= decoder.context(),
+        "--max-new-tokens {} is beyond the model's context of {} positions",
+        a.max_new_tokens,
+        decoder.context()
+    );
     for p in &prompts {
         // The last sampled token is never fed back, so it needs no position.
-        let need = p.tokens.len() + a.max_new_tokens - 1;
+        let need = p.tokens.len().saturating_add(a.max_new_tokens - 1);
         ensure!(
             need <= decoder.context(),
             "prompt {:?}: {} prompt tokens + {} new tokens exceed the model's context of {} positions",
@@ -749,9 +974,17 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
         let device = Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
         let starts: Vec<&[u32]> = work.iter().map(|&(p, _)| prompts[p].tokens.as_slice()).collect();
         let seeds: Vec<u64> = work.iter().map(|&(p, s)| seed_of(p, s)).collect();
-        let tokens =
-            batched_continuations(decoder, &device, &set, &starts, &seeds, (a.max_new_tokens, &cfg), BATCH_LIMITS)
-                .with_context(|| format!("generating {} samples on {}", work.len(), a.device))?;
+        let name = |k: usize| format!("prompt {:?}, sample {}", prompts[work[k].0].key, work[k].1);
+        let tokens = batched_continuations(
+            decoder,
+            &device,
+            &set,
+            &starts,
+            (&seeds, &name),
+            (a.max_new_tokens, &cfg),
+            BATCH_LIMITS,
+        )
+        .with_context(|| format!("generating {} samples on {}", work.len(), a.device))?;
         work.iter().zip(tokens).map(|(&(prompt, sample), tokens)| Generation { prompt, sample, tokens }).collect()
     } else {
         work.par_iter()
@@ -763,6 +996,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
             })
             .collect::<Result<Vec<_>>>()?
     };
+    let fingerprint = tokenizer_fingerprint(&a.model)?;
     let mut lines = Vec::with_capacity(gens.len());
     for g in &gens {
         let mut v = serde_json::json!({
@@ -770,6 +1004,9 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
             "sample": g.sample,
             "tokens": g.tokens,
         });
+        if let Some(f) = &fingerprint {
+            v["tokenizer"] = f.as_str().into();
+        }
         if let Some(t) = tokenizer {
             v["text"] = t.decode(&g.tokens)?.into();
         }
@@ -800,7 +1037,8 @@ pub struct HighlightArgs {
     /// A file holding the text to highlight.
     #[arg(long, value_name = "FILE")]
     pub input: Option<PathBuf>,
-    /// Most spans to mark.
+    /// Most spans to mark (the set of at most this many disjoint spans with the largest total evidence,
+    /// as the authors choose them).
     #[arg(long, default_value_t = 4)]
     pub spans: usize,
     /// Most tokens per span.
@@ -825,16 +1063,7 @@ pub struct HighlightArgs {
     pub color: bool,
 }
 
-/// A span of tokens `start..end` (token indices into the text) with its summed evidence.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Span {
-    /// First token.
-    pub start: usize,
-    /// One past the last token.
-    pub end: usize,
-    /// Summed evidence of its tokens.
-    pub evidence: f64,
-}
+pub use memsteer_steer::evidence::Span;
 
 /// What `steer highlight` found.
 #[derive(Debug, Clone, PartialEq)]
@@ -847,36 +1076,6 @@ pub struct Highlight {
     pub evidence: Vec<Option<f64>>,
     /// The chosen spans, strongest first.
     pub spans: Vec<Span>,
-}
-
-/// Greedily picks up to `max_spans` non-overlapping windows of 1 to `max_len` tokens with the largest
-/// positive summed evidence (ties: the earlier, then the shorter window); tokens without evidence
-/// are never part of a span.
-pub fn choose_spans(evidence: &[Option<f64>], max_spans: usize, max_len: usize) -> Vec<Span> {
-    let n = evidence.len();
-    let mut taken = vec![false; n];
-    let mut spans = Vec::new();
-    while spans.len() < max_spans {
-        let mut best: Option<Span> = None;
-        for start in 0..n {
-            let mut sum = 0.0;
-            for end in start + 1..=(start + max_len).min(n) {
-                let k = end - 1;
-                let Some(e) = evidence[k] else { break };
-                if taken[k] {
-                    break;
-                }
-                sum += e;
-                if sum > 0.0 && best.is_none_or(|b| sum > b.evidence) {
-                    best = Some(Span { start, end, evidence: sum });
-                }
-            }
-        }
-        let Some(b) = best else { break };
-        taken[b.start..b.end].iter_mut().for_each(|t| *t = true);
-        spans.push(b);
-    }
-    spans
 }
 
 /// The text of every token: the growth of the decoded prefix. A token that ends inside a multi-byte
@@ -942,7 +1141,7 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
     let (plus, minus) = (at(a.strength)?, at(-a.strength)?);
     let mut evidence = vec![None];
     evidence.extend(plus.iter().zip(&minus).map(|(p, m)| Some(f64::from(*p) - f64::from(*m))));
-    let spans = choose_spans(&evidence, a.spans, a.span_length);
+    let spans = memsteer_steer::evidence::max_spans(&evidence, a.spans, a.span_length);
     let pieces = token_pieces(&tok, &tokens)?;
     let h = Highlight { tokens, pieces, evidence, spans };
 
@@ -1174,6 +1373,49 @@ struct Sample {
     prompt_key: String,
     tokens: Option<Vec<u32>>,
     text: Option<String>,
+    /// The generator's tokenizer fingerprint ([`tokenizer_fingerprint`]), when the file says.
+    tokenizer: Option<String>,
+}
+
+/// A prompt as the prompts file gives it, for the perplexity model: its ids, its text, or both.
+#[derive(Debug, Clone)]
+struct PromptForms {
+    line: usize,
+    tokens: Option<Vec<u32>>,
+    text: Option<String>,
+}
+
+/// The prompts file for `steer eval`: each prompt's ids and text as given (which one is used depends on
+/// the tokenizers, see [`perplexities`]).
+fn read_prompt_forms(path: &Path) -> Result<std::collections::HashMap<String, PromptForms>> {
+    let mut out = std::collections::HashMap::new();
+    for (line, v) in json_lines(path, "prompts")? {
+        let at = || format!("{}, line {line}", path.display());
+        let key = v.get("id").and_then(prompt_key).with_context(|| format!("{}: expected an `id`", at()))?;
+        let tokens = match v.get("tokens") {
+            None => None,
+            Some(serde_json::Value::Array(t)) => Some(
+                t.iter()
+                    .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+                    .collect::<Option<Vec<u32>>>()
+                    .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
+            ),
+            Some(other) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
+        };
+        let text = match v.get("text") {
+            None => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
+        };
+        ensure!(tokens.is_some() || text.is_some(), "{}: expected a `text` string or a `tokens` array", at());
+        ensure!(
+            out.insert(key.clone(), PromptForms { line, tokens, text }).is_none(),
+            "{}: prompt id {key:?} appears twice",
+            at()
+        );
+    }
+    ensure!(!out.is_empty(), "{}: no prompts", path.display());
+    Ok(out)
 }
 
 /// Splits `FILE[:LABEL]`: an existing path is a file; otherwise the part after the last ':' is the label.
@@ -1220,7 +1462,12 @@ fn read_generations(path: &Path) -> Result<Vec<Sample>> {
             Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
         };
         ensure!(tokens.is_some() || text.is_some(), "{}: a sample needs `text` or `tokens`", at());
-        out.push(Sample { prompt_key, tokens, text });
+        let tokenizer = match v.get("tokenizer") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(other) => bail!("{}: `tokenizer` must be a fingerprint string, found {other}", at()),
+        };
+        out.push(Sample { prompt_key, tokens, text, tokenizer });
     }
     ensure!(!out.is_empty(), "{}: no generations", path.display());
     Ok(out)
@@ -1305,10 +1552,16 @@ pub fn run_scorer_cmd(cmd: &str, texts: &[&str]) -> Result<Vec<f64>> {
 }
 
 /// Conditional perplexities `exp(−mean log p(continuation | prompt))` of every sample, in file order.
+/// The perplexity of every sample under `model`, conditioned on its prompt when `prompts` are given.
+/// Token ids are used only when they are the perplexity model's own: the sample's `tokenizer` fingerprint
+/// equals `ppl_tokenizer` (or the perplexity model has no tokenizer files, so ids are all it reads).
+/// Otherwise the `text` of the sample (and of its prompt) is tokenized again with the perplexity model's
+/// tokenizer, and a sample or prompt with ids only is an error.
 fn perplexities(
     model: &Loaded,
     tok: &mut LazyTokenizer<'_>,
-    prompts: Option<&std::collections::HashMap<String, Vec<u32>>>,
+    ppl_tokenizer: Option<&str>,
+    prompts: Option<(&Path, &std::collections::HashMap<String, PromptForms>)>,
     samples: &[Sample],
     file: &Path,
 ) -> Result<Vec<f64>> {
@@ -1316,17 +1569,50 @@ fn perplexities(
     let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(samples.len());
     for (i, s) in samples.iter().enumerate() {
         let at = || format!("{}, sample {} (prompt {:?})", file.display(), i + 1, s.prompt_key);
+        // Whether the generator's ids are the perplexity model's.
+        let same = match ppl_tokenizer {
+            None => true,
+            Some(p) => s.tokenizer.as_deref() == Some(p),
+        };
+        let foreign = |what: String| match (&s.tokenizer, ppl_tokenizer) {
+            (Some(g), Some(p)) => anyhow::anyhow!(
+                "{what} has token ids only, made with another tokenizer (fingerprint {g}) than the perplexity model's ({p}); give its `text` or a perplexity model with the generator's tokenizer"
+            ),
+            _ => anyhow::anyhow!(
+                "{what} has token ids only and the generations do not say which tokenizer made them (no `tokenizer` field): they cannot be checked against the perplexity model's tokenizer; give `text`"
+            ),
+        };
         let cont = match (&s.tokens, &s.text) {
-            (Some(t), _) => t.clone(),
-            (None, Some(text)) => tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing", at()))?,
+            (Some(t), _) if same => t.clone(),
+            (_, Some(text)) => tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing", at()))?,
+            (Some(_), None) => return Err(foreign(at())),
             (None, None) => unreachable!("checked when reading"),
         };
         if let Some(&bad) = cont.iter().find(|&&t| t as usize >= dec.vocab()) {
             bail!("{}: token id {bad} is outside the perplexity model's vocabulary (size {})", at(), dec.vocab());
         }
+        let prompt_ids;
         let prompt: &[u32] = match prompts {
-            Some(map) => {
-                map.get(&s.prompt_key).with_context(|| format!("{}: no prompt with this id in --prompts", at()))?
+            Some((path, map)) => {
+                let p =
+                    map.get(&s.prompt_key).with_context(|| format!("{}: no prompt with this id in --prompts", at()))?;
+                let where_ = || format!("{}, line {} (prompt {:?})", path.display(), p.line, s.prompt_key);
+                prompt_ids = match (&p.tokens, &p.text) {
+                    (Some(t), _) if same => t.clone(),
+                    (_, Some(text)) => {
+                        tok.get(&where_())?.encode(text).with_context(|| format!("{}: tokenizing", where_()))?
+                    }
+                    (Some(_), None) => return Err(foreign(where_())),
+                    (None, None) => unreachable!("checked when reading"),
+                };
+                if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= dec.vocab()) {
+                    bail!(
+                        "{}: token id {bad} is outside the perplexity model's vocabulary (size {})",
+                        where_(),
+                        dec.vocab()
+                    );
+                }
+                &prompt_ids
             }
             None => &[],
         };
@@ -1380,14 +1666,8 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let ppl = match &a.ppl_model {
         Some(dir) => {
             let model = load_on(dir, &a.device)?;
-            let mut tok = LazyTokenizer::new(dir);
             let prompts = match &a.prompts {
-                Some(p) => Some(
-                    read_prompts(p, &mut tok, model.decoder().vocab())?
-                        .into_iter()
-                        .map(|p| (p.key, p.tokens))
-                        .collect::<std::collections::HashMap<_, _>>(),
-                ),
+                Some(p) => Some((p.clone(), read_prompt_forms(p)?)),
                 None => {
                     eprintln!(
                         "note: no --prompts; perplexity is the continuations' own (each scored from its second token)"
@@ -1395,7 +1675,8 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
                     None
                 }
             };
-            Some((model, dir.clone(), prompts))
+            let fingerprint = tokenizer_fingerprint(dir)?;
+            Some((model, dir.clone(), prompts, fingerprint))
         }
         None => None,
     };
@@ -1438,9 +1719,10 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         let dist = distinct_n(&grouped);
 
         let (perplexity, perplexity_dropped) = match &ppl {
-            Some((model, dir, prompts)) => {
+            Some((model, dir, prompts, fingerprint)) => {
                 let mut tok = LazyTokenizer::new(dir);
-                let all = perplexities(model, &mut tok, prompts.as_ref(), samples, path)?;
+                let prompts = prompts.as_ref().map(|(p, m)| (p.as_path(), m));
+                let all = perplexities(model, &mut tok, fingerprint.as_deref(), prompts, samples, path)?;
                 let kept: Vec<f64> = all.iter().copied().filter(|p| p.is_finite() && *p < PPL_CUTOFF).collect();
                 let mean = (!kept.is_empty()).then(|| kept.iter().sum::<f64>() / kept.len() as f64);
                 (mean, Some(all.len() - kept.len()))
@@ -1604,7 +1886,16 @@ mod tests {
             // One group and one logits product; groups of a few streams (and a long stream alone) and
             // logits two streams at a time.
             for limits in [BATCH_LIMITS, (12, 2)] {
-                let batched = batched_continuations(dec, &Device::Cpu, &set, &refs, &seeds, (6, &cfg), limits).unwrap();
+                let batched = batched_continuations(
+                    dec,
+                    &Device::Cpu,
+                    &set,
+                    &refs,
+                    (&seeds, &|k| format!("stream {k}")),
+                    (6, &cfg),
+                    limits,
+                )
+                .unwrap();
                 assert_eq!(batched, want, "temperature {temperature}, limits {limits:?}");
             }
             let batched = want;
@@ -1625,19 +1916,6 @@ mod tests {
         assert!(parse_steer_spec("a.safetensors:1e40").unwrap_err().to_string().contains("finite"));
         let e = parse_steer_spec("/nonexistent/a.safetensors:strong").unwrap_err().to_string();
         assert!(e.contains("not a strength"), "{e}");
-    }
-
-    #[test]
-    fn spans_are_greedy_non_overlapping_and_positive() {
-        let ev: Vec<Option<f64>> =
-            [None, Some(1.0), Some(2.0), Some(-5.0), Some(3.0), Some(0.5), Some(-1.0), Some(0.2)].into_iter().collect();
-        let spans = choose_spans(&ev, 4, 2);
-        assert_eq!(spans[0], Span { start: 4, end: 6, evidence: 3.5 });
-        assert_eq!(spans[1], Span { start: 1, end: 3, evidence: 3.0 });
-        assert_eq!(spans[2], Span { start: 7, end: 8, evidence: 0.2 });
-        assert_eq!(spans.len(), 3);
-        assert!(choose_spans(&ev, 0, 3).is_empty());
-        assert!(choose_spans(&[None, Some(-1.0)], 4, 3).is_empty());
     }
 
     #[test]

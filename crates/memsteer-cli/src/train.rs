@@ -35,7 +35,7 @@ use crate::logprobs::{Instance, read_instances};
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Tokenizer files copied into every checkpoint when present.
-const TOKENIZER_FILES: [&str; 7] = [
+pub(crate) const TOKENIZER_FILES: [&str; 7] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -123,8 +123,11 @@ pub struct TrainOutcome {
 }
 
 /// Parses a checkpoint list such as `0,1,2,4,100:1000:100`.
-pub fn parse_checkpoint_steps(list: &str) -> Result<BTreeSet<usize>> {
+/// Parses `--checkpoint-steps` for a run of `steps` steps: every step and range is checked against the
+/// run (and the number of checkpoints against [`MAX_CHECKPOINTS`]) before the set is built.
+pub fn parse_checkpoint_steps(list: &str, steps: usize) -> Result<BTreeSet<usize>> {
     let mut out = BTreeSet::new();
+    let beyond = |k: usize| format!("--checkpoint-steps: step {k} lies beyond the run's {steps} steps");
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let bad = || format!("--checkpoint-steps: {item:?} is neither a step nor START:END:STRIDE");
         if item.contains(':') {
@@ -132,13 +135,32 @@ pub fn parse_checkpoint_steps(list: &str) -> Result<BTreeSet<usize>> {
             ensure!(parts.len() == 3, "{}", bad());
             let n: Vec<usize> = parts.iter().map(|p| p.trim().parse()).collect::<Result<_, _>>().with_context(bad)?;
             ensure!(n[2] >= 1 && n[0] <= n[1], "--checkpoint-steps: {item:?} needs START ≤ END and STRIDE ≥ 1");
+            ensure!(n[1] <= steps, "{}", beyond(n[1]));
+            let count = (n[1] - n[0]) / n[2] + 1;
+            ensure!(
+                out.len() + count <= MAX_CHECKPOINTS,
+                "--checkpoint-steps: {item:?} makes more than {MAX_CHECKPOINTS} checkpoints (each is a model on disk)"
+            );
             out.extend((n[0]..=n[1]).step_by(n[2]));
         } else {
-            out.insert(item.parse().with_context(bad)?);
+            let k = item.parse().with_context(bad)?;
+            ensure!(k <= steps, "{}", beyond(k));
+            out.insert(k);
         }
     }
+    ensure!(
+        out.len() < MAX_CHECKPOINTS,
+        "--checkpoint-steps: more than {MAX_CHECKPOINTS} checkpoints (each is a model on disk)"
+    );
     Ok(out)
 }
+
+/// Most checkpoints one run may write.
+pub const MAX_CHECKPOINTS: usize = 100_000;
+/// Most optimizer steps one run may take (the batch log holds every step).
+pub const MAX_STEPS: usize = 100_000_000;
+/// Most instances per optimizer step.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
 
 /// The instance order of `epoch`: a Fisher–Yates permutation from a stream keyed by seed and epoch.
 fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
@@ -252,7 +274,12 @@ fn save_checkpoint(trainer: &Trainer, dir: &Path, tokenizer: Option<&Path>) -> R
 }
 
 /// Everything that determines a run's results: a rerun resumes only when these are equal.
-fn run_settings(a: &TrainArgs, steps: usize, checkpoints: &BTreeSet<usize>) -> Result<serde_json::Value> {
+fn run_settings(
+    a: &TrainArgs,
+    steps: usize,
+    checkpoints: &BTreeSet<usize>,
+    tokenizer: Option<&Path>,
+) -> Result<serde_json::Value> {
     let hash = |p: &Path| -> Result<String> {
         let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
         Ok(format!("{:016x}", memsteer_panel::rng::hash_key(0, &bytes)))
@@ -262,7 +289,22 @@ fn run_settings(a: &TrainArgs, steps: usize, checkpoints: &BTreeSet<usize>) -> R
         (_, Some(d)) => serde_json::json!({"init_weights": memsteer_lm::weights::Weights::open(d)?.fingerprint()}),
         _ => serde_json::Value::Null,
     };
+    // The tokenizer's files (text instances are tokenized with them, and checkpoints carry them).
+    let tokenizer = match tokenizer {
+        Some(dir) => {
+            let mut files = serde_json::Map::new();
+            for f in TOKENIZER_FILES {
+                let p = dir.join(f);
+                if p.is_file() {
+                    files.insert(f.to_string(), hash(&p)?.into());
+                }
+            }
+            serde_json::Value::Object(files)
+        }
+        None => serde_json::Value::Null,
+    };
     Ok(serde_json::json!({
+        "tokenizer": tokenizer,
         "model": model,
         "seed": a.seed,
         "instances": hash(&a.instances)?,
@@ -296,25 +338,52 @@ fn resume(
         };
     let mut saved: Vec<usize> = manifest.keys().filter_map(|k| k.parse().ok()).filter(|k| grid.contains(k)).collect();
     saved.sort_unstable();
-    let usable = |k: usize| {
-        let d = out.join(format!("step{k}"));
-        d.join("model.safetensors").is_file() && (k == 0 || d.join(OPTIMIZER_FILE).is_file())
-    };
-    let Some(&k) = saved.iter().rev().find(|&&k| usable(k)) else { return Ok(0) };
+    // The latest checkpoint whose weights and optimizer state load; an unreadable one (cut short by a
+    // crash or a power loss) is reported and the one before it tried. Nothing is changed until one loads.
+    let mut found = None;
+    for &k in saved.iter().rev() {
+        let dir = out.join(format!("step{k}"));
+        if k == 0 {
+            if dir.join("model.safetensors").is_file() {
+                found = Some(0);
+                break;
+            }
+            continue;
+        }
+        let loaded = Params::from_hf(&dir).map_err(anyhow::Error::from).and_then(|params| {
+            ensure!(
+                params.data().len() == trainer.params().data().len(),
+                "{} parameters, expected {}",
+                params.data().len(),
+                trainer.params().data().len()
+            );
+            // Reads the whole file before changing the trainer.
+            trainer.load_optimizer(&dir.join(OPTIMIZER_FILE))?;
+            Ok(params)
+        });
+        match loaded {
+            Ok(params) => {
+                ensure!(
+                    trainer.steps_done() == k,
+                    "{}: optimizer state of step {}, expected {k}",
+                    dir.display(),
+                    trainer.steps_done()
+                );
+                trainer.params_mut().data_mut().copy_from_slice(params.data());
+                found = Some(k);
+                break;
+            }
+            Err(e) => eprintln!(
+                "warning: checkpoint {} is incomplete or unreadable ({e:#}); trying the one before it",
+                dir.display()
+            ),
+        }
+    }
+    let Some(k) = found else { return Ok(0) };
     logs.checkpoints = saved.into_iter().filter(|&s| s <= k).collect();
     if k == 0 {
         return Ok(0);
     }
-    let dir = out.join(format!("step{k}"));
-    let params = Params::from_hf(&dir).with_context(|| format!("resuming from {}", dir.display()))?;
-    trainer.params_mut().data_mut().copy_from_slice(params.data());
-    trainer.load_optimizer(&dir.join(OPTIMIZER_FILE)).with_context(|| format!("resuming from {}", dir.display()))?;
-    ensure!(
-        trainer.steps_done() == k,
-        "{}: optimizer state of step {}, expected {k}",
-        dir.display(),
-        trainer.steps_done()
-    );
     let index: HashMap<&str, usize> = train.iter().enumerate().map(|(i, x)| (x.id.as_str(), i)).collect();
     let text = std::fs::read_to_string(out.join("batches.jsonl")).context("resuming: reading batches.jsonl")?;
     for line in text.lines().take(k) {
@@ -344,7 +413,14 @@ fn resume(
 
 /// Runs `memsteer train`.
 pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
-    ensure!(a.batch_size >= 1, "--batch-size must be at least 1");
+    ensure!(
+        (1..=MAX_BATCH_SIZE).contains(&a.batch_size),
+        "--batch-size must be between 1 and {MAX_BATCH_SIZE}, found {}",
+        a.batch_size
+    );
+    if let Some(s) = a.steps {
+        ensure!(s <= MAX_STEPS, "--steps must be at most {MAX_STEPS}, found {s}");
+    }
     let schedule: Schedule = a.schedule.parse()?;
     let params = match (&a.model_config, &a.init) {
         (Some(c), None) => {
@@ -372,13 +448,22 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
     let n = train.len();
     let steps = match a.steps {
         Some(s) => s,
-        None => (a.epochs.unwrap_or(1) * n).div_ceil(a.batch_size),
+        None => {
+            let epochs = a.epochs.unwrap_or(1);
+            let s = epochs.checked_mul(n).map(|t| t.div_ceil(a.batch_size)).filter(|&s| s <= MAX_STEPS);
+            s.with_context(|| {
+                format!("--epochs {epochs} over {n} instances makes more than {MAX_STEPS} steps of {}", a.batch_size)
+            })?
+        }
     };
     ensure!(steps >= 1, "the run has no steps: give --steps or --epochs of at least 1");
-    let mut checkpoints = parse_checkpoint_steps(&a.checkpoint_steps)?;
-    if let Some(&k) = checkpoints.iter().find(|&&k| k > steps) {
-        bail!("--checkpoint-steps: step {k} lies beyond the run's {steps} steps");
+    if a.epochs.is_some_and(|e| e > 1) && !a.quiet {
+        eprintln!(
+            "warning: --epochs {} re-treats every instance: an instance's treatment step stays its first exposure, every exposure is in batches.jsonl",
+            a.epochs.unwrap_or(1)
+        );
     }
+    let mut checkpoints = parse_checkpoint_steps(&a.checkpoint_steps, steps)?;
     checkpoints.insert(steps);
     let cfg = TrainConfig {
         lr: a.lr,
@@ -391,10 +476,9 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
     };
     ensure!(a.grad_clip >= 0.0 && a.grad_clip.is_finite(), "--grad-clip must be a non-negative number");
     let mut trainer = Trainer::new(params, &cfg)?;
-    let settings = run_settings(a, steps, &checkpoints)?;
+    let settings = run_settings(a, steps, &checkpoints, tokenizer)?;
     let run_file = a.out.join("run.json");
-    let mut logs =
-        Logs { out: &a.out, batches: Vec::with_capacity(steps), losses: Vec::new(), checkpoints: Vec::new() };
+    let mut logs = Logs { out: &a.out, batches: Vec::new(), losses: Vec::new(), checkpoints: Vec::new() };
     let mut done = 0;
     if run_file.exists() || a.out.join("batches.jsonl").exists() {
         let before: serde_json::Value = std::fs::read_to_string(&run_file)
@@ -475,11 +559,14 @@ mod tests {
 
     #[test]
     fn checkpoint_lists() {
-        let s = parse_checkpoint_steps("0,1,2,4, 10:30:10").unwrap();
+        let s = parse_checkpoint_steps("0,1,2,4, 10:30:10", 30).unwrap();
         assert_eq!(s.into_iter().collect::<Vec<_>>(), vec![0, 1, 2, 4, 10, 20, 30]);
-        assert!(parse_checkpoint_steps("1,x").is_err());
-        assert!(parse_checkpoint_steps("5:1:1").is_err());
-        assert!(parse_checkpoint_steps("1:5:0").is_err());
+        assert!(parse_checkpoint_steps("1,x", 30).is_err());
+        assert!(parse_checkpoint_steps("5:1:1", 30).is_err());
+        assert!(parse_checkpoint_steps("1:5:0", 30).is_err());
+        assert!(parse_checkpoint_steps("40", 30).unwrap_err().to_string().contains("beyond the run's 30 steps"));
+        let e = parse_checkpoint_steps("0:200000:1", MAX_STEPS).unwrap_err().to_string();
+        assert!(e.contains("more than 100000 checkpoints"), "{e}");
     }
 
     #[test]

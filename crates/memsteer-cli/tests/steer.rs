@@ -389,6 +389,20 @@ fn steer_errors_name_the_problem() {
         "{e}"
     );
     assert!(!out.exists());
+    // An all-zero initialisation never trains; huge step counts and batch sizes are refused up front.
+    for (flag, value, want) in [
+        ("--init-std", "0", "init_std"),
+        ("--steps", "18446744073709551615", "steps"),
+        ("--batch-size", "18446744073709551615", "batch_size"),
+    ] {
+        let mut a = train(&pos, &neg);
+        match a.iter().position(|x| x == flag) {
+            Some(i) => a[i + 1] = value.to_string(),
+            None => a.extend([flag.to_string(), value.to_string()]),
+        }
+        let e = fails(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(e.contains(want), "{flag} {value}: {e}");
+    }
 }
 
 #[test]
@@ -450,7 +464,17 @@ fn steer_explain_and_transfer_end_to_end() {
     let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-4 * (1.0 + p.abs()));
     assert!(close(a.projector1(), b.projector1()) && close(a.projector2(), b.projector2()));
     assert!(b.training()["transfer"]["relative_residual"].as_f64().expect("residual") < 1e-5);
-    assert_eq!(b.training()["transfer"]["map"], "orthogonal");
+    assert_eq!(b.training()["transfer"]["map"], "paper");
+    // The authors' map on the identity: B = I, its rows already of unit norm.
+    let authors = st.dir.path().join("authors.safetensors");
+    let mut args3 = args.to_vec();
+    args3[9] = s(&authors);
+    args3.extend(["--map", "authors"]);
+    ok(&args3);
+    let d = memsteer_steer::Steer::load(&authors).expect("authors");
+    assert!(close(a.projector1(), d.projector1()) && close(a.projector2(), d.projector2()));
+    assert_eq!(d.training()["transfer"]["map"], "authors");
+    assert_eq!(d.training()["transfer"]["top_k"], 4000);
     // The two-sided map on the identity: the same steer, both fits recorded.
     let two = st.dir.path().join("two.safetensors");
     let mut args2 = args.to_vec();
@@ -496,4 +520,60 @@ fn steer_explain_and_transfer_end_to_end() {
         "--ridge=-1",
     ]);
     assert!(e.contains("--ridge"), "{e}");
+}
+
+/// `steer detect` on the planted task: texts generated at +3 and at −3 are told apart by the strength
+/// that explains them best (well above chance), the distribution over strengths sums to 1, and words
+/// carry evidence; the JSON lines keep the input's fields.
+#[test]
+fn steer_detect_recovers_the_generating_strength() {
+    let st = setup();
+    let file = s(&st.steer).to_string();
+    let input = st.dir.path().join("texts.jsonl");
+    let mut body = String::new();
+    for (v, name) in [(3.0f32, "gen-plus.jsonl"), (-3.0, "gen-minus.jsonl")] {
+        for g in generate(&st, &[format!("{file}:{v}")], &[], name) {
+            body.push_str(&format!("{}\n", serde_json::json!({"strength": v, "tokens": g["tokens"]})));
+        }
+    }
+    std::fs::write(&input, body).expect("texts");
+    let out = ok(&["steer", "detect", "--model", s(&st.model), "--steer", &file, "--input", s(&input), "--json"]);
+    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("json")).collect();
+    assert_eq!(lines.len(), 32);
+    let mut right = 0;
+    for l in &lines {
+        let (v, best) = (l["strength"].as_f64().expect("field kept"), l["best_strength"].as_f64().expect("best"));
+        right += usize::from(v.signum() == best.signum());
+        let p: Vec<f64> = l["distribution"].as_array().expect("dist").iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(p.len(), 7);
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert_eq!(l["strengths"].as_array().expect("grid").len(), 7);
+        assert!(l["words"].as_array().expect("words").iter().all(|w| w["evidence"].is_f64()));
+    }
+    eprintln!("detect: {right} of 32 texts get the sign of their generating strength");
+    assert!(right >= 24, "{right} of 32 (chance: 16)");
+    // One text as a table.
+    let table = ok(&["steer", "detect", "--model", s(&st.model), "--steer", &file, "--text", "The cat sat, +,+,+"]);
+    assert!(table.contains("best strength") && table.contains("P(strength)"), "{table}");
+    // A bad grid is one clear error.
+    let e = fails(&["steer", "detect", "--model", s(&st.model), "--steer", &file, "--text", "x y", "--bins", "1"]);
+    assert!(e.contains("--bins") || e.contains("bins"), "{e}");
+    // Huge sizes are refused before anything is built from them.
+    let huge = st.dir.path().join("huge.jsonl");
+    let e = fails(&[
+        "steer",
+        "generate",
+        "--model",
+        s(&st.model),
+        "--prompts",
+        s(&st.prompts),
+        "--max-new-tokens",
+        "18446744073709551615",
+        "--seed",
+        "1",
+        "--out",
+        s(&huge),
+    ]);
+    assert!(e.contains("--max-new-tokens") && e.contains("context"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
 }

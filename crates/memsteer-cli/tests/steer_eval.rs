@@ -213,3 +213,109 @@ fn steer_eval_perplexity_equals_exp_of_the_mean_token_log_prob() {
     ]);
     assert!(e.contains("\"7\"") && e.contains("no prompt"), "{e}");
 }
+
+/// A perplexity model with another tokenizer never reads the generator's ids: it tokenizes `text` again
+/// (continuations and prompts), and a sample or prompt with ids only is an error that says why.
+#[test]
+fn steer_eval_never_mixes_tokenizers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = fixture("lm/tiny-gpt2-tokenizer");
+    // The judge: the same weights, a tokenizer file that differs (one space more: another fingerprint).
+    let judge = dir.path().join("judge");
+    std::fs::create_dir(&judge).expect("mkdir");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(model.join(f), judge.join(f)).expect("copy");
+    }
+    let tj = std::fs::read_to_string(model.join("tokenizer.json")).expect("tokenizer");
+    std::fs::write(judge.join("tokenizer.json"), tj.replacen('{', "{ ", 1)).expect("tokenizer");
+    let prompts = write(
+        dir.path(),
+        "prompts.jsonl",
+        "{\"id\": \"a\", \"tokens\": [400, 401, 402]}\n{\"id\": 7, \"text\": \"The cat\"}\n",
+    );
+    let g = dir.path().join("g.jsonl");
+    let gen_args = |p: &Path| {
+        vec![
+            "steer".to_string(),
+            "generate".into(),
+            "--model".into(),
+            s(&model).into(),
+            "--prompts".into(),
+            s(p).into(),
+            "--samples".into(),
+            "2".into(),
+            "--max-new-tokens".into(),
+            "6".into(),
+            "--seed".into(),
+            "3".into(),
+            "--out".into(),
+            s(&g).into(),
+        ]
+    };
+    let run = |args: &[String]| ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    run(&gen_args(&prompts));
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&g)
+        .expect("generations")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert!(lines.iter().all(|l| l["tokenizer"].is_string()), "generate records its tokenizer: {lines:?}");
+    let eval_args = |gens: &Path, p: &Path| {
+        vec!["steer", "eval", "--generations", s(gens), "--ppl-model", s(&judge), "--prompts", s(p), "--scorer", "none"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    let fail = |args: Vec<String>| fails(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Prompt "a" has ids only: the judge cannot read them.
+    let e = fail(eval_args(&g, &prompts));
+    assert!(e.contains("prompts.jsonl, line 1") && e.contains("token ids only"), "{e}");
+    // With text prompts the judge tokenizes everything itself; the perplexity is its own.
+    let text_prompts =
+        write(dir.path(), "text.jsonl", "{\"id\": \"a\", \"text\": \"Once\"}\n{\"id\": 7, \"text\": \"The cat\"}\n");
+    run(&gen_args(&text_prompts));
+    let args = eval_args(&g, &text_prompts);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&[&args.iter().map(String::as_str).collect::<Vec<_>>()[..], &["--json"]].concat()))
+            .expect("json");
+    let m = memsteer_lm::Model::load(&judge).expect("model");
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&judge).expect("tokenizer");
+    let mut ppls = Vec::new();
+    for line in std::fs::read_to_string(&g).expect("generations").lines() {
+        let x: serde_json::Value = serde_json::from_str(line).expect("json");
+        let prompt = tok.encode(if x["prompt_id"] == "a" { "Once" } else { "The cat" }).expect("encode");
+        let cont = tok.encode(x["text"].as_str().expect("text")).expect("encode");
+        let seq: Vec<u32> = prompt.iter().chain(&cont).copied().collect();
+        let lp = m.token_log_probs(&seq).expect("log-probs");
+        let tail = &lp[prompt.len() - 1..];
+        ppls.push((-tail.iter().map(|&l| f64::from(l)).sum::<f64>() / tail.len() as f64).exp());
+    }
+    let kept: Vec<f64> = ppls.iter().copied().filter(|p| *p < 1e4).collect();
+    let want = kept.iter().sum::<f64>() / kept.len() as f64;
+    let got = v["files"][0]["perplexity"].as_f64().expect("perplexity");
+    assert!(close(got, want, 1e-4), "perplexity {got} vs {want}");
+    // Generations with ids only: refused, whether their tokenizer is another or unknown.
+    let strip = |name: &str, keep_fingerprint: bool| {
+        let body: String = std::fs::read_to_string(&g)
+            .expect("generations")
+            .lines()
+            .map(|l| {
+                let mut x: serde_json::Value = serde_json::from_str(l).expect("json");
+                let o = x.as_object_mut().expect("object");
+                o.remove("text");
+                if !keep_fingerprint {
+                    o.remove("tokenizer");
+                }
+                format!("{x}\n")
+            })
+            .collect();
+        write(dir.path(), name, &body)
+    };
+    let e = fail(eval_args(&strip("ids.jsonl", true), &text_prompts));
+    assert!(e.contains("ids.jsonl, sample 1") && e.contains("another tokenizer"), "{e}");
+    let e = fail(eval_args(&strip("bare.jsonl", false), &text_prompts));
+    assert!(e.contains("do not say which tokenizer"), "{e}");
+    // Under the generator's own model the ids are used as they are.
+    let own_file = strip("own.jsonl", true);
+    ok(&["steer", "eval", "--generations", s(&own_file), "--ppl-model", s(&model), "--scorer", "none"]);
+}

@@ -157,9 +157,14 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
     }
     std::fs::write(out1.join("checkpoints.json"), r#"{"0": "step0", "1": "step1", "2": "step2", "4": "step4"}"#)
         .expect("manifest");
-    std::fs::remove_file(out1.join("step4/optimizer.safetensors")).expect("remove");
-    // Step 4 lacks its optimizer state now, so the run resumes from step 2.
-    ok(&train_args(&c, &t, &v, &out1));
+    // Step 4's weights are empty (the manifest was durable, the weights were not: a power loss), so
+    // the run says so and falls back to step 2.
+    std::fs::write(out1.join("step4/model.safetensors"), b"").expect("truncate");
+    let out = memsteer(&train_args(&c, &t, &v, &out1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("step4") && err.contains("trying the one before it"), "{err}");
+    let out = dir.path().join("run");
     for f in [
         "loss.csv",
         "batches.jsonl",
@@ -172,6 +177,71 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
         let first = a.iter().zip(&b).position(|(x, y)| x != y);
         assert!(a == b, "{f}: lengths {} vs {}, first difference at byte {first:?}", a.len(), b.len());
     }
+}
+
+/// The run's fingerprint covers the tokenizer: resuming with other tokenizer files is refused (text
+/// instances would otherwise mix two tokenizations).
+#[test]
+fn resuming_with_another_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let tok = dir.path().join("tok");
+    std::fs::create_dir_all(&tok).expect("mkdir");
+    let original = std::fs::read_to_string(fixture("lm/tiny-gpt2-tokenizer/tokenizer.json")).expect("tokenizer");
+    std::fs::write(tok.join("tokenizer.json"), &original).expect("copy");
+    let out = dir.path().join("run");
+    let mut a = train_args(&c, &t, &v, &out);
+    a.extend(["--tokenizer", s(&tok)]);
+    ok(&a);
+    assert!(ok(&a).is_empty(), "a finished run reruns quietly");
+    std::fs::write(tok.join("tokenizer.json"), original.replacen('{', "{ ", 1)).expect("edit");
+    let e = fails(&a);
+    assert!(e.contains("different training run"), "{e}");
+}
+
+/// Sizes are checked before anything is built from them: no overflow, no huge allocation, one line.
+#[test]
+fn huge_sizes_are_refused_up_front() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let out = dir.path().join("run");
+    let with = |flag: &'static str, value: &'static str| {
+        let mut a = train_args(&c, &t, &v, &out);
+        match a.iter().position(|x| *x == flag) {
+            Some(i) => a[i + 1] = value,
+            None => a.extend([flag, value]),
+        }
+        a
+    };
+    for (flag, value, want) in [
+        ("--checkpoint-steps", "0:10000000000:1", "beyond the run's 10 steps"),
+        ("--checkpoint-steps", "0:18446744073709551615:1", "beyond the run's 10 steps"),
+        ("--steps", "18446744073709551615", "--steps"),
+        ("--batch-size", "18446744073709551615", "--batch-size"),
+    ] {
+        let e = fails(&with(flag, value));
+        assert!(e.contains(want), "{flag} {value}: {e}");
+        assert_eq!(e.trim().lines().count(), 1, "{flag} {value}: one line expected, got {e}");
+    }
+    let mut a = train_args(&c, &t, &v, &out);
+    let i = a.iter().position(|x| *x == "--steps").expect("steps");
+    a.drain(i..i + 2);
+    a.extend(["--epochs", "18446744073709551615"]);
+    let e = fails(&a);
+    assert!(e.contains("--epochs"), "{e}");
+    assert!(!out.exists(), "nothing was written");
+    // More than one epoch re-treats instances: said, not silent.
+    let mut a = train_args(&c, &t, &v, &out);
+    let i = a.iter().position(|x| *x == "--steps").expect("steps");
+    a.drain(i..i + 2);
+    a.retain(|x| *x != "--quiet");
+    let i = a.iter().position(|x| *x == "0,1,2,4:8:4").expect("list");
+    a[i] = "0,4";
+    a.extend(["--epochs", "2"]);
+    let run = memsteer(&a);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("re-treats every instance"), "{err}");
 }
 
 #[test]

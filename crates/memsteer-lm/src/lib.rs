@@ -120,8 +120,9 @@ impl Model {
         let mut cache = KvCache::new();
         let mut logits = self.next_logits(prompt, &mut cache)?;
         let mut out = Vec::with_capacity(max_new);
-        for _ in 0..max_new {
-            let next = sample::sample(&logits, cfg, uniform()) as u32;
+        for step in 0..max_new {
+            let next = sample::sample(&logits, cfg, uniform())
+                .map_err(|e| LmError::Input(format!("generation step {step}: {e}")))? as u32;
             out.push(next);
             if out.len() == max_new {
                 break;

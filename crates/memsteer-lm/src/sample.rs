@@ -54,15 +54,30 @@ pub fn distribution(logits: &[f32], cfg: &SamplingConfig) -> Vec<(usize, f64)> {
     probs
 }
 
-/// Draws a token from `logits` with the uniform number `u ∈ [0, 1)`.
-pub fn sample(logits: &[f32], cfg: &SamplingConfig, u: f64) -> usize {
+/// A logit that is NaN or infinite: no distribution can be drawn from it (a NaN would make every
+/// cumulative comparison false and silently return the last token; a `+∞` would swallow the rest).
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the logit of token {token} is {value}; the model produced a non-finite value, so no token can be sampled")]
+pub struct NonFiniteLogit {
+    /// The token whose logit is not finite (the first one).
+    pub token: usize,
+    /// Its value.
+    pub value: f32,
+}
+
+/// Draws a token from `logits` with the uniform number `u ∈ [0, 1)`; refuses logits that hold a NaN
+/// or an infinity (an empty slice draws token 0).
+pub fn sample(logits: &[f32], cfg: &SamplingConfig, u: f64) -> Result<usize, NonFiniteLogit> {
+    if let Some((token, &value)) = logits.iter().enumerate().find(|(_, x)| !x.is_finite()) {
+        return Err(NonFiniteLogit { token, value });
+    }
     let dist = distribution(logits, cfg);
     let mut acc = 0.0;
     for &(tok, p) in &dist {
         acc += p;
         if u < acc {
-            return tok;
+            return Ok(tok);
         }
     }
-    dist.last().map_or(0, |d| d.0)
+    Ok(dist.last().map_or(0, |d| d.0))
 }

@@ -424,9 +424,9 @@ mod generation {
     fn sampling_rules() {
         let logits = [1.0f32, 3.0, 2.0, 0.5];
         let greedy = SamplingConfig { temperature: 0.0, ..SamplingConfig::default() };
-        assert_eq!(sample(&logits, &greedy, 0.99), 1);
+        assert_eq!(sample(&logits, &greedy, 0.99), Ok(1));
         let top1 = SamplingConfig { top_k: Some(1), ..SamplingConfig::default() };
-        assert_eq!(sample(&logits, &top1, 0.99), 1);
+        assert_eq!(sample(&logits, &top1, 0.99), Ok(1));
         let d = distribution(&logits, &SamplingConfig::default());
         let z: f64 = logits.iter().map(|&x| f64::from(x).exp()).sum();
         for (tok, p) in &d {
@@ -442,10 +442,30 @@ mod generation {
         let n = 10_000;
         let mut counts = [0usize; 4];
         for i in 0..n {
-            counts[sample(&logits, &SamplingConfig::default(), (i as f64 + 0.5) / n as f64)] += 1;
+            counts[sample(&logits, &SamplingConfig::default(), (i as f64 + 0.5) / n as f64).expect("finite")] += 1;
         }
         for (tok, p) in &d {
             assert!((counts[*tok] as f64 / n as f64 - p).abs() < 1e-3);
+        }
+    }
+
+    /// A NaN or an infinite logit is refused whatever the settings, naming the token (it used to fix the
+    /// draw to the last sorted token without a word).
+    #[test]
+    fn sampling_refuses_non_finite_logits() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let logits = [1.0f32, 3.0, bad, 0.5];
+            for cfg in [
+                SamplingConfig::default(),
+                SamplingConfig { temperature: 0.0, ..SamplingConfig::default() },
+                SamplingConfig { top_k: Some(2), top_p: Some(0.9), ..SamplingConfig::default() },
+            ] {
+                for u in [0.0, 0.5, 0.999] {
+                    let e = sample(&logits, &cfg, u).expect_err("non-finite logit");
+                    assert_eq!(e.token, 2);
+                    assert!(e.to_string().contains("token 2"), "{e}");
+                }
+            }
         }
     }
 

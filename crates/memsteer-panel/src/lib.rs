@@ -22,6 +22,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod durable;
 mod error;
 mod grid;
 mod panel;

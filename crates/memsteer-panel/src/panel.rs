@@ -210,22 +210,12 @@ fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")).into() } else { s.into() }
 }
 
-/// Writes a file atomically: the content goes to `PATH.tmp-PID`, which is flushed and renamed onto `path`.
+/// Writes a file durably and atomically ([`crate::durable::write`]): a temporary file beside `path`,
+/// `fsync`ed, renamed onto `path`, the directory `fsync`ed.
 pub fn write_atomic(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
-    let io = |source| PanelError::Io { action: "writing", path: path.to_path_buf(), source };
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(format!(".tmp-{}", std::process::id()));
-    let tmp = path.with_file_name(tmp_name);
-    let file = std::fs::File::create(&tmp).map_err(io)?;
-    let mut w = std::io::BufWriter::new(file);
-    let result = fill(&mut w).and_then(|()| w.flush());
-    let result = result.and_then(|()| {
-        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&tmp, path)
-    });
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    Ok(())
+    crate::durable::write(path, fill).map_err(|source| PanelError::Io {
+        action: "writing",
+        path: path.to_path_buf(),
+        source,
+    })
 }

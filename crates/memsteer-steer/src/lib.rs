@@ -10,8 +10,10 @@
 //!   and the authors' dummy steer; [`fused`] holds the output layer's forward and backward with no
 //!   `[tokens, vocab]` buffer.
 //! - [`explain`]: the SVD of each steer and the tokens at both ends of its top singular directions.
-//! - [`transfer`]: moves a steer to another model through a least-squares map `H` between the two output
-//!   embeddings (`W' = Hᵀ W H`).
+//! - [`transfer`]: moves a steer to another model through least-squares maps between the two output
+//!   embeddings: the paper's `W' = Hᵀ W H`, the authors' script, or the two-sided `Hᵀ W Gᵀ`.
+//! - [`evidence`]: where a text carries the steer's style (exact best spans) and at which strength
+//!   (`detect`: the authors' zero-shot classifier over a grid of strengths).
 //!
 //! ```
 //! use memsteer_lm::Model;
@@ -37,6 +39,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod evidence;
 pub mod explain;
 pub mod fused;
 mod linalg;

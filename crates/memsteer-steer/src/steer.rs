@@ -1,6 +1,6 @@
 //! The steer model `W_s = P1_s P2_sᵀ` and its safetensors file.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use memsteer_kernels::{Device, Steers, log_prob_targets, matmul_transposed, steered_projection};
 use memsteer_lm::Decoder;
@@ -298,12 +298,8 @@ impl Steer {
             &meta,
         )
         .map_err(fmt)?;
-        let io = |source| SteerError::Io { path: path.to_path_buf(), source };
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, bytes).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        memsteer_panel::durable::write_bytes(path, &bytes)
+            .map_err(|source| SteerError::Io { path: path.to_path_buf(), source })
     }
 
     /// Reads a steer file; every malformed part is an error naming the file and the field.

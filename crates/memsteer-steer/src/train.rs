@@ -16,6 +16,11 @@ pub const DEFAULT_MAX_RANK: usize = 1000;
 /// Sequences per forward pass while caching hidden states.
 const CACHE_BATCH: usize = 16;
 
+/// Most optimizer steps of one steer training run (the loss of every step is kept).
+pub const MAX_STEPS: usize = 10_000_000;
+/// Most sequences per minibatch.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+
 /// Training settings; [`TrainConfig::default`] gives the authors' defaults.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -34,7 +39,7 @@ pub struct TrainConfig {
     pub adam_epsilon: f32,
     /// Coefficient λ of the authors' regularisation term `λ (‖P1‖² + ‖P2‖²)` added to the loss (0).
     pub weight_decay: f32,
-    /// Optimizer steps (1000).
+    /// Optimizer steps (1000; at most [`MAX_STEPS`]).
     pub steps: usize,
     /// Sequences per minibatch (32).
     pub batch_size: usize,
@@ -93,17 +98,23 @@ impl TrainConfig {
         if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
             return bad("weight_decay", format!("expected a finite number ≥ 0, found {}", self.weight_decay));
         }
-        if self.steps == 0 {
-            return bad("steps", "expected at least 1, found 0".into());
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            return bad("steps", format!("expected between 1 and {MAX_STEPS}, found {}", self.steps));
         }
-        if self.batch_size == 0 {
-            return bad("batch_size", "expected at least 1, found 0".into());
+        if !(1..=MAX_BATCH_SIZE).contains(&self.batch_size) {
+            return bad("batch_size", format!("expected between 1 and {MAX_BATCH_SIZE}, found {}", self.batch_size));
         }
         if self.max_length < 2 {
             return bad("max_length", format!("expected at least 2 tokens, found {}", self.max_length));
         }
-        if !(self.init_std.is_finite() && self.init_std >= 0.0) {
-            return bad("init_std", format!("expected a finite number ≥ 0, found {}", self.init_std));
+        if !(self.init_std.is_finite() && self.init_std > 0.0) {
+            return bad(
+                "init_std",
+                format!(
+                    "expected a finite number > 0, found {} (with both projectors at zero the gradient of W = P1 P2ᵀ is zero and the steer never moves)",
+                    self.init_std
+                ),
+            );
         }
         Ok(())
     }

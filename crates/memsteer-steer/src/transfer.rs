@@ -1,20 +1,27 @@
-//! Moving a steer to another model (issue 9, part 7), as LM-Steer does: fit a linear map `H`
-//! (`d_from × d_to`) with `E_to ≈ E_from H` on the tokens both vocabularies share, by least squares in
-//! closed form, and give the target model `W' = Hᵀ W H` ([`TransferMap::Orthogonal`], the default), or
-//! fit the inverse direction `E_from ≈ E_to G` as well and give it `W' = Hᵀ W Gᵀ`
-//! ([`TransferMap::TwoSided`], exact for any invertible linear relation between the models).
+//! Moving a steer to another model (issue 9, part 7; the maps named in issue 16). Every map is a least-
+//! squares fit between the two output embeddings on the tokens both vocabularies share, solved in closed
+//! form, and carries the steer in low-rank form (`P1' = Hᵀ P1`, `P2' = Rᵀ P2`, so `W' = Hᵀ W R` keeps the
+//! rank and `d × d` is never formed):
 //!
-//! Why `Hᵀ W H`: if the target's hidden states relate to the source's as `h_to = h_from H` and its output
-//! embeddings as `E_to = E_from H` with `H` orthogonal, the steered logits `h_to (I + ε W') E_toᵀ` equal the
-//! source's `h_from (I + ε W) E_fromᵀ` exactly. In low-rank form `W' = (Hᵀ P1)(Hᵀ P2)ᵀ`, so the rank is
-//! kept and `d × d` is never formed.
+//! - [`TransferMap::Paper`] (the default): the paper's `e_v = H e'_v` (`H`, `d_from × d_to`, maps the
+//!   target's embeddings to the source's), fitted so that `E_from ≈ E_to Hᵀ`, and `W' = Hᵀ W H`.
+//! - [`TransferMap::Authors`]: the authors' `steer_transfer.py`: `B` (`d_to × d_from`) fitted with
+//!   `E_to B ≈ E_from` on the first `top_k` (4,000) shared tokens in the target vocabulary's order, each
+//!   row of `B` divided by its norm, `P' = B P` for both projectors (`W' = B W Bᵀ`). Their script reaches
+//!   the fit with Adam on the mean squared error; the closed-form optimum of that loss stands in here.
+//! - [`TransferMap::TwoSided`]: `W' = Hᵀ W Gᵀ` with `E_to ≈ E_from H` and `E_from ≈ E_to G` both fitted:
+//!   exact for any invertible linear relation between the models (`E_to = E_from A`, hidden states
+//!   `h_to = h_from A⁻ᵀ`, as equal base logits imply), where the first two are exact only for orthogonal
+//!   relations. All three agree when the relation is orthogonal.
 //!
-//! The fit solves the normal equations `(XᵀX + λ I) H = XᵀY` by Cholesky in `f64`, where the rows of `X` and
-//! `Y` are the source and target embeddings of the shared tokens (the first `top_k` pairs when given; the
-//! authors use 4,000). With `λ = 0` and a singular `XᵀX`, a tiny ridge (`10⁻¹²` of the mean diagonal, then
-//! ×100 up to 4 times) is added and recorded. Fewer shared tokens than `d_from` with `λ = 0` is refused as
-//! underdetermined. The fit's relative residual `‖X H − Y‖_F / ‖Y‖_F` is recorded in the new steer's
-//! `training` metadata under `"transfer"`.
+//! Why `Hᵀ W H` in the paper: with `e_v = H e'_v` and hidden states related the same way, the steered
+//! logit `cᵀ (I + ε W) e_v` becomes `c'ᵀ (HᵀH + ε Hᵀ W H) e'_v`, the target's own when `HᵀH = I`.
+//!
+//! Each fit solves its normal equations `(XᵀX + λ I) M = XᵀY` by Cholesky in `f64`. With `λ = 0` and a
+//! singular `XᵀX`, a tiny ridge (`10⁻¹²` of the mean diagonal, then ×100 up to 4 times) is added and
+//! recorded. Fewer shared tokens than the fit's input size with `λ = 0` is refused as underdetermined.
+//! The fit's relative residual `‖X M − Y‖_F / ‖Y‖_F` is recorded in the new steer's `training` metadata
+//! under `"transfer"`.
 //!
 //! ```
 //! use memsteer_steer::transfer::{EmbeddingView, SharedTokens, TransferConfig, transfer};
@@ -205,25 +212,40 @@ impl SharedTokens {
     }
 }
 
-/// How the steer is carried through the fitted maps.
+/// How the steer is carried to the target (see the module documentation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum TransferMap {
-    /// The authors' `W' = Hᵀ W H`: exact when `H` is orthogonal.
+    /// The paper's: `E_from ≈ E_to Hᵀ` (`e_v = H e'_v`), `W' = Hᵀ W H`; exact when `H` is orthogonal.
     #[default]
-    Orthogonal,
-    /// `W' = Hᵀ W Gᵀ`, with a second fit `E_from ≈ E_to G` on the same tokens: exact for any invertible
-    /// linear relation between the two models (`E_to = E_from A`, hidden states `h_to = h_from A⁻ᵀ`, as
-    /// equal base logits imply), and equal to `Hᵀ W H` when `H` is orthogonal. The base logits tie
-    /// `h_from ≈ h_to Hᵀ`; the steer's term `h_from W E_fromᵀ` then becomes `h_to Hᵀ W Gᵀ E_toᵀ`.
+    Paper,
+    /// The authors' script: `E_to B ≈ E_from` on the first `top_k` (default [`AUTHORS_TOP_K`]) shared
+    /// tokens in the target's id order, rows of `B` normalised, `P' = B P`.
+    Authors,
+    /// `W' = Hᵀ W Gᵀ` with `E_to ≈ E_from H` and `E_from ≈ E_to G`: exact for any invertible linear
+    /// relation between the two models. The base logits tie `h_from ≈ h_to Hᵀ`; the steer's term
+    /// `h_from W E_fromᵀ` then becomes `h_to Hᵀ W Gᵀ E_toᵀ`.
     TwoSided,
 }
 
+/// The authors' number of shared tokens the fit uses (`top_k = 4000` in their `steer_transfer.py`).
+pub const AUTHORS_TOP_K: usize = 4000;
+
 impl TransferMap {
-    /// The name recorded in a transferred steer's metadata.
+    /// The name recorded in a transferred steer's metadata (and the CLI's `--map` value).
     pub fn name(self) -> &'static str {
         match self {
-            TransferMap::Orthogonal => "orthogonal",
+            TransferMap::Paper => "paper",
+            TransferMap::Authors => "authors",
             TransferMap::TwoSided => "two-sided",
+        }
+    }
+
+    /// `W'` in the paper's notation.
+    pub fn formula(self) -> &'static str {
+        match self {
+            TransferMap::Paper => "HᵀWH with E_from ≈ E_to Hᵀ",
+            TransferMap::Authors => "BWBᵀ with E_to B ≈ E_from, rows of B normalised",
+            TransferMap::TwoSided => "HᵀWGᵀ with E_to ≈ E_from H and E_from ≈ E_to G",
         }
     }
 }
@@ -231,7 +253,8 @@ impl TransferMap {
 /// Settings of the least-squares fit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TransferConfig {
-    /// Fit on the first `top_k` shared pairs only (the authors use 4,000); `None` for all of them.
+    /// Fit on the first `top_k` shared pairs only; `None` for all of them ([`TransferMap::Authors`]:
+    /// [`AUTHORS_TOP_K`], in the target's id order).
     pub top_k: Option<usize>,
     /// Ridge `λ ≥ 0` added to the diagonal of `XᵀX` (absolute, in squared embedding units); 0 for plain
     /// least squares (with an automatic tiny ridge if `XᵀX` is singular).
@@ -241,20 +264,22 @@ pub struct TransferConfig {
 }
 
 impl Default for TransferConfig {
-    /// All shared tokens, no ridge, the authors' `Hᵀ W H`.
+    /// All shared tokens, no ridge, the paper's `Hᵀ W H`.
     fn default() -> Self {
-        Self { top_k: None, ridge: 0.0, map: TransferMap::Orthogonal }
+        Self { top_k: None, ridge: 0.0, map: TransferMap::Paper }
     }
 }
 
-/// The fitted map `H` with `E_to ≈ E_from H`.
+/// A least-squares map `M` with `E_to ≈ E_from M` between the two views given to [`fit_map`]; as returned
+/// by [`transfer`], the map `H` that carries `P1` (`P1' = Hᵀ P1`, `d_from × d_to` of the steer's two models)
+/// with the statistics of the fit it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EmbeddingMap {
-    /// `H`, `d_from × d_to` row-major.
+    /// `M`, `d_from × d_to` row-major.
     pub h: Vec<f64>,
-    /// Source hidden size.
+    /// Input size (rows of `M`).
     pub d_from: usize,
-    /// Target hidden size.
+    /// Output size (columns of `M`).
     pub d_to: usize,
     /// Pairs the fit used.
     pub pairs_used: usize,
@@ -268,8 +293,9 @@ pub struct EmbeddingMap {
     pub relative_residual: f64,
 }
 
-/// Fits `H` (`from.dim() × to.dim()`) with `E_to ≈ E_from H` on the shared pairs (the first
-/// `config.top_k` of them when set) by least squares; see the module documentation.
+/// Fits `M` (`from.dim() × to.dim()`) with `E_to ≈ E_from M` on the shared pairs (the first
+/// `config.top_k` of them when set) by least squares; see the module documentation. `config.map` is not
+/// used here.
 pub fn fit_map(
     from: &EmbeddingView<'_>,
     to: &EmbeddingView<'_>,
@@ -382,13 +408,12 @@ pub fn fit_map(
 }
 
 /// Moves `steer` from the model with output embedding `from` (the steer's own model: size and fingerprint
-/// are checked) to the model with output embedding `to`: fits `H` ([`fit_map`]) and returns the steer with
-/// `P1' = Hᵀ P1` and `P2' = Hᵀ P2` (orthogonal map) or `P2' = G P2` (two-sided, `G` fitted with
-/// `E_from ≈ E_to G` on the same pairs) for every steer (the dummy included), the target's hidden size,
-/// vocabulary size and fingerprint, the same ε and labels, and the source's training settings with a
-/// `"transfer"` entry (map, source shapes and fingerprint, shared and used pairs, matching, `top_k`, ridge
-/// and whether it was automatic, relative residual, and for the two-sided map the inverse fit's pairs,
-/// ridge and residual under `"inverse"`); with the fitted map `H`.
+/// are checked) to the model with output embedding `to` with `config.map` (see the module documentation),
+/// for every steer (the dummy included). The new steer has the target's hidden size, vocabulary size and
+/// fingerprint, the same ε and labels, and the source's training settings with a `"transfer"` entry (map
+/// and formula, source shapes and fingerprint, shared and used pairs, matching, `top_k`, ridge and whether
+/// it was automatic, relative residual, and for the two-sided map the inverse fit's pairs, ridge and
+/// residual under `"inverse"`). Also returns the map `H` that carried `P1` (`P1' = Hᵀ P1`) with its fit.
 pub fn transfer(
     steer: &Steer,
     from: &EmbeddingView<'_>,
@@ -412,27 +437,58 @@ pub fn transfer(
     if fp != steer.fingerprint() {
         return Err(mismatch("embedding_fingerprint", steer.fingerprint().to_string(), fp));
     }
-    let map = fit_map(from, to, shared, config)?;
-    // Two-sided: the inverse fit E_from ≈ E_to G on the same pairs; P2 is carried by Gᵀ (d_from × d_to).
-    let inverse = match config.map {
-        TransferMap::Orthogonal => None,
+    let swapped = |pairs: &[(u32, u32)]| SharedTokens {
+        pairs: pairs.iter().map(|&(f, t)| (t, f)).collect(),
+        matching: shared.matching,
+    };
+    // The backward fit E_to G ≈ E_from (G: d_to × d_from), as a map H = Gᵀ (d_from × d_to).
+    let backward = |pairs: &SharedTokens, config: &TransferConfig| -> Result<EmbeddingMap> {
+        let g = fit_map(to, from, pairs, config)?;
+        Ok(EmbeddingMap { h: transpose(&g.h, g.d_from, g.d_to), d_from: g.d_to, d_to: g.d_from, ..g })
+    };
+    let mut config = config.clone();
+    let (left, right, inverse) = match config.map {
+        TransferMap::Paper => {
+            let h = backward(&swapped(&shared.pairs), &config)?;
+            let r = h.h.clone();
+            (h, r, None)
+        }
+        TransferMap::Authors => {
+            // Their order: the target vocabulary's; their top_k.
+            let mut pairs = shared.pairs.clone();
+            pairs.sort_by_key(|&(_, t)| t);
+            config.top_k = Some(config.top_k.unwrap_or(AUTHORS_TOP_K));
+            let mut h = backward(&swapped(&pairs), &config)?;
+            // Rows of B are columns of H = Bᵀ: each divided by its norm.
+            let (m, p) = (h.d_from, h.d_to);
+            for j in 0..p {
+                let norm = (0..m).map(|i| h.h[i * p + j] * h.h[i * p + j]).sum::<f64>().sqrt();
+                if !(norm > 0.0 && norm.is_finite()) {
+                    return Err(SteerError::Numerical(format!(
+                        "authors' transfer: row {j} of the fitted map has norm {norm} and cannot be normalised"
+                    )));
+                }
+                for i in 0..m {
+                    h.h[i * p + j] /= norm;
+                }
+            }
+            let r = h.h.clone();
+            (h, r, None)
+        }
         TransferMap::TwoSided => {
-            let swapped =
-                SharedTokens { pairs: shared.pairs.iter().map(|&(f, t)| (t, f)).collect(), matching: shared.matching };
-            let g = fit_map(to, from, &swapped, config).map_err(|e| {
+            let h = fit_map(from, to, shared, &config)?;
+            let g = backward(&swapped(&shared.pairs), &config).map_err(|e| {
                 SteerError::Input(format!(
                     "two-sided transfer: the inverse fit E_from ≈ E_to G (target embeddings to source ones) failed: {e}"
                 ))
             })?;
-            Some(g)
+            let r = g.h.clone();
+            (h, r, Some(g))
         }
-    };
-    let right = match &inverse {
-        Some(g) => transpose(&g.h, g.d_from, g.d_to),
-        None => map.h.clone(),
     };
     let record = serde_json::json!({
         "map": config.map.name(),
+        "formula": config.map.formula(),
         "inverse": inverse.as_ref().map(|g| serde_json::json!({
             "pairs_used": g.pairs_used,
             "ridge": g.ridge,
@@ -443,19 +499,19 @@ pub fn transfer(
         "from_vocab_size": from.vocab,
         "from_embedding_fingerprint": steer.fingerprint(),
         "matching": shared.matching.name(),
-        "shared_tokens": map.shared,
-        "pairs_used": map.pairs_used,
+        "shared_tokens": left.shared,
+        "pairs_used": left.pairs_used,
         "top_k": config.top_k,
-        "ridge": map.ridge,
-        "ridge_automatic": map.ridge_automatic,
-        "relative_residual": map.relative_residual,
+        "ridge": left.ridge,
+        "ridge_automatic": left.ridge_automatic,
+        "relative_residual": left.relative_residual,
     });
-    let moved = apply_maps(steer, &map, &right, to, record)?;
-    Ok((moved, map))
+    let moved = apply_maps(steer, &left, &right, to, record)?;
+    Ok((moved, left))
 }
 
-/// The steer `W' = Hᵀ W H` (the orthogonal form) for the model with output embedding `to`, given a fitted
-/// map; `record` goes into
+/// The steer `W' = Hᵀ W H` for the model with output embedding `to`, given a map `H` (`d_from × d_to`);
+/// `record` goes into
 /// the training metadata under `"transfer"` (beside the source's settings, or as
 /// `{"source": …, "transfer": …}` when those are not a JSON object).
 pub fn apply_map(

@@ -384,7 +384,8 @@ fn transfer_recovers_rotated_steer() {
     assert_eq!(Steer::load(&path).unwrap(), moved);
 }
 
-/// A target of another hidden size (`E_to = E_from A`, `A` 12 × 16): `H = A`, `W' = AᵀWA`, rank kept.
+/// A target of another hidden size (`E_to = E_from A`, `A` 12 × 16): the paper's fit `E_from ≈ E_to Hᵀ`
+/// is singular (the automatic ridge) and its solution inverts `A` (`H Aᵀ = I`), `W' = HᵀWH`, rank kept.
 #[test]
 fn transfer_to_a_wider_model() {
     let mut rng = Rng(41);
@@ -403,8 +404,14 @@ fn transfer_to_a_wider_model() {
     )
     .unwrap();
     assert!(map.relative_residual < 1e-6);
+    assert!(map.ridge_automatic);
     assert_eq!((moved.hidden_size(), moved.rank()), (dt, r));
-    let want = matmul(&transpose(&a, d, dt), &matmul(&dense_w(&steer, 0), &a, d, d, dt), dt, d, dt);
+    assert_eq!((map.d_from, map.d_to), (d, dt));
+    let identity: Vec<f64> = (0..d * d).map(|k| if k / d == k % d { 1.0 } else { 0.0 }).collect();
+    let hat = matmul(&map.h, &transpose(&a, d, dt), d, dt, d);
+    assert!(max_abs_diff(&hat, &identity) < 1e-5, "H Aᵀ − I: {:e}", max_abs_diff(&hat, &identity));
+    let h = &map.h;
+    let want = matmul(&transpose(h, d, dt), &matmul(&dense_w(&steer, 0), h, d, d, dt), dt, d, dt);
     let err = max_abs_diff(&dense_w(&moved, 0), &want) / max_abs(&want);
     assert!(err <= TRANSFER_RTOL, "{err:e}");
     assert_eq!(moved.training()["transfer"]["matching"], "given");
@@ -597,10 +604,12 @@ fn two_sided_transfer_is_exact_for_any_invertible_map() {
         (moved, err)
     };
     let (two, two_err) = run(TransferMap::TwoSided);
-    let (_, orth_err) = run(TransferMap::Orthogonal);
-    eprintln!("invertible map: effect error two-sided {two_err:.2e}, orthogonal {orth_err:.2e}");
+    let (_, paper_err) = run(TransferMap::Paper);
+    let (_, authors_err) = run(TransferMap::Authors);
+    eprintln!("invertible map: effect error two-sided {two_err:.2e}, paper {paper_err:.2e}, authors {authors_err:.2e}");
     assert!(two_err < 1e-3, "two-sided: {two_err:e}");
-    assert!(orth_err > 0.1, "HᵀWH should miss a non-orthogonal map, error {orth_err:e}");
+    assert!(paper_err > 0.1, "HᵀWH should miss a non-orthogonal map, error {paper_err:e}");
+    assert!(authors_err > 0.1, "BWBᵀ should miss a non-orthogonal map, error {authors_err:e}");
     let t = &two.training()["transfer"];
     assert_eq!(t["map"], "two-sided");
     assert!(t["inverse"]["relative_residual"].as_f64().unwrap() < 1e-6);
@@ -625,10 +634,93 @@ fn two_sided_transfer_is_exact_for_any_invertible_map() {
     let e_rot = f32s(&matmul(&f64s(&e_from32), &q, vocab, d, d));
     let rot = EmbeddingView::new(&e_rot, d).unwrap();
     let config = |map| TransferConfig { map, ..Default::default() };
-    let (a1, _) = transfer(&steer, &from, &rot, &shared, &config(TransferMap::Orthogonal)).unwrap();
-    let (a2, _) = transfer(&steer, &from, &rot, &shared, &config(TransferMap::TwoSided)).unwrap();
-    for s in 0..2 {
-        let (w1, w2) = (dense_w(&a1, s), dense_w(&a2, s));
-        assert!(max_abs_diff(&w1, &w2) / max_abs(&w1) <= TRANSFER_RTOL, "steer {s}");
+    let (a1, _) = transfer(&steer, &from, &rot, &shared, &config(TransferMap::Paper)).unwrap();
+    for map in [TransferMap::TwoSided, TransferMap::Authors] {
+        let (a2, _) = transfer(&steer, &from, &rot, &shared, &config(map)).unwrap();
+        for s in 0..2 {
+            let (w1, w2) = (dense_w(&a1, s), dense_w(&a2, s));
+            assert!(max_abs_diff(&w1, &w2) / max_abs(&w1) <= TRANSFER_RTOL, "{map:?}, steer {s}");
+        }
     }
+}
+
+/// Each map equals its numpy formula (`fixtures/transfer/make_golden.py`: `numpy.linalg.lstsq`, row
+/// normalisation, the target's id order and `top_k` for the authors' map) on a pair of models related by a
+/// non-orthogonal invertible `A` (cond 8.3) plus noise, to 1e-6 relative; under an orthogonal relation
+/// the three maps agree.
+#[test]
+fn transfer_maps_equal_their_numpy_formulas() {
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/transfer/golden.json"))
+            .expect("golden"),
+    )
+    .expect("json");
+    let nums = |v: &serde_json::Value| -> Vec<f64> {
+        let mut out = Vec::new();
+        let mut stack = vec![v];
+        while let Some(x) = stack.pop() {
+            match x {
+                serde_json::Value::Array(a) => stack.extend(a.iter().rev()),
+                n => out.push(n.as_f64().expect("number")),
+            }
+        }
+        out
+    };
+    let size = |k: &str| golden[k].as_u64().expect("size") as usize;
+    let (vocab, d, r, steers, top_k) = (size("vocab"), size("dim"), size("rank"), size("steers"), size("top_k"));
+    let e_from = f32s(&nums(&golden["e_from"]));
+    let spec = SteerSpec {
+        num_steers: steers,
+        hidden_size: d,
+        rank: r,
+        vocab_size: vocab,
+        epsilon: 1e-3,
+        embedding_fingerprint: embedding_fingerprint(&e_from),
+        labels: vec!["style".into()],
+    };
+    let steer =
+        Steer::new(spec, f32s(&nums(&golden["projector1"])), f32s(&nums(&golden["projector2"])), serde_json::json!({}))
+            .unwrap();
+    let pairs: Vec<(u32, u32)> = golden["pairs"]
+        .as_array()
+        .expect("pairs")
+        .iter()
+        .map(|p| (p[0].as_u64().expect("id") as u32, p[1].as_u64().expect("id") as u32))
+        .collect();
+    let shared = SharedTokens::given(pairs);
+    let from = EmbeddingView::new(&e_from, d).unwrap();
+    for (case, target) in [("non_orthogonal", "e_to"), ("orthogonal", "e_rot")] {
+        let e_to = f32s(&nums(&golden[target]));
+        let to = EmbeddingView::new(&e_to, d).unwrap();
+        for map in [TransferMap::Paper, TransferMap::Authors, TransferMap::TwoSided] {
+            let top = if map == TransferMap::Authors { Some(top_k) } else { None };
+            let (moved, fit) =
+                transfer(&steer, &from, &to, &shared, &TransferConfig { map, top_k: top, ..Default::default() })
+                    .unwrap();
+            assert_eq!(fit.pairs_used, if map == TransferMap::Authors { top_k } else { vocab });
+            let want = &golden[case][map.name()];
+            for (got, key) in [(moved.projector1(), "projector1"), (moved.projector2(), "projector2")] {
+                let w = nums(&want[key]);
+                let err = max_abs_diff(&f64s(got), &w) / max_abs(&w);
+                eprintln!("{case} {}: {key} relative error {err:.2e}", map.name());
+                assert!(err < 1e-6, "{case} {}: {key} differs from numpy by {err:e} (relative)", map.name());
+            }
+        }
+        if case == "non_orthogonal" {
+            // The maps really differ here, so the comparison above tells them apart.
+            let p = nums(&golden[case]["paper"]["projector1"]);
+            for other in ["authors", "two-sided"] {
+                let o = nums(&golden[case][other]["projector1"]);
+                assert!(max_abs_diff(&p, &o) / max_abs(&p) > 0.05, "{other} equals paper");
+            }
+        }
+    }
+    // The authors' map uses its 4,000 by default (here all 90 pairs: more than this vocabulary).
+    let e_to = f32s(&nums(&golden["e_to"]));
+    let to = EmbeddingView::new(&e_to, d).unwrap();
+    let authors = TransferConfig { map: TransferMap::Authors, ..Default::default() };
+    let (moved, fit) = transfer(&steer, &from, &to, &shared, &authors).unwrap();
+    assert_eq!(fit.pairs_used, vocab);
+    assert_eq!(moved.training()["transfer"]["top_k"], 4000);
+    assert_eq!(moved.training()["transfer"]["map"], "authors");
 }

@@ -584,9 +584,7 @@ fn pair_mut<'a>(grads: &'a mut [f32], tensors: &[TensorInfo], i: usize) -> (&'a 
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|source| LmError::Io { path: tmp.clone(), source })?;
-    std::fs::rename(&tmp, path).map_err(|source| LmError::Io { path: path.into(), source })
+    memsteer_panel::durable::write_bytes(path, bytes).map_err(|source| LmError::Io { path: path.into(), source })
 }
 
 /// What one layer's forward keeps for its backward.

@@ -54,9 +54,10 @@ impl LrSchedule {
         Ok(Self { lr, min_lr, warmup, steps, kind })
     }
 
-    /// The learning rate of optimizer step `k` (1-based).
+    /// The learning rate of optimizer step `k` (1-based); `k = 0` (before the first step) is the start
+    /// of the warm-up (0), or without warm-up the peak rate.
     pub fn lr_at(&self, k: usize) -> f64 {
-        if k <= self.warmup {
+        if self.warmup > 0 && k <= self.warmup {
             return self.lr * k as f64 / self.warmup as f64;
         }
         match self.kind {
@@ -105,6 +106,10 @@ mod tests {
         let c = LrSchedule::new(Schedule::Cosine, 1.0, 0.0, 0, 2).unwrap();
         assert!((c.lr_at(1) - 0.5).abs() < 1e-15);
         assert_eq!(c.lr_at(2), 0.0);
+        // Step 0 is defined with and without warm-up (it was 0/0 without).
+        assert_eq!([c.lr_at(0), s.lr_at(0)], [1.0, 0.0]);
+        let k = LrSchedule::new(Schedule::Constant, 0.5, 0.0, 0, 10).unwrap();
+        assert_eq!(k.lr_at(0), 0.5);
     }
 
     #[test]
