@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use memsteer_did::{BandScope, BasePeriod, ControlGroup, DidError, Estimator, Multiplier, Profile, ProfileConfig};
+use memsteer_did::{
+    BandMethod, BandScope, BasePeriod, ControlGroup, DidError, Estimator, Multiplier, Profile, ProfileConfig,
+};
 use memsteer_panel::read::{ColumnMap, IncompletePolicy, ReadOptions, ReadReport, TreatmentEncoding};
 use memsteer_panel::{PanelError, write_atomic};
 use serde::Serialize;
@@ -47,6 +49,15 @@ pub enum MultiplierArg {
     Mammen,
 }
 
+/// `--band-method` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BandMethodArg {
+    /// Student-t critical values per cell at the sup-t level, analytic SEs.
+    Student,
+    /// csdid's construction.
+    Csdid,
+}
+
 /// Band-scope choice on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum BandArg {
@@ -85,6 +96,11 @@ pub struct ProfileArgs {
     /// Cells covered by the uniform band.
     #[arg(long, value_enum, default_value = "all")]
     pub band: BandArg,
+    /// How the uniform band is built: `student` (default; the sup-t level mapped to each cell's Student t
+    /// at its Welch–Satterthwaite degrees of freedom, on the analytic SE: holds its joint level with small
+    /// cohorts) or `csdid` (csdid's: one sup-t quantile times the bootstrap SEs).
+    #[arg(long, value_enum, default_value = "student")]
+    pub band_method: BandMethodArg,
     /// Significance level.
     #[arg(long, default_value_t = 0.05)]
     pub alpha: f64,
@@ -190,6 +206,10 @@ impl ProfileArgs {
             .with_band_scope(match self.band {
                 BandArg::All => BandScope::All,
                 BandArg::Post => BandScope::Post,
+            })
+            .with_band_method(match self.band_method {
+                BandMethodArg::Student => BandMethod::Student,
+                BandMethodArg::Csdid => BandMethod::Csdid,
             })
             .with_min_cohort_size(self.min_cohort_size)
             .with_pretrend_window(self.pretrend_window)

@@ -367,3 +367,40 @@ fn interval_labels_follow_alpha() {
             .is_some_and(|w| w.iter().any(|w| w.as_str().is_some_and(|w| w.contains("20 bootstrap draws"))))
     );
 }
+
+/// `--band-method`: the default Student band and csdid's construction share estimates and pointwise
+/// intervals and differ only in the bands; `summary.json` records the method.
+#[test]
+fn band_method_changes_only_the_bands() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let panel = fixture("csdid/panel_a.csv");
+    let run = |method: Option<&str>, name: &str| {
+        let out = dir.path().join(name);
+        let mut args =
+            vec!["profile", "--panel", s(&panel), "--out", s(&out), "--bootstrap", "200", "--no-figures", "--quiet"];
+        if let Some(m) = method {
+            args.extend(["--band-method", m]);
+        }
+        ok(&args);
+        let att = std::fs::read_to_string(out.join("att.csv")).expect("att");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).expect("summary")).expect("json");
+        (att, summary)
+    };
+    let (student, s1) = run(None, "student");
+    let (csdid, s2) = run(Some("csdid"), "csdid");
+    assert_eq!(s1["settings"]["band_method"], "student", "{s1}");
+    assert_eq!(s2["settings"]["band_method"], "csdid", "{s2}");
+    let rows =
+        |t: &str| t.lines().skip(1).map(|l| l.split(',').map(String::from).collect::<Vec<_>>()).collect::<Vec<_>>();
+    let (a, b) = (rows(&student), rows(&csdid));
+    assert_eq!(a.len(), b.len());
+    let mut differ = 0;
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x[..7], y[..7], "estimates, SEs and pointwise intervals agree");
+        differ += usize::from(x[7] != y[7]);
+    }
+    assert!(differ > a.len() / 2, "bands differ in {differ} of {} cells", a.len());
+    let e = fails(&["profile", "--panel", s(&panel), "--band-method", "bonferroni"]);
+    assert!(e.contains("--band-method") && e.contains("student"), "{e}");
+}

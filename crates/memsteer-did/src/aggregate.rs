@@ -9,12 +9,10 @@ use std::collections::BTreeMap;
 
 use memsteer_panel::Cohort;
 
-use crate::bootstrap::quantile_inverted_cdf;
 use crate::cells::CellSpec;
 use crate::functional::Functional;
 use crate::inference::Inference;
 use crate::prepare::Cohorts;
-use crate::stats::normal_quantile;
 use crate::types::{Aggregate, CohortSummary, PathEstimate};
 use crate::{BandScope, ValidConfig};
 
@@ -50,7 +48,7 @@ pub(crate) fn aggregate(
     inf: &Inference<'_>,
     cfg: &ValidConfig,
     steps: &[u64],
-) -> Aggregates {
+) -> crate::Result<Aggregates> {
     let last = cohorts.c - 1;
     let weight = |s: &CellSpec| cohorts.groups[s.group].n as f64;
 
@@ -63,31 +61,24 @@ pub(crate) fn aggregate(
     let counts: Vec<usize> = by_event.values().map(Vec::len).collect();
     let path_funcs: Vec<Functional> = by_event.values().filter_map(|v| average(v)).collect();
     let path_stats = inf.summarise(&path_funcs, cfg.alpha);
-    let z = normal_quantile(1.0 - cfg.alpha / 2.0);
-    let se: Vec<f64> = path_stats.iter().map(|a| a.std_error).collect();
     let include: Vec<bool> = events.iter().map(|&e| cfg.band_scope == BandScope::All || e >= 0).collect();
-    let path_crit = match inf.sup_t_draws(&path_funcs, &se, &include) {
-        Some(mut d) => quantile_inverted_cdf(&mut d, 1.0 - cfg.alpha),
-        None => z,
-    };
+    let path_ses = inf.std_errors(&path_funcs);
+    let (path_widths, path_crit) = inf.band(&path_funcs, &path_ses, &include, cfg.alpha, cfg.band_method)?;
     let path: Vec<PathEstimate> = events
         .iter()
         .zip(&path_stats)
         .zip(&counts)
-        .zip(&include)
-        .map(|(((&e, a), &n), &inc)| {
-            let crit = if inc { path_crit } else { z };
-            PathEstimate {
-                event_time: e,
-                estimate: a.estimate,
-                std_error: a.std_error,
-                ci_lower: a.ci_lower,
-                ci_upper: a.ci_upper,
-                band_lower: a.estimate - crit * a.std_error,
-                band_upper: a.estimate + crit * a.std_error,
-                n_cohorts: n,
-                se_source: a.se_source,
-            }
+        .zip(&path_widths)
+        .map(|(((&e, a), &n), &width)| PathEstimate {
+            event_time: e,
+            estimate: a.estimate,
+            std_error: a.std_error,
+            ci_lower: a.ci_lower,
+            ci_upper: a.ci_upper,
+            band_lower: a.estimate - width,
+            band_upper: a.estimate + width,
+            n_cohorts: n,
+            se_source: a.se_source,
         })
         .collect();
 
@@ -120,7 +111,7 @@ pub(crate) fn aggregate(
     let stats = inf.summarise(&overall, cfg.alpha);
     let n_summary_fallbacks = stats.iter().filter(|a| a.se_source.is_fallback()).count();
     let get = |s: Option<usize>| s.map(|i| stats[i]);
-    Aggregates {
+    Ok(Aggregates {
         path,
         path_funcs,
         instantaneous: get(inst_slot),
@@ -138,5 +129,5 @@ pub(crate) fn aggregate(
             .collect(),
         path_crit,
         n_summary_fallbacks,
-    }
+    })
 }

@@ -51,6 +51,23 @@ pub enum Multiplier {
     Mammen,
 }
 
+/// How the uniform band's critical values are made from the bootstrap's sup-t draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum BandMethod {
+    /// The sup-t quantile `c` of the draws (each studentised by its cell's analytic SE) read as a normal
+    /// tail probability `p = 2(1 − Φ(c))`, and each cell's critical value the Student-t quantile with the
+    /// same tail at its Welch–Satterthwaite degrees of freedom, applied to the analytic SE: the band
+    /// accounts for the SEs being estimated from small cohorts and holds its joint level (see
+    /// `docs/diagnostics.md`).
+    #[default]
+    Student,
+    /// csdid's construction: one sup-t quantile of the draws studentised by the bootstrap (IQR) SEs,
+    /// applied to those SEs (under-covers with cohorts of tens of instances).
+    Csdid,
+}
+
 /// Which cells the uniform (sup-t) band covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -92,6 +109,8 @@ pub struct ProfileConfig {
     pub seed: u64,
     /// Cells covered by the uniform band.
     pub band_scope: BandScope,
+    /// How the uniform band's critical values are made.
+    pub band_method: BandMethod,
     /// Cohorts smaller than this get a warning.
     pub min_cohort_size: usize,
     /// The cell-level Wald pre-test is skipped above this many pre-treatment cells.
@@ -111,6 +130,7 @@ impl Default for ProfileConfig {
             alpha: 0.05,
             seed: 20240101,
             band_scope: BandScope::All,
+            band_method: BandMethod::Student,
             min_cohort_size: 10,
             max_wald_cells: 1500,
             pretrend_window: 10,
@@ -154,6 +174,8 @@ impl ProfileConfig {
         with_seed: seed: u64;
         /// Sets [`ProfileConfig::band_scope`].
         with_band_scope: band_scope: BandScope;
+        /// Sets [`ProfileConfig::band_method`].
+        with_band_method: band_method: BandMethod;
         /// Sets [`ProfileConfig::min_cohort_size`].
         with_min_cohort_size: min_cohort_size: usize;
         /// Sets [`ProfileConfig::max_wald_cells`].

@@ -2,7 +2,7 @@
 
 use memsteer_panel::{Cohort, Panel};
 
-use crate::bootstrap::{BootSums, quantile_inverted_cdf};
+use crate::bootstrap::BootSums;
 use crate::cells::{CellSpec, build_cells};
 use crate::functional::Functional;
 use crate::inference::Inference;
@@ -80,25 +80,21 @@ pub fn estimate(panel: &Panel, cfg: &ValidConfig, progress: &dyn Progress) -> Re
         }
     };
     progress.start("cells", 1);
-    let inf = Inference { cohorts: &cohorts, sums: sums.as_ref() };
+    let inf = Inference { cohorts: &cohorts, sums: sums.as_ref(), seed: cfg.seed };
     let steps = panel.grid().steps();
     let values: Vec<f64> = funcs.iter().map(|f| f.value(&cohorts)).collect();
     let ses = inf.std_errors(&funcs);
     let se = &ses.se;
     let z = normal_quantile(1.0 - cfg.alpha / 2.0);
     let in_band: Vec<bool> = specs.iter().map(|s| cfg.band_scope == BandScope::All || s.c >= s.g).collect();
-    let sup_draws = inf.sup_t_draws(&funcs, se, &in_band);
-    let crit = match &sup_draws {
-        Some(d) => quantile_inverted_cdf(&mut d.clone(), 1.0 - cfg.alpha),
-        None => z,
-    };
+    let (widths, crit) = inf.band(&funcs, &ses, &in_band, cfg.alpha, cfg.band_method)?;
     let cells: Vec<CellEstimate> = specs
         .iter()
         .zip(&values)
         .zip(se.iter().zip(&ses.analytic))
         .enumerate()
         .map(|(i, ((s, &est), (&se, &an)))| {
-            let band = if in_band[i] { crit } else { z };
+            let band = widths[i];
             CellEstimate {
                 cohort: steps[s.g],
                 checkpoint: steps[s.c],
@@ -109,8 +105,8 @@ pub fn estimate(panel: &Panel, cfg: &ValidConfig, progress: &dyn Progress) -> Re
                 std_error: se,
                 ci_lower: est - z * se,
                 ci_upper: est + z * se,
-                band_lower: est - band * se,
-                band_upper: est + band * se,
+                band_lower: est - band,
+                band_upper: est + band,
                 n_treated: cohorts.groups[s.group].n,
                 n_control: s.n_control,
                 analytic_se: an,
@@ -121,7 +117,7 @@ pub fn estimate(panel: &Panel, cfg: &ValidConfig, progress: &dyn Progress) -> Re
     progress.finish();
 
     progress.start("aggregations", 1);
-    let agg = crate::aggregate::aggregate(&cohorts, &specs, &funcs, &inf, cfg, steps);
+    let agg = crate::aggregate::aggregate(&cohorts, &specs, &funcs, &inf, cfg, steps)?;
     let mut se_fallback = SeFallback {
         reason: None,
         cells: cells.iter().filter(|c| c.se_source.is_fallback()).map(|c| (c.cohort, c.checkpoint)).collect(),

@@ -124,6 +124,30 @@ impl Functional {
         total
     }
 
+    /// The analytic variance with each group's part `v_k` rescaled to the unbiased `n_k / (n_k − 1) · v_k`,
+    /// and the Welch–Satterthwaite degrees of freedom of that sum, `(Σ u_k)² / Σ u_k² / (n_k − 1)`
+    /// (infinite when the variance is zero): the scale and the degrees of freedom of a Student t for the
+    /// studentised functional.
+    pub fn welch(&self, cohorts: &Cohorts) -> (f64, f64) {
+        let c = cohorts.c;
+        let (mut total, mut denominator) = (0.0, 0.0);
+        for b in &self.blocks {
+            let g = &cohorts.groups[b.group];
+            let mut quad = 0.0;
+            for &(t1, w1) in &b.terms {
+                let row = &g.cov[t1 * c..(t1 + 1) * c];
+                for &(t2, w2) in &b.terms {
+                    quad += w1 * w2 * row[t2];
+                }
+            }
+            let dof = g.n.saturating_sub(1).max(1) as f64;
+            let part = (g.n as f64 * (quad + b.offset * b.offset)).max(0.0) * g.n as f64 / dof;
+            total += part;
+            denominator += part * part / dof;
+        }
+        (total, if denominator > 0.0 { total * total / denominator } else { f64::INFINITY })
+    }
+
     /// The analytic variance.
     pub fn variance(&self, cohorts: &Cohorts) -> f64 {
         self.covariance(self, cohorts).max(0.0)

@@ -44,6 +44,9 @@ fn psd_cholesky(a: &[f64], stride: usize, h: usize) -> Vec<f64> {
     l
 }
 
+/// Draws per block of [`GaussianSums::sup_t_full`].
+pub(crate) const FULL_BLOCK: usize = 128;
+
 /// Per-cohort Gaussian draws of the multiplier sums.
 pub(crate) struct GaussianSums {
     draws: usize,
@@ -55,16 +58,53 @@ pub(crate) struct GaussianSums {
 impl GaussianSums {
     pub fn draw(cohorts: &Cohorts, pooled: &[Option<Vec<f64>>], draws: usize, seed: u64) -> crate::Result<Self> {
         let c = cohorts.c;
+        Self::draw_with(cohorts, draws, seed, &|k| {
+            let g = &cohorts.groups[k];
+            let h = match g.cohort {
+                Cohort::Treated(gi) => gi,
+                Cohort::Never => c,
+            };
+            (pooled[k].as_deref().unwrap_or(&g.cov), h)
+        })
+    }
+
+    /// `max_i |δ_{i,b}| / se_i` per draw for functionals anywhere in the panel (the uniform bands), from
+    /// draws over every checkpoint with each group's own covariance: the Gaussian limit of the multiplier
+    /// bootstrap, whose Rademacher sums are too light-tailed where a maximum over many cells lives. The
+    /// draws are made [`FULL_BLOCK`] at a time (memory: groups × checkpoints × block), each block from its
+    /// own stream, so the result depends on the seed alone.
+    pub fn sup_t_full(
+        cohorts: &Cohorts,
+        funcs: &[&Functional],
+        se: &[f64],
+        draws: usize,
+        seed: u64,
+    ) -> crate::Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(draws);
+        for (block, start) in (0..draws).step_by(FULL_BLOCK).enumerate() {
+            let key = rng::mix64(seed ^ 0xB5AD_4ECE_DA1C_E2A9) ^ block as u64;
+            let g =
+                Self::draw_with(cohorts, FULL_BLOCK.min(draws - start), key, &|k| (&cohorts.groups[k].cov, cohorts.c))?;
+            out.extend(g.sup_t(funcs, se));
+        }
+        Ok(out)
+    }
+
+    /// Each group's draws from `N(0, n_k Σ_k)` over its first `h_k` checkpoints, `(Σ_k, h_k) = of(k)`
+    /// (`Σ_k` with row stride `c`).
+    fn draw_with<'c>(
+        cohorts: &'c Cohorts,
+        draws: usize,
+        seed: u64,
+        of: &(dyn Fn(usize) -> (&'c [f64], usize) + Sync),
+    ) -> crate::Result<Self> {
+        let c = cohorts.c;
         let parts: Vec<(Vec<f64>, Vec<f64>)> = cohorts
             .groups
             .par_iter()
             .enumerate()
             .map(|(k, g)| {
-                let h = match g.cohort {
-                    Cohort::Treated(gi) => gi,
-                    Cohort::Never => c,
-                };
-                let cov = pooled[k].as_deref().unwrap_or(&g.cov);
+                let (cov, h) = of(k);
                 let l = psd_cholesky(cov, c, h);
                 // Lᵀ row-major, so that `at_b` computes L · E.
                 let mut lt = vec![0.0; h * h];
@@ -89,7 +129,8 @@ impl GaussianSums {
         Ok(Self { draws, u, sv })
     }
 
-    /// The draws of a pre-treatment functional (all its terms lie before each block's cohort).
+    /// The draws of a functional (all its terms within each block's drawn checkpoints: before the cohort
+    /// for [`GaussianSums::draw`], anywhere for [`GaussianSums::sup_t_full`]).
     pub fn functional_draws(&self, f: &Functional, out: &mut [f64]) {
         out.fill(0.0);
         for b in &f.blocks {

@@ -2,7 +2,8 @@
 
 use rayon::prelude::*;
 
-use crate::bootstrap::{BootSums, iqr_se};
+use crate::bootstrap::{BootSums, iqr_se, quantile_inverted_cdf};
+use crate::config::BandMethod;
 use crate::functional::Functional;
 use crate::prepare::Cohorts;
 use crate::stats::normal_quantile;
@@ -37,6 +38,8 @@ pub(crate) fn pick(analytic: f64, boot: Option<f64>) -> (f64, StdErrorSource) {
 pub(crate) struct Inference<'a> {
     pub cohorts: &'a Cohorts,
     pub sums: Option<&'a BootSums>,
+    /// Seed of the Gaussian draws of [`BandMethod::Student`] bands (the same draws for cells and path).
+    pub seed: u64,
 }
 
 impl Inference<'_> {
@@ -97,6 +100,69 @@ impl Inference<'_> {
             .collect()
     }
 
+    /// Half-widths of the uniform band of `funcs` over the functionals with `include[i]` (the others get
+    /// the pointwise `z · se`), and the sup-t critical value on the normal scale. [`BandMethod::Csdid`]:
+    /// one quantile of the multiplier draws studentised by the reported SEs, times those SEs.
+    /// [`BandMethod::Student`]: as many Gaussian draws with the panel's own covariances (the multiplier
+    /// bootstrap's limit, from `self.seed`), studentised by the analytic SEs, which their variance
+    /// equals; their quantile `c` is read as the normal tail `p = 2(1 − Φ(c))`, and each functional's
+    /// half-width is the Student-t quantile `t_{ν_i}(1 − p/2)` at its Welch–Satterthwaite degrees of
+    /// freedom `ν_i`, times its SE from unbiased variances. Without draws the band is the pointwise
+    /// interval.
+    pub fn band(
+        &self,
+        funcs: &[Functional],
+        ses: &StdErrors,
+        include: &[bool],
+        alpha: f64,
+        method: BandMethod,
+    ) -> crate::Result<(Vec<f64>, f64)> {
+        let z = normal_quantile(1.0 - alpha / 2.0);
+        let welch: Vec<(f64, f64)> = match method {
+            BandMethod::Csdid => Vec::new(),
+            BandMethod::Student => funcs.par_iter().map(|f| f.welch(self.cohorts)).collect(),
+        };
+        // The draws' own scale: the reported SEs (csdid) or the analytic ones, which the multiplier
+        // bootstrap's variance equals (population variances), so that the studentised draws are standard
+        // normal scores.
+        let scale = match method {
+            BandMethod::Csdid => &ses.se,
+            BandMethod::Student => &ses.analytic,
+        };
+        let draws = match (method, self.sums) {
+            (_, None) => None,
+            (BandMethod::Csdid, Some(_)) => self.sup_t_draws(funcs, scale, include),
+            (BandMethod::Student, Some(sums)) => {
+                let chosen: Vec<usize> =
+                    (0..funcs.len()).filter(|&i| include[i] && scale[i].is_finite() && scale[i] > 0.0).collect();
+                if chosen.is_empty() {
+                    None
+                } else {
+                    let fs: Vec<&Functional> = chosen.iter().map(|&i| &funcs[i]).collect();
+                    let se: Vec<f64> = chosen.iter().map(|&i| scale[i]).collect();
+                    let gauss = crate::gaussian::GaussianSums::sup_t_full;
+                    Some(gauss(self.cohorts, &fs, &se, sums.draws, self.seed)?)
+                }
+            }
+        };
+        let Some(mut draws) = draws else {
+            return Ok((ses.se.iter().map(|s| z * s).collect(), z));
+        };
+        let crit = quantile_inverted_cdf(&mut draws, 1.0 - alpha);
+        let widths = (0..funcs.len())
+            .map(|i| {
+                if !include[i] {
+                    return z * ses.se[i];
+                }
+                match method {
+                    BandMethod::Csdid => crit * ses.se[i],
+                    BandMethod::Student => student_critical(crit, welch[i].1) * welch[i].0.sqrt(),
+                }
+            })
+            .collect();
+        Ok((widths, crit))
+    }
+
     /// The draws of `max_i |δ_i,b / se_i|` over the functionals with `include[i]` and a usable SE.
     pub fn sup_t_draws(&self, funcs: &[Functional], se: &[f64], include: &[bool]) -> Option<Vec<f64>> {
         let sums = self.sums?;
@@ -123,6 +189,22 @@ impl Inference<'_> {
     }
 }
 
+/// The Student-t quantile with `df` degrees of freedom whose two-sided tail equals that of the normal
+/// quantile `c` (`c` itself for infinite or unusable `df`).
+pub(crate) fn student_critical(c: f64, df: f64) -> f64 {
+    use statrs::distribution::{ContinuousCDF, Normal, StudentsT};
+    if !c.is_finite() || !df.is_finite() || df > 1e7 {
+        return c;
+    }
+    let tail = Normal::standard().sf(c);
+    let Ok(t) = StudentsT::new(0.0, 1.0, df.max(1.0)) else { return c };
+    if tail.is_nan() || tail <= 0.0 {
+        return c;
+    }
+    let q = -t.inverse_cdf(tail);
+    if q.is_finite() { q.max(c) } else { c }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +215,22 @@ mod tests {
         assert_eq!(pick(0.5, Some(0.4)), (0.4, StdErrorSource::Bootstrap));
         for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             assert_eq!(pick(0.5, Some(bad)), (0.5, StdErrorSource::AnalyticFallback), "bootstrap SE {bad}");
+        }
+    }
+
+    /// The Student critical value has the normal one's two-sided tail: t₁₀(0.975) = 2.2281388 for
+    /// c = Φ⁻¹(0.975), t₃₀(0.9995) = 3.6459586 for c = Φ⁻¹(0.9995) (scipy `t.ppf`); infinite df gives c back.
+    #[test]
+    fn student_critical_values_in_closed_form() {
+        let c = normal_quantile(0.975);
+        assert!((student_critical(c, 10.0) - 2.228_138_851_986_274).abs() < 1e-9);
+        let c = normal_quantile(0.9995);
+        assert!((student_critical(c, 30.0) - 3.645_958_635_042_063).abs() < 1e-8);
+        assert_eq!(student_critical(c, f64::INFINITY), c);
+        assert!(student_critical(c, 1e9) == c);
+        // Never below the normal value.
+        for df in [1.0, 2.5, 7.0, 100.0, 1e6] {
+            assert!(student_critical(c, df) >= c, "df {df}");
         }
     }
 }

@@ -43,7 +43,7 @@ mod prepare;
 pub mod stats;
 mod types;
 
-pub use config::{BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, ProfileConfig, ValidConfig};
+pub use config::{BandMethod, BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, ProfileConfig, ValidConfig};
 pub use error::{DidError, Result};
 pub use estimate::{NoProgress, Progress, estimate};
 pub use inference::MIN_BOOTSTRAP_SE_DRAWS;

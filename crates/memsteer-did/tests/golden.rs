@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use memsteer_did::tolerances::{BOOTSTRAP_SE_RELATIVE, PEER_EXACT};
-use memsteer_did::{BasePeriod, ControlGroup, NoProgress, ProfileConfig, estimate};
+use memsteer_did::{BandMethod, BasePeriod, ControlGroup, NoProgress, ProfileConfig, estimate};
 use memsteer_panel::read::{ReadOptions, read_csv};
 
 fn fixture(name: &str) -> PathBuf {
@@ -55,6 +55,8 @@ fn check_panel(name: &str) {
             .with_control(control)
             .with_base_period(base_period)
             .with_bootstrap(if bootstrap { 1000 } else { 0 })
+            // csdid's band construction, for parity of the critical value.
+            .with_band_method(BandMethod::Csdid)
             .validate()
             .expect("config");
         let profile = estimate(&panel, &cfg, &NoProgress).expect("estimate");
