@@ -58,6 +58,28 @@ pub enum KernelError {
         /// Why not, and what would work.
         message: String,
     },
+    /// A device buffer passed to an operation on another device.
+    #[error("{op}: {what} lives on CUDA device {found}, the operation runs on device {expected}")]
+    WrongDevice {
+        /// The operation.
+        op: &'static str,
+        /// The operand.
+        what: &'static str,
+        /// The operation's device.
+        expected: usize,
+        /// The buffer's device.
+        found: usize,
+    },
+    /// An output that overlaps an input or another output of the same operation.
+    #[error("{op}: output {output} overlaps {other} in device memory (outputs may not alias other operands)")]
+    Aliasing {
+        /// The operation.
+        op: &'static str,
+        /// The output.
+        output: &'static str,
+        /// What it overlaps.
+        other: &'static str,
+    },
     /// A device name that is not `cpu`, `cuda` or `cuda:N`.
     #[error("unknown device {0:?}: expected `cpu`, `cuda` or `cuda:N`")]
     UnknownDevice(String),

@@ -30,6 +30,7 @@ mod cpu;
 pub mod cuda;
 mod error;
 mod native;
+mod operands;
 pub mod vmath;
 
 pub use error::{KernelError, Result};

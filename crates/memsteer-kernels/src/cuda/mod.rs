@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
+use crate::operands::Span;
 use crate::{KernelError, Result};
 
 mod steer;
@@ -110,6 +111,8 @@ pub struct View<'a> {
     ptr: u64,
     dtype: DType,
     len: usize,
+    /// Ordinal of the device the memory lives on.
+    device: usize,
     /// Borrows the [`DevBuf`] it points into, so a view cannot outlive its buffer.
     _buf: PhantomData<&'a DevBuf>,
 }
@@ -134,6 +137,7 @@ impl<'a> View<'a> {
                 ptr: self.ptr + (start * self.dtype.size()) as u64,
                 dtype: self.dtype,
                 len,
+                device: self.device,
                 _buf: PhantomData,
             }),
             _ => Err(KernelError::Shape {
@@ -142,6 +146,14 @@ impl<'a> View<'a> {
                 found: self.len,
             }),
         }
+    }
+    /// Ordinal of the device the memory lives on.
+    pub fn device(&self) -> usize {
+        self.device
+    }
+    /// The byte range `[start, end)` it covers.
+    fn bytes(&self) -> (u64, u64) {
+        (self.ptr, self.ptr + (self.len * self.dtype.size()) as u64)
     }
     fn need(&self, what: &'static str, n: usize) -> Result<()> {
         if self.len < n {
@@ -160,6 +172,25 @@ impl<'a> View<'a> {
     }
 }
 
+/// Checks the operands of one operation on device `device` ([`crate::operands::check`]).
+fn check_operands(
+    device: usize,
+    op: &'static str,
+    inputs: &[(&'static str, View<'_>)],
+    outputs: &[(&'static str, View<'_>)],
+    in_place: bool,
+) -> Result<()> {
+    let spans = |v: &[(&'static str, View<'_>)]| -> Vec<(&'static str, Span)> {
+        v.iter()
+            .map(|&(what, x)| {
+                let (start, end) = x.bytes();
+                (what, Span { device: x.device, start, end })
+            })
+            .collect()
+    };
+    crate::operands::check(device, op, &spans(inputs), &spans(outputs), in_place)
+}
+
 /// Bytes of device memory in use and at most, over this process's [`DevBuf`]s on one device.
 #[derive(Debug, Default)]
 struct MemCounter {
@@ -174,13 +205,14 @@ pub struct DevBuf {
     ptr: u64,
     dtype: DType,
     len: usize,
+    device: usize,
     mem: Arc<MemCounter>,
 }
 
 impl DevBuf {
     /// The whole buffer.
     pub fn view(&self) -> View<'_> {
-        View { ptr: self.ptr, dtype: self.dtype, len: self.len, _buf: PhantomData }
+        View { ptr: self.ptr, dtype: self.dtype, len: self.len, device: self.device, _buf: PhantomData }
     }
     /// Elements.
     pub fn len(&self) -> usize {
@@ -460,7 +492,7 @@ impl Gpu {
         let ptr = slice.device_ptr(&self.stream).0;
         let now = self.mem.current.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.mem.peak.fetch_max(now, Ordering::Relaxed);
-        Ok(DevBuf { _slice: slice, ptr, dtype, len, mem: self.mem.clone() })
+        Ok(DevBuf { _slice: slice, ptr, dtype, len, device: self.ordinal, mem: self.mem.clone() })
     }
 
     /// Copies raw little-endian `bytes` of `dtype` elements to the device.
@@ -618,6 +650,7 @@ impl Gpu {
         alpha: f32,
         beta: f32,
     ) -> Result<()> {
+        check_operands(self.ordinal, "matmul", &[("A", a), ("B", b)], &[("C", c)], false)?;
         // Row-major C = A B is column-major Cᵀ = Bᵀ Aᵀ.
         let bo = Operand { v: b, trans: b_t, ld: if b_t { k } else { n }, stride: 0 };
         let ao = Operand { v: a, trans: a_t, ld: if a_t { m } else { k }, stride: 0 };
@@ -640,6 +673,7 @@ impl Gpu {
 
     /// `y = x` for `n` values, converted from `x`'s float type to `y`'s (round to nearest even).
     pub fn convert(&self, x: View<'_>, y: View<'_>, n: usize) -> Result<()> {
+        check_operands(self.ordinal, "convert", &[("input", x)], &[("output", y)], false)?;
         x.need("convert input", n)?;
         y.need("convert output", n)?;
         if !x.dtype.is_float() || !y.dtype.is_float() {
@@ -662,6 +696,9 @@ impl Gpu {
         x: View<'_>,
         d: usize,
     ) -> Result<()> {
+        let mut inputs = vec![("token ids", tok.1), ("positions", pos.1), ("token embedding", wte)];
+        inputs.extend(wpe.map(|p| ("position embedding", p)));
+        check_operands(self.ordinal, "embed", &inputs, &[("output", x)], false)?;
         let rows = tok.0.len();
         if d == 0 {
             return Err(KernelError::Shape { what: "embed width", expected: "at least 1".into(), found: 0 });
@@ -722,6 +759,13 @@ impl Gpu {
         rows: usize,
         d: usize,
     ) -> Result<()> {
+        check_operands(
+            self.ordinal,
+            "layer norm",
+            &[("input", x), ("weight", g), ("bias", b)],
+            &[("output", out)],
+            false,
+        )?;
         x.need_type("layer norm input", &[DType::F32])?;
         x.need("layer norm input", rows * d)?;
         out.need("layer norm output", rows * d)?;
@@ -777,6 +821,7 @@ impl Gpu {
         (rows, cols): (usize, usize),
         act: i32,
     ) -> Result<()> {
+        check_operands(self.ordinal, "bias + activation", &[("input", y), ("bias", b)], &[("output", out)], true)?;
         y.need("bias input", rows * cols)?;
         out.need("bias output", rows * cols)?;
         b.need("bias", cols)?;
@@ -821,6 +866,11 @@ impl Gpu {
         rows: usize,
         d: usize,
     ) -> Result<()> {
+        let mut inputs = vec![("branch", a), ("branch bias", ba)];
+        if let Some((b2, bb)) = second {
+            inputs.extend([("second branch", b2), ("second branch bias", bb)]);
+        }
+        check_operands(self.ordinal, "residual", &inputs, &[("residual stream", x)], false)?;
         let n = rows * d;
         x.need_type("residual", &[DType::F32])?;
         x.need("residual", n)?;
@@ -867,6 +917,11 @@ impl Gpu {
         (q, k, v): (View<'_>, View<'_>, View<'_>),
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
+        let mut inputs = vec![("qkv", qkv), ("qkv bias", bias), ("positions", pos.1)];
+        if let Some((cos, sin, _)) = rotary {
+            inputs.extend([("rotary cos", cos), ("rotary sin", sin)]);
+        }
+        check_operands(self.ordinal, "qkv split", &inputs, &[("q", q), ("k", k), ("v", v)], false)?;
         let d = heads * hd;
         qkv.need("qkv", rows * 3 * d)?;
         bias.need("qkv bias", 3 * d)?;
@@ -945,6 +1000,7 @@ impl Gpu {
         spans: &[(usize, usize)],
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
+        check_operands(self.ordinal, "attention", &[("q", q), ("k", k), ("v", v)], &[("context", ctx)], false)?;
         let fused = match how {
             Attention::Tiled => false,
             // Measured on an H200 (docs/performance.md): the fused kernel is 1.4-1.45× the tiled path at
@@ -1165,6 +1221,15 @@ impl Gpu {
         chunk: usize,
         logits_type: DType,
     ) -> Result<()> {
+        let mut outputs = vec![("log-probabilities", out)];
+        outputs.extend(lse.map(|l| ("log-sum-exp", l)));
+        check_operands(
+            self.ordinal,
+            "log-probabilities",
+            &[("hidden", hidden), ("output embedding", e.w), ("targets", targets)],
+            &outputs,
+            false,
+        )?;
         let vocab = e.outputs;
         if !(logits_type == DType::F32 || (logits_type == DType::F16 && e.w.dtype == DType::F16)) {
             return Err(KernelError::Unsupported {
@@ -1232,6 +1297,13 @@ impl Gpu {
         tmp: View<'_>,
         (rows, dim, rank): (usize, usize, usize),
     ) -> Result<()> {
+        check_operands(
+            self.ordinal,
+            "steered projection",
+            &[("hidden", h), ("p1", p1), ("p2", p2)],
+            &[("steered hidden", out), ("steer scratch", tmp)],
+            false,
+        )?;
         let steers = strengths.len();
         for (what, v) in [("hidden", h), ("p1", p1), ("p2", p2), ("steered hidden", out), ("steer scratch", tmp)] {
             v.need_type(what, &[DType::F32])?;
