@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use memsteer_cli::steer::{EvalArgs, ExplainArgs, GenerateArgs, HighlightArgs, ScorerKind, TransferArgs};
+use memsteer_cli::steer::{DetectArgs, EvalArgs, ExplainArgs, GenerateArgs, HighlightArgs, ScorerKind, TransferArgs};
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_panel::rng::{SplitMix64, hash_key};
 
@@ -733,6 +733,66 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ));
     }
 
+    // --- The steer as a zero-shot classifier (`steer detect`, the authors' `steer_analysis`): the
+    // sentences no model or steer trained on (the prompts' sources), each labelled by the sign of the
+    // strength that explains it best, and by the sign of the mean strength under the authors'
+    // distribution; the built-in scorer rated on the same sentences (which it trained on) and on its own
+    // held-out ones (the steer's training data) beside it.
+    let texts = dir.join("detect-input.jsonl");
+    write_jsonl(
+        &texts,
+        prompt_set
+            .iter()
+            .map(|x| Ok(serde_json::json!({"id": x.id, "positive": x.positive, "tokens": encode(&x.text)?})))
+            .collect::<Result<Vec<_>>>()?,
+    )?;
+    let mut detect_md = String::from(
+        "| model's own steer | sentences | accuracy, sign of the best strength (0 counts as wrong) | accuracy, sign of the mean strength | built-in scorer on the same sentences (trained on them) |\n|---|---:|---:|---:|---:|\n",
+    );
+    for &m in &[0usize, 1] {
+        let (name, model, _) = &models[m];
+        let steer = &steers.iter().find(|x| x.1 == m && x.0.ends_with("its own steer")).context("own steer")?.2;
+        let found = memsteer_cli::steer::detect(&DetectArgs {
+            model: model.clone(),
+            steer: steer.clone(),
+            text: None,
+            input: Some(texts.clone()),
+            min: -3.0,
+            max: 3.0,
+            bins: 7,
+            device: "cpu".into(),
+            json: true,
+        })?;
+        let (mut best_right, mut mean_right, mut scorer_right) = (0usize, 0usize, 0usize);
+        for ((_, f), x) in found.iter().zip(&prompt_set) {
+            let want = if x.positive { 1.0 } else { -1.0 };
+            let d = &f.detection;
+            best_right += usize::from(f64::from(d.best_strength()).signum() * want > 0.0 && d.best_strength() != 0.0);
+            let mean: f64 = d.strengths.iter().zip(&d.distribution).map(|(s, p)| f64::from(*s) * p).sum();
+            mean_right += usize::from(mean * want > 0.0);
+            scorer_right += usize::from((scorer.score(&x.text) - 0.5) * want > 0.0);
+        }
+        let n = found.len();
+        let pct = |k: usize| 100.0 * k as f64 / n.max(1) as f64;
+        detect_md.push_str(&format!(
+            "| {name} | {n} | {:.1}% | {:.1}% | {:.1}% |\n",
+            pct(best_right),
+            pct(mean_right),
+            pct(scorer_right)
+        ));
+        say(format!(
+            "detect: {name}'s steer labels {:.1}% of {n} unseen sentences right by its best strength, {:.1}% by the mean strength (the built-in scorer, which trained on them: {:.1}%)",
+            pct(best_right),
+            pct(mean_right),
+            pct(scorer_right)
+        ));
+    }
+    detect_md.push_str(&format!(
+        "\nThe built-in scorer's accuracy on its own held-out sentences (the steer's training data): {:.1}% of {}.\n",
+        100.0 * scorer.held_out_accuracy,
+        scorer.held_out_size
+    ));
+
     // --- The run's gallery.
     let mut md = format!(
         "# LM-Steer on trained models ({})\n\nWritten by `cargo xtask reproduce{} steer`; what matches the paper \
@@ -750,7 +810,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
          ## Where unseen sentences carry the style (`steer highlight`)\n\nSentences no model or steer trained on \
          (the prompts' sources), the two the scorer rates most positive and the two it rates most negative. \
          In bold, the two strongest spans of \
-         up to 4 tokens.\n\n{highlights}\n"
+         up to 4 tokens.\n\n{highlights}\n\
+         ## The steer as a sentiment classifier (`steer detect`)\n\n{detect_md}\n"
     ));
     for (label, table) in &tables {
         md.push_str(&format!("## {label}\n\n{table}\n"));

@@ -53,7 +53,17 @@ pub fn run(a: &SteerArgs) -> Result<()> {
         SteerCommand::Explain(e) => explain(e).map(|_| ()),
         SteerCommand::Transfer(t) => transfer(t).map(|_| ()),
         SteerCommand::Eval(e) => eval(e).map(|_| ()),
-        SteerCommand::Detect(d) => detect(d).map(|_| ()),
+        SteerCommand::Detect(d) => {
+            let found = detect(d)?;
+            for (at, f) in &found {
+                if d.json {
+                    println!("{}", detected_json(f));
+                } else {
+                    print!("{}", detected_table(at, f));
+                }
+            }
+            Ok(())
+        }
     }
 }
 
@@ -136,8 +146,9 @@ fn word_evidence(pieces: &[String], evidence: &[Option<f64>]) -> Vec<WordEvidenc
         .collect()
 }
 
-/// Runs `memsteer steer detect`.
-pub fn detect(a: &DetectArgs) -> Result<Vec<Detected>> {
+/// Runs the analysis of `memsteer steer detect` (the subcommand prints it): each text's place (`--text`
+/// or `FILE, line N`) and what was found.
+pub fn detect(a: &DetectArgs) -> Result<Vec<(String, Detected)>> {
     let config = memsteer_steer::evidence::DetectConfig { min: a.min, max: a.max, bins: a.bins };
     config.strengths().context("--min, --max, --bins")?;
     let model = load_on(&a.model, &a.device)?;
@@ -170,7 +181,7 @@ pub fn detect(a: &DetectArgs) -> Result<Vec<Detected>> {
     };
     let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding tokens")?.clone()) } else { None };
     let d = decoder.dim();
-    let bar = if a.json && inputs.len() > 1 && std::io::stderr().is_terminal() {
+    let bar = if inputs.len() > 1 && std::io::stderr().is_terminal() {
         ProgressBar::new(inputs.len() as u64)
     } else {
         ProgressBar::hidden()
@@ -195,14 +206,8 @@ pub fn detect(a: &DetectArgs) -> Result<Vec<Detected>> {
         let evidence: Vec<Option<f64>> =
             std::iter::once(None).chain(detection.evidence.iter().copied().map(Some)).collect();
         let words = word_evidence(&pieces, &evidence);
-        let found = Detected { fields, detection, words };
-        if a.json {
-            println!("{}", detected_json(&found));
-        } else {
-            print!("{}", detected_table(&at, &found));
-        }
         bar.inc(1);
-        out.push(found);
+        out.push((at, Detected { fields, detection, words }));
     }
     bar.finish_and_clear();
     Ok(out)

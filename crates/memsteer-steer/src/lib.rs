@@ -50,7 +50,8 @@ pub mod transfer;
 pub use error::{Result, SteerError};
 pub use steer::{FORMAT_VERSION, Steer, SteerSpec, embedding_fingerprint};
 pub use train::{
-    DEFAULT_MAX_RANK, HiddenCache, Progress, TrainConfig, TrainReport, train, train_cached, train_cached_on,
+    DEFAULT_MAX_RANK, HiddenCache, MAX_BATCH_SIZE, MAX_STEPS, Progress, TrainConfig, TrainReport, train, train_cached,
+    train_cached_on,
 };
 
 /// The README's example, compiled and run as a doctest.
