@@ -419,7 +419,7 @@ pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
     }
     memsteer_did::Progress::finish(&bar);
     if !args.quiet {
-        print_summary(&profile, &diagnostics, &out_dir, cfg.alpha);
+        print_summary(&profile, &diagnostics, &out_dir, (cfg.alpha, cfg.band_method));
     }
     Ok(ProfileOutcome { profile, report, files })
 }
@@ -438,7 +438,7 @@ fn fmt_agg(name: &str, a: &Option<memsteer_did::Aggregate>, level: &str) -> Stri
     }
 }
 
-fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path, alpha: f64) {
+fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path, (alpha, bands): (f64, BandMethod)) {
     let level = level_label(alpha);
     let post = p.cells.iter().filter(|c| c.is_post()).count();
     let sig = p.cells.iter().filter(|c| c.is_post() && c.is_significant()).count();
@@ -450,8 +450,12 @@ fn print_summary(p: &Profile, d: &memsteer_did::Diagnostics, out: &Path, alpha: 
         p.checkpoints.len()
     );
     println!(
-        "  {post} post-treatment cells, {sig} significant ({level} uniform band, critical value {:.3})",
-        p.critical_value
+        "  {post} post-treatment cells, {sig} significant ({level} uniform band, sup-t critical value {:.3}{})",
+        p.critical_value,
+        match bands {
+            BandMethod::Csdid => "",
+            _ => " on the normal scale, Student-t per cell",
+        }
     );
     println!("{}", fmt_agg("instantaneous", &p.instantaneous, &level));
     println!("{}", fmt_agg("persistent", &p.persistent, &level));

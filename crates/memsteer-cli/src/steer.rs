@@ -166,6 +166,7 @@ pub fn detect(a: &DetectArgs) -> Result<Vec<(String, Detected)>> {
             .into_iter()
             .map(|(line, v)| {
                 let at = || format!("{}, line {line}", p.display());
+                ensure!(v.is_object(), "{}: expected a JSON object with `text` or `tokens`", at());
                 let ids = line_tokens(&v, &at, &mut tok, decoder.vocab())?;
                 let fields = match v {
                     serde_json::Value::Object(mut o) => {
@@ -298,8 +299,9 @@ pub struct TransferArgs {
     /// the target vocabulary's order).
     #[arg(long, value_name = "N")]
     pub top_k: Option<usize>,
-    /// Ridge added to the least-squares normal equations (0: plain least squares); with `--map
-    /// two-sided` the inverse fit gets the same value, in the target's embedding units.
+    /// Ridge added to the least-squares normal equations (0: plain least squares), in squared units of the
+    /// embeddings the fit regresses on: the target's for `paper` and `authors`; for `two-sided` both fits
+    /// get it (the source's for H, the target's for G).
     #[arg(long, default_value_t = 0.0)]
     pub ridge: f64,
     /// How W is carried over. `paper`: the paper's e_v = H e'_v, fitted as E_from ≈ E_to Hᵀ, and

@@ -122,8 +122,7 @@ pub struct TrainOutcome {
     pub last_loss: f64,
 }
 
-/// Parses a checkpoint list such as `0,1,2,4,100:1000:100`.
-/// Parses `--checkpoint-steps` for a run of `steps` steps: every step and range is checked against the
+/// Parses `--checkpoint-steps` (e.g. `0,1,2,4,100:1000:100`) for a run of `steps` steps: every step and range is checked against the
 /// run (and the number of checkpoints against [`MAX_CHECKPOINTS`]) before the set is built.
 pub fn parse_checkpoint_steps(list: &str, steps: usize) -> Result<BTreeSet<usize>> {
     let mut out = BTreeSet::new();
@@ -138,8 +137,8 @@ pub fn parse_checkpoint_steps(list: &str, steps: usize) -> Result<BTreeSet<usize
             ensure!(n[1] <= steps, "{}", beyond(n[1]));
             let count = (n[1] - n[0]) / n[2] + 1;
             ensure!(
-                out.len() + count <= MAX_CHECKPOINTS,
-                "--checkpoint-steps: {item:?} makes more than {MAX_CHECKPOINTS} checkpoints (each is a model on disk)"
+                out.len() + count < MAX_CHECKPOINTS,
+                "--checkpoint-steps: {item:?} makes more than {MAX_CHECKPOINTS} checkpoints with the last step (each is a model on disk)"
             );
             out.extend((n[0]..=n[1]).step_by(n[2]));
         } else {
@@ -150,12 +149,12 @@ pub fn parse_checkpoint_steps(list: &str, steps: usize) -> Result<BTreeSet<usize
     }
     ensure!(
         out.len() < MAX_CHECKPOINTS,
-        "--checkpoint-steps: more than {MAX_CHECKPOINTS} checkpoints (each is a model on disk)"
+        "--checkpoint-steps: more than {MAX_CHECKPOINTS} checkpoints with the last step (each is a model on disk)"
     );
     Ok(out)
 }
 
-/// Most checkpoints one run may write.
+/// Most checkpoints one run may write (the last step included).
 pub const MAX_CHECKPOINTS: usize = 100_000;
 /// Most optimizer steps one run may take (the batch log holds every step).
 pub const MAX_STEPS: usize = 100_000_000;
@@ -344,11 +343,13 @@ fn resume(
     for &k in saved.iter().rev() {
         let dir = out.join(format!("step{k}"));
         if k == 0 {
-            if dir.join("model.safetensors").is_file() {
-                found = Some(0);
-                break;
+            // The initialisation: kept when it loads, written again otherwise.
+            match Params::from_hf(&dir) {
+                Ok(p) if p.data().len() == trainer.params().data().len() => found = Some(0),
+                Ok(_) => eprintln!("warning: checkpoint {} holds another model; writing it again", dir.display()),
+                Err(e) => eprintln!("warning: checkpoint {} is unreadable ({e:#}); writing it again", dir.display()),
             }
-            continue;
+            break;
         }
         let loaded = Params::from_hf(&dir).map_err(anyhow::Error::from).and_then(|params| {
             ensure!(

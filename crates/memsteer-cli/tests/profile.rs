@@ -399,6 +399,9 @@ fn band_method_changes_only_the_bands() {
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x[..7], y[..7], "estimates, SEs and pointwise intervals agree");
         differ += usize::from(x[7] != y[7]);
+        // A uniform band is never narrower than the cell's pointwise interval.
+        let f = |i: usize| x[i].parse::<f64>().expect("number");
+        assert!(f(8) - f(3) >= f(6) - f(3) - 1e-12 && f(3) - f(7) >= f(3) - f(5) - 1e-12, "{x:?}");
     }
     assert!(differ > a.len() / 2, "bands differ in {differ} of {} cells", a.len());
     let e = fails(&["profile", "--panel", s(&panel), "--band-method", "bonferroni"]);

@@ -179,6 +179,31 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
     }
 }
 
+/// An unreadable initialisation (step 0 cut short by a power loss) is written again, and the run ends as
+/// an uninterrupted one.
+#[test]
+fn an_unreadable_step0_is_written_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let out = dir.path().join("run");
+    ok(&train_args(&c, &t, &v, &out));
+    let (step0, last) = (
+        std::fs::read(out.join("step0/model.safetensors")).expect("step0"),
+        std::fs::read(out.join("step10/model.safetensors")).expect("step10"),
+    );
+    for k in [1, 2, 4, 8, 10] {
+        std::fs::remove_dir_all(out.join(format!("step{k}"))).expect("remove");
+    }
+    std::fs::write(out.join("checkpoints.json"), r#"{"0": "step0"}"#).expect("manifest");
+    std::fs::write(out.join("step0/model.safetensors"), b"").expect("truncate");
+    let run = memsteer(&train_args(&c, &t, &v, &out));
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("step0") && err.contains("writing it again"), "{err}");
+    assert_eq!(std::fs::read(out.join("step0/model.safetensors")).expect("step0"), step0);
+    assert_eq!(std::fs::read(out.join("step10/model.safetensors")).expect("step10"), last);
+}
+
 /// The run's fingerprint covers the tokenizer: resuming with other tokenizer files is refused (text
 /// instances would otherwise mix two tokenizations).
 #[test]

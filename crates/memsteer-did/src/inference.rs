@@ -107,8 +107,8 @@ impl Inference<'_> {
     /// bootstrap's limit, from `self.seed`), studentised by the analytic SEs, which their variance
     /// equals; their quantile `c` is read as the normal tail `p = 2(1 − Φ(c))`, and each functional's
     /// half-width is the Student-t quantile `t_{ν_i}(1 − p/2)` at its Welch–Satterthwaite degrees of
-    /// freedom `ν_i`, times its SE from unbiased variances. Without draws the band is the pointwise
-    /// interval.
+    /// freedom `ν_i`, times its SE from unbiased variances, and never less than the pointwise `z · se`.
+    /// Without draws the band is the pointwise interval.
     pub fn band(
         &self,
         funcs: &[Functional],
@@ -156,7 +156,8 @@ impl Inference<'_> {
                 }
                 match method {
                     BandMethod::Csdid => crit * ses.se[i],
-                    BandMethod::Student => student_critical(crit, welch[i].1) * welch[i].0.sqrt(),
+                    // Never narrower than the cell's own pointwise interval.
+                    BandMethod::Student => (student_critical(crit, welch[i].1) * welch[i].0.sqrt()).max(z * ses.se[i]),
                 }
             })
             .collect();

@@ -30,8 +30,9 @@ pub fn temp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// Writes `path` durably and atomically from `fill` (buffered); on any error the temporary file is
-/// removed and `path` is left as it was.
+/// Writes `path` durably and atomically from `fill` (buffered); on an error before the rename the
+/// temporary file is removed and `path` is left as it was. (An error from the directory's `fsync`
+/// after the rename means `path` holds the new content but the rename may not survive a power loss.)
 pub fn write(path: &Path, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {

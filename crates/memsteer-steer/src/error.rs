@@ -61,14 +61,15 @@ pub enum SteerError {
         /// Target vocabulary size.
         to_vocab: usize,
     },
-    /// Fewer shared tokens than the source hidden size and no ridge: the least-squares fit is underdetermined.
+    /// Fewer shared tokens than the hidden size the fit regresses on, and no ridge: the least-squares fit
+    /// is underdetermined.
     #[error(
-        "transfer: {shared} shared tokens for a source hidden size of {hidden_size}: the least-squares fit is underdetermined; pass a ridge > 0 or use more shared tokens"
+        "transfer: {shared} shared tokens for a fit on embeddings of hidden size {hidden_size}: the least-squares fit is underdetermined; pass a ridge > 0 or use more shared tokens"
     )]
     Underdetermined {
         /// Shared tokens used in the fit.
         shared: usize,
-        /// Source hidden size (unknowns per column of `H`).
+        /// Hidden size of the embeddings the fit regresses on (unknowns per column of the map).
         hidden_size: usize,
     },
     /// Arrays whose sizes do not agree.

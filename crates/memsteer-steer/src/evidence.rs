@@ -5,7 +5,9 @@
 //!   dynamic programming (the authors' `find_max_subspans` is an exact optimum too; a greedy choice is not).
 //! - [`detect`]: the text's mean token loss under a grid of strengths of the labelled steer, the strength
 //!   that explains it best, the authors' softmax over the grid (a zero-shot style classifier) and per-token
-//!   evidence `log P_best(x_t | x_<t) − log P_0(x_t | x_<t)` against the unsteered model.
+//!   evidence `log P_best(x_t | x_<t) − log P_0(x_t | x_<t)` against strength 0. The dummy steer stays at 1
+//!   throughout (memsteer's convention; the authors' grid holds it at 0), so the grid, the baseline and
+//!   `steer generate` at the same strengths agree.
 //!
 //! ```
 //! use memsteer_steer::evidence::{Span, max_spans};
@@ -36,7 +38,8 @@ pub struct Span {
 /// At most `max_spans` disjoint spans of 1 to `max_len` consecutive tokens maximising their total
 /// evidence, each with a positive sum; tokens without evidence (`None`, e.g. the first token) are never in
 /// a span. Exact (dynamic programming over tokens × spans used, `O(n · max_spans · max_len)`); among equal
-/// totals it prefers fewer, then shorter spans. Returned strongest first (ties: the earlier).
+/// totals the choice is deterministic (scanning from the end, leaving a token out first, then the shortest
+/// span ending there). Returned strongest first (ties: the earlier).
 pub fn max_spans(evidence: &[Option<f64>], max_spans: usize, max_len: usize) -> Vec<Span> {
     let n = evidence.len();
     if n == 0 || max_spans == 0 || max_len == 0 {
@@ -135,8 +138,9 @@ pub struct Detection {
     pub best: usize,
     /// `softmax(10 · (mean loss − loss))` over the strengths, as the authors compute it.
     pub distribution: Vec<f64>,
-    /// Per token after the first: `log P_best(x_t | x_<t) − log P_0(x_t | x_<t)`, `P_0` the model without
-    /// any steer (positive: the best strength explains this token better).
+    /// Per token after the first: `log P_best(x_t | x_<t) − log P_0(x_t | x_<t)`, `P_0` the steer at
+    /// strength 0 (the dummy at 1, as on the grid): positive where the best strength explains the token
+    /// better than no labelled style does; all zero when the best strength is 0.
     pub evidence: Vec<f64>,
 }
 
@@ -186,7 +190,8 @@ pub fn detect(
     let weights: Vec<f64> = logits.iter().map(|x| (x - top).exp()).collect();
     let z: f64 = weights.iter().sum();
     let distribution = weights.iter().map(|w| w / z).collect();
-    let base = steer.log_prob_targets(hidden, embedding, targets, &vec![0.0; steer.num_steers()])?;
+    labelled[0] = 0.0;
+    let base = steer.log_prob_targets(hidden, embedding, targets, &steer.strengths(&labelled)?)?;
     let evidence = per_token[best].iter().zip(&base).map(|(&p, &q)| f64::from(p) - f64::from(q)).collect();
     Ok(Detection { strengths, losses, best, distribution, evidence })
 }
@@ -264,6 +269,45 @@ mod tests {
         let spans = max_spans(&ev, 2, 2);
         assert_eq!(spans, vec![Span { start: 0, end: 2, evidence: 4.0 }, Span { start: 2, end: 4, evidence: 4.0 }]);
         assert_eq!(brute_force(&ev, 2, 2), 8.0);
+    }
+
+    /// The grid and the baseline both hold the dummy at 1: with a labelled steer that does nothing and a
+    /// dummy that does, every strength explains the text equally, the distribution is uniform and the
+    /// evidence is exactly zero (a baseline without the dummy would report the dummy's shift as evidence).
+    #[test]
+    fn detect_holds_the_dummy_at_one_everywhere() {
+        let (d, r, vocab, n) = (4usize, 2usize, 7usize, 5usize);
+        let mut rng = SplitMix64::new(3);
+        let mut normals = |k: usize| (0..k).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+        let embedding = normals(vocab * d);
+        let hidden = normals(n * d);
+        let targets: Vec<u32> = (0..n as u32).map(|t| (t * 3) % vocab as u32).collect();
+        // Steer 0 (labelled) is zero; steer 1 (the dummy) is not.
+        let mut p1 = vec![0.0f32; 2 * d * r];
+        let mut p2 = vec![0.0f32; 2 * d * r];
+        let (a, b) = (normals(d * r), normals(d * r));
+        p1[d * r..].copy_from_slice(&a);
+        p2[d * r..].copy_from_slice(&b);
+        let spec = crate::SteerSpec {
+            num_steers: 2,
+            hidden_size: d,
+            rank: r,
+            vocab_size: vocab,
+            epsilon: 0.5,
+            embedding_fingerprint: crate::embedding_fingerprint(&embedding),
+            labels: vec!["style".into()],
+        };
+        let steer = Steer::new(spec, p1, p2, serde_json::json!({})).unwrap();
+        assert!(steer.has_dummy());
+        let found = detect(&steer, &hidden, &embedding, &targets, &DetectConfig::default()).unwrap();
+        assert!(found.losses.iter().all(|&l| l == found.losses[0]), "{:?}", found.losses);
+        assert_eq!(found.best, 0);
+        assert!(found.distribution.iter().all(|&p| (p - 1.0 / 7.0).abs() < 1e-12));
+        assert!(found.evidence.iter().all(|&e| e == 0.0), "{:?}", found.evidence);
+        // The dummy itself does move the text: against no steer at all the log-probabilities differ.
+        let with = steer.log_prob_targets(&hidden, &embedding, &targets, &[0.0, 1.0]).unwrap();
+        let without = steer.log_prob_targets(&hidden, &embedding, &targets, &[0.0, 0.0]).unwrap();
+        assert!(with.iter().zip(&without).any(|(x, y)| (x - y).abs() > 1e-3));
     }
 
     #[test]

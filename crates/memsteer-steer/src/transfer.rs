@@ -362,7 +362,7 @@ pub fn fit_map(
     }
     let Some(l) = factor else {
         return Err(SteerError::Numerical(format!(
-            "transfer: the normal equations of the fit are singular (ridge {ridge}); are the source embeddings of the shared tokens degenerate?"
+            "transfer: the normal equations of the fit are singular (ridge {ridge}); are the embeddings it regresses on (of the shared tokens) degenerate?"
         )));
     };
     let h = cholesky_solve(&l, &c, m, p);
@@ -443,7 +443,12 @@ pub fn transfer(
     };
     // The backward fit E_to G ≈ E_from (G: d_to × d_from), as a map H = Gᵀ (d_from × d_to).
     let backward = |pairs: &SharedTokens, config: &TransferConfig| -> Result<EmbeddingMap> {
-        let g = fit_map(to, from, pairs, config)?;
+        let g = fit_map(to, from, pairs, config).map_err(|e| match e {
+            e @ SteerError::Underdetermined { .. } => e,
+            e => SteerError::Input(format!(
+                "transfer: the fit E_from ≈ E_to Hᵀ (target embeddings to source ones) failed: {e}"
+            )),
+        })?;
         Ok(EmbeddingMap { h: transpose(&g.h, g.d_from, g.d_to), d_from: g.d_to, d_to: g.d_from, ..g })
     };
     let mut config = config.clone();
@@ -505,13 +510,20 @@ pub fn transfer(
         "ridge": left.ridge,
         "ridge_automatic": left.ridge_automatic,
         "relative_residual": left.relative_residual,
+        "residual_of": match config.map {
+            TransferMap::Paper => "E_to G ≈ E_from, H = Gᵀ",
+            TransferMap::Authors => "E_to B ≈ E_from before its rows were normalised",
+            TransferMap::TwoSided => "E_from H ≈ E_to",
+        },
     });
     let moved = apply_maps(steer, &left, &right, to, record)?;
     Ok((moved, left))
 }
 
-/// The steer `W' = Hᵀ W H` for the model with output embedding `to`, given a map `H` (`d_from × d_to`);
-/// `record` goes into
+/// The steer `W' = Hᵀ W H` for the model with output embedding `to`, given a map `H` (`d_from × d_to`)
+/// in the paper's sense (`e_v = H e'_v`, so `E_from ≈ E_to Hᵀ`). Note that [`fit_map`]`(from, to, …)` fits
+/// the other direction (`E_to ≈ E_from M`): passing its `M` here gives the retired one-sided variant,
+/// neither the paper's map nor the authors' (use [`transfer`] for those). `record` goes into
 /// the training metadata under `"transfer"` (beside the source's settings, or as
 /// `{"source": …, "transfer": …}` when those are not a JSON object).
 pub fn apply_map(

@@ -520,6 +520,7 @@ impl Gpu {
     }
     /// Copies an `f32` view to the host.
     pub fn download_f32(&self, v: View<'_>) -> Result<Vec<f32>> {
+        check_operands(self.ordinal, "download", &[("source", v)], &[], false)?;
         v.need_type("download", &[DType::F32])?;
         let mut bytes = vec![0u8; v.len * 4];
         // SAFETY: `v` lies inside a live allocation of this device (views are only made by this
