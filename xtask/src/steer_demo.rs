@@ -87,11 +87,7 @@ fn write_jsonl(path: &Path, lines: impl IntoIterator<Item = serde_json::Value>) 
 }
 
 fn shuffle<T>(v: &mut [T], seed: u64) {
-    let mut rng = SplitMix64::new(seed);
-    for i in (1..v.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        v.swap(i, j);
-    }
+    SplitMix64::new(seed).shuffle(v);
 }
 
 fn s(p: &Path) -> String {

@@ -163,12 +163,8 @@ pub const MAX_BATCH_SIZE: usize = 1 << 20;
 
 /// The instance order of `epoch`: a Fisher–Yates permutation from a stream keyed by seed and epoch.
 fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
-    let mut rng = SplitMix64::new(memsteer_panel::rng::hash_key(seed, &epoch.to_le_bytes()));
     let mut p: Vec<usize> = (0..n).collect();
-    for i in (1..n).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        p.swap(i, j);
-    }
+    SplitMix64::new(memsteer_panel::rng::hash_key(seed, &epoch.to_le_bytes())).shuffle(&mut p);
     p
 }
 

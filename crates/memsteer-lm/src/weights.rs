@@ -216,27 +216,11 @@ impl Weights {
                 part(&mut h, &data[start..(start + WINDOW).min(data.len())]);
             }
         }
-        format!("{:016x}", h.0)
+        format!("{:016x}", h.finish())
     }
 }
 
-/// 64-bit FNV-1a.
-#[derive(Debug)]
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Fnv {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-}
+use memsteer_panel::rng::Fnv1a as Fnv;
 
 /// One tensor to write: name, dtype, shape and its little-endian bytes.
 pub type TensorBytes<'a> = (&'a str, Dtype, Vec<usize>, &'a [u8]);

@@ -20,6 +20,31 @@ pub fn word(key: u64, i: u64) -> u64 {
     mix64(key.wrapping_add(GAMMA.wrapping_mul(i.wrapping_add(1))))
 }
 
+/// 64-bit FNV-1a (Fowler–Noll–Vo), for fingerprints of files and tensors that must stay the same across
+/// platforms and versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fnv1a(u64);
+
+impl Default for Fnv1a {
+    fn default() -> Self {
+        Self(0xCBF2_9CE4_8422_2325)
+    }
+}
+
+impl Fnv1a {
+    /// Feeds `bytes`.
+    #[inline]
+    pub fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+    /// The hash so far.
+    pub fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Hashes bytes (FNV-1a, then mixed) into a stream key, e.g. an instance id with a seed.
 pub fn hash_key(seed: u64, bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xCBF2_9CE4_8422_2325 ^ mix64(seed);
@@ -43,6 +68,12 @@ impl SplitMix64 {
         Self { state: mix64(seed ^ 0x6A09_E667_F3BC_C909), spare_normal: None }
     }
 
+    /// A generator whose stream starts right after the raw SplitMix64 state `state` (no seed mixing:
+    /// for streams that must reproduce a generator seeded that way).
+    pub fn from_state(state: u64) -> Self {
+        Self { state, spare_normal: None }
+    }
+
     /// The next 64 random bits.
     #[inline]
     pub fn next_u64(&mut self) -> u64 {
@@ -60,6 +91,14 @@ impl SplitMix64 {
     #[inline]
     pub fn below(&mut self, n: u64) -> u64 {
         ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
+    }
+
+    /// Shuffles `xs` in place (Fisher–Yates with [`SplitMix64::below`]): every permutation equally likely.
+    pub fn shuffle<T>(&mut self, xs: &mut [T]) {
+        for i in (1..xs.len()).rev() {
+            let j = self.below(i as u64 + 1) as usize;
+            xs.swap(i, j);
+        }
     }
 
     /// A standard normal draw (Marsaglia's polar method).
@@ -110,5 +149,34 @@ mod tests {
         assert_ne!(hash_key(1, b"a"), hash_key(2, b"a"));
         assert_ne!(hash_key(1, b"a"), hash_key(1, b"b"));
         assert_eq!(hash_key(1, b"a"), hash_key(1, b"a"));
+    }
+
+    /// Reference values: SplitMix64 from state 0 (Vigna's `splitmix64.c`), FNV-1a 64 of "" and "a".
+    #[test]
+    fn from_state_and_fnv_match_their_references() {
+        let mut g = SplitMix64::from_state(0);
+        assert_eq!(
+            [g.next_u64(), g.next_u64(), g.next_u64()],
+            [0xE220_A839_7B1D_CDAF, 0x6E78_9E6A_A1B9_65F4, 0x06C4_5D18_8009_454F]
+        );
+        assert_eq!(Fnv1a::default().finish(), 0xCBF2_9CE4_8422_2325);
+        let mut h = Fnv1a::default();
+        h.write(b"a");
+        assert_eq!(h.finish(), 0xAF63_DC4C_8601_EC8C);
+    }
+
+    #[test]
+    fn shuffle_is_a_seeded_permutation() {
+        let shuffled = |seed| {
+            let mut v: Vec<usize> = (0..50).collect();
+            SplitMix64::new(seed).shuffle(&mut v);
+            v
+        };
+        let mut sorted = shuffled(1);
+        assert_ne!(sorted, (0..50).collect::<Vec<_>>());
+        sorted.sort_unstable();
+        assert_eq!(sorted, (0..50).collect::<Vec<_>>());
+        assert_eq!(shuffled(1), shuffled(1));
+        assert_ne!(shuffled(1), shuffled(2));
     }
 }

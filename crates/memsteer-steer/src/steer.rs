@@ -18,21 +18,16 @@ const FINGERPRINT_SAMPLES: usize = 1 << 20;
 /// its length and of its values, all of them up to 2²⁰ values and an evenly spaced sample of 2²⁰ beyond
 /// that. Stable across platforms and versions; 16 hexadecimal digits.
 pub fn embedding_fingerprint(embedding: &[f32]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut write = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
-    write(&(embedding.len() as u64).to_le_bytes());
+    let mut h = memsteer_panel::rng::Fnv1a::default();
+    h.write(&(embedding.len() as u64).to_le_bytes());
     let n = embedding.len();
     let samples = n.min(FINGERPRINT_SAMPLES);
     for k in 0..samples {
         // Evenly spaced indices, exact in integer arithmetic (u128 avoids overflow of k · n).
         let i = if n <= FINGERPRINT_SAMPLES { k } else { (k as u128 * n as u128 / samples as u128) as usize };
-        write(&embedding[i].to_le_bytes());
+        h.write(&embedding[i].to_le_bytes());
     }
-    format!("{h:016x}")
+    format!("{:016x}", h.finish())
 }
 
 /// A set of LM-Steer steers for one base model.

@@ -383,7 +383,7 @@ pub fn train_cached_on(
     let rank = config.rank.unwrap_or(DEFAULT_MAX_RANK.min(d));
     let steers = 2;
     let per = d * rank;
-    let mut rng = SplitMix64(config.seed);
+    let mut rng = SteerRng::new(config.seed);
     let mut params: Vec<f32> = (0..2 * steers * per).map(|_| config.init_std * rng.normal()).collect();
     let mut grads = vec![0.0f32; params.len()];
     let mut m = vec![0.0f32; params.len()];
@@ -503,17 +503,17 @@ fn adam_step(params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], c:
     }
 }
 
-/// SplitMix64: a small seeded generator (no dependency), enough for initialisation and shuffling.
+/// The steer's initialisation and batch order: SplitMix64 from the raw seed ([`memsteer_panel::rng`]),
+/// with its own uniform, Box–Muller normal and modulo shuffle, kept so that steer files stay the same.
 #[derive(Debug, Clone)]
-pub(crate) struct SplitMix64(pub(crate) u64);
+pub(crate) struct SteerRng(memsteer_panel::rng::SplitMix64);
 
-impl SplitMix64 {
+impl SteerRng {
+    pub(crate) fn new(seed: u64) -> Self {
+        Self(memsteer_panel::rng::SplitMix64::from_state(seed))
+    }
     pub(crate) fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
     /// Uniform in (0, 1).
     fn uniform(&mut self) -> f64 {

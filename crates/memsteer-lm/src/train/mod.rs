@@ -103,17 +103,7 @@ pub struct Params {
     data: Vec<f32>,
 }
 
-/// SplitMix64's output function (Steele, Lea & Flood 2014).
-fn mix64(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
-/// The `i`-th word of the counter-based SplitMix64 stream `key`.
-fn word(key: u64, i: u64) -> u64 {
-    mix64(key.wrapping_add(0x9E37_79B9_7F4A_7C15u64.wrapping_mul(i.wrapping_add(1))))
-}
+use memsteer_panel::rng::{mix64, word};
 
 /// A standard normal draw for element `i` of stream `key` (Box–Muller on two words).
 fn normal(key: u64, i: u64) -> f64 {
