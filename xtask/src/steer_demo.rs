@@ -240,7 +240,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     // The corpus repeats some sentences under different ids: a held-out sentence whose text the scorer
     // also trained on (under another id) is left out of the steer's data, and repeats are kept once.
     let (held, rest): (Vec<&Sentence>, Vec<&Sentence>) =
-        sentences.iter().partition(|x| memsteer_cli::sentiment::held_out(&x.id));
+        sentences.iter().partition(|x| memsteer_steer::eval::sentiment::held_out(&x.id));
     let scorer_texts: std::collections::HashSet<String> = rest.iter().map(|x| normalized(&x.text)).collect();
     let mut seen = std::collections::HashSet::new();
     let steer_set: Vec<&Sentence> = held
@@ -561,7 +561,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             high: ends(last),
         });
     }
-    let scorer = memsteer_cli::sentiment::SentimentScorer::builtin()?;
+    let scorer = memsteer_steer::eval::sentiment::SentimentScorer::builtin()?;
     say(format!(
         "scorer: the built-in sentiment classifier, {:.1}% accurate on its {} held-out sentences (the steer's training data, which it never saw)",
         100.0 * scorer.held_out_accuracy,

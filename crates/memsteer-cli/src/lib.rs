@@ -8,7 +8,6 @@ pub mod logprobs;
 pub mod plot;
 pub mod profile;
 mod progress;
-pub mod sentiment;
 pub mod steer;
 pub mod train;
 

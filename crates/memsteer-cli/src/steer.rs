@@ -1480,30 +1480,7 @@ fn read_generations(path: &Path) -> Result<Vec<Sample>> {
     Ok(out)
 }
 
-/// dist-1/2/3 as the LM-Steer (and DExperts) authors compute them: for each prompt, the distinct n-grams
-/// over all its samples' words divided by the total number of words of those samples, averaged over
-/// prompts. `groups[p]` holds the word lists of prompt p's samples.
-pub fn distinct_n(groups: &[Vec<Vec<String>>]) -> [f64; 3] {
-    let mut sums = [0.0f64; 3];
-    let mut counted = 0usize;
-    for samples in groups {
-        let total: usize = samples.iter().map(Vec::len).sum();
-        if total == 0 {
-            continue;
-        }
-        counted += 1;
-        for (n, sum) in (1..=3).zip(sums.iter_mut()) {
-            let mut seen = std::collections::HashSet::new();
-            for words in samples {
-                for w in words.windows(n) {
-                    seen.insert(w);
-                }
-            }
-            *sum += seen.len() as f64 / total as f64;
-        }
-    }
-    sums.map(|s| if counted == 0 { 0.0 } else { s / counted as f64 })
-}
+pub use memsteer_steer::eval::distinct_n;
 
 /// Runs an external scorer: `sh -c CMD`, JSON lines {"text"} on stdin, one number per line on stdout.
 pub fn run_scorer_cmd(cmd: &str, texts: &[&str]) -> Result<Vec<f64>> {
@@ -1688,7 +1665,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
         None => None,
     };
     let builtin = match (&a.scorer_cmd, a.scorer) {
-        (None, ScorerKind::BuiltinSentiment) => Some(crate::sentiment::SentimentScorer::builtin()?),
+        (None, ScorerKind::BuiltinSentiment) => Some(memsteer_steer::eval::sentiment::SentimentScorer::builtin()?),
         _ => None,
     };
     let scoring = a.scorer_cmd.is_some() || builtin.is_some();

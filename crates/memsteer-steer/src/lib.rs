@@ -39,6 +39,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod eval;
 pub mod evidence;
 pub mod explain;
 pub mod fused;

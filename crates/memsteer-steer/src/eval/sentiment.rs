@@ -1,12 +1,12 @@
-//! The built-in sentiment scorer of `memsteer steer eval`: a logistic regression on hashed, lowercased
+//! The built-in sentiment scorer (`memsteer steer eval`'s default): a logistic regression on hashed, lowercased
 //! word unigrams (presence), trained deterministically on the 3,000 labelled UCI sentences that ship in
 //! the binary (`fixtures/corpus/sentiment.jsonl`), 20% held out by hashed id to report its accuracy.
 
 use std::sync::OnceLock;
 
-use anyhow::{Context, Result, bail};
+use crate::{Result, SteerError};
 
-const DATA: &str = include_str!("../../../fixtures/corpus/sentiment.jsonl");
+const DATA: &str = include_str!("../../../../fixtures/corpus/sentiment.jsonl");
 /// Number of hash buckets of the bag of words.
 const BUCKETS: usize = 1 << 18;
 /// Passes of stochastic gradient descent over the training split.
@@ -63,7 +63,7 @@ impl SentimentScorer {
         SCORER
             .get_or_init(|| Self::train_on(DATA).map_err(|e| format!("{e:#}")))
             .as_ref()
-            .map_err(|e| anyhow::anyhow!("training the built-in sentiment scorer: {e}"))
+            .map_err(|e| SteerError::Input(format!("training the built-in sentiment scorer: {e}")))
     }
 
     /// Trains on JSON lines `{"id", "text", "label": "positive"|"negative"}`.
@@ -74,21 +74,28 @@ impl SentimentScorer {
             if line.trim().is_empty() {
                 continue;
             }
-            let v: serde_json::Value =
-                serde_json::from_str(line).with_context(|| format!("sentiment corpus line {}", i + 1))?;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .map_err(|e| SteerError::Input(format!("sentiment corpus line {}: {e}", i + 1)))?;
             let (Some(id), Some(text), Some(label)) = (v["id"].as_str(), v["text"].as_str(), v["label"].as_str())
             else {
-                bail!("sentiment corpus line {}: expected `id`, `text` and `label` strings", i + 1);
+                return Err(SteerError::Input(format!(
+                    "sentiment corpus line {}: expected `id`, `text` and `label` strings",
+                    i + 1
+                )));
             };
             let y = match label {
                 "positive" => 1.0,
                 "negative" => 0.0,
-                other => bail!("sentiment corpus line {}: unknown label {other:?}", i + 1),
+                other => {
+                    return Err(SteerError::Input(format!("sentiment corpus line {}: unknown label {other:?}", i + 1)));
+                }
             };
             let ex = (features(text), y);
             if held_out(id) { test.push(ex) } else { train.push(ex) }
         }
-        anyhow::ensure!(!train.is_empty() && !test.is_empty(), "the sentiment corpus is too small to split");
+        if train.is_empty() || test.is_empty() {
+            return Err(SteerError::Input("the sentiment corpus is too small to split".into()));
+        }
         let mut weights = vec![0.0f64; BUCKETS];
         let mut bias = 0.0f64;
         let mut order: Vec<usize> = (0..train.len()).collect();
