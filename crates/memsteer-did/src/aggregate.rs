@@ -11,7 +11,7 @@ use memsteer_panel::Cohort;
 
 use crate::cells::CellSpec;
 use crate::functional::Functional;
-use crate::inference::Inference;
+use crate::inference::{BandSet, Inference};
 use crate::prepare::Cohorts;
 use crate::types::{Aggregate, CohortSummary, PathEstimate};
 use crate::{BandScope, ValidConfig};
@@ -41,6 +41,28 @@ fn average(items: &[(f64, &Functional)]) -> Option<Functional> {
     Some(f)
 }
 
+/// The path's functionals: event times, cells per event time and the cohort-size weighted averages.
+pub(crate) fn path_functionals(
+    cohorts: &Cohorts,
+    specs: &[CellSpec],
+    funcs: &[Functional],
+) -> (Vec<i64>, Vec<usize>, Vec<Functional>) {
+    let weight = |s: &CellSpec| cohorts.groups[s.group].n as f64;
+    let mut by_event: BTreeMap<i64, Vec<(f64, &Functional)>> = BTreeMap::new();
+    for (s, f) in specs.iter().zip(funcs) {
+        by_event.entry(s.c as i64 - s.g as i64).or_default().push((weight(s), f));
+    }
+    let events: Vec<i64> = by_event.keys().copied().collect();
+    let counts: Vec<usize> = by_event.values().map(Vec::len).collect();
+    let path_funcs: Vec<Functional> = by_event.values().filter_map(|v| average(v)).collect();
+    (events, counts, path_funcs)
+}
+
+/// Whether the band covers event time `e`.
+pub(crate) fn path_in_band(cfg: &ValidConfig, e: i64) -> bool {
+    cfg.band_scope == BandScope::All || e >= 0
+}
+
 pub(crate) fn aggregate(
     cohorts: &Cohorts,
     specs: &[CellSpec],
@@ -53,17 +75,12 @@ pub(crate) fn aggregate(
     let weight = |s: &CellSpec| cohorts.groups[s.group].n as f64;
 
     // Path by event time.
-    let mut by_event: BTreeMap<i64, Vec<(f64, &Functional)>> = BTreeMap::new();
-    for (s, f) in specs.iter().zip(funcs) {
-        by_event.entry(s.c as i64 - s.g as i64).or_default().push((weight(s), f));
-    }
-    let events: Vec<i64> = by_event.keys().copied().collect();
-    let counts: Vec<usize> = by_event.values().map(Vec::len).collect();
-    let path_funcs: Vec<Functional> = by_event.values().filter_map(|v| average(v)).collect();
+    let (events, counts, path_funcs) = path_functionals(cohorts, specs, funcs);
     let path_stats = inf.summarise(&path_funcs, cfg.alpha);
-    let include: Vec<bool> = events.iter().map(|&e| cfg.band_scope == BandScope::All || e >= 0).collect();
+    let include: Vec<bool> = events.iter().map(|&e| path_in_band(cfg, e)).collect();
     let path_ses = inf.std_errors(&path_funcs);
-    let (path_widths, path_crit) = inf.band(&path_funcs, &path_ses, &include, cfg.alpha, cfg.band_method)?;
+    let (path_widths, path_crit) =
+        inf.band(&path_funcs, &path_ses, &include, (cfg.alpha, cfg.band_method, BandSet::Path))?;
     let path: Vec<PathEstimate> = events
         .iter()
         .zip(&path_stats)

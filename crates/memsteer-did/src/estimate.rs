@@ -5,11 +5,11 @@ use memsteer_panel::{Cohort, Panel};
 use crate::bootstrap::BootSums;
 use crate::cells::{CellSpec, build_cells};
 use crate::functional::Functional;
-use crate::inference::Inference;
+use crate::inference::{BandSet, Inference};
 use crate::prepare::Cohorts;
 use crate::stats::normal_quantile;
 use crate::types::{CellEstimate, Profile, SeFallback};
-use crate::{BandScope, ControlGroup, DidError, Estimator, Result, ValidConfig};
+use crate::{BandMethod, BandScope, ControlGroup, DidError, Estimator, Result, ValidConfig};
 
 /// Receives progress of long steps (the CLI draws a bar; libraries pass [`NoProgress`]).
 pub trait Progress: Sync {
@@ -80,14 +80,21 @@ pub fn estimate(panel: &Panel, cfg: &ValidConfig, progress: &dyn Progress) -> Re
         }
     };
     progress.start("cells", 1);
-    let inf = Inference { cohorts: &cohorts, sums: sums.as_ref(), seed: cfg.seed };
+    let inf = Inference { cohorts: &cohorts, sums: sums.as_ref(), seed: cfg.seed, student_draws: Default::default() };
     let steps = panel.grid().steps();
     let values: Vec<f64> = funcs.iter().map(|f| f.value(&cohorts)).collect();
     let ses = inf.std_errors(&funcs);
     let se = &ses.se;
     let z = normal_quantile(1.0 - cfg.alpha / 2.0);
     let in_band: Vec<bool> = specs.iter().map(|s| cfg.band_scope == BandScope::All || s.c >= s.g).collect();
-    let (widths, crit) = inf.band(&funcs, &ses, &in_band, cfg.alpha, cfg.band_method)?;
+    if cfg.band_method == BandMethod::Student {
+        // The cells' and the path's bands from one pass over the Gaussian draws.
+        let (events, _, path_funcs) = crate::aggregate::path_functionals(&cohorts, &specs, &funcs);
+        let path_in: Vec<bool> = events.iter().map(|&e| crate::aggregate::path_in_band(cfg, e)).collect();
+        let path_se = inf.std_errors(&path_funcs).analytic;
+        inf.prepare_student_bands((&funcs, &ses.analytic, &in_band), (&path_funcs, &path_se, &path_in))?;
+    }
+    let (widths, crit) = inf.band(&funcs, &ses, &in_band, (cfg.alpha, cfg.band_method, BandSet::Cells))?;
     let cells: Vec<CellEstimate> = specs
         .iter()
         .zip(&values)

@@ -73,19 +73,22 @@ impl GaussianSums {
     /// bootstrap, whose Rademacher sums are too light-tailed where a maximum over many cells lives. The
     /// draws are made [`FULL_BLOCK`] at a time (memory: groups × checkpoints × block), each block from its
     /// own stream, so the result depends on the seed alone.
+    /// Several sets of functionals (`(functionals, SEs)` each) are maximised over the same draws, one
+    /// result per set.
     pub fn sup_t_full(
         cohorts: &Cohorts,
-        funcs: &[&Functional],
-        se: &[f64],
+        sets: &[(&[&Functional], &[f64])],
         draws: usize,
         seed: u64,
-    ) -> crate::Result<Vec<f64>> {
-        let mut out = Vec::with_capacity(draws);
+    ) -> crate::Result<Vec<Vec<f64>>> {
+        let mut out = vec![Vec::with_capacity(draws); sets.len()];
         for (block, start) in (0..draws).step_by(FULL_BLOCK).enumerate() {
             let key = rng::mix64(seed ^ 0xB5AD_4ECE_DA1C_E2A9) ^ block as u64;
             let g =
                 Self::draw_with(cohorts, FULL_BLOCK.min(draws - start), key, &|k| (&cohorts.groups[k].cov, cohorts.c))?;
-            out.extend(g.sup_t(funcs, se));
+            for (o, (funcs, se)) in out.iter_mut().zip(sets) {
+                o.extend(g.sup_t(funcs, se));
+            }
         }
         Ok(out)
     }

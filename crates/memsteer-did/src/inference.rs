@@ -40,6 +40,16 @@ pub(crate) struct Inference<'a> {
     pub sums: Option<&'a BootSums>,
     /// Seed of the Gaussian draws of [`BandMethod::Student`] bands (the same draws for cells and path).
     pub seed: u64,
+    /// Those bands' sup-t draws of the cells and of the path, made in one pass
+    /// ([`Inference::prepare_student_bands`]).
+    pub student_draws: std::sync::OnceLock<[Option<Vec<f64>>; 2]>,
+}
+
+/// Which band [`Inference::band`] makes (the cells' and the path's share their Gaussian draws).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BandSet {
+    Cells = 0,
+    Path = 1,
 }
 
 impl Inference<'_> {
@@ -114,8 +124,7 @@ impl Inference<'_> {
         funcs: &[Functional],
         ses: &StdErrors,
         include: &[bool],
-        alpha: f64,
-        method: BandMethod,
+        (alpha, method, set): (f64, BandMethod, BandSet),
     ) -> crate::Result<(Vec<f64>, f64)> {
         let z = normal_quantile(1.0 - alpha / 2.0);
         let welch: Vec<(f64, f64)> = match method {
@@ -132,18 +141,10 @@ impl Inference<'_> {
         let draws = match (method, self.sums) {
             (_, None) => None,
             (BandMethod::Csdid, Some(_)) => self.sup_t_draws(funcs, scale, include),
-            (BandMethod::Student, Some(sums)) => {
-                let chosen: Vec<usize> =
-                    (0..funcs.len()).filter(|&i| include[i] && scale[i].is_finite() && scale[i] > 0.0).collect();
-                if chosen.is_empty() {
-                    None
-                } else {
-                    let fs: Vec<&Functional> = chosen.iter().map(|&i| &funcs[i]).collect();
-                    let se: Vec<f64> = chosen.iter().map(|&i| scale[i]).collect();
-                    let gauss = crate::gaussian::GaussianSums::sup_t_full;
-                    Some(gauss(self.cohorts, &fs, &se, sums.draws, self.seed)?)
-                }
-            }
+            (BandMethod::Student, Some(_)) => match self.student_draws.get() {
+                Some(prepared) => prepared[set as usize].clone(),
+                None => self.student_sup_t(&[(funcs, scale, include)])?.pop().flatten(),
+            },
         };
         let Some(mut draws) = draws else {
             return Ok((ses.se.iter().map(|s| z * s).collect(), z));
@@ -162,6 +163,44 @@ impl Inference<'_> {
             })
             .collect();
         Ok((widths, crit))
+    }
+
+    /// Makes the Student bands' sup-t draws of the cells and of the path (`(functionals, analytic SEs,
+    /// included)` each) in one pass over the Gaussian draws, for [`Inference::band`].
+    pub fn prepare_student_bands(
+        &self,
+        cells: (&[Functional], &[f64], &[bool]),
+        path: (&[Functional], &[f64], &[bool]),
+    ) -> crate::Result<()> {
+        if self.sums.is_some() && self.student_draws.get().is_none() {
+            let mut draws = self.student_sup_t(&[cells, path])?.into_iter();
+            let _ = self.student_draws.set([draws.next().flatten(), draws.next().flatten()]);
+        }
+        Ok(())
+    }
+
+    /// For each set, the Gaussian sup-t draws over its included functionals with a usable SE (`None`
+    /// when there is none, or no draws are made).
+    fn student_sup_t(&self, sets: &[(&[Functional], &[f64], &[bool])]) -> crate::Result<Vec<Option<Vec<f64>>>> {
+        let Some(sums) = self.sums else { return Ok(vec![None; sets.len()]) };
+        let chosen: Vec<Vec<usize>> = sets
+            .iter()
+            .map(|(f, se, inc)| (0..f.len()).filter(|&i| inc[i] && se[i].is_finite() && se[i] > 0.0).collect())
+            .collect();
+        let fs: Vec<Vec<&Functional>> =
+            sets.iter().zip(&chosen).map(|((f, _, _), c)| c.iter().map(|&i| &f[i]).collect()).collect();
+        let ses: Vec<Vec<f64>> =
+            sets.iter().zip(&chosen).map(|((_, s, _), c)| c.iter().map(|&i| s[i]).collect()).collect();
+        let active: Vec<usize> = (0..sets.len()).filter(|&k| !chosen[k].is_empty()).collect();
+        let pairs: Vec<(&[&Functional], &[f64])> = active.iter().map(|&k| (&fs[k][..], &ses[k][..])).collect();
+        let mut out = vec![None; sets.len()];
+        if !pairs.is_empty() {
+            let draws = crate::gaussian::GaussianSums::sup_t_full(self.cohorts, &pairs, sums.draws, self.seed)?;
+            for (k, d) in active.into_iter().zip(draws) {
+                out[k] = Some(d);
+            }
+        }
+        Ok(out)
     }
 
     /// The draws of `max_i |δ_i,b / se_i|` over the functionals with `include[i]` and a usable SE.
