@@ -8,7 +8,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use memsteer_did::{NoProgress, ProfileConfig, estimate};
+use memsteer_did::{BandMethod, NoProgress, ProfileConfig, estimate};
 use memsteer_panel::read::{ReadOptions, parse_csv};
 use memsteer_panel::synthetic::SyntheticConfig;
 
@@ -42,6 +42,22 @@ fn estimator(c: &mut Criterion) {
     g.finish();
 }
 
+/// The two uniform-band constructions side by side on the paper's panel (B = 1,000): csdid's (one
+/// sup-t quantile of the multiplier draws) and the default Student bands (Gaussian draws over every
+/// checkpoint, Student-t per cell).
+fn bands(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cpu/bands");
+    g.sample_size(10).measurement_time(Duration::from_secs(20));
+    let paper = panel(143, 100, 2000, 144);
+    for (name, method) in [("csdid", BandMethod::Csdid), ("student", BandMethod::Student)] {
+        let cfg = ProfileConfig::default().with_bootstrap(1000).with_band_method(method).validate().expect("config");
+        g.bench_function(format!("16300x144/B1000/{name}"), |b| {
+            b.iter(|| estimate(black_box(&paper), &cfg, &NoProgress).expect("ok"))
+        });
+    }
+    g.finish();
+}
+
 fn reader(c: &mut Criterion) {
     let mut g = c.benchmark_group("cpu/read_csv");
     g.sample_size(10);
@@ -53,5 +69,5 @@ fn reader(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, estimator, reader);
+criterion_group!(benches, estimator, bands, reader);
 criterion_main!(benches);

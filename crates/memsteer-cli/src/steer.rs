@@ -1392,6 +1392,26 @@ struct PromptForms {
     text: Option<String>,
 }
 
+/// A line's optional `tokens` (ids) and `text`, each checked for its type; `at` names the line.
+fn tokens_and_text(v: &serde_json::Value, at: &dyn Fn() -> String) -> Result<(Option<Vec<u32>>, Option<String>)> {
+    let tokens = match v.get("tokens") {
+        None => None,
+        Some(serde_json::Value::Array(t)) => Some(
+            t.iter()
+                .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+                .collect::<Option<Vec<u32>>>()
+                .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
+        ),
+        Some(other) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
+    };
+    let text = match v.get("text") {
+        None => None,
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
+    };
+    Ok((tokens, text))
+}
+
 /// The prompts file for `steer eval`: each prompt's ids and text as given (which one is used depends on
 /// the tokenizers, see [`perplexities`]).
 fn read_prompt_forms(path: &Path) -> Result<std::collections::HashMap<String, PromptForms>> {
@@ -1399,21 +1419,7 @@ fn read_prompt_forms(path: &Path) -> Result<std::collections::HashMap<String, Pr
     for (line, v) in json_lines(path, "prompts")? {
         let at = || format!("{}, line {line}", path.display());
         let key = v.get("id").and_then(prompt_key).with_context(|| format!("{}: expected an `id`", at()))?;
-        let tokens = match v.get("tokens") {
-            None => None,
-            Some(serde_json::Value::Array(t)) => Some(
-                t.iter()
-                    .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
-                    .collect::<Option<Vec<u32>>>()
-                    .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
-            ),
-            Some(other) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
-        };
-        let text = match v.get("text") {
-            None => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
-        };
+        let (tokens, text) = tokens_and_text(&v, &at)?;
         ensure!(tokens.is_some() || text.is_some(), "{}: expected a `text` string or a `tokens` array", at());
         ensure!(
             out.insert(key.clone(), PromptForms { line, tokens, text }).is_none(),
@@ -1453,21 +1459,7 @@ fn read_generations(path: &Path) -> Result<Vec<Sample>> {
             .get("prompt_id")
             .and_then(prompt_key)
             .with_context(|| format!("{}: expected a `prompt_id` string or number", at()))?;
-        let tokens = match v.get("tokens") {
-            None => None,
-            Some(serde_json::Value::Array(t)) => Some(
-                t.iter()
-                    .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
-                    .collect::<Option<Vec<u32>>>()
-                    .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
-            ),
-            Some(other) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
-        };
-        let text = match v.get("text") {
-            None => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
-        };
+        let (tokens, text) = tokens_and_text(&v, &at)?;
         ensure!(tokens.is_some() || text.is_some(), "{}: a sample needs `text` or `tokens`", at());
         let tokenizer = match v.get("tokenizer") {
             None | Some(serde_json::Value::Null) => None,

@@ -557,7 +557,7 @@ fn steer_detect_recovers_the_generating_strength() {
     assert!(table.contains("best strength") && table.contains("P(strength)"), "{table}");
     // A bad grid is one clear error.
     let e = fails(&["steer", "detect", "--model", s(&st.model), "--steer", &file, "--text", "x y", "--bins", "1"]);
-    assert!(e.contains("--bins") || e.contains("bins"), "{e}");
+    assert!(e.contains("bins") && e.contains("expected between 2"), "{e}");
     // Huge sizes are refused before anything is built from them.
     let huge = st.dir.path().join("huge.jsonl");
     let e = fails(&[
