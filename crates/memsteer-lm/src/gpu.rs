@@ -16,41 +16,20 @@ use memsteer_kernels::Device;
 use memsteer_kernels::cuda::{Attention, DType, DevBuf, Gpu, Linear, OUTPUT_CHUNK, View};
 use safetensors::Dtype;
 
-use crate::config::{Activation, ModelConfig};
+use crate::arch::{Arch, QkvLayout, Residual, Slot, Tensors, WeightLayout};
+use crate::config::Activation;
 use crate::ops;
 use crate::weights::Weights;
 use crate::{Decoder, LmError, Result};
 
-struct Layer {
-    ln1: (DevBuf, DevBuf),
-    ln2: (DevBuf, DevBuf),
-    qkv: DevBuf,
-    qkv_b: DevBuf,
-    proj: DevBuf,
-    proj_b: DevBuf,
-    up: DevBuf,
-    up_b: DevBuf,
-    down: DevBuf,
-    down_b: DevBuf,
-}
-
 /// A GPT-2 or GPT-NeoX checkpoint resident on a CUDA device.
 pub struct GpuModel {
     gpu: Arc<Gpu>,
-    neox: bool,
-    parallel: bool,
+    arch: Arch,
     dtype: DType,
-    dims: (usize, usize, usize, usize),
-    vocab: usize,
-    context: usize,
-    eps: f32,
     act: i32,
     rotary: Option<(DevBuf, DevBuf, usize)>,
-    wte: DevBuf,
-    wpe: Option<DevBuf>,
-    out: Option<DevBuf>,
-    layers: Vec<Layer>,
-    ln_f: (DevBuf, DevBuf),
+    w: Tensors<DevBuf>,
     chunk: usize,
     logits: DType,
     attention: Attention,
@@ -62,13 +41,11 @@ pub struct GpuModel {
 
 impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (d, heads, _, inter) = self.dims;
+        let a = &self.arch;
         write!(
             f,
-            "GpuModel({} layers, d {d}, {heads} heads, inner {inter}, {:?} on {:?})",
-            self.layers.len(),
-            self.dtype,
-            self.gpu
+            "GpuModel({} layers, d {}, {} heads, inner {}, {:?} on {:?})",
+            a.layers, a.dim, a.heads, a.inner, self.dtype, self.gpu
         )
     }
 }
@@ -115,16 +92,14 @@ impl GpuModel {
             return Err(LmError::Input(format!("GpuModel needs a CUDA device, not {device:?}")));
         };
         let gpu = cuda.0.clone();
-        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let arch = Arch::from_file(&dir.join("config.json"))?;
         let w = Weights::open(dir)?;
-        let (embed_name, v, d) = match &cfg {
-            ModelConfig::Gpt2(c) => ("wte.weight", c.vocab_size, c.n_embd),
-            ModelConfig::GptNeoX(c) => ("gpt_neox.embed_in.weight", c.vocab_size, c.hidden_size),
-        };
-        let prefixed = format!("transformer.{embed_name}");
-        let dtype = dtype_of(w.raw(&[embed_name, &prefixed], &[v, d])?.0);
-        let up = |names: &[&str], shape: &[usize]| -> Result<DevBuf> {
-            let (dt, bytes) = w.raw(names, shape)?;
+        let specs = arch.tensors();
+        let spec = |slot: Slot| specs.iter().find(|s| s.slot == slot).expect("every model has an embedding");
+        let embed = spec(Slot::Embed);
+        let dtype = dtype_of(w.raw(&embed.name_refs(), &embed.shape)?.0);
+        let tensors = arch.load_tensors(|spec| {
+            let (dt, bytes) = w.raw(&spec.name_refs(), &spec.shape)?;
             let dt = dtype_of(dt);
             if dt == dtype {
                 return gpu.upload_bytes(dtype, bytes).map_err(kerr);
@@ -137,143 +112,43 @@ impl GpuModel {
                     "{}: tensor `{}` is stored as {dt:?} with values outside {dtype:?}'s range (the model's type, \
                      from its input embedding); convert the checkpoint to one type first",
                     dir.display(),
-                    names[0]
+                    spec.names[0]
                 )));
             }
             gpu.upload_bytes(dtype, &converted).map_err(kerr)
-        };
-        let act = |a: Activation| match a {
+        })?;
+        let act = match arch.activation {
             Activation::GeluExact => 1,
             Activation::GeluTanh => 2,
         };
-        let (head_name, head_alt): (&str, &str) = match &cfg {
-            ModelConfig::Gpt2(c) if c.tie_word_embeddings => ("wte.weight", "transformer.wte.weight"),
-            ModelConfig::Gpt2(_) => ("lm_head.weight", "lm_head.weight"),
-            ModelConfig::GptNeoX(c) if c.tie_word_embeddings => {
-                ("gpt_neox.embed_in.weight", "gpt_neox.embed_in.weight")
-            }
-            ModelConfig::GptNeoX(_) => ("embed_out.weight", "lm_head.weight"),
+        // The CPU path's angles (f64, then rounded to f32), for every position of the context.
+        let rot = arch.rotary_dims();
+        let rotary = if rot > 0 {
+            let (cos, sin) = arch.rotary_table((0, arch.context));
+            Some((gpu.upload_f32(&cos).map_err(kerr)?, gpu.upload_f32(&sin).map_err(kerr)?, rot))
+        } else {
+            None
         };
-        let mut model: Self = (match cfg {
-            ModelConfig::Gpt2(c) => {
-                let (d, inner) = (c.n_embd, c.n_inner);
-                let t = |name: &str, shape: &[usize]| up(&[name, &format!("transformer.{name}")], shape);
-                let ln = |name: &str| -> Result<(DevBuf, DevBuf)> {
-                    Ok((t(&format!("{name}.weight"), &[d])?, t(&format!("{name}.bias"), &[d])?))
-                };
-                let mut layers = Vec::with_capacity(c.n_layer);
-                for i in 0..c.n_layer {
-                    let p = |s: &str| format!("h.{i}.{s}");
-                    layers.push(Layer {
-                        ln1: ln(&p("ln_1"))?,
-                        qkv: t(&p("attn.c_attn.weight"), &[d, 3 * d])?,
-                        qkv_b: t(&p("attn.c_attn.bias"), &[3 * d])?,
-                        proj: t(&p("attn.c_proj.weight"), &[d, d])?,
-                        proj_b: t(&p("attn.c_proj.bias"), &[d])?,
-                        ln2: ln(&p("ln_2"))?,
-                        up: t(&p("mlp.c_fc.weight"), &[d, inner])?,
-                        up_b: t(&p("mlp.c_fc.bias"), &[inner])?,
-                        down: t(&p("mlp.c_proj.weight"), &[inner, d])?,
-                        down_b: t(&p("mlp.c_proj.bias"), &[d])?,
-                    });
-                }
-                Ok(Self {
-                    neox: false,
-                    parallel: false,
-                    dtype,
-                    dims: (d, c.n_head, d / c.n_head, inner),
-                    vocab: c.vocab_size,
-                    context: c.n_positions,
-                    eps: c.layer_norm_epsilon,
-                    act: act(c.activation),
-                    rotary: None,
-                    wte: t("wte.weight", &[c.vocab_size, d])?,
-                    wpe: Some(t("wpe.weight", &[c.n_positions, d])?),
-                    out: if c.tie_word_embeddings { None } else { Some(up(&["lm_head.weight"], &[c.vocab_size, d])?) },
-                    layers,
-                    ln_f: ln("ln_f")?,
-                    chunk: OUTPUT_CHUNK,
-                    logits: DType::F32,
-                    attention: Attention::Auto,
-                    head16: None,
-                    gpu,
-                })
-            }
-            ModelConfig::GptNeoX(c) => {
-                let (d, inter) = (c.hidden_size, c.intermediate_size);
-                let t = |name: &str, shape: &[usize]| up(&[name], shape);
-                let ln = |name: &str| -> Result<(DevBuf, DevBuf)> {
-                    Ok((t(&format!("{name}.weight"), &[d])?, t(&format!("{name}.bias"), &[d])?))
-                };
-                let mut layers = Vec::with_capacity(c.num_hidden_layers);
-                for i in 0..c.num_hidden_layers {
-                    let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
-                    layers.push(Layer {
-                        ln1: ln(&p("input_layernorm"))?,
-                        ln2: ln(&p("post_attention_layernorm"))?,
-                        qkv: t(&p("attention.query_key_value.weight"), &[3 * d, d])?,
-                        qkv_b: t(&p("attention.query_key_value.bias"), &[3 * d])?,
-                        proj: t(&p("attention.dense.weight"), &[d, d])?,
-                        proj_b: t(&p("attention.dense.bias"), &[d])?,
-                        up: t(&p("mlp.dense_h_to_4h.weight"), &[inter, d])?,
-                        up_b: t(&p("mlp.dense_h_to_4h.bias"), &[inter])?,
-                        down: t(&p("mlp.dense_4h_to_h.weight"), &[d, inter])?,
-                        down_b: t(&p("mlp.dense_4h_to_h.bias"), &[d])?,
-                    });
-                }
-                let heads = c.num_attention_heads;
-                let hd = d / heads;
-                let rot = ((hd as f64) * c.rotary_pct) as usize / 2 * 2;
-                // The CPU path's angles: f64, then rounded to f32.
-                let rotary = if rot > 0 {
-                    let inv: Vec<f64> =
-                        (0..rot / 2).map(|i| 1.0 / c.rotary_base.powf((2 * i) as f64 / rot as f64)).collect();
-                    let n = c.max_position_embeddings;
-                    let (mut cos, mut sin) = (Vec::with_capacity(n * rot / 2), Vec::with_capacity(n * rot / 2));
-                    for pos in 0..n {
-                        for f in &inv {
-                            cos.push((pos as f64 * f).cos() as f32);
-                            sin.push((pos as f64 * f).sin() as f32);
-                        }
-                    }
-                    Some((gpu.upload_f32(&cos).map_err(kerr)?, gpu.upload_f32(&sin).map_err(kerr)?, rot))
-                } else {
-                    None
-                };
-                Ok(Self {
-                    neox: true,
-                    parallel: c.use_parallel_residual,
-                    dtype,
-                    dims: (d, heads, hd, inter),
-                    vocab: c.vocab_size,
-                    context: c.max_position_embeddings,
-                    eps: c.layer_norm_eps,
-                    act: act(c.activation),
-                    rotary,
-                    wte: t("gpt_neox.embed_in.weight", &[c.vocab_size, d])?,
-                    wpe: None,
-                    out: if c.tie_word_embeddings {
-                        None
-                    } else {
-                        Some(up(&["embed_out.weight", "lm_head.weight"], &[c.vocab_size, d])?)
-                    },
-                    layers,
-                    ln_f: ln("gpt_neox.final_layer_norm")?,
-                    chunk: OUTPUT_CHUNK,
-                    logits: DType::F32,
-                    attention: Attention::Auto,
-                    head16: None,
-                    gpu,
-                })
-            }
-        } as Result<Self>)?;
+        let mut model = Self {
+            gpu,
+            dtype,
+            act,
+            rotary,
+            w: tensors,
+            chunk: OUTPUT_CHUNK,
+            logits: DType::F32,
+            attention: Attention::Auto,
+            head16: None,
+            arch,
+        };
         if dtype == DType::Bf16 {
-            let (stored, bytes) = w.raw(&[head_name, head_alt], &[v, d])?;
+            let head = spec(if model.arch.tied { Slot::Embed } else { Slot::Head });
+            let (stored, bytes) = w.raw(&head.name_refs(), &head.shape)?;
             let f16 = convert(bytes, dtype_of(stored), DType::F16);
             if finite(&f16, DType::F16) {
                 model.head16 = Some(model.gpu.upload_bytes(DType::F16, &f16).map_err(kerr)?);
                 // An untied bf16 output layer is not needed beside its f16 copy.
-                model.out = None;
+                model.w.head = None;
             }
         }
         Ok(model)
@@ -322,7 +197,7 @@ impl GpuModel {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let lay = ops::layout_for((self.vocab, self.context), seqs, None)?;
+        let lay = ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)?;
         let rows = lay.rows();
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
@@ -339,7 +214,7 @@ impl GpuModel {
     /// Final hidden states (after the last layer norm, `f32`) of the sequences laid end to end,
     /// `Σ len × dim`, computed on the device: for callers that apply their own output layer (LM-Steer).
     pub fn hidden_states(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
-        let lay = ops::layout_for((self.vocab, self.context), seqs, None)?;
+        let lay = ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)?;
         if lay.rows() == 0 {
             return Ok(Vec::new());
         }
@@ -358,7 +233,9 @@ impl GpuModel {
         spans: &[(usize, usize)],
     ) -> memsteer_kernels::Result<Vec<f32>> {
         let g = &*self.gpu;
-        let (d, heads, hd, inter) = self.dims;
+        let a = &self.arch;
+        let (d, heads, hd, inter) = (a.dim, a.heads, a.head_dim, a.inner);
+        let (width, eps) = (a.qkv_width(), a.norm_eps());
         let (rows, dt) = (tokens.len(), self.dtype);
         let mut prof = Profile::new(g);
         let (tok, pos) = (g.upload_u32(tokens)?, g.upload_u32(positions)?);
@@ -366,7 +243,7 @@ impl GpuModel {
         // type (f32 models stay f32 throughout).
         let x = g.alloc(DType::F32, rows * d)?;
         let h = g.alloc(dt, rows * d)?;
-        let qkv = g.alloc(dt, rows * 3 * d)?;
+        let qkv = g.alloc(dt, rows * width)?;
         let (q, k, v) = (g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?);
         let ctx = g.alloc(dt, rows * d)?;
         let attn = g.alloc(dt, rows * d)?;
@@ -377,8 +254,8 @@ impl GpuModel {
         g.embed(
             (tokens, tok.view()),
             (positions, pos.view()),
-            self.wte.view(),
-            self.wpe.as_ref().map(DevBuf::view),
+            self.w.embed.view(),
+            self.w.positions.as_ref().map(DevBuf::view),
             x.view(),
             d,
         )?;
@@ -389,52 +266,52 @@ impl GpuModel {
         fn pair(p: &(DevBuf, DevBuf)) -> (View<'_>, View<'_>) {
             (p.0.view(), p.1.view())
         }
-        let major = !self.neox;
+        let major = a.weights == WeightLayout::InputsMajor;
         let rotary = self.rotary.as_ref().map(|(c, s, r)| (c.view(), s.view(), *r));
-        for l in &self.layers {
-            g.layer_norm(x.view(), pair(&l.ln1), self.eps, h.view(), rows, d)?;
+        for l in &self.w.layers {
+            g.layer_norm(x.view(), pair(&l.norm1), eps, h.view(), rows, d)?;
             prof.mark("layer norm");
-            g.linear(h.view(), &lin(&l.qkv, 3 * d, d, major), qkv.view(), rows)?;
+            g.linear(h.view(), &lin(&l.qkv.0, width, d, major), qkv.view(), rows)?;
             prof.mark("qkv product");
             g.qkv_split(
                 qkv.view(),
-                l.qkv_b.view(),
+                l.qkv.1.view(),
                 (positions, pos.view()),
                 rotary,
-                self.neox,
+                a.qkv == QkvLayout::PerHead,
                 (q.view(), k.view(), v.view()),
                 (rows, heads, hd),
             )?;
             prof.mark("qkv split + rotary");
             g.attention_with(self.attention, (q.view(), k.view(), v.view()), ctx.view(), spans, (rows, heads, hd))?;
             prof.mark("attention");
-            g.linear(ctx.view(), &lin(&l.proj, d, d, major), attn.view(), rows)?;
+            g.linear(ctx.view(), &lin(&l.attn_out.0, d, d, major), attn.view(), rows)?;
             prof.mark("attention output product");
             let run_mlp = |input: View<'_>, prof: &mut Profile<'_>| -> memsteer_kernels::Result<()> {
                 for r0 in (0..rows).step_by(block) {
                     let n = block.min(rows - r0);
                     let m = mid.view().slice(0, n * inter)?;
-                    g.linear(input.slice(r0 * d, n * d)?, &lin(&l.up, inter, d, major), m, n)?;
+                    g.linear(input.slice(r0 * d, n * d)?, &lin(&l.up.0, inter, d, major), m, n)?;
                     prof.mark("mlp products");
-                    g.bias_act(m, l.up_b.view(), m, (n, inter), self.act)?;
+                    g.bias_act(m, l.up.1.view(), m, (n, inter), self.act)?;
                     prof.mark("bias + gelu");
-                    g.linear(m, &lin(&l.down, d, inter, major), mlp.view().slice(r0 * d, n * d)?, n)?;
+                    g.linear(m, &lin(&l.down.0, d, inter, major), mlp.view().slice(r0 * d, n * d)?, n)?;
                     prof.mark("mlp products");
                 }
                 Ok(())
             };
-            if self.parallel {
-                g.layer_norm(x.view(), pair(&l.ln2), self.eps, h.view(), rows, d)?;
+            if a.residual == Residual::Parallel {
+                g.layer_norm(x.view(), pair(&l.norm2), eps, h.view(), rows, d)?;
                 prof.mark("layer norm");
                 run_mlp(h.view(), &mut prof)?;
-                g.residual(x.view(), (attn.view(), l.proj_b.view()), Some((mlp.view(), l.down_b.view())), rows, d)?;
+                g.residual(x.view(), (attn.view(), l.attn_out.1.view()), Some((mlp.view(), l.down.1.view())), rows, d)?;
                 prof.mark("residual");
             } else {
-                g.residual(x.view(), (attn.view(), l.proj_b.view()), None, rows, d)?;
-                g.layer_norm(x.view(), pair(&l.ln2), self.eps, h.view(), rows, d)?;
+                g.residual(x.view(), (attn.view(), l.attn_out.1.view()), None, rows, d)?;
+                g.layer_norm(x.view(), pair(&l.norm2), eps, h.view(), rows, d)?;
                 prof.mark("layer norm");
                 run_mlp(h.view(), &mut prof)?;
-                g.residual(x.view(), (mlp.view(), l.down_b.view()), None, rows, d)?;
+                g.residual(x.view(), (mlp.view(), l.down.1.view()), None, rows, d)?;
                 prof.mark("residual");
             }
         }
@@ -442,20 +319,20 @@ impl GpuModel {
         drop((qkv, q, k, v, ctx, attn, mid, mlp));
         let Some(targets) = targets else {
             let hs = g.alloc(DType::F32, rows * d)?;
-            g.layer_norm(x.view(), pair(&self.ln_f), self.eps, hs.view(), rows, d)?;
+            g.layer_norm(x.view(), pair(&self.w.final_norm), eps, hs.view(), rows, d)?;
             return g.download_f32(hs.view());
         };
         let tgt = g.upload_u32(targets)?;
         let lp = g.alloc(DType::F32, rows)?;
         if let Some(head) = &self.head16 {
             let hf = g.alloc(DType::F16, rows * d)?;
-            g.layer_norm(x.view(), pair(&self.ln_f), self.eps, hf.view(), rows, d)?;
-            let e = Linear { w: head.view(), outputs: self.vocab, inputs: d, inputs_major: false };
+            g.layer_norm(x.view(), pair(&self.w.final_norm), eps, hf.view(), rows, d)?;
+            let e = Linear { w: head.view(), outputs: a.vocab, inputs: d, inputs_major: false };
             g.log_prob_targets(hf.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, self.logits)?;
         } else {
-            g.layer_norm(x.view(), pair(&self.ln_f), self.eps, h.view(), rows, d)?;
-            let w = self.out.as_ref().unwrap_or(&self.wte).view();
-            let e = Linear { w, outputs: self.vocab, inputs: d, inputs_major: false };
+            g.layer_norm(x.view(), pair(&self.w.final_norm), eps, h.view(), rows, d)?;
+            let w = self.w.output().view();
+            let e = Linear { w, outputs: a.vocab, inputs: d, inputs_major: false };
             let logits = if self.dtype == DType::F16 { self.logits } else { DType::F32 };
             g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, logits)?;
         }

@@ -18,91 +18,61 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod arch;
 pub mod config;
+pub mod cpu;
 mod decoder;
 mod error;
-pub mod gpt2;
 #[cfg(feature = "cuda")]
 pub mod gpu;
-pub mod neox;
 mod ops;
 pub mod sample;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
+pub use cpu::Model;
 pub use decoder::Decoder;
 pub use error::{LmError, Result};
 pub use ops::KvCache;
 
 use std::path::Path;
 
-/// A loaded model of any supported architecture.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Model {
-    /// GPT-2.
-    Gpt2(gpt2::Gpt2),
-    /// GPT-NeoX (Pythia).
-    GptNeoX(neox::GptNeoX),
-}
-
 impl Model {
     /// Loads `dir/config.json` and the weights next to it.
     pub fn load(dir: &Path) -> Result<Self> {
-        Ok(match config::ModelConfig::from_file(&dir.join("config.json"))? {
-            config::ModelConfig::Gpt2(c) => Model::Gpt2(gpt2::Gpt2::load(dir, c)?),
-            config::ModelConfig::GptNeoX(c) => Model::GptNeoX(neox::GptNeoX::load(dir, c)?),
-        })
+        Self::load_arch(dir, arch::Arch::from_file(&dir.join("config.json"))?)
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T`, in nats.
     pub fn token_log_probs(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self {
-            Model::Gpt2(m) => m.token_log_probs(tokens),
-            Model::GptNeoX(m) => m.token_log_probs(tokens),
-        }
+        Decoder::token_log_probs(self, tokens)
     }
 
     /// [`Model::token_log_probs`] of every sequence, in one packed forward pass.
     pub fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
-        match self {
-            Model::Gpt2(m) => m.token_log_probs_batch(seqs),
-            Model::GptNeoX(m) => m.token_log_probs_batch(seqs),
-        }
+        Decoder::token_log_probs_batch(self, seqs)
     }
 
     /// The architecture behind the [`Decoder`] interface.
     pub fn decoder(&self) -> &dyn Decoder {
-        match self {
-            Model::Gpt2(m) => m,
-            Model::GptNeoX(m) => m,
-        }
+        self
     }
 
     /// Sequence log-probabilities (first token not scored) in one packed forward pass; every
     /// sequence needs at least two tokens.
     pub fn sequence_log_probs(&self, batch: &[Vec<u32>]) -> Result<Vec<f64>> {
-        match self {
-            Model::Gpt2(m) => m.sequence_log_probs(batch),
-            Model::GptNeoX(m) => m.sequence_log_probs(batch),
-        }
+        Decoder::sequence_log_probs(self, batch)
     }
 
     /// Logits of the next token after the whole sequence.
     pub fn last_logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self {
-            Model::Gpt2(m) => m.last_logits(tokens),
-            Model::GptNeoX(m) => m.last_logits(tokens),
-        }
+        Decoder::last_logits(self, tokens)
     }
 
     /// Next-token logits after feeding `tokens` on top of `cache` (which it extends).
     pub fn next_logits(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        match self {
-            Model::Gpt2(m) => m.next_logits(tokens, cache),
-            Model::GptNeoX(m) => m.next_logits(tokens, cache),
-        }
+        Decoder::next_logits(self, tokens, cache)
     }
 
     /// Continues `prompt` by `max_new` sampled tokens with a KV cache; `uniform` supplies the random

@@ -97,6 +97,40 @@ pub(crate) fn bias_act(x: &mut [f32], b: &[f32], act: Option<Activation>) {
     });
 }
 
+/// Rotate-half rotary embedding, in place, of the first `2·half` dimensions of every query and key
+/// head of the fused projection `qkv` (rows laid out as `off` says): row `r` uses row `table_rows[r]`
+/// of the `(cos, sin)` tables (`half` values per row). `inverse` applies the transposed rotation (the
+/// backward of the forward one).
+pub(crate) fn rotate(
+    qkv: &mut [f32],
+    (off, heads, half): (crate::arch::QkvOffsets, usize, usize),
+    (cos, sin): (&[f32], &[f32]),
+    table_rows: &[usize],
+    inverse: bool,
+) {
+    if half == 0 {
+        return;
+    }
+    qkv.par_chunks_mut(off.row).zip(table_rows).for_each(|(row, &at)| {
+        let (c, s) = (&cos[at * half..(at + 1) * half], &sin[at * half..(at + 1) * half]);
+        for h in 0..heads {
+            for part in [off.q, off.k] {
+                let base = part + h * off.head;
+                for i in 0..half {
+                    let (a, b) = (row[base + i], row[base + i + half]);
+                    if inverse {
+                        row[base + i] = a * c[i] + b * s[i];
+                        row[base + i + half] = b * c[i] - a * s[i];
+                    } else {
+                        row[base + i] = a * c[i] - b * s[i];
+                        row[base + i + half] = b * c[i] + a * s[i];
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// `x += a` (and `+= b` when given), elementwise.
 pub(crate) fn residual(x: &mut [f32], a: &[f32], b: Option<&[f32]>) {
     const CHUNK: usize = 1 << 14;

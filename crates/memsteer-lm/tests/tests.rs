@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use memsteer_lm::Decoder;
+use memsteer_lm::Model;
+use memsteer_lm::arch::Arch;
 use memsteer_lm::config::ModelConfig;
-use memsteer_lm::gpt2::Gpt2;
 
 mod train;
 
@@ -13,11 +14,16 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm").join(name)
 }
 
-fn load(dir: &Path) -> Gpt2 {
+fn load(dir: &Path) -> Model {
     match ModelConfig::from_file(&dir.join("config.json")).expect("config") {
-        ModelConfig::Gpt2(cfg) => Gpt2::load(dir, cfg).expect("load"),
+        cfg @ ModelConfig::Gpt2(_) => Model::load_arch(dir, Arch::from_config(&cfg)).expect("load"),
         other => panic!("unexpected config {other:?}"),
     }
+}
+
+/// A GPT-2 model of configuration `cfg` from the weights in `dir`.
+fn load_gpt2(dir: &Path, cfg: memsteer_lm::config::Gpt2Config) -> memsteer_lm::Result<Model> {
+    Model::load_arch(dir, Arch::from_config(&ModelConfig::Gpt2(cfg)))
 }
 
 /// Relative tolerance (to max(1, |x|)) of memsteer's f32 log-probs and logits against the goldens.
@@ -230,17 +236,17 @@ fn malformed_configs_and_weights_give_clear_errors() {
         panic!("gpt2")
     };
     std::fs::write(p.join("pytorch_model.bin"), b"pickle").expect("write");
-    let e = Gpt2::load(p, cfg.clone()).expect_err("no weights").to_string();
+    let e = load_gpt2(p, cfg.clone()).expect_err("no weights").to_string();
     assert!(e.contains("no model.safetensors") && e.contains("does not unpickle"), "{e}");
     let bytes = std::fs::read(good.join("model.safetensors")).expect("read");
     std::fs::write(p.join("model.safetensors"), &bytes[..bytes.len() / 2]).expect("write");
-    let e = Gpt2::load(p, cfg.clone()).expect_err("truncated").to_string();
+    let e = load_gpt2(p, cfg.clone()).expect_err("truncated").to_string();
     assert!(e.contains("not a readable safetensors file"), "{e}");
     let wider = memsteer_lm::config::Gpt2Config { n_embd: 32, ..cfg.clone() };
-    let e = Gpt2::load(&good, wider).expect_err("shape").to_string();
+    let e = load_gpt2(&good, wider).expect_err("shape").to_string();
     assert!(e.contains("tensor `h.0.ln_1.weight`: shape [16], expected [32]"), "{e}");
     let deeper = memsteer_lm::config::Gpt2Config { n_layer: 3, ..cfg };
-    let e = Gpt2::load(&good, deeper).expect_err("missing").to_string();
+    let e = load_gpt2(&good, deeper).expect_err("missing").to_string();
     assert!(e.contains("h.2.ln_1.weight") && e.contains("missing"), "{e}");
 }
 

@@ -2,7 +2,7 @@
 //! Face order, an explicit forward and backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and
 //! learning-rate schedules ([`schedule`]).
 //!
-//! The forward computes exactly the function [`crate::neox::GptNeoX`] computes, the loss is the mean
+//! The forward computes exactly the function the CPU runtime ([`crate::Model`]) computes, the loss is the mean
 //! cross-entropy over every predicted position of a batch (each sequence's tokens after its first),
 //! and checkpoints are Hugging Face directories that [`crate::Model::load`] and transformers read.
 //! Results are deterministic from the seed and identical for any number of rayon threads.
@@ -511,7 +511,7 @@ impl Params {
             row.copy_from_slice(&emb[tok as usize * d..(tok as usize + 1) * d]);
         }
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let rotary = ops::Rotary::new(heads, hd, c.rotary_pct, c.rotary_base, longest);
+        let rotary = ops::Rotary::new(&crate::arch::Arch::from_config(&ModelConfig::GptNeoX(c.clone())), longest);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         let mut attn = vec![0.0f32; n * d];
         let mut mlp = vec![0.0f32; n * d];

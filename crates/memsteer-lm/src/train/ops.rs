@@ -1,7 +1,7 @@
 //! Forward and backward of every operation of the GPT-NeoX trainer, on packed row-major buffers
 //! (`rows × width`, the rows of several sequences end to end, as the runtime lays them out).
 //!
-//! Forwards compute exactly what [`crate::neox::GptNeoX`] computes (same formulas, same kernels, the
+//! Forwards compute exactly what the CPU runtime ([`crate::cpu`]) computes (same formulas, same kernels, the
 //! runtime's own attention). Backwards write input gradients (overwriting) and accumulate parameter
 //! gradients (`+=`). Every reduction over rows (bias, layer-norm and weight gradients) runs over a
 //! fixed partition of the rows and adds the partial results in a fixed order, and the kernels' GEMMs
@@ -213,64 +213,27 @@ pub(crate) fn gelu_backward(d: &mut [f32], pre: &[f32], act: Activation) {
     });
 }
 
-/// Rotary tables and shapes of the fused QKV rows (`[q, k, v]` per head).
+/// The rotary tables of positions `0..positions` and the fused QKV layout, from the architecture.
 #[derive(Debug, Clone)]
 pub(crate) struct Rotary {
-    /// `positions × rot/2` cosines.
-    pub cos: Vec<f32>,
-    /// `positions × rot/2` sines.
-    pub sin: Vec<f32>,
-    /// Rotated dimensions per head (even).
-    pub rot: usize,
-    /// Heads.
-    pub heads: usize,
-    /// Head dimension.
-    pub hd: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    off: crate::arch::QkvOffsets,
+    heads: usize,
+    half: usize,
 }
 
 impl Rotary {
-    /// The runtime's tables: angles in `f64`, rounded to `f32`.
-    pub fn new(heads: usize, hd: usize, pct: f64, base: f64, positions: usize) -> Self {
-        let rot = ((hd as f64) * pct) as usize / 2 * 2;
-        let inv_freq: Vec<f64> = (0..rot / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / rot as f64)).collect();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for pos in 0..positions {
-            for f in &inv_freq {
-                let angle = pos as f64 * f;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        Self { cos, sin, rot, heads, hd }
+    /// The runtime's tables ([`crate::arch::Arch::rotary_table`]).
+    pub fn new(arch: &crate::arch::Arch, positions: usize) -> Self {
+        let (cos, sin) = arch.rotary_table((0, positions));
+        Self { cos, sin, off: arch.qkv_offsets(), heads: arch.heads, half: arch.rotary_dims() / 2 }
     }
 
-    /// Rotate-half of the first `rot` dimensions of every q and k head, in place; `inverse` applies
-    /// the transposed rotation (the backward of the forward rotation).
+    /// Rotates every q and k head in place ([`crate::ops::rotate`]); `inverse` applies the transposed
+    /// rotation (the backward of the forward rotation).
     pub fn apply(&self, qkv: &mut [f32], positions: &[usize], inverse: bool) {
-        let half = self.rot / 2;
-        if half == 0 {
-            return;
-        }
-        let (heads, hd) = (self.heads, self.hd);
-        let width = 3 * heads * hd;
-        qkv.par_chunks_mut(width).zip(positions).for_each(|(row, &pos)| {
-            let (c, s) = (&self.cos[pos * half..(pos + 1) * half], &self.sin[pos * half..(pos + 1) * half]);
-            for h in 0..heads {
-                for part in [0, hd] {
-                    let base = h * 3 * hd + part;
-                    for i in 0..half {
-                        let (a, b) = (row[base + i], row[base + i + half]);
-                        if inverse {
-                            row[base + i] = a * c[i] + b * s[i];
-                            row[base + i + half] = b * c[i] - a * s[i];
-                        } else {
-                            row[base + i] = a * c[i] - b * s[i];
-                            row[base + i + half] = b * c[i] + a * s[i];
-                        }
-                    }
-                }
-            }
-        });
+        crate::ops::rotate(qkv, (self.off, self.heads, self.half), (&self.cos, &self.sin), positions, inverse);
     }
 }
 

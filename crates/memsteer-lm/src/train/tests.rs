@@ -121,18 +121,35 @@ fn gelu_gradients() {
 #[test]
 fn rotary_backward_is_the_transpose() {
     // The rotation is linear, so the backward must satisfy ⟨R x, y⟩ = ⟨x, Rᵀ y⟩, and Rᵀ R = I.
+    // Both fused layouts (GPT-NeoX's per-head one and the blocked one).
     let (heads, hd) = (3, 8);
-    let rot = Rotary::new(heads, hd, 0.5, 10000.0, 10);
-    let positions = vec![0, 3, 9, 1];
-    let x = randn(10, 4 * 3 * heads * hd, 1.0);
-    let y = randn(11, x.len(), 1.0);
-    let (mut rx, mut rty) = (x.clone(), y.clone());
-    rot.apply(&mut rx, &positions, false);
-    rot.apply(&mut rty, &positions, true);
-    assert!((dot(&rx, &y) - dot(&x, &rty)).abs() < 1e-5);
-    rot.apply(&mut rx, &positions, true);
-    assert!(rx.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-6));
-    assert_ne!(rot.rot, 0);
+    let cfg = NeoXConfig { rotary_pct: 0.5, max_position_embeddings: 10, ..small(true, false, Activation::GeluExact) };
+    let neox = crate::arch::Arch::from_config(&crate::config::ModelConfig::GptNeoX(NeoXConfig {
+        hidden_size: heads * hd,
+        num_attention_heads: heads,
+        ..cfg
+    }));
+    assert_eq!(neox.rotary_dims(), 4);
+    for arch in [neox.clone(), crate::arch::Arch { qkv: crate::arch::QkvLayout::Blocked, ..neox }] {
+        let rot = Rotary::new(&arch, 10);
+        let positions = vec![0, 3, 9, 1];
+        let x = randn(10, 4 * 3 * heads * hd, 1.0);
+        let y = randn(11, x.len(), 1.0);
+        let (mut rx, mut rty) = (x.clone(), y.clone());
+        rot.apply(&mut rx, &positions, false);
+        // Values move (only the q and k heads' first 4 dimensions), and only where they should.
+        let off = arch.qkv_offsets();
+        for (i, (a, b)) in rx.iter().zip(&x).enumerate() {
+            let (row, col) = (i / off.row, i % off.row);
+            let rotated = (0..heads)
+                .any(|h| [off.q, off.k].iter().any(|&p| (p + h * off.head..p + h * off.head + 4).contains(&col)));
+            assert_eq!(a == b, !rotated || positions[row] == 0, "{:?} column {col}", arch.qkv);
+        }
+        rot.apply(&mut rty, &positions, true);
+        assert!((dot(&rx, &y) - dot(&x, &rty)).abs() < 1e-5);
+        rot.apply(&mut rx, &positions, true);
+        assert!(rx.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
 }
 
 #[test]
