@@ -1,4 +1,4 @@
-//! `memsteer train`: trains a small GPT-NeoX model on instances with every batch logged, writing
+//! `memsteer train`: trains a small GPT-2 or GPT-NeoX model on instances with every batch logged, writing
 //! checkpoints and the files `memsteer logprobs` needs to measure memorisation.
 //!
 //! Output directory:
@@ -52,10 +52,10 @@ pub struct TrainArgs {
     /// `checkpoint_steps = [0, 1, 2, 4]`, `quiet = true`); flags on the command line override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// A Hugging Face GPT-NeoX `config.json`: the model is initialised randomly from --seed.
+    /// A Hugging Face GPT-2 or GPT-NeoX `config.json`: the model is initialised randomly from --seed.
     #[arg(long, value_name = "FILE", conflicts_with = "init", required_unless_present = "init")]
     pub model_config: Option<PathBuf>,
-    /// Start from the weights of a Hugging Face GPT-NeoX directory instead.
+    /// Start from the weights of a Hugging Face GPT-2 or GPT-NeoX directory instead.
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
     /// Training instances, JSON lines: {"id": …, "tokens": [int, …]} or with a "text" string
@@ -186,19 +186,19 @@ fn tokenize(instances: &mut [Instance], tokenizer: Option<&Path>, file: &Path) -
 }
 
 fn check_fits(instances: &[Instance], params: &Params, file: &Path) -> Result<()> {
-    let cfg = params.config();
+    let cfg = params.arch();
     for x in instances {
         let at = || format!("{}, line {} (instance {:?})", file.display(), x.line, x.id);
         ensure!(x.tokens.len() >= 2, "{}: {} token(s); training needs at least two", at(), x.tokens.len());
         ensure!(
-            x.tokens.len() <= cfg.max_position_embeddings,
+            x.tokens.len() <= cfg.context,
             "{}: {} tokens exceed the model's context of {}",
             at(),
             x.tokens.len(),
-            cfg.max_position_embeddings
+            cfg.context
         );
-        if let Some(t) = x.tokens.iter().find(|t| **t as usize >= cfg.vocab_size) {
-            bail!("{}: token id {t} is outside the model's vocabulary of {}", at(), cfg.vocab_size);
+        if let Some(t) = x.tokens.iter().find(|t| **t as usize >= cfg.vocab) {
+            bail!("{}: token id {t} is outside the model's vocabulary of {}", at(), cfg.vocab);
         }
     }
     Ok(())

@@ -341,3 +341,51 @@ fn a_toml_config_holds_the_flags_and_the_command_line_overrides_it() {
     let e = fails(&["train", "--config", s(&cfg), "--out", s(&out)]);
     assert!(e.contains("train.toml") && e.contains("takes a value"), "{e}");
 }
+
+#[test]
+fn trains_a_gpt2_model_whose_checkpoints_logprobs_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    std::fs::write(
+        &c,
+        r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 32, "n_positions": 32,
+            "n_embd": 16, "n_layer": 2, "n_head": 2, "activation_function": "gelu_new"}"#,
+    )
+    .expect("config");
+    let out = dir.path().join("run");
+    ok(&train_args(&c, &t, &v, &out));
+    let loss = std::fs::read_to_string(out.join("loss.csv")).expect("loss");
+    let rows: Vec<Vec<f64>> =
+        loss.lines().skip(1).map(|l| l.split(',').map(|f| f.parse().expect("number")).collect()).collect();
+    assert_eq!(rows.len(), 10);
+    assert!(rows[9][1] < rows[0][1] - 0.1, "{loss}");
+    // The checkpoint is a GPT-2 directory (Conv1D `in × out` weights, tied head, learned positions).
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("step10/config.json")).expect("config")).expect("json");
+    assert_eq!(config["model_type"], "gpt2");
+    let panel = dir.path().join("panel.csv");
+    ok(&[
+        "logprobs",
+        "--checkpoints",
+        s(&out.join("checkpoints.json")),
+        "--instances",
+        s(&out.join("instances.jsonl")),
+        "--out",
+        s(&panel),
+        "--quiet",
+    ]);
+    let text = std::fs::read_to_string(&panel).expect("panel");
+    assert_eq!(text.lines().count(), 1 + 15 * 6);
+    // The trained instances gain log-probability from step 0 to step 10 on average.
+    let mean_at = |step: &str| {
+        let vals: Vec<f64> = text
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').collect::<Vec<_>>())
+            .filter(|f| f[0].starts_with('t') && f[2] == step)
+            .map(|f| f[3].parse().expect("outcome"))
+            .collect();
+        vals.iter().sum::<f64>() / vals.len() as f64
+    };
+    assert!(mean_at("10") > mean_at("0") + 1.0, "{} vs {}", mean_at("10"), mean_at("0"));
+}

@@ -248,3 +248,15 @@ impl ModelConfig {
         }
     }
 }
+
+impl From<Gpt2Config> for ModelConfig {
+    fn from(c: Gpt2Config) -> Self {
+        ModelConfig::Gpt2(c)
+    }
+}
+
+impl From<NeoXConfig> for ModelConfig {
+    fn from(c: NeoXConfig) -> Self {
+        ModelConfig::GptNeoX(c)
+    }
+}

@@ -1,11 +1,13 @@
-//! memsteer's transformer runtime (CPU): Hugging Face `config.json`, safetensors weights (f32, f16,
-//! bf16; single file or sharded), and GPT-2 / GPT-NeoX forward passes with per-token and per-sequence
-//! log-probabilities through the fused output layer of `memsteer-kernels`.
+//! memsteer's transformer runtime: Hugging Face `config.json`, safetensors weights (f32, f16, bf16;
+//! single file or sharded), and per-token and per-sequence log-probabilities through the fused output
+//! layer of `memsteer-kernels`.
 //!
-//! GPT-NeoX (Pythia layout: fused per-head QKV, partial rotary, parallel residual) runs too, and
-//! [`tokenizer`] wraps the `tokenizers` crate (`tokenizer.json`, or GPT-2's vocabulary and merges files), with
+//! [`arch`] describes an architecture once (GPT-2; GPT-NeoX in the Pythia layout: fused per-head
+//! QKV, partial rotary, parallel residual) with one tensor-name table per family and one loader; the
+//! CPU runtime ([`cpu`]), the CUDA runtime (`gpu`, feature `cuda`) and the trainer ([`train`]) read
+//! it. [`tokenizer`] wraps the `tokenizers` crate (`tokenizer.json`, or GPT-2's vocabulary and merges files), with
 //! ids equal to Hugging Face `tokenizers`'. [`KvCache`] and [`sample`] drive seeded generation
-//! ([`Model::generate`]). [`train`] trains GPT-NeoX models (explicit backward per operation, AdamW,
+//! ([`Model::generate`]). [`train`] trains GPT-2 and GPT-NeoX models (explicit backward per operation, AdamW,
 //! schedules) and writes checkpoints this runtime loads.
 //!
 //! ```

@@ -1,5 +1,6 @@
-//! The trainer against PyTorch: 20 AdamW steps of a tiny GPTNeoXForCausalLM from the same initial
-//! weights on the same batches (golden made by `fixtures/train/make_golden.py`).
+//! The trainer against PyTorch: 20 AdamW steps of a tiny GPTNeoXForCausalLM and of a tiny
+//! GPT2LMHeadModel from the same initial weights on the same batches (goldens made by
+//! `fixtures/train/make_golden.py [--arch gpt2]`).
 
 use std::path::PathBuf;
 
@@ -19,11 +20,23 @@ const LOSS_RTOL: f64 = 1e-5;
 
 #[test]
 fn twenty_steps_match_pytorch() {
+    twenty_steps("golden.json", "tiny-neox-init");
+}
+
+/// GPT-2: `Conv1D` weights stored `in × out`, learned positions, the output layer tied to the token
+/// embedding (whose gradient gets both contributions), HF's residual-scaled initialisation (here
+/// loaded from PyTorch's own initial weights, saved under the `transformer.` prefix).
+#[test]
+fn twenty_gpt2_steps_match_pytorch() {
+    twenty_steps("golden-gpt2.json", "tiny-gpt2-init");
+}
+
+fn twenty_steps(golden: &str, init: &str) {
     let golden: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("golden.json")).expect("golden")).expect("json");
+        serde_json::from_str(&std::fs::read_to_string(fixture(golden)).expect("golden")).expect("json");
     let s = &golden["settings"];
     let num = |k: &str| s[k].as_f64().expect(k);
-    let params = Params::from_hf(&fixture("tiny-neox-init")).expect("initial weights");
+    let params = Params::from_hf(&fixture(init)).expect("initial weights");
     let cfg = TrainConfig {
         lr: num("lr"),
         min_lr: num("min_lr"),

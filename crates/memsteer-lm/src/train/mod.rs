@@ -1,8 +1,11 @@
-//! Training GPT-NeoX models on CPU, llm.c style: one parameter buffer with named views in Hugging
-//! Face order, an explicit forward and backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and
-//! learning-rate schedules ([`schedule`]).
+//! Training any architecture the runtime runs (GPT-2, GPT-NeoX) on CPU, llm.c style: one parameter
+//! buffer with named views in Hugging Face order (the [`crate::arch`] table), an explicit forward and
+//! backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and learning-rate schedules
+//! ([`schedule`]).
 //!
-//! The forward computes exactly the function the CPU runtime ([`crate::Model`]) computes, the loss is the mean
+//! The forward is the runtime's block loop ([`crate::cpu`]) with every activation the backward needs
+//! recorded, so it computes exactly the function [`crate::Model`] computes; the backward walks the
+//! same loop in reverse. The loss is the mean
 //! cross-entropy over every predicted position of a batch (each sequence's tokens after its first),
 //! and checkpoints are Hugging Face directories that [`crate::Model::load`] and transformers read.
 //! Results are deterministic from the seed and identical for any number of rayon threads.
@@ -33,7 +36,8 @@ use rayon::prelude::*;
 pub use adamw::{AdamW, AdamWConfig, clip_grad_norm, grad_norm};
 pub use schedule::{LrSchedule, Schedule};
 
-use crate::config::{Activation, ModelConfig, NeoXConfig};
+use crate::arch::{Arch, Family, LayerSlot, Part, Positions, Residual, Slot, Tensors};
+use crate::config::{Activation, Gpt2Config, ModelConfig, NeoXConfig};
 use crate::ops::Layout;
 use crate::weights::Weights;
 use crate::{LmError, Result};
@@ -47,6 +51,8 @@ pub struct TensorInfo {
     pub shape: Vec<usize>,
     /// Offset in the buffer.
     pub offset: usize,
+    /// Its place in the architecture.
+    pub slot: Slot,
 }
 
 impl TensorInfo {
@@ -63,15 +69,6 @@ impl TensorInfo {
         self.offset..self.offset + self.len()
     }
 }
-
-/// Tensors per layer, in Hugging Face order.
-const PER_LAYER: usize = 12;
-const LN1_W: usize = 0;
-const LN2_W: usize = 2;
-const QKV_W: usize = 4;
-const DENSE_W: usize = 6;
-const UP_W: usize = 8;
-const DOWN_W: usize = 10;
 
 /// A small GPT-NeoX configuration for tests and examples: `vocab`, `hidden`, `layers`, `heads`,
 /// intermediate size 4·hidden, 64 positions, rotary on 25% of each head, parallel residual, untied,
@@ -93,10 +90,31 @@ pub fn tiny_config(vocab: usize, hidden: usize, layers: usize, heads: usize) -> 
     }
 }
 
-/// The parameters of a GPT-NeoX model in one buffer, with named views in Hugging Face order.
+/// A small GPT-2 configuration for tests and examples: `vocab`, `hidden`, `layers`, `heads`, MLP
+/// width 4·hidden, 64 positions, tied output embedding, tanh GELU (`gelu_new`).
+pub fn tiny_gpt2_config(vocab: usize, hidden: usize, layers: usize, heads: usize) -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: vocab,
+        n_positions: 64,
+        n_embd: hidden,
+        n_layer: layers,
+        n_head: heads,
+        n_inner: 4 * hidden,
+        tie_word_embeddings: true,
+        layer_norm_epsilon: 1e-5,
+        activation: Activation::GeluTanh,
+    }
+}
+
+/// The parameters of a model in one buffer, with named views in Hugging Face order.
 #[derive(Debug, Clone)]
 pub struct Params {
-    cfg: NeoXConfig,
+    cfg: ModelConfig,
+    arch: Arch,
+    /// Index into `tensors` of every slot.
+    slots: Tensors<usize>,
+    /// The names each tensor may be stored under (the first is written).
+    names: Vec<Vec<String>>,
     /// The `config.json` the parameters were loaded with (written back unchanged on save).
     source_config: Option<serde_json::Value>,
     tensors: Vec<TensorInfo>,
@@ -113,85 +131,84 @@ fn normal(key: u64, i: u64) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-fn check_config(cfg: &NeoXConfig) -> Result<()> {
-    let bad = |m: String| Err(LmError::Input(format!("GPT-NeoX config: {m}")));
-    if [cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size]
-        .contains(&0)
-        || cfg.max_position_embeddings == 0
+fn check_config(cfg: &ModelConfig) -> Result<Arch> {
+    let bad = |m: String| Err(LmError::Input(format!("model config: {m}")));
+    if let ModelConfig::GptNeoX(c) = cfg
+        && !(0.0..=1.0).contains(&c.rotary_pct)
     {
+        return bad(format!("rotary share must lie in [0, 1], found {}", c.rotary_pct));
+    }
+    let (heads, dim) = match cfg {
+        ModelConfig::Gpt2(c) => (c.n_head, c.n_embd),
+        ModelConfig::GptNeoX(c) => (c.num_attention_heads, c.hidden_size),
+    };
+    if heads == 0 || !dim.is_multiple_of(heads) {
+        return bad(format!("the hidden size {dim} is not divisible by the {heads} attention heads"));
+    }
+    let arch = Arch::from_config(cfg);
+    if [arch.vocab, arch.dim, arch.layers, arch.heads, arch.inner, arch.context].contains(&0) {
         return bad("sizes must be positive".into());
     }
-    if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
-        return bad(format!(
-            "hidden_size = {} is not divisible by num_attention_heads = {}",
-            cfg.hidden_size, cfg.num_attention_heads
-        ));
-    }
-    if !(0.0..=1.0).contains(&cfg.rotary_pct) {
-        return bad(format!("rotary share must lie in [0, 1], found {}", cfg.rotary_pct));
-    }
-    Ok(())
+    Ok(arch)
 }
 
 impl Params {
-    /// Zero parameters laid out for `cfg`.
-    pub fn zeros(cfg: NeoXConfig) -> Result<Self> {
-        check_config(&cfg)?;
-        let (d, inter, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    /// Zero parameters laid out for `cfg` (a [`NeoXConfig`], a [`Gpt2Config`] or a [`ModelConfig`]).
+    pub fn zeros(cfg: impl Into<ModelConfig>) -> Result<Self> {
+        let cfg = cfg.into();
+        let arch = check_config(&cfg)?;
         let mut tensors = Vec::new();
+        let mut names = Vec::new();
         let mut offset = 0usize;
-        let mut push = |name: String, shape: Vec<usize>| -> Result<()> {
-            let len = shape
+        for spec in arch.tensors() {
+            let name = spec.names[0].clone();
+            let len = spec
+                .shape
                 .iter()
                 .try_fold(1usize, |a, &b| a.checked_mul(b))
-                .ok_or_else(|| LmError::Input(format!("tensor {name} of shape {shape:?} is too large")))?;
-            tensors.push(TensorInfo { name, shape, offset });
+                .ok_or_else(|| LmError::Input(format!("tensor {name} of shape {:?} is too large", spec.shape)))?;
+            tensors.push(TensorInfo { name, shape: spec.shape, offset, slot: spec.slot });
+            names.push(spec.names);
             offset = offset.checked_add(len).ok_or_else(|| LmError::Input("model is too large".into()))?;
-            Ok(())
-        };
-        push("gpt_neox.embed_in.weight".into(), vec![v, d])?;
-        for i in 0..cfg.num_hidden_layers {
-            let p = |s: &str| format!("gpt_neox.layers.{i}.{s}");
-            for ln in ["input_layernorm", "post_attention_layernorm"] {
-                push(p(&format!("{ln}.weight")), vec![d])?;
-                push(p(&format!("{ln}.bias")), vec![d])?;
-            }
-            for (name, out, inp) in [
-                ("attention.query_key_value", 3 * d, d),
-                ("attention.dense", d, d),
-                ("mlp.dense_h_to_4h", inter, d),
-                ("mlp.dense_4h_to_h", d, inter),
-            ] {
-                push(p(&format!("{name}.weight")), vec![out, inp])?;
-                push(p(&format!("{name}.bias")), vec![out])?;
-            }
         }
-        push("gpt_neox.final_layer_norm.weight".into(), vec![d])?;
-        push("gpt_neox.final_layer_norm.bias".into(), vec![d])?;
-        if !cfg.tie_word_embeddings {
-            push("embed_out.weight".into(), vec![v, d])?;
-        }
-        Ok(Self { cfg, source_config: None, tensors, data: vec![0.0; offset] })
+        let slots = arch.load_tensors(|spec| {
+            tensors
+                .iter()
+                .position(|t| t.slot == spec.slot)
+                .ok_or_else(|| LmError::Input(format!("internal: no tensor for {:?}", spec.slot)))
+        })?;
+        Ok(Self { cfg, arch, slots, names, source_config: None, tensors, data: vec![0.0; offset] })
     }
 
-    /// Random initialisation as Hugging Face's `GPTNeoXPreTrainedModel` (`initializer_range` 0.02):
-    /// weight matrices and embeddings normal with standard deviation `std`, layer-norm weights 1,
+    /// Random initialisation as Hugging Face's `GPTNeoXPreTrainedModel` and `GPT2PreTrainedModel`
+    /// (`initializer_range` 0.02): weight matrices and embeddings normal with standard deviation
+    /// `std` (GPT-2's two output projections of each block `std / √(2·layers)`), norm weights 1,
     /// biases 0. Draws are counter-based (element `i` of a tensor comes from a SplitMix64 stream keyed
     /// by the seed and the tensor's name), so they do not depend on threads or on other tensors.
-    pub fn init_random_std(cfg: NeoXConfig, seed: u64, std: f32) -> Result<Self> {
+    pub fn init_random_std(cfg: impl Into<ModelConfig>, seed: u64, std: f32) -> Result<Self> {
         let mut p = Self::zeros(cfg)?;
+        let residual_std = f64::from(std) / ((2 * p.arch.layers) as f64).sqrt();
         for t in &p.tensors {
             let slice = &mut p.data[t.range()];
+            let is_norm_weight = matches!(
+                t.slot,
+                Slot::FinalNorm(Part::Weight)
+                    | Slot::Layer(_, LayerSlot::Norm1(Part::Weight) | LayerSlot::Norm2(Part::Weight))
+            );
             if t.shape.len() == 2 {
+                let std = match (p.arch.family, t.slot) {
+                    (
+                        Family::Gpt2,
+                        Slot::Layer(_, LayerSlot::AttnOut(Part::Weight) | LayerSlot::Down(Part::Weight)),
+                    ) => residual_std,
+                    _ => f64::from(std),
+                };
                 let mut key = mix64(seed ^ 0x6A09_E667_F3BC_C909);
                 for b in t.name.bytes() {
                     key = mix64(key ^ u64::from(b));
                 }
-                slice
-                    .par_iter_mut()
-                    .enumerate()
-                    .for_each(|(i, x)| *x = (normal(key, i as u64) * f64::from(std)) as f32);
-            } else if t.name.ends_with("layernorm.weight") || t.name.ends_with("final_layer_norm.weight") {
+                slice.par_iter_mut().enumerate().for_each(|(i, x)| *x = (normal(key, i as u64) * std) as f32);
+            } else if is_norm_weight {
                 slice.fill(1.0);
             }
         }
@@ -199,29 +216,29 @@ impl Params {
     }
 
     /// [`Params::init_random_std`] with Hugging Face's default standard deviation 0.02.
-    pub fn init_random(cfg: NeoXConfig, seed: u64) -> Result<Self> {
+    pub fn init_random(cfg: impl Into<ModelConfig>, seed: u64) -> Result<Self> {
         Self::init_random_std(cfg, seed, 0.02)
     }
 
-    /// Random initialisation ([`Params::init_random`]) of the GPT-NeoX model a Hugging Face
-    /// `config.json` describes; checkpoints keep that file's contents.
+    /// Random initialisation ([`Params::init_random`]) of the model a Hugging Face `config.json`
+    /// describes; checkpoints keep that file's contents.
     pub fn from_config_file(path: &Path, seed: u64) -> Result<Self> {
         let json = read_json(path)?;
-        let mut p = Self::init_random(neox_config(&json, path)?, seed)?;
+        let mut p = Self::init_random(ModelConfig::from_json(&json, path)?, seed)?;
         p.source_config = Some(json);
         Ok(p)
     }
 
-    /// Loads a Hugging Face GPT-NeoX directory (`config.json` + safetensors weights, any of f32, f16,
-    /// bf16).
+    /// Loads a Hugging Face directory of any architecture the runtime runs (`config.json` +
+    /// safetensors weights, any of f32, f16, bf16).
     pub fn from_hf(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
         let json = read_json(&path)?;
-        let cfg = neox_config(&json, &path)?;
-        let mut p = Self::zeros(cfg)?;
+        let mut p = Self::zeros(ModelConfig::from_json(&json, &path)?)?;
         let w = Weights::open(dir)?;
-        for t in &p.tensors {
-            let values = w.tensor(&[&t.name], &t.shape)?;
+        for (t, names) in p.tensors.iter().zip(&p.names) {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let values = w.tensor(&names, &t.shape)?;
             p.data[t.range()].copy_from_slice(&values);
         }
         p.source_config = Some(json);
@@ -268,33 +285,62 @@ impl Params {
 
     /// The Hugging Face `config.json` of this configuration.
     pub fn config_json(&self) -> serde_json::Value {
-        let c = &self.cfg;
+        let act = |a: Activation| match a {
+            Activation::GeluExact => "gelu",
+            Activation::GeluTanh => "gelu_new",
+        };
         // Through the shortest decimal of the f32, so 1e-5 is written as 1e-5.
-        let eps: f64 = c.layer_norm_eps.to_string().parse().unwrap_or(f64::from(c.layer_norm_eps));
-        serde_json::json!({
-            "architectures": ["GPTNeoXForCausalLM"],
-            "model_type": "gpt_neox",
-            "vocab_size": c.vocab_size,
-            "hidden_size": c.hidden_size,
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_attention_heads": c.num_attention_heads,
-            "intermediate_size": c.intermediate_size,
-            "max_position_embeddings": c.max_position_embeddings,
-            "rotary_pct": c.rotary_pct,
-            "rotary_emb_base": c.rotary_base,
-            "use_parallel_residual": c.use_parallel_residual,
-            "tie_word_embeddings": c.tie_word_embeddings,
-            "layer_norm_eps": eps,
-            "hidden_act": match c.activation { Activation::GeluExact => "gelu", Activation::GeluTanh => "gelu_new" },
-            "initializer_range": 0.02,
-            "attention_bias": true,
-            "torch_dtype": "float32",
-        })
+        let shortest = |x: f32| -> f64 { x.to_string().parse().unwrap_or(f64::from(x)) };
+        match &self.cfg {
+            ModelConfig::GptNeoX(c) => serde_json::json!({
+                "architectures": ["GPTNeoXForCausalLM"],
+                "model_type": "gpt_neox",
+                "vocab_size": c.vocab_size,
+                "hidden_size": c.hidden_size,
+                "num_hidden_layers": c.num_hidden_layers,
+                "num_attention_heads": c.num_attention_heads,
+                "intermediate_size": c.intermediate_size,
+                "max_position_embeddings": c.max_position_embeddings,
+                "rotary_pct": c.rotary_pct,
+                "rotary_emb_base": c.rotary_base,
+                "use_parallel_residual": c.use_parallel_residual,
+                "tie_word_embeddings": c.tie_word_embeddings,
+                "layer_norm_eps": shortest(c.layer_norm_eps),
+                "hidden_act": act(c.activation),
+                "initializer_range": 0.02,
+                "attention_bias": true,
+                "torch_dtype": "float32",
+            }),
+            // memsteer trains without dropout; the config says so.
+            ModelConfig::Gpt2(c) => serde_json::json!({
+                "architectures": ["GPT2LMHeadModel"],
+                "model_type": "gpt2",
+                "vocab_size": c.vocab_size,
+                "n_positions": c.n_positions,
+                "n_embd": c.n_embd,
+                "n_layer": c.n_layer,
+                "n_head": c.n_head,
+                "n_inner": c.n_inner,
+                "tie_word_embeddings": c.tie_word_embeddings,
+                "layer_norm_epsilon": shortest(c.layer_norm_epsilon),
+                "activation_function": act(c.activation),
+                "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0,
+                "initializer_range": 0.02,
+                "torch_dtype": "float32",
+            }),
+        }
     }
 
     /// The configuration.
-    pub fn config(&self) -> &NeoXConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The architecture.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
     }
 
     /// The named tensors, in Hugging Face order.
@@ -326,31 +372,23 @@ impl Params {
         &self.data[self.tensors[i].range()]
     }
 
-    fn layer(&self, l: usize, k: usize) -> usize {
-        1 + l * PER_LAYER + k
-    }
-
-    fn final_ln(&self) -> usize {
-        1 + self.cfg.num_hidden_layers * PER_LAYER
-    }
-
-    /// Index of the output embedding (`embed_in` when tied).
-    fn out_index(&self) -> usize {
-        if self.cfg.tie_word_embeddings { 0 } else { self.final_ln() + 2 }
+    /// A norm's or a linear layer's weight and bias.
+    fn pair(&self, (w, b): (usize, usize)) -> (&[f32], &[f32]) {
+        (self.t(w), self.t(b))
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T` of every sequence, by the trainer's forward pass.
     pub fn token_log_probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let acts = self.forward(seqs)?;
-        let d = self.cfg.hidden_size;
-        let lp = ops::output_layer(&acts.hf, self.t(self.out_index()), &acts.layout, &acts.tokens, d, None)?;
-        let mut out = Vec::with_capacity(seqs.len());
+        let out = self.t(*self.slots.output());
+        let lp = ops::output_layer(&acts.hf, out, &acts.layout, &acts.tokens, self.arch.dim, None)?;
+        let mut result = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for s in seqs {
-            out.push(lp[at..at + s.len() - 1].to_vec());
+            result.push(lp[at..at + s.len() - 1].to_vec());
             at += s.len() - 1;
         }
-        Ok(out)
+        Ok(result)
     }
 
     /// Mean cross-entropy (nats) over every predicted position of the batch.
@@ -361,7 +399,8 @@ impl Params {
     }
 
     /// The loss of [`Params::loss`] and its gradient, written into `grads` (overwritten; same layout
-    /// as the parameter buffer).
+    /// as the parameter buffer). The backward walks the forward's block loop in reverse over what the
+    /// forward recorded.
     pub fn loss_and_grad(&self, seqs: &[&[u32]], grads: &mut [f32]) -> Result<f64> {
         if grads.len() != self.data.len() {
             return Err(LmError::Input(format!(
@@ -372,91 +411,70 @@ impl Params {
         }
         let acts = self.forward(seqs)?;
         grads.fill(0.0);
-        let c = &self.cfg;
-        let (d, inter) = (c.hidden_size, c.intermediate_size);
-        let heads = c.num_attention_heads;
-        let hd = d / heads;
+        let arch = &self.arch;
+        let (d, inter, width, wl) = (arch.dim, arch.inner, arch.qkv_width(), arch.weights);
         let n = acts.layout.rows();
         let mut dhf = vec![0.0f32; n * d];
-        let out_range = self.tensors[self.out_index()].range();
+        let out = *self.slots.output();
         let lp = ops::output_layer(
             &acts.hf,
-            self.t(self.out_index()),
+            self.t(out),
             &acts.layout,
             &acts.tokens,
             d,
-            Some((&mut dhf, &mut grads[out_range])),
+            Some((&mut dhf, &mut grads[self.tensors[out].range()])),
         )?;
         let loss = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
-        // Final layer norm.
-        let f = self.final_ln();
+        // Final norm.
+        let f = self.slots.final_norm;
         let mut dx = vec![0.0f32; n * d];
         {
             let (dg, db) = pair_mut(grads, &self.tensors, f);
-            ops::layer_norm_backward(&dhf, &acts.x_final, (&acts.mean_f, &acts.rstd_f), self.t(f), &mut dx, dg, db);
+            ops::layer_norm_backward(&dhf, &acts.x_final, (&acts.mean_f, &acts.rstd_f), self.t(f.0), &mut dx, dg, db);
         }
         let mut dmid = vec![0.0f32; n * inter];
         let mut dh = vec![0.0f32; n * d];
         let mut dctx = vec![0.0f32; n * d];
-        let mut dqkv = vec![0.0f32; n * 3 * d];
-        for (l, a) in acts.layers.iter().enumerate().rev() {
-            let id = |k| self.layer(l, k);
+        let mut dqkv = vec![0.0f32; n * width];
+        let parallel = arch.residual == Residual::Parallel;
+        for (s, a) in self.slots.layers.iter().zip(&acts.layers).rev() {
             // The MLP branch: its input is x_in (parallel) or x_mid (sequential).
-            let mlp_in = if c.use_parallel_residual { &a.x_in } else { &a.x_mid };
+            let mlp_in = if parallel { &a.x_in } else { &a.x_mid };
             let mut dres = dx.clone();
-            ops::linear_backward(
-                &dx,
-                &a.mid,
-                self.t(id(DOWN_W)),
-                n,
-                Some(&mut dmid),
-                pair_mut(grads, &self.tensors, id(DOWN_W)),
-            )?;
-            ops::gelu_backward(&mut dmid, &a.pre, c.activation);
-            ops::linear_backward(
-                &dmid,
-                &a.h2,
-                self.t(id(UP_W)),
-                n,
-                Some(&mut dh),
-                pair_mut(grads, &self.tensors, id(UP_W)),
-            )?;
+            let w = |i: (usize, usize)| (self.t(i.0), wl);
+            ops::linear_backward(&dx, &a.mid, w(s.down), n, Some(&mut dmid), pair_mut(grads, &self.tensors, s.down))?;
+            ops::gelu_backward(&mut dmid, &a.pre, arch.activation);
+            ops::linear_backward(&dmid, &a.h2, w(s.up), n, Some(&mut dh), pair_mut(grads, &self.tensors, s.up))?;
             {
-                let (dg, db) = pair_mut(grads, &self.tensors, id(LN2_W));
-                ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(id(LN2_W)), &mut dres, dg, db);
+                let (dg, db) = pair_mut(grads, &self.tensors, s.norm2);
+                ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(s.norm2.0), &mut dres, dg, db);
             }
             // The attention branch: its output gradient is dx (parallel) or the gradient at x_mid.
             // (Sequential: `dres` now holds the gradient at x_mid, which also flows on to x_in.)
-            let dattn = if c.use_parallel_residual { dx.clone() } else { dres.clone() };
-            ops::linear_backward(
-                &dattn,
-                &a.ctx,
-                self.t(id(DENSE_W)),
-                n,
-                Some(&mut dctx),
-                pair_mut(grads, &self.tensors, id(DENSE_W)),
-            )?;
-            ops::attention_backward(&dctx, &a.qkv, &acts.layout, (heads, hd), &mut dqkv)?;
+            let dattn = if parallel { dx.clone() } else { dres.clone() };
+            let dense = pair_mut(grads, &self.tensors, s.attn_out);
+            ops::linear_backward(&dattn, &a.ctx, w(s.attn_out), n, Some(&mut dctx), dense)?;
+            ops::attention_backward(&dctx, &a.qkv, &acts.layout, arch, &mut dqkv)?;
             acts.rotary.apply(&mut dqkv, &acts.layout.positions, true);
-            ops::linear_backward(
-                &dqkv,
-                &a.h1,
-                self.t(id(QKV_W)),
-                n,
-                Some(&mut dh),
-                pair_mut(grads, &self.tensors, id(QKV_W)),
-            )?;
+            ops::linear_backward(&dqkv, &a.h1, w(s.qkv), n, Some(&mut dh), pair_mut(grads, &self.tensors, s.qkv))?;
             {
-                let (dg, db) = pair_mut(grads, &self.tensors, id(LN1_W));
-                ops::layer_norm_backward(&dh, &a.x_in, (&a.mean1, &a.rstd1), self.t(id(LN1_W)), &mut dres, dg, db);
+                let (dg, db) = pair_mut(grads, &self.tensors, s.norm1);
+                ops::layer_norm_backward(&dh, &a.x_in, (&a.mean1, &a.rstd1), self.t(s.norm1.0), &mut dres, dg, db);
             }
             dx = dres;
         }
-        // Embedding: rows in order, so repeated tokens add up in a fixed order.
-        let emb = &mut grads[self.tensors[0].range()];
+        // Embeddings: rows in order, so repeated tokens (and positions) add up in a fixed order.
+        let emb = &mut grads[self.tensors[self.slots.embed].range()];
         for (r, &tok) in acts.tokens.iter().enumerate() {
             let row = &mut emb[tok as usize * d..(tok as usize + 1) * d];
             row.iter_mut().zip(&dx[r * d..(r + 1) * d]).for_each(|(g, v)| *g += v);
+        }
+        if let Some(p) = self.slots.positions {
+            let wpe = &mut grads[self.tensors[p].range()];
+            for (r, &pos) in acts.layout.positions.iter().enumerate() {
+                let row = &mut wpe[pos * d..(pos + 1) * d];
+                row.iter_mut().zip(&dx[r * d..(r + 1) * d]).for_each(|(g, v)| *g += v);
+            }
         }
         Ok(loss)
     }
@@ -466,85 +484,73 @@ impl Params {
         if seqs.is_empty() {
             return Err(LmError::Input("empty batch".into()));
         }
-        let name = |i: usize, message: String| {
-            if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } }
-        };
-        let mut starts = vec![0usize];
-        for (i, s) in seqs.iter().enumerate() {
-            if s.len() < 2 {
-                return Err(name(i, format!("{} token(s): training needs at least two per sequence", s.len())));
-            }
-            if s.len() > self.cfg.max_position_embeddings {
-                return Err(name(
-                    i,
-                    format!(
-                        "sequence of {} tokens is longer than the context of {}",
-                        s.len(),
-                        self.cfg.max_position_embeddings
-                    ),
-                ));
-            }
-            if let Some((p, t)) = s.iter().enumerate().find(|(_, t)| **t as usize >= self.cfg.vocab_size) {
-                return Err(name(
-                    i,
-                    format!("token id {t} at position {p} is outside the vocabulary of {}", self.cfg.vocab_size),
-                ));
-            }
-            starts.push(starts[i] + s.len());
+        if let Some((i, s)) = seqs.iter().enumerate().find(|(_, s)| s.len() < 2) {
+            let message = format!("{} token(s): training needs at least two per sequence", s.len());
+            return Err(if seqs.len() == 1 {
+                LmError::Input(message)
+            } else {
+                LmError::Sequence { index: i, message }
+            });
         }
-        let positions = seqs.iter().flat_map(|s| 0..s.len()).collect();
-        Ok(Layout { starts, past: 0, positions })
+        crate::ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)
     }
 
-    /// The forward pass, keeping what the backward needs.
+    /// The forward pass (the runtime's block loop, operation for operation), keeping what the
+    /// backward needs.
     fn forward(&self, seqs: &[&[u32]]) -> Result<Activations> {
         let layout = self.layout(seqs)?;
-        let c = &self.cfg;
-        let (d, inter, eps) = (c.hidden_size, c.intermediate_size, c.layer_norm_eps);
-        let heads = c.num_attention_heads;
-        let hd = d / heads;
+        let arch = &self.arch;
+        let (d, inter, eps, wl) = (arch.dim, arch.inner, arch.norm_eps(), arch.weights);
+        let width = arch.qkv_width();
         let n = layout.rows();
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        let emb = self.t(0);
+        let emb = self.t(self.slots.embed);
         let mut x = vec![0.0f32; n * d];
         for (row, &tok) in x.chunks_exact_mut(d).zip(&tokens) {
             row.copy_from_slice(&emb[tok as usize * d..(tok as usize + 1) * d]);
         }
+        if let (Positions::Learned, Some(p)) = (arch.positions, self.slots.positions) {
+            let wpe = self.t(p);
+            for (row, &pos) in x.chunks_exact_mut(d).zip(&layout.positions) {
+                row.iter_mut().zip(&wpe[pos * d..(pos + 1) * d]).for_each(|(x, p)| *x += p);
+            }
+        }
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let rotary = ops::Rotary::new(&crate::arch::Arch::from_config(&ModelConfig::GptNeoX(c.clone())), longest);
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        let rotary = ops::Rotary::new(arch, longest);
+        let mut layers = Vec::with_capacity(arch.layers);
         let mut attn = vec![0.0f32; n * d];
         let mut mlp = vec![0.0f32; n * d];
-        for l in 0..c.num_hidden_layers {
-            let id = |k| self.layer(l, k);
-            let ln = |k: usize| (self.t(id(k)), self.t(id(k) + 1));
-            let mut a = LayerActs::new(n, d, inter);
+        for s in &self.slots.layers {
+            let lin = |i: (usize, usize)| (self.t(i.0), self.t(i.1), wl);
+            let mut a = LayerActs::new(n, d, width, inter);
             a.x_in.copy_from_slice(&x);
-            ops::layer_norm_forward(&x, ln(LN1_W), eps, &mut a.h1, &mut a.mean1, &mut a.rstd1);
-            ops::linear_forward(&a.h1, self.t(id(QKV_W)), self.t(id(QKV_W) + 1), n, d, &mut a.qkv)?;
+            ops::layer_norm_forward(&x, self.pair(s.norm1), eps, &mut a.h1, &mut a.mean1, &mut a.rstd1);
+            ops::linear_forward(&a.h1, lin(s.qkv), n, d, &mut a.qkv)?;
             rotary.apply(&mut a.qkv, &layout.positions, false);
-            ops::attention_forward(&a.qkv, &layout, (heads, hd), &mut a.ctx)?;
-            ops::linear_forward(&a.ctx, self.t(id(DENSE_W)), self.t(id(DENSE_W) + 1), n, d, &mut attn)?;
+            ops::attention_forward(&a.qkv, &layout, arch, &mut a.ctx)?;
+            ops::linear_forward(&a.ctx, lin(s.attn_out), n, d, &mut attn)?;
             let run_mlp = |input: &[f32], a: &mut LayerActs, out: &mut [f32]| -> Result<()> {
-                ops::layer_norm_forward(input, ln(LN2_W), eps, &mut a.h2, &mut a.mean2, &mut a.rstd2);
-                ops::linear_forward(&a.h2, self.t(id(UP_W)), self.t(id(UP_W) + 1), n, d, &mut a.pre)?;
-                ops::gelu_forward(&a.pre, c.activation, &mut a.mid);
-                ops::linear_forward(&a.mid, self.t(id(DOWN_W)), self.t(id(DOWN_W) + 1), n, inter, out)
+                ops::layer_norm_forward(input, self.pair(s.norm2), eps, &mut a.h2, &mut a.mean2, &mut a.rstd2);
+                ops::linear_forward(&a.h2, lin(s.up), n, d, &mut a.pre)?;
+                ops::gelu_forward(&a.pre, arch.activation, &mut a.mid);
+                ops::linear_forward(&a.mid, lin(s.down), n, inter, out)
             };
-            if c.use_parallel_residual {
-                run_mlp(&x, &mut a, &mut mlp)?;
-                crate::ops::residual(&mut x, &attn, Some(&mlp));
-            } else {
-                crate::ops::residual(&mut x, &attn, None);
-                a.x_mid = x.clone();
-                run_mlp(&x, &mut a, &mut mlp)?;
-                crate::ops::residual(&mut x, &mlp, None);
+            match arch.residual {
+                Residual::Parallel => {
+                    run_mlp(&x, &mut a, &mut mlp)?;
+                    crate::ops::residual(&mut x, &attn, Some(&mlp));
+                }
+                Residual::Sequential => {
+                    crate::ops::residual(&mut x, &attn, None);
+                    a.x_mid = x.clone();
+                    run_mlp(&x, &mut a, &mut mlp)?;
+                    crate::ops::residual(&mut x, &mlp, None);
+                }
             }
             layers.push(a);
         }
-        let f = self.final_ln();
         let (mut hf, mut mean_f, mut rstd_f) = (vec![0.0f32; n * d], vec![0.0f32; n], vec![0.0f32; n]);
-        ops::layer_norm_forward(&x, (self.t(f), self.t(f + 1)), eps, &mut hf, &mut mean_f, &mut rstd_f);
+        ops::layer_norm_forward(&x, self.pair(self.slots.final_norm), eps, &mut hf, &mut mean_f, &mut rstd_f);
         Ok(Activations { layout, tokens, rotary, layers, x_final: x, hf, mean_f, rstd_f })
     }
 }
@@ -555,22 +561,20 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
         .map_err(|e| LmError::Config { path: path.into(), message: format!("not valid JSON: {e}") })
 }
 
-fn neox_config(json: &serde_json::Value, path: &Path) -> Result<NeoXConfig> {
-    match ModelConfig::from_json(json, path)? {
-        ModelConfig::GptNeoX(c) => Ok(c),
-        _ => Err(LmError::Config {
-            path: path.into(),
-            message: "the trainer trains GPT-NeoX models (model_type \"gpt_neox\")".into(),
-        }),
+/// The gradients of a weight (or norm gain) and its bias, both writable (disjoint ranges).
+fn pair_mut<'a>(
+    grads: &'a mut [f32],
+    tensors: &[TensorInfo],
+    (w, b): (usize, usize),
+) -> (&'a mut [f32], &'a mut [f32]) {
+    let (w, b) = (tensors[w].range(), tensors[b].range());
+    if w.end <= b.start {
+        let (head, tail) = grads.split_at_mut(b.start);
+        (&mut head[w], &mut tail[..b.len()])
+    } else {
+        let (head, tail) = grads.split_at_mut(w.start);
+        (&mut tail[..w.len()], &mut head[b])
     }
-}
-
-/// The weight (or layer-norm gain) at tensor `i` and the bias right after it, both writable.
-fn pair_mut<'a>(grads: &'a mut [f32], tensors: &[TensorInfo], i: usize) -> (&'a mut [f32], &'a mut [f32]) {
-    let (w, b) = (tensors[i].range(), tensors[i + 1].range());
-    debug_assert_eq!(w.end, b.start);
-    let (gw, gb) = grads[w.start..b.end].split_at_mut(w.len());
-    (gw, gb)
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -596,13 +600,13 @@ struct LayerActs {
 }
 
 impl LayerActs {
-    fn new(n: usize, d: usize, inter: usize) -> Self {
+    fn new(n: usize, d: usize, width: usize, inter: usize) -> Self {
         Self {
             x_in: vec![0.0; n * d],
             h1: vec![0.0; n * d],
             mean1: vec![0.0; n],
             rstd1: vec![0.0; n],
-            qkv: vec![0.0; n * 3 * d],
+            qkv: vec![0.0; n * width],
             ctx: vec![0.0; n * d],
             x_mid: Vec::new(),
             h2: vec![0.0; n * d],

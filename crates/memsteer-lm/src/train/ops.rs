@@ -12,6 +12,7 @@ use memsteer_kernels::{Device, MatMut, MatRef, matmul, matmul_strided, matmul_tr
 use rayon::prelude::*;
 
 use crate::Result;
+use crate::arch::{Arch, WeightLayout};
 use crate::config::Activation;
 use crate::ops::{Heads, Layout};
 
@@ -112,10 +113,20 @@ pub(crate) fn layer_norm_backward(
     db.iter_mut().zip(&both[d..]).for_each(|(a, v)| *a += v);
 }
 
-/// `y = x Wᵀ + b` with `W` stored `out × in` (PyTorch `Linear`).
-pub(crate) fn linear_forward(x: &[f32], w: &[f32], b: &[f32], rows: usize, din: usize, y: &mut [f32]) -> Result<()> {
+/// `y = x Wᵀ + b` with `W` stored `out × in` (PyTorch `Linear`), or `y = x W + b` with `W` stored
+/// `in × out` (GPT-2's `Conv1D`): the runtime's products.
+pub(crate) fn linear_forward(
+    x: &[f32],
+    (w, b, layout): (&[f32], &[f32], WeightLayout),
+    rows: usize,
+    din: usize,
+    y: &mut [f32],
+) -> Result<()> {
     let dout = b.len();
-    matmul_transposed(&Device::Cpu, x, w, rows, din, dout, y)?;
+    match layout {
+        WeightLayout::OutputsMajor => matmul_transposed(&Device::Cpu, x, w, rows, din, dout, y)?,
+        WeightLayout::InputsMajor => matmul(&Device::Cpu, x, w, rows, din, dout, y)?,
+    }
     crate::ops::bias_act(y, b, None);
     Ok(())
 }
@@ -151,21 +162,33 @@ pub(crate) fn bias_grad(dy: &[f32], db: &mut [f32]) {
     });
 }
 
-/// Backward of [`linear_forward`]: `dx = dy W` (overwritten, when asked), `dw += dyᵀ x`, `db += Σ dy`.
+/// Backward of [`linear_forward`]: `dx = dy W` (or `dy Wᵀ` for `in × out` storage; overwritten, when
+/// asked), `dw += dyᵀ x` (or `xᵀ dy`), `db += Σ dy`.
 pub(crate) fn linear_backward(
     dy: &[f32],
     x: &[f32],
-    w: &[f32],
+    (w, layout): (&[f32], WeightLayout),
     rows: usize,
     dx: Option<&mut [f32]>,
     (dw, db): (&mut [f32], &mut [f32]),
 ) -> Result<()> {
     let dout = db.len();
     let din = w.len() / dout;
-    if let Some(dx) = dx {
-        matmul(&Device::Cpu, dy, w, rows, dout, din, dx)?;
+    match layout {
+        WeightLayout::OutputsMajor => {
+            if let Some(dx) = dx {
+                matmul(&Device::Cpu, dy, w, rows, dout, din, dx)?;
+            }
+            weight_grad(dy, x, rows, din, dw)?;
+        }
+        WeightLayout::InputsMajor => {
+            if let Some(dx) = dx {
+                matmul_transposed(&Device::Cpu, dy, w, rows, dout, din, dx)?;
+            }
+            // `dw` is `in × out`: the same product with the roles of `x` and `dy` exchanged.
+            weight_grad(x, dy, rows, dout, dw)?;
+        }
     }
-    weight_grad(dy, x, rows, din, dw)?;
     bias_grad(dy, db);
     Ok(())
 }
@@ -237,28 +260,26 @@ impl Rotary {
     }
 }
 
-/// Causal attention of the fused, rotated `qkv` (`rows × 3d`), through the runtime's own kernel.
-pub(crate) fn attention_forward(
-    qkv: &[f32],
-    layout: &Layout,
-    (heads, hd): (usize, usize),
-    ctx: &mut [f32],
-) -> Result<()> {
-    let d = heads * hd;
-    let fused = |base| Heads { data: qkv, row_stride: 3 * d, base, head_stride: 3 * hd };
-    crate::ops::attention((fused(0), fused(hd), fused(2 * hd)), layout, &|s| layout.starts[s], (heads, hd), ctx)
+/// Causal attention of the fused, rotated `qkv` (laid out as `arch` says), through the runtime's own
+/// kernel.
+pub(crate) fn attention_forward(qkv: &[f32], layout: &Layout, arch: &Arch, ctx: &mut [f32]) -> Result<()> {
+    let off = arch.qkv_offsets();
+    let fused = |base| Heads { data: qkv, row_stride: off.row, base, head_stride: off.head };
+    let heads = (arch.heads, arch.head_dim);
+    crate::ops::attention((fused(off.q), fused(off.k), fused(off.v)), layout, &|s| layout.starts[s], heads, ctx)
 }
 
-/// Backward of [`attention_forward`]: `dqkv` (overwritten, `rows × 3d`, gradients with respect to the
-/// rotated q, k and v) from `dctx` (`rows × d`). One task per (sequence, head); the probabilities are
-/// recomputed rather than stored.
+/// Backward of [`attention_forward`]: `dqkv` (overwritten, laid out as `qkv`, gradients with respect
+/// to the rotated q, k and v) from `dctx` (`rows × d`). One task per (sequence, head); the
+/// probabilities are recomputed rather than stored.
 pub(crate) fn attention_backward(
     dctx: &[f32],
     qkv: &[f32],
     layout: &Layout,
-    (heads, hd): (usize, usize),
+    arch: &Arch,
     dqkv: &mut [f32],
 ) -> Result<()> {
+    let (heads, hd, off) = (arch.heads, arch.head_dim, arch.qkv_offsets());
     let d = heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let dev = Device::Cpu;
@@ -276,8 +297,8 @@ pub(crate) fn attention_backward(
     }
     tasks.into_par_iter().try_for_each(|(s, h, out)| -> Result<()> {
         let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
-        let head = |part: usize| MatRef { data: &qkv[start * 3 * d + h * 3 * hd + part..], rs: 3 * d, cs: 1 };
-        let (q, k, v) = (head(0), head(hd), head(2 * hd));
+        let head = |part: usize| MatRef { data: &qkv[start * off.row + part + h * off.head..], rs: off.row, cs: 1 };
+        let (q, k, v) = (head(off.q), head(off.k), head(off.v));
         let dout = MatRef { data: &dctx[start * d + h * hd..], rs: d, cs: 1 };
         let mut p = vec![0.0f32; len * len];
         matmul_strided(&dev, (len, hd, len), q, k.t(), 0.0, MatMut::row_major(&mut p, len))?;
@@ -325,14 +346,17 @@ pub(crate) fn attention_backward(
         )?;
         Ok(())
     })?;
-    // Back to row-major (rows × 3d): head h of a row is 3hd contiguous values in both layouts.
-    dqkv.par_chunks_mut(3 * d).enumerate().for_each(|(row, o)| {
+    // Back to the fused layout: the scratch holds [dq, dk, dv] (hd each) per row of each head.
+    dqkv.par_chunks_mut(off.row).enumerate().for_each(|(row, o)| {
         let s = layout.starts.partition_point(|&st| st <= row) - 1;
         let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
         let i = row - start;
         for h in 0..heads {
             let src = start * 3 * d + h * len * 3 * hd + i * 3 * hd;
-            o[h * 3 * hd..(h + 1) * 3 * hd].copy_from_slice(&scratch[src..src + 3 * hd]);
+            for (p, base) in [off.q, off.k, off.v].into_iter().enumerate() {
+                let at = base + h * off.head;
+                o[at..at + hd].copy_from_slice(&scratch[src + p * hd..src + (p + 1) * hd]);
+            }
         }
     });
     Ok(())

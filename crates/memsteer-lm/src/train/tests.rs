@@ -85,21 +85,31 @@ fn layer_norm_gradients() {
 
 #[test]
 fn linear_gradients() {
+    use crate::arch::WeightLayout;
     let (rows, din, dout) = (6, 5, 3);
     let x = randn(5, rows * din, 1.0);
     let wt = randn(6, dout * din, 0.5);
     let b = randn(7, dout, 0.5);
     let w = randn(8, rows * dout, 1.0);
-    let f = |x: &[f32], wt: &[f32], b: &[f32]| {
-        let mut y = vec![0.0; rows * dout];
-        ops::linear_forward(x, wt, b, rows, din, &mut y).unwrap();
-        dot(&y, &w)
-    };
-    let (mut dx, mut dw, mut db) = (vec![0.0; rows * din], vec![0.0; dout * din], vec![0.0; dout]);
-    ops::linear_backward(&w, &x, &wt, rows, Some(&mut dx), (&mut dw, &mut db)).unwrap();
-    check("linear dx", &x, &dx, 0..rows * din, OP_TOL, |x| f(x, &wt, &b));
-    check("linear dw", &wt, &dw, 0..dout * din, OP_TOL, |wt| f(&x, wt, &b));
-    check("linear db", &b, &db, 0..dout, OP_TOL, |b| f(&x, &wt, b));
+    // Both storage layouts (`out × in` as nn.Linear, `in × out` as GPT-2's Conv1D).
+    for layout in [WeightLayout::OutputsMajor, WeightLayout::InputsMajor] {
+        let f = |x: &[f32], wt: &[f32], b: &[f32]| {
+            let mut y = vec![0.0; rows * dout];
+            ops::linear_forward(x, (wt, b, layout), rows, din, &mut y).unwrap();
+            dot(&y, &w)
+        };
+        let (mut dx, mut dw, mut db) = (vec![0.0; rows * din], vec![0.0; dout * din], vec![0.0; dout]);
+        ops::linear_backward(&w, &x, (&wt, layout), rows, Some(&mut dx), (&mut dw, &mut db)).unwrap();
+        check(&format!("linear dx {layout:?}"), &x, &dx, 0..rows * din, OP_TOL, |x| f(x, &wt, &b));
+        check(&format!("linear dw {layout:?}"), &wt, &dw, 0..dout * din, OP_TOL, |wt| f(&x, wt, &b));
+        check(&format!("linear db {layout:?}"), &b, &db, 0..dout, OP_TOL, |b| f(&x, &wt, b));
+    }
+    // The two layouts are transposes of each other.
+    let wt_in_major: Vec<f32> = (0..din * dout).map(|i| wt[(i % dout) * din + i / dout]).collect();
+    let (mut y1, mut y2) = (vec![0.0; rows * dout], vec![0.0; rows * dout]);
+    ops::linear_forward(&x, (&wt, &b, WeightLayout::OutputsMajor), rows, din, &mut y1).unwrap();
+    ops::linear_forward(&x, (&wt_in_major, &b, WeightLayout::InputsMajor), rows, din, &mut y2).unwrap();
+    assert!(y1.iter().zip(&y2).all(|(a, b)| (a - b).abs() < 1e-5));
 }
 
 #[test]
@@ -160,14 +170,56 @@ fn attention_gradients() {
     let n = 8;
     let qkv = randn(12, n * 3 * d, 1.0);
     let w = randn(13, n * d, 1.0);
+    let neox = crate::arch::Arch::from_config(&ModelConfig::from(small(true, false, Activation::GeluExact)));
+    assert_eq!((neox.heads, neox.head_dim), (heads, hd));
     let f = |qkv: &[f32]| {
         let mut ctx = vec![0.0; n * d];
-        ops::attention_forward(qkv, &layout, (heads, hd), &mut ctx).unwrap();
+        ops::attention_forward(qkv, &layout, &neox, &mut ctx).unwrap();
         dot(&ctx, &w)
     };
     let mut dqkv = vec![0.0; n * 3 * d];
-    ops::attention_backward(&w, &qkv, &layout, (heads, hd), &mut dqkv).unwrap();
+    ops::attention_backward(&w, &qkv, &layout, &neox, &mut dqkv).unwrap();
     check("attention dqkv", &qkv, &dqkv, 0..n * 3 * d, OP_TOL, f);
+
+    // GPT-2's blocked layout: the same values moved to their blocked places give the same context
+    // and the same gradients, moved the same way, to the bit.
+    let gpt2 = crate::arch::Arch::from_config(&ModelConfig::from(gpt2_of(small(true, false, Activation::GeluExact))));
+    let (from, to) = (neox.qkv_offsets(), gpt2.qkv_offsets());
+    let mut moved = vec![0.0; qkv.len()];
+    let mut dmoved = vec![0.0; qkv.len()];
+    for r in 0..n {
+        for h in 0..heads {
+            for (a, b) in [(from.q, to.q), (from.k, to.k), (from.v, to.v)] {
+                for i in 0..hd {
+                    moved[r * to.row + b + h * to.head + i] = qkv[r * from.row + a + h * from.head + i];
+                    dmoved[r * to.row + b + h * to.head + i] = dqkv[r * from.row + a + h * from.head + i];
+                }
+            }
+        }
+    }
+    assert_ne!(moved, qkv);
+    let (mut c1, mut c2) = (vec![0.0; n * d], vec![0.0; n * d]);
+    ops::attention_forward(&qkv, &layout, &neox, &mut c1).unwrap();
+    ops::attention_forward(&moved, &layout, &gpt2, &mut c2).unwrap();
+    assert_eq!(c1, c2);
+    let mut dblocked = vec![0.0; n * 3 * d];
+    ops::attention_backward(&w, &moved, &layout, &gpt2, &mut dblocked).unwrap();
+    assert_eq!(dblocked, dmoved);
+}
+
+/// The GPT-2 model of `small`'s sizes.
+fn gpt2_of(c: NeoXConfig) -> Gpt2Config {
+    Gpt2Config {
+        vocab_size: c.vocab_size,
+        n_positions: c.max_position_embeddings,
+        n_embd: c.hidden_size,
+        n_layer: c.num_hidden_layers,
+        n_head: c.num_attention_heads,
+        n_inner: c.intermediate_size,
+        tie_word_embeddings: c.tie_word_embeddings,
+        layer_norm_epsilon: c.layer_norm_eps,
+        activation: c.activation,
+    }
 }
 
 #[test]
@@ -217,35 +269,47 @@ fn whole_model_gradient() {
         (true, true, Activation::GeluTanh),
         (false, false, Activation::GeluExact),
     ] {
-        // Large weights, so every term of the gradient matters.
-        let mut p = Params::init_random_std(small(parallel, tied, act), 21, 0.4).unwrap();
-        // Layer norms and biases away from their initial 1 and 0.
-        let n = p.data.len();
-        let jitter = randn(22, n, 0.2);
-        for t in p.tensors.clone() {
-            if t.shape.len() == 1 {
-                p.data[t.range()].iter_mut().zip(&jitter[t.range()]).for_each(|(x, j)| *x += j);
+        // GPT-NeoX with `parallel`, and GPT-2 (sequential, learned positions, `in × out` weights).
+        for gpt2 in [false, true] {
+            if gpt2 && parallel {
+                continue;
             }
+            let cfg = if gpt2 {
+                ModelConfig::from(gpt2_of(small(parallel, tied, act)))
+            } else {
+                ModelConfig::from(small(parallel, tied, act))
+            };
+            // Large weights, so every term of the gradient matters.
+            let mut p = Params::init_random_std(cfg, 21, 0.4).unwrap();
+            // Layer norms and biases away from their initial 1 and 0.
+            let n = p.data.len();
+            let jitter = randn(22, n, 0.2);
+            for t in p.tensors.clone() {
+                if t.shape.len() == 1 {
+                    p.data[t.range()].iter_mut().zip(&jitter[t.range()]).for_each(|(x, j)| *x += j);
+                }
+            }
+            let mut g = vec![0.0; n];
+            let loss = p.loss_and_grad(&batch, &mut g).unwrap();
+            assert!((loss - p.loss(&batch).unwrap()).abs() < 1e-9);
+            let x = p.data.clone();
+            let worst = check(&format!("model {gpt2} {parallel} {tied} {act:?}"), &x, &g, 0..n, (1e-4, 3e-3), |x| {
+                let mut q = p.clone();
+                q.data.copy_from_slice(x);
+                q.loss(&batch).unwrap()
+            });
+            eprintln!("whole model (gpt2 {gpt2}, parallel {parallel}, tied {tied}, {act:?}): worst ratio {worst:.3}");
         }
-        let mut g = vec![0.0; n];
-        let loss = p.loss_and_grad(&batch, &mut g).unwrap();
-        assert!((loss - p.loss(&batch).unwrap()).abs() < 1e-9);
-        let x = p.data.clone();
-        let worst = check(&format!("model {parallel} {tied} {act:?}"), &x, &g, 0..n, (1e-4, 3e-3), |x| {
-            let mut q = p.clone();
-            q.data.copy_from_slice(x);
-            q.loss(&batch).unwrap()
-        });
-        eprintln!("whole model (parallel {parallel}, tied {tied}, {act:?}): worst ratio {worst:.3}");
     }
 }
 
 #[test]
 fn forward_equals_the_runtime() {
-    for parallel in [true, false] {
+    for (parallel, gpt2) in [(true, false), (false, false), (false, true)] {
         for act in [Activation::GeluExact, Activation::GeluTanh] {
             let mut cfg = small(parallel, !parallel, act);
             cfg.vocab_size = 40;
+            let cfg = if gpt2 { ModelConfig::from(gpt2_of(cfg)) } else { ModelConfig::from(cfg) };
             let p = Params::init_random_std(cfg, 5, 0.3).unwrap();
             let dir = tempfile::tempdir().unwrap();
             p.save_hf(dir.path()).unwrap();
@@ -257,7 +321,7 @@ fn forward_equals_the_runtime() {
                 let theirs = model.token_log_probs(s).unwrap();
                 assert_eq!(theirs.len(), o.len());
                 for (a, b) in o.iter().zip(&theirs) {
-                    assert!((a - b).abs() <= 1e-5, "parallel {parallel} {act:?}: {a} vs {b}");
+                    assert!((a - b).abs() <= 1e-5, "gpt2 {gpt2} parallel {parallel} {act:?}: {a} vs {b}");
                 }
             }
             // The round trip is exact.
@@ -284,6 +348,23 @@ fn init_follows_hugging_face() {
     // Same seed, same values; another seed, others.
     assert_eq!(Params::init_random(tiny_config(50, 32, 2, 4), 3).unwrap().data, p.data);
     assert_ne!(Params::init_random(tiny_config(50, 32, 2, 4), 4).unwrap().data, p.data);
+    assert_eq!(p.decay_ranges().len(), 2 + 2 * 4);
+
+    // GPT-2: HF names and `in × out` shapes, output projections at 0.02 / √(2·layers), tied.
+    let p = Params::init_random(tiny_gpt2_config(50, 32, 2, 4), 3).unwrap();
+    assert_eq!(p.tensors[0].name, "wte.weight");
+    assert_eq!(p.tensors[1].name, "wpe.weight");
+    assert_eq!(p.tensors.iter().find(|t| t.name == "h.0.attn.c_attn.weight").unwrap().shape, vec![32, 96]);
+    assert_eq!(p.tensors.last().unwrap().name, "ln_f.bias");
+    let sd = |w: &[f32]| (w.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+    assert!((sd(p.tensor("h.1.mlp.c_fc.weight").unwrap()) - 0.02).abs() < 0.001);
+    for name in ["h.1.mlp.c_proj.weight", "h.0.attn.c_proj.weight"] {
+        let got = sd(p.tensor(name).unwrap());
+        assert!((got - 0.01).abs() < 0.001, "{name}: sd {got}");
+    }
+    assert!(p.tensor("h.1.ln_2.weight").unwrap().iter().all(|&x| x == 1.0));
+    assert!(p.tensor("ln_f.weight").unwrap().iter().all(|&x| x == 1.0));
+    // wte, wpe and four matrices per layer decay.
     assert_eq!(p.decay_ranges().len(), 2 + 2 * 4);
 }
 
