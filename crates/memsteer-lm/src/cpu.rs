@@ -2,10 +2,9 @@
 
 use std::path::Path;
 
-use memsteer_kernels::{Device, matmul, matmul_transposed};
-
-use crate::arch::{Arch, Positions, Residual, Tensors, WeightLayout};
-use crate::ops::{self, Heads, KvCache};
+use crate::arch::{Affine, Arch, LayerTensors, Positions, Tensors};
+use crate::block::{self, Backend, NormSite};
+use crate::ops::{self, Heads, KvCache, Layout};
 use crate::weights::Weights;
 use crate::{Decoder, Result};
 
@@ -30,101 +29,145 @@ impl Model {
         &self.arch
     }
 
-    /// `out = x W (+ nothing)`, `rows × outputs`, with `W` as the architecture stores it.
-    fn linear(
-        &self,
-        x: &[f32],
-        w: &[f32],
-        (rows, inputs, outputs): (usize, usize, usize),
-        out: &mut [f32],
-    ) -> Result<()> {
-        let dev = Device::Cpu;
-        match self.arch.weights {
-            WeightLayout::InputsMajor => matmul(&dev, x, w, rows, inputs, outputs, out)?,
-            WeightLayout::OutputsMajor => matmul_transposed(&dev, x, w, rows, inputs, outputs, out)?,
-        }
-        Ok(())
-    }
-
-    fn run(&self, seqs: &[&[u32]], mut cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
-        let a = &self.arch;
+    fn run(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
         let lay = ops::layout(self, seqs, cache.as_deref())?;
-        let (t, d, inner) = (lay.rows(), a.dim, a.inner);
-        let (heads, hd) = (a.heads, a.head_dim);
-        let (eps, act) = (a.norm_eps(), a.activation);
-        let mut x = vec![0.0f32; t * d];
-        let tokens = seqs.iter().flat_map(|s| s.iter());
-        for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-            row.copy_from_slice(&self.w.embed[tok as usize * d..(tok as usize + 1) * d]);
+        let mut backend = Cpu::new(&self.arch, &lay, seqs, cache);
+        let hidden = block::forward(&self.arch, &self.w, &mut backend)?;
+        if let Some(c) = backend.cache {
+            c.advance(lay.rows());
         }
-        if let (Positions::Learned, Some(wpe)) = (a.positions, &self.w.positions) {
-            for (row, &pos) in x.chunks_exact_mut(d).zip(&lay.positions) {
-                row.iter_mut().zip(&wpe[pos * d..(pos + 1) * d]).for_each(|(x, p)| *x += p);
-            }
-        }
-        // Rotary angles of only the positions this call sees (a decoding step costs one row).
+        Ok(hidden)
+    }
+}
+
+/// The CPU backend of the block loop for one packed batch (and, when decoding, its KV cache).
+pub(crate) struct Cpu<'a> {
+    arch: &'a Arch,
+    lay: &'a Layout,
+    seqs: &'a [&'a [u32]],
+    cache: Option<&'a mut KvCache>,
+    /// Rotary angles of only the positions this call sees (a decoding step costs one row), and the
+    /// table row of every batch row.
+    rotary: (Vec<f32>, Vec<f32>, Vec<usize>),
+    /// Buffers the operations gave back, for the next ones (every operation overwrites its output).
+    pool: Vec<Vec<f32>>,
+}
+
+impl<'a> Cpu<'a> {
+    pub(crate) fn new(arch: &'a Arch, lay: &'a Layout, seqs: &'a [&'a [u32]], cache: Option<&'a mut KvCache>) -> Self {
         let first = lay.positions.iter().min().copied().unwrap_or(0);
         let last = lay.positions.iter().max().map_or(first, |p| p + 1);
-        let (cos, sin) = a.rotary_table((first, last));
-        let table_rows: Vec<usize> = lay.positions.iter().map(|p| p - first).collect();
+        let (cos, sin) = arch.rotary_table((first, last));
+        let rows = lay.positions.iter().map(|p| p - first).collect();
+        Self { arch, lay, seqs, cache, rotary: (cos, sin, rows), pool: Vec::new() }
+    }
+
+    /// A buffer of `len` values (contents unspecified).
+    fn take(&mut self, len: usize) -> Vec<f32> {
+        match self.pool.iter().position(|b| b.len() == len) {
+            Some(i) => self.pool.swap_remove(i),
+            None => vec![0.0; len],
+        }
+    }
+
+    fn give(&mut self, buf: Vec<f32>) {
+        self.pool.push(buf);
+    }
+
+    fn linear(&mut self, x: &[f32], w: &[f32], (inputs, outputs): (usize, usize)) -> Result<Vec<f32>> {
+        let rows = self.lay.rows();
+        let mut out = self.take(rows * outputs);
+        ops::linear(x, w, self.arch.weights, (rows, inputs, outputs), &mut out)?;
+        Ok(out)
+    }
+}
+
+impl Backend for Cpu<'_> {
+    type Act = Vec<f32>;
+    type W = Vec<f32>;
+
+    fn embed(&mut self, embed: &Vec<f32>, positions: Option<&Vec<f32>>) -> Result<Vec<f32>> {
+        let learned = if self.arch.positions == Positions::Learned { positions.map(Vec::as_slice) } else { None };
+        let tokens = self.seqs.iter().flat_map(|s| s.iter());
+        Ok(ops::embed(tokens, &self.lay.positions, (embed, learned), self.arch.dim))
+    }
+
+    fn norm(&mut self, x: &Vec<f32>, p: &Affine<Vec<f32>>, _: NormSite) -> Result<Vec<f32>> {
+        let mut out = self.take(x.len());
+        ops::layer_norm(x, p, self.arch.norm_eps(), &mut out);
+        Ok(out)
+    }
+
+    fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
+        let a = self.arch;
+        let mut qkv = self.linear(&h, &l.qkv.0, (a.dim, a.qkv_width()))?;
+        self.give(h);
+        ops::bias_act(&mut qkv, &l.qkv.1, None);
+        let (cos, sin, rows) = &self.rotary;
+        ops::rotate(&mut qkv, (a.qkv_offsets(), a.heads, a.rotary_dims() / 2), (cos, sin), rows, false);
+        Ok(qkv)
+    }
+
+    fn attention(&mut self, index: usize, qkv: Vec<f32>, _: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
+        let (a, lay) = (self.arch, self.lay);
+        let (t, d, heads, hd) = (lay.rows(), a.dim, a.heads, a.head_dim);
         let off = a.qkv_offsets();
-        let width = a.qkv_width();
-        let (mut h1, mut h2) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
-        let mut qkv = vec![0.0f32; t * width];
-        let (mut ctx, mut attn) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
-        let (mut mid, mut mlp) = (vec![0.0f32; t * inner], vec![0.0f32; t * d]);
-        let fused = |base| Heads { data: &[], row_stride: off.row, base, head_stride: off.head };
-        for (li, l) in self.w.layers.iter().enumerate() {
-            ops::layer_norm(&x, &l.norm1, eps, &mut h1);
-            self.linear(&h1, &l.qkv.0, (t, d, width), &mut qkv)?;
-            ops::bias_act(&mut qkv, &l.qkv.1, None);
-            ops::rotate(&mut qkv, (off, heads, a.rotary_dims() / 2), (&cos, &sin), &table_rows, false);
-            let q = Heads { data: &qkv, ..fused(off.q) };
-            if let Some(c) = cache.as_deref_mut() {
-                let (mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
-                for i in 0..t {
-                    let row = &qkv[i * off.row..(i + 1) * off.row];
-                    for h in 0..heads {
-                        let (dst, at) = (i * d + h * hd, h * off.head);
-                        k[dst..dst + hd].copy_from_slice(&row[off.k + at..off.k + at + hd]);
-                        v[dst..dst + hd].copy_from_slice(&row[off.v + at..off.v + at + hd]);
-                    }
-                }
-                let (ks, vs) = c.extend(li, &k, &v);
-                let cached = |data| Heads { data, row_stride: d, base: 0, head_stride: hd };
-                ops::attention((q, cached(ks), cached(vs)), &lay, &|_| 0, (heads, hd), &mut ctx)?;
-            } else {
-                let (k, v) = (Heads { data: &qkv, ..fused(off.k) }, Heads { data: &qkv, ..fused(off.v) });
-                ops::attention((q, k, v), &lay, &|s| lay.starts[s], (heads, hd), &mut ctx)?;
-            }
-            self.linear(&ctx, &l.attn_out.0, (t, d, d), &mut attn)?;
-            ops::bias_act(&mut attn, &l.attn_out.1, None);
-            let mut run_mlp = |input: &[f32], out: &mut [f32]| -> Result<()> {
-                self.linear(input, &l.up.0, (t, d, inner), &mut mid)?;
-                ops::bias_act(&mut mid, &l.up.1, Some(act));
-                self.linear(&mid, &l.down.0, (t, inner, d), out)?;
-                ops::bias_act(out, &l.down.1, None);
-                Ok(())
-            };
-            match a.residual {
-                Residual::Parallel => {
-                    ops::layer_norm(&x, &l.norm2, eps, &mut h2);
-                    run_mlp(&h2, &mut mlp)?;
-                    ops::residual(&mut x, &attn, Some(&mlp));
-                }
-                Residual::Sequential => {
-                    ops::residual(&mut x, &attn, None);
-                    ops::layer_norm(&x, &l.norm2, eps, &mut h2);
-                    run_mlp(&h2, &mut mlp)?;
-                    ops::residual(&mut x, &mlp, None);
+        let mut ctx = self.take(t * d);
+        let fused = |base| Heads { data: &qkv, row_stride: off.row, base, head_stride: off.head };
+        if let Some(c) = self.cache.as_deref_mut() {
+            let (mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+            for i in 0..t {
+                let row = &qkv[i * off.row..(i + 1) * off.row];
+                for h in 0..heads {
+                    let (dst, at) = (i * d + h * hd, h * off.head);
+                    k[dst..dst + hd].copy_from_slice(&row[off.k + at..off.k + at + hd]);
+                    v[dst..dst + hd].copy_from_slice(&row[off.v + at..off.v + at + hd]);
                 }
             }
+            let (ks, vs) = c.extend(index, &k, &v);
+            let cached = |data| Heads { data, row_stride: d, base: 0, head_stride: hd };
+            ops::attention((fused(off.q), cached(ks), cached(vs)), lay, &|_| 0, (heads, hd), &mut ctx)?;
+        } else {
+            let qkv = (fused(off.q), fused(off.k), fused(off.v));
+            ops::attention(qkv, lay, &|s| lay.starts[s], (heads, hd), &mut ctx)?;
         }
-        if let Some(c) = cache {
-            c.advance(t);
+        self.give(qkv);
+        Ok(ctx)
+    }
+
+    fn attention_out(&mut self, ctx: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
+        let out = self.linear(&ctx, &l.attn_out.0, (self.arch.dim, self.arch.dim))?;
+        self.give(ctx);
+        Ok(out)
+    }
+
+    fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
+        let (d, inner) = (self.arch.dim, self.arch.inner);
+        let mut mid = self.linear(&h, &l.up.0, (d, inner))?;
+        self.give(h);
+        ops::bias_act(&mut mid, &l.up.1, Some(self.arch.activation));
+        let out = self.linear(&mid, &l.down.0, (inner, d))?;
+        self.give(mid);
+        Ok(out)
+    }
+
+    fn residual(
+        &mut self,
+        x: &mut Vec<f32>,
+        (mut a, bias_a): (Vec<f32>, &Vec<f32>),
+        b: Option<(Vec<f32>, &Vec<f32>)>,
+    ) -> Result<()> {
+        ops::bias_act(&mut a, bias_a, None);
+        match b {
+            Some((mut b, bias_b)) => {
+                ops::bias_act(&mut b, bias_b, None);
+                ops::residual(x, &a, Some(&b));
+                self.give(b);
+            }
+            None => ops::residual(x, &a, None),
         }
-        ops::layer_norm(&x, &self.w.final_norm, eps, &mut h1);
-        Ok(h1)
+        self.give(a);
+        Ok(())
     }
 }
 

@@ -16,7 +16,8 @@ use memsteer_kernels::Device;
 use memsteer_kernels::cuda::{Attention, DType, DevBuf, Gpu, Linear, OUTPUT_CHUNK, View};
 use safetensors::Dtype;
 
-use crate::arch::{Arch, QkvLayout, Residual, Slot, Tensors, WeightLayout};
+use crate::arch::{Arch, LayerTensors, QkvLayout, Slot, Tensors, WeightLayout};
+use crate::block::NormSite;
 use crate::config::Activation;
 use crate::ops;
 use crate::weights::Weights;
@@ -207,7 +208,7 @@ impl GpuModel {
             targets[w[0]..w[1] - 1].copy_from_slice(&tokens[w[0] + 1..w[1]]);
         }
         let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
-        let lp = self.forward(&tokens, &positions, Some(&targets), &spans).map_err(kerr)?;
+        let lp = self.forward(&tokens, &positions, Some(&targets), &spans)?;
         Ok(spans.iter().map(|&(start, len)| lp[start..start + len - 1].to_vec()).collect())
     }
 
@@ -221,125 +222,195 @@ impl GpuModel {
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
         let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
-        self.forward(&tokens, &positions, None, &spans).map_err(kerr)
+        self.forward(&tokens, &positions, None, &spans)
     }
 
-    /// The forward pass: per-row target log-probs when `targets` is given, else the final hidden states.
+    /// The forward pass ([`crate::block::forward`] on the device): per-row target log-probs when
+    /// `targets` is given, else the final hidden states.
     fn forward(
         &self,
         tokens: &[u32],
         positions: &[u32],
         targets: Option<&[u32]>,
         spans: &[(usize, usize)],
-    ) -> memsteer_kernels::Result<Vec<f32>> {
+    ) -> Result<Vec<f32>> {
         let g = &*self.gpu;
-        let a = &self.arch;
-        let (d, heads, hd, inter) = (a.dim, a.heads, a.head_dim, a.inner);
-        let (width, eps) = (a.qkv_width(), a.norm_eps());
-        let (rows, dt) = (tokens.len(), self.dtype);
-        let mut prof = Profile::new(g);
-        let (tok, pos) = (g.upload_u32(tokens)?, g.upload_u32(positions)?);
-        // The residual stream is f32; product outputs and the other activations are in the weights'
-        // type (f32 models stay f32 throughout).
-        let x = g.alloc(DType::F32, rows * d)?;
-        let h = g.alloc(dt, rows * d)?;
-        let qkv = g.alloc(dt, rows * width)?;
-        let (q, k, v) = (g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?, g.alloc(dt, rows * d)?);
-        let ctx = g.alloc(dt, rows * d)?;
-        let attn = g.alloc(dt, rows * d)?;
-        // The MLP runs over blocks of rows, so its wide activation is bounded by MLP_ROWS × inner.
-        let block = MLP_ROWS.min(rows).max(1);
-        let mid = g.alloc(dt, block * inter)?;
-        let mlp = g.alloc(dt, rows * d)?;
-        g.embed(
-            (tokens, tok.view()),
-            (positions, pos.view()),
-            self.w.embed.view(),
-            self.w.positions.as_ref().map(DevBuf::view),
-            x.view(),
-            d,
-        )?;
-        prof.mark("embed");
-        fn lin(w: &DevBuf, outputs: usize, inputs: usize, inputs_major: bool) -> Linear<'_> {
-            Linear { w: w.view(), outputs, inputs, inputs_major }
-        }
-        fn pair(p: &(DevBuf, DevBuf)) -> (View<'_>, View<'_>) {
-            (p.0.view(), p.1.view())
-        }
-        let major = a.weights == WeightLayout::InputsMajor;
-        let rotary = self.rotary.as_ref().map(|(c, s, r)| (c.view(), s.view(), *r));
-        for l in &self.w.layers {
-            g.layer_norm(x.view(), pair(&l.norm1), eps, h.view(), rows, d)?;
-            prof.mark("layer norm");
-            g.linear(h.view(), &lin(&l.qkv.0, width, d, major), qkv.view(), rows)?;
-            prof.mark("qkv product");
-            g.qkv_split(
-                qkv.view(),
-                l.qkv.1.view(),
-                (positions, pos.view()),
-                rotary,
-                a.qkv == QkvLayout::PerHead,
-                (q.view(), k.view(), v.view()),
-                (rows, heads, hd),
-            )?;
-            prof.mark("qkv split + rotary");
-            g.attention_with(self.attention, (q.view(), k.view(), v.view()), ctx.view(), spans, (rows, heads, hd))?;
-            prof.mark("attention");
-            g.linear(ctx.view(), &lin(&l.attn_out.0, d, d, major), attn.view(), rows)?;
-            prof.mark("attention output product");
-            let run_mlp = |input: View<'_>, prof: &mut Profile<'_>| -> memsteer_kernels::Result<()> {
-                for r0 in (0..rows).step_by(block) {
-                    let n = block.min(rows - r0);
-                    let m = mid.view().slice(0, n * inter)?;
-                    g.linear(input.slice(r0 * d, n * d)?, &lin(&l.up.0, inter, d, major), m, n)?;
-                    prof.mark("mlp products");
-                    g.bias_act(m, l.up.1.view(), m, (n, inter), self.act)?;
-                    prof.mark("bias + gelu");
-                    g.linear(m, &lin(&l.down.0, d, inter, major), mlp.view().slice(r0 * d, n * d)?, n)?;
-                    prof.mark("mlp products");
-                }
-                Ok(())
-            };
-            if a.residual == Residual::Parallel {
-                g.layer_norm(x.view(), pair(&l.norm2), eps, h.view(), rows, d)?;
-                prof.mark("layer norm");
-                run_mlp(h.view(), &mut prof)?;
-                g.residual(x.view(), (attn.view(), l.attn_out.1.view()), Some((mlp.view(), l.down.1.view())), rows, d)?;
-                prof.mark("residual");
-            } else {
-                g.residual(x.view(), (attn.view(), l.attn_out.1.view()), None, rows, d)?;
-                g.layer_norm(x.view(), pair(&l.norm2), eps, h.view(), rows, d)?;
-                prof.mark("layer norm");
-                run_mlp(h.view(), &mut prof)?;
-                g.residual(x.view(), (mlp.view(), l.down.1.view()), None, rows, d)?;
-                prof.mark("residual");
-            }
-        }
+        let (rows, d) = (tokens.len(), self.arch.dim);
+        // The final norm writes what the output layer reads: f32 hidden states, or the head's type.
+        let final_dtype = match targets {
+            None => DType::F32,
+            Some(_) if self.head16.is_some() => DType::F16,
+            Some(_) => self.dtype,
+        };
+        let mut run = DeviceRun {
+            m: self,
+            tokens: (tokens, g.upload_u32(tokens)?),
+            positions: (positions, g.upload_u32(positions)?),
+            spans,
+            final_dtype,
+            pool: Vec::new(),
+            prof: Profile::new(g),
+        };
+        let h = crate::block::forward(&self.arch, &self.w, &mut run)?;
         // Free the layer buffers before the output layer's chunk is allocated.
-        drop((qkv, q, k, v, ctx, attn, mid, mlp));
+        let DeviceRun { mut prof, pool, .. } = run;
+        drop(pool);
         let Some(targets) = targets else {
-            let hs = g.alloc(DType::F32, rows * d)?;
-            g.layer_norm(x.view(), pair(&self.w.final_norm), eps, hs.view(), rows, d)?;
-            return g.download_f32(hs.view());
+            return Ok(g.download_f32(h.view())?);
         };
         let tgt = g.upload_u32(targets)?;
         let lp = g.alloc(DType::F32, rows)?;
         if let Some(head) = &self.head16 {
-            let hf = g.alloc(DType::F16, rows * d)?;
-            g.layer_norm(x.view(), pair(&self.w.final_norm), eps, hf.view(), rows, d)?;
-            let e = Linear { w: head.view(), outputs: a.vocab, inputs: d, inputs_major: false };
-            g.log_prob_targets(hf.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, self.logits)?;
+            let e = Linear { w: head.view(), outputs: self.arch.vocab, inputs: d, inputs_major: false };
+            g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, self.logits)?;
         } else {
-            g.layer_norm(x.view(), pair(&self.w.final_norm), eps, h.view(), rows, d)?;
-            let w = self.w.output().view();
-            let e = Linear { w, outputs: a.vocab, inputs: d, inputs_major: false };
+            let e = Linear { w: self.w.output().view(), outputs: self.arch.vocab, inputs: d, inputs_major: false };
             let logits = if self.dtype == DType::F16 { self.logits } else { DType::F32 };
             g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, logits)?;
         }
         prof.mark("output layer");
-        let out = g.download_f32(lp.view());
+        let out = g.download_f32(lp.view())?;
         prof.report(rows);
-        out
+        Ok(out)
+    }
+}
+
+/// The device backend of the block loop for one packed batch. The residual stream is f32; product
+/// outputs and the other activations are in the weights' type (f32 models stay f32 throughout).
+struct DeviceRun<'a> {
+    m: &'a GpuModel,
+    tokens: (&'a [u32], DevBuf),
+    positions: (&'a [u32], DevBuf),
+    spans: &'a [(usize, usize)],
+    final_dtype: DType,
+    /// Buffers the operations gave back (every kernel writes its outputs in full).
+    pool: Vec<DevBuf>,
+    prof: Profile<'a>,
+}
+
+impl DeviceRun<'_> {
+    fn rows(&self) -> usize {
+        self.tokens.0.len()
+    }
+
+    fn take(&mut self, dtype: DType, len: usize) -> Result<DevBuf> {
+        match self.pool.iter().position(|b| b.len() == len && b.view().dtype() == dtype) {
+            Some(i) => Ok(self.pool.swap_remove(i)),
+            None => Ok(self.m.gpu.alloc(dtype, len)?),
+        }
+    }
+
+    fn give(&mut self, buf: DevBuf) {
+        self.pool.push(buf);
+    }
+
+    /// A linear layer's weight as the kernels take it.
+    fn lin<'w>(&self, w: &'w DevBuf, (inputs, outputs): (usize, usize)) -> Linear<'w> {
+        Linear { w: w.view(), outputs, inputs, inputs_major: self.m.arch.weights == WeightLayout::InputsMajor }
+    }
+}
+
+fn pair(p: &(DevBuf, DevBuf)) -> (View<'_>, View<'_>) {
+    (p.0.view(), p.1.view())
+}
+
+impl crate::block::Backend for DeviceRun<'_> {
+    type Act = DevBuf;
+    type W = DevBuf;
+
+    fn embed(&mut self, embed: &DevBuf, positions: Option<&DevBuf>) -> Result<DevBuf> {
+        let x = self.take(DType::F32, self.rows() * self.m.arch.dim)?;
+        let g = &*self.m.gpu;
+        let (tokens, positions_ids) =
+            ((self.tokens.0, self.tokens.1.view()), (self.positions.0, self.positions.1.view()));
+        g.embed(tokens, positions_ids, embed.view(), positions.map(DevBuf::view), x.view(), self.m.arch.dim)?;
+        self.prof.mark("embed");
+        Ok(x)
+    }
+
+    fn norm(&mut self, x: &DevBuf, p: &(DevBuf, DevBuf), site: NormSite) -> Result<DevBuf> {
+        let (rows, d) = (self.rows(), self.m.arch.dim);
+        let dtype = if site == NormSite::Final { self.final_dtype } else { self.m.dtype };
+        let h = self.take(dtype, rows * d)?;
+        self.m.gpu.layer_norm(x.view(), pair(p), self.m.arch.norm_eps(), h.view(), rows, d)?;
+        if site != NormSite::Final {
+            self.prof.mark("layer norm");
+        }
+        Ok(h)
+    }
+
+    fn qkv(&mut self, h: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
+        let (a, rows) = (&self.m.arch, self.rows());
+        let qkv = self.take(self.m.dtype, rows * a.qkv_width())?;
+        self.m.gpu.linear(h.view(), &self.lin(&l.qkv.0, (a.dim, a.qkv_width())), qkv.view(), rows)?;
+        self.prof.mark("qkv product");
+        self.give(h);
+        Ok(qkv)
+    }
+
+    /// The bias and the rotary positions of the projection are applied here, fused with the split
+    /// of the projection into head-major q, k and v.
+    fn attention(&mut self, _: usize, qkv: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
+        let (a, rows, dt) = (&self.m.arch, self.rows(), self.m.dtype);
+        let shape = (rows, a.heads, a.head_dim);
+        let (q, k, v) = (self.take(dt, rows * a.dim)?, self.take(dt, rows * a.dim)?, self.take(dt, rows * a.dim)?);
+        let rotary = self.m.rotary.as_ref().map(|(c, s, r)| (c.view(), s.view(), *r));
+        let per_head = a.qkv == QkvLayout::PerHead;
+        let positions = (self.positions.0, self.positions.1.view());
+        let (qv, kv, vv) = (q.view(), k.view(), v.view());
+        self.m.gpu.qkv_split(qkv.view(), l.qkv.1.view(), positions, rotary, per_head, (qv, kv, vv), shape)?;
+        self.prof.mark("qkv split + rotary");
+        self.give(qkv);
+        let ctx = self.take(dt, rows * a.dim)?;
+        self.m.gpu.attention_with(self.m.attention, (q.view(), k.view(), v.view()), ctx.view(), self.spans, shape)?;
+        self.prof.mark("attention");
+        for b in [q, k, v] {
+            self.give(b);
+        }
+        Ok(ctx)
+    }
+
+    fn attention_out(&mut self, ctx: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
+        let (d, rows) = (self.m.arch.dim, self.rows());
+        let attn = self.take(self.m.dtype, rows * d)?;
+        self.m.gpu.linear(ctx.view(), &self.lin(&l.attn_out.0, (d, d)), attn.view(), rows)?;
+        self.prof.mark("attention output product");
+        self.give(ctx);
+        Ok(attn)
+    }
+
+    /// Over blocks of rows, so the wide activation is bounded by `MLP_ROWS × inner`.
+    fn mlp(&mut self, h: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
+        let (d, inter, rows, dt) = (self.m.arch.dim, self.m.arch.inner, self.rows(), self.m.dtype);
+        let block = MLP_ROWS.min(rows).max(1);
+        let mid = self.take(dt, block * inter)?;
+        let out = self.take(dt, rows * d)?;
+        let g = &*self.m.gpu;
+        for r0 in (0..rows).step_by(block) {
+            let n = block.min(rows - r0);
+            let m = mid.view().slice(0, n * inter)?;
+            g.linear(h.view().slice(r0 * d, n * d)?, &self.lin(&l.up.0, (d, inter)), m, n)?;
+            self.prof.mark("mlp products");
+            g.bias_act(m, l.up.1.view(), m, (n, inter), self.m.act)?;
+            self.prof.mark("bias + gelu");
+            g.linear(m, &self.lin(&l.down.0, (inter, d)), out.view().slice(r0 * d, n * d)?, n)?;
+            self.prof.mark("mlp products");
+        }
+        self.give(mid);
+        self.give(h);
+        Ok(out)
+    }
+
+    fn residual(&mut self, x: &mut DevBuf, a: (DevBuf, &DevBuf), b: Option<(DevBuf, &DevBuf)>) -> Result<()> {
+        let (rows, d) = (self.rows(), self.m.arch.dim);
+        let second = b.as_ref().map(|(b, bias)| (b.view(), bias.view()));
+        self.m.gpu.residual(x.view(), (a.0.view(), a.1.view()), second, rows, d)?;
+        self.prof.mark("residual");
+        self.give(a.0);
+        if let Some((b, _)) = b {
+            self.give(b);
+        }
+        Ok(())
     }
 }
 

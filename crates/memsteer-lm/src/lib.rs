@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 pub mod arch;
+mod block;
 pub mod config;
 pub mod cpu;
 mod decoder;

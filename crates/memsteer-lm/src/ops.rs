@@ -69,17 +69,76 @@ pub(crate) fn layout_for((vocab, context): (usize, usize), seqs: &[&[u32]], cach
 
 /// `out = layer_norm(x)` row by row (`g`, `b` of length `d`).
 pub(crate) fn layer_norm(x: &[f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
+    let rows = x.len() / g.len();
+    let (mut mean, mut rstd) = (vec![0.0f32; rows], vec![0.0f32; rows]);
+    layer_norm_stats(x, (g, b), eps, out, &mut mean, &mut rstd);
+}
+
+/// Layer norm of every row: `out = (x − mean)·rstd·g + b`, also writing each row's `mean` and `rstd`
+/// (which the trainer's backward reads).
+pub(crate) fn layer_norm_stats(
+    x: &[f32],
+    (g, b): (&[f32], &[f32]),
+    eps: f32,
+    out: &mut [f32],
+    mean: &mut [f32],
+    rstd: &mut [f32],
+) {
     let d = g.len();
-    out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).for_each(|(out, x)| {
-        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let mean = row.iter().sum::<f32>() / d as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
-            let inv = 1.0 / (var + eps).sqrt();
-            for i in 0..d {
-                o[i] = (row[i] - mean) * inv * g[i] + b[i];
+    out.par_chunks_mut(ROW_BLOCK * d)
+        .zip(x.par_chunks(ROW_BLOCK * d))
+        .zip(mean.par_chunks_mut(ROW_BLOCK).zip(rstd.par_chunks_mut(ROW_BLOCK)))
+        .for_each(|((out, x), (mean, rstd))| {
+            for (((row, o), m), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(mean).zip(rstd) {
+                let mu = row.iter().sum::<f32>() / d as f32;
+                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                let inv = 1.0 / (var + eps).sqrt();
+                for i in 0..d {
+                    o[i] = (row[i] - mu) * inv * g[i] + b[i];
+                }
+                *m = mu;
+                *r = inv;
             }
+        });
+}
+
+/// The residual stream's first value: token embeddings, plus learned positions when given
+/// (`rows × d`, `tokens` and `positions` one per row).
+pub(crate) fn embed<'t>(
+    tokens: impl Iterator<Item = &'t u32>,
+    positions: &[usize],
+    (embed, learned): (&[f32], Option<&[f32]>),
+    d: usize,
+) -> Vec<f32> {
+    let mut x = vec![0.0f32; positions.len() * d];
+    for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+        row.copy_from_slice(&embed[tok as usize * d..(tok as usize + 1) * d]);
+    }
+    if let Some(wpe) = learned {
+        for (row, &pos) in x.chunks_exact_mut(d).zip(positions) {
+            row.iter_mut().zip(&wpe[pos * d..(pos + 1) * d]).for_each(|(x, p)| *x += p);
         }
-    });
+    }
+    x
+}
+
+/// `out = x W` (`rows × outputs`) with `W` stored as `layout` says: `inputs × outputs` (GPT-2's
+/// `Conv1D`) or `outputs × inputs` (`nn.Linear`, multiplied transposed).
+pub(crate) fn linear(
+    x: &[f32],
+    w: &[f32],
+    layout: crate::arch::WeightLayout,
+    (rows, inputs, outputs): (usize, usize, usize),
+    out: &mut [f32],
+) -> Result<()> {
+    let dev = Device::Cpu;
+    match layout {
+        crate::arch::WeightLayout::InputsMajor => memsteer_kernels::matmul(&dev, x, w, rows, inputs, outputs, out)?,
+        crate::arch::WeightLayout::OutputsMajor => {
+            memsteer_kernels::matmul_transposed(&dev, x, w, rows, inputs, outputs, out)?
+        }
+    }
+    Ok(())
 }
 
 /// Adds `b` to every row of `x`, then applies `act` if given.

@@ -36,7 +36,8 @@ use rayon::prelude::*;
 pub use adamw::{AdamW, AdamWConfig, clip_grad_norm, grad_norm};
 pub use schedule::{LrSchedule, Schedule};
 
-use crate::arch::{Arch, Family, LayerSlot, Part, Positions, Residual, Slot, Tensors};
+use crate::arch::{Arch, Family, LayerSlot, LayerTensors, Part, Positions, Residual, Slot, Tensors};
+use crate::block::NormSite;
 use crate::config::{Activation, Gpt2Config, ModelConfig, NeoXConfig};
 use crate::ops::Layout;
 use crate::weights::Weights;
@@ -438,8 +439,8 @@ impl Params {
         let mut dqkv = vec![0.0f32; n * width];
         let parallel = arch.residual == Residual::Parallel;
         for (s, a) in self.slots.layers.iter().zip(&acts.layers).rev() {
-            // The MLP branch: its input is x_in (parallel) or x_mid (sequential).
-            let mlp_in = if parallel { &a.x_in } else { &a.x_mid };
+            // The MLP branch: its input is x_in (parallel) or the stream after the attention (sequential).
+            let mlp_in = &a.mlp_in;
             let mut dres = dx.clone();
             let w = |i: (usize, usize)| (self.t(i.0), wl);
             ops::linear_backward(&dx, &a.mid, w(s.down), n, Some(&mut dmid), pair_mut(grads, &self.tensors, s.down))?;
@@ -449,8 +450,8 @@ impl Params {
                 let (dg, db) = pair_mut(grads, &self.tensors, s.norm2);
                 ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(s.norm2.0), &mut dres, dg, db);
             }
-            // The attention branch: its output gradient is dx (parallel) or the gradient at x_mid.
-            // (Sequential: `dres` now holds the gradient at x_mid, which also flows on to x_in.)
+            // The attention branch: its output gradient is dx (parallel) or the gradient at mlp_in.
+            // (Sequential: `dres` now holds the gradient at mlp_in, which also flows on to x_in.)
             let dattn = if parallel { dx.clone() } else { dres.clone() };
             let dense = pair_mut(grads, &self.tensors, s.attn_out);
             ops::linear_backward(&dattn, &a.ctx, w(s.attn_out), n, Some(&mut dctx), dense)?;
@@ -495,63 +496,135 @@ impl Params {
         crate::ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)
     }
 
-    /// The forward pass (the runtime's block loop, operation for operation), keeping what the
-    /// backward needs.
+    /// The forward pass: the runtime's block loop ([`crate::block::forward`]) on the recording
+    /// backend, keeping what the backward needs.
     fn forward(&self, seqs: &[&[u32]]) -> Result<Activations> {
         let layout = self.layout(seqs)?;
-        let arch = &self.arch;
-        let (d, inter, eps, wl) = (arch.dim, arch.inner, arch.norm_eps(), arch.weights);
-        let width = arch.qkv_width();
-        let n = layout.rows();
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
-        let emb = self.t(self.slots.embed);
-        let mut x = vec![0.0f32; n * d];
-        for (row, &tok) in x.chunks_exact_mut(d).zip(&tokens) {
-            row.copy_from_slice(&emb[tok as usize * d..(tok as usize + 1) * d]);
-        }
-        if let (Positions::Learned, Some(p)) = (arch.positions, self.slots.positions) {
-            let wpe = self.t(p);
-            for (row, &pos) in x.chunks_exact_mut(d).zip(&layout.positions) {
-                row.iter_mut().zip(&wpe[pos * d..(pos + 1) * d]).for_each(|(x, p)| *x += p);
-            }
-        }
         let longest = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let rotary = ops::Rotary::new(arch, longest);
-        let mut layers = Vec::with_capacity(arch.layers);
-        let mut attn = vec![0.0f32; n * d];
-        let mut mlp = vec![0.0f32; n * d];
-        for s in &self.slots.layers {
-            let lin = |i: (usize, usize)| (self.t(i.0), self.t(i.1), wl);
-            let mut a = LayerActs::new(n, d, width, inter);
-            a.x_in.copy_from_slice(&x);
-            ops::layer_norm_forward(&x, self.pair(s.norm1), eps, &mut a.h1, &mut a.mean1, &mut a.rstd1);
-            ops::linear_forward(&a.h1, lin(s.qkv), n, d, &mut a.qkv)?;
-            rotary.apply(&mut a.qkv, &layout.positions, false);
-            ops::attention_forward(&a.qkv, &layout, arch, &mut a.ctx)?;
-            ops::linear_forward(&a.ctx, lin(s.attn_out), n, d, &mut attn)?;
-            let run_mlp = |input: &[f32], a: &mut LayerActs, out: &mut [f32]| -> Result<()> {
-                ops::layer_norm_forward(input, self.pair(s.norm2), eps, &mut a.h2, &mut a.mean2, &mut a.rstd2);
-                ops::linear_forward(&a.h2, lin(s.up), n, d, &mut a.pre)?;
-                ops::gelu_forward(&a.pre, arch.activation, &mut a.mid);
-                ops::linear_forward(&a.mid, lin(s.down), n, inter, out)
-            };
-            match arch.residual {
-                Residual::Parallel => {
-                    run_mlp(&x, &mut a, &mut mlp)?;
-                    crate::ops::residual(&mut x, &attn, Some(&mlp));
-                }
-                Residual::Sequential => {
-                    crate::ops::residual(&mut x, &attn, None);
-                    a.x_mid = x.clone();
-                    run_mlp(&x, &mut a, &mut mlp)?;
-                    crate::ops::residual(&mut x, &mlp, None);
-                }
+        let mut tape = Tape {
+            p: self,
+            layout: &layout,
+            tokens: &tokens,
+            rotary: ops::Rotary::new(&self.arch, longest),
+            layers: Vec::with_capacity(self.arch.layers),
+            last: None,
+        };
+        let hf = crate::block::forward(&self.arch, &self.slots, &mut tape)?;
+        let Tape { rotary, layers, last, .. } = tape;
+        let (x_final, mean_f, rstd_f) =
+            last.ok_or_else(|| LmError::Input("internal: the forward pass ended without its final norm".into()))?;
+        Ok(Activations { layout, tokens, rotary, layers, x_final, hf, mean_f, rstd_f })
+    }
+}
+
+/// The trainer's backend of the block loop: the CPU runtime's operations (the trainer's copies of
+/// them, which also return the norms' statistics) on the parameter buffer, recording every input the
+/// backward needs as it goes. Weights are indices into [`Params::tensors`].
+struct Tape<'a> {
+    p: &'a Params,
+    layout: &'a Layout,
+    tokens: &'a [u32],
+    rotary: ops::Rotary,
+    layers: Vec<LayerActs>,
+    /// The final norm's input and statistics.
+    last: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+}
+
+impl Tape<'_> {
+    fn layer(&mut self) -> Result<&mut LayerActs> {
+        self.layers.last_mut().ok_or_else(|| LmError::Input("internal: a layer operation before its norm".into()))
+    }
+
+    fn linear(&self, x: &[f32], (w, b): (usize, usize), din: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0.0f32; self.layout.rows() * self.p.tensors[b].len()];
+        ops::linear_forward(x, (self.p.t(w), self.p.t(b), self.p.arch.weights), self.layout.rows(), din, &mut y)?;
+        Ok(y)
+    }
+
+    /// `x W` without the bias (added by the residual).
+    fn project(&self, x: &[f32], w: usize, (din, dout): (usize, usize)) -> Result<Vec<f32>> {
+        let rows = self.layout.rows();
+        let mut y = vec![0.0f32; rows * dout];
+        crate::ops::linear(x, self.p.t(w), self.p.arch.weights, (rows, din, dout), &mut y)?;
+        Ok(y)
+    }
+}
+
+impl crate::block::Backend for Tape<'_> {
+    type Act = Vec<f32>;
+    type W = usize;
+
+    fn embed(&mut self, embed: &usize, positions: Option<&usize>) -> Result<Vec<f32>> {
+        let arch = &self.p.arch;
+        let learned = if arch.positions == Positions::Learned { positions.map(|&p| self.p.t(p)) } else { None };
+        Ok(crate::ops::embed(self.tokens.iter(), &self.layout.positions, (self.p.t(*embed), learned), arch.dim))
+    }
+
+    fn norm(&mut self, x: &Vec<f32>, &p: &(usize, usize), site: NormSite) -> Result<Vec<f32>> {
+        let n = self.layout.rows();
+        let (mut h, mut mean, mut rstd) = (vec![0.0f32; x.len()], vec![0.0f32; n], vec![0.0f32; n]);
+        ops::layer_norm_forward(x, self.p.pair(p), self.p.arch.norm_eps(), &mut h, &mut mean, &mut rstd);
+        match site {
+            NormSite::Attention(_) => {
+                self.layers.push(LayerActs { x_in: x.clone(), mean1: mean, rstd1: rstd, ..LayerActs::default() })
             }
-            layers.push(a);
+            NormSite::Mlp(_) => {
+                let a = self.layer()?;
+                (a.mlp_in, a.mean2, a.rstd2) = (x.clone(), mean, rstd);
+            }
+            NormSite::Final => self.last = Some((x.clone(), mean, rstd)),
         }
-        let (mut hf, mut mean_f, mut rstd_f) = (vec![0.0f32; n * d], vec![0.0f32; n], vec![0.0f32; n]);
-        ops::layer_norm_forward(&x, self.pair(self.slots.final_norm), eps, &mut hf, &mut mean_f, &mut rstd_f);
-        Ok(Activations { layout, tokens, rotary, layers, x_final: x, hf, mean_f, rstd_f })
+        Ok(h)
+    }
+
+    fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
+        let mut qkv = self.linear(&h, l.qkv, self.p.arch.dim)?;
+        self.rotary.apply(&mut qkv, &self.layout.positions, false);
+        self.layer()?.h1 = h;
+        Ok(qkv)
+    }
+
+    fn attention(&mut self, _: usize, qkv: Vec<f32>, _: &LayerTensors<usize>) -> Result<Vec<f32>> {
+        let mut ctx = vec![0.0f32; self.layout.rows() * self.p.arch.dim];
+        ops::attention_forward(&qkv, self.layout, &self.p.arch, &mut ctx)?;
+        self.layer()?.qkv = qkv;
+        Ok(ctx)
+    }
+
+    fn attention_out(&mut self, ctx: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
+        let d = self.p.arch.dim;
+        let out = self.project(&ctx, l.attn_out.0, (d, d))?;
+        self.layer()?.ctx = ctx;
+        Ok(out)
+    }
+
+    fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
+        let (d, inter) = (self.p.arch.dim, self.p.arch.inner);
+        let pre = self.linear(&h, l.up, d)?;
+        let mut mid = vec![0.0f32; pre.len()];
+        ops::gelu_forward(&pre, self.p.arch.activation, &mut mid);
+        let out = self.project(&mid, l.down.0, (inter, d))?;
+        let a = self.layer()?;
+        (a.h2, a.pre, a.mid) = (h, pre, mid);
+        Ok(out)
+    }
+
+    fn residual(
+        &mut self,
+        x: &mut Vec<f32>,
+        (mut a, &ba): (Vec<f32>, &usize),
+        b: Option<(Vec<f32>, &usize)>,
+    ) -> Result<()> {
+        crate::ops::bias_act(&mut a, self.p.t(ba), None);
+        match b {
+            Some((mut b, &bb)) => {
+                crate::ops::bias_act(&mut b, self.p.t(bb), None);
+                crate::ops::residual(x, &a, Some(&b));
+            }
+            None => crate::ops::residual(x, &a, None),
+        }
+        Ok(())
     }
 }
 
@@ -582,40 +655,22 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// What one layer's forward keeps for its backward.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct LayerActs {
+    /// The residual stream entering the layer (the attention norm's input).
     x_in: Vec<f32>,
     h1: Vec<f32>,
     mean1: Vec<f32>,
     rstd1: Vec<f32>,
     qkv: Vec<f32>,
     ctx: Vec<f32>,
-    /// The residual stream between the attention and the MLP (sequential residual only).
-    x_mid: Vec<f32>,
+    /// The MLP norm's input: `x_in` (parallel residual) or the stream after the attention (sequential).
+    mlp_in: Vec<f32>,
     h2: Vec<f32>,
     mean2: Vec<f32>,
     rstd2: Vec<f32>,
     pre: Vec<f32>,
     mid: Vec<f32>,
-}
-
-impl LayerActs {
-    fn new(n: usize, d: usize, width: usize, inter: usize) -> Self {
-        Self {
-            x_in: vec![0.0; n * d],
-            h1: vec![0.0; n * d],
-            mean1: vec![0.0; n],
-            rstd1: vec![0.0; n],
-            qkv: vec![0.0; n * width],
-            ctx: vec![0.0; n * d],
-            x_mid: Vec::new(),
-            h2: vec![0.0; n * d],
-            mean2: vec![0.0; n],
-            rstd2: vec![0.0; n],
-            pre: vec![0.0; n * inter],
-            mid: vec![0.0; n * inter],
-        }
-    }
 }
 
 /// A forward pass's saved state.

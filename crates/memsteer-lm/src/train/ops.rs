@@ -22,33 +22,7 @@ const ROW_BLOCK: usize = 32;
 /// depends on the shapes only).
 const WEIGHT_TASKS: usize = 8;
 
-/// Layer norm of every row: `out = (x − mean)·rstd·g + b`, keeping `mean` and `rstd` for the backward.
-pub(crate) fn layer_norm_forward(
-    x: &[f32],
-    (g, b): (&[f32], &[f32]),
-    eps: f32,
-    out: &mut [f32],
-    mean: &mut [f32],
-    rstd: &mut [f32],
-) {
-    let d = g.len();
-    out.par_chunks_mut(ROW_BLOCK * d)
-        .zip(x.par_chunks(ROW_BLOCK * d))
-        .zip(mean.par_chunks_mut(ROW_BLOCK).zip(rstd.par_chunks_mut(ROW_BLOCK)))
-        .for_each(|((out, x), (mean, rstd))| {
-            for (((row, o), m), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(mean).zip(rstd) {
-                // The runtime's formulas, operation for operation.
-                let mu = row.iter().sum::<f32>() / d as f32;
-                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-                let inv = 1.0 / (var + eps).sqrt();
-                for i in 0..d {
-                    o[i] = (row[i] - mu) * inv * g[i] + b[i];
-                }
-                *m = mu;
-                *r = inv;
-            }
-        });
-}
+pub(crate) use crate::ops::layer_norm_stats as layer_norm_forward;
 
 /// Sums `f(block)` over fixed blocks of `ROW_BLOCK` rows, each giving `width` partial sums, and adds
 /// the partials to `acc` in block order.
@@ -122,11 +96,7 @@ pub(crate) fn linear_forward(
     din: usize,
     y: &mut [f32],
 ) -> Result<()> {
-    let dout = b.len();
-    match layout {
-        WeightLayout::OutputsMajor => matmul_transposed(&Device::Cpu, x, w, rows, din, dout, y)?,
-        WeightLayout::InputsMajor => matmul(&Device::Cpu, x, w, rows, din, dout, y)?,
-    }
+    crate::ops::linear(x, w, layout, (rows, din, b.len()), y)?;
     crate::ops::bias_act(y, b, None);
     Ok(())
 }
