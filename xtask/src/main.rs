@@ -506,7 +506,7 @@ fn counterfactual_truth(
     let mut covered = (0, 0);
     let mut err = (0.0, 0.0, 0usize);
     for &g in cohorts {
-        let mut series: Vec<memsteer_cli::plot::Series> = vec![
+        let mut series: Vec<memsteer_plot::Series> = vec![
             ("truth (retraining)".into(), Vec::new()),
             ("DiD".into(), Vec::new()),
             ("difference".into(), Vec::new()),
@@ -527,7 +527,7 @@ fn counterfactual_truth(
                 );
             }
         }
-        memsteer_cli::plot::series_figure(
+        memsteer_plot::series_figure(
             rd,
             &format!("truth-cohort-{g}"),
             &format!("Estimators against retraining, cohort {g} (medium model, cosine)"),
@@ -554,7 +554,7 @@ fn trained_figures(
     runs: &[(&str, &str, std::path::PathBuf)],
     report: &mut Vec<String>,
 ) -> Result<()> {
-    use memsteer_cli::plot::{Series, series_figure};
+    use memsteer_plot::{Series, series_figure};
     let summary = |rd: &std::path::Path| -> Result<serde_json::Value> {
         let p = rd.join("profile/summary.json");
         Ok(serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?)?)

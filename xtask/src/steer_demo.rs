@@ -567,11 +567,11 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         100.0 * scorer.held_out_accuracy,
         scorer.held_out_size
     ));
-    let series_of = |idx: &[usize]| -> Vec<memsteer_cli::plot::Series> {
+    let series_of = |idx: &[usize]| -> Vec<memsteer_plot::Series> {
         // The figures' font has no superscript T.
         idx.iter().map(|&i| (steers[i].0.replace('ᵀ', "^T"), curves[i].points.clone())).collect()
     };
-    memsteer_cli::plot::series_figure(
+    memsteer_plot::series_figure(
         dir,
         "positive-share",
         "Share of positive continuations against steer strength",
@@ -587,7 +587,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             .chain(transfer_rows.iter().filter(|r| r.0 == from_name && r.1 == to_name).map(|r| r.4))
             .collect();
         let name = format!("transfer-{from_name}-to-{to_name}");
-        memsteer_cli::plot::series_figure(
+        memsteer_plot::series_figure(
             dir,
             &name,
             &format!("A steer moved to another model: {from_name} → {to_name}"),

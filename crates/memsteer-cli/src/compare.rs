@@ -105,7 +105,7 @@ pub fn run(args: &CompareArgs) -> Result<CompareOutcome> {
             Ok(())
         })
         .with_context(|| format!("writing {}", csv.display()))?;
-        crate::plot::correlation_figures(&outcome.labels, &outcome.matrix, dir)?;
+        memsteer_plot::correlation_figures(&outcome.labels, &outcome.matrix, dir)?;
     }
     Ok(outcome)
 }

@@ -262,10 +262,10 @@ pub fn reproduce_figures(out: &std::path::Path, quick: bool) -> Result<Vec<std::
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let mut files = Vec::new();
     let ill = memsteer_hmm::theorem2::illustrate(&Theorem2Config::default(), 2)?;
-    files.extend(crate::plot::theorem2_figures(out, &ill)?);
+    files.extend(memsteer_plot::theorem2_figures(out, &ill)?);
     let sizes = if quick { vec![10, 30, 100, 300, 1000] } else { vec![10, 30, 100, 300, 1000, 3000] };
     let curve = learn(&LearnArgs { seed: 1, samples: sizes, steps: 100, json: false })?;
-    files.extend(crate::plot::learned_steer_figures(out, &curve)?);
+    files.extend(memsteer_plot::learned_steer_figures(out, &curve)?);
 
     for (name, shift, title) in [
         ("estimator-vs-truth", 0.0, "Synthetic training run: estimates vs exact counterfactual memorisation"),
@@ -307,7 +307,7 @@ pub fn reproduce_figures(out: &std::path::Path, quick: bool) -> Result<Vec<std::
         let truth: Vec<(i64, f64)> =
             acc.into_iter().filter(|(_, (_, n))| *n > 0.0).map(|(e, (s, n))| (e, s / n)).collect();
         let alpha = ProfileConfig::default().alpha;
-        files.extend(crate::plot::estimator_vs_truth_figures(
+        files.extend(memsteer_plot::estimator_vs_truth_figures(
             out,
             name,
             title,

@@ -5,7 +5,6 @@
 pub mod compare;
 pub mod hmm;
 pub mod logprobs;
-pub mod plot;
 pub mod profile;
 mod progress;
 pub mod steer;

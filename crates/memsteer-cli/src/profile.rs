@@ -288,11 +288,7 @@ fn with_cli_context(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// `(1 − α)` as a percentage label: `95%` for α = 0.05, `97.5%` for α = 0.025.
-pub fn level_label(alpha: f64) -> String {
-    let pct = ((1.0 - alpha) * 100.0 * 1000.0).round() / 1000.0;
-    format!("{pct}%")
-}
+pub use memsteer_plot::level_label;
 
 /// What `summary.json` holds.
 #[derive(Debug, Serialize)]
@@ -415,7 +411,7 @@ pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
 
     if !args.no_figures {
         bar.spin("figures");
-        files.extend(crate::plot::profile_figures(&profile, &out_dir, args.mark_step, cfg.alpha)?);
+        files.extend(memsteer_plot::profile_figures(&profile, &out_dir, args.mark_step, cfg.alpha)?);
     }
     memsteer_did::Progress::finish(&bar);
     if !args.quiet {

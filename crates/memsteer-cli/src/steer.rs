@@ -1778,7 +1778,7 @@ pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
             "builtin-sentiment" => "mean P(positive), built-in scorer",
             _ => "mean style score",
         };
-        crate::plot::steer_eval_figure(plot, &points, y_desc)?;
+        memsteer_plot::steer_eval_figure(plot, &points, y_desc)?;
         eprintln!("wrote {}", plot.display());
     }
     Ok(report)

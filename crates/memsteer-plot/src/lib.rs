@@ -1,5 +1,6 @@
-//! Figures: the profile heat map, the path with its bands, and profile correlation matrices.
-//! Each is written as SVG and PNG, atomically. Text uses the bundled DejaVu Sans.
+//! memsteer's figures: the profile heat map, the path with its bands, profile correlation matrices,
+//! and the LM-Steer and HMM curves, for the CLI, xtask and (later) Python. Each is written as SVG and
+//! PNG, atomically. Text uses the bundled DejaVu Sans.
 
 use std::path::{Path, PathBuf};
 use std::sync::Once;
@@ -9,6 +10,12 @@ use memsteer_did::Profile;
 use memsteer_did::compare::Correlation;
 use plotters::coord::Shift;
 use plotters::prelude::*;
+
+/// `(1 − α)` as a percentage label: `95%` for α = 0.05, `97.5%` for α = 0.025.
+pub fn level_label(alpha: f64) -> String {
+    let pct = ((1.0 - alpha) * 100.0 * 1000.0).round() / 1000.0;
+    format!("{pct}%")
+}
 
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 static REGISTER: Once = Once::new();
@@ -100,7 +107,7 @@ fn err<E: std::fmt::Debug>(what: &str) -> impl Fn(E) -> anyhow::Error + '_ {
 /// Writes `profile.svg/png` (heat map of significant cells) and `path.svg/png`.
 /// Intervals and bands are labelled with their level `1 − alpha`.
 pub fn profile_figures(profile: &Profile, dir: &Path, mark_step: Option<u64>, alpha: f64) -> Result<Vec<PathBuf>> {
-    let level = crate::profile::level_label(alpha);
+    let level = level_label(alpha);
     let mut files =
         with_backends!(dir, "profile", (1000, 760), |root| { draw_profile(&root, profile, mark_step, &level) })?;
     files.extend(with_backends!(dir, "path", (1000, 560), |root| { draw_path(&root, profile, &level) })?);
@@ -357,7 +364,7 @@ pub fn estimator_vs_truth_figures(
     difference: &[memsteer_did::PathEstimate],
     alpha: f64,
 ) -> Result<Vec<PathBuf>> {
-    let level = crate::profile::level_label(alpha);
+    let level = level_label(alpha);
     with_backends!(dir, name, (1000, 560), |root| {
         draw_estimator_vs_truth(&root, title, truth, did, difference, &level)
     })
