@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use memsteer_kernels::Device;
-use memsteer_lm::Model;
+
 use memsteer_panel::write_atomic;
 
 /// Arguments of `memsteer logprobs` (GPT-2 and GPT-NeoX checkpoints).
@@ -47,32 +47,6 @@ pub struct LogprobsArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
-}
-
-/// A checkpoint loaded where it is scored (one per run: the variants' sizes do not matter).
-#[allow(clippy::large_enum_variant)]
-enum Scorer {
-    Cpu(Model),
-    #[cfg(feature = "cuda")]
-    Gpu(memsteer_lm::gpu::GpuModel),
-}
-
-impl Scorer {
-    fn load(dir: &Path, device: &Device) -> memsteer_lm::Result<Self> {
-        match device {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => Ok(Scorer::Gpu(memsteer_lm::gpu::GpuModel::load(dir, device)?)),
-            _ => Ok(Scorer::Cpu(Model::load(dir)?)),
-        }
-    }
-
-    fn token_log_probs_batch(&self, seqs: &[&[u32]]) -> memsteer_lm::Result<Vec<Vec<f32>>> {
-        match self {
-            Scorer::Cpu(m) => m.token_log_probs_batch(seqs),
-            #[cfg(feature = "cuda")]
-            Scorer::Gpu(m) => m.token_log_probs_batch(seqs),
-        }
-    }
 }
 
 /// One instance to score (or to train on, in `memsteer train`).
@@ -339,8 +313,8 @@ pub fn run(a: &LogprobsArgs) -> Result<LogprobsOutcome> {
     let start = Instant::now();
     for (step, dir) in &todo {
         bar.set_prefix(format!("step {step}"));
-        let model =
-            Scorer::load(dir, &device).with_context(|| format!("loading checkpoint {step} from {}", dir.display()))?;
+        let model = memsteer_lm::DeviceModel::load(dir, &device)
+            .with_context(|| format!("loading checkpoint {step} from {}", dir.display()))?;
         let mut outcomes = Vec::with_capacity(mine.len());
         let mut token_lps: Vec<Vec<f32>> = Vec::new();
         for batch in mine.chunks(a.batch_size) {

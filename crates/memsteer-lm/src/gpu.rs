@@ -463,13 +463,17 @@ impl<'a> Profile<'a> {
 #[derive(Debug)]
 pub struct GpuDecoder {
     cpu: crate::Model,
-    gpu: GpuModel,
+    gpu: Arc<GpuModel>,
 }
 
 impl GpuDecoder {
     /// Loads `dir` on the CPU and onto `device`.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        Ok(Self { cpu: crate::Model::load(dir)?, gpu: GpuModel::load(dir, device)? })
+        Ok(Self { cpu: crate::Model::load(dir)?, gpu: Arc::new(GpuModel::load(dir, device)?) })
+    }
+    /// The two halves of one checkpoint, loaded by the caller.
+    pub fn new(cpu: crate::Model, gpu: Arc<GpuModel>) -> Self {
+        Self { cpu, gpu }
     }
     /// The device half.
     pub fn gpu(&self) -> &GpuModel {

@@ -25,6 +25,7 @@ mod block;
 pub mod config;
 pub mod cpu;
 mod decoder;
+pub mod device;
 mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
@@ -36,6 +37,7 @@ pub mod weights;
 
 pub use cpu::Model;
 pub use decoder::Decoder;
+pub use device::DeviceModel;
 pub use error::{LmError, Result};
 pub use ops::KvCache;
 

@@ -43,6 +43,7 @@ pub mod eval;
 pub mod evidence;
 pub mod explain;
 pub mod fused;
+pub mod generate;
 mod linalg;
 mod steer;
 mod train;

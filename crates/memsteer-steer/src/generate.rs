@@ -1,0 +1,209 @@
+//! Steered generation: steers with their strengths applied to the last hidden state, sampling from
+//! seeded generators, either with a KV cache one token at a time (the CPU's strength) or by whole-
+//! sequence forward passes over every stream at once (a GPU's), with the same tokens either way.
+
+use memsteer_kernels::{Device, ResidentMatrix, matmul_transposed};
+use memsteer_lm::sample::{SamplingConfig, sample};
+use memsteer_lm::{Decoder, KvCache};
+use memsteer_panel::rng::SplitMix64;
+
+use crate::{Result, Steer, SteerError};
+
+/// Steers loaded for one model with the strengths of every steer (dummy at 1).
+#[derive(Debug, Clone, Default)]
+pub struct SteerSet {
+    steers: Vec<(Steer, Vec<f32>)>,
+}
+
+impl SteerSet {
+    /// Steers and the strengths of each (as [`Steer::strengths`] gives them, dummy included).
+    pub fn new(steers: Vec<(Steer, Vec<f32>)>) -> Self {
+        Self { steers }
+    }
+
+    /// Whether no steer is applied.
+    pub fn is_empty(&self) -> bool {
+        self.steers.is_empty()
+    }
+
+    /// `h' = h + Σ_files (project_f(h) − h)`, i.e. every file's `ε Σ_s v_s (h P1_s) P2_sᵀ` added to `h`.
+    pub fn apply(&self, h: &[f32]) -> Result<Vec<f32>> {
+        let mut out = h.to_vec();
+        for (steer, strengths) in &self.steers {
+            let p = steer.project(h, strengths)?;
+            for ((o, &pi), &hi) in out.iter_mut().zip(&p).zip(h) {
+                *o += pi - hi;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A continuation of `prompt` by `max_new` tokens with a KV cache, the steers applied to every
+/// step's last hidden state, sampled from a generator seeded by `seed`.
+pub fn steered_continuation(
+    decoder: &dyn Decoder,
+    set: &SteerSet,
+    prompt: &[u32],
+    max_new: usize,
+    cfg: &SamplingConfig,
+    seed: u64,
+) -> Result<Vec<u32>> {
+    let mut rng = SplitMix64::new(seed);
+    let (d, vocab) = (decoder.dim(), decoder.vocab());
+    let mut cache = KvCache::new();
+    let mut out = Vec::with_capacity(max_new);
+    let mut input: Vec<u32> = prompt.to_vec();
+    let mut logits = vec![0.0f32; vocab];
+    while out.len() < max_new {
+        let hidden = decoder.forward(&input, &mut cache)?;
+        let last = &hidden[hidden.len() - d..];
+        if set.is_empty() {
+            matmul_transposed(&Device::Cpu, last, decoder.output_embedding(), 1, d, vocab, &mut logits)?;
+        } else {
+            let h = set.apply(last)?;
+            matmul_transposed(&Device::Cpu, &h, decoder.output_embedding(), 1, d, vocab, &mut logits)?;
+        }
+        let next = sample(&logits, cfg, rng.uniform())
+            .map_err(|e| SteerError::Input(format!("step {}: {e}", out.len())))? as u32;
+        out.push(next);
+        input.clear();
+        input.push(next);
+    }
+    Ok(out)
+}
+
+/// Tokens of one whole-sequence forward pass of [`batched_continuations`] (bounds device memory), and
+/// streams per logits product (`streams × vocab` values at once).
+pub const BATCH_LIMITS: (usize, usize) = (1 << 16, 256);
+
+/// Every continuation at once, for a decoder whose strength is whole-sequence forward passes (the GPU):
+/// each step runs one packed forward pass (`forward_packed(…, None)`, no KV cache) over every stream's
+/// tokens so far, steers each stream's last hidden state on the host as [`steered_continuation`] does,
+/// computes the logits on `device` and samples each stream from its own generator seeded by `seeds`.
+/// `(max_rows, max_logits)`: tokens per forward pass (a longer single stream still goes alone) and
+/// streams per logits product.
+/// With the same decoder numbers it gives [`steered_continuation`]'s tokens (tested on the CPU).
+/// Recomputing the prefix makes a step cost the whole sequence: right for the short continuations of
+/// steer evaluations, not for long ones.
+pub fn batched_continuations(
+    decoder: &dyn Decoder,
+    device: &Device,
+    set: &SteerSet,
+    prompts: &[&[u32]],
+    (seeds, name): (&[u64], &(dyn Fn(usize) -> String + Sync)),
+    (max_new, cfg): (usize, &SamplingConfig),
+    (max_rows, max_logits): (usize, usize),
+) -> Result<Vec<Vec<u32>>> {
+    let (d, vocab) = (decoder.dim(), decoder.vocab());
+    let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
+    let mut rngs: Vec<_> = seeds.iter().map(|&s| SplitMix64::new(s)).collect();
+    let mut logits = Vec::new();
+    // The output embedding stays on the device across steps.
+    let embedding = ResidentMatrix::new(device, decoder.output_embedding(), vocab, d)?;
+    for _ in 0..max_new {
+        let mut start = 0;
+        while start < seqs.len() {
+            // The next group of streams: at least one, at most max_rows tokens otherwise.
+            let (mut end, mut rows) = (start + 1, seqs[start].len());
+            while end < seqs.len() && rows + seqs[end].len() <= max_rows {
+                rows += seqs[end].len();
+                end += 1;
+            }
+            let refs: Vec<&[u32]> = seqs[start..end].iter().map(Vec::as_slice).collect();
+            let hidden = decoder.forward_packed(&refs, None)?;
+            let mut last = Vec::with_capacity(refs.len() * d);
+            let mut at = 0;
+            for s in &refs {
+                at += s.len();
+                let row = &hidden[(at - 1) * d..at * d];
+                if set.is_empty() {
+                    last.extend_from_slice(row);
+                } else {
+                    last.extend(set.apply(row)?);
+                }
+            }
+            for (c, rows) in last.chunks(max_logits.max(1) * d).enumerate() {
+                let n = rows.len() / d;
+                logits.resize(n * vocab, 0.0);
+                embedding.matmul_transposed(rows, n, &mut logits)?;
+                for (i, l) in logits.chunks(vocab).enumerate() {
+                    let k = start + c * max_logits.max(1) + i;
+                    let step = seqs[k].len() - prompts[k].len();
+                    let next = sample(l, cfg, rngs[k].uniform())
+                        .map_err(|e| SteerError::Input(format!("{}, step {step}: {e}", name(k))))?;
+                    seqs[k].push(next as u32);
+                }
+            }
+            start = end;
+        }
+    }
+    Ok(seqs.into_iter().zip(prompts).map(|(s, p)| s[p.len()..].to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The batched path (what `--device cuda` runs) and the cached per-sample path give the same
+    /// tokens from the same decoder and seeds: prompts of different lengths, several in one group and
+    /// groups split by the row budget, with and without a steer, sampled and greedy.
+    #[test]
+    fn batched_continuations_equal_cached_decoding() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm/tiny-gpt2-f32");
+        let model = memsteer_lm::Model::load(&dir).unwrap();
+        let dec = model.decoder();
+        let (d, vocab) = (dec.dim(), dec.vocab());
+        let mut rng = SplitMix64::new(5);
+        let prompts: Vec<Vec<u32>> =
+            [1usize, 3, 7, 2, 5].iter().map(|&n| (0..n).map(|_| rng.below(vocab as u64) as u32).collect()).collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let seeds: Vec<u64> = (0..prompts.len() as u64).map(|i| 100 + i).collect();
+        let rank = 2;
+        let p: Vec<f32> = (0..2 * 2 * d * rank).map(|_| rng.normal() as f32).collect();
+        let spec = crate::SteerSpec {
+            num_steers: 2,
+            hidden_size: d,
+            rank,
+            vocab_size: vocab,
+            epsilon: 0.5,
+            embedding_fingerprint: crate::embedding_fingerprint(dec.output_embedding()),
+            labels: vec!["x".into()],
+        };
+        let steer =
+            Steer::new(spec, p[..2 * d * rank].to_vec(), p[2 * d * rank..].to_vec(), serde_json::json!({})).unwrap();
+        let strengths = steer.strengths(&[-2.0]).unwrap();
+        for (set, temperature) in [
+            (SteerSet::new(Vec::new()), 1.0),
+            (SteerSet::new(vec![(steer.clone(), strengths.clone())]), 1.0),
+            (SteerSet::new(vec![(steer.clone(), strengths.clone())]), 0.0),
+        ] {
+            let cfg = SamplingConfig { temperature, top_k: None, top_p: None };
+            let want: Vec<Vec<u32>> = refs
+                .iter()
+                .zip(&seeds)
+                .map(|(prompt, &seed)| steered_continuation(dec, &set, prompt, 6, &cfg, seed).unwrap())
+                .collect();
+            // One group and one logits product; groups of a few streams (and a long stream alone) and
+            // logits two streams at a time.
+            for limits in [BATCH_LIMITS, (12, 2)] {
+                let batched = batched_continuations(
+                    dec,
+                    &Device::Cpu,
+                    &set,
+                    &refs,
+                    (&seeds, &|k| format!("stream {k}")),
+                    (6, &cfg),
+                    limits,
+                )
+                .unwrap();
+                assert_eq!(batched, want, "temperature {temperature}, limits {limits:?}");
+            }
+            let batched = want;
+            // Different streams draw different tokens (the comparison is not between constants).
+            if temperature > 0.0 {
+                assert!(batched.iter().any(|b| b != &batched[0]));
+            }
+        }
+    }
+}
