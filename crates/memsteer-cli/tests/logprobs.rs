@@ -350,3 +350,42 @@ fn text_instances_through_an_nfc_tokenizer_give_the_reference_log_probs() {
         }
     }
 }
+
+/// Checkpoints of the Llama family score to transformers' log-probabilities through `memsteer logprobs`:
+/// a Llama with grouped-query attention, a Mistral whose sliding window is shorter than the sequences,
+/// a Qwen3 with q/k norms (the goldens of `fixtures/lm/make_tiny_llama.py`).
+#[test]
+fn llama_family_checkpoints_give_the_reference_log_probs() {
+    for name in ["tiny-llama-gqa", "tiny-mistral-window", "tiny-qwen3"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let model_dir = fixture(&format!("lm/{name}"));
+        let golden: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model_dir.join("golden.json")).expect("golden"))
+                .expect("json");
+        let seqs: Vec<&serde_json::Value> = golden["sequences"]
+            .as_array()
+            .expect("seqs")
+            .iter()
+            .filter(|g| g["tokens"].as_array().expect("t").len() > 1)
+            .collect();
+        let lines: Vec<String> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, g)| {
+                serde_json::json!({"id": format!("s{i}"), "treatment_step": 1, "tokens": g["tokens"]}).to_string()
+            })
+            .collect();
+        let instances = dir.path().join("i.jsonl");
+        std::fs::write(&instances, lines.join("\n") + "\n").expect("write");
+        let out = dir.path().join("p.csv");
+        let ckpts = [format!("0={}", s(&model_dir))];
+        ok(&args(&ckpts, &instances, &out, &["--batch-size", "2"]));
+        let panel = std::fs::read_to_string(&out).expect("panel");
+        for (i, g) in seqs.iter().enumerate() {
+            let want = g["sequence_log_prob"].as_f64().expect("lp");
+            let row = panel.lines().find(|l| l.starts_with(&format!("s{i},1,0,"))).expect("row");
+            let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
+            assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{name} s{i}: {got} vs {want}");
+        }
+    }
+}

@@ -577,3 +577,90 @@ fn steer_detect_recovers_the_generating_strength() {
     assert!(e.contains("--max-new-tokens") && e.contains("context"), "{e}");
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
+
+/// The Llama family through every layer of `steer`: on a tiny Llama (grouped-query attention) and a
+/// tiny Qwen2 (q/k/v biases, tied head), a steer trained on the planted task moves the planted share
+/// monotonically with strength.
+#[test]
+fn steers_move_the_planted_share_on_llama_and_qwen2() {
+    for model in ["lm/tiny-llama-gqa", "lm/tiny-qwen2"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |name: &str, planted: std::ops::Range<u32>, seed: u64| {
+            let mut rng = memsteer_panel::rng::SplitMix64::new(seed);
+            let lines: String = (0..24)
+                .map(|_| {
+                    let t: Vec<u32> = (0..16)
+                        .map(|_| {
+                            if rng.uniform() < 0.5 {
+                                planted.start + rng.below(u64::from(planted.end - planted.start)) as u32
+                            } else {
+                                40 + rng.below(56) as u32
+                            }
+                        })
+                        .collect();
+                    format!("{{\"tokens\": {t:?}}}\n")
+                })
+                .collect();
+            let p = dir.path().join(name);
+            std::fs::write(&p, lines).expect("corpus");
+            p
+        };
+        let (pos, neg) = (write("pos.jsonl", POSITIVE, 1), write("neg.jsonl", NEGATIVE, 2));
+        let prompts = dir.path().join("prompts.jsonl");
+        std::fs::write(&prompts, "{\"id\": \"a\", \"tokens\": [50, 51, 52]}\n{\"id\": \"b\", \"tokens\": [70]}\n")
+            .expect("prompts");
+        let steer = dir.path().join("steer.safetensors");
+        let m = fixture(model);
+        ok(&[
+            "steer",
+            "train",
+            "--model",
+            s(&m),
+            "--positive",
+            s(&pos),
+            "--negative",
+            s(&neg),
+            "--out",
+            s(&steer),
+            "--rank",
+            "4",
+            "--steps",
+            "300",
+            "--lr",
+            "0.1",
+            "--epsilon",
+            "10",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+        ]);
+        let shares: Vec<f64> = ["-3", "0", "3"]
+            .iter()
+            .map(|v| {
+                let out = dir.path().join(format!("g{v}.jsonl"));
+                ok(&[
+                    "steer",
+                    "generate",
+                    "--model",
+                    s(&m),
+                    "--prompts",
+                    s(&prompts),
+                    "--samples",
+                    "8",
+                    "--max-new-tokens",
+                    "20",
+                    "--seed",
+                    "7",
+                    "--steer",
+                    &format!("{}:{v}", s(&steer)),
+                    "--out",
+                    s(&out),
+                ]);
+                share(&generations(&out), POSITIVE) - share(&generations(&out), NEGATIVE)
+            })
+            .collect();
+        eprintln!("{model}: positive − negative share at -3, 0, 3: {shares:?}");
+        assert!(shares[0] <= shares[1] && shares[1] <= shares[2] && shares[2] > shares[0] + 0.1, "{model}: {shares:?}");
+    }
+}

@@ -8,7 +8,8 @@
 
 use std::path::Path;
 
-use crate::config::{Activation, ModelConfig};
+pub use crate::config::RopeScaling;
+use crate::config::{Activation, LlamaFamily, ModelConfig};
 use crate::{LmError, Result};
 
 /// The checkpoint families this runtime reads.
@@ -20,6 +21,9 @@ pub enum Family {
     Gpt2,
     /// GPT-NeoX (`GPTNeoXForCausalLM`, as Pythia).
     GptNeoX,
+    /// The Llama family (`LlamaForCausalLM` and its relatives: Mistral, Qwen 2, Qwen 3): separate q, k, v
+    /// projections (fused at load), RMSNorm, SwiGLU.
+    Llama(LlamaFamily),
 }
 
 /// How positions enter the model.
@@ -33,6 +37,12 @@ pub enum Positions {
         dims: usize,
         /// Base of the inverse frequencies.
         base: f64,
+        /// Scaling of the frequencies.
+        scaling: RopeScaling,
+        /// Angles as transformers computes them for this family: frequencies and `position ×
+        /// frequency` in `f32` (Llama's family), rather than in `f64` (GPT-NeoX, whose goldens and
+        /// bit-identical outputs predate this).
+        f32_angles: bool,
     },
 }
 
@@ -44,6 +54,20 @@ pub enum Norm {
         /// Epsilon.
         eps: f32,
     },
+    /// `x / √(mean(x²) + eps) · g` (no mean, no bias).
+    RmsNorm {
+        /// Epsilon.
+        eps: f32,
+    },
+}
+
+/// The MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mlp {
+    /// `down(act(up(x)))`.
+    Plain(Activation),
+    /// `down(silu(gate(x)) · up(x))` (SwiGLU).
+    SwiGlu,
 }
 
 /// Where the MLP reads the residual stream.
@@ -53,6 +77,22 @@ pub enum Residual {
     Sequential,
     /// `x += attn(n1 x) + mlp(n2 x)` (GPT-J, Pythia).
     Parallel,
+}
+
+/// Which projections carry biases (norms have one exactly when they are layer norms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Biases {
+    /// The q, k and v projections.
+    pub qkv: bool,
+    /// The attention output projection.
+    pub attn_out: bool,
+    /// The MLP's projections.
+    pub mlp: bool,
+}
+
+impl Biases {
+    /// Biases everywhere (GPT-2, GPT-NeoX).
+    pub const ALL: Biases = Biases { qkv: true, attn_out: true, mlp: true };
 }
 
 /// The row layout of the fused query/key/value projection.
@@ -104,6 +144,8 @@ pub struct Arch {
     pub layers: usize,
     /// Attention heads.
     pub heads: usize,
+    /// Key/value heads (grouped-query attention: `heads / kv_heads` query heads share each).
+    pub kv_heads: usize,
     /// Dimensions per head.
     pub head_dim: usize,
     /// MLP width.
@@ -114,8 +156,14 @@ pub struct Arch {
     pub norm: Norm,
     /// Residual placement.
     pub residual: Residual,
-    /// MLP activation.
-    pub activation: Activation,
+    /// The MLP.
+    pub mlp: Mlp,
+    /// Per-head RMSNorm of queries and keys before rotary (Qwen 3).
+    pub qk_norm: bool,
+    /// Which projections carry biases.
+    pub biases: Biases,
+    /// Each query sees at most this many keys, itself included (a sliding window).
+    pub window: Option<usize>,
     /// Fused QKV row layout.
     pub qkv: QkvLayout,
     /// Linear weight storage.
@@ -148,6 +196,12 @@ pub enum LayerSlot {
     Up(Part),
     /// The MLP's second projection.
     Down(Part),
+    /// The gate projection of a gated MLP.
+    Gate(Part),
+    /// The per-head norm of the queries.
+    QNorm,
+    /// The per-head norm of the keys.
+    KNorm,
 }
 
 /// Where a tensor goes in the description.
@@ -166,7 +220,9 @@ pub enum Slot {
 }
 
 /// One tensor of a checkpoint: its slot, its Hugging Face names (the first is the one written; the
-/// others are accepted alternatives), and its shape as stored.
+/// others are accepted alternatives), and its shape as stored. Several tensors may fill one slot as
+/// `piece`s, concatenated along their first dimension in order (the Llama family's q, k and v
+/// projections fill the fused QKV slot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorSpec {
     /// Slot.
@@ -175,6 +231,8 @@ pub struct TensorSpec {
     pub names: Vec<String>,
     /// Shape as stored.
     pub shape: Vec<usize>,
+    /// `(k, n)`: piece `k` of the `n` this slot is made of (`(0, 1)` for a whole tensor).
+    pub piece: (usize, usize),
 }
 
 impl TensorSpec {
@@ -184,8 +242,13 @@ impl TensorSpec {
     }
 }
 
-/// A weight and a bias.
-pub type Affine<T> = (T, T);
+/// A weight and, when the architecture has one, a bias.
+pub type Affine<T> = (T, Option<T>);
+
+/// The bias of `a`, which the architecture at hand always has (an internal error otherwise).
+pub fn bias<T>(a: &Affine<T>) -> Result<&T> {
+    a.1.as_ref().ok_or_else(|| LmError::Input("internal: a bias this backend needs is missing".into()))
+}
 
 /// The tensors of one layer, in whatever a backend stores.
 #[derive(Debug, Clone)]
@@ -202,6 +265,10 @@ pub struct LayerTensors<T> {
     pub up: Affine<T>,
     /// MLP second projection.
     pub down: Affine<T>,
+    /// The gate projection of a gated MLP.
+    pub gate: Option<Affine<T>>,
+    /// Per-head norm weights of queries and keys.
+    pub qk_norm: Option<(T, T)>,
 }
 
 /// Every tensor of a model, in whatever a backend stores (host `Vec<f32>`, device buffers, ranges of
@@ -243,12 +310,16 @@ impl Arch {
                 dim: c.n_embd,
                 layers: c.n_layer,
                 heads: c.n_head,
+                kv_heads: c.n_head,
                 head_dim: c.n_embd / c.n_head,
                 inner: c.n_inner,
                 positions: Positions::Learned,
                 norm: Norm::LayerNorm { eps: c.layer_norm_epsilon },
                 residual: Residual::Sequential,
-                activation: c.activation,
+                mlp: Mlp::Plain(c.activation),
+                qk_norm: false,
+                biases: Biases::ALL,
+                window: None,
                 qkv: QkvLayout::Blocked,
                 weights: WeightLayout::InputsMajor,
                 tied: c.tie_word_embeddings,
@@ -262,34 +333,74 @@ impl Arch {
                     dim: c.hidden_size,
                     layers: c.num_hidden_layers,
                     heads: c.num_attention_heads,
+                    kv_heads: c.num_attention_heads,
                     head_dim,
                     inner: c.intermediate_size,
                     positions: Positions::Rotary {
                         dims: ((head_dim as f64) * c.rotary_pct) as usize / 2 * 2,
                         base: c.rotary_base,
+                        scaling: RopeScaling::None,
+                        f32_angles: false,
                     },
                     norm: Norm::LayerNorm { eps: c.layer_norm_eps },
                     residual: if c.use_parallel_residual { Residual::Parallel } else { Residual::Sequential },
-                    activation: c.activation,
+                    mlp: Mlp::Plain(c.activation),
+                    qk_norm: false,
+                    biases: Biases::ALL,
+                    window: None,
                     qkv: QkvLayout::PerHead,
                     weights: WeightLayout::OutputsMajor,
                     tied: c.tie_word_embeddings,
                 }
             }
+            ModelConfig::Llama(c) => Arch {
+                family: Family::Llama(c.family),
+                vocab: c.vocab_size,
+                context: c.max_position_embeddings,
+                dim: c.hidden_size,
+                layers: c.num_hidden_layers,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                inner: c.intermediate_size,
+                positions: Positions::Rotary {
+                    dims: c.head_dim,
+                    base: c.rope_theta,
+                    scaling: c.rope_scaling,
+                    f32_angles: true,
+                },
+                norm: Norm::RmsNorm { eps: c.rms_norm_eps },
+                residual: Residual::Sequential,
+                mlp: Mlp::SwiGlu,
+                qk_norm: c.family == LlamaFamily::Qwen3,
+                biases: Biases { qkv: c.qkv_bias, attn_out: c.o_bias, mlp: c.mlp_bias },
+                window: c.sliding_window,
+                qkv: QkvLayout::Blocked,
+                weights: WeightLayout::OutputsMajor,
+                tied: c.tie_word_embeddings,
+            },
         }
     }
 
-    /// Width of the fused QKV projection.
+    /// Width of the attention's output (all query heads).
+    pub fn attn_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Width of the fused QKV projection (query heads, then key and value heads).
     pub fn qkv_width(&self) -> usize {
-        3 * self.heads * self.head_dim
+        (self.heads + 2 * self.kv_heads) * self.head_dim
     }
 
     /// Where heads sit in a row of the fused QKV projection.
     pub fn qkv_offsets(&self) -> QkvOffsets {
-        let (d, hd) = (self.heads * self.head_dim, self.head_dim);
+        let hd = self.head_dim;
+        let row = self.qkv_width();
         match self.qkv {
-            QkvLayout::Blocked => QkvOffsets { row: 3 * d, q: 0, k: d, v: 2 * d, head: hd },
-            QkvLayout::PerHead => QkvOffsets { row: 3 * d, q: 0, k: hd, v: 2 * hd, head: 3 * hd },
+            QkvLayout::Blocked => {
+                QkvOffsets { row, q: 0, k: self.heads * hd, v: (self.heads + self.kv_heads) * hd, head: hd }
+            }
+            QkvLayout::PerHead => QkvOffsets { row, q: 0, k: hd, v: 2 * hd, head: 3 * hd },
         }
     }
 
@@ -301,11 +412,21 @@ impl Arch {
         }
     }
 
+    /// The plain MLP's activation (`None` for a gated MLP).
+    pub fn activation(&self) -> Option<Activation> {
+        match self.mlp {
+            Mlp::Plain(a) => Some(a),
+            Mlp::SwiGlu => None,
+        }
+    }
+
     /// Every tensor of a checkpoint of this architecture, in the order Hugging Face writes them.
     pub fn tensors(&self) -> Vec<TensorSpec> {
         let (d, inner, v) = (self.dim, self.inner, self.vocab);
         let mut out = Vec::new();
-        let mut push = |slot: Slot, names: Vec<String>, shape: Vec<usize>| out.push(TensorSpec { slot, names, shape });
+        let mut push = |slot: Slot, names: Vec<String>, shape: Vec<usize>| {
+            out.push(TensorSpec { slot, names, shape, piece: (0, 1) })
+        };
         use LayerSlot::*;
         use Part::*;
         match self.family {
@@ -353,63 +474,149 @@ impl Arch {
                     push(Slot::Head, vec!["embed_out.weight".into(), "lm_head.weight".into()], vec![v, d]);
                 }
             }
+            Family::Llama(_) => return self.llama_tensors(),
+        }
+        out
+    }
+
+    /// The Llama family's tensor table: the q, k and v projections (and their biases) are the three
+    /// pieces of the fused QKV slot.
+    fn llama_tensors(&self) -> Vec<TensorSpec> {
+        use LayerSlot::*;
+        use Part::*;
+        let (d, inner, v, hd) = (self.dim, self.inner, self.vocab, self.head_dim);
+        let (a, kv) = (self.attn_dim(), self.kv_heads * hd);
+        let Biases { qkv: qkv_bias, attn_out: o_bias, mlp: mlp_bias } = self.biases;
+        let spec = |slot: Slot, name: String, shape: Vec<usize>, piece: (usize, usize)| TensorSpec {
+            slot,
+            names: vec![name],
+            shape,
+            piece,
+        };
+        let mut out = vec![spec(Slot::Embed, "model.embed_tokens.weight".into(), vec![v, d], (0, 1))];
+        for i in 0..self.layers {
+            let p = |n: &str| format!("model.layers.{i}.{n}");
+            let whole = |slot: LayerSlot, n: &str, shape: Vec<usize>| spec(Slot::Layer(i, slot), p(n), shape, (0, 1));
+            out.push(whole(Norm1(Weight), "input_layernorm.weight", vec![d]));
+            for (k, (name, rows)) in [("q_proj", a), ("k_proj", kv), ("v_proj", kv)].into_iter().enumerate() {
+                let w = p(&format!("self_attn.{name}.weight"));
+                out.push(spec(Slot::Layer(i, Qkv(Weight)), w, vec![rows, d], (k, 3)));
+                if qkv_bias {
+                    out.push(spec(Slot::Layer(i, Qkv(Bias)), p(&format!("self_attn.{name}.bias")), vec![rows], (k, 3)));
+                }
+            }
+            out.push(whole(AttnOut(Weight), "self_attn.o_proj.weight", vec![d, a]));
+            if o_bias {
+                out.push(whole(AttnOut(Bias), "self_attn.o_proj.bias", vec![d]));
+            }
+            if self.qk_norm {
+                out.push(whole(QNorm, "self_attn.q_norm.weight", vec![hd]));
+                out.push(whole(KNorm, "self_attn.k_norm.weight", vec![hd]));
+            }
+            out.push(whole(Norm2(Weight), "post_attention_layernorm.weight", vec![d]));
+            for (slot, name, shape) in [
+                (Gate as fn(Part) -> LayerSlot, "gate_proj", vec![inner, d]),
+                (Up, "up_proj", vec![inner, d]),
+                (Down, "down_proj", vec![d, inner]),
+            ] {
+                let rows = shape[0];
+                out.push(whole(slot(Weight), &format!("mlp.{name}.weight"), shape));
+                if mlp_bias {
+                    out.push(whole(slot(Bias), &format!("mlp.{name}.bias"), vec![rows]));
+                }
+            }
+        }
+        out.push(spec(Slot::FinalNorm(Weight), "model.norm.weight".into(), vec![d], (0, 1)));
+        if !self.tied {
+            out.push(spec(Slot::Head, "lm_head.weight".into(), vec![v, d], (0, 1)));
         }
         out
     }
 
     /// The one loader: calls `load` on every tensor of [`Arch::tensors`] (the layers first, so that a
-    /// checkpoint of the wrong depth or width is reported at its first layer) and places the results.
-    pub fn load_tensors<T>(&self, mut load: impl FnMut(&TensorSpec) -> Result<T>) -> Result<Tensors<T>> {
+    /// checkpoint of the wrong depth or width is reported at its first layer), joins the pieces of a
+    /// slot with `concat` (in order, along the first dimension), and places the results.
+    pub fn load_tensors<T>(
+        &self,
+        mut load: impl FnMut(&TensorSpec) -> Result<T>,
+        mut concat: impl FnMut(Vec<T>) -> Result<T>,
+    ) -> Result<Tensors<T>> {
         let specs = self.tensors();
-        let mut layers: Vec<[Option<T>; 12]> = (0..self.layers).map(|_| Default::default()).collect();
-        let (mut embed, mut positions, mut head, mut fw, mut fb) = (None, None, None, None, None);
+        let mut found: std::collections::HashMap<Slot, Vec<T>> = std::collections::HashMap::new();
         let layer_first = specs.iter().filter(|s| matches!(s.slot, Slot::Layer(..)));
         for spec in layer_first.chain(specs.iter().filter(|s| !matches!(s.slot, Slot::Layer(..)))) {
             let t = load(spec)?;
-            match spec.slot {
-                Slot::Embed => embed = Some(t),
-                Slot::Positions => positions = Some(t),
-                Slot::Head => head = Some(t),
-                Slot::FinalNorm(Part::Weight) => fw = Some(t),
-                Slot::FinalNorm(Part::Bias) => fb = Some(t),
-                Slot::Layer(i, s) => layers[i][layer_index(s)] = Some(t),
-            }
+            found.entry(spec.slot).or_default().push(t);
         }
+        let mut take = |slot: Slot| -> Result<Option<T>> {
+            match found.remove(&slot) {
+                None => Ok(None),
+                Some(mut pieces) if pieces.len() == 1 => Ok(pieces.pop()),
+                Some(pieces) => concat(pieces).map(Some),
+            }
+        };
         let missing = |what: &str| LmError::Input(format!("internal: the {what} tensor has no entry in the table"));
-        let layers = layers
-            .into_iter()
-            .map(|slots| {
-                let mut it = slots.into_iter();
-                let mut next = || it.next().flatten().ok_or_else(|| missing("layer"));
-                Ok(LayerTensors {
-                    norm1: (next()?, next()?),
-                    norm2: (next()?, next()?),
-                    qkv: (next()?, next()?),
-                    attn_out: (next()?, next()?),
-                    up: (next()?, next()?),
-                    down: (next()?, next()?),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensors {
-            embed: embed.ok_or_else(|| missing("embedding"))?,
-            positions,
-            layers,
-            final_norm: (fw.ok_or_else(|| missing("final norm"))?, fb.ok_or_else(|| missing("final norm"))?),
-            head,
-        })
+        use LayerSlot::*;
+        let mut layers = Vec::with_capacity(self.layers);
+        for i in 0..self.layers {
+            let mut affine = |s: fn(Part) -> LayerSlot, what: &str| -> Result<Option<Affine<T>>> {
+                match take(Slot::Layer(i, s(Part::Weight)))? {
+                    Some(w) => Ok(Some((w, take(Slot::Layer(i, s(Part::Bias)))?))),
+                    None if take(Slot::Layer(i, s(Part::Bias)))?.is_some() => Err(missing(what)),
+                    None => Ok(None),
+                }
+            };
+            let need = |a: Option<Affine<T>>, what: &str| a.ok_or_else(|| missing(what));
+            let norm1 = need(affine(Norm1, "norm")?, "norm")?;
+            let norm2 = need(affine(Norm2, "norm")?, "norm")?;
+            let qkv = need(affine(Qkv, "qkv")?, "qkv")?;
+            let attn_out = need(affine(AttnOut, "attention output")?, "attention output")?;
+            let up = need(affine(Up, "mlp")?, "mlp")?;
+            let down = need(affine(Down, "mlp")?, "mlp")?;
+            let gate = affine(Gate, "gate")?;
+            let qk_norm = match (take(Slot::Layer(i, QNorm))?, take(Slot::Layer(i, KNorm))?) {
+                (Some(q), Some(k)) => Some((q, k)),
+                (None, None) => None,
+                _ => return Err(missing("q/k norm")),
+            };
+            layers.push(LayerTensors { norm1, norm2, qkv, attn_out, up, down, gate, qk_norm });
+        }
+        let embed = take(Slot::Embed)?.ok_or_else(|| missing("embedding"))?;
+        let positions = take(Slot::Positions)?;
+        let head = take(Slot::Head)?;
+        let final_norm = (
+            take(Slot::FinalNorm(Part::Weight))?.ok_or_else(|| missing("final norm"))?,
+            take(Slot::FinalNorm(Part::Bias))?,
+        );
+        Ok(Tensors { embed, positions, layers, final_norm, head })
     }
 
-    /// `(cos, sin)` of every rotary angle for positions `from..to`, `(to − from) × dims/2` each:
-    /// angles in `f64`, rounded to `f32` (empty without rotary positions).
+    /// `(cos, sin)` of every rotary angle for positions `from..to`, `(to − from) × dims/2` each, empty
+    /// without rotary positions. GPT-NeoX: angles in `f64`, rounded to `f32`. The Llama family: as
+    /// transformers computes them, frequencies (scaled) rounded to `f32` and `position × frequency` in
+    /// `f32`, whose cosine and sine are then rounded to `f32` (at position 8,192 the `f32` product is off
+    /// by up to 5e-4 radians, and the model was trained and is evaluated with it).
     pub fn rotary_table(&self, (from, to): (usize, usize)) -> (Vec<f32>, Vec<f32>) {
-        let Positions::Rotary { dims, base } = self.positions else { return (Vec::new(), Vec::new()) };
+        let Positions::Rotary { dims, base, scaling, f32_angles } = self.positions else {
+            return (Vec::new(), Vec::new());
+        };
         let inv_freq: Vec<f64> = (0..dims / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dims as f64)).collect();
         let n = to.saturating_sub(from) * inv_freq.len();
         let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        if !f32_angles {
+            for pos in from..to {
+                for f in &inv_freq {
+                    let angle = pos as f64 * f;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+            return (cos, sin);
+        }
+        let inv_freq: Vec<f32> = inv_freq.iter().map(|&f| scaled_frequency(f as f32, scaling)).collect();
         for pos in from..to {
             for f in &inv_freq {
-                let angle = pos as f64 * f;
+                let angle = f64::from(pos as f32 * f);
                 cos.push(angle.cos() as f32);
                 sin.push(angle.sin() as f32);
             }
@@ -428,20 +635,29 @@ impl Arch {
     /// The norm's epsilon.
     pub fn norm_eps(&self) -> f32 {
         match self.norm {
-            Norm::LayerNorm { eps } => eps,
+            Norm::LayerNorm { eps } | Norm::RmsNorm { eps } => eps,
         }
     }
 }
 
-/// Position of a layer slot in [`LayerTensors`]' field order.
-fn layer_index(s: LayerSlot) -> usize {
-    let (base, part) = match s {
-        LayerSlot::Norm1(p) => (0, p),
-        LayerSlot::Norm2(p) => (2, p),
-        LayerSlot::Qkv(p) => (4, p),
-        LayerSlot::AttnOut(p) => (6, p),
-        LayerSlot::Up(p) => (8, p),
-        LayerSlot::Down(p) => (10, p),
-    };
-    base + usize::from(part == Part::Bias)
+/// A rotary frequency after `scaling`, as transformers' `_compute_llama3_parameters` and linear scaling
+/// compute it (in `f64` here from the `f32` frequency, rounded back to `f32`).
+fn scaled_frequency(f: f32, scaling: RopeScaling) -> f32 {
+    let f64f = f64::from(f);
+    match scaling {
+        RopeScaling::None => f,
+        RopeScaling::Linear { factor } => (f64f / factor) as f32,
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
+            let wavelen = 2.0 * std::f64::consts::PI / f64f;
+            let (low_wavelen, high_wavelen) = (original_context / low_freq_factor, original_context / high_freq_factor);
+            if wavelen > low_wavelen {
+                (f64f / factor) as f32
+            } else if wavelen < high_wavelen {
+                f
+            } else {
+                let smooth = (original_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                ((1.0 - smooth) * f64f / factor + smooth * f64f) as f32
+            }
+        }
+    }
 }

@@ -33,18 +33,22 @@ pub(crate) trait Backend {
     fn embed(&mut self, embed: &Self::W, positions: Option<&Self::W>) -> Result<Self::Act>;
     /// A norm of the residual stream `x`.
     fn norm(&mut self, x: &Self::Act, p: &Affine<Self::W>, site: NormSite) -> Result<Self::Act>;
-    /// The fused query/key/value projection of `h`, with its bias, and rotary positions applied.
+    /// The fused query/key/value projection of `h`, with its bias, the per-head q/k norms when the
+    /// architecture has them, and rotary positions applied.
     fn qkv(&mut self, h: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
     /// Causal attention of layer `index` (the backend knows the batch's layout and any cache).
     fn attention(&mut self, index: usize, qkv: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
     /// The attention output projection, without its bias.
     fn attention_out(&mut self, ctx: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
-    /// The MLP of `h`: up projection, bias, activation, down projection (without its bias).
+    /// The MLP of `h`: up projection, bias, activation (gated: `silu(gate(h)) · up(h)`), down
+    /// projection (without its bias).
     fn mlp(&mut self, h: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
-    /// `x += (a + bias_a)` and, when given, `+ (b + bias_b)`.
-    fn residual(&mut self, x: &mut Self::Act, a: (Self::Act, &Self::W), b: Option<(Self::Act, &Self::W)>)
-    -> Result<()>;
+    /// `x += (a + bias_a)` and, when given, `+ (b + bias_b)` (each bias when the architecture has it).
+    fn residual(&mut self, x: &mut Self::Act, a: Biased<'_, Self>, b: Option<Biased<'_, Self>>) -> Result<()>;
 }
+
+/// An activation and the bias still to be added to it.
+pub(crate) type Biased<'w, B> = (<B as Backend>::Act, Option<&'w <B as Backend>::W>);
 
 /// The forward pass of every architecture: embeddings, the blocks, the final norm; returns the final
 /// hidden states.
@@ -59,13 +63,13 @@ pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> 
             Residual::Parallel => {
                 let h = b.norm(&x, &l.norm2, NormSite::Mlp(i))?;
                 let mlp = b.mlp(h, l)?;
-                b.residual(&mut x, (attn, &l.attn_out.1), Some((mlp, &l.down.1)))?;
+                b.residual(&mut x, (attn, l.attn_out.1.as_ref()), Some((mlp, l.down.1.as_ref())))?;
             }
             Residual::Sequential => {
-                b.residual(&mut x, (attn, &l.attn_out.1), None)?;
+                b.residual(&mut x, (attn, l.attn_out.1.as_ref()), None)?;
                 let h = b.norm(&x, &l.norm2, NormSite::Mlp(i))?;
                 let mlp = b.mlp(h, l)?;
-                b.residual(&mut x, (mlp, &l.down.1), None)?;
+                b.residual(&mut x, (mlp, l.down.1.as_ref()), None)?;
             }
         }
     }

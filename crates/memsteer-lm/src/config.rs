@@ -71,6 +71,81 @@ pub struct NeoXConfig {
     pub activation: Activation,
 }
 
+/// The members of the Llama family this runtime reads (`model_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LlamaFamily {
+    /// `llama` (Llama 2, 3, 3.1, 3.2).
+    Llama,
+    /// `mistral`: a sliding attention window.
+    Mistral,
+    /// `qwen2` (Qwen 2, 2.5): biases on the q, k and v projections.
+    Qwen2,
+    /// `qwen3`: per-head RMSNorm of q and k before rotary.
+    Qwen3,
+}
+
+/// Rotary scaling (`rope_scaling`, or transformers 5's `rope_parameters`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum RopeScaling {
+    /// `default`: none.
+    None,
+    /// `linear`: every frequency divided by `factor`.
+    Linear {
+        /// Factor.
+        factor: f64,
+    },
+    /// `llama3`: low frequencies divided by `factor`, high ones kept, smoothed in between.
+    Llama3 {
+        /// Factor.
+        factor: f64,
+        /// `low_freq_factor`.
+        low_freq_factor: f64,
+        /// `high_freq_factor`.
+        high_freq_factor: f64,
+        /// `original_max_position_embeddings`.
+        original_context: f64,
+    },
+}
+
+/// A configuration of the Llama family (RMSNorm, SwiGLU, grouped-query attention, rotary positions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Which member.
+    pub family: LlamaFamily,
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Context length.
+    pub max_position_embeddings: usize,
+    /// Hidden size.
+    pub hidden_size: usize,
+    /// Layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (grouped-query attention; `num_attention_heads` when absent).
+    pub num_key_value_heads: usize,
+    /// Dimensions per head (`head_dim`, or hidden size / heads).
+    pub head_dim: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f32,
+    /// Rotary base.
+    pub rope_theta: f64,
+    /// Rotary scaling.
+    pub rope_scaling: RopeScaling,
+    /// Output embedding tied to the input embedding.
+    pub tie_word_embeddings: bool,
+    /// Biases on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// A bias on the attention output projection.
+    pub o_bias: bool,
+    /// Biases on the MLP's projections.
+    pub mlp_bias: bool,
+    /// Each query sees at most this many keys, itself included (Mistral's `sliding_window`).
+    pub sliding_window: Option<usize>,
+}
+
 /// A configuration of a supported architecture.
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
@@ -79,6 +154,8 @@ pub enum ModelConfig {
     Gpt2(Gpt2Config),
     /// GPT-NeoX (Pythia).
     GptNeoX(NeoXConfig),
+    /// Llama, Mistral, Qwen 2 and Qwen 3.
+    Llama(LlamaConfig),
 }
 
 fn activation(name: &str, path: &Path) -> Result<Activation> {
@@ -244,7 +321,10 @@ impl ModelConfig {
                 }
                 Ok(ModelConfig::GptNeoX(cfg))
             }
-            other => Err(err(format!("unsupported model_type {other:?}; this build runs gpt2 and gpt_neox"))),
+            "llama" | "mistral" | "qwen2" | "qwen3" => Ok(ModelConfig::Llama(llama_config(v, path, model_type)?)),
+            other => Err(err(format!(
+                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2 and qwen3"
+            ))),
         }
     }
 }
@@ -259,4 +339,176 @@ impl From<NeoXConfig> for ModelConfig {
     fn from(c: NeoXConfig) -> Self {
         ModelConfig::GptNeoX(c)
     }
+}
+
+impl From<LlamaConfig> for ModelConfig {
+    fn from(c: LlamaConfig) -> Self {
+        ModelConfig::Llama(c)
+    }
+}
+
+/// The Llama family's `config.json`: every key that changes the function is read or, when this runtime
+/// does not implement its value, an error naming it.
+fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig> {
+    let err = |message: String| LmError::Config { path: path.into(), message };
+    let family = match model_type {
+        "llama" => LlamaFamily::Llama,
+        "mistral" => LlamaFamily::Mistral,
+        "qwen2" => LlamaFamily::Qwen2,
+        _ => LlamaFamily::Qwen3,
+    };
+    let present = |key: &str| v.get(key).is_some_and(|x| !x.is_null());
+    let size = |key: &str| -> Result<usize> {
+        match v.get(key) {
+            Some(x) => x.as_u64().filter(|n| *n > 0 && *n <= MAX_DIMENSION).map(|n| n as usize).ok_or_else(|| {
+                err(format!("field `{key}` must be a positive integer of at most {MAX_DIMENSION}, found {x}"))
+            }),
+            None => Err(err(format!("missing field `{key}`"))),
+        }
+    };
+    let flag = |key: &str, default: bool| -> Result<bool> {
+        match v.get(key) {
+            None | Some(Value::Null) => Ok(default),
+            Some(x) => x.as_bool().ok_or_else(|| err(format!("field `{key}` must be true or false, found {x}"))),
+        }
+    };
+    let number = |x: &Value, key: &str| -> Result<f64> {
+        x.as_f64().filter(|f| f.is_finite()).ok_or_else(|| err(format!("field `{key}` must be a number, found {x}")))
+    };
+    check_unsupported(v, path, &[("pretraining_tp", &[Value::from(1), Value::Null])])?;
+    if let Some(act) = v.get("hidden_act").or_else(|| v.get("hidden_activation"))
+        && act != "silu"
+    {
+        return Err(err(format!("unsupported activation {act}; the {model_type} runtime implements silu (SwiGLU)")));
+    }
+    let hidden_size = size("hidden_size")?;
+    let heads = size("num_attention_heads")?;
+    let kv_heads = if present("num_key_value_heads") { size("num_key_value_heads")? } else { heads };
+    if !heads.is_multiple_of(kv_heads) {
+        return Err(err(format!(
+            "num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}"
+        )));
+    }
+    let head_dim = if present("head_dim") {
+        size("head_dim")?
+    } else if hidden_size.is_multiple_of(heads) {
+        hidden_size / heads
+    } else {
+        return Err(err(format!("hidden_size = {hidden_size} is not divisible by num_attention_heads = {heads}")));
+    };
+    if !head_dim.is_multiple_of(2) {
+        return Err(err(format!("head_dim = {head_dim} must be even for rotary positions")));
+    }
+    // Rotary settings: `rope_theta` + `rope_scaling` (Hub checkpoints) or `rope_parameters` (transformers 5).
+    let params = v.get("rope_parameters").filter(|x| !x.is_null());
+    let scaling = v.get("rope_scaling").filter(|x| !x.is_null()).or(params);
+    let theta_key = if present("rope_theta") { "rope_theta" } else { "rope_parameters.rope_theta" };
+    let rope_theta =
+        match v.get("rope_theta").filter(|x| !x.is_null()).or_else(|| params.and_then(|p| p.get("rope_theta"))) {
+            Some(x) => number(x, theta_key)?,
+            None => 10000.0,
+        };
+    let scaling_key = if present("rope_scaling") { "rope_scaling" } else { "rope_parameters" };
+    let rope_scaling = match scaling {
+        None => RopeScaling::None,
+        Some(s) => {
+            let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(Value::as_str).unwrap_or("default");
+            let get = |k: &str| -> Result<f64> {
+                s.get(k)
+                    .ok_or_else(|| err(format!("`{scaling_key}.{k}` is missing for rope type {kind:?}")))
+                    .and_then(|x| number(x, &format!("{scaling_key}.{k}")))
+            };
+            if let Some(f) = s.get("partial_rotary_factor")
+                && f.as_f64() != Some(1.0)
+            {
+                return Err(err(format!(
+                    "`{scaling_key}.partial_rotary_factor` = {f} is not supported by the {model_type} runtime (it rotates whole heads)"
+                )));
+            }
+            match kind {
+                "default" => RopeScaling::None,
+                "linear" => RopeScaling::Linear { factor: get("factor")? },
+                "llama3" => RopeScaling::Llama3 {
+                    factor: get("factor")?,
+                    low_freq_factor: get("low_freq_factor")?,
+                    high_freq_factor: get("high_freq_factor")?,
+                    original_context: get("original_max_position_embeddings")?,
+                },
+                other => {
+                    return Err(err(format!(
+                        "`{scaling_key}.rope_type` = {other:?} is not supported by this runtime (it implements \"default\", \"linear\" and \"llama3\"); refusing to compute a different model"
+                    )));
+                }
+            }
+        }
+    };
+    match rope_scaling {
+        RopeScaling::Linear { factor } if factor <= 0.0 => {
+            return Err(err(format!("`{scaling_key}.factor` must be positive, found {factor}")));
+        }
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context }
+            if factor <= 0.0
+                || low_freq_factor <= 0.0
+                || high_freq_factor <= low_freq_factor
+                || original_context <= 0.0 =>
+        {
+            return Err(err(format!(
+                "`{scaling_key}`: llama3 scaling needs factor > 0, 0 < low_freq_factor < high_freq_factor and a positive original_max_position_embeddings"
+            )));
+        }
+        _ => {}
+    }
+    // Sliding windows: Mistral's applies to every layer; Qwen's are off unless `use_sliding_window`.
+    let sliding_window = match family {
+        LlamaFamily::Mistral if present("sliding_window") => Some(size("sliding_window")?),
+        LlamaFamily::Qwen2 | LlamaFamily::Qwen3 if flag("use_sliding_window", false)? => {
+            return Err(err(
+                "`use_sliding_window` = true is not supported by this runtime (Qwen's per-layer windows); refusing to compute a different model".into(),
+            ));
+        }
+        _ => None,
+    };
+    if let Some(types) = v.get("layer_types").and_then(Value::as_array)
+        && family != LlamaFamily::Mistral
+        && types.iter().any(|t| t != "full_attention")
+    {
+        return Err(err(
+            "`layer_types` names layers other than \"full_attention\"; this runtime implements full attention for this model type".into(),
+        ));
+    }
+    let attention_bias = flag("attention_bias", false)?;
+    let (qkv_bias, o_bias, mlp_bias) = match family {
+        LlamaFamily::Llama => (attention_bias, attention_bias, flag("mlp_bias", false)?),
+        LlamaFamily::Qwen2 => (true, false, false),
+        LlamaFamily::Qwen3 => (attention_bias, attention_bias, false),
+        LlamaFamily::Mistral if attention_bias => {
+            return Err(err(
+                "`attention_bias` = true is not supported for mistral (its projections have no biases)".into()
+            ));
+        }
+        LlamaFamily::Mistral => (false, false, false),
+    };
+    let eps = match v.get("rms_norm_eps") {
+        Some(x) => number(x, "rms_norm_eps")? as f32,
+        None => 1e-6,
+    };
+    Ok(LlamaConfig {
+        family,
+        vocab_size: size("vocab_size")?,
+        max_position_embeddings: size("max_position_embeddings")?,
+        hidden_size,
+        num_hidden_layers: size("num_hidden_layers")?,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        intermediate_size: size("intermediate_size")?,
+        rms_norm_eps: eps,
+        rope_theta,
+        rope_scaling,
+        tie_word_embeddings: flag("tie_word_embeddings", false)?,
+        qkv_bias,
+        o_bias,
+        mlp_bias,
+        sliding_window,
+    })
 }

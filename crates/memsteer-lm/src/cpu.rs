@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use crate::arch::{Affine, Arch, LayerTensors, Positions, Tensors};
+use crate::arch::{self, Affine, Arch, LayerTensors, Mlp, Norm, Positions, Tensors};
 use crate::block::{self, Backend, NormSite};
 use crate::ops::{self, Heads, KvCache, Layout};
 use crate::weights::Weights;
-use crate::{Decoder, Result};
+use crate::{Decoder, LmError, Result};
 
 /// A model loaded for the CPU: its description and its tensors in `f32`, whatever their storage type.
 #[derive(Debug)]
@@ -20,7 +20,8 @@ impl Model {
     /// [`Model::load`] reads from `dir/config.json`).
     pub fn load_arch(dir: &Path, arch: Arch) -> Result<Self> {
         let weights = Weights::open(dir)?;
-        let w = arch.load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape))?;
+        let w =
+            arch.load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))?;
         Ok(Self { arch, w })
     }
 
@@ -94,7 +95,10 @@ impl Backend for Cpu<'_> {
 
     fn norm(&mut self, x: &Vec<f32>, p: &Affine<Vec<f32>>, _: NormSite) -> Result<Vec<f32>> {
         let mut out = self.take(x.len());
-        ops::layer_norm(x, p, self.arch.norm_eps(), &mut out);
+        match self.arch.norm {
+            Norm::LayerNorm { eps } => ops::layer_norm(x, (&p.0, arch::bias(p)?), eps, &mut out),
+            Norm::RmsNorm { eps } => ops::rms_norm(x, &p.0, eps, &mut out),
+        }
         Ok(out)
     }
 
@@ -102,41 +106,50 @@ impl Backend for Cpu<'_> {
         let a = self.arch;
         let mut qkv = self.linear(&h, &l.qkv.0, (a.dim, a.qkv_width()))?;
         self.give(h);
-        ops::bias_act(&mut qkv, &l.qkv.1, None);
+        if let Some(b) = &l.qkv.1 {
+            ops::bias_act(&mut qkv, b, None);
+        }
+        let off = a.qkv_offsets();
+        if let Some((qn, kn)) = &l.qk_norm {
+            ops::head_rms_norm(&mut qkv, (off, (a.heads, a.kv_heads), a.head_dim), (qn, kn), a.norm_eps());
+        }
         let (cos, sin, rows) = &self.rotary;
-        ops::rotate(&mut qkv, (a.qkv_offsets(), a.heads, a.rotary_dims() / 2), (cos, sin), rows, false);
+        ops::rotate(&mut qkv, (off, (a.heads, a.kv_heads), a.rotary_dims() / 2), (cos, sin), rows, false);
         Ok(qkv)
     }
 
     fn attention(&mut self, index: usize, qkv: Vec<f32>, _: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
         let (a, lay) = (self.arch, self.lay);
-        let (t, d, heads, hd) = (lay.rows(), a.dim, a.heads, a.head_dim);
+        let (t, heads, kv_heads, hd) = (lay.rows(), a.heads, a.kv_heads, a.head_dim);
+        let shape = (heads, heads / kv_heads, hd);
         let off = a.qkv_offsets();
-        let mut ctx = self.take(t * d);
+        let mut ctx = self.take(t * a.attn_dim());
         let fused = |base| Heads { data: &qkv, row_stride: off.row, base, head_stride: off.head };
         if let Some(c) = self.cache.as_deref_mut() {
-            let (mut k, mut v) = (vec![0.0f32; t * d], vec![0.0f32; t * d]);
+            let kv = kv_heads * hd;
+            let (mut k, mut v) = (vec![0.0f32; t * kv], vec![0.0f32; t * kv]);
             for i in 0..t {
                 let row = &qkv[i * off.row..(i + 1) * off.row];
-                for h in 0..heads {
-                    let (dst, at) = (i * d + h * hd, h * off.head);
+                for h in 0..kv_heads {
+                    let (dst, at) = (i * kv + h * hd, h * off.head);
                     k[dst..dst + hd].copy_from_slice(&row[off.k + at..off.k + at + hd]);
                     v[dst..dst + hd].copy_from_slice(&row[off.v + at..off.v + at + hd]);
                 }
             }
             let (ks, vs) = c.extend(index, &k, &v);
-            let cached = |data| Heads { data, row_stride: d, base: 0, head_stride: hd };
-            ops::attention((fused(off.q), cached(ks), cached(vs)), lay, &|_| 0, (heads, hd), &mut ctx)?;
+            let cached = |data| Heads { data, row_stride: kv, base: 0, head_stride: hd };
+            let heads = (fused(off.q), cached(ks), cached(vs));
+            ops::attention_gqa(heads, lay, &|_| 0, shape, a.window, &mut ctx)?;
         } else {
             let qkv = (fused(off.q), fused(off.k), fused(off.v));
-            ops::attention(qkv, lay, &|s| lay.starts[s], (heads, hd), &mut ctx)?;
+            ops::attention_gqa(qkv, lay, &|s| lay.starts[s], shape, a.window, &mut ctx)?;
         }
         self.give(qkv);
         Ok(ctx)
     }
 
     fn attention_out(&mut self, ctx: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
-        let out = self.linear(&ctx, &l.attn_out.0, (self.arch.dim, self.arch.dim))?;
+        let out = self.linear(&ctx, &l.attn_out.0, (self.arch.attn_dim(), self.arch.dim))?;
         self.give(ctx);
         Ok(out)
     }
@@ -144,8 +157,22 @@ impl Backend for Cpu<'_> {
     fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
         let (d, inner) = (self.arch.dim, self.arch.inner);
         let mut mid = self.linear(&h, &l.up.0, (d, inner))?;
+        match (self.arch.mlp, &l.gate) {
+            (Mlp::Plain(act), _) => ops::bias_act(&mut mid, arch::bias(&l.up)?, Some(act)),
+            (Mlp::SwiGlu, Some(gate)) => {
+                if let Some(b) = &l.up.1 {
+                    ops::bias_act(&mut mid, b, None);
+                }
+                let mut g = self.linear(&h, &gate.0, (d, inner))?;
+                if let Some(b) = &gate.1 {
+                    ops::bias_act(&mut g, b, None);
+                }
+                ops::silu_mul(&g, &mut mid);
+                self.give(g);
+            }
+            (Mlp::SwiGlu, None) => return Err(LmError::Input("internal: a gated MLP without its gate".into())),
+        }
         self.give(h);
-        ops::bias_act(&mut mid, &l.up.1, Some(self.arch.activation));
         let out = self.linear(&mid, &l.down.0, (inner, d))?;
         self.give(mid);
         Ok(out)
@@ -154,13 +181,17 @@ impl Backend for Cpu<'_> {
     fn residual(
         &mut self,
         x: &mut Vec<f32>,
-        (mut a, bias_a): (Vec<f32>, &Vec<f32>),
-        b: Option<(Vec<f32>, &Vec<f32>)>,
+        (mut a, bias_a): (Vec<f32>, Option<&Vec<f32>>),
+        b: Option<(Vec<f32>, Option<&Vec<f32>>)>,
     ) -> Result<()> {
-        ops::bias_act(&mut a, bias_a, None);
+        if let Some(bias) = bias_a {
+            ops::bias_act(&mut a, bias, None);
+        }
         match b {
             Some((mut b, bias_b)) => {
-                ops::bias_act(&mut b, bias_b, None);
+                if let Some(bias) = bias_b {
+                    ops::bias_act(&mut b, bias, None);
+                }
                 ops::residual(x, &a, Some(&b));
                 self.give(b);
             }

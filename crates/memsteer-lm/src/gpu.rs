@@ -16,7 +16,7 @@ use memsteer_kernels::Device;
 use memsteer_kernels::cuda::{Attention, DType, DevBuf, Gpu, Linear, OUTPUT_CHUNK, View};
 use safetensors::Dtype;
 
-use crate::arch::{Arch, LayerTensors, QkvLayout, Slot, Tensors, WeightLayout};
+use crate::arch::{self, Affine, Arch, Family, LayerTensors, QkvLayout, Slot, Tensors, WeightLayout};
 use crate::block::NormSite;
 use crate::config::Activation;
 use crate::ops;
@@ -94,34 +94,44 @@ impl GpuModel {
         };
         let gpu = cuda.0.clone();
         let arch = Arch::from_file(&dir.join("config.json"))?;
+        let act = match (arch.family, arch.activation()) {
+            (Family::Gpt2 | Family::GptNeoX, Some(Activation::GeluExact)) => 1,
+            (Family::Gpt2 | Family::GptNeoX, Some(Activation::GeluTanh)) => 2,
+            (family, _) => {
+                return Err(LmError::Input(format!(
+                    "{}: the CUDA runtime runs GPT-2 and GPT-NeoX models; this {family:?} model runs on the CPU \
+                     (--device cpu) until its kernels (RMSNorm, SwiGLU, grouped-query attention) land",
+                    dir.display()
+                )));
+            }
+        };
         let w = Weights::open(dir)?;
         let specs = arch.tensors();
         let spec = |slot: Slot| specs.iter().find(|s| s.slot == slot).expect("every model has an embedding");
         let embed = spec(Slot::Embed);
         let dtype = dtype_of(w.raw(&embed.name_refs(), &embed.shape)?.0);
-        let tensors = arch.load_tensors(|spec| {
-            let (dt, bytes) = w.raw(&spec.name_refs(), &spec.shape)?;
-            let dt = dtype_of(dt);
-            if dt == dtype {
-                return gpu.upload_bytes(dtype, bytes).map_err(kerr);
-            }
-            // A tensor stored in another type than the embedding is converted to it; a value that
-            // does not fit (f32 → f16 above 65,504) is an error naming the tensor, not an infinity.
-            let converted = convert(bytes, dt, dtype);
-            if !finite(&converted, dtype) && finite(bytes, dt) {
-                return Err(LmError::Input(format!(
-                    "{}: tensor `{}` is stored as {dt:?} with values outside {dtype:?}'s range (the model's type, \
+        let tensors = arch.load_tensors(
+            |spec| {
+                let (dt, bytes) = w.raw(&spec.name_refs(), &spec.shape)?;
+                let dt = dtype_of(dt);
+                if dt == dtype {
+                    return gpu.upload_bytes(dtype, bytes).map_err(kerr);
+                }
+                // A tensor stored in another type than the embedding is converted to it; a value that
+                // does not fit (f32 → f16 above 65,504) is an error naming the tensor, not an infinity.
+                let converted = convert(bytes, dt, dtype);
+                if !finite(&converted, dtype) && finite(bytes, dt) {
+                    return Err(LmError::Input(format!(
+                        "{}: tensor `{}` is stored as {dt:?} with values outside {dtype:?}'s range (the model's type, \
                      from its input embedding); convert the checkpoint to one type first",
-                    dir.display(),
-                    spec.names[0]
-                )));
-            }
-            gpu.upload_bytes(dtype, &converted).map_err(kerr)
-        })?;
-        let act = match arch.activation {
-            Activation::GeluExact => 1,
-            Activation::GeluTanh => 2,
-        };
+                        dir.display(),
+                        spec.names[0]
+                    )));
+                }
+                gpu.upload_bytes(dtype, &converted).map_err(kerr)
+            },
+            |_| Err(LmError::Input("internal: GPT-2 and GPT-NeoX tensors are whole, never pieces".into())),
+        )?;
         // The CPU path's angles (f64, then rounded to f32), for every position of the context.
         let rot = arch.rotary_dims();
         let rotary = if rot > 0 {
@@ -310,8 +320,8 @@ impl DeviceRun<'_> {
     }
 }
 
-fn pair(p: &(DevBuf, DevBuf)) -> (View<'_>, View<'_>) {
-    (p.0.view(), p.1.view())
+fn pair(p: &Affine<DevBuf>) -> Result<(View<'_>, View<'_>)> {
+    Ok((p.0.view(), arch::bias(p)?.view()))
 }
 
 impl crate::block::Backend for DeviceRun<'_> {
@@ -328,11 +338,11 @@ impl crate::block::Backend for DeviceRun<'_> {
         Ok(x)
     }
 
-    fn norm(&mut self, x: &DevBuf, p: &(DevBuf, DevBuf), site: NormSite) -> Result<DevBuf> {
+    fn norm(&mut self, x: &DevBuf, p: &Affine<DevBuf>, site: NormSite) -> Result<DevBuf> {
         let (rows, d) = (self.rows(), self.m.arch.dim);
         let dtype = if site == NormSite::Final { self.final_dtype } else { self.m.dtype };
         let h = self.take(dtype, rows * d)?;
-        self.m.gpu.layer_norm(x.view(), pair(p), self.m.arch.norm_eps(), h.view(), rows, d)?;
+        self.m.gpu.layer_norm(x.view(), pair(p)?, self.m.arch.norm_eps(), h.view(), rows, d)?;
         if site != NormSite::Final {
             self.prof.mark("layer norm");
         }
@@ -358,7 +368,8 @@ impl crate::block::Backend for DeviceRun<'_> {
         let per_head = a.qkv == QkvLayout::PerHead;
         let positions = (self.positions.0, self.positions.1.view());
         let (qv, kv, vv) = (q.view(), k.view(), v.view());
-        self.m.gpu.qkv_split(qkv.view(), l.qkv.1.view(), positions, rotary, per_head, (qv, kv, vv), shape)?;
+        let bias = arch::bias(&l.qkv)?.view();
+        self.m.gpu.qkv_split(qkv.view(), bias, positions, rotary, per_head, (qv, kv, vv), shape)?;
         self.prof.mark("qkv split + rotary");
         self.give(qkv);
         let ctx = self.take(dt, rows * a.dim)?;
@@ -391,7 +402,7 @@ impl crate::block::Backend for DeviceRun<'_> {
             let m = mid.view().slice(0, n * inter)?;
             g.linear(h.view().slice(r0 * d, n * d)?, &self.lin(&l.up.0, (d, inter)), m, n)?;
             self.prof.mark("mlp products");
-            g.bias_act(m, l.up.1.view(), m, (n, inter), self.m.act)?;
+            g.bias_act(m, arch::bias(&l.up)?.view(), m, (n, inter), self.m.act)?;
             self.prof.mark("bias + gelu");
             g.linear(m, &self.lin(&l.down.0, (inter, d)), out.view().slice(r0 * d, n * d)?, n)?;
             self.prof.mark("mlp products");
@@ -401,10 +412,21 @@ impl crate::block::Backend for DeviceRun<'_> {
         Ok(out)
     }
 
-    fn residual(&mut self, x: &mut DevBuf, a: (DevBuf, &DevBuf), b: Option<(DevBuf, &DevBuf)>) -> Result<()> {
+    fn residual(
+        &mut self,
+        x: &mut DevBuf,
+        a: (DevBuf, Option<&DevBuf>),
+        b: Option<(DevBuf, Option<&DevBuf>)>,
+    ) -> Result<()> {
         let (rows, d) = (self.rows(), self.m.arch.dim);
-        let second = b.as_ref().map(|(b, bias)| (b.view(), bias.view()));
-        self.m.gpu.residual(x.view(), (a.0.view(), a.1.view()), second, rows, d)?;
+        fn need(b: Option<&DevBuf>) -> Result<&DevBuf> {
+            b.ok_or_else(|| LmError::Input("internal: a residual bias is missing".into()))
+        }
+        let second = match &b {
+            Some((b, bias)) => Some((b.view(), need(*bias)?.view())),
+            None => None,
+        };
+        self.m.gpu.residual(x.view(), (a.0.view(), need(a.1)?.view()), second, rows, d)?;
         self.prof.mark("residual");
         self.give(a.0);
         if let Some((b, _)) = b {

@@ -68,7 +68,7 @@ pub(crate) fn layout_for((vocab, context): (usize, usize), seqs: &[&[u32]], cach
 }
 
 /// `out = layer_norm(x)` row by row (`g`, `b` of length `d`).
-pub(crate) fn layer_norm(x: &[f32], (g, b): &(Vec<f32>, Vec<f32>), eps: f32, out: &mut [f32]) {
+pub(crate) fn layer_norm(x: &[f32], (g, b): (&[f32], &[f32]), eps: f32, out: &mut [f32]) {
     let rows = x.len() / g.len();
     let (mut mean, mut rstd) = (vec![0.0f32; rows], vec![0.0f32; rows]);
     layer_norm_stats(x, (g, b), eps, out, &mut mean, &mut rstd);
@@ -100,6 +100,52 @@ pub(crate) fn layer_norm_stats(
                 *r = inv;
             }
         });
+}
+
+/// `out = x / √(mean(x²) + eps) · g` row by row (RMSNorm; `g` of the row's length).
+pub(crate) fn rms_norm(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
+    let d = g.len();
+    out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).for_each(|(out, x)| {
+        for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for i in 0..d {
+                o[i] = row[i] * inv * g[i];
+            }
+        }
+    });
+}
+
+/// RMSNorm of every query head (weight `qn`) and every key head (weight `kn`) of the fused projection,
+/// in place (Qwen 3's q/k norms, before rotary).
+pub(crate) fn head_rms_norm(
+    qkv: &mut [f32],
+    (off, (heads, kv_heads), hd): (crate::arch::QkvOffsets, (usize, usize), usize),
+    (qn, kn): (&[f32], &[f32]),
+    eps: f32,
+) {
+    qkv.par_chunks_mut(off.row).for_each(|row| {
+        let mut norm = |at: usize, g: &[f32]| {
+            let x = &mut row[at..at + hd];
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / hd as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            x.iter_mut().zip(g).for_each(|(v, g)| *v = *v * inv * g);
+        };
+        for h in 0..heads {
+            norm(off.q + h * off.head, qn);
+        }
+        for h in 0..kv_heads {
+            norm(off.k + h * off.head, kn);
+        }
+    });
+}
+
+/// `up ← silu(gate) · up`, elementwise (SwiGLU).
+pub(crate) fn silu_mul(gate: &[f32], up: &mut [f32]) {
+    const CHUNK: usize = 1 << 14;
+    up.par_chunks_mut(CHUNK).zip(gate.par_chunks(CHUNK)).for_each(|(u, g)| {
+        u.iter_mut().zip(g).for_each(|(u, &g)| *u *= g / (1.0 + vmath::exp(-g)));
+    });
 }
 
 /// The residual stream's first value: token embeddings, plus learned positions when given
@@ -162,7 +208,7 @@ pub(crate) fn bias_act(x: &mut [f32], b: &[f32], act: Option<Activation>) {
 /// backward of the forward one).
 pub(crate) fn rotate(
     qkv: &mut [f32],
-    (off, heads, half): (crate::arch::QkvOffsets, usize, usize),
+    (off, (heads, kv_heads), half): (crate::arch::QkvOffsets, (usize, usize), usize),
     (cos, sin): (&[f32], &[f32]),
     table_rows: &[usize],
     inverse: bool,
@@ -173,7 +219,7 @@ pub(crate) fn rotate(
     qkv.par_chunks_mut(off.row).zip(table_rows).for_each(|(row, &at)| {
         let (c, s) = (&cos[at * half..(at + 1) * half], &sin[at * half..(at + 1) * half]);
         for h in 0..heads {
-            for part in [off.q, off.k] {
+            for part in [Some(off.q), (h < kv_heads).then_some(off.k)].into_iter().flatten() {
                 let base = part + h * off.head;
                 for i in 0..half {
                     let (a, b) = (row[base + i], row[base + i + half]);
@@ -233,6 +279,20 @@ pub(crate) fn attention(
     (heads, hd): (usize, usize),
     out: &mut [f32],
 ) -> Result<()> {
+    attention_gqa((q, k, v), layout, key_row0, (heads, 1, hd), None, out)
+}
+
+/// [`attention`] with `group` query heads sharing each key/value head (grouped-query attention: query
+/// head `h` reads key/value head `h / group`) and, when given, a sliding `window`: a query at position
+/// `p` sees the keys at positions `p + 1 − window ..= p` only.
+pub(crate) fn attention_gqa(
+    (q, k, v): (Heads<'_>, Heads<'_>, Heads<'_>),
+    layout: &Layout,
+    key_row0: &(dyn Fn(usize) -> usize + Sync),
+    (heads, group, hd): (usize, usize, usize),
+    window: Option<usize>,
+    out: &mut [f32],
+) -> Result<()> {
     let d = heads * hd;
     let past = layout.past;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -251,7 +311,7 @@ pub(crate) fn attention(
     let dev = Device::Cpu;
     tasks.into_par_iter().try_for_each(|(s, h, o)| -> Result<()> {
         let len = layout.starts[s + 1] - layout.starts[s];
-        let (qm, km, vm) = (q.at(h, layout.starts[s]), k.at(h, key_row0(s)), v.at(h, key_row0(s)));
+        let (qm, km, vm) = (q.at(h, layout.starts[s]), k.at(h / group, key_row0(s)), v.at(h / group, key_row0(s)));
         let mut scores = vec![0.0f32; QUERY_BLOCK.min(len) * (past + len)];
         for i0 in (0..len).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(len - i0);
@@ -262,8 +322,10 @@ pub(crate) fn attention(
             for r in 0..rows {
                 let row = &mut sc[r * keys..(r + 1) * keys];
                 let last = past + i0 + r;
-                row[..=last].iter_mut().for_each(|x| *x *= scale);
-                vmath::softmax_in_place(&mut row[..=last]);
+                let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
+                row[first..=last].iter_mut().for_each(|x| *x *= scale);
+                vmath::softmax_in_place(&mut row[first..=last]);
+                row[..first].fill(0.0);
                 row[last + 1..].fill(0.0);
             }
             matmul_strided(

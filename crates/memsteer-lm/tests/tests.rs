@@ -101,6 +101,68 @@ fn neox_sequential_full_rotary_tied_new_style_config_matches_the_reference() {
     check_golden("tiny-neox-sequential-f32");
 }
 
+/// The Llama family (fixtures by `fixtures/lm/make_tiny_llama.py`): grouped-query attention, RMSNorm,
+/// SwiGLU, an untied head.
+#[test]
+fn llama_with_grouped_query_attention_matches_the_reference() {
+    check_golden("tiny-llama-gqa");
+}
+
+/// llama3 rotary scaling read from the Hub layout (`rope_theta` + `rope_scaling`), tied embeddings,
+/// attention and MLP biases, positions far beyond the original context.
+#[test]
+fn llama3_scaling_biases_and_tied_head_match_the_reference() {
+    check_golden("tiny-llama3-long");
+}
+
+/// Llama 3's own rotary scale (original context 8,192) at positions up to 8,299.
+#[test]
+fn llama3_at_positions_beyond_8192_matches_the_reference() {
+    check_golden("tiny-llama3-16k");
+}
+
+#[test]
+fn llama_with_linear_rope_scaling_matches_the_reference() {
+    check_golden("tiny-llama-linear");
+}
+
+/// A sliding window of 8 keys, on sequences longer than the window.
+#[test]
+fn mistral_with_a_sliding_window_matches_the_reference() {
+    check_golden("tiny-mistral-window");
+}
+
+/// Biases on q, k and v only, tied embeddings.
+#[test]
+fn qwen2_matches_the_reference() {
+    check_golden("tiny-qwen2");
+}
+
+/// An explicit head size (16, not hidden / heads = 8) and per-head RMSNorm of q and k.
+#[test]
+fn qwen3_matches_the_reference() {
+    check_golden("tiny-qwen3");
+}
+
+/// Cached decoding one token at a time gives the full pass's logits, with grouped-query attention,
+/// a sliding window shorter than the sequence, and q/k norms.
+#[test]
+fn llama_family_cached_decoding_equals_the_full_pass() {
+    use memsteer_lm::KvCache;
+    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long"] {
+        let model = memsteer_lm::Model::load(&fixture(name)).expect("load");
+        let seq: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 96).collect();
+        let mut cache = KvCache::new();
+        let mut logits = model.next_logits(&seq[..3], &mut cache).expect("prefix");
+        for t in 3..seq.len() {
+            let full = model.last_logits(&seq[..t]).expect("full");
+            let worst = logits.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{name}, {t} tokens: cached logits differ by {worst}");
+            logits = model.next_logits(&seq[t..t + 1], &mut cache).expect("step");
+        }
+    }
+}
+
 /// A GPT-NeoX with a `tokenizer.json` written by Python `tokenizers` (NFC normalizer, digits + byte-level
 /// pre-tokenizer sequence, template post-processor prepending `<|endoftext|>`, added `<|sep|>`): memsteer's
 /// tokenizer gives `tokenizers`' ids and decoded text, including for decomposed (non-NFC) input, and the
@@ -180,7 +242,35 @@ fn malformed_configs_and_weights_give_clear_errors() {
     };
     assert!(cfg_err("{").contains("not valid JSON"));
     assert!(cfg_err(r#"{"vocab_size": 5}"#).contains("missing field `model_type`"));
-    assert!(cfg_err(r#"{"model_type": "llama"}"#).contains("unsupported model_type \"llama\""));
+    assert!(cfg_err(r#"{"model_type": "bert"}"#).contains("unsupported model_type \"bert\""));
+    // The Llama family: every key that would change the function and is not implemented is named.
+    let llama = |extra: &str| {
+        format!(
+            r#"{{"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 1,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+                "max_position_embeddings": 64{extra}}}"#
+        )
+    };
+    assert!(ModelConfig::from_json(&serde_json::from_str(&llama("")).unwrap(), p).is_ok());
+    let e = cfg_err(&llama(r#", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}"#));
+    assert!(e.contains("`rope_scaling.rope_type` = \"yarn\" is not supported"), "{e}");
+    let e = cfg_err(&llama(r#", "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}"#));
+    assert!(e.contains("`rope_parameters.rope_type` = \"dynamic\""), "{e}");
+    let e = cfg_err(&llama(r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#));
+    assert!(e.contains("`rope_scaling.low_freq_factor` is missing"), "{e}");
+    let e = cfg_err(&llama(r#", "hidden_act": "gelu""#));
+    assert!(e.contains("unsupported activation \"gelu\""), "{e}");
+    let e = cfg_err(&llama(r#", "pretraining_tp": 2"#));
+    assert!(e.contains("`pretraining_tp` = 2 is not supported"), "{e}");
+    let e = cfg_err(&llama(r#", "num_key_value_heads": 3"#).replace(r#""num_key_value_heads": 2, "#, ""));
+    assert!(e.contains("not a multiple of num_key_value_heads = 3"), "{e}");
+    let e = cfg_err(&llama("").replace("llama", "qwen2").replace("64}", r#"64, "use_sliding_window": true}"#));
+    assert!(e.contains("`use_sliding_window` = true is not supported"), "{e}");
+    let e = cfg_err(&llama("").replace("llama", "mistral").replace("64}", r#"64, "attention_bias": true}"#));
+    assert!(e.contains("`attention_bias` = true is not supported for mistral"), "{e}");
+    let e =
+        cfg_err(&llama("").replace("llama", "qwen3").replace("64}", r#"64, "layer_types": ["sliding_attention"]}"#));
+    assert!(e.contains("`layer_types`"), "{e}");
     assert!(
         cfg_err(r#"{"model_type": "gpt2", "vocab_size": 5, "n_positions": 8, "n_embd": 6, "n_layer": 1}"#)
             .contains("missing field `n_head`")
@@ -509,6 +599,47 @@ fn unsupported_dtypes_and_sharded_indexes() {
     assert!(e.contains("dtype I32 is not supported") && e.contains("shard-1.safetensors"), "{e}");
     let e = w.tensor(&["y"], &[2]).expect_err("missing").to_string();
     assert!(e.contains("`y`") && e.contains("missing"), "{e}");
+    // A shard the index names but the directory lacks: an error naming it, at open.
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {"x": "shard-1.safetensors", "z": "shard-2.safetensors"}}"#,
+    )
+    .expect("write");
+    let e = memsteer_lm::weights::Weights::open(dir.path()).expect_err("missing shard").to_string();
+    assert!(e.contains("shard-2.safetensors"), "{e}");
+}
+
+/// A Llama-family checkpoint split over shards loads through the index like a single file (a real
+/// sharded layout written here from the tiny Qwen3), and gives the same log-probabilities.
+#[test]
+fn a_sharded_llama_checkpoint_equals_the_single_file() {
+    use safetensors::SafeTensors;
+    let src = fixture("tiny-qwen3");
+    let bytes = std::fs::read(src.join("model.safetensors")).expect("read");
+    let st = SafeTensors::deserialize(&bytes).expect("safetensors");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(src.join("config.json"), dir.path().join("config.json")).expect("config");
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (k, part) in names.chunks(names.len().div_ceil(3)).enumerate() {
+        let file = format!("model-{:05}-of-00003.safetensors", k + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+            part.iter().map(|n| (n.clone(), st.tensor(n).expect("tensor"))).collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join(&file)).expect("shard");
+        for n in part {
+            map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).expect("index");
+    let seq: Vec<u32> = (0..30).map(|i| (i * 11 + 2) % 96).collect();
+    let want = memsteer_lm::Model::load(&src).expect("single").token_log_probs(&seq).expect("lp");
+    let got = memsteer_lm::Model::load(dir.path()).expect("sharded").token_log_probs(&seq).expect("lp");
+    assert_eq!(got, want);
+    // The trainer refuses the family with a clear error (it trains GPT-2 and GPT-NeoX).
+    let e = memsteer_lm::train::Params::from_hf(dir.path()).expect_err("not trainable").to_string();
+    assert!(e.contains("trains GPT-2 and GPT-NeoX") && e.contains("Qwen3"), "{e}");
 }
 
 /// The built-in corpus's tokenizer (`fixtures/corpus`, trained by Python `tokenizers`): memsteer gives

@@ -36,7 +36,7 @@ use rayon::prelude::*;
 pub use adamw::{AdamW, AdamWConfig, clip_grad_norm, grad_norm};
 pub use schedule::{LrSchedule, Schedule};
 
-use crate::arch::{Arch, Family, LayerSlot, LayerTensors, Part, Positions, Residual, Slot, Tensors};
+use crate::arch::{Affine, Arch, Family, LayerSlot, LayerTensors, Part, Positions, Residual, Slot, Tensors};
 use crate::block::NormSite;
 use crate::config::{Activation, Gpt2Config, ModelConfig, NeoXConfig};
 use crate::ops::Layout;
@@ -142,6 +142,12 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
     let (heads, dim) = match cfg {
         ModelConfig::Gpt2(c) => (c.n_head, c.n_embd),
         ModelConfig::GptNeoX(c) => (c.num_attention_heads, c.hidden_size),
+        ModelConfig::Llama(c) => {
+            return bad(format!(
+                "the trainer trains GPT-2 and GPT-NeoX models; {:?} models run (logprobs, steer) but do not train yet",
+                c.family
+            ));
+        }
     };
     if heads == 0 || !dim.is_multiple_of(heads) {
         return bad(format!("the hidden size {dim} is not divisible by the {heads} attention heads"));
@@ -172,12 +178,15 @@ impl Params {
             names.push(spec.names);
             offset = offset.checked_add(len).ok_or_else(|| LmError::Input("model is too large".into()))?;
         }
-        let slots = arch.load_tensors(|spec| {
-            tensors
-                .iter()
-                .position(|t| t.slot == spec.slot)
-                .ok_or_else(|| LmError::Input(format!("internal: no tensor for {:?}", spec.slot)))
-        })?;
+        let slots = arch.load_tensors(
+            |spec| {
+                tensors
+                    .iter()
+                    .position(|t| t.slot == spec.slot)
+                    .ok_or_else(|| LmError::Input(format!("internal: no tensor for {:?}", spec.slot)))
+            },
+            |_| Err(LmError::Input("internal: the trainer's tensors are whole, never pieces".into())),
+        )?;
         Ok(Self { cfg, arch, slots, names, source_config: None, tensors, data: vec![0.0; offset] })
     }
 
@@ -331,6 +340,8 @@ impl Params {
                 "initializer_range": 0.02,
                 "torch_dtype": "float32",
             }),
+            // Refused by `Params::zeros`; never reached.
+            ModelConfig::Llama(_) => serde_json::Value::Null,
         }
     }
 
@@ -374,8 +385,14 @@ impl Params {
     }
 
     /// A norm's or a linear layer's weight and bias.
-    fn pair(&self, (w, b): (usize, usize)) -> (&[f32], &[f32]) {
-        (self.t(w), self.t(b))
+    fn pair(&self, p: &Affine<usize>) -> Result<(&[f32], &[f32])> {
+        let (w, b) = full(p)?;
+        Ok((self.t(w), self.t(b)))
+    }
+
+    /// The activation of the (plain) MLP: the trainer trains GPT-2 and GPT-NeoX only.
+    fn activation(&self) -> Result<Activation> {
+        self.arch.activation().ok_or_else(|| LmError::Input("internal: the trainer runs plain MLPs only".into()))
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T` of every sequence, by the trainer's forward pass.
@@ -427,7 +444,7 @@ impl Params {
         )?;
         let loss = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
         // Final norm.
-        let f = self.slots.final_norm;
+        let f = full(&self.slots.final_norm)?;
         let mut dx = vec![0.0f32; n * d];
         {
             let (dg, db) = pair_mut(grads, &self.tensors, f);
@@ -438,29 +455,32 @@ impl Params {
         let mut dctx = vec![0.0f32; n * d];
         let mut dqkv = vec![0.0f32; n * width];
         let parallel = arch.residual == Residual::Parallel;
+        let act = self.activation()?;
         for (s, a) in self.slots.layers.iter().zip(&acts.layers).rev() {
+            let (qkv, attn_out, up, down) = (full(&s.qkv)?, full(&s.attn_out)?, full(&s.up)?, full(&s.down)?);
+            let (norm1, norm2) = (full(&s.norm1)?, full(&s.norm2)?);
             // The MLP branch: its input is x_in (parallel) or the stream after the attention (sequential).
             let mlp_in = &a.mlp_in;
             let mut dres = dx.clone();
             let w = |i: (usize, usize)| (self.t(i.0), wl);
-            ops::linear_backward(&dx, &a.mid, w(s.down), n, Some(&mut dmid), pair_mut(grads, &self.tensors, s.down))?;
-            ops::gelu_backward(&mut dmid, &a.pre, arch.activation);
-            ops::linear_backward(&dmid, &a.h2, w(s.up), n, Some(&mut dh), pair_mut(grads, &self.tensors, s.up))?;
+            ops::linear_backward(&dx, &a.mid, w(down), n, Some(&mut dmid), pair_mut(grads, &self.tensors, down))?;
+            ops::gelu_backward(&mut dmid, &a.pre, act);
+            ops::linear_backward(&dmid, &a.h2, w(up), n, Some(&mut dh), pair_mut(grads, &self.tensors, up))?;
             {
-                let (dg, db) = pair_mut(grads, &self.tensors, s.norm2);
-                ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(s.norm2.0), &mut dres, dg, db);
+                let (dg, db) = pair_mut(grads, &self.tensors, norm2);
+                ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(norm2.0), &mut dres, dg, db);
             }
             // The attention branch: its output gradient is dx (parallel) or the gradient at mlp_in.
             // (Sequential: `dres` now holds the gradient at mlp_in, which also flows on to x_in.)
             let dattn = if parallel { dx.clone() } else { dres.clone() };
-            let dense = pair_mut(grads, &self.tensors, s.attn_out);
-            ops::linear_backward(&dattn, &a.ctx, w(s.attn_out), n, Some(&mut dctx), dense)?;
+            let dense = pair_mut(grads, &self.tensors, attn_out);
+            ops::linear_backward(&dattn, &a.ctx, w(attn_out), n, Some(&mut dctx), dense)?;
             ops::attention_backward(&dctx, &a.qkv, &acts.layout, arch, &mut dqkv)?;
             acts.rotary.apply(&mut dqkv, &acts.layout.positions, true);
-            ops::linear_backward(&dqkv, &a.h1, w(s.qkv), n, Some(&mut dh), pair_mut(grads, &self.tensors, s.qkv))?;
+            ops::linear_backward(&dqkv, &a.h1, w(qkv), n, Some(&mut dh), pair_mut(grads, &self.tensors, qkv))?;
             {
-                let (dg, db) = pair_mut(grads, &self.tensors, s.norm1);
-                ops::layer_norm_backward(&dh, &a.x_in, (&a.mean1, &a.rstd1), self.t(s.norm1.0), &mut dres, dg, db);
+                let (dg, db) = pair_mut(grads, &self.tensors, norm1);
+                ops::layer_norm_backward(&dh, &a.x_in, (&a.mean1, &a.rstd1), self.t(norm1.0), &mut dres, dg, db);
             }
             dx = dres;
         }
@@ -536,7 +556,8 @@ impl Tape<'_> {
         self.layers.last_mut().ok_or_else(|| LmError::Input("internal: a layer operation before its norm".into()))
     }
 
-    fn linear(&self, x: &[f32], (w, b): (usize, usize), din: usize) -> Result<Vec<f32>> {
+    fn linear(&self, x: &[f32], p: &Affine<usize>, din: usize) -> Result<Vec<f32>> {
+        let (w, b) = full(p)?;
         let mut y = vec![0.0f32; self.layout.rows() * self.p.tensors[b].len()];
         ops::linear_forward(x, (self.p.t(w), self.p.t(b), self.p.arch.weights), self.layout.rows(), din, &mut y)?;
         Ok(y)
@@ -561,10 +582,10 @@ impl crate::block::Backend for Tape<'_> {
         Ok(crate::ops::embed(self.tokens.iter(), &self.layout.positions, (self.p.t(*embed), learned), arch.dim))
     }
 
-    fn norm(&mut self, x: &Vec<f32>, &p: &(usize, usize), site: NormSite) -> Result<Vec<f32>> {
+    fn norm(&mut self, x: &Vec<f32>, p: &Affine<usize>, site: NormSite) -> Result<Vec<f32>> {
         let n = self.layout.rows();
         let (mut h, mut mean, mut rstd) = (vec![0.0f32; x.len()], vec![0.0f32; n], vec![0.0f32; n]);
-        ops::layer_norm_forward(x, self.p.pair(p), self.p.arch.norm_eps(), &mut h, &mut mean, &mut rstd);
+        ops::layer_norm_forward(x, self.p.pair(p)?, self.p.arch.norm_eps(), &mut h, &mut mean, &mut rstd);
         match site {
             NormSite::Attention(_) => {
                 self.layers.push(LayerActs { x_in: x.clone(), mean1: mean, rstd1: rstd, ..LayerActs::default() })
@@ -579,7 +600,7 @@ impl crate::block::Backend for Tape<'_> {
     }
 
     fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
-        let mut qkv = self.linear(&h, l.qkv, self.p.arch.dim)?;
+        let mut qkv = self.linear(&h, &l.qkv, self.p.arch.dim)?;
         self.rotary.apply(&mut qkv, &self.layout.positions, false);
         self.layer()?.h1 = h;
         Ok(qkv)
@@ -601,9 +622,9 @@ impl crate::block::Backend for Tape<'_> {
 
     fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
         let (d, inter) = (self.p.arch.dim, self.p.arch.inner);
-        let pre = self.linear(&h, l.up, d)?;
+        let pre = self.linear(&h, &l.up, d)?;
         let mut mid = vec![0.0f32; pre.len()];
-        ops::gelu_forward(&pre, self.p.arch.activation, &mut mid);
+        ops::gelu_forward(&pre, self.p.activation()?, &mut mid);
         let out = self.project(&mid, l.down.0, (inter, d))?;
         let a = self.layer()?;
         (a.h2, a.pre, a.mid) = (h, pre, mid);
@@ -613,13 +634,15 @@ impl crate::block::Backend for Tape<'_> {
     fn residual(
         &mut self,
         x: &mut Vec<f32>,
-        (mut a, &ba): (Vec<f32>, &usize),
-        b: Option<(Vec<f32>, &usize)>,
+        (mut a, ba): (Vec<f32>, Option<&usize>),
+        b: Option<(Vec<f32>, Option<&usize>)>,
     ) -> Result<()> {
-        crate::ops::bias_act(&mut a, self.p.t(ba), None);
+        let bias =
+            |b: Option<&usize>| b.map(|&i| self.p.t(i)).ok_or_else(|| LmError::Input("internal: missing bias".into()));
+        crate::ops::bias_act(&mut a, bias(ba)?, None);
         match b {
-            Some((mut b, &bb)) => {
-                crate::ops::bias_act(&mut b, self.p.t(bb), None);
+            Some((mut b, bb)) => {
+                crate::ops::bias_act(&mut b, bias(bb)?, None);
                 crate::ops::residual(x, &a, Some(&b));
             }
             None => crate::ops::residual(x, &a, None),
@@ -632,6 +655,11 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|source| LmError::Io { path: path.into(), source })?;
     serde_json::from_str(&text)
         .map_err(|e| LmError::Config { path: path.into(), message: format!("not valid JSON: {e}") })
+}
+
+/// A weight's and its bias's indices: the trainer trains architectures with biases everywhere.
+fn full(p: &Affine<usize>) -> Result<(usize, usize)> {
+    Ok((p.0, *crate::arch::bias(p)?))
 }
 
 /// The gradients of a weight (or norm gain) and its bias, both writable (disjoint ranges).

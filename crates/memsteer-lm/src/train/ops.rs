@@ -212,7 +212,7 @@ pub(crate) struct Rotary {
     cos: Vec<f32>,
     sin: Vec<f32>,
     off: crate::arch::QkvOffsets,
-    heads: usize,
+    heads: (usize, usize),
     half: usize,
 }
 
@@ -220,7 +220,7 @@ impl Rotary {
     /// The runtime's tables ([`crate::arch::Arch::rotary_table`]).
     pub fn new(arch: &crate::arch::Arch, positions: usize) -> Self {
         let (cos, sin) = arch.rotary_table((0, positions));
-        Self { cos, sin, off: arch.qkv_offsets(), heads: arch.heads, half: arch.rotary_dims() / 2 }
+        Self { cos, sin, off: arch.qkv_offsets(), heads: (arch.heads, arch.kv_heads), half: arch.rotary_dims() / 2 }
     }
 
     /// Rotates every q and k head in place ([`crate::ops::rotate`]); `inverse` applies the transposed
