@@ -77,6 +77,19 @@ pub enum Residual {
     Sequential,
     /// `x += attn(n1 x) + mlp(n2 x)` (GPT-J, Pythia).
     Parallel,
+    /// `x += n1(attn(x)); x += n2(mlp(x))`: the norms after each branch (OLMo 2).
+    PostNorm,
+}
+
+/// Norms of the queries and keys before rotary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QkNorm {
+    /// None.
+    None,
+    /// RMSNorm of each head (weights of one head's size; Qwen 3).
+    PerHead,
+    /// RMSNorm of the whole projection, all heads at once (weights of its width; OLMo 2).
+    Whole,
 }
 
 /// Which projections carry biases (norms have one exactly when they are layer norms).
@@ -158,8 +171,8 @@ pub struct Arch {
     pub residual: Residual,
     /// The MLP.
     pub mlp: Mlp,
-    /// Per-head RMSNorm of queries and keys before rotary (Qwen 3).
-    pub qk_norm: bool,
+    /// Norms of queries and keys before rotary.
+    pub qk_norm: QkNorm,
     /// Which projections carry biases.
     pub biases: Biases,
     /// Each query sees at most this many keys, itself included (a sliding window).
@@ -317,7 +330,7 @@ impl Arch {
                 norm: Norm::LayerNorm { eps: c.layer_norm_epsilon },
                 residual: Residual::Sequential,
                 mlp: Mlp::Plain(c.activation),
-                qk_norm: false,
+                qk_norm: QkNorm::None,
                 biases: Biases::ALL,
                 window: None,
                 qkv: QkvLayout::Blocked,
@@ -345,7 +358,7 @@ impl Arch {
                     norm: Norm::LayerNorm { eps: c.layer_norm_eps },
                     residual: if c.use_parallel_residual { Residual::Parallel } else { Residual::Sequential },
                     mlp: Mlp::Plain(c.activation),
-                    qk_norm: false,
+                    qk_norm: QkNorm::None,
                     biases: Biases::ALL,
                     window: None,
                     qkv: QkvLayout::PerHead,
@@ -370,9 +383,13 @@ impl Arch {
                     f32_angles: true,
                 },
                 norm: Norm::RmsNorm { eps: c.rms_norm_eps },
-                residual: Residual::Sequential,
+                residual: if c.family == LlamaFamily::Olmo2 { Residual::PostNorm } else { Residual::Sequential },
                 mlp: Mlp::SwiGlu,
-                qk_norm: c.family == LlamaFamily::Qwen3,
+                qk_norm: match c.family {
+                    LlamaFamily::Qwen3 => QkNorm::PerHead,
+                    LlamaFamily::Olmo2 => QkNorm::Whole,
+                    _ => QkNorm::None,
+                },
                 biases: Biases { qkv: c.qkv_bias, attn_out: c.o_bias, mlp: c.mlp_bias },
                 window: c.sliding_window,
                 qkv: QkvLayout::Blocked,
@@ -497,7 +514,12 @@ impl Arch {
         for i in 0..self.layers {
             let p = |n: &str| format!("model.layers.{i}.{n}");
             let whole = |slot: LayerSlot, n: &str, shape: Vec<usize>| spec(Slot::Layer(i, slot), p(n), shape, (0, 1));
-            out.push(whole(Norm1(Weight), "input_layernorm.weight", vec![d]));
+            // OLMo 2's norms follow the branches: `post_attention_layernorm` after the attention,
+            // `post_feedforward_layernorm` after the MLP.
+            let post = self.residual == Residual::PostNorm;
+            if !post {
+                out.push(whole(Norm1(Weight), "input_layernorm.weight", vec![d]));
+            }
             for (k, (name, rows)) in [("q_proj", a), ("k_proj", kv), ("v_proj", kv)].into_iter().enumerate() {
                 let w = p(&format!("self_attn.{name}.weight"));
                 out.push(spec(Slot::Layer(i, Qkv(Weight)), w, vec![rows, d], (k, 3)));
@@ -509,11 +531,23 @@ impl Arch {
             if o_bias {
                 out.push(whole(AttnOut(Bias), "self_attn.o_proj.bias", vec![d]));
             }
-            if self.qk_norm {
-                out.push(whole(QNorm, "self_attn.q_norm.weight", vec![hd]));
-                out.push(whole(KNorm, "self_attn.k_norm.weight", vec![hd]));
+            match self.qk_norm {
+                QkNorm::None => {}
+                QkNorm::PerHead => {
+                    out.push(whole(QNorm, "self_attn.q_norm.weight", vec![hd]));
+                    out.push(whole(KNorm, "self_attn.k_norm.weight", vec![hd]));
+                }
+                QkNorm::Whole => {
+                    out.push(whole(QNorm, "self_attn.q_norm.weight", vec![a]));
+                    out.push(whole(KNorm, "self_attn.k_norm.weight", vec![kv]));
+                }
             }
-            out.push(whole(Norm2(Weight), "post_attention_layernorm.weight", vec![d]));
+            if post {
+                out.push(whole(Norm1(Weight), "post_attention_layernorm.weight", vec![d]));
+                out.push(whole(Norm2(Weight), "post_feedforward_layernorm.weight", vec![d]));
+            } else {
+                out.push(whole(Norm2(Weight), "post_attention_layernorm.weight", vec![d]));
+            }
             for (slot, name, shape) in [
                 (Gate as fn(Part) -> LayerSlot, "gate_proj", vec![inner, d]),
                 (Up, "up_proj", vec![inner, d]),

@@ -43,6 +43,10 @@ pub(crate) trait Backend {
     /// The MLP of `h`: up projection, bias, activation (gated: `silu(gate(h)) · up(h)`), down
     /// projection (without its bias).
     fn mlp(&mut self, h: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
+    /// A copy of `x` (an operation's input that the residual stream keeps).
+    fn copy(&mut self, x: &Self::Act) -> Result<Self::Act>;
+    /// Gives back a buffer no operation reads any more.
+    fn recycle(&mut self, x: Self::Act) -> Result<()>;
     /// `x += (a + bias_a)` and, when given, `+ (b + bias_b)` (each bias when the architecture has it).
     fn residual(&mut self, x: &mut Self::Act, a: Biased<'_, Self>, b: Option<Biased<'_, Self>>) -> Result<()>;
 }
@@ -55,6 +59,22 @@ pub(crate) type Biased<'w, B> = (<B as Backend>::Act, Option<&'w <B as Backend>:
 pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> Result<B::Act> {
     let mut x = b.embed(&w.embed, w.positions.as_ref())?;
     for (i, l) in w.layers.iter().enumerate() {
+        if arch.residual == Residual::PostNorm {
+            // The branches read the stream itself; their outputs are normed before they are added.
+            let h = b.copy(&x)?;
+            let qkv = b.qkv(h, l)?;
+            let ctx = b.attention(i, qkv, l)?;
+            let attn = b.attention_out(ctx, l)?;
+            let normed = b.norm(&attn, &l.norm1, NormSite::Attention(i))?;
+            b.recycle(attn)?;
+            b.residual(&mut x, (normed, None), None)?;
+            let h = b.copy(&x)?;
+            let mlp = b.mlp(h, l)?;
+            let normed = b.norm(&mlp, &l.norm2, NormSite::Mlp(i))?;
+            b.recycle(mlp)?;
+            b.residual(&mut x, (normed, None), None)?;
+            continue;
+        }
         let h = b.norm(&x, &l.norm1, NormSite::Attention(i))?;
         let qkv = b.qkv(h, l)?;
         let ctx = b.attention(i, qkv, l)?;
@@ -65,7 +85,7 @@ pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> 
                 let mlp = b.mlp(h, l)?;
                 b.residual(&mut x, (attn, l.attn_out.1.as_ref()), Some((mlp, l.down.1.as_ref())))?;
             }
-            Residual::Sequential => {
+            Residual::Sequential | Residual::PostNorm => {
                 b.residual(&mut x, (attn, l.attn_out.1.as_ref()), None)?;
                 let h = b.norm(&x, &l.norm2, NormSite::Mlp(i))?;
                 let mlp = b.mlp(h, l)?;

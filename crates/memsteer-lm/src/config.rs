@@ -82,6 +82,8 @@ pub enum LlamaFamily {
     Qwen2,
     /// `qwen3`: per-head RMSNorm of q and k before rotary.
     Qwen3,
+    /// `olmo2` (OLMo 2): norms after attention and the MLP, RMSNorm of the whole q and k projections.
+    Olmo2,
 }
 
 /// Rotary scaling (`rope_scaling`, or transformers 5's `rope_parameters`).
@@ -321,9 +323,11 @@ impl ModelConfig {
                 }
                 Ok(ModelConfig::GptNeoX(cfg))
             }
-            "llama" | "mistral" | "qwen2" | "qwen3" => Ok(ModelConfig::Llama(llama_config(v, path, model_type)?)),
+            "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" => {
+                Ok(ModelConfig::Llama(llama_config(v, path, model_type)?))
+            }
             other => Err(err(format!(
-                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2 and qwen3"
+                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2, qwen3 and olmo2"
             ))),
         }
     }
@@ -355,6 +359,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         "llama" => LlamaFamily::Llama,
         "mistral" => LlamaFamily::Mistral,
         "qwen2" => LlamaFamily::Qwen2,
+        "olmo2" => LlamaFamily::Olmo2,
         _ => LlamaFamily::Qwen3,
     };
     let present = |key: &str| v.get(key).is_some_and(|x| !x.is_null());
@@ -487,9 +492,16 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
             ));
         }
         LlamaFamily::Mistral => (false, false, false),
+        LlamaFamily::Olmo2 if attention_bias => {
+            return Err(err(
+                "`attention_bias` = true is not supported for olmo2 by this runtime (the output projection's bias would come before its norm)".into(),
+            ));
+        }
+        LlamaFamily::Olmo2 => (false, false, false),
     };
     let eps = match v.get("rms_norm_eps") {
         Some(x) => number(x, "rms_norm_eps")? as f32,
+        None if family == LlamaFamily::Olmo2 => 1e-5,
         None => 1e-6,
     };
     Ok(LlamaConfig {

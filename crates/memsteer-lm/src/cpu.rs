@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::arch::{self, Affine, Arch, LayerTensors, Mlp, Norm, Positions, Tensors};
+use crate::arch::{self, Affine, Arch, LayerTensors, Mlp, Norm, Positions, QkNorm, Tensors};
 use crate::block::{self, Backend, NormSite};
 use crate::ops::{self, Heads, KvCache, Layout};
 use crate::weights::Weights;
@@ -111,7 +111,16 @@ impl Backend for Cpu<'_> {
         }
         let off = a.qkv_offsets();
         if let Some((qn, kn)) = &l.qk_norm {
-            ops::head_rms_norm(&mut qkv, (off, (a.heads, a.kv_heads), a.head_dim), (qn, kn), a.norm_eps());
+            // Per head (Qwen 3: the weights are one head long), or over all heads at once (OLMo 2).
+            let width = if a.qk_norm == QkNorm::Whole { a.head_dim * a.heads } else { a.head_dim };
+            let kv_width = if a.qk_norm == QkNorm::Whole { a.head_dim * a.kv_heads } else { a.head_dim };
+            ops::qk_rms_norm(
+                &mut qkv,
+                (off, (a.heads, a.kv_heads), a.head_dim),
+                (qn, kn),
+                (width, kv_width),
+                a.norm_eps(),
+            );
         }
         let (cos, sin, rows) = &self.rotary;
         ops::rotate(&mut qkv, (off, (a.heads, a.kv_heads), a.rotary_dims() / 2), (cos, sin), rows, false);
@@ -176,6 +185,17 @@ impl Backend for Cpu<'_> {
         let out = self.linear(&mid, &l.down.0, (inner, d))?;
         self.give(mid);
         Ok(out)
+    }
+
+    fn copy(&mut self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut out = self.take(x.len());
+        out.copy_from_slice(x);
+        Ok(out)
+    }
+
+    fn recycle(&mut self, x: Vec<f32>) -> Result<()> {
+        self.give(x);
+        Ok(())
     }
 
     fn residual(

@@ -412,6 +412,17 @@ impl crate::block::Backend for DeviceRun<'_> {
         Ok(out)
     }
 
+    fn copy(&mut self, x: &DevBuf) -> Result<DevBuf> {
+        let out = self.take(x.view().dtype(), x.len())?;
+        self.m.gpu.convert(x.view(), out.view(), x.len())?;
+        Ok(out)
+    }
+
+    fn recycle(&mut self, x: DevBuf) -> Result<()> {
+        self.give(x);
+        Ok(())
+    }
+
     fn residual(
         &mut self,
         x: &mut DevBuf,

@@ -116,26 +116,28 @@ pub(crate) fn rms_norm(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
     });
 }
 
-/// RMSNorm of every query head (weight `qn`) and every key head (weight `kn`) of the fused projection,
-/// in place (Qwen 3's q/k norms, before rotary).
-pub(crate) fn head_rms_norm(
+/// RMSNorm of the queries (weight `qn`) and keys (weight `kn`) of the fused projection, in place, in
+/// groups of `q_width` and `k_width` values: one head (Qwen 3) or all heads at once (OLMo 2; the blocked
+/// layout keeps each projection's heads contiguous).
+pub(crate) fn qk_rms_norm(
     qkv: &mut [f32],
     (off, (heads, kv_heads), hd): (crate::arch::QkvOffsets, (usize, usize), usize),
     (qn, kn): (&[f32], &[f32]),
+    (q_width, k_width): (usize, usize),
     eps: f32,
 ) {
     qkv.par_chunks_mut(off.row).for_each(|row| {
         let mut norm = |at: usize, g: &[f32]| {
-            let x = &mut row[at..at + hd];
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / hd as f32;
+            let x = &mut row[at..at + g.len()];
+            let ms = x.iter().map(|v| v * v).sum::<f32>() / g.len() as f32;
             let inv = 1.0 / (ms + eps).sqrt();
             x.iter_mut().zip(g).for_each(|(v, g)| *v = *v * inv * g);
         };
-        for h in 0..heads {
-            norm(off.q + h * off.head, qn);
+        for h in 0..heads * hd / q_width {
+            norm(off.q + h * q_width / hd * off.head, qn);
         }
-        for h in 0..kv_heads {
-            norm(off.k + h * off.head, kn);
+        for h in 0..kv_heads * hd / k_width {
+            norm(off.k + h * k_width / hd * off.head, kn);
         }
     });
 }

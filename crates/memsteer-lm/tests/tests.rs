@@ -144,12 +144,18 @@ fn qwen3_matches_the_reference() {
     check_golden("tiny-qwen3");
 }
 
+/// Norms after the attention and the MLP, RMSNorm of the whole q and k projections.
+#[test]
+fn olmo2_matches_the_reference() {
+    check_golden("tiny-olmo2");
+}
+
 /// Cached decoding one token at a time gives the full pass's logits, with grouped-query attention,
 /// a sliding window shorter than the sequence, and q/k norms.
 #[test]
 fn llama_family_cached_decoding_equals_the_full_pass() {
     use memsteer_lm::KvCache;
-    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long"] {
+    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long", "tiny-olmo2"] {
         let model = memsteer_lm::Model::load(&fixture(name)).expect("load");
         let seq: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 96).collect();
         let mut cache = KvCache::new();

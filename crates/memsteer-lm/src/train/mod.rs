@@ -631,6 +631,14 @@ impl crate::block::Backend for Tape<'_> {
         Ok(out)
     }
 
+    fn copy(&mut self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn recycle(&mut self, _: Vec<f32>) -> Result<()> {
+        Ok(())
+    }
+
     fn residual(
         &mut self,
         x: &mut Vec<f32>,
