@@ -344,25 +344,40 @@ fn a_toml_config_holds_the_flags_and_the_command_line_overrides_it() {
 
 #[test]
 fn trains_a_gpt2_model_whose_checkpoints_logprobs_reads() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (c, t, v) = setup(dir.path());
-    std::fs::write(
-        &c,
+    trains_and_scores(
         r#"{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 32, "n_positions": 32,
             "n_embd": 16, "n_layer": 2, "n_head": 2, "activation_function": "gelu_new"}"#,
-    )
-    .expect("config");
+        "gpt2",
+    );
+}
+
+/// A Llama config (grouped-query attention, RMSNorm, SwiGLU) in the layout Hub checkpoints carry.
+#[test]
+fn trains_a_llama_model_whose_checkpoints_logprobs_reads() {
+    trains_and_scores(
+        r#"{"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 32,
+            "max_position_embeddings": 32, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": true,
+            "hidden_act": "silu"}"#,
+        "llama",
+    );
+}
+
+fn trains_and_scores(config: &str, model_type: &str) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    std::fs::write(&c, config).expect("config");
     let out = dir.path().join("run");
     ok(&train_args(&c, &t, &v, &out));
     let loss = std::fs::read_to_string(out.join("loss.csv")).expect("loss");
     let rows: Vec<Vec<f64>> =
         loss.lines().skip(1).map(|l| l.split(',').map(|f| f.parse().expect("number")).collect()).collect();
     assert_eq!(rows.len(), 10);
-    assert!(rows[9][1] < rows[0][1] - 0.1, "{loss}");
-    // The checkpoint is a GPT-2 directory (Conv1D `in × out` weights, tied head, learned positions).
+    assert!(rows[9][1] < rows[0][1] - 0.1, "{model_type}: {loss}");
+    // The checkpoint keeps the config's family.
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("step10/config.json")).expect("config")).expect("json");
-    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["model_type"], model_type);
     let panel = dir.path().join("panel.csv");
     ok(&[
         "logprobs",
@@ -387,5 +402,5 @@ fn trains_a_gpt2_model_whose_checkpoints_logprobs_reads() {
             .collect();
         vals.iter().sum::<f64>() / vals.len() as f64
     };
-    assert!(mean_at("10") > mean_at("0") + 1.0, "{} vs {}", mean_at("10"), mean_at("0"));
+    assert!(mean_at("10") > mean_at("0") + 1.0, "{model_type}: {} vs {}", mean_at("10"), mean_at("0"));
 }

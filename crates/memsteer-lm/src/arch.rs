@@ -391,7 +391,8 @@ impl Arch {
                     _ => QkNorm::None,
                 },
                 biases: Biases { qkv: c.qkv_bias, attn_out: c.o_bias, mlp: c.mlp_bias },
-                window: c.sliding_window,
+                // Only Mistral's window is a window (transformers ignores the key elsewhere).
+                window: if c.family == LlamaFamily::Mistral { c.sliding_window } else { None },
                 qkv: QkvLayout::Blocked,
                 weights: WeightLayout::OutputsMajor,
                 tied: c.tie_word_embeddings,

@@ -148,10 +148,10 @@ impl Backend for Cpu<'_> {
             let (ks, vs) = c.extend(index, &k, &v);
             let cached = |data| Heads { data, row_stride: kv, base: 0, head_stride: hd };
             let heads = (fused(off.q), cached(ks), cached(vs));
-            ops::attention_gqa(heads, lay, &|_| 0, shape, a.window, &mut ctx)?;
+            ops::attention(heads, lay, &|_| 0, shape, a.window, &mut ctx)?;
         } else {
             let qkv = (fused(off.q), fused(off.k), fused(off.v));
-            ops::attention_gqa(qkv, lay, &|s| lay.starts[s], shape, a.window, &mut ctx)?;
+            ops::attention(qkv, lay, &|s| lay.starts[s], shape, a.window, &mut ctx)?;
         }
         self.give(qkv);
         Ok(ctx)

@@ -274,20 +274,11 @@ impl<'a> Heads<'a> {
 /// `key_row0(s)..key_row0(s) + past + len` of `k` and `v`. Query `i` of a sequence sits at position
 /// `past + i` and sees keys up to it. One task per (sequence, head); scores are tiled by
 /// `QUERY_BLOCK` query rows and reach only the keys a tile can see.
-pub(crate) fn attention(
-    (q, k, v): (Heads<'_>, Heads<'_>, Heads<'_>),
-    layout: &Layout,
-    key_row0: &(dyn Fn(usize) -> usize + Sync),
-    (heads, hd): (usize, usize),
-    out: &mut [f32],
-) -> Result<()> {
-    attention_gqa((q, k, v), layout, key_row0, (heads, 1, hd), None, out)
-}
-
-/// [`attention`] with `group` query heads sharing each key/value head (grouped-query attention: query
+///
+/// `group` query heads share each key/value head (grouped-query attention: query
 /// head `h` reads key/value head `h / group`) and, when given, a sliding `window`: a query at position
 /// `p` sees the keys at positions `p + 1 − window ..= p` only.
-pub(crate) fn attention_gqa(
+pub(crate) fn attention(
     (q, k, v): (Heads<'_>, Heads<'_>, Heads<'_>),
     layout: &Layout,
     key_row0: &(dyn Fn(usize) -> usize + Sync),

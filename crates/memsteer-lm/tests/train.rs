@@ -1,6 +1,6 @@
-//! The trainer against PyTorch: 20 AdamW steps of a tiny GPTNeoXForCausalLM and of a tiny
-//! GPT2LMHeadModel from the same initial weights on the same batches (goldens made by
-//! `fixtures/train/make_golden.py [--arch gpt2]`).
+//! The trainer against PyTorch: 20 AdamW steps of tiny GPTNeoXForCausalLM, GPT2LMHeadModel,
+//! LlamaForCausalLM and Qwen3ForCausalLM models from the same initial weights on the same batches
+//! (goldens made by `fixtures/train/make_golden.py [--arch gpt2|llama|qwen3]`).
 
 use std::path::PathBuf;
 
@@ -29,6 +29,18 @@ fn twenty_steps_match_pytorch() {
 #[test]
 fn twenty_gpt2_steps_match_pytorch() {
     twenty_steps("golden-gpt2.json", "tiny-gpt2-init");
+}
+
+/// Llama: grouped-query attention (4 query heads, 2 KV heads), RMSNorm, SwiGLU, untied head.
+#[test]
+fn twenty_llama_steps_match_pytorch() {
+    twenty_steps("golden-llama.json", "tiny-llama-init");
+}
+
+/// Qwen 3: per-head q/k RMSNorm, head_dim 16 (not hidden / heads = 8), grouped-query attention, tied head.
+#[test]
+fn twenty_qwen3_steps_match_pytorch() {
+    twenty_steps("golden-qwen3.json", "tiny-qwen3-init");
 }
 
 fn twenty_steps(golden: &str, init: &str) {

@@ -1,4 +1,5 @@
-//! Training any architecture the runtime runs (GPT-2, GPT-NeoX) on CPU, llm.c style: one parameter
+//! Training the architectures the runtime runs (GPT-2, GPT-NeoX, Llama, Mistral, Qwen 2 and 3; not yet
+//! OLMo 2) on CPU, llm.c style: one parameter
 //! buffer with named views in Hugging Face order (the [`crate::arch`] table), an explicit forward and
 //! backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and learning-rate schedules
 //! ([`schedule`]).
@@ -36,7 +37,7 @@ use rayon::prelude::*;
 pub use adamw::{AdamW, AdamWConfig, clip_grad_norm, grad_norm};
 pub use schedule::{LrSchedule, Schedule};
 
-use crate::arch::{Affine, Arch, Family, LayerSlot, LayerTensors, Part, Positions, Residual, Slot, Tensors};
+use crate::arch::{Affine, Arch, Family, LayerSlot, LayerTensors, Mlp, Part, Positions, Residual, Slot, Tensors};
 use crate::block::NormSite;
 use crate::config::{Activation, Gpt2Config, ModelConfig, NeoXConfig};
 use crate::ops::Layout;
@@ -112,8 +113,9 @@ pub fn tiny_gpt2_config(vocab: usize, hidden: usize, layers: usize, heads: usize
 pub struct Params {
     cfg: ModelConfig,
     arch: Arch,
-    /// Index into `tensors` of every slot.
-    slots: Tensors<usize>,
+    /// The range of the parameter buffer of every slot (pieces of one slot, such as the Llama family's
+    /// q, k and v projections, lie next to each other).
+    slots: Tensors<Range<usize>>,
     /// The names each tensor may be stored under (the first is written).
     names: Vec<Vec<String>>,
     /// The `config.json` the parameters were loaded with (written back unchanged on save).
@@ -142,12 +144,12 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
     let (heads, dim) = match cfg {
         ModelConfig::Gpt2(c) => (c.n_head, c.n_embd),
         ModelConfig::GptNeoX(c) => (c.num_attention_heads, c.hidden_size),
-        ModelConfig::Llama(c) => {
-            return bad(format!(
-                "the trainer trains GPT-2 and GPT-NeoX models; {:?} models run (logprobs, steer) but do not train yet",
-                c.family
-            ));
+        ModelConfig::Llama(c) if c.family == crate::config::LlamaFamily::Olmo2 => {
+            return bad(
+                "the trainer trains GPT-2, GPT-NeoX, Llama, Mistral and Qwen models; OLMo 2 (norms after the branches) runs (logprobs, steer) but does not train yet".into(),
+            );
         }
+        ModelConfig::Llama(c) => (c.num_attention_heads, c.num_attention_heads * c.head_dim),
     };
     if heads == 0 || !dim.is_multiple_of(heads) {
         return bad(format!("the hidden size {dim} is not divisible by the {heads} attention heads"));
@@ -167,7 +169,19 @@ impl Params {
         let mut tensors = Vec::new();
         let mut names = Vec::new();
         let mut offset = 0usize;
-        for spec in arch.tensors() {
+        // The pieces of a slot next to each other (the Llama family's q, k and v projection weights,
+        // then their biases), so that the slot is one range; otherwise Hugging Face's order.
+        let mut specs = arch.tensors();
+        let first_of = |slot: Slot, specs: &[crate::arch::TensorSpec]| specs.iter().position(|t| t.slot == slot);
+        let order: Vec<usize> = specs.iter().map(|t| first_of(t.slot, &specs).unwrap_or(0)).collect();
+        let mut idx: Vec<usize> = (0..specs.len()).collect();
+        idx.sort_by_key(|&i| (order[i], i));
+        let mut sorted: Vec<crate::arch::TensorSpec> = Vec::with_capacity(specs.len());
+        for i in idx {
+            sorted.push(specs[i].clone());
+        }
+        specs = sorted;
+        for spec in specs {
             let name = spec.names[0].clone();
             let len = spec
                 .shape
@@ -182,15 +196,24 @@ impl Params {
             |spec| {
                 tensors
                     .iter()
-                    .position(|t| t.slot == spec.slot)
+                    .zip(&names)
+                    .find(|(t, n)| t.slot == spec.slot && **n == spec.names)
+                    .map(|(t, _)| t.range())
                     .ok_or_else(|| LmError::Input(format!("internal: no tensor for {:?}", spec.slot)))
             },
-            |_| Err(LmError::Input("internal: the trainer's tensors are whole, never pieces".into())),
+            |pieces: Vec<Range<usize>>| {
+                let adjacent = pieces.windows(2).all(|w| w[0].end == w[1].start);
+                match (pieces.first(), pieces.last()) {
+                    (Some(a), Some(b)) if adjacent => Ok(a.start..b.end),
+                    _ => Err(LmError::Input("internal: the pieces of a slot are not adjacent".into())),
+                }
+            },
         )?;
         Ok(Self { cfg, arch, slots, names, source_config: None, tensors, data: vec![0.0; offset] })
     }
 
-    /// Random initialisation as Hugging Face's `GPTNeoXPreTrainedModel` and `GPT2PreTrainedModel`
+    /// Random initialisation as Hugging Face's `GPTNeoXPreTrainedModel`, `GPT2PreTrainedModel` and
+    /// `LlamaPreTrainedModel`
     /// (`initializer_range` 0.02): weight matrices and embeddings normal with standard deviation
     /// `std` (GPT-2's two output projections of each block `std / √(2·layers)`), norm weights 1,
     /// biases 0. Draws are counter-based (element `i` of a tensor comes from a SplitMix64 stream keyed
@@ -203,7 +226,13 @@ impl Params {
             let is_norm_weight = matches!(
                 t.slot,
                 Slot::FinalNorm(Part::Weight)
-                    | Slot::Layer(_, LayerSlot::Norm1(Part::Weight) | LayerSlot::Norm2(Part::Weight))
+                    | Slot::Layer(
+                        _,
+                        LayerSlot::Norm1(Part::Weight)
+                            | LayerSlot::Norm2(Part::Weight)
+                            | LayerSlot::QNorm
+                            | LayerSlot::KNorm
+                    )
             );
             if t.shape.len() == 2 {
                 let std = match (p.arch.family, t.slot) {
@@ -340,8 +369,7 @@ impl Params {
                 "initializer_range": 0.02,
                 "torch_dtype": "float32",
             }),
-            // Refused by `Params::zeros`; never reached.
-            ModelConfig::Llama(_) => serde_json::Value::Null,
+            ModelConfig::Llama(c) => llama_config_json(c),
         }
     }
 
@@ -380,25 +408,19 @@ impl Params {
         self.tensors.iter().filter(|t| t.shape.len() == 2).map(TensorInfo::range).collect()
     }
 
-    fn t(&self, i: usize) -> &[f32] {
-        &self.data[self.tensors[i].range()]
+    fn t(&self, r: &Range<usize>) -> &[f32] {
+        &self.data[r.clone()]
     }
 
     /// A norm's or a linear layer's weight and bias.
-    fn pair(&self, p: &Affine<usize>) -> Result<(&[f32], &[f32])> {
-        let (w, b) = full(p)?;
-        Ok((self.t(w), self.t(b)))
-    }
-
-    /// The activation of the (plain) MLP: the trainer trains GPT-2 and GPT-NeoX only.
-    fn activation(&self) -> Result<Activation> {
-        self.arch.activation().ok_or_else(|| LmError::Input("internal: the trainer runs plain MLPs only".into()))
+    fn pair(&self, p: &Affine<Range<usize>>) -> Result<(&[f32], &[f32])> {
+        Ok((self.t(&p.0), self.t(crate::arch::bias(p)?)))
     }
 
     /// `log p(x_t | x_<t)` for `t = 1..T` of every sequence, by the trainer's forward pass.
     pub fn token_log_probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let acts = self.forward(seqs)?;
-        let out = self.t(*self.slots.output());
+        let out = self.t(self.slots.output());
         let lp = ops::output_layer(&acts.hf, out, &acts.layout, &acts.tokens, self.arch.dim, None)?;
         let mut result = Vec::with_capacity(seqs.len());
         let mut at = 0;
@@ -433,71 +455,96 @@ impl Params {
         let (d, inter, width, wl) = (arch.dim, arch.inner, arch.qkv_width(), arch.weights);
         let n = acts.layout.rows();
         let mut dhf = vec![0.0f32; n * d];
-        let out = *self.slots.output();
+        let out = self.slots.output().clone();
         let lp = ops::output_layer(
             &acts.hf,
-            self.t(out),
+            self.t(&out),
             &acts.layout,
             &acts.tokens,
             d,
-            Some((&mut dhf, &mut grads[self.tensors[out].range()])),
+            Some((&mut dhf, &mut grads[out])),
         )?;
         let loss = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
-        // Final norm.
-        let f = full(&self.slots.final_norm)?;
         let mut dx = vec![0.0f32; n * d];
-        {
-            let (dg, db) = pair_mut(grads, &self.tensors, f);
-            ops::layer_norm_backward(&dhf, &acts.x_final, (&acts.mean_f, &acts.rstd_f), self.t(f.0), &mut dx, dg, db);
-        }
-        let mut dmid = vec![0.0f32; n * inter];
+        self.norm_backward(&dhf, &acts.final_norm, &self.slots.final_norm, &mut dx, grads)?;
         let mut dh = vec![0.0f32; n * d];
-        let mut dctx = vec![0.0f32; n * d];
+        let mut dctx = vec![0.0f32; n * arch.attn_dim()];
         let mut dqkv = vec![0.0f32; n * width];
         let parallel = arch.residual == Residual::Parallel;
-        let act = self.activation()?;
+        let w = |p: &Affine<Range<usize>>| (self.t(&p.0), wl);
         for (s, a) in self.slots.layers.iter().zip(&acts.layers).rev() {
-            let (qkv, attn_out, up, down) = (full(&s.qkv)?, full(&s.attn_out)?, full(&s.up)?, full(&s.down)?);
-            let (norm1, norm2) = (full(&s.norm1)?, full(&s.norm2)?);
-            // The MLP branch: its input is x_in (parallel) or the stream after the attention (sequential).
-            let mlp_in = &a.mlp_in;
             let mut dres = dx.clone();
-            let w = |i: (usize, usize)| (self.t(i.0), wl);
-            ops::linear_backward(&dx, &a.mid, w(down), n, Some(&mut dmid), pair_mut(grads, &self.tensors, down))?;
-            ops::gelu_backward(&mut dmid, &a.pre, act);
-            ops::linear_backward(&dmid, &a.h2, w(up), n, Some(&mut dh), pair_mut(grads, &self.tensors, up))?;
-            {
-                let (dg, db) = pair_mut(grads, &self.tensors, norm2);
-                ops::layer_norm_backward(&dh, mlp_in, (&a.mean2, &a.rstd2), self.t(norm2.0), &mut dres, dg, db);
+            // The MLP branch, from the gradient at its output.
+            let mut dmid = vec![0.0f32; n * inter];
+            ops::linear_backward(&dx, &a.mid, w(&s.down), n, Some(&mut dmid), affine_mut(grads, &s.down))?;
+            match (&a.gate, &s.gate) {
+                (Some(gate_pre), Some(gate)) => {
+                    let (dgate, dup) = ops::swiglu_backward(&dmid, gate_pre, &a.pre);
+                    let mut dh_gate = vec![0.0f32; n * d];
+                    ops::linear_backward(&dgate, &a.h2, w(gate), n, Some(&mut dh_gate), affine_mut(grads, gate))?;
+                    ops::linear_backward(&dup, &a.h2, w(&s.up), n, Some(&mut dh), affine_mut(grads, &s.up))?;
+                    dh.iter_mut().zip(&dh_gate).for_each(|(a, b)| *a += b);
+                }
+                (None, None) => {
+                    let act = arch.activation().ok_or_else(|| LmError::Input("internal: no activation".into()))?;
+                    ops::gelu_backward(&mut dmid, &a.pre, act);
+                    ops::linear_backward(&dmid, &a.h2, w(&s.up), n, Some(&mut dh), affine_mut(grads, &s.up))?;
+                }
+                _ => return Err(LmError::Input("internal: a gate without its recorded input".into())),
             }
-            // The attention branch: its output gradient is dx (parallel) or the gradient at mlp_in.
-            // (Sequential: `dres` now holds the gradient at mlp_in, which also flows on to x_in.)
+            self.norm_backward(&dh, &a.norm2, &s.norm2, &mut dres, grads)?;
+            // The attention branch: its output gradient is dx (parallel) or the gradient at the MLP norm's
+            // input (sequential: `dres` now holds it, and it also flows on to x_in).
             let dattn = if parallel { dx.clone() } else { dres.clone() };
-            let dense = pair_mut(grads, &self.tensors, attn_out);
-            ops::linear_backward(&dattn, &a.ctx, w(attn_out), n, Some(&mut dctx), dense)?;
+            ops::linear_backward(&dattn, &a.ctx, w(&s.attn_out), n, Some(&mut dctx), affine_mut(grads, &s.attn_out))?;
             ops::attention_backward(&dctx, &a.qkv, &acts.layout, arch, &mut dqkv)?;
             acts.rotary.apply(&mut dqkv, &acts.layout.positions, true);
-            ops::linear_backward(&dqkv, &a.h1, w(qkv), n, Some(&mut dh), pair_mut(grads, &self.tensors, qkv))?;
-            {
-                let (dg, db) = pair_mut(grads, &self.tensors, norm1);
-                ops::layer_norm_backward(&dh, &a.x_in, (&a.mean1, &a.rstd1), self.t(norm1.0), &mut dres, dg, db);
+            if let (Some(stats), Some((qn, kn))) = (&a.qk_norm, &s.qk_norm) {
+                let (dqn, dkn) = two_mut(grads, qn, kn)?;
+                let stats = (stats.0.as_slice(), stats.1.as_slice(), stats.2.as_slice());
+                ops::qk_norm_backward(&mut dqkv, stats, arch, (self.t(qn), self.t(kn)), (dqn, dkn), n);
             }
+            ops::linear_backward(&dqkv, &a.h1, w(&s.qkv), n, Some(&mut dh), affine_mut(grads, &s.qkv))?;
+            self.norm_backward(&dh, &a.norm1, &s.norm1, &mut dres, grads)?;
             dx = dres;
         }
         // Embeddings: rows in order, so repeated tokens (and positions) add up in a fixed order.
-        let emb = &mut grads[self.tensors[self.slots.embed].range()];
+        let emb = &mut grads[self.slots.embed.clone()];
         for (r, &tok) in acts.tokens.iter().enumerate() {
             let row = &mut emb[tok as usize * d..(tok as usize + 1) * d];
             row.iter_mut().zip(&dx[r * d..(r + 1) * d]).for_each(|(g, v)| *g += v);
         }
-        if let Some(p) = self.slots.positions {
-            let wpe = &mut grads[self.tensors[p].range()];
+        if let Some(p) = &self.slots.positions {
+            let wpe = &mut grads[p.clone()];
             for (r, &pos) in acts.layout.positions.iter().enumerate() {
                 let row = &mut wpe[pos * d..(pos + 1) * d];
                 row.iter_mut().zip(&dx[r * d..(r + 1) * d]).for_each(|(g, v)| *g += v);
             }
         }
         Ok(loss)
+    }
+
+    /// Backward of a norm: `dx += ∂/∂x` of `dout`, and its weight's (and bias's) gradients.
+    fn norm_backward(
+        &self,
+        dout: &[f32],
+        rec: &NormRecord,
+        p: &Affine<Range<usize>>,
+        dx: &mut [f32],
+        grads: &mut [f32],
+    ) -> Result<()> {
+        match self.arch.norm {
+            crate::arch::Norm::LayerNorm { .. } => {
+                let (dg, db) = affine_mut(grads, p);
+                let db = db.ok_or_else(|| LmError::Input("internal: a layer norm without its bias".into()))?;
+                ops::layer_norm_backward(dout, &rec.x, (&rec.mean, &rec.rstd), self.t(&p.0), dx, dg, db);
+            }
+            crate::arch::Norm::RmsNorm { .. } => {
+                let (dg, _) = affine_mut(grads, p);
+                ops::rms_norm_backward(dout, &rec.x, &rec.rstd, self.t(&p.0), dx, dg);
+            }
+        }
+        Ok(())
     }
 
     /// Checks the batch and lays it out.
@@ -532,23 +579,23 @@ impl Params {
         };
         let hf = crate::block::forward(&self.arch, &self.slots, &mut tape)?;
         let Tape { rotary, layers, last, .. } = tape;
-        let (x_final, mean_f, rstd_f) =
+        let final_norm =
             last.ok_or_else(|| LmError::Input("internal: the forward pass ended without its final norm".into()))?;
-        Ok(Activations { layout, tokens, rotary, layers, x_final, hf, mean_f, rstd_f })
+        Ok(Activations { layout, tokens, rotary, layers, final_norm, hf })
     }
 }
 
 /// The trainer's backend of the block loop: the CPU runtime's operations (the trainer's copies of
 /// them, which also return the norms' statistics) on the parameter buffer, recording every input the
-/// backward needs as it goes. Weights are indices into [`Params::tensors`].
+/// backward needs as it goes. Weights are ranges of the parameter buffer.
 struct Tape<'a> {
     p: &'a Params,
     layout: &'a Layout,
     tokens: &'a [u32],
     rotary: ops::Rotary,
     layers: Vec<LayerActs>,
-    /// The final norm's input and statistics.
-    last: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+    /// The final norm's record.
+    last: Option<NormRecord>,
 }
 
 impl Tape<'_> {
@@ -556,15 +603,17 @@ impl Tape<'_> {
         self.layers.last_mut().ok_or_else(|| LmError::Input("internal: a layer operation before its norm".into()))
     }
 
-    fn linear(&self, x: &[f32], p: &Affine<usize>, din: usize) -> Result<Vec<f32>> {
-        let (w, b) = full(p)?;
-        let mut y = vec![0.0f32; self.layout.rows() * self.p.tensors[b].len()];
-        ops::linear_forward(x, (self.p.t(w), self.p.t(b), self.p.arch.weights), self.layout.rows(), din, &mut y)?;
+    /// `x W + b` (the bias when the layer has one), `rows × outputs`.
+    fn linear(&self, x: &[f32], p: &Affine<Range<usize>>, (din, dout): (usize, usize)) -> Result<Vec<f32>> {
+        let mut y = self.project(x, &p.0, (din, dout))?;
+        if let Some(b) = &p.1 {
+            crate::ops::bias_act(&mut y, self.p.t(b), None);
+        }
         Ok(y)
     }
 
-    /// `x W` without the bias (added by the residual).
-    fn project(&self, x: &[f32], w: usize, (din, dout): (usize, usize)) -> Result<Vec<f32>> {
+    /// `x W` without the bias.
+    fn project(&self, x: &[f32], w: &Range<usize>, (din, dout): (usize, usize)) -> Result<Vec<f32>> {
         let rows = self.layout.rows();
         let mut y = vec![0.0f32; rows * dout];
         crate::ops::linear(x, self.p.t(w), self.p.arch.weights, (rows, din, dout), &mut y)?;
@@ -574,60 +623,81 @@ impl Tape<'_> {
 
 impl crate::block::Backend for Tape<'_> {
     type Act = Vec<f32>;
-    type W = usize;
+    type W = Range<usize>;
 
-    fn embed(&mut self, embed: &usize, positions: Option<&usize>) -> Result<Vec<f32>> {
+    fn embed(&mut self, embed: &Range<usize>, positions: Option<&Range<usize>>) -> Result<Vec<f32>> {
         let arch = &self.p.arch;
-        let learned = if arch.positions == Positions::Learned { positions.map(|&p| self.p.t(p)) } else { None };
-        Ok(crate::ops::embed(self.tokens.iter(), &self.layout.positions, (self.p.t(*embed), learned), arch.dim))
+        let learned = if arch.positions == Positions::Learned { positions.map(|p| self.p.t(p)) } else { None };
+        Ok(crate::ops::embed(self.tokens.iter(), &self.layout.positions, (self.p.t(embed), learned), arch.dim))
     }
 
-    fn norm(&mut self, x: &Vec<f32>, p: &Affine<usize>, site: NormSite) -> Result<Vec<f32>> {
+    fn norm(&mut self, x: &Vec<f32>, p: &Affine<Range<usize>>, site: NormSite) -> Result<Vec<f32>> {
         let n = self.layout.rows();
-        let (mut h, mut mean, mut rstd) = (vec![0.0f32; x.len()], vec![0.0f32; n], vec![0.0f32; n]);
-        ops::layer_norm_forward(x, self.p.pair(p)?, self.p.arch.norm_eps(), &mut h, &mut mean, &mut rstd);
+        let (mut h, mut mean, mut rstd) = (vec![0.0f32; x.len()], Vec::new(), vec![0.0f32; n]);
+        match self.p.arch.norm {
+            crate::arch::Norm::LayerNorm { eps } => {
+                mean = vec![0.0f32; n];
+                ops::layer_norm_forward(x, self.p.pair(p)?, eps, &mut h, &mut mean, &mut rstd);
+            }
+            crate::arch::Norm::RmsNorm { eps } => ops::rms_norm_forward(x, self.p.t(&p.0), eps, &mut h, &mut rstd),
+        }
+        let rec = NormRecord { x: x.clone(), mean, rstd };
         match site {
-            NormSite::Attention(_) => {
-                self.layers.push(LayerActs { x_in: x.clone(), mean1: mean, rstd1: rstd, ..LayerActs::default() })
-            }
-            NormSite::Mlp(_) => {
-                let a = self.layer()?;
-                (a.mlp_in, a.mean2, a.rstd2) = (x.clone(), mean, rstd);
-            }
-            NormSite::Final => self.last = Some((x.clone(), mean, rstd)),
+            NormSite::Attention(_) => self.layers.push(LayerActs { norm1: rec, ..LayerActs::default() }),
+            NormSite::Mlp(_) => self.layer()?.norm2 = rec,
+            NormSite::Final => self.last = Some(rec),
         }
         Ok(h)
     }
 
-    fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
-        let mut qkv = self.linear(&h, &l.qkv, self.p.arch.dim)?;
+    fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
+        let arch = &self.p.arch;
+        let mut qkv = self.linear(&h, &l.qkv, (arch.dim, arch.qkv_width()))?;
+        let stats = match &l.qk_norm {
+            Some((qn, kn)) => {
+                Some(ops::qk_norm_forward(&mut qkv, arch, (self.p.t(qn), self.p.t(kn)), self.layout.rows()))
+            }
+            None => None,
+        };
         self.rotary.apply(&mut qkv, &self.layout.positions, false);
-        self.layer()?.h1 = h;
+        let a = self.layer()?;
+        (a.h1, a.qk_norm) = (h, stats);
         Ok(qkv)
     }
 
-    fn attention(&mut self, _: usize, qkv: Vec<f32>, _: &LayerTensors<usize>) -> Result<Vec<f32>> {
-        let mut ctx = vec![0.0f32; self.layout.rows() * self.p.arch.dim];
+    fn attention(&mut self, _: usize, qkv: Vec<f32>, _: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
+        let mut ctx = vec![0.0f32; self.layout.rows() * self.p.arch.attn_dim()];
         ops::attention_forward(&qkv, self.layout, &self.p.arch, &mut ctx)?;
         self.layer()?.qkv = qkv;
         Ok(ctx)
     }
 
-    fn attention_out(&mut self, ctx: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
-        let d = self.p.arch.dim;
-        let out = self.project(&ctx, l.attn_out.0, (d, d))?;
+    fn attention_out(&mut self, ctx: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
+        let arch = &self.p.arch;
+        let out = self.project(&ctx, &l.attn_out.0, (arch.attn_dim(), arch.dim))?;
         self.layer()?.ctx = ctx;
         Ok(out)
     }
 
-    fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<usize>) -> Result<Vec<f32>> {
+    fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
         let (d, inter) = (self.p.arch.dim, self.p.arch.inner);
-        let pre = self.linear(&h, &l.up, d)?;
-        let mut mid = vec![0.0f32; pre.len()];
-        ops::gelu_forward(&pre, self.p.activation()?, &mut mid);
-        let out = self.project(&mid, l.down.0, (inter, d))?;
+        let pre = self.linear(&h, &l.up, (d, inter))?;
+        let (gate, mid) = match (self.p.arch.mlp, &l.gate) {
+            (Mlp::Plain(act), _) => {
+                let mut mid = vec![0.0f32; pre.len()];
+                ops::gelu_forward(&pre, act, &mut mid);
+                (None, mid)
+            }
+            (Mlp::SwiGlu, Some(g)) => {
+                let gate = self.linear(&h, g, (d, inter))?;
+                let mid = ops::swiglu_forward(&gate, &pre);
+                (Some(gate), mid)
+            }
+            (Mlp::SwiGlu, None) => return Err(LmError::Input("internal: a gated MLP without its gate".into())),
+        };
+        let out = self.project(&mid, &l.down.0, (inter, d))?;
         let a = self.layer()?;
-        (a.h2, a.pre, a.mid) = (h, pre, mid);
+        (a.h2, a.pre, a.gate, a.mid) = (h, pre, gate, mid);
         Ok(out)
     }
 
@@ -642,15 +712,17 @@ impl crate::block::Backend for Tape<'_> {
     fn residual(
         &mut self,
         x: &mut Vec<f32>,
-        (mut a, ba): (Vec<f32>, Option<&usize>),
-        b: Option<(Vec<f32>, Option<&usize>)>,
+        (mut a, ba): (Vec<f32>, Option<&Range<usize>>),
+        b: Option<(Vec<f32>, Option<&Range<usize>>)>,
     ) -> Result<()> {
-        let bias =
-            |b: Option<&usize>| b.map(|&i| self.p.t(i)).ok_or_else(|| LmError::Input("internal: missing bias".into()));
-        crate::ops::bias_act(&mut a, bias(ba)?, None);
+        if let Some(bias) = ba {
+            crate::ops::bias_act(&mut a, self.p.t(bias), None);
+        }
         match b {
             Some((mut b, bb)) => {
-                crate::ops::bias_act(&mut b, bias(bb)?, None);
+                if let Some(bias) = bb {
+                    crate::ops::bias_act(&mut b, self.p.t(bias), None);
+                }
                 crate::ops::residual(x, &a, Some(&b));
             }
             None => crate::ops::residual(x, &a, None),
@@ -665,24 +737,34 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
         .map_err(|e| LmError::Config { path: path.into(), message: format!("not valid JSON: {e}") })
 }
 
-/// A weight's and its bias's indices: the trainer trains architectures with biases everywhere.
-fn full(p: &Affine<usize>) -> Result<(usize, usize)> {
-    Ok((p.0, *crate::arch::bias(p)?))
+/// The gradients of a weight (or norm gain) and of its bias when it has one, both writable.
+fn affine_mut<'a>(grads: &'a mut [f32], (w, b): &Affine<Range<usize>>) -> (&'a mut [f32], Option<&'a mut [f32]>) {
+    match b {
+        None => (&mut grads[w.clone()], None),
+        Some(b) => {
+            let (x, y) = split_two(grads, w, b);
+            (x, Some(y))
+        }
+    }
 }
 
-/// The gradients of a weight (or norm gain) and its bias, both writable (disjoint ranges).
-fn pair_mut<'a>(
-    grads: &'a mut [f32],
-    tensors: &[TensorInfo],
-    (w, b): (usize, usize),
-) -> (&'a mut [f32], &'a mut [f32]) {
-    let (w, b) = (tensors[w].range(), tensors[b].range());
-    if w.end <= b.start {
-        let (head, tail) = grads.split_at_mut(b.start);
-        (&mut head[w], &mut tail[..b.len()])
+/// Two disjoint ranges of `grads`, both writable.
+fn two_mut<'a>(grads: &'a mut [f32], a: &Range<usize>, b: &Range<usize>) -> Result<(&'a mut [f32], &'a mut [f32])> {
+    if a.end <= b.start || b.end <= a.start {
+        Ok(split_two(grads, a, b))
     } else {
-        let (head, tail) = grads.split_at_mut(w.start);
-        (&mut tail[..w.len()], &mut head[b])
+        Err(LmError::Input("internal: overlapping parameter ranges".into()))
+    }
+}
+
+/// Disjoint ranges `a` and `b` of `grads`, in that order.
+fn split_two<'a>(grads: &'a mut [f32], a: &Range<usize>, b: &Range<usize>) -> (&'a mut [f32], &'a mut [f32]) {
+    if a.end <= b.start {
+        let (head, tail) = grads.split_at_mut(b.start);
+        (&mut head[a.clone()], &mut tail[..b.len()])
+    } else {
+        let (head, tail) = grads.split_at_mut(a.start);
+        (&mut tail[..a.len()], &mut head[b.clone()])
     }
 }
 
@@ -690,22 +772,32 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     memsteer_panel::durable::write_bytes(path, bytes).map_err(|source| LmError::Io { path: path.into(), source })
 }
 
+/// A norm's input and statistics (`mean` empty for RMSNorm).
+#[derive(Debug, Default)]
+struct NormRecord {
+    x: Vec<f32>,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
 /// What one layer's forward keeps for its backward.
 #[derive(Debug, Default)]
 struct LayerActs {
-    /// The residual stream entering the layer (the attention norm's input).
-    x_in: Vec<f32>,
+    /// The attention norm (its input is the residual stream entering the layer).
+    norm1: NormRecord,
     h1: Vec<f32>,
-    mean1: Vec<f32>,
-    rstd1: Vec<f32>,
+    /// The projection before its q/k norms, and their statistics (query groups, key groups).
+    qk_norm: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
     qkv: Vec<f32>,
     ctx: Vec<f32>,
-    /// The MLP norm's input: `x_in` (parallel residual) or the stream after the attention (sequential).
-    mlp_in: Vec<f32>,
+    /// The MLP norm (its input: the stream entering the layer with a parallel residual, the stream
+    /// after the attention with a sequential one).
+    norm2: NormRecord,
     h2: Vec<f32>,
-    mean2: Vec<f32>,
-    rstd2: Vec<f32>,
+    /// The up projection's output (before the activation of a plain MLP).
     pre: Vec<f32>,
+    /// The gate projection's output (gated MLPs).
+    gate: Option<Vec<f32>>,
     mid: Vec<f32>,
 }
 
@@ -716,10 +808,8 @@ struct Activations {
     tokens: Vec<u32>,
     rotary: ops::Rotary,
     layers: Vec<LayerActs>,
-    x_final: Vec<f32>,
+    final_norm: NormRecord,
     hf: Vec<f32>,
-    mean_f: Vec<f32>,
-    rstd_f: Vec<f32>,
 }
 
 /// Settings of a training run.
@@ -911,3 +1001,47 @@ impl Trainer {
 
 #[cfg(test)]
 mod tests;
+
+/// The Hugging Face `config.json` of a Llama-family configuration (used when a model is initialised
+/// in code rather than from a file, whose contents are kept instead).
+fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
+    use crate::config::{LlamaFamily, RopeScaling};
+    let (model_type, arch) = match c.family {
+        LlamaFamily::Llama => ("llama", "LlamaForCausalLM"),
+        LlamaFamily::Mistral => ("mistral", "MistralForCausalLM"),
+        LlamaFamily::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
+        LlamaFamily::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
+        LlamaFamily::Olmo2 => ("olmo2", "Olmo2ForCausalLM"),
+    };
+    let scaling = match c.rope_scaling {
+        RopeScaling::None => serde_json::Value::Null,
+        RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => serde_json::json!({
+            "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_context,
+        }),
+    };
+    let eps: f64 = c.rms_norm_eps.to_string().parse().unwrap_or(f64::from(c.rms_norm_eps));
+    serde_json::json!({
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": c.max_position_embeddings,
+        "rms_norm_eps": eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.qkv_bias && c.family != LlamaFamily::Qwen2,
+        "mlp_bias": c.mlp_bias,
+        "sliding_window": if c.family == LlamaFamily::Mistral { serde_json::json!(c.sliding_window) } else { serde_json::Value::Null },
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "torch_dtype": "float32",
+    })
+}

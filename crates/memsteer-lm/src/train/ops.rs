@@ -88,7 +88,9 @@ pub(crate) fn layer_norm_backward(
 }
 
 /// `y = x Wᵀ + b` with `W` stored `out × in` (PyTorch `Linear`), or `y = x W + b` with `W` stored
-/// `in × out` (GPT-2's `Conv1D`): the runtime's products.
+/// `in × out` (GPT-2's `Conv1D`): the runtime's products (the trainer's backend adds optional biases
+/// itself; the gradient checks use this).
+#[cfg(test)]
 pub(crate) fn linear_forward(
     x: &[f32],
     (w, b, layout): (&[f32], &[f32], WeightLayout),
@@ -133,17 +135,17 @@ pub(crate) fn bias_grad(dy: &[f32], db: &mut [f32]) {
 }
 
 /// Backward of [`linear_forward`]: `dx = dy W` (or `dy Wᵀ` for `in × out` storage; overwritten, when
-/// asked), `dw += dyᵀ x` (or `xᵀ dy`), `db += Σ dy`.
+/// asked), `dw += dyᵀ x` (or `xᵀ dy`), `db += Σ dy` (when the layer has a bias).
 pub(crate) fn linear_backward(
     dy: &[f32],
     x: &[f32],
     (w, layout): (&[f32], WeightLayout),
     rows: usize,
     dx: Option<&mut [f32]>,
-    (dw, db): (&mut [f32], &mut [f32]),
+    (dw, db): (&mut [f32], Option<&mut [f32]>),
 ) -> Result<()> {
-    let dout = db.len();
-    let din = w.len() / dout;
+    let dout = dy.len() / rows.max(1);
+    let din = w.len() / dout.max(1);
     match layout {
         WeightLayout::OutputsMajor => {
             if let Some(dx) = dx {
@@ -159,8 +161,147 @@ pub(crate) fn linear_backward(
             weight_grad(x, dy, rows, dout, dw)?;
         }
     }
-    bias_grad(dy, db);
+    if let Some(db) = db {
+        bias_grad(dy, db);
+    }
     Ok(())
+}
+
+/// RMSNorm of every row, `out = x·rstd·g`, keeping `rstd` for the backward (the runtime's formulas).
+pub(crate) fn rms_norm_forward(x: &[f32], g: &[f32], eps: f32, out: &mut [f32], rstd: &mut [f32]) {
+    let d = g.len();
+    out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).zip(rstd.par_chunks_mut(ROW_BLOCK)).for_each(
+        |((out, x), rstd)| {
+            for ((row, o), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(rstd) {
+                let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                let inv = 1.0 / (ms + eps).sqrt();
+                for i in 0..d {
+                    o[i] = row[i] * inv * g[i];
+                }
+                *r = inv;
+            }
+        },
+    );
+}
+
+/// Backward of [`rms_norm_forward`] (rows of `g.len()` values): `dx += rstd·(u − x·rstd²·mean(u·x))`
+/// with `u = dout·g`, `dg += Σ dout·x·rstd`.
+pub(crate) fn rms_norm_backward(dout: &[f32], x: &[f32], rstd: &[f32], g: &[f32], dx: &mut [f32], dg: &mut [f32]) {
+    let d = g.len();
+    let rows = rstd.len();
+    dx.par_chunks_mut(ROW_BLOCK * d).enumerate().for_each(|(blk, dx)| {
+        for (i, dxr) in dx.chunks_exact_mut(d).enumerate() {
+            let r = blk * ROW_BLOCK + i;
+            let (xr, dr, inv) = (&x[r * d..(r + 1) * d], &dout[r * d..(r + 1) * d], rstd[r]);
+            let m: f32 = (0..d).map(|j| dr[j] * g[j] * xr[j]).sum::<f32>() / d as f32;
+            for j in 0..d {
+                dxr[j] += inv * (dr[j] * g[j] - xr[j] * inv * inv * m);
+            }
+        }
+    });
+    let mut acc = vec![0.0f32; d];
+    blocked_sum(rows, d, &mut acc, |range, p| {
+        for r in range {
+            let (xr, dr) = (&x[r * d..(r + 1) * d], &dout[r * d..(r + 1) * d]);
+            for j in 0..d {
+                p[j] += dr[j] * xr[j] * rstd[r];
+            }
+        }
+    });
+    dg.iter_mut().zip(&acc).for_each(|(a, v)| *a += v);
+}
+
+/// The positions, in the fused rows, of row `row`'s q (`q == true`) or k values, heads in order (so that
+/// consecutive groups of a norm's width are one head, or all heads at once).
+fn qk_columns(arch: &Arch, q: bool) -> impl Fn(usize) -> Vec<usize> {
+    let (off, hd) = (arch.qkv_offsets(), arch.head_dim);
+    let (base, heads) = if q { (off.q, arch.heads) } else { (off.k, arch.kv_heads) };
+    move |row| {
+        (0..heads * hd)
+            .map(|c| {
+                let (h, i) = (c / hd, c % hd);
+                row * off.row + base + h * off.head + i
+            })
+            .collect()
+    }
+}
+
+/// The q/k norms of the runtime ([`crate::ops::qk_rms_norm`]) on the fused rows, in place, keeping the
+/// normed inputs (`pre`, a copy of `qkv` before) and each group's `rstd` for the backward.
+pub(crate) fn qk_norm_forward(
+    qkv: &mut [f32],
+    arch: &Arch,
+    (qn, kn): (&[f32], &[f32]),
+    rows: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let pre = qkv.to_vec();
+    let mut stats = [Vec::new(), Vec::new()];
+    for (k, (q, g)) in [(true, qn), (false, kn)].into_iter().enumerate() {
+        let cols = qk_columns(arch, q);
+        let mut x: Vec<f32> = (0..rows).flat_map(|r| cols(r).into_iter().map(|c| pre[c])).collect();
+        let mut rstd = vec![0.0f32; x.len() / g.len()];
+        let mut out = vec![0.0f32; x.len()];
+        rms_norm_forward(&x, g, arch.norm_eps(), &mut out, &mut rstd);
+        x.clear();
+        for (r, chunk) in out.chunks(out.len() / rows.max(1)).enumerate() {
+            for (c, v) in cols(r).into_iter().zip(chunk) {
+                qkv[c] = *v;
+            }
+        }
+        stats[k] = rstd;
+    }
+    let [q, k] = stats;
+    (pre, q, k)
+}
+
+/// Backward of [`qk_norm_forward`]: `dqkv` holds gradients with respect to the normed q and k (and
+/// v); afterwards, with respect to the projection's output. Accumulates the norm weights' gradients.
+pub(crate) fn qk_norm_backward(
+    dqkv: &mut [f32],
+    (pre, q_rstd, k_rstd): (&[f32], &[f32], &[f32]),
+    arch: &Arch,
+    (qn, kn): (&[f32], &[f32]),
+    (dqn, dkn): (&mut [f32], &mut [f32]),
+    rows: usize,
+) {
+    for (q, g, rstd, dg) in [(true, qn, q_rstd, dqn), (false, kn, k_rstd, dkn)] {
+        let cols = qk_columns(arch, q);
+        let gather =
+            |buf: &[f32]| -> Vec<f32> { (0..rows).flat_map(|r| cols(r).into_iter().map(|c| buf[c])).collect() };
+        let (x, dout) = (gather(pre), gather(dqkv));
+        let mut dx = vec![0.0f32; x.len()];
+        rms_norm_backward(&dout, &x, rstd, g, &mut dx, dg);
+        for (r, chunk) in dx.chunks(dx.len() / rows.max(1)).enumerate() {
+            for (c, v) in cols(r).into_iter().zip(chunk) {
+                dqkv[c] = *v;
+            }
+        }
+    }
+}
+
+/// `mid = silu(gate) · up` (SwiGLU), elementwise, as the runtime computes it.
+pub(crate) fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let mut mid = up.to_vec();
+    crate::ops::silu_mul(gate, &mut mid);
+    mid
+}
+
+/// Backward of [`swiglu_forward`]: from `dmid`, `dgate = dmid·up·silu'(gate)` and `dup = dmid·silu(gate)`
+/// (`silu'(g) = σ(g)(1 + g(1 − σ(g)))`).
+pub(crate) fn swiglu_backward(dmid: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut dgate = vec![0.0f32; dmid.len()];
+    let mut dup = vec![0.0f32; dmid.len()];
+    const CHUNK: usize = 1 << 14;
+    dgate.par_chunks_mut(CHUNK).zip(dup.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, (dg, du))| {
+        let at = c * CHUNK;
+        for i in 0..dg.len() {
+            let (g, u, d) = (gate[at + i], up[at + i], dmid[at + i]);
+            let sig = 1.0 / (1.0 + vmath::exp(-g));
+            du[i] = d * g * sig;
+            dg[i] = d * u * sig * (1.0 + g * (1.0 - sig));
+        }
+    });
+    (dgate, dup)
 }
 
 /// `post = gelu(pre)` with the runtime's vectorised GELU.
@@ -235,13 +376,15 @@ impl Rotary {
 pub(crate) fn attention_forward(qkv: &[f32], layout: &Layout, arch: &Arch, ctx: &mut [f32]) -> Result<()> {
     let off = arch.qkv_offsets();
     let fused = |base| Heads { data: qkv, row_stride: off.row, base, head_stride: off.head };
-    let heads = (arch.heads, arch.head_dim);
-    crate::ops::attention((fused(off.q), fused(off.k), fused(off.v)), layout, &|s| layout.starts[s], heads, ctx)
+    let shape = (arch.heads, arch.heads / arch.kv_heads, arch.head_dim);
+    let qkv = (fused(off.q), fused(off.k), fused(off.v));
+    crate::ops::attention(qkv, layout, &|s| layout.starts[s], shape, arch.window, ctx)
 }
 
 /// Backward of [`attention_forward`]: `dqkv` (overwritten, laid out as `qkv`, gradients with respect
-/// to the rotated q, k and v) from `dctx` (`rows × d`). One task per (sequence, head); the
-/// probabilities are recomputed rather than stored.
+/// to the rotated q, k and v) from `dctx` (`rows × heads·hd`). One task per (sequence, query head); the
+/// probabilities are recomputed rather than stored. With grouped-query attention the key and value
+/// gradients of the query heads sharing a key/value head are added in head order.
 pub(crate) fn attention_backward(
     dctx: &[f32],
     qkv: &[f32],
@@ -250,16 +393,19 @@ pub(crate) fn attention_backward(
     dqkv: &mut [f32],
 ) -> Result<()> {
     let (heads, hd, off) = (arch.heads, arch.head_dim, arch.qkv_offsets());
-    let d = heads * hd;
+    let group = heads / arch.kv_heads;
+    let a = heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let dev = Device::Cpu;
-    // Head-major scratch: sequence s's region holds its heads one after another (len × 3hd each).
-    let mut scratch = vec![0.0f32; dqkv.len()];
+    // Head-major scratch: sequence s's region holds its query heads one after another, each `len` rows
+    // of [dq, dk, dv] (hd each).
+    let rows = layout.rows();
+    let mut scratch = vec![0.0f32; rows * 3 * a];
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(layout.starts.len() * heads);
     let mut rest = scratch.as_mut_slice();
     for s in 0..layout.starts.len() - 1 {
         let len = layout.starts[s + 1] - layout.starts[s];
-        let (region, tail) = rest.split_at_mut(len * 3 * d);
+        let (region, tail) = rest.split_at_mut(len * 3 * a);
         rest = tail;
         for (h, chunk) in region.chunks_exact_mut(len * 3 * hd).enumerate() {
             tasks.push((s, h, chunk));
@@ -267,14 +413,17 @@ pub(crate) fn attention_backward(
     }
     tasks.into_par_iter().try_for_each(|(s, h, out)| -> Result<()> {
         let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
-        let head = |part: usize| MatRef { data: &qkv[start * off.row + part + h * off.head..], rs: off.row, cs: 1 };
-        let (q, k, v) = (head(off.q), head(off.k), head(off.v));
-        let dout = MatRef { data: &dctx[start * d + h * hd..], rs: d, cs: 1 };
+        let head =
+            |part: usize, h: usize| MatRef { data: &qkv[start * off.row + part + h * off.head..], rs: off.row, cs: 1 };
+        let (q, k, v) = (head(off.q, h), head(off.k, h / group), head(off.v, h / group));
+        let dout = MatRef { data: &dctx[start * a + h * hd..], rs: a, cs: 1 };
         let mut p = vec![0.0f32; len * len];
         matmul_strided(&dev, (len, hd, len), q, k.t(), 0.0, MatMut::row_major(&mut p, len))?;
         for (r, row) in p.chunks_exact_mut(len).enumerate() {
-            row[..=r].iter_mut().for_each(|x| *x *= scale);
-            vmath::softmax_in_place(&mut row[..=r]);
+            let first = arch.window.map_or(0, |w| (r + 1).saturating_sub(w));
+            row[first..=r].iter_mut().for_each(|x| *x *= scale);
+            vmath::softmax_in_place(&mut row[first..=r]);
+            row[..first].fill(0.0);
             row[r + 1..].fill(0.0);
         }
         let mut ds = vec![0.0f32; len * len];
@@ -288,13 +437,15 @@ pub(crate) fn attention_backward(
             0.0,
             MatMut { data: &mut out[2 * hd..], rs: 3 * hd, cs: 1 },
         )?;
-        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, zero above the diagonal.
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, zero outside the visible keys.
         for r in 0..len {
+            let first = arch.window.map_or(0, |w| (r + 1).saturating_sub(w));
             let (pr, dr) = (&p[r * len..(r + 1) * len], &mut ds[r * len..(r + 1) * len]);
-            let dot: f32 = pr[..=r].iter().zip(&dr[..=r]).map(|(a, b)| a * b).sum();
-            for j in 0..=r {
+            let dot: f32 = pr[first..=r].iter().zip(&dr[first..=r]).map(|(a, b)| a * b).sum();
+            for j in first..=r {
                 dr[j] = pr[j] * (dr[j] - dot) * scale;
             }
+            dr[..first].fill(0.0);
             dr[r + 1..].fill(0.0);
         }
         // dQ = dS K, dK = dSᵀ Q.
@@ -316,16 +467,22 @@ pub(crate) fn attention_backward(
         )?;
         Ok(())
     })?;
-    // Back to the fused layout: the scratch holds [dq, dk, dv] (hd each) per row of each head.
+    // Back to the fused layout: dq to each query head; dk and dv summed over each group, in head order.
     dqkv.par_chunks_mut(off.row).enumerate().for_each(|(row, o)| {
         let s = layout.starts.partition_point(|&st| st <= row) - 1;
         let (start, len) = (layout.starts[s], layout.starts[s + 1] - layout.starts[s]);
         let i = row - start;
         for h in 0..heads {
-            let src = start * 3 * d + h * len * 3 * hd + i * 3 * hd;
-            for (p, base) in [off.q, off.k, off.v].into_iter().enumerate() {
-                let at = base + h * off.head;
-                o[at..at + hd].copy_from_slice(&scratch[src + p * hd..src + (p + 1) * hd]);
+            let src = start * 3 * a + h * len * 3 * hd + i * 3 * hd;
+            let at = off.q + h * off.head;
+            o[at..at + hd].copy_from_slice(&scratch[src..src + hd]);
+            for (p, base) in [(1, off.k), (2, off.v)] {
+                let (at, g) = (base + (h / group) * off.head, &scratch[src + p * hd..src + (p + 1) * hd]);
+                if h % group == 0 {
+                    o[at..at + hd].copy_from_slice(g);
+                } else {
+                    o[at..at + hd].iter_mut().zip(g).for_each(|(o, g)| *o += g);
+                }
             }
         }
     });
