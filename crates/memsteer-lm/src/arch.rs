@@ -324,7 +324,7 @@ impl Arch {
                 layers: c.n_layer,
                 heads: c.n_head,
                 kv_heads: c.n_head,
-                head_dim: c.n_embd / c.n_head,
+                head_dim: c.n_embd.checked_div(c.n_head).unwrap_or(0),
                 inner: c.n_inner,
                 positions: Positions::Learned,
                 norm: Norm::LayerNorm { eps: c.layer_norm_epsilon },
@@ -338,7 +338,7 @@ impl Arch {
                 tied: c.tie_word_embeddings,
             },
             ModelConfig::GptNeoX(c) => {
-                let head_dim = c.hidden_size / c.num_attention_heads;
+                let head_dim = c.hidden_size.checked_div(c.num_attention_heads).unwrap_or(0);
                 Arch {
                     family: Family::GptNeoX,
                     vocab: c.vocab_size,
@@ -398,6 +398,37 @@ impl Arch {
                 tied: c.tie_word_embeddings,
             },
         }
+    }
+
+    /// Checks what the backends rely on (positive sizes, heads in whole groups, rotary dimensions inside
+    /// a head, the q/k/v pieces of a slot stored output-major); an `Arch` built from a parsed
+    /// `config.json` always passes, one built by hand may not.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(LmError::Input(format!("architecture: {m}")));
+        if [self.vocab, self.context, self.dim, self.layers, self.heads, self.kv_heads, self.head_dim, self.inner]
+            .contains(&0)
+        {
+            return bad("every size must be positive".into());
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return bad(format!(
+                "{} query heads do not split into groups of the {} key/value heads",
+                self.heads, self.kv_heads
+            ));
+        }
+        if self.qkv == QkvLayout::PerHead && self.kv_heads != self.heads {
+            return bad("the per-head fused layout has as many key/value heads as query heads".into());
+        }
+        if self.rotary_dims() > self.head_dim || !self.rotary_dims().is_multiple_of(2) {
+            return bad(format!("{} rotary dimensions for heads of {}", self.rotary_dims(), self.head_dim));
+        }
+        if matches!(self.family, Family::Gpt2 | Family::GptNeoX) && self.attn_dim() != self.dim {
+            return bad("GPT-2 and GPT-NeoX heads fill the hidden size".into());
+        }
+        if matches!(self.family, Family::Llama(_)) && self.weights != WeightLayout::OutputsMajor {
+            return bad("the Llama family's q, k and v pieces are stored output-major".into());
+        }
+        Ok(())
     }
 
     /// Width of the attention's output (all query heads).
@@ -577,18 +608,22 @@ impl Arch {
         mut concat: impl FnMut(Vec<T>) -> Result<T>,
     ) -> Result<Tensors<T>> {
         let specs = self.tensors();
-        let mut found: std::collections::HashMap<Slot, Vec<T>> = std::collections::HashMap::new();
+        let mut found: std::collections::HashMap<Slot, Vec<(usize, usize, T)>> = std::collections::HashMap::new();
         let layer_first = specs.iter().filter(|s| matches!(s.slot, Slot::Layer(..)));
         for spec in layer_first.chain(specs.iter().filter(|s| !matches!(s.slot, Slot::Layer(..)))) {
             let t = load(spec)?;
-            found.entry(spec.slot).or_default().push(t);
+            found.entry(spec.slot).or_default().push((spec.piece.0, spec.piece.1, t));
         }
         let mut take = |slot: Slot| -> Result<Option<T>> {
-            match found.remove(&slot) {
-                None => Ok(None),
-                Some(mut pieces) if pieces.len() == 1 => Ok(pieces.pop()),
-                Some(pieces) => concat(pieces).map(Some),
+            let Some(mut pieces) = found.remove(&slot) else { return Ok(None) };
+            // Pieces in their order, all of them (a table error otherwise, never a silently short slot).
+            pieces.sort_by_key(|p| p.0);
+            let whole = pieces.iter().enumerate().all(|(k, p)| p.0 == k && p.1 == pieces.len());
+            if !whole {
+                return Err(LmError::Input(format!("internal: the pieces of {slot:?} do not make the whole slot")));
             }
+            let mut pieces: Vec<T> = pieces.into_iter().map(|p| p.2).collect();
+            if pieces.len() == 1 { Ok(pieces.pop()) } else { concat(pieces).map(Some) }
         };
         let missing = |what: &str| LmError::Input(format!("internal: the {what} tensor has no entry in the table"));
         use LayerSlot::*;
@@ -627,10 +662,12 @@ impl Arch {
     }
 
     /// `(cos, sin)` of every rotary angle for positions `from..to`, `(to − from) × dims/2` each, empty
-    /// without rotary positions. GPT-NeoX: angles in `f64`, rounded to `f32`. The Llama family: as
-    /// transformers computes them, frequencies (scaled) rounded to `f32` and `position × frequency` in
-    /// `f32`, whose cosine and sine are then rounded to `f32` (at position 8,192 the `f32` product is off
-    /// by up to 5e-4 radians, and the model was trained and is evaluated with it).
+    /// without rotary positions. GPT-NeoX: angles in `f64`, rounded to `f32`. The Llama family: close to
+    /// how transformers computes them: frequencies (scaled, in `f64`) rounded to `f32`, then `position ×
+    /// frequency` in `f32` as transformers does, whose cosine and sine are rounded to `f32`. The `f32`
+    /// product is what matters (at position 8,192 it is off the exact angle by up to 5e-4 radians, and the
+    /// model was trained and is evaluated with it); the frequencies may differ from transformers' `f32`
+    /// arithmetic by an ulp.
     pub fn rotary_table(&self, (from, to): (usize, usize)) -> (Vec<f32>, Vec<f32>) {
         let Positions::Rotary { dims, base, scaling, f32_angles } = self.positions else {
             return (Vec::new(), Vec::new());

@@ -380,7 +380,14 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     let number = |x: &Value, key: &str| -> Result<f64> {
         x.as_f64().filter(|f| f.is_finite()).ok_or_else(|| err(format!("field `{key}` must be a number, found {x}")))
     };
-    check_unsupported(v, path, &[("pretraining_tp", &[Value::from(1), Value::Null])])?;
+    check_unsupported(
+        v,
+        path,
+        &[
+            ("pretraining_tp", &[Value::from(1), Value::Null]),
+            ("partial_rotary_factor", &[Value::from(1.0), Value::from(1), Value::Null]),
+        ],
+    )?;
     if let Some(act) = v.get("hidden_act").or_else(|| v.get("hidden_activation"))
         && act != "silu"
     {
@@ -388,7 +395,16 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     }
     let hidden_size = size("hidden_size")?;
     let heads = size("num_attention_heads")?;
-    let kv_heads = if present("num_key_value_heads") { size("num_key_value_heads")? } else { heads };
+    // Absent keys take the defaults of transformers' config class for the model type.
+    let kv_heads = if present("num_key_value_heads") {
+        size("num_key_value_heads")?
+    } else {
+        match family {
+            LlamaFamily::Mistral => 8,
+            LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
+            LlamaFamily::Llama | LlamaFamily::Olmo2 => heads,
+        }
+    };
     if !heads.is_multiple_of(kv_heads) {
         return Err(err(format!(
             "num_attention_heads = {heads} is not a multiple of num_key_value_heads = {kv_heads}"
@@ -396,6 +412,8 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     }
     let head_dim = if present("head_dim") {
         size("head_dim")?
+    } else if family == LlamaFamily::Qwen3 {
+        128
     } else if hidden_size.is_multiple_of(heads) {
         hidden_size / heads
     } else {
@@ -406,6 +424,29 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     }
     // Rotary settings: `rope_theta` + `rope_scaling` (Hub checkpoints) or `rope_parameters` (transformers 5).
     let params = v.get("rope_parameters").filter(|x| !x.is_null());
+    // transformers 5 may hold one rope dict per layer type ({"full_attention": {…}, …}): not implemented.
+    if let Some(p) = params.and_then(Value::as_object)
+        && !p.contains_key("rope_type")
+        && !p.contains_key("type")
+        && p.values().any(Value::is_object)
+    {
+        return Err(err(
+            "`rope_parameters` holds one set of rotary settings per layer type; this runtime implements one for all layers".into(),
+        ));
+    }
+    if let Some(f) = params.and_then(|p| p.get("partial_rotary_factor"))
+        && f.as_f64() != Some(1.0)
+    {
+        return Err(err(format!(
+            "`rope_parameters.partial_rotary_factor` = {f} is not supported by the {model_type} runtime (it rotates whole heads)"
+        )));
+    }
+    if let (Some(a), Some(b)) =
+        (v.get("rope_theta").and_then(Value::as_f64), params.and_then(|p| p.get("rope_theta")).and_then(Value::as_f64))
+        && a != b
+    {
+        return Err(err(format!("`rope_theta` = {a} and `rope_parameters.rope_theta` = {b} disagree")));
+    }
     let scaling = v.get("rope_scaling").filter(|x| !x.is_null()).or(params);
     let theta_key = if present("rope_theta") { "rope_theta" } else { "rope_parameters.rope_theta" };
     let rope_theta =
@@ -433,12 +474,19 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
             match kind {
                 "default" => RopeScaling::None,
                 "linear" => RopeScaling::Linear { factor: get("factor")? },
-                "llama3" => RopeScaling::Llama3 {
-                    factor: get("factor")?,
-                    low_freq_factor: get("low_freq_factor")?,
-                    high_freq_factor: get("high_freq_factor")?,
-                    original_context: get("original_max_position_embeddings")?,
-                },
+                "llama3" => {
+                    let (factor, low_freq_factor, high_freq_factor) =
+                        (get("factor")?, get("low_freq_factor")?, get("high_freq_factor")?);
+                    let original = get("original_max_position_embeddings")?;
+                    if let Some(top) = v.get("original_max_position_embeddings").and_then(Value::as_f64)
+                        && top != original
+                    {
+                        return Err(err(format!(
+                            "`original_max_position_embeddings` = {top} and `{scaling_key}.original_max_position_embeddings` = {original} disagree"
+                        )));
+                    }
+                    RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context: original }
+                }
                 other => {
                     return Err(err(format!(
                         "`{scaling_key}.rope_type` = {other:?} is not supported by this runtime (it implements \"default\", \"linear\" and \"llama3\"); refusing to compute a different model"
@@ -465,7 +513,12 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     }
     // Sliding windows: Mistral's applies to every layer; Qwen's are off unless `use_sliding_window`.
     let sliding_window = match family {
-        LlamaFamily::Mistral if present("sliding_window") => Some(size("sliding_window")?),
+        // Mistral: transformers' default window is 4,096 when the key is absent; `null` means none.
+        LlamaFamily::Mistral => match v.get("sliding_window") {
+            None => Some(4096),
+            Some(Value::Null) => None,
+            Some(_) => Some(size("sliding_window")?),
+        },
         LlamaFamily::Qwen2 | LlamaFamily::Qwen3 if flag("use_sliding_window", false)? => {
             return Err(err(
                 "`use_sliding_window` = true is not supported by this runtime (Qwen's per-layer windows); refusing to compute a different model".into(),

@@ -19,6 +19,7 @@ impl Model {
     /// Loads the weights of `dir` (`model.safetensors` or its shards) for `arch` (which
     /// [`Model::load`] reads from `dir/config.json`).
     pub fn load_arch(dir: &Path, arch: Arch) -> Result<Self> {
+        arch.validate()?;
         let weights = Weights::open(dir)?;
         let w =
             arch.load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))?;

@@ -94,6 +94,7 @@ impl GpuModel {
         };
         let gpu = cuda.0.clone();
         let arch = Arch::from_file(&dir.join("config.json"))?;
+        arch.validate()?;
         let act = match (arch.family, arch.activation()) {
             (Family::Gpt2 | Family::GptNeoX, Some(Activation::GeluExact)) => 1,
             (Family::Gpt2 | Family::GptNeoX, Some(Activation::GeluTanh)) => 2,

@@ -160,8 +160,15 @@ fn llama_family_cached_decoding_equals_the_full_pass() {
         let seq: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 96).collect();
         let mut cache = KvCache::new();
         let mut logits = model.next_logits(&seq[..3], &mut cache).expect("prefix");
+        let dec = model.decoder();
+        let (d, v) = (dec.dim(), dec.vocab());
         for t in 3..seq.len() {
-            let full = model.last_logits(&seq[..t]).expect("full");
+            // The whole-sequence path (no cache): the last row's hidden state times the output embedding.
+            let hidden = dec.forward_packed(&[&seq[..t]], None).expect("full");
+            let last = &hidden[(t - 1) * d..t * d];
+            let full: Vec<f32> = (0..v)
+                .map(|j| last.iter().zip(&dec.output_embedding()[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum())
+                .collect();
             let worst = logits.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst <= 1e-4, "{name}, {t} tokens: cached logits differ by {worst}");
             logits = model.next_logits(&seq[t..t + 1], &mut cache).expect("step");
@@ -274,6 +281,41 @@ fn malformed_configs_and_weights_give_clear_errors() {
     assert!(e.contains("`use_sliding_window` = true is not supported"), "{e}");
     let e = cfg_err(&llama("").replace("llama", "mistral").replace("64}", r#"64, "attention_bias": true}"#));
     assert!(e.contains("`attention_bias` = true is not supported for mistral"), "{e}");
+    for (extra, want) in [
+        (r#", "rope_scaling": {"rope_type": "linear", "factor": 0.0}"#, "`rope_scaling.factor` must be positive"),
+        (
+            r#", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 64}"#,
+            "llama3 scaling needs",
+        ),
+        (r#", "partial_rotary_factor": 0.5"#, "`partial_rotary_factor` = 0.5 is not supported"),
+        (
+            r#", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}"#,
+            "partial_rotary_factor",
+        ),
+        (
+            r#", "rope_parameters": {"full_attention": {"rope_type": "default"}}"#,
+            "one set of rotary settings per layer type",
+        ),
+        (r#", "rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}"#, "disagree"),
+        (r#", "head_dim": 7"#, "must be even"),
+    ] {
+        let e = cfg_err(&llama(extra));
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let e = cfg_err(&llama("").replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 0"#));
+    assert!(e.contains("`num_key_value_heads` must be a positive integer"), "{e}");
+    let e = cfg_err(&llama("").replace("llama", "olmo2").replace("64}", r#"64, "attention_bias": true}"#));
+    assert!(e.contains("not supported for olmo2"), "{e}");
+    // Absent keys take transformers' defaults: Mistral's window is 4,096, `null` is none.
+    let parse = |json: String| match ModelConfig::from_json(&serde_json::from_str(&json).unwrap(), p).unwrap() {
+        ModelConfig::Llama(c) => c,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(parse(llama("").replace("llama", "mistral")).sliding_window, Some(4096));
+    assert_eq!(parse(llama(r#", "sliding_window": null"#).replace("llama", "mistral")).sliding_window, None);
+    assert_eq!(parse(llama("").replace("llama", "qwen3")).head_dim, 128);
+    let e = cfg_err(&llama("").replace("llama", "qwen3").replace(r#""num_key_value_heads": 2, "#, ""));
+    assert!(e.contains("not a multiple of num_key_value_heads = 32"), "{e}");
     let e =
         cfg_err(&llama("").replace("llama", "qwen3").replace("64}", r#"64, "layer_types": ["sliding_attention"]}"#));
     assert!(e.contains("`layer_types`"), "{e}");

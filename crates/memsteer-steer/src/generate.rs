@@ -95,6 +95,9 @@ pub fn batched_continuations(
     (max_new, cfg): (usize, &SamplingConfig),
     (max_rows, max_logits): (usize, usize),
 ) -> Result<Vec<Vec<u32>>> {
+    if seeds.len() != prompts.len() {
+        return Err(SteerError::Input(format!("{} seeds for {} prompts", seeds.len(), prompts.len())));
+    }
     let (d, vocab) = (decoder.dim(), decoder.vocab());
     let mut seqs: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
     let mut rngs: Vec<_> = seeds.iter().map(|&s| SplitMix64::new(s)).collect();

@@ -155,9 +155,7 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
         return bad(format!("the hidden size {dim} is not divisible by the {heads} attention heads"));
     }
     let arch = Arch::from_config(cfg);
-    if [arch.vocab, arch.dim, arch.layers, arch.heads, arch.inner, arch.context].contains(&0) {
-        return bad("sizes must be positive".into());
-    }
+    arch.validate()?;
     Ok(arch)
 }
 
