@@ -1,0 +1,243 @@
+//! Causal attention: the tiled cuBLAS path, the fused (flash) kernel and its pipelined variant.
+
+use super::*;
+
+impl Gpu {
+    /// Causal attention of packed sequences (`spans`: `(first row, length)` each) over head-major
+    /// `q`, `k`, `v` (`heads × rows × hd`), written row-major to `ctx` (`rows × heads·hd`, `ctx`'s type
+    /// equal to q's). Tiled by [`QUERY_TILE`] queries: a tile's scores (`heads × tile × keys`, f32)
+    /// and probabilities exist one tile at a time, and each tile reaches only the keys it can see.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+    ) -> Result<()> {
+        self.attention_with(Attention::Auto, (q, k, v), ctx, spans, (rows, heads, hd))
+    }
+
+    /// Whether [`Attention::Fused`] runs for these operands on this device: f16 or bf16 heads of 64 or
+    /// 128, compute capability 8.0 or above (`mma.sync` m16n8k16).
+    pub fn fused_attention_applies(&self, dtype: DType, hd: usize) -> bool {
+        matches!(dtype, DType::F16 | DType::Bf16) && matches!(hd, 64 | 128) && self.capability >= (8, 0)
+    }
+
+    /// [`Gpu::attention`] with the implementation chosen: [`Attention::Fused`] is the flash-attention
+    /// kernel (tensor cores, scores in registers; f16/bf16 heads of 64 or 128 dimensions, an error
+    /// otherwise), [`Attention::Tiled`] the cuBLAS products over query tiles with a softmax kernel
+    /// between them (any type and head size), [`Attention::Auto`] the fused kernel where it applies.
+    pub fn attention_with(
+        &self,
+        how: Attention,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+    ) -> Result<()> {
+        check_operands(self.ordinal, "attention", &[("q", q), ("k", k), ("v", v)], &[("context", ctx)], false)?;
+        let fused = match how {
+            Attention::Tiled => false,
+            // Measured on an H200 (docs/performance.md): the fused kernel is 1.4-1.45× the tiled path at
+            // 64-dimensional heads, the tiled path 1.07× the fused kernel at 128.
+            Attention::Auto => self.fused_attention_applies(q.dtype, hd) && hd == 64,
+            Attention::Fused | Attention::FusedTransposedV | Attention::Pipelined => {
+                if !self.fused_attention_applies(q.dtype, hd) {
+                    return Err(KernelError::Unsupported {
+                        what: "fused attention",
+                        message: format!(
+                            "needs f16 or bf16 heads of 64 or 128 dimensions on compute capability 8.0 or above; \
+                             here {:?} heads of {hd} on {}.{}",
+                            q.dtype, self.capability.0, self.capability.1
+                        ),
+                    });
+                }
+                true
+            }
+        };
+        // One set of checks for both implementations (flash_attention is only reached from here).
+        let d = heads * hd;
+        for (what, o) in [("q", q), ("k", k), ("v", v), ("attention output", ctx)] {
+            o.need(what, rows * d)?;
+            if o.dtype != q.dtype {
+                return Err(KernelError::Shape { what, expected: format!("{:?}", q.dtype), found: o.len });
+            }
+        }
+        if let Some(&(s, l)) = spans.iter().find(|(s, l)| s + l > rows) {
+            return Err(KernelError::Shape {
+                what: "attention span",
+                expected: format!("inside {rows} rows"),
+                found: s + l,
+            });
+        }
+        if fused {
+            if how == Attention::Pipelined {
+                return self.flash_attention_pipelined((q, k, v), ctx, spans, (rows, heads, hd));
+            }
+            let transposed_v = how == Attention::FusedTransposedV;
+            return self.flash_attention((q, k, v), ctx, spans, (rows, heads, hd), transposed_v);
+        }
+        let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let tile = QUERY_TILE.min(longest.max(1));
+        let scores = self.alloc(DType::F32, heads * tile * longest)?;
+        let probs = self.alloc(q.dtype, heads * tile * longest)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        for &(start, len) in spans {
+            for q0 in (0..len).step_by(tile) {
+                let qb = tile.min(len - q0);
+                let kn = q0 + qb;
+                let (s, p) = (scores.view().slice(0, heads * qb * kn)?, probs.view().slice(0, heads * qb * kn)?);
+                // S (qb × kn) = Q_tile Kᵀ per head: column-major Sᵀ = K Q_tileᵀ.
+                let kop =
+                    Operand { v: k.slice(start * hd, k.len - start * hd)?, trans: true, ld: hd, stride: rows * hd };
+                let qop = Operand {
+                    v: q.slice((start + q0) * hd, q.len - (start + q0) * hd)?,
+                    trans: false,
+                    ld: hd,
+                    stride: rows * hd,
+                };
+                self.gemm(
+                    (kn, qb, hd),
+                    kop,
+                    qop,
+                    Operand { v: s, trans: false, ld: kn, stride: qb * kn },
+                    heads,
+                    1.0,
+                    0.0,
+                )?;
+                let args = [
+                    Arg::P(s.ptr),
+                    Arg::P(p.ptr),
+                    Arg::I(p.dtype.code()),
+                    Arg::I(qb as i32),
+                    Arg::I(kn as i32),
+                    Arg::I(q0 as i32),
+                    Arg::F(scale),
+                ];
+                self.launch("causal_softmax", (qb as u32, heads as u32, 1), BLOCK, &args)?;
+                // O (qb × hd) = P V per head: column-major Oᵀ = Vᵀ Pᵀ, written into ctx's head columns.
+                let vop =
+                    Operand { v: v.slice(start * hd, v.len - start * hd)?, trans: false, ld: hd, stride: rows * hd };
+                let pop = Operand { v: p, trans: false, ld: kn, stride: qb * kn };
+                let o = ctx.slice((start + q0) * d, ctx.len - (start + q0) * d)?;
+                self.gemm((hd, qb, kn), vop, pop, Operand { v: o, trans: false, ld: d, stride: hd }, heads, 1.0, 0.0)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn flash_attention(
+        &self,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+        transposed_v: bool,
+    ) -> Result<()> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        if rows > i32::MAX as usize || heads > 65_535 {
+            return Err(KernelError::Unsupported {
+                what: "fused attention",
+                message: format!("{rows} rows and {heads} heads; at most 2³¹ − 1 rows and 65,535 heads"),
+            });
+        }
+        let name = match (transposed_v, hd, q.dtype) {
+            (false, 64, DType::F16) => "flash_hd64_f16",
+            (false, 64, _) => "flash_hd64_bf16",
+            (false, 128, DType::F16) => "flash_hd128_f16",
+            (false, _, _) => "flash_hd128_bf16",
+            (true, 64, DType::F16) => "flash_tv_hd64_f16",
+            (true, 64, _) => "flash_tv_hd64_bf16",
+            (true, 128, DType::F16) => "flash_tv_hd128_f16",
+            (true, _, _) => "flash_tv_hd128_bf16",
+        };
+        // Grid (query blocks of 64, heads, sequences).
+        self.launch_flash(name, 128, (q, k, v), ctx, spans, (rows, heads, hd), |longest, seqs| {
+            (longest.div_ceil(64) as u32, heads as u32, seqs as u32)
+        })
+    }
+
+    /// Launches a flash-attention kernel (`name`, `threads` per block) on `spans` in groups of at most
+    /// 65,535 sequences (a grid dimension's limit), each group's starts and lengths uploaded;
+    /// `grid(longest, sequences)` gives a group's grid.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn launch_flash(
+        &self,
+        name: &'static str,
+        threads: u32,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+        grid: impl Fn(usize, usize) -> (u32, u32, u32),
+    ) -> Result<()> {
+        for group in spans.chunks(65_535) {
+            let starts: Vec<u32> = group.iter().map(|s| s.0 as u32).collect();
+            let lens: Vec<u32> = group.iter().map(|s| s.1 as u32).collect();
+            let (sb, lb) = (self.upload_u32(&starts)?, self.upload_u32(&lens)?);
+            let longest = group.iter().map(|s| s.1).max().unwrap_or(0);
+            let args = [
+                Arg::P(q.ptr),
+                Arg::P(k.ptr),
+                Arg::P(v.ptr),
+                Arg::P(ctx.ptr),
+                Arg::P(sb.view().ptr),
+                Arg::P(lb.view().ptr),
+                Arg::I(rows as i32),
+                Arg::I(heads as i32),
+                // Scores in log2 units: the kernel's exponentials are ex2.
+                Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
+            ];
+            self.launch(name, grid(longest, group.len()), threads, &args)?;
+        }
+        Ok(())
+    }
+
+    /// [`Attention::Pipelined`], after [`Gpu::attention_with`]'s checks; its own: q, k and v start on
+    /// 16-byte boundaries (`cp.async`), and the grid's limits.
+    pub(super) fn flash_attention_pipelined(
+        &self,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        (rows, heads, hd): (usize, usize, usize),
+    ) -> Result<()> {
+        if spans.is_empty() {
+            return Ok(());
+        }
+        // Queries per block: 8 warps of 16 at heads of 64, 4 at 128 (kernels.cu).
+        let block_queries = if hd == 64 { 128 } else { 64 };
+        let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let blocks = longest.div_ceil(block_queries);
+        if rows > i32::MAX as usize || heads > i32::MAX as usize || blocks > 65_535 {
+            return Err(KernelError::Unsupported {
+                what: "pipelined attention",
+                message: format!(
+                    "{rows} rows, {heads} heads, sequences of {longest}; at most 2³¹ − 1 rows and heads and \
+                     sequences of {} tokens",
+                    65_535 * block_queries
+                ),
+            });
+        }
+        if let Some((what, _)) = [("q", q), ("k", k), ("v", v)].into_iter().find(|(_, o)| !o.ptr.is_multiple_of(16)) {
+            return Err(KernelError::Unsupported {
+                what: "pipelined attention",
+                message: format!("{what} must start on a 16-byte boundary (cp.async)"),
+            });
+        }
+        let name = match (hd, q.dtype) {
+            (64, DType::F16) => "flash2_hd64_f16",
+            (64, _) => "flash2_hd64_bf16",
+            (_, DType::F16) => "flash2_hd128_f16",
+            (_, _) => "flash2_hd128_bf16",
+        };
+        let threads = if hd == 64 { 256 } else { 128 };
+        // Grid (heads, sequences, query blocks): the kernel walks grid.z last-first.
+        self.launch_flash(name, threads, (q, k, v), ctx, spans, (rows, heads, hd), |longest, seqs| {
+            (heads as u32, seqs as u32, longest.div_ceil(block_queries) as u32)
+        })
+    }
+}
