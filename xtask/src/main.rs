@@ -347,7 +347,7 @@ fn counterfactual_truth(
     replicates: usize,
     report: &mut Vec<String>,
 ) -> Result<()> {
-    use memsteer_lm::train::{AdamWConfig, Params, Schedule, TrainConfig, Trainer};
+    use memsteer_lm::train::{Params, Trainer};
     use std::collections::HashMap;
     let truth_path = rd.join("truth.csv");
     let run = rd.join("run");
@@ -364,13 +364,7 @@ fn counterfactual_truth(
             Ok((v["id"].as_str().context("id")?.to_string(), t))
         })
         .collect::<Result<_>>()?;
-    let batches: Vec<Vec<String>> = std::fs::read_to_string(run.join("batches.jsonl"))?
-        .lines()
-        .map(|l| -> Result<Vec<String>> {
-            let v: serde_json::Value = serde_json::from_str(l)?;
-            Ok(v["ids"].as_array().context("ids")?.iter().filter_map(|x| x.as_str().map(String::from)).collect())
-        })
-        .collect::<Result<_>>()?;
+    let batches = memsteer_lm::train::run::read_batches(&run.join(memsteer_lm::train::run::BATCHES_FILE))?;
     let steps = batches.len();
     let token = |id: &str| -> Result<&[u32]> {
         tokens
@@ -383,16 +377,9 @@ fn counterfactual_truth(
         cohorts.iter().all(|&g| g >= 10 && g <= batches.len() && g % 10 == 0),
         "cohorts must be checkpoint steps of at least 10"
     );
-    // The run's own settings (`memsteer train` computes min_lr as 0.1 · lr).
-    let cfg = TrainConfig {
-        lr: 3e-3,
-        min_lr: 0.1 * 3e-3,
-        warmup: 10,
-        steps,
-        schedule: Schedule::Cosine,
-        adamw: AdamWConfig { weight_decay: 0.01, ..AdamWConfig::default() },
-        grad_clip: Some(1.0),
-    };
+    // The run's own settings, as `memsteer train` recorded them.
+    let cfg = memsteer_lm::train::run::train_config_from_run(&run.join(memsteer_lm::train::run::RUN_FILE))?;
+    ensure!(cfg.steps == steps, "run.json says {} steps, batches.jsonl holds {steps}", cfg.steps);
     let sums = |p: &Params, seqs: &[&[u32]]| -> Result<Vec<f64>> {
         Ok(p.token_log_probs(seqs)?.iter().map(|lp| lp.iter().map(|&x| f64::from(x)).sum()).collect())
     };

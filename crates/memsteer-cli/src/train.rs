@@ -382,16 +382,14 @@ fn resume(
         return Ok(0);
     }
     let index: HashMap<&str, usize> = train.iter().enumerate().map(|(i, x)| (x.id.as_str(), i)).collect();
-    let text = std::fs::read_to_string(out.join("batches.jsonl")).context("resuming: reading batches.jsonl")?;
-    for line in text.lines().take(k) {
-        let v: serde_json::Value = serde_json::from_str(line).context("resuming: batches.jsonl is not JSON lines")?;
-        let ids = v["ids"]
-            .as_array()
-            .context("resuming: batches.jsonl line without `ids`")?
+    let batches =
+        memsteer_lm::train::run::read_batches(&out.join(memsteer_lm::train::run::BATCHES_FILE)).context("resuming")?;
+    for (step, ids) in batches.iter().take(k).enumerate() {
+        let ids = ids
             .iter()
-            .map(|id| id.as_str().and_then(|s| index.get(s).copied()))
+            .map(|id| index.get(id.as_str()).copied())
             .collect::<Option<Vec<usize>>>()
-            .context("resuming: batches.jsonl names an unknown instance")?;
+            .with_context(|| format!("resuming: batches.jsonl step {} names an unknown instance", step + 1))?;
         logs.batches.push(ids);
     }
     let text = std::fs::read_to_string(out.join("loss.csv")).context("resuming: reading loss.csv")?;
@@ -474,7 +472,7 @@ pub fn run(a: &TrainArgs) -> Result<TrainOutcome> {
     ensure!(a.grad_clip >= 0.0 && a.grad_clip.is_finite(), "--grad-clip must be a non-negative number");
     let mut trainer = Trainer::new(params, &cfg)?;
     let settings = run_settings(a, steps, &checkpoints, tokenizer)?;
-    let run_file = a.out.join("run.json");
+    let run_file = a.out.join(memsteer_lm::train::run::RUN_FILE);
     let mut logs = Logs { out: &a.out, batches: Vec::new(), losses: Vec::new(), checkpoints: Vec::new() };
     let mut done = 0;
     if run_file.exists() || a.out.join("batches.jsonl").exists() {

@@ -82,6 +82,16 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
     let epoch1: std::collections::HashSet<String> =
         batches[..4].iter().flat_map(|b| b["ids"].as_array().unwrap().iter().map(|x| x.to_string())).collect();
     assert_eq!(epoch1.len(), 12);
+    // The library's readers of the run's files (what xtask's retraining uses) give back the same.
+    let read = memsteer_lm::train::run::read_batches(&out.join("batches.jsonl")).expect("batches");
+    assert_eq!(read.len(), 10);
+    assert_eq!(serde_json::json!(read[3]), batches[3]["ids"]);
+    let cfg = memsteer_lm::train::run::train_config_from_run(&out.join("run.json")).expect("run.json");
+    assert_eq!((cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps, cfg.grad_clip), (0.01, 0.1 * 0.01, 2, 10, Some(1.0)));
+    let broken = dir.path().join("broken.jsonl");
+    std::fs::write(&broken, "{\"step\": 1, \"ids\": [\"a\"]}\n{\"step\": 3, \"ids\": [\"b\"]}\n").expect("write");
+    let e = memsteer_lm::train::run::read_batches(&broken).expect_err("gap").to_string();
+    assert!(e.contains("broken.jsonl") && e.contains("line 2") && e.contains("`step` must be 2"), "{e}");
     // instances.jsonl: treatment_step = the first batch holding the instance; validation null.
     let inst = std::fs::read_to_string(out.join("instances.jsonl")).expect("instances");
     assert_eq!(inst.lines().count(), 15);

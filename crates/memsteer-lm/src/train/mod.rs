@@ -27,6 +27,7 @@
 
 pub mod adamw;
 mod ops;
+pub mod run;
 pub mod schedule;
 mod tape;
 
