@@ -44,6 +44,7 @@ pub mod evidence;
 pub mod explain;
 pub mod fused;
 pub mod generate;
+pub mod highlight;
 mod linalg;
 mod steer;
 mod train;
