@@ -58,6 +58,8 @@ pub enum Norm {
     RmsNorm {
         /// Epsilon.
         eps: f32,
+        /// The stored weight is `g − 1` (Gemma: `· (1 + w)`).
+        unit_offset: bool,
     },
 }
 
@@ -68,6 +70,8 @@ pub enum Mlp {
     Plain(Activation),
     /// `down(silu(gate(x)) · up(x))` (SwiGLU).
     SwiGlu,
+    /// `down(gelu_tanh(gate(x)) · up(x))` (GeGLU, Gemma).
+    GeGlu,
 }
 
 /// Where the MLP reads the residual stream.
@@ -79,6 +83,8 @@ pub enum Residual {
     Parallel,
     /// `x += n1(attn(x)); x += n2(mlp(x))`: the norms after each branch (OLMo 2).
     PostNorm,
+    /// `x += p1(attn(n1 x)); x += p2(mlp(n2 x))`: norms before and after each branch (Gemma).
+    Sandwich,
 }
 
 /// Norms of the queries and keys before rotary.
@@ -177,6 +183,14 @@ pub struct Arch {
     pub biases: Biases,
     /// Each query sees at most this many keys, itself included (a sliding window).
     pub window: Option<usize>,
+    /// The layers the window applies to, when not all (Gemma 3's sliding layers).
+    pub window_layers: Option<Vec<bool>>,
+    /// The rotary base of the windowed layers, when they have their own (Gemma 3's local base).
+    pub local_rope_base: Option<f64>,
+    /// The attention scores' scale, when not `head_dim^-1/2` (Gemma's `query_pre_attn_scalar^-1/2`).
+    pub attn_scale: Option<f32>,
+    /// The token embeddings' scale (Gemma: √hidden in the model's type).
+    pub embed_scale: Option<f32>,
     /// Fused QKV row layout.
     pub qkv: QkvLayout,
     /// Linear weight storage.
@@ -215,6 +229,10 @@ pub enum LayerSlot {
     QNorm,
     /// The per-head norm of the keys.
     KNorm,
+    /// The norm after the attention (sandwich placement).
+    PostNorm1(Part),
+    /// The norm after the MLP (sandwich placement).
+    PostNorm2(Part),
 }
 
 /// Where a tensor goes in the description.
@@ -282,6 +300,8 @@ pub struct LayerTensors<T> {
     pub gate: Option<Affine<T>>,
     /// Per-head norm weights of queries and keys.
     pub qk_norm: Option<(T, T)>,
+    /// The norms after the attention and after the MLP (sandwich placement).
+    pub post_norms: Option<(Affine<T>, Affine<T>)>,
 }
 
 /// Every tensor of a model, in whatever a backend stores (host `Vec<f32>`, device buffers, ranges of
@@ -333,6 +353,10 @@ impl Arch {
                 qk_norm: QkNorm::None,
                 biases: Biases::ALL,
                 window: None,
+                window_layers: None,
+                local_rope_base: None,
+                attn_scale: None,
+                embed_scale: None,
                 qkv: QkvLayout::Blocked,
                 weights: WeightLayout::InputsMajor,
                 tied: c.tie_word_embeddings,
@@ -361,6 +385,10 @@ impl Arch {
                     qk_norm: QkNorm::None,
                     biases: Biases::ALL,
                     window: None,
+                    window_layers: None,
+                    local_rope_base: None,
+                    attn_scale: None,
+                    embed_scale: None,
                     qkv: QkvLayout::PerHead,
                     weights: WeightLayout::OutputsMajor,
                     tied: c.tie_word_embeddings,
@@ -382,17 +410,30 @@ impl Arch {
                     scaling: c.rope_scaling,
                     f32_angles: true,
                 },
-                norm: Norm::RmsNorm { eps: c.rms_norm_eps },
-                residual: if c.family == LlamaFamily::Olmo2 { Residual::PostNorm } else { Residual::Sequential },
-                mlp: Mlp::SwiGlu,
+                norm: Norm::RmsNorm { eps: c.rms_norm_eps, unit_offset: c.family == LlamaFamily::Gemma3 },
+                residual: match c.family {
+                    LlamaFamily::Olmo2 => Residual::PostNorm,
+                    LlamaFamily::Gemma3 => Residual::Sandwich,
+                    _ => Residual::Sequential,
+                },
+                mlp: if c.family == LlamaFamily::Gemma3 { Mlp::GeGlu } else { Mlp::SwiGlu },
                 qk_norm: match c.family {
-                    LlamaFamily::Qwen3 => QkNorm::PerHead,
+                    LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => QkNorm::PerHead,
                     LlamaFamily::Olmo2 => QkNorm::Whole,
                     _ => QkNorm::None,
                 },
                 biases: Biases { qkv: c.qkv_bias, attn_out: c.o_bias, mlp: c.mlp_bias },
-                // Only Mistral's window is a window (transformers ignores the key elsewhere).
-                window: if c.family == LlamaFamily::Mistral { c.sliding_window } else { None },
+                // Only Mistral's and Gemma 3's windows are windows (transformers ignores the key elsewhere).
+                window: if matches!(c.family, LlamaFamily::Mistral | LlamaFamily::Gemma3) {
+                    c.sliding_window
+                } else {
+                    None
+                },
+                window_layers: c.sliding_layers.clone(),
+                local_rope_base: c.local_rope_theta,
+                attn_scale: c.query_pre_attn_scalar.map(|q| (1.0 / q.sqrt()) as f32),
+                // transformers multiplies by √hidden held in the weights' type (f32 here).
+                embed_scale: (c.family == LlamaFamily::Gemma3).then(|| (c.hidden_size as f64).sqrt() as f32),
                 qkv: QkvLayout::Blocked,
                 weights: WeightLayout::OutputsMajor,
                 tied: c.tie_word_embeddings,
@@ -465,7 +506,7 @@ impl Arch {
     pub fn activation(&self) -> Option<Activation> {
         match self.mlp {
             Mlp::Plain(a) => Some(a),
-            Mlp::SwiGlu => None,
+            Mlp::SwiGlu | Mlp::GeGlu => None,
         }
     }
 
@@ -549,6 +590,7 @@ impl Arch {
             // OLMo 2's norms follow the branches: `post_attention_layernorm` after the attention,
             // `post_feedforward_layernorm` after the MLP.
             let post = self.residual == Residual::PostNorm;
+            let sandwich = self.residual == Residual::Sandwich;
             if !post {
                 out.push(whole(Norm1(Weight), "input_layernorm.weight", vec![d]));
             }
@@ -574,7 +616,11 @@ impl Arch {
                     out.push(whole(KNorm, "self_attn.k_norm.weight", vec![kv]));
                 }
             }
-            if post {
+            if sandwich {
+                out.push(whole(PostNorm1(Weight), "post_attention_layernorm.weight", vec![d]));
+                out.push(whole(Norm2(Weight), "pre_feedforward_layernorm.weight", vec![d]));
+                out.push(whole(PostNorm2(Weight), "post_feedforward_layernorm.weight", vec![d]));
+            } else if post {
                 out.push(whole(Norm1(Weight), "post_attention_layernorm.weight", vec![d]));
                 out.push(whole(Norm2(Weight), "post_feedforward_layernorm.weight", vec![d]));
             } else {
@@ -644,12 +690,17 @@ impl Arch {
             let up = need(affine(Up, "mlp")?, "mlp")?;
             let down = need(affine(Down, "mlp")?, "mlp")?;
             let gate = affine(Gate, "gate")?;
+            let post_norms = match (affine(PostNorm1, "post norm")?, affine(PostNorm2, "post norm")?) {
+                (Some(a), Some(b)) => Some((a, b)),
+                (None, None) => None,
+                _ => return Err(missing("post norm")),
+            };
             let qk_norm = match (take(Slot::Layer(i, QNorm))?, take(Slot::Layer(i, KNorm))?) {
                 (Some(q), Some(k)) => Some((q, k)),
                 (None, None) => None,
                 _ => return Err(missing("q/k norm")),
             };
-            layers.push(LayerTensors { norm1, norm2, qkv, attn_out, up, down, gate, qk_norm });
+            layers.push(LayerTensors { norm1, norm2, qkv, attn_out, up, down, gate, qk_norm, post_norms });
         }
         let embed = take(Slot::Embed)?.ok_or_else(|| missing("embedding"))?;
         let positions = take(Slot::Positions)?;
@@ -672,6 +723,30 @@ impl Arch {
         let Positions::Rotary { dims, base, scaling, f32_angles } = self.positions else {
             return (Vec::new(), Vec::new());
         };
+        rotary_angles((dims, base, scaling, f32_angles), (from, to))
+    }
+
+    /// [`Arch::rotary_table`] of the windowed layers, when they have their own base (Gemma 3: plain
+    /// rotary at the local base); `None` when every layer uses the model's table.
+    pub fn local_rotary_table(&self, (from, to): (usize, usize)) -> Option<(Vec<f32>, Vec<f32>)> {
+        let (Positions::Rotary { dims, f32_angles, .. }, Some(base)) = (self.positions, self.local_rope_base) else {
+            return None;
+        };
+        Some(rotary_angles((dims, base, RopeScaling::None, f32_angles), (from, to)))
+    }
+
+    /// Whether layer `i` attends through the sliding window.
+    pub fn windowed(&self, i: usize) -> bool {
+        self.window.is_some() && self.window_layers.as_ref().is_none_or(|w| w.get(i).copied().unwrap_or(false))
+    }
+}
+
+/// `(cos, sin)` tables of rotary positions `from..to` (see [`Arch::rotary_table`]).
+fn rotary_angles(
+    (dims, base, scaling, f32_angles): (usize, f64, RopeScaling, bool),
+    (from, to): (usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    {
         let inv_freq: Vec<f64> = (0..dims / 2).map(|i| 1.0 / base.powf((2 * i) as f64 / dims as f64)).collect();
         let n = to.saturating_sub(from) * inv_freq.len();
         let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
@@ -695,7 +770,9 @@ impl Arch {
         }
         (cos, sin)
     }
+}
 
+impl Arch {
     /// Rotated dimensions per head (0 without rotary positions).
     pub fn rotary_dims(&self) -> usize {
         match self.positions {
@@ -707,7 +784,7 @@ impl Arch {
     /// The norm's epsilon.
     pub fn norm_eps(&self) -> f32 {
         match self.norm {
-            Norm::LayerNorm { eps } | Norm::RmsNorm { eps } => eps,
+            Norm::LayerNorm { eps } | Norm::RmsNorm { eps, .. } => eps,
         }
     }
 }

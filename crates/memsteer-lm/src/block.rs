@@ -17,6 +17,10 @@ pub(crate) enum NormSite {
     Attention(usize),
     /// Before the MLP, in layer `.0`.
     Mlp(usize),
+    /// After the attention, in layer `.0` (sandwich placement).
+    AfterAttention(usize),
+    /// After the MLP, in layer `.0` (sandwich placement).
+    AfterMlp(usize),
     /// The final norm.
     Final,
 }
@@ -35,7 +39,7 @@ pub(crate) trait Backend {
     fn norm(&mut self, x: &Self::Act, p: &Affine<Self::W>, site: NormSite) -> Result<Self::Act>;
     /// The fused query/key/value projection of `h`, with its bias, the per-head q/k norms when the
     /// architecture has them, and rotary positions applied.
-    fn qkv(&mut self, h: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
+    fn qkv(&mut self, index: usize, h: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
     /// Causal attention of layer `index` (the backend knows the batch's layout and any cache).
     fn attention(&mut self, index: usize, qkv: Self::Act, layer: &LayerTensors<Self::W>) -> Result<Self::Act>;
     /// The attention output projection, without its bias.
@@ -59,10 +63,30 @@ pub(crate) type Biased<'w, B> = (<B as Backend>::Act, Option<&'w <B as Backend>:
 pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> Result<B::Act> {
     let mut x = b.embed(&w.embed, w.positions.as_ref())?;
     for (i, l) in w.layers.iter().enumerate() {
+        if arch.residual == Residual::Sandwich {
+            // Norms before and after each branch; the branch outputs are normed before they are added.
+            let post = l
+                .post_norms
+                .as_ref()
+                .ok_or_else(|| crate::LmError::Input("internal: sandwich norms missing".into()))?;
+            let h = b.norm(&x, &l.norm1, NormSite::Attention(i))?;
+            let qkv = b.qkv(i, h, l)?;
+            let ctx = b.attention(i, qkv, l)?;
+            let attn = b.attention_out(ctx, l)?;
+            let normed = b.norm(&attn, &post.0, NormSite::AfterAttention(i))?;
+            b.recycle(attn)?;
+            b.residual(&mut x, (normed, None), None)?;
+            let h = b.norm(&x, &l.norm2, NormSite::Mlp(i))?;
+            let mlp = b.mlp(h, l)?;
+            let normed = b.norm(&mlp, &post.1, NormSite::AfterMlp(i))?;
+            b.recycle(mlp)?;
+            b.residual(&mut x, (normed, None), None)?;
+            continue;
+        }
         if arch.residual == Residual::PostNorm {
             // The branches read the stream itself; their outputs are normed before they are added.
             let h = b.copy(&x)?;
-            let qkv = b.qkv(h, l)?;
+            let qkv = b.qkv(i, h, l)?;
             let ctx = b.attention(i, qkv, l)?;
             let attn = b.attention_out(ctx, l)?;
             let normed = b.norm(&attn, &l.norm1, NormSite::Attention(i))?;
@@ -76,7 +100,7 @@ pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> 
             continue;
         }
         let h = b.norm(&x, &l.norm1, NormSite::Attention(i))?;
-        let qkv = b.qkv(h, l)?;
+        let qkv = b.qkv(i, h, l)?;
         let ctx = b.attention(i, qkv, l)?;
         let attn = b.attention_out(ctx, l)?;
         match arch.residual {
@@ -85,7 +109,7 @@ pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> 
                 let mlp = b.mlp(h, l)?;
                 b.residual(&mut x, (attn, l.attn_out.1.as_ref()), Some((mlp, l.down.1.as_ref())))?;
             }
-            Residual::Sequential | Residual::PostNorm => {
+            Residual::Sequential | Residual::PostNorm | Residual::Sandwich => {
                 b.residual(&mut x, (attn, l.attn_out.1.as_ref()), None)?;
                 let h = b.norm(&x, &l.norm2, NormSite::Mlp(i))?;
                 let mlp = b.mlp(h, l)?;

@@ -84,6 +84,10 @@ pub enum LlamaFamily {
     Qwen3,
     /// `olmo2` (OLMo 2): norms after attention and the MLP, RMSNorm of the whole q and k projections.
     Olmo2,
+    /// `gemma3_text` (Gemma 3): norms before and after each branch with `1 + w` weights, embeddings
+    /// scaled by √hidden, GeGLU, per-head q/k norms, `query_pre_attn_scalar`, sliding-window layers
+    /// with their own rotary base.
+    Gemma3,
 }
 
 /// Rotary scaling (`rope_scaling`, or transformers 5's `rope_parameters`).
@@ -144,8 +148,15 @@ pub struct LlamaConfig {
     pub o_bias: bool,
     /// Biases on the MLP's projections.
     pub mlp_bias: bool,
-    /// Each query sees at most this many keys, itself included (Mistral's `sliding_window`).
+    /// Each query sees at most this many keys, itself included (Mistral's `sliding_window`; Gemma 3's
+    /// on its sliding layers).
     pub sliding_window: Option<usize>,
+    /// Which layers are sliding-window layers, when not all of them (Gemma 3's `layer_types`).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The rotary base of the sliding layers, when it differs (Gemma 3's local base; no scaling).
+    pub local_rope_theta: Option<f64>,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2` (Gemma).
+    pub query_pre_attn_scalar: Option<f64>,
 }
 
 /// A configuration of a supported architecture.
@@ -323,11 +334,11 @@ impl ModelConfig {
                 }
                 Ok(ModelConfig::GptNeoX(cfg))
             }
-            "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "gemma3_text" => {
                 Ok(ModelConfig::Llama(llama_config(v, path, model_type)?))
             }
             other => Err(err(format!(
-                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2, qwen3 and olmo2"
+                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2, qwen3, olmo2 and gemma3_text"
             ))),
         }
     }
@@ -360,8 +371,10 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         "mistral" => LlamaFamily::Mistral,
         "qwen2" => LlamaFamily::Qwen2,
         "olmo2" => LlamaFamily::Olmo2,
+        "gemma3_text" => LlamaFamily::Gemma3,
         _ => LlamaFamily::Qwen3,
     };
+    let gemma = family == LlamaFamily::Gemma3;
     let present = |key: &str| v.get(key).is_some_and(|x| !x.is_null());
     let size = |key: &str| -> Result<usize> {
         match v.get(key) {
@@ -388,10 +401,22 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
             ("partial_rotary_factor", &[Value::from(1.0), Value::from(1), Value::Null]),
         ],
     )?;
-    if let Some(act) = v.get("hidden_act").or_else(|| v.get("hidden_activation"))
-        && act != "silu"
+    let want_act = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+    if let Some(act) = v.get("hidden_activation").or_else(|| v.get("hidden_act")).filter(|a| !a.is_null())
+        && act != want_act
     {
-        return Err(err(format!("unsupported activation {act}; the {model_type} runtime implements silu (SwiGLU)")));
+        return Err(err(format!("unsupported activation {act}; the {model_type} runtime implements {want_act}")));
+    }
+    if gemma {
+        check_unsupported(
+            v,
+            path,
+            &[
+                ("final_logit_softcapping", &[Value::Null]),
+                ("attn_logit_softcapping", &[Value::Null]),
+                ("use_bidirectional_attention", &[Value::Bool(false), Value::Null]),
+            ],
+        )?;
     }
     let hidden_size = size("hidden_size")?;
     let heads = size("num_attention_heads")?;
@@ -402,6 +427,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         match family {
             LlamaFamily::Mistral => 8,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
+            LlamaFamily::Gemma3 => 4,
             LlamaFamily::Llama | LlamaFamily::Olmo2 => heads,
         }
     };
@@ -414,6 +440,8 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         size("head_dim")?
     } else if family == LlamaFamily::Qwen3 {
         128
+    } else if gemma {
+        256
     } else if hidden_size.is_multiple_of(heads) {
         hidden_size / heads
     } else {
@@ -423,7 +451,36 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         return Err(err(format!("head_dim = {head_dim} must be even for rotary positions")));
     }
     // Rotary settings: `rope_theta` + `rope_scaling` (Hub checkpoints) or `rope_parameters` (transformers 5).
-    let params = v.get("rope_parameters").filter(|x| !x.is_null());
+    let mut params = v.get("rope_parameters").filter(|x| !x.is_null());
+    // Gemma 3 in transformers 5: one rope dict per layer type; the full-attention one is the model's,
+    // the sliding one must be plain rotary (its base is the local base).
+    let mut local_rope_theta = None;
+    if gemma {
+        if let Some(p) = params.and_then(Value::as_object).filter(|p| p.contains_key("full_attention")) {
+            if let Some(local) = p.get("sliding_attention") {
+                let kind = local.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+                if kind != "default" {
+                    return Err(err(format!(
+                        "`rope_parameters.sliding_attention.rope_type` = {kind:?} is not supported (this runtime implements \"default\" for sliding layers)"
+                    )));
+                }
+                local_rope_theta = Some(
+                    local
+                        .get("rope_theta")
+                        .and_then(Value::as_f64)
+                        .ok_or_else(|| err("missing number `rope_parameters.sliding_attention.rope_theta`".into()))?,
+                );
+            }
+            params = p.get("full_attention");
+        } else {
+            // The Hub layout: `rope_local_base_freq` for the sliding layers, `rope_theta` + `rope_scaling` for
+            // the others.
+            local_rope_theta = Some(match v.get("rope_local_base_freq") {
+                Some(x) => number(x, "rope_local_base_freq")?,
+                None => 10000.0,
+            });
+        }
+    }
     // transformers 5 may hold one rope dict per layer type ({"full_attention": {…}, …}): not implemented.
     if let Some(p) = params.and_then(Value::as_object)
         && !p.contains_key("rope_type")
@@ -452,6 +509,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     let rope_theta =
         match v.get("rope_theta").filter(|x| !x.is_null()).or_else(|| params.and_then(|p| p.get("rope_theta"))) {
             Some(x) => number(x, theta_key)?,
+            None if gemma => 1_000_000.0,
             None => 10000.0,
         };
     let scaling_key = if present("rope_scaling") { "rope_scaling" } else { "rope_parameters" };
@@ -526,8 +584,46 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         }
         _ => None,
     };
+    let layers = size("num_hidden_layers")?;
+    let (sliding_window, sliding_layers) = if gemma {
+        let window = match v.get("sliding_window") {
+            None => Some(4096),
+            Some(Value::Null) => None,
+            Some(_) => Some(size("sliding_window")?),
+        };
+        let sliding: Vec<bool> = match v.get("layer_types").and_then(Value::as_array) {
+            Some(types) => {
+                if types.len() != layers {
+                    return Err(err(format!("`layer_types` names {} layers, the model has {layers}", types.len())));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        Some("sliding_attention") => Ok(true),
+                        Some("full_attention") => Ok(false),
+                        _ => Err(err(format!(
+                            "`layer_types` holds {t}; expected \"sliding_attention\" or \"full_attention\""
+                        ))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None => {
+                let pattern =
+                    match v.get("sliding_window_pattern") {
+                        Some(x) => x.as_u64().filter(|n| *n > 0).ok_or_else(|| {
+                            err(format!("`sliding_window_pattern` must be a positive integer, found {x}"))
+                        })? as usize,
+                        None => 6,
+                    };
+                (0..layers).map(|i| (i + 1) % pattern != 0).collect()
+            }
+        };
+        (window, Some(sliding))
+    } else {
+        (sliding_window, None)
+    };
     if let Some(types) = v.get("layer_types").and_then(Value::as_array)
-        && family != LlamaFamily::Mistral
+        && !matches!(family, LlamaFamily::Mistral | LlamaFamily::Gemma3)
         && types.iter().any(|t| t != "full_attention")
     {
         return Err(err(
@@ -551,6 +647,10 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
             ));
         }
         LlamaFamily::Olmo2 => (false, false, false),
+        LlamaFamily::Gemma3 if attention_bias => {
+            return Err(err("`attention_bias` = true is not supported for gemma3_text by this runtime".into()));
+        }
+        LlamaFamily::Gemma3 => (false, false, false),
     };
     let eps = match v.get("rms_norm_eps") {
         Some(x) => number(x, "rms_norm_eps")? as f32,
@@ -562,7 +662,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         vocab_size: size("vocab_size")?,
         max_position_embeddings: size("max_position_embeddings")?,
         hidden_size,
-        num_hidden_layers: size("num_hidden_layers")?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
@@ -570,10 +670,20 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         rms_norm_eps: eps,
         rope_theta,
         rope_scaling,
-        tie_word_embeddings: flag("tie_word_embeddings", false)?,
+        tie_word_embeddings: flag("tie_word_embeddings", gemma)?,
         qkv_bias,
         o_bias,
         mlp_bias,
         sliding_window,
+        sliding_layers,
+        local_rope_theta,
+        query_pre_attn_scalar: if gemma {
+            Some(match v.get("query_pre_attn_scalar") {
+                Some(x) => number(x, "query_pre_attn_scalar")?,
+                None => 256.0,
+            })
+        } else {
+            None
+        },
     })
 }

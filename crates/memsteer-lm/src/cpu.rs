@@ -21,8 +21,25 @@ impl Model {
     pub fn load_arch(dir: &Path, arch: Arch) -> Result<Self> {
         arch.validate()?;
         let weights = Weights::open(dir)?;
-        let w =
+        let mut w =
             arch.load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))?;
+        if let Norm::RmsNorm { unit_offset: true, .. } = arch.norm {
+            // Gemma's norms multiply by `1 + w`: held as such, so every norm is `x · rstd · g`.
+            let one_plus = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x += 1.0);
+            one_plus(&mut w.final_norm.0);
+            for l in &mut w.layers {
+                one_plus(&mut l.norm1.0);
+                one_plus(&mut l.norm2.0);
+                if let Some((q, k)) = &mut l.qk_norm {
+                    one_plus(q);
+                    one_plus(k);
+                }
+                if let Some((a, b)) = &mut l.post_norms {
+                    one_plus(&mut a.0);
+                    one_plus(&mut b.0);
+                }
+            }
+        }
         Ok(Self { arch, w })
     }
 
@@ -51,6 +68,8 @@ pub(crate) struct Cpu<'a> {
     /// Rotary angles of only the positions this call sees (a decoding step costs one row), and the
     /// table row of every batch row.
     rotary: (Vec<f32>, Vec<f32>, Vec<usize>),
+    /// The windowed layers' own rotary table, when they have one (Gemma 3's local base).
+    local_rotary: Option<(Vec<f32>, Vec<f32>)>,
     /// Buffers the operations gave back, for the next ones (every operation overwrites its output).
     pool: Vec<Vec<f32>>,
 }
@@ -60,8 +79,9 @@ impl<'a> Cpu<'a> {
         let first = lay.positions.iter().min().copied().unwrap_or(0);
         let last = lay.positions.iter().max().map_or(first, |p| p + 1);
         let (cos, sin) = arch.rotary_table((first, last));
+        let local_rotary = arch.local_rotary_table((first, last));
         let rows = lay.positions.iter().map(|p| p - first).collect();
-        Self { arch, lay, seqs, cache, rotary: (cos, sin, rows), pool: Vec::new() }
+        Self { arch, lay, seqs, cache, rotary: (cos, sin, rows), local_rotary, pool: Vec::new() }
     }
 
     /// A buffer of `len` values (contents unspecified).
@@ -91,19 +111,24 @@ impl Backend for Cpu<'_> {
     fn embed(&mut self, embed: &Vec<f32>, positions: Option<&Vec<f32>>) -> Result<Vec<f32>> {
         let learned = if self.arch.positions == Positions::Learned { positions.map(Vec::as_slice) } else { None };
         let tokens = self.seqs.iter().flat_map(|s| s.iter());
-        Ok(ops::embed(tokens, &self.lay.positions, (embed, learned), self.arch.dim))
+        let mut x = ops::embed(tokens, &self.lay.positions, (embed, learned), self.arch.dim);
+        if let Some(scale) = self.arch.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        Ok(x)
     }
 
     fn norm(&mut self, x: &Vec<f32>, p: &Affine<Vec<f32>>, _: NormSite) -> Result<Vec<f32>> {
         let mut out = self.take(x.len());
         match self.arch.norm {
             Norm::LayerNorm { eps } => ops::layer_norm(x, (&p.0, arch::bias(p)?), eps, &mut out),
-            Norm::RmsNorm { eps } => ops::rms_norm(x, &p.0, eps, &mut out),
+            // Gemma's `1 + w` weights were offset at load.
+            Norm::RmsNorm { eps, .. } => ops::rms_norm(x, &p.0, eps, &mut out),
         }
         Ok(out)
     }
 
-    fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
+    fn qkv(&mut self, index: usize, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
         let a = self.arch;
         let mut qkv = self.linear(&h, &l.qkv.0, (a.dim, a.qkv_width()))?;
         self.give(h);
@@ -124,6 +149,10 @@ impl Backend for Cpu<'_> {
             );
         }
         let (cos, sin, rows) = &self.rotary;
+        let (cos, sin) = match &self.local_rotary {
+            Some((c, s)) if a.windowed(index) => (c, s),
+            _ => (cos, sin),
+        };
         ops::rotate(&mut qkv, (off, (a.heads, a.kv_heads), a.rotary_dims() / 2), (cos, sin), rows, false);
         Ok(qkv)
     }
@@ -132,6 +161,7 @@ impl Backend for Cpu<'_> {
         let (a, lay) = (self.arch, self.lay);
         let (t, heads, kv_heads, hd) = (lay.rows(), a.heads, a.kv_heads, a.head_dim);
         let shape = (heads, heads / kv_heads, hd);
+        let window = if a.windowed(index) { a.window } else { None };
         let off = a.qkv_offsets();
         let mut ctx = self.take(t * a.attn_dim());
         let fused = |base| Heads { data: &qkv, row_stride: off.row, base, head_stride: off.head };
@@ -149,10 +179,10 @@ impl Backend for Cpu<'_> {
             let (ks, vs) = c.extend(index, &k, &v);
             let cached = |data| Heads { data, row_stride: kv, base: 0, head_stride: hd };
             let heads = (fused(off.q), cached(ks), cached(vs));
-            ops::attention(heads, lay, &|_| 0, shape, a.window, &mut ctx)?;
+            ops::attention(heads, lay, &|_| 0, shape, (window, a.attn_scale), &mut ctx)?;
         } else {
             let qkv = (fused(off.q), fused(off.k), fused(off.v));
-            ops::attention(qkv, lay, &|s| lay.starts[s], shape, a.window, &mut ctx)?;
+            ops::attention(qkv, lay, &|s| lay.starts[s], shape, (window, a.attn_scale), &mut ctx)?;
         }
         self.give(qkv);
         Ok(ctx)
@@ -169,7 +199,7 @@ impl Backend for Cpu<'_> {
         let mut mid = self.linear(&h, &l.up.0, (d, inner))?;
         match (self.arch.mlp, &l.gate) {
             (Mlp::Plain(act), _) => ops::bias_act(&mut mid, arch::bias(&l.up)?, Some(act)),
-            (Mlp::SwiGlu, Some(gate)) => {
+            (mlp @ (Mlp::SwiGlu | Mlp::GeGlu), Some(gate)) => {
                 if let Some(b) = &l.up.1 {
                     ops::bias_act(&mut mid, b, None);
                 }
@@ -177,10 +207,16 @@ impl Backend for Cpu<'_> {
                 if let Some(b) = &gate.1 {
                     ops::bias_act(&mut g, b, None);
                 }
-                ops::silu_mul(&g, &mut mid);
+                if mlp == Mlp::SwiGlu {
+                    ops::silu_mul(&g, &mut mid);
+                } else {
+                    ops::gelu_tanh_mul(&mut g, &mut mid);
+                }
                 self.give(g);
             }
-            (Mlp::SwiGlu, None) => return Err(LmError::Input("internal: a gated MLP without its gate".into())),
+            (Mlp::SwiGlu | Mlp::GeGlu, None) => {
+                return Err(LmError::Input("internal: a gated MLP without its gate".into()));
+            }
         }
         self.give(h);
         let out = self.linear(&mid, &l.down.0, (inner, d))?;

@@ -350,7 +350,7 @@ impl crate::block::Backend for DeviceRun<'_> {
         Ok(h)
     }
 
-    fn qkv(&mut self, h: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
+    fn qkv(&mut self, _: usize, h: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
         let (a, rows) = (&self.m.arch, self.rows());
         let qkv = self.take(self.m.dtype, rows * a.qkv_width())?;
         self.m.gpu.linear(h.view(), &self.lin(&l.qkv.0, (a.dim, a.qkv_width())), qkv.view(), rows)?;

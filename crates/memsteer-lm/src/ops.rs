@@ -150,6 +150,15 @@ pub(crate) fn silu_mul(gate: &[f32], up: &mut [f32]) {
     });
 }
 
+/// `up ← gelu_tanh(gate) · up`, elementwise (GeGLU); `gate` is overwritten by its activation.
+pub(crate) fn gelu_tanh_mul(gate: &mut [f32], up: &mut [f32]) {
+    const CHUNK: usize = 1 << 14;
+    up.par_chunks_mut(CHUNK).zip(gate.par_chunks_mut(CHUNK)).for_each(|(u, g)| {
+        vmath::gelu_tanh_in_place(g);
+        u.iter_mut().zip(g.iter()).for_each(|(u, g)| *u *= g);
+    });
+}
+
 /// The residual stream's first value: token embeddings, plus learned positions when given
 /// (`rows × d`, `tokens` and `positions` one per row).
 pub(crate) fn embed<'t>(
@@ -283,12 +292,12 @@ pub(crate) fn attention(
     layout: &Layout,
     key_row0: &(dyn Fn(usize) -> usize + Sync),
     (heads, group, hd): (usize, usize, usize),
-    window: Option<usize>,
+    (window, scale): (Option<usize>, Option<f32>),
     out: &mut [f32],
 ) -> Result<()> {
     let d = heads * hd;
     let past = layout.past;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = scale.unwrap_or(1.0 / (hd as f32).sqrt());
     // Head-major scratch: sequence s's region holds its heads one after another (len × hd each).
     let mut scratch = vec![0.0f32; out.len()];
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(layout.starts.len() * heads);

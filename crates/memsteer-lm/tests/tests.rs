@@ -150,12 +150,26 @@ fn olmo2_matches_the_reference() {
     check_golden("tiny-olmo2");
 }
 
+/// Gemma 3 in transformers 5's layout: sandwich norms with `1 + w` weights, √hidden embedding scale,
+/// GeGLU, q/k norms, `query_pre_attn_scalar`, windowed layers with a local rotary base, a full layer with
+/// linear scaling.
+#[test]
+fn gemma3_matches_the_reference() {
+    check_golden("tiny-gemma3");
+}
+
+/// The same read from the Hub's layout (`rope_local_base_freq`, `rope_scaling`, `sliding_window_pattern`).
+#[test]
+fn gemma3_in_the_hub_layout_matches_the_reference() {
+    check_golden("tiny-gemma3-hub");
+}
+
 /// Cached decoding one token at a time gives the full pass's logits, with grouped-query attention,
 /// a sliding window shorter than the sequence, and q/k norms.
 #[test]
 fn llama_family_cached_decoding_equals_the_full_pass() {
     use memsteer_lm::KvCache;
-    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long", "tiny-olmo2"] {
+    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long", "tiny-olmo2", "tiny-gemma3"] {
         let model = memsteer_lm::Model::load(&fixture(name)).expect("load");
         let seq: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 96).collect();
         let mut cache = KvCache::new();
@@ -304,6 +318,19 @@ fn malformed_configs_and_weights_give_clear_errors() {
     }
     let e = cfg_err(&llama("").replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 0"#));
     assert!(e.contains("`num_key_value_heads` must be a positive integer"), "{e}");
+    // Gemma 3: soft-capping (Gemma 2's) and bidirectional attention are refused; gemma2 is not read yet.
+    let gemma = |extra: &str| llama(extra).replace("\"llama\"", "\"gemma3_text\"");
+    assert!(ModelConfig::from_json(&serde_json::from_str(&gemma("")).unwrap(), p).is_ok());
+    let e = cfg_err(&gemma(r#", "final_logit_softcapping": 30.0"#));
+    assert!(e.contains("`final_logit_softcapping` = 30.0 is not supported"), "{e}");
+    let e = cfg_err(&gemma(r#", "attn_logit_softcapping": 50.0"#));
+    assert!(e.contains("`attn_logit_softcapping`"), "{e}");
+    let e = cfg_err(&gemma(r#", "hidden_activation": "silu""#));
+    assert!(e.contains("implements gelu_pytorch_tanh"), "{e}");
+    let e = cfg_err(&gemma(r#", "layer_types": ["sliding_attention", "full_attention"]"#));
+    assert!(e.contains("`layer_types` names 2 layers, the model has 1"), "{e}");
+    let e = cfg_err(&llama("").replace("\"llama\"", "\"gemma2\""));
+    assert!(e.contains("unsupported model_type \"gemma2\""), "{e}");
     let e = cfg_err(&llama("").replace("llama", "olmo2").replace("64}", r#"64, "attention_bias": true}"#));
     assert!(e.contains("not supported for olmo2"), "{e}");
     // Absent keys take transformers' defaults: Mistral's window is 4,096, `null` is none.

@@ -146,10 +146,13 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
     let (heads, dim) = match cfg {
         ModelConfig::Gpt2(c) => (c.n_head, c.n_embd),
         ModelConfig::GptNeoX(c) => (c.num_attention_heads, c.hidden_size),
-        ModelConfig::Llama(c) if c.family == crate::config::LlamaFamily::Olmo2 => {
-            return bad(
-                "the trainer trains GPT-2, GPT-NeoX, Llama, Mistral and Qwen models; OLMo 2 (norms after the branches) runs (logprobs, steer) but does not train yet".into(),
-            );
+        ModelConfig::Llama(c)
+            if matches!(c.family, crate::config::LlamaFamily::Olmo2 | crate::config::LlamaFamily::Gemma3) =>
+        {
+            let name = if c.family == crate::config::LlamaFamily::Olmo2 { "OLMo 2" } else { "Gemma 3" };
+            return bad(format!(
+                "the trainer trains GPT-2, GPT-NeoX, Llama, Mistral and Qwen models; {name} (norms after the branches) runs (logprobs, steer) but does not train yet"
+            ));
         }
         ModelConfig::Llama(c) => (c.num_attention_heads, c.num_attention_heads * c.head_dim),
     };
@@ -826,6 +829,7 @@ fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
         LlamaFamily::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         LlamaFamily::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         LlamaFamily::Olmo2 => ("olmo2", "Olmo2ForCausalLM"),
+        LlamaFamily::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
     };
     let scaling = match c.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,

@@ -378,7 +378,7 @@ pub(crate) fn attention_forward(qkv: &[f32], layout: &Layout, arch: &Arch, ctx: 
     let fused = |base| Heads { data: qkv, row_stride: off.row, base, head_stride: off.head };
     let shape = (arch.heads, arch.heads / arch.kv_heads, arch.head_dim);
     let qkv = (fused(off.q), fused(off.k), fused(off.v));
-    crate::ops::attention(qkv, layout, &|s| layout.starts[s], shape, arch.window, ctx)
+    crate::ops::attention(qkv, layout, &|s| layout.starts[s], shape, (arch.window, arch.attn_scale), ctx)
 }
 
 /// Backward of [`attention_forward`]: `dqkv` (overwritten, laid out as `qkv`, gradients with respect

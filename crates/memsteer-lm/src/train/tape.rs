@@ -63,18 +63,21 @@ impl crate::block::Backend for Tape<'_> {
                 mean = vec![0.0f32; n];
                 ops::layer_norm_forward(x, self.p.pair(p)?, eps, &mut h, &mut mean, &mut rstd);
             }
-            crate::arch::Norm::RmsNorm { eps } => ops::rms_norm_forward(x, self.p.t(&p.0), eps, &mut h, &mut rstd),
+            crate::arch::Norm::RmsNorm { eps, .. } => ops::rms_norm_forward(x, self.p.t(&p.0), eps, &mut h, &mut rstd),
         }
         let rec = NormRecord { x: x.clone(), mean, rstd };
         match site {
             NormSite::Attention(_) => self.layers.push(LayerActs { norm1: rec, ..LayerActs::default() }),
             NormSite::Mlp(_) => self.layer()?.norm2 = rec,
             NormSite::Final => self.last = Some(rec),
+            NormSite::AfterAttention(_) | NormSite::AfterMlp(_) => {
+                return Err(LmError::Input("internal: the trainer does not train sandwich-norm models".into()));
+            }
         }
         Ok(h)
     }
 
-    fn qkv(&mut self, h: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
+    fn qkv(&mut self, _: usize, h: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
         let arch = &self.p.arch;
         let mut qkv = self.linear(&h, &l.qkv, (arch.dim, arch.qkv_width()))?;
         let stats = match &l.qk_norm {
@@ -118,6 +121,7 @@ impl crate::block::Backend for Tape<'_> {
                 (Some(gate), mid)
             }
             (Mlp::SwiGlu, None) => return Err(LmError::Input("internal: a gated MLP without its gate".into())),
+            (Mlp::GeGlu, _) => return Err(LmError::Input("internal: the trainer does not train GeGLU models".into())),
         };
         let out = self.project(&mid, &l.down.0, (inter, d))?;
         let a = self.layer()?;

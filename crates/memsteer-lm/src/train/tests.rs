@@ -335,6 +335,9 @@ fn llama_family_whole_model_gradient() {
         o_bias: true,
         mlp_bias: true,
         sliding_window: None,
+        sliding_layers: None,
+        local_rope_theta: None,
+        query_pre_attn_scalar: None,
     };
     let mistral = LlamaConfig {
         family: LlamaFamily::Mistral,
