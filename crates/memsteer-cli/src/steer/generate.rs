@@ -1,0 +1,351 @@
+//! `memsteer steer generate` and `memsteer steer highlight`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::Args;
+use memsteer_lm::sample::SamplingConfig;
+use memsteer_lm::tokenizer::Tokenizer;
+use memsteer_panel::write_atomic;
+use memsteer_steer::Steer;
+use memsteer_steer::generate::{SteerSet, batched_continuations, steered_continuation};
+use rayon::prelude::*;
+
+use super::*;
+
+/// Arguments of `memsteer steer generate`.
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// The base model (a Hugging Face model directory).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// A steer file, optionally with the strength of its labelled steer after the last ':' (default +1);
+    /// repeat to compose several steers (their effects add up).
+    #[arg(long = "steer", value_name = "FILE[:STRENGTH]", allow_hyphen_values = true)]
+    pub steers: Vec<String>,
+    /// Prompts, JSON lines with an `id` and a `text` string or a `tokens` array of ids.
+    #[arg(long, value_name = "FILE")]
+    pub prompts: PathBuf,
+    /// Samples per prompt.
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Tokens generated per sample.
+    #[arg(long, value_name = "T")]
+    pub max_new_tokens: usize,
+    /// Softmax temperature; 0 is greedy decoding.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of most likely tokens whose probability reaches p.
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    /// Seed; each (prompt id, sample) draws from its own stream, so output does not depend on threads.
+    #[arg(long)]
+    pub seed: u64,
+    /// Output, JSON lines {"prompt_id", "sample", "tokens", "text"}.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Where the model runs: `cpu` (cached decoding, samples in parallel), or `cuda` / `cuda:N` in a
+    /// build with the `cuda` feature (all samples together, each step one whole-sequence forward pass
+    /// of every sample on the GPU, no KV cache; the same seeds, so the same tokens up to rounding).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Splits `FILE[:STRENGTH]` on its last ':' when what follows is a number; the strength must be finite.
+pub fn parse_steer_spec(spec: &str) -> Result<(PathBuf, f32)> {
+    if let Some((path, v)) = spec.rsplit_once(':')
+        && let Ok(x) = v.trim().parse::<f64>()
+    {
+        ensure!(!path.is_empty(), "--steer {spec:?}: expected FILE[:STRENGTH], found no file");
+        let s = x as f32;
+        ensure!(s.is_finite(), "--steer {spec:?}: the strength must be a finite number, found {v}");
+        return Ok((PathBuf::from(path), s));
+    }
+    let path = PathBuf::from(spec);
+    if !path.exists()
+        && let Some((file, v)) = spec.rsplit_once(':')
+    {
+        bail!(
+            "--steer {spec:?}: no such file, and {v:?} after the last ':' is not a strength (a number); expected FILE[:STRENGTH] (file {file:?})"
+        );
+    }
+    Ok((path, 1.0))
+}
+
+/// A prompt to continue.
+#[derive(Debug, Clone)]
+struct Prompt {
+    id: serde_json::Value,
+    key: String,
+    tokens: Vec<u32>,
+}
+
+fn read_prompts(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Prompt>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (line, v) in json_lines(path, "prompts")? {
+        let at = || format!("{}, line {line}", path.display());
+        let (id, key) = match v.get("id") {
+            Some(serde_json::Value::String(s)) if !s.is_empty() => (v["id"].clone(), s.clone()),
+            Some(serde_json::Value::Number(n)) => (v["id"].clone(), n.to_string()),
+            other => bail!("{}: field `id` must be a non-empty string or a number, found {:?}", at(), other),
+        };
+        ensure!(seen.insert(key.clone()), "{}: prompt id {key:?} appears twice", at());
+        let tokens = line_tokens(&v, &at, tok, vocab)?;
+        ensure!(!tokens.is_empty(), "{}: prompt {key:?} has no tokens; generation needs at least one", at());
+        out.push(Prompt { id, key, tokens });
+    }
+    ensure!(!out.is_empty(), "{}: no prompts", path.display());
+    Ok(out)
+}
+
+/// One generated sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Index of the prompt in the prompts file.
+    pub prompt: usize,
+    /// Sample number (0-based).
+    pub sample: usize,
+    /// Generated token ids (the prompt excluded).
+    pub tokens: Vec<u32>,
+}
+
+/// Runs `memsteer steer generate`; returns the samples in output order.
+pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
+    ensure!(a.samples >= 1, "--samples must be at least 1");
+    ensure!(a.max_new_tokens >= 1, "--max-new-tokens must be at least 1");
+    ensure!(
+        a.temperature.is_finite() && a.temperature >= 0.0,
+        "--temperature must be a finite number ≥ 0, found {}",
+        a.temperature
+    );
+    if let Some(k) = a.top_k {
+        ensure!(k >= 1, "--top-k must be at least 1");
+    }
+    if let Some(p) = a.top_p {
+        ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1], found {p}");
+    }
+    let specs = a.steers.iter().map(|s| parse_steer_spec(s)).collect::<Result<Vec<_>>>()?;
+    let model = load_on(&a.model, &a.device)?;
+    let decoder = model.decoder()?;
+    let mut steers = Vec::new();
+    for (path, strength) in specs {
+        let steer = Steer::load_for(&path, decoder)
+            .with_context(|| format!("--steer {}: loading the steer for {}", path.display(), a.model.display()))?;
+        let mut labelled = vec![0.0f32; steer.labels().len()];
+        ensure!(
+            !labelled.is_empty(),
+            "--steer {}: the steer has no labelled steer to set a strength on",
+            path.display()
+        );
+        labelled[0] = strength;
+        let strengths = steer.strengths(&labelled)?;
+        steers.push((steer, strengths));
+    }
+    let set = SteerSet::new(steers);
+    let mut tok = LazyTokenizer::new(&a.model);
+    let prompts = read_prompts(&a.prompts, &mut tok, decoder.vocab())?;
+    ensure!(
+        a.max_new_tokens <= decoder.context(),
+        "--max-new-tokens {} is beyond the model's context of {} positions",
+        a.max_new_tokens,
+        decoder.context()
+    );
+    for p in &prompts {
+        // The last sampled token is never fed back, so it needs no position.
+        let need = p.tokens.len().saturating_add(a.max_new_tokens - 1);
+        ensure!(
+            need <= decoder.context(),
+            "prompt {:?}: {} prompt tokens + {} new tokens exceed the model's context of {} positions",
+            p.key,
+            p.tokens.len(),
+            a.max_new_tokens,
+            decoder.context()
+        );
+    }
+    let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding generations")?) } else { None };
+    let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
+    let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..a.samples).map(move |s| (p, s))).collect();
+    let seed_of = |p: usize, s: usize| {
+        let key = format!("{}\u{0}{s}", prompts[p].key);
+        memsteer_panel::rng::hash_key(a.seed, key.as_bytes())
+    };
+    let gens = if model.is_gpu() {
+        let device = model.device();
+        let starts: Vec<&[u32]> = work.iter().map(|&(p, _)| prompts[p].tokens.as_slice()).collect();
+        let seeds: Vec<u64> = work.iter().map(|&(p, s)| seed_of(p, s)).collect();
+        let name = |k: usize| format!("prompt {:?}, sample {}", prompts[work[k].0].key, work[k].1);
+        let tokens = batched_continuations(
+            decoder,
+            &device,
+            &set,
+            &starts,
+            (&seeds, &name),
+            (a.max_new_tokens, &cfg),
+            memsteer_steer::generate::BATCH_LIMITS,
+        )
+        .with_context(|| format!("generating {} samples on {}", work.len(), a.device))?;
+        work.iter().zip(tokens).map(|(&(prompt, sample), tokens)| Generation { prompt, sample, tokens }).collect()
+    } else {
+        work.par_iter()
+            .map(|&(p, s)| {
+                let tokens =
+                    steered_continuation(decoder, &set, &prompts[p].tokens, a.max_new_tokens, &cfg, seed_of(p, s))
+                        .with_context(|| format!("prompt {:?}, sample {s}", prompts[p].key))?;
+                Ok(Generation { prompt: p, sample: s, tokens })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let fingerprint = tokenizer_fingerprint(&a.model)?;
+    let mut lines = Vec::with_capacity(gens.len());
+    for g in &gens {
+        let mut v = serde_json::json!({
+            "prompt_id": prompts[g.prompt].id,
+            "sample": g.sample,
+            "tokens": g.tokens,
+        });
+        if let Some(f) = &fingerprint {
+            v["tokenizer"] = f.as_str().into();
+        }
+        if let Some(t) = tokenizer {
+            v["text"] = t.decode(&g.tokens)?.into();
+        }
+        lines.push(v.to_string());
+    }
+    write_atomic(&a.out, |w| {
+        for l in &lines {
+            writeln!(w, "{l}")?;
+        }
+        Ok(())
+    })
+    .with_context(|| format!("writing {}", a.out.display()))?;
+    Ok(gens)
+}
+
+/// Arguments of `memsteer steer highlight`.
+#[derive(Debug, Clone, Args)]
+pub struct HighlightArgs {
+    /// The base model (a Hugging Face model directory with tokenizer files).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The steer file.
+    #[arg(long, value_name = "FILE")]
+    pub steer: PathBuf,
+    /// The text to highlight.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub text: Option<String>,
+    /// A file holding the text to highlight.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Most spans to mark (the set of at most this many disjoint spans with the largest total evidence,
+    /// as the authors choose them).
+    #[arg(long, default_value_t = 4)]
+    pub spans: usize,
+    /// Most tokens per span.
+    #[arg(long, default_value_t = 10)]
+    pub span_length: usize,
+    /// Strength S of the comparison: evidence is log p(x_t | x_<t) with the labelled steer at +S minus at
+    /// −S; a negative S marks where the text carries the opposite style (e.g. −1 for the negative corpus).
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub strength: f32,
+    /// Also write a self-contained HTML page here.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+    /// feature (hidden states on the GPU; the steer and the output layer stay on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print the tokens, their evidence and the spans as JSON instead of coloured text.
+    #[arg(long)]
+    pub json: bool,
+    /// Colour the terminal output even when it is not a terminal.
+    #[arg(long)]
+    pub color: bool,
+}
+
+pub use memsteer_steer::evidence::Span;
+
+pub use memsteer_steer::highlight::{Highlight, html_escape};
+use memsteer_steer::highlight::{render_html, render_terminal, token_pieces};
+
+/// Runs `memsteer steer highlight`.
+pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
+    ensure!(a.span_length >= 1, "--span-length must be at least 1");
+    ensure!(
+        a.strength.is_finite() && a.strength != 0.0,
+        "--strength must be a finite non-zero number, found {}",
+        a.strength
+    );
+    let text = match (&a.text, &a.input) {
+        (Some(t), _) => t.clone(),
+        (None, Some(p)) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        (None, None) => bail!("give --text TEXT or --input FILE"),
+    };
+    let model = load_on(&a.model, &a.device)?;
+    let decoder = model.decoder()?;
+    let steer = Steer::load_for(&a.steer, decoder)
+        .with_context(|| format!("--steer {}: loading the steer for {}", a.steer.display(), a.model.display()))?;
+    ensure!(!steer.labels().is_empty(), "{}: the steer has no labelled steer", a.steer.display());
+    let tok = Tokenizer::from_dir(&a.model)
+        .with_context(|| format!("highlight needs the tokenizer of {}", a.model.display()))?;
+    let tokens = tok.encode(&text).context("tokenizing the text")?;
+    ensure!(tokens.len() >= 2, "the text has {} token(s); evidence needs at least two", tokens.len());
+    ensure!(
+        tokens.len() <= decoder.context(),
+        "the text has {} tokens, more than the model's context of {}",
+        tokens.len(),
+        decoder.context()
+    );
+    let d = decoder.dim();
+    let hidden = decoder.hidden_states(&tokens)?;
+    let rows = &hidden[..(tokens.len() - 1) * d];
+    let at = |v: f32| -> Result<Vec<f32>> {
+        let mut labelled = vec![0.0f32; steer.labels().len()];
+        labelled[0] = v;
+        Ok(steer.log_prob_targets(rows, decoder.output_embedding(), &tokens[1..], &steer.strengths(&labelled)?)?)
+    };
+    let (plus, minus) = (at(a.strength)?, at(-a.strength)?);
+    let mut evidence = vec![None];
+    evidence.extend(plus.iter().zip(&minus).map(|(p, m)| Some(f64::from(*p) - f64::from(*m))));
+    let spans = memsteer_steer::evidence::max_spans(&evidence, a.spans, a.span_length);
+    let pieces = token_pieces(&tok, &tokens)?;
+    let h = Highlight { tokens, pieces, evidence, spans };
+
+    if a.json {
+        let json = serde_json::json!({
+            "steer": a.steer.display().to_string(),
+            "label": steer.labels()[0],
+            "strength": a.strength,
+            "tokens": h.tokens.iter().zip(&h.pieces).zip(&h.evidence)
+                .map(|((id, p), e)| serde_json::json!({"id": id, "text": p, "evidence": e}))
+                .collect::<Vec<_>>(),
+            "spans": h.spans.iter()
+                .map(|s| serde_json::json!({"start": s.start, "end": s.end, "evidence": s.evidence,
+                    "text": h.pieces[s.start..s.end].concat()}))
+                .collect::<Vec<_>>(),
+        });
+        println!("{json}");
+    } else {
+        let color = a.color || std::io::stdout().is_terminal();
+        println!("{}", render_terminal(&h, color));
+        for (i, s) in h.spans.iter().enumerate() {
+            println!(
+                "span {}: tokens {}..{}, evidence {:+.3}: {:?}",
+                i + 1,
+                s.start,
+                s.end,
+                s.evidence,
+                h.pieces[s.start..s.end].concat()
+            );
+        }
+    }
+    if let Some(path) = &a.html {
+        let page = render_html(&h, steer.labels()[0].as_str(), &a.steer.display().to_string(), a.strength);
+        write_atomic(path, |w| w.write_all(page.as_bytes())).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(h)
+}

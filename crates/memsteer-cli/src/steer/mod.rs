@@ -1,0 +1,688 @@
+//! `memsteer steer`: LM-Steer from the command line — train a steer on two corpora, generate with one or
+//! several steers at any strength, highlight where a text carries the steer's style, explain, transfer,
+//! and evaluate generations (dist-n, perplexity, style scores).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::{Args, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use memsteer_kernels::Device;
+use memsteer_lm::tokenizer::Tokenizer;
+use memsteer_lm::{DeviceModel, Model};
+use memsteer_steer::highlight::token_pieces;
+use memsteer_steer::{HiddenCache, Steer, TrainConfig, train_cached_on};
+
+/// Arguments of `memsteer steer`.
+#[derive(Debug, Args)]
+pub struct SteerArgs {
+    /// The steer subcommand.
+    #[command(subcommand)]
+    pub command: SteerCommand,
+}
+
+/// `memsteer steer` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum SteerCommand {
+    /// Train a steer from a positive and a negative corpus (the model stays frozen).
+    Train(SteerTrainArgs),
+    /// Generate continuations of prompts with steers at chosen strengths.
+    Generate(GenerateArgs),
+    /// Per-token evidence of a steer's style in a text, its strongest spans, in colour and as HTML.
+    Highlight(HighlightArgs),
+    /// The words a steer promotes and suppresses: the tokens at both ends of its top singular directions.
+    Explain(ExplainArgs),
+    /// Move a steer to another model through a least-squares map between their output embeddings.
+    Transfer(TransferArgs),
+    /// Evaluate generations: dist-1/2/3, conditional perplexity and style scores, per file (strength).
+    Eval(EvalArgs),
+    /// Which strength of a steer best explains a text (the authors' zero-shot style classifier), with
+    /// per-word evidence.
+    Detect(DetectArgs),
+}
+
+/// Runs `memsteer steer …`.
+pub fn run(a: &SteerArgs) -> Result<()> {
+    match &a.command {
+        SteerCommand::Train(t) => train(t).map(|_| ()),
+        SteerCommand::Generate(g) => generate(g).map(|_| ()),
+        SteerCommand::Highlight(h) => highlight(h).map(|_| ()),
+        SteerCommand::Explain(e) => explain(e).map(|_| ()),
+        SteerCommand::Transfer(t) => transfer(t).map(|_| ()),
+        SteerCommand::Eval(e) => eval(e).map(|_| ()),
+        SteerCommand::Detect(d) => {
+            let found = detect(d)?;
+            for (at, f) in &found {
+                if d.json {
+                    println!("{}", detected_json(f));
+                } else {
+                    print!("{}", detected_table(at, f));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Arguments of `memsteer steer detect`.
+#[derive(Debug, Clone, Args)]
+pub struct DetectArgs {
+    /// The model the steer was trained on (a Hugging Face directory; tokenizer files for `text`).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// The steer file.
+    #[arg(long, value_name = "FILE")]
+    pub steer: PathBuf,
+    /// One text to analyse.
+    #[arg(long, conflicts_with = "input", required_unless_present = "input")]
+    pub text: Option<String>,
+    /// JSON lines with a `text` string or a `tokens` array (other fields, such as `id` or `label`, are
+    /// copied to the output); one JSON line out per line in.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub input: Option<PathBuf>,
+    /// Smallest strength of the grid.
+    #[arg(long, default_value_t = -3.0, allow_hyphen_values = true)]
+    pub min: f32,
+    /// Largest strength of the grid.
+    #[arg(long, default_value_t = 3.0, allow_hyphen_values = true)]
+    pub max: f32,
+    /// Strengths in the grid, evenly spaced from --min to --max.
+    #[arg(long, default_value_t = 7)]
+    pub bins: usize,
+    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
+    /// feature.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print JSON (one line per text) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A word of a text and its mean per-token evidence.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WordEvidence {
+    /// The word as it reads in the text (surrounding whitespace trimmed).
+    pub word: String,
+    /// Mean evidence of its tokens (`log P_best − log P_0` per token).
+    pub evidence: f64,
+}
+
+/// What `steer detect` found for one text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detected {
+    /// The fields of the input line (empty for `--text`).
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// The analysis.
+    pub detection: memsteer_steer::evidence::Detection,
+    /// Per-word evidence (words split at whitespace and punctuation; token ids when the model has no
+    /// tokenizer).
+    pub words: Vec<WordEvidence>,
+}
+
+/// Groups tokens into words: a new word starts at a piece that begins with whitespace, at punctuation,
+/// and after punctuation; each word gets the mean evidence of its tokens that have one.
+fn word_evidence(pieces: &[String], evidence: &[Option<f64>]) -> Vec<WordEvidence> {
+    let is_punct = |s: &str| !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_punctuation());
+    let mut words: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut prev_punct = true;
+    for (piece, e) in pieces.iter().zip(evidence) {
+        let punct = is_punct(piece);
+        let starts = words.is_empty() || prev_punct || punct || piece.starts_with(char::is_whitespace);
+        if starts {
+            words.push((String::new(), Vec::new()));
+        }
+        let w = words.last_mut().expect("pushed above");
+        w.0.push_str(piece);
+        w.1.extend(e);
+        prev_punct = punct;
+    }
+    words
+        .into_iter()
+        .filter(|(w, e)| !w.trim().is_empty() && !e.is_empty())
+        .map(|(w, e)| WordEvidence { word: w.trim().to_string(), evidence: e.iter().sum::<f64>() / e.len() as f64 })
+        .collect()
+}
+
+/// Runs the analysis of `memsteer steer detect` (the subcommand prints it): each text's place (`--text`
+/// or `FILE, line N`) and what was found.
+pub fn detect(a: &DetectArgs) -> Result<Vec<(String, Detected)>> {
+    let config = memsteer_steer::evidence::DetectConfig { min: a.min, max: a.max, bins: a.bins };
+    config.strengths().context("--min, --max, --bins")?;
+    let model = load_on(&a.model, &a.device)?;
+    let decoder = model.decoder()?;
+    let steer = Steer::load_for(&a.steer, decoder)
+        .with_context(|| format!("--steer {}: loading the steer for {}", a.steer.display(), a.model.display()))?;
+    ensure!(!steer.labels().is_empty(), "{}: the steer has no labelled steer", a.steer.display());
+    let mut tok = LazyTokenizer::new(&a.model);
+    let inputs: Vec<(String, serde_json::Map<String, serde_json::Value>, Vec<u32>)> = match (&a.text, &a.input) {
+        (Some(t), _) => {
+            let ids = tok.get("--text")?.encode(t).context("tokenizing --text")?;
+            vec![("--text".to_string(), serde_json::Map::new(), ids)]
+        }
+        (None, Some(p)) => json_lines(p, "texts")?
+            .into_iter()
+            .map(|(line, v)| {
+                let at = || format!("{}, line {line}", p.display());
+                ensure!(v.is_object(), "{}: expected a JSON object with `text` or `tokens`", at());
+                let ids = line_tokens(&v, &at, &mut tok, decoder.vocab())?;
+                let fields = match v {
+                    serde_json::Value::Object(mut o) => {
+                        o.remove("tokens");
+                        o
+                    }
+                    _ => bail!("{}: expected a JSON object", at()),
+                };
+                Ok((at(), fields, ids))
+            })
+            .collect::<Result<Vec<_>>>()?,
+        (None, None) => bail!("give --text TEXT or --input FILE.jsonl"),
+    };
+    let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding tokens")?.clone()) } else { None };
+    let d = decoder.dim();
+    let bar = if inputs.len() > 1 && std::io::stderr().is_terminal() {
+        ProgressBar::new(inputs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    let mut out = Vec::with_capacity(inputs.len());
+    for (at, fields, ids) in inputs {
+        ensure!(ids.len() >= 2, "{at}: {} token(s); detection needs at least two", ids.len());
+        ensure!(
+            ids.len() <= decoder.context(),
+            "{at}: {} tokens, more than the model's context of {}",
+            ids.len(),
+            decoder.context()
+        );
+        let hidden = decoder.hidden_states(&ids)?;
+        let rows = &hidden[..(ids.len() - 1) * d];
+        let detection = memsteer_steer::evidence::detect(&steer, rows, decoder.output_embedding(), &ids[1..], &config)
+            .with_context(|| at.clone())?;
+        let pieces = match &tokenizer {
+            Some(t) => token_pieces(t, &ids)?,
+            None => ids.iter().map(|i| format!(" {i}")).collect(),
+        };
+        let evidence: Vec<Option<f64>> =
+            std::iter::once(None).chain(detection.evidence.iter().copied().map(Some)).collect();
+        let words = word_evidence(&pieces, &evidence);
+        bar.inc(1);
+        out.push((at, Detected { fields, detection, words }));
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// One output line of `steer detect --json`: the input's fields, then `best_strength`, `strengths`,
+/// `losses`, `distribution` and `words` (`[{"word", "evidence"}]`).
+pub fn detected_json(d: &Detected) -> serde_json::Value {
+    let mut o = d.fields.clone();
+    let det = &d.detection;
+    o.insert("best_strength".into(), det.best_strength().into());
+    o.insert("strengths".into(), det.strengths.clone().into());
+    o.insert("losses".into(), det.losses.clone().into());
+    o.insert("distribution".into(), det.distribution.clone().into());
+    o.insert("words".into(), serde_json::to_value(&d.words).unwrap_or_default());
+    serde_json::Value::Object(o)
+}
+
+fn detected_table(at: &str, d: &Detected) -> String {
+    let det = &d.detection;
+    let mut s = format!("{at}: best strength {:+}\n  strength    loss  P(strength)\n", det.best_strength());
+    for ((v, l), p) in det.strengths.iter().zip(&det.losses).zip(&det.distribution) {
+        let mark = if *v == det.best_strength() { " <" } else { "" };
+        s.push_str(&format!("  {v:>+8.3} {l:>7.4} {p:>12.4}{mark}\n"));
+    }
+    let mut words: Vec<&WordEvidence> = d.words.iter().collect();
+    words.sort_by(|a, b| b.evidence.total_cmp(&a.evidence));
+    let top: Vec<String> = words.iter().take(8).map(|w| format!("{} ({:+.3})", w.word, w.evidence)).collect();
+    s.push_str(&format!("  words that favour it most: {}\n", top.join(", ")));
+    s
+}
+
+/// Arguments of `memsteer steer explain`.
+#[derive(Debug, Clone, Args)]
+pub struct ExplainArgs {
+    /// The model the steer was trained on (a Hugging Face directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The steer file.
+    #[arg(long)]
+    pub steer: PathBuf,
+    /// Singular directions per labelled steer, the largest first.
+    #[arg(long, default_value_t = 5)]
+    pub dims: usize,
+    /// Tokens shown at each end of a direction.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Print JSON ({"dimensions": [{"steer", "rank", "singular_value", "positive": [{"id", "token",
+    /// "score"}], "negative": […]}]}) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `memsteer steer explain`.
+pub fn explain(a: &ExplainArgs) -> Result<memsteer_steer::explain::Explanation> {
+    let model = load_model(&a.model)?;
+    let dec = model.decoder();
+    let steer = Steer::load_for(&a.steer, dec)?;
+    let tok = has_tokenizer(&a.model).then(|| Tokenizer::from_dir(&a.model)).transpose()?;
+    let name = |id: u32| tok.as_ref().and_then(|t| t.id_to_token(id));
+    let config = memsteer_steer::explain::ExplainConfig { dims: a.dims, top: a.top };
+    let ex = memsteer_steer::explain::explain(&steer, dec.output_embedding(), &config, &name)
+        .with_context(|| format!("explaining {}", a.steer.display()))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&ex)?);
+    } else {
+        print!("{ex}");
+    }
+    Ok(ex)
+}
+
+/// Arguments of `memsteer steer transfer`.
+#[derive(Debug, Clone, Args)]
+pub struct TransferArgs {
+    /// The steer file (trained on the --from model).
+    #[arg(long)]
+    pub steer: PathBuf,
+    /// The model the steer was trained on.
+    #[arg(long)]
+    pub from: PathBuf,
+    /// The model to move it to.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Where to write the transferred steer.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Fit the map on the first N shared tokens only (default: all; with `--map authors` their 4,000, in
+    /// the target vocabulary's order).
+    #[arg(long, value_name = "N")]
+    pub top_k: Option<usize>,
+    /// Ridge added to the least-squares normal equations (0: plain least squares), in squared units of the
+    /// embeddings the fit regresses on: the target's for `paper` and `authors`; for `two-sided` both fits
+    /// get it (the source's for H, the target's for G).
+    #[arg(long, default_value_t = 0.0)]
+    pub ridge: f64,
+    /// How W is carried over. `paper`: the paper's e_v = H e'_v, fitted as E_from ≈ E_to Hᵀ, and
+    /// W' = HᵀWH. `authors`: the authors' steer_transfer.py: E_to B ≈ E_from on the first --top-k (4,000)
+    /// shared tokens, rows of B normalised, P' = B P (the closed-form optimum of their loss stands in for
+    /// their Adam loop). `two-sided`: E_to ≈ E_from H and E_from ≈ E_to G, W' = HᵀWGᵀ (exact for any
+    /// invertible linear relation between the models; the others only for orthogonal ones).
+    #[arg(long, value_enum, default_value_t = MapKind::Paper)]
+    pub map: MapKind,
+}
+
+/// How `steer transfer` carries W to the target model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MapKind {
+    /// W' = HᵀWH with E_from ≈ E_to Hᵀ (the paper's).
+    Paper,
+    /// P' = B P with E_to B ≈ E_from on 4,000 tokens, rows of B normalised (the authors' script).
+    Authors,
+    /// W' = HᵀWGᵀ with E_to ≈ E_from H and E_from ≈ E_to G.
+    TwoSided,
+}
+
+impl MapKind {
+    /// The library's map.
+    pub fn map(self) -> memsteer_steer::transfer::TransferMap {
+        use memsteer_steer::transfer::TransferMap;
+        match self {
+            MapKind::Paper => TransferMap::Paper,
+            MapKind::Authors => TransferMap::Authors,
+            MapKind::TwoSided => TransferMap::TwoSided,
+        }
+    }
+}
+
+/// Runs `memsteer steer transfer`; returns the transferred steer and the fit's relative residual.
+pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
+    use memsteer_steer::transfer::{EmbeddingView, Matching, SharedTokens, TransferConfig};
+    ensure!(a.ridge.is_finite() && a.ridge >= 0.0, "--ridge must be a finite number ≥ 0, found {}", a.ridge);
+    let (from_model, to_model) = (load_model(&a.from)?, load_model(&a.to)?);
+    let (from, to) = (from_model.decoder(), to_model.decoder());
+    let steer = Steer::load_for(&a.steer, from)?;
+    let tok = |dir: &Path| has_tokenizer(dir).then(|| Tokenizer::from_dir(dir)).transpose();
+    let (tf, tt) = (tok(&a.from)?, tok(&a.to)?);
+    let from_name = tf.as_ref().map(|t| move |id: u32| t.id_to_token(id));
+    let to_name = tt.as_ref().map(|t| move |id: u32| t.id_to_token(id));
+    let shared = SharedTokens::matched(
+        from.vocab(),
+        from_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
+        to.vocab(),
+        to_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
+    )
+    .with_context(|| format!("matching the vocabularies of {} and {}", a.from.display(), a.to.display()))?;
+    if shared.matching == Matching::ById {
+        eprintln!(
+            "warning: neither model has tokenizer files; tokens are matched by id, which assumes both use the same tokenizer"
+        );
+    }
+    let config = TransferConfig { top_k: a.top_k, ridge: a.ridge, map: a.map.map() };
+    let (moved, map) = memsteer_steer::transfer::transfer(
+        &steer,
+        &EmbeddingView::of(from)?,
+        &EmbeddingView::of(to)?,
+        &shared,
+        &config,
+    )
+    .with_context(|| format!("transferring {} to {}", a.steer.display(), a.to.display()))?;
+    if map.ridge_automatic {
+        eprintln!("warning: the least-squares fit was singular; a ridge of {:e} was added", map.ridge);
+    }
+    let inverse = &moved.training()["transfer"]["inverse"];
+    if inverse["ridge_automatic"] == true {
+        eprintln!(
+            "warning: the inverse fit (E_from ≈ E_to G) was singular; a ridge of {:e} was added",
+            inverse["ridge"].as_f64().unwrap_or(f64::NAN)
+        );
+    }
+    let inverse_note = inverse["relative_residual"]
+        .as_f64()
+        .map_or(String::new(), |r| format!(", inverse fit G relative residual {r:.3e}"));
+    moved.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "map {}: W' = {}; H {} × {}, fitted on {} of {} shared tokens (matched by {}), relative residual {:.3e}{inverse_note}; wrote {}",
+        config.map.name(),
+        config.map.formula(),
+        map.d_from,
+        map.d_to,
+        map.pairs_used,
+        map.shared,
+        match shared.matching {
+            Matching::ByString => "string",
+            Matching::ById => "id",
+            _ => "the caller",
+        },
+        map.relative_residual,
+        a.out.display()
+    );
+    Ok((moved, map.relative_residual))
+}
+
+/// Arguments of `memsteer steer train`.
+#[derive(Debug, Clone, Args)]
+pub struct SteerTrainArgs {
+    /// The base model (a Hugging Face model directory).
+    #[arg(long, value_name = "DIR")]
+    pub model: PathBuf,
+    /// Positive corpus, JSON lines with a `text` string or a `tokens` array of ids (strength +1).
+    #[arg(long, value_name = "FILE")]
+    pub positive: PathBuf,
+    /// Negative corpus, same format (strength −1).
+    #[arg(long, value_name = "FILE")]
+    pub negative: PathBuf,
+    /// Output steer file (safetensors).
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
+    /// Rank of the steer (default min(1000, hidden size)).
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    /// Adam learning rate.
+    #[arg(long, default_value_t = 1e-2)]
+    pub lr: f32,
+    /// Sequences per minibatch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// The fixed scale ε of the steer.
+    #[arg(long, default_value_t = 1e-3)]
+    pub epsilon: f32,
+    /// Tokens kept from the start of each sequence.
+    #[arg(long, default_value_t = 256)]
+    pub max_length: usize,
+    /// Coefficient λ of the regularisation λ(‖P1‖² + ‖P2‖²).
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Standard deviation of the projectors' normal initialisation (the authors' `init_var`); must be
+    /// positive: at zero the gradient of W = P1 P2ᵀ is zero.
+    #[arg(long, default_value_t = 1e-2)]
+    pub init_std: f32,
+    /// Memory for the cached hidden states, in GiB; beyond it they spill to a temporary file (read back
+    /// one minibatch at a time; the same steer either way).
+    #[arg(long, value_name = "GIB", default_value_t = 4.0)]
+    pub cache_memory: f64,
+    /// Directory of the spill file (default: the system's temporary directory; where that is a tmpfs
+    /// held in memory, give a directory on disk).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Seed of the initialisation and the batch order.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Where the work runs: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature (hidden
+    /// states, and each step's steered output layer and its backward, on the GPU; Adam on the CPU).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// What `steer train` did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SteerTrainOutcome {
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Sequences trained on.
+    pub sequences: usize,
+    /// Sequences skipped for having fewer than two tokens.
+    pub skipped: usize,
+}
+
+/// The model directory's tokenizer, loaded the first time a text needs it.
+struct LazyTokenizer<'a> {
+    dir: &'a Path,
+    tok: Option<Tokenizer>,
+}
+
+impl<'a> LazyTokenizer<'a> {
+    fn new(dir: &'a Path) -> Self {
+        Self { dir, tok: None }
+    }
+    fn get(&mut self, why: &str) -> Result<&Tokenizer> {
+        if self.tok.is_none() {
+            let t = Tokenizer::from_dir(self.dir).with_context(|| {
+                format!("{why}: loading the tokenizer of {} (give `tokens` instead of `text`)", self.dir.display())
+            })?;
+            self.tok = Some(t);
+        }
+        Ok(self.tok.as_ref().expect("loaded above"))
+    }
+}
+
+/// Whether a model directory ships tokenizer files.
+fn has_tokenizer(dir: &Path) -> bool {
+    dir.join("tokenizer.json").exists()
+        || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())
+        || (dir.join("encoder.json").exists() && dir.join("vocab.bpe").exists())
+}
+
+/// A fingerprint of a model directory's tokenizer files (names and bytes), `None` when it has none:
+/// `steer generate` writes it beside the ids it generates, so that `steer eval` scores ids only under a
+/// model with the same tokenizer.
+pub fn tokenizer_fingerprint(dir: &Path) -> Result<Option<String>> {
+    let mut hash = 0u64;
+    let mut any = false;
+    for f in crate::train::TOKENIZER_FILES {
+        let p = dir.join(f);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+            hash = memsteer_panel::rng::hash_key(hash, f.as_bytes());
+            hash = memsteer_panel::rng::hash_key(hash, &bytes);
+            any = true;
+        }
+    }
+    Ok(any.then(|| format!("{hash:016x}")))
+}
+
+/// One JSON line with `text` or `tokens`, as token ids checked against the vocabulary.
+fn line_tokens(
+    v: &serde_json::Value,
+    at: &dyn Fn() -> String,
+    tok: &mut LazyTokenizer<'_>,
+    vocab: usize,
+) -> Result<Vec<u32>> {
+    let tokens = match (v.get("tokens"), v.get("text")) {
+        (Some(serde_json::Value::Array(t)), _) => t
+            .iter()
+            .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
+            .collect::<Option<Vec<u32>>>()
+            .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
+        (Some(other), _) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
+        (None, Some(serde_json::Value::String(text))) => {
+            tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing `text`", at()))?
+        }
+        (None, Some(other)) => bail!("{}: `text` must be a string, found {other}", at()),
+        (None, None) => bail!("{}: expected a `text` string or a `tokens` array of ids", at()),
+    };
+    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+        bail!("{}: token id {bad} is outside the model's vocabulary (size {vocab})", at());
+    }
+    Ok(tokens)
+}
+
+/// The non-blank lines of a JSON-lines file, parsed, with their 1-based line numbers; `what` names the
+/// file's role in errors.
+fn json_lines(path: &Path, what: &str) -> Result<Vec<(usize, serde_json::Value)>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v = serde_json::from_str(line)
+            .with_context(|| format!("{}, line {}: not a JSON object", path.display(), i + 1))?;
+        out.push((i + 1, v));
+    }
+    Ok(out)
+}
+
+/// Reads a corpus (JSON lines with `text` or `tokens`); an empty corpus is an error naming the file.
+fn read_corpus(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Vec<u32>>> {
+    let mut out = Vec::new();
+    for (line, v) in json_lines(path, "corpus")? {
+        let at = || format!("{}, line {line}", path.display());
+        ensure!(v.is_object(), "{}: expected a JSON object with `text` or `tokens`", at());
+        out.push(line_tokens(&v, &at, tok, vocab)?);
+    }
+    ensure!(
+        !out.is_empty(),
+        "{}: empty corpus: expected JSON lines with a `text` string or a `tokens` array",
+        path.display()
+    );
+    Ok(out)
+}
+
+fn load_model(dir: &Path) -> Result<Model> {
+    Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))
+}
+
+fn load_on(dir: &Path, device: &str) -> Result<DeviceModel> {
+    let device = Device::parse(device).with_context(|| format!("--device {device}"))?;
+    DeviceModel::load(dir, &device).with_context(|| format!("loading the model in {} onto {device:?}", dir.display()))
+}
+
+/// Runs `memsteer steer train`.
+pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
+    let model = load_on(&a.model, &a.device)?;
+    let decoder = model.decoder()?;
+    let mut tok = LazyTokenizer::new(&a.model);
+    let positive = read_corpus(&a.positive, &mut tok, decoder.vocab())?;
+    let negative = read_corpus(&a.negative, &mut tok, decoder.vocab())?;
+    let mut config = TrainConfig::default();
+    config.rank = a.rank;
+    config.steps = a.steps;
+    config.lr = a.lr;
+    config.batch_size = a.batch_size;
+    config.epsilon = a.epsilon;
+    config.max_length = a.max_length;
+    config.weight_decay = a.weight_decay;
+    config.seed = a.seed;
+    config.init_std = a.init_std;
+    config.validate().context("steer train settings")?;
+
+    let spinner = if a.quiet { ProgressBar::hidden() } else { ProgressBar::new_spinner() };
+    spinner.set_message(format!("caching hidden states of {} sequences", positive.len() + negative.len()));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    ensure!(
+        a.cache_memory.is_finite() && a.cache_memory >= 0.0,
+        "--cache-memory: expected GiB ≥ 0, found {}",
+        a.cache_memory
+    );
+    let budget = (a.cache_memory * (1u64 << 30) as f64).min(usize::MAX as f64) as usize;
+    let cache =
+        HiddenCache::build_with(decoder, &positive, &negative, config.max_length, budget, a.cache_dir.as_deref())
+            .with_context(|| {
+                format!("caching hidden states of {} and {}", a.positive.display(), a.negative.display())
+            })?;
+    spinner.finish_and_clear();
+    if cache.spilled() && !a.quiet {
+        eprintln!(
+            "hidden states ({} rows × {}) exceed --cache-memory {} GiB: spilled to a temporary file",
+            cache.rows(),
+            cache.dim(),
+            a.cache_memory
+        );
+    }
+
+    let bar = if a.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(config.steps as u64).with_style(
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        )
+    };
+    bar.set_prefix("steer");
+    let device = memsteer_kernels::Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
+    let (steer, report) = train_cached_on(&device, &cache, decoder.output_embedding(), &config, &mut |p| {
+        bar.set_position(p.step as u64);
+        bar.set_message(format!("loss {:.4}", p.loss));
+    })?;
+    bar.finish_and_clear();
+    steer.save(&a.out).with_context(|| format!("writing the steer {}", a.out.display()))?;
+    let final_loss = report.losses.last().copied().unwrap_or(f64::NAN);
+    if !a.quiet {
+        eprintln!(
+            "steer: rank {}, {} sequences ({} tokens predicted, {} skipped with < 2 tokens), loss {:.4} → {:.4}; wrote {}",
+            steer.rank(),
+            report.sequences,
+            report.rows,
+            report.skipped,
+            report.losses.first().copied().unwrap_or(f64::NAN),
+            final_loss,
+            a.out.display()
+        );
+    }
+    Ok(SteerTrainOutcome { final_loss, sequences: report.sequences, skipped: report.skipped })
+}
+
+mod eval;
+mod generate;
+
+pub use eval::*;
+pub use generate::*;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steer_specs_split_on_the_last_colon_only_before_a_number() {
+        assert_eq!(parse_steer_spec("a.safetensors").unwrap(), (PathBuf::from("a.safetensors"), 1.0));
+        assert_eq!(parse_steer_spec("a.safetensors:-2.5").unwrap(), (PathBuf::from("a.safetensors"), -2.5));
+        assert_eq!(parse_steer_spec("c:/x:y.st:3").unwrap(), (PathBuf::from("c:/x:y.st"), 3.0));
+        assert!(parse_steer_spec("a.safetensors:nan").unwrap_err().to_string().contains("finite"));
+        assert!(parse_steer_spec("a.safetensors:inf").unwrap_err().to_string().contains("finite"));
+        assert!(parse_steer_spec("a.safetensors:1e40").unwrap_err().to_string().contains("finite"));
+        let e = parse_steer_spec("/nonexistent/a.safetensors:strong").unwrap_err().to_string();
+        assert!(e.contains("not a strength"), "{e}");
+    }
+
+    #[test]
+    fn html_escape_escapes_markup() {
+        assert_eq!(html_escape("<b>&\"'"), "&lt;b&gt;&amp;&quot;&#39;");
+    }
+}
