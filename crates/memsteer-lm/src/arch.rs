@@ -466,6 +466,19 @@ impl Arch {
         if matches!(self.family, Family::Gpt2 | Family::GptNeoX) && self.attn_dim() != self.dim {
             return bad("GPT-2 and GPT-NeoX heads fill the hidden size".into());
         }
+        if let Some(w) = &self.window_layers
+            && w.len() != self.layers
+        {
+            return bad(format!("{} window flags for {} layers", w.len(), self.layers));
+        }
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if self.attn_scale.is_some_and(|s| !positive(f64::from(s)))
+            || self.embed_scale.is_some_and(|s| !positive(f64::from(s)))
+            || self.local_rope_base.is_some_and(|b| !positive(b))
+            || matches!(self.positions, Positions::Rotary { base, .. } if !positive(base))
+        {
+            return bad("attention and embedding scales and rotary bases must be positive".into());
+        }
         if matches!(self.family, Family::Llama(_)) && self.weights != WeightLayout::OutputsMajor {
             return bad("the Llama family's q, k and v pieces are stored output-major".into());
         }
@@ -738,6 +751,12 @@ impl Arch {
     /// Whether layer `i` attends through the sliding window.
     pub fn windowed(&self, i: usize) -> bool {
         self.window.is_some() && self.window_layers.as_ref().is_none_or(|w| w.get(i).copied().unwrap_or(false))
+    }
+
+    /// Whether layer `i` is one of the sliding layers (which take the local rotary table even when no
+    /// window is set, as transformers chooses the rotary by layer type).
+    pub fn sliding_layer(&self, i: usize) -> bool {
+        self.window_layers.as_ref().is_some_and(|w| w.get(i).copied().unwrap_or(false))
     }
 }
 

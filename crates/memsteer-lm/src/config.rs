@@ -423,6 +423,9 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     // Absent keys take the defaults of transformers' config class for the model type.
     let kv_heads = if present("num_key_value_heads") {
         size("num_key_value_heads")?
+    } else if v.get("num_key_value_heads").is_some() {
+        // An explicit null: transformers takes the number of query heads.
+        heads
     } else {
         match family {
             LlamaFamily::Mistral => 8,
@@ -457,6 +460,12 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     let mut local_rope_theta = None;
     if gemma {
         if let Some(p) = params.and_then(Value::as_object).filter(|p| p.contains_key("full_attention")) {
+            // As transformers fills them in: the local base from `rope_local_base_freq`, else 10,000.
+            let fallback = match v.get("rope_local_base_freq") {
+                Some(x) => number(x, "rope_local_base_freq")?,
+                None => 10000.0,
+            };
+            let mut local_theta = fallback;
             if let Some(local) = p.get("sliding_attention") {
                 let kind = local.get("rope_type").and_then(Value::as_str).unwrap_or("default");
                 if kind != "default" {
@@ -464,13 +473,11 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
                         "`rope_parameters.sliding_attention.rope_type` = {kind:?} is not supported (this runtime implements \"default\" for sliding layers)"
                     )));
                 }
-                local_rope_theta = Some(
-                    local
-                        .get("rope_theta")
-                        .and_then(Value::as_f64)
-                        .ok_or_else(|| err("missing number `rope_parameters.sliding_attention.rope_theta`".into()))?,
-                );
+                if let Some(x) = local.get("rope_theta") {
+                    local_theta = number(x, "rope_parameters.sliding_attention.rope_theta")?;
+                }
             }
+            local_rope_theta = Some(local_theta);
             params = p.get("full_attention");
         } else {
             // The Hub layout: `rope_local_base_freq` for the sliding layers, `rope_theta` + `rope_scaling` for
@@ -678,10 +685,14 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         sliding_layers,
         local_rope_theta,
         query_pre_attn_scalar: if gemma {
-            Some(match v.get("query_pre_attn_scalar") {
+            let q = match v.get("query_pre_attn_scalar") {
                 Some(x) => number(x, "query_pre_attn_scalar")?,
                 None => 256.0,
-            })
+            };
+            if q <= 0.0 {
+                return Err(err(format!("`query_pre_attn_scalar` must be positive, found {q}")));
+            }
+            Some(q)
         } else {
             None
         },

@@ -150,7 +150,7 @@ impl Backend for Cpu<'_> {
         }
         let (cos, sin, rows) = &self.rotary;
         let (cos, sin) = match &self.local_rotary {
-            Some((c, s)) if a.windowed(index) => (c, s),
+            Some((c, s)) if a.sliding_layer(index) => (c, s),
             _ => (cos, sin),
         };
         ops::rotate(&mut qkv, (off, (a.heads, a.kv_heads), a.rotary_dims() / 2), (cos, sin), rows, false);

@@ -333,6 +333,22 @@ fn malformed_configs_and_weights_give_clear_errors() {
     assert!(e.contains("unsupported model_type \"gemma2\""), "{e}");
     let e = cfg_err(&llama("").replace("llama", "olmo2").replace("64}", r#"64, "attention_bias": true}"#));
     assert!(e.contains("not supported for olmo2"), "{e}");
+    // An explicit `"num_key_value_heads": null` means one KV head per query head, as in transformers.
+    let e = ModelConfig::from_json(
+        &serde_json::from_str(
+            &llama("")
+                .replace("llama", "qwen2")
+                .replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": null"#),
+        )
+        .unwrap(),
+        p,
+    )
+    .unwrap();
+    assert!(matches!(e, ModelConfig::Llama(ref c) if c.num_key_value_heads == 4), "{e:?}");
+    let e = cfg_err(
+        &llama("").replace("\"llama\"", "\"gemma3_text\"").replace("64}", r#"64, "query_pre_attn_scalar": 0}"#),
+    );
+    assert!(e.contains("`query_pre_attn_scalar` must be positive"), "{e}");
     // Absent keys take transformers' defaults: Mistral's window is 4,096, `null` is none.
     let parse = |json: String| match ModelConfig::from_json(&serde_json::from_str(&json).unwrap(), p).unwrap() {
         ModelConfig::Llama(c) => c,
@@ -715,6 +731,7 @@ fn a_sharded_llama_checkpoint_equals_the_single_file() {
     // The trainer reads the shards too, and computes the runtime's log-probabilities.
     let params = memsteer_lm::train::Params::from_hf(dir.path()).expect("trainer loads the shards");
     let ours = params.token_log_probs(&[&seq]).expect("lp").remove(0);
+    assert_eq!(ours.len(), want.len());
     assert!(ours.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5));
     // OLMo 2 (norms after the branches) does not train yet: a clear error.
     let e = memsteer_lm::train::Params::from_hf(&fixture("tiny-olmo2")).expect_err("not trainable").to_string();

@@ -161,6 +161,19 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
     }
     let arch = Arch::from_config(cfg);
     arch.validate()?;
+    // What the trainer's backward implements; a hand-built configuration with more is refused rather
+    // than trained with wrong gradients.
+    let beyond = arch.attn_scale.is_some()
+        || arch.embed_scale.is_some()
+        || arch.local_rope_base.is_some()
+        || arch.window_layers.is_some()
+        || matches!(arch.norm, crate::arch::Norm::RmsNorm { unit_offset: true, .. })
+        || matches!(arch.residual, Residual::Sandwich | Residual::PostNorm)
+        || arch.mlp == crate::arch::Mlp::GeGlu
+        || arch.qk_norm == crate::arch::QkNorm::Whole;
+    if beyond {
+        return bad("the trainer does not implement this architecture's attention scale, embedding scale, per-layer windows or rotary bases, offset norms, norm placement or GeGLU".into());
+    }
     Ok(arch)
 }
 

@@ -395,7 +395,7 @@ pub(crate) fn attention_backward(
     let (heads, hd, off) = (arch.heads, arch.head_dim, arch.qkv_offsets());
     let group = heads / arch.kv_heads;
     let a = heads * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = arch.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
     let dev = Device::Cpu;
     // Head-major scratch: sequence s's region holds its query heads one after another, each `len` rows
     // of [dq, dk, dv] (hd each).

@@ -360,6 +360,10 @@ fn llama_family_whole_model_gradient() {
         sliding_window: None,
         ..base.clone()
     };
+    // Settings the backward does not implement, on a hand-built configuration, are refused.
+    let scaled = LlamaConfig { query_pre_attn_scalar: Some(12.0), ..base.clone() };
+    let e = Params::zeros(scaled).unwrap_err().to_string();
+    assert!(e.contains("does not implement"), "{e}");
     for cfg in [base, mistral, qwen3] {
         let what = format!("{:?}", cfg.family);
         let mut p = Params::init_random_std(cfg, 21, 0.4).unwrap();
@@ -387,6 +391,7 @@ fn llama_family_whole_model_gradient() {
         let model = crate::Model::load(dir.path()).unwrap();
         for (seq, ours) in batch.iter().zip(p.token_log_probs(&batch).unwrap()) {
             let theirs = model.token_log_probs(seq).unwrap();
+            assert_eq!(ours.len(), theirs.len(), "{what}");
             assert!(ours.iter().zip(&theirs).all(|(a, b)| (a - b).abs() <= 1e-5), "{what}: {ours:?} vs {theirs:?}");
         }
     }
