@@ -1,4 +1,4 @@
-//! `memsteer train`: trains a small GPT-2, GPT-NeoX, Llama, Mistral or Qwen model on instances with every batch logged, writing
+//! `memsteer train`: trains a small model of any family the runtime reads on instances with every batch logged, writing
 //! checkpoints and the files `memsteer logprobs` needs to measure memorisation.
 //!
 //! Output directory:
@@ -52,7 +52,7 @@ pub struct TrainArgs {
     /// `checkpoint_steps = [0, 1, 2, 4]`, `quiet = true`); flags on the command line override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// A Hugging Face `config.json` (GPT-2, GPT-NeoX, Llama, Mistral, Qwen 2 or Qwen 3): the model is initialised randomly from --seed.
+    /// A Hugging Face `config.json` (GPT-2, GPT-NeoX, Llama, Mistral, Qwen 2, Qwen 3, OLMo 2 or Gemma 3): the model is initialised randomly from --seed.
     #[arg(long, value_name = "FILE", conflicts_with = "init", required_unless_present = "init")]
     pub model_config: Option<PathBuf>,
     /// Start from the weights of a Hugging Face directory of one of those families instead.

@@ -33,6 +33,10 @@ pub(crate) trait Backend {
     /// A stored tensor.
     type W;
 
+    /// Called at the start of layer `index` (a recording backend opens the layer's record here).
+    fn begin_layer(&mut self, _index: usize) -> Result<()> {
+        Ok(())
+    }
     /// Token embeddings (plus learned positions when given): the residual stream.
     fn embed(&mut self, embed: &Self::W, positions: Option<&Self::W>) -> Result<Self::Act>;
     /// A norm of the residual stream `x`.
@@ -63,6 +67,7 @@ pub(crate) type Biased<'w, B> = (<B as Backend>::Act, Option<&'w <B as Backend>:
 pub(crate) fn forward<B: Backend>(arch: &Arch, w: &Tensors<B::W>, b: &mut B) -> Result<B::Act> {
     let mut x = b.embed(&w.embed, w.positions.as_ref())?;
     for (i, l) in w.layers.iter().enumerate() {
+        b.begin_layer(i)?;
         if arch.residual == Residual::Sandwich {
             // Norms before and after each branch; the branch outputs are normed before they are added.
             let post = l

@@ -7,7 +7,7 @@
 //! CPU runtime ([`cpu`]), the CUDA runtime (`gpu`, feature `cuda`) and the trainer ([`train`]) read
 //! it. [`tokenizer`] wraps the `tokenizers` crate (`tokenizer.json`, or GPT-2's vocabulary and merges files), with
 //! ids equal to Hugging Face `tokenizers`'. [`KvCache`] and [`sample`] drive seeded generation
-//! ([`Model::generate`]). [`train`] trains every family but OLMo 2 (explicit backward per operation, AdamW,
+//! ([`Model::generate`]). [`train`] trains every family (explicit backward per operation, AdamW,
 //! schedules) and writes checkpoints this runtime loads.
 //!
 //! ```

@@ -733,9 +733,17 @@ fn a_sharded_llama_checkpoint_equals_the_single_file() {
     let ours = params.token_log_probs(&[&seq]).expect("lp").remove(0);
     assert_eq!(ours.len(), want.len());
     assert!(ours.iter().zip(&want).all(|(a, b)| (a - b).abs() <= 1e-5));
-    // OLMo 2 (norms after the branches) does not train yet: a clear error.
-    let e = memsteer_lm::train::Params::from_hf(&fixture("tiny-olmo2")).expect_err("not trainable").to_string();
-    assert!(e.contains("OLMo 2") && e.contains("does not train yet"), "{e}");
+    // Every family's checkpoint loads into the trainer, whose forward is the runtime's.
+    for name in ["tiny-olmo2", "tiny-gemma3", "tiny-mistral-window", "tiny-qwen2"] {
+        let params = memsteer_lm::train::Params::from_hf(&fixture(name)).expect("trainer loads it");
+        let model = memsteer_lm::Model::load(&fixture(name)).expect("runtime loads it");
+        let seq: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 96).collect();
+        let ours = params.token_log_probs(&[&seq]).expect("lp").remove(0);
+        let theirs = model.token_log_probs(&seq).expect("lp");
+        assert_eq!(ours.len(), theirs.len());
+        let worst = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: trainer and runtime differ by {worst}");
+    }
 }
 
 /// The built-in corpus's tokenizer (`fixtures/corpus`, trained by Python `tokenizers`): memsteer gives

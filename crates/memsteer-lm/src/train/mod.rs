@@ -1,5 +1,5 @@
-//! Training the architectures the runtime runs (GPT-2, GPT-NeoX, Llama, Mistral, Qwen 2 and 3; not yet
-//! OLMo 2) on CPU, llm.c style: one parameter
+//! Training every architecture the runtime runs (GPT-2, GPT-NeoX, Llama, Mistral, Qwen 2 and 3, OLMo 2,
+//! Gemma 3) on CPU, llm.c style: one parameter
 //! buffer with named views in Hugging Face order (the [`crate::arch`] table), an explicit forward and
 //! backward per operation (`train/ops.rs`), AdamW ([`adamw`]) and learning-rate schedules
 //! ([`schedule`]).
@@ -146,14 +146,6 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
     let (heads, dim) = match cfg {
         ModelConfig::Gpt2(c) => (c.n_head, c.n_embd),
         ModelConfig::GptNeoX(c) => (c.num_attention_heads, c.hidden_size),
-        ModelConfig::Llama(c)
-            if matches!(c.family, crate::config::LlamaFamily::Olmo2 | crate::config::LlamaFamily::Gemma3) =>
-        {
-            let name = if c.family == crate::config::LlamaFamily::Olmo2 { "OLMo 2" } else { "Gemma 3" };
-            return bad(format!(
-                "the trainer trains GPT-2, GPT-NeoX, Llama, Mistral and Qwen models; {name} (norms after the branches) runs (logprobs, steer) but does not train yet"
-            ));
-        }
         ModelConfig::Llama(c) => (c.num_attention_heads, c.num_attention_heads * c.head_dim),
     };
     if heads == 0 || !dim.is_multiple_of(heads) {
@@ -161,19 +153,6 @@ fn check_config(cfg: &ModelConfig) -> Result<Arch> {
     }
     let arch = Arch::from_config(cfg);
     arch.validate()?;
-    // What the trainer's backward implements; a hand-built configuration with more is refused rather
-    // than trained with wrong gradients.
-    let beyond = arch.attn_scale.is_some()
-        || arch.embed_scale.is_some()
-        || arch.local_rope_base.is_some()
-        || arch.window_layers.is_some()
-        || matches!(arch.norm, crate::arch::Norm::RmsNorm { unit_offset: true, .. })
-        || matches!(arch.residual, Residual::Sandwich | Residual::PostNorm)
-        || arch.mlp == crate::arch::Mlp::GeGlu
-        || arch.qk_norm == crate::arch::QkNorm::Whole;
-    if beyond {
-        return bad("the trainer does not implement this architecture's attention scale, embedding scale, per-layer windows or rotary bases, offset norms, norm placement or GeGLU".into());
-    }
     Ok(arch)
 }
 
@@ -246,6 +225,8 @@ impl Params {
                         _,
                         LayerSlot::Norm1(Part::Weight)
                             | LayerSlot::Norm2(Part::Weight)
+                            | LayerSlot::PostNorm1(Part::Weight)
+                            | LayerSlot::PostNorm2(Part::Weight)
                             | LayerSlot::QNorm
                             | LayerSlot::KNorm
                     )
@@ -264,7 +245,9 @@ impl Params {
                 }
                 slice.par_iter_mut().enumerate().for_each(|(i, x)| *x = (normal(key, i as u64) * std) as f32);
             } else if is_norm_weight {
-                slice.fill(1.0);
+                // Offset norms (Gemma: `1 + w`) start at w = 0, as transformers initialises them.
+                let unit_offset = matches!(p.arch.norm, crate::arch::Norm::RmsNorm { unit_offset: true, .. });
+                slice.fill(if unit_offset { 0.0 } else { 1.0 });
             }
         }
         Ok(p)
@@ -468,7 +451,7 @@ impl Params {
         let acts = self.forward(seqs)?;
         grads.fill(0.0);
         let arch = &self.arch;
-        let (d, inter, width, wl) = (arch.dim, arch.inner, arch.qkv_width(), arch.weights);
+        let d = arch.dim;
         let n = acts.layout.rows();
         let mut dhf = vec![0.0f32; n * d];
         let out = self.slots.output().clone();
@@ -483,46 +466,55 @@ impl Params {
         let loss = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
         let mut dx = vec![0.0f32; n * d];
         self.norm_backward(&dhf, &acts.final_norm, &self.slots.final_norm, &mut dx, grads)?;
-        let mut dh = vec![0.0f32; n * d];
-        let mut dctx = vec![0.0f32; n * arch.attn_dim()];
-        let mut dqkv = vec![0.0f32; n * width];
-        let parallel = arch.residual == Residual::Parallel;
-        let w = |p: &Affine<Range<usize>>| (self.t(&p.0), wl);
-        for (s, a) in self.slots.layers.iter().zip(&acts.layers).rev() {
-            let mut dres = dx.clone();
-            // The MLP branch, from the gradient at its output.
-            let mut dmid = vec![0.0f32; n * inter];
-            ops::linear_backward(&dx, &a.mid, w(&s.down), n, Some(&mut dmid), affine_mut(grads, &s.down))?;
-            match (&a.gate, &s.gate) {
-                (Some(gate_pre), Some(gate)) => {
-                    let (dgate, dup) = ops::swiglu_backward(&dmid, gate_pre, &a.pre);
-                    let mut dh_gate = vec![0.0f32; n * d];
-                    ops::linear_backward(&dgate, &a.h2, w(gate), n, Some(&mut dh_gate), affine_mut(grads, gate))?;
-                    ops::linear_backward(&dup, &a.h2, w(&s.up), n, Some(&mut dh), affine_mut(grads, &s.up))?;
-                    dh.iter_mut().zip(&dh_gate).for_each(|(a, b)| *a += b);
+        let placement = arch.residual;
+        for (i, (s, a)) in self.slots.layers.iter().zip(&acts.layers).enumerate().rev() {
+            dx = match placement {
+                Residual::Sequential | Residual::Parallel => {
+                    let mut dres = dx.clone();
+                    // The MLP branch, from the gradient at its output; then its norm.
+                    let dh = self.mlp_backward(&dx, a, s, grads)?;
+                    self.norm_backward(&dh, &a.norm2, &s.norm2, &mut dres, grads)?;
+                    // The attention branch: its output gradient is dx (parallel) or the gradient at the MLP
+                    // norm's input (sequential: `dres` now holds it, and it also flows on to x_in).
+                    let dattn = if placement == Residual::Parallel { dx } else { dres.clone() };
+                    let dh = self.attention_backward(&dattn, (i, a, s), &acts, grads)?;
+                    self.norm_backward(&dh, &a.norm1, &s.norm1, &mut dres, grads)?;
+                    dres
                 }
-                (None, None) => {
-                    let act = arch.activation().ok_or_else(|| LmError::Input("internal: no activation".into()))?;
-                    ops::gelu_backward(&mut dmid, &a.pre, act);
-                    ops::linear_backward(&dmid, &a.h2, w(&s.up), n, Some(&mut dh), affine_mut(grads, &s.up))?;
+                Residual::PostNorm => {
+                    // x2 = x1 + n2(mlp(x1)): through the norm to the MLP's output, through the MLP to x1.
+                    let mut dout = vec![0.0f32; n * d];
+                    self.norm_backward(&dx, &a.norm2, &s.norm2, &mut dout, grads)?;
+                    let dh = self.mlp_backward(&dout, a, s, grads)?;
+                    let mut dres = dx;
+                    dres.iter_mut().zip(&dh).for_each(|(a, b)| *a += b);
+                    // x1 = x0 + n1(attn(x0)).
+                    let mut dout = vec![0.0f32; n * d];
+                    self.norm_backward(&dres, &a.norm1, &s.norm1, &mut dout, grads)?;
+                    let dh = self.attention_backward(&dout, (i, a, s), &acts, grads)?;
+                    dres.iter_mut().zip(&dh).for_each(|(a, b)| *a += b);
+                    dres
                 }
-                _ => return Err(LmError::Input("internal: a gate without its recorded input".into())),
-            }
-            self.norm_backward(&dh, &a.norm2, &s.norm2, &mut dres, grads)?;
-            // The attention branch: its output gradient is dx (parallel) or the gradient at the MLP norm's
-            // input (sequential: `dres` now holds it, and it also flows on to x_in).
-            let dattn = if parallel { dx.clone() } else { dres.clone() };
-            ops::linear_backward(&dattn, &a.ctx, w(&s.attn_out), n, Some(&mut dctx), affine_mut(grads, &s.attn_out))?;
-            ops::attention_backward(&dctx, &a.qkv, &acts.layout, arch, &mut dqkv)?;
-            acts.rotary.apply(&mut dqkv, &acts.layout.positions, true);
-            if let (Some(stats), Some((qn, kn))) = (&a.qk_norm, &s.qk_norm) {
-                let (dqn, dkn) = two_mut(grads, qn, kn)?;
-                let stats = (stats.0.as_slice(), stats.1.as_slice(), stats.2.as_slice());
-                ops::qk_norm_backward(&mut dqkv, stats, arch, (self.t(qn), self.t(kn)), (dqn, dkn), n);
-            }
-            ops::linear_backward(&dqkv, &a.h1, w(&s.qkv), n, Some(&mut dh), affine_mut(grads, &s.qkv))?;
-            self.norm_backward(&dh, &a.norm1, &s.norm1, &mut dres, grads)?;
-            dx = dres;
+                Residual::Sandwich => {
+                    let post = s.post_norms.as_ref().ok_or_else(|| LmError::Input("internal: post norms".into()))?;
+                    // x2 = x1 + p2(mlp(n2 x1)).
+                    let mut dout = vec![0.0f32; n * d];
+                    self.norm_backward(&dx, &a.post2, &post.1, &mut dout, grads)?;
+                    let dh = self.mlp_backward(&dout, a, s, grads)?;
+                    let mut dres = dx;
+                    self.norm_backward(&dh, &a.norm2, &s.norm2, &mut dres, grads)?;
+                    // x1 = x0 + p1(attn(n1 x0)).
+                    let mut dout = vec![0.0f32; n * d];
+                    self.norm_backward(&dres, &a.post1, &post.0, &mut dout, grads)?;
+                    let dh = self.attention_backward(&dout, (i, a, s), &acts, grads)?;
+                    self.norm_backward(&dh, &a.norm1, &s.norm1, &mut dres, grads)?;
+                    dres
+                }
+            };
+        }
+        // The embedding scale (Gemma) scales the gradient on the way to the table.
+        if let Some(scale) = arch.embed_scale {
+            dx.iter_mut().for_each(|v| *v *= scale);
         }
         // Embeddings: rows in order, so repeated tokens (and positions) add up in a fixed order.
         let emb = &mut grads[self.slots.embed.clone()];
@@ -538,6 +530,89 @@ impl Params {
             }
         }
         Ok(loss)
+    }
+
+    /// Backward of the MLP from the gradient at its output (before its down bias): accumulates its
+    /// parameters' gradients and returns the gradient at its input.
+    fn mlp_backward(
+        &self,
+        dout: &[f32],
+        a: &tape::LayerActs,
+        s: &crate::arch::LayerTensors<Range<usize>>,
+        grads: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let arch = &self.arch;
+        let (n, d, inter, wl) = (self.rows_of(dout), arch.dim, arch.inner, arch.weights);
+        let w = |p: &Affine<Range<usize>>| (self.t(&p.0), wl);
+        let mut dmid = vec![0.0f32; n * inter];
+        let mut dh = vec![0.0f32; n * d];
+        ops::linear_backward(dout, &a.mid, w(&s.down), n, Some(&mut dmid), affine_mut(grads, &s.down))?;
+        match (&a.gate, &s.gate) {
+            (Some(gate_pre), Some(gate)) => {
+                let (dgate, dup) = if arch.mlp == crate::arch::Mlp::GeGlu {
+                    ops::geglu_backward(&dmid, gate_pre, &a.pre)
+                } else {
+                    ops::swiglu_backward(&dmid, gate_pre, &a.pre)
+                };
+                let mut dh_gate = vec![0.0f32; n * d];
+                ops::linear_backward(&dgate, &a.h2, w(gate), n, Some(&mut dh_gate), affine_mut(grads, gate))?;
+                ops::linear_backward(&dup, &a.h2, w(&s.up), n, Some(&mut dh), affine_mut(grads, &s.up))?;
+                dh.iter_mut().zip(&dh_gate).for_each(|(a, b)| *a += b);
+            }
+            (None, None) => {
+                let act = arch.activation().ok_or_else(|| LmError::Input("internal: no activation".into()))?;
+                ops::gelu_backward(&mut dmid, &a.pre, act);
+                ops::linear_backward(&dmid, &a.h2, w(&s.up), n, Some(&mut dh), affine_mut(grads, &s.up))?;
+            }
+            _ => return Err(LmError::Input("internal: a gate without its recorded input".into())),
+        }
+        Ok(dh)
+    }
+
+    /// Backward of layer `i`'s attention branch from the gradient at its output (before the output
+    /// bias): accumulates its parameters' gradients and returns the gradient at its input.
+    fn attention_backward(
+        &self,
+        dout: &[f32],
+        (i, a, s): (usize, &tape::LayerActs, &crate::arch::LayerTensors<Range<usize>>),
+        acts: &Activations,
+        grads: &mut [f32],
+    ) -> Result<Vec<f32>> {
+        let arch = &self.arch;
+        let (n, d, wl) = (self.rows_of(dout), arch.dim, arch.weights);
+        let w = |p: &Affine<Range<usize>>| (self.t(&p.0), wl);
+        let mut dctx = vec![0.0f32; n * arch.attn_dim()];
+        ops::linear_backward(dout, &a.ctx, w(&s.attn_out), n, Some(&mut dctx), affine_mut(grads, &s.attn_out))?;
+        let mut dqkv = vec![0.0f32; n * arch.qkv_width()];
+        let window = if arch.windowed(i) { arch.window } else { None };
+        ops::attention_backward(&dctx, &a.qkv, &acts.layout, (arch, window), &mut dqkv)?;
+        match &acts.local {
+            Some(local) if arch.sliding_layer(i) => local.apply(&mut dqkv, &acts.layout.positions, true),
+            _ => acts.rotary.apply(&mut dqkv, &acts.layout.positions, true),
+        }
+        if let (Some(stats), Some((qn, kn))) = (&a.qk_norm, &s.qk_norm) {
+            let (gq, gk) = (self.gain(qn), self.gain(kn));
+            let (dqn, dkn) = two_mut(grads, qn, kn)?;
+            let stats = (stats.0.as_slice(), stats.1.as_slice(), stats.2.as_slice());
+            ops::qk_norm_backward(&mut dqkv, stats, arch, (&gq, &gk), (dqn, dkn), n);
+        }
+        let mut dh = vec![0.0f32; n * d];
+        ops::linear_backward(&dqkv, &a.h1, w(&s.qkv), n, Some(&mut dh), affine_mut(grads, &s.qkv))?;
+        Ok(dh)
+    }
+
+    /// Rows of a `rows × dim` buffer.
+    fn rows_of(&self, buf: &[f32]) -> usize {
+        buf.len() / self.arch.dim
+    }
+
+    /// A norm's gain as the forward used it: the stored weight, or `1 + w` for offset norms (Gemma).
+    fn gain(&self, w: &Range<usize>) -> std::borrow::Cow<'_, [f32]> {
+        let w = self.t(w);
+        match self.arch.norm {
+            crate::arch::Norm::RmsNorm { unit_offset: true, .. } => w.iter().map(|x| 1.0 + x).collect(),
+            _ => std::borrow::Cow::Borrowed(w),
+        }
     }
 
     /// Backward of a norm: `dx += ∂/∂x` of `dout`, and its weight's (and bias's) gradients.
@@ -556,8 +631,9 @@ impl Params {
                 ops::layer_norm_backward(dout, &rec.x, (&rec.mean, &rec.rstd), self.t(&p.0), dx, dg, db);
             }
             crate::arch::Norm::RmsNorm { .. } => {
+                let g = self.gain(&p.0);
                 let (dg, _) = affine_mut(grads, p);
-                ops::rms_norm_backward(dout, &rec.x, &rec.rstd, self.t(&p.0), dx, dg);
+                ops::rms_norm_backward(dout, &rec.x, &rec.rstd, &g, dx, dg);
             }
         }
         Ok(())
@@ -590,14 +666,15 @@ impl Params {
             layout: &layout,
             tokens: &tokens,
             rotary: ops::Rotary::new(&self.arch, longest),
+            local: ops::Rotary::local(&self.arch, longest),
             layers: Vec::with_capacity(self.arch.layers),
             last: None,
         };
         let hf = crate::block::forward(&self.arch, &self.slots, &mut tape)?;
-        let Tape { rotary, layers, last, .. } = tape;
+        let Tape { rotary, local, layers, last, .. } = tape;
         let final_norm =
             last.ok_or_else(|| LmError::Input("internal: the forward pass ended without its final norm".into()))?;
-        Ok(Activations { layout, tokens, rotary, layers, final_norm, hf })
+        Ok(Activations { layout, tokens, rotary, local, layers, final_norm, hf })
     }
 }
 
@@ -853,7 +930,7 @@ fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
         }),
     };
     let eps: f64 = c.rms_norm_eps.to_string().parse().unwrap_or(f64::from(c.rms_norm_eps));
-    serde_json::json!({
+    let mut json = serde_json::json!({
         "architectures": [arch],
         "model_type": model_type,
         "vocab_size": c.vocab_size,
@@ -874,5 +951,25 @@ fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "torch_dtype": "float32",
-    })
+    });
+    if c.family == LlamaFamily::Gemma3 {
+        let types: Option<Vec<&str>> = c
+            .sliding_layers
+            .as_ref()
+            .map(|v| v.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect());
+        let extra = serde_json::json!({
+            "hidden_act": null,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "sliding_window": c.sliding_window,
+            "layer_types": types,
+            "rope_local_base_freq": c.local_rope_theta,
+            "query_pre_attn_scalar": c.query_pre_attn_scalar,
+            "final_logit_softcapping": null,
+            "attn_logit_softcapping": null,
+        });
+        if let (Some(j), Some(e)) = (json.as_object_mut(), extra.as_object()) {
+            j.extend(e.clone());
+        }
+    }
+    json
 }

@@ -279,6 +279,23 @@ pub(crate) fn qk_norm_backward(
     }
 }
 
+/// `mid = gelu_tanh(gate) · up` (GeGLU), elementwise, as the runtime computes it.
+pub(crate) fn geglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    let (mut g, mut mid) = (gate.to_vec(), up.to_vec());
+    crate::ops::gelu_tanh_mul(&mut g, &mut mid);
+    mid
+}
+
+/// Backward of [`geglu_forward`]: `dgate = dmid·up·gelu'(gate)`, `dup = dmid·gelu(gate)`.
+pub(crate) fn geglu_backward(dmid: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut act = vec![0.0f32; gate.len()];
+    gelu_forward(gate, Activation::GeluTanh, &mut act);
+    let dup: Vec<f32> = dmid.iter().zip(&act).map(|(d, a)| d * a).collect();
+    let dgate: Vec<f32> =
+        dmid.iter().zip(up).zip(gate).map(|((d, u), &g)| d * u * gelu_derivative(g, Activation::GeluTanh)).collect();
+    (dgate, dup)
+}
+
 /// `mid = silu(gate) · up` (SwiGLU), elementwise, as the runtime computes it.
 pub(crate) fn swiglu_forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
     let mut mid = up.to_vec();
@@ -364,6 +381,18 @@ impl Rotary {
         Self { cos, sin, off: arch.qkv_offsets(), heads: (arch.heads, arch.kv_heads), half: arch.rotary_dims() / 2 }
     }
 
+    /// The sliding layers' own tables, when they have them ([`crate::arch::Arch::local_rotary_table`]).
+    pub fn local(arch: &crate::arch::Arch, positions: usize) -> Option<Self> {
+        let (cos, sin) = arch.local_rotary_table((0, positions))?;
+        Some(Self {
+            cos,
+            sin,
+            off: arch.qkv_offsets(),
+            heads: (arch.heads, arch.kv_heads),
+            half: arch.rotary_dims() / 2,
+        })
+    }
+
     /// Rotates every q and k head in place ([`crate::ops::rotate`]); `inverse` applies the transposed
     /// rotation (the backward of the forward rotation).
     pub fn apply(&self, qkv: &mut [f32], positions: &[usize], inverse: bool) {
@@ -373,12 +402,18 @@ impl Rotary {
 
 /// Causal attention of the fused, rotated `qkv` (laid out as `arch` says), through the runtime's own
 /// kernel.
-pub(crate) fn attention_forward(qkv: &[f32], layout: &Layout, arch: &Arch, ctx: &mut [f32]) -> Result<()> {
+pub(crate) fn attention_forward(
+    qkv: &[f32],
+    layout: &Layout,
+    arch: &Arch,
+    window: Option<usize>,
+    ctx: &mut [f32],
+) -> Result<()> {
     let off = arch.qkv_offsets();
     let fused = |base| Heads { data: qkv, row_stride: off.row, base, head_stride: off.head };
     let shape = (arch.heads, arch.heads / arch.kv_heads, arch.head_dim);
     let qkv = (fused(off.q), fused(off.k), fused(off.v));
-    crate::ops::attention(qkv, layout, &|s| layout.starts[s], shape, (arch.window, arch.attn_scale), ctx)
+    crate::ops::attention(qkv, layout, &|s| layout.starts[s], shape, (window, arch.attn_scale), ctx)
 }
 
 /// Backward of [`attention_forward`]: `dqkv` (overwritten, laid out as `qkv`, gradients with respect
@@ -389,7 +424,7 @@ pub(crate) fn attention_backward(
     dctx: &[f32],
     qkv: &[f32],
     layout: &Layout,
-    arch: &Arch,
+    (arch, window): (&Arch, Option<usize>),
     dqkv: &mut [f32],
 ) -> Result<()> {
     let (heads, hd, off) = (arch.heads, arch.head_dim, arch.qkv_offsets());
@@ -420,7 +455,7 @@ pub(crate) fn attention_backward(
         let mut p = vec![0.0f32; len * len];
         matmul_strided(&dev, (len, hd, len), q, k.t(), 0.0, MatMut::row_major(&mut p, len))?;
         for (r, row) in p.chunks_exact_mut(len).enumerate() {
-            let first = arch.window.map_or(0, |w| (r + 1).saturating_sub(w));
+            let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
             row[first..=r].iter_mut().for_each(|x| *x *= scale);
             vmath::softmax_in_place(&mut row[first..=r]);
             row[..first].fill(0.0);
@@ -439,7 +474,7 @@ pub(crate) fn attention_backward(
         )?;
         // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, zero outside the visible keys.
         for r in 0..len {
-            let first = arch.window.map_or(0, |w| (r + 1).saturating_sub(w));
+            let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
             let (pr, dr) = (&p[r * len..(r + 1) * len], &mut ds[r * len..(r + 1) * len]);
             let dot: f32 = pr[first..=r].iter().zip(&dr[first..=r]).map(|(a, b)| a * b).sum();
             for j in first..=r {

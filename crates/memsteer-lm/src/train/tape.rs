@@ -17,6 +17,8 @@ pub(super) struct Tape<'a> {
     pub(super) layout: &'a Layout,
     pub(super) tokens: &'a [u32],
     pub(super) rotary: ops::Rotary,
+    /// The sliding layers' rotary tables, when they have their own.
+    pub(super) local: Option<ops::Rotary>,
     pub(super) layers: Vec<LayerActs>,
     /// The final norm's record.
     pub(super) last: Option<NormRecord>,
@@ -24,7 +26,16 @@ pub(super) struct Tape<'a> {
 
 impl Tape<'_> {
     fn layer(&mut self) -> Result<&mut LayerActs> {
-        self.layers.last_mut().ok_or_else(|| LmError::Input("internal: a layer operation before its norm".into()))
+        self.layers.last_mut().ok_or_else(|| LmError::Input("internal: a layer operation before the layer".into()))
+    }
+
+    /// A norm's gain as the runtime holds it: the stored weight, or `1 + w` for offset norms (Gemma).
+    fn gain(&self, w: &Range<usize>) -> std::borrow::Cow<'_, [f32]> {
+        let w = self.p.t(w);
+        match self.p.arch.norm {
+            crate::arch::Norm::RmsNorm { unit_offset: true, .. } => w.iter().map(|x| 1.0 + x).collect(),
+            _ => std::borrow::Cow::Borrowed(w),
+        }
     }
 
     /// `x W + b` (the bias when the layer has one), `rows × outputs`.
@@ -52,7 +63,16 @@ impl crate::block::Backend for Tape<'_> {
     fn embed(&mut self, embed: &Range<usize>, positions: Option<&Range<usize>>) -> Result<Vec<f32>> {
         let arch = &self.p.arch;
         let learned = if arch.positions == Positions::Learned { positions.map(|p| self.p.t(p)) } else { None };
-        Ok(crate::ops::embed(self.tokens.iter(), &self.layout.positions, (self.p.t(embed), learned), arch.dim))
+        let mut x = crate::ops::embed(self.tokens.iter(), &self.layout.positions, (self.p.t(embed), learned), arch.dim);
+        if let Some(scale) = arch.embed_scale {
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        Ok(x)
+    }
+
+    fn begin_layer(&mut self, _: usize) -> Result<()> {
+        self.layers.push(LayerActs::default());
+        Ok(())
     }
 
     fn norm(&mut self, x: &Vec<f32>, p: &Affine<Range<usize>>, site: NormSite) -> Result<Vec<f32>> {
@@ -63,38 +83,44 @@ impl crate::block::Backend for Tape<'_> {
                 mean = vec![0.0f32; n];
                 ops::layer_norm_forward(x, self.p.pair(p)?, eps, &mut h, &mut mean, &mut rstd);
             }
-            crate::arch::Norm::RmsNorm { eps, .. } => ops::rms_norm_forward(x, self.p.t(&p.0), eps, &mut h, &mut rstd),
+            crate::arch::Norm::RmsNorm { eps, .. } => {
+                ops::rms_norm_forward(x, &self.gain(&p.0), eps, &mut h, &mut rstd)
+            }
         }
         let rec = NormRecord { x: x.clone(), mean, rstd };
         match site {
-            NormSite::Attention(_) => self.layers.push(LayerActs { norm1: rec, ..LayerActs::default() }),
+            NormSite::Attention(_) => self.layer()?.norm1 = rec,
             NormSite::Mlp(_) => self.layer()?.norm2 = rec,
+            NormSite::AfterAttention(_) => self.layer()?.post1 = rec,
+            NormSite::AfterMlp(_) => self.layer()?.post2 = rec,
             NormSite::Final => self.last = Some(rec),
-            NormSite::AfterAttention(_) | NormSite::AfterMlp(_) => {
-                return Err(LmError::Input("internal: the trainer does not train sandwich-norm models".into()));
-            }
         }
         Ok(h)
     }
 
-    fn qkv(&mut self, _: usize, h: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
+    fn qkv(&mut self, index: usize, h: Vec<f32>, l: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
         let arch = &self.p.arch;
         let mut qkv = self.linear(&h, &l.qkv, (arch.dim, arch.qkv_width()))?;
         let stats = match &l.qk_norm {
             Some((qn, kn)) => {
-                Some(ops::qk_norm_forward(&mut qkv, arch, (self.p.t(qn), self.p.t(kn)), self.layout.rows()))
+                Some(ops::qk_norm_forward(&mut qkv, arch, (&self.gain(qn), &self.gain(kn)), self.layout.rows()))
             }
             None => None,
         };
-        self.rotary.apply(&mut qkv, &self.layout.positions, false);
+        match &self.local {
+            Some(local) if arch.sliding_layer(index) => local.apply(&mut qkv, &self.layout.positions, false),
+            _ => self.rotary.apply(&mut qkv, &self.layout.positions, false),
+        }
         let a = self.layer()?;
         (a.h1, a.qk_norm) = (h, stats);
         Ok(qkv)
     }
 
-    fn attention(&mut self, _: usize, qkv: Vec<f32>, _: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
-        let mut ctx = vec![0.0f32; self.layout.rows() * self.p.arch.attn_dim()];
-        ops::attention_forward(&qkv, self.layout, &self.p.arch, &mut ctx)?;
+    fn attention(&mut self, index: usize, qkv: Vec<f32>, _: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
+        let arch = &self.p.arch;
+        let mut ctx = vec![0.0f32; self.layout.rows() * arch.attn_dim()];
+        let window = if arch.windowed(index) { arch.window } else { None };
+        ops::attention_forward(&qkv, self.layout, arch, window, &mut ctx)?;
         self.layer()?.qkv = qkv;
         Ok(ctx)
     }
@@ -115,13 +141,15 @@ impl crate::block::Backend for Tape<'_> {
                 ops::gelu_forward(&pre, act, &mut mid);
                 (None, mid)
             }
-            (Mlp::SwiGlu, Some(g)) => {
+            (mlp @ (Mlp::SwiGlu | Mlp::GeGlu), Some(g)) => {
                 let gate = self.linear(&h, g, (d, inter))?;
-                let mid = ops::swiglu_forward(&gate, &pre);
+                let mid =
+                    if mlp == Mlp::SwiGlu { ops::swiglu_forward(&gate, &pre) } else { ops::geglu_forward(&gate, &pre) };
                 (Some(gate), mid)
             }
-            (Mlp::SwiGlu, None) => return Err(LmError::Input("internal: a gated MLP without its gate".into())),
-            (Mlp::GeGlu, _) => return Err(LmError::Input("internal: the trainer does not train GeGLU models".into())),
+            (Mlp::SwiGlu | Mlp::GeGlu, None) => {
+                return Err(LmError::Input("internal: a gated MLP without its gate".into()));
+            }
         };
         let out = self.project(&mid, &l.down.0, (inter, d))?;
         let a = self.layer()?;
@@ -170,8 +198,12 @@ pub(super) struct NormRecord {
 /// What one layer's forward keeps for its backward.
 #[derive(Debug, Default)]
 pub(super) struct LayerActs {
-    /// The attention norm (its input is the residual stream entering the layer).
+    /// The attention norm: before the attention (its input is the stream entering the layer), or after
+    /// it (post-norm placement: its input is the attention's output).
     pub(super) norm1: NormRecord,
+    /// The norms after the attention and after the MLP (sandwich placement).
+    pub(super) post1: NormRecord,
+    pub(super) post2: NormRecord,
     pub(super) h1: Vec<f32>,
     /// The projection before its q/k norms, and their statistics (query groups, key groups).
     pub(super) qk_norm: Option<(Vec<f32>, Vec<f32>, Vec<f32>)>,
@@ -194,6 +226,7 @@ pub(super) struct Activations {
     pub(super) layout: Layout,
     pub(super) tokens: Vec<u32>,
     pub(super) rotary: ops::Rotary,
+    pub(super) local: Option<ops::Rotary>,
     pub(super) layers: Vec<LayerActs>,
     pub(super) final_norm: NormRecord,
     pub(super) hf: Vec<f32>,

@@ -174,11 +174,11 @@ fn attention_gradients() {
     assert_eq!((neox.heads, neox.head_dim), (heads, hd));
     let f = |qkv: &[f32]| {
         let mut ctx = vec![0.0; n * d];
-        ops::attention_forward(qkv, &layout, &neox, &mut ctx).unwrap();
+        ops::attention_forward(qkv, &layout, &neox, None, &mut ctx).unwrap();
         dot(&ctx, &w)
     };
     let mut dqkv = vec![0.0; n * 3 * d];
-    ops::attention_backward(&w, &qkv, &layout, &neox, &mut dqkv).unwrap();
+    ops::attention_backward(&w, &qkv, &layout, (&neox, None), &mut dqkv).unwrap();
     check("attention dqkv", &qkv, &dqkv, 0..n * 3 * d, OP_TOL, f);
 
     // GPT-2's blocked layout: the same values moved to their blocked places give the same context
@@ -199,11 +199,11 @@ fn attention_gradients() {
     }
     assert_ne!(moved, qkv);
     let (mut c1, mut c2) = (vec![0.0; n * d], vec![0.0; n * d]);
-    ops::attention_forward(&qkv, &layout, &neox, &mut c1).unwrap();
-    ops::attention_forward(&moved, &layout, &gpt2, &mut c2).unwrap();
+    ops::attention_forward(&qkv, &layout, &neox, None, &mut c1).unwrap();
+    ops::attention_forward(&moved, &layout, &gpt2, None, &mut c2).unwrap();
     assert_eq!(c1, c2);
     let mut dblocked = vec![0.0; n * 3 * d];
-    ops::attention_backward(&w, &moved, &layout, &gpt2, &mut dblocked).unwrap();
+    ops::attention_backward(&w, &moved, &layout, (&gpt2, None), &mut dblocked).unwrap();
     assert_eq!(dblocked, dmoved);
 }
 
@@ -306,8 +306,8 @@ fn whole_model_gradient() {
 /// The Llama family's whole-model gradient against central differences: grouped-query attention,
 /// RMSNorm, SwiGLU; Llama with llama3 rope scaling past its original context and every bias, untied;
 /// Mistral with a sliding window shorter than the sequences, tied; Qwen 3's per-head q/k norms with a
-/// head size other than hidden / heads. Each checkpoint then loads into the runtime with the same
-/// log-probabilities.
+/// head size other than hidden / heads; OLMo 2's norms after the branches and whole-projection q/k
+/// norms. Each checkpoint then loads into the runtime with the same log-probabilities.
 #[test]
 fn llama_family_whole_model_gradient() {
     use crate::config::{LlamaConfig, LlamaFamily, RopeScaling};
@@ -360,11 +360,18 @@ fn llama_family_whole_model_gradient() {
         sliding_window: None,
         ..base.clone()
     };
-    // Settings the backward does not implement, on a hand-built configuration, are refused.
-    let scaled = LlamaConfig { query_pre_attn_scalar: Some(12.0), ..base.clone() };
-    let e = Params::zeros(scaled).unwrap_err().to_string();
-    assert!(e.contains("does not implement"), "{e}");
-    for cfg in [base, mistral, qwen3] {
+    let olmo2 = LlamaConfig {
+        family: LlamaFamily::Olmo2,
+        rope_scaling: RopeScaling::None,
+        qkv_bias: false,
+        o_bias: false,
+        mlp_bias: false,
+        ..base.clone()
+    };
+    // Gemma 3 is checked against PyTorch's gradients tensor by tensor instead (tests/train.rs): its
+    // norms after each branch divide by RMS values near their epsilon, where f32 central differences
+    // are off by up to 7% on a few entries while the analytic gradient equals PyTorch's to 1e-6.
+    for cfg in [base, mistral, qwen3, olmo2] {
         let what = format!("{:?}", cfg.family);
         let mut p = Params::init_random_std(cfg, 21, 0.4).unwrap();
         // Norm gains and biases away from their initial 1 and 0.
