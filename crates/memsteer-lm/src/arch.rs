@@ -466,6 +466,10 @@ impl Arch {
         if matches!(self.family, Family::Gpt2 | Family::GptNeoX) && self.attn_dim() != self.dim {
             return bad("GPT-2 and GPT-NeoX heads fill the hidden size".into());
         }
+        if matches!(self.residual, Residual::PostNorm | Residual::Sandwich) && (self.biases.attn_out || self.biases.mlp)
+        {
+            return bad("norms after the branches take the projections without their biases".into());
+        }
         if let Some(w) = &self.window_layers
             && w.len() != self.layers
         {
