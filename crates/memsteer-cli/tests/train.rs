@@ -88,6 +88,14 @@ fn trains_logs_every_batch_and_logprobs_reads_the_checkpoints() {
     assert_eq!(serde_json::json!(read[3]), batches[3]["ids"]);
     let cfg = memsteer_lm::train::run::train_config_from_run(&out.join("run.json")).expect("run.json");
     assert_eq!((cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps, cfg.grad_clip), (0.01, 0.1 * 0.01, 2, 10, Some(1.0)));
+    let bad_run = dir.path().join("run-bad.json");
+    std::fs::write(
+        &bad_run,
+        r#"{"min_lr": 0.001, "warmup": 2, "steps": 10, "schedule": "cosine", "weight_decay": 0.1, "grad_clip": 1.0}"#,
+    )
+    .expect("write");
+    let e = memsteer_lm::train::run::train_config_from_run(&bad_run).expect_err("no lr").to_string();
+    assert!(e.contains("run-bad.json") && e.contains("missing number `lr`"), "{e}");
     let broken = dir.path().join("broken.jsonl");
     std::fs::write(&broken, "{\"step\": 1, \"ids\": [\"a\"]}\n{\"step\": 3, \"ids\": [\"b\"]}\n").expect("write");
     let e = memsteer_lm::train::run::read_batches(&broken).expect_err("gap").to_string();

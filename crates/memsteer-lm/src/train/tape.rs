@@ -29,15 +29,6 @@ impl Tape<'_> {
         self.layers.last_mut().ok_or_else(|| LmError::Input("internal: a layer operation before the layer".into()))
     }
 
-    /// A norm's gain as the runtime holds it: the stored weight, or `1 + w` for offset norms (Gemma).
-    fn gain(&self, w: &Range<usize>) -> std::borrow::Cow<'_, [f32]> {
-        let w = self.p.t(w);
-        match self.p.arch.norm {
-            crate::arch::Norm::RmsNorm { unit_offset: true, .. } => w.iter().map(|x| 1.0 + x).collect(),
-            _ => std::borrow::Cow::Borrowed(w),
-        }
-    }
-
     /// `x W + b` (the bias when the layer has one), `rows × outputs`.
     fn linear(&self, x: &[f32], p: &Affine<Range<usize>>, (din, dout): (usize, usize)) -> Result<Vec<f32>> {
         let mut y = self.project(x, &p.0, (din, dout))?;
@@ -84,7 +75,7 @@ impl crate::block::Backend for Tape<'_> {
                 ops::layer_norm_forward(x, self.p.pair(p)?, eps, &mut h, &mut mean, &mut rstd);
             }
             crate::arch::Norm::RmsNorm { eps, .. } => {
-                ops::rms_norm_forward(x, &self.gain(&p.0), eps, &mut h, &mut rstd)
+                ops::rms_norm_forward(x, &self.p.gain(&p.0), eps, &mut h, &mut rstd)
             }
         }
         let rec = NormRecord { x: x.clone(), mean, rstd };
@@ -103,7 +94,7 @@ impl crate::block::Backend for Tape<'_> {
         let mut qkv = self.linear(&h, &l.qkv, (arch.dim, arch.qkv_width()))?;
         let stats = match &l.qk_norm {
             Some((qn, kn)) => {
-                Some(ops::qk_norm_forward(&mut qkv, arch, (&self.gain(qn), &self.gain(kn)), self.layout.rows()))
+                Some(ops::qk_norm_forward(&mut qkv, arch, (&self.p.gain(qn), &self.p.gain(kn)), self.layout.rows()))
             }
             None => None,
         };

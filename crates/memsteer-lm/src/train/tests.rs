@@ -279,28 +279,34 @@ fn whole_model_gradient() {
             } else {
                 ModelConfig::from(small(parallel, tied, act))
             };
-            // Large weights, so every term of the gradient matters.
-            let mut p = Params::init_random_std(cfg, 21, 0.4).unwrap();
-            // Layer norms and biases away from their initial 1 and 0.
-            let n = p.data.len();
-            let jitter = randn(22, n, 0.2);
-            for t in p.tensors.clone() {
-                if t.shape.len() == 1 {
-                    p.data[t.range()].iter_mut().zip(&jitter[t.range()]).for_each(|(x, j)| *x += j);
-                }
-            }
-            let mut g = vec![0.0; n];
-            let loss = p.loss_and_grad(&batch, &mut g).unwrap();
-            assert!((loss - p.loss(&batch).unwrap()).abs() < 1e-9);
-            let x = p.data.clone();
-            let worst = check(&format!("model {gpt2} {parallel} {tied} {act:?}"), &x, &g, 0..n, (1e-4, 3e-3), |x| {
-                let mut q = p.clone();
-                q.data.copy_from_slice(x);
-                q.loss(&batch).unwrap()
-            });
-            eprintln!("whole model (gpt2 {gpt2}, parallel {parallel}, tied {tied}, {act:?}): worst ratio {worst:.3}");
+            whole_model_check(cfg, &batch, &format!("gpt2 {gpt2}, parallel {parallel}, tied {tied}, {act:?}"));
         }
     }
+}
+
+/// The whole model's gradient at a random point against central differences on every parameter: large
+/// weights, so every term of the gradient matters, and norm gains and biases away from their initial
+/// values. Returns the parameters checked.
+fn whole_model_check(cfg: ModelConfig, batch: &[&[u32]], what: &str) -> Params {
+    let mut p = Params::init_random_std(cfg, 21, 0.4).unwrap();
+    let n = p.data.len();
+    let jitter = randn(22, n, 0.2);
+    for t in p.tensors.clone() {
+        if t.shape.len() == 1 {
+            p.data[t.range()].iter_mut().zip(&jitter[t.range()]).for_each(|(x, j)| *x += j);
+        }
+    }
+    let mut g = vec![0.0; n];
+    let loss = p.loss_and_grad(batch, &mut g).unwrap();
+    assert!((loss - p.loss(batch).unwrap()).abs() < 1e-9);
+    let x = p.data.clone();
+    let worst = check(&format!("model {what}"), &x, &g, 0..n, (1e-4, 3e-3), |x| {
+        let mut q = p.clone();
+        q.data.copy_from_slice(x);
+        q.loss(batch).unwrap()
+    });
+    eprintln!("whole model ({what}): worst ratio {worst:.3}");
+    p
 }
 
 /// The Llama family's whole-model gradient against central differences: grouped-query attention,
@@ -373,25 +379,7 @@ fn llama_family_whole_model_gradient() {
     // are off by up to 7% on a few entries while the analytic gradient equals PyTorch's to 1e-6.
     for cfg in [base, mistral, qwen3, olmo2] {
         let what = format!("{:?}", cfg.family);
-        let mut p = Params::init_random_std(cfg, 21, 0.4).unwrap();
-        // Norm gains and biases away from their initial 1 and 0.
-        let n = p.data.len();
-        let jitter = randn(22, n, 0.2);
-        for t in p.tensors.clone() {
-            if t.shape.len() == 1 {
-                p.data[t.range()].iter_mut().zip(&jitter[t.range()]).for_each(|(x, j)| *x += j);
-            }
-        }
-        let mut g = vec![0.0; n];
-        let loss = p.loss_and_grad(&batch, &mut g).unwrap();
-        assert!((loss - p.loss(&batch).unwrap()).abs() < 1e-9);
-        let x = p.data.clone();
-        let worst = check(&format!("model {what}"), &x, &g, 0..n, (1e-4, 3e-3), |x| {
-            let mut q = p.clone();
-            q.data.copy_from_slice(x);
-            q.loss(&batch).unwrap()
-        });
-        eprintln!("whole model ({what}): worst ratio {worst:.3}");
+        let p = whole_model_check(ModelConfig::from(cfg), &batch, &what);
         // The trainer's forward is the runtime's function.
         let dir = tempfile::tempdir().unwrap();
         p.save_hf(dir.path()).unwrap();
