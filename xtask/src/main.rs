@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail, ensure};
 use memsteer_panel::synthetic::SyntheticConfig;
 
 mod calibrate;
+mod hmm_figures;
 mod steer_demo;
 
 const USAGE: &str = "usage: cargo xtask <task>
@@ -132,10 +133,9 @@ fn reproduce(args: &[String]) -> Result<()> {
         let mut cfg = SyntheticConfig::pythia_like(cohorts, per, val, ckpts, 1);
         cfg.validation_shift = 1.0;
         cfg.generate()?.write_csv(&panel_path)?;
-        let mut a = memsteer_cli::profile::ProfileArgs::new(panel_path, out.join("profile"));
-        a.mark_step = Some((cohorts as u64 * 2 / 3) * 1000);
-        a.bootstrap = if quick { 500 } else { 1000 };
-        memsteer_cli::profile::run(&a)?;
+        let mark = ((cohorts as u64 * 2 / 3) * 1000).to_string();
+        let bootstrap = if quick { "500" } else { "1000" };
+        profile(&panel_path, &out.join("profile"), &["--mark-step", &mark, "--bootstrap", bootstrap])?;
     }
     if wanted.contains(&"compare") {
         // Three "model sizes": larger models memorise more and forget more slowly (as in the paper).
@@ -151,31 +151,23 @@ fn reproduce(args: &[String]) -> Result<()> {
             std::fs::create_dir_all(&dir)?;
             let panel_path = dir.join("panel.csv");
             cfg.generate()?.write_csv(&panel_path)?;
-            let mut a = memsteer_cli::profile::ProfileArgs::new(panel_path, dir.clone());
-            a.bootstrap = if quick { 200 } else { 1000 };
-            a.quiet = true;
-            memsteer_cli::profile::run(&a)?;
+            profile(&panel_path, &dir, &["--bootstrap", if quick { "200" } else { "1000" }, "--quiet"])?;
             att.push(dir.join("att.csv"));
             labels.push((*name).to_string());
         }
-        memsteer_cli::compare::run(&memsteer_cli::compare::CompareArgs {
-            profiles: att,
-            labels: Some(labels),
-            significant_only: false,
-            out: Some(out.join("compare")),
-        })?;
+        compare(&att, &labels, &out.join("compare"))?;
     }
     if wanted.contains(&"hmm") {
-        let files = memsteer_cli::hmm::reproduce_figures(&out.join("hmm"), quick)?;
+        let files = hmm_figures::reproduce_figures(&out.join("hmm"), quick)?;
         println!("hmm: {} files (Theorem 2 illustration, estimators vs exact counterfactuals)", files.len());
-        let r = memsteer_cli::hmm::theorem2(&memsteer_cli::hmm::Theorem2Args {
+        let r = memsteer_hmm::theorem2::check_theorem2(&memsteer_hmm::theorem2::Theorem2Config {
             seed: 1,
-            states: 4,
-            conditions: 2,
+            semantic_states: 4,
+            condition_states: 2,
             vocab: 5,
             length: 5,
             samples: 20,
-            json: false,
+            sample_length: 200,
         })?;
         println!(
             "  Theorem 2: max abs error {:.1e} over {} sequences; negative control {:.1e}",
@@ -301,10 +293,8 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
                 "--quiet".into(),
             ])
             .with_context(|| format!("scoring the checkpoints of {size}-{schedule}"))?;
-            let mut a = memsteer_cli::profile::ProfileArgs::new(panel, rd.join("profile"));
-            a.bootstrap = if quick { 200 } else { 1000 };
-            a.quiet = true;
-            memsteer_cli::profile::run(&a).with_context(|| format!("estimating the profile of {size}-{schedule}"))?;
+            profile(&panel, &rd.join("profile"), &["--bootstrap", if quick { "200" } else { "1000" }, "--quiet"])
+                .with_context(|| format!("estimating the profile of {size}-{schedule}"))?;
             runs.push((size, schedule, rd));
         }
     }
@@ -457,11 +447,7 @@ fn counterfactual_truth(
     // The estimators on the same run: DiD (already estimated) and the difference estimator.
     let diff_dir = rd.join("profile-difference");
     {
-        let mut a = memsteer_cli::profile::ProfileArgs::new(rd.join("panel.csv"), diff_dir.clone());
-        a.estimator = memsteer_cli::profile::EstimatorArg::Difference;
-        a.bootstrap = 200;
-        a.quiet = true;
-        memsteer_cli::profile::run(&a)?;
+        profile(&rd.join("panel.csv"), &diff_dir, &["--estimator", "difference", "--bootstrap", "200", "--quiet"])?;
     }
     let cells = |p: &std::path::Path| -> Result<HashMap<(usize, usize), (f64, f64)>> {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
@@ -628,12 +614,9 @@ fn trained_figures(
     )?;
     // Correlation of the profiles across sizes (cosine): the paper's Figure 6.
     let sized: Vec<_> = ["small", "medium", "large"].iter().filter_map(|z| find(z, "cosine").map(|d| (z, d))).collect();
-    memsteer_cli::compare::run(&memsteer_cli::compare::CompareArgs {
-        profiles: sized.iter().map(|(_, d)| d.join("profile/att.csv")).collect(),
-        labels: Some(sized.iter().map(|(z, _)| z.to_string()).collect()),
-        significant_only: false,
-        out: Some(dir.join("compare")),
-    })?;
+    let profiles: Vec<PathBuf> = sized.iter().map(|(_, d)| d.join("profile/att.csv")).collect();
+    let labels: Vec<String> = sized.iter().map(|(z, _)| z.to_string()).collect();
+    compare(&profiles, &labels, &dir.join("compare"))?;
     Ok(())
 }
 
@@ -737,4 +720,24 @@ fn fixtures(args: &[String]) -> Result<()> {
         bail!("fixtures/csdid/make_golden.py failed");
     }
     Ok(())
+}
+
+/// `memsteer profile --panel PANEL --out OUT` with more flags, through the command line.
+fn profile(panel: &Path, out: &Path, flags: &[&str]) -> Result<()> {
+    let mut argv =
+        vec!["memsteer".to_string(), "profile".into(), "--panel".into(), show(panel), "--out".into(), show(out)];
+    argv.extend(flags.iter().map(|f| f.to_string()));
+    memsteer_cli::run_from(argv)
+}
+
+/// `memsteer compare` of `att.csv` files with their labels, written into `out`.
+fn compare(profiles: &[PathBuf], labels: &[String], out: &Path) -> Result<()> {
+    let mut argv = vec!["memsteer".to_string(), "compare".into()];
+    argv.extend(profiles.iter().map(|p| show(p)));
+    argv.extend(["--labels".into(), labels.join(","), "--out".into(), show(out)]);
+    memsteer_cli::run_from(argv)
+}
+
+fn show(p: &Path) -> String {
+    p.display().to_string()
 }

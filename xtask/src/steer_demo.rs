@@ -16,7 +16,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use memsteer_cli::steer::{DetectArgs, EvalArgs, ExplainArgs, GenerateArgs, HighlightArgs, ScorerKind, TransferArgs};
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_panel::rng::{SplitMix64, hash_key};
 
@@ -94,6 +93,23 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `steer eval` of generations files given as `FILE:LABEL`: dist-n, perplexity under the judge
+/// (conditioned on the prompts) and the built-in sentiment scorer's scores.
+fn evaluate(
+    specs: &[String],
+    judge: &memsteer_steer::eval::PerplexityModel,
+) -> Result<Vec<memsteer_steer::eval::FileEval>> {
+    let scorer = memsteer_steer::eval::Scorer::Builtin(memsteer_steer::eval::sentiment::SentimentScorer::builtin()?);
+    let mut files = Vec::new();
+    for spec in specs {
+        let (file, label) = spec.rsplit_once(':').context("FILE:LABEL")?;
+        let path = Path::new(file);
+        let samples = memsteer_steer::data::read_generations(path)?;
+        files.push(memsteer_steer::eval::evaluate(path, Some(label.to_string()), &samples, Some(judge), &scorer)?);
+    }
+    Ok(files)
+}
+
 /// Mean and 95% normal-approximation half-width (1.96 standard errors) of per-prompt values: samples of
 /// one prompt are correlated, so prompts, not samples, are the independent units.
 fn mean_ci(xs: &[f64]) -> (f64, f64) {
@@ -157,7 +173,7 @@ fn file_hash(path: &Path) -> Result<String> {
 }
 
 /// One row of a steer's table: its label, positive share ± half-width, then `steer eval`'s numbers.
-fn table_row(label: &str, (share, half): (f64, f64), f: &memsteer_cli::steer::FileEval) -> String {
+fn table_row(label: &str, (share, half): (f64, f64), f: &memsteer_steer::eval::FileEval) -> String {
     format!(
         "| {label} | {share:.2} ± {half:.2} | {:.3} | {} ({}) | {:.3} | {:.3} | {:.3} |\n",
         f.score_mean.unwrap_or(f64::NAN),
@@ -380,7 +396,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ));
         models.push((name, run.join(format!("step{steps}")), key.trim().to_string()));
     }
-    let ppl_model = models[JUDGE].1.clone();
+    let judge =
+        memsteer_steer::eval::PerplexityModel::load(&models[JUDGE].1, &memsteer_kernels::Device::Cpu, Some(&prompts))?;
     say(format!(
         "perplexity: under lm-{} (the large shape from seed {}), which generates nothing",
         MODELS[JUDGE].0, MODELS[JUDGE].4
@@ -399,26 +416,24 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             plan.steer_steps
         );
         let trained = unless_done(&out, &key, || {
-            memsteer_cli::steer::train(&memsteer_cli::steer::SteerTrainArgs {
-                model: model.clone(),
-                positive: pos.clone(),
-                negative: neg.clone(),
-                out: out.clone(),
-                rank: None,
-                steps: plan.steer_steps,
-                lr: 1e-2,
-                batch_size: 32,
-                epsilon: 1e-3,
-                max_length: 256,
-                weight_decay: 0.0,
-                init_std: 1e-2,
-                cache_memory: 4.0,
-                cache_dir: None,
-                seed: 0,
-                device: "cpu".into(),
-                quiet: true,
-            })
-            .map(|_| ())
+            // The command's defaults: rank min(1000, d), lr 1e-2, batches of 32, ε 1e-3, 256 tokens, seed 0.
+            let steps = plan.steer_steps.to_string();
+            memsteer_cli::run_from([
+                "memsteer",
+                "steer",
+                "train",
+                "--model",
+                &s(model),
+                "--positive",
+                &s(&pos),
+                "--negative",
+                &s(&neg),
+                "--out",
+                &s(&out),
+                "--steps",
+                &steps,
+                "--quiet",
+            ])
             .with_context(|| format!("training the steer of lm-{name}"))
         })?;
         let training = memsteer_steer::Steer::load(&out)?.training().clone();
@@ -436,24 +451,27 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         let (from_name, from_dir, _) = &models[from];
         let (to_name, to_dir, to_key) = &models[to];
         let source = steers.iter().find(|x| x.1 == from).map(|x| x.2.clone()).context("no steer on the source")?;
-        for (map, tag, formula) in [
-            (memsteer_cli::steer::MapKind::Paper, "paper", "the paper's HᵀWH"),
-            (memsteer_cli::steer::MapKind::Authors, "authors", "the authors' BWBᵀ"),
-            (memsteer_cli::steer::MapKind::TwoSided, "two-sided", "two-sided HᵀWGᵀ"),
-        ] {
+        for (tag, formula) in
+            [("paper", "the paper's HᵀWH"), ("authors", "the authors' BWBᵀ"), ("two-sided", "two-sided HᵀWGᵀ")]
+        {
             let out = dir.join(format!("steer-{from_name}-to-{to_name}-{tag}.safetensors"));
             let key = format!("{} to {to_key} map {tag}", file_hash(&source)?);
             unless_done(&out, &key, || {
-                memsteer_cli::steer::transfer(&TransferArgs {
-                    steer: source.clone(),
-                    from: from_dir.clone(),
-                    to: to_dir.clone(),
-                    out: out.clone(),
-                    top_k: None,
-                    ridge: 0.0,
-                    map,
-                })
-                .map(|_| ())
+                memsteer_cli::run_from([
+                    "memsteer",
+                    "steer",
+                    "transfer",
+                    "--steer",
+                    &s(&source),
+                    "--from",
+                    &s(from_dir),
+                    "--to",
+                    &s(to_dir),
+                    "--out",
+                    &s(&out),
+                    "--map",
+                    tag,
+                ])
             })?;
             let residual = memsteer_steer::Steer::load(&out)?.training()["transfer"]["relative_residual"]
                 .as_f64()
@@ -481,21 +499,33 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 plan.samples, plan.new_tokens
             );
             unless_done(out, &key, || {
-                memsteer_cli::steer::generate(&GenerateArgs {
-                    model: model.clone(),
-                    steers,
-                    prompts: prompts.clone(),
-                    samples: plan.samples,
-                    max_new_tokens: plan.new_tokens,
-                    temperature: 1.0,
-                    top_k: None,
-                    top_p: Some(0.9),
-                    seed: 1,
-                    out: out.to_path_buf(),
-                    device: "cpu".into(),
-                })
-                .map(|_| ())
-                .with_context(|| format!("generating {}", out.display()))
+                let (samples, tokens) = (plan.samples.to_string(), plan.new_tokens.to_string());
+                let (model, prompts, out) = (s(model), s(&prompts), s(out));
+                let mut argv = vec![
+                    "memsteer",
+                    "steer",
+                    "generate",
+                    "--model",
+                    &model,
+                    "--prompts",
+                    &prompts,
+                    "--samples",
+                    &samples,
+                    "--max-new-tokens",
+                    &tokens,
+                    "--temperature",
+                    "1",
+                    "--top-p",
+                    "0.9",
+                    "--seed",
+                    "1",
+                    "--out",
+                    &out,
+                ];
+                for st in &steers {
+                    argv.extend(["--steer", st.as_str()]);
+                }
+                memsteer_cli::run_from(argv).with_context(|| format!("generating {out}"))
             })
             .map(|_| ())
         };
@@ -514,22 +544,13 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             }
         };
         specs.push(format!("{}:none", base.display()));
-        let ev = memsteer_cli::steer::eval(&EvalArgs {
-            generations: specs,
-            prompts: Some(prompts.clone()),
-            ppl_model: Some(ppl_model.clone()),
-            scorer: ScorerKind::BuiltinSentiment,
-            scorer_cmd: None,
-            device: "cpu".into(),
-            json: false,
-            plot: None,
-        })?;
+        let ev = evaluate(&specs, &judge)?;
         let mut points = Vec::new();
         let mut shares = Vec::new();
         let mut table = String::from(
             "| strength | positive share | mean P(positive) | perplexity (dropped) | dist-1 | dist-2 | dist-3 |\n|---:|---:|---:|---:|---:|---:|---:|\n",
         );
-        for (f, &v) in ev.files.iter().zip(plan.strengths) {
+        for (f, &v) in ev.iter().zip(plan.strengths) {
             let per_prompt = prompt_shares(Path::new(&f.file), &f.scores)?;
             let (share, half) = mean_ci(&per_prompt.values().copied().collect::<Vec<_>>());
             points.push((v, share, half));
@@ -537,7 +558,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             let label = if v == 0.0 { "0".to_string() } else { format!("{v:+}") };
             table.push_str(&table_row(&label, (share, half), f));
         }
-        let no_steer = &ev.files[plan.strengths.len()];
+        let no_steer = &ev[plan.strengths.len()];
         let share =
             mean_ci(&prompt_shares(Path::new(&no_steer.file), &no_steer.scores)?.values().copied().collect::<Vec<_>>());
         table.push_str(&table_row("no steer", share, no_steer));
@@ -552,7 +573,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             drops(&points)
         ));
         tables.push((label.clone(), table));
-        let ends = |i: usize| (ev.files[i].perplexity.unwrap_or(f64::NAN), ev.files[i].dist[0]);
+        let ends = |i: usize| (ev[i].perplexity.unwrap_or(f64::NAN), ev[i].dist[0]);
         curves.push(Curve {
             points,
             effect: (e, e_half),
@@ -621,12 +642,11 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
 
     // --- Explanation and highlighted sentences (the larger model's own steer).
     let (large_model, large_steer) = (&models[1].1, &steers[1].2);
-    let ex = memsteer_cli::steer::explain(&ExplainArgs {
-        model: large_model.clone(),
-        steer: large_steer.clone(),
-        dims: 3,
-        top: 8,
-        json: false,
+    let large = memsteer_lm::Model::load(large_model)?;
+    let steer = memsteer_steer::Steer::load_for(large_steer, large.decoder())?;
+    let config = memsteer_steer::explain::ExplainConfig { dims: 3, top: 8 };
+    let ex = memsteer_steer::explain::explain(&steer, large.decoder().output_embedding(), &config, &|id| {
+        tok.id_to_token(id)
     })?;
     let mut explain_md = String::from("| direction | σ | one end | other end |\n|---|---:|---|---|\n");
     // Tokens as the text they decode to (byte-level BPE pieces are unreadable), spaces shown as ·.
@@ -679,19 +699,21 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     for (k, x) in picks.into_iter().enumerate() {
         let html = dir.join(format!("highlight-{}.html", k + 1));
         let strength = if x.positive { 1.0 } else { -1.0 };
-        let h = memsteer_cli::steer::highlight(&HighlightArgs {
-            model: large_model.clone(),
-            steer: large_steer.clone(),
-            text: Some(x.text.clone()),
-            input: None,
-            spans: 2,
-            span_length: 4,
+        let h = memsteer_steer::highlight::highlight(
+            large.decoder(),
+            &steer,
+            &tok,
+            tok.encode(&x.text)?,
             strength,
-            html: Some(html.clone()),
-            device: "cpu".into(),
-            json: false,
-            color: false,
-        })?;
+            (2, 4),
+        )?;
+        let page = memsteer_steer::highlight::render_html(
+            &h,
+            steer.labels()[0].as_str(),
+            &large_steer.display().to_string(),
+            strength,
+        );
+        memsteer_panel::write_atomic(&html, |w| w.write_all(page.as_bytes()))?;
         let mut marked = String::new();
         for (i, piece) in h.pieces.iter().enumerate() {
             // Adjacent spans are marked as one bold run (`****` would not render).
@@ -734,35 +756,24 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     // strength that explains it best, and by the sign of the mean strength under the authors'
     // distribution; the built-in scorer rated on the same sentences (which it trained on) and on its own
     // held-out ones (the steer's training data) beside it.
-    let texts = dir.join("detect-input.jsonl");
-    write_jsonl(
-        &texts,
-        prompt_set
-            .iter()
-            .map(|x| Ok(serde_json::json!({"id": x.id, "positive": x.positive, "tokens": encode(&x.text)?})))
-            .collect::<Result<Vec<_>>>()?,
-    )?;
     let mut detect_md = String::from(
         "| model's own steer | sentences | accuracy, sign of the best strength (0 counts as wrong) | accuracy, sign of the mean strength | built-in scorer on the same sentences (trained on them) |\n|---|---:|---:|---:|---:|\n",
     );
     for &m in &[0usize, 1] {
         let (name, model, _) = &models[m];
         let steer = &steers.iter().find(|x| x.1 == m && x.0.ends_with("its own steer")).context("own steer")?.2;
-        let found = memsteer_cli::steer::detect(&DetectArgs {
-            model: model.clone(),
-            steer: steer.clone(),
-            text: None,
-            input: Some(texts.clone()),
-            min: -3.0,
-            max: 3.0,
-            bins: 7,
-            device: "cpu".into(),
-            json: true,
-        })?;
+        let lm = memsteer_lm::Model::load(model)?;
+        let steer = memsteer_steer::Steer::load_for(steer, lm.decoder())?;
+        let config = memsteer_steer::evidence::DetectConfig { min: -3.0, max: 3.0, bins: 7 };
+        let found = prompt_set
+            .iter()
+            .map(|x| {
+                Ok(memsteer_steer::evidence::detect_text(lm.decoder(), &steer, &encode(&x.text)?, Some(&tok), &config)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
         let (mut best_right, mut mean_right, mut scorer_right) = (0usize, 0usize, 0usize);
-        for ((_, f), x) in found.iter().zip(&prompt_set) {
+        for ((d, _), x) in found.iter().zip(&prompt_set) {
             let want = if x.positive { 1.0 } else { -1.0 };
-            let d = &f.detection;
             best_right += usize::from(f64::from(d.best_strength()).signum() * want > 0.0 && d.best_strength() != 0.0);
             let mean: f64 = d.strengths.iter().zip(&d.distribution).map(|(s, p)| f64::from(*s) * p).sum();
             mean_right += usize::from(mean * want > 0.0);

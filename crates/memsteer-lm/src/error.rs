@@ -66,3 +66,35 @@ pub enum LmError {
 
 /// `Result` with [`LmError`].
 pub type Result<T, E = LmError> = std::result::Result<T, E>;
+
+/// Adds the place of an error (a file and line, a flag) in front of its message, as one
+/// [`LmError::Input`] line: what the file-level jobs ([`crate::instances`], [`crate::score`],
+/// [`crate::train::run`]) report.
+pub(crate) trait At<T> {
+    /// The error's message after `place()` and a colon.
+    fn at(self, place: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> At<T> for std::result::Result<T, E> {
+    fn at(self, place: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| LmError::Input(format!("{}: {e}", place())))
+    }
+}
+
+/// Returns an [`LmError::Input`] with a formatted message when the condition fails.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err($crate::LmError::Input(format!($($msg)+)));
+        }
+    };
+}
+
+/// Returns an [`LmError::Input`] with a formatted message.
+macro_rules! bail {
+    ($($msg:tt)+) => {
+        return Err($crate::LmError::Input(format!($($msg)+)))
+    };
+}
+
+pub(crate) use {bail, ensure};

@@ -29,8 +29,10 @@ pub mod device;
 mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod instances;
 mod ops;
 pub mod sample;
+pub mod score;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

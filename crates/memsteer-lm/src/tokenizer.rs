@@ -40,6 +40,42 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| LmError::Io { path: path.to_path_buf(), source })
 }
 
+/// The tokenizer files a model directory may hold (copied into training checkpoints, hashed by
+/// [`fingerprint`]).
+pub const FILES: [&str; 7] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "encoder.json",
+    "vocab.bpe",
+];
+
+/// Whether a model directory holds a tokenizer [`Tokenizer::from_dir`] can load.
+pub fn present_in(dir: &Path) -> bool {
+    dir.join("tokenizer.json").exists()
+        || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())
+        || (dir.join("encoder.json").exists() && dir.join("vocab.bpe").exists())
+}
+
+/// A fingerprint of a directory's tokenizer files (their names and bytes), `None` when it has none:
+/// token ids generated under one tokenizer are scored only under a model with the same fingerprint.
+pub fn fingerprint(dir: &Path) -> Result<Option<String>> {
+    let mut hash = 0u64;
+    let mut any = false;
+    for f in FILES {
+        let p = dir.join(f);
+        if p.is_file() {
+            let bytes = std::fs::read(&p).map_err(|source| LmError::Io { path: p.clone(), source })?;
+            hash = memsteer_panel::rng::hash_key(hash, f.as_bytes());
+            hash = memsteer_panel::rng::hash_key(hash, &bytes);
+            any = true;
+        }
+    }
+    Ok(any.then(|| format!("{hash:016x}")))
+}
+
 impl Tokenizer {
     /// Loads from a model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`, else
     /// `encoder.json` + `vocab.bpe`.

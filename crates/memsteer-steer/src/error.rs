@@ -95,3 +95,34 @@ pub enum SteerError {
 
 /// `Result` with [`SteerError`].
 pub type Result<T, E = SteerError> = std::result::Result<T, E>;
+
+/// Adds the place of an error (a file and line, a flag) in front of its message, as one
+/// [`SteerError::Input`] line: what the readers of [`crate::data`] report.
+pub(crate) trait At<T> {
+    /// The error's message after `place()` and a colon.
+    fn at(self, place: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> At<T> for std::result::Result<T, E> {
+    fn at(self, place: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| SteerError::Input(format!("{}: {e}", place())))
+    }
+}
+
+/// Returns a [`SteerError::Input`] with a formatted message when the condition fails.
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err($crate::SteerError::Input(format!($($msg)+)));
+        }
+    };
+}
+
+/// Returns a [`SteerError::Input`] with a formatted message.
+macro_rules! bail {
+    ($($msg:tt)+) => {
+        return Err($crate::SteerError::Input(format!($($msg)+)))
+    };
+}
+
+pub(crate) use {bail, ensure};

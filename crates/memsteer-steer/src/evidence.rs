@@ -196,6 +196,68 @@ pub fn detect(
     Ok(Detection { strengths, losses, best, distribution, evidence })
 }
 
+/// [`detect`] on one text: its hidden states from `decoder`, the analysis, and the evidence per word
+/// ([`word_evidence`]; words are the tokens' text from `tokenizer`, or the ids when there is none).
+pub fn detect_text(
+    decoder: &dyn memsteer_lm::Decoder,
+    steer: &Steer,
+    ids: &[u32],
+    tokenizer: Option<&memsteer_lm::tokenizer::Tokenizer>,
+    config: &DetectConfig,
+) -> Result<(Detection, Vec<WordEvidence>)> {
+    if ids.len() < 2 || ids.len() > decoder.context() {
+        return Err(SteerError::Input(format!(
+            "{} token(s); detection needs at least two and at most the model's context of {}",
+            ids.len(),
+            decoder.context()
+        )));
+    }
+    let hidden = decoder.hidden_states(ids)?;
+    let rows = &hidden[..(ids.len() - 1) * decoder.dim()];
+    let detection = detect(steer, rows, decoder.output_embedding(), &ids[1..], config)?;
+    let pieces = match tokenizer {
+        Some(t) => crate::highlight::token_pieces(t, ids)?,
+        None => ids.iter().map(|i| format!(" {i}")).collect(),
+    };
+    let evidence: Vec<Option<f64>> =
+        std::iter::once(None).chain(detection.evidence.iter().copied().map(Some)).collect();
+    let words = word_evidence(&pieces, &evidence);
+    Ok((detection, words))
+}
+
+/// A word of a text and its mean per-token evidence.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WordEvidence {
+    /// The word as it reads in the text (surrounding whitespace trimmed).
+    pub word: String,
+    /// Mean evidence of its tokens (`log P_best − log P_0` per token).
+    pub evidence: f64,
+}
+
+/// Groups tokens into words: a new word starts at a piece that begins with whitespace, at punctuation,
+/// and after punctuation; each word gets the mean evidence of its tokens that have one.
+pub fn word_evidence(pieces: &[String], evidence: &[Option<f64>]) -> Vec<WordEvidence> {
+    let is_punct = |s: &str| !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_punctuation());
+    let mut words: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut prev_punct = true;
+    for (piece, e) in pieces.iter().zip(evidence) {
+        let punct = is_punct(piece);
+        let starts = words.is_empty() || prev_punct || punct || piece.starts_with(char::is_whitespace);
+        if starts {
+            words.push((String::new(), Vec::new()));
+        }
+        let w = words.last_mut().expect("pushed above");
+        w.0.push_str(piece);
+        w.1.extend(e);
+        prev_punct = punct;
+    }
+    words
+        .into_iter()
+        .filter(|(w, e)| !w.trim().is_empty() && !e.is_empty())
+        .map(|(w, e)| WordEvidence { word: w.trim().to_string(), evidence: e.iter().sum::<f64>() / e.len() as f64 })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

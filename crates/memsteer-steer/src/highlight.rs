@@ -1,10 +1,11 @@
 //! The text of a highlight: what `steer highlight` found (per-token evidence and the strongest spans) and
 //! its renderings, for a terminal and as a self-contained HTML page.
 
+use memsteer_lm::Decoder;
 use memsteer_lm::tokenizer::Tokenizer;
 
-use crate::Result;
 use crate::evidence::Span;
+use crate::{Result, Steer, SteerError};
 
 /// What `steer highlight` found.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,6 +18,45 @@ pub struct Highlight {
     pub evidence: Vec<Option<f64>>,
     /// The chosen spans, strongest first.
     pub spans: Vec<Span>,
+}
+
+/// Highlights `tokens` (a text tokenized with `tok`) for the labelled steer of `steer` at `strength`:
+/// per-token evidence `log p₊ − log p₋` (the labelled steer at `+strength` against `−strength`, the
+/// dummy at 1), and the set of at most `spans` disjoint spans of at most `span_length` tokens with the
+/// largest total evidence ([`crate::evidence::max_spans`]).
+pub fn highlight(
+    decoder: &dyn Decoder,
+    steer: &Steer,
+    tok: &Tokenizer,
+    tokens: Vec<u32>,
+    strength: f32,
+    (spans, span_length): (usize, usize),
+) -> Result<Highlight> {
+    if span_length == 0 || !strength.is_finite() || strength == 0.0 || steer.labels().is_empty() {
+        return Err(SteerError::Input(format!(
+            "highlight needs spans of at least one token, a finite non-zero strength (found {strength}) and a labelled steer"
+        )));
+    }
+    if tokens.len() < 2 || tokens.len() > decoder.context() {
+        return Err(SteerError::Input(format!(
+            "the text has {} token(s); evidence needs at least two and at most the model's context of {}",
+            tokens.len(),
+            decoder.context()
+        )));
+    }
+    let hidden = decoder.hidden_states(&tokens)?;
+    let rows = &hidden[..(tokens.len() - 1) * decoder.dim()];
+    let at = |v: f32| -> Result<Vec<f32>> {
+        let mut labelled = vec![0.0f32; steer.labels().len()];
+        labelled[0] = v;
+        steer.log_prob_targets(rows, decoder.output_embedding(), &tokens[1..], &steer.strengths(&labelled)?)
+    };
+    let (plus, minus) = (at(strength)?, at(-strength)?);
+    let mut evidence = vec![None];
+    evidence.extend(plus.iter().zip(&minus).map(|(p, m)| Some(f64::from(*p) - f64::from(*m))));
+    let spans = crate::evidence::max_spans(&evidence, spans, span_length);
+    let pieces = token_pieces(tok, &tokens)?;
+    Ok(Highlight { tokens, pieces, evidence, spans })
 }
 
 /// The text of every token: the growth of the decoded prefix. A token that ends inside a multi-byte

@@ -38,6 +38,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod data;
 mod error;
 pub mod eval;
 pub mod evidence;

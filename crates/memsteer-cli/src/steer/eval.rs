@@ -1,12 +1,11 @@
-//! `memsteer steer eval`: dist-n, conditional perplexity and style scores of generations.
+//! `memsteer steer eval`: dist-n, conditional perplexity and style scores of generations
+//! (`memsteer_steer::eval::evaluate` per file).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use clap::Args;
-use memsteer_lm::DeviceModel;
-
-use super::*;
+use memsteer_steer::eval::{FileEval, PerplexityModel, Scorer};
 
 /// The style scorer of `steer eval`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -49,34 +48,6 @@ pub struct EvalArgs {
     pub plot: Option<PathBuf>,
 }
 
-/// The evaluation of one generations file.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct FileEval {
-    /// The file.
-    pub file: String,
-    /// Its label (`FILE:LABEL`), if any.
-    pub label: Option<String>,
-    /// Samples in the file.
-    pub samples: usize,
-    /// Distinct prompts.
-    pub prompts: usize,
-    /// dist-1, dist-2, dist-3.
-    pub dist: [f64; 3],
-    /// Whether dist-n counted token ids as words (the file has no `text`).
-    pub dist_on_tokens: bool,
-    /// Mean perplexity of the samples kept (those below 1e4), with `--ppl-model`.
-    pub perplexity: Option<f64>,
-    /// Samples dropped for a perplexity ≥ 1e4.
-    pub perplexity_dropped: Option<usize>,
-    /// Mean style score.
-    pub score_mean: Option<f64>,
-    /// Standard deviation of the style scores.
-    pub score_std: Option<f64>,
-    /// Per-sample style scores, in file order.
-    #[serde(skip)]
-    pub scores: Vec<f64>,
-}
-
 /// What `steer eval` reports.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct EvalReport {
@@ -88,66 +59,6 @@ pub struct EvalReport {
     pub scorer_held_out: Option<usize>,
     /// One entry per generations file, in argument order.
     pub files: Vec<FileEval>,
-}
-
-/// Perplexities at or above this are dropped from the mean, as the LM-Steer authors do.
-pub const PPL_CUTOFF: f64 = 1e4;
-
-/// One line of a generations file.
-#[derive(Debug, Clone)]
-struct Sample {
-    prompt_key: String,
-    tokens: Option<Vec<u32>>,
-    text: Option<String>,
-    /// The generator's tokenizer fingerprint ([`tokenizer_fingerprint`]), when the file says.
-    tokenizer: Option<String>,
-}
-
-/// A prompt as the prompts file gives it, for the perplexity model: its ids, its text, or both.
-#[derive(Debug, Clone)]
-struct PromptForms {
-    line: usize,
-    tokens: Option<Vec<u32>>,
-    text: Option<String>,
-}
-
-/// A line's optional `tokens` (ids) and `text`, each checked for its type; `at` names the line.
-fn tokens_and_text(v: &serde_json::Value, at: &dyn Fn() -> String) -> Result<(Option<Vec<u32>>, Option<String>)> {
-    let tokens = match v.get("tokens") {
-        None => None,
-        Some(serde_json::Value::Array(t)) => Some(
-            t.iter()
-                .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
-                .collect::<Option<Vec<u32>>>()
-                .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
-        ),
-        Some(other) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
-    };
-    let text = match v.get("text") {
-        None => None,
-        Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(other) => bail!("{}: `text` must be a string, found {other}", at()),
-    };
-    Ok((tokens, text))
-}
-
-/// The prompts file for `steer eval`: each prompt's ids and text as given (which one is used depends on
-/// the tokenizers, see [`perplexities`]).
-fn read_prompt_forms(path: &Path) -> Result<std::collections::HashMap<String, PromptForms>> {
-    let mut out = std::collections::HashMap::new();
-    for (line, v) in json_lines(path, "prompts")? {
-        let at = || format!("{}, line {line}", path.display());
-        let key = v.get("id").and_then(prompt_key).with_context(|| format!("{}: expected an `id`", at()))?;
-        let (tokens, text) = tokens_and_text(&v, &at)?;
-        ensure!(tokens.is_some() || text.is_some(), "{}: expected a `text` string or a `tokens` array", at());
-        ensure!(
-            out.insert(key.clone(), PromptForms { line, tokens, text }).is_none(),
-            "{}: prompt id {key:?} appears twice",
-            at()
-        );
-    }
-    ensure!(!out.is_empty(), "{}: no prompts", path.display());
-    Ok(out)
 }
 
 /// Splits `FILE[:LABEL]`: an existing path is a file; otherwise the part after the last ':' is the label.
@@ -162,239 +73,53 @@ fn parse_generations_spec(spec: &str) -> (PathBuf, Option<String>) {
     (PathBuf::from(spec), None)
 }
 
-fn prompt_key(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
-fn read_generations(path: &Path) -> Result<Vec<Sample>> {
-    let mut out = Vec::new();
-    for (line, v) in json_lines(path, "generations")? {
-        let at = || format!("{}, line {line}", path.display());
-        let prompt_key = v
-            .get("prompt_id")
-            .and_then(prompt_key)
-            .with_context(|| format!("{}: expected a `prompt_id` string or number", at()))?;
-        let (tokens, text) = tokens_and_text(&v, &at)?;
-        ensure!(tokens.is_some() || text.is_some(), "{}: a sample needs `text` or `tokens`", at());
-        let tokenizer = match v.get("tokenizer") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(other) => bail!("{}: `tokenizer` must be a fingerprint string, found {other}", at()),
-        };
-        out.push(Sample { prompt_key, tokens, text, tokenizer });
-    }
-    ensure!(!out.is_empty(), "{}: no generations", path.display());
-    Ok(out)
-}
-
-pub use memsteer_steer::eval::distinct_n;
-
-/// Conditional perplexities `exp(−mean log p(continuation | prompt))` of every sample, in file order.
-/// The perplexity of every sample under `model`, conditioned on its prompt when `prompts` are given.
-/// Token ids are used only when they are the perplexity model's own: the sample's `tokenizer` fingerprint
-/// equals `ppl_tokenizer` (or the perplexity model has no tokenizer files, so ids are all it reads).
-/// Otherwise the `text` of the sample (and of its prompt) is tokenized again with the perplexity model's
-/// tokenizer, and a sample or prompt with ids only is an error.
-fn perplexities(
-    model: &DeviceModel,
-    tok: &mut LazyTokenizer<'_>,
-    ppl_tokenizer: Option<&str>,
-    prompts: Option<(&Path, &std::collections::HashMap<String, PromptForms>)>,
-    samples: &[Sample],
-    file: &Path,
-) -> Result<Vec<f64>> {
-    let dec = model.decoder()?;
-    let mut seqs: Vec<(Vec<u32>, usize)> = Vec::with_capacity(samples.len());
-    for (i, s) in samples.iter().enumerate() {
-        let at = || format!("{}, sample {} (prompt {:?})", file.display(), i + 1, s.prompt_key);
-        // Whether the generator's ids are the perplexity model's.
-        let same = match ppl_tokenizer {
-            None => true,
-            Some(p) => s.tokenizer.as_deref() == Some(p),
-        };
-        let foreign = |what: String| match (&s.tokenizer, ppl_tokenizer) {
-            (Some(g), Some(p)) => anyhow::anyhow!(
-                "{what} has token ids only, made with another tokenizer (fingerprint {g}) than the perplexity model's ({p}); give its `text` or a perplexity model with the generator's tokenizer"
-            ),
-            _ => anyhow::anyhow!(
-                "{what} has token ids only and the generations do not say which tokenizer made them (no `tokenizer` field): they cannot be checked against the perplexity model's tokenizer; give `text`"
-            ),
-        };
-        let cont = match (&s.tokens, &s.text) {
-            (Some(t), _) if same => t.clone(),
-            (_, Some(text)) => tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing", at()))?,
-            (Some(_), None) => return Err(foreign(at())),
-            (None, None) => unreachable!("checked when reading"),
-        };
-        if let Some(&bad) = cont.iter().find(|&&t| t as usize >= dec.vocab()) {
-            bail!("{}: token id {bad} is outside the perplexity model's vocabulary (size {})", at(), dec.vocab());
-        }
-        let prompt_ids;
-        let prompt: &[u32] = match prompts {
-            Some((path, map)) => {
-                let p =
-                    map.get(&s.prompt_key).with_context(|| format!("{}: no prompt with this id in --prompts", at()))?;
-                let where_ = || format!("{}, line {} (prompt {:?})", path.display(), p.line, s.prompt_key);
-                prompt_ids = match (&p.tokens, &p.text) {
-                    (Some(t), _) if same => t.clone(),
-                    (_, Some(text)) => {
-                        tok.get(&where_())?.encode(text).with_context(|| format!("{}: tokenizing", where_()))?
-                    }
-                    (Some(_), None) => return Err(foreign(where_())),
-                    (None, None) => unreachable!("checked when reading"),
-                };
-                if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= dec.vocab()) {
-                    bail!(
-                        "{}: token id {bad} is outside the perplexity model's vocabulary (size {})",
-                        where_(),
-                        dec.vocab()
-                    );
-                }
-                &prompt_ids
-            }
-            None => &[],
-        };
-        let seq: Vec<u32> = prompt.iter().chain(&cont).copied().collect();
-        ensure!(
-            !cont.is_empty() && seq.len() >= 2,
-            "{}: too few tokens to score (a continuation needs at least {} without --prompts)",
-            at(),
-            if prompts.is_some() { 1 } else { 2 }
-        );
-        ensure!(
-            seq.len() <= dec.context(),
-            "{}: {} tokens exceed the perplexity model's context of {}",
-            at(),
-            seq.len(),
-            dec.context()
-        );
-        // Index into the log-probs of the first scored continuation token.
-        let first = prompt.len().max(1) - 1;
-        seqs.push((seq, first));
-    }
-    Ok(memsteer_steer::eval::perplexities(model, &seqs)?)
-}
-
 /// Runs `memsteer steer eval`.
 pub fn eval(a: &EvalArgs) -> Result<EvalReport> {
     let specs: Vec<(PathBuf, Option<String>)> = a.generations.iter().map(|g| parse_generations_spec(g)).collect();
-    let files = specs.iter().map(|(p, _)| read_generations(p)).collect::<Result<Vec<_>>>()?;
-    // The perplexity model and the prompts it conditions on.
+    let files = specs
+        .iter()
+        .map(|(p, _)| memsteer_steer::data::read_generations(p))
+        .collect::<memsteer_steer::Result<Vec<_>>>()?;
     let ppl = match &a.ppl_model {
         Some(dir) => {
-            let model = load_on(dir, &a.device)?;
-            let prompts = match &a.prompts {
-                Some(p) => Some((p.clone(), read_prompt_forms(p)?)),
-                None => {
-                    eprintln!(
-                        "note: no --prompts; perplexity is the continuations' own (each scored from its second token)"
-                    );
-                    None
-                }
-            };
-            let fingerprint = tokenizer_fingerprint(dir)?;
-            Some((model, dir.clone(), prompts, fingerprint))
+            if a.prompts.is_none() {
+                eprintln!(
+                    "note: no --prompts; perplexity is the continuations' own (each scored from its second token)"
+                );
+            }
+            let device =
+                memsteer_kernels::Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
+            Some(PerplexityModel::load(dir, &device, a.prompts.as_deref())?)
         }
         None => None,
     };
-    let builtin = match (&a.scorer_cmd, a.scorer) {
-        (None, ScorerKind::BuiltinSentiment) => Some(memsteer_steer::eval::sentiment::SentimentScorer::builtin()?),
+    let scorer = match (&a.scorer_cmd, a.scorer) {
+        (Some(cmd), _) => Scorer::Command(cmd.clone()),
+        (None, ScorerKind::BuiltinSentiment) => {
+            Scorer::Builtin(memsteer_steer::eval::sentiment::SentimentScorer::builtin()?)
+        }
+        (None, ScorerKind::None) => Scorer::None,
+    };
+    let builtin = match scorer {
+        Scorer::Builtin(b) => Some(b),
         _ => None,
     };
-    let scoring = a.scorer_cmd.is_some() || builtin.is_some();
     let mut report = EvalReport {
-        scorer: match (&a.scorer_cmd, builtin) {
-            (Some(_), _) => "command".into(),
-            (None, Some(_)) => "builtin-sentiment".into(),
-            (None, None) => "none".into(),
-        },
+        scorer: match scorer {
+            Scorer::Command(_) => "command",
+            Scorer::Builtin(_) => "builtin-sentiment",
+            Scorer::None => "none",
+        }
+        .into(),
         scorer_held_out_accuracy: builtin.map(|b| b.held_out_accuracy),
         scorer_held_out: builtin.map(|b| b.held_out_size),
         files: Vec::new(),
     };
     for ((path, label), samples) in specs.iter().zip(&files) {
-        // Samples grouped by prompt, prompts in order of first appearance.
-        let mut order: Vec<&str> = Vec::new();
-        let mut groups: std::collections::HashMap<&str, Vec<Vec<String>>> = std::collections::HashMap::new();
-        let dist_on_tokens = samples.iter().any(|s| s.text.is_none());
-        if dist_on_tokens {
+        if samples.iter().any(|s| s.text.is_none()) {
             eprintln!("note: {} has samples without `text`; dist-n counts token ids as words", path.display());
         }
-        for s in samples {
-            let words: Vec<String> = match (&s.text, &s.tokens) {
-                (Some(t), _) if !dist_on_tokens => t.split_whitespace().map(str::to_string).collect(),
-                (_, Some(t)) => t.iter().map(u32::to_string).collect(),
-                (Some(t), None) => t.split_whitespace().map(str::to_string).collect(),
-                (None, None) => Vec::new(),
-            };
-            if !groups.contains_key(s.prompt_key.as_str()) {
-                order.push(&s.prompt_key);
-            }
-            groups.entry(&s.prompt_key).or_default().push(words);
-        }
-        let grouped: Vec<Vec<Vec<String>>> = order.iter().map(|k| groups.remove(k).unwrap_or_default()).collect();
-        let dist = distinct_n(&grouped);
-
-        let (perplexity, perplexity_dropped) = match &ppl {
-            Some((model, dir, prompts, fingerprint)) => {
-                let mut tok = LazyTokenizer::new(dir);
-                let prompts = prompts.as_ref().map(|(p, m)| (p.as_path(), m));
-                let all = perplexities(model, &mut tok, fingerprint.as_deref(), prompts, samples, path)?;
-                let kept: Vec<f64> = all.iter().copied().filter(|p| p.is_finite() && *p < PPL_CUTOFF).collect();
-                let mean = (!kept.is_empty()).then(|| kept.iter().sum::<f64>() / kept.len() as f64);
-                (mean, Some(all.len() - kept.len()))
-            }
-            None => (None, None),
-        };
-
-        let scores = if scoring {
-            let texts = samples
-                .iter()
-                .enumerate()
-                .map(|(i, s)| {
-                    s.text.as_deref().with_context(|| {
-                        format!(
-                            "{}, sample {}: style scoring needs `text` (generate with a tokenizer)",
-                            path.display(),
-                            i + 1
-                        )
-                    })
-                })
-                .collect::<Result<Vec<&str>>>()?;
-            match (&a.scorer_cmd, builtin) {
-                (Some(cmd), _) => memsteer_steer::eval::external_scores(cmd, &texts)
-                    .with_context(|| format!("scoring {}", path.display()))?,
-                (None, Some(b)) => texts.iter().map(|t| b.score(t)).collect(),
-                (None, None) => Vec::new(),
-            }
-        } else {
-            Vec::new()
-        };
-        let (score_mean, score_std) = if scores.is_empty() {
-            (None, None)
-        } else {
-            let n = scores.len() as f64;
-            let m = scores.iter().sum::<f64>() / n;
-            let var = scores.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n;
-            (Some(m), Some(var.sqrt()))
-        };
-        report.files.push(FileEval {
-            file: path.display().to_string(),
-            label: label.clone(),
-            samples: samples.len(),
-            prompts: grouped.len(),
-            dist,
-            dist_on_tokens,
-            perplexity,
-            perplexity_dropped,
-            score_mean,
-            score_std,
-            scores,
-        });
+        report.files.push(memsteer_steer::eval::evaluate(path, label.clone(), samples, ppl.as_ref(), &scorer)?);
     }
 
     if a.json {

@@ -1,7 +1,7 @@
 //! `memsteer steer generate` and `memsteer steer highlight`.
 
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
@@ -76,33 +76,6 @@ pub fn parse_steer_spec(spec: &str) -> Result<(PathBuf, f32)> {
     Ok((path, 1.0))
 }
 
-/// A prompt to continue.
-#[derive(Debug, Clone)]
-struct Prompt {
-    id: serde_json::Value,
-    key: String,
-    tokens: Vec<u32>,
-}
-
-fn read_prompts(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Prompt>> {
-    let mut out = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for (line, v) in json_lines(path, "prompts")? {
-        let at = || format!("{}, line {line}", path.display());
-        let (id, key) = match v.get("id") {
-            Some(serde_json::Value::String(s)) if !s.is_empty() => (v["id"].clone(), s.clone()),
-            Some(serde_json::Value::Number(n)) => (v["id"].clone(), n.to_string()),
-            other => bail!("{}: field `id` must be a non-empty string or a number, found {:?}", at(), other),
-        };
-        ensure!(seen.insert(key.clone()), "{}: prompt id {key:?} appears twice", at());
-        let tokens = line_tokens(&v, &at, tok, vocab)?;
-        ensure!(!tokens.is_empty(), "{}: prompt {key:?} has no tokens; generation needs at least one", at());
-        out.push(Prompt { id, key, tokens });
-    }
-    ensure!(!out.is_empty(), "{}: no prompts", path.display());
-    Ok(out)
-}
-
 /// One generated sample.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -148,7 +121,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
     }
     let set = SteerSet::new(steers);
     let mut tok = LazyTokenizer::new(&a.model);
-    let prompts = read_prompts(&a.prompts, &mut tok, decoder.vocab())?;
+    let prompts = memsteer_steer::data::read_prompts(&a.prompts, &mut tok, decoder.vocab())?;
     ensure!(
         a.max_new_tokens <= decoder.context(),
         "--max-new-tokens {} is beyond the model's context of {} positions",
@@ -167,7 +140,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
             decoder.context()
         );
     }
-    let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding generations")?) } else { None };
+    let tokenizer = if tok.present() { Some(tok.get("decoding generations")?) } else { None };
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..a.samples).map(move |s| (p, s))).collect();
     let seed_of = |p: usize, s: usize| {
@@ -200,7 +173,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
             })
             .collect::<Result<Vec<_>>>()?
     };
-    let fingerprint = tokenizer_fingerprint(&a.model)?;
+    let fingerprint = memsteer_lm::tokenizer::fingerprint(&a.model)?;
     let mut lines = Vec::with_capacity(gens.len());
     for g in &gens {
         let mut v = serde_json::json!({
@@ -270,7 +243,7 @@ pub struct HighlightArgs {
 pub use memsteer_steer::evidence::Span;
 
 pub use memsteer_steer::highlight::{Highlight, html_escape};
-use memsteer_steer::highlight::{render_html, render_terminal, token_pieces};
+use memsteer_steer::highlight::{render_html, render_terminal};
 
 /// Runs `memsteer steer highlight`.
 pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
@@ -293,27 +266,7 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
     let tok = Tokenizer::from_dir(&a.model)
         .with_context(|| format!("highlight needs the tokenizer of {}", a.model.display()))?;
     let tokens = tok.encode(&text).context("tokenizing the text")?;
-    ensure!(tokens.len() >= 2, "the text has {} token(s); evidence needs at least two", tokens.len());
-    ensure!(
-        tokens.len() <= decoder.context(),
-        "the text has {} tokens, more than the model's context of {}",
-        tokens.len(),
-        decoder.context()
-    );
-    let d = decoder.dim();
-    let hidden = decoder.hidden_states(&tokens)?;
-    let rows = &hidden[..(tokens.len() - 1) * d];
-    let at = |v: f32| -> Result<Vec<f32>> {
-        let mut labelled = vec![0.0f32; steer.labels().len()];
-        labelled[0] = v;
-        Ok(steer.log_prob_targets(rows, decoder.output_embedding(), &tokens[1..], &steer.strengths(&labelled)?)?)
-    };
-    let (plus, minus) = (at(a.strength)?, at(-a.strength)?);
-    let mut evidence = vec![None];
-    evidence.extend(plus.iter().zip(&minus).map(|(p, m)| Some(f64::from(*p) - f64::from(*m))));
-    let spans = memsteer_steer::evidence::max_spans(&evidence, a.spans, a.span_length);
-    let pieces = token_pieces(&tok, &tokens)?;
-    let h = Highlight { tokens, pieces, evidence, spans };
+    let h = memsteer_steer::highlight::highlight(decoder, &steer, &tok, tokens, a.strength, (a.spans, a.span_length))?;
 
     if a.json {
         let json = serde_json::json!({

@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use memsteer_kernels::Device;
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_lm::{DeviceModel, Model};
-use memsteer_steer::highlight::token_pieces;
+use memsteer_steer::data::{LazyTokenizer, json_lines, line_tokens, read_corpus};
 use memsteer_steer::{HiddenCache, Steer, TrainConfig, train_cached_on};
 
 /// Arguments of `memsteer steer`.
@@ -99,15 +99,6 @@ pub struct DetectArgs {
     pub json: bool,
 }
 
-/// A word of a text and its mean per-token evidence.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct WordEvidence {
-    /// The word as it reads in the text (surrounding whitespace trimmed).
-    pub word: String,
-    /// Mean evidence of its tokens (`log P_best − log P_0` per token).
-    pub evidence: f64,
-}
-
 /// What `steer detect` found for one text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Detected {
@@ -117,31 +108,7 @@ pub struct Detected {
     pub detection: memsteer_steer::evidence::Detection,
     /// Per-word evidence (words split at whitespace and punctuation; token ids when the model has no
     /// tokenizer).
-    pub words: Vec<WordEvidence>,
-}
-
-/// Groups tokens into words: a new word starts at a piece that begins with whitespace, at punctuation,
-/// and after punctuation; each word gets the mean evidence of its tokens that have one.
-fn word_evidence(pieces: &[String], evidence: &[Option<f64>]) -> Vec<WordEvidence> {
-    let is_punct = |s: &str| !s.trim().is_empty() && s.trim().chars().all(|c| c.is_ascii_punctuation());
-    let mut words: Vec<(String, Vec<f64>)> = Vec::new();
-    let mut prev_punct = true;
-    for (piece, e) in pieces.iter().zip(evidence) {
-        let punct = is_punct(piece);
-        let starts = words.is_empty() || prev_punct || punct || piece.starts_with(char::is_whitespace);
-        if starts {
-            words.push((String::new(), Vec::new()));
-        }
-        let w = words.last_mut().expect("pushed above");
-        w.0.push_str(piece);
-        w.1.extend(e);
-        prev_punct = punct;
-    }
-    words
-        .into_iter()
-        .filter(|(w, e)| !w.trim().is_empty() && !e.is_empty())
-        .map(|(w, e)| WordEvidence { word: w.trim().to_string(), evidence: e.iter().sum::<f64>() / e.len() as f64 })
-        .collect()
+    pub words: Vec<memsteer_steer::evidence::WordEvidence>,
 }
 
 /// Runs the analysis of `memsteer steer detect` (the subcommand prints it): each text's place (`--text`
@@ -178,8 +145,8 @@ pub fn detect(a: &DetectArgs) -> Result<Vec<(String, Detected)>> {
             .collect::<Result<Vec<_>>>()?,
         (None, None) => bail!("give --text TEXT or --input FILE.jsonl"),
     };
-    let tokenizer = if has_tokenizer(&a.model) { Some(tok.get("decoding tokens")?.clone()) } else { None };
-    let d = decoder.dim();
+    let tokenizer =
+        if memsteer_lm::tokenizer::present_in(&a.model) { Some(tok.get("decoding tokens")?.clone()) } else { None };
     let bar = if inputs.len() > 1 && std::io::stderr().is_terminal() {
         ProgressBar::new(inputs.len() as u64)
     } else {
@@ -187,24 +154,9 @@ pub fn detect(a: &DetectArgs) -> Result<Vec<(String, Detected)>> {
     };
     let mut out = Vec::with_capacity(inputs.len());
     for (at, fields, ids) in inputs {
-        ensure!(ids.len() >= 2, "{at}: {} token(s); detection needs at least two", ids.len());
-        ensure!(
-            ids.len() <= decoder.context(),
-            "{at}: {} tokens, more than the model's context of {}",
-            ids.len(),
-            decoder.context()
-        );
-        let hidden = decoder.hidden_states(&ids)?;
-        let rows = &hidden[..(ids.len() - 1) * d];
-        let detection = memsteer_steer::evidence::detect(&steer, rows, decoder.output_embedding(), &ids[1..], &config)
-            .with_context(|| at.clone())?;
-        let pieces = match &tokenizer {
-            Some(t) => token_pieces(t, &ids)?,
-            None => ids.iter().map(|i| format!(" {i}")).collect(),
-        };
-        let evidence: Vec<Option<f64>> =
-            std::iter::once(None).chain(detection.evidence.iter().copied().map(Some)).collect();
-        let words = word_evidence(&pieces, &evidence);
+        let (detection, words) =
+            memsteer_steer::evidence::detect_text(decoder, &steer, &ids, tokenizer.as_ref(), &config)
+                .with_context(|| at.clone())?;
         bar.inc(1);
         out.push((at, Detected { fields, detection, words }));
     }
@@ -232,7 +184,7 @@ fn detected_table(at: &str, d: &Detected) -> String {
         let mark = if *v == det.best_strength() { " <" } else { "" };
         s.push_str(&format!("  {v:>+8.3} {l:>7.4} {p:>12.4}{mark}\n"));
     }
-    let mut words: Vec<&WordEvidence> = d.words.iter().collect();
+    let mut words: Vec<&memsteer_steer::evidence::WordEvidence> = d.words.iter().collect();
     words.sort_by(|a, b| b.evidence.total_cmp(&a.evidence));
     let top: Vec<String> = words.iter().take(8).map(|w| format!("{} ({:+.3})", w.word, w.evidence)).collect();
     s.push_str(&format!("  words that favour it most: {}\n", top.join(", ")));
@@ -265,7 +217,7 @@ pub fn explain(a: &ExplainArgs) -> Result<memsteer_steer::explain::Explanation> 
     let model = load_model(&a.model)?;
     let dec = model.decoder();
     let steer = Steer::load_for(&a.steer, dec)?;
-    let tok = has_tokenizer(&a.model).then(|| Tokenizer::from_dir(&a.model)).transpose()?;
+    let tok = memsteer_lm::tokenizer::present_in(&a.model).then(|| Tokenizer::from_dir(&a.model)).transpose()?;
     let name = |id: u32| tok.as_ref().and_then(|t| t.id_to_token(id));
     let config = memsteer_steer::explain::ExplainConfig { dims: a.dims, top: a.top };
     let ex = memsteer_steer::explain::explain(&steer, dec.output_embedding(), &config, &name)
@@ -341,7 +293,7 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
     let (from_model, to_model) = (load_model(&a.from)?, load_model(&a.to)?);
     let (from, to) = (from_model.decoder(), to_model.decoder());
     let steer = Steer::load_for(&a.steer, from)?;
-    let tok = |dir: &Path| has_tokenizer(dir).then(|| Tokenizer::from_dir(dir)).transpose();
+    let tok = |dir: &Path| memsteer_lm::tokenizer::present_in(dir).then(|| Tokenizer::from_dir(dir)).transpose();
     let (tf, tt) = (tok(&a.from)?, tok(&a.to)?);
     let from_name = tf.as_ref().map(|t| move |id: u32| t.id_to_token(id));
     let to_name = tt.as_ref().map(|t| move |id: u32| t.id_to_token(id));
@@ -468,110 +420,6 @@ pub struct SteerTrainOutcome {
     pub sequences: usize,
     /// Sequences skipped for having fewer than two tokens.
     pub skipped: usize,
-}
-
-/// The model directory's tokenizer, loaded the first time a text needs it.
-struct LazyTokenizer<'a> {
-    dir: &'a Path,
-    tok: Option<Tokenizer>,
-}
-
-impl<'a> LazyTokenizer<'a> {
-    fn new(dir: &'a Path) -> Self {
-        Self { dir, tok: None }
-    }
-    fn get(&mut self, why: &str) -> Result<&Tokenizer> {
-        if self.tok.is_none() {
-            let t = Tokenizer::from_dir(self.dir).with_context(|| {
-                format!("{why}: loading the tokenizer of {} (give `tokens` instead of `text`)", self.dir.display())
-            })?;
-            self.tok = Some(t);
-        }
-        Ok(self.tok.as_ref().expect("loaded above"))
-    }
-}
-
-/// Whether a model directory ships tokenizer files.
-fn has_tokenizer(dir: &Path) -> bool {
-    dir.join("tokenizer.json").exists()
-        || (dir.join("vocab.json").exists() && dir.join("merges.txt").exists())
-        || (dir.join("encoder.json").exists() && dir.join("vocab.bpe").exists())
-}
-
-/// A fingerprint of a model directory's tokenizer files (names and bytes), `None` when it has none:
-/// `steer generate` writes it beside the ids it generates, so that `steer eval` scores ids only under a
-/// model with the same tokenizer.
-pub fn tokenizer_fingerprint(dir: &Path) -> Result<Option<String>> {
-    let mut hash = 0u64;
-    let mut any = false;
-    for f in crate::train::TOKENIZER_FILES {
-        let p = dir.join(f);
-        if p.is_file() {
-            let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
-            hash = memsteer_panel::rng::hash_key(hash, f.as_bytes());
-            hash = memsteer_panel::rng::hash_key(hash, &bytes);
-            any = true;
-        }
-    }
-    Ok(any.then(|| format!("{hash:016x}")))
-}
-
-/// One JSON line with `text` or `tokens`, as token ids checked against the vocabulary.
-fn line_tokens(
-    v: &serde_json::Value,
-    at: &dyn Fn() -> String,
-    tok: &mut LazyTokenizer<'_>,
-    vocab: usize,
-) -> Result<Vec<u32>> {
-    let tokens = match (v.get("tokens"), v.get("text")) {
-        (Some(serde_json::Value::Array(t)), _) => t
-            .iter()
-            .map(|x| x.as_u64().filter(|n| *n <= u64::from(u32::MAX)).map(|n| n as u32))
-            .collect::<Option<Vec<u32>>>()
-            .with_context(|| format!("{}: `tokens` must hold non-negative integer ids", at()))?,
-        (Some(other), _) => bail!("{}: `tokens` must be an array of ids, found {other}", at()),
-        (None, Some(serde_json::Value::String(text))) => {
-            tok.get(&at())?.encode(text).with_context(|| format!("{}: tokenizing `text`", at()))?
-        }
-        (None, Some(other)) => bail!("{}: `text` must be a string, found {other}", at()),
-        (None, None) => bail!("{}: expected a `text` string or a `tokens` array of ids", at()),
-    };
-    if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-        bail!("{}: token id {bad} is outside the model's vocabulary (size {vocab})", at());
-    }
-    Ok(tokens)
-}
-
-/// The non-blank lines of a JSON-lines file, parsed, with their 1-based line numbers; `what` names the
-/// file's role in errors.
-fn json_lines(path: &Path, what: &str) -> Result<Vec<(usize, serde_json::Value)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v = serde_json::from_str(line)
-            .with_context(|| format!("{}, line {}: not a JSON object", path.display(), i + 1))?;
-        out.push((i + 1, v));
-    }
-    Ok(out)
-}
-
-/// Reads a corpus (JSON lines with `text` or `tokens`); an empty corpus is an error naming the file.
-fn read_corpus(path: &Path, tok: &mut LazyTokenizer<'_>, vocab: usize) -> Result<Vec<Vec<u32>>> {
-    let mut out = Vec::new();
-    for (line, v) in json_lines(path, "corpus")? {
-        let at = || format!("{}, line {line}", path.display());
-        ensure!(v.is_object(), "{}: expected a JSON object with `text` or `tokens`", at());
-        out.push(line_tokens(&v, &at, tok, vocab)?);
-    }
-    ensure!(
-        !out.is_empty(),
-        "{}: empty corpus: expected JSON lines with a `text` string or a `tokens` array",
-        path.display()
-    );
-    Ok(out)
 }
 
 fn load_model(dir: &Path) -> Result<Model> {

@@ -11,6 +11,16 @@ pub enum Schedule {
     Constant,
 }
 
+impl Schedule {
+    /// The name [`str::parse`] reads back: `cosine` or `constant`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Cosine => "cosine",
+            Schedule::Constant => "constant",
+        }
+    }
+}
+
 impl std::str::FromStr for Schedule {
     type Err = LmError;
     fn from_str(s: &str) -> Result<Self> {

@@ -11,7 +11,10 @@
 //! assert_eq!(d[0], 5.0 / 6.0);
 //! ```
 
+mod files;
 pub mod sentiment;
+
+pub use files::{FileEval, PPL_CUTOFF, PerplexityModel, Scorer, evaluate};
 
 use crate::{Result, SteerError};
 

@@ -1,0 +1,333 @@
+//! Scoring instances under every checkpoint of a run into a panel (what `memsteer logprobs` does):
+//! per-instance sequence log-probabilities `Y_c(x) = Σ_t log p_c(x_t | x_<t)` as the long panel
+//! `instance_id,treatment_step,checkpoint_step,outcome` that `memsteer profile` reads.
+//!
+//! Work is split into (checkpoint, shard) units, each written atomically to a part file in
+//! `OUT.parts/`; a rerun skips finished units, and the panel is assembled once every unit of every
+//! shard exists. A ledger in the parts directory fingerprints the inputs (instances, the checkpoint
+//! grid, each checkpoint's weights and config), so parts of different inputs never mix.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use memsteer_kernels::Device;
+use memsteer_panel::durable::write as write_atomic;
+use memsteer_panel::rng::hash_key;
+
+use crate::error::{At, bail, ensure};
+use crate::instances::{self, Instance};
+use crate::{DeviceModel, LmError, Result};
+
+/// What to score and where the panel goes.
+#[derive(Debug, Clone)]
+pub struct ScoreSpec {
+    /// Checkpoint step → Hugging Face model directory.
+    pub checkpoints: BTreeMap<u64, PathBuf>,
+    /// The instances file ([`crate::instances`]); `text` instances are tokenized with the first
+    /// checkpoint's tokenizer.
+    pub instances: PathBuf,
+    /// The panel: long CSV, or Parquet when the name ends in `.parquet` (and the panel crate's
+    /// `parquet` feature is on).
+    pub out: PathBuf,
+    /// Also write per-token log-probabilities here, one JSON line per (instance, checkpoint):
+    /// `{"id", "checkpoint_step", "token_log_probs": [log p(x_1 | x_0), …]}`.
+    pub per_token: Option<PathBuf>,
+    /// Sequences scored together.
+    pub batch_size: usize,
+    /// Where to score.
+    pub device: Device,
+    /// `(i, n)`: score only shard `i` of `n` (instances `j` with `j mod n = i`).
+    pub shard: (usize, usize),
+}
+
+/// What [`run`] reports while it works.
+#[derive(Debug, Clone, Copy)]
+pub enum ScoreEvent {
+    /// Scoring starts: `units` checkpoints to compute for this shard, `tokens` tokens each.
+    Started {
+        /// Checkpoints to compute.
+        units: usize,
+        /// Tokens of this shard's instances.
+        tokens: usize,
+    },
+    /// A checkpoint is being scored.
+    Checkpoint(u64),
+    /// This many more tokens were scored.
+    Tokens(usize),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreOutcome {
+    /// Checkpoints computed in this run.
+    pub computed: usize,
+    /// Checkpoints found finished and skipped.
+    pub skipped: usize,
+    /// Whether the panel was assembled.
+    pub assembled: bool,
+    /// Units of other shards still missing (0 when assembled).
+    pub missing: usize,
+    /// Tokens of this shard's instances (scored once per computed checkpoint).
+    pub tokens: usize,
+    /// Seconds spent scoring.
+    pub seconds: f64,
+}
+
+/// Reads a checkpoint manifest: a JSON object mapping steps to model directories relative to the
+/// manifest (`memsteer train` writes one as `checkpoints.json`).
+pub fn read_manifest(path: &Path) -> Result<BTreeMap<u64, PathBuf>> {
+    let text = std::fs::read_to_string(path).map_err(|source| LmError::Io { path: path.into(), source })?;
+    let v: serde_json::Value = serde_json::from_str(&text).at(|| format!("{}: not valid JSON", path.display()))?;
+    let Some(obj) = v.as_object() else {
+        bail!("{}: expected a JSON object mapping steps to directories", path.display())
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut out = BTreeMap::new();
+    for (k, d) in obj {
+        let Ok(step) = k.parse::<u64>() else {
+            bail!("{}: key {k:?} is not a step (non-negative integer)", path.display())
+        };
+        let Some(d) = d.as_str() else { bail!("{}: the directory of step {k} must be a string", path.display()) };
+        out.insert(step, base.join(d));
+    }
+    Ok(out)
+}
+
+fn part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
+    parts.join(format!("step-{step}.shard-{shard}-of-{shards}.csv"))
+}
+
+fn token_part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
+    parts.join(format!("step-{step}.shard-{shard}-of-{shards}.tokens.jsonl"))
+}
+
+/// The parts directory beside the output: `OUT.parts`.
+pub fn parts_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().unwrap_or_default().to_os_string();
+    name.push(".parts");
+    out.with_file_name(name)
+}
+
+fn csv_id(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LmError + '_ {
+    move |source| LmError::Io { path: path.into(), source }
+}
+
+/// The scoring units' files, for one run's inputs.
+struct Parts<'a> {
+    dir: PathBuf,
+    spec: &'a ScoreSpec,
+}
+
+impl Parts<'_> {
+    fn finished(&self, step: u64, shard: usize) -> bool {
+        let shards = self.spec.shard.1;
+        part_path(&self.dir, step, shard, shards).exists()
+            && (self.spec.per_token.is_none() || token_part_path(&self.dir, step, shard, shards).exists())
+    }
+
+    /// Writes the ledger, or checks that the one there was made for these inputs: a different model
+    /// under the same step is the mistake worth naming precisely. Each checkpoint is fingerprinted
+    /// (headers and samples of every tensor: microseconds).
+    fn check_ledger(&self, instances: usize) -> Result<()> {
+        let (shard, shards) = self.spec.shard;
+        let mut weights = serde_json::Map::new();
+        for (step, dir) in &self.spec.checkpoints {
+            // The model is its config and its weights; a finished step whose weights were since deleted
+            // (to free disk) is recorded as unavailable and not compared.
+            let fp = match crate::weights::Weights::open(dir) {
+                Ok(w) => w.fingerprint(),
+                Err(_) if self.finished(*step, shard) => "unavailable".into(),
+                Err(e) => bail!("checkpoint {step}: opening the weights in {}: {e}", dir.display()),
+            };
+            let config = std::fs::read(dir.join("config.json"))
+                .map(|b| format!("{:016x}", hash_key(0, &b)))
+                .unwrap_or_else(|_| "unavailable".into());
+            weights.insert(
+                step.to_string(),
+                serde_json::json!({"dir": dir.display().to_string(), "weights": fp, "config": config}),
+            );
+        }
+        let instances_bytes = std::fs::read(&self.spec.instances).map_err(io(&self.spec.instances))?;
+        let fingerprint = serde_json::json!({
+            "instances": instances,
+            "instances_hash": format!("{:016x}", hash_key(0, &instances_bytes)),
+            "checkpoints": self.spec.checkpoints.keys().collect::<Vec<_>>(),
+            "shards": shards,
+            "checkpoint_weights": weights,
+        });
+        let ledger = self.dir.join("ledger.json");
+        let write = || write_atomic(&ledger, |w| writeln!(w, "{fingerprint}")).map_err(io(&ledger));
+        if !ledger.exists() {
+            return write();
+        }
+        let text = std::fs::read_to_string(&ledger).map_err(io(&ledger))?;
+        let old: serde_json::Value =
+            serde_json::from_str(&text).at(|| format!("{}: not valid JSON", ledger.display()))?;
+        let same = |a: &serde_json::Value, b: &serde_json::Value| a == b || a == "unavailable" || b == "unavailable";
+        if let Some(old_weights) = old.get("checkpoint_weights").and_then(|w| w.as_object()) {
+            for (step, now) in fingerprint["checkpoint_weights"].as_object().into_iter().flatten() {
+                let Some(before) = old_weights.get(step) else { continue };
+                let what = if !same(&before["weights"], &now["weights"]) {
+                    "other weights"
+                } else if before.get("config").is_some() && !same(&before["config"], &now["config"]) {
+                    "another config.json"
+                } else {
+                    continue;
+                };
+                bail!(
+                    "checkpoint {step}: {} holds {what} than the ones the finished parts in {} were computed from ({}); remove {} to start over, or point step {step} at the original checkpoint",
+                    now["dir"].as_str().unwrap_or_default(),
+                    self.dir.display(),
+                    before["dir"].as_str().unwrap_or_default(),
+                    self.dir.display()
+                );
+            }
+        }
+        // Directories may move between machines (shards); the models may not. A ledger written before
+        // fingerprints existed is compared on the rest and upgraded.
+        let rest = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("checkpoint_weights");
+            }
+            v
+        };
+        ensure!(
+            rest(&old) == rest(&fingerprint),
+            "{} was made for other inputs (instances, checkpoints or shard count differ); remove {} to start over",
+            ledger.display(),
+            self.dir.display()
+        );
+        if old.get("checkpoint_weights").is_none() { write() } else { Ok(()) }
+    }
+
+    /// Scores this shard's instances under one checkpoint and writes its parts.
+    fn score(&self, step: u64, dir: &Path, mine: &[&Instance], events: &mut dyn FnMut(ScoreEvent)) -> Result<()> {
+        let (spec, (shard, shards)) = (self.spec, self.spec.shard);
+        let model =
+            DeviceModel::load(dir, &spec.device).at(|| format!("loading checkpoint {step} from {}", dir.display()))?;
+        let mut outcomes = Vec::with_capacity(mine.len());
+        let mut token_lps: Vec<Vec<f32>> = Vec::new();
+        for batch in mine.chunks(spec.batch_size) {
+            let seqs: Vec<&[u32]> = batch.iter().map(|x| x.tokens.as_slice()).collect();
+            let name = |x: &Instance| format!("instance {:?} ({}, line {})", x.id, spec.instances.display(), x.line);
+            let lps = model.token_log_probs_batch(&seqs).map_err(|e| match e {
+                // Name the instance when one sequence is at fault.
+                LmError::Sequence { index, message } => {
+                    LmError::Input(format!("{}: {}: {message}", dir.display(), name(batch[index])))
+                }
+                e if batch.len() == 1 => LmError::Input(format!("{}: {}: {e}", dir.display(), name(batch[0]))),
+                e => LmError::Input(format!("{}: {e}", dir.display())),
+            })?;
+            outcomes.extend(lps.iter().map(|lp| lp.iter().map(|&v| f64::from(v)).sum::<f64>()));
+            if spec.per_token.is_some() {
+                token_lps.extend(lps);
+            }
+            events(ScoreEvent::Tokens(batch.iter().map(|x| x.tokens.len()).sum()));
+        }
+        if spec.per_token.is_some() {
+            let path = token_part_path(&self.dir, step, shard, shards);
+            write_atomic(&path, |w| {
+                for (x, lp) in mine.iter().zip(&token_lps) {
+                    let line = serde_json::json!({"id": x.id, "checkpoint_step": step, "token_log_probs": lp});
+                    writeln!(w, "{line}")?;
+                }
+                Ok(())
+            })
+            .map_err(io(&path))?;
+        }
+        let path = part_path(&self.dir, step, shard, shards);
+        write_atomic(&path, |w| {
+            for (x, y) in mine.iter().zip(&outcomes) {
+                let t = x.treatment.map_or("never".to_string(), |t| t.to_string());
+                writeln!(w, "{},{t},{step},{y:?}", csv_id(&x.id))?;
+            }
+            Ok(())
+        })
+        .map_err(io(&path))
+    }
+
+    /// Assembles the panel (and the per-token file) when every unit of every shard is there; returns
+    /// the number of units still missing.
+    fn assemble(&self) -> Result<usize> {
+        let (spec, shards) = (self.spec, self.spec.shard.1);
+        let units = || spec.checkpoints.keys().flat_map(move |s| (0..shards).map(move |i| (*s, i)));
+        let all: Vec<PathBuf> = units().map(|(s, i)| part_path(&self.dir, s, i, shards)).collect();
+        let token_parts: Vec<PathBuf> = match spec.per_token {
+            Some(_) => units().map(|(s, i)| token_part_path(&self.dir, s, i, shards)).collect(),
+            None => Vec::new(),
+        };
+        let missing = all.iter().chain(&token_parts).filter(|p| !p.exists()).count();
+        if missing > 0 {
+            return Ok(missing);
+        }
+        let mut csv = b"instance_id,treatment_step,checkpoint_step,outcome\n".to_vec();
+        for p in &all {
+            csv.extend_from_slice(&std::fs::read(p).map_err(io(p))?);
+        }
+        let out = &spec.out;
+        if out.extension().is_some_and(|e| e.eq_ignore_ascii_case("parquet")) {
+            // Through the panel type, so that the file is validated and typed like any other panel.
+            let (panel, _) =
+                memsteer_panel::read::parse_csv(&csv, &self.dir.display().to_string(), &Default::default())
+                    .at(|| format!("assembling {}", out.display()))?;
+            panel.write(out).at(|| format!("writing {}", out.display()))?;
+        } else {
+            write_atomic(out, |w| w.write_all(&csv)).map_err(io(out))?;
+        }
+        if let Some(pt) = &spec.per_token {
+            write_atomic(pt, |w| {
+                for p in &token_parts {
+                    w.write_all(&std::fs::read(p)?)?;
+                }
+                Ok(())
+            })
+            .map_err(io(pt))?;
+        }
+        Ok(0)
+    }
+}
+
+/// Scores `spec`'s shard under every checkpoint not yet finished, then assembles the panel when every
+/// shard's parts exist. `events` hears of the work as it goes (for a progress bar).
+pub fn run(spec: &ScoreSpec, events: &mut dyn FnMut(ScoreEvent)) -> Result<ScoreOutcome> {
+    ensure!(spec.batch_size >= 1, "the batch size must be at least 1");
+    ensure!(!spec.checkpoints.is_empty(), "no checkpoints to score");
+    let (shard, shards) = spec.shard;
+    ensure!(shards >= 1 && shard < shards, "shard {shard} of {shards}: expected 0 ≤ I < N");
+    for (step, dir) in &spec.checkpoints {
+        ensure!(dir.is_dir(), "checkpoint {step}: directory {} does not exist", dir.display());
+    }
+    let mut all = instances::read(&spec.instances)?;
+    // Text is tokenized once, with the tokenizer shipped next to the first checkpoint.
+    let first = spec.checkpoints.values().next().map(PathBuf::as_path);
+    instances::tokenize_from(&mut all, first, &spec.instances)?;
+    let mine: Vec<&Instance> = all.iter().skip(shard).step_by(shards).collect();
+    let parts = Parts { dir: parts_dir(&spec.out), spec };
+    std::fs::create_dir_all(&parts.dir).map_err(io(&parts.dir))?;
+    parts.check_ledger(all.len())?;
+
+    let tokens: usize = mine.iter().map(|x| x.tokens.len()).sum();
+    let todo: Vec<(&u64, &PathBuf)> = spec.checkpoints.iter().filter(|(s, _)| !parts.finished(**s, shard)).collect();
+    events(ScoreEvent::Started { units: todo.len(), tokens });
+    let start = Instant::now();
+    for (step, dir) in &todo {
+        events(ScoreEvent::Checkpoint(**step));
+        parts.score(**step, dir, &mine, events)?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let missing = parts.assemble()?;
+    Ok(ScoreOutcome {
+        computed: todo.len(),
+        skipped: spec.checkpoints.len() - todo.len(),
+        assembled: missing == 0,
+        missing,
+        tokens,
+        seconds,
+    })
+}
