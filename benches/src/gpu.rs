@@ -6,10 +6,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use memsteer_kernels::Device;
-use memsteer_kernels::cuda::{Attention, DType, Gpu, Linear, SteerStepInputs, SteerTrainer};
+use memsteer_kernels::cuda::{Attention, DType, Gpu, Linear};
 use memsteer_lm::Model;
 use memsteer_lm::gpu::GpuModel;
 use memsteer_panel::rng::SplitMix64;
+use memsteer_steer::cuda::{SteerStepInputs, SteerTrainer};
 
 use crate::{Dtype, Shape, write_gpt2, write_neox};
 
@@ -440,7 +441,7 @@ fn steer_inputs(c: &SteerCase, seed: u64) -> SteerData {
 /// not multiples of 8 (both log-sum-exp kernels), row counts crossing the logits chunks, one and two
 /// steers, ranks below and equal to the hidden size.
 pub fn steer_parity(gpu: &std::sync::Arc<Gpu>) -> Result<Vec<SteerParity>, String> {
-    let e = |x: memsteer_kernels::KernelError| x.to_string();
+    let e = |x: memsteer_steer::SteerError| x.to_string();
     let cases = [
         SteerCase { rows: 700, vocab: 1000, dim: 128, rank: 16, steers: 2, epsilon: 0.5 },
         SteerCase { rows: 300, vocab: 1003, dim: 64, rank: 64, steers: 2, epsilon: 0.1 },
@@ -486,7 +487,7 @@ pub fn bench_steer_step(
     reps: usize,
     cpu: bool,
 ) -> Result<(f64, Option<f64>), String> {
-    let e = |x: memsteer_kernels::KernelError| x.to_string();
+    let e = |x: memsteer_steer::SteerError| x.to_string();
     let c = SteerCase { rows, vocab: 50_257, dim: 768, rank: 768, steers: 2, epsilon: 1e-3 };
     let data = steer_inputs(&c, 3);
     let per = c.steers * c.dim * c.rank;

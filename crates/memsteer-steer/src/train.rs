@@ -358,7 +358,7 @@ pub fn train_cached(
 
 /// [`train_cached`] with each step's loss and gradients computed on `device`: on a CUDA device
 /// (feature `cuda`) the output embedding is uploaded once and each minibatch's steered projection,
-/// fused output layer and backward run there (`memsteer_kernels::cuda::SteerTrainer`; Adam stays on
+/// fused output layer and backward run there (`crate::cuda::SteerTrainer`; Adam stays on
 /// the host). The same minibatches and updates as on the CPU; the numbers differ from the CPU's only
 /// in the order of the sums. Deterministic on a given device.
 pub fn train_cached_on(
@@ -391,7 +391,7 @@ pub fn train_cached_on(
 
     #[cfg(feature = "cuda")]
     let gpu_step = match device {
-        Device::Cuda(g) => Some(memsteer_kernels::cuda::SteerTrainer::new(&g.0, embedding, d)?),
+        Device::Cuda(g) => Some(crate::cuda::SteerTrainer::new(&g.0, embedding, d)?),
         _ => None,
     };
     #[cfg(not(feature = "cuda"))]
@@ -431,7 +431,7 @@ pub fn train_cached_on(
         #[cfg(feature = "cuda")]
         let loss = match &gpu_step {
             Some(t) => {
-                let inputs = memsteer_kernels::cuda::SteerStepInputs {
+                let inputs = crate::cuda::SteerStepInputs {
                     p1,
                     p2,
                     steers,

@@ -26,8 +26,7 @@ mod attention;
 mod elementwise;
 mod output;
 mod products;
-mod steer;
-pub use steer::{SteerStepInputs, SteerTrainer};
+mod training;
 
 /// The CUDA C source of every kernel.
 pub const SOURCE: &str = include_str!("kernels.cu");

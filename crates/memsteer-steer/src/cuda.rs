@@ -1,7 +1,9 @@
 //! LM-Steer's training step on the device: the steered projection, the fused output layer and its
 //! backward, and the chain to the projectors' gradients, with no `[tokens, vocab]` buffer.
 //!
-//! The computation is the CPU path's (`memsteer_steer::fused::steer_loss_and_grads`):
+//! The computation is the CPU path's ([`crate::fused::steer_loss_and_grads`]), on the primitives the
+//! kernels crate exposes ([`Gpu::matmul`], [`Gpu::lse_targets`], [`Gpu::softmax_grad`],
+//! [`Gpu::scale_rows`]):
 //!
 //! - forward: `V_i = diag(s_i) (H P1_i)`, `H' = H + ε Σ_i V_i P2_iᵀ`;
 //! - output layer, per chunk of rows: logits `H'_c Eᵀ` (`f32`), each row's log-sum-exp and target
@@ -14,8 +16,10 @@
 
 use std::sync::Arc;
 
-use super::{Arg, BLOCK, DType, DevBuf, Gpu, OUTPUT_CHUNK, View, cuda_err};
-use crate::{KernelError, Result};
+use memsteer_kernels::KernelError;
+use memsteer_kernels::cuda::{DType, DevBuf, Gpu, OUTPUT_CHUNK};
+
+use crate::Result;
 
 /// LM-Steer's training step on one CUDA device, its output embedding uploaded once.
 pub struct SteerTrainer {
@@ -61,7 +65,8 @@ impl SteerTrainer {
                 what: "output embedding",
                 expected: format!("a non-empty multiple of the hidden size {dim}"),
                 found: embedding.len(),
-            });
+            }
+            .into());
         }
         let vocab = embedding.len() / dim;
         Ok(SteerTrainer { gpu: gpu.clone(), embedding: gpu.upload_f32(embedding)?, vocab, dim, chunk: OUTPUT_CHUNK })
@@ -91,7 +96,8 @@ impl SteerTrainer {
                 what: "steer step",
                 expected: "at least one row and rank 1".into(),
                 found: 0,
-            });
+            }
+            .into());
         }
         shape("hidden states", n * d, x.hidden.len())?;
         shape("strengths", n * s, x.strengths.len())?;
@@ -104,7 +110,8 @@ impl SteerTrainer {
                 what: "target id",
                 expected: format!("below the vocabulary size {} (row {i})", self.vocab),
                 found: *t as usize,
-            });
+            }
+            .into());
         }
         let g = &*self.gpu;
         let (h, st, tg) = (g.upload_f32(x.hidden)?, g.upload_f32(x.strengths)?, g.upload_u32(x.targets)?);
@@ -118,15 +125,11 @@ impl SteerTrainer {
         let strengths = st.view();
 
         // Forward: V_i = diag(s_i) (H P1_i); H' = H + ε Σ_i V_i P2_iᵀ.
-        // SAFETY: both buffers hold n · d f32 values (allocated and uploaded above).
-        unsafe {
-            cudarc::driver::result::memcpy_dtod_async(hp.ptr, h.ptr, n * d * 4, g.stream.cu_stream())
-                .map_err(|e| cuda_err("copy on device", e))?;
-        }
+        g.copy(h.view(), hp.view(), n * d)?;
         for i in 0..s {
             let vi = v.view().slice(i * n * r, n * r)?;
             g.matmul((n, d, r), h.view(), false, p1.view().slice(i * per, per)?, false, vi, 1.0, 0.0)?;
-            self.scale_rows(vi, (n, r), strengths, (s, i), 1.0)?;
+            g.scale_rows(vi, (n, r), strengths, (s, i), 1.0)?;
             g.matmul((n, r, d), vi, false, p2.view().slice(i * per, per)?, true, hp.view(), x.epsilon, 1.0)?;
         }
 
@@ -139,25 +142,8 @@ impl SteerTrainer {
             let lg = logits.view().slice(0, c * self.vocab)?;
             let (t, o, l) = (tg.view().slice(r0, c)?, out.view().slice(r0, c)?, lse.view().slice(r0, c)?);
             g.matmul((c, d, self.vocab), hp.view().slice(r0 * d, c * d)?, false, e, true, lg, 1.0, 0.0)?;
-            let args = [
-                Arg::P(lg.ptr),
-                Arg::I(DType::F32.code()),
-                Arg::L(self.vocab as i64),
-                Arg::P(t.ptr),
-                Arg::P(o.ptr),
-                Arg::P(l.ptr),
-            ];
-            let kernel = if self.vocab.is_multiple_of(8) { "lse_target_vec" } else { "lse_target" };
-            g.launch(kernel, (c as u32, 1, 1), 512, &args)?;
-            let args = [
-                Arg::P(lg.ptr),
-                Arg::L(self.vocab as i64),
-                Arg::P(l.ptr),
-                Arg::P(t.ptr),
-                Arg::F(1.0 / n as f32),
-                Arg::L(c as i64),
-            ];
-            g.launch("softmax_grad", Gpu::rows_grid(self.vocab, c), BLOCK, &args)?;
+            g.lse_targets(lg, self.vocab, t, o, l, c)?;
+            g.softmax_grad(lg, self.vocab, l, t, 1.0 / n as f32, c)?;
             g.matmul((c, self.vocab, d), lg, false, e, false, grad.view().slice(r0 * d, c * d)?, 1.0, 0.0)?;
         }
         drop(logits);
@@ -168,35 +154,12 @@ impl SteerTrainer {
             let (g1, g2) = (gp1.view().slice(i * per, per)?, gp2.view().slice(i * per, per)?);
             g.matmul((d, n, r), grad.view(), true, vi, false, g2, x.epsilon, 0.0)?;
             g.matmul((n, d, r), grad.view(), false, p2.view().slice(i * per, per)?, false, q.view(), 1.0, 0.0)?;
-            self.scale_rows(q.view(), (n, r), strengths, (s, i), x.epsilon)?;
+            g.scale_rows(q.view(), (n, r), strengths, (s, i), x.epsilon)?;
             g.matmul((d, n, r), h.view(), true, q.view(), false, g1, 1.0, 0.0)?;
         }
         grad_p1.copy_from_slice(&g.download_f32(gp1.view())?);
         grad_p2.copy_from_slice(&g.download_f32(gp2.view())?);
         let lp = g.download_f32(out.view())?;
         Ok(-lp.iter().map(|&x| f64::from(x)).sum::<f64>() / n as f64)
-    }
-
-    /// `m[t, :] *= factor · strengths[t · steers + i]` for `m` of `rows × cols`.
-    fn scale_rows(
-        &self,
-        m: View<'_>,
-        (rows, cols): (usize, usize),
-        strengths: View<'_>,
-        (steers, i): (usize, usize),
-        factor: f32,
-    ) -> Result<()> {
-        m.need("scaled rows", rows * cols)?;
-        strengths.need("strengths", rows * steers)?;
-        let args = [
-            Arg::P(m.ptr),
-            Arg::I(cols as i32),
-            Arg::P(strengths.ptr),
-            Arg::I(steers as i32),
-            Arg::I(i as i32),
-            Arg::F(factor),
-            Arg::L(rows as i64),
-        ];
-        self.gpu.launch("scale_rows", Gpu::rows_grid(cols, rows), BLOCK, &args)
     }
 }
