@@ -4,6 +4,7 @@
 
 pub mod compare;
 pub mod hmm;
+pub mod instances;
 pub mod logprobs;
 pub mod profile;
 mod progress;
@@ -33,9 +34,12 @@ pub enum Command {
     Compare(compare::CompareArgs),
     /// Hidden Markov model laboratory (Theorem 2 of LM-Steer).
     Hmm(hmm::HmmArgs),
+    /// Instances with treatment steps from Pythia's or OLMo's published data order, for `logprobs`.
+    #[command(subcommand)]
+    Instances(instances::InstancesCommand),
     /// Per-instance sequence log-probabilities at every checkpoint, as a panel (resumable, shardable).
     Logprobs(logprobs::LogprobsArgs),
-    /// Train a small GPT-NeoX model with every batch logged, writing checkpoints for `logprobs`.
+    /// Train a small model with every batch logged, writing checkpoints for `logprobs`.
     #[command(args_override_self = true)]
     Train(train::TrainArgs),
     /// LM-Steer: train a steer, generate with it, explain, highlight, evaluate and transfer it.
@@ -161,6 +165,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Profile(args) => profile::run(&args).map(|_| ()),
         Command::Compare(args) => compare::run(&args).map(|_| ()),
         Command::Hmm(args) => hmm::run(&args),
+        Command::Instances(command) => instances::run(&command).map(|_| ()),
         Command::Logprobs(args) => logprobs::run(&args).map(|_| ()),
         Command::Train(args) => train::run(&args).map(|_| ()),
         Command::Steer(args) => steer::run(&args),

@@ -19,6 +19,10 @@ pub struct LogprobsArgs {
     /// A JSON object mapping checkpoint steps to model directories (relative to the manifest).
     #[arg(long = "checkpoints", value_name = "MANIFEST")]
     pub manifest: Option<PathBuf>,
+    /// A directory whose subdirectories step{N} (or step{N}-…) are the checkpoints, as Pythia's and OLMo's
+    /// revisions download.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["checkpoint", "manifest"])]
+    pub checkpoint_dir: Option<PathBuf>,
     /// Instances, JSON lines: {"id": …, "treatment_step": int | null, "tokens": [int, …]} or with a
     /// "text" string instead of "tokens" (tokenized with the first checkpoint's tokenizer).
     #[arg(long)]
@@ -61,12 +65,20 @@ fn parse_checkpoints(a: &LogprobsArgs) -> Result<BTreeMap<u64, PathBuf>> {
             .with_context(|| format!("--checkpoint {spec:?}: STEP must be a non-negative integer"))?;
         add(step, PathBuf::from(dir), "--checkpoint")?;
     }
-    if let Some(m) = &a.manifest {
-        for (step, dir) in memsteer_lm::score::read_manifest(m)? {
-            add(step, dir, &m.display().to_string())?;
+    let listed = match (&a.manifest, &a.checkpoint_dir) {
+        (Some(m), _) => Some((memsteer_lm::score::read_manifest(m)?, m)),
+        (None, Some(d)) => Some((memsteer_lm::score::checkpoints_in(d)?, d)),
+        (None, None) => None,
+    };
+    if let Some((list, from)) = listed {
+        for (step, dir) in list {
+            add(step, dir, &from.display().to_string())?;
         }
     }
-    ensure!(!out.is_empty(), "no checkpoints: give --checkpoint STEP=DIR or --checkpoints MANIFEST");
+    ensure!(
+        !out.is_empty(),
+        "no checkpoints: give --checkpoint STEP=DIR, --checkpoints MANIFEST or --checkpoint-dir DIR"
+    );
     Ok(out)
 }
 

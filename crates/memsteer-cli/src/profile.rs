@@ -7,9 +7,8 @@ use clap::{Args, ValueEnum};
 use memsteer_did::{
     BandMethod, BandScope, BasePeriod, ControlGroup, DidError, Estimator, Multiplier, Profile, ProfileConfig,
 };
+use memsteer_panel::PanelError;
 use memsteer_panel::read::{ColumnMap, IncompletePolicy, ReadOptions, ReadReport, TreatmentEncoding};
-use memsteer_panel::{PanelError, write_atomic};
-use serde::Serialize;
 
 use crate::progress::Bar;
 
@@ -288,42 +287,7 @@ fn with_cli_context(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
-pub use memsteer_plot::level_label;
-
-/// What `summary.json` holds.
-#[derive(Debug, Serialize)]
-struct SummaryFile<'a> {
-    memsteer_version: &'static str,
-    format_version: u32,
-    panel: String,
-    settings: &'a ProfileConfig,
-    seed: u64,
-    inference: &'static str,
-    n_instances: usize,
-    n_never_trained: usize,
-    n_cohorts: usize,
-    n_checkpoints: usize,
-    n_cells: usize,
-    n_significant_post_cells: usize,
-    critical_value: f64,
-    path_critical_value: f64,
-    instantaneous: Option<memsteer_did::Aggregate>,
-    persistent: Option<memsteer_did::Aggregate>,
-    residual: Option<memsteer_did::Aggregate>,
-    per_cohort: &'a [memsteer_did::CohortSummary],
-    read: ReadSummary,
-}
-
-#[derive(Debug, Serialize)]
-struct ReadSummary {
-    rows: usize,
-    instances_seen: usize,
-    dropped_incomplete: usize,
-    dropped_after_max_step: usize,
-    dropped_no_pre_period: usize,
-    max_step: Option<u64>,
-    negated: bool,
-}
+use memsteer_plot::level_label;
 
 /// The result of a profile run.
 #[derive(Debug)]
@@ -334,14 +298,6 @@ pub struct ProfileOutcome {
     pub report: ReadReport,
     /// Files written.
     pub files: Vec<PathBuf>,
-}
-
-fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
-    write_atomic(path, |w| {
-        serde_json::to_writer_pretty(&mut *w, value).map_err(std::io::Error::other)?;
-        writeln!(w)
-    })
-    .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Runs `memsteer profile`.
@@ -358,56 +314,19 @@ pub fn run(args: &ProfileArgs) -> Result<ProfileOutcome> {
         .with_context(|| format!("estimating the profile of {}", args.panel.display()))?;
 
     let out_dir = args.out_dir();
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating output directory {}", out_dir.display()))?;
     bar.spin("writing");
-    let mut files = Vec::new();
-    let att = out_dir.join("att.csv");
-    write_atomic(&att, |w| memsteer_did::io::write_att_csv(&profile, w))
-        .with_context(|| format!("writing {}", att.display()))?;
-    files.push(att);
-    let path = out_dir.join("path.csv");
-    write_atomic(&path, |w| memsteer_did::io::write_path_csv(&profile, w))
-        .with_context(|| format!("writing {}", path.display()))?;
-    files.push(path);
-
-    let n_cohorts = profile.per_cohort.len();
-    let summary = SummaryFile {
-        memsteer_version: env!("CARGO_PKG_VERSION"),
-        format_version: 1,
-        panel: args.panel.display().to_string(),
-        settings: &cfg,
-        seed: cfg.seed,
-        inference: if cfg.bootstrap > 0 { "multiplier bootstrap" } else { "analytic" },
-        n_instances: profile.n_instances,
-        n_never_trained: profile.n_never,
-        n_cohorts,
-        n_checkpoints: profile.checkpoints.len(),
-        n_cells: profile.cells.len(),
-        n_significant_post_cells: profile.cells.iter().filter(|c| c.is_post() && c.is_significant()).count(),
-        critical_value: profile.critical_value,
-        path_critical_value: profile.path_critical_value,
-        instantaneous: profile.instantaneous,
-        persistent: profile.persistent,
-        residual: profile.residual,
-        per_cohort: &profile.per_cohort,
-        read: ReadSummary {
-            rows: report.rows,
-            instances_seen: report.instances_seen,
-            dropped_incomplete: report.dropped_incomplete,
-            dropped_after_max_step: report.dropped_after_max_step,
-            dropped_no_pre_period: profile.n_dropped_no_pre,
-            max_step: args.max_step,
-            negated: args.negate,
-        },
+    let read = memsteer_did::io::ReadSummary {
+        rows: report.rows,
+        instances_seen: report.instances_seen,
+        dropped_incomplete: report.dropped_incomplete,
+        dropped_after_max_step: report.dropped_after_max_step,
+        dropped_no_pre_period: profile.n_dropped_no_pre,
+        max_step: args.max_step,
+        negated: args.negate,
     };
-    let summary_path = out_dir.join("summary.json");
-    write_json(&summary_path, &summary)?;
-    files.push(summary_path);
-    let mut diagnostics = profile.diagnostics.clone();
-    diagnostics.warnings.splice(0..0, report.warnings.iter().cloned());
-    let diag_path = out_dir.join("diagnostics.json");
-    write_json(&diag_path, &diagnostics)?;
-    files.push(diag_path);
+    let panel_name = args.panel.display().to_string();
+    let (mut files, diagnostics) =
+        memsteer_did::io::write_outputs(&out_dir, &panel_name, &profile, &cfg, (&read, &report.warnings))?;
 
     if !args.no_figures {
         bar.spin("figures");

@@ -389,3 +389,114 @@ fn llama_family_checkpoints_give_the_reference_log_probs() {
         }
     }
 }
+
+#[test]
+fn checkpoint_directories_as_pythia_and_olmo_revisions_download() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (instances, _) = setup(dir.path());
+    let ckpts = dir.path().join("revisions");
+    std::fs::create_dir_all(ckpts.join("notes")).expect("mkdir");
+    std::os::unix::fs::symlink(fixture("lm/tiny-gpt2-f32"), ckpts.join("step0")).expect("link");
+    std::os::unix::fs::symlink(fixture("lm/tiny-gpt2-f16-prefixed"), ckpts.join("step1000-tokens2B")).expect("link");
+    let out = dir.path().join("panel.csv");
+    ok(&["logprobs", "--checkpoint-dir", s(&ckpts), "--instances", s(&instances), "--out", s(&out), "--quiet"]);
+    // The same panel as naming the checkpoints one by one.
+    let by_name = dir.path().join("by-name.csv");
+    let (a, b) = (
+        format!("0={}", s(&fixture("lm/tiny-gpt2-f32"))),
+        format!("1000={}", s(&fixture("lm/tiny-gpt2-f16-prefixed"))),
+    );
+    ok(&[
+        "logprobs",
+        "--checkpoint",
+        &a,
+        "--checkpoint",
+        &b,
+        "--instances",
+        s(&instances),
+        "--out",
+        s(&by_name),
+        "--quiet",
+    ]);
+    assert_eq!(std::fs::read_to_string(&out).expect("panel"), std::fs::read_to_string(&by_name).expect("panel"));
+    // Mixing with --checkpoint, a directory without checkpoints, two directories of one step: errors.
+    let e = fails(&[
+        "logprobs",
+        "--checkpoint-dir",
+        s(&ckpts),
+        "--checkpoint",
+        &a,
+        "--instances",
+        s(&instances),
+        "--out",
+        s(&out),
+    ]);
+    assert!(e.contains("--checkpoint-dir") && e.contains("--checkpoint"), "{e}");
+    let e = fails(&[
+        "logprobs",
+        "--checkpoint-dir",
+        s(&ckpts.join("notes")),
+        "--instances",
+        s(&instances),
+        "--out",
+        s(&out),
+    ]);
+    assert!(e.contains("notes") && e.contains("no checkpoint subdirectories"), "{e}");
+    std::os::unix::fs::symlink(fixture("lm/tiny-gpt2-f32"), ckpts.join("step1000")).expect("link");
+    let e = fails(&["logprobs", "--checkpoint-dir", s(&ckpts), "--instances", s(&instances), "--out", s(&out)]);
+    assert!(e.contains("both the checkpoint of step 1000"), "{e}");
+}
+
+#[test]
+fn instances_from_pythias_data_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("data/pythia/batches.json")).expect("golden"))
+            .expect("json");
+    let out = dir.path().join("instances.jsonl");
+    let data = fixture("data/pythia/document");
+    let args = ["instances", "pythia", "--data", s(&data), "--batch-size", "4", "--steps", "1:4:3"];
+    let rest = ["--per-step", "3", "--validation", "4", "--truncate", "8", "--seed", "5", "--out", s(&out)];
+    let run = memsteer(&[&args[..], &rest[..]].concat());
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}");
+    assert!(said.contains("6 from steps 1..=4 every 3") && said.contains("from steps 5..=6"), "{said}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&out)
+        .expect("instances")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    for x in &lines {
+        let row = x["id"].as_u64().expect("id");
+        let tokens: Vec<u64> =
+            x["tokens"].as_array().expect("tokens").iter().map(|t| t.as_u64().expect("id")).collect();
+        let step = row / 4 + 1;
+        let want = &golden["batches"][step.to_string()][(row % 4) as usize];
+        let want: Vec<u64> = want.as_array().expect("row").iter().take(8).map(|t| t.as_u64().expect("id")).collect();
+        assert_eq!(tokens, want, "row {row}");
+        match x["treatment_step"].as_u64() {
+            Some(t) => assert!(t == step && (t == 1 || t == 4), "row {row} at step {t}"),
+            None => assert!(step >= 5, "validation row {row} from step {step}"),
+        }
+    }
+    // Row 21 (padding only) is never written; when drawn it is counted.
+    assert!(lines.iter().all(|x| x["id"] != 21));
+    let padding = usize::from(said.contains("warning: 1 sequence(s) holding only padding"));
+    assert_eq!(lines.iter().filter(|x| x["treatment_step"].is_null()).count() + padding, 4, "{said}");
+    // Bad input names the problem.
+    let e = fails(&[&args[..], &["--per-step", "9", "--out", s(&out)]].concat());
+    assert!(e.contains("more than a batch of 4"), "{e}");
+    let e = fails(&[
+        "instances",
+        "pythia",
+        "--data",
+        s(&dir.path().join("none")),
+        "--steps",
+        "1:2",
+        "--per-step",
+        "1",
+        "--out",
+        s(&out),
+    ]);
+    assert!(e.contains("none.idx"), "{e}");
+}

@@ -7,6 +7,14 @@
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DidError {
+    /// An output file could not be written.
+    #[error("writing {path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A configuration value is out of range.
     #[error("invalid setting `{field}`: {message}")]
     Config {

@@ -1,9 +1,111 @@
-//! The estimate files: `att.csv` and `path.csv` (formats in `docs/formats.md`).
+//! The estimate files: `att.csv`, `path.csv`, `summary.json` and `diagnostics.json` (formats in
+//! `docs/formats.md`), written together by [`write_outputs`].
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::{DidError, Profile, Result};
+use serde::Serialize;
+
+use crate::{Aggregate, CohortSummary, Diagnostics, DidError, Profile, ProfileConfig, Result};
+
+/// How the panel was read, for `summary.json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReadSummary {
+    /// Data rows read.
+    pub rows: usize,
+    /// Distinct instances seen.
+    pub instances_seen: usize,
+    /// Instances dropped for lacking checkpoints.
+    pub dropped_incomplete: usize,
+    /// Instances dropped for being trained after the maximum step.
+    pub dropped_after_max_step: usize,
+    /// Instances dropped for having no checkpoint before their treatment.
+    pub dropped_no_pre_period: usize,
+    /// The maximum step the panel was cut at.
+    pub max_step: Option<u64>,
+    /// Whether outcomes were negated (a loss read as a log-probability).
+    pub negated: bool,
+}
+
+/// What `summary.json` holds.
+#[derive(Debug, Serialize)]
+struct SummaryFile<'a> {
+    memsteer_version: &'static str,
+    format_version: u32,
+    panel: &'a str,
+    settings: &'a ProfileConfig,
+    seed: u64,
+    inference: &'static str,
+    n_instances: usize,
+    n_never_trained: usize,
+    n_cohorts: usize,
+    n_checkpoints: usize,
+    n_cells: usize,
+    n_significant_post_cells: usize,
+    critical_value: f64,
+    path_critical_value: f64,
+    instantaneous: Option<Aggregate>,
+    persistent: Option<Aggregate>,
+    residual: Option<Aggregate>,
+    per_cohort: &'a [CohortSummary],
+    read: &'a ReadSummary,
+}
+
+fn write_file(path: PathBuf, fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<PathBuf> {
+    memsteer_panel::durable::write(&path, fill).map_err(|source| DidError::Io { path: path.clone(), source })?;
+    Ok(path)
+}
+
+fn write_json(path: PathBuf, value: &impl Serialize) -> Result<PathBuf> {
+    write_file(path, |w| {
+        serde_json::to_writer_pretty(&mut *w, value).map_err(std::io::Error::other)?;
+        writeln!(w)
+    })
+}
+
+/// Writes a profile's files into `dir` (created if missing), each atomically: `att.csv`, `path.csv`,
+/// `summary.json` (the settings, counts, aggregates and how `panel` was read) and `diagnostics.json`
+/// (the profile's diagnostics with the reader's `read_warnings` first). Returns the files and the
+/// diagnostics as written.
+pub fn write_outputs(
+    dir: &Path,
+    panel: &str,
+    profile: &Profile,
+    cfg: &ProfileConfig,
+    (read, read_warnings): (&ReadSummary, &[String]),
+) -> Result<(Vec<PathBuf>, Diagnostics)> {
+    std::fs::create_dir_all(dir).map_err(|source| DidError::Io { path: dir.into(), source })?;
+    let mut files = vec![
+        write_file(dir.join("att.csv"), |w| write_att_csv(profile, w))?,
+        write_file(dir.join("path.csv"), |w| write_path_csv(profile, w))?,
+    ];
+    let summary = SummaryFile {
+        memsteer_version: env!("CARGO_PKG_VERSION"),
+        format_version: 1,
+        panel,
+        settings: cfg,
+        seed: cfg.seed,
+        inference: if cfg.bootstrap > 0 { "multiplier bootstrap" } else { "analytic" },
+        n_instances: profile.n_instances,
+        n_never_trained: profile.n_never,
+        n_cohorts: profile.per_cohort.len(),
+        n_checkpoints: profile.checkpoints.len(),
+        n_cells: profile.cells.len(),
+        n_significant_post_cells: profile.cells.iter().filter(|c| c.is_post() && c.is_significant()).count(),
+        critical_value: profile.critical_value,
+        path_critical_value: profile.path_critical_value,
+        instantaneous: profile.instantaneous,
+        persistent: profile.persistent,
+        residual: profile.residual,
+        per_cohort: &profile.per_cohort,
+        read,
+    };
+    files.push(write_json(dir.join("summary.json"), &summary)?);
+    let mut diagnostics = profile.diagnostics.clone();
+    diagnostics.warnings.splice(0..0, read_warnings.iter().cloned());
+    files.push(write_json(dir.join("diagnostics.json"), &diagnostics)?);
+    Ok((files, diagnostics))
+}
 
 /// Header of `att.csv`.
 pub const ATT_HEADER: &str =

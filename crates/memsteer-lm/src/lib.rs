@@ -24,6 +24,7 @@ pub mod arch;
 mod block;
 pub mod config;
 pub mod cpu;
+pub mod data;
 mod decoder;
 pub mod device;
 mod error;

@@ -94,6 +94,32 @@ pub fn read_manifest(path: &Path) -> Result<BTreeMap<u64, PathBuf>> {
     Ok(out)
 }
 
+/// The checkpoints of a directory laid out as Pythia's and OLMo's revisions download: every
+/// subdirectory `step{N}` or `step{N}-…` (`step1000-tokens4B`) is the checkpoint at step `N`.
+pub fn checkpoints_in(dir: &Path) -> Result<BTreeMap<u64, PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|source| LmError::Io { path: dir.into(), source })?;
+    let mut out = BTreeMap::new();
+    for entry in entries {
+        let path = entry.map_err(|source| LmError::Io { path: dir.into(), source })?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let digits: String = name.strip_prefix("step").unwrap_or("").chars().take_while(char::is_ascii_digit).collect();
+        let rest = &name[("step".len() + digits.len()).min(name.len())..];
+        if !path.is_dir() || digits.is_empty() || !(rest.is_empty() || rest.starts_with('-')) {
+            continue;
+        }
+        let step: u64 = digits.parse().at(|| format!("{}: step number", path.display()))?;
+        if let Some(other) = out.insert(step, path.clone()) {
+            bail!("{} and {} are both the checkpoint of step {step}", other.display(), path.display());
+        }
+    }
+    ensure!(
+        !out.is_empty(),
+        "{}: no checkpoint subdirectories (expected step{{N}} or step{{N}}-…, as Pythia's and OLMo's revisions download)",
+        dir.display()
+    );
+    Ok(out)
+}
+
 fn part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
     parts.join(format!("step-{step}.shard-{shard}-of-{shards}.csv"))
 }

@@ -82,7 +82,7 @@ fn weight_paths(dir: &Path) -> Result<Vec<PathBuf>> {
     })
 }
 
-fn map(path: &Path) -> Result<memmap2::Mmap> {
+pub(crate) fn map(path: &Path) -> Result<memmap2::Mmap> {
     let file = std::fs::File::open(path).map_err(|source| LmError::Io { path: path.into(), source })?;
     // SAFETY: the mapping is read-only and private to this process; see the module documentation
     // for the one remaining hazard (another process changing the file while it is mapped).

@@ -8,6 +8,7 @@ use memsteer_lm::Model;
 use memsteer_lm::arch::Arch;
 use memsteer_lm::config::ModelConfig;
 
+mod data;
 mod train;
 
 fn fixture(name: &str) -> PathBuf {

@@ -184,3 +184,11 @@ body {{ font-family: system-ui, sans-serif; max-width: 50em; margin: 2em auto; l
         direction = if strength > 0.0 { "for" } else { "against" },
     )
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn html_escape_escapes_markup() {
+        assert_eq!(super::html_escape("<b>&\"'"), "&lt;b&gt;&amp;&quot;&#39;");
+    }
+}

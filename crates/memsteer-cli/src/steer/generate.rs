@@ -240,9 +240,7 @@ pub struct HighlightArgs {
     pub color: bool,
 }
 
-pub use memsteer_steer::evidence::Span;
-
-pub use memsteer_steer::highlight::{Highlight, html_escape};
+use memsteer_steer::highlight::Highlight;
 use memsteer_steer::highlight::{render_html, render_terminal};
 
 /// Runs `memsteer steer highlight`.

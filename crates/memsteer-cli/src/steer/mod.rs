@@ -528,9 +528,4 @@ mod tests {
         let e = parse_steer_spec("/nonexistent/a.safetensors:strong").unwrap_err().to_string();
         assert!(e.contains("not a strength"), "{e}");
     }
-
-    #[test]
-    fn html_escape_escapes_markup() {
-        assert_eq!(html_escape("<b>&\"'"), "&lt;b&gt;&amp;&quot;&#39;");
-    }
 }
