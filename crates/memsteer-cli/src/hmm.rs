@@ -172,7 +172,6 @@ pub fn run(args: &HmmArgs) -> Result<()> {
 
 /// Runs `memsteer hmm simulate`, returning the simulation.
 pub fn simulate(a: &SimulateArgs) -> Result<memsteer_hmm::simulate::Simulation> {
-    use anyhow::Context;
     use memsteer_hmm::simulate::{Counterfactual, SimulationConfig};
     let cfg = SimulationConfig {
         seed: a.seed,
@@ -192,24 +191,7 @@ pub fn simulate(a: &SimulateArgs) -> Result<memsteer_hmm::simulate::Simulation> 
         ..SimulationConfig::default()
     };
     let sim = memsteer_hmm::simulate::simulate(&cfg)?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let panel = a.out.join("panel.csv");
-    sim.panel.write_csv(&panel).with_context(|| format!("writing {}", panel.display()))?;
-    let truth = a.out.join("truth.csv");
-    memsteer_panel::write_atomic(&truth, |w| {
-        writeln!(w, "cohort_step,checkpoint_step,tau")?;
-        for t in &sim.truth {
-            writeln!(w, "{},{},{}", t.cohort_step, t.checkpoint_step, t.tau)?;
-        }
-        Ok(())
-    })
-    .with_context(|| format!("writing {}", truth.display()))?;
-    let meta = a.out.join("simulation.json");
-    memsteer_panel::write_atomic(&meta, |w| {
-        serde_json::to_writer_pretty(&mut *w, &cfg).map_err(std::io::Error::other)?;
-        writeln!(w)
-    })
-    .with_context(|| format!("writing {}", meta.display()))?;
+    sim.write(&a.out, &cfg)?;
     println!(
         "simulated {} instances × {} checkpoints ({} cohorts); wrote {}",
         sim.panel.n_instances(),

@@ -64,6 +64,9 @@ pub struct TrainArgs {
     /// Seed of the initialisation and the data order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Data order: `shuffled` (a seeded permutation per epoch) or `file` (the instances file's order).
+    #[arg(long, default_value = "shuffled", value_parser = ["shuffled", "file"])]
+    pub order: String,
     /// Steps to save checkpoints at: integers and ranges START:END:STRIDE, comma-separated, e.g.
     /// 0,1,2,4,8,16,32,64,128,256,512,1000:10000:1000. The last step is always saved.
     #[arg(long, default_value = "0", value_name = "LIST")]
@@ -112,6 +115,7 @@ impl TrainArgs {
             weight_decay: self.weight_decay,
             grad_clip: self.grad_clip,
             seed: self.seed,
+            shuffle: self.order == "shuffled",
             checkpoint_steps: self.checkpoint_steps.clone(),
         })
     }

@@ -442,3 +442,34 @@ fn trains_and_scores(config: &str, model_type: &str) {
     };
     assert!(mean_at("10") > mean_at("0") + 1.0, "{model_type}: {} vs {}", mean_at("10"), mean_at("0"));
 }
+
+#[test]
+fn file_order_trains_on_the_instances_as_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (c, t, v) = setup(dir.path());
+    let out = dir.path().join("run");
+    let mut a = train_args(&c, &t, &v, &out);
+    a.extend(["--order", "file"]);
+    ok(&a);
+    // 10 steps of 3 over 12 instances: t0 t1 t2 | … | t9 t10 t11 | t0 t1 t2 (the second epoch, in order).
+    let batches: Vec<Vec<String>> = std::fs::read_to_string(out.join("batches.jsonl"))
+        .expect("batches")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["ids"]
+                .as_array()
+                .expect("ids")
+                .iter()
+                .map(|x| x.as_str().expect("id").to_string())
+                .collect()
+        })
+        .collect();
+    let want: Vec<Vec<String>> = (0..10).map(|k| (0..3).map(|j| format!("t{}", (3 * k + j) % 12)).collect()).collect();
+    assert_eq!(batches, want);
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).expect("run.json")).expect("json");
+    assert_eq!(run["order"], "file");
+    // A shuffled run into the same directory is another run.
+    let e = fails(&train_args(&c, &t, &v, &out));
+    assert!(e.contains("different training run"), "{e}");
+}

@@ -44,6 +44,14 @@ pub enum HmmError {
         /// Vocabulary size.
         vocab: usize,
     },
+    /// An output file could not be written.
+    #[error("writing {path}: {message}")]
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        message: String,
+    },
     /// A construction was asked for impossible sizes.
     #[error("invalid construction: {0}")]
     Construction(String),

@@ -224,6 +224,35 @@ pub struct Simulation {
     pub truth: Vec<TruthCell>,
 }
 
+impl Simulation {
+    /// Writes the simulation into `dir` (created if missing), each file atomically: `panel.csv` (the
+    /// panel `memsteer profile` reads), `truth.csv` (`cohort_step,checkpoint_step,tau`) and
+    /// `simulation.json` (`config`, the settings that made it). Returns the files.
+    pub fn write(&self, dir: &std::path::Path, config: &SimulationConfig) -> Result<Vec<std::path::PathBuf>> {
+        let err = |path: &std::path::Path, e: &dyn std::fmt::Display| HmmError::Write {
+            path: path.into(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(dir, &e))?;
+        let (panel, truth, meta) = (dir.join("panel.csv"), dir.join("truth.csv"), dir.join("simulation.json"));
+        self.panel.write_csv(&panel).map_err(|e| err(&panel, &e))?;
+        memsteer_panel::durable::write(&truth, |w| {
+            writeln!(w, "cohort_step,checkpoint_step,tau")?;
+            for t in &self.truth {
+                writeln!(w, "{},{},{}", t.cohort_step, t.checkpoint_step, t.tau)?;
+            }
+            Ok(())
+        })
+        .map_err(|e| err(&truth, &e))?;
+        memsteer_panel::durable::write(&meta, |w| {
+            serde_json::to_writer_pretty(&mut *w, config).map_err(std::io::Error::other)?;
+            writeln!(w)
+        })
+        .map_err(|e| err(&meta, &e))?;
+        Ok(vec![panel, truth, meta])
+    }
+}
+
 fn random_hmm(states: usize, vocab: usize, rng: &mut SplitMix64) -> Result<Hmm> {
     let init = random_distribution(states, rng);
     // Sticky transitions give sequences structure a bigram model can learn.

@@ -14,8 +14,9 @@
 //!   (the first step whose batch held it; `null` for validation instances and instances never drawn);
 //! - `run.json`: the settings, seed and input hashes of the run.
 //!
-//! The data order comes from the seed: each epoch is a seeded permutation of the instances, and
-//! batches run through the epochs one after another. The logs are rewritten (atomically) at every
+//! The data order comes from the seed: each epoch is a seeded permutation of the instances (or, with
+//! [`RunSpec::shuffle`] off, the instances in file order), and batches run through the epochs one after
+//! another. The logs are rewritten (atomically) at every
 //! checkpoint, so a rerun with the same settings resumes from the last complete checkpoint and ends
 //! with the same bytes as an uninterrupted run; a finished run is left as it is.
 
@@ -154,6 +155,9 @@ pub struct RunSpec {
     pub grad_clip: f64,
     /// Seed of the initialisation and the data order.
     pub seed: u64,
+    /// Whether each epoch is a seeded permutation of the instances (`true`) or the instances in file
+    /// order (`false`: a published data order, such as Pythia's pre-shuffled rows).
+    pub shuffle: bool,
     /// Checkpoint steps ([`parse_checkpoint_steps`]); the last step is always saved.
     pub checkpoint_steps: String,
 }
@@ -227,7 +231,13 @@ pub fn parse_checkpoint_steps(list: &str, steps: usize) -> Result<BTreeSet<usize
     Ok(out)
 }
 
-/// The instance order of `epoch`: a Fisher–Yates permutation from a stream keyed by seed and epoch.
+/// The instance order of `epoch`: a Fisher–Yates permutation from a stream keyed by seed and epoch, or
+/// the file's order.
+fn order_of(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
+    if shuffle { permutation(n, seed, epoch) } else { (0..n).collect() }
+}
+
+/// A Fisher–Yates permutation of `0..n` from a stream keyed by seed and epoch.
 fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut p: Vec<usize> = (0..n).collect();
     SplitMix64::new(hash_key(seed, &epoch.to_le_bytes())).shuffle(&mut p);
@@ -358,7 +368,7 @@ fn settings(
         }
         None => serde_json::Value::Null,
     };
-    Ok(serde_json::json!({
+    let mut settings = serde_json::json!({
         "tokenizer": tokenizer,
         "model": model,
         "seed": spec.seed,
@@ -373,7 +383,12 @@ fn settings(
         "weight_decay": spec.weight_decay,
         "grad_clip": spec.grad_clip,
         "checkpoint_steps": checkpoints,
-    }))
+    });
+    // Recorded only when not the default, so that runs made before the option resume.
+    if !spec.shuffle {
+        settings["order"] = "file".into();
+    }
+    Ok(settings)
 }
 
 /// Restores the trainer and the logs from the last complete checkpoint of an interrupted run in
@@ -575,7 +590,7 @@ pub fn run(spec: &RunSpec, events: &mut dyn FnMut(RunEvent<'_>)) -> Result<RunOu
                 let epoch = (pos / n) as u64;
                 // Only the current epoch's (and at a boundary, the next one's) order is kept.
                 order.retain(|&e, _| e + 1 >= epoch);
-                order.entry(epoch).or_insert_with(|| permutation(n, spec.seed, epoch))[pos % n]
+                order.entry(epoch).or_insert_with(|| order_of(n, spec.seed, epoch, spec.shuffle))[pos % n]
             })
             .collect();
         let seqs: Vec<&[u32]> = ids.iter().map(|&i| train[i].tokens.as_slice()).collect();
