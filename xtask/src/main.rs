@@ -12,6 +12,7 @@ use memsteer_panel::synthetic::SyntheticConfig;
 
 mod calibrate;
 mod hmm_figures;
+mod pythia_demo;
 mod steer_demo;
 
 const USAGE: &str = "usage: cargo xtask <task>
@@ -118,7 +119,7 @@ fn synth(args: &[String]) -> Result<()> {
 fn reproduce(args: &[String]) -> Result<()> {
     let f = Flags::parse(args, &[])?;
     let quick = f.has("quick");
-    let all = ["profile", "compare", "hmm", "trained", "steer"];
+    let all = ["profile", "compare", "hmm", "data", "trained", "steer"];
     let wanted: Vec<&str> = if f.free.is_empty() { all.to_vec() } else { f.free.iter().map(String::as_str).collect() };
     if let Some(bad) = wanted.iter().find(|w| !all.contains(w)) {
         bail!("unknown figure `{bad}`; available: {}", all.join(", "));
@@ -173,6 +174,9 @@ fn reproduce(args: &[String]) -> Result<()> {
             "  Theorem 2: max abs error {:.1e} over {} sequences; negative control {:.1e}",
             r.max_abs_error, r.sequences_checked, r.control_max_abs_error
         );
+    }
+    if wanted.contains(&"data") {
+        println!("{}", pythia_demo::run(&out.join("data"), &root())?);
     }
     if wanted.contains(&"trained") {
         // Separate directories: a rerun reuses finished training, so the two sizes must not mix.
