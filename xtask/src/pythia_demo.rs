@@ -81,22 +81,66 @@ pub fn run(dir: &Path, root: &Path) -> Result<String> {
     let run = dir.join("run");
     let (batch, steps) = (BATCH.to_string(), STEPS.to_string());
     memsteer_cli::run_from([
-        "memsteer", "train", "--model-config", &s(&config), "--instances", &s(&train), "--validation", &s(&val),
-        "--order", "file", "--batch-size", &batch, "--steps", &steps, "--lr", "0.003", "--checkpoint-steps",
-        "0:40:5", "--seed", "0", "--out", &s(&run), "--quiet",
+        "memsteer",
+        "train",
+        "--model-config",
+        &s(&config),
+        "--instances",
+        &s(&train),
+        "--validation",
+        &s(&val),
+        "--order",
+        "file",
+        "--batch-size",
+        &batch,
+        "--steps",
+        &steps,
+        "--lr",
+        "0.003",
+        "--checkpoint-steps",
+        "0:40:5",
+        "--seed",
+        "0",
+        "--out",
+        &s(&run),
+        "--quiet",
     ])
     .context("training on the dataset's rows in order")?;
     let drawn = dir.join("instances-from-data.jsonl");
     let (held_n, last) = (held.to_string(), format!("1:{STEPS}"));
     memsteer_cli::run_from([
-        "memsteer", "instances", "pythia", "--data", &s(&prefix), "--seq-len", "64", "--batch-size", &batch,
-        "--steps", &last, "--per-step", &batch, "--validation", &held_n, "--out", &s(&drawn),
+        "memsteer",
+        "instances",
+        "pythia",
+        "--data",
+        &s(&prefix),
+        "--seq-len",
+        "64",
+        "--batch-size",
+        &batch,
+        "--steps",
+        &last,
+        "--per-step",
+        &batch,
+        "--validation",
+        &held_n,
+        "--out",
+        &s(&drawn),
     ])?;
     let manifest = run.join("checkpoints.json");
     let panel = |instances: &Path, out: &Path| {
         memsteer_cli::run_from([
-            "memsteer", "logprobs", "--checkpoints", &s(&manifest), "--instances", &s(instances), "--out", &s(out),
-            "--batch-size", "32", "--quiet",
+            "memsteer",
+            "logprobs",
+            "--checkpoints",
+            &s(&manifest),
+            "--instances",
+            &s(instances),
+            "--out",
+            &s(out),
+            "--batch-size",
+            "32",
+            "--quiet",
         ])
     };
     let (from_data, from_trainer) = (dir.join("panel-from-data.csv"), dir.join("panel-from-trainer.csv"));
@@ -110,7 +154,14 @@ pub fn run(dir: &Path, root: &Path) -> Result<String> {
         from_trainer.display()
     );
     memsteer_cli::run_from([
-        "memsteer", "profile", "--panel", &s(&from_data), "--out", &s(&dir.join("profile")), "--bootstrap", "200",
+        "memsteer",
+        "profile",
+        "--panel",
+        &s(&from_data),
+        "--out",
+        &s(&dir.join("profile")),
+        "--bootstrap",
+        "200",
         "--quiet",
     ])?;
     let lines = a.iter().filter(|&&c| c == b'\n').count() - 1;

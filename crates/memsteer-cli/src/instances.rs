@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Args, Subcommand};
 use memsteer_lm::data::{DataOrder, IndexedDataset, OlmoOrder, Sampling, Steps, TokenType};
 
@@ -88,9 +88,6 @@ pub fn run(command: &InstancesCommand) -> Result<memsteer_lm::data::Sampled> {
             (Box::new(order), *batch_size, draw)
         }
     };
-    if draw.epoch_steps == Some(0) {
-        bail!("--epoch-steps must be a 1-based step");
-    }
     let sampling = Sampling {
         steps: Steps::parse(&draw.steps)?,
         per_step: draw.per_step,
@@ -105,15 +102,14 @@ pub fn run(command: &InstancesCommand) -> Result<memsteer_lm::data::Sampled> {
         indicatif::ProgressStyle::with_template("{spinner} {pos} instances read, {per_sec}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
     );
-    let out = memsteer_lm::data::sample(order.as_ref(), &sampling, &mut |n| bar.set_position(n as u64))?;
+    let out =
+        memsteer_lm::data::sample_to_file(order.as_ref(), &sampling, &draw.out, &mut |n| bar.set_position(n as u64))?;
     bar.finish_and_clear();
-    memsteer_lm::data::write_instances(&draw.out, &out)?;
-    let (st, treated) = (sampling.steps, out.instances.iter().filter(|x| x.1.is_some()).count());
-    let validation = out.instances.len() - treated;
+    let (st, treated, validation) = (sampling.steps, out.treated, out.validation);
     let from = out.validation_steps.map_or(String::new(), |v| format!(" from steps {}..={}", v.first, v.last));
     eprintln!(
         "wrote {} instances to {}: {treated} from steps {}..={} every {}, {validation} validation{from}",
-        out.instances.len(),
+        treated + validation,
         draw.out.display(),
         st.first,
         st.last,

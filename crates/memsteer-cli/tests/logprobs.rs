@@ -396,6 +396,10 @@ fn checkpoint_directories_as_pythia_and_olmo_revisions_download() {
     let (instances, _) = setup(dir.path());
     let ckpts = dir.path().join("revisions");
     std::fs::create_dir_all(ckpts.join("notes")).expect("mkdir");
+    // Other entries are ignored, whatever their names.
+    std::fs::create_dir_all(ckpts.join("café-notés")).expect("mkdir");
+    std::fs::create_dir_all(ckpts.join("stepping")).expect("mkdir");
+    std::fs::write(ckpts.join("step5.txt"), "not a checkpoint").expect("write");
     std::os::unix::fs::symlink(fixture("lm/tiny-gpt2-f32"), ckpts.join("step0")).expect("link");
     std::os::unix::fs::symlink(fixture("lm/tiny-gpt2-f16-prefixed"), ckpts.join("step1000-tokens2B")).expect("link");
     let out = dir.path().join("panel.csv");
@@ -481,11 +485,37 @@ fn instances_from_pythias_data_order() {
     }
     // Row 21 (padding only) is never written; when drawn it is counted.
     assert!(lines.iter().all(|x| x["id"] != 21));
-    let padding = usize::from(said.contains("warning: 1 sequence(s) holding only padding"));
-    assert_eq!(lines.iter().filter(|x| x["treatment_step"].is_null()).count() + padding, 4, "{said}");
+    // With this seed the validation draw hits row 21, which holds only padding: left out and said.
+    assert!(said.contains("warning: 1 sequence(s) holding only padding"), "{said}");
+    assert_eq!(lines.iter().filter(|x| x["treatment_step"].is_null()).count(), 3, "{said}");
     // Bad input names the problem.
     let e = fails(&[&args[..], &["--per-step", "9", "--out", s(&out)]].concat());
     assert!(e.contains("more than a batch of 4"), "{e}");
+    let e = fails(&[&args[..], &["--per-step", "1", "--truncate", "1", "--out", s(&out)]].concat());
+    assert!(e.contains("truncating to 1 token(s)"), "{e}");
+    // Steps at or after a second pass over the data are said; validation there is refused.
+    let run = memsteer(&[&args[..], &["--per-step", "1", "--epoch-steps", "4", "--out", s(&out)]].concat());
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success() && said.contains("1 analysed step(s) in the second pass"), "{said}");
+    let e = fails(
+        &[
+            &args[..],
+            &[
+                "--per-step",
+                "1",
+                "--epoch-steps",
+                "6",
+                "--validation",
+                "2",
+                "--validation-steps",
+                "5:6",
+                "--out",
+                s(&out),
+            ],
+        ]
+        .concat(),
+    );
+    assert!(e.contains("second pass"), "{e}");
     let e = fails(&[
         "instances",
         "pythia",

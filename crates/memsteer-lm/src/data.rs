@@ -173,6 +173,9 @@ impl IndexedDataset {
             }
         }
         let bin = map(&bin_path)?;
+        // Draws read scattered rows: no read-ahead around each (a hint; failing to give it is harmless).
+        #[cfg(unix)]
+        let _ = (idx.advise(memmap2::Advice::Random), bin.advise(memmap2::Advice::Random));
         let d = IndexedDataset { prefix, idx, bin, dtype, len, sizes_at: 34, pointers_at: 34 + 4 * len, seq_len: None };
         if len > 0 {
             d.extent(len - 1)?;
@@ -201,16 +204,21 @@ impl IndexedDataset {
         self.dtype
     }
 
-    /// Tokens in row `r`.
-    pub fn row_len(&self, r: usize) -> usize {
+    /// Tokens in row `r`; a row beyond the dataset or a negative size is an error.
+    pub fn row_len(&self, r: usize) -> Result<usize> {
+        ensure!(r < self.len, "{}: row {r} is beyond its {} rows", self.prefix.display(), self.len);
         let at = self.sizes_at + 4 * r;
-        i32::from_le_bytes([self.idx[at], self.idx[at + 1], self.idx[at + 2], self.idx[at + 3]]).max(0) as usize
+        let n = i32::from_le_bytes([self.idx[at], self.idx[at + 1], self.idx[at + 2], self.idx[at + 3]]);
+        match usize::try_from(n) {
+            Ok(n) => Ok(n),
+            Err(_) => bail!("{}.idx: row {r} has the size {n}", self.prefix.display()),
+        }
     }
 
     /// Row `r`'s byte range in `.bin`, checked against the file.
     fn extent(&self, r: usize) -> Result<(usize, usize)> {
+        let bytes = self.row_len(r)? * self.dtype.size();
         let ptr = u64_at(&self.idx, self.pointers_at + 8 * r);
-        let bytes = self.row_len(r) * self.dtype.size();
         let end = usize::try_from(ptr).ok().and_then(|p| p.checked_add(bytes));
         match end {
             Some(end) if end <= self.bin.len() => Ok((end - bytes, end)),
@@ -225,8 +233,7 @@ impl IndexedDataset {
 
     /// Row `r`'s tokens (the first `truncate` when given).
     pub fn row(&self, r: usize, truncate: Option<usize>) -> Result<Vec<u32>> {
-        ensure!(r < self.len, "{}: row {r} is beyond its {} rows", self.prefix.display(), self.len);
-        let n = self.row_len(r);
+        let n = self.row_len(r)?;
         if let Some(want) = self.seq_len {
             ensure!(
                 n == want,
@@ -268,9 +275,10 @@ pub struct OlmoOrder {
 
 /// The data offset of an `.npy` file holding a little-endian `uint32` vector, or 0 for a raw file.
 fn npy_offset(bytes: &[u8], path: &Path) -> Result<usize> {
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+    if !bytes.starts_with(b"\x93NUMPY") {
         return Ok(0);
     }
+    ensure!(bytes.len() >= 10, "{}: truncated .npy header", path.display());
     let (major, len_at) = (bytes[6], 8);
     let (header_len, start) = if major == 1 {
         (usize::from(u16::from_le_bytes([bytes[len_at], bytes[len_at + 1]])), len_at + 2)
@@ -424,9 +432,10 @@ pub struct Sampling {
 /// What [`sample`] drew.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
-    /// `(id, treatment step or None, tokens)`, treated instances by step then position, then the
-    /// validation instances by position.
-    pub instances: Vec<(u64, Option<u64>, Vec<u32>)>,
+    /// Treated instances written.
+    pub treated: usize,
+    /// Validation instances written.
+    pub validation: usize,
     /// The steps validation instances were drawn from.
     pub validation_steps: Option<Steps>,
     /// Drawn sequences left out for holding nothing but the padding token 0.
@@ -450,13 +459,31 @@ fn distinct(rng: &mut SplitMix64, n: u64, k: u64) -> Vec<u64> {
     chosen.into_iter().collect()
 }
 
+/// One drawn instance: its id, its treatment step (`None` for validation) and its tokens.
+pub type Emit<'a> = dyn FnMut(u64, Option<u64>, &[u32]) -> Result<()> + 'a;
+
 /// Draws instances from `order` as `sampling` says: `per_step` positions of each analysed step's batch
 /// (seeded per step, so a step's draw does not depend on the others) and `validation` positions from
-/// the validation steps, all checked to lie inside the data. `progress` hears the number of instances
-/// read so far.
-pub fn sample(order: &dyn DataOrder, sampling: &Sampling, progress: &mut dyn FnMut(usize)) -> Result<Sampled> {
+/// the validation steps, all checked to lie inside the data. Each instance goes to `emit` as it is
+/// read (treated ones by step then position, then validation ones by position), so memory does not
+/// grow with the number drawn.
+pub fn sample(order: &dyn DataOrder, sampling: &Sampling, emit: &mut Emit<'_>) -> Result<Sampled> {
     let b = sampling.batch_size;
     ensure!(b >= 1, "the batch size must be at least 1");
+    for (what, st) in [("analysed", Some(sampling.steps)), ("validation", sampling.validation_steps)] {
+        if let Some(st) = st {
+            ensure!(
+                st.first >= 1 && st.first <= st.last && st.stride >= 1,
+                "{what} steps {}:{}:{}: expected 1 ≤ FIRST ≤ LAST and STRIDE ≥ 1",
+                st.first,
+                st.last,
+                st.stride
+            );
+        }
+    }
+    if let Some(t) = sampling.truncate {
+        ensure!(t >= 2, "truncating to {t} token(s): a sequence log-probability needs at least two");
+    }
     ensure!(sampling.per_step as u64 <= b, "{} instances per step, more than a batch of {b} holds", sampling.per_step);
     let steps_in_data = order.positions() / b;
     let st = sampling.steps;
@@ -466,6 +493,7 @@ pub fn sample(order: &dyn DataOrder, sampling: &Sampling, progress: &mut dyn FnM
         st.last,
         order.positions()
     );
+    ensure!(sampling.epoch_steps != Some(0), "the second pass's first step must be a 1-based step, found 0");
     let pass_end = sampling.epoch_steps.map_or(steps_in_data, |e| (e - 1).min(steps_in_data));
     let validation_steps = match (sampling.validation, sampling.validation_steps) {
         (0, _) => None,
@@ -495,9 +523,18 @@ pub fn sample(order: &dyn DataOrder, sampling: &Sampling, progress: &mut dyn FnM
                 v.last
             );
         }
+        let span = (v.last - v.first + 1) * b;
+        ensure!(
+            sampling.validation as u64 <= span,
+            "{} validation instances, more than steps {}..{} hold ({span})",
+            sampling.validation,
+            v.first,
+            v.last
+        );
     }
     let mut out = Sampled {
-        instances: Vec::new(),
+        treated: 0,
+        validation: 0,
         validation_steps,
         padding_only: 0,
         repeats: 0,
@@ -505,15 +542,20 @@ pub fn sample(order: &dyn DataOrder, sampling: &Sampling, progress: &mut dyn FnM
     };
     let mut seen = HashSet::new();
     let mut take = |p: u64, step: Option<u64>, out: &mut Sampled| -> Result<()> {
-        let (id, tokens) = order.instance(p, sampling.truncate)?;
-        if tokens.iter().all(|&t| t == 0) {
+        // Padding is judged on the whole sequence, then it is cut.
+        let (id, mut tokens) = order.instance(p, None)?;
+        let padding = tokens.iter().all(|&t| t == 0);
+        if let Some(t) = sampling.truncate {
+            tokens.truncate(t);
+        }
+        if padding {
             out.padding_only += 1;
         } else if !seen.insert(id) {
             out.repeats += 1;
         } else {
-            out.instances.push((id, step, tokens));
+            emit(id, step, &tokens)?;
+            *(if step.is_some() { &mut out.treated } else { &mut out.validation }) += 1;
         }
-        progress(out.instances.len());
         Ok(())
     };
     for s in st.iter() {
@@ -524,13 +566,6 @@ pub fn sample(order: &dyn DataOrder, sampling: &Sampling, progress: &mut dyn FnM
     }
     if let Some(v) = validation_steps {
         let span = (v.last - v.first + 1) * b;
-        ensure!(
-            sampling.validation as u64 <= span,
-            "{} validation instances, more than steps {}..{} hold ({span})",
-            sampling.validation,
-            v.first,
-            v.last
-        );
         let mut rng = SplitMix64::new(hash_key(sampling.seed, b"validation"));
         for k in distinct(&mut rng, span, sampling.validation as u64) {
             take((v.first - 1) * b + k, None, &mut out)?;
@@ -539,15 +574,47 @@ pub fn sample(order: &dyn DataOrder, sampling: &Sampling, progress: &mut dyn FnM
     Ok(out)
 }
 
-/// Writes sampled instances as an instances file (atomically): `{"id", "treatment_step", "tokens"}`.
-pub fn write_instances(path: &Path, sampled: &Sampled) -> Result<()> {
-    memsteer_panel::durable::write(path, |w| {
-        for (id, step, tokens) in &sampled.instances {
-            writeln!(w, "{}", serde_json::json!({"id": id, "treatment_step": step, "tokens": tokens}))?;
+/// [`sample`] into an instances file, written as it is drawn and renamed into place when complete:
+/// `{"id", "treatment_step", "tokens"}` per line. `progress` hears the number of instances written.
+pub fn sample_to_file(
+    order: &dyn DataOrder,
+    sampling: &Sampling,
+    path: &Path,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Sampled> {
+    let mut result = None;
+    let written = memsteer_panel::durable::write(path, |w| {
+        let (mut n, mut line) = (0, String::new());
+        let mut emit = |id: u64, step: Option<u64>, tokens: &[u32]| -> Result<()> {
+            // The line serde_json writes for {"id", "tokens", "treatment_step"}, formatted directly
+            // (building a JSON value per line made writing the bottleneck).
+            use std::fmt::Write as _;
+            line.clear();
+            let _ = write!(line, "{{\"id\":{id},\"tokens\":[");
+            for (k, t) in tokens.iter().enumerate() {
+                let _ = if k == 0 { write!(line, "{t}") } else { write!(line, ",{t}") };
+            }
+            let _ = match step {
+                Some(s) => writeln!(line, "],\"treatment_step\":{s}}}"),
+                None => writeln!(line, "],\"treatment_step\":null}}"),
+            };
+            w.write_all(line.as_bytes()).map_err(|source| LmError::Io { path: path.into(), source })?;
+            n += 1;
+            progress(n);
+            Ok(())
+        };
+        result = Some(sample(order, sampling, &mut emit));
+        match &result {
+            Some(Err(_)) => Err(std::io::Error::other("sampling failed")),
+            _ => Ok(()),
         }
-        Ok(())
-    })
-    .map_err(|source| LmError::Io { path: path.into(), source })
+    });
+    match (result, written) {
+        (Some(Err(e)), _) => Err(e),
+        (_, Err(source)) => Err(LmError::Io { path: path.into(), source }),
+        (Some(Ok(s)), Ok(())) => Ok(s),
+        (None, Ok(())) => bail!("internal: sampling did not run"),
+    }
 }
 
 #[cfg(test)]
@@ -562,6 +629,53 @@ mod tests {
         assert!(d.windows(2).all(|w| w[0] < w[1]) && d[99] < 1024);
         assert_eq!(d, distinct(&mut SplitMix64::new(3), 1024, 100));
         assert_eq!(distinct(&mut SplitMix64::new(1), 5, 5), vec![0, 1, 2, 3, 4]);
+    }
+
+    /// A data order of `n` positions whose sequence `p` is `[p, p + 1, p + 2]`.
+    struct Counting(u64);
+
+    impl DataOrder for Counting {
+        fn positions(&self) -> u64 {
+            self.0
+        }
+        fn instance(&self, p: u64, truncate: Option<usize>) -> Result<(u64, Vec<u32>)> {
+            let mut t = vec![p as u32, p as u32 + 1, p as u32 + 2];
+            t.truncate(truncate.unwrap_or(3));
+            Ok((p, t))
+        }
+    }
+
+    #[test]
+    fn files_hold_the_lines_serde_json_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.jsonl");
+        let s = Sampling {
+            steps: Steps { first: 1, last: 3, stride: 2 },
+            per_step: 2,
+            validation: 2,
+            validation_steps: None,
+            batch_size: 4,
+            epoch_steps: None,
+            truncate: None,
+            seed: 9,
+        };
+        let mut want = Vec::new();
+        let report = sample(&Counting(40), &s, &mut |id, step, tokens| {
+            want.push(serde_json::json!({"id": id, "treatment_step": step, "tokens": tokens}).to_string());
+            Ok(())
+        })
+        .unwrap();
+        let mut count = 0;
+        let again = sample_to_file(&Counting(40), &s, &path, &mut |n| count = n).unwrap();
+        assert_eq!((report, count), (again, 6));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().collect::<Vec<_>>(), want);
+        assert!(want[5].contains("\"treatment_step\":null") && want[0].contains("\"treatment_step\":1"));
+        // A failed draw leaves no file behind.
+        let bad = Sampling { steps: Steps { first: 1, last: 99, stride: 1 }, ..s };
+        let other = dir.path().join("y.jsonl");
+        assert!(sample_to_file(&Counting(40), &bad, &other, &mut |_| {}).is_err());
+        assert!(!other.exists());
     }
 
     #[test]

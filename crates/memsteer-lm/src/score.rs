@@ -89,7 +89,7 @@ pub fn read_manifest(path: &Path) -> Result<BTreeMap<u64, PathBuf>> {
             bail!("{}: key {k:?} is not a step (non-negative integer)", path.display())
         };
         let Some(d) = d.as_str() else { bail!("{}: the directory of step {k} must be a string", path.display()) };
-        out.insert(step, base.join(d));
+        ensure!(out.insert(step, base.join(d)).is_none(), "{}: step {step} is given twice", path.display());
     }
     Ok(out)
 }
@@ -102,8 +102,9 @@ pub fn checkpoints_in(dir: &Path) -> Result<BTreeMap<u64, PathBuf>> {
     for entry in entries {
         let path = entry.map_err(|source| LmError::Io { path: dir.into(), source })?.path();
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let digits: String = name.strip_prefix("step").unwrap_or("").chars().take_while(char::is_ascii_digit).collect();
-        let rest = &name[("step".len() + digits.len()).min(name.len())..];
+        let Some(tail) = name.strip_prefix("step") else { continue };
+        let digits: String = tail.chars().take_while(char::is_ascii_digit).collect();
+        let rest = &tail[digits.len()..];
         if !path.is_dir() || digits.is_empty() || !(rest.is_empty() || rest.starts_with('-')) {
             continue;
         }

@@ -4,7 +4,19 @@
 
 use std::path::{Path, PathBuf};
 
-use memsteer_lm::data::{DataOrder, IndexedDataset, OlmoOrder, Sampling, Steps, TokenType, sample};
+use memsteer_lm::data::{DataOrder, IndexedDataset, OlmoOrder, Sampled, Sampling, Steps, TokenType, sample};
+
+type Drawn = Vec<(u64, Option<u64>, Vec<u32>)>;
+
+/// [`sample`] with the instances collected.
+fn draw(order: &dyn DataOrder, s: &Sampling) -> memsteer_lm::Result<(Drawn, Sampled)> {
+    let mut all = Vec::new();
+    let report = sample(order, s, &mut |id, step, tokens| {
+        all.push((id, step, tokens.to_vec()));
+        Ok(())
+    })?;
+    Ok((all, report))
+}
 
 fn dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/data").join(name)
@@ -51,9 +63,10 @@ fn pythia_sampling_draws_from_each_steps_batch_and_validation_after_it() {
         truncate: Some(16),
         seed: 7,
     };
-    let out = sample(&d, &sampling, &mut |_| {}).unwrap();
+    let (drawn, out) = draw(&d, &sampling).unwrap();
     assert_eq!(out.validation_steps, Some(Steps { first: 5, last: 6, stride: 1 }));
-    let treated: Vec<_> = out.instances.iter().filter(|x| x.1.is_some()).collect();
+    let treated: Vec<_> = drawn.iter().filter(|x| x.1.is_some()).collect();
+    assert_eq!((out.treated, out.validation + out.padding_only), (8, 3));
     assert_eq!(treated.len(), 8);
     for (id, step, tokens) in &treated {
         let s = step.unwrap();
@@ -62,15 +75,15 @@ fn pythia_sampling_draws_from_each_steps_batch_and_validation_after_it() {
         assert_eq!(*tokens, ids(row)[..16].to_vec());
     }
     // Validation rows come from steps 5 and 6; row 21 is padding only and is left out, counted.
-    let val: Vec<u64> = out.instances.iter().filter(|x| x.1.is_none()).map(|x| x.0).collect();
+    let val: Vec<u64> = drawn.iter().filter(|x| x.1.is_none()).map(|x| x.0).collect();
     assert!(val.iter().all(|&r| (16..24).contains(&r) && r != 21), "{val:?}");
     assert_eq!(val.len() + out.padding_only, 3);
     // Seeded: the same draw again, another with another seed.
-    assert_eq!(sample(&d, &sampling, &mut |_| {}).unwrap(), out);
+    assert_eq!(draw(&d, &sampling).unwrap(), (drawn.clone(), out));
     let other = Sampling { seed: 8, ..sampling.clone() };
-    assert_ne!(sample(&d, &other, &mut |_| {}).unwrap().instances, out.instances);
+    assert_ne!(draw(&d, &other).unwrap().0, drawn);
     // Steps beyond the data, validation inside the analysed range or in a second pass: errors.
-    let e = |s: Sampling| sample(&d, &s, &mut |_| {}).unwrap_err().to_string();
+    let e = |s: Sampling| draw(&d, &s).unwrap_err().to_string();
     let beyond = e(Sampling { steps: Steps::parse("1:7").unwrap(), ..sampling.clone() });
     assert!(beyond.contains("step 7 is beyond the data") && beyond.contains("24 sequences make 6 steps"), "{beyond}");
     let inside = e(Sampling { validation_steps: Some(Steps::parse("4:6").unwrap()), ..sampling.clone() });
@@ -81,7 +94,7 @@ fn pythia_sampling_draws_from_each_steps_batch_and_validation_after_it() {
     let over = e(Sampling { per_step: 5, ..sampling.clone() });
     assert!(over.contains("more than a batch of 4"), "{over}");
     // Steps past the second-pass boundary are counted.
-    let counted = sample(&d, &Sampling { epoch_steps: Some(4), validation: 0, ..sampling }, &mut |_| {}).unwrap();
+    let (_, counted) = draw(&d, &Sampling { epoch_steps: Some(4), validation: 0, ..sampling }).unwrap();
     assert_eq!(counted.second_pass_steps, 1);
 }
 
@@ -112,8 +125,8 @@ fn olmo_instances_equal_numpys_reading() {
         truncate: None,
         seed: 0,
     };
-    let out = sample(&o, &all, &mut |_| {}).unwrap();
-    assert_eq!((out.instances.len(), out.repeats, out.second_pass_steps), (9, 9, 3));
+    let (drawn, out) = draw(&o, &all).unwrap();
+    assert_eq!((drawn.len(), out.treated, out.repeats, out.second_pass_steps), (9, 9, 9, 3));
 }
 
 /// Writes a Megatron index by hand, to break it in each way a user's copy may be broken.

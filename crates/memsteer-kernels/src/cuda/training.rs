@@ -6,10 +6,11 @@
 use super::*;
 
 impl Gpu {
-    /// `dst[..n] = src[..n]` on the device (same element type).
+    /// `dst[..n] = src[..n]` on the device (same element type, this device, no overlap).
     pub fn copy(&self, src: View<'_>, dst: View<'_>, n: usize) -> Result<()> {
         src.need("copy source", n)?;
         dst.need("copy destination", n)?;
+        check_operands(self.ordinal, "copy", &[("source", src)], &[("destination", dst)], false)?;
         if src.dtype != dst.dtype {
             return Err(KernelError::Unsupported {
                 what: "copy",
@@ -37,8 +38,18 @@ impl Gpu {
         logits.need("logits", rows * vocab)?;
         logits.need_type("logits", &[DType::F32])?;
         targets.need("targets", rows)?;
+        targets.need_type("targets", &[DType::U32])?;
         out.need("log-probabilities", rows)?;
         lse.need("log-sum-exp", rows)?;
+        out.need_type("log-probabilities", &[DType::F32])?;
+        lse.need_type("log-sum-exp", &[DType::F32])?;
+        check_operands(
+            self.ordinal,
+            "log-sum-exp and target log-probabilities",
+            &[("logits", logits), ("targets", targets)],
+            &[("log-probabilities", out), ("log-sum-exp", lse)],
+            false,
+        )?;
         let args = [
             Arg::P(logits.ptr),
             Arg::I(DType::F32.code()),
@@ -66,7 +77,16 @@ impl Gpu {
         logits.need("logits", rows * vocab)?;
         logits.need_type("logits", &[DType::F32])?;
         lse.need("log-sum-exp", rows)?;
+        lse.need_type("log-sum-exp", &[DType::F32])?;
         targets.need("targets", rows)?;
+        targets.need_type("targets", &[DType::U32])?;
+        check_operands(
+            self.ordinal,
+            "softmax gradient",
+            &[("log-sum-exp", lse), ("targets", targets)],
+            &[("logits", logits)],
+            false,
+        )?;
         let args = [
             Arg::P(logits.ptr),
             Arg::L(vocab as i64),
@@ -87,8 +107,18 @@ impl Gpu {
         (steers, i): (usize, usize),
         factor: f32,
     ) -> Result<()> {
+        if i >= steers {
+            return Err(KernelError::Shape {
+                what: "strength column",
+                expected: format!("below the number of steers {steers}"),
+                found: i,
+            });
+        }
         m.need("scaled rows", rows * cols)?;
+        m.need_type("scaled rows", &[DType::F32])?;
         strengths.need("strengths", rows * steers)?;
+        strengths.need_type("strengths", &[DType::F32])?;
+        check_operands(self.ordinal, "scale rows", &[("strengths", strengths)], &[("scaled rows", m)], false)?;
         let args = [
             Arg::P(m.ptr),
             Arg::I(cols as i32),
