@@ -2,6 +2,7 @@
 
 mod compare;
 mod errors;
+mod guide;
 mod logprobs;
 mod profile;
 mod steer;
