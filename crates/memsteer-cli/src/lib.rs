@@ -15,7 +15,8 @@ use clap::{Parser, Subcommand};
 
 /// Command-line interface of `memsteer`.
 #[derive(Debug, Parser)]
-#[command(name = "memsteer", version, about = "Measure what language models memorise, and steer them", long_about = None)]
+#[command(name = "memsteer", version, about = "Measure what language models memorise, and steer them", long_about = None,
+    after_help = "User guide, one page per task: docs/guide/README.md")]
 pub struct Cli {
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long, global = true)]
@@ -29,20 +30,25 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Estimate the memorisation profile of a panel of per-instance outcomes across checkpoints.
+    #[command(after_help = "Guide: docs/guide/1-profile.md")]
     Profile(profile::ProfileArgs),
     /// Correlate memorisation profiles (att.csv files) of several models.
+    #[command(after_help = "Guide: docs/guide/1-profile.md")]
     Compare(compare::CompareArgs),
     /// Hidden Markov model laboratory (Theorem 2 of LM-Steer).
+    #[command(after_help = "Guide: docs/guide/4-hmm.md")]
     Hmm(hmm::HmmArgs),
     /// Instances with treatment steps from Pythia's or OLMo's published data order, for `logprobs`.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = "Recipe: docs/pythia.md")]
     Instances(instances::InstancesCommand),
     /// Per-instance sequence log-probabilities at every checkpoint, as a panel (resumable, shardable).
+    #[command(after_help = "Guide: docs/guide/2-train-and-score.md")]
     Logprobs(logprobs::LogprobsArgs),
     /// Train a small model with every batch logged, writing checkpoints for `logprobs`.
-    #[command(args_override_self = true)]
+    #[command(args_override_self = true, after_help = "Guide: docs/guide/2-train-and-score.md")]
     Train(train::TrainArgs),
     /// LM-Steer: train a steer, generate with it, explain, highlight, evaluate and transfer it.
+    #[command(after_help = "Guide: docs/guide/3-steer.md")]
     Steer(steer::SteerArgs),
 }
 

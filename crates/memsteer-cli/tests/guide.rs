@@ -114,3 +114,20 @@ fn every_command_of_the_guide_and_the_readme_runs() {
     }
     assert!(ran >= 15 && parsed >= 2, "ran {ran} and parsed {parsed} commands: the guide lost its commands?");
 }
+
+#[test]
+fn help_names_the_guide_page_of_each_task() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (args, page) in [
+        (&["--help"][..], "docs/guide/README.md"),
+        (&["profile", "--help"][..], "docs/guide/1-profile.md"),
+        (&["train", "--help"][..], "docs/guide/2-train-and-score.md"),
+        (&["steer", "--help"][..], "docs/guide/3-steer.md"),
+        (&["hmm", "--help"][..], "docs/guide/4-hmm.md"),
+        (&["instances", "--help"][..], "docs/pythia.md"),
+    ] {
+        let help = ok(args);
+        assert!(help.contains(page), "memsteer {args:?} does not name {page}:\n{help}");
+        assert!(root.join(page).is_file(), "{page} does not exist");
+    }
+}
