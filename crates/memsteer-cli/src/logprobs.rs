@@ -19,27 +19,22 @@ pub struct LogprobsArgs {
     /// A JSON object mapping checkpoint steps to model directories (relative to the manifest).
     #[arg(long = "checkpoints", value_name = "MANIFEST")]
     pub manifest: Option<PathBuf>,
-    /// A directory whose subdirectories step{N} (or step{N}-…) are the checkpoints, as Pythia's and OLMo's
-    /// revisions download.
+    /// A directory of checkpoints named step{N} or step{N}-…, as Pythia's and OLMo's revisions download.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["checkpoint", "manifest"])]
     pub checkpoint_dir: Option<PathBuf>,
-    /// Instances, JSON lines: {"id": …, "treatment_step": int | null, "tokens": [int, …]} or with a
-    /// "text" string instead of "tokens" (tokenized with the first checkpoint's tokenizer).
+    /// Instances, JSON lines with "id", "treatment_step" (or null) and "tokens" or "text".
     #[arg(long)]
     pub instances: PathBuf,
-    /// Output panel: long CSV (instance_id,treatment_step,checkpoint_step,outcome), or Parquet with the
-    /// same columns when the name ends in .parquet.
+    /// Output panel: long CSV, or Parquet when the name ends in .parquet.
     #[arg(long)]
     pub out: PathBuf,
-    /// Also write per-token log-probabilities, one JSON line per (instance, checkpoint):
-    /// {"id": …, "checkpoint_step": …, "token_log_probs": [log p(x_1 | x_0), …]}.
+    /// Also write per-token log-probabilities here, one JSON line per instance and checkpoint.
     #[arg(long, value_name = "FILE")]
     pub per_token: Option<PathBuf>,
     /// Sequences evaluated together (in parallel).
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    /// Where to score: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature (weights stay in
-    /// their stored type on the GPU; f16/bf16 checkpoints run on tensor cores).
+    /// Where to score: cpu, or cuda / cuda:N in a build with the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Evaluate only shard I of N (0-based, instances i with i mod N = I), e.g. from a job array.

@@ -69,12 +69,10 @@ pub enum BandArg {
 /// Arguments of `memsteer profile`.
 #[derive(Debug, Clone, Args)]
 pub struct ProfileArgs {
-    /// Panel file: long CSV with instance_id,treatment_step,checkpoint_step,outcome, or the same columns in
-    /// a .parquet file.
+    /// Panel file: long CSV (instance_id,treatment_step,checkpoint_step,outcome) or Parquet.
     #[arg(long)]
     pub panel: PathBuf,
-    /// Output directory (created if missing) [default: PANEL's name without extension + `-profile`,
-    /// next to PANEL].
+    /// Output directory [default: PANEL's stem + `-profile`, next to PANEL].
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Estimator.
@@ -95,9 +93,7 @@ pub struct ProfileArgs {
     /// Cells covered by the uniform band.
     #[arg(long, value_enum, default_value = "all")]
     pub band: BandArg,
-    /// How the uniform band is built: `student` (default; the sup-t level mapped to each cell's Student t
-    /// at its Welch–Satterthwaite degrees of freedom, on the analytic SE: holds its joint level with small
-    /// cohorts) or `csdid` (csdid's: one sup-t quantile times the bootstrap SEs).
+    /// Uniform band: student (holds its level with small cohorts) or csdid (csdid's construction).
     #[arg(long, value_enum, default_value = "student")]
     pub band_method: BandMethodArg,
     /// Significance level.
@@ -118,14 +114,10 @@ pub struct ProfileArgs {
     /// Column holding outcomes.
     #[arg(long, default_value = "outcome")]
     pub outcome_col: String,
-    /// Column holding treatment steps (or sequence indices with --treatment-from-seq-idx) [default:
-    /// treatment_step, or the instance column with --treatment-from-seq-idx].
+    /// Column of treatment steps (or sequence indices with --treatment-from-seq-idx).
     #[arg(long)]
     pub treatment_col: Option<String>,
-    /// Decode a Pythia sequence index into the treatment step with this batch size: seq_idx > 0 was
-    /// trained at step ceil(seq_idx / BATCH_SIZE), seq_idx ≤ 0 is a validation sequence. The index is
-    /// read from --treatment-col when given, otherwise from the instance column (the released
-    /// statistics' layout, where seq_idx is both the id and the treatment).
+    /// Decode Pythia's seq_idx into the treatment step with this batch size (seq_idx ≤ 0: validation).
     #[arg(long, value_name = "BATCH_SIZE")]
     pub treatment_from_seq_idx: Option<u64>,
     /// Negate outcomes (for losses / surprisals, so that memorisation is positive).

@@ -13,8 +13,7 @@ use memsteer_lm::train::run::{Init, Length, MAX_BATCH_SIZE, MAX_STEPS, RunEvent,
 /// Arguments of `memsteer train`.
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
-    /// A TOML file holding any of these flags as keys (`batch_size = 8`, `schedule = "cosine"`,
-    /// `checkpoint_steps = [0, 1, 2, 4]`, `quiet = true`); flags on the command line override it.
+    /// A TOML file holding any of these flags as keys; the command line overrides it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// A Hugging Face `config.json` (GPT-2, GPT-NeoX, Llama, Mistral, Qwen 2, Qwen 3, OLMo 2 or Gemma 3): the model is initialised randomly from --seed.
@@ -23,15 +22,13 @@ pub struct TrainArgs {
     /// Start from the weights of a Hugging Face directory of one of those families instead.
     #[arg(long, value_name = "DIR")]
     pub init: Option<PathBuf>,
-    /// Training instances, JSON lines: {"id": …, "tokens": [int, …]} or with a "text" string
-    /// (tokenized with the --tokenizer or --init directory's tokenizer).
+    /// Training instances, JSON lines with "id" and "tokens" or "text".
     #[arg(long, value_name = "FILE")]
     pub instances: PathBuf,
     /// Validation instances (same format), never trained on; listed with treatment_step null.
     #[arg(long, value_name = "FILE")]
     pub validation: Option<PathBuf>,
-    /// A directory with tokenizer files, used for "text" instances and copied into every checkpoint
-    /// (default: the --init directory).
+    /// Tokenizer files for "text" instances, copied into every checkpoint (default: --init).
     #[arg(long, value_name = "DIR")]
     pub tokenizer: Option<PathBuf>,
     /// Instances per optimizer step.
@@ -67,8 +64,7 @@ pub struct TrainArgs {
     /// Data order: `shuffled` (a seeded permutation per epoch) or `file` (the instances file's order).
     #[arg(long, default_value = "shuffled", value_parser = ["shuffled", "file"])]
     pub order: String,
-    /// Steps to save checkpoints at: integers and ranges START:END:STRIDE, comma-separated, e.g.
-    /// 0,1,2,4,8,16,32,64,128,256,512,1000:10000:1000. The last step is always saved.
+    /// Checkpoint steps: integers and START:END:STRIDE ranges, comma-separated; the last is always saved.
     #[arg(long, default_value = "0", value_name = "LIST")]
     pub checkpoint_steps: String,
     /// Output directory.

@@ -19,8 +19,7 @@ pub enum ScorerKind {
 /// Arguments of `memsteer steer eval`.
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// A generations file (`steer generate --out`), optionally with a label after the last ':' (e.g. the
-    /// strength it was generated at: `g3.jsonl:3`); repeat for several files.
+    /// A generations file, optionally labelled after the last ':' (e.g. its strength: g3.jsonl:3); repeatable.
     #[arg(long = "generations", value_name = "FILE[:LABEL]", required = true, allow_hyphen_values = true)]
     pub generations: Vec<String>,
     /// The prompts the generations continue (JSON lines with `id` and `text` or `tokens`), for perplexity.
@@ -32,12 +31,10 @@ pub struct EvalArgs {
     /// The built-in style scorer (ignored with --scorer-cmd).
     #[arg(long, value_enum, default_value_t = ScorerKind::BuiltinSentiment)]
     pub scorer: ScorerKind,
-    /// External scorer run with `sh -c`: one JSON line {"text": …} per sample on its stdin, one number per
-    /// line on its stdout.
+    /// External scorer (`sh -c`): JSON lines {"text"} on stdin, one number per line on stdout.
     #[arg(long, value_name = "CMD")]
     pub scorer_cmd: Option<String>,
-    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
-    /// feature (the perplexity model's log-probabilities on the GPU).
+    /// Where the perplexity model runs: cpu, or cuda / cuda:N in a build with the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print JSON instead of a table.

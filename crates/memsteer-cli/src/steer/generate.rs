@@ -20,8 +20,7 @@ pub struct GenerateArgs {
     /// The base model (a Hugging Face model directory).
     #[arg(long, value_name = "DIR")]
     pub model: PathBuf,
-    /// A steer file, optionally with the strength of its labelled steer after the last ':' (default +1);
-    /// repeat to compose several steers (their effects add up).
+    /// A steer file, with the strength of its labelled steer after the last ':' (default +1); repeatable.
     #[arg(long = "steer", value_name = "FILE[:STRENGTH]", allow_hyphen_values = true)]
     pub steers: Vec<String>,
     /// Prompts, JSON lines with an `id` and a `text` string or a `tokens` array of ids.
@@ -48,9 +47,7 @@ pub struct GenerateArgs {
     /// Output, JSON lines {"prompt_id", "sample", "tokens", "text"}.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
-    /// Where the model runs: `cpu` (cached decoding, samples in parallel), or `cuda` / `cuda:N` in a
-    /// build with the `cuda` feature (all samples together, each step one whole-sequence forward pass
-    /// of every sample on the GPU, no KV cache; the same seeds, so the same tokens up to rounding).
+    /// Where the model runs: cpu (cached decoding), or cuda / cuda:N (all samples batched, no KV cache).
     #[arg(long, default_value = "cpu")]
     pub device: String,
 }
@@ -214,22 +211,19 @@ pub struct HighlightArgs {
     /// A file holding the text to highlight.
     #[arg(long, value_name = "FILE")]
     pub input: Option<PathBuf>,
-    /// Most spans to mark (the set of at most this many disjoint spans with the largest total evidence,
-    /// as the authors choose them).
+    /// Most spans to mark (the disjoint spans with the largest total evidence, as the authors choose them).
     #[arg(long, default_value_t = 4)]
     pub spans: usize,
     /// Most tokens per span.
     #[arg(long, default_value_t = 10)]
     pub span_length: usize,
-    /// Strength S of the comparison: evidence is log p(x_t | x_<t) with the labelled steer at +S minus at
-    /// −S; a negative S marks where the text carries the opposite style (e.g. −1 for the negative corpus).
+    /// Strength S: evidence is log p at +S minus at −S; a negative S marks the opposite style.
     #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
     pub strength: f32,
     /// Also write a self-contained HTML page here.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
-    /// feature (hidden states on the GPU; the steer and the output layer stay on the CPU).
+    /// Where hidden states are computed: cpu, or cuda / cuda:N in a build with the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print the tokens, their evidence and the spans as JSON instead of coloured text.

@@ -77,8 +77,7 @@ pub struct DetectArgs {
     /// One text to analyse.
     #[arg(long, conflicts_with = "input", required_unless_present = "input")]
     pub text: Option<String>,
-    /// JSON lines with a `text` string or a `tokens` array (other fields, such as `id` or `label`, are
-    /// copied to the output); one JSON line out per line in.
+    /// JSON lines with `text` or `tokens` (other fields are copied to the output).
     #[arg(long, value_name = "FILE.jsonl")]
     pub input: Option<PathBuf>,
     /// Smallest strength of the grid.
@@ -90,8 +89,7 @@ pub struct DetectArgs {
     /// Strengths in the grid, evenly spaced from --min to --max.
     #[arg(long, default_value_t = 7)]
     pub bins: usize,
-    /// Where whole-sequence forward passes run: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda`
-    /// feature.
+    /// Where hidden states are computed: cpu, or cuda / cuda:N in a build with the cuda feature.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print JSON (one line per text) instead of a table.
@@ -206,8 +204,7 @@ pub struct ExplainArgs {
     /// Tokens shown at each end of a direction.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
-    /// Print JSON ({"dimensions": [{"steer", "rank", "singular_value", "positive": [{"id", "token",
-    /// "score"}], "negative": […]}]}) instead of a table.
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }
@@ -245,20 +242,13 @@ pub struct TransferArgs {
     /// Where to write the transferred steer.
     #[arg(long)]
     pub out: PathBuf,
-    /// Fit the map on the first N shared tokens only (default: all; with `--map authors` their 4,000, in
-    /// the target vocabulary's order).
+    /// Fit the map on the first N shared tokens only (default: all; 4,000 with --map authors).
     #[arg(long, value_name = "N")]
     pub top_k: Option<usize>,
-    /// Ridge added to the least-squares normal equations (0: plain least squares), in squared units of the
-    /// embeddings the fit regresses on: the target's for `paper` and `authors`; for `two-sided` both fits
-    /// get it (the source's for H, the target's for G).
+    /// Ridge added to the least-squares fits, in squared units of the regressors (0: none).
     #[arg(long, default_value_t = 0.0)]
     pub ridge: f64,
-    /// How W is carried over. `paper`: the paper's e_v = H e'_v, fitted as E_from ≈ E_to Hᵀ, and
-    /// W' = HᵀWH. `authors`: the authors' steer_transfer.py: E_to B ≈ E_from on the first --top-k (4,000)
-    /// shared tokens, rows of B normalised, P' = B P (the closed-form optimum of their loss stands in for
-    /// their Adam loop). `two-sided`: E_to ≈ E_from H and E_from ≈ E_to G, W' = HᵀWGᵀ (exact for any
-    /// invertible linear relation between the models; the others only for orthogonal ones).
+    /// How W is carried over: paper (HᵀWH), authors (their script) or two-sided (HᵀWGᵀ).
     #[arg(long, value_enum, default_value_t = MapKind::Paper)]
     pub map: MapKind,
 }
@@ -387,23 +377,19 @@ pub struct SteerTrainArgs {
     /// Coefficient λ of the regularisation λ(‖P1‖² + ‖P2‖²).
     #[arg(long, default_value_t = 0.0)]
     pub weight_decay: f32,
-    /// Standard deviation of the projectors' normal initialisation (the authors' `init_var`); must be
-    /// positive: at zero the gradient of W = P1 P2ᵀ is zero.
+    /// Standard deviation of the projectors' initialisation (the authors' init_var; must be positive).
     #[arg(long, default_value_t = 1e-2)]
     pub init_std: f32,
-    /// Memory for the cached hidden states, in GiB; beyond it they spill to a temporary file (read back
-    /// one minibatch at a time; the same steer either way).
+    /// Memory for the cached hidden states, in GiB; beyond it they spill to a temporary file.
     #[arg(long, value_name = "GIB", default_value_t = 4.0)]
     pub cache_memory: f64,
-    /// Directory of the spill file (default: the system's temporary directory; where that is a tmpfs
-    /// held in memory, give a directory on disk).
+    /// Directory of the spill file (default: the system's temporary directory).
     #[arg(long, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Seed of the initialisation and the batch order.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Where the work runs: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature (hidden
-    /// states, and each step's steered output layer and its backward, on the GPU; Adam on the CPU).
+    /// Where the work runs: cpu, or cuda / cuda:N in a build with the cuda feature (Adam stays on the CPU).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// No progress bar.
