@@ -249,7 +249,7 @@ fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, lev
         .light_line_style(BLACK.mix(0.05))
         .bold_line_style(BLACK.mix(0.12))
         .x_desc("event time c − g (checkpoints since training)")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&whole_label)
         .y_desc("τ, log-probability")
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 15))
@@ -405,7 +405,7 @@ fn draw_estimator_vs_truth<DB: DrawingBackend>(
         .bold_line_style(BLACK.mix(0.12))
         .x_desc("event time c − g (checkpoints since training)")
         .y_desc("τ, log-probability")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&whole_label)
         .label_style(("sans-serif", 13))
         .axis_desc_style(("sans-serif", 15))
         .draw()
@@ -587,14 +587,17 @@ fn draw_steer_eval<DB: DrawingBackend>(
         .y_label_area_size(70)
         .build_cartesian_2d((xmin - pad)..(xmax + pad), (lo - ypad)..(hi + ypad))
         .map_err(err("steer eval"))?;
-    chart
-        .configure_mesh()
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(BLACK.mix(0.05))
+        .bold_line_style(BLACK.mix(0.12))
         .x_desc("steer strength")
         .y_desc(y_desc)
         .label_style(("sans-serif", 13))
-        .axis_desc_style(("sans-serif", 15))
-        .draw()
-        .map_err(err("steer eval"))?;
+        .axis_desc_style(("sans-serif", 15));
+    if whole_axis(pts.iter().map(|p| p.0)) {
+        mesh.x_labels(whole_ticks(xmin, xmax)).x_label_formatter(&whole_label);
+    }
+    mesh.draw().map_err(err("steer eval"))?;
     let blue = RGBColor(33, 102, 172);
     chart
         .draw_series(
@@ -616,6 +619,22 @@ pub type Series = (String, Vec<(f64, f64, f64)>);
 
 /// A line figure of several labelled series with interval bars, written as `dir/name.svg` and
 /// `dir/name.png` (for figures assembled from several runs, such as `cargo xtask reproduce trained`).
+/// Whether every value lies on a whole number (strengths, event times, steps): such an axis gets whole
+/// ticks only.
+fn whole_axis(xs: impl IntoIterator<Item = f64>) -> bool {
+    xs.into_iter().all(|x| (x - x.round()).abs() < 1e-9)
+}
+
+/// A tick label on a whole-number axis: the number at whole positions, nothing between them.
+fn whole_label(x: &f64) -> String {
+    if (x - x.round()).abs() < 1e-6 { format!("{:.0}", x.round()) } else { String::new() }
+}
+
+/// How many ticks a whole-number axis from `x0` to `x1` gets: one per value up to 13, fewer beyond.
+fn whole_ticks(x0: f64, x1: f64) -> usize {
+    ((x1 - x0).round().max(0.0) as usize + 1).clamp(2, 13)
+}
+
 pub fn series_figure(
     dir: &Path,
     name: &str,
@@ -653,14 +672,17 @@ fn draw_series<DB: DrawingBackend>(
         .y_label_area_size(70)
         .build_cartesian_2d((x0 - xpad)..(x1 + xpad), (y0.min(0.0) - ypad)..(y1 + ypad))
         .map_err(err(title))?;
-    chart
-        .configure_mesh()
+    let mut mesh = chart.configure_mesh();
+    mesh.light_line_style(BLACK.mix(0.05))
+        .bold_line_style(BLACK.mix(0.12))
         .x_desc(x_desc)
         .y_desc(y_desc)
         .label_style(("sans-serif", 13))
-        .axis_desc_style(("sans-serif", 15))
-        .draw()
-        .map_err(err(title))?;
+        .axis_desc_style(("sans-serif", 15));
+    if whole_axis(series.iter().flat_map(|s| s.1.iter()).filter(finite).map(|p| p.0)) {
+        mesh.x_labels(whole_ticks(x0, x1)).x_label_formatter(&whole_label);
+    }
+    mesh.draw().map_err(err(title))?;
     let palette = [RGBColor(33, 102, 172), RGBColor(178, 24, 43), RGBColor(27, 120, 55), RGBColor(118, 42, 131)];
     for (i, (label, points)) in series.iter().enumerate() {
         let c = palette[i % palette.len()];
@@ -680,4 +702,19 @@ fn draw_series<DB: DrawingBackend>(
         chart.draw_series(p.iter().map(|&(x, y, _)| Circle::new((x, y), 3, c.filled()))).map_err(err(title))?;
     }
     legend(&mut chart, title)
+}
+
+#[cfg(test)]
+mod axis_tests {
+    use super::*;
+
+    #[test]
+    fn whole_axes_get_whole_ticks_only() {
+        assert!(whole_axis([-4.0, 0.0, 2.0]) && !whole_axis([0.5, 1.0]));
+        assert_eq!(
+            (whole_label(&3.0), whole_label(&-2.0000001), whole_label(&0.5)),
+            ("3".into(), "-2".into(), String::new())
+        );
+        assert_eq!((whole_ticks(-4.0, 4.0), whole_ticks(0.0, 100.0), whole_ticks(1.0, 1.0)), (9, 13, 2));
+    }
 }
