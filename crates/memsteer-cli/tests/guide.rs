@@ -4,8 +4,8 @@
 
 use super::*;
 
-/// The fenced blocks of a Markdown file: (info string, body).
-fn blocks(text: &str) -> Vec<(String, String)> {
+/// The fenced blocks of a Markdown file: (info string, body). An unclosed fence is an error.
+fn blocks(text: &str, page: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut open: Option<(String, String)> = None;
     for line in text.lines() {
@@ -19,24 +19,27 @@ fn blocks(text: &str) -> Vec<(String, String)> {
             (None, None) => {}
         }
     }
+    assert!(open.is_none(), "{page}: a fenced block is not closed");
     out
 }
 
-/// The shell commands of a block: `\`-continued lines joined, comments and blank lines dropped.
+/// The shell commands of a block: `\`-continued lines joined, blank and comment lines dropped.
 fn commands(body: &str) -> Vec<String> {
-    let joined = body.replace("\\\n", " ");
-    joined
+    body.replace("\\\n", " ")
         .lines()
-        .map(|l| l.split(" # ").next().unwrap_or("").trim().to_string())
+        .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
         .collect()
 }
 
-/// Splits a command line into words, with `'…'` and `"…"` quoting.
+/// Splits a command line into words, with `'…'` and `"…"` quoting; an unquoted word starting with `#`
+/// begins a comment.
 fn words(line: &str) -> Vec<String> {
     let (mut out, mut cur, mut quote, mut any) = (Vec::new(), String::new(), None, false);
     for c in line.chars() {
         match (quote, c) {
+            (None, '#') if !any => break,
             (None, '\'' | '"') => (quote, any) = (Some(c), true),
             (Some(q), c) if c == q => quote = None,
             (None, c) if c.is_whitespace() => {
@@ -58,61 +61,109 @@ fn words(line: &str) -> Vec<String> {
 }
 
 #[test]
-fn quoting_and_continuations_are_read_as_a_shell_would() {
-    assert_eq!(words(r#"memsteer x --text "a b" 'c d' e"#), ["memsteer", "x", "--text", "a b", "c d", "e"]);
-    assert_eq!(commands("a \\\n  b  # note\n# only a comment\n\nc\n"), ["a    b", "c"]);
+fn quoting_comments_and_continuations_are_read_as_a_shell_would() {
+    assert_eq!(words(r#"memsteer x --text "a # b" 'c d' e # note"#), ["memsteer", "x", "--text", "a # b", "c d", "e"]);
+    assert_eq!(commands("a \\\n  b  # note\n# only a comment\n\nc\n"), ["a    b  # note", "c"]);
     let md = "x\n```sh\nmemsteer a\n```\n```sh no-run\nmemsteer b\n```\n";
-    assert_eq!(blocks(md), [("sh".into(), "memsteer a\n".into()), ("sh no-run".into(), "memsteer b\n".into())]);
+    assert_eq!(blocks(md, "t"), [("sh".into(), "memsteer a\n".into()), ("sh no-run".into(), "memsteer b\n".into())]);
+    assert!(std::panic::catch_unwind(|| blocks("```sh\nmemsteer a\n", "t")).is_err());
+}
+
+/// Every file under `dir`, for checking that the commands wrote nothing into the fixtures.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read dir") {
+            let p = e.expect("entry").path();
+            if p.is_dir() { stack.push(p) } else { out.push(p) }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Runs (or, for `sh no-run`, parses) every command of `page` in `dir`; returns (run, parsed).
+fn run_page(page: &Path, dir: &Path) -> (usize, usize) {
+    let name = page.display().to_string();
+    let (mut ran, mut parsed) = (0, 0);
+    for (info, body) in blocks(&std::fs::read_to_string(page).expect("page"), &name) {
+        let run = match info.as_str() {
+            "sh" => true,
+            "sh no-run" => false,
+            other => {
+                let shellish = ["sh", "bash", "shell", "console", "zsh"].iter().any(|s| other.starts_with(s));
+                assert!(!shellish, "{name}: a block marked `{other}`: use `sh` (run) or `sh no-run` (parsed)");
+                continue;
+            }
+        };
+        for line in commands(&body) {
+            if line.starts_with("cargo ") {
+                continue;
+            }
+            assert!(line.starts_with("memsteer "), "{name}: `{line}` is neither a memsteer nor a cargo command");
+            let argv = words(&line);
+            if run {
+                let out = Command::new(env!("CARGO_BIN_EXE_memsteer"))
+                    .args(&argv[1..])
+                    .current_dir(dir)
+                    .output()
+                    .expect("run memsteer");
+                assert!(
+                    out.status.success(),
+                    "{name}: `{line}` failed:\n{}\n{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                ran += 1;
+            } else {
+                use clap::Parser;
+                if let Err(e) = memsteer_cli::Cli::try_parse_from(&argv) {
+                    panic!("{name}: `{line}` does not parse:\n{e}");
+                }
+                parsed += 1;
+            }
+        }
+    }
+    (ran, parsed)
 }
 
 #[test]
 fn every_command_of_the_guide_and_the_readme_runs() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let fixtures_before = files_under(&root.join("fixtures"));
     let mut pages: Vec<PathBuf> = std::fs::read_dir(root.join("docs/guide"))
         .expect("docs/guide")
         .map(|e| e.expect("entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "md"))
         .collect();
     pages.sort();
-    pages.push(root.join("README.md"));
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::os::unix::fs::symlink(root.join("fixtures"), dir.path().join("fixtures")).expect("link fixtures");
-    let (mut ran, mut parsed) = (0, 0);
-    for page in &pages {
-        let text = std::fs::read_to_string(page).expect("page");
-        for (info, body) in blocks(&text) {
-            let run = match info.as_str() {
-                "sh" => true,
-                "sh no-run" => false,
-                _ => continue,
-            };
-            for line in commands(&body).into_iter().filter(|l| l.starts_with("memsteer ")) {
-                let argv = words(&line);
-                if run {
-                    let out = Command::new(env!("CARGO_BIN_EXE_memsteer"))
-                        .args(&argv[1..])
-                        .current_dir(dir.path())
-                        .output()
-                        .expect("run memsteer");
-                    assert!(
-                        out.status.success(),
-                        "{}: `{line}` failed:\n{}\n{}",
-                        page.display(),
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    );
-                    ran += 1;
-                } else {
-                    use clap::Parser;
-                    if let Err(e) = memsteer_cli::Cli::try_parse_from(&argv) {
-                        panic!("{}: `{line}` does not parse:\n{e}", page.display());
-                    }
-                    parsed += 1;
-                }
-            }
+    // The guide's pages run in order in one directory; the README, which a reader runs alone from the
+    // repository's root, in its own.
+    let guide_dir = tempfile::tempdir().expect("tempdir");
+    let readme_dir = tempfile::tempdir().expect("tempdir");
+    let mut counts = std::collections::BTreeMap::new();
+    for (pages, dir) in [(pages, guide_dir.path()), (vec![root.join("README.md")], readme_dir.path())] {
+        std::os::unix::fs::symlink(root.join("fixtures"), dir.join("fixtures")).expect("link fixtures");
+        for page in pages {
+            let name = page.strip_prefix(&root).unwrap_or(&page).display().to_string();
+            counts.insert(name, run_page(&page, dir));
         }
     }
-    assert!(ran >= 15 && parsed >= 2, "ran {ran} and parsed {parsed} commands: the guide lost its commands?");
+    // Every page's commands, counted, so that a block the harness stops seeing fails here.
+    let want: std::collections::BTreeMap<String, (usize, usize)> = [
+        ("docs/guide/1-profile.md", (3, 0)),
+        ("docs/guide/2-train-and-score.md", (3, 2)),
+        ("docs/guide/3-steer.md", (8, 0)),
+        ("docs/guide/4-hmm.md", (4, 0)),
+        ("docs/guide/README.md", (0, 0)),
+        ("README.md", (8, 3)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    assert_eq!(counts, want, "commands run and parsed per page");
+    assert_eq!(files_under(&root.join("fixtures")), fixtures_before, "a command wrote into fixtures/");
 }
 
 #[test]

@@ -225,6 +225,24 @@ fn draw_profile<DB: DrawingBackend>(
     Ok(())
 }
 
+/// Whether every value lies on a whole number (strengths, event times, steps): such an axis gets whole
+/// ticks only.
+fn whole_axis(xs: impl IntoIterator<Item = f64>) -> bool {
+    xs.into_iter().all(|x| (x - x.round()).abs() < 1e-9)
+}
+
+/// A tick label on a whole-number axis: the number at whole positions, nothing between them.
+fn whole_label(x: &f64) -> String {
+    // `+ 0.0` turns a rounded −0 into 0, so no "-0" tick.
+    if (x - x.round()).abs() < 1e-6 { format!("{:.0}", x.round() + 0.0) } else { String::new() }
+}
+
+/// How many ticks a whole-number axis from `x0` to `x1` gets: one per value up to 13, fewer beyond.
+fn whole_ticks(x0: f64, x1: f64) -> usize {
+    // Clamped before the conversion: a huge or infinite span must not overflow.
+    ((x1 - x0).round().clamp(0.0, 12.0) as usize + 1).max(2)
+}
+
 fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, level: &str) -> Result<()> {
     root.fill(&WHITE).map_err(err("path"))?;
     let path = &p.path;
@@ -248,6 +266,7 @@ fn draw_path<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, p: &Profile, lev
         .configure_mesh()
         .light_line_style(BLACK.mix(0.05))
         .bold_line_style(BLACK.mix(0.12))
+        .x_labels(whole_ticks(e_min, e_max))
         .x_desc("event time c − g (checkpoints since training)")
         .x_label_formatter(&whole_label)
         .y_desc("τ, log-probability")
@@ -403,6 +422,7 @@ fn draw_estimator_vs_truth<DB: DrawingBackend>(
         .configure_mesh()
         .light_line_style(BLACK.mix(0.05))
         .bold_line_style(BLACK.mix(0.12))
+        .x_labels(whole_ticks(e_min as f64, e_max as f64))
         .x_desc("event time c − g (checkpoints since training)")
         .y_desc("τ, log-probability")
         .x_label_formatter(&whole_label)
@@ -619,22 +639,6 @@ pub type Series = (String, Vec<(f64, f64, f64)>);
 
 /// A line figure of several labelled series with interval bars, written as `dir/name.svg` and
 /// `dir/name.png` (for figures assembled from several runs, such as `cargo xtask reproduce trained`).
-/// Whether every value lies on a whole number (strengths, event times, steps): such an axis gets whole
-/// ticks only.
-fn whole_axis(xs: impl IntoIterator<Item = f64>) -> bool {
-    xs.into_iter().all(|x| (x - x.round()).abs() < 1e-9)
-}
-
-/// A tick label on a whole-number axis: the number at whole positions, nothing between them.
-fn whole_label(x: &f64) -> String {
-    if (x - x.round()).abs() < 1e-6 { format!("{:.0}", x.round()) } else { String::new() }
-}
-
-/// How many ticks a whole-number axis from `x0` to `x1` gets: one per value up to 13, fewer beyond.
-fn whole_ticks(x0: f64, x1: f64) -> usize {
-    ((x1 - x0).round().max(0.0) as usize + 1).clamp(2, 13)
-}
-
 pub fn series_figure(
     dir: &Path,
     name: &str,
@@ -716,5 +720,9 @@ mod axis_tests {
             ("3".into(), "-2".into(), String::new())
         );
         assert_eq!((whole_ticks(-4.0, 4.0), whole_ticks(0.0, 100.0), whole_ticks(1.0, 1.0)), (9, 13, 2));
+        assert_eq!(
+            (whole_ticks(0.0, f64::INFINITY), whole_ticks(0.0, 1e30), whole_label(&-1e-9)),
+            (13, 13, "0".into())
+        );
     }
 }
