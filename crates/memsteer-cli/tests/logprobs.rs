@@ -104,10 +104,26 @@ fn reruns_skip_finished_units_and_recover_from_a_crash() {
     let said = loud(&[]);
     assert!(said.contains("0 checkpoint(s) computed") && said.contains("3 already done"), "{said}");
     assert_eq!(std::fs::read(&out).expect("panel"), first);
-    // Other inputs with the same parts directory are refused.
-    let mut other = ckpts.clone();
-    other.pop();
-    let e = fails(&args(&other, &instances, &out, &[]));
+    // Checkpoints may be left out or added later (revisions downloaded one after another): the panel
+    // holds the ones given, and only new ones are computed.
+    let mut fewer = ckpts.clone();
+    fewer.pop();
+    let a: Vec<&str> = args(&fewer, &instances, &out, &[]).into_iter().filter(|a| *a != "--quiet").collect();
+    let said = ok(&a);
+    assert!(said.contains("0 checkpoint(s) computed") && said.contains("2 already done"), "{said}");
+    assert_eq!(std::fs::read_to_string(&out).expect("panel").lines().count(), 1 + 12 * 2);
+    let said = loud(&[]);
+    assert!(said.contains("0 checkpoint(s) computed") && said.contains("3 already done"), "{said}");
+    assert_eq!(std::fs::read(&out).expect("panel"), first);
+    // The ledger remembers every checkpoint, so another model under a step left out is still refused.
+    let ledger: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(parts.join("ledger.json")).expect("ledger")).expect("json");
+    assert_eq!(ledger["checkpoints"], serde_json::json!([0, 1000, 2000]));
+    // Other instances with the same parts directory are refused.
+    let text = std::fs::read_to_string(&instances).expect("instances");
+    let shorter = dir.path().join("shorter.jsonl");
+    std::fs::write(&shorter, text.lines().skip(1).collect::<Vec<_>>().join("\n")).expect("write");
+    let e = fails(&args(&ckpts, &shorter, &out, &[]));
     assert!(e.contains("made for other inputs"), "{e}");
 }
 

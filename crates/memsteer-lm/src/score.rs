@@ -215,22 +215,41 @@ impl Parts<'_> {
                 );
             }
         }
-        // Directories may move between machines (shards); the models may not. A ledger written before
-        // fingerprints existed is compared on the rest and upgraded.
+        // Directories may move between machines (shards); the models may not. Checkpoints may be added
+        // (revisions downloaded one after another): parts do not depend on the others. The instances and
+        // the shard count may not change. A ledger written before fingerprints existed is upgraded.
         let rest = |v: &serde_json::Value| {
             let mut v = v.clone();
             if let Some(o) = v.as_object_mut() {
                 o.remove("checkpoint_weights");
+                o.remove("checkpoints");
             }
             v
         };
         ensure!(
             rest(&old) == rest(&fingerprint),
-            "{} was made for other inputs (instances, checkpoints or shard count differ); remove {} to start over",
+            "{} was made for other inputs (the instances or the shard count differ); remove {} to start over",
             ledger.display(),
             self.dir.display()
         );
-        if old.get("checkpoint_weights").is_none() { write() } else { Ok(()) }
+        // Every checkpoint the parts were ever computed for stays in the ledger, so that a model changed
+        // under any of them is refused later.
+        let mut merged = old.clone();
+        let mut steps: std::collections::BTreeSet<u64> =
+            old["checkpoints"].as_array().into_iter().flatten().filter_map(serde_json::Value::as_u64).collect();
+        steps.extend(self.spec.checkpoints.keys());
+        merged["checkpoints"] = steps.into_iter().collect::<Vec<_>>().into();
+        let mut all = old.get("checkpoint_weights").and_then(|w| w.as_object()).cloned().unwrap_or_default();
+        for (step, now) in fingerprint["checkpoint_weights"].as_object().into_iter().flatten() {
+            if now["weights"] != "unavailable" || !all.contains_key(step) {
+                all.insert(step.clone(), now.clone());
+            }
+        }
+        merged["checkpoint_weights"] = serde_json::Value::Object(all);
+        if merged == old {
+            return Ok(());
+        }
+        write_atomic(&ledger, |w| writeln!(w, "{merged}")).map_err(io(&ledger))
     }
 
     /// Scores this shard's instances under one checkpoint and writes its parts.
