@@ -738,3 +738,94 @@ fn steered_greedy_generation_on_llama_equals_the_formula_on_transformers_hidden_
     let base = run(&[], "base.jsonl");
     assert_ne!(base, want);
 }
+
+#[test]
+fn transfer_matches_tokens_by_their_text_across_tokenizer_conventions() {
+    // The source speaks byte-level BPE (`Ġthe`), the target SentencePiece (`▁the`): matched by raw token
+    // strings they share only tokens without a space; by text they share every word.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = fixture("lm/tiny-gpt2-tokenizer");
+    let tok = memsteer_lm::tokenizer::Tokenizer::from_dir(&base).expect("tokenizer");
+    let n = tok.vocab_size();
+    // The same vocabulary respelled: Ġ → ▁ where it marks a space; other bytes as SentencePiece fallbacks.
+    let mut vocab = serde_json::Map::new();
+    for i in 0..n {
+        let text = tok.token_text(i as u32).expect("text");
+        let sp = if text.starts_with('<') && text.ends_with('>') && text.contains("0x") {
+            format!("<0x{}>", text.trim_start_matches("<0x").trim_end_matches('>').to_uppercase())
+        } else {
+            text.replace(' ', "▁")
+        };
+        vocab.entry(sp).or_insert_with(|| (i as u64).into());
+    }
+    let target = dir.path().join("target");
+    std::fs::create_dir_all(&target).expect("mkdir");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(base.join(f), target.join(f)).expect("copy");
+    }
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
+        "post_processor": null,
+        "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+                  "vocab": vocab, "merges": []}
+    });
+    std::fs::write(target.join("tokenizer.json"), json.to_string()).expect("write");
+    let sp = memsteer_lm::tokenizer::Tokenizer::from_dir(&target).expect("metaspace tokenizer");
+    let shared_by_text =
+        (0..n as u32).filter(|&i| sp.token_text(i).is_some_and(|t| t == tok.token_text(i).unwrap_or_default())).count();
+    let shared_by_string = (0..n as u32).filter(|&i| sp.id_to_token(i) == tok.id_to_token(i)).count();
+    assert!(shared_by_text > shared_by_string + 100, "by text {shared_by_text}, by string {shared_by_string}");
+    // End to end: a steer moved between the two matches through every token the text shares.
+    let steer = dir.path().join("s.safetensors");
+    let corpus = |name: &str, ids: &[u32]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("{{\"tokens\": {ids:?}}}\n{{\"tokens\": {ids:?}}}\n")).expect("corpus");
+        p
+    };
+    let (pos, neg) = (corpus("pos.jsonl", &[5, 9, 5, 9, 5]), corpus("neg.jsonl", &[7, 3, 7, 3, 7]));
+    ok(&[
+        "steer",
+        "train",
+        "--model",
+        s(&base),
+        "--positive",
+        s(&pos),
+        "--negative",
+        s(&neg),
+        "--steps",
+        "3",
+        "--out",
+        s(&steer),
+        "--quiet",
+    ]);
+    let moved = dir.path().join("moved.safetensors");
+    let run = memsteer(&[
+        "steer",
+        "transfer",
+        "--steer",
+        s(&steer),
+        "--from",
+        s(&base),
+        "--to",
+        s(&target),
+        "--out",
+        s(&moved),
+    ]);
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{said}");
+    // Every token the text shares takes part (the same model on both sides: an exact fit).
+    let shared: usize = said
+        .split(" shared tokens")
+        .next()
+        .and_then(|h| h.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no shared-token count in {said}"));
+    assert!(
+        shared + 5 >= shared_by_text && shared > shared_by_string + 100,
+        "{shared} shared, {shared_by_text} by text, {shared_by_string} by string: {said}"
+    );
+    assert!(said.contains("relative residual") && said.contains("e-1"), "{said}");
+}

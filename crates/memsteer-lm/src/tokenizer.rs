@@ -30,6 +30,32 @@ pub struct Tokenizer {
     source: PathBuf,
     /// Largest id + 1, added tokens included.
     vocab_size: usize,
+    /// How the vocabulary spells its tokens' text, found the first time [`Tokenizer::token_text`] asks.
+    spelling: std::sync::OnceLock<Spelling>,
+}
+
+/// How a vocabulary spells the text of its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spelling {
+    /// Byte-level BPE (GPT-2, Llama 3, Qwen): every byte as a printable character, `Ġ` for a space.
+    ByteLevel,
+    /// SentencePiece (Llama 2, Mistral, Gemma): `▁` for a space, `<0xNN>` for a fallback byte.
+    Metaspace,
+    /// The text itself.
+    Plain,
+}
+
+/// The byte a character of GPT-2's byte-to-character map stands for: printable Latin-1 characters
+/// stand for themselves, the other 68 bytes (controls, space, DEL, no-break space, soft hyphen…) are
+/// the characters from U+0100 on, in byte order.
+fn byte_of(c: char) -> Option<u8> {
+    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let cp = c as u32;
+    if printable(cp) {
+        return u8::try_from(cp).ok();
+    }
+    let k = cp.checked_sub(256)? as usize;
+    (0u32..=255).filter(|&b| !printable(b)).nth(k).and_then(|b| u8::try_from(b).ok())
 }
 
 fn tok_err(path: &Path, message: impl Into<String>) -> LmError {
@@ -148,7 +174,7 @@ impl Tokenizer {
 
     fn wrap(inner: HfTokenizer, source: &Path) -> Self {
         let vocab_size = inner.get_vocab(true).values().map(|&id| id as usize + 1).max().unwrap_or(0);
-        Self { inner, source: source.to_path_buf(), vocab_size }
+        Self { inner, source: source.to_path_buf(), vocab_size, spelling: std::sync::OnceLock::new() }
     }
 
     /// Vocabulary size: the largest token id + 1, added tokens included.
@@ -159,6 +185,47 @@ impl Tokenizer {
     /// The token string of `id` (byte-level tokens in their printable form, e.g. `Ġthe`), if any.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// The text token `id` stands for, spelled the same whatever the tokenizer's conventions, so that
+    /// vocabularies of different families can be matched (`steer transfer`): byte-level BPE's
+    /// byte-to-character map is undone (`Ġthe` → ` the`), SentencePiece's `▁` becomes a space and its
+    /// fallback tokens `<0xNN>` their byte. A token whose bytes are not whole UTF-8 is written as the
+    /// bytes in hex (`<0xe2 0x80>`), so partial characters match only the same bytes.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        let token = self.inner.id_to_token(id)?;
+        let spelling = *self.spelling.get_or_init(|| {
+            let vocab = self.inner.get_vocab(false);
+            let starting = |c: char| vocab.keys().filter(|t| t.starts_with(c)).count();
+            match (starting('Ġ'), starting('▁')) {
+                (g, m) if g > m && g > 0 => Spelling::ByteLevel,
+                (_, m) if m > 0 => Spelling::Metaspace,
+                _ => Spelling::Plain,
+            }
+        });
+        let is_added = self.inner.get_added_tokens_decoder().contains_key(&id);
+        let fallback = token
+            .strip_prefix("<0x")
+            .and_then(|h| h.strip_suffix('>'))
+            .filter(|h| h.len() == 2)
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        let bytes: Vec<u8> = match (spelling, fallback) {
+            _ if is_added => token.clone().into_bytes(),
+            (Spelling::Metaspace, Some(b)) => vec![b],
+            (Spelling::ByteLevel, _) => {
+                let mapped: Option<Vec<u8>> = token.chars().map(byte_of).collect();
+                mapped.unwrap_or_else(|| token.clone().into_bytes())
+            }
+            (Spelling::Metaspace, None) => token.replace('▁', " ").into_bytes(),
+            (Spelling::Plain, _) => token.clone().into_bytes(),
+        };
+        Some(match String::from_utf8(bytes) {
+            Ok(text) => text,
+            Err(e) => {
+                let hex: Vec<String> = e.as_bytes().iter().map(|b| format!("0x{b:02x}")).collect();
+                format!("<{}>", hex.join(" "))
+            }
+        })
     }
 
     /// The id of the token string `token`, if it is in the vocabulary or an added token.

@@ -435,6 +435,58 @@ fn malformed_configs_and_weights_give_clear_errors() {
 mod tokenizer {
     use memsteer_lm::tokenizer::Tokenizer;
 
+    /// A SentencePiece-style vocabulary (`▁` for a space, byte fallback), written as `tokenizer.json`.
+    fn metaspace_tokenizer(dir: &std::path::Path) -> Tokenizer {
+        let vocab = serde_json::json!({"<unk>": 0, "<s>": 1, "<0xE2>": 2, "<0x41>": 3, "▁the": 4, "the": 5,
+            "▁": 6, "t": 7, "h": 8, "e": 9, "▁cat": 10, "▁dog": 11});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 1, "content": "<s>", "single_word": false, "lstrip": false, "rstrip": false,
+                              "normalized": false, "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
+            "post_processor": null,
+            "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab, "merges": []}
+        });
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).expect("write");
+        Tokenizer::from_dir(dir).expect("metaspace tokenizer")
+    }
+
+    #[test]
+    fn token_text_is_spelled_alike_across_families() {
+        let bytes =
+            Tokenizer::from_dir(&std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/corpus"))
+                .expect("corpus tokenizer");
+        let id = |t: &Tokenizer, s: &str| t.token_to_id(s).unwrap_or_else(|| panic!("{s} in the vocabulary"));
+        // Byte-level: Ġ is a space, a lone lead byte of a three-byte character is its byte in hex.
+        assert_eq!(bytes.token_text(id(&bytes, "Ġthe")).as_deref(), Some(" the"));
+        assert_eq!(bytes.token_text(id(&bytes, "the")).as_deref(), Some("the"));
+        assert_eq!(bytes.token_text(id(&bytes, "â")).as_deref(), Some("<0xe2>"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sp = metaspace_tokenizer(dir.path());
+        assert_eq!(sp.token_text(4).as_deref(), Some(" the"));
+        assert_eq!(sp.token_text(5).as_deref(), Some("the"));
+        assert_eq!(sp.token_text(2).as_deref(), Some("<0xe2>"));
+        assert_eq!(sp.token_text(3).as_deref(), Some("A"));
+        assert_eq!(sp.token_text(1).as_deref(), Some("<s>"), "added tokens keep their text");
+        // So the two vocabularies share " the", "the" and the byte 0xE2 when matched by text, and nothing
+        // but single letters by raw token string.
+        let text = |t: &Tokenizer, id: u32| t.token_text(id);
+        let shared: Vec<u32> = (0..12u32)
+            .filter(|&i| {
+                let s = text(&sp, i);
+                s.is_some() && (0..bytes.vocab_size() as u32).any(|j| text(&bytes, j) == s)
+            })
+            .collect();
+        for want in [2, 4, 5] {
+            assert!(shared.contains(&want), "{want} should be shared: {shared:?}");
+        }
+        assert!(bytes.token_to_id("▁the").is_none());
+    }
+
     fn tok_fixture(rel: &str) -> std::path::PathBuf {
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizer").join(rel)
     }

@@ -285,8 +285,8 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
     let steer = Steer::load_for(&a.steer, from)?;
     let tok = |dir: &Path| memsteer_lm::tokenizer::present_in(dir).then(|| Tokenizer::from_dir(dir)).transpose();
     let (tf, tt) = (tok(&a.from)?, tok(&a.to)?);
-    let from_name = tf.as_ref().map(|t| move |id: u32| t.id_to_token(id));
-    let to_name = tt.as_ref().map(|t| move |id: u32| t.id_to_token(id));
+    let from_name = tf.as_ref().map(|t| move |id: u32| t.token_text(id));
+    let to_name = tt.as_ref().map(|t| move |id: u32| t.token_text(id));
     let shared = SharedTokens::matched(
         from.vocab(),
         from_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
