@@ -30,8 +30,9 @@ pub struct Tokenizer {
     source: PathBuf,
     /// Largest id + 1, added tokens included.
     vocab_size: usize,
-    /// How the vocabulary spells its tokens' text, found the first time [`Tokenizer::token_text`] asks.
-    spelling: std::sync::OnceLock<Spelling>,
+    /// How the vocabulary spells its tokens' text and which ids are added tokens, found the first time
+    /// [`Tokenizer::token_text`] asks.
+    spelling: std::sync::OnceLock<(Spelling, std::collections::HashSet<u32>)>,
 }
 
 /// How a vocabulary spells the text of its tokens.
@@ -194,16 +195,17 @@ impl Tokenizer {
     /// bytes in hex (`<0xe2 0x80>`), so partial characters match only the same bytes.
     pub fn token_text(&self, id: u32) -> Option<String> {
         let token = self.inner.id_to_token(id)?;
-        let spelling = *self.spelling.get_or_init(|| {
+        let (spelling, added) = self.spelling.get_or_init(|| {
             let vocab = self.inner.get_vocab(false);
             let starting = |c: char| vocab.keys().filter(|t| t.starts_with(c)).count();
-            match (starting('Ġ'), starting('▁')) {
+            let spelling = match (starting('Ġ'), starting('▁')) {
                 (g, m) if g > m && g > 0 => Spelling::ByteLevel,
                 (_, m) if m > 0 => Spelling::Metaspace,
                 _ => Spelling::Plain,
-            }
+            };
+            (spelling, self.inner.get_added_tokens_decoder().into_keys().collect())
         });
-        let is_added = self.inner.get_added_tokens_decoder().contains_key(&id);
+        let (spelling, is_added) = (*spelling, added.contains(&id));
         let fallback = token
             .strip_prefix("<0x")
             .and_then(|h| h.strip_suffix('>'))
