@@ -358,7 +358,7 @@ impl OlmoOrder {
             rest -= chunks;
         }
         bail!(
-            "{}: instance {i} is beyond the {} instances of {} tokens the token files hold",
+            "{}: instance {i} is beyond the {} instances of {} tokens the token files hold (give every token file, in the training configuration's order, and its --seq-len)",
             self.indices_path.display(),
             self.instances(),
             self.seq_len
