@@ -48,23 +48,27 @@ impl Model {
         &self.arch
     }
 
-    fn run(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
-        let lay = ops::layout(self, seqs, cache.as_deref())?;
-        let mut backend = Cpu::new(&self.arch, &lay, seqs, cache);
+    /// The packed forward pass; `caches` is empty, or holds one cache per sequence, which each
+    /// sequence continues and extends.
+    fn run(&self, seqs: &[&[u32]], mut caches: Vec<&mut KvCache>) -> Result<Vec<f32>> {
+        let pasts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let lay = ops::layout(self, seqs, &pasts)?;
+        let mut backend = Cpu::new(&self.arch, &lay, seqs, &mut caches);
         let hidden = block::forward(&self.arch, &self.w, &mut backend)?;
-        if let Some(c) = backend.cache {
-            c.advance(lay.rows());
+        for (c, s) in caches.iter_mut().zip(seqs) {
+            c.advance(s.len());
         }
         Ok(hidden)
     }
 }
 
 /// The CPU backend of the block loop for one packed batch (and, when decoding, its KV cache).
-pub(crate) struct Cpu<'a> {
+pub(crate) struct Cpu<'a, 'b> {
     arch: &'a Arch,
     lay: &'a Layout,
     seqs: &'a [&'a [u32]],
-    cache: Option<&'a mut KvCache>,
+    /// One cache per sequence, or none.
+    caches: &'a mut [&'b mut KvCache],
     /// Rotary angles of only the positions this call sees (a decoding step costs one row), and the
     /// table row of every batch row.
     rotary: (Vec<f32>, Vec<f32>, Vec<usize>),
@@ -74,14 +78,19 @@ pub(crate) struct Cpu<'a> {
     pool: Vec<Vec<f32>>,
 }
 
-impl<'a> Cpu<'a> {
-    pub(crate) fn new(arch: &'a Arch, lay: &'a Layout, seqs: &'a [&'a [u32]], cache: Option<&'a mut KvCache>) -> Self {
+impl<'a, 'b> Cpu<'a, 'b> {
+    pub(crate) fn new(
+        arch: &'a Arch,
+        lay: &'a Layout,
+        seqs: &'a [&'a [u32]],
+        caches: &'a mut [&'b mut KvCache],
+    ) -> Self {
         let first = lay.positions.iter().min().copied().unwrap_or(0);
         let last = lay.positions.iter().max().map_or(first, |p| p + 1);
         let (cos, sin) = arch.rotary_table((first, last));
         let local_rotary = arch.local_rotary_table((first, last));
         let rows = lay.positions.iter().map(|p| p - first).collect();
-        Self { arch, lay, seqs, cache, rotary: (cos, sin, rows), local_rotary, pool: Vec::new() }
+        Self { arch, lay, seqs, caches, rotary: (cos, sin, rows), local_rotary, pool: Vec::new() }
     }
 
     /// A buffer of `len` values (contents unspecified).
@@ -104,7 +113,7 @@ impl<'a> Cpu<'a> {
     }
 }
 
-impl Backend for Cpu<'_> {
+impl Backend for Cpu<'_, '_> {
     type Act = Vec<f32>;
     type W = Vec<f32>;
 
@@ -165,24 +174,32 @@ impl Backend for Cpu<'_> {
         let off = a.qkv_offsets();
         let mut ctx = self.take(t * a.attn_dim());
         let fused = |base| Heads { data: &qkv, row_stride: off.row, base, head_stride: off.head };
-        if let Some(c) = self.cache.as_deref_mut() {
-            let kv = kv_heads * hd;
-            let (mut k, mut v) = (vec![0.0f32; t * kv], vec![0.0f32; t * kv]);
-            for i in 0..t {
-                let row = &qkv[i * off.row..(i + 1) * off.row];
-                for h in 0..kv_heads {
-                    let (dst, at) = (i * kv + h * hd, h * off.head);
-                    k[dst..dst + hd].copy_from_slice(&row[off.k + at..off.k + at + hd]);
-                    v[dst..dst + hd].copy_from_slice(&row[off.v + at..off.v + at + hd]);
-                }
-            }
-            let (ks, vs) = c.extend(index, &k, &v);
-            let cached = |data| Heads { data, row_stride: kv, base: 0, head_stride: hd };
-            let heads = (fused(off.q), cached(ks), cached(vs));
-            ops::attention(heads, lay, &|_| 0, shape, (window, a.attn_scale), &mut ctx)?;
+        if self.caches.is_empty() {
+            let kv = |s: usize| (fused(off.k), fused(off.v), lay.starts[s]);
+            ops::attention(fused(off.q), &kv, lay, shape, (window, a.attn_scale), &mut ctx)?;
         } else {
-            let qkv = (fused(off.q), fused(off.k), fused(off.v));
-            ops::attention(qkv, lay, &|s| lay.starts[s], shape, (window, a.attn_scale), &mut ctx)?;
+            // Each sequence's new keys and values join its own cache, which its queries then read.
+            let kv = kv_heads * hd;
+            for (s, c) in self.caches.iter_mut().enumerate() {
+                let rows = lay.starts[s]..lay.starts[s + 1];
+                let (mut k, mut v) = (vec![0.0f32; rows.len() * kv], vec![0.0f32; rows.len() * kv]);
+                for (i, r) in rows.enumerate() {
+                    let row = &qkv[r * off.row..(r + 1) * off.row];
+                    for h in 0..kv_heads {
+                        let (dst, at) = (i * kv + h * hd, h * off.head);
+                        k[dst..dst + hd].copy_from_slice(&row[off.k + at..off.k + at + hd]);
+                        v[dst..dst + hd].copy_from_slice(&row[off.v + at..off.v + at + hd]);
+                    }
+                }
+                c.extend(index, &k, &v);
+            }
+            let caches: Vec<&KvCache> = self.caches.iter().map(|c| &**c).collect();
+            let cached = |data| Heads { data, row_stride: kv, base: 0, head_stride: hd };
+            let kv = |s: usize| {
+                let (ks, vs) = caches[s].layer(index);
+                (cached(ks), cached(vs), 0)
+            };
+            ops::attention(fused(off.q), &kv, lay, shape, (window, a.attn_scale), &mut ctx)?;
         }
         self.give(qkv);
         Ok(ctx)
@@ -261,7 +278,16 @@ impl Backend for Cpu<'_> {
 
 impl Decoder for Model {
     fn forward_packed(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>> {
-        self.run(seqs, cache)
+        if cache.is_some() && seqs.len() != 1 {
+            return Err(LmError::Input(format!("a KV cache continues one sequence, not {}", seqs.len())));
+        }
+        self.run(seqs, cache.into_iter().collect())
+    }
+    fn forward_cached(&self, seqs: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Vec<f32>> {
+        if caches.len() != seqs.len() {
+            return Err(LmError::Input(format!("{} KV caches for {} sequences", caches.len(), seqs.len())));
+        }
+        self.run(seqs, caches.iter_mut().map(|c| &mut **c).collect())
     }
     fn output_embedding(&self) -> &[f32] {
         self.w.output()

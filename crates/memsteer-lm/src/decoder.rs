@@ -21,6 +21,22 @@ pub trait Decoder: Sync {
     /// Vocabulary size.
     fn vocab(&self) -> usize;
 
+    /// Final hidden states of several sequences laid end to end, each continuing its own cache
+    /// (`caches[i]` for `seqs[i]`, which it extends): the decoding step of a batch whose rows are at
+    /// different positions. Each row's hidden state equals what [`Decoder::forward`] gives that
+    /// sequence alone. The default runs the sequences one after another; the CPU model packs them into
+    /// one pass.
+    fn forward_cached(&self, seqs: &[&[u32]], caches: &mut [&mut KvCache]) -> Result<Vec<f32>> {
+        if caches.len() != seqs.len() {
+            return Err(crate::LmError::Input(format!("{} KV caches for {} sequences", caches.len(), seqs.len())));
+        }
+        let mut out = Vec::new();
+        for (s, c) in seqs.iter().zip(caches.iter_mut()) {
+            out.extend(self.forward_packed(&[s], Some(c))?);
+        }
+        Ok(out)
+    }
+
     /// Hidden states of `tokens` continuing the positions in `cache`, which it extends; `tokens × dim`.
     fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         self.forward_packed(&[tokens], Some(cache))

@@ -209,7 +209,7 @@ impl GpuModel {
         if seqs.is_empty() {
             return Ok(Vec::new());
         }
-        let lay = ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)?;
+        let lay = ops::layout_for((self.arch.vocab, self.arch.context), seqs, &[])?;
         let rows = lay.rows();
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
@@ -226,7 +226,7 @@ impl GpuModel {
     /// Final hidden states (after the last layer norm, `f32`) of the sequences laid end to end,
     /// `Σ len × dim`, computed on the device: for callers that apply their own output layer (LM-Steer).
     pub fn hidden_states(&self, seqs: &[&[u32]]) -> Result<Vec<f32>> {
-        let lay = ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)?;
+        let lay = ops::layout_for((self.arch.vocab, self.arch.context), seqs, &[])?;
         if lay.rows() == 0 {
             return Ok(Vec::new());
         }

@@ -18,8 +18,8 @@ const QUERY_BLOCK: usize = 64;
 pub(crate) struct Layout {
     /// Sequence `s` holds rows `starts[s]..starts[s + 1]`.
     pub starts: Vec<usize>,
-    /// Positions already in the cache (only a single sequence may continue a cache).
-    pub past: usize,
+    /// Positions already in each sequence's cache (0 without one).
+    pub pasts: Vec<usize>,
     /// The position of every row.
     pub positions: Vec<usize>,
 }
@@ -31,24 +31,25 @@ impl Layout {
     }
 }
 
-/// Checks every sequence (non-empty, ids inside the vocabulary, inside the context after `past`
-/// cached positions) before anything is allocated from them, and lays them out.
-pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], cache: Option<&KvCache>) -> Result<Layout> {
-    layout_for((m.vocab(), m.context()), seqs, cache)
+/// Checks every sequence (non-empty, ids inside the vocabulary, inside the context after the
+/// positions its cache holds) before anything is allocated from them, and lays them out. `pasts` is
+/// empty (no caches) or holds each sequence's cached positions.
+pub(crate) fn layout(m: &impl crate::Decoder, seqs: &[&[u32]], pasts: &[usize]) -> Result<Layout> {
+    layout_for((m.vocab(), m.context()), seqs, pasts)
 }
 
 /// [`layout`] for a model of `vocab` tokens and `context` positions.
-pub(crate) fn layout_for((vocab, context): (usize, usize), seqs: &[&[u32]], cache: Option<&KvCache>) -> Result<Layout> {
-    let past = cache.map_or(0, KvCache::len);
+pub(crate) fn layout_for((vocab, context): (usize, usize), seqs: &[&[u32]], pasts: &[usize]) -> Result<Layout> {
     let name = |i: usize, message: String| {
         if seqs.len() == 1 { LmError::Input(message) } else { LmError::Sequence { index: i, message } }
     };
-    if cache.is_some() && seqs.len() != 1 {
-        return Err(LmError::Input(format!("a KV cache continues one sequence, not {}", seqs.len())));
+    if !pasts.is_empty() && pasts.len() != seqs.len() {
+        return Err(LmError::Input(format!("{} KV caches for {} sequences", pasts.len(), seqs.len())));
     }
     let mut starts = Vec::with_capacity(seqs.len() + 1);
     starts.push(0usize);
     for (i, s) in seqs.iter().enumerate() {
+        let past = pasts.get(i).copied().unwrap_or(0);
         if s.is_empty() {
             return Err(name(i, "empty sequence".into()));
         }
@@ -63,8 +64,9 @@ pub(crate) fn layout_for((vocab, context): (usize, usize), seqs: &[&[u32]], cach
         }
         starts.push(starts[i] + s.len());
     }
-    let positions = seqs.iter().flat_map(|s| past..past + s.len()).collect();
-    Ok(Layout { starts, past, positions })
+    let pasts: Vec<usize> = if pasts.is_empty() { vec![0; seqs.len()] } else { pasts.to_vec() };
+    let positions = seqs.iter().zip(&pasts).flat_map(|(s, &past)| past..past + s.len()).collect();
+    Ok(Layout { starts, pasts, positions })
 }
 
 /// `out = layer_norm(x)` row by row (`g`, `b` of length `d`).
@@ -280,23 +282,22 @@ impl<'a> Heads<'a> {
 
 /// Causal multi-head attention over a packed batch, written to `out` (`rows × heads·head_dim`).
 /// Queries of sequence `s` are rows `starts[s]..` of `q`; its keys and values are rows
-/// `key_row0(s)..key_row0(s) + past + len` of `k` and `v`. Query `i` of a sequence sits at position
-/// `past + i` and sees keys up to it. One task per (sequence, head); scores are tiled by
+/// `row0..row0 + past + len` of the `(k, v, row0)` that `kv(s)` gives (`past` = `layout.pasts[s]`).
+/// Query `i` of a sequence sits at position `past + i` and sees keys up to it. One task per (sequence, head); scores are tiled by
 /// `QUERY_BLOCK` query rows and reach only the keys a tile can see.
 ///
 /// `group` query heads share each key/value head (grouped-query attention: query
 /// head `h` reads key/value head `h / group`) and, when given, a sliding `window`: a query at position
 /// `p` sees the keys at positions `p + 1 − window ..= p` only.
-pub(crate) fn attention(
-    (q, k, v): (Heads<'_>, Heads<'_>, Heads<'_>),
+pub(crate) fn attention<'a>(
+    q: Heads<'_>,
+    kv: &(dyn Fn(usize) -> (Heads<'a>, Heads<'a>, usize) + Sync),
     layout: &Layout,
-    key_row0: &(dyn Fn(usize) -> usize + Sync),
     (heads, group, hd): (usize, usize, usize),
     (window, scale): (Option<usize>, Option<f32>),
     out: &mut [f32],
 ) -> Result<()> {
     let d = heads * hd;
-    let past = layout.past;
     let scale = scale.unwrap_or(1.0 / (hd as f32).sqrt());
     // Head-major scratch: sequence s's region holds its heads one after another (len × hd each).
     let mut scratch = vec![0.0f32; out.len()];
@@ -312,8 +313,9 @@ pub(crate) fn attention(
     }
     let dev = Device::Cpu;
     tasks.into_par_iter().try_for_each(|(s, h, o)| -> Result<()> {
-        let len = layout.starts[s + 1] - layout.starts[s];
-        let (qm, km, vm) = (q.at(h, layout.starts[s]), k.at(h / group, key_row0(s)), v.at(h / group, key_row0(s)));
+        let (len, past) = (layout.starts[s + 1] - layout.starts[s], layout.pasts[s]);
+        let (k, v, row0) = kv(s);
+        let (qm, km, vm) = (q.at(h, layout.starts[s]), k.at(h / group, row0), v.at(h / group, row0));
         let mut scores = vec![0.0f32; QUERY_BLOCK.min(len) * (past + len)];
         for i0 in (0..len).step_by(QUERY_BLOCK) {
             let rows = QUERY_BLOCK.min(len - i0);
@@ -378,15 +380,24 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Appends layer `l`'s keys and values for new positions and returns all of them.
-    pub(crate) fn extend(&mut self, l: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+    /// Appends layer `l`'s keys and values for new positions.
+    pub(crate) fn extend(&mut self, l: usize, k: &[f32], v: &[f32]) {
         if self.layers.len() <= l {
             self.layers.resize_with(l + 1, Default::default);
         }
         let (ks, vs) = &mut self.layers[l];
         ks.extend_from_slice(k);
         vs.extend_from_slice(v);
-        (ks, vs)
+    }
+
+    /// Layer `l`'s keys and values (empty before the layer was extended).
+    pub(crate) fn layer(&self, l: usize) -> (&[f32], &[f32]) {
+        self.layers.get(l).map_or((&[], &[]), |(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
+    /// Bytes the keys and values take.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|(k, v)| (k.capacity() + v.capacity()) * std::mem::size_of::<f32>()).sum()
     }
 
     /// Records that `t` new positions went through every layer.

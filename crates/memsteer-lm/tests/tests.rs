@@ -194,6 +194,82 @@ fn llama_family_cached_decoding_equals_the_full_pass() {
 /// A GPT-NeoX with a `tokenizer.json` written by Python `tokenizers` (NFC normalizer, digits + byte-level
 /// pre-tokenizer sequence, template post-processor prepending `<|endoftext|>`, added `<|sep|>`): memsteer's
 /// tokenizer gives `tokenizers`' ids and decoded text, including for decomposed (non-NFC) input, and the
+
+/// A decoding step over several sequences at different positions, each continuing its own cache
+/// (what a server's continuous batch runs), gives every row exactly the hidden state that sequence
+/// gets alone, bit for bit: prompts and single tokens mixed in one pass, caches of different lengths,
+/// a window shorter than the longer sequences, and a sequence joining late.
+#[test]
+fn packed_steps_over_separate_caches_equal_each_sequence_alone() {
+    use memsteer_lm::KvCache;
+    for name in ["tiny-gpt2-f32", "tiny-neox-pythia-f16", "tiny-mistral-window", "tiny-gemma3", "tiny-olmo2"] {
+        let model = memsteer_lm::Model::load(&fixture(name)).expect("load");
+        let dec = model.decoder();
+        let (d, vocab) = (dec.dim(), dec.vocab() as u32);
+        let seqs: Vec<Vec<u32>> = (0..4).map(|s| (0..18).map(|i| (i * 37 + 11 * s + 5) % vocab).collect()).collect();
+        // Each sequence alone: its prompt, then one token at a time.
+        let prompt_len = [5usize, 1, 9, 3];
+        let alone: Vec<Vec<f32>> = seqs
+            .iter()
+            .zip(prompt_len)
+            .map(|(s, p)| {
+                let mut cache = KvCache::new();
+                let mut rows = dec.forward(&s[..p], &mut cache).expect("prompt");
+                for t in p..s.len() {
+                    rows.extend(dec.forward(&s[t..t + 1], &mut cache).expect("step"));
+                }
+                rows
+            })
+            .collect();
+        // Together: sequence 3 joins at step 4 with its whole prompt while the others decode.
+        let mut caches: Vec<KvCache> = (0..4).map(|_| KvCache::new()).collect();
+        let mut fed = [0usize; 4];
+        let mut got: Vec<Vec<f32>> = vec![Vec::new(); 4];
+        for step in 0..30 {
+            let active: Vec<usize> = (0..4).filter(|&s| (s != 3 || step >= 4) && fed[s] < seqs[s].len()).collect();
+            if active.is_empty() {
+                break;
+            }
+            let chunks: Vec<&[u32]> = active
+                .iter()
+                .map(|&s| {
+                    let n = if fed[s] == 0 { prompt_len[s] } else { 1 };
+                    &seqs[s][fed[s]..fed[s] + n]
+                })
+                .collect();
+            let mut refs: Vec<&mut KvCache> = Vec::new();
+            for (s, c) in caches.iter_mut().enumerate() {
+                if active.contains(&s) {
+                    refs.push(c);
+                }
+            }
+            let hidden = dec.forward_cached(&chunks, &mut refs).expect("packed step");
+            let mut at = 0;
+            for (&s, c) in active.iter().zip(&chunks) {
+                got[s].extend_from_slice(&hidden[at * d..(at + c.len()) * d]);
+                at += c.len();
+                fed[s] += c.len();
+            }
+        }
+        for s in 0..4 {
+            assert_eq!(got[s].len(), alone[s].len(), "{name}, sequence {s}");
+            let same = got[s].iter().zip(&alone[s]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{name}, sequence {s}: the packed step changed a hidden state");
+        }
+        assert!(alone[0] != alone[1], "{name}: different sequences differ");
+    }
+    // A cache per sequence, no more, no fewer; a step beyond the context names its sequence.
+    let model = memsteer_lm::Model::load(&fixture("tiny-gpt2-f32")).expect("load");
+    let dec = model.decoder();
+    let mut c = KvCache::new();
+    let err = dec.forward_cached(&[&[1], &[2]], &mut [&mut c]).unwrap_err().to_string();
+    assert!(err.contains("1 KV caches for 2 sequences"), "{err}");
+    let (mut a, mut b) = (KvCache::new(), KvCache::new());
+    let long: Vec<u32> = vec![1; dec.context()];
+    dec.forward_cached(&[&long, &[2]], &mut [&mut a, &mut b]).expect("fills the context");
+    let err = dec.forward_cached(&[&[1], &[2]], &mut [&mut a, &mut b]).unwrap_err().to_string();
+    assert!(err.contains("sequence 0") && err.contains("exceed the context"), "{err}");
+}
 /// log-probabilities of its ids are transformers'.
 #[test]
 fn neox_with_an_nfc_tokenizer_matches_tokenizers_and_transformers() {

@@ -654,7 +654,7 @@ impl Params {
                 LmError::Sequence { index: i, message }
             });
         }
-        crate::ops::layout_for((self.arch.vocab, self.arch.context), seqs, None)
+        crate::ops::layout_for((self.arch.vocab, self.arch.context), seqs, &[])
     }
 
     /// The forward pass: the runtime's block loop ([`crate::block::forward`]) on the recording

@@ -412,8 +412,8 @@ pub(crate) fn attention_forward(
     let off = arch.qkv_offsets();
     let fused = |base| Heads { data: qkv, row_stride: off.row, base, head_stride: off.head };
     let shape = (arch.heads, arch.heads / arch.kv_heads, arch.head_dim);
-    let qkv = (fused(off.q), fused(off.k), fused(off.v));
-    crate::ops::attention(qkv, layout, &|s| layout.starts[s], shape, (window, arch.attn_scale), ctx)
+    let kv = |s: usize| (fused(off.k), fused(off.v), layout.starts[s]);
+    crate::ops::attention(fused(off.q), &kv, layout, shape, (window, arch.attn_scale), ctx)
 }
 
 /// Backward of [`attention_forward`]: `dqkv` (overwritten, laid out as `qkv`, gradients with respect

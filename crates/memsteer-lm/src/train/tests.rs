@@ -166,7 +166,7 @@ fn rotary_backward_is_the_transpose() {
 fn attention_gradients() {
     let (heads, hd) = (2, 4);
     let d = heads * hd;
-    let layout = Layout { starts: vec![0, 3, 8], past: 0, positions: vec![0, 1, 2, 0, 1, 2, 3, 4] };
+    let layout = Layout { starts: vec![0, 3, 8], pasts: vec![0, 0], positions: vec![0, 1, 2, 0, 1, 2, 3, 4] };
     let n = 8;
     let qkv = randn(12, n * 3 * d, 1.0);
     let w = randn(13, n * d, 1.0);
@@ -225,7 +225,7 @@ fn gpt2_of(c: NeoXConfig) -> Gpt2Config {
 #[test]
 fn output_layer_gradients() {
     let (d, vocab) = (6, 11);
-    let layout = Layout { starts: vec![0, 4, 7], past: 0, positions: vec![0, 1, 2, 3, 0, 1, 2] };
+    let layout = Layout { starts: vec![0, 4, 7], pasts: vec![0, 0], positions: vec![0, 1, 2, 3, 0, 1, 2] };
     let tokens = [3u32, 10, 0, 3, 7, 7, 1];
     let hidden = randn(14, 7 * d, 1.0);
     let w = randn(15, vocab * d, 0.7);
