@@ -244,6 +244,15 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` without the post-processor's special tokens (`add_special_tokens=False`):
+    /// for text that already holds them, such as a rendered chat template.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .guard("tokenizing text", || self.inner.encode(text, false))?
+            .map_err(|e| tok_err(&self.source, format!("tokenizing text: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
     /// Runs `f`, turning a panic inside `tokenizers` (which it can raise on inconsistent files that
     /// the checks at load time do not catch) into an error naming the file.
     fn guard<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {

@@ -1,0 +1,162 @@
+//! What a server serves: the model, its tokenizer, end-of-sequence tokens and chat template, and the
+//! steers loaded for it (each checked against the model at start-up).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memsteer_lm::tokenizer::Tokenizer;
+use memsteer_steer::Steer;
+use serde_json::Value;
+
+use crate::ServeError;
+use crate::chat::ChatTemplate;
+
+/// A steer file under the name requests use.
+#[derive(Debug)]
+pub struct NamedSteer {
+    /// The name.
+    pub name: String,
+    /// The file.
+    pub path: PathBuf,
+    /// The steer.
+    pub steer: Arc<Steer>,
+}
+
+/// The model and everything loaded with it.
+#[derive(Debug)]
+pub struct Served {
+    /// The name `/v1/models` lists and requests may give.
+    pub name: String,
+    /// The model.
+    pub model: memsteer_lm::Model,
+    /// Its tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Tokens that end a generation (from `generation_config.json`, `config.json` and
+    /// `tokenizer_config.json`), inside the model's vocabulary.
+    pub eos: Vec<u32>,
+    /// The chat template, when the model has one.
+    pub chat: Option<ChatTemplate>,
+    /// The steers.
+    pub steers: Vec<NamedSteer>,
+    /// Unix time of loading (`created` in `/v1/models`).
+    pub created: u64,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, ServeError> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ServeError::Load(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map(Some).map_err(|e| ServeError::Load(format!("{}: not JSON: {e}", path.display())))
+}
+
+/// A special token as `tokenizer_config.json` writes it: a string or `{"content": …}`.
+pub(crate) fn special_token(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+        _ => None,
+    }
+}
+
+impl Served {
+    /// Loads the model in `dir` with its tokenizer and the steers `(name, file)`; a steer made for
+    /// another model, a duplicate name or a missing tokenizer is an error naming it.
+    pub fn load(dir: &Path, steers: &[(String, PathBuf)], name: Option<String>) -> Result<Self, ServeError> {
+        let model = memsteer_lm::Model::load(dir).map_err(|e| ServeError::Load(format!("{}: {e}", dir.display())))?;
+        if !memsteer_lm::tokenizer::present_in(dir) {
+            return Err(ServeError::Load(format!(
+                "{}: no tokenizer (tokenizer.json, or vocab.json + merges.txt); the server reads and writes text",
+                dir.display()
+            )));
+        }
+        let tokenizer = Tokenizer::from_dir(dir).map_err(|e| ServeError::Load(e.to_string()))?;
+        let dec = model.decoder();
+        let tokenizer_config = read_json(&dir.join("tokenizer_config.json"))?;
+        // End-of-sequence ids from every file that names them.
+        let mut eos: Vec<u32> = Vec::new();
+        for file in ["generation_config.json", "config.json"] {
+            if let Some(v) = read_json(&dir.join(file))? {
+                match v.get("eos_token_id") {
+                    Some(Value::Number(n)) => eos.extend(n.as_u64().map(|x| x as u32)),
+                    Some(Value::Array(a)) => eos.extend(a.iter().filter_map(Value::as_u64).map(|x| x as u32)),
+                    _ => {}
+                }
+            }
+        }
+        let eos_text = special_token(tokenizer_config.as_ref().and_then(|c| c.get("eos_token")));
+        if let Some(id) = eos_text.as_deref().and_then(|t| tokenizer.token_to_id(t)) {
+            eos.push(id);
+        }
+        eos.retain(|&id| (id as usize) < dec.vocab());
+        eos.sort_unstable();
+        eos.dedup();
+        let chat = ChatTemplate::load(dir, tokenizer_config.as_ref())?;
+        let mut loaded: Vec<NamedSteer> = Vec::new();
+        for (steer_name, path) in steers {
+            if steer_name.is_empty() || loaded.iter().any(|s| &s.name == steer_name) {
+                return Err(ServeError::Load(format!(
+                    "--steer {steer_name}={}: steer names must be non-empty and distinct",
+                    path.display()
+                )));
+            }
+            let steer = Steer::load_for(path, dec).map_err(|e| {
+                ServeError::Load(format!("--steer {steer_name}={}: {e} (made for another model?)", path.display()))
+            })?;
+            if steer.labels().is_empty() {
+                return Err(ServeError::Load(format!(
+                    "--steer {steer_name}={}: the steer has no labelled steer to set a strength on",
+                    path.display()
+                )));
+            }
+            loaded.push(NamedSteer { name: steer_name.clone(), path: path.clone(), steer: Arc::new(steer) });
+        }
+        let name = name.unwrap_or_else(|| {
+            dir.canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "model".into())
+        });
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        Ok(Self { name, model, tokenizer, eos, chat, steers: loaded, created })
+    }
+
+    /// The model's context length.
+    pub fn context(&self) -> usize {
+        self.model.decoder().context()
+    }
+
+    /// The model's vocabulary size.
+    pub fn vocab(&self) -> usize {
+        self.model.decoder().vocab()
+    }
+
+    /// The text of one token (as OpenAI's log-probabilities show tokens).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tokenizer.decode(&[id]).unwrap_or_default()
+    }
+
+    /// `token`'s log-probability under `logits` at temperature 1 and the `top` most likely tokens.
+    pub fn logprob(&self, logits: &[f32], token: u32, top: usize) -> crate::engine::TokenLogprob {
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let z: f64 = logits.iter().map(|&x| f64::from(x - m).exp()).sum();
+        let lz = f64::from(m) + z.ln();
+        let lp = |x: f32| (f64::from(x) - lz) as f32;
+        let mut best: Vec<usize> = Vec::new();
+        if top > 0 {
+            let mut idx: Vec<usize> = (0..logits.len()).collect();
+            let k = top.min(idx.len());
+            idx.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            idx.truncate(k);
+            idx.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            best = idx;
+        }
+        crate::engine::TokenLogprob {
+            token: self.token_text(token),
+            logprob: lp(logits[token as usize]),
+            top: best.into_iter().map(|i| (self.token_text(i as u32), lp(logits[i]))).collect(),
+        }
+    }
+}
