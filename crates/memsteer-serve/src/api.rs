@@ -368,7 +368,10 @@ pub fn plan(
     };
     let n = c.n.unwrap_or(1);
     if n == 0 || prompts.len().saturating_mul(n as usize) > MAX_CHOICES {
-        return Err(invalid("n", format!("`n` × prompts must be between 1 and {MAX_CHOICES}, found {n} × {}", prompts.len())));
+        return Err(invalid(
+            "n",
+            format!("`n` × prompts must be between 1 and {MAX_CHOICES}, found {n} × {}", prompts.len()),
+        ));
     }
     for (name, v) in [("presence_penalty", c.presence_penalty), ("frequency_penalty", c.frequency_penalty)] {
         if v.is_some_and(|v| v != 0.0) {

@@ -156,7 +156,9 @@ mod tests {
         let msgs = serde_json::json!([{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"}]);
         // What Python's Jinja2 renders with transformers' settings (trim_blocks, lstrip_blocks).
         assert_eq!(t.render(&msgs).unwrap(), "<s><|system|>Be brief.</s>\n<|user|>Hi</s>\n<|assistant|>");
-        let strict = template("{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}ok");
+        let strict = template(
+            "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations must start with the user') }}{% endif %}ok",
+        );
         assert_eq!(strict.render(&msgs).unwrap_err(), "Conversations must start with the user");
         let dated = template("{{ strftime_now('%Y-%m-%d') }}");
         let today = dated.render(&msgs).unwrap();

@@ -14,8 +14,8 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use memsteer_kernels::{Device, matmul_transposed};
-use memsteer_lm::sample::{SamplingConfig, sample};
 use memsteer_lm::KvCache;
+use memsteer_lm::sample::{SamplingConfig, sample};
 use memsteer_panel::rng::SplitMix64;
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;

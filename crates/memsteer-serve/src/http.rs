@@ -94,7 +94,8 @@ fn respond(metrics: &Metrics, endpoint: &str, r: Result<Response, ApiError>) -> 
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(key) = &app.api_key else { return Ok(()) };
-    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given.map(str::trim) == Some(key.as_str()) {
         return Ok(());
     }
@@ -357,7 +358,13 @@ impl Head {
         json!({"id": self.id, "object": object, "created": self.created, "model": self.model, "choices": choices})
     }
 
-    fn chunk(&self, index: usize, delta: Option<&str>, logprob: Option<&TokenLogprob>, finish: Option<Finish>) -> Value {
+    fn chunk(
+        &self,
+        index: usize,
+        delta: Option<&str>,
+        logprob: Option<&TokenLogprob>,
+        finish: Option<Finish>,
+    ) -> Value {
         let lp = logprob.map(|l| logprobs_json(self.kind, std::slice::from_ref(l)));
         let finish = finish.map(Finish::as_str);
         let choice = match self.kind {

@@ -119,7 +119,13 @@ fn streamed_texts(events: &[Value], choices: usize, chat: bool) -> Vec<String> {
 
 /// What `steer generate` (its per-sample cached decoding) gives for `prompt` with the steer at
 /// `strength`, decoded.
-fn reference(dir: &Path, steer: &Path, prompt: &str, strength: f32, (max, temperature, seed): (usize, f32, u64)) -> String {
+fn reference(
+    dir: &Path,
+    steer: &Path,
+    prompt: &str,
+    strength: f32,
+    (max, temperature, seed): (usize, f32, u64),
+) -> String {
     let model = memsteer_lm::Model::load(dir).unwrap();
     let tok = Tokenizer::from_dir(dir).unwrap();
     let s = Steer::load(steer).unwrap();
@@ -157,7 +163,8 @@ fn completions_equal_steer_generate_at_every_strength() {
     // The dial changes the text (the comparison is not between constants).
     assert!(seen[0] != seen[2] || seen[2] != seen[4], "{seen:?}");
     // Without the field: the base model; at strength 0 the same.
-    let (_, base) = post(&server, "/v1/completions", r#"{"prompt": "The cat sat", "max_tokens": 12, "temperature": 0}"#);
+    let (_, base) =
+        post(&server, "/v1/completions", r#"{"prompt": "The cat sat", "max_tokens": 12, "temperature": 0}"#);
     assert_eq!(base["choices"][0]["text"].as_str().unwrap(), seen[2]);
     server.shutdown().unwrap();
 }
@@ -345,7 +352,12 @@ fn bad_requests_get_openai_errors_and_never_hurt_the_server() {
         (r#"{"prompt": "x", "top_k": -3}"#, 400, "top_k", Some("top_k")),
         (r#"{"prompt": "x", "n": 0}"#, 400, "`n`", Some("n")),
         (r#"{"prompt": "x", "n": 500}"#, 400, "`n`", Some("n")),
-        (r#"{"prompt": "x", "frobnicate": 1}"#, 400, "Unrecognized request argument supplied: frobnicate", Some("frobnicate")),
+        (
+            r#"{"prompt": "x", "frobnicate": 1}"#,
+            400,
+            "Unrecognized request argument supplied: frobnicate",
+            Some("frobnicate"),
+        ),
         (r#"{"prompt": "x", "presence_penalty": 0.5}"#, 400, "not supported", Some("presence_penalty")),
         (r#"{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}"#, 400, "at most 4", Some("stop")),
         (r#"{"prompt": "x", "stop": [""]}"#, 400, "non-empty", Some("stop")),
@@ -360,7 +372,12 @@ fn bad_requests_get_openai_errors_and_never_hurt_the_server() {
         (r#"{"prompt": [99999]}"#, 400, "outside the model's vocabulary", Some("prompt")),
         (r#"{"prompt": [1, 2], "max_tokens": 40}"#, 200, "", None),
         (r#"{"model": "gpt-4", "prompt": "x"}"#, 404, "does not exist", Some("model")),
-        (r#"{"prompt": "x", "steer": [{"name": "casual", "strength": 1}]}"#, 400, "loaded: formal", Some("steer[0].name")),
+        (
+            r#"{"prompt": "x", "steer": [{"name": "casual", "strength": 1}]}"#,
+            400,
+            "loaded: formal",
+            Some("steer[0].name"),
+        ),
         (r#"{"prompt": "x", "steer": [{"name": "formal"}]}"#, 400, "strength", Some("steer[0]")),
         (r#"{"prompt": "x", "steer": [{"name": "formal", "strength": 1, "x": 2}]}"#, 400, "x", Some("steer[0].x")),
     ];
@@ -408,7 +425,11 @@ fn bad_requests_get_openai_errors_and_never_hurt_the_server() {
         let mut r = agent().post(&url).header("Content-Type", "application/json").send(&bytes[..]).unwrap();
         let status = r.status().as_u16();
         let text = r.body_mut().read_to_string().unwrap();
-        assert!(status == 200 || (400..500).contains(&status), "{status} for {:?}: {text}", String::from_utf8_lossy(&bytes));
+        assert!(
+            status == 200 || (400..500).contains(&status),
+            "{status} for {:?}: {text}",
+            String::from_utf8_lossy(&bytes)
+        );
         if status != 200 {
             let v: Value = serde_json::from_str(&text).unwrap();
             assert!(v["error"]["message"].is_string());
@@ -476,7 +497,13 @@ fn a_client_that_goes_away_frees_its_row_and_shutdown_finishes_requests() {
     let cancelled = (0..200).find_map(|_| {
         std::thread::sleep(Duration::from_millis(20));
         let (_, m) = get(&server, "/metrics");
-        let n = m.lines().find(|l| l.starts_with("memsteer_cancelled_rows_total"))?.split(' ').nth(1)?.parse::<u64>().ok()?;
+        let n = m
+            .lines()
+            .find(|l| l.starts_with("memsteer_cancelled_rows_total"))?
+            .split(' ')
+            .nth(1)?
+            .parse::<u64>()
+            .ok()?;
         (n > 0).then_some(n)
     });
     assert_eq!(cancelled, Some(1));
