@@ -50,6 +50,9 @@ pub enum Command {
     /// LM-Steer: train a steer, generate with it, explain, highlight, evaluate and transfer it.
     #[command(after_help = "Guide: docs/guide/3-steer.md")]
     Steer(steer::SteerArgs),
+    /// An OpenAI-compatible server for steered generation: steers and strengths chosen per request.
+    #[command(after_help = "Guide: docs/guide/5-serve.md")]
+    Serve(memsteer_serve::cli::ServeArgs),
 }
 
 /// Parses `args` (the program name first, as `std::env::args` gives it) and runs the command: for
@@ -175,5 +178,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logprobs(args) => logprobs::run(&args).map(|_| ()),
         Command::Train(args) => train::run(&args).map(|_| ()),
         Command::Steer(args) => steer::run(&args),
+        Command::Serve(args) => memsteer_serve::cli::run(&args, cli.threads),
     }
 }

@@ -5,6 +5,7 @@ mod errors;
 mod guide;
 mod logprobs;
 mod profile;
+mod serve;
 mod steer;
 mod steer_eval;
 mod train;

@@ -191,10 +191,6 @@ fn llama_family_cached_decoding_equals_the_full_pass() {
     }
 }
 
-/// A GPT-NeoX with a `tokenizer.json` written by Python `tokenizers` (NFC normalizer, digits + byte-level
-/// pre-tokenizer sequence, template post-processor prepending `<|endoftext|>`, added `<|sep|>`): memsteer's
-/// tokenizer gives `tokenizers`' ids and decoded text, including for decomposed (non-NFC) input, and the
-
 /// A decoding step over several sequences at different positions, each continuing its own cache
 /// (what a server's continuous batch runs), gives every row exactly the hidden state that sequence
 /// gets alone, bit for bit: prompts and single tokens mixed in one pass, caches of different lengths,
@@ -270,6 +266,10 @@ fn packed_steps_over_separate_caches_equal_each_sequence_alone() {
     let err = dec.forward_cached(&[&[1], &[2]], &mut [&mut a, &mut b]).unwrap_err().to_string();
     assert!(err.contains("sequence 0") && err.contains("exceed the context"), "{err}");
 }
+
+/// A GPT-NeoX with a `tokenizer.json` written by Python `tokenizers` (NFC normalizer, digits + byte-level
+/// pre-tokenizer sequence, template post-processor prepending `<|endoftext|>`, added `<|sep|>`): memsteer's
+/// tokenizer gives `tokenizers`' ids and decoded text, including for decomposed (non-NFC) input, and the
 /// log-probabilities of its ids are transformers'.
 #[test]
 fn neox_with_an_nfc_tokenizer_matches_tokenizers_and_transformers() {

@@ -135,7 +135,8 @@ pub struct StreamOptions {
 pub struct SteerRequest {
     /// A steer name the server loaded.
     pub name: String,
-    /// Its strength (the labelled steer's ε multiplier; 0 is the base model).
+    /// Its strength: the labelled steer's ε multiplier (the file's dummy steer stays at 1, as in
+    /// `steer generate`, so 0 is not the base model: leave the steer out for that).
     pub strength: f64,
 }
 

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod chat;
+pub mod cli;
 pub mod engine;
 mod http;
 pub mod metrics;
