@@ -81,3 +81,40 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, u: f64) -> Result<usize, Non
     }
     Ok(dist.last().map_or(0, |d| d.0))
 }
+
+/// [`sample`] with the tokens `excluded` (sorted ascending) never drawn, as when a model's embedding
+/// has more rows than its tokenizer has tokens; the other logits must be finite, and at least one
+/// token must remain. With nothing excluded it is [`sample`].
+pub fn sample_excluding(
+    logits: &[f32],
+    cfg: &SamplingConfig,
+    u: f64,
+    excluded: &[u32],
+) -> Result<usize, NonFiniteLogit> {
+    if excluded.is_empty() {
+        return sample(logits, cfg, u);
+    }
+    let is_excluded = |i: usize| u32::try_from(i).is_ok_and(|i| excluded.binary_search(&i).is_ok());
+    if let Some((token, &value)) = logits.iter().enumerate().find(|&(i, x)| !x.is_finite() && !is_excluded(i)) {
+        return Err(NonFiniteLogit { token, value });
+    }
+    let mut masked = logits.to_vec();
+    for &id in excluded {
+        if let Some(x) = masked.get_mut(id as usize) {
+            *x = f32::NEG_INFINITY;
+        }
+    }
+    if masked.iter().all(|&x| x == f32::NEG_INFINITY) {
+        return Err(NonFiniteLogit { token: 0, value: f32::NEG_INFINITY });
+    }
+    // Excluded tokens have probability 0; drop them so that rounding never falls through to one.
+    let dist: Vec<(usize, f64)> = distribution(&masked, cfg).into_iter().filter(|&(_, p)| p > 0.0).collect();
+    let mut acc = 0.0;
+    for &(tok, p) in &dist {
+        acc += p;
+        if u < acc {
+            return Ok(tok);
+        }
+    }
+    Ok(dist.last().map_or(0, |d| d.0))
+}

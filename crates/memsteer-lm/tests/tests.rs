@@ -708,7 +708,7 @@ mod tokenizer {
 }
 
 mod generation {
-    use memsteer_lm::sample::{SamplingConfig, distribution, sample};
+    use memsteer_lm::sample::{SamplingConfig, distribution, sample, sample_excluding};
     use memsteer_lm::{KvCache, Model};
 
     fn lm(name: &str) -> Model {
@@ -734,6 +734,31 @@ mod generation {
             let e = m.next_logits(&[1; 20], &mut cache).expect_err("context").to_string();
             assert!(e.contains("exceed the context"), "{e}");
         }
+    }
+
+    /// Excluded tokens are never drawn, whatever their logits and whatever `u`; the others keep their
+    /// relative odds; nothing excluded is plain `sample`; a non-finite logit elsewhere is still refused.
+    #[test]
+    fn excluded_tokens_are_never_drawn() {
+        let logits = [1.0f32, 9.0, 2.0, 0.5, f32::NAN];
+        let hot = SamplingConfig { temperature: 1.5, ..SamplingConfig::default() };
+        let greedy = SamplingConfig { temperature: 0.0, ..SamplingConfig::default() };
+        let excluded = [1u32, 4];
+        let mut counts = [0usize; 5];
+        for i in 0..1000 {
+            let u = (f64::from(i) + 0.5) / 1000.0;
+            counts[sample_excluding(&logits, &hot, u, &excluded).expect("draw")] += 1;
+        }
+        assert_eq!((counts[1], counts[4]), (0, 0), "{counts:?}");
+        assert!(counts[2] > counts[0] && counts[0] > counts[3] && counts[3] > 0, "{counts:?}");
+        assert_eq!(sample_excluding(&logits, &greedy, 0.5, &excluded), Ok(2));
+        assert_eq!(sample_excluding(&logits, &hot, 1.0, &excluded).map(|t| t != 1 && t != 4), Ok(true));
+        let finite = [1.0f32, 3.0, 2.0];
+        for u in [0.0, 0.3, 0.7, 0.999] {
+            assert_eq!(sample_excluding(&finite, &hot, u, &[]), sample(&finite, &hot, u));
+        }
+        assert!(sample_excluding(&logits, &hot, 0.5, &[1]).is_err(), "the NaN at 4 is not excluded");
+        assert!(sample_excluding(&finite, &hot, 0.5, &[0, 1, 2]).is_err(), "nothing left to draw");
     }
 
     #[test]

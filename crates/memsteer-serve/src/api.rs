@@ -49,6 +49,10 @@ fn invalid(param: &str, message: impl Into<String>) -> ApiError {
     ApiError::invalid(Some(param.to_string()), message)
 }
 
+/// The largest strength a request may give a steer (larger ones overflow the hidden state into
+/// infinities).
+pub const MAX_STRENGTH: f64 = 1e6;
+
 /// The fields both endpoints take.
 const COMMON_FIELDS: [&str; 16] = [
     "model",
@@ -406,10 +410,22 @@ pub fn plan(
             let loaded = if names.is_empty() { "none".to_string() } else { names.join(", ") };
             return Err(invalid(&format!("steer[{i}].name"), format!("unknown steer {:?}; loaded: {loaded}", s.name)));
         };
-        if !s.strength.is_finite() {
-            return Err(invalid(&format!("steer[{i}].strength"), "the strength must be a finite number"));
+        if !s.strength.is_finite() || s.strength.abs() > MAX_STRENGTH {
+            return Err(invalid(
+                &format!("steer[{i}].strength"),
+                format!(
+                    "the strength must be a number between -{MAX_STRENGTH} and {MAX_STRENGTH}, found {}",
+                    s.strength
+                ),
+            ));
         }
         *by_steer.entry(k).or_default() += s.strength;
+    }
+    if let Some((k, sum)) = by_steer.iter().find(|(_, v)| v.abs() > MAX_STRENGTH) {
+        return Err(invalid(
+            "steer",
+            format!("the strengths of steer {:?} add up to {sum}, beyond ±{MAX_STRENGTH}", served.steers[*k].name),
+        ));
     }
     let mut steers = Vec::new();
     for (k, strength) in by_steer {
@@ -429,6 +445,12 @@ pub fn plan(
         }
         if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
             return Err(invalid(&param, format!("token id {t} is outside the model's vocabulary of {vocab}")));
+        }
+        if prompt.len() > context {
+            return Err(invalid(
+                &param,
+                format!("{} prompt tokens exceed the model's context of {context} positions", prompt.len()),
+            ));
         }
         let room = (context + 1).saturating_sub(prompt.len());
         let max = match c.max_tokens.or(default_max) {

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use memsteer_kernels::{Device, matmul_transposed};
 use memsteer_lm::KvCache;
-use memsteer_lm::sample::{SamplingConfig, sample};
+use memsteer_lm::sample::{SamplingConfig, sample_excluding};
 use memsteer_panel::rng::SplitMix64;
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
@@ -232,7 +232,10 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
             continue;
         }
         metrics.batch(active.len());
-        if let Err(message) = step(served, &mut active, metrics) {
+        // A panic in a step fails that step's requests, not the server.
+        let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(served, &mut active, metrics)))
+            .unwrap_or_else(|_| Err("internal error in a decoding step (see the server's log)".to_string()));
+        if let Err(message) = stepped {
             for r in &mut active {
                 let _ = r.events.send(Event::Failed(message.clone()));
                 r.done = true;
@@ -286,7 +289,8 @@ fn step(served: &Served, rows: &mut [Row], metrics: &Metrics) -> Result<(), Stri
 /// Samples a row's next token from its logits, sends its text and ends it when it is done.
 fn advance(served: &Served, r: &mut Row, logits: &[f32], now: Instant, metrics: &Metrics) {
     let choice = r.spec.choice;
-    let token = match sample(logits, &r.spec.sampling, r.rng.uniform()) {
+    // Ids the tokenizer cannot decode (padded embedding rows) are never sampled.
+    let token = match sample_excluding(logits, &r.spec.sampling, r.rng.uniform(), &served.undecodable) {
         Ok(t) => t as u32,
         Err(e) => {
             let _ = r.events.send(Event::Failed(format!("choice {choice}, token {}: {e}", r.generated.len())));
@@ -328,11 +332,16 @@ fn advance(served: &Served, r: &mut Row, logits: &[f32], now: Instant, metrics: 
         // Hold back an incomplete character and a tail that may begin a stop string.
         None => safe_end(&text, &r.spec.stop),
     };
-    let delta = if upto > r.sent.len() && text.starts_with(r.sent.as_str()) {
-        text[r.sent.len()..upto].to_string()
-    } else {
-        String::new()
-    };
+    if !text.starts_with(r.sent.as_str()) {
+        // Decoding more tokens rewrote text already sent: say so rather than send a cut text.
+        let _ = r.events.send(Event::Failed(format!(
+            "choice {choice}: the tokenizer's decoding of {} tokens no longer begins with the text already sent",
+            visible.len()
+        )));
+        r.done = true;
+        return;
+    }
+    let delta = if upto > r.sent.len() { text[r.sent.len()..upto].to_string() } else { String::new() };
     r.sent.push_str(&delta);
     let _ = r.events.send(Event::Token { choice, text: delta, logprob });
     if let Some(finish) = finish {

@@ -138,7 +138,16 @@ impl Server {
                         if signals {
                             tokio::select! {
                                 _ = stop_rx => {}
-                                _ = http::signal() => {}
+                                _ = http::signal() => {
+                                    eprintln!(
+                                        "memsteer serve: stopping after the requests in flight; a second Ctrl-C (or SIGTERM) exits now"
+                                    );
+                                    tokio::spawn(async {
+                                        http::signal().await;
+                                        eprintln!("memsteer serve: exiting without finishing the requests in flight");
+                                        std::process::exit(130);
+                                    });
+                                }
                             }
                         } else {
                             let _ = stop_rx.await;

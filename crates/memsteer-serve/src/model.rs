@@ -40,6 +40,9 @@ pub struct Served {
     pub steers: Vec<NamedSteer>,
     /// Unix time of loading (`created` in `/v1/models`).
     pub created: u64,
+    /// Ids of the model's vocabulary that the tokenizer cannot decode (padded embedding rows, as
+    /// Pythia's 50,304 rows for 50,277 tokens): never sampled.
+    pub undecodable: Vec<u32>,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, ServeError> {
@@ -118,7 +121,15 @@ impl Served {
                 .unwrap_or_else(|| "model".into())
         });
         let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        Ok(Self { name, model, tokenizer, eos, chat, steers: loaded, created })
+        let undecodable: Vec<u32> = (0..dec.vocab() as u32).filter(|&id| tokenizer.id_to_token(id).is_none()).collect();
+        if undecodable.len() == dec.vocab() {
+            return Err(ServeError::Load(format!(
+                "{}: the tokenizer decodes none of the model's {} token ids",
+                dir.display(),
+                dec.vocab()
+            )));
+        }
+        Ok(Self { name, model, tokenizer, eos, chat, steers: loaded, created, undecodable })
     }
 
     /// The model's context length.

@@ -121,16 +121,21 @@ fn streamed_texts(events: &[Value], choices: usize, chat: bool) -> Vec<String> {
 /// `strength`, decoded.
 fn reference(
     dir: &Path,
-    steer: &Path,
+    steer: Option<&Path>,
     prompt: &str,
     strength: f32,
     (max, temperature, seed): (usize, f32, u64),
 ) -> String {
     let model = memsteer_lm::Model::load(dir).unwrap();
     let tok = Tokenizer::from_dir(dir).unwrap();
-    let s = Steer::load(steer).unwrap();
-    let strengths = s.strengths(&[strength]).unwrap();
-    let set = SteerSet::new(vec![(s, strengths)]);
+    let set = match steer {
+        Some(steer) => {
+            let s = Steer::load(steer).unwrap();
+            let strengths = s.strengths(&[strength]).unwrap();
+            SteerSet::new(vec![(s, strengths)])
+        }
+        None => SteerSet::new(Vec::new()),
+    };
     let ids = tok.encode(prompt).unwrap();
     let cfg = SamplingConfig { temperature, top_k: None, top_p: None };
     // The server seeds choice j of prompt p as `steer generate` seeds sample j of prompt id p.
@@ -152,7 +157,7 @@ fn completions_equal_steer_generate_at_every_strength() {
             let (status, v) = post(&server, "/v1/completions", &body.to_string());
             assert_eq!(status, 200, "{v}");
             let text = v["choices"][0]["text"].as_str().unwrap().to_string();
-            let want = reference(dir.path(), &steer, "The cat sat", strength, (12, temperature, seed));
+            let want = reference(dir.path(), Some(&steer), "The cat sat", strength, (12, temperature, seed));
             assert_eq!(text, want, "strength {strength}, temperature {temperature}");
             assert_eq!(v["choices"][0]["finish_reason"], "length");
             assert_eq!(v["usage"]["completion_tokens"], 12);
@@ -162,10 +167,15 @@ fn completions_equal_steer_generate_at_every_strength() {
     }
     // The dial changes the text (the comparison is not between constants).
     assert!(seen[0] != seen[2] || seen[2] != seen[4], "{seen:?}");
-    // Without the field: the base model; at strength 0 the same.
-    let (_, base) =
-        post(&server, "/v1/completions", r#"{"prompt": "The cat sat", "max_tokens": 12, "temperature": 0}"#);
-    assert_eq!(base["choices"][0]["text"].as_str().unwrap(), seen[2]);
+    // Without the field: the base model (strength 0 keeps the dummy steer, so it is not the base).
+    let body = r#"{"prompt": "The cat sat", "max_tokens": 12, "temperature": 0, "ignore_eos": true}"#;
+    let (_, base) = post(&server, "/v1/completions", body);
+    let want = reference(dir.path(), None, "The cat sat", 0.0, (12, 0.0, 0));
+    assert_eq!(base["choices"][0]["text"].as_str().unwrap(), want);
+    // A strength beyond the bound is refused, not turned into infinities.
+    let body = r#"{"prompt": "x", "steer": [{"name": "style", "strength": 1e30}]}"#;
+    let (status, v) = post(&server, "/v1/completions", body);
+    assert_eq!((status, v["error"]["param"].as_str()), (400, Some("steer[0].strength")), "{v}");
     server.shutdown().unwrap();
 }
 
@@ -494,19 +504,17 @@ fn a_client_that_goes_away_frees_its_row_and_shutdown_finishes_requests() {
         let mut buf = [0u8; 64];
         let _ = reader.read(&mut buf).unwrap();
     }
+    let counter = |name: &str| {
+        let (_, m) = get(&server, "/metrics");
+        m.lines().find(|l| l.starts_with(name)).and_then(|l| l.split(' ').nth(1)?.parse::<u64>().ok()).unwrap_or(0)
+    };
     let cancelled = (0..200).find_map(|_| {
         std::thread::sleep(Duration::from_millis(20));
-        let (_, m) = get(&server, "/metrics");
-        let n = m
-            .lines()
-            .find(|l| l.starts_with("memsteer_cancelled_rows_total"))?
-            .split(' ')
-            .nth(1)?
-            .parse::<u64>()
-            .ok()?;
+        let n = counter("memsteer_cancelled_rows_total");
         (n > 0).then_some(n)
     });
     assert_eq!(cancelled, Some(1));
+    let accepted = counter("memsteer_prompt_tokens_total");
     // Shutdown while a request runs: it finishes with all its tokens.
     let pending = std::thread::spawn(move || {
         let body = json!({"prompt": "y", "max_tokens": 60, "ignore_eos": true});
@@ -514,8 +522,35 @@ fn a_client_that_goes_away_frees_its_row_and_shutdown_finishes_requests() {
         let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
         v["usage"]["completion_tokens"].as_u64()
     });
-    std::thread::sleep(Duration::from_millis(50));
+    // Shut down once the request is in (its prompt counted).
+    assert!((0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(10));
+        counter("memsteer_prompt_tokens_total") > accepted
+    }));
     server.shutdown().unwrap();
     assert_eq!(pending.join().unwrap(), Some(60));
     assert!(std::net::TcpStream::connect(addr).is_err(), "still accepting after shutdown");
+}
+
+#[test]
+fn ids_the_tokenizer_cannot_decode_are_never_sampled() {
+    // A model of 1,256 ids whose tokenizer knows ten words (as Pythia pads its embedding past its
+    // tokenizer): sampling at temperature 1 would almost always draw an unknown id.
+    let dir = model_dir(false);
+    let vocab: serde_json::Map<String, Value> = (0..10).map(|i| (format!("w{i}"), json!(i))).collect();
+    let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+    let server = start(dir.path(), |_| {});
+    let body = r#"{"prompt": "w1 w2", "max_tokens": 30, "temperature": 1.5, "seed": 3, "n": 4}"#;
+    let (status, v) = post(&server, "/v1/completions", body);
+    assert_eq!(status, 200, "{v}");
+    for c in v["choices"].as_array().unwrap() {
+        let words: Vec<&str> = c["text"].as_str().unwrap().split_whitespace().collect();
+        assert_eq!(words.len(), 30, "{c}");
+        assert!(words.iter().all(|w| w.len() == 2 && w.starts_with('w')), "{c}");
+    }
+    server.shutdown().unwrap();
 }
