@@ -98,8 +98,9 @@ fn run_page(page: &Path, dir: &Path) -> (usize, usize) {
             }
         };
         for line in commands(&body) {
-            // Cargo commands, and clients of a server a page starts (in blocks that do not run).
-            if line.starts_with("cargo ") || (!run && line.starts_with("curl ")) {
+            // Cargo commands, and (in blocks that do not run) a server's clients and Python installs.
+            let client = ["curl ", "pip ", "python "].iter().any(|c| line.starts_with(c));
+            if line.starts_with("cargo ") || (!run && client) {
                 continue;
             }
             assert!(line.starts_with("memsteer "), "{name}: `{line}` is neither a memsteer nor a cargo command");

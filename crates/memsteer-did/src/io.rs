@@ -79,7 +79,25 @@ pub fn write_outputs(
         write_file(dir.join("att.csv"), |w| write_att_csv(profile, w))?,
         write_file(dir.join("path.csv"), |w| write_path_csv(profile, w))?,
     ];
-    let summary = SummaryFile {
+    files.push(write_json(dir.join("summary.json"), &summary_file(panel, profile, cfg, read))?);
+    let diagnostics = diagnostics_with(profile, read_warnings);
+    files.push(write_json(dir.join("diagnostics.json"), &diagnostics)?);
+    Ok((files, diagnostics))
+}
+
+/// What `summary.json` holds, as JSON text (the file's content without its last newline).
+pub fn summary_json(panel: &str, profile: &Profile, cfg: &ProfileConfig, read: &ReadSummary) -> String {
+    serde_json::to_string_pretty(&summary_file(panel, profile, cfg, read))
+        .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()))
+}
+
+fn summary_file<'a>(
+    panel: &'a str,
+    profile: &'a Profile,
+    cfg: &'a ProfileConfig,
+    read: &'a ReadSummary,
+) -> SummaryFile<'a> {
+    SummaryFile {
         memsteer_version: env!("CARGO_PKG_VERSION"),
         format_version: 1,
         panel,
@@ -99,12 +117,14 @@ pub fn write_outputs(
         residual: profile.residual,
         per_cohort: &profile.per_cohort,
         read,
-    };
-    files.push(write_json(dir.join("summary.json"), &summary)?);
+    }
+}
+
+/// The profile's diagnostics as `diagnostics.json` holds them: the reader's `read_warnings` first.
+pub fn diagnostics_with(profile: &Profile, read_warnings: &[String]) -> Diagnostics {
     let mut diagnostics = profile.diagnostics.clone();
     diagnostics.warnings.splice(0..0, read_warnings.iter().cloned());
-    files.push(write_json(dir.join("diagnostics.json"), &diagnostics)?);
-    Ok((files, diagnostics))
+    diagnostics
 }
 
 /// Header of `att.csv`.

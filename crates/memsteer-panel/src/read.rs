@@ -183,6 +183,9 @@ mod parquet;
 #[cfg(feature = "parquet")]
 pub(crate) use parquet::write as write_parquet;
 
+#[cfg(feature = "parquet")]
+pub use parquet::read_batches;
+
 /// Reads a long CSV panel from a file.
 pub fn read_csv(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadReport)> {
     let bytes =
@@ -541,6 +544,38 @@ impl<'a> Parser<'a> {
                 out.ids.len() - 1
             }
         };
+        self.push_local(out, local, line_no, treatment, (step, outcome))
+    }
+
+    /// [`Self::push_row`] for an id that `own` makes owned only when it starts a new run of rows
+    /// (record batches, whose buffers do not outlive the chunk).
+    pub(crate) fn push_row_with(
+        &self,
+        out: &mut Chunk<'a>,
+        line_no: usize,
+        (id, own): (&[u8], impl FnOnce() -> Cow<'a, [u8]>),
+        treatment: Option<u64>,
+        (step, outcome): (u64, f64),
+    ) -> Result<()> {
+        let local = match out.ids.last() {
+            Some(last) if last.id[..] == *id => out.ids.len() - 1,
+            _ => {
+                out.ids.push(LocalId { id: own(), first_line: line_no, treatment });
+                out.ids.len() - 1
+            }
+        };
+        self.push_local(out, local, line_no, treatment, (step, outcome))
+    }
+
+    /// The treatment check, the max-step cut and the row itself, for the local id `local`.
+    fn push_local(
+        &self,
+        out: &mut Chunk<'a>,
+        local: usize,
+        line_no: usize,
+        treatment: Option<u64>,
+        (step, outcome): (u64, f64),
+    ) -> Result<()> {
         let entry = &out.ids[local];
         if entry.treatment != treatment {
             return Err(self.conflict(line_no, entry.first_line, &entry.id, entry.treatment, treatment));

@@ -1,5 +1,5 @@
-//! Parquet input and output (feature `parquet`): the same columns as the long CSV format, any integer,
-//! float or string physical types on input; positions in errors are 1-based data rows.
+//! Parquet and Arrow input and Parquet output (feature `parquet`): the same columns as the long CSV
+//! format, any integer, float or string types on input; positions in errors are 1-based data rows.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -8,11 +8,11 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{
     Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type, UInt16Type, UInt32Type, UInt64Type,
 };
-use arrow_array::{Array, ArrayRef};
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::DataType;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::{Chunk, Columns, FxHashSet, Parser, ReadOptions, ReadReport};
+use super::{Chunk, Columns, FxHashSet, Parser, ReadOptions, ReadReport, TreatmentEncoding};
 use crate::{Location, Panel, PanelError, Result};
 
 /// A cell as text (`None` for null), so the CSV field rules apply unchanged.
@@ -64,6 +64,11 @@ fn number(col: &ArrayRef, row: usize) -> Option<f64> {
     })
 }
 
+/// A whole non-negative number as a step (`None` otherwise: the text rules then decide).
+fn whole(x: f64) -> Option<u64> {
+    (x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x < 9.0e15).then_some(x as u64)
+}
+
 /// Reads a Parquet panel.
 pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadReport)> {
     let source = path.display().to_string();
@@ -73,15 +78,35 @@ pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRep
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .map_err(|e| invalid(format!("not a readable Parquet file ({e})")))?;
     let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let cols = Columns::find(&names, &options.columns, &source)?;
     let reader = builder.with_batch_size(1 << 16).build().map_err(|e| invalid(e.to_string()))?;
-    let parser = Parser { source: &source, options, body: &[], first_body_line: 1, cols, loc: Location::Row };
+    read_batches(&names, reader.map(|b| b.map_err(|e| e.to_string())), &source, options)
+}
+
+/// Reads a panel from Arrow record batches whose columns are named `names` (an Arrow stream from
+/// another library, a Parquet file's row groups); `source` names the input in error messages, rows are
+/// counted from 1 across batches. The columns take any integer, float or string type, as in Parquet.
+pub fn read_batches(
+    names: &[String],
+    batches: impl IntoIterator<Item = std::result::Result<RecordBatch, String>>,
+    source: &str,
+    options: &ReadOptions,
+) -> Result<(Panel, ReadReport)> {
+    let invalid = |e: String| PanelError::Invalid(format!("{source}: {e}"));
+    let cols = Columns::find(names, &options.columns, source)?;
+    let parser = Parser { source, options, body: &[], first_body_line: 1, cols, loc: Location::Row };
     parser.check_options()?;
 
     let mut chunks: Vec<Chunk<'_>> = Vec::new();
     let mut row_no = 0usize;
-    for batch in reader {
+    for batch in batches {
         let batch = batch.map_err(|e| invalid(format!("reading record batch: {e}")))?;
+        if batch.num_columns() != names.len() {
+            return Err(invalid(format!(
+                "a record batch has {} columns where the schema names {}",
+                batch.num_columns(),
+                names.len()
+            )));
+        }
         let (ci, ct, cc, co) =
             (parser.cols.instance, parser.cols.treatment, parser.cols.checkpoint, parser.cols.outcome);
         let (id_col, t_col, c_col, o_col) = (batch.column(ci), batch.column(ct), batch.column(cc), batch.column(co));
@@ -97,13 +122,14 @@ pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRep
             row_no += 1;
             out.rows_read += 1;
             let field = |col, c| cell(&parser, col, r, row_no, c);
-            let id = match field(id_col, ci)? {
-                Some(id) if !id.is_empty() => Cow::Owned(id.into_owned()),
-                _ => return Err(parser.field_error(row_no, ci, b"", "a non-empty instance id")),
-            };
-            let step = match field(c_col, cc)? {
-                Some(v) => parser.parse_step(row_no, cc, &v)?,
-                None => return Err(parser.field_error(row_no, cc, b"null", "an integer step")),
+            // Numbers are read as numbers; anything unusual goes through the text rules, whose
+            // errors are the CSV reader's.
+            let step = match number(c_col, r).and_then(whole) {
+                Some(step) => step,
+                None => match field(c_col, cc)? {
+                    Some(v) => parser.parse_step(row_no, cc, &v)?,
+                    None => return Err(parser.field_error(row_no, cc, b"null", "an integer step")),
+                },
             };
             let outcome = match number(o_col, r) {
                 Some(y) if y.is_finite() => {
@@ -119,11 +145,34 @@ pub(super) fn read(path: &Path, options: &ReadOptions) -> Result<(Panel, ReadRep
                     None => return Err(parser.field_error(row_no, co, b"null", "a number")),
                 },
             };
-            let treatment = match field(t_col, ct)? {
-                Some(v) => parser.parse_treatment(row_no, &v)?,
-                None => None,
+            let by_step = matches!(options.treatment, TreatmentEncoding::Step);
+            let treatment = if t_col.is_null(r) {
+                None
+            } else {
+                match number(t_col, r).and_then(whole).filter(|&t| by_step && t >= 1) {
+                    Some(t) => Some(t),
+                    None => match field(t_col, ct)? {
+                        Some(v) => parser.parse_treatment(row_no, &v)?,
+                        None => None,
+                    },
+                }
             };
-            parser.push_row(&mut out, row_no, id, treatment, step, outcome)?;
+            let id: &[u8] = match id_col.data_type() {
+                DataType::Utf8 => id_col.as_string::<i32>().value(r).as_bytes(),
+                DataType::LargeUtf8 => id_col.as_string::<i64>().value(r).as_bytes(),
+                DataType::Utf8View => id_col.as_string_view().value(r).as_bytes(),
+                _ => &[],
+            };
+            if !id.is_empty() && !id_col.is_null(r) {
+                let own = || Cow::Owned(id.to_vec());
+                parser.push_row_with(&mut out, row_no, (id, own), treatment, (step, outcome))?;
+            } else {
+                let id = match field(id_col, ci)? {
+                    Some(id) if !id.is_empty() => Cow::Owned(id.into_owned()),
+                    _ => return Err(parser.field_error(row_no, ci, b"", "a non-empty instance id")),
+                };
+                parser.push_row(&mut out, row_no, id, treatment, step, outcome)?;
+            }
         }
         chunks.push(out);
     }

@@ -210,3 +210,61 @@ mod tests {
         }
     }
 }
+
+/// One generated sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Index of the prompt.
+    pub prompt: usize,
+    /// Sample number (0-based).
+    pub sample: usize,
+    /// Generated token ids (the prompt excluded).
+    pub tokens: Vec<u32>,
+}
+
+/// `samples` continuations of every prompt, `(key, tokens)`, as `memsteer steer generate` makes them:
+/// sample `s` of the prompt keyed `k` is seeded with `hash_key(seed, "k\0s")`, so each sample is the
+/// same whatever else is generated; on the CPU every sample decodes with its own KV cache (in parallel),
+/// on a GPU all of them in packed whole-sequence passes (the same tokens). Returned prompt by prompt.
+pub fn generate_samples(
+    model: &memsteer_lm::DeviceModel,
+    set: &SteerSet,
+    prompts: &[(String, Vec<u32>)],
+    (samples, max_new): (usize, usize),
+    cfg: &SamplingConfig,
+    seed: u64,
+) -> Result<Vec<Generation>> {
+    use rayon::prelude::*;
+    let decoder = model.decoder()?;
+    let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..samples).map(move |s| (p, s))).collect();
+    let seed_of = |p: usize, s: usize| {
+        let key = format!("{}\u{0}{s}", prompts[p].0);
+        memsteer_panel::rng::hash_key(seed, key.as_bytes())
+    };
+    if model.is_gpu() {
+        let starts: Vec<&[u32]> = work.iter().map(|&(p, _)| prompts[p].1.as_slice()).collect();
+        let seeds: Vec<u64> = work.iter().map(|&(p, s)| seed_of(p, s)).collect();
+        let name = |k: usize| format!("prompt {:?}, sample {}", prompts[work[k].0].0, work[k].1);
+        let tokens = batched_continuations(
+            decoder,
+            &model.device(),
+            set,
+            &starts,
+            (&seeds, &name),
+            (max_new, cfg),
+            BATCH_LIMITS,
+        )?;
+        return Ok(work
+            .iter()
+            .zip(tokens)
+            .map(|(&(prompt, sample), tokens)| Generation { prompt, sample, tokens })
+            .collect());
+    }
+    work.par_iter()
+        .map(|&(p, s)| {
+            let tokens = steered_continuation(decoder, set, &prompts[p].1, max_new, cfg, seed_of(p, s))
+                .map_err(|e| SteerError::Input(format!("prompt {:?}, sample {s}: {e}", prompts[p].0)))?;
+            Ok(Generation { prompt: p, sample: s, tokens })
+        })
+        .collect()
+}

@@ -20,6 +20,22 @@ pub struct Highlight {
     pub spans: Vec<Span>,
 }
 
+impl Highlight {
+    /// The tokens (`id`, `text`, `evidence`) and spans (`start`, `end`, `evidence`, `text`) as
+    /// `steer highlight --json` prints them.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tokens": self.tokens.iter().zip(&self.pieces).zip(&self.evidence)
+                .map(|((id, p), e)| serde_json::json!({"id": id, "text": p, "evidence": e}))
+                .collect::<Vec<_>>(),
+            "spans": self.spans.iter()
+                .map(|s| serde_json::json!({"start": s.start, "end": s.end, "evidence": s.evidence,
+                    "text": self.pieces[s.start..s.end].concat()}))
+                .collect::<Vec<_>>(),
+        })
+    }
+}
+
 /// Highlights `tokens` (a text tokenized with `tok`) for the labelled steer of `steer` at `strength`:
 /// per-token evidence `log p₊ − log p₋` (the labelled steer at `+strength` against `−strength`, the
 /// dummy at 1), and the set of at most `spans` disjoint spans of at most `span_length` tokens with the

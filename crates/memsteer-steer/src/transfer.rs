@@ -206,6 +206,26 @@ impl SharedTokens {
         }
     }
 
+    /// The tokens the models in the directories `from_dir` and `to_dir` share: by the text their
+    /// tokenizers give each token when both directories have tokenizer files, by id when neither has
+    /// (see [`Self::matched`]).
+    pub fn of_dirs(
+        (from_dir, from_vocab): (&std::path::Path, usize),
+        (to_dir, to_vocab): (&std::path::Path, usize),
+    ) -> Result<Self> {
+        use memsteer_lm::tokenizer::{Tokenizer, present_in};
+        let tok = |dir: &std::path::Path| present_in(dir).then(|| Tokenizer::from_dir(dir)).transpose();
+        let (tf, tt) = (tok(from_dir)?, tok(to_dir)?);
+        let from_name = tf.as_ref().map(|t| move |id: u32| t.token_text(id));
+        let to_name = tt.as_ref().map(|t| move |id: u32| t.token_text(id));
+        Self::matched(
+            from_vocab,
+            from_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
+            to_vocab,
+            to_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
+        )
+    }
+
     /// Caller-chosen pairs ([`Matching::Given`]).
     pub fn given(pairs: Vec<(u32, u32)>) -> Self {
         Self { pairs, matching: Matching::Given }

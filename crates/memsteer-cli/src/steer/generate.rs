@@ -9,8 +9,7 @@ use memsteer_lm::sample::SamplingConfig;
 use memsteer_lm::tokenizer::Tokenizer;
 use memsteer_panel::write_atomic;
 use memsteer_steer::Steer;
-use memsteer_steer::generate::{SteerSet, batched_continuations, steered_continuation};
-use rayon::prelude::*;
+use memsteer_steer::generate::SteerSet;
 
 use super::*;
 
@@ -73,16 +72,7 @@ pub fn parse_steer_spec(spec: &str) -> Result<(PathBuf, f32)> {
     Ok((path, 1.0))
 }
 
-/// One generated sample.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generation {
-    /// Index of the prompt in the prompts file.
-    pub prompt: usize,
-    /// Sample number (0-based).
-    pub sample: usize,
-    /// Generated token ids (the prompt excluded).
-    pub tokens: Vec<u32>,
-}
+pub use memsteer_steer::generate::Generation;
 
 /// Runs `memsteer steer generate`; returns the samples in output order.
 pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
@@ -139,37 +129,10 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
     }
     let tokenizer = if tok.present() { Some(tok.get("decoding generations")?) } else { None };
     let cfg = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
-    let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..a.samples).map(move |s| (p, s))).collect();
-    let seed_of = |p: usize, s: usize| {
-        let key = format!("{}\u{0}{s}", prompts[p].key);
-        memsteer_panel::rng::hash_key(a.seed, key.as_bytes())
-    };
-    let gens = if model.is_gpu() {
-        let device = model.device();
-        let starts: Vec<&[u32]> = work.iter().map(|&(p, _)| prompts[p].tokens.as_slice()).collect();
-        let seeds: Vec<u64> = work.iter().map(|&(p, s)| seed_of(p, s)).collect();
-        let name = |k: usize| format!("prompt {:?}, sample {}", prompts[work[k].0].key, work[k].1);
-        let tokens = batched_continuations(
-            decoder,
-            &device,
-            &set,
-            &starts,
-            (&seeds, &name),
-            (a.max_new_tokens, &cfg),
-            memsteer_steer::generate::BATCH_LIMITS,
-        )
-        .with_context(|| format!("generating {} samples on {}", work.len(), a.device))?;
-        work.iter().zip(tokens).map(|(&(prompt, sample), tokens)| Generation { prompt, sample, tokens }).collect()
-    } else {
-        work.par_iter()
-            .map(|&(p, s)| {
-                let tokens =
-                    steered_continuation(decoder, &set, &prompts[p].tokens, a.max_new_tokens, &cfg, seed_of(p, s))
-                        .with_context(|| format!("prompt {:?}, sample {s}", prompts[p].key))?;
-                Ok(Generation { prompt: p, sample: s, tokens })
-            })
-            .collect::<Result<Vec<_>>>()?
-    };
+    let keyed: Vec<(String, Vec<u32>)> = prompts.iter().map(|p| (p.key.clone(), p.tokens.clone())).collect();
+    let gens =
+        memsteer_steer::generate::generate_samples(&model, &set, &keyed, (a.samples, a.max_new_tokens), &cfg, a.seed)
+            .with_context(|| format!("generating {} samples on {}", keyed.len() * a.samples, a.device))?;
     let fingerprint = memsteer_lm::tokenizer::fingerprint(&a.model)?;
     let mut lines = Vec::with_capacity(gens.len());
     for g in &gens {
@@ -261,18 +224,10 @@ pub fn highlight(a: &HighlightArgs) -> Result<Highlight> {
     let h = memsteer_steer::highlight::highlight(decoder, &steer, &tok, tokens, a.strength, (a.spans, a.span_length))?;
 
     if a.json {
-        let json = serde_json::json!({
-            "steer": a.steer.display().to_string(),
-            "label": steer.labels()[0],
-            "strength": a.strength,
-            "tokens": h.tokens.iter().zip(&h.pieces).zip(&h.evidence)
-                .map(|((id, p), e)| serde_json::json!({"id": id, "text": p, "evidence": e}))
-                .collect::<Vec<_>>(),
-            "spans": h.spans.iter()
-                .map(|s| serde_json::json!({"start": s.start, "end": s.end, "evidence": s.evidence,
-                    "text": h.pieces[s.start..s.end].concat()}))
-                .collect::<Vec<_>>(),
-        });
+        let mut json = h.json();
+        json["steer"] = a.steer.display().to_string().into();
+        json["label"] = steer.labels()[0].clone().into();
+        json["strength"] = a.strength.into();
         println!("{json}");
     } else {
         let color = a.color || std::io::stdout().is_terminal();

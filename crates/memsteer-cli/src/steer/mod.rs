@@ -283,17 +283,8 @@ pub fn transfer(a: &TransferArgs) -> Result<(Steer, f64)> {
     let (from_model, to_model) = (load_model(&a.from)?, load_model(&a.to)?);
     let (from, to) = (from_model.decoder(), to_model.decoder());
     let steer = Steer::load_for(&a.steer, from)?;
-    let tok = |dir: &Path| memsteer_lm::tokenizer::present_in(dir).then(|| Tokenizer::from_dir(dir)).transpose();
-    let (tf, tt) = (tok(&a.from)?, tok(&a.to)?);
-    let from_name = tf.as_ref().map(|t| move |id: u32| t.token_text(id));
-    let to_name = tt.as_ref().map(|t| move |id: u32| t.token_text(id));
-    let shared = SharedTokens::matched(
-        from.vocab(),
-        from_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
-        to.vocab(),
-        to_name.as_ref().map(|f| f as &dyn Fn(u32) -> Option<String>),
-    )
-    .with_context(|| format!("matching the vocabularies of {} and {}", a.from.display(), a.to.display()))?;
+    let shared = SharedTokens::of_dirs((&a.from, from.vocab()), (&a.to, to.vocab()))
+        .with_context(|| format!("matching the vocabularies of {} and {}", a.from.display(), a.to.display()))?;
     if shared.matching == Matching::ById {
         eprintln!(
             "warning: neither model has tokenizer files; tokens are matched by id, which assumes both use the same tokenizer"
