@@ -84,6 +84,8 @@ impl BootSums {
         let results: Vec<(Vec<f64>, Vec<f64>)> = tasks
             .par_iter()
             .map(|&(k, blk)| {
+                // A tick of nothing first: a caller that stops the run from `tick` skips the tasks left.
+                tick(0);
                 let (b0, b1) = block_range(blk, draws);
                 let width = b1 - b0;
                 let g = &cohorts.groups[k];

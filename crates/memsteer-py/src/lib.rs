@@ -4,6 +4,8 @@
 //! interpreter released (other Python threads keep running).
 
 use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use arrow_array::RecordBatch;
@@ -11,7 +13,7 @@ use arrow_array::RecordBatchReader;
 use arrow_array::ffi_stream::{FFI_ArrowArrayStream, RecordBatchStreamReader};
 use memsteer_did::compare::{CompareCells, profile_correlation};
 use memsteer_did::io::{AttRow, ReadSummary};
-use memsteer_did::{BandMethod, BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, NoProgress, ProfileConfig};
+use memsteer_did::{BandMethod, BandScope, BasePeriod, ControlGroup, Estimator, Multiplier, ProfileConfig};
 use memsteer_panel::read::{ColumnMap, IncompletePolicy, ReadOptions, ReadReport, TreatmentEncoding};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyCapsule, PyDict};
@@ -43,21 +45,126 @@ fn choice<T: Copy>(field: &str, value: &str, options: &[(&str, T)]) -> PyResult<
     })
 }
 
-/// Runs `f` on `threads` threads (all cores when `None`), with the interpreter released.
+/// What a long call reports while it runs, and how it is stopped: the calling thread polls it with
+/// the interpreter held (Ctrl-C sets `cancel`; with `progress` it writes the bar to `sys.stderr`, so
+/// notebooks show it), the work checks `cancel` at its progress points.
+#[derive(Debug, Default)]
+pub(crate) struct Watch {
+    cancel: AtomicBool,
+    step: Mutex<String>,
+    total: AtomicU64,
+    done: AtomicU64,
+}
+
+/// The payload that unwinds a cancelled call (without the panic hook's message).
+struct Cancelled;
+
+impl Watch {
+    /// Stops the work here when the caller pressed Ctrl-C.
+    pub(crate) fn check(&self) {
+        if self.cancel.load(Ordering::Relaxed) {
+            std::panic::resume_unwind(Box::new(Cancelled));
+        }
+    }
+
+    /// A step named `name` with `total` units begins.
+    pub(crate) fn begin(&self, name: &str, total: u64) {
+        if let Ok(mut s) = self.step.lock() {
+            name.clone_into(&mut s);
+        }
+        self.total.store(total, Ordering::Relaxed);
+        self.done.store(0, Ordering::Relaxed);
+        self.check();
+    }
+
+    /// `n` more units are done.
+    pub(crate) fn add(&self, n: u64) {
+        self.done.fetch_add(n, Ordering::Relaxed);
+        self.check();
+    }
+
+    fn line(&self) -> String {
+        let step = self.step.lock().map(|s| s.clone()).unwrap_or_default();
+        let (done, total) = (self.done.load(Ordering::Relaxed), self.total.load(Ordering::Relaxed).max(1));
+        let filled = (done.min(total) * 30 / total) as usize;
+        format!("\r{step:>12} [{}{}] {done}/{total}", "=".repeat(filled), " ".repeat(30 - filled))
+    }
+}
+
+impl memsteer_did::Progress for Watch {
+    fn start(&self, name: &str, total: u64) {
+        self.begin(name, total);
+    }
+    fn advance(&self, n: u64) {
+        self.add(n);
+    }
+    fn finish(&self) {
+        self.check();
+    }
+}
+
+/// Runs `f` on `threads` threads (all cores when `None`) with the interpreter released, while the
+/// calling thread watches for Ctrl-C (a `KeyboardInterrupt` within a tenth of a second of `f`'s next
+/// progress point) and, with `progress`, draws a progress bar on `sys.stderr`.
 pub(crate) fn run_detached<T: Send>(
     py: Python<'_>,
-    threads: Option<usize>,
-    f: impl FnOnce() -> Result<T, PyErrMessage> + Send,
+    (threads, progress): (Option<usize>, bool),
+    f: impl FnOnce(&Watch) -> Result<T, PyErrMessage> + Send,
 ) -> PyResult<T> {
-    let out = py.detach(|| match threads {
-        Some(0) => Err(PyErrMessage::input("threads: expected at least 1, found 0")),
-        Some(n) => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
-            Ok(pool) => pool.install(f),
-            Err(e) => Err(PyErrMessage::input(format!("threads: {e}"))),
-        },
-        None => f(),
+    let watch = Watch::default();
+    let mut interrupted: Option<PyErr> = None;
+    let joined = py.detach(|| {
+        std::thread::scope(|scope| {
+            let work = scope.spawn(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match threads {
+                    Some(0) => Err(PyErrMessage::input("threads: expected at least 1, found 0")),
+                    Some(n) => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
+                        Ok(pool) => pool.install(|| f(&watch)),
+                        Err(e) => Err(PyErrMessage::input(format!("threads: {e}"))),
+                    },
+                    None => f(&watch),
+                }))
+            });
+            let mut drawn = false;
+            while !work.is_finished() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                Python::attach(|py| {
+                    if interrupted.is_none()
+                        && let Err(e) = py.check_signals()
+                    {
+                        watch.cancel.store(true, Ordering::Relaxed);
+                        interrupted = Some(e);
+                    }
+                    if progress {
+                        let _ = py.import("sys").and_then(|s| s.getattr("stderr")).and_then(|e| {
+                            e.call_method1("write", (watch.line(),))?;
+                            e.call_method0("flush")
+                        });
+                        drawn = true;
+                    }
+                });
+            }
+            if drawn {
+                Python::attach(|py| {
+                    let _ = py
+                        .import("sys")
+                        .and_then(|s| s.getattr("stderr"))
+                        .and_then(|e| e.call_method1("write", ("\n",)));
+                });
+            }
+            work.join()
+        })
     });
-    out.map_err(PyErrMessage::into_py)
+    match joined {
+        Ok(Ok(result)) => result.map_err(PyErrMessage::into_py),
+        Ok(Err(payload)) | Err(payload) => {
+            if payload.is::<Cancelled>() {
+                Err(interrupted.unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted")))
+            } else {
+                std::panic::resume_unwind(payload)
+            }
+        }
+    }
 }
 
 /// An error made without the interpreter, raised once it is held again.
@@ -182,7 +289,7 @@ impl Profile {
     /// returns their paths.
     #[pyo3(signature = (dir, figures = true, mark_step = None))]
     fn save(&self, py: Python<'_>, dir: PathBuf, figures: bool, mark_step: Option<u64>) -> PyResult<Vec<String>> {
-        run_detached(py, None, || {
+        run_detached(py, (None, false), |_| {
             let (mut files, _) = memsteer_did::io::write_outputs(
                 &dir,
                 &self.source,
@@ -213,7 +320,7 @@ enum PanelInput {
 #[pyfunction]
 #[pyo3(signature = (panel, source, *, instance, treatment, checkpoint, outcome, treatment_from_seq_idx, negate,
     max_step, drop_incomplete, estimator, control, base_period, bootstrap, multiplier, band, band_method, alpha,
-    seed, min_cohort_size, pretrend_window, max_wald_cells, threads))]
+    seed, min_cohort_size, pretrend_window, max_wald_cells, threads, progress = false))]
 #[allow(clippy::too_many_arguments)]
 fn profile(
     py: Python<'_>,
@@ -240,6 +347,7 @@ fn profile(
     pretrend_window: usize,
     max_wald_cells: usize,
     threads: Option<usize>,
+    progress: bool,
 ) -> PyResult<Profile> {
     let cfg = ProfileConfig::default()
         .with_estimator(choice(
@@ -294,7 +402,7 @@ fn profile(
         }
         Err(_) => PanelInput::Path(panel.extract::<PathBuf>()?),
     };
-    run_detached(py, threads, move || {
+    run_detached(py, (threads, progress), move |watch| {
         let read = |r: Result<(memsteer_panel::Panel, ReadReport), memsteer_panel::PanelError>| {
             r.map_err(PyErrMessage::from_error)
         };
@@ -306,7 +414,7 @@ fn profile(
         };
         let handover_seconds = start.elapsed().as_secs_f64();
         let started = Instant::now();
-        let profile = memsteer_did::estimate(&panel, &valid, &NoProgress).map_err(PyErrMessage::from_error)?;
+        let profile = memsteer_did::estimate(&panel, &valid, watch).map_err(PyErrMessage::from_error)?;
         let estimate_seconds = started.elapsed().as_secs_f64();
         let read = ReadSummary {
             rows: report.rows,
@@ -359,7 +467,7 @@ fn theorem2(
     length: usize,
     samples: usize,
 ) -> PyResult<String> {
-    run_detached(py, None, || {
+    run_detached(py, (None, false), |_| {
         let report = memsteer_hmm::theorem2::check_theorem2(&memsteer_hmm::theorem2::Theorem2Config {
             seed,
             semantic_states: states,

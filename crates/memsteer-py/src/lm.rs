@@ -68,7 +68,7 @@ impl Model {
     #[pyo3(signature = (dir, device = "cpu"))]
     fn new(py: Python<'_>, dir: PathBuf, device: &str) -> PyResult<Self> {
         let device_name = device.to_string();
-        run_detached(py, None, move || {
+        run_detached(py, (None, false), move |_| {
             let dev =
                 Device::parse(&device_name).map_err(|e| PyErrMessage::input(format!("device {device_name:?}: {e}")))?;
             let model = DeviceModel::load(&dir, &dev).map_err(|e| {
@@ -134,29 +134,31 @@ impl Model {
 
     /// `log p(x_t | x_<t)` for `t ≥ 1` of every sequence, in packed batches of `batch_size`, as
     /// little-endian `f64` bytes per sequence.
-    #[pyo3(signature = (seqs, batch_size = 8, threads = None))]
+    #[pyo3(signature = (seqs, batch_size = 8, threads = None, progress = false))]
     fn logprobs<'py>(
         &self,
         py: Python<'py>,
         seqs: Vec<Vec<u32>>,
         batch_size: usize,
         threads: Option<usize>,
+        progress: bool,
     ) -> PyResult<Vec<Bound<'py, PyBytes>>> {
-        let lps = self.token_log_probs(py, &seqs, batch_size, threads)?;
+        let lps = self.token_log_probs(py, &seqs, batch_size, (threads, progress))?;
         Ok(lps.into_iter().map(|lp| f64_bytes(py, lp.into_iter().map(f64::from))).collect())
     }
 
     /// Each sequence's log-probability (the sum over `t ≥ 1`, in `f64`, as `memsteer logprobs` writes
     /// the panel's outcome), as little-endian `f64` bytes.
-    #[pyo3(signature = (seqs, batch_size = 8, threads = None))]
+    #[pyo3(signature = (seqs, batch_size = 8, threads = None, progress = false))]
     fn sequence_logprobs<'py>(
         &self,
         py: Python<'py>,
         seqs: Vec<Vec<u32>>,
         batch_size: usize,
         threads: Option<usize>,
+        progress: bool,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let lps = self.token_log_probs(py, &seqs, batch_size, threads)?;
+        let lps = self.token_log_probs(py, &seqs, batch_size, (threads, progress))?;
         Ok(f64_bytes(py, lps.iter().map(|lp| lp.iter().map(|&v| f64::from(v)).sum::<f64>())))
     }
 
@@ -218,7 +220,8 @@ impl Model {
         let set = SteerSet::new(set);
         let cfg = SamplingConfig { temperature, top_k, top_p };
         let keyed: Vec<(String, Vec<u32>)> = prompts.into_iter().enumerate().map(|(i, p)| (i.to_string(), p)).collect();
-        let gens = run_detached(py, threads, || {
+        let gens = run_detached(py, (threads, false), |w| {
+            w.check();
             generate_samples(&self.model, &set, &keyed, (samples, max_new_tokens), &cfg, seed)
                 .map_err(PyErrMessage::from_error)
         })?;
@@ -240,13 +243,14 @@ impl Model {
         py: Python<'_>,
         seqs: &[Vec<u32>],
         batch_size: usize,
-        threads: Option<usize>,
+        (threads, progress): (Option<usize>, bool),
     ) -> PyResult<Vec<Vec<f32>>> {
         if batch_size == 0 {
             return Err(input_error("InputError", "batch_size must be at least 1".into()));
         }
         check_ids(seqs, self.decoder()?.vocab(), 2)?;
-        run_detached(py, threads, || {
+        run_detached(py, (threads, progress), |w| {
+            w.begin("sequences", seqs.len() as u64);
             let mut out = Vec::with_capacity(seqs.len());
             for (b, batch) in seqs.chunks(batch_size).enumerate() {
                 let refs: Vec<&[u32]> = batch.iter().map(Vec::as_slice).collect();
@@ -254,6 +258,7 @@ impl Model {
                     PyErrMessage::input(format!("sequences {}..{}: {e}", b * batch_size, b * batch_size + batch.len()))
                 })?;
                 out.extend(lps);
+                w.add(batch.len() as u64);
             }
             Ok(out)
         })
@@ -272,7 +277,7 @@ impl Steer {
     /// Loads a steer file.
     #[staticmethod]
     fn load(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        run_detached(py, None, move || {
+        run_detached(py, (None, false), move |_| {
             let steer = memsteer_steer::Steer::load(&path).map_err(PyErrMessage::from_error)?;
             Ok(Steer { steer })
         })
@@ -328,7 +333,7 @@ impl Steer {
     /// strength +1, the negative at −1; returns the steer and the loss of every step.
     #[staticmethod]
     #[pyo3(signature = (model, positive, negative, rank, steps, lr, batch_size, epsilon, max_length, weight_decay,
-        init_std, seed, cache_memory, cache_dir, threads))]
+        init_std, seed, cache_memory, cache_dir, threads, progress = false))]
     #[allow(clippy::too_many_arguments)]
     fn train(
         py: Python<'_>,
@@ -347,6 +352,7 @@ impl Steer {
         cache_memory: f64,
         cache_dir: Option<PathBuf>,
         threads: Option<usize>,
+        progress: bool,
     ) -> PyResult<(Steer, Vec<f64>)> {
         use memsteer_steer::{HiddenCache, TrainConfig, train_cached_on};
         let dec = model.decoder()?;
@@ -368,11 +374,13 @@ impl Steer {
         config.validate().map_err(to_py)?;
         let budget = (cache_memory * (1u64 << 30) as f64).min(usize::MAX as f64) as usize;
         let device = model.model.device();
-        let (steer, report) = run_detached(py, threads, || {
+        let (steer, report) = run_detached(py, (threads, progress), |w| {
+            w.begin("hidden states", 1);
             let cache =
                 HiddenCache::build_with(dec, &positive, &negative, config.max_length, budget, cache_dir.as_deref())
                     .map_err(PyErrMessage::from_error)?;
-            train_cached_on(&device, &cache, dec.output_embedding(), &config, &mut |_| {})
+            w.begin("steer", config.steps as u64);
+            train_cached_on(&device, &cache, dec.output_embedding(), &config, &mut |_| w.add(1))
                 .map_err(PyErrMessage::from_error)
         })?;
         Ok((Steer { steer }, report.losses))
@@ -405,7 +413,7 @@ impl Steer {
         self.steer.check_model(dec, "steer").map_err(to_py)?;
         let tok = model.tokenizer()?;
         let tokens = tok.encode(text).map_err(to_py)?;
-        let h = run_detached(py, None, || {
+        let h = run_detached(py, (None, false), |_| {
             memsteer_steer::highlight::highlight(dec, &self.steer, tok, tokens, strength, (spans, span_length))
                 .map_err(PyErrMessage::from_error)
         })?;
@@ -447,7 +455,7 @@ impl Steer {
         self.steer.check_model(from, "steer").map_err(to_py)?;
         let shared = SharedTokens::of_dirs((&source.dir, from.vocab()), (&target.dir, to.vocab())).map_err(to_py)?;
         let config = TransferConfig { top_k, ridge, map };
-        let (moved, report) = run_detached(py, None, || {
+        let (moved, report) = run_detached(py, (None, false), |_| {
             let views = EmbeddingView::of(from).and_then(|f| Ok((f, EmbeddingView::of(to)?)));
             let (f, t) = views.map_err(PyErrMessage::from_error)?;
             transfer(&self.steer, &f, &t, &shared, &config).map_err(PyErrMessage::from_error)

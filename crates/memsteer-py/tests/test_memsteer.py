@@ -263,3 +263,38 @@ def test_steer_train_explain_highlight_transfer_equal_the_cli(tiny_model, tmp_pa
         steer.transfer(m, m, map="magic")
     with pytest.raises(memsteer.InputError, match="steps"):
         memsteer.Steer.train(m, _texts(pos), _texts(neg), steps=0)
+
+
+def _big_panel(copies):
+    frame = pd.read_csv(PANEL)
+    parts = []
+    for k in range(copies):
+        part = frame.copy()
+        part["instance_id"] = part["instance_id"].astype(str) + f"-{k}"
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def test_ctrl_c_stops_a_long_call_within_a_second():
+    import _thread
+    import time
+
+    # 30,900 instances and 20,000 draws: the bootstrap alone takes many seconds, in small tasks.
+    panel = _big_panel(100)
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    start = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        memsteer.profile(panel, bootstrap=20_000)
+    assert time.perf_counter() - start < 0.5 + 1.0
+    timer.join()
+    # The next call runs normally.
+    assert memsteer.profile(PANEL, bootstrap=50).summary["n_instances"] == 309
+
+
+def test_progress_is_drawn_on_python_stderr(capsys):
+    memsteer.profile(_big_panel(10), bootstrap=20_000, progress=True)
+    err = capsys.readouterr().err
+    assert "bootstrap [" in err and err.endswith("\n"), err[-200:]
+    memsteer.profile(PANEL, bootstrap=50)
+    assert capsys.readouterr().err == ""

@@ -1,7 +1,8 @@
 """memsteer from Python: causal memorisation profiles over training checkpoints, and LM-Steer steering.
 
 Every function calls the same Rust code as the ``memsteer`` command line, with its defaults, so results
-equal the CLI's for the same inputs and seeds, whatever ``threads``. Long calls release the GIL.
+equal the CLI's for the same inputs and seeds, whatever ``threads``. Long calls release the GIL, draw a
+progress bar on ``sys.stderr`` with ``progress=True`` and stop on Ctrl-C (``KeyboardInterrupt``).
 """
 
 from __future__ import annotations
@@ -132,12 +133,14 @@ def profile(
     pretrend_window: int = 10,
     max_wald_cells: int = 1500,
     threads: Optional[int] = None,
+    progress: bool = False,
 ) -> Profile:
     """The memorisation profile of a panel, as ``memsteer profile`` estimates it.
 
     ``panel`` is a path to a CSV or Parquet file, a pandas or polars DataFrame, a pyarrow Table, or any
     object with ``__arrow_c_stream__`` (read through the Arrow C stream, without a CSV round trip). The
     column names and every setting are the CLI's flags (``treatment`` defaults to ``treatment_step``).
+    ``progress=True`` draws a progress bar on ``sys.stderr``; Ctrl-C stops the call (KeyboardInterrupt).
     """
     if isinstance(panel, (str, os.PathLike)):
         source, name = os.fspath(panel), os.fspath(panel)
@@ -169,6 +172,7 @@ def profile(
         pretrend_window=pretrend_window,
         max_wald_cells=max_wald_cells,
         threads=threads,
+        progress=progress,
     )
     return Profile(native)
 
@@ -229,16 +233,21 @@ class Model:
         """The text of token ids."""
         return self._native.decode([int(t) for t in ids])
 
-    def logprobs(self, seqs: Iterable[TokensOrText], batch_size: int = 8, threads: Optional[int] = None):
+    def logprobs(
+        self, seqs: Iterable[TokensOrText], batch_size: int = 8, threads: Optional[int] = None, progress: bool = False
+    ):
         """``log p(x_t | x_<t)`` for ``t ≥ 1`` of each sequence (token ids, or text tokenized with the
         model's tokenizer), as a list of float64 numpy arrays."""
-        raw = self._native.logprobs(self._ids(seqs), batch_size, threads)
+        raw = self._native.logprobs(self._ids(seqs), batch_size, threads, progress)
         return [np.frombuffer(b, dtype="<f8") for b in raw]
 
-    def sequence_logprobs(self, seqs: Iterable[TokensOrText], batch_size: int = 8, threads: Optional[int] = None):
+    def sequence_logprobs(
+        self, seqs: Iterable[TokensOrText], batch_size: int = 8, threads: Optional[int] = None, progress: bool = False
+    ):
         """Each sequence's log-probability (first token not scored), as ``memsteer logprobs`` writes a
         panel's outcome: one float64 numpy array."""
-        return np.frombuffer(self._native.sequence_logprobs(self._ids(seqs), batch_size, threads), dtype="<f8")
+        raw = self._native.sequence_logprobs(self._ids(seqs), batch_size, threads, progress)
+        return np.frombuffer(raw, dtype="<f8")
 
     def generate(
         self,
@@ -321,6 +330,7 @@ class Steer:
         cache_memory: float = 4.0,
         cache_dir: Optional[PathLike] = None,
         threads: Optional[int] = None,
+        progress: bool = False,
     ) -> "Steer":
         """Trains a steer on ``model`` (frozen) as ``memsteer steer train`` does: ``positive`` texts or
         token ids at strength +1, ``negative`` at −1. The loss of every step is in ``.losses``."""
@@ -340,6 +350,7 @@ class Steer:
             cache_memory,
             None if cache_dir is None else os.fspath(cache_dir),
             threads,
+            progress,
         )
         steer = cls(native)
         steer.losses = losses
