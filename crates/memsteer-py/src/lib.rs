@@ -482,6 +482,54 @@ fn theorem2(
     })
 }
 
+/// `memsteer.hmm.simulate`: `memsteer hmm simulate`'s files (panel.csv, truth.csv, simulation.json)
+/// written into `out`; returns their paths.
+#[pyfunction]
+#[pyo3(signature = (out, seed, states, vocab, length, batch_size, steps, validation, lr, validation_shift,
+    counterfactual, replicates))]
+#[allow(clippy::too_many_arguments)]
+fn simulate(
+    py: Python<'_>,
+    out: PathBuf,
+    seed: u64,
+    states: usize,
+    vocab: usize,
+    length: usize,
+    batch_size: usize,
+    steps: usize,
+    validation: usize,
+    lr: f64,
+    validation_shift: f64,
+    counterfactual: &str,
+    replicates: usize,
+) -> PyResult<Vec<String>> {
+    use memsteer_hmm::simulate::{Counterfactual, SimulationConfig};
+    let counterfactual = choice(
+        "counterfactual",
+        counterfactual,
+        &[("substitute", Counterfactual::Substitute), ("remove", Counterfactual::Remove)],
+    )?;
+    let cfg = SimulationConfig {
+        seed,
+        states,
+        vocab,
+        length,
+        batch_size,
+        steps,
+        validation,
+        learning_rate: lr,
+        validation_shift,
+        counterfactual,
+        replicates,
+        ..SimulationConfig::default()
+    };
+    run_detached(py, (None, false), |_| {
+        let sim = memsteer_hmm::simulate::simulate(&cfg).map_err(PyErrMessage::from_error)?;
+        let files = sim.write(&out, &cfg).map_err(PyErrMessage::from_error)?;
+        Ok(files.into_iter().map(|p| p.display().to_string()).collect())
+    })
+}
+
 /// Little-endian `f64` bytes (numpy reads them with `frombuffer` without a copy per element).
 pub(crate) fn f64_bytes<'py>(py: Python<'py>, values: impl IntoIterator<Item = f64>) -> Bound<'py, PyBytes> {
     let bytes: Vec<u8> = values.into_iter().flat_map(f64::to_le_bytes).collect();
@@ -495,6 +543,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(profile, m)?)?;
     m.add_function(wrap_pyfunction!(compare, m)?)?;
     m.add_function(wrap_pyfunction!(theorem2, m)?)?;
+    m.add_function(wrap_pyfunction!(simulate, m)?)?;
     lm::register(m)?;
     Ok(())
 }

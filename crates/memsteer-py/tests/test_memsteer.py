@@ -298,3 +298,14 @@ def test_progress_is_drawn_on_python_stderr(capsys):
     assert "bootstrap [" in err and err.endswith("\n"), err[-200:]
     memsteer.profile(PANEL, bootstrap=50)
     assert capsys.readouterr().err == ""
+
+
+def test_simulate_writes_the_cli_files(tmp_path, cli):
+    cli("hmm", "simulate", "--seed", "2", "--steps", "40", "--validation", "60", "--replicates", "2",
+        "--out", str(tmp_path / "cli"))
+    got = memsteer.hmm.simulate(tmp_path / "py", seed=2, steps=40, validation=60, replicates=2)
+    for name in ["panel.csv", "truth.csv", "simulation.json"]:
+        assert (tmp_path / "py" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes(), name
+    assert len(got["truth"]) > 0 and set(got["panel"].columns) >= {"instance_id", "outcome"}
+    with pytest.raises(ValueError, match="counterfactual: expected one of substitute, remove"):
+        memsteer.hmm.simulate(tmp_path / "x", counterfactual="swap")

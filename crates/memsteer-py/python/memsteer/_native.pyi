@@ -42,6 +42,20 @@ def profile(
 ) -> Profile: ...
 def compare(profiles: Sequence[Profile], significant_only: bool = False) -> List[Tuple[float, int]]: ...
 def theorem2(seed: int, states: int, conditions: int, vocab: int, length: int, samples: int) -> str: ...
+def simulate(
+    out: str,
+    seed: int,
+    states: int,
+    vocab: int,
+    length: int,
+    batch_size: int,
+    steps: int,
+    validation: int,
+    lr: float,
+    validation_shift: float,
+    counterfactual: str,
+    replicates: int,
+) -> List[str]: ...
 
 class Model:
     vocab_size: int
