@@ -64,6 +64,12 @@ fn number(col: &ArrayRef, row: usize) -> Option<f64> {
     })
 }
 
+/// A numeric cell that may hold a step, read as a number; `f32` cells go through their text (the
+/// shortest decimal, as pandas writes them) as before.
+fn step_number(col: &ArrayRef, row: usize) -> Option<f64> {
+    if *col.data_type() == DataType::Float32 { None } else { number(col, row) }
+}
+
 /// A whole non-negative number as a step (`None` otherwise: the text rules then decide).
 fn whole(x: f64) -> Option<u64> {
     (x.is_finite() && x >= 0.0 && x.fract() == 0.0 && x < 9.0e15).then_some(x as u64)
@@ -100,11 +106,11 @@ pub fn read_batches(
     let mut row_no = 0usize;
     for batch in batches {
         let batch = batch.map_err(|e| invalid(format!("reading record batch: {e}")))?;
-        if batch.num_columns() != names.len() {
+        let schema = batch.schema();
+        let batch_names = schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>();
+        if batch_names != names.iter().map(String::as_str).collect::<Vec<_>>() {
             return Err(invalid(format!(
-                "a record batch has {} columns where the schema names {}",
-                batch.num_columns(),
-                names.len()
+                "a record batch has the columns {batch_names:?} where the schema names {names:?}"
             )));
         }
         let (ci, ct, cc, co) =
@@ -124,7 +130,7 @@ pub fn read_batches(
             let field = |col, c| cell(&parser, col, r, row_no, c);
             // Numbers are read as numbers; anything unusual goes through the text rules, whose
             // errors are the CSV reader's.
-            let step = match number(c_col, r).and_then(whole) {
+            let step = match step_number(c_col, r).and_then(whole) {
                 Some(step) => step,
                 None => match field(c_col, cc)? {
                     Some(v) => parser.parse_step(row_no, cc, &v)?,
@@ -149,7 +155,7 @@ pub fn read_batches(
             let treatment = if t_col.is_null(r) {
                 None
             } else {
-                match number(t_col, r).and_then(whole).filter(|&t| by_step && t >= 1) {
+                match step_number(t_col, r).and_then(whole).filter(|&t| by_step && t >= 1) {
                     Some(t) => Some(t),
                     None => match field(t_col, ct)? {
                         Some(v) => parser.parse_treatment(row_no, &v)?,
@@ -158,12 +164,13 @@ pub fn read_batches(
                 }
             };
             let id: &[u8] = match id_col.data_type() {
+                _ if id_col.is_null(r) => &[],
                 DataType::Utf8 => id_col.as_string::<i32>().value(r).as_bytes(),
                 DataType::LargeUtf8 => id_col.as_string::<i64>().value(r).as_bytes(),
                 DataType::Utf8View => id_col.as_string_view().value(r).as_bytes(),
                 _ => &[],
             };
-            if !id.is_empty() && !id_col.is_null(r) {
+            if !id.is_empty() {
                 let own = || Cow::Owned(id.to_vec());
                 parser.push_row_with(&mut out, row_no, (id, own), treatment, (step, outcome))?;
             } else {

@@ -111,23 +111,33 @@ pub(crate) fn run_detached<T: Send>(
     (threads, progress): (Option<usize>, bool),
     f: impl FnOnce(&Watch) -> Result<T, PyErrMessage> + Send,
 ) -> PyResult<T> {
-    let watch = Watch::default();
-    let mut interrupted: Option<PyErr> = None;
-    let joined = py.detach(|| {
-        std::thread::scope(|scope| {
+    if let Some(n) = threads
+        && n > MAX_THREADS
+    {
+        return Err(input_error("InputError", format!("threads: expected at most {MAX_THREADS}, found {n}")));
+    }
+    let (joined, interrupted) = py.detach(move || {
+        let watch = Watch::default();
+        let mut interrupted: Option<PyErr> = None;
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let joined = std::thread::scope(|scope| {
             let work = scope.spawn(|| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match threads {
+                let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match threads {
                     Some(0) => Err(PyErrMessage::input("threads: expected at least 1, found 0")),
                     Some(n) => match rayon::ThreadPoolBuilder::new().num_threads(n).build() {
                         Ok(pool) => pool.install(|| f(&watch)),
                         Err(e) => Err(PyErrMessage::input(format!("threads: {e}"))),
                     },
                     None => f(&watch),
-                }))
+                }));
+                let _ = done_tx.send(());
+                out
             });
             let mut drawn = false;
-            while !work.is_finished() {
-                std::thread::sleep(std::time::Duration::from_millis(50));
+            // A short call returns as soon as it is done; a long one is polled every 50 ms.
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                done_rx.recv_timeout(std::time::Duration::from_millis(50))
+            {
                 Python::attach(|py| {
                     if interrupted.is_none()
                         && let Err(e) = py.check_signals()
@@ -153,18 +163,30 @@ pub(crate) fn run_detached<T: Send>(
                 });
             }
             work.join()
-        })
+        });
+        (joined, interrupted)
     });
+    // An interrupt the watcher took wins, whether or not the work reached a check point after it.
+    if let Some(e) = interrupted {
+        return Err(e);
+    }
     match joined {
         Ok(Ok(result)) => result.map_err(PyErrMessage::into_py),
-        Ok(Err(payload)) | Err(payload) => {
-            if payload.is::<Cancelled>() {
-                Err(interrupted.unwrap_or_else(|| pyo3::exceptions::PyKeyboardInterrupt::new_err("interrupted")))
-            } else {
-                std::panic::resume_unwind(payload)
-            }
-        }
+        Ok(Err(payload)) | Err(payload) => Err(internal_error(payload.as_ref())),
     }
+}
+
+/// Most worker threads a call may ask for.
+const MAX_THREADS: usize = 1024;
+
+/// A panic (a bug, not bad input) as a `MemsteerError` saying so.
+fn internal_error(payload: &(dyn std::any::Any + Send)) -> PyErr {
+    let what = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic");
+    input_error("MemsteerError", format!("internal error (please report it): {what}"))
 }
 
 /// An error made without the interpreter, raised once it is held again.
@@ -220,7 +242,15 @@ fn arrow_stream(capsule: &Bound<'_, PyCapsule>) -> PyResult<(Vec<String>, Batche
     let reader = RecordBatchStreamReader::try_new(stream)
         .map_err(|e| input_error("InputError", format!("panel: reading the Arrow stream's schema: {e}")))?;
     let names: Vec<String> = reader.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let batches = reader.map(|b| b.map_err(|e| e.to_string())).collect();
+    // The stream may not be read on after an error.
+    let mut batches = Vec::new();
+    for b in reader {
+        let failed = b.is_err();
+        batches.push(b.map_err(|e| e.to_string()));
+        if failed {
+            break;
+        }
+    }
     Ok((names, batches))
 }
 
@@ -397,7 +427,9 @@ fn profile(
     let start = Instant::now();
     let input = match panel.cast::<PyCapsule>() {
         Ok(capsule) => {
-            let (names, batches) = arrow_stream(capsule)?;
+            // A malformed stream can trip an assertion in arrow's import: an error, not a crash.
+            let (names, batches) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| arrow_stream(capsule)))
+                .map_err(|p| internal_error(p.as_ref()))??;
             PanelInput::Stream(names, batches)
         }
         Err(_) => PanelInput::Path(panel.extract::<PathBuf>()?),

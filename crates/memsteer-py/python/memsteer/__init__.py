@@ -33,10 +33,31 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def _checked(fn, *args, **kwargs):
+    """Calls the native ``fn``, turning a Python value it cannot take (a negative or huge int, a float
+    where an int is expected) into an ``InputError`` naming the argument."""
+    try:
+        return fn(*args, **kwargs)
+    except (OverflowError, TypeError) as e:
+        for name, v in kwargs.items():
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < 2**64:
+                raise InputError(f"{name}: expected a non-negative integer below 2**64, found {v}") from e
+            if isinstance(v, float) and name in _INT_SETTINGS:
+                raise InputError(f"{name}: expected an integer, found {v!r}") from e
+        raise InputError(str(e)) from e
+
+
+_INT_SETTINGS = {"bootstrap", "seed", "max_step", "min_cohort_size", "pretrend_window", "max_wald_cells", "threads",
+                 "treatment_from_seq_idx"}
+
+
 def _arrow_stream(panel: Any) -> Tuple[Any, str]:
     """The Arrow C stream capsule of a table-like object, and a name for it in error messages."""
     if hasattr(panel, "__arrow_c_stream__"):
-        return panel.__arrow_c_stream__(), type(panel).__name__
+        try:
+            return panel.__arrow_c_stream__(), type(panel).__name__
+        except Exception as e:  # the library's own conversion to Arrow (e.g. mixed types in a column)
+            raise InputError(f"panel: {type(panel).__name__} could not be exported as an Arrow table: {e}") from e
     module = type(panel).__module__.split(".")[0]
     if module == "pandas":
         # pandas before 2.2 has no Arrow stream of its own: pyarrow converts it.
@@ -46,7 +67,11 @@ def _arrow_stream(panel: Any) -> Tuple[Any, str]:
             raise InputError(
                 "panel: this pandas version has no __arrow_c_stream__; install pyarrow or pandas >= 2.2"
             ) from e
-        return pa.Table.from_pandas(panel, preserve_index=False).__arrow_c_stream__(), "DataFrame"
+        try:
+            table = pa.Table.from_pandas(panel, preserve_index=False)
+        except Exception as e:
+            raise InputError(f"panel: DataFrame could not be converted to an Arrow table: {e}") from e
+        return table.__arrow_c_stream__(), "DataFrame"
     raise InputError(
         f"panel: expected a path (CSV or Parquet), a pandas or polars DataFrame, a pyarrow Table or any "
         f"object with __arrow_c_stream__, found {type(panel).__name__}"
@@ -144,11 +169,10 @@ def profile(
     """
     if isinstance(panel, (str, os.PathLike)):
         source, name = os.fspath(panel), os.fspath(panel)
-        if not os.path.exists(source):
-            raise MissingFileError(f"panel {source}: no such file")
     else:
         source, name = _arrow_stream(panel)
-    native = _native.profile(
+    native = _checked(
+        _native.profile,
         source,
         name,
         instance=instance,
@@ -208,7 +232,7 @@ class Model:
     loaded onto ``device`` (``"cpu"``, or ``"cuda"``/``"cuda:N"`` in a build with CUDA)."""
 
     def __init__(self, dir: PathLike, device: str = "cpu"):
-        self._native = _native.Model(os.fspath(dir), device)
+        self._native = _checked(_native.Model, os.fspath(dir), device)
 
     vocab_size = property(lambda self: self._native.vocab_size, doc="The model's vocabulary size.")
     context = property(lambda self: self._native.context, doc="The model's context length.")
@@ -238,7 +262,7 @@ class Model:
     ):
         """``log p(x_t | x_<t)`` for ``t ≥ 1`` of each sequence (token ids, or text tokenized with the
         model's tokenizer), as a list of float64 numpy arrays."""
-        raw = self._native.logprobs(self._ids(seqs), batch_size, threads, progress)
+        raw = _checked(self._native.logprobs, self._ids(seqs), batch_size, threads, progress)
         return [np.frombuffer(b, dtype="<f8") for b in raw]
 
     def sequence_logprobs(
@@ -246,7 +270,7 @@ class Model:
     ):
         """Each sequence's log-probability (first token not scored), as ``memsteer logprobs`` writes a
         panel's outcome: one float64 numpy array."""
-        raw = self._native.sequence_logprobs(self._ids(seqs), batch_size, threads, progress)
+        raw = _checked(self._native.sequence_logprobs, self._ids(seqs), batch_size, threads, progress)
         return np.frombuffer(raw, dtype="<f8")
 
     def generate(
@@ -264,7 +288,8 @@ class Model:
         """Continuations of every prompt with ``steers`` (``(steer, strength)`` pairs, added up; each
         file's dummy steer at 1), as ``memsteer steer generate`` makes them: dicts with ``prompt_id``
         (the prompt's index), ``sample``, ``tokens`` and ``text`` (when the model has a tokenizer)."""
-        rows = self._native.generate(
+        rows = _checked(
+            self._native.generate,
             self._ids(prompts),
             [(s._native, float(x)) for s, x in steers],
             max_new_tokens,
@@ -334,7 +359,8 @@ class Steer:
     ) -> "Steer":
         """Trains a steer on ``model`` (frozen) as ``memsteer steer train`` does: ``positive`` texts or
         token ids at strength +1, ``negative`` at −1. The loss of every step is in ``.losses``."""
-        native, losses = _native.Steer.train(
+        native, losses = _checked(
+            _native.Steer.train,
             model._native,
             model._ids(positive),
             model._ids(negative),
@@ -359,12 +385,12 @@ class Steer:
     def explain(self, model: Model, dims: int = 5, top: int = 10) -> dict:
         """The tokens each of the ``dims`` strongest directions of W promotes and demotes (``top`` of
         each), as ``memsteer steer explain --json`` prints them."""
-        return json.loads(self._native.explain(model._native, dims, top))
+        return json.loads(_checked(self._native.explain, model._native, dims, top))
 
     def highlight(self, model: Model, text: str, strength: float = 1.0, spans: int = 4, span_length: int = 10) -> dict:
         """Per-token evidence ``log p(+strength) − log p(−strength)`` and the ``spans`` disjoint spans of
         at most ``span_length`` tokens with the largest total evidence (``memsteer steer highlight``)."""
-        return json.loads(self._native.highlight(model._native, text, strength, spans, span_length))
+        return json.loads(_checked(self._native.highlight, model._native, text, strength, spans, span_length))
 
     def transfer(
         self, source: Model, target: Model, map: str = "paper", top_k: Optional[int] = None, ridge: float = 0.0
@@ -373,7 +399,7 @@ class Steer:
         least-squares map between their output embeddings (``paper``: W' = HᵀWH, ``authors``: their
         script, ``two-sided``: HᵀWGᵀ), as ``memsteer steer transfer``; the fit's relative residual is in
         ``.residual``."""
-        native, residual = self._native.transfer(source._native, target._native, map, top_k, ridge)
+        native, residual = _checked(self._native.transfer, source._native, target._native, map, top_k, ridge)
         moved = Steer(native)
         moved.residual = residual
         return moved

@@ -7,6 +7,7 @@ import json
 import os
 
 from . import _native
+from ._errors import InputError
 
 
 def theorem2(
@@ -15,7 +16,10 @@ def theorem2(
     """The report of ``memsteer hmm theorem2 --json``: switching the initial condition of a random
     Assumption-1 HMM equals a linear map of its word embeddings (``max_abs_error`` at rounding level),
     against a negative control that a least-squares map cannot reproduce."""
-    return json.loads(_native.theorem2(seed, states, conditions, vocab, length, samples))
+    try:
+        return json.loads(_native.theorem2(seed, states, conditions, vocab, length, samples))
+    except (OverflowError, TypeError) as e:
+        raise InputError(str(e)) from e
 
 
 def simulate(
@@ -38,10 +42,13 @@ def simulate(
     "truth": DataFrame, "files": [...]}``."""
     import pandas as pd
 
-    files = _native.simulate(
-        os.fspath(out), seed, states, vocab, length, batch_size, steps, validation, lr, validation_shift,
-        counterfactual, replicates,
-    )
+    try:
+        files = _native.simulate(
+            os.fspath(out), seed, states, vocab, length, batch_size, steps, validation, lr, validation_shift,
+            counterfactual, replicates,
+        )
+    except (OverflowError, TypeError) as e:
+        raise InputError(str(e)) from e
     return {
         "panel": pd.read_csv(os.path.join(os.fspath(out), "panel.csv")),
         "truth": pd.read_csv(os.path.join(os.fspath(out), "truth.csv")),
