@@ -77,6 +77,18 @@ def test_pandas_nan_marks_never_trained_and_float_steps_are_read(cli_profile):
         memsteer.profile(frame, bootstrap=200)
 
 
+def test_categorical_columns_are_read_as_their_values(cli_profile):
+    want = read_att(cli_profile / "att.csv")
+    frame = pd.read_csv(PANEL)
+    frame["instance_id"] = frame["instance_id"].astype("category")
+    frame["treatment_step"] = frame["treatment_step"].astype("category")
+    p = memsteer.profile(frame, bootstrap=200)
+    pd.testing.assert_frame_equal(p.att, want, check_exact=True, check_dtype=False)
+    polar = pl.read_csv(PANEL, infer_schema_length=None).with_columns(pl.col("instance_id").cast(pl.Categorical))
+    p = memsteer.profile(polar, bootstrap=200)
+    pd.testing.assert_frame_equal(p.att, want, check_exact=True, check_dtype=False)
+
+
 def test_column_adapters_and_threads(cli_profile):
     frame = pd.read_csv(PANEL).rename(
         columns={"instance_id": "doc", "treatment_step": "g", "checkpoint_step": "step", "outcome": "y"}

@@ -51,8 +51,29 @@ _INT_SETTINGS = {"bootstrap", "seed", "max_step", "min_cohort_size", "pretrend_w
                  "treatment_from_seq_idx"}
 
 
+def _plain_columns(panel: Any) -> Any:
+    """pandas and polars categorical columns as their values (Arrow would send dictionaries)."""
+    module = type(panel).__module__.split(".")[0]
+    if module == "pandas":
+        import pandas as pd
+
+        cats = [c for c in panel.columns if isinstance(panel[c].dtype, pd.CategoricalDtype)]
+        if cats:
+            panel = panel.copy()
+            for c in cats:
+                panel[c] = panel[c].astype(panel[c].cat.categories.dtype)
+    elif module == "polars":
+        import polars as pl
+
+        cats = [c for c, t in panel.schema.items() if t == pl.Categorical or t == pl.Enum or isinstance(t, pl.Enum)]
+        if cats:
+            panel = panel.with_columns([pl.col(c).cast(pl.Utf8) for c in cats])
+    return panel
+
+
 def _arrow_stream(panel: Any) -> Tuple[Any, str]:
     """The Arrow C stream capsule of a table-like object, and a name for it in error messages."""
+    panel = _plain_columns(panel)
     if hasattr(panel, "__arrow_c_stream__"):
         try:
             return panel.__arrow_c_stream__(), type(panel).__name__
