@@ -71,15 +71,20 @@ pub fn sample(logits: &[f32], cfg: &SamplingConfig, u: f64) -> Result<usize, Non
     if let Some((token, &value)) = logits.iter().enumerate().find(|(_, x)| !x.is_finite()) {
         return Err(NonFiniteLogit { token, value });
     }
-    let dist = distribution(logits, cfg);
+    Ok(draw(&distribution(logits, cfg), u))
+}
+
+/// The token of `dist` whose cumulative probability first exceeds `u` (the last one when rounding
+/// leaves the sum below `u`; token 0 for an empty distribution).
+fn draw(dist: &[(usize, f64)], u: f64) -> usize {
     let mut acc = 0.0;
-    for &(tok, p) in &dist {
+    for &(tok, p) in dist {
         acc += p;
         if u < acc {
-            return Ok(tok);
+            return tok;
         }
     }
-    Ok(dist.last().map_or(0, |d| d.0))
+    dist.last().map_or(0, |d| d.0)
 }
 
 /// [`sample`] with the tokens `excluded` (sorted ascending) never drawn, as when a model's embedding
@@ -109,12 +114,5 @@ pub fn sample_excluding(
     }
     // Excluded tokens have probability 0; drop them so that rounding never falls through to one.
     let dist: Vec<(usize, f64)> = distribution(&masked, cfg).into_iter().filter(|&(_, p)| p > 0.0).collect();
-    let mut acc = 0.0;
-    for &(tok, p) in &dist {
-        acc += p;
-        if u < acc {
-            return Ok(tok);
-        }
-    }
-    Ok(dist.last().map_or(0, |d| d.0))
+    Ok(draw(&dist, u))
 }
