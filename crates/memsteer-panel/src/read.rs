@@ -549,6 +549,7 @@ impl<'a> Parser<'a> {
 
     /// [`Self::push_row`] for an id that `own` makes owned only when it starts a new run of rows
     /// (record batches, whose buffers do not outlive the chunk).
+    #[cfg(feature = "parquet")]
     pub(crate) fn push_row_with(
         &self,
         out: &mut Chunk<'a>,
