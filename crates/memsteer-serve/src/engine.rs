@@ -176,6 +176,8 @@ struct Row {
     rng: SplitMix64,
     /// Text already sent.
     sent: String,
+    /// The generated text, decoded a few tokens at a time.
+    detok: Detok,
     last_token: Option<Instant>,
     done: bool,
 }
@@ -218,6 +220,7 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
                     cache: KvCache::new(),
                     generated: Vec::new(),
                     sent: String::new(),
+                    detok: Detok::default(),
                     last_token: None,
                     done: false,
                 });
@@ -307,7 +310,7 @@ fn advance(served: &Served, r: &mut Row, logits: &[f32], now: Instant, metrics: 
     r.generated.push(token);
     let eos = r.spec.stop_at_eos && served.eos.contains(&token);
     let visible = if eos { &r.generated[..r.generated.len() - 1] } else { &r.generated[..] };
-    let text = match served.tokenizer.decode(visible) {
+    let text = match r.detok.text(&served.tokenizer, visible) {
         Ok(t) => t,
         Err(e) => {
             let _ = r.events.send(Event::Failed(format!("choice {choice}: decoding: {e}")));
@@ -332,15 +335,6 @@ fn advance(served: &Served, r: &mut Row, logits: &[f32], now: Instant, metrics: 
         // Hold back an incomplete character and a tail that may begin a stop string.
         None => safe_end(&text, &r.spec.stop),
     };
-    if !text.starts_with(r.sent.as_str()) {
-        // Decoding more tokens rewrote text already sent: say so rather than send a cut text.
-        let _ = r.events.send(Event::Failed(format!(
-            "choice {choice}: the tokenizer's decoding of {} tokens no longer begins with the text already sent",
-            visible.len()
-        )));
-        r.done = true;
-        return;
-    }
     let delta = if upto > r.sent.len() { text[r.sent.len()..upto].to_string() } else { String::new() };
     r.sent.push_str(&delta);
     let _ = r.events.send(Event::Token { choice, text: delta, logprob });
@@ -351,6 +345,40 @@ fn advance(served: &Served, r: &mut Row, logits: &[f32], now: Instant, metrics: 
     }
     r.input.clear();
     r.input.push(token);
+}
+
+/// Incremental decoding: each step decodes only the tokens since the last complete piece of text
+/// (`prefix..`), against the same window without the newest tokens (`prefix..read`), and keeps the
+/// difference, so a long generation costs a few tokens' decoding per step, not the whole text's. Both
+/// decodes start at the same token, so tokenizers that treat a leading space specially agree with the
+/// whole-text decode; a window that ends inside a character (U+FFFD) waits for more tokens.
+#[derive(Debug, Default)]
+struct Detok {
+    prefix: usize,
+    read: usize,
+    /// The text of `tokens[..read]`.
+    stable: String,
+}
+
+impl Detok {
+    /// The text of `tokens` (which extend the tokens of the last call).
+    fn text(&mut self, tok: &memsteer_lm::tokenizer::Tokenizer, tokens: &[u32]) -> Result<String, String> {
+        let before = tok.decode(&tokens[self.prefix..self.read]).map_err(|e| e.to_string())?;
+        let now = tok.decode(&tokens[self.prefix..]).map_err(|e| e.to_string())?;
+        let Some(tail) = now.strip_prefix(before.as_str()) else {
+            return Err(format!(
+                "decoding {} more tokens rewrote text already decoded; the tokenizer does not decode incrementally",
+                tokens.len() - self.read
+            ));
+        };
+        let text = format!("{}{tail}", self.stable);
+        if !tail.is_empty() && !tail.ends_with('\u{FFFD}') {
+            self.stable.push_str(tail);
+            self.prefix = self.read;
+            self.read = tokens.len();
+        }
+        Ok(text)
+    }
 }
 
 fn max_len(stop: &[String]) -> usize {
@@ -385,6 +413,41 @@ fn safe_end(text: &str, stop: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Incremental decoding gives, after every token, the text of all tokens so far: byte-level BPE with
+    /// characters split across tokens, and a Metaspace decoder that drops a leading space.
+    #[test]
+    fn incremental_decoding_equals_decoding_everything() {
+        use memsteer_lm::tokenizer::Tokenizer;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let bytes = Tokenizer::from_tokenizer_json(&root.join("corpus/tokenizer.json")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("tokenizer.json");
+        let vocab = serde_json::json!({"▁Hello": 0, "▁world": 1, "!": 2, "▁héllo": 3, "▁日本": 4});
+        let t = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": null, "post_processor": null,
+            "decoder": {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": true},
+            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "!"}});
+        std::fs::write(&meta, t.to_string()).unwrap();
+        let meta = Tokenizer::from_tokenizer_json(&meta).unwrap();
+        let cases: [(&Tokenizer, Vec<u32>); 2] = [
+            (&bytes, bytes.encode("Naïve café — 日本語のテキスト, ünïcödé 🎉 end.").unwrap()),
+            (&meta, vec![0, 1, 2, 3, 4, 2, 1]),
+        ];
+        for (tok, ids) in cases {
+            let mut d = Detok::default();
+            let mut multibyte_split = false;
+            for k in 1..=ids.len() {
+                let whole = tok.decode(&ids[..k]).unwrap();
+                multibyte_split |= whole.ends_with('\u{FFFD}');
+                assert_eq!(d.text(tok, &ids[..k]).unwrap(), whole, "after {k} tokens");
+            }
+            assert!(d.prefix > 0, "the window moved on");
+            if std::ptr::eq(tok, &bytes) {
+                assert!(multibyte_split, "the case should split a character across tokens");
+            }
+        }
+    }
 
     #[test]
     fn text_that_may_start_a_stop_string_is_held_back() {

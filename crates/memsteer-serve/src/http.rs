@@ -181,7 +181,9 @@ async fn completions(State(app): State<App>, headers: HeaderMap, body: Body) -> 
             }
             k => k.map(|k| k as usize),
         };
-        let prompts = api::completion_prompts(&app.served, &req.prompt)?;
+        // Tokenizing (bodies up to --max-body-bytes) runs off the HTTP workers.
+        let served = app.served.clone();
+        let prompts = off_runtime(move || api::completion_prompts(&served, &req.prompt)).await?;
         let plan = make_plan(&app, &common, prompts, (Some(16), logprobs))?;
         generate(&app, plan, Kind::Completion).await
     }
@@ -210,12 +212,23 @@ async fn chat(State(app): State<App>, headers: HeaderMap, body: Body) -> Respons
             (true, k) => Some(k.unwrap_or(0) as usize),
             (false, None) => None,
         };
-        let prompt = api::chat_prompt(&app.served, &req.messages)?;
+        let served = app.served.clone();
+        let prompt = off_runtime(move || api::chat_prompt(&served, &req.messages)).await?;
         let plan = make_plan(&app, &common, vec![prompt], (None, logprobs))?;
         generate(&app, plan, Kind::Chat).await
     }
     .await;
     respond(&app.metrics, "chat", r)
+}
+
+/// Runs CPU work (tokenizing, rendering a template) on tokio's blocking threads, so that a large
+/// prompt never stalls the workers that serve every connection.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(ApiError::status(500, "server_error", "internal_error", format!("preparing the prompt: {e}")))
+    })
 }
 
 fn make_plan(
