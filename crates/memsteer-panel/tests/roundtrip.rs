@@ -110,6 +110,74 @@ mod parquet_input {
         assert_eq!(p.outcomes(1), &[-2.0, -2.25]);
     }
 
+    /// Record batches (as a DataFrame library sends them) read as the CSV twin does: numbers read as
+    /// numbers, float steps, NaN-free nulls for never-trained instances, several batches with rows
+    /// counted across them, string-view ids with a null; and the text rules decide every edge.
+    #[test]
+    fn record_batches_read_as_their_csv_twin() {
+        use arrow_array::{Float64Array, StringViewArray};
+        use memsteer_panel::read::{parse_csv, read_batches};
+        let names: Vec<String> =
+            ["instance_id", "treatment_step", "checkpoint_step", "outcome"].iter().map(|s| s.to_string()).collect();
+        let batch = |ids: Vec<Option<&str>>, t: Vec<Option<f64>>, c: Vec<f64>, y: Vec<f64>| {
+            RecordBatch::try_from_iter(vec![
+                ("instance_id", Arc::new(StringViewArray::from(ids)) as ArrayRef),
+                ("treatment_step", Arc::new(Float64Array::from(t)) as ArrayRef),
+                ("checkpoint_step", Arc::new(Float64Array::from(c)) as ArrayRef),
+                ("outcome", Arc::new(Float64Array::from(y)) as ArrayRef),
+            ])
+            .map_err(|e| e.to_string())
+        };
+        let opts = ReadOptions::default();
+        let csv = "instance_id,treatment_step,checkpoint_step,outcome\n\
+                   a,1000,0,-1.5\na,1000,1000,-1.25\nb,,0,-2\nb,,1000,-2.5\n\
+                   c,1000,0,-0.5\nc,1000,1000,-0.125\n";
+        let (want, _) = parse_csv(csv.as_bytes(), "twin.csv", &opts).expect("csv");
+        let batches = vec![
+            batch(
+                vec![Some("a"), Some("a"), Some("b")],
+                vec![Some(1000.0), Some(1000.0), None],
+                vec![0.0, 1000.0, 0.0],
+                vec![-1.5, -1.25, -2.0],
+            ),
+            batch(
+                vec![Some("b"), Some("c"), Some("c")],
+                vec![None, Some(1000.0), Some(1000.0)],
+                vec![1000.0, 0.0, 1000.0],
+                vec![-2.5, -0.5, -0.125],
+            ),
+        ];
+        let (got, report) = read_batches(&names, batches, "frame", &opts).expect("batches");
+        assert_eq!(got, want);
+        assert_eq!(report.rows, 6);
+        // Errors count rows across batches and name them as the CSV reader does.
+        let bad = |t: Option<f64>, c: f64, id: Option<&str>| {
+            let batches = vec![
+                batch(vec![Some("a")], vec![Some(1000.0)], vec![0.0], vec![-1.0]),
+                batch(vec![id], vec![t], vec![c], vec![-1.0]),
+            ];
+            read_batches(&names, batches, "frame", &opts).expect_err("bad row").to_string()
+        };
+        let e = bad(Some(1000.0), 1.5, Some("a"));
+        assert!(e.contains("frame, row 2") && e.contains("checkpoint_step"), "{e}");
+        let e = bad(Some(1000.0), -1000.0, Some("a"));
+        assert!(e.contains("row 2") && e.contains("non-negative"), "{e}");
+        let e = bad(Some(0.0), 1000.0, Some("a"));
+        assert!(e.contains("row 2") && e.contains("1-based optimizer step"), "{e}");
+        let e = bad(Some(1000.0), 1000.0, None);
+        assert!(e.contains("row 2") && e.contains("instance id"), "{e}");
+        // A batch whose columns are not the schema's.
+        let other = RecordBatch::try_from_iter(vec![
+            ("outcome", Arc::new(Float64Array::from(vec![1.0])) as ArrayRef),
+            ("instance_id", Arc::new(StringArray::from(vec!["a"])) as ArrayRef),
+            ("treatment_step", Arc::new(Float64Array::from(vec![1.0])) as ArrayRef),
+            ("checkpoint_step", Arc::new(Float64Array::from(vec![0.0])) as ArrayRef),
+        ])
+        .map_err(|e| e.to_string());
+        let e = read_batches(&names, vec![other], "frame", &opts).expect_err("columns").to_string();
+        assert!(e.contains("where the schema names"), "{e}");
+    }
+
     #[test]
     fn errors_name_the_row() {
         let dir = tempfile::tempdir().expect("tempdir");
