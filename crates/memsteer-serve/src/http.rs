@@ -304,7 +304,7 @@ async fn generate(app: &App, plan: Plan, kind: Kind) -> Result<Response, ApiErro
         .enumerate()
         .map(|(i, c)| {
             let finish = c.finish.map(Finish::as_str);
-            let lp = plan.logprobs.then(|| logprobs_json(kind, &c.logprobs));
+            let lp = plan.logprobs.then(|| logprobs_json(kind, &c.logprobs, 0));
             match kind {
                 Kind::Completion => json!({"index": i, "text": c.text, "logprobs": lp, "finish_reason": finish}),
                 Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": c.text},
@@ -322,11 +322,11 @@ fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Log-probabilities as each endpoint shows them.
-fn logprobs_json(kind: Kind, lps: &[TokenLogprob]) -> Value {
+/// Log-probabilities as each endpoint shows them; completions' `text_offset` counts from `start`.
+fn logprobs_json(kind: Kind, lps: &[TokenLogprob], start: usize) -> Value {
     match kind {
         Kind::Completion => {
-            let mut offset = 0;
+            let mut offset = start;
             let mut offsets = Vec::with_capacity(lps.len());
             for t in lps {
                 offsets.push(offset);
@@ -375,10 +375,10 @@ impl Head {
         &self,
         index: usize,
         delta: Option<&str>,
-        logprob: Option<&TokenLogprob>,
+        (logprob, offset): (Option<&TokenLogprob>, usize),
         finish: Option<Finish>,
     ) -> Value {
-        let lp = logprob.map(|l| logprobs_json(self.kind, std::slice::from_ref(l)));
+        let lp = logprob.map(|l| logprobs_json(self.kind, std::slice::from_ref(l), offset));
         let finish = finish.map(Finish::as_str);
         let choice = match self.kind {
             Kind::Completion => {
@@ -416,19 +416,22 @@ fn stream(
         ended: bool,
         include_usage: bool,
         prompt_tokens: usize,
+        /// Each choice's `text_offset` so far (completions' log-probabilities).
+        offsets: Vec<usize>,
     }
     // Chat streams open every choice with the assistant's role.
     let first: Vec<String> = match head.kind {
         Kind::Chat => (0..choices)
             .map(|i| {
-                let mut c = head.chunk(i, None, None, None);
+                let mut c = head.chunk(i, None, (None, 0), None);
                 c["choices"][0]["delta"] = json!({"role": "assistant", "content": ""});
                 event(&c)
             })
             .collect(),
         Kind::Completion => Vec::new(),
     };
-    let st = St { head, rx, open: choices, tokens: 0, first, ended: false, include_usage, prompt_tokens };
+    let offsets = vec![0; choices];
+    let st = St { head, rx, open: choices, tokens: 0, first, ended: false, include_usage, prompt_tokens, offsets };
     let s = futures_util::stream::unfold(st, |mut st| async move {
         if !st.first.is_empty() {
             let out = st.first.concat();
@@ -455,13 +458,17 @@ fn stream(
                     if text.is_empty() && logprob.is_none() {
                         continue;
                     }
-                    let c = st.head.chunk(choice, Some(&text), logprob.as_ref(), None);
+                    let offset = st.offsets.get(choice).copied().unwrap_or(0);
+                    if let (Some(o), Some(l)) = (st.offsets.get_mut(choice), logprob.as_ref()) {
+                        *o += l.token.len();
+                    }
+                    let c = st.head.chunk(choice, Some(&text), (logprob.as_ref(), offset), None);
                     return Some((Ok(event(&c)), st));
                 }
                 Some(Event::Done { choice, finish, tokens }) => {
                     st.open -= 1;
                     st.tokens += tokens;
-                    let c = st.head.chunk(choice, None, None, Some(finish));
+                    let c = st.head.chunk(choice, None, (None, 0), Some(finish));
                     return Some((Ok(event(&c)), st));
                 }
                 Some(Event::Failed(message)) => {

@@ -303,6 +303,16 @@ fn streaming_chat_and_stop_strings_follow_openai() {
         let best = top.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).fold(f64::MIN, f64::max);
         assert!((t.as_f64().unwrap() - best).abs() < 1e-6 && best < 0.0);
     }
+    // Streamed, the chunks' text offsets continue one another as in the whole response.
+    let body = json!({"prompt": "Once upon", "max_tokens": 5, "temperature": 0, "logprobs": 3, "ignore_eos": true,
+                      "stream": true});
+    let (events, _) = post_stream(&server, "/v1/completions", &body);
+    let streamed: Vec<Value> = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["logprobs"]["text_offset"].as_array().map(|a| a[0].clone()))
+        .collect();
+    assert_eq!(&streamed, lp["text_offset"].as_array().unwrap());
+    assert!(streamed.windows(2).all(|w| w[0].as_u64() < w[1].as_u64()), "{streamed:?}");
     let (_, v) = post(
         &server,
         "/v1/chat/completions",
