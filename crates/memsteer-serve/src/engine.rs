@@ -245,6 +245,7 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
             }
         }
         active.retain(|r| !r.done);
+        metrics.set_kv_bytes(active.iter().map(|r| r.cache.bytes()).sum());
     }
 }
 

@@ -60,6 +60,7 @@ pub struct Metrics {
     generated_tokens: AtomicU64,
     cancelled_rows: AtomicU64,
     queue: AtomicU64,
+    kv_bytes: AtomicU64,
     batch: Histogram,
     first_token: Histogram,
     token_gap: Histogram,
@@ -73,6 +74,7 @@ impl Default for Metrics {
             generated_tokens: AtomicU64::new(0),
             cancelled_rows: AtomicU64::new(0),
             queue: AtomicU64::new(0),
+            kv_bytes: AtomicU64::new(0),
             batch: Histogram::new(&BATCH_BUCKETS),
             first_token: Histogram::new(&LATENCY_BUCKETS),
             token_gap: Histogram::new(&LATENCY_BUCKETS),
@@ -101,6 +103,10 @@ impl Metrics {
     /// Requests waiting.
     pub fn set_queue(&self, n: usize) {
         self.queue.store(n as u64, Ordering::Relaxed);
+    }
+    /// Bytes the running rows' KV caches hold.
+    pub fn set_kv_bytes(&self, bytes: usize) {
+        self.kv_bytes.store(bytes as u64, Ordering::Relaxed);
     }
     /// Rows of a decoding step.
     pub fn batch(&self, rows: usize) {
@@ -135,6 +141,11 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP memsteer_queue_length Requests waiting for a row.\n# TYPE memsteer_queue_length gauge\nmemsteer_queue_length {q}"
+        );
+        let kv = self.kv_bytes.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP memsteer_kv_cache_bytes Bytes the running rows' KV caches hold.\n# TYPE memsteer_kv_cache_bytes gauge\nmemsteer_kv_cache_bytes {kv}"
         );
         self.batch.render(&mut out, "memsteer_batch_rows", "Rows per decoding step.");
         self.first_token.render(&mut out, "memsteer_time_to_first_token_seconds", "Arrival to first token, per row.");

@@ -223,10 +223,27 @@ fn many_concurrent_requests_each_get_what_they_get_alone() {
         }
     };
     let alone: Vec<Vec<String>> = requests.iter().map(run).collect();
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let mut kv_seen = 0u64;
     let together: Vec<Vec<String>> = std::thread::scope(|s| {
+        // While the requests run, the KV-cache gauge shows the rows' caches.
+        let monitor = s.spawn(|| {
+            let mut most = 0u64;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                let (_, m) = get(&server, "/metrics");
+                let kv = m.lines().find_map(|l| l.strip_prefix("memsteer_kv_cache_bytes ")?.parse::<u64>().ok());
+                most = most.max(kv.unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            most
+        });
         let handles: Vec<_> = requests.iter().map(|r| s.spawn(move || run(r))).collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        let out = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        kv_seen = monitor.join().unwrap();
+        out
     });
+    assert!(kv_seen > 0, "the KV-cache gauge never showed a running row");
     assert_eq!(together, alone);
     let distinct: std::collections::HashSet<&String> = alone.iter().flatten().collect();
     assert!(distinct.len() > 40, "only {} distinct texts", distinct.len());
@@ -245,6 +262,8 @@ fn many_concurrent_requests_each_get_what_they_get_alone() {
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap();
     assert!(steps > batched, "every step had one row: {metrics}");
+    // Every row is gone, and with it every KV cache.
+    assert!(metrics.lines().any(|l| l == "memsteer_kv_cache_bytes 0"), "{metrics}");
     server.shutdown().unwrap();
 }
 
