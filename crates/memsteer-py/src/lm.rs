@@ -180,41 +180,13 @@ impl Model {
         threads: Option<usize>,
     ) -> PyResult<Vec<Sample>> {
         let dec = self.decoder()?;
-        let bad = |m: String| Err(input_error("InputError", m));
-        if samples < 1 || max_new_tokens < 1 {
-            return bad(format!("samples and max_new_tokens must be at least 1, found {samples} and {max_new_tokens}"));
-        }
-        if !(temperature.is_finite() && temperature >= 0.0) {
-            return bad(format!("temperature must be a finite number ≥ 0, found {temperature}"));
-        }
-        if top_k == Some(0) {
-            return bad("top_k must be at least 1".into());
-        }
-        if let Some(p) = top_p
-            && !(p > 0.0 && p <= 1.0)
-        {
-            return bad(format!("top_p must be in (0, 1], found {p}"));
-        }
-        check_ids(&prompts, dec.vocab(), 1)?;
-        for (i, p) in prompts.iter().enumerate() {
-            // The last sampled token is never fed back, so it needs no position.
-            if p.len().saturating_add(max_new_tokens - 1) > dec.context() {
-                return bad(format!(
-                    "prompt {i}: {} prompt tokens + {max_new_tokens} new tokens exceed the model's context of {} positions",
-                    p.len(),
-                    dec.context()
-                ));
-            }
-        }
         let mut set = Vec::new();
         for (i, (s, strength)) in steers.iter().enumerate() {
             s.steer.check_model(dec, &format!("steers[{i}]")).map_err(to_py)?;
-            let mut labelled = vec![0.0f32; s.steer.labels().len()];
-            if labelled.is_empty() {
-                return bad(format!("steers[{i}]: the steer has no labelled steer to set a strength on"));
-            }
-            labelled[0] = *strength;
-            let strengths = s.steer.strengths(&labelled).map_err(to_py)?;
+            let strengths = s
+                .steer
+                .strengths_of_first(*strength)
+                .map_err(|e| input_error("InputError", format!("steers[{i}]: {e}")))?;
             set.push((s.steer.clone(), strengths));
         }
         let set = SteerSet::new(set);

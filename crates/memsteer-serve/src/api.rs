@@ -430,9 +430,7 @@ pub fn plan(
     let mut steers = Vec::new();
     for (k, strength) in by_steer {
         let steer = &served.steers[k].steer;
-        let mut labelled = vec![0.0f32; steer.labels().len()];
-        labelled[0] = strength as f32;
-        let strengths = steer.strengths(&labelled).map_err(|e| invalid("steer", e.to_string()))?;
+        let strengths = steer.strengths_of_first(strength as f32).map_err(|e| invalid("steer", e.to_string()))?;
         steers.push((k, strengths));
     }
     let (context, vocab) = (served.context(), served.vocab());

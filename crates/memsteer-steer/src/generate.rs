@@ -226,6 +226,7 @@ pub struct Generation {
 /// sample `s` of the prompt keyed `k` is seeded with `hash_key(seed, "k\0s")`, so each sample is the
 /// same whatever else is generated; on the CPU every sample decodes with its own KV cache (in parallel),
 /// on a GPU all of them in packed whole-sequence passes (the same tokens). Returned prompt by prompt.
+/// The settings, the prompts' ids and their room in the context are checked first.
 pub fn generate_samples(
     model: &memsteer_lm::DeviceModel,
     set: &SteerSet,
@@ -236,6 +237,40 @@ pub fn generate_samples(
 ) -> Result<Vec<Generation>> {
     use rayon::prelude::*;
     let decoder = model.decoder()?;
+    let bad = |m: String| Err(SteerError::Input(m));
+    if samples < 1 || max_new < 1 {
+        return bad(format!("samples and max_new_tokens must be at least 1, found {samples} and {max_new}"));
+    }
+    if !(cfg.temperature.is_finite() && cfg.temperature >= 0.0) {
+        return bad(format!("temperature must be a finite number ≥ 0, found {}", cfg.temperature));
+    }
+    if cfg.top_k == Some(0) {
+        return bad("top_k must be at least 1".into());
+    }
+    if let Some(p) = cfg.top_p
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return bad(format!("top_p must be in (0, 1], found {p}"));
+    }
+    for (key, p) in prompts {
+        if p.is_empty() {
+            return bad(format!("prompt {key:?} has no tokens; generation needs at least one"));
+        }
+        if let Some(t) = p.iter().find(|&&t| t as usize >= decoder.vocab()) {
+            return bad(format!(
+                "prompt {key:?}: token id {t} is outside the model's vocabulary of {}",
+                decoder.vocab()
+            ));
+        }
+        // The last sampled token is never fed back, so it needs no position.
+        if p.len().saturating_add(max_new - 1) > decoder.context() {
+            return bad(format!(
+                "prompt {key:?}: {} prompt tokens + {max_new} new tokens exceed the model's context of {} positions",
+                p.len(),
+                decoder.context()
+            ));
+        }
+    }
     let work: Vec<(usize, usize)> = (0..prompts.len()).flat_map(|p| (0..samples).map(move |s| (p, s))).collect();
     let seed_of = |p: usize, s: usize| {
         let key = format!("{}\u{0}{s}", prompts[p].0);

@@ -206,6 +206,18 @@ impl Steer {
         Ok(all)
     }
 
+    /// Every steer's strength with the first labelled steer at `strength` (as `steer generate
+    /// FILE:STRENGTH` dials it), other labelled steers at 0 and the dummy at 1; an error when the file
+    /// has no labelled steer.
+    pub fn strengths_of_first(&self, strength: f32) -> Result<Vec<f32>> {
+        if self.labels.is_empty() {
+            return Err(SteerError::Input("the steer has no labelled steer to set a strength on".into()));
+        }
+        let mut labelled = vec![0.0f32; self.labels.len()];
+        labelled[0] = strength;
+        self.strengths(&labelled)
+    }
+
     /// Checks that the steer was made for `decoder` (hidden size, vocabulary size and output-embedding
     /// fingerprint); the error names `origin` and says to use `transfer`.
     pub fn check_model(&self, decoder: &dyn Decoder, origin: &str) -> Result<()> {

@@ -96,14 +96,7 @@ pub fn generate(a: &GenerateArgs) -> Result<Vec<Generation>> {
     for (path, strength) in specs {
         let steer = Steer::load_for(&path, decoder)
             .with_context(|| format!("--steer {}: loading the steer for {}", path.display(), a.model.display()))?;
-        let mut labelled = vec![0.0f32; steer.labels().len()];
-        ensure!(
-            !labelled.is_empty(),
-            "--steer {}: the steer has no labelled steer to set a strength on",
-            path.display()
-        );
-        labelled[0] = strength;
-        let strengths = steer.strengths(&labelled)?;
+        let strengths = steer.strengths_of_first(strength).with_context(|| format!("--steer {}", path.display()))?;
         steers.push((steer, strengths));
     }
     let set = SteerSet::new(steers);
