@@ -7,7 +7,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use memsteer_kernels::{Device, log_prob_targets};
+use memsteer_kernels::bf16::{PackedBf16, Source};
+use memsteer_kernels::dispatch::ALL_LEVELS;
+use memsteer_kernels::{CpuKernels, Device, log_prob_targets};
 use memsteer_panel::rng::SplitMix64;
 
 const TOKENS: usize = 256;
@@ -60,7 +62,18 @@ fn kernels(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Elements((2 * m * k * n) as u64));
     g.bench_function("matmul_transposed", |b| b.iter(|| sgemm_a_bt(m, k, n, black_box(&a), &w, &mut c_out)));
+    // The same product with the weights packed in bf16, on every bf16 kernel level this CPU has.
+    let packed = PackedBf16::pack(&w, n, k, Source::OutputsMajor, false).expect("pack");
+    for level in ALL_LEVELS.into_iter().filter(|l| *l <= CpuKernels::detected()) {
+        if level == CpuKernels::Avx2 || level == CpuKernels::Avx512 {
+            continue; // the same portable bf16 kernel as `portable`
+        }
+        g.bench_function(format!("bf16_{level}"), |b| {
+            b.iter(|| packed.matmul_transposed_with(level, black_box(&a), m, &mut c_out).expect("bf16"))
+        });
+    }
     g.finish();
+    eprintln!("{}", memsteer_kernels::dispatch::describe());
 }
 
 criterion_group!(benches, kernels);

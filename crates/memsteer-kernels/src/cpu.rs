@@ -19,6 +19,37 @@ pub(crate) fn log_prob_targets(
     targets: &[u32],
     out: &mut [f32],
 ) -> crate::Result<()> {
+    per_block(hidden, dim, targets, out, |h, targets| log_sum_exp_block(h, embedding, dim, vocab, targets))
+}
+
+/// [`log_prob_targets`] with the output embedding packed in bf16: each block's hidden states are
+/// rounded to bf16 once, the vocabulary tiles are bf16 products with f32 accumulation, and the
+/// log-sum-exp stays f32.
+pub(crate) fn log_prob_targets_bf16(
+    hidden: &[f32],
+    embedding: &crate::PackedBf16,
+    targets: &[u32],
+    out: &mut [f32],
+) -> crate::Result<()> {
+    let level = crate::cpu_kernels()?;
+    let dim = embedding.k();
+    per_block(hidden, dim, targets, out, |h, targets| {
+        let a = embedding.convert(h, targets.len(), false);
+        online_log_sum_exp(targets, embedding.n(), |v0, width, tile| {
+            embedding.product_cols(level, &a, v0, width, tile);
+            Ok(())
+        })
+    })
+}
+
+/// Splits the rows into blocks across threads and writes `target logit − log-sum-exp` from `lse`.
+fn per_block(
+    hidden: &[f32],
+    dim: usize,
+    targets: &[u32],
+    out: &mut [f32],
+    lse: impl Fn(&[f32], &[u32]) -> crate::Result<(Vec<f32>, Vec<f32>)> + Sync,
+) -> crate::Result<()> {
     // Each row's result depends only on that row (the tile products and the running log-sum-exp
     // are per row, in vocabulary order), so the block size may follow the thread count without
     // changing any number.
@@ -26,7 +57,7 @@ pub(crate) fn log_prob_targets(
     let block = targets.len().div_ceil(2 * threads).clamp(MIN_TOKEN_BLOCK, MAX_TOKEN_BLOCK);
     out.par_chunks_mut(block).zip(targets.par_chunks(block)).zip(hidden.par_chunks(block * dim)).try_for_each(
         |((out, targets), h)| {
-            let (lse, target_logit) = log_sum_exp_block(h, embedding, dim, vocab, targets)?;
+            let (lse, target_logit) = lse(h, targets)?;
             for (o, (t, l)) in out.iter_mut().zip(target_logit.iter().zip(&lse)) {
                 *o = t - l;
             }
@@ -46,13 +77,7 @@ pub(crate) fn log_sum_exp_block(
     targets: &[u32],
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
     let rows = targets.len();
-    let mut logits = vec![0.0f32; rows * VOCAB_TILE.min(vocab)];
-    let mut max = vec![f32::NEG_INFINITY; rows];
-    let mut sum = vec![0.0f32; rows];
-    let mut target_logit = vec![0.0f32; rows];
-    for v0 in (0..vocab).step_by(VOCAB_TILE) {
-        let width = VOCAB_TILE.min(vocab - v0);
-        let tile = &mut logits[..rows * width];
+    online_log_sum_exp(targets, vocab, |v0, width, tile| {
         crate::native::gemm(
             rows,
             dim,
@@ -61,7 +86,27 @@ pub(crate) fn log_sum_exp_block(
             MatRef::row_major(&embedding[v0 * dim..(v0 + width) * dim], dim).t(),
             0.0,
             MatMut::row_major(tile, width),
-        )?;
+        )
+    })
+}
+
+/// The online log-sum-exp over vocabulary tiles that `product(v0, width, tile)` fills
+/// (`rows × width` logits of entries `v0..v0 + width`); returns each row's log-sum-exp and target
+/// logit.
+fn online_log_sum_exp(
+    targets: &[u32],
+    vocab: usize,
+    mut product: impl FnMut(usize, usize, &mut [f32]) -> crate::Result<()>,
+) -> crate::Result<(Vec<f32>, Vec<f32>)> {
+    let rows = targets.len();
+    let mut logits = vec![0.0f32; rows * VOCAB_TILE.min(vocab)];
+    let mut max = vec![f32::NEG_INFINITY; rows];
+    let mut sum = vec![0.0f32; rows];
+    let mut target_logit = vec![0.0f32; rows];
+    for v0 in (0..vocab).step_by(VOCAB_TILE) {
+        let width = VOCAB_TILE.min(vocab - v0);
+        let tile = &mut logits[..rows * width];
+        product(v0, width, tile)?;
         for r in 0..rows {
             let row = &tile[r * width..(r + 1) * width];
             let t = targets[r] as usize;

@@ -25,13 +25,20 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod bf16;
 mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod dispatch;
 mod error;
 mod native;
 mod operands;
 pub mod vmath;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use bf16::PackedBf16;
+pub use dispatch::{CpuKernels, cpu_kernels};
 
 pub use error::{KernelError, Result};
 
@@ -219,6 +226,19 @@ pub fn steered_projection(
         Device::Cuda(g) => cuda::host::steered_projection(&g.0, hidden, steers, strengths, epsilon, out)?,
     }
     Ok(())
+}
+
+/// [`log_prob_targets`] with the output embedding packed in bf16 ([`PackedBf16`], `vocab × dim`): the
+/// hidden states are rounded to bf16 for the logit products, which accumulate in f32; the
+/// log-sum-exp is f32. On the CPU, on the kernels [`cpu_kernels`] selects.
+pub fn log_prob_targets_bf16(hidden: &[f32], embedding: &PackedBf16, targets: &[u32], out: &mut [f32]) -> Result<()> {
+    let (tokens, dim, vocab) = (targets.len(), embedding.k(), embedding.n());
+    check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
+    check_len("out", out.len(), tokens)?;
+    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(KernelError::Target { id, position, vocab });
+    }
+    cpu::log_prob_targets_bf16(hidden, embedding, targets, out)
 }
 
 /// `out (m×n) = a (m×k) · b (k×n)`, row-major `f32`.

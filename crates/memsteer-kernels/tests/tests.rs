@@ -481,3 +481,5 @@ mod cuda {
         assert!(matches!(bad, KernelError::Target { .. }), "{bad}");
     }
 }
+
+mod bf16;

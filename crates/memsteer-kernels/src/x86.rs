@@ -1,0 +1,286 @@
+//! x86-64 kernels: AVX-512 BF16 (`vdpbf16ps`) and AMX (`tdpbf16ps`) blocks of the bf16 product, and
+//! the AMX availability check (CPUID and the Linux permission request).
+//!
+//! Callers ([`crate::bf16`]) check every slice length before calling; the kernels read and write
+//! through raw pointers inside those bounds only.
+#![allow(unsafe_code)]
+
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use crate::CpuKernels;
+use crate::bf16::{BLOCK, K_ALIGN, PANEL, TILE};
+
+/// Whether CPUID reports AMX tiles with bf16.
+pub(crate) fn amx_cpuid() -> bool {
+    // CPUID is always available on x86-64; leaf 7 is read only when the maximum leaf allows it.
+    let (max, leaf7) = (__cpuid(0).eax, __cpuid_count(7, 0));
+    max >= 7 && (leaf7.edx >> 24) & 1 == 1 && (leaf7.edx >> 22) & 1 == 1
+}
+
+/// Whether AMX can be used: the CPU has it and the operating system granted this process the tile
+/// data state (Linux's `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`, asked once).
+pub(crate) fn amx_available() -> bool {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| amx_cpuid() && request_tile_permission())
+}
+
+#[cfg(target_os = "linux")]
+fn request_tile_permission() -> bool {
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+    let ret: i64;
+    // SAFETY: the arch_prctl system call with these arguments only changes this process's permitted
+    // extended state; it reads and writes no memory of ours. `syscall` clobbers rcx and r11.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") SYS_ARCH_PRCTL => ret,
+            in("rdi") ARCH_REQ_XCOMP_PERM,
+            in("rsi") XFEATURE_XTILEDATA,
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack),
+        );
+    }
+    ret == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn request_tile_permission() -> bool {
+    false
+}
+
+/// Runs the bf16 block product of [`crate::bf16`] on the hardware kernel of `level` (AMX or AVX-512
+/// BF16) and returns true, or returns false when `level` has none (the caller runs the portable one).
+/// `a` must hold `round_up(rows, 32)` rows of `kp` values (`kp` a multiple of 32), `b` the panels of
+/// `round_up(cols, 32)` outputs, `out` `(rows − 1)·ldo + cols` values; anything else panics (an
+/// internal error: the caller sizes them).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bf16_block(
+    level: CpuKernels,
+    a: &[u16],
+    kp: usize,
+    rows: usize,
+    b: &[u16],
+    cols: usize,
+    out: &mut [f32],
+    ldo: usize,
+) -> bool {
+    if level < CpuKernels::Bf16 || rows == 0 || cols == 0 {
+        return false;
+    }
+    assert!(kp > 0 && kp.is_multiple_of(32) && cols <= ldo, "bf16 block: bad shape");
+    assert!(a.len() >= rows.div_ceil(BLOCK) * BLOCK * kp, "bf16 block: activations too short");
+    assert!(b.len() >= cols.div_ceil(BLOCK) * BLOCK * kp, "bf16 block: panels too short");
+    assert!(out.len() >= (rows - 1) * ldo + cols, "bf16 block: output too short");
+    // The levels were checked against the detected one (CPU features, the OS's AMX permission) by
+    // `dispatch`; the asserts above are the kernels' slice contract.
+    if level >= CpuKernels::Amx && amx_available() {
+        // SAFETY: see above.
+        unsafe { amx_block(a, kp, rows, b, cols, out, ldo) };
+    } else if is_x86_feature_detected!("avx512bf16") && is_x86_feature_detected!("avx512f") {
+        // SAFETY: see above; the features were just checked.
+        unsafe { avx512bf16_block(a, kp, rows, b, cols, out, ldo) };
+    } else {
+        return false;
+    }
+    true
+}
+
+/// Copies the valid `rows × cols` corner of a `BLOCK`-row scratch block (row stride `BLOCK`) to `out`.
+///
+/// # Safety
+/// `out` must be valid for writes at `i·ldo + j` for `i < rows`, `j < cols`.
+#[inline]
+unsafe fn copy_out(scratch: &[f32; BLOCK * BLOCK], rows: usize, cols: usize, out: *mut f32, ldo: usize) {
+    for i in 0..rows {
+        // SAFETY: forwarded from the caller.
+        unsafe { std::ptr::copy_nonoverlapping(scratch.as_ptr().add(i * BLOCK), out.add(i * ldo), cols) };
+    }
+}
+
+/// Rows per AVX-512 BF16 micro-kernel call.
+const MR: usize = 8;
+
+/// The bf16 block product of [`crate::bf16`] on AVX-512 BF16: 8 rows × 32 outputs per micro-kernel,
+/// 16 accumulators, one `vdpbf16ps` per row and panel per input pair.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BF16. `a` must hold `round_up(rows, 32)` rows of `kp` values, `b`
+/// the panels of `round_up(cols, 32)` outputs (`kp · 16` values each), and `out` `(rows − 1)·ldo +
+/// cols` values (the caller asserts all three).
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn avx512bf16_block(a: &[u16], kp: usize, rows: usize, b: &[u16], cols: usize, out: &mut [f32], ldo: usize) {
+    let steps = kp / K_ALIGN;
+    let mut scratch = [0.0f32; BLOCK * BLOCK];
+    for q in 0..cols.div_ceil(BLOCK) {
+        let bq = b[q * BLOCK * kp..].as_ptr();
+        let col0 = q * BLOCK;
+        let w = BLOCK.min(cols - col0);
+        for r0 in (0..rows).step_by(MR) {
+            // Rows r0..r0+8 sit in one half (16 rows) of one 32-row block.
+            let (blk, half, i0) = (r0 / BLOCK, (r0 % BLOCK) / PANEL, r0 % PANEL);
+            let ab = a[blk * BLOCK * kp..].as_ptr();
+            let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+            for step in 0..steps {
+                // SAFETY: step < steps, so both weight tiles of this step (2 × 512 values) lie inside
+                // the pair's block, and the activation tile of rows blk·32.. inside the padded rows.
+                unsafe {
+                    let bt = bq.add(step * 2 * TILE);
+                    let at = ab.add((step * 2 + half) * TILE + i0 * K_ALIGN);
+                    for r in 0..PANEL {
+                        let x0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt.add(r * 2 * PANEL).cast()));
+                        let x1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt.add(TILE + r * 2 * PANEL).cast()));
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let pair = at.add(i * K_ALIGN + 2 * r).cast::<i32>().read_unaligned();
+                            let y: __m512bh = std::mem::transmute(_mm512_set1_epi32(pair));
+                            acc[0] = _mm512_dpbf16_ps(acc[0], y, x0);
+                            acc[1] = _mm512_dpbf16_ps(acc[1], y, x1);
+                        }
+                    }
+                }
+            }
+            let valid = MR.min(rows - r0);
+            let dst = out[r0 * ldo + col0..].as_mut_ptr();
+            if w == BLOCK {
+                for (i, acc) in acc.iter().enumerate().take(valid) {
+                    // SAFETY: row r0+i < rows and columns col0..col0+32 ≤ cols lie inside `out`.
+                    unsafe {
+                        _mm512_storeu_ps(dst.add(i * ldo), acc[0]);
+                        _mm512_storeu_ps(dst.add(i * ldo + PANEL), acc[1]);
+                    }
+                }
+            } else {
+                for (i, acc) in acc.iter().enumerate().take(valid) {
+                    // SAFETY: the scratch block holds 32 × 32 values.
+                    unsafe {
+                        _mm512_storeu_ps(scratch.as_mut_ptr().add(i * BLOCK), acc[0]);
+                        _mm512_storeu_ps(scratch.as_mut_ptr().add(i * BLOCK + PANEL), acc[1]);
+                    }
+                }
+                // SAFETY: rows r0..r0+valid and columns col0..col0+w lie inside `out`.
+                unsafe { copy_out(&scratch, valid, w, dst, ldo) };
+            }
+        }
+    }
+}
+
+/// AMX tile configuration: palette 1, all eight tiles 16 rows × 64 bytes.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn all_full() -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1; // palette
+        for t in 0..8 {
+            c[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            c[48 + t] = 16;
+        }
+        Self(c)
+    }
+}
+
+/// The bf16 block product of [`crate::bf16`] on AMX: 32 × 32 outputs per step in four accumulator
+/// tiles (tmm0–3), two activation tiles (tmm4–5) and two weight tiles (tmm6–7), 32 inputs deep.
+///
+/// # Safety
+/// The process must have AMX permission ([`amx_available`]). The slices' contract is that of
+/// [`avx512bf16_block`].
+unsafe fn amx_block(a: &[u16], kp: usize, rows: usize, b: &[u16], cols: usize, out: &mut [f32], ldo: usize) {
+    let cfg = TileConfig::all_full();
+    let steps = kp / K_ALIGN;
+    let stride = 2 * K_ALIGN; // bytes per tile row
+    let mut scratch = [0.0f32; BLOCK * BLOCK];
+    // SAFETY: the configuration is a valid palette-1 layout; tiles are released before returning.
+    unsafe { std::arch::asm!("ldtilecfg [{0}]", in(reg) cfg.0.as_ptr(), options(nostack, readonly)) };
+    for q in 0..cols.div_ceil(BLOCK) {
+        let bq = b[q * BLOCK * kp..].as_ptr();
+        let col0 = q * BLOCK;
+        let w = BLOCK.min(cols - col0);
+        for r0 in (0..rows).step_by(BLOCK) {
+            let ab = a[r0 * kp..].as_ptr();
+            // SAFETY: every tile load reads 16 rows of 64 bytes of one 512-value tile: the two
+            // activation tiles and the two weight tiles of `step` < steps, inside the padded rows and
+            // the pair's block.
+            unsafe {
+                std::arch::asm!(
+                    "tilezero tmm0",
+                    "tilezero tmm1",
+                    "tilezero tmm2",
+                    "tilezero tmm3",
+                    options(nostack, nomem)
+                );
+                for step in 0..steps {
+                    // Tile registers are not renamed, so a load waits for the products reading the
+                    // register before it: the next step's tiles are brought into L1 meanwhile.
+                    if step + 1 < steps {
+                        let next = (step + 1) * 2 * TILE;
+                        for line in (0..2 * TILE).step_by(32) {
+                            _mm_prefetch::<_MM_HINT_T0>(ab.add(next + line).cast());
+                            _mm_prefetch::<_MM_HINT_T0>(bq.add(next + line).cast());
+                        }
+                    }
+                    std::arch::asm!(
+                        "tileloadd tmm4, [{a0} + {s}*1]",
+                        "tileloadd tmm6, [{b0} + {s}*1]",
+                        "tileloadd tmm5, [{a1} + {s}*1]",
+                        "tdpbf16ps tmm0, tmm4, tmm6",
+                        "tileloadd tmm7, [{b1} + {s}*1]",
+                        "tdpbf16ps tmm2, tmm5, tmm6",
+                        "tdpbf16ps tmm1, tmm4, tmm7",
+                        "tdpbf16ps tmm3, tmm5, tmm7",
+                        a0 = in(reg) ab.add(step * 2 * TILE),
+                        a1 = in(reg) ab.add(step * 2 * TILE + TILE),
+                        b0 = in(reg) bq.add(step * 2 * TILE),
+                        b1 = in(reg) bq.add(step * 2 * TILE + TILE),
+                        s = in(reg) stride,
+                        options(nostack, readonly),
+                    );
+                }
+            }
+            let valid = BLOCK.min(rows - r0);
+            let dst = out[r0 * ldo + col0..].as_mut_ptr();
+            if w == BLOCK && valid == BLOCK {
+                // SAFETY: rows r0..r0+32 and columns col0..col0+32 lie inside `out` (row stride ldo).
+                unsafe {
+                    std::arch::asm!(
+                        "tilestored [{c0} + {s}*1], tmm0",
+                        "tilestored [{c1} + {s}*1], tmm1",
+                        "tilestored [{c2} + {s}*1], tmm2",
+                        "tilestored [{c3} + {s}*1], tmm3",
+                        c0 = in(reg) dst,
+                        c1 = in(reg) dst.add(PANEL),
+                        c2 = in(reg) dst.add(16 * ldo),
+                        c3 = in(reg) dst.add(16 * ldo + PANEL),
+                        s = in(reg) ldo * 4,
+                        options(nostack),
+                    );
+                }
+            } else {
+                let s = scratch.as_mut_ptr();
+                // SAFETY: the scratch block holds 32 × 32 values (row stride 32); then only the valid
+                // corner is copied to `out`.
+                unsafe {
+                    std::arch::asm!(
+                        "tilestored [{c0} + {s}*1], tmm0",
+                        "tilestored [{c1} + {s}*1], tmm1",
+                        "tilestored [{c2} + {s}*1], tmm2",
+                        "tilestored [{c3} + {s}*1], tmm3",
+                        c0 = in(reg) s,
+                        c1 = in(reg) s.add(PANEL),
+                        c2 = in(reg) s.add(16 * BLOCK),
+                        c3 = in(reg) s.add(16 * BLOCK + PANEL),
+                        s = in(reg) BLOCK * 4,
+                        options(nostack),
+                    );
+                    copy_out(&scratch, valid, w, dst, ldo);
+                }
+            }
+        }
+    }
+    // SAFETY: releases the tile state this function configured.
+    unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+}
