@@ -21,6 +21,12 @@ pub struct Cli {
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long, global = true)]
     pub threads: Option<usize>,
+    /// How the CPU multiplies a model's weights: `auto` (bf16 products with f32 accumulation for
+    /// checkpoints stored in bf16 or f16, on CPUs with AVX-512 BF16 or AMX; f32 otherwise), `f32`
+    /// (exact f32 whatever the storage) or `bf16` (on any CPU). MEMSTEER_CPU_KERNELS forces a kernel
+    /// level; see docs/performance.md.
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]
+    pub compute: String,
     /// The subcommand.
     #[command(subcommand)]
     pub command: Command,
@@ -81,7 +87,7 @@ pub fn expand_config(args: Vec<std::ffi::OsString>) -> anyhow::Result<Vec<std::f
     let mut i = 1;
     while i < args.len() {
         let a = args[i].to_string_lossy();
-        if a == "--threads" {
+        if a == "--threads" || a == "--compute" {
             i += 2;
             continue;
         }
@@ -170,6 +176,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         // Ignore the error when a pool already exists (tests run several commands in one process).
         let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
     }
+    memsteer_lm::cpu::set_default_compute(memsteer_lm::Compute::parse(&cli.compute)?);
     match cli.command {
         Command::Profile(args) => profile::run(&args).map(|_| ()),
         Command::Compare(args) => compare::run(&args).map(|_| ()),

@@ -99,6 +99,7 @@ pub fn run(a: &LogprobsArgs) -> Result<ScoreOutcome> {
         batch_size: a.batch_size,
     };
     let bar = ProgressBar::hidden();
+    let mut told = None;
     let outcome = memsteer_lm::score::run(&spec, &mut |event| match event {
         ScoreEvent::Started { units, tokens } if !a.quiet => {
             bar.set_length((units * tokens) as u64);
@@ -114,6 +115,12 @@ pub fn run(a: &LogprobsArgs) -> Result<ScoreOutcome> {
         ScoreEvent::Started { .. } => {}
         ScoreEvent::Checkpoint(step) => bar.set_prefix(format!("step {step}")),
         ScoreEvent::Tokens(n) => bar.inc(n as u64),
+        // Say what the products run in, once (and again should a checkpoint differ).
+        ScoreEvent::Loaded { compute, .. } if !a.quiet && told.as_ref() != Some(&compute) => {
+            bar.suspend(|| eprintln!("products: {compute} ({})", memsteer_kernels::dispatch::describe()));
+            told = Some(compute);
+        }
+        ScoreEvent::Loaded { .. } => {}
     })?;
     bar.finish_and_clear();
     if !a.quiet {

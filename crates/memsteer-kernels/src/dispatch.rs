@@ -1,15 +1,18 @@
 //! Which CPU kernels run: detected once per process from the CPU's features (and, for AMX, the
 //! operating system's permission), or forced with `MEMSTEER_CPU_KERNELS` for tests and comparisons.
 //!
-//! The levels are ordered; a level uses its own kernels and those of every level below it:
+//! The levels are ordered; a level uses its own kernels and those of every level below it. They
+//! choose the bf16 products ([`crate::bf16`]); f32 products go through `matrixmultiply`, which picks
+//! its own AVX-512, FMA or AVX kernels at run time whatever the level (measured here: its AVX-512
+//! kernel runs on the CPUs that have it).
 //!
-//! | level      | f32 products                         | bf16 products                      |
-//! |------------|--------------------------------------|------------------------------------|
-//! | `portable` | `matrixmultiply` (its own dispatch)  | portable Rust (any CPU)            |
-//! | `avx2`     | `matrixmultiply` (its own dispatch)  | portable Rust                      |
-//! | `avx512`   | memsteer's AVX-512 micro-kernel      | portable Rust                      |
-//! | `bf16`     | memsteer's AVX-512 micro-kernel      | AVX-512 BF16 `vdpbf16ps`           |
-//! | `amx`      | memsteer's AVX-512 micro-kernel      | AMX tiles (`tdpbf16ps`)            |
+//! | level      | bf16 products                              | `--compute auto` on bf16/f16 checkpoints |
+//! |------------|--------------------------------------------|------------------------------------------|
+//! | `portable` | portable Rust (any CPU)                    | f32                                      |
+//! | `avx2`     | portable Rust                              | f32                                      |
+//! | `avx512`   | portable Rust                              | f32                                      |
+//! | `bf16`     | AVX-512 BF16 `vdpbf16ps`, f32 accumulators  | bf16                                     |
+//! | `amx`      | AMX tiles (`tdpbf16ps`), f32 accumulators   | bf16                                     |
 //!
 //! Forcing a level the CPU lacks is an error naming what it has; forcing a lower one always works.
 
@@ -24,7 +27,7 @@ pub enum CpuKernels {
     Portable,
     /// AVX2 and FMA.
     Avx2,
-    /// AVX-512 F (f32 micro-kernels).
+    /// AVX-512 F and BW.
     Avx512,
     /// AVX-512 BF16 dot products (`vdpbf16ps`) for bf16 products.
     Bf16,

@@ -1,6 +1,10 @@
 //! The CPU runtime: every architecture of [`crate::arch`] through one block loop, on packed batches.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use memsteer_kernels::bf16::{PackedBf16, Source};
+use safetensors::Dtype;
 
 use crate::arch::{self, Affine, Arch, LayerTensors, Mlp, Norm, Positions, QkNorm, Tensors};
 use crate::block::{self, Backend, NormSite};
@@ -8,19 +12,114 @@ use crate::ops::{self, Heads, KvCache, Layout};
 use crate::weights::Weights;
 use crate::{Decoder, LmError, Result};
 
-/// A model loaded for the CPU: its description and its tensors in `f32`, whatever their storage type.
+/// How the CPU multiplies a model's linear layers and output embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compute {
+    /// bf16 products (f32 accumulation) for checkpoints stored in bf16 or f16 on CPUs with bf16
+    /// hardware (AVX-512 BF16 or AMX); f32 otherwise.
+    #[default]
+    Auto,
+    /// f32 products whatever the storage (half-precision weights are widened exactly).
+    F32,
+    /// bf16 products on any CPU (the portable kernel where there is no bf16 hardware); f32 weights
+    /// are rounded to bf16, f16 weights kept exactly as `hi + lo` pairs.
+    Bf16,
+}
+
+impl Compute {
+    /// Parses `auto`, `f32` or `bf16`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Compute::Auto),
+            "f32" => Ok(Compute::F32),
+            "bf16" => Ok(Compute::Bf16),
+            other => Err(LmError::Input(format!("unknown compute mode {other:?}: expected auto, f32 or bf16"))),
+        }
+    }
+
+    /// The name [`Compute::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compute::Auto => "auto",
+            Compute::F32 => "f32",
+            Compute::Bf16 => "bf16",
+        }
+    }
+}
+
+static DEFAULT_COMPUTE: AtomicU8 = AtomicU8::new(0);
+
+/// Sets the [`Compute`] that [`Model::load`] and [`Model::load_arch`] use in this process (the
+/// command line's `--compute`).
+pub fn set_default_compute(c: Compute) {
+    DEFAULT_COMPUTE.store(c as u8, Ordering::Relaxed);
+}
+
+/// The [`Compute`] of [`set_default_compute`] (initially [`Compute::Auto`]).
+pub fn default_compute() -> Compute {
+    match DEFAULT_COMPUTE.load(Ordering::Relaxed) {
+        1 => Compute::F32,
+        2 => Compute::Bf16,
+        _ => Compute::Auto,
+    }
+}
+
+/// A layer's linear weights packed in bf16.
+#[derive(Debug)]
+pub(crate) struct PackedLayer {
+    qkv: PackedBf16,
+    attn_out: PackedBf16,
+    up: PackedBf16,
+    gate: Option<PackedBf16>,
+    down: PackedBf16,
+}
+
+/// Which linear weight of a layer.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Qkv,
+    AttnOut,
+    Up,
+    Gate,
+    Down,
+}
+
+/// A model loaded for the CPU: its description and its tensors in `f32`, whatever their storage type;
+/// with bf16 compute, the linear layers and the output embedding also packed in bf16 (the layers'
+/// f32 copies are then dropped).
 #[derive(Debug)]
 pub struct Model {
     arch: Arch,
     w: Tensors<Vec<f32>>,
+    packed: Option<(Vec<PackedLayer>, PackedBf16)>,
+    /// What the products run in, for logs.
+    compute: String,
 }
 
 impl Model {
     /// Loads the weights of `dir` (`model.safetensors` or its shards) for `arch` (which
-    /// [`Model::load`] reads from `dir/config.json`).
+    /// [`Model::load`] reads from `dir/config.json`), computing as [`default_compute`] says.
     pub fn load_arch(dir: &Path, arch: Arch) -> Result<Self> {
+        Self::load_arch_with(dir, arch, default_compute())
+    }
+
+    /// Loads `dir/config.json` and the weights next to it, computing as `compute` says.
+    pub fn load_with(dir: &Path, compute: Compute) -> Result<Self> {
+        Self::load_arch_with(dir, Arch::from_file(&dir.join("config.json"))?, compute)
+    }
+
+    /// [`Model::load_arch`] computing as `compute` says.
+    pub fn load_arch_with(dir: &Path, arch: Arch, compute: Compute) -> Result<Self> {
         arch.validate()?;
         let weights = Weights::open(dir)?;
+        let level = memsteer_kernels::cpu_kernels()?;
+        let (has_f32, has_f16) = (weights.has_dtype(Dtype::F32), weights.has_dtype(Dtype::F16));
+        // `Some(exact)`: bf16 products, f16 weights kept as hi + lo pairs when `exact`.
+        let bf16 = match compute {
+            Compute::F32 => None,
+            Compute::Auto => (level.has_bf16_hardware() && !has_f32).then_some(has_f16),
+            Compute::Bf16 => Some(has_f16 && !has_f32),
+        };
         let mut w =
             arch.load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))?;
         if let Norm::RmsNorm { unit_offset: true, .. } = arch.norm {
@@ -40,7 +139,22 @@ impl Model {
                 }
             }
         }
-        Ok(Self { arch, w })
+        let packed = match bf16 {
+            None => None,
+            Some(exact) => Some(pack(&arch, &mut w, exact)?),
+        };
+        let compute = match bf16 {
+            None => "f32".to_string(),
+            Some(exact) => {
+                format!("bf16 on {level} kernels{}", if exact { " (f16 weights kept exactly as hi + lo)" } else { "" })
+            }
+        };
+        Ok(Self { arch, w, packed, compute })
+    }
+
+    /// What the products run in and on which kernels, e.g. `f32` or `bf16 on amx kernels`.
+    pub fn compute(&self) -> &str {
+        &self.compute
     }
 
     /// The architecture.
@@ -53,13 +167,41 @@ impl Model {
     fn run(&self, seqs: &[&[u32]], mut caches: Vec<&mut KvCache>) -> Result<Vec<f32>> {
         let pasts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         let lay = ops::layout(self, seqs, &pasts)?;
-        let mut backend = Cpu::new(&self.arch, &lay, seqs, &mut caches);
+        let packed = self.packed.as_ref().map(|(l, _)| l.as_slice());
+        let mut backend = Cpu::new(&self.arch, &lay, seqs, &mut caches, packed);
         let hidden = block::forward(&self.arch, &self.w, &mut backend)?;
         for (c, s) in caches.iter_mut().zip(seqs) {
             c.advance(s.len());
         }
         Ok(hidden)
     }
+}
+
+/// Packs every layer's linear weights and the output embedding in bf16 and drops the layers' f32
+/// copies (the embeddings and norms stay f32).
+fn pack(arch: &Arch, w: &mut Tensors<Vec<f32>>, exact: bool) -> Result<(Vec<PackedLayer>, PackedBf16)> {
+    let source = match arch.weights {
+        arch::WeightLayout::InputsMajor => Source::InputsMajor,
+        arch::WeightLayout::OutputsMajor => Source::OutputsMajor,
+    };
+    let (d, inner) = (arch.dim, arch.inner);
+    let one = |t: &mut Vec<f32>, (inputs, outputs): (usize, usize)| {
+        let p = PackedBf16::pack(t, outputs, inputs, source, exact)?;
+        *t = Vec::new();
+        Ok::<_, LmError>(p)
+    };
+    let mut layers = Vec::with_capacity(w.layers.len());
+    for l in &mut w.layers {
+        layers.push(PackedLayer {
+            qkv: one(&mut l.qkv.0, (d, arch.qkv_width()))?,
+            attn_out: one(&mut l.attn_out.0, (arch.attn_dim(), d))?,
+            up: one(&mut l.up.0, (d, inner))?,
+            gate: l.gate.as_mut().map(|g| one(&mut g.0, (d, inner))).transpose()?,
+            down: one(&mut l.down.0, (inner, d))?,
+        });
+    }
+    let output = PackedBf16::pack(w.output(), arch.vocab, d, Source::OutputsMajor, exact)?;
+    Ok((layers, output))
 }
 
 /// The CPU backend of the block loop for one packed batch (and, when decoding, its KV cache).
@@ -76,6 +218,10 @@ pub(crate) struct Cpu<'a, 'b> {
     local_rotary: Option<(Vec<f32>, Vec<f32>)>,
     /// Buffers the operations gave back, for the next ones (every operation overwrites its output).
     pool: Vec<Vec<f32>>,
+    /// The layers' bf16 weights, when the model computes in bf16.
+    packed: Option<&'a [PackedLayer]>,
+    /// The layer being computed.
+    layer: usize,
 }
 
 impl<'a, 'b> Cpu<'a, 'b> {
@@ -84,13 +230,14 @@ impl<'a, 'b> Cpu<'a, 'b> {
         lay: &'a Layout,
         seqs: &'a [&'a [u32]],
         caches: &'a mut [&'b mut KvCache],
+        packed: Option<&'a [PackedLayer]>,
     ) -> Self {
         let first = lay.positions.iter().min().copied().unwrap_or(0);
         let last = lay.positions.iter().max().map_or(first, |p| p + 1);
         let (cos, sin) = arch.rotary_table((first, last));
         let local_rotary = arch.local_rotary_table((first, last));
         let rows = lay.positions.iter().map(|p| p - first).collect();
-        Self { arch, lay, seqs, caches, rotary: (cos, sin, rows), local_rotary, pool: Vec::new() }
+        Self { arch, lay, seqs, caches, rotary: (cos, sin, rows), local_rotary, pool: Vec::new(), packed, layer: 0 }
     }
 
     /// A buffer of `len` values (contents unspecified).
@@ -105,10 +252,22 @@ impl<'a, 'b> Cpu<'a, 'b> {
         self.pool.push(buf);
     }
 
-    fn linear(&mut self, x: &[f32], w: &[f32], (inputs, outputs): (usize, usize)) -> Result<Vec<f32>> {
+    fn linear(&mut self, x: &[f32], slot: Slot, w: &[f32], (inputs, outputs): (usize, usize)) -> Result<Vec<f32>> {
         let rows = self.lay.rows();
         let mut out = self.take(rows * outputs);
-        ops::linear(x, w, self.arch.weights, (rows, inputs, outputs), &mut out)?;
+        match self.packed.map(|p| &p[self.layer]) {
+            Some(p) => {
+                let packed = match slot {
+                    Slot::Qkv => &p.qkv,
+                    Slot::AttnOut => &p.attn_out,
+                    Slot::Up => &p.up,
+                    Slot::Gate => p.gate.as_ref().ok_or_else(|| LmError::Input("internal: no packed gate".into()))?,
+                    Slot::Down => &p.down,
+                };
+                packed.matmul_transposed(x, rows, &mut out)?;
+            }
+            None => ops::linear(x, w, self.arch.weights, (rows, inputs, outputs), &mut out)?,
+        }
         Ok(out)
     }
 }
@@ -116,6 +275,11 @@ impl<'a, 'b> Cpu<'a, 'b> {
 impl Backend for Cpu<'_, '_> {
     type Act = Vec<f32>;
     type W = Vec<f32>;
+
+    fn begin_layer(&mut self, index: usize) -> Result<()> {
+        self.layer = index;
+        Ok(())
+    }
 
     fn embed(&mut self, embed: &Vec<f32>, positions: Option<&Vec<f32>>) -> Result<Vec<f32>> {
         let learned = if self.arch.positions == Positions::Learned { positions.map(Vec::as_slice) } else { None };
@@ -139,7 +303,7 @@ impl Backend for Cpu<'_, '_> {
 
     fn qkv(&mut self, index: usize, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
         let a = self.arch;
-        let mut qkv = self.linear(&h, &l.qkv.0, (a.dim, a.qkv_width()))?;
+        let mut qkv = self.linear(&h, Slot::Qkv, &l.qkv.0, (a.dim, a.qkv_width()))?;
         self.give(h);
         if let Some(b) = &l.qkv.1 {
             ops::bias_act(&mut qkv, b, None);
@@ -206,21 +370,21 @@ impl Backend for Cpu<'_, '_> {
     }
 
     fn attention_out(&mut self, ctx: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
-        let out = self.linear(&ctx, &l.attn_out.0, (self.arch.attn_dim(), self.arch.dim))?;
+        let out = self.linear(&ctx, Slot::AttnOut, &l.attn_out.0, (self.arch.attn_dim(), self.arch.dim))?;
         self.give(ctx);
         Ok(out)
     }
 
     fn mlp(&mut self, h: Vec<f32>, l: &LayerTensors<Vec<f32>>) -> Result<Vec<f32>> {
         let (d, inner) = (self.arch.dim, self.arch.inner);
-        let mut mid = self.linear(&h, &l.up.0, (d, inner))?;
+        let mut mid = self.linear(&h, Slot::Up, &l.up.0, (d, inner))?;
         match (self.arch.mlp, &l.gate) {
             (Mlp::Plain(act), _) => ops::bias_act(&mut mid, arch::bias(&l.up)?, Some(act)),
             (mlp @ (Mlp::SwiGlu | Mlp::GeGlu), Some(gate)) => {
                 if let Some(b) = &l.up.1 {
                     ops::bias_act(&mut mid, b, None);
                 }
-                let mut g = self.linear(&h, &gate.0, (d, inner))?;
+                let mut g = self.linear(&h, Slot::Gate, &gate.0, (d, inner))?;
                 if let Some(b) = &gate.1 {
                     ops::bias_act(&mut g, b, None);
                 }
@@ -236,7 +400,7 @@ impl Backend for Cpu<'_, '_> {
             }
         }
         self.give(h);
-        let out = self.linear(&mid, &l.down.0, (inner, d))?;
+        let out = self.linear(&mid, Slot::Down, &l.down.0, (inner, d))?;
         self.give(mid);
         Ok(out)
     }
@@ -291,6 +455,20 @@ impl Decoder for Model {
     }
     fn output_embedding(&self) -> &[f32] {
         self.w.output()
+    }
+    fn output_log_probs(&self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
+        match &self.packed {
+            Some((_, output)) => memsteer_kernels::log_prob_targets_bf16(hidden, output, targets, out)?,
+            None => memsteer_kernels::log_prob_targets(
+                &memsteer_kernels::Device::Cpu,
+                hidden,
+                self.w.output(),
+                self.arch.dim,
+                targets,
+                out,
+            )?,
+        }
+        Ok(())
     }
     fn dim(&self) -> usize {
         self.arch.dim

@@ -16,6 +16,21 @@ pub trait Decoder: Sync {
     fn output_embedding(&self) -> &[f32];
     /// Hidden size.
     fn dim(&self) -> usize;
+
+    /// `out[t] = log softmax(hidden[t] · Eᵀ)[targets[t]]` through the fused output layer
+    /// (`hidden` is `targets.len() × dim`). The default multiplies by [`Decoder::output_embedding`]
+    /// in f32; a model that computes in bf16 uses its packed copy.
+    fn output_log_probs(&self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
+        memsteer_kernels::log_prob_targets(
+            &memsteer_kernels::Device::Cpu,
+            hidden,
+            self.output_embedding(),
+            self.dim(),
+            targets,
+            out,
+        )?;
+        Ok(())
+    }
     /// Context length.
     fn context(&self) -> usize;
     /// Vocabulary size.

@@ -57,6 +57,15 @@ impl DeviceModel {
         }
     }
 
+    /// What its products run in: the CPU model's [`Model::compute`], or the CUDA device.
+    pub fn compute(&self) -> String {
+        match self {
+            DeviceModel::Cpu(m) => m.compute().to_string(),
+            #[cfg(feature = "cuda")]
+            DeviceModel::Gpu(g) => format!("{:?}", g.device),
+        }
+    }
+
     /// Whether it runs on a GPU (whose strength is whole-sequence passes over large batches, not
     /// cached decoding one token at a time).
     pub fn is_gpu(&self) -> bool {

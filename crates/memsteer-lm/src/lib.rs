@@ -38,7 +38,7 @@ pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
-pub use cpu::Model;
+pub use cpu::{Compute, Model};
 pub use decoder::Decoder;
 pub use device::DeviceModel;
 pub use error::{LmError, Result};

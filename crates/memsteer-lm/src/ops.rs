@@ -2,7 +2,7 @@
 //! end to end, so every linear layer is one large matrix product split across threads by the
 //! kernels, and attention runs one task per (sequence, head).
 
-use memsteer_kernels::{Device, MatMut, MatRef, log_prob_targets, matmul_strided, vmath};
+use memsteer_kernels::{Device, MatMut, MatRef, matmul_strided, vmath};
 use rayon::prelude::*;
 
 use crate::config::Activation;
@@ -440,7 +440,7 @@ pub(crate) fn token_log_probs_batch(m: &impl crate::Decoder, seqs: &[&[u32]]) ->
         row += s.len();
     }
     let mut out = vec![0.0f32; scored];
-    log_prob_targets(&Device::Cpu, &h, m.output_embedding(), d, &targets, &mut out)?;
+    m.output_log_probs(&h, &targets, &mut out)?;
     let mut result = Vec::with_capacity(seqs.len());
     let mut at = 0;
     for s in seqs {

@@ -42,7 +42,7 @@ pub struct ScoreSpec {
 }
 
 /// What [`run`] reports while it works.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum ScoreEvent {
     /// Scoring starts: `units` checkpoints to compute for this shard, `tokens` tokens each.
     Started {
@@ -55,6 +55,13 @@ pub enum ScoreEvent {
     Checkpoint(u64),
     /// This many more tokens were scored.
     Tokens(usize),
+    /// A checkpoint was loaded; `compute` says what its products run in (e.g. `bf16 on amx kernels`).
+    Loaded {
+        /// The checkpoint's step.
+        step: u64,
+        /// [`crate::DeviceModel::compute`].
+        compute: String,
+    },
 }
 
 /// What a run did.
@@ -257,6 +264,7 @@ impl Parts<'_> {
         let (spec, (shard, shards)) = (self.spec, self.spec.shard);
         let model =
             DeviceModel::load(dir, &spec.device).at(|| format!("loading checkpoint {step} from {}", dir.display()))?;
+        events(ScoreEvent::Loaded { step, compute: model.compute() });
         let mut outcomes = Vec::with_capacity(mine.len());
         let mut token_lps: Vec<Vec<f32>> = Vec::new();
         for batch in mine.chunks(spec.batch_size) {

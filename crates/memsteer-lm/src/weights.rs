@@ -126,6 +126,11 @@ impl Weights {
         Ok(Self { files, index })
     }
 
+    /// Whether any tensor is stored in `dtype`.
+    pub fn has_dtype(&self, dtype: Dtype) -> bool {
+        self.index.values().any(|e| e.dtype == dtype)
+    }
+
     /// Tensor names.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(String::as_str)
