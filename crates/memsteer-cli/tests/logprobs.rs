@@ -254,12 +254,27 @@ fn pythia_layout_checkpoints() {
         format!("0={}", s(&fixture("lm/tiny-neox-pythia-f16"))),
         format!("1000={}", s(&fixture("lm/tiny-neox-sequential-f32"))),
     ];
-    ok(&args(&ckpts, &instances, &out, &[]));
+    // f32 products equal transformers' f32 forward on the f16 checkpoint.
+    ok(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
     let text = std::fs::read_to_string(&out).expect("panel");
-    let row = text.lines().find(|l| l.starts_with("1,700,0,")).expect("row");
-    let got: f64 = row.rsplit(',').next().expect("outcome").parse().expect("number");
+    let outcome = |text: &str| -> f64 {
+        let row = text.lines().find(|l| l.starts_with("1,700,0,")).expect("row");
+        row.rsplit(',').next().expect("outcome").parse().expect("number")
+    };
+    let got = outcome(&text);
     assert!((got - want).abs() < 1e-4 * want.abs().max(1.0), "{got} vs {want}");
     assert_eq!(text.lines().count(), 1 + 2 * 2);
+    // bf16 products (f16 weights kept exactly) stay within the bound docs/formats.md states, and the
+    // command says what it ran.
+    let out2 = dir.path().join("p2.csv");
+    let mut loud = args(&ckpts, &instances, &out2, &["--compute", "bf16"]);
+    loud.retain(|a| *a != "--quiet");
+    let run = memsteer(&loud);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success() && stderr.contains("products: bf16 on"), "{stderr}");
+    assert!(stderr.contains("f16 weights kept exactly as hi + lo") && stderr.contains("CPU kernels:"), "{stderr}");
+    let bf16 = outcome(&std::fs::read_to_string(&out2).expect("panel"));
+    assert!((bf16 - want).abs() < 0.1 * want.abs().max(1.0) && bf16 != got, "bf16 {bf16} vs f32 {got}");
 }
 
 #[test]
