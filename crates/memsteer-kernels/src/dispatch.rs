@@ -11,7 +11,7 @@
 //! | `portable` | portable Rust (any CPU)                    | f32                                      |
 //! | `avx2`     | portable Rust                              | f32                                      |
 //! | `avx512`   | portable Rust                              | f32                                      |
-//! | `bf16`     | AVX-512 BF16 `vdpbf16ps`, f32 accumulators  | bf16                                     |
+//! | `bf16`     | AVX-512 BF16 `vdpbf16ps`, f32 accumulators  | f32 (no faster here; `bf16` opts in)     |
 //! | `amx`      | AMX tiles (`tdpbf16ps`), f32 accumulators   | bf16                                     |
 //!
 //! Forcing a level the CPU lacks is an error naming what it has; forcing a lower one always works.
@@ -62,9 +62,12 @@ impl CpuKernels {
         *DETECTED.get_or_init(detect)
     }
 
-    /// Whether this level's bf16 products run on bf16 hardware (not the portable emulation).
-    pub fn has_bf16_hardware(self) -> bool {
-        self >= CpuKernels::Bf16
+    /// Whether bf16 products on this level are measured faster than f32 ones, so that `--compute
+    /// auto` picks them: AMX only (2.5× the f32 path on Pythia-70M, docs/performance.md). The
+    /// AVX-512 BF16 kernel measured no faster than f32 products on the CPU it was tuned on, so on
+    /// `bf16` CPUs `auto` stays f32 and `--compute bf16` opts in.
+    pub fn bf16_pays_off(self) -> bool {
+        self >= CpuKernels::Amx
     }
 }
 

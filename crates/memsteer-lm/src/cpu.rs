@@ -15,8 +15,8 @@ use crate::{Decoder, LmError, Result};
 /// How the CPU multiplies a model's linear layers and output embedding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Compute {
-    /// bf16 products (f32 accumulation) for checkpoints stored in bf16 or f16 on CPUs with bf16
-    /// hardware (AVX-512 BF16 or AMX); f32 otherwise.
+    /// bf16 products (f32 accumulation) for checkpoints stored in bf16 or f16 on CPUs with AMX (where
+    /// they measure faster than f32); f32 otherwise.
     #[default]
     Auto,
     /// f32 products whatever the storage (half-precision weights are widened exactly).
@@ -117,7 +117,7 @@ impl Model {
         // `Some(exact)`: bf16 products, f16 weights kept as hi + lo pairs when `exact`.
         let bf16 = match compute {
             Compute::F32 => None,
-            Compute::Auto => (level.has_bf16_hardware() && !has_f32).then_some(has_f16),
+            Compute::Auto => (level.bf16_pays_off() && !has_f32).then_some(has_f16),
             Compute::Bf16 => Some(has_f16 && !has_f32),
         };
         let mut w =
