@@ -22,7 +22,7 @@ pub struct Cli {
     #[arg(long, global = true)]
     pub threads: Option<usize>,
     /// How the CPU multiplies a model's weights: `auto` (bf16 products with f32 accumulation for
-    /// checkpoints stored in bf16 or f16, on CPUs with AMX; f32 otherwise), `f32`
+    /// checkpoints stored in bf16, on CPUs with AMX; f32 otherwise), `f32`
     /// (exact f32 whatever the storage) or `bf16` (on any CPU). MEMSTEER_CPU_KERNELS forces a kernel
     /// level; see docs/performance.md.
     #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "f32", "bf16"])]

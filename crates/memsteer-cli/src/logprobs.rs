@@ -120,7 +120,7 @@ pub fn run(a: &LogprobsArgs) -> Result<ScoreOutcome> {
             bar.suspend(|| eprintln!("products: {compute} ({})", memsteer_kernels::dispatch::describe()));
             told = Some(compute);
         }
-        ScoreEvent::Loaded { .. } => {}
+        _ => {}
     })?;
     bar.finish_and_clear();
     if !a.quiet {

@@ -106,7 +106,10 @@ impl PackedBf16 {
             return Err(KernelError::Shape { what: "packed weight", expected: len.to_string(), found: w.len() });
         }
         if n == 0 || k == 0 {
-            return Err(KernelError::Shape { what: "packed weight", expected: "a non-empty matrix".into(), found: 0 });
+            return Err(KernelError::Unsupported {
+                what: "packed weight",
+                message: format!("a {n} × {k} matrix is empty; expected at least one row and one column"),
+            });
         }
         let kp1 = round_up(k, K_ALIGN);
         let kp = if exact { 2 * kp1 } else { kp1 };

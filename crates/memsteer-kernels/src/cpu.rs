@@ -10,6 +10,8 @@ const MIN_TOKEN_BLOCK: usize = 32;
 const MAX_TOKEN_BLOCK: usize = 256;
 /// Vocabulary entries per tile.
 const VOCAB_TILE: usize = 512;
+// bf16 tiles start at whole pairs of packed panels.
+const _: () = assert!(VOCAB_TILE.is_multiple_of(crate::bf16::BLOCK));
 
 pub(crate) fn log_prob_targets(
     hidden: &[f32],

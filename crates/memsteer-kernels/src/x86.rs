@@ -13,7 +13,7 @@ use crate::bf16::{BLOCK, K_ALIGN, PANEL, TILE};
 
 /// Whether CPUID reports AMX tiles with bf16.
 pub(crate) fn amx_cpuid() -> bool {
-    // CPUID is always available on x86-64; leaf 7 is read only when the maximum leaf allows it.
+    // CPUID is always available on x86-64; leaf 7 counts only when the maximum leaf reaches it.
     let (max, leaf7) = (__cpuid(0).eax, __cpuid_count(7, 0));
     max >= 7 && (leaf7.edx >> 24) & 1 == 1 && (leaf7.edx >> 22) & 1 == 1
 }

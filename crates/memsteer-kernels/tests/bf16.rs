@@ -8,15 +8,14 @@ use memsteer_panel::rng::SplitMix64;
 
 use super::{on_threads, randn};
 
-/// `a · Wᵀ` in f64 from the bf16-rounded activations and the packed weights, with the bound
-/// `Σ |a||w|` per entry.
-fn reference(a: &[f32], p: &PackedBf16, m: usize) -> (Vec<f64>, Vec<f64>) {
-    let (n, k) = (p.n(), p.k());
+/// `a · Wᵀ` in f64 from the bf16-rounded activations and the weights as packing should keep them
+/// (`w[j][l]`, computed from the source without the packed layout), with the bound `Σ |a||w|`.
+fn reference(a: &[f32], w: &dyn Fn(usize, usize) -> f32, (m, n, k): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
     let (mut out, mut mag) = (vec![0.0; m * n], vec![0.0; m * n]);
     for i in 0..m {
         for j in 0..n {
             for l in 0..k {
-                let x = f64::from(from_bf16(to_bf16(a[i * k + l]))) * f64::from(p.get(j, l));
+                let x = f64::from(from_bf16(to_bf16(a[i * k + l]))) * f64::from(w(j, l));
                 out[i * n + j] += x;
                 mag[i * n + j] += x.abs();
             }
@@ -52,7 +51,21 @@ fn check(m: usize, n: usize, k: usize, source: Source, exact: bool, seed: u64) {
             assert!((p.get(j, l) - want).abs() <= want.abs() * 2f32.powi(-15), "packed ({j}, {l})");
         }
     }
-    let (want, mag) = reference(&a, &p, m);
+    // What packing keeps: the rounded value, or hi + lo with each half rounded.
+    let kept = |j: usize, l: usize| {
+        let x = match source {
+            Source::OutputsMajor => w[j * k + l],
+            Source::InputsMajor => w[l * n + j],
+        };
+        let hi = from_bf16(to_bf16(x));
+        if exact { hi + from_bf16(to_bf16(x - hi)) } else { hi }
+    };
+    for j in 0..n {
+        for l in 0..k {
+            assert_eq!(p.get(j, l), kept(j, l), "packed ({j}, {l})");
+        }
+    }
+    let (want, mag) = reference(&a, &kept, (m, n, k));
     for level in levels() {
         let mut out = vec![f32::NAN; m * n];
         p.matmul_transposed_with(level, &a, m, &mut out).unwrap();
@@ -115,7 +128,7 @@ fn bad_shapes_are_errors() {
     let e = PackedBf16::pack(&[1.0; 5], 2, 3, Source::OutputsMajor, false).unwrap_err();
     assert!(e.to_string().contains("packed weight: expected 6 values, found 5"), "{e}");
     let e = PackedBf16::pack(&[], 0, 3, Source::OutputsMajor, false).unwrap_err();
-    assert!(e.to_string().contains("non-empty"), "{e}");
+    assert!(e.to_string().contains("a 0 × 3 matrix is empty"), "{e}");
 }
 
 #[test]
@@ -141,4 +154,7 @@ fn fused_bf16_log_probs_match_the_reference_on_rounded_operands() {
     assert!(worst > 0.0 && worst < 0.1, "bf16 vs f32: {worst}");
     let e = memsteer_kernels::log_prob_targets_bf16(&hidden, &packed, &[0, 5000], &mut out[..2]).unwrap_err();
     assert!(matches!(e, KernelError::Shape { what: "hidden", .. }), "{e}");
+    let e =
+        memsteer_kernels::log_prob_targets_bf16(&hidden[..2 * dim], &packed, &[0, 5000], &mut out[..2]).unwrap_err();
+    assert!(matches!(e, KernelError::Target { id: 5000, position: 1, vocab: 1100 }), "{e}");
 }

@@ -43,6 +43,7 @@ pub struct ScoreSpec {
 
 /// What [`run`] reports while it works.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub enum ScoreEvent {
     /// Scoring starts: `units` checkpoints to compute for this shard, `tokens` tokens each.
     Started {
