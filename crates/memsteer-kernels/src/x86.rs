@@ -167,6 +167,28 @@ unsafe fn avx512bf16_block(a: &[u16], kp: usize, rows: usize, b: &[u16], cols: u
     }
 }
 
+/// Stores the four accumulator tiles (tmm0–3) as one 32 × 32 f32 block at `dst`, rows `ld` apart.
+///
+/// # Safety
+/// `dst` must be valid for writes at `i·ld + j` for `i, j < 32`, and the tiles configured.
+unsafe fn store_accumulators(dst: *mut f32, ld: usize) {
+    // SAFETY: forwarded from the caller; each store writes 16 rows of 64 bytes.
+    unsafe {
+        std::arch::asm!(
+            "tilestored [{c0} + {s}*1], tmm0",
+            "tilestored [{c1} + {s}*1], tmm1",
+            "tilestored [{c2} + {s}*1], tmm2",
+            "tilestored [{c3} + {s}*1], tmm3",
+            c0 = in(reg) dst,
+            c1 = in(reg) dst.add(PANEL),
+            c2 = in(reg) dst.add(16 * ld),
+            c3 = in(reg) dst.add(16 * ld + PANEL),
+            s = in(reg) ld * 4,
+            options(nostack),
+        );
+    }
+}
+
 /// AMX tile configuration: palette 1, all eight tiles 16 rows × 64 bytes.
 #[repr(C, align(64))]
 struct TileConfig([u8; 64]);
@@ -245,37 +267,12 @@ unsafe fn amx_block(a: &[u16], kp: usize, rows: usize, b: &[u16], cols: usize, o
             let dst = out[r0 * ldo + col0..].as_mut_ptr();
             if w == BLOCK && valid == BLOCK {
                 // SAFETY: rows r0..r0+32 and columns col0..col0+32 lie inside `out` (row stride ldo).
-                unsafe {
-                    std::arch::asm!(
-                        "tilestored [{c0} + {s}*1], tmm0",
-                        "tilestored [{c1} + {s}*1], tmm1",
-                        "tilestored [{c2} + {s}*1], tmm2",
-                        "tilestored [{c3} + {s}*1], tmm3",
-                        c0 = in(reg) dst,
-                        c1 = in(reg) dst.add(PANEL),
-                        c2 = in(reg) dst.add(16 * ldo),
-                        c3 = in(reg) dst.add(16 * ldo + PANEL),
-                        s = in(reg) ldo * 4,
-                        options(nostack),
-                    );
-                }
+                unsafe { store_accumulators(dst, ldo) };
             } else {
-                let s = scratch.as_mut_ptr();
                 // SAFETY: the scratch block holds 32 × 32 values (row stride 32); then only the valid
                 // corner is copied to `out`.
                 unsafe {
-                    std::arch::asm!(
-                        "tilestored [{c0} + {s}*1], tmm0",
-                        "tilestored [{c1} + {s}*1], tmm1",
-                        "tilestored [{c2} + {s}*1], tmm2",
-                        "tilestored [{c3} + {s}*1], tmm3",
-                        c0 = in(reg) s,
-                        c1 = in(reg) s.add(PANEL),
-                        c2 = in(reg) s.add(16 * BLOCK),
-                        c3 = in(reg) s.add(16 * BLOCK + PANEL),
-                        s = in(reg) BLOCK * 4,
-                        options(nostack),
-                    );
+                    store_accumulators(scratch.as_mut_ptr(), BLOCK);
                     copy_out(&scratch, valid, w, dst, ldo);
                 }
             }
