@@ -275,6 +275,26 @@ fn pythia_layout_checkpoints() {
     assert!(stderr.contains("f16 weights kept exactly as hi + lo") && stderr.contains("CPU kernels:"), "{stderr}");
     let bf16 = outcome(&std::fs::read_to_string(&out2).expect("panel"));
     assert!((bf16 - want).abs() < 0.1 * want.abs().max(1.0) && bf16 != got, "bf16 {bf16} vs f32 {got}");
+
+    // One panel never mixes precisions: a rerun in bf16 over f32 parts is refused with the way out …
+    let parts = dir.path().join("p.csv.parts");
+    std::fs::remove_file(parts.join("step-1000.shard-0-of-1.csv")).expect("remove part");
+    let mixed = memsteer(&args(&ckpts, &instances, &out, &["--compute", "bf16"]));
+    let stderr = String::from_utf8_lossy(&mixed.stderr);
+    assert!(!mixed.status.success(), "mixing precisions must fail");
+    assert!(
+        stderr.contains("bf16 products") && stderr.contains("scored with f32") && stderr.contains("--compute f32"),
+        "{stderr}"
+    );
+    ok(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    assert_eq!(outcome(&std::fs::read_to_string(&out).expect("panel")), got);
+    // … and parts scored elsewhere in another precision (a shard copied in) are refused at assembly.
+    std::fs::write(parts.join("step-0.shard-0-of-1.precision"), "bf16\n").expect("write");
+    std::fs::remove_file(&out).expect("remove panel");
+    let copied = memsteer(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    let stderr = String::from_utf8_lossy(&copied.stderr);
+    assert!(!copied.status.success() && stderr.contains("scored in different precisions"), "{stderr}");
+    assert!(!out.exists(), "no panel is assembled from mixed parts");
 }
 
 #[test]

@@ -163,6 +163,13 @@ impl Model {
         &self.compute
     }
 
+    /// The precision class of its products, `f32` or `bf16`: results of one class agree with each
+    /// other to rounding, results of different classes to the bounds in `docs/formats.md`, so the
+    /// parts of one panel are all scored in one class ([`crate::score`] refuses to mix them).
+    pub fn precision(&self) -> &'static str {
+        if self.packed.is_some() { "bf16" } else { "f32" }
+    }
+
     /// The architecture.
     pub fn arch(&self) -> &Arch {
         &self.arch

@@ -62,7 +62,17 @@ impl DeviceModel {
         match self {
             DeviceModel::Cpu(m) => m.compute().to_string(),
             #[cfg(feature = "cuda")]
-            DeviceModel::Gpu(g) => format!("{:?}", g.device),
+            DeviceModel::Gpu(g) => format!("{} products on {:?}", g.gpu.precision(), g.device),
+        }
+    }
+
+    /// The precision class of its products ([`Model::precision`]; on a GPU `cuda-` and the weights'
+    /// type).
+    pub fn precision(&self) -> String {
+        match self {
+            DeviceModel::Cpu(m) => m.precision().to_string(),
+            #[cfg(feature = "cuda")]
+            DeviceModel::Gpu(g) => g.gpu.precision(),
         }
     }
 

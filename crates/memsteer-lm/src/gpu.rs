@@ -40,6 +40,14 @@ pub struct GpuModel {
     head16: Option<DevBuf>,
 }
 
+impl GpuModel {
+    /// The precision class of its products ([`crate::Model::precision`]): `cuda-f32`, `cuda-f16` or
+    /// `cuda-bf16`, the weights' type, in which cuBLAS multiplies.
+    pub fn precision(&self) -> String {
+        format!("cuda-{}", format!("{:?}", self.dtype).to_ascii_lowercase())
+    }
+}
+
 impl std::fmt::Debug for GpuModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let a = &self.arch;

@@ -5,7 +5,9 @@
 //! Work is split into (checkpoint, shard) units, each written atomically to a part file in
 //! `OUT.parts/`; a rerun skips finished units, and the panel is assembled once every unit of every
 //! shard exists. A ledger in the parts directory fingerprints the inputs (instances, the checkpoint
-//! grid, each checkpoint's weights and config), so parts of different inputs never mix.
+//! grid, each checkpoint's weights and config), so parts of different inputs never mix; each unit also
+//! records the precision class it was scored in (`f32`, `bf16`, `cuda-f16`, …), and a run that would
+//! add another class to a panel is refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -133,6 +135,20 @@ fn part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
     parts.join(format!("step-{step}.shard-{shard}-of-{shards}.csv"))
 }
 
+/// The precision class ([`DeviceModel::precision`]) a unit's parts were scored in, written before them.
+fn precision_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
+    parts.join(format!("step-{step}.shard-{shard}-of-{shards}.precision"))
+}
+
+/// How to score in precision class `p` again.
+fn precision_hint(p: &str) -> String {
+    match p {
+        "f32" | "bf16" => format!("pass --compute {p} to continue them"),
+        p if p.starts_with("cuda-") => "score on the GPU (--device cuda) to continue them".into(),
+        _ => "score as they were to continue them".into(),
+    }
+}
+
 fn token_part_path(parts: &Path, step: u64, shard: usize, shards: usize) -> PathBuf {
     parts.join(format!("step-{step}.shard-{shard}-of-{shards}.tokens.jsonl"))
 }
@@ -163,6 +179,39 @@ impl Parts<'_> {
         let shards = self.spec.shard.1;
         part_path(&self.dir, step, shard, shards).exists()
             && (self.spec.per_token.is_none() || token_part_path(&self.dir, step, shard, shards).exists())
+    }
+
+    /// The precision class each finished unit (any shard) was scored in; units scored before classes
+    /// were recorded have none.
+    fn recorded_precisions(&self) -> Result<BTreeMap<(u64, usize), String>> {
+        let shards = self.spec.shard.1;
+        let mut out = BTreeMap::new();
+        for &step in self.spec.checkpoints.keys() {
+            for shard in 0..shards {
+                let path = precision_path(&self.dir, step, shard, shards);
+                if part_path(&self.dir, step, shard, shards).exists() && path.exists() {
+                    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+                    out.insert((step, shard), text.trim().to_string());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Refuses to score `step` in precision class `now` when a finished unit was scored in another:
+    /// a panel whose checkpoints (or instances) differ in precision carries that difference into every
+    /// estimate that compares them.
+    fn check_precision(&self, step: u64, now: &str, recorded: &BTreeMap<(u64, usize), String>) -> Result<()> {
+        let shards = self.spec.shard.1;
+        if let Some(((s, i), before)) = recorded.iter().find(|(_, p)| p.as_str() != now) {
+            bail!(
+                "checkpoint {step} would be scored with {now} products, but the finished parts in {} were scored with {before} (step {s}, shard {i} of {shards}); one panel never mixes precisions: {}, or remove {} to start over",
+                self.dir.display(),
+                precision_hint(before),
+                self.dir.display()
+            );
+        }
+        Ok(())
     }
 
     /// Writes the ledger, or checks that the one there was made for these inputs: a different model
@@ -261,10 +310,21 @@ impl Parts<'_> {
     }
 
     /// Scores this shard's instances under one checkpoint and writes its parts.
-    fn score(&self, step: u64, dir: &Path, mine: &[&Instance], events: &mut dyn FnMut(ScoreEvent)) -> Result<()> {
+    /// `recorded` holds the precision class of every finished unit, and gains this one's.
+    fn score(
+        &self,
+        (step, dir): (u64, &Path),
+        mine: &[&Instance],
+        recorded: &mut BTreeMap<(u64, usize), String>,
+        events: &mut dyn FnMut(ScoreEvent),
+    ) -> Result<()> {
         let (spec, (shard, shards)) = (self.spec, self.spec.shard);
         let model =
             DeviceModel::load(dir, &spec.device).at(|| format!("loading checkpoint {step} from {}", dir.display()))?;
+        let precision = model.precision();
+        self.check_precision(step, &precision, recorded)?;
+        let path = precision_path(&self.dir, step, shard, shards);
+        write_atomic(&path, |w| writeln!(w, "{precision}")).map_err(io(&path))?;
         events(ScoreEvent::Loaded { step, compute: model.compute() });
         let mut outcomes = Vec::with_capacity(mine.len());
         let mut token_lps: Vec<Vec<f32>> = Vec::new();
@@ -304,7 +364,9 @@ impl Parts<'_> {
             }
             Ok(())
         })
-        .map_err(io(&path))
+        .map_err(io(&path))?;
+        recorded.insert((step, shard), precision);
+        Ok(())
     }
 
     /// Assembles the panel (and the per-token file) when every unit of every shard is there; returns
@@ -320,6 +382,17 @@ impl Parts<'_> {
         let missing = all.iter().chain(&token_parts).filter(|p| !p.exists()).count();
         if missing > 0 {
             return Ok(missing);
+        }
+        // Shards scored elsewhere and copied in are checked here.
+        let recorded = self.recorded_precisions()?;
+        let mut classes = recorded.iter();
+        if let Some(((s0, i0), p0)) = classes.next()
+            && let Some(((s, i), p)) = classes.find(|(_, p)| *p != p0)
+        {
+            bail!(
+                "{}: the parts were scored in different precisions (step {s0}, shard {i0} of {shards} with {p0} products; step {s}, shard {i} of {shards} with {p}): rescore the ones that differ (remove their step-…-of-{shards}.csv files and rerun with matching --compute / --device)",
+                self.dir.display()
+            );
         }
         let mut csv = b"instance_id,treatment_step,checkpoint_step,outcome\n".to_vec();
         for p in &all {
@@ -371,9 +444,10 @@ pub fn run(spec: &ScoreSpec, events: &mut dyn FnMut(ScoreEvent)) -> Result<Score
     let todo: Vec<(&u64, &PathBuf)> = spec.checkpoints.iter().filter(|(s, _)| !parts.finished(**s, shard)).collect();
     events(ScoreEvent::Started { units: todo.len(), tokens });
     let start = Instant::now();
+    let mut recorded = parts.recorded_precisions()?;
     for (step, dir) in &todo {
         events(ScoreEvent::Checkpoint(**step));
-        parts.score(**step, dir, &mine, events)?;
+        parts.score((**step, dir), &mine, &mut recorded, events)?;
     }
     let seconds = start.elapsed().as_secs_f64();
     let missing = parts.assemble()?;
