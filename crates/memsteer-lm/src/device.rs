@@ -5,7 +5,7 @@ use std::path::Path;
 
 use memsteer_kernels::Device;
 
-use crate::{Decoder, LmError, Model, Result};
+use crate::{Compute, Decoder, LmError, Model, Result};
 
 /// A checkpoint loaded where it runs: on the CPU, or (feature `cuda`) on a GPU, whose whole-sequence
 /// forward passes (scoring, hidden states) run on the device. The CPU copy that cached decoding and
@@ -33,8 +33,21 @@ pub struct GpuHalves {
 }
 
 impl DeviceModel {
-    /// Loads `dir` (`config.json` and the weights) onto `device`.
+    /// Loads `dir` (`config.json` and the weights) onto `device`, the CPU computing as
+    /// [`crate::cpu::default_compute`] says.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_with(dir, device, crate::cpu::default_compute())
+    }
+
+    /// Loads `dir` onto `device`, the CPU computing as `compute` says; a GPU multiplies in the weights'
+    /// type and takes only [`Compute::Auto`].
+    pub fn load_with(dir: &Path, device: &Device, compute: Compute) -> Result<Self> {
+        if !matches!(device, Device::Cpu) && compute != Compute::Auto {
+            return Err(LmError::Input(format!(
+                "compute {:?} chooses the CPU's products; on {device:?} products run in the weights' type (use auto)",
+                compute.name()
+            )));
+        }
         match device {
             #[cfg(feature = "cuda")]
             Device::Cuda(_) => Ok(DeviceModel::Gpu(Box::new(GpuHalves {
@@ -43,7 +56,7 @@ impl DeviceModel {
                 gpu: std::sync::Arc::new(crate::gpu::GpuModel::load(dir, device)?),
                 decoder: std::sync::OnceLock::new(),
             }))),
-            Device::Cpu => Ok(DeviceModel::Cpu(Model::load(dir)?)),
+            Device::Cpu => Ok(DeviceModel::Cpu(Model::load_with(dir, compute)?)),
             other => Err(LmError::Input(format!("this build has no runtime for {other:?}"))),
         }
     }

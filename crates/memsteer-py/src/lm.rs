@@ -65,13 +65,14 @@ fn check_ids(seqs: &[Vec<u32>], vocab: usize, min_len: usize) -> PyResult<()> {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (dir, device = "cpu"))]
-    fn new(py: Python<'_>, dir: PathBuf, device: &str) -> PyResult<Self> {
+    #[pyo3(signature = (dir, device = "cpu", compute = "auto"))]
+    fn new(py: Python<'_>, dir: PathBuf, device: &str, compute: &str) -> PyResult<Self> {
         let device_name = device.to_string();
+        let compute = memsteer_lm::Compute::parse(compute).map_err(|e| input_error("InputError", e.to_string()))?;
         run_detached(py, (None, false), move |_| {
             let dev =
                 Device::parse(&device_name).map_err(|e| PyErrMessage::input(format!("device {device_name:?}: {e}")))?;
-            let model = DeviceModel::load(&dir, &dev).map_err(|e| {
+            let model = DeviceModel::load_with(&dir, &dev, compute).map_err(|e| {
                 let mut m = PyErrMessage::from_error(e);
                 m.prefix(&format!("loading the model in {}", dir.display()));
                 m
@@ -107,6 +108,18 @@ impl Model {
     #[getter]
     fn device(&self) -> String {
         self.device.clone()
+    }
+
+    /// What its products run in (`f32`, or `bf16 on amx kernels`, …), as `memsteer logprobs` prints.
+    #[getter]
+    fn compute(&self) -> String {
+        self.model.compute()
+    }
+
+    /// The precision class of its products: `f32`, `bf16`, or on a GPU `cuda-` and the weights' type.
+    #[getter]
+    fn precision(&self) -> String {
+        self.model.precision()
     }
 
     /// The model directory.

@@ -197,6 +197,28 @@ def test_logprobs_equal_the_cli_panel(tiny_model, tmp_path, cli):
         memsteer.Model(tmp_path / "absent")
 
 
+def test_compute_modes_equal_the_cli(tiny_model, tmp_path, cli):
+    texts = ["The cat sat on the mat.", "A very slow movie."]
+    exact = memsteer.Model(tiny_model, compute="f32")
+    assert exact.precision == "f32" and exact.compute == "f32"
+    np.testing.assert_array_equal(exact.sequence_logprobs(texts), memsteer.Model(tiny_model).sequence_logprobs(texts))
+    bf16 = memsteer.Model(tiny_model, compute="bf16")
+    assert bf16.precision == "bf16" and bf16.compute.startswith("bf16 on ")
+    assert "bf16 products" in repr(bf16)
+    ids = [bf16.encode(t) for t in texts]
+    inst = tmp_path / "instances.jsonl"
+    inst.write_text("".join(json.dumps({"id": f"x{i}", "treatment_step": None, "tokens": t}) + "\n" for i, t in enumerate(ids)))
+    cli("--compute", "bf16", "logprobs", "--checkpoint", f"0={tiny_model}", "--instances", str(inst),
+        "--out", str(tmp_path / "p.csv"), "--quiet")
+    panel = pd.read_csv(tmp_path / "p.csv", **EXACT).set_index("instance_id")
+    got, want = bf16.sequence_logprobs(ids), exact.sequence_logprobs(ids)
+    # The same kernels as the command line, bit for bit; within the stated bound of f32, and not equal to it.
+    assert list(got) == [panel.loc[f"x{i}", "outcome"] for i in range(2)]
+    assert np.all(np.abs(got - want) <= 0.1 * np.maximum(1.0, np.abs(want))) and np.any(got != want)
+    with pytest.raises(memsteer.InputError, match="unknown compute mode"):
+        memsteer.Model(tiny_model, compute="fp8")
+
+
 def test_generate_equals_steer_generate(tiny_model, tmp_path, cli):
     steer_path = tmp_path / "s.safetensors"
     cli("steer", "train", "--model", str(tiny_model), "--positive", str(FIXTURES / "guide" / "positive.jsonl"),

@@ -250,15 +250,27 @@ TokensOrText = Union[str, Sequence[int]]
 
 class Model:
     """A Hugging Face model directory (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen, OLMo 2, Gemma 3)
-    loaded onto ``device`` (``"cpu"``, or ``"cuda"``/``"cuda:N"`` in a build with CUDA)."""
+    loaded onto ``device`` (``"cpu"``, or ``"cuda"``/``"cuda:N"`` in a build with CUDA).
 
-    def __init__(self, dir: PathLike, device: str = "cpu"):
-        self._native = _checked(_native.Model, os.fspath(dir), device)
+    ``compute`` chooses the CPU's products as ``memsteer --compute`` does: ``"f32"`` (exact, the
+    goldens' mode), ``"bf16"`` (bf16 products with f32 accumulation, within the bound
+    ``docs/formats.md`` states), or ``"auto"`` (bf16 for bf16 checkpoints on CPUs with AMX, f32
+    otherwise). A GPU multiplies in the weights' type and takes only ``"auto"``."""
+
+    def __init__(self, dir: PathLike, device: str = "cpu", compute: str = "auto"):
+        self._native = _checked(_native.Model, os.fspath(dir), device, compute)
 
     vocab_size = property(lambda self: self._native.vocab_size, doc="The model's vocabulary size.")
     context = property(lambda self: self._native.context, doc="The model's context length.")
     hidden_size = property(lambda self: self._native.hidden_size, doc="The hidden size.")
     device = property(lambda self: self._native.device, doc="Where the model runs.")
+    compute = property(
+        lambda self: self._native.compute, doc="What its products run in (``f32``, ``bf16 on amx kernels``, …)."
+    )
+    precision = property(
+        lambda self: self._native.precision,
+        doc="The precision class of its products: ``f32``, ``bf16``, or on a GPU ``cuda-`` and the weights' type.",
+    )
 
     def _ids(self, seqs: Iterable[TokensOrText]) -> List[List[int]]:
         seqs = list(seqs)
@@ -330,7 +342,10 @@ class Model:
         return out
 
     def __repr__(self) -> str:
-        return f"<memsteer.Model {self._native.path!r} on {self.device}: vocabulary {self.vocab_size}>"
+        return (
+            f"<memsteer.Model {self._native.path!r} on {self.device} ({self.precision} products): "
+            f"vocabulary {self.vocab_size}>"
+        )
 
 
 class Steer:
