@@ -12,6 +12,8 @@ const MAX_TOKEN_BLOCK: usize = 256;
 const VOCAB_TILE: usize = 512;
 // bf16 tiles start at whole pairs of packed panels.
 const _: () = assert!(VOCAB_TILE.is_multiple_of(crate::bf16::BLOCK));
+// f32 tiles start at whole panels.
+const _: () = assert!(VOCAB_TILE.is_multiple_of(crate::f32panels::NR));
 
 pub(crate) fn log_prob_targets(
     hidden: &[f32],
@@ -40,6 +42,26 @@ pub(crate) fn log_prob_targets_bf16(
         online_log_sum_exp(targets, embedding.n(), |v0, width, tile| {
             embedding.product_cols(level, &a, v0, width, tile);
             Ok(())
+        })
+    })
+}
+
+/// [`log_prob_targets`] with the output embedding packed in f32 panels: each block's hidden states are
+/// packed once for all vocabulary tiles.
+pub(crate) fn log_prob_targets_f32(
+    hidden: &[f32],
+    embedding: &crate::PackedF32,
+    targets: &[u32],
+    out: &mut [f32],
+) -> crate::Result<()> {
+    let level = crate::cpu_kernels()?;
+    let dim = embedding.k();
+    per_block(hidden, dim, targets, out, |h, targets| {
+        embedding.with_packed_rows(h, targets.len(), |a| {
+            online_log_sum_exp(targets, embedding.n(), |v0, width, tile| {
+                embedding.product(level, a, (v0, width), tile, width);
+                Ok(())
+            })
         })
     })
 }

@@ -31,6 +31,7 @@ mod cpu;
 pub mod cuda;
 pub mod dispatch;
 mod error;
+mod f32panels;
 mod native;
 mod operands;
 pub mod vmath;
@@ -39,6 +40,7 @@ mod x86;
 
 pub use bf16::PackedBf16;
 pub use dispatch::{CpuKernels, cpu_kernels};
+pub use f32panels::PackedF32;
 
 pub use error::{KernelError, Result};
 
@@ -239,6 +241,19 @@ pub fn log_prob_targets_bf16(hidden: &[f32], embedding: &PackedBf16, targets: &[
         return Err(KernelError::Target { id, position, vocab });
     }
     cpu::log_prob_targets_bf16(hidden, embedding, targets, out)
+}
+
+/// [`log_prob_targets`] with the output embedding packed in f32 panels ([`PackedF32`], `vocab × dim`):
+/// each block's hidden states are packed once for all vocabulary tiles. On the CPU, on the kernels
+/// [`cpu_kernels`] selects.
+pub fn log_prob_targets_f32(hidden: &[f32], embedding: &PackedF32, targets: &[u32], out: &mut [f32]) -> Result<()> {
+    let (tokens, dim, vocab) = (targets.len(), embedding.k(), embedding.n());
+    check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
+    check_len("out", out.len(), tokens)?;
+    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(KernelError::Target { id, position, vocab });
+    }
+    cpu::log_prob_targets_f32(hidden, embedding, targets, out)
 }
 
 /// `out (m×n) = a (m×k) · b (k×n)`, row-major `f32`.

@@ -2,6 +2,62 @@
 //! `exp`, softmax, log-sum-exp pieces and both GELU variants. Accuracy is checked against `f64` in
 //! this module's tests: `exp` within 2e-7 relative over its range, GELU within 3e-7 absolute plus
 //! 1e-6 relative.
+//!
+//! The loops are compiled three times (AVX-512, AVX2 + FMA, the baseline) and the widest the CPU has
+//! runs. The three compute the same IEEE operations in the same order (Rust never fuses a multiply
+//! and an add by itself, and the explicit accumulators fix the order of every sum), so their results
+//! are bitwise identical: only the speed differs (tested on this CPU's versions).
+
+/// Defines `pub fn $name` whose body is compiled for AVX-512, AVX2 + FMA and the baseline, and runs
+/// the widest version the CPU supports.
+macro_rules! multiversion {
+    ($(#[$m:meta])* pub fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        pub fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[allow(unsafe_code)]
+            {
+                #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+                if baseline_only() {
+                    return body($($arg),*);
+                }
+                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: the features were just detected.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the features were just detected.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests compare the versions: set, the baseline one runs on this thread.
+    static BASELINE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[inline(always)]
+#[allow(dead_code)] // unused off x86-64
+fn baseline_only() -> bool {
+    #[cfg(test)]
+    {
+        BASELINE_ONLY.with(std::cell::Cell::get)
+    }
+    #[cfg(not(test))]
+    {
+        false
+    }
+}
 
 /// Lanes of the explicit accumulators (one AVX register of `f32`; two SSE registers).
 const LANES: usize = 8;
@@ -27,6 +83,7 @@ pub fn exp(x: f32) -> f32 {
     if x < -87.0 { 0.0 } else { scaled }
 }
 
+multiversion! {
 /// The largest element (−∞ for an empty slice; NaNs are skipped).
 pub fn max(xs: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; LANES];
@@ -43,7 +100,9 @@ pub fn max(xs: &[f32]) -> f32 {
     }
     m
 }
+}
 
+multiversion! {
 /// `Σ exp(x − shift)` over `xs`.
 pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
     let mut acc = [0.0f32; LANES];
@@ -60,7 +119,9 @@ pub fn sum_exp(xs: &[f32], shift: f32) -> f32 {
     }
     acc.iter().sum::<f32>() + s
 }
+}
 
+multiversion! {
 /// Softmax of `xs` in place (a row of attention scores). An all-(−∞) row becomes all zeros; a row
 /// holding a NaN becomes all NaN (never a plausible distribution).
 pub fn softmax_in_place(xs: &mut [f32]) {
@@ -89,7 +150,9 @@ pub fn softmax_in_place(xs: &mut [f32]) {
     let inv = 1.0 / (acc.iter().sum::<f32>() + s);
     xs.iter_mut().for_each(|x| *x *= inv);
 }
+}
 
+multiversion! {
 /// GPT-2's `gelu_new` in place: `½x(1 + tanh(√(2/π)(x + 0.044715x³)))`, computed as
 /// `x / (1 + e^(−2u))`.
 pub fn gelu_tanh_in_place(xs: &mut [f32]) {
@@ -100,7 +163,9 @@ pub fn gelu_tanh_in_place(xs: &mut [f32]) {
         *x = v / (1.0 + exp(-2.0 * u));
     }
 }
+}
 
+multiversion! {
 /// Exact GELU in place: `½x(1 + erf(x/√2))`, with erfc from Abramowitz–Stegun 7.1.26 (absolute
 /// error below 1.5e-7) taken on |x| so that negative inputs lose no digits to cancellation.
 pub fn gelu_erf_in_place(xs: &mut [f32]) {
@@ -113,6 +178,7 @@ pub fn gelu_erf_in_place(xs: &mut [f32]) {
         let one_plus_erf = if v >= 0.0 { 2.0 - erfc } else { erfc };
         *x = 0.5 * v * one_plus_erf;
     }
+}
 }
 
 #[cfg(test)]
@@ -168,6 +234,29 @@ mod tests {
         softmax_in_place(&mut dead);
         assert_eq!(dead, [0.0; 3]);
         assert_eq!(max(&[]), f32::NEG_INFINITY);
+    }
+
+    /// The widest version this CPU runs equals the baseline one bit for bit.
+    #[test]
+    fn every_version_gives_the_same_bits() {
+        let xs: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 2003) as f32 * 0.01 - 10.0).collect();
+        let run = |baseline: bool| {
+            BASELINE_ONLY.with(|b| b.set(baseline));
+            let (mut s, mut t, mut e) = (xs.clone(), xs.clone(), xs.clone());
+            softmax_in_place(&mut s);
+            gelu_tanh_in_place(&mut t);
+            gelu_erf_in_place(&mut e);
+            let out = (max(&xs), sum_exp(&xs, 3.0), s, t, e);
+            BASELINE_ONLY.with(|b| b.set(false));
+            out
+        };
+        let (wide, base) = (run(false), run(true));
+        assert_eq!(wide.0.to_bits(), base.0.to_bits());
+        assert_eq!(wide.1.to_bits(), base.1.to_bits());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&wide.2), bits(&base.2), "softmax");
+        assert_eq!(bits(&wide.3), bits(&base.3), "tanh gelu");
+        assert_eq!(bits(&wide.4), bits(&base.4), "erf gelu");
     }
 
     #[test]

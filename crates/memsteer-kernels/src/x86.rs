@@ -281,3 +281,78 @@ unsafe fn amx_block(a: &[u16], kp: usize, rows: usize, b: &[u16], cols: usize, o
     // SAFETY: releases the tile state this function configured.
     unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
 }
+
+/// The f32 micro-kernel on AVX-512 when `level` allows it ([`crate::f32panels`]): returns false
+/// (the caller runs the portable one) below [`CpuKernels::Avx512`]. `a` must hold `kc` rows of
+/// [`F32_MR`] values, `b` `kc` rows of [`F32_NR`], `out` `(rows − 1)·ldo + cols` values; anything else
+/// panics (an internal error: the caller sizes them).
+pub(crate) fn f32_block(
+    level: CpuKernels,
+    (a, b, kc): (&[f32], &[f32], usize),
+    (rows, cols): (usize, usize),
+    (out, ldo): (&mut [f32], usize),
+    accumulate: bool,
+) -> bool {
+    if level < CpuKernels::Avx512 || rows == 0 || cols == 0 {
+        return false;
+    }
+    assert!(rows <= F32_MR && cols <= F32_NR && cols <= ldo, "f32 block: bad shape");
+    assert!(a.len() >= kc * F32_MR && b.len() >= kc * F32_NR, "f32 block: operands too short");
+    assert!(out.len() >= (rows - 1) * ldo + cols, "f32 block: output too short");
+    if !is_x86_feature_detected!("avx512f") {
+        return false;
+    }
+    // SAFETY: AVX-512 F was just detected; the asserts above are the kernel's slice contract.
+    unsafe { f32_kernel(kc, a.as_ptr(), b.as_ptr(), (rows, cols), out.as_mut_ptr(), ldo, accumulate) };
+    true
+}
+
+use crate::f32panels::{MR as F32_MR, NR as F32_NR};
+
+/// 14 × 32 f32 micro-kernel: 28 zmm accumulators, per input two panel loads and 14 broadcasts.
+///
+/// # Safety
+/// AVX-512 F must be available; `a` valid for `kc · 14` reads, `b` for `kc · 32`, `out` for writes at
+/// `i·ldo + j`, `i < rows ≤ 14`, `j < cols ≤ 32` (and reads there when `accumulate`).
+#[target_feature(enable = "avx512f")]
+unsafe fn f32_kernel(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    (rows, cols): (usize, usize),
+    out: *mut f32,
+    ldo: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[_mm512_setzero_ps(); 2]; F32_MR];
+    let (mut a, mut b) = (a, b);
+    for _ in 0..kc {
+        // SAFETY: `p < kc` rows of 14 and 32 values, within the caller's bounds.
+        unsafe {
+            let b0 = _mm512_loadu_ps(b);
+            let b1 = _mm512_loadu_ps(b.add(16));
+            for (i, acc_i) in acc.iter_mut().enumerate() {
+                let x = _mm512_set1_ps(*a.add(i));
+                acc_i[0] = _mm512_fmadd_ps(x, b0, acc_i[0]);
+                acc_i[1] = _mm512_fmadd_ps(x, b1, acc_i[1]);
+            }
+            a = a.add(F32_MR);
+            b = b.add(F32_NR);
+        }
+    }
+    let mask = |c: usize| -> __mmask16 { if c >= 16 { 0xFFFF } else { ((1u32 << c) - 1) as __mmask16 } };
+    let (m0, m1) = (mask(cols), mask(cols.saturating_sub(16)));
+    for (i, acc_i) in acc.iter().enumerate().take(rows) {
+        // SAFETY: row `i < rows`, the masked lanes `j < cols`, within the caller's bounds.
+        unsafe {
+            let p = out.add(i * ldo);
+            let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0);
+                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.add(16)), v1);
+            }
+            _mm512_mask_storeu_ps(p, m0, v0);
+            _mm512_mask_storeu_ps(p.add(16), m1, v1);
+        }
+    }
+}

@@ -483,3 +483,4 @@ mod cuda {
 }
 
 mod bf16;
+mod f32panels;

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use memsteer_kernels::bf16::{PackedBf16, Source};
+use memsteer_kernels::{CpuKernels, PackedF32};
 use safetensors::Dtype;
 
 use crate::arch::{self, Affine, Arch, LayerTensors, Mlp, Norm, Positions, QkNorm, Tensors};
@@ -65,14 +66,41 @@ pub fn default_compute() -> Compute {
     }
 }
 
-/// A layer's linear weights packed in bf16.
+/// A weight matrix packed for the CPU's kernels: bf16 panels (bf16 compute) or f32 panels (f32
+/// compute on CPUs with AVX-512).
+#[derive(Debug)]
+pub(crate) enum Packed {
+    Bf16(PackedBf16),
+    F32(PackedF32),
+}
+
+impl Packed {
+    fn matmul_transposed(&self, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Packed::Bf16(p) => p.matmul_transposed(a, m, out)?,
+            Packed::F32(p) => p.matmul_transposed(a, m, out)?,
+        }
+        Ok(())
+    }
+}
+
+/// How [`pack`] packs.
+#[derive(Debug, Clone, Copy)]
+enum PackAs {
+    /// bf16 panels; f16 weights kept as `hi + lo` when `exact`.
+    Bf16 { exact: bool },
+    /// f32 panels.
+    F32,
+}
+
+/// A layer's linear weights packed for the CPU's kernels.
 #[derive(Debug)]
 pub(crate) struct PackedLayer {
-    qkv: PackedBf16,
-    attn_out: PackedBf16,
-    up: PackedBf16,
-    gate: Option<PackedBf16>,
-    down: PackedBf16,
+    qkv: Packed,
+    attn_out: Packed,
+    up: Packed,
+    gate: Option<Packed>,
+    down: Packed,
 }
 
 /// Which linear weight of a layer.
@@ -86,13 +114,14 @@ enum Slot {
 }
 
 /// A model loaded for the CPU: its description and its tensors in `f32`, whatever their storage type;
-/// with bf16 compute, the linear layers and the output embedding also packed in bf16 (the layers'
-/// f32 copies are then dropped).
+/// the linear layers and the output embedding also packed for the kernels (bf16 panels with bf16
+/// compute, f32 panels with f32 compute on CPUs with AVX-512; the layers' unpacked copies are then
+/// dropped).
 #[derive(Debug)]
 pub struct Model {
     arch: Arch,
     w: Tensors<Vec<f32>>,
-    packed: Option<(Vec<PackedLayer>, PackedBf16)>,
+    packed: Option<(Vec<PackedLayer>, Packed)>,
     /// What the products run in, for logs.
     compute: String,
 }
@@ -143,13 +172,20 @@ impl Model {
                 }
             }
         }
-        let packed = match bf16 {
-            None => None,
-            Some(exact) => Some(pack(&arch, &mut w, exact)?),
+        // f32 products run on packed panels where the AVX-512 kernel exists (from the avx512 level
+        // up), on matrixmultiply otherwise.
+        let pack_as = match bf16 {
+            Some(exact) => Some(PackAs::Bf16 { exact }),
+            None => (memsteer_kernels::cpu_kernels()? >= CpuKernels::Avx512).then_some(PackAs::F32),
         };
-        let compute = match bf16 {
+        let packed = match pack_as {
+            None => None,
+            Some(how) => Some(pack(&arch, &mut w, how)?),
+        };
+        let compute = match pack_as {
             None => "f32".to_string(),
-            Some(exact) => format!(
+            Some(PackAs::F32) => format!("f32 on {} kernels", memsteer_kernels::cpu_kernels()?.min(CpuKernels::Avx512)),
+            Some(PackAs::Bf16 { exact }) => format!(
                 "bf16 on {} kernels{}",
                 memsteer_kernels::cpu_kernels()?,
                 if exact { " (f16 weights kept exactly as hi + lo)" } else { "" }
@@ -167,7 +203,7 @@ impl Model {
     /// other to rounding, results of different classes to the bounds in `docs/formats.md`, so the
     /// parts of one panel are all scored in one class ([`crate::score`] refuses to mix them).
     pub fn precision(&self) -> &'static str {
-        if self.packed.is_some() { "bf16" } else { "f32" }
+        if let Some((_, Packed::Bf16(_))) = &self.packed { "bf16" } else { "f32" }
     }
 
     /// The architecture.
@@ -190,16 +226,22 @@ impl Model {
     }
 }
 
-/// Packs every layer's linear weights and the output embedding in bf16 and drops the layers' f32
+/// Packs every layer's linear weights and the output embedding and drops the layers' unpacked
 /// copies (the embeddings and norms stay f32).
-fn pack(arch: &Arch, w: &mut Tensors<Vec<f32>>, exact: bool) -> Result<(Vec<PackedLayer>, PackedBf16)> {
+fn pack(arch: &Arch, w: &mut Tensors<Vec<f32>>, how: PackAs) -> Result<(Vec<PackedLayer>, Packed)> {
     let source = match arch.weights {
         arch::WeightLayout::InputsMajor => Source::InputsMajor,
         arch::WeightLayout::OutputsMajor => Source::OutputsMajor,
     };
     let (d, inner) = (arch.dim, arch.inner);
-    let one = |t: &mut Vec<f32>, (inputs, outputs): (usize, usize)| {
-        let p = PackedBf16::pack(t, outputs, inputs, source, exact)?;
+    let packed = |t: &[f32], (inputs, outputs): (usize, usize), source: Source| {
+        Ok::<_, LmError>(match how {
+            PackAs::Bf16 { exact } => Packed::Bf16(PackedBf16::pack(t, outputs, inputs, source, exact)?),
+            PackAs::F32 => Packed::F32(PackedF32::pack(t, outputs, inputs, source)?),
+        })
+    };
+    let one = |t: &mut Vec<f32>, shape: (usize, usize)| {
+        let p = packed(t, shape, source)?;
         *t = Vec::new();
         Ok::<_, LmError>(p)
     };
@@ -213,7 +255,7 @@ fn pack(arch: &Arch, w: &mut Tensors<Vec<f32>>, exact: bool) -> Result<(Vec<Pack
             down: one(&mut l.down.0, (inner, d))?,
         });
     }
-    let output = PackedBf16::pack(w.output(), arch.vocab, d, Source::OutputsMajor, exact)?;
+    let output = packed(w.output(), (d, arch.vocab), Source::OutputsMajor)?;
     Ok((layers, output))
 }
 
@@ -231,7 +273,7 @@ pub(crate) struct Cpu<'a, 'b> {
     local_rotary: Option<(Vec<f32>, Vec<f32>)>,
     /// Buffers the operations gave back, for the next ones (every operation overwrites its output).
     pool: Vec<Vec<f32>>,
-    /// The layers' bf16 weights, when the model computes in bf16.
+    /// The layers' packed weights, when the model has them.
     packed: Option<&'a [PackedLayer]>,
     /// The layer being computed.
     layer: usize,
@@ -471,7 +513,8 @@ impl Decoder for Model {
     }
     fn output_log_probs(&self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
         match &self.packed {
-            Some((_, output)) => memsteer_kernels::log_prob_targets_bf16(hidden, output, targets, out)?,
+            Some((_, Packed::Bf16(output))) => memsteer_kernels::log_prob_targets_bf16(hidden, output, targets, out)?,
+            Some((_, Packed::F32(output))) => memsteer_kernels::log_prob_targets_f32(hidden, output, targets, out)?,
             None => memsteer_kernels::log_prob_targets(
                 &memsteer_kernels::Device::Cpu,
                 hidden,
