@@ -7,6 +7,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use memsteer_kernels::PackedF32;
 use memsteer_kernels::bf16::{PackedBf16, Source};
 use memsteer_kernels::dispatch::ALL_LEVELS;
 use memsteer_kernels::{CpuKernels, Device, log_prob_targets};
@@ -50,6 +51,12 @@ fn kernels(c: &mut Criterion) {
     g.bench_function("sgemm_only", |b| {
         b.iter(|| sgemm_a_bt(TOKENS, DIM, VOCAB, black_box(&hidden), &emb, &mut logits))
     });
+    // The fused output layer on the embedding packed in f32 panels (what the CPU runtime uses from
+    // the avx512 kernel level up).
+    let emb_packed = PackedF32::pack(&emb, VOCAB, DIM, Source::OutputsMajor).expect("pack");
+    g.bench_function("fused_log_prob_targets_f32_packed", |b| {
+        b.iter(|| memsteer_kernels::log_prob_targets_f32(black_box(&hidden), &emb_packed, &targets, &mut out).expect("ok"))
+    });
     g.finish();
 
     // The GEMM peak the transformer runtime is measured against: a linear layer of GPT-2 small at a
@@ -62,6 +69,13 @@ fn kernels(c: &mut Criterion) {
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     g.throughput(Throughput::Elements((2 * m * k * n) as u64));
     g.bench_function("matmul_transposed", |b| b.iter(|| sgemm_a_bt(m, k, n, black_box(&a), &w, &mut c_out)));
+    // The weights packed in f32 panels: the portable kernel, and the AVX-512 one where the CPU has it.
+    let packed32 = PackedF32::pack(&w, n, k, Source::OutputsMajor).expect("pack");
+    for level in [CpuKernels::Portable, CpuKernels::Avx512].into_iter().filter(|l| *l <= CpuKernels::detected()) {
+        g.bench_function(format!("f32_packed_{level}"), |b| {
+            b.iter(|| packed32.matmul_transposed_with(level, black_box(&a), m, &mut c_out).expect("f32"))
+        });
+    }
     // The same product with the weights packed in bf16, on every bf16 kernel level this CPU has.
     let packed = PackedBf16::pack(&w, n, k, Source::OutputsMajor, false).expect("pack");
     for level in ALL_LEVELS.into_iter().filter(|l| *l <= CpuKernels::detected()) {
