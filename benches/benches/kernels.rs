@@ -55,7 +55,9 @@ fn kernels(c: &mut Criterion) {
     // the avx512 kernel level up).
     let emb_packed = PackedF32::pack(&emb, VOCAB, DIM, Source::OutputsMajor).expect("pack");
     g.bench_function("fused_log_prob_targets_f32_packed", |b| {
-        b.iter(|| memsteer_kernels::log_prob_targets_f32(black_box(&hidden), &emb_packed, &targets, &mut out).expect("ok"))
+        b.iter(|| {
+            memsteer_kernels::log_prob_targets_f32(black_box(&hidden), &emb_packed, &targets, &mut out).expect("ok")
+        })
     });
     g.finish();
 

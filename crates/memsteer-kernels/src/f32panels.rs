@@ -111,8 +111,9 @@ impl PackedF32 {
         self.panels.len() * 4
     }
 
-    /// The value packed for output `row`, input `col`.
+    /// The value packed for output `row`, input `col` (panics outside the matrix).
     pub fn get(&self, row: usize, col: usize) -> f32 {
+        assert!(row < self.n && col < self.k, "({row}, {col}) is outside the {} × {} matrix", self.n, self.k);
         self.panels[(row / NR) * NR * self.k + col * NR + row % NR]
     }
 

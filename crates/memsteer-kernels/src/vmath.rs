@@ -23,10 +23,14 @@ macro_rules! multiversion {
                 fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
-                if baseline_only() {
+                let cap = version_cap();
+                if cap == Version::Baseline {
                     return body($($arg),*);
                 }
-                if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") {
+                if cap == Version::Widest
+                    && std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                {
                     // SAFETY: the features were just detected.
                     return unsafe { avx512($($arg),*) };
                 }
@@ -40,22 +44,30 @@ macro_rules! multiversion {
     };
 }
 
+/// The widest version [`multiversion!`] may run (tests compare the versions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)] // only tests cap it
+enum Version {
+    Widest,
+    Avx2,
+    Baseline,
+}
+
 #[cfg(test)]
 thread_local! {
-    /// Tests compare the versions: set, the baseline one runs on this thread.
-    static BASELINE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static VERSION_CAP: std::cell::Cell<Version> = const { std::cell::Cell::new(Version::Widest) };
 }
 
 #[inline(always)]
 #[allow(dead_code)] // unused off x86-64
-fn baseline_only() -> bool {
+fn version_cap() -> Version {
     #[cfg(test)]
     {
-        BASELINE_ONLY.with(std::cell::Cell::get)
+        VERSION_CAP.with(std::cell::Cell::get)
     }
     #[cfg(not(test))]
     {
-        false
+        Version::Widest
     }
 }
 
@@ -236,27 +248,29 @@ mod tests {
         assert_eq!(max(&[]), f32::NEG_INFINITY);
     }
 
-    /// The widest version this CPU runs equals the baseline one bit for bit.
+    /// Every version this CPU runs (AVX-512, AVX2, baseline) gives the same bits.
     #[test]
     fn every_version_gives_the_same_bits() {
         let xs: Vec<f32> = (0..1003).map(|i| ((i * 7919) % 2003) as f32 * 0.01 - 10.0).collect();
-        let run = |baseline: bool| {
-            BASELINE_ONLY.with(|b| b.set(baseline));
+        let run = |cap: Version| {
+            VERSION_CAP.with(|c| c.set(cap));
             let (mut s, mut t, mut e) = (xs.clone(), xs.clone(), xs.clone());
             softmax_in_place(&mut s);
             gelu_tanh_in_place(&mut t);
             gelu_erf_in_place(&mut e);
             let out = (max(&xs), sum_exp(&xs, 3.0), s, t, e);
-            BASELINE_ONLY.with(|b| b.set(false));
+            VERSION_CAP.with(|c| c.set(Version::Widest));
             out
         };
-        let (wide, base) = (run(false), run(true));
-        assert_eq!(wide.0.to_bits(), base.0.to_bits());
-        assert_eq!(wide.1.to_bits(), base.1.to_bits());
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&wide.2), bits(&base.2), "softmax");
-        assert_eq!(bits(&wide.3), bits(&base.3), "tanh gelu");
-        assert_eq!(bits(&wide.4), bits(&base.4), "erf gelu");
+        let base = run(Version::Baseline);
+        for wide in [run(Version::Widest), run(Version::Avx2)] {
+            assert_eq!(wide.0.to_bits(), base.0.to_bits());
+            assert_eq!(wide.1.to_bits(), base.1.to_bits());
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wide.2), bits(&base.2), "softmax");
+            assert_eq!(bits(&wide.3), bits(&base.3), "tanh gelu");
+            assert_eq!(bits(&wide.4), bits(&base.4), "erf gelu");
+        }
     }
 
     #[test]

@@ -349,10 +349,12 @@ unsafe fn f32_kernel(
             let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
             if accumulate {
                 v0 = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, p), v0);
-                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.add(16)), v1);
+                v1 = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, p.wrapping_add(16)), v1);
             }
             _mm512_mask_storeu_ps(p, m0, v0);
-            _mm512_mask_storeu_ps(p.add(16), m1, v1);
+            // `wrapping_add`: with `cols ≤ 16` the second half is masked off entirely and may lie past
+            // the end of `out`.
+            _mm512_mask_storeu_ps(p.wrapping_add(16), m1, v1);
         }
     }
 }

@@ -65,14 +65,17 @@ fn every_level_matches_the_reference_on_ragged_shapes() {
         check(m, n, k, Source::OutputsMajor, s as u64);
         check(m, n, k, Source::InputsMajor, 100 + s as u64);
     }
-    // Many panels with few rows (split by columns) and many rows (split by rows).
+    // Many panels with few rows (split by columns; three row panels, two input blocks) and many rows
+    // (split by rows).
     check(5, 700, 64, Source::OutputsMajor, 7);
+    check(40, 700, 300, Source::InputsMajor, 9);
     check(300, 70, 520, Source::OutputsMajor, 8);
 }
 
 #[test]
 fn results_are_bitwise_identical_across_threads_and_batch_splits() {
-    let (m, n, k) = (150, 300, 600);
+    // 1,400 rows: tasks of 672, 364 and 238 rows on 1, 2 and 3 threads.
+    let (m, n, k) = (1400, 300, 600);
     let mut rng = SplitMix64::new(3);
     let a = randn(m * k, 1.0, &mut rng);
     let w = randn(n * k, 0.1, &mut rng);
@@ -89,7 +92,7 @@ fn results_are_bitwise_identical_across_threads_and_batch_splits() {
         assert_eq!(one, run(2), "{level}: 1 vs 2 threads");
         assert_eq!(one, run(3), "{level}: 1 vs 3 threads");
         // A row alone (a decoding step, split by columns) equals the same row inside the batch.
-        for i in [0, 77, 149] {
+        for i in [0, 77, 1399] {
             let mut row = vec![0.0f32; n];
             p.matmul_transposed_with(level, &a[i * k..(i + 1) * k], 1, &mut row).unwrap();
             assert_eq!(row, one[i * n..(i + 1) * n], "{level}: row {i} alone");

@@ -173,10 +173,11 @@ impl Model {
             }
         }
         // f32 products run on packed panels where the AVX-512 kernel exists (from the avx512 level
-        // up), on matrixmultiply otherwise.
+        // up), on matrixmultiply otherwise (also when MEMSTEER_CPU_KERNELS is unusable: only bf16
+        // loads, which need a kernel level, fail on it).
         let pack_as = match bf16 {
             Some(exact) => Some(PackAs::Bf16 { exact }),
-            None => (memsteer_kernels::cpu_kernels()? >= CpuKernels::Avx512).then_some(PackAs::F32),
+            None => memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512).then_some(PackAs::F32),
         };
         let packed = match pack_as {
             None => None,
@@ -184,7 +185,7 @@ impl Model {
         };
         let compute = match pack_as {
             None => "f32".to_string(),
-            Some(PackAs::F32) => format!("f32 on {} kernels", memsteer_kernels::cpu_kernels()?.min(CpuKernels::Avx512)),
+            Some(PackAs::F32) => "f32 on avx512 kernels".to_string(),
             Some(PackAs::Bf16 { exact }) => format!(
                 "bf16 on {} kernels{}",
                 memsteer_kernels::cpu_kernels()?,

@@ -34,9 +34,11 @@ pub struct GpuHalves {
 
 impl DeviceModel {
     /// Loads `dir` (`config.json` and the weights) onto `device`, the CPU computing as
-    /// [`crate::cpu::default_compute`] says.
+    /// [`crate::cpu::default_compute`] says (the command line's global `--compute`, which a GPU, whose
+    /// products run in the weights' type, does not use).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        Self::load_with(dir, device, crate::cpu::default_compute())
+        let compute = if matches!(device, Device::Cpu) { crate::cpu::default_compute() } else { Compute::Auto };
+        Self::load_with(dir, device, compute)
     }
 
     /// Loads `dir` onto `device`, the CPU computing as `compute` says; a GPU multiplies in the weights'

@@ -957,10 +957,13 @@ fn built_in_corpus_tokenizer_matches_python_and_round_trips() {
 /// bf16 compute keeps memsteer's determinism: the same numbers on 1 and 2 threads, and a sequence
 /// scored inside a packed batch equals it scored alone, bitwise.
 #[test]
-fn bf16_compute_is_bitwise_stable_across_threads_and_batches() {
-    for name in ["tiny-gpt2-f32", "tiny-neox-pythia-f16", "tiny-llama-gqa", "tiny-gemma3"] {
-        let model = memsteer_lm::Model::load_with(&fixture(name), memsteer_lm::Compute::Bf16).expect("load");
-        assert!(model.compute().starts_with("bf16"), "{name}: {}", model.compute());
+fn bf16_and_f32_compute_are_bitwise_stable_across_threads_and_batches() {
+    use memsteer_lm::Compute;
+    let names = ["tiny-gpt2-f32", "tiny-neox-pythia-f16", "tiny-llama-gqa", "tiny-gemma3"];
+    // f32: packed panels on AVX-512 CPUs, matrixmultiply elsewhere; both deterministic.
+    for (name, compute) in names.iter().flat_map(|n| [(*n, Compute::Bf16), (*n, Compute::F32)]) {
+        let model = memsteer_lm::Model::load_with(&fixture(name), compute).expect("load");
+        assert!(model.compute().starts_with(compute.name()), "{name}: {}", model.compute());
         let seqs: Vec<Vec<u32>> =
             (0..5u32).map(|s| (0..(4 + 3 * s)).map(|t| (t * 31 + s * 7) % 40).collect()).collect();
         let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
