@@ -173,22 +173,8 @@ impl PackedBf16 {
 
     /// [`PackedBf16::matmul_transposed`] on the kernels of `level` (at most the detected level).
     pub fn matmul_transposed_with(&self, level: CpuKernels, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        if level > CpuKernels::detected() {
-            return Err(KernelError::Unsupported {
-                what: "bf16 product",
-                message: format!("{level} kernels are not available on this CPU ({})", crate::dispatch::cpu_summary()),
-            });
-        }
         let (n, k) = (self.n, self.k);
-        let need_a = m.checked_mul(k).ok_or(KernelError::Overflow { what: "a", rows: m, cols: k })?;
-        let need_out = m.checked_mul(n).ok_or(KernelError::Overflow { what: "out", rows: m, cols: n })?;
-        if a.len() != need_a {
-            return Err(KernelError::Shape { what: "a", expected: need_a.to_string(), found: a.len() });
-        }
-        if out.len() != need_out {
-            return Err(KernelError::Shape { what: "out", expected: need_out.to_string(), found: out.len() });
-        }
-        if m == 0 {
+        if !crate::f32panels::check_product("bf16 product", level, (m, k, n), (a.len(), out.len()))? {
             return Ok(());
         }
         let kp = self.kp();

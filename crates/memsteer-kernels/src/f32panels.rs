@@ -125,22 +125,8 @@ impl PackedF32 {
 
     /// [`PackedF32::matmul_transposed`] on the kernels of `level` (at most the detected level).
     pub fn matmul_transposed_with(&self, level: CpuKernels, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        if level > CpuKernels::detected() {
-            return Err(KernelError::Unsupported {
-                what: "f32 product",
-                message: format!("{level} kernels are not available on this CPU ({})", crate::dispatch::cpu_summary()),
-            });
-        }
         let (n, k) = (self.n, self.k);
-        let need_a = m.checked_mul(k).ok_or(KernelError::Overflow { what: "a", rows: m, cols: k })?;
-        let need_out = m.checked_mul(n).ok_or(KernelError::Overflow { what: "out", rows: m, cols: n })?;
-        if a.len() != need_a {
-            return Err(KernelError::Shape { what: "a", expected: need_a.to_string(), found: a.len() });
-        }
-        if out.len() != need_out {
-            return Err(KernelError::Shape { what: "out", expected: need_out.to_string(), found: out.len() });
-        }
-        if m == 0 {
+        if !check_product("f32 product", level, (m, k, n), (a.len(), out.len()))? {
             return Ok(());
         }
         let panels = n.div_ceil(NR);
@@ -233,6 +219,31 @@ impl PackedF32 {
             }
         }
     }
+}
+
+/// Checks a packed product's kernel level against the CPU and its operands' lengths (`a` is `m × k`,
+/// `out` `m × n`); false when there is nothing to compute (`m = 0`).
+pub(crate) fn check_product(
+    what: &'static str,
+    level: CpuKernels,
+    (m, k, n): (usize, usize, usize),
+    (a_len, out_len): (usize, usize),
+) -> Result<bool> {
+    if level > CpuKernels::detected() {
+        return Err(KernelError::Unsupported {
+            what,
+            message: format!("{level} kernels are not available on this CPU ({})", crate::dispatch::cpu_summary()),
+        });
+    }
+    let need_a = m.checked_mul(k).ok_or(KernelError::Overflow { what: "a", rows: m, cols: k })?;
+    let need_out = m.checked_mul(n).ok_or(KernelError::Overflow { what: "out", rows: m, cols: n })?;
+    if a_len != need_a {
+        return Err(KernelError::Shape { what: "a", expected: need_a.to_string(), found: a_len });
+    }
+    if out_len != need_out {
+        return Err(KernelError::Shape { what: "out", expected: need_out.to_string(), found: out_len });
+    }
+    Ok(m > 0)
 }
 
 /// One micro-kernel call: `out[i·ldo + j] (+)= Σ_p a[p·MR + i] · b[p·NR + j]` over `p < kc`, for
