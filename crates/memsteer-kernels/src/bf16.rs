@@ -19,8 +19,8 @@
 
 use rayon::prelude::*;
 
+use crate::Result;
 use crate::dispatch::{CpuKernels, cpu_kernels};
-use crate::{KernelError, Result};
 
 /// Outputs per panel.
 pub(crate) const PANEL: usize = 16;
@@ -101,16 +101,7 @@ impl PackedBf16 {
     /// Packs `w` (f32 values; see [`Source`] for the layout), rounding each to bf16. With `exact`, each
     /// value is kept as a `hi + lo` pair of bf16 values (exact for f16 and bf16 sources, 2× the work).
     pub fn pack(w: &[f32], n: usize, k: usize, source: Source, exact: bool) -> Result<Self> {
-        let len = n.checked_mul(k).ok_or(KernelError::Overflow { what: "packed weight", rows: n, cols: k })?;
-        if w.len() != len {
-            return Err(KernelError::Shape { what: "packed weight", expected: len.to_string(), found: w.len() });
-        }
-        if n == 0 || k == 0 {
-            return Err(KernelError::Unsupported {
-                what: "packed weight",
-                message: format!("a {n} × {k} matrix is empty; expected at least one row and one column"),
-            });
-        }
+        crate::packed::check_weight(w.len(), n, k)?;
         let kp1 = round_up(k, K_ALIGN);
         let kp = if exact { 2 * kp1 } else { kp1 };
         let steps = kp / K_ALIGN;
@@ -174,7 +165,7 @@ impl PackedBf16 {
     /// [`PackedBf16::matmul_transposed`] on the kernels of `level` (at most the detected level).
     pub fn matmul_transposed_with(&self, level: CpuKernels, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         let (n, k) = (self.n, self.k);
-        if !crate::f32panels::check_product("bf16 product", level, (m, k, n), (a.len(), out.len()))? {
+        if !crate::packed::check_product("bf16 product", level, (m, k, n), (a.len(), out.len()))? {
             return Ok(());
         }
         let kp = self.kp();
@@ -192,24 +183,11 @@ impl PackedBf16 {
             return Ok(());
         }
         // Column blocks (few rows, e.g. decoding): each task fills its own columns, gathered after.
-        let tasks: Vec<(usize, Vec<f32>)> = (0..pairs.div_ceil(PAIR_CHUNK))
-            .into_par_iter()
-            .map(|t| {
-                let (p0, p1) = (t * PAIR_CHUNK, ((t + 1) * PAIR_CHUNK).min(pairs));
-                let col0 = p0 * BLOCK;
-                let cols = (p1 * BLOCK).min(n) - col0;
-                let mut buf = vec![0.0f32; m * cols];
-                let b = &self.panels[p0 * pair_len..p1 * pair_len];
-                block(level, &a16[..m_pad * kp], kp, m, b, cols, &mut buf, cols);
-                (col0, buf)
-            })
-            .collect();
-        for (col0, buf) in tasks {
-            let cols = buf.len() / m;
-            for (i, row) in buf.chunks_exact(cols).enumerate() {
-                out[i * n + col0..i * n + col0 + cols].copy_from_slice(row);
-            }
-        }
+        crate::packed::by_column_blocks((m, n), PAIR_CHUNK * BLOCK, out, |col0, cols, buf| {
+            let (p0, p1) = (col0 / BLOCK, (col0 + cols).div_ceil(BLOCK));
+            let b = &self.panels[p0 * pair_len..p1 * pair_len];
+            block(level, &a16[..m_pad * kp], kp, m, b, cols, buf, cols);
+        });
         Ok(())
     }
 }

@@ -13,9 +13,9 @@
 
 use rayon::prelude::*;
 
+use crate::Result;
 use crate::bf16::Source;
 use crate::dispatch::{CpuKernels, cpu_kernels};
-use crate::{KernelError, Result};
 
 /// Outputs per panel.
 pub(crate) const NR: usize = 32;
@@ -63,16 +63,7 @@ thread_local! {
 impl PackedF32 {
     /// Packs `w` (see [`Source`] for its layout).
     pub fn pack(w: &[f32], n: usize, k: usize, source: Source) -> Result<Self> {
-        let len = n.checked_mul(k).ok_or(KernelError::Overflow { what: "packed weight", rows: n, cols: k })?;
-        if w.len() != len {
-            return Err(KernelError::Shape { what: "packed weight", expected: len.to_string(), found: w.len() });
-        }
-        if n == 0 || k == 0 {
-            return Err(KernelError::Unsupported {
-                what: "packed weight",
-                message: format!("a {n} × {k} matrix is empty; expected at least one row and one column"),
-            });
-        }
+        crate::packed::check_weight(w.len(), n, k)?;
         let mut panels = vec![0.0f32; n.div_ceil(NR) * NR * k];
         panels.par_chunks_mut(NR * k).enumerate().for_each(|(p, panel)| {
             let (j0, cols) = (p * NR, NR.min(n - p * NR));
@@ -126,7 +117,7 @@ impl PackedF32 {
     /// [`PackedF32::matmul_transposed`] on the kernels of `level` (at most the detected level).
     pub fn matmul_transposed_with(&self, level: CpuKernels, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         let (n, k) = (self.n, self.k);
-        if !check_product("f32 product", level, (m, k, n), (a.len(), out.len()))? {
+        if !crate::packed::check_product("f32 product", level, (m, k, n), (a.len(), out.len()))? {
             return Ok(());
         }
         let panels = n.div_ceil(NR);
@@ -143,22 +134,9 @@ impl PackedF32 {
         // Column blocks (few rows, e.g. decoding): the rows packed once, each task its own panels.
         let mut data = Vec::new();
         let packed = self.pack_rows(a, m, &mut data);
-        let tasks: Vec<(usize, Vec<f32>)> = (0..panels.div_ceil(PANEL_CHUNK))
-            .into_par_iter()
-            .map(|t| {
-                let c0 = t * PANEL_CHUNK * NR;
-                let width = (PANEL_CHUNK * NR).min(n - c0);
-                let mut buf = vec![0.0f32; m * width];
-                self.product(level, &packed, (c0, width), &mut buf, width);
-                (c0, buf)
-            })
-            .collect();
-        for (c0, buf) in tasks {
-            let width = buf.len() / m;
-            for (i, row) in buf.chunks_exact(width).enumerate() {
-                out[i * n + c0..i * n + c0 + width].copy_from_slice(row);
-            }
-        }
+        crate::packed::by_column_blocks((m, n), PANEL_CHUNK * NR, out, |c0, width, buf| {
+            self.product(level, &packed, (c0, width), buf, width);
+        });
         Ok(())
     }
 
@@ -219,31 +197,6 @@ impl PackedF32 {
             }
         }
     }
-}
-
-/// Checks a packed product's kernel level against the CPU and its operands' lengths (`a` is `m × k`,
-/// `out` `m × n`); false when there is nothing to compute (`m = 0`).
-pub(crate) fn check_product(
-    what: &'static str,
-    level: CpuKernels,
-    (m, k, n): (usize, usize, usize),
-    (a_len, out_len): (usize, usize),
-) -> Result<bool> {
-    if level > CpuKernels::detected() {
-        return Err(KernelError::Unsupported {
-            what,
-            message: format!("{level} kernels are not available on this CPU ({})", crate::dispatch::cpu_summary()),
-        });
-    }
-    let need_a = m.checked_mul(k).ok_or(KernelError::Overflow { what: "a", rows: m, cols: k })?;
-    let need_out = m.checked_mul(n).ok_or(KernelError::Overflow { what: "out", rows: m, cols: n })?;
-    if a_len != need_a {
-        return Err(KernelError::Shape { what: "a", expected: need_a.to_string(), found: a_len });
-    }
-    if out_len != need_out {
-        return Err(KernelError::Shape { what: "out", expected: need_out.to_string(), found: out_len });
-    }
-    Ok(m > 0)
 }
 
 /// One micro-kernel call: `out[i·ldo + j] (+)= Σ_p a[p·MR + i] · b[p·NR + j]` over `p < kc`, for

@@ -34,6 +34,7 @@ mod error;
 mod f32panels;
 mod native;
 mod operands;
+mod packed;
 pub mod vmath;
 #[cfg(target_arch = "x86_64")]
 mod x86;
