@@ -58,7 +58,8 @@ pub enum Multiplier {
 pub enum BandMethod {
     /// The sup-t quantile `c` of the draws (each studentised by its cell's analytic SE) read as a normal
     /// tail probability `p = 2(1 − Φ(c))`, and each cell's critical value the Student-t quantile with the
-    /// same tail at its Welch–Satterthwaite degrees of freedom, applied to the analytic SE: the band
+    /// same tail at degrees of freedom matched to the fourth moment of its Behrens–Fisher form (Patil's;
+    /// Welch–Satterthwaite's are anti-conservative that far in the tail), applied to the analytic SE: the band
     /// accounts for the SEs being estimated from small cohorts and holds its joint level (see
     /// `docs/diagnostics.md`).
     #[default]

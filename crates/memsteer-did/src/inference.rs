@@ -116,8 +116,9 @@ impl Inference<'_> {
     /// [`BandMethod::Student`]: as many Gaussian draws with the panel's own covariances (the multiplier
     /// bootstrap's limit, from `self.seed`), studentised by the analytic SEs, which their variance
     /// equals; their quantile `c` is read as the normal tail `p = 2(1 − Φ(c))`, and each functional's
-    /// half-width is the Student-t quantile `t_{ν_i}(1 − p/2)` at its Welch–Satterthwaite degrees of
-    /// freedom `ν_i`, times its SE from unbiased variances, and never less than the pointwise `z · se`.
+    /// half-width is the Student-t quantile `t_{ν_i}(1 − p/2)` at its kurtosis-matched degrees of
+    /// freedom `ν_i` (`functional::student_df`), times its SE from unbiased variances, and never less
+    /// than the pointwise `z · se`.
     /// Without draws the band is the pointwise interval.
     pub fn band(
         &self,
@@ -127,9 +128,9 @@ impl Inference<'_> {
         (alpha, method, set): (f64, BandMethod, BandSet),
     ) -> crate::Result<(Vec<f64>, f64)> {
         let z = normal_quantile(1.0 - alpha / 2.0);
-        let welch: Vec<(f64, f64)> = match method {
+        let student: Vec<(f64, f64)> = match method {
             BandMethod::Csdid => Vec::new(),
-            BandMethod::Student => funcs.par_iter().map(|f| f.welch(self.cohorts)).collect(),
+            BandMethod::Student => funcs.par_iter().map(|f| f.student_t(self.cohorts)).collect(),
         };
         // The draws' own scale: the reported SEs (csdid) or the analytic ones, which the multiplier
         // bootstrap's variance equals (population variances), so that the studentised draws are standard
@@ -158,7 +159,9 @@ impl Inference<'_> {
                 match method {
                     BandMethod::Csdid => crit * ses.se[i],
                     // Never narrower than the cell's own pointwise interval.
-                    BandMethod::Student => (student_critical(crit, welch[i].1) * welch[i].0.sqrt()).max(z * ses.se[i]),
+                    BandMethod::Student => {
+                        (student_critical(crit, student[i].1) * student[i].0.sqrt()).max(z * ses.se[i])
+                    }
                 }
             })
             .collect();
