@@ -295,6 +295,28 @@ fn pythia_layout_checkpoints() {
     let stderr = String::from_utf8_lossy(&copied.stderr);
     assert!(!copied.status.success() && stderr.contains("scored in different precisions"), "{stderr}");
     assert!(!out.exists(), "no panel is assembled from mixed parts");
+    // A unit scored before precisions were recorded is not mixed with recorded ones, neither when
+    // scoring more nor at assembly; recording its class by hand continues the run.
+    std::fs::remove_file(parts.join("step-0.shard-0-of-1.precision")).expect("remove record");
+    let legacy = memsteer(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    let stderr = String::from_utf8_lossy(&legacy.stderr);
+    assert!(!legacy.status.success() && stderr.contains("step 0, shard 0 of 1 has no record"), "{stderr}");
+    assert!(stderr.contains("echo f32 >") && !out.exists(), "{stderr}");
+    std::fs::remove_file(parts.join("step-1000.shard-0-of-1.csv")).expect("remove part");
+    let scoring = memsteer(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    let stderr = String::from_utf8_lossy(&scoring.stderr);
+    assert!(!scoring.status.success() && stderr.contains("has no record"), "{stderr}");
+    assert!(!parts.join("step-1000.shard-0-of-1.csv").exists(), "nothing is scored next to an unrecorded unit");
+    std::fs::write(parts.join("step-0.shard-0-of-1.precision"), "f32\n").expect("write");
+    ok(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    assert_eq!(outcome(&std::fs::read_to_string(&out).expect("panel")), got);
+    // A panel whose units all predate the records assembles as before.
+    for step in [0, 1000] {
+        std::fs::remove_file(parts.join(format!("step-{step}.shard-0-of-1.precision"))).expect("remove record");
+    }
+    std::fs::remove_file(&out).expect("remove panel");
+    ok(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    assert_eq!(outcome(&std::fs::read_to_string(&out).expect("panel")), got);
 }
 
 #[test]

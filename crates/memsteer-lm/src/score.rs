@@ -198,6 +198,31 @@ impl Parts<'_> {
         Ok(out)
     }
 
+    /// The first finished unit (any shard) with no precision record: scored by a memsteer that did not
+    /// record classes yet, so nothing says which products made it.
+    fn unrecorded(&self) -> Option<(u64, usize)> {
+        let shards = self.spec.shard.1;
+        self.spec.checkpoints.keys().flat_map(|&s| (0..shards).map(move |i| (s, i))).find(|&(s, i)| {
+            part_path(&self.dir, s, i, shards).exists() && !precision_path(&self.dir, s, i, shards).exists()
+        })
+    }
+
+    /// Refuses to mix a finished unit that has no precision record with units that have one (or are
+    /// about to): the user knows how it was scored, memsteer does not.
+    fn check_unrecorded(&self) -> Result<()> {
+        let shards = self.spec.shard.1;
+        if let Some((s, i)) = self.unrecorded() {
+            let (record, part) = (precision_path(&self.dir, s, i, shards), part_path(&self.dir, s, i, shards));
+            bail!(
+                "{}: the finished unit step {s}, shard {i} of {shards} has no record of the precision it was scored in (it was scored before memsteer recorded them), and one panel never mixes precisions: if you know it was scored with f32 products (the run said `products: f32 …`), record that with `echo f32 > {}` (bf16, cuda-f16, … likewise), or remove {} to rescore it",
+                self.dir.display(),
+                record.display(),
+                part.display()
+            );
+        }
+        Ok(())
+    }
+
     /// Refuses to score `step` in precision class `now` when a finished unit was scored in another:
     /// a panel whose checkpoints (or instances) differ in precision carries that difference into every
     /// estimate that compares them.
@@ -383,8 +408,12 @@ impl Parts<'_> {
         if missing > 0 {
             return Ok(missing);
         }
-        // Shards scored elsewhere and copied in are checked here.
+        // Shards scored elsewhere and copied in are checked here. A panel of unrecorded units only
+        // (every one scored before classes were recorded) assembles as it always did.
         let recorded = self.recorded_precisions()?;
+        if !recorded.is_empty() {
+            self.check_unrecorded()?;
+        }
         let mut classes = recorded.iter();
         if let Some(((s0, i0), p0)) = classes.next()
             && let Some(((s, i), p)) = classes.find(|(_, p)| *p != p0)
@@ -445,6 +474,9 @@ pub fn run(spec: &ScoreSpec, events: &mut dyn FnMut(ScoreEvent)) -> Result<Score
     events(ScoreEvent::Started { units: todo.len(), tokens });
     let start = Instant::now();
     let mut recorded = parts.recorded_precisions()?;
+    if !todo.is_empty() {
+        parts.check_unrecorded()?;
+    }
     for (step, dir) in &todo {
         events(ScoreEvent::Checkpoint(**step));
         parts.score((**step, dir), &mine, &mut recorded, events)?;
