@@ -182,21 +182,29 @@ impl Functional {
 /// instead (Patil 1965, *Biometrika* 52: 267–271): the Behrens–Fisher form `Σ √(u_k/U) t_{ν_k}` has
 /// excess kurtosis `κ = 6 Σ b_k² / (ν_k − 4) / (Σ b_k)²` with `b_k = u_k ν_k / (ν_k − 2)`, and the t
 /// with the same excess kurtosis `6 / (ν − 4)` has `ν = 4 + 6 / κ`. One group gives its own `ν_k` back
-/// (like Welch); many comparable groups give nearly Welch's value. A part with `ν_k ≤ 4` (fewer than six
-/// instances) has no finite kurtosis: the smallest such `ν_k` is used (conservative). No positive part:
-/// infinite.
+/// (like Welch); `K` equal groups give `4 + K(ν − 4)` against Welch's `Kν` (close when `ν` is large).
+/// A positive part with `ν_k ≤ 4` (a group of fewer than six instances) has no finite kurtosis: then
+/// the functional keeps Welch–Satterthwaite's value, which moves smoothly with that group's share and
+/// is never below the smallest `ν_k`. No positive part: infinite.
 pub(crate) fn student_df(parts: &[(f64, f64)]) -> f64 {
-    let positive = || parts.iter().filter(|p| p.0 > 0.0 && p.0.is_finite());
-    if let Some(min) = positive().filter(|p| p.1 <= 4.0).map(|p| p.1).reduce(f64::min) {
-        return min;
-    }
+    let positive: Vec<(f64, f64)> = parts.iter().copied().filter(|p| p.0 > 0.0 && p.0.is_finite()).collect();
+    // Shares, not raw parts: the squares below neither overflow nor underflow.
+    let Some(top) = positive.iter().map(|p| p.0).reduce(f64::max) else { return f64::INFINITY };
     let (mut sum, mut denominator) = (0.0, 0.0);
-    for &(u, nu) in positive() {
-        let b = u * nu / (nu - 2.0);
+    if positive.iter().any(|p| p.1 <= 4.0) {
+        for &(u, nu) in &positive {
+            let u = u / top;
+            sum += u;
+            denominator += u * u / nu;
+        }
+        return sum * sum / denominator;
+    }
+    for &(u, nu) in &positive {
+        let b = u / top * nu / (nu - 2.0);
         sum += b;
         denominator += b * b / (nu - 4.0);
     }
-    if denominator > 0.0 { 4.0 + sum * sum / denominator } else { f64::INFINITY }
+    4.0 + sum * sum / denominator
 }
 
 #[cfg(test)]
@@ -224,7 +232,8 @@ mod tests {
 
     /// Closed forms: one group gives its own ν; two groups `(u, ν) = (0.125, 9), (0.02, 99)` (a cohort of
     /// 10 against 100 never-trained instances) give 4 + 0.181127² / (0.160714²/5 + 0.020412²/95) =
-    /// 10.3454 (by hand), below Welch's 12.08; tiny groups take the smallest ν ≤ 4; none is infinite.
+    /// 10.3454 (by hand), below Welch's 12.08; with a group of ≤ 5 instances Welch's value, which a
+    /// negligible such group leaves where it was; scale does not matter; none is infinite.
     #[test]
     fn student_df_closed_forms() {
         for nu in [5.0, 9.0, 29.0, 1e4] {
@@ -242,7 +251,19 @@ mod tests {
         // Many equal groups: 4 + K(ν − 4), close to Welch's Kν when ν is large.
         let eight = student_df(&[(0.1, 99.0); 8]);
         assert!((eight - (4.0 + 8.0 * 95.0)).abs() < 1e-9, "{eight}");
-        assert_eq!(student_df(&[(0.1, 29.0), (0.2, 3.0), (0.1, 2.0)]), 2.0);
+        let welch = |p: &[(f64, f64)]| {
+            p.iter().map(|x| x.0).sum::<f64>().powi(2) / p.iter().map(|x| x.0 * x.0 / x.1).sum::<f64>()
+        };
+        let tiny = [(0.1, 29.0), (0.2, 3.0), (0.1, 2.0)];
+        assert!((student_df(&tiny) - welch(&tiny)).abs() < 1e-9 && student_df(&tiny) >= 2.0);
+        // A negligible part of a group of two barely moves a cohort of 30 against 100.
+        let negligible = student_df(&[(0.0667, 29.0), (0.02, 99.0), (1e-9, 1.0)]);
+        assert!((negligible - welch(&[(0.0667, 29.0), (0.02, 99.0)])).abs() < 1e-3, "{negligible}");
+        // Scale-free, also where squares of the raw parts would overflow or underflow.
+        for scale in [1e-200, 1e200] {
+            let scaled = student_df(&[(0.125 * scale, 9.0), (0.02 * scale, 99.0)]);
+            assert!((scaled - got).abs() < 1e-9 * got, "scale {scale}: {scaled}");
+        }
         assert_eq!(student_df(&[(0.0, 29.0)]), f64::INFINITY);
         assert_eq!(student_df(&[]), f64::INFINITY);
     }
