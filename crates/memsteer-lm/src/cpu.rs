@@ -76,6 +76,43 @@ pub(crate) enum Packed {
 }
 
 impl Packed {
+    /// The `n × k` matrix back in f32, outputs major (what was packed, rounded as packing rounds).
+    fn unpack(&self) -> Vec<f32> {
+        use rayon::prelude::*;
+        let (n, k) = match self {
+            Packed::Bf16(p) => (p.n(), p.k()),
+            Packed::F32(p) => (p.n(), p.k()),
+        };
+        let mut out = vec![0.0f32; n * k];
+        out.par_chunks_mut(k.max(1)).enumerate().for_each(|(j, row)| {
+            for (i, x) in row.iter_mut().enumerate() {
+                *x = match self {
+                    Packed::Bf16(p) => p.get(j, i),
+                    Packed::F32(p) => p.get(j, i),
+                };
+            }
+        });
+        out
+    }
+
+    /// Whether the packed matrix holds every value of `w` (outputs major) bit for bit.
+    fn holds_exactly(&self, w: &[f32]) -> bool {
+        use rayon::prelude::*;
+        let k = match self {
+            Packed::Bf16(p) => p.k(),
+            Packed::F32(p) => p.k(),
+        };
+        w.par_chunks(k.max(1)).enumerate().all(|(j, row)| {
+            row.iter().enumerate().all(|(i, x)| {
+                let v = match self {
+                    Packed::Bf16(p) => p.get(j, i),
+                    Packed::F32(p) => p.get(j, i),
+                };
+                v.to_bits() == x.to_bits()
+            })
+        })
+    }
+
     fn matmul_transposed(&self, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
         match self {
             Packed::Bf16(p) => p.matmul_transposed(a, m, out)?,
@@ -125,6 +162,10 @@ pub struct Model {
     packed: Option<(Vec<PackedLayer>, Packed)>,
     /// What the products run in, for logs.
     compute: String,
+    /// An untied output embedding whose packed panels hold it exactly has its f32 copy dropped at load
+    /// (`w.head` is then `Some` and empty): scoring reads only the panels, and the few users of the
+    /// matrix itself (steering) get it rebuilt from them here on first use.
+    head: std::sync::OnceLock<Vec<f32>>,
 }
 
 impl Model {
@@ -184,6 +225,13 @@ impl Model {
             None => None,
             Some(how) => Some(pack(&arch, &mut w, how)?),
         };
+        // An untied output embedding kept exactly by its panels (f32 panels, bf16 weights in bf16
+        // panels, f16 weights as hi + lo) is not held twice: checked value by value, not assumed.
+        if let (Some(head), Some((_, output))) = (&mut w.head, &packed)
+            && output.holds_exactly(head)
+        {
+            *head = Vec::new();
+        }
         let compute = match pack_as {
             None => "f32".to_string(),
             Some(PackAs::F32) => "f32 on avx512 kernels".to_string(),
@@ -193,7 +241,7 @@ impl Model {
                 if exact { " (f16 weights kept exactly as hi + lo)" } else { "" }
             ),
         };
-        Ok(Self { arch, w, packed, compute })
+        Ok(Self { arch, w, packed, compute, head: std::sync::OnceLock::new() })
     }
 
     /// What the products run in and on which kernels, e.g. `f32` or `bf16 on amx kernels`.
@@ -511,7 +559,10 @@ impl Decoder for Model {
         self.run(seqs, caches.iter_mut().map(|c| &mut **c).collect())
     }
     fn output_embedding(&self) -> &[f32] {
-        self.w.output()
+        match (&self.w.head, &self.packed) {
+            (Some(head), Some((_, output))) if head.is_empty() => self.head.get_or_init(|| output.unpack()),
+            _ => self.w.output(),
+        }
     }
     fn output_log_probs(&self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
         match &self.packed {
@@ -536,5 +587,49 @@ impl Decoder for Model {
     }
     fn vocab(&self) -> usize {
         self.arch.vocab
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm").join(name)
+    }
+
+    /// The untied output embedding as stored, widened to f32.
+    fn stored_head(dir: &Path) -> Vec<f32> {
+        let arch = Arch::from_file(&dir.join("config.json")).expect("config");
+        let weights = Weights::open(dir).expect("weights");
+        let w = arch
+            .load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))
+            .expect("tensors");
+        w.head.expect("untied")
+    }
+
+    /// An untied output embedding that its panels hold exactly is not kept twice, and steering still
+    /// gets the matrix bit for bit; one that bf16 panels round (f32 weights) keeps its f32 copy.
+    #[test]
+    fn an_exactly_packed_untied_head_is_held_once_and_rebuilt_bit_for_bit() {
+        let avx512 = memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512);
+        let cases = [
+            // f16 weights in bf16 panels as hi + lo pairs.
+            ("tiny-neox-pythia-f16", Compute::Bf16, true),
+            // f32 panels (where the AVX-512 kernel packs; matrixmultiply multiplies the copy otherwise).
+            ("tiny-neox-pythia-f16", Compute::F32, avx512),
+            ("tiny-qwen3", Compute::F32, avx512),
+            // f32 weights rounded to bf16.
+            ("tiny-qwen3", Compute::Bf16, false),
+        ];
+        for (name, compute, dropped) in cases {
+            let dir = fixture(name);
+            let model = Model::load_with(&dir, compute).expect("load");
+            assert_eq!(model.w.head.as_ref().expect("untied").is_empty(), dropped, "{name}, {compute:?}");
+            let want = stored_head(&dir);
+            let got = model.output_embedding();
+            assert_eq!(got.len(), want.len(), "{name}, {compute:?}");
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}, {compute:?}");
+        }
     }
 }
