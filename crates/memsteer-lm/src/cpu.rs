@@ -84,15 +84,18 @@ impl Packed {
             Packed::F32(p) => (p.n(), p.k()),
         };
         let mut out = vec![0.0f32; n * k];
-        out.par_chunks_mut(k.max(1)).enumerate().for_each(|(j, row)| {
-            for (i, x) in row.iter_mut().enumerate() {
-                *x = match self {
-                    Packed::Bf16(p) => p.get(j, i),
-                    Packed::F32(p) => p.get(j, i),
-                };
-            }
-        });
+        out.par_chunks_mut(k.max(1)).enumerate().for_each(|(j, row)| self.row_into(j, row));
         out
+    }
+
+    /// Output `j`'s row (`k` values) into `out`.
+    fn row_into(&self, j: usize, out: &mut [f32]) {
+        for (i, x) in out.iter_mut().enumerate() {
+            *x = match self {
+                Packed::Bf16(p) => p.get(j, i),
+                Packed::F32(p) => p.get(j, i),
+            };
+        }
     }
 
     /// Whether the packed matrix holds every value of `w` (outputs major) bit for bit.
@@ -162,9 +165,10 @@ pub struct Model {
     packed: Option<(Vec<PackedLayer>, Packed)>,
     /// What the products run in, for logs.
     compute: String,
-    /// An untied output embedding whose packed panels hold it exactly has its f32 copy dropped at load
-    /// (`w.head` is then `Some` and empty): scoring reads only the panels, and the few users of the
-    /// matrix itself (steering) get it rebuilt from them here on first use.
+    /// An output embedding whose packed panels hold it exactly has its f32 copy dropped at load
+    /// (`w.output()` is then empty; a tied one's rows are read from the panels): scoring reads only the
+    /// panels, and the few users of the matrix itself (steering) get it rebuilt from them here on first
+    /// use.
     head: std::sync::OnceLock<Vec<f32>>,
 }
 
@@ -225,12 +229,16 @@ impl Model {
             None => None,
             Some(how) => Some(pack(&arch, &mut w, how)?),
         };
-        // An untied output embedding kept exactly by its panels (f32 panels, bf16 weights in bf16
-        // panels, f16 weights as hi + lo) is not held twice: checked value by value, not assumed.
-        if let (Some(head), Some((_, output))) = (&mut w.head, &packed)
-            && output.holds_exactly(head)
+        // An output embedding kept exactly by its panels (f32 panels, bf16 weights in bf16 panels, f16
+        // weights as hi + lo) is not held twice: checked value by value, not assumed. A tied one's rows
+        // are then read from the panels.
+        if let Some((_, output)) = &packed
+            && output.holds_exactly(w.output())
         {
-            *head = Vec::new();
+            match &mut w.head {
+                Some(head) => *head = Vec::new(),
+                None => w.embed = Vec::new(),
+            }
         }
         let compute = match pack_as {
             None => "f32".to_string(),
@@ -266,7 +274,7 @@ impl Model {
     fn run(&self, seqs: &[&[u32]], mut caches: Vec<&mut KvCache>) -> Result<Vec<f32>> {
         let pasts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         let lay = ops::layout(self, seqs, &pasts)?;
-        let packed = self.packed.as_ref().map(|(l, _)| l.as_slice());
+        let packed = self.packed.as_ref().map(|(l, o)| (l.as_slice(), o));
         let mut backend = Cpu::new(&self.arch, &lay, seqs, &mut caches, packed);
         let hidden = block::forward(&self.arch, &self.w, &mut backend)?;
         for (c, s) in caches.iter_mut().zip(seqs) {
@@ -323,8 +331,8 @@ pub(crate) struct Cpu<'a, 'b> {
     local_rotary: Option<(Vec<f32>, Vec<f32>)>,
     /// Buffers the operations gave back, for the next ones (every operation overwrites its output).
     pool: Vec<Vec<f32>>,
-    /// The layers' packed weights, when the model has them.
-    packed: Option<&'a [PackedLayer]>,
+    /// The layers' packed weights and the packed output embedding, when the model has them.
+    packed: Option<(&'a [PackedLayer], &'a Packed)>,
     /// The layer being computed.
     layer: usize,
 }
@@ -335,7 +343,7 @@ impl<'a, 'b> Cpu<'a, 'b> {
         lay: &'a Layout,
         seqs: &'a [&'a [u32]],
         caches: &'a mut [&'b mut KvCache],
-        packed: Option<&'a [PackedLayer]>,
+        packed: Option<(&'a [PackedLayer], &'a Packed)>,
     ) -> Self {
         let first = lay.positions.iter().min().copied().unwrap_or(0);
         let last = lay.positions.iter().max().map_or(first, |p| p + 1);
@@ -360,7 +368,7 @@ impl<'a, 'b> Cpu<'a, 'b> {
     fn linear(&mut self, x: &[f32], slot: Slot, w: &[f32], (inputs, outputs): (usize, usize)) -> Result<Vec<f32>> {
         let rows = self.lay.rows();
         let mut out = self.take(rows * outputs);
-        match self.packed.map(|p| &p[self.layer]) {
+        match self.packed.map(|(p, _)| &p[self.layer]) {
             Some(p) => {
                 let packed = match slot {
                     Slot::Qkv => &p.qkv,
@@ -389,7 +397,13 @@ impl Backend for Cpu<'_, '_> {
     fn embed(&mut self, embed: &Vec<f32>, positions: Option<&Vec<f32>>) -> Result<Vec<f32>> {
         let learned = if self.arch.positions == Positions::Learned { positions.map(Vec::as_slice) } else { None };
         let tokens = self.seqs.iter().flat_map(|s| s.iter());
-        let mut x = ops::embed(tokens, &self.lay.positions, (embed, learned), self.arch.dim);
+        let mut x = match self.packed {
+            // A tied embedding held only in its panels (see `Model::load_arch_with`).
+            Some((_, output)) if embed.is_empty() => {
+                ops::embed_rows(tokens, &self.lay.positions, |t, row| output.row_into(t, row), learned, self.arch.dim)
+            }
+            _ => ops::embed(tokens, &self.lay.positions, (embed, learned), self.arch.dim),
+        };
         if let Some(scale) = self.arch.embed_scale {
             x.iter_mut().for_each(|v| *v *= scale);
         }
@@ -559,8 +573,8 @@ impl Decoder for Model {
         self.run(seqs, caches.iter_mut().map(|c| &mut **c).collect())
     }
     fn output_embedding(&self) -> &[f32] {
-        match (&self.w.head, &self.packed) {
-            (Some(head), Some((_, output))) if head.is_empty() => self.head.get_or_init(|| output.unpack()),
+        match &self.packed {
+            Some((_, output)) if self.w.output().is_empty() => self.head.get_or_init(|| output.unpack()),
             _ => self.w.output(),
         }
     }
@@ -598,20 +612,22 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm").join(name)
     }
 
-    /// The untied output embedding as stored, widened to f32.
-    fn stored_head(dir: &Path) -> Vec<f32> {
+    /// The output embedding as stored (the input embedding when tied), widened to f32.
+    fn stored_output(dir: &Path) -> Vec<f32> {
         let arch = Arch::from_file(&dir.join("config.json")).expect("config");
         let weights = Weights::open(dir).expect("weights");
         let w = arch
             .load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))
             .expect("tensors");
-        w.head.expect("untied")
+        w.head.unwrap_or(w.embed)
     }
 
-    /// An untied output embedding that its panels hold exactly is not kept twice, and steering still
-    /// gets the matrix bit for bit; one that bf16 panels round (f32 weights) keeps its f32 copy.
+    /// An output embedding that its panels hold exactly is not kept twice (a tied one's rows are read
+    /// from the panels), and steering still gets the matrix bit for bit; one that bf16 panels round
+    /// (f32 weights) keeps its f32 copy. Scoring on the panels alone equals scoring with the copy
+    /// (`MEMSTEER_CPU_KERNELS` aside, the golden tests run the same path for every fixture).
     #[test]
-    fn an_exactly_packed_untied_head_is_held_once_and_rebuilt_bit_for_bit() {
+    fn an_exactly_packed_output_embedding_is_held_once_and_rebuilt_bit_for_bit() {
         let avx512 = memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512);
         let cases = [
             // f16 weights in bf16 panels as hi + lo pairs.
@@ -619,14 +635,36 @@ mod tests {
             // f32 panels (where the AVX-512 kernel packs; matrixmultiply multiplies the copy otherwise).
             ("tiny-neox-pythia-f16", Compute::F32, avx512),
             ("tiny-qwen3", Compute::F32, avx512),
-            // f32 weights rounded to bf16.
+            // Tied: GPT-2 with learned positions, f16 as hi + lo and f32; Gemma 3's scaled embedding.
+            ("tiny-gpt2-f16-prefixed", Compute::Bf16, true),
+            ("tiny-gpt2-f32", Compute::F32, avx512),
+            ("tiny-gemma3", Compute::F32, avx512),
+            // f32 weights rounded to bf16, untied and tied.
             ("tiny-qwen3", Compute::Bf16, false),
+            ("tiny-gemma3", Compute::Bf16, false),
         ];
+        let seqs: Vec<Vec<u32>> =
+            (0..3u32).map(|s| (0..(5 + 4 * s)).map(|t| (t * 13 + s * 5) % 40).collect()).collect();
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
         for (name, compute, dropped) in cases {
             let dir = fixture(name);
             let model = Model::load_with(&dir, compute).expect("load");
-            assert_eq!(model.w.head.as_ref().expect("untied").is_empty(), dropped, "{name}, {compute:?}");
-            let want = stored_head(&dir);
+            assert_eq!(model.w.output().is_empty(), dropped, "{name}, {compute:?}");
+            // The same model with its f32 copy put back scores the same, bit for bit.
+            if dropped {
+                let mut copy = Model::load_with(&dir, compute).expect("load");
+                let output = stored_output(&dir);
+                match &mut copy.w.head {
+                    Some(head) => *head = output,
+                    None => copy.w.embed = output,
+                }
+                assert_eq!(
+                    model.token_log_probs_batch(&refs).expect("panels"),
+                    copy.token_log_probs_batch(&refs).expect("copy"),
+                    "{name}, {compute:?}"
+                );
+            }
+            let want = stored_output(&dir);
             let got = model.output_embedding();
             assert_eq!(got.len(), want.len(), "{name}, {compute:?}");
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}, {compute:?}");

@@ -169,9 +169,20 @@ pub(crate) fn embed<'t>(
     (embed, learned): (&[f32], Option<&[f32]>),
     d: usize,
 ) -> Vec<f32> {
+    embed_rows(tokens, positions, |tok, row| row.copy_from_slice(&embed[tok * d..(tok + 1) * d]), learned, d)
+}
+
+/// [`embed`] with each token's row written by `row(token, out)`.
+pub(crate) fn embed_rows<'t>(
+    tokens: impl Iterator<Item = &'t u32>,
+    positions: &[usize],
+    row: impl Fn(usize, &mut [f32]),
+    learned: Option<&[f32]>,
+    d: usize,
+) -> Vec<f32> {
     let mut x = vec![0.0f32; positions.len() * d];
-    for (row, &tok) in x.chunks_exact_mut(d).zip(tokens) {
-        row.copy_from_slice(&embed[tok as usize * d..(tok as usize + 1) * d]);
+    for (out, &tok) in x.chunks_exact_mut(d).zip(tokens) {
+        row(tok as usize, out);
     }
     if let Some(wpe) = learned {
         for (row, &pos) in x.chunks_exact_mut(d).zip(positions) {
