@@ -258,7 +258,8 @@ pub struct TransferArgs {
 pub enum MapKind {
     /// W' = HᵀWH with E_from ≈ E_to Hᵀ (the paper's).
     Paper,
-    /// P' = B P with E_to B ≈ E_from on 4,000 tokens, rows of B normalised (the authors' script).
+    /// P' = B P with E_to B ≈ E_from on the first --top-k shared tokens, rows of B normalised (the authors'
+    /// script; B is the closed-form least-squares optimum of their loss, where they run Adam).
     Authors,
     /// W' = HᵀWGᵀ with E_to ≈ E_from H and E_from ≈ E_to G.
     TwoSided,
