@@ -300,12 +300,17 @@ fn pythia_layout_checkpoints() {
     std::fs::remove_file(parts.join("step-0.shard-0-of-1.precision")).expect("remove record");
     let legacy = memsteer(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
     let stderr = String::from_utf8_lossy(&legacy.stderr);
-    assert!(!legacy.status.success() && stderr.contains("step 0, shard 0 of 1 has no record"), "{stderr}");
+    assert!(
+        !legacy.status.success()
+            && stderr.contains("1 finished unit(s) of 1 shard(s) have no record")
+            && stderr.contains("(step 0 shard 0;"),
+        "{stderr}"
+    );
     assert!(stderr.contains("echo f32 >") && !out.exists(), "{stderr}");
     std::fs::remove_file(parts.join("step-1000.shard-0-of-1.csv")).expect("remove part");
     let scoring = memsteer(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
     let stderr = String::from_utf8_lossy(&scoring.stderr);
-    assert!(!scoring.status.success() && stderr.contains("has no record"), "{stderr}");
+    assert!(!scoring.status.success() && stderr.contains("have no record"), "{stderr}");
     assert!(!parts.join("step-1000.shard-0-of-1.csv").exists(), "nothing is scored next to an unrecorded unit");
     std::fs::write(parts.join("step-0.shard-0-of-1.precision"), "f32\n").expect("write");
     ok(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
@@ -316,6 +321,11 @@ fn pythia_layout_checkpoints() {
     }
     std::fs::remove_file(&out).expect("remove panel");
     ok(&args(&ckpts, &instances, &out, &["--compute", "f32"]));
+    assert_eq!(outcome(&std::fs::read_to_string(&out).expect("panel")), got);
+    // Adding per-token output rescores those (unrecorded) units instead of refusing them, and records them.
+    let tokens = dir.path().join("t.jsonl");
+    ok(&args(&ckpts, &instances, &out, &["--compute", "f32", "--per-token", s(&tokens)]));
+    assert!(parts.join("step-0.shard-0-of-1.precision").exists() && tokens.exists());
     assert_eq!(outcome(&std::fs::read_to_string(&out).expect("panel")), got);
 }
 

@@ -149,11 +149,19 @@ impl PackedBf16 {
         if self.split { 2 * self.kp1 } else { self.kp1 }
     }
 
-    /// The value packed for output `row`, input `col` (`hi + lo` when exact), for tests and checks.
+    /// The value packed for output `row`, input `col` (`hi + lo` when exact; panics outside the matrix).
     pub fn get(&self, row: usize, col: usize) -> f32 {
+        assert!(row < self.n && col < self.k, "({row}, {col}) is outside the {} × {} matrix", self.n, self.k);
         let steps = self.kp() / K_ALIGN;
         let v = |i: usize| from_bf16(self.panels[offset(row, i, steps, true)]);
-        if self.split { v(col) + v(self.kp1 + col) } else { v(col) }
+        match self.split {
+            // `hi + 0` would turn a stored −0 into +0.
+            true => match (v(col), v(self.kp1 + col)) {
+                (hi, lo) if lo == 0.0 => hi,
+                (hi, lo) => hi + lo,
+            },
+            false => v(col),
+        }
     }
 
     /// `out (m × n) = a (m × k) · Wᵀ` with `a` rounded to bf16 and f32 accumulation, on the kernels

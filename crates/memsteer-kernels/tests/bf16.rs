@@ -158,3 +158,34 @@ fn fused_bf16_log_probs_match_the_reference_on_rounded_operands() {
         memsteer_kernels::log_prob_targets_bf16(&hidden[..2 * dim], &packed, &[0, 5000], &mut out[..2]).unwrap_err();
     assert!(matches!(e, KernelError::Target { id: 5000, position: 1, vocab: 1100 }), "{e}");
 }
+
+/// `get` returns what was packed bit for bit, signed zeros included (an exact `hi + lo` pair of a −0 is
+/// −0, not +0), and refuses positions outside the matrix.
+#[test]
+fn get_returns_packed_values_exactly() {
+    let (n, k) = (37, 11);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| match i % 5 {
+            0 => -0.0,
+            1 => 0.0,
+            // 11 significant bits: exactly an f16 value, which hi + lo keeps.
+            2 => ((i * 37) % 2048) as f32 / 1024.0 - 1.0,
+            3 => -(i as f32).sqrt(),
+            _ => 1.0 / (i as f32 + 3.0),
+        })
+        .collect();
+    for exact in [false, true] {
+        let p = PackedBf16::pack(&w, n, k, Source::OutputsMajor, exact).expect("pack");
+        for j in 0..n {
+            for i in 0..k {
+                let x = w[j * k + i];
+                let got = p.get(j, i);
+                if x == 0.0 || exact && (j * k + i) % 5 == 2 {
+                    assert_eq!(got.to_bits(), x.to_bits(), "({j}, {i}) exact={exact}: {got} vs {x}");
+                }
+            }
+        }
+        let outside = std::panic::catch_unwind(|| p.get(n, 0));
+        assert!(outside.is_err(), "row {n} of {n} must panic");
+    }
+}

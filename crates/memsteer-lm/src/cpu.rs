@@ -77,14 +77,17 @@ pub(crate) enum Packed {
 
 impl Packed {
     /// The `n × k` matrix back in f32, outputs major (what was packed, rounded as packing rounds).
+    /// Sequential on purpose: it runs inside a `OnceLock` initialiser, where a rayon join could make this
+    /// thread steal a task that waits on the same lock.
     fn unpack(&self) -> Vec<f32> {
-        use rayon::prelude::*;
         let (n, k) = match self {
             Packed::Bf16(p) => (p.n(), p.k()),
             Packed::F32(p) => (p.n(), p.k()),
         };
         let mut out = vec![0.0f32; n * k];
-        out.par_chunks_mut(k.max(1)).enumerate().for_each(|(j, row)| self.row_into(j, row));
+        for (j, row) in out.chunks_mut(k.max(1)).enumerate() {
+            self.row_into(j, row);
+        }
         out
     }
 

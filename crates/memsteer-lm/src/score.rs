@@ -189,7 +189,7 @@ impl Parts<'_> {
         for &step in self.spec.checkpoints.keys() {
             for shard in 0..shards {
                 let path = precision_path(&self.dir, step, shard, shards);
-                if part_path(&self.dir, step, shard, shards).exists() && path.exists() {
+                if self.finished(step, shard) && path.exists() {
                     let text = std::fs::read_to_string(&path).map_err(io(&path))?;
                     out.insert((step, shard), text.trim().to_string());
                 }
@@ -198,26 +198,34 @@ impl Parts<'_> {
         Ok(out)
     }
 
-    /// The first finished unit (any shard) with no precision record: scored by a memsteer that did not
-    /// record classes yet, so nothing says which products made it.
-    fn unrecorded(&self) -> Option<(u64, usize)> {
+    /// The finished units (any shard) with no precision record: scored by a memsteer that did not record
+    /// classes yet, or copied in without their record, so nothing says which products made them. A unit
+    /// this run is about to score again (a part without its per-token part) is not one.
+    fn unrecorded(&self) -> Vec<(u64, usize)> {
         let shards = self.spec.shard.1;
-        self.spec.checkpoints.keys().flat_map(|&s| (0..shards).map(move |i| (s, i))).find(|&(s, i)| {
-            part_path(&self.dir, s, i, shards).exists() && !precision_path(&self.dir, s, i, shards).exists()
-        })
+        self.spec
+            .checkpoints
+            .keys()
+            .flat_map(|&s| (0..shards).map(move |i| (s, i)))
+            .filter(|&(s, i)| self.finished(s, i) && !precision_path(&self.dir, s, i, shards).exists())
+            .collect()
     }
 
-    /// Refuses to mix a finished unit that has no precision record with units that have one (or are
-    /// about to): the user knows how it was scored, memsteer does not.
+    /// Refuses to mix finished units that have no precision record with units that have one (or are
+    /// about to): the user knows how they were scored, memsteer does not.
     fn check_unrecorded(&self) -> Result<()> {
         let shards = self.spec.shard.1;
-        if let Some((s, i)) = self.unrecorded() {
-            let (record, part) = (precision_path(&self.dir, s, i, shards), part_path(&self.dir, s, i, shards));
+        let units = self.unrecorded();
+        if let Some(&(s, i)) = units.first() {
+            let listed: Vec<String> = units.iter().take(5).map(|(s, i)| format!("step {s} shard {i}")).collect();
+            let more = if units.len() > 5 { format!(" and {} more", units.len() - 5) } else { String::new() };
+            let record = precision_path(&self.dir, s, i, shards);
             bail!(
-                "{}: the finished unit step {s}, shard {i} of {shards} has no record of the precision it was scored in (it was scored before memsteer recorded them), and one panel never mixes precisions: if you know it was scored with f32 products (the run said `products: f32 …`), record that with `echo f32 > {}` (bf16, cuda-f16, … likewise), or remove {} to rescore it",
+                "{}: {} finished unit(s) of {shards} shard(s) have no record of the precision they were scored in ({}{more}; scored by a version before the records, or copied in without their .precision file), and one panel never mixes precisions: if you know they were scored with f32 products (the run said `products: f32 …`), write that into each unit's record beside its part, e.g. `echo f32 > '{}'` (bf16, cuda-f16, … likewise), or remove their step-…-of-{shards}.csv parts to rescore them",
                 self.dir.display(),
-                record.display(),
-                part.display()
+                units.len(),
+                listed.join(", "),
+                record.display()
             );
         }
         Ok(())
