@@ -154,14 +154,12 @@ impl PackedBf16 {
         assert!(row < self.n && col < self.k, "({row}, {col}) is outside the {} × {} matrix", self.n, self.k);
         let steps = self.kp() / K_ALIGN;
         let v = |i: usize| from_bf16(self.panels[offset(row, i, steps, true)]);
-        match self.split {
-            // `hi + 0` would turn a stored −0 into +0.
-            true => match (v(col), v(self.kp1 + col)) {
-                (hi, lo) if lo == 0.0 => hi,
-                (hi, lo) => hi + lo,
-            },
-            false => v(col),
+        if !self.split {
+            return v(col);
         }
+        let (hi, lo) = (v(col), v(self.kp1 + col));
+        // `hi + 0` would turn a stored −0 into +0.
+        if lo == 0.0 { hi } else { hi + lo }
     }
 
     /// `out (m × n) = a (m × k) · Wᵀ` with `a` rounded to bf16 and f32 accumulation, on the kernels
