@@ -76,14 +76,27 @@ pub(crate) enum Packed {
 }
 
 impl Packed {
-    /// The `n × k` matrix back in f32, outputs major (what was packed, rounded as packing rounds).
-    /// Sequential on purpose: it runs inside a `OnceLock` initialiser, where a rayon join could make this
-    /// thread steal a task that waits on the same lock.
-    fn unpack(&self) -> Vec<f32> {
-        let (n, k) = match self {
+    /// `(outputs, inputs)`.
+    fn shape(&self) -> (usize, usize) {
+        match self {
             Packed::Bf16(p) => (p.n(), p.k()),
             Packed::F32(p) => (p.n(), p.k()),
-        };
+        }
+    }
+
+    /// Output `j`'s row (`k` values) into `out`, as packed (rounded as packing rounds).
+    fn row_into(&self, j: usize, out: &mut [f32]) {
+        match self {
+            Packed::Bf16(p) => out.iter_mut().enumerate().for_each(|(i, x)| *x = p.get(j, i)),
+            Packed::F32(p) => out.iter_mut().enumerate().for_each(|(i, x)| *x = p.get(j, i)),
+        }
+    }
+
+    /// The `n × k` matrix back in f32, outputs major. Sequential on purpose: it runs inside a
+    /// `OnceLock` initialiser, where a rayon join could make this thread steal a task that waits on the
+    /// same lock.
+    fn unpack(&self) -> Vec<f32> {
+        let (n, k) = self.shape();
         let mut out = vec![0.0f32; n * k];
         for (j, row) in out.chunks_mut(k.max(1)).enumerate() {
             self.row_into(j, row);
@@ -91,31 +104,14 @@ impl Packed {
         out
     }
 
-    /// Output `j`'s row (`k` values) into `out`.
-    fn row_into(&self, j: usize, out: &mut [f32]) {
-        for (i, x) in out.iter_mut().enumerate() {
-            *x = match self {
-                Packed::Bf16(p) => p.get(j, i),
-                Packed::F32(p) => p.get(j, i),
-            };
-        }
-    }
-
     /// Whether the packed matrix holds every value of `w` (outputs major) bit for bit.
     fn holds_exactly(&self, w: &[f32]) -> bool {
         use rayon::prelude::*;
-        let k = match self {
-            Packed::Bf16(p) => p.k(),
-            Packed::F32(p) => p.k(),
-        };
-        w.par_chunks(k.max(1)).enumerate().all(|(j, row)| {
-            row.iter().enumerate().all(|(i, x)| {
-                let v = match self {
-                    Packed::Bf16(p) => p.get(j, i),
-                    Packed::F32(p) => p.get(j, i),
-                };
-                v.to_bits() == x.to_bits()
-            })
+        let k = self.shape().1.max(1);
+        w.par_chunks(k).enumerate().all(|(j, want)| {
+            let mut row = vec![0.0f32; want.len()];
+            self.row_into(j, &mut row);
+            row.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits())
         })
     }
 
