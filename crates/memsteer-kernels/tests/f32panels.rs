@@ -59,8 +59,8 @@ fn check(m: usize, n: usize, k: usize, source: Source, seed: u64) {
 #[test]
 fn every_level_matches_the_reference_on_ragged_shapes() {
     // Rows around the 14-row panel and the 112-row task, outputs around the 32-wide panel, inputs
-    // around the 256-input block.
-    let shapes = [(1, 1, 1), (1, 17, 3), (13, 31, 33), (15, 33, 255), (14, 64, 256), (29, 40, 257), (113, 65, 300)];
+    // around the 768-input block (one block, and two or three added in turn).
+    let shapes = [(1, 1, 1), (1, 17, 3), (13, 31, 33), (15, 33, 767), (14, 64, 768), (29, 40, 769), (113, 65, 1600)];
     for (s, &(m, n, k)) in shapes.iter().enumerate() {
         check(m, n, k, Source::OutputsMajor, s as u64);
         check(m, n, k, Source::InputsMajor, 100 + s as u64);
@@ -68,14 +68,14 @@ fn every_level_matches_the_reference_on_ragged_shapes() {
     // Many panels with few rows (split by columns; three row panels, two input blocks) and many rows
     // (split by rows).
     check(5, 700, 64, Source::OutputsMajor, 7);
-    check(40, 700, 300, Source::InputsMajor, 9);
-    check(300, 70, 520, Source::OutputsMajor, 8);
+    check(40, 700, 900, Source::InputsMajor, 9);
+    check(300, 70, 1000, Source::OutputsMajor, 8);
 }
 
 #[test]
 fn results_are_bitwise_identical_across_threads_and_batch_splits() {
     // 1,400 rows: tasks of 672, 364 and 238 rows on 1, 2 and 3 threads.
-    let (m, n, k) = (1400, 300, 600);
+    let (m, n, k) = (1400, 300, 1000);
     let mut rng = SplitMix64::new(3);
     let a = randn(m * k, 1.0, &mut rng);
     let w = randn(n * k, 0.1, &mut rng);
@@ -120,7 +120,7 @@ fn bad_shapes_are_errors() {
 
 #[test]
 fn fused_f32_log_probs_match_the_reference_and_the_unpacked_path() {
-    let (tokens, dim, vocab) = (70, 300, 1100); // two vocabulary tiles and a ragged third, two input blocks
+    let (tokens, dim, vocab) = (70, 900, 1100); // two vocabulary tiles and a ragged third, two input blocks
     let mut rng = SplitMix64::new(11);
     let hidden = randn(tokens * dim, 1.0, &mut rng);
     let emb = randn(vocab * dim, 0.1, &mut rng);
