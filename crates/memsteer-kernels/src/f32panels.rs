@@ -157,23 +157,18 @@ impl PackedF32 {
         r
     }
 
-    /// `a` (`m × k`, row-major) packed for [`PackedF32::product`] into `data` (resized).
+    /// `a` (`m × k`, row-major) packed for [`PackedF32::product`] into `data` (grown when too short;
+    /// every value of the packed part is written, so nothing is cleared first).
     pub(crate) fn pack_rows<'d>(&self, a: &[f32], m: usize, data: &'d mut Vec<f32>) -> PackedRows<'d> {
         let k = self.k;
-        let rpanels = m.div_ceil(MR);
-        data.clear();
-        data.resize(rpanels * MR * k, 0.0);
+        let need = m.div_ceil(MR) * MR * k;
+        if data.len() < need {
+            data.resize(need, 0.0);
+        }
+        let data = &mut data[..need];
         for (rp, dst) in data.chunks_exact_mut(MR * k).enumerate() {
-            for k0 in (0..k).step_by(KC) {
-                let kc = KC.min(k - k0);
-                let block = &mut dst[k0 * MR..(k0 + kc) * MR];
-                for i in 0..MR.min(m - rp * MR) {
-                    let row = &a[(rp * MR + i) * k + k0..(rp * MR + i) * k + k0 + kc];
-                    for (p, &x) in row.iter().enumerate() {
-                        block[p * MR + i] = x;
-                    }
-                }
-            }
+            let rows = MR.min(m - rp * MR);
+            pack_panel(&a[rp * MR * k..(rp * MR + rows) * k], k, rows, dst);
         }
         PackedRows { data, m }
     }
@@ -207,6 +202,20 @@ impl PackedF32 {
     }
 }
 
+/// One row panel: `dst[p·MR + i] = src[i·k + p]` for `i < rows ≤ MR`, zero for the rows after (every
+/// value of `dst`, `k · MR` of them, is written). A transposition, so every kernel level packs alike.
+fn pack_panel(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::x86::f32_pack_panel(src, k, rows, dst) {
+        return;
+    }
+    for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+        for (i, x) in d.iter_mut().enumerate() {
+            *x = if i < rows { src[i * k + p] } else { 0.0 };
+        }
+    }
+}
+
 /// One micro-kernel call: `out[i·ldo + j] (+)= Σ_p a[p·MR + i] · b[p·NR + j]` over `p < kc`, for
 /// `i < rows ≤ MR`, `j < cols ≤ NR`; added to `out` when `accumulate`.
 fn block(
@@ -234,6 +243,31 @@ fn block(
         let row = &mut out[i * ldo..i * ldo + cols];
         for (o, &v) in row.iter_mut().zip(acc_i) {
             *o = if accumulate { *o + v } else { v };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MR, pack_panel};
+
+    /// The packing (AVX-512 transposes where the CPU has them) against the definition, on inputs
+    /// around the 16-wide transpose and every row count of a panel; `dst` starts as NaN so that a
+    /// value left unwritten shows.
+    #[test]
+    fn pack_panel_transposes_and_zero_pads() {
+        for k in [1, 7, 15, 16, 17, 31, 32, 33, 773] {
+            for rows in 1..=MR {
+                let src: Vec<f32> = (0..rows * k).map(|i| i as f32 * 0.5 - 3.0).collect();
+                let mut dst = vec![f32::NAN; k * MR];
+                pack_panel(&src, k, rows, &mut dst);
+                for p in 0..k {
+                    for i in 0..MR {
+                        let want = if i < rows { src[i * k + p] } else { 0.0 };
+                        assert_eq!(dst[p * MR + i].to_bits(), want.to_bits(), "k={k} rows={rows} p={p} i={i}");
+                    }
+                }
+            }
         }
     }
 }

@@ -309,6 +309,81 @@ pub(crate) fn f32_block(
 
 use crate::f32panels::{MR as F32_MR, NR as F32_NR};
 
+/// [`crate::f32panels`]'s row-panel packing through 16 × 16 transposes in registers when the CPU has
+/// AVX-512 F (returns false otherwise: the caller runs the scalar loop). `src` holds `rows ≤ 14` rows
+/// of `k`, `dst` `k · 14` values; anything else panics.
+pub(crate) fn f32_pack_panel(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) -> bool {
+    if !is_x86_feature_detected!("avx512f") {
+        return false;
+    }
+    assert!(rows <= F32_MR && src.len() == rows * k && dst.len() == k * F32_MR, "f32 pack: bad shape");
+    // SAFETY: AVX-512 F was just detected; the assert is the function's slice contract.
+    unsafe { f32_pack_panel_avx512(src, k, rows, dst) };
+    true
+}
+
+/// # Safety
+/// AVX-512 F must be available; `src.len() == rows · k`, `dst.len() == k · 14`, `rows ≤ 14`.
+#[target_feature(enable = "avx512f")]
+unsafe fn f32_pack_panel_avx512(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
+    const W: usize = 16;
+    let store: __mmask16 = (1 << F32_MR) - 1;
+    let full = k / W * W;
+    for p0 in (0..full).step_by(W) {
+        // Rows past `rows` (and the two lanes past 14) read as zero.
+        let mut r = [_mm512_setzero_ps(); W];
+        for (i, ri) in r.iter_mut().enumerate().take(rows) {
+            // SAFETY: row `i < rows`, inputs `p0..p0 + 16 ≤ k`, inside `src`.
+            *ri = unsafe { _mm512_loadu_ps(src.as_ptr().add(i * k + p0)) };
+        }
+        let t = transpose16(r);
+        for (p, tp) in t.iter().enumerate() {
+            // SAFETY: 14 values at `(p0 + p)·14`, `p0 + p < k`, inside `dst`.
+            unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((p0 + p) * F32_MR), store, *tp) };
+        }
+    }
+    for p in full..k {
+        for i in 0..F32_MR {
+            dst[p * F32_MR + i] = if i < rows { src[i * k + p] } else { 0.0 };
+        }
+    }
+}
+
+/// The transpose of a 16 × 16 block held as 16 rows: lane `i` of result `j` is lane `j` of row `i`.
+#[target_feature(enable = "avx512f")]
+fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    let (ps, pd) = (_mm512_castpd_ps, _mm512_castps_pd);
+    // Pairs of rows interleaved within each 128-bit lane L: `t[2i]` holds columns 4L, 4L+1 of rows
+    // 2i, 2i+1; `t[2i+1]` columns 4L+2, 4L+3.
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    // `u[4g + c]`, lane L: rows 4g..4g+3 of column 4L + c.
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        let (a0, a1, b0, b1) = (pd(t[4 * g]), pd(t[4 * g + 2]), pd(t[4 * g + 1]), pd(t[4 * g + 3]));
+        u[4 * g] = ps(_mm512_unpacklo_pd(a0, a1));
+        u[4 * g + 1] = ps(_mm512_unpackhi_pd(a0, a1));
+        u[4 * g + 2] = ps(_mm512_unpacklo_pd(b0, b1));
+        u[4 * g + 3] = ps(_mm512_unpackhi_pd(b0, b1));
+    }
+    // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
+    let mut out = [_mm512_setzero_ps(); 16];
+    for c in 0..4 {
+        let x0 = _mm512_shuffle_f32x4::<0x44>(u[c], u[4 + c]);
+        let x1 = _mm512_shuffle_f32x4::<0x44>(u[8 + c], u[12 + c]);
+        let y0 = _mm512_shuffle_f32x4::<0xEE>(u[c], u[4 + c]);
+        let y1 = _mm512_shuffle_f32x4::<0xEE>(u[8 + c], u[12 + c]);
+        out[c] = _mm512_shuffle_f32x4::<0x88>(x0, x1);
+        out[4 + c] = _mm512_shuffle_f32x4::<0xDD>(x0, x1);
+        out[8 + c] = _mm512_shuffle_f32x4::<0x88>(y0, y1);
+        out[12 + c] = _mm512_shuffle_f32x4::<0xDD>(y0, y1);
+    }
+    out
+}
+
 /// 14 × 32 f32 micro-kernel: 28 zmm accumulators, per input two panel loads and 14 broadcasts.
 ///
 /// # Safety
