@@ -92,14 +92,7 @@ pub(crate) fn layer_norm_stats(
         .zip(mean.par_chunks_mut(ROW_BLOCK).zip(rstd.par_chunks_mut(ROW_BLOCK)))
         .for_each(|((out, x), (mean, rstd))| {
             for (((row, o), m), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(mean).zip(rstd) {
-                let mu = row.iter().sum::<f32>() / d as f32;
-                let var = row.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-                let inv = 1.0 / (var + eps).sqrt();
-                for i in 0..d {
-                    o[i] = (row[i] - mu) * inv * g[i] + b[i];
-                }
-                *m = mu;
-                *r = inv;
+                (*m, *r) = vmath::layer_norm_row(row, g, b, eps, o);
             }
         });
 }
@@ -109,11 +102,7 @@ pub(crate) fn rms_norm(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) {
     let d = g.len();
     out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).for_each(|(out, x)| {
         for (row, o) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            for i in 0..d {
-                o[i] = row[i] * inv * g[i];
-            }
+            vmath::rms_norm_row(row, g, eps, o);
         }
     });
 }

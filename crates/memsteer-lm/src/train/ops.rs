@@ -173,12 +173,7 @@ pub(crate) fn rms_norm_forward(x: &[f32], g: &[f32], eps: f32, out: &mut [f32], 
     out.par_chunks_mut(ROW_BLOCK * d).zip(x.par_chunks(ROW_BLOCK * d)).zip(rstd.par_chunks_mut(ROW_BLOCK)).for_each(
         |((out, x), rstd)| {
             for ((row, o), r) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)).zip(rstd) {
-                let ms = row.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                let inv = 1.0 / (ms + eps).sqrt();
-                for i in 0..d {
-                    o[i] = row[i] * inv * g[i];
-                }
-                *r = inv;
+                *r = memsteer_kernels::vmath::rms_norm_row(row, g, eps, o);
             }
         },
     );
