@@ -116,6 +116,21 @@ impl PackedF32 {
         self.panels[(row / NR) * NR * self.k + col * NR + row % NR]
     }
 
+    /// Output `row`'s `k` values into `out` (panics outside the matrix or when `out` is not `k` long).
+    pub fn row_into(&self, row: usize, out: &mut [f32]) {
+        assert!(
+            row < self.n && out.len() == self.k,
+            "row {row} of the {} × {} matrix into {}",
+            self.n,
+            self.k,
+            out.len()
+        );
+        let panel = &self.panels[(row / NR) * NR * self.k..(row / NR + 1) * NR * self.k];
+        for (o, x) in out.iter_mut().zip(panel[row % NR..].iter().step_by(NR)) {
+            *o = *x;
+        }
+    }
+
     /// `out (m × n) = a (m × k) · Wᵀ` on the kernels [`cpu_kernels`] selects (AVX-512 from
     /// [`CpuKernels::Avx512`] up, portable below), split across rayon's threads.
     pub fn matmul_transposed(&self, a: &[f32], m: usize, out: &mut [f32]) -> Result<()> {

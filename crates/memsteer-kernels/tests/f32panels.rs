@@ -30,9 +30,12 @@ fn check(m: usize, n: usize, k: usize, source: Source, seed: u64) {
         Source::OutputsMajor => w[j * k + l],
         Source::InputsMajor => w[l * n + j],
     };
+    let mut row = vec![f32::NAN; k];
     for j in 0..n {
-        for l in 0..k {
+        p.row_into(j, &mut row);
+        for (l, r) in row.iter().enumerate() {
             assert_eq!(p.get(j, l), at(j, l), "packed ({j}, {l})");
+            assert_eq!(r.to_bits(), at(j, l).to_bits(), "row {j}, input {l}");
         }
     }
     let (mut want, mut mag) = (vec![0.0f64; m * n], vec![0.0f64; m * n]);

@@ -88,7 +88,7 @@ impl Packed {
     fn row_into(&self, j: usize, out: &mut [f32]) {
         match self {
             Packed::Bf16(p) => out.iter_mut().enumerate().for_each(|(i, x)| *x = p.get(j, i)),
-            Packed::F32(p) => out.iter_mut().enumerate().for_each(|(i, x)| *x = p.get(j, i)),
+            Packed::F32(p) => p.row_into(j, out),
         }
     }
 
