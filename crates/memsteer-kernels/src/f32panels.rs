@@ -224,6 +224,11 @@ fn pack_panel(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     if crate::x86::f32_pack_panel(src, k, rows, dst) {
         return;
     }
+    pack_panel_scalar(src, k, rows, dst);
+}
+
+/// [`pack_panel`] without AVX-512.
+fn pack_panel_scalar(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
         for (i, x) in d.iter_mut().enumerate() {
             *x = if i < rows { src[i * k + p] } else { 0.0 };
@@ -264,7 +269,7 @@ fn block(
 
 #[cfg(test)]
 mod tests {
-    use super::{MR, pack_panel};
+    use super::{MR, pack_panel, pack_panel_scalar};
 
     /// The packing (AVX-512 transposes where the CPU has them) against the definition, on inputs
     /// around the 16-wide transpose and every row count of a panel; `dst` starts as NaN so that a
@@ -274,12 +279,14 @@ mod tests {
         for k in [1, 7, 15, 16, 17, 31, 32, 33, 773] {
             for rows in 1..=MR {
                 let src: Vec<f32> = (0..rows * k).map(|i| i as f32 * 0.5 - 3.0).collect();
-                let mut dst = vec![f32::NAN; k * MR];
-                pack_panel(&src, k, rows, &mut dst);
-                for p in 0..k {
-                    for i in 0..MR {
-                        let want = if i < rows { src[i * k + p] } else { 0.0 };
-                        assert_eq!(dst[p * MR + i].to_bits(), want.to_bits(), "k={k} rows={rows} p={p} i={i}");
+                for pack in [pack_panel, pack_panel_scalar] {
+                    let mut dst = vec![f32::NAN; k * MR];
+                    pack(&src, k, rows, &mut dst);
+                    for p in 0..k {
+                        for i in 0..MR {
+                            let want = if i < rows { src[i * k + p] } else { 0.0 };
+                            assert_eq!(dst[p * MR + i].to_bits(), want.to_bits(), "k={k} rows={rows} p={p} i={i}");
+                        }
                     }
                 }
             }

@@ -1,5 +1,5 @@
 //! Elementwise `f32` math written so the compiler vectorises it (no calls into libm in the loops):
-//! `exp`, softmax, log-sum-exp pieces and both GELU variants. Accuracy is checked against `f64` in
+//! `exp`, softmax, log-sum-exp pieces, both GELU variants and the rows of layer norm and RMSNorm. Accuracy is checked against `f64` in
 //! this module's tests: `exp` within 2e-7 relative over its range, GELU within 3e-7 absolute plus
 //! 1e-6 relative.
 //!
@@ -119,6 +119,7 @@ multiversion! {
 /// Layer norm of one row, `out = (x − mean)·rstd·g + b` with `rstd = 1/√(var + eps)` (biased
 /// variance, two passes); returns `(mean, rstd)`. `g`, `b` and `out` have `x`'s length.
 pub fn layer_norm_row(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]) -> (f32, f32) {
+    debug_assert!(g.len() == x.len() && b.len() == x.len() && out.len() == x.len());
     let d = x.len() as f32;
     let mu = lane_sum(x, |v| v) / d;
     let var = lane_sum(x, |v| (v - mu) * (v - mu)) / d;
@@ -133,13 +134,31 @@ pub fn layer_norm_row(x: &[f32], g: &[f32], b: &[f32], eps: f32, out: &mut [f32]
 multiversion! {
 /// RMSNorm of one row, `out = x·rstd·g` with `rstd = 1/√(mean(x²) + eps)`; returns `rstd`.
 pub fn rms_norm_row(x: &[f32], g: &[f32], eps: f32, out: &mut [f32]) -> f32 {
-    let ms = lane_sum(x, |v| v * v) / x.len() as f32;
-    let inv = 1.0 / (ms + eps).sqrt();
+    debug_assert!(g.len() == x.len() && out.len() == x.len());
+    let inv = rstd_rms(x, eps);
     for ((o, &v), &g) in out.iter_mut().zip(x).zip(g) {
         *o = v * inv * g;
     }
     inv
 }
+}
+
+multiversion! {
+/// [`rms_norm_row`] in place (the same numbers): `x ← x·rstd·g`; returns `rstd`.
+pub fn rms_norm_in_place(x: &mut [f32], g: &[f32], eps: f32) -> f32 {
+    debug_assert_eq!(g.len(), x.len());
+    let inv = rstd_rms(x, eps);
+    for (v, &g) in x.iter_mut().zip(g) {
+        *v = *v * inv * g;
+    }
+    inv
+}
+}
+
+/// `1/√(mean(x²) + eps)`.
+#[inline(always)]
+fn rstd_rms(x: &[f32], eps: f32) -> f32 {
+    1.0 / (lane_sum(x, |v| v * v) / x.len() as f32 + eps).sqrt()
 }
 
 multiversion! {
@@ -297,6 +316,12 @@ mod tests {
             let (mut ln, mut rms) = (vec![0.0f32; xs.len()], vec![0.0f32; xs.len()]);
             let (mu, rstd) = layer_norm_row(&xs, &g, &xs, 1e-5, &mut ln);
             let rrstd = rms_norm_row(&xs, &g, 1e-6, &mut rms);
+            let mut inplace = xs.clone();
+            assert_eq!(rms_norm_in_place(&mut inplace, &g, 1e-6).to_bits(), rrstd.to_bits());
+            assert_eq!(
+                inplace.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                rms.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
             let out = (max(&xs), sum_exp(&xs, 3.0), s, t, e, (mu, rstd, rrstd, ln, rms));
             VERSION_CAP.with(|c| c.set(Version::Widest));
             out

@@ -119,10 +119,7 @@ pub(crate) fn qk_rms_norm(
 ) {
     qkv.par_chunks_mut(off.row).for_each(|row| {
         let mut norm = |at: usize, g: &[f32]| {
-            let x = &mut row[at..at + g.len()];
-            let ms = x.iter().map(|v| v * v).sum::<f32>() / g.len() as f32;
-            let inv = 1.0 / (ms + eps).sqrt();
-            x.iter_mut().zip(g).for_each(|(v, g)| *v = *v * inv * g);
+            vmath::rms_norm_in_place(&mut row[at..at + g.len()], g, eps);
         };
         for h in 0..heads * hd / q_width {
             norm(off.q + h * q_width / hd * off.head, qn);
