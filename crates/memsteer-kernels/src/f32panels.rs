@@ -224,12 +224,12 @@ fn pack_panel(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
     if crate::x86::f32_pack_panel(src, k, rows, dst) {
         return;
     }
-    pack_panel_scalar(src, k, rows, dst);
+    pack_panel_scalar(src, k, rows, dst, 0);
 }
 
-/// [`pack_panel`] without AVX-512.
-fn pack_panel_scalar(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
-    for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+/// [`pack_panel`] without AVX-512, for inputs `from..k` (the AVX-512 packing's ragged tail too).
+pub(crate) fn pack_panel_scalar(src: &[f32], k: usize, rows: usize, dst: &mut [f32], from: usize) {
+    for (p, d) in dst.chunks_exact_mut(MR).enumerate().skip(from) {
         for (i, x) in d.iter_mut().enumerate() {
             *x = if i < rows { src[i * k + p] } else { 0.0 };
         }
@@ -279,7 +279,10 @@ mod tests {
         for k in [1, 7, 15, 16, 17, 31, 32, 33, 773] {
             for rows in 1..=MR {
                 let src: Vec<f32> = (0..rows * k).map(|i| i as f32 * 0.5 - 3.0).collect();
-                for pack in [pack_panel, pack_panel_scalar] {
+                fn scalar(src: &[f32], k: usize, rows: usize, dst: &mut [f32]) {
+                    pack_panel_scalar(src, k, rows, dst, 0);
+                }
+                for pack in [pack_panel, scalar] {
                     let mut dst = vec![f32::NAN; k * MR];
                     pack(&src, k, rows, &mut dst);
                     for p in 0..k {

@@ -342,11 +342,7 @@ unsafe fn f32_pack_panel_avx512(src: &[f32], k: usize, rows: usize, dst: &mut [f
             unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr().add((p0 + p) * F32_MR), store, *tp) };
         }
     }
-    for p in full..k {
-        for i in 0..F32_MR {
-            dst[p * F32_MR + i] = if i < rows { src[i * k + p] } else { 0.0 };
-        }
-    }
+    crate::f32panels::pack_panel_scalar(src, k, rows, dst, full);
 }
 
 /// The transpose of a 16 × 16 block held as 16 rows: lane `i` of result `j` is lane `j` of row `i`.
