@@ -131,7 +131,7 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         }
         gpu_model.gpu().set_vectorised(vectorised);
         let scored = gpu_model.token_log_probs_batch(&refs).and_then(|lp| Ok((lp, gpu_model.hidden_states(&refs)?)));
-        gpu_model.gpu().set_vectorised(false);
+        gpu_model.gpu().set_vectorised(true);
         let (gpu, gpu_hidden) = scored.map_err(|e| e.to_string())?;
         if gpu_hidden.len() != cpu_hidden.len() {
             return Err(format!(
@@ -324,7 +324,7 @@ pub fn bench_logprobs(
         let label = format!("{how:?}, {logits:?} logits{}", if vectorised { ", vectorised" } else { "" });
         out.push((label, (batch * t) as f64 / best, base, gpu.memory().1));
     }
-    gpu.set_vectorised(false);
+    gpu.set_vectorised(true);
     Ok(out)
 }
 
@@ -349,7 +349,7 @@ pub fn profile_logprobs(
         model.set_attention(how);
         model.gpu().set_vectorised(vectorised);
         let result = (0..2).try_for_each(|_| model.token_log_probs_batch(&refs).map(|_| ()));
-        model.gpu().set_vectorised(false);
+        model.gpu().set_vectorised(true);
         result.map_err(|e| e.to_string())?;
     }
     Ok(())

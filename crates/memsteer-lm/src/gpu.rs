@@ -195,8 +195,8 @@ impl GpuModel {
         self.logits = if logits == DType::F16 && f16_head { DType::F16 } else { DType::F32 };
     }
 
-    /// How attention is computed (default [`Attention::Auto`]: the fused kernel for f16/bf16 heads of
-    /// 64 dimensions, the tiled cuBLAS path otherwise).
+    /// How attention is computed (default [`Attention::Auto`]: the pipelined fused kernel for f16/bf16
+    /// heads of 64 or 128 dimensions, the tiled cuBLAS path otherwise).
     pub fn set_attention(&mut self, how: Attention) {
         self.attention = how;
     }

@@ -27,7 +27,8 @@ impl Gpu {
     /// [`Gpu::attention`] with the implementation chosen: [`Attention::Fused`] is the flash-attention
     /// kernel (tensor cores, scores in registers; f16/bf16 heads of 64 or 128 dimensions, an error
     /// otherwise), [`Attention::Tiled`] the cuBLAS products over query tiles with a softmax kernel
-    /// between them (any type and head size), [`Attention::Auto`] the fused kernel where it applies.
+    /// between them (any type and head size), [`Attention::Auto`] the pipelined fused kernel where it
+    /// applies.
     pub fn attention_with(
         &self,
         how: Attention,
@@ -39,9 +40,9 @@ impl Gpu {
         check_operands(self.ordinal, "attention", &[("q", q), ("k", k), ("v", v)], &[("context", ctx)], false)?;
         let fused = match how {
             Attention::Tiled => false,
-            // Measured on an H200 (docs/performance.md): the fused kernel is 1.4-1.45× the tiled path at
-            // 64-dimensional heads, the tiled path 1.07× the fused kernel at 128.
-            Attention::Auto => self.fused_attention_applies(q.dtype, hd) && hd == 64,
+            // Measured on an H200 (docs/performance.md, 2026-12-04): the pipelined kernel is 1.96-2.0×
+            // the tiled path at 64-dimensional heads and 1.3× at 128.
+            Attention::Auto => self.fused_attention_applies(q.dtype, hd),
             Attention::Fused | Attention::FusedTransposedV | Attention::Pipelined => {
                 if !self.fused_attention_applies(q.dtype, hd) {
                     return Err(KernelError::Unsupported {
@@ -72,7 +73,10 @@ impl Gpu {
             });
         }
         if fused {
-            if how == Attention::Pipelined {
+            // The pipelined kernel's cp.async loads need 16-byte aligned operands (every buffer
+            // `Gpu::alloc` gives is; a view into one may not be): Auto falls back to the first kernel.
+            let aligned = [q, k, v].iter().all(|o| o.ptr.is_multiple_of(16));
+            if how == Attention::Pipelined || (how == Attention::Auto && aligned) {
                 return self.flash_attention_pipelined((q, k, v), ctx, spans, (rows, heads, hd));
             }
             let transposed_v = how == Attention::FusedTransposedV;
