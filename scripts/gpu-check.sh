@@ -9,7 +9,8 @@
 #     --features memsteer-benches/cuda,memsteer-cli/cuda --bin memsteer-gpu-check --bin memsteer
 #   mkdir -p .gpu-bin && cp target/release/memsteer target/release/memsteer-gpu-check .gpu-bin/ && strip .gpu-bin/*
 #   then there: MEMSTEER_GPU_BIN=.gpu-bin scripts/gpu-check.sh
-# Prints: parity with the CPU path (scoring and the LM-Steer training step), the fused output layer, scoring at Pythia shapes (T = 2048, B = 8),
+# Prints: parity with the CPU path (scoring and the LM-Steer training step) and, for the Llama family, with transformers'
+# goldens; the fused output layer; scoring at Pythia shapes (f16) and at Qwen2.5-0.5B and Llama-3.2-1B shapes (bf16), T = 2048, B = 8;
 # the same measurements by PyTorch on the same GPU, and `memsteer logprobs --device cuda` end to end.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu-check.md.
 # `scripts/gpu-check.sh quick` runs only memsteer's own checks (parity, steer step, output layer,
@@ -31,7 +32,7 @@ trap 'rm -rf "$work"' EXIT
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   echo "## memsteer"
   status=0
-  timeout 330 "$bin/memsteer-gpu-check" parity steer head logprobs --work "$work" || status=1
+  timeout 400 "$bin/memsteer-gpu-check" parity steer head logprobs families --work "$work" || status=1
   [ $quick = 1 ] && exit $status
   echo
   echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"

@@ -12,7 +12,7 @@ use memsteer_lm::gpu::GpuModel;
 use memsteer_panel::rng::SplitMix64;
 use memsteer_steer::cuda::{SteerStepInputs, SteerTrainer};
 
-use crate::{Dtype, Shape, write_gpt2, write_neox};
+use crate::{Dtype, FamilyShape, Shape, write_family, write_gpt2, write_neox};
 
 /// One parity measurement: per-token log-probs of the GPU path against the CPU path.
 #[derive(Debug, Clone)]
@@ -133,21 +133,6 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
         let scored = gpu_model.token_log_probs_batch(&refs).and_then(|lp| Ok((lp, gpu_model.hidden_states(&refs)?)));
         gpu_model.gpu().set_vectorised(true);
         let (gpu, gpu_hidden) = scored.map_err(|e| e.to_string())?;
-        if gpu_hidden.len() != cpu_hidden.len() {
-            return Err(format!(
-                "hidden states: {} values on the GPU, {} on the CPU",
-                gpu_hidden.len(),
-                cpu_hidden.len()
-            ));
-        }
-        let hidden_max_rel = cpu_hidden
-            .iter()
-            .zip(&gpu_hidden)
-            .map(|(a, b)| {
-                let d = f64::from(a - b).abs() / f64::from(a.abs()).max(1.0);
-                if d.is_nan() { f64::INFINITY } else { d }
-            })
-            .fold(0.0, f64::max);
         let case = format!(
             "{arch} {dtype:?} hd {} vocab {} attention {attention:?}{}{}",
             shape.d / shape.heads,
@@ -155,30 +140,239 @@ pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
             if f16_logits { ", f16 logits" } else { "" },
             if vectorised { ", vectorised" } else { "" }
         );
-        // Hidden states carry the rounding undamped by the softmax: for f32 the same 1e-4; for half
-        // precision a regression bound about twice the largest value measured on an H200
-        // (2.5e-2 f16, 0.23 bf16, both GPT-2 with tanh GELU), not a derived one.
-        let hidden_bound = match dtype {
-            Dtype::F32 => 1e-4,
-            Dtype::F16 => 5e-2,
-            _ => 0.5,
-        };
-        let mut p =
-            Parity { case, tokens: 0, max_abs: 0.0, max_rel: 0.0, mean_abs: 0.0, bound, hidden_bound, hidden_max_rel };
-        for (a, b) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
-            let diff = f64::from(a - b).abs();
-            p.tokens += 1;
-            p.max_abs = if diff.is_nan() { f64::INFINITY } else { p.max_abs.max(diff) };
-            p.max_rel = if diff.is_nan() { f64::INFINITY } else { p.max_rel.max(diff / f64::from(a.abs()).max(1.0)) };
-            p.mean_abs += diff;
-        }
-        if cpu.iter().map(Vec::len).sum::<usize>() != p.tokens || gpu.iter().map(Vec::len).sum::<usize>() != p.tokens {
-            return Err(format!("{}: token counts differ", p.case));
-        }
-        p.mean_abs /= p.tokens.max(1) as f64;
+        let p = measure(case, (&cpu, &cpu_hidden), (&gpu, &gpu_hidden), (bound, hidden_bound(dtype)))?;
         out.push(p);
     }
     Ok(out)
+}
+
+/// Hidden states carry the rounding undamped by the softmax: for f32 the same 1e-4 as log-probs; for
+/// half precision a regression bound about twice the largest value measured on an H200 (2.5e-2 f16,
+/// 0.23 bf16, both GPT-2 with tanh GELU), not a derived one.
+fn hidden_bound(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F32 => 1e-4,
+        Dtype::F16 => 5e-2,
+        _ => 0.5,
+    }
+}
+
+/// The differences of GPU log-probs and hidden states from reference ones (the CPU runtime's, or
+/// transformers' log-probs), as a [`Parity`] row.
+fn measure(
+    case: String,
+    (cpu, cpu_hidden): (&[Vec<f32>], &[f32]),
+    (gpu, gpu_hidden): (&[Vec<f32>], &[f32]),
+    (bound, hidden_bound): (f64, f64),
+) -> Result<Parity, String> {
+    if gpu_hidden.len() != cpu_hidden.len() {
+        return Err(format!(
+            "{case}: hidden states: {} values on the GPU, {} on the CPU",
+            gpu_hidden.len(),
+            cpu_hidden.len()
+        ));
+    }
+    let hidden_max_rel = cpu_hidden
+        .iter()
+        .zip(gpu_hidden)
+        .map(|(a, b)| {
+            let d = f64::from(a - b).abs() / f64::from(a.abs()).max(1.0);
+            if d.is_nan() { f64::INFINITY } else { d }
+        })
+        .fold(0.0, f64::max);
+    let mut p =
+        Parity { case, tokens: 0, max_abs: 0.0, max_rel: 0.0, mean_abs: 0.0, bound, hidden_bound, hidden_max_rel };
+    for (a, b) in cpu.iter().flatten().zip(gpu.iter().flatten()) {
+        let diff = f64::from(a - b).abs();
+        p.tokens += 1;
+        p.max_abs = if diff.is_nan() { f64::INFINITY } else { p.max_abs.max(diff) };
+        p.max_rel = if diff.is_nan() { f64::INFINITY } else { p.max_rel.max(diff / f64::from(a.abs()).max(1.0)) };
+        p.mean_abs += diff;
+    }
+    let lens_differ = cpu.len() != gpu.len() || cpu.iter().zip(gpu).any(|(a, b)| a.len() != b.len());
+    if lens_differ {
+        return Err(format!("{}: token counts differ", p.case));
+    }
+    p.mean_abs /= p.tokens.max(1) as f64;
+    Ok(p)
+}
+
+/// The transformers fixtures of the Llama family (`fixtures/lm/tiny-*`), relative to the working
+/// directory (a checkout's root, where `scripts/gpu-check.sh` runs) or to this crate's sources.
+fn fixture(name: &str) -> std::path::PathBuf {
+    let here = Path::new("fixtures/lm").join(name);
+    if here.join("golden.json").exists() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/lm").join(name)
+}
+
+/// The Llama family on the GPU: (1) each tiny transformers fixture (f32, heads of 8 or 16, GQA,
+/// `llama3` and linear rope scaling up to position 8,299, Mistral's window, Qwen 2's biases, Qwen 3's
+/// and OLMo 2's q/k norms, OLMo 2's post-norms, Gemma 3's sandwich norms, local rotary and scale)
+/// scored by [`GpuModel`] against transformers' float64 log-probs (bound 1e-4 relative, as on the CPU);
+/// (2) random models of each family at the fused kernels' head sizes (64 and 128, grouped 2 and 4 to
+/// 1), f32 / f16 / bf16, against the CPU runtime, with the bounds of [`parity`].
+pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
+    let mut out = Vec::new();
+    for name in [
+        "tiny-llama-gqa",
+        "tiny-llama-linear",
+        "tiny-llama3-long",
+        "tiny-llama3-16k",
+        "tiny-mistral-window",
+        "tiny-qwen2",
+        "tiny-qwen3",
+        "tiny-olmo2",
+        "tiny-gemma3",
+    ] {
+        let path = fixture(name);
+        let read = std::fs::read_to_string(path.join("golden.json")).map_err(|e| format!("{}: {e}", path.display()))?;
+        let golden: serde_json::Value = serde_json::from_str(&read).map_err(|e| e.to_string())?;
+        let seqs = golden["sequences"].as_array().ok_or("golden: no sequences")?;
+        let mut tokens: Vec<Vec<u32>> = Vec::new();
+        let mut want: Vec<Vec<f32>> = Vec::new();
+        for s in seqs {
+            let t: Vec<u32> = s["tokens"]
+                .as_array()
+                .ok_or("golden: tokens")?
+                .iter()
+                .filter_map(|t| t.as_u64())
+                .map(|t| t as u32)
+                .collect();
+            if t.len() < 2 {
+                continue;
+            }
+            let lp = s["token_log_probs"].as_array().ok_or("golden: token_log_probs")?;
+            want.push(lp.iter().filter_map(|v| v.as_f64()).map(|v| v as f32).collect());
+            tokens.push(t);
+        }
+        let refs: Vec<&[u32]> = tokens.iter().map(Vec::as_slice).collect();
+        let cpu_hidden = Model::load(&path)
+            .and_then(|m| m.decoder().forward_packed(&refs, None))
+            .map_err(|e| format!("{name}: {e}"))?;
+        let gpu_model = GpuModel::load(&path, device).map_err(|e| format!("{name}: {e}"))?;
+        let gpu = gpu_model.token_log_probs_batch(&refs).map_err(|e| format!("{name}: {e}"))?;
+        let gpu_hidden = gpu_model.hidden_states(&refs).map_err(|e| format!("{name}: {e}"))?;
+        let longest = tokens.iter().map(Vec::len).max().unwrap_or(0);
+        let case = format!("{name} F32 (longest {longest}) vs transformers; hidden states vs CPU");
+        out.push(measure(case, (&want, &cpu_hidden), (&gpu, &gpu_hidden), (1e-4, 1e-4))?);
+    }
+    let hd64 =
+        FamilyShape { d: 256, layers: 2, heads: 4, kv_heads: 2, head_dim: 64, inner: 512, vocab: 1000, context: 600 };
+    // Heads wider than d / heads (attention width 512 on a residual of 256), four query heads per KV head.
+    let hd128 = FamilyShape { kv_heads: 1, head_dim: 128, ..hd64 };
+    let seqs = random_seqs(&[600, 600, 600, 600, 257, 2, 31, 129, 64, 65], 1000, 7);
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    let (f, t, a, tv, pl) =
+        (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV, Attention::Pipelined);
+    let cases: [(&str, FamilyShape, Dtype, Attention, f64); 18] = [
+        ("llama", hd64, Dtype::F32, a, 1e-4),
+        ("llama", hd64, Dtype::F16, a, 4e-2),
+        ("llama", hd64, Dtype::BF16, f, 1.5e-1),
+        ("llama", hd128, Dtype::F16, tv, 2e-2),
+        ("llama", hd128, Dtype::BF16, t, 1.5e-1),
+        ("llama", hd128, Dtype::F16, pl, 2e-2),
+        ("qwen2", hd64, Dtype::F32, a, 1e-4),
+        ("qwen2", hd64, Dtype::BF16, a, 1.5e-1),
+        ("qwen3", hd128, Dtype::F32, a, 1e-4),
+        ("qwen3", hd128, Dtype::BF16, a, 1.5e-1),
+        ("mistral", hd64, Dtype::F32, a, 1e-4),
+        ("mistral", hd64, Dtype::F16, a, 2e-2),
+        ("olmo2", hd64, Dtype::F32, a, 1e-4),
+        ("olmo2", hd64, Dtype::BF16, a, 1.5e-1),
+        ("gemma3", hd64, Dtype::F32, a, 1e-4),
+        ("gemma3", hd128, Dtype::BF16, a, 1.5e-1),
+        // The same half-precision models on the tiled path: rounding, not a fused kernel, if they agree.
+        ("llama", hd64, Dtype::F16, t, 4e-2),
+        ("gemma3", hd128, Dtype::BF16, t, 1.5e-1),
+    ];
+    for (i, (family, shape, dtype, attention, bound)) in cases.into_iter().enumerate() {
+        let m = dir.join(format!("family-{i}"));
+        let std = 2.4 / (shape.d as f64).sqrt();
+        write_family(&m, family, shape, 100, (dtype, std, 101 + i as u64))?;
+        let cpu_model = Model::load(&m).map_err(|e| format!("{family}: {e}"))?;
+        let cpu = cpu_model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+        let cpu_hidden = cpu_model.decoder().forward_packed(&refs, None).map_err(|e| e.to_string())?;
+        let mut gpu_model = GpuModel::load(&m, device).map_err(|e| format!("{family}: {e}"))?;
+        gpu_model.set_attention(attention);
+        let gpu = gpu_model.token_log_probs_batch(&refs).map_err(|e| format!("{family}: {e}"))?;
+        let gpu_hidden = gpu_model.hidden_states(&refs).map_err(|e| format!("{family}: {e}"))?;
+        let case = format!(
+            "{family} {dtype:?} heads {}/{} of {} attention {attention:?}",
+            shape.heads, shape.kv_heads, shape.head_dim
+        );
+        // f16 hidden states of the Llama family measured up to 5.05e-2 (SwiGLU multiplies two rounded
+        // projections): a regression bound of twice that, as for the others.
+        let hidden = if dtype == Dtype::F16 { 0.1 } else { hidden_bound(dtype) };
+        out.push(measure(case, (&cpu, &cpu_hidden), (&gpu, &gpu_hidden), (bound, hidden))?);
+        let _ = std::fs::remove_dir_all(&m);
+    }
+    Ok(out)
+}
+
+/// Scoring speed of a random bf16 model of the Llama `family` at `shape` (the defaults: pipelined
+/// attention, f32 logits, vectorised kernels): tokens/s of the best of `batches` batches of `batch`
+/// sequences of `t` tokens after a warm-up, bytes of the weights, peak bytes of weights plus forward.
+pub fn bench_family_logprobs(
+    device: &Device,
+    dir: &Path,
+    (family, shape): (&str, FamilyShape),
+    (batch, t, batches): (usize, usize, usize),
+) -> Result<(f64, usize, usize), String> {
+    write_family(dir, family, shape, t, (Dtype::BF16, 0.02, 5))?;
+    let model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(dir);
+    let gpu = model.gpu().clone();
+    let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+    let base = gpu.memory().0;
+    gpu.reset_peak();
+    let mut best = f64::INFINITY;
+    for _ in 0..batches {
+        let t0 = Instant::now();
+        let lp = model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+        best = best.min(t0.elapsed().as_secs_f64());
+        if lp.iter().flatten().any(|v| !v.is_finite()) {
+            return Err("non-finite log-prob".into());
+        }
+    }
+    Ok(((batch * t) as f64 / best, base, gpu.memory().1))
+}
+
+/// Qwen2.5-0.5B's and Llama-3.2-1B's shapes (tied output layers, as theirs are).
+pub fn family_shapes() -> [(&'static str, &'static str, FamilyShape); 2] {
+    [
+        (
+            "qwen2.5-0.5b",
+            "qwen2",
+            FamilyShape {
+                d: 896,
+                layers: 24,
+                heads: 14,
+                kv_heads: 2,
+                head_dim: 64,
+                inner: 4864,
+                vocab: 151_936,
+                context: 2048,
+            },
+        ),
+        (
+            "llama-3.2-1b",
+            "llama",
+            FamilyShape {
+                d: 2048,
+                layers: 16,
+                heads: 32,
+                kv_heads: 8,
+                head_dim: 64,
+                inner: 8192,
+                vocab: 128_256,
+                context: 2048,
+            },
+        ),
+    ]
 }
 
 /// One timing of the fused output layer.

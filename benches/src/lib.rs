@@ -11,8 +11,8 @@ use safetensors::tensor::TensorView;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 
-/// Writes `config` and random tensors of `dtype` to `dir`: matrices normal with std `std`, layer-norm
-/// weights `1 + std·N(0, 1)`, other vectors `std·N(0, 1)`, from `seed`.
+/// Writes `config` and random tensors of `dtype` to `dir`: matrices normal with std `std`, norm weights
+/// `1 + std·N(0, 1)`, other vectors `std·N(0, 1)`, from `seed`.
 fn write_model_as(
     dir: &Path,
     config: serde_json::Value,
@@ -30,8 +30,10 @@ fn write_model_as(
         .enumerate()
         .map(|(ti, (name, shape))| {
             let n: usize = shape.iter().product();
-            let unit =
-                shape.len() == 1 && (name.contains("ln_") || name.contains("layernorm")) && name.ends_with("weight");
+            let norm = name.contains("ln_")
+                || name.contains("layernorm")
+                || name.starts_with("model.") && name.contains("norm");
+            let unit = shape.len() == 1 && norm && name.ends_with("weight");
             let width = if dtype == Dtype::F32 { 4 } else { 2 };
             let mut bytes = vec![0u8; n * width];
             bytes.par_chunks_mut(BLOCK * width).enumerate().for_each(|(bi, out)| {
@@ -134,6 +136,83 @@ pub fn write_gpt2(dir: &Path, shape: Shape, untied: bool, dtype: Dtype, std: f64
     let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_positions": p, "n_embd": d, "n_layer": l,
         "n_head": heads, "tie_word_embeddings": !untied});
     write_model_as(dir, cfg, t, dtype, std, seed);
+}
+
+/// The shape of a Llama-family model for [`write_family`].
+#[derive(Debug, Clone, Copy)]
+pub struct FamilyShape {
+    /// Hidden size.
+    pub d: usize,
+    /// Layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Dimensions per head.
+    pub head_dim: usize,
+    /// MLP width.
+    pub inner: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Context length.
+    pub context: usize,
+}
+
+/// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2 or gemma3) of `shape` with
+/// random `dtype` weights in `dir`. The configuration is the family's tiny transformers fixture
+/// (`fixtures/lm/tiny-*`, what the goldens test) with the sizes replaced; a sliding window, where the
+/// family has one, covers `window` tokens (Gemma 3: every other layer slides). The tensors are the
+/// ones memsteer's table names for that configuration.
+pub fn write_family(
+    dir: &Path,
+    family: &str,
+    shape: FamilyShape,
+    window: usize,
+    (dtype, std, seed): (Dtype, f64, u64),
+) -> Result<(), String> {
+    let template = match family {
+        "llama" => include_str!("../../fixtures/lm/tiny-llama-gqa/config.json"),
+        "mistral" => include_str!("../../fixtures/lm/tiny-mistral-window/config.json"),
+        "qwen2" => include_str!("../../fixtures/lm/tiny-qwen2/config.json"),
+        "qwen3" => include_str!("../../fixtures/lm/tiny-qwen3/config.json"),
+        "olmo2" => include_str!("../../fixtures/lm/tiny-olmo2/config.json"),
+        "gemma3" => include_str!("../../fixtures/lm/tiny-gemma3/config.json"),
+        other => return Err(format!("no template for the family {other}")),
+    };
+    let mut cfg: serde_json::Value = serde_json::from_str(template).map_err(|e| e.to_string())?;
+    let FamilyShape { d, layers, heads, kv_heads, head_dim, inner, vocab, context } = shape;
+    for (key, value) in [
+        ("hidden_size", d),
+        ("num_hidden_layers", layers),
+        ("num_attention_heads", heads),
+        ("num_key_value_heads", kv_heads),
+        ("head_dim", head_dim),
+        ("intermediate_size", inner),
+        ("vocab_size", vocab),
+        ("max_position_embeddings", context),
+    ] {
+        cfg[key] = serde_json::json!(value);
+    }
+    if cfg.get("layer_types").is_some() {
+        let types: Vec<&str> = (0..layers)
+            .map(|i| if family == "gemma3" && i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+            .collect();
+        cfg["layer_types"] = serde_json::json!(types);
+    }
+    if cfg.get("query_pre_attn_scalar").is_some() {
+        // Gemma's checkpoints scale scores by head_dim^-1/2 this way (the tiny fixture's 12 tests the key).
+        cfg["query_pre_attn_scalar"] = serde_json::json!(head_dim);
+    }
+    if cfg.get("sliding_window").is_some_and(|w| !w.is_null()) {
+        cfg["sliding_window"] = serde_json::json!(window);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("config.json"), cfg.to_string()).map_err(|e| e.to_string())?;
+    let arch = memsteer_lm::arch::Arch::from_file(&dir.join("config.json")).map_err(|e| e.to_string())?;
+    let tensors = arch.tensors().into_iter().map(|t| (t.names[0].clone(), t.shape)).collect();
+    write_model_as(dir, cfg, tensors, dtype, std, seed);
+    Ok(())
 }
 
 /// GPT-2 small's shape (124M: 12 × 768, vocabulary 50,257) with random f16 weights, in `dir`.

@@ -1,5 +1,5 @@
-//! The GPU runtime against the CPU runtime on random GPT-2 and GPT-NeoX models (f32 to 1e-4
-//! relative; f16 and bf16 within the bounds `memsteer_benches::gpu::parity` justifies), both
+//! The GPU runtime against the CPU runtime on random GPT-2, GPT-NeoX and Llama-family models, and
+//! against transformers' goldens of the Llama family (f32 to 1e-4 relative; f16 and bf16 within the bounds `memsteer_benches::gpu::parity` justifies), both
 //! attention kernels and both logits types. Runs with `--features cuda` on a machine with a GPU and
 //! skips with a message otherwise (fails instead when `MEMSTEER_REQUIRE_GPU` is set); `scripts/gpu-check.sh` runs the same check plus the benchmarks.
 #![cfg(feature = "cuda")]
@@ -23,6 +23,18 @@ fn gpu_log_probs_equal_the_cpu_runtime() {
     let rows = memsteer_benches::gpu::parity(&dir, &device).expect("parity runs");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(rows.len() >= 10);
+    for p in &rows {
+        assert!(p.ok(), "{}: max relative difference {:.2e} above {:.0e}", p.case, p.max_rel, p.bound);
+    }
+}
+
+#[test]
+fn gpu_llama_family_equals_transformers_and_the_cpu_runtime() {
+    let Some(device) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("memsteer-gpu-family-{}", std::process::id()));
+    let rows = memsteer_benches::gpu::family_parity(&dir, &device).expect("family parity runs");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(rows.len(), 27);
     for p in &rows {
         assert!(p.ok(), "{}: max relative difference {:.2e} above {:.0e}", p.case, p.max_rel, p.bound);
     }

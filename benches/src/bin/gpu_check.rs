@@ -1,15 +1,16 @@
 //! `memsteer-gpu-check`: the GPU runtime against the CPU path (parity) and its speed at Pythia shapes,
 //! printed as tables. Run by `scripts/gpu-check.sh` on a machine with a CUDA GPU.
 //!
-//! Usage: `memsteer-gpu-check [parity] [steer] [head] [logprobs] [profile] [--work DIR]` (parity, steer,
-//! head and logprobs when none is named).
+//! Usage: `memsteer-gpu-check [parity] [steer] [head] [logprobs] [profile] [families] [--work DIR]` (parity, steer,
+//! head, logprobs and families when none is named).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memsteer_benches::Shape;
 use memsteer_benches::gpu::{
-    bench_logprobs, bench_output_layer, bench_steer_step, device, parity, profile_logprobs, steer_parity,
+    bench_family_logprobs, bench_logprobs, bench_output_layer, bench_steer_step, device, family_parity, family_shapes,
+    parity, profile_logprobs, steer_parity,
 };
 use memsteer_kernels::Device;
 use memsteer_kernels::cuda::Attention;
@@ -43,7 +44,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if what.is_empty() {
-        what = vec!["parity".into(), "steer".into(), "head".into(), "logprobs".into()];
+        what = vec!["parity".into(), "steer".into(), "head".into(), "logprobs".into(), "families".into()];
     }
     let dev = match device() {
         Ok(d) => d,
@@ -59,7 +60,10 @@ fn main() -> ExitCode {
         println!(
             "\n| parity case | tokens | max abs | max rel | mean abs | bound | hidden states max rel | bound | ok |\n|---|---|---|---|---|---|---|---|---|"
         );
-        match parity(&work, &dev) {
+        match parity(&work, &dev).and_then(|mut rows| {
+            rows.extend(family_parity(&work, &dev)?);
+            Ok(rows)
+        }) {
             Ok(rows) => {
                 for p in rows {
                     println!(
@@ -180,6 +184,23 @@ fn main() -> ExitCode {
                             gib(peak)
                         );
                     }
+                }
+                Err(e) => {
+                    println!("| {name} | failed: {e} |");
+                    failed = true;
+                }
+            }
+        }
+    }
+    if what.iter().any(|w| w == "families") {
+        println!(
+            "\n| memsteer GpuModel bf16 (defaults) | B | T | tokens/s | weights GiB | peak GiB |\n|---|---|---|---|---|---|"
+        );
+        for (name, family, shape) in family_shapes() {
+            match bench_family_logprobs(&dev, &work.join(name), (family, shape), (8, 2048, 3)) {
+                Ok((rate, weights, peak)) => {
+                    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                    println!("| {name} | 8 | 2048 | {rate:.0} | {:.2} | {:.2} |", gib(weights), gib(peak));
                 }
                 Err(e) => {
                     println!("| {name} | failed: {e} |");

@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use memsteer_kernels::Device;
 use memsteer_lm::score::{ScoreEvent, ScoreOutcome, ScoreSpec};
 
-/// Arguments of `memsteer logprobs` (GPT-2 and GPT-NeoX checkpoints).
+/// Arguments of `memsteer logprobs` (checkpoints of every family the runtime reads).
 #[derive(Debug, Clone, Args)]
 pub struct LogprobsArgs {
     /// A checkpoint as STEP=DIR (a Hugging Face model directory); repeat for every checkpoint.

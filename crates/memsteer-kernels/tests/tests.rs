@@ -375,6 +375,26 @@ mod cuda {
         }
     }
 
+    /// Every entry point of the source is in `cuda::KERNELS` (the launcher looks kernels up there; a
+    /// missing one is an error at its first launch, which only a GPU run would reach).
+    #[test]
+    fn every_kernel_of_the_source_is_listed() {
+        let entries: Vec<&str> = cuda::SOURCE
+            .split("extern \"C\" __global__ void ")
+            .skip(1)
+            .map(|rest| {
+                let rest = rest.trim_start_matches("__launch_bounds__");
+                let rest = rest.find(')').filter(|_| rest.starts_with('(')).map_or(rest, |i| &rest[i + 1..]);
+                rest.trim_start().split('(').next().unwrap_or("").trim()
+            })
+            .collect();
+        assert!(entries.len() >= 20, "{entries:?}");
+        for e in &entries {
+            assert!(cuda::KERNELS.contains(e), "`{e}` is in kernels.cu but not in cuda::KERNELS");
+        }
+        assert_eq!(entries.len(), cuda::KERNELS.len(), "{entries:?}");
+    }
+
     /// NVRTC stops at PTX; `ptxas` (from the `nvidia-cuda-nvcc` wheel, `MEMSTEER_PTXAS`) assembles it
     /// for sm_80 and sm_90 as the driver will at load time, which catches what PTX does not: static
     /// shared memory above 48 KiB, too many registers for a launch bound, instructions the

@@ -1,4 +1,5 @@
-//! GPT-2 and GPT-NeoX scoring on a CUDA device (feature `cuda`).
+//! Scoring on a CUDA device (feature `cuda`): GPT-2, GPT-NeoX and the Llama family (Llama, Mistral,
+//! Qwen 2 and 3, OLMo 2, Gemma 3), every architecture the CPU runtime runs, through the same block loop.
 //!
 //! [`GpuModel::load`] uploads a checkpoint once, in its stored element type (a tensor stored in
 //! another type than the input embedding is converted to it). The forward pass keeps the residual
@@ -13,23 +14,28 @@ use std::path::Path;
 use std::sync::Arc;
 
 use memsteer_kernels::Device;
-use memsteer_kernels::cuda::{Attention, DType, DevBuf, Gpu, Linear, OUTPUT_CHUNK, View};
+use memsteer_kernels::cuda::{
+    Attention, AttentionShape, DType, DevBuf, Gpu, Linear, NormGroups, OUTPUT_CHUNK, QkvRow, View,
+};
 use safetensors::Dtype;
 
-use crate::arch::{self, Affine, Arch, Family, LayerTensors, QkvLayout, Slot, Tensors, WeightLayout};
+use crate::arch::{self, Affine, Arch, LayerSlot, LayerTensors, Mlp, Norm, Part, QkNorm, Slot, Tensors, WeightLayout};
 use crate::block::NormSite;
 use crate::config::Activation;
 use crate::ops;
 use crate::weights::Weights;
 use crate::{Decoder, LmError, Result};
 
-/// A GPT-2 or GPT-NeoX checkpoint resident on a CUDA device.
+/// A checkpoint resident on a CUDA device.
 pub struct GpuModel {
     gpu: Arc<Gpu>,
     arch: Arch,
     dtype: DType,
+    /// The MLP's activation code for the kernels: 1 exact GELU, 2 tanh GELU (GeGLU's too), 3 SiLU.
     act: i32,
     rotary: Option<(DevBuf, DevBuf, usize)>,
+    /// The sliding layers' own rotary table (Gemma 3's local base).
+    local_rotary: Option<(DevBuf, DevBuf)>,
     w: Tensors<DevBuf>,
     chunk: usize,
     logits: DType,
@@ -94,6 +100,24 @@ fn kerr(e: memsteer_kernels::KernelError) -> LmError {
     LmError::from(e)
 }
 
+/// Little-endian `bytes` of type `dt` as `f32` values.
+fn to_f32(bytes: &[u8], dt: DType) -> Vec<f32> {
+    convert(bytes, dt, DType::F32).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+}
+
+/// Whether `slot` holds a norm's weight (kept in f32 on the device for RMSNorm).
+fn norm_weight(slot: Slot) -> bool {
+    use LayerSlot::*;
+    match slot {
+        Slot::FinalNorm(Part::Weight) => true,
+        Slot::Layer(_, s) => {
+            matches!(s, Norm1(Part::Weight) | Norm2(Part::Weight) | PostNorm1(Part::Weight) | PostNorm2(Part::Weight))
+                || matches!(s, QNorm | KNorm)
+        }
+        _ => false,
+    }
+}
+
 impl GpuModel {
     /// Loads `dir` (as [`crate::Model::load`]) onto `device`, which must be a CUDA device.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
@@ -103,26 +127,33 @@ impl GpuModel {
         let gpu = cuda.0.clone();
         let arch = Arch::from_file(&dir.join("config.json"))?;
         arch.validate()?;
-        let act = match (arch.family, arch.activation()) {
-            (Family::Gpt2 | Family::GptNeoX, Some(Activation::GeluExact)) => 1,
-            (Family::Gpt2 | Family::GptNeoX, Some(Activation::GeluTanh)) => 2,
-            (family, _) => {
-                return Err(LmError::Input(format!(
-                    "{}: the CUDA runtime runs GPT-2 and GPT-NeoX models; this {family:?} model runs on the CPU \
-                     (--device cpu) until its kernels (RMSNorm, SwiGLU, grouped-query attention) land",
-                    dir.display()
-                )));
-            }
+        let act = match arch.mlp {
+            Mlp::Plain(Activation::GeluExact) => 1,
+            Mlp::Plain(Activation::GeluTanh) | Mlp::GeGlu => 2,
+            Mlp::SwiGlu => 3,
         };
         let w = Weights::open(dir)?;
         let specs = arch.tensors();
         let spec = |slot: Slot| specs.iter().find(|s| s.slot == slot).expect("every model has an embedding");
         let embed = spec(Slot::Embed);
         let dtype = dtype_of(w.raw(&embed.name_refs(), &embed.shape)?.0);
+        let rms = match arch.norm {
+            Norm::RmsNorm { unit_offset, .. } => Some(unit_offset),
+            Norm::LayerNorm { .. } => None,
+        };
         let tensors = arch.load_tensors(
             |spec| {
                 let (dt, bytes) = w.raw(&spec.name_refs(), &spec.shape)?;
                 let dt = dtype_of(dt);
+                if let (Some(unit_offset), true) = (rms, norm_weight(spec.slot)) {
+                    // RMSNorm weights live in f32 (a few thousand values), Gemma's `1 + w` offset in f32
+                    // as the CPU path holds them.
+                    let mut g = to_f32(bytes, dt);
+                    if unit_offset {
+                        g.iter_mut().for_each(|v| *v += 1.0);
+                    }
+                    return gpu.upload_f32(&g).map_err(kerr);
+                }
                 if dt == dtype {
                     return gpu.upload_bytes(dtype, bytes).map_err(kerr);
                 }
@@ -139,7 +170,18 @@ impl GpuModel {
                 }
                 gpu.upload_bytes(dtype, &converted).map_err(kerr)
             },
-            |_| Err(LmError::Input("internal: GPT-2 and GPT-NeoX tensors are whole, never pieces".into())),
+            |pieces| {
+                // The q, k and v projections (and their biases) of the Llama family, one after the other.
+                let dtype = pieces[0].view().dtype();
+                let total = pieces.iter().map(DevBuf::len).sum();
+                let whole = gpu.alloc(dtype, total).map_err(kerr)?;
+                let mut at = 0;
+                for p in &pieces {
+                    gpu.convert(p.view(), whole.view().slice(at, p.len()).map_err(kerr)?, p.len()).map_err(kerr)?;
+                    at += p.len();
+                }
+                Ok(whole)
+            },
         )?;
         // The CPU path's angles (f64, then rounded to f32), for every position of the context.
         let rot = arch.rotary_dims();
@@ -149,11 +191,16 @@ impl GpuModel {
         } else {
             None
         };
+        let local_rotary = match arch.local_rotary_table((0, arch.context)) {
+            Some((cos, sin)) => Some((gpu.upload_f32(&cos).map_err(kerr)?, gpu.upload_f32(&sin).map_err(kerr)?)),
+            None => None,
+        };
         let mut model = Self {
             gpu,
             dtype,
             act,
             rotary,
+            local_rotary,
             w: tensors,
             chunk: OUTPUT_CHUNK,
             logits: DType::F32,
@@ -342,47 +389,84 @@ impl crate::block::Backend for DeviceRun<'_> {
         let g = &*self.m.gpu;
         let (tokens, positions_ids) =
             ((self.tokens.0, self.tokens.1.view()), (self.positions.0, self.positions.1.view()));
-        g.embed(tokens, positions_ids, embed.view(), positions.map(DevBuf::view), x.view(), self.m.arch.dim)?;
+        let (learned, scale) = (positions.map(DevBuf::view), self.m.arch.embed_scale.unwrap_or(1.0));
+        g.embed(tokens, positions_ids, embed.view(), learned, x.view(), self.m.arch.dim, scale)?;
         self.prof.mark("embed");
         Ok(x)
     }
 
+    /// Layer norm reads the f32 residual stream; RMSNorm also the branch outputs that post-norm and
+    /// sandwich placements norm (in the weights' type).
     fn norm(&mut self, x: &DevBuf, p: &Affine<DevBuf>, site: NormSite) -> Result<DevBuf> {
         let (rows, d) = (self.rows(), self.m.arch.dim);
         let dtype = if site == NormSite::Final { self.final_dtype } else { self.m.dtype };
         let h = self.take(dtype, rows * d)?;
-        self.m.gpu.layer_norm(x.view(), pair(p)?, self.m.arch.norm_eps(), h.view(), rows, d)?;
+        let g = &*self.m.gpu;
+        match self.m.arch.norm {
+            Norm::LayerNorm { eps } => g.layer_norm(x.view(), pair(p)?, eps, h.view(), rows, d)?,
+            Norm::RmsNorm { eps, .. } => g.rms_norm(x.view(), p.0.view(), eps, h.view(), rows, d)?,
+        }
         if site != NormSite::Final {
-            self.prof.mark("layer norm");
+            self.prof.mark("norm");
         }
         Ok(h)
     }
 
+    /// The projection; with per-head or whole q/k norms, also its bias and those norms (before the
+    /// rotary positions, which [`Self::attention`] applies with the split).
     fn qkv(&mut self, _: usize, h: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
         let (a, rows) = (&self.m.arch, self.rows());
-        let qkv = self.take(self.m.dtype, rows * a.qkv_width())?;
-        self.m.gpu.linear(h.view(), &self.lin(&l.qkv.0, (a.dim, a.qkv_width())), qkv.view(), rows)?;
+        let width = a.qkv_width();
+        let qkv = self.take(self.m.dtype, rows * width)?;
+        let g = &*self.m.gpu;
+        g.linear(h.view(), &self.lin(&l.qkv.0, (a.dim, width)), qkv.view(), rows)?;
         self.prof.mark("qkv product");
+        if let Some((qn, kn)) = &l.qk_norm {
+            if let Some(b) = &l.qkv.1 {
+                g.bias_act(qkv.view(), b.view(), qkv.view(), (rows, width), 0)?;
+            }
+            let (off, hd) = (a.qkv_offsets(), a.head_dim);
+            let whole = a.qk_norm == QkNorm::Whole;
+            let groups = |offset: usize, heads: usize| {
+                let width = if whole { heads * hd } else { hd };
+                NormGroups { offset, step: width / hd * off.head, count: heads * hd / width, width }
+            };
+            let sides = (groups(off.q, a.heads), groups(off.k, a.kv_heads));
+            g.qk_rms_norm(qkv.view(), (rows, off.row), sides, (qn.view(), kn.view()), a.norm_eps())?;
+            self.prof.mark("q/k norm");
+        }
         self.give(h);
         Ok(qkv)
     }
 
-    /// The bias and the rotary positions of the projection are applied here, fused with the split
-    /// of the projection into head-major q, k and v.
-    fn attention(&mut self, _: usize, qkv: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
+    /// The bias (unless [`Self::qkv`] added it) and the rotary positions of the projection are applied
+    /// here, fused with the split of the projection into head-major q, k and v.
+    fn attention(&mut self, index: usize, qkv: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
         let (a, rows, dt) = (&self.m.arch, self.rows(), self.m.dtype);
-        let shape = (rows, a.heads, a.head_dim);
-        let (q, k, v) = (self.take(dt, rows * a.dim)?, self.take(dt, rows * a.dim)?, self.take(dt, rows * a.dim)?);
-        let rotary = self.m.rotary.as_ref().map(|(c, s, r)| (c.view(), s.view(), *r));
-        let per_head = a.qkv == QkvLayout::PerHead;
+        let (heads, kv_heads, hd) = (a.heads, a.kv_heads, a.head_dim);
+        let (q, k, v) = (
+            self.take(dt, rows * heads * hd)?,
+            self.take(dt, rows * kv_heads * hd)?,
+            self.take(dt, rows * kv_heads * hd)?,
+        );
+        let rotary = match (&self.m.rotary, &self.m.local_rotary) {
+            (Some((_, _, r)), Some((c, s))) if a.sliding_layer(index) => Some((c.view(), s.view(), *r)),
+            (Some((c, s, r)), _) => Some((c.view(), s.view(), *r)),
+            (None, _) => None,
+        };
+        let off = a.qkv_offsets();
+        let layout = QkvRow { row: off.row, q: off.q, k: off.k, v: off.v, head: off.head };
         let positions = (self.positions.0, self.positions.1.view());
+        let bias = if l.qk_norm.is_some() { None } else { l.qkv.1.as_ref().map(DevBuf::view) };
         let (qv, kv, vv) = (q.view(), k.view(), v.view());
-        let bias = arch::bias(&l.qkv)?.view();
-        self.m.gpu.qkv_split(qkv.view(), bias, positions, rotary, per_head, (qv, kv, vv), shape)?;
+        let shape = (rows, heads, kv_heads, hd);
+        self.m.gpu.qkv_split(qkv.view(), bias, positions, rotary, layout, (qv, kv, vv), shape)?;
         self.prof.mark("qkv split + rotary");
         self.give(qkv);
-        let ctx = self.take(dt, rows * a.dim)?;
-        self.m.gpu.attention_with(self.m.attention, (q.view(), k.view(), v.view()), ctx.view(), self.spans, shape)?;
+        let ctx = self.take(dt, rows * heads * hd)?;
+        let window = if a.windowed(index) { a.window } else { None };
+        let shape = AttentionShape { rows, heads, kv_heads, hd, window, scale: a.attn_scale };
+        self.m.gpu.attention_shaped(self.m.attention, (q.view(), k.view(), v.view()), ctx.view(), self.spans, shape)?;
         self.prof.mark("attention");
         for b in [q, k, v] {
             self.give(b);
@@ -391,38 +475,68 @@ impl crate::block::Backend for DeviceRun<'_> {
     }
 
     fn attention_out(&mut self, ctx: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
-        let (d, rows) = (self.m.arch.dim, self.rows());
-        let attn = self.take(self.m.dtype, rows * d)?;
-        self.m.gpu.linear(ctx.view(), &self.lin(&l.attn_out.0, (d, d)), attn.view(), rows)?;
+        let (a, rows) = (&self.m.arch, self.rows());
+        let attn = self.take(self.m.dtype, rows * a.dim)?;
+        self.m.gpu.linear(ctx.view(), &self.lin(&l.attn_out.0, (a.attn_dim(), a.dim)), attn.view(), rows)?;
         self.prof.mark("attention output product");
         self.give(ctx);
         Ok(attn)
     }
 
-    /// Over blocks of rows, so the wide activation is bounded by `MLP_ROWS × inner`.
+    /// Over blocks of rows, so the wide activations are bounded by `MLP_ROWS × inner` (two of them for
+    /// a gated MLP).
     fn mlp(&mut self, h: DevBuf, l: &LayerTensors<DevBuf>) -> Result<DevBuf> {
         let (d, inter, rows, dt) = (self.m.arch.dim, self.m.arch.inner, self.rows(), self.m.dtype);
+        let gated = !matches!(self.m.arch.mlp, Mlp::Plain(_));
+        let gate = match (gated, &l.gate) {
+            (false, _) => None,
+            (true, Some(gate)) => Some(gate),
+            (true, None) => return Err(LmError::Input("internal: a gated MLP without its gate".into())),
+        };
         let block = MLP_ROWS.min(rows).max(1);
         let mid = self.take(dt, block * inter)?;
+        let gate_out = if gated { Some(self.take(dt, block * inter)?) } else { None };
         let out = self.take(dt, rows * d)?;
         let g = &*self.m.gpu;
         for r0 in (0..rows).step_by(block) {
             let n = block.min(rows - r0);
             let m = mid.view().slice(0, n * inter)?;
-            g.linear(h.view().slice(r0 * d, n * d)?, &self.lin(&l.up.0, (d, inter)), m, n)?;
-            self.prof.mark("mlp products");
-            g.bias_act(m, arch::bias(&l.up)?.view(), m, (n, inter), self.m.act)?;
-            self.prof.mark("bias + gelu");
+            let x = h.view().slice(r0 * d, n * d)?;
+            g.linear(x, &self.lin(&l.up.0, (d, inter)), m, n)?;
+            match (gate, &gate_out) {
+                (Some(gate), Some(gbuf)) => {
+                    let gv = gbuf.view().slice(0, n * inter)?;
+                    g.linear(x, &self.lin(&gate.0, (d, inter)), gv, n)?;
+                    self.prof.mark("mlp products");
+                    if let Some(b) = &l.up.1 {
+                        g.bias_act(m, b.view(), m, (n, inter), 0)?;
+                    }
+                    if let Some(b) = &gate.1 {
+                        g.bias_act(gv, b.view(), gv, (n, inter), 0)?;
+                    }
+                    g.gated_act(gv, m, n * inter, self.m.act)?;
+                    self.prof.mark("gated activation");
+                }
+                _ => {
+                    self.prof.mark("mlp products");
+                    g.bias_act(m, arch::bias(&l.up)?.view(), m, (n, inter), self.m.act)?;
+                    self.prof.mark("bias + gelu");
+                }
+            }
             g.linear(m, &self.lin(&l.down.0, (inter, d)), out.view().slice(r0 * d, n * d)?, n)?;
             self.prof.mark("mlp products");
         }
         self.give(mid);
+        if let Some(b) = gate_out {
+            self.give(b);
+        }
         self.give(h);
         Ok(out)
     }
 
+    /// The input of a post-norm branch, in the weights' type (what the products take).
     fn copy(&mut self, x: &DevBuf) -> Result<DevBuf> {
-        let out = self.take(x.view().dtype(), x.len())?;
+        let out = self.take(self.m.dtype, x.len())?;
         self.m.gpu.convert(x.view(), out.view(), x.len())?;
         Ok(out)
     }
@@ -439,14 +553,8 @@ impl crate::block::Backend for DeviceRun<'_> {
         b: Option<(DevBuf, Option<&DevBuf>)>,
     ) -> Result<()> {
         let (rows, d) = (self.rows(), self.m.arch.dim);
-        fn need(b: Option<&DevBuf>) -> Result<&DevBuf> {
-            b.ok_or_else(|| LmError::Input("internal: a residual bias is missing".into()))
-        }
-        let second = match &b {
-            Some((b, bias)) => Some((b.view(), need(*bias)?.view())),
-            None => None,
-        };
-        self.m.gpu.residual(x.view(), (a.0.view(), need(a.1)?.view()), second, rows, d)?;
+        let second = b.as_ref().map(|(b, bias)| (b.view(), bias.map(DevBuf::view)));
+        self.m.gpu.residual(x.view(), (a.0.view(), a.1.map(DevBuf::view)), second, rows, d)?;
         self.prof.mark("residual");
         self.give(a.0);
         if let Some((b, _)) = b {

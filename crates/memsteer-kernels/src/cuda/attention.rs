@@ -32,18 +32,55 @@ impl Gpu {
     pub fn attention_with(
         &self,
         how: Attention,
-        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        qkv: (View<'_>, View<'_>, View<'_>),
         ctx: View<'_>,
         spans: &[(usize, usize)],
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
+        let shape = AttentionShape { rows, heads, kv_heads: heads, hd, window: None, scale: None };
+        self.attention_shaped(how, qkv, ctx, spans, shape)
+    }
+
+    /// [`Gpu::attention_with`] for grouped-query attention (`k` and `v` hold `kv_heads × rows × hd`;
+    /// query head `h` reads key/value head `h / (heads / kv_heads)`, nothing copied), a sliding
+    /// window (the tiled path only: [`Attention::Auto`] takes it, a fused kernel is refused) and a
+    /// scale other than `hd^-1/2`.
+    pub fn attention_shaped(
+        &self,
+        how: Attention,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        shape: AttentionShape,
+    ) -> Result<()> {
+        let AttentionShape { rows, heads, kv_heads, hd, window, scale } = shape;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(KernelError::Shape {
+                what: "key/value heads",
+                expected: format!("a divisor of the {heads} query heads"),
+                found: kv_heads,
+            });
+        }
+        if window == Some(0) {
+            return Err(KernelError::Shape { what: "attention window", expected: "at least 1".into(), found: 0 });
+        }
+        let group = heads / kv_heads;
+        // Fused kernels take scores in log2 units (their exponentials are ex2).
+        let log2_scale = scale.map_or(std::f32::consts::LOG2_E / (hd as f32).sqrt(), |s| std::f32::consts::LOG2_E * s);
+        let scale = scale.unwrap_or(1.0 / (hd as f32).sqrt());
         check_operands(self.ordinal, "attention", &[("q", q), ("k", k), ("v", v)], &[("context", ctx)], false)?;
         let fused = match how {
             Attention::Tiled => false,
             // Measured on an H200 (docs/performance.md, 2026-12-04): the pipelined kernel is 1.96-2.0×
             // the tiled path at 64-dimensional heads and 1.3× at 128.
-            Attention::Auto => self.fused_attention_applies(q.dtype, hd),
+            Attention::Auto => self.fused_attention_applies(q.dtype, hd) && window.is_none(),
             Attention::Fused | Attention::FusedTransposedV | Attention::Pipelined => {
+                if window.is_some() {
+                    return Err(KernelError::Unsupported {
+                        what: "fused attention",
+                        message: "a sliding window runs on the tiled path (Attention::Tiled or Auto)".into(),
+                    });
+                }
                 if !self.fused_attention_applies(q.dtype, hd) {
                     return Err(KernelError::Unsupported {
                         what: "fused attention",
@@ -59,8 +96,10 @@ impl Gpu {
         };
         // One set of checks for both implementations (flash_attention is only reached from here).
         let d = heads * hd;
-        for (what, o) in [("q", q), ("k", k), ("v", v), ("attention output", ctx)] {
-            o.need(what, rows * d)?;
+        for (what, o, n) in
+            [("q", q, d), ("k", k, kv_heads * hd), ("v", v, kv_heads * hd), ("attention output", ctx, d)]
+        {
+            o.need(what, rows * n)?;
             if o.dtype != q.dtype {
                 return Err(KernelError::Shape { what, expected: format!("{:?}", q.dtype), found: o.len });
             }
@@ -77,39 +116,34 @@ impl Gpu {
             // `Gpu::alloc` gives is; a view into one may not be): Auto falls back to the first kernel.
             let aligned = [q, k, v].iter().all(|o| o.ptr.is_multiple_of(16));
             if how == Attention::Pipelined || (how == Attention::Auto && aligned) {
-                return self.flash_attention_pipelined((q, k, v), ctx, spans, (rows, heads, hd));
+                return self.flash_attention_pipelined((q, k, v), ctx, spans, (rows, heads, group, hd), log2_scale);
             }
             let transposed_v = how == Attention::FusedTransposedV;
-            return self.flash_attention((q, k, v), ctx, spans, (rows, heads, hd), transposed_v);
+            return self.flash_attention((q, k, v), ctx, spans, (rows, heads, group, hd), log2_scale, transposed_v);
         }
         let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
         let tile = QUERY_TILE.min(longest.max(1));
         let scores = self.alloc(DType::F32, heads * tile * longest)?;
         let probs = self.alloc(q.dtype, heads * tile * longest)?;
-        let scale = 1.0 / (hd as f32).sqrt();
         for &(start, len) in spans {
             for q0 in (0..len).step_by(tile) {
                 let qb = tile.min(len - q0);
                 let kn = q0 + qb;
                 let (s, p) = (scores.view().slice(0, heads * qb * kn)?, probs.view().slice(0, heads * qb * kn)?);
-                // S (qb × kn) = Q_tile Kᵀ per head: column-major Sᵀ = K Q_tileᵀ.
-                let kop =
-                    Operand { v: k.slice(start * hd, k.len - start * hd)?, trans: true, ld: hd, stride: rows * hd };
-                let qop = Operand {
-                    v: q.slice((start + q0) * hd, q.len - (start + q0) * hd)?,
-                    trans: false,
-                    ld: hd,
-                    stride: rows * hd,
-                };
-                self.gemm(
-                    (kn, qb, hd),
-                    kop,
-                    qop,
-                    Operand { v: s, trans: false, ld: kn, stride: qb * kn },
-                    heads,
-                    1.0,
-                    0.0,
-                )?;
+                // Query heads j, j + group, … share key/value heads 0, 1, …: one batched product per j
+                // (batch kv_heads; a single one without grouping), scores of head h at h·qb·kn.
+                for j in 0..group {
+                    // S (qb × kn) = Q_tile Kᵀ per head: column-major Sᵀ = K Q_tileᵀ.
+                    let kop =
+                        Operand { v: k.slice(start * hd, k.len - start * hd)?, trans: true, ld: hd, stride: rows * hd };
+                    let q_at = (j * rows + start + q0) * hd;
+                    let qop =
+                        Operand { v: q.slice(q_at, q.len - q_at)?, trans: false, ld: hd, stride: group * rows * hd };
+                    let s_at = j * qb * kn;
+                    let sop =
+                        Operand { v: s.slice(s_at, s.len - s_at)?, trans: false, ld: kn, stride: group * qb * kn };
+                    self.gemm((kn, qb, hd), kop, qop, sop, kv_heads, 1.0, 0.0)?;
+                }
                 let args = [
                     Arg::P(s.ptr),
                     Arg::P(p.ptr),
@@ -118,14 +152,24 @@ impl Gpu {
                     Arg::I(kn as i32),
                     Arg::I(q0 as i32),
                     Arg::F(scale),
+                    Arg::I(window.map_or(0, |w| w.min(i32::MAX as usize) as i32)),
                 ];
                 self.launch("causal_softmax", (qb as u32, heads as u32, 1), BLOCK, &args)?;
-                // O (qb × hd) = P V per head: column-major Oᵀ = Vᵀ Pᵀ, written into ctx's head columns.
-                let vop =
-                    Operand { v: v.slice(start * hd, v.len - start * hd)?, trans: false, ld: hd, stride: rows * hd };
-                let pop = Operand { v: p, trans: false, ld: kn, stride: qb * kn };
-                let o = ctx.slice((start + q0) * d, ctx.len - (start + q0) * d)?;
-                self.gemm((hd, qb, kn), vop, pop, Operand { v: o, trans: false, ld: d, stride: hd }, heads, 1.0, 0.0)?;
+                for j in 0..group {
+                    // O (qb × hd) = P V per head: column-major Oᵀ = Vᵀ Pᵀ, written into ctx's head columns.
+                    let vop = Operand {
+                        v: v.slice(start * hd, v.len - start * hd)?,
+                        trans: false,
+                        ld: hd,
+                        stride: rows * hd,
+                    };
+                    let p_at = j * qb * kn;
+                    let pop =
+                        Operand { v: p.slice(p_at, p.len - p_at)?, trans: false, ld: kn, stride: group * qb * kn };
+                    let o_at = (start + q0) * d + j * hd;
+                    let o = Operand { v: ctx.slice(o_at, ctx.len - o_at)?, trans: false, ld: d, stride: group * hd };
+                    self.gemm((hd, qb, kn), vop, pop, o, kv_heads, 1.0, 0.0)?;
+                }
             }
         }
         Ok(())
@@ -136,7 +180,8 @@ impl Gpu {
         (q, k, v): (View<'_>, View<'_>, View<'_>),
         ctx: View<'_>,
         spans: &[(usize, usize)],
-        (rows, heads, hd): (usize, usize, usize),
+        (rows, heads, group, hd): (usize, usize, usize, usize),
+        scale: f32,
         transposed_v: bool,
     ) -> Result<()> {
         if spans.is_empty() {
@@ -159,14 +204,15 @@ impl Gpu {
             (true, _, _) => "flash_tv_hd128_bf16",
         };
         // Grid (query blocks of 64, heads, sequences).
-        self.launch_flash(name, 128, (q, k, v), ctx, spans, (rows, heads, hd), |longest, seqs| {
+        self.launch_flash(name, 128, (q, k, v), ctx, spans, (rows, heads, group, scale), |longest, seqs| {
             (longest.div_ceil(64) as u32, heads as u32, seqs as u32)
         })
     }
 
     /// Launches a flash-attention kernel (`name`, `threads` per block) on `spans` in groups of at most
     /// 65,535 sequences (a grid dimension's limit), each group's starts and lengths uploaded;
-    /// `grid(longest, sequences)` gives a group's grid.
+    /// `grid(longest, sequences)` gives a group's grid. `group` query heads share a key/value head;
+    /// scores are multiplied by `scale` (in log2 units: the kernels' exponentials are ex2).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn launch_flash(
         &self,
@@ -175,14 +221,14 @@ impl Gpu {
         (q, k, v): (View<'_>, View<'_>, View<'_>),
         ctx: View<'_>,
         spans: &[(usize, usize)],
-        (rows, heads, hd): (usize, usize, usize),
+        (rows, heads, group, scale): (usize, usize, usize, f32),
         grid: impl Fn(usize, usize) -> (u32, u32, u32),
     ) -> Result<()> {
-        for group in spans.chunks(65_535) {
-            let starts: Vec<u32> = group.iter().map(|s| s.0 as u32).collect();
-            let lens: Vec<u32> = group.iter().map(|s| s.1 as u32).collect();
+        for batch in spans.chunks(65_535) {
+            let starts: Vec<u32> = batch.iter().map(|s| s.0 as u32).collect();
+            let lens: Vec<u32> = batch.iter().map(|s| s.1 as u32).collect();
             let (sb, lb) = (self.upload_u32(&starts)?, self.upload_u32(&lens)?);
-            let longest = group.iter().map(|s| s.1).max().unwrap_or(0);
+            let longest = batch.iter().map(|s| s.1).max().unwrap_or(0);
             let args = [
                 Arg::P(q.ptr),
                 Arg::P(k.ptr),
@@ -192,10 +238,10 @@ impl Gpu {
                 Arg::P(lb.view().ptr),
                 Arg::I(rows as i32),
                 Arg::I(heads as i32),
-                // Scores in log2 units: the kernel's exponentials are ex2.
-                Arg::F(std::f32::consts::LOG2_E / (hd as f32).sqrt()),
+                Arg::I(group as i32),
+                Arg::F(scale),
             ];
-            self.launch(name, grid(longest, group.len()), threads, &args)?;
+            self.launch(name, grid(longest, batch.len()), threads, &args)?;
         }
         Ok(())
     }
@@ -207,7 +253,8 @@ impl Gpu {
         (q, k, v): (View<'_>, View<'_>, View<'_>),
         ctx: View<'_>,
         spans: &[(usize, usize)],
-        (rows, heads, hd): (usize, usize, usize),
+        (rows, heads, group, hd): (usize, usize, usize, usize),
+        scale: f32,
     ) -> Result<()> {
         if spans.is_empty() {
             return Ok(());
@@ -240,7 +287,7 @@ impl Gpu {
         };
         let threads = if hd == 64 { 256 } else { 128 };
         // Grid (heads, sequences, query blocks): the kernel walks grid.z last-first.
-        self.launch_flash(name, threads, (q, k, v), ctx, spans, (rows, heads, hd), |longest, seqs| {
+        self.launch_flash(name, threads, (q, k, v), ctx, spans, (rows, heads, group, scale), |longest, seqs| {
             (heads as u32, seqs as u32, longest.div_ceil(block_queries) as u32)
         })
     }

@@ -1,5 +1,6 @@
-//! Row-wise and elementwise kernels: type conversion, embeddings, layer norm, bias + activation, the
-//! residual sum with biases, and the split of the fused QKV projection with rotary positions.
+//! Row-wise and elementwise kernels: type conversion, embeddings, layer norm and RMSNorm (the q/k norms
+//! too), bias + activation, gated activations, the residual sum with biases, and the split of the fused
+//! QKV projection with rotary positions.
 
 use super::*;
 
@@ -16,9 +17,10 @@ impl Gpu {
         self.launch("convert", Self::grid_for(n), BLOCK, &args)
     }
 
-    /// `x[r] = wte[tok[r]] (+ wpe[pos[r]])`, `d` columns, `f32` output. Token ids and positions must
-    /// have been checked against the tables' rows by the caller (they are also checked here against
-    /// the tables' sizes on the host copies the caller passes).
+    /// `x[r] = (wte[tok[r]] (+ wpe[pos[r]])) · scale`, `d` columns, `f32` output (`scale` is 1 but
+    /// for Gemma's embeddings). Token ids and positions must have been checked against the tables'
+    /// rows by the caller (they are also checked here against the tables' sizes on the host copies the
+    /// caller passes).
     #[allow(clippy::too_many_arguments)]
     pub fn embed(
         &self,
@@ -28,6 +30,7 @@ impl Gpu {
         wpe: Option<View<'_>>,
         x: View<'_>,
         d: usize,
+        scale: f32,
     ) -> Result<()> {
         let mut inputs = vec![("token ids", tok.1), ("positions", pos.1), ("token embedding", wte)];
         inputs.extend(wpe.map(|p| ("position embedding", p)));
@@ -78,6 +81,7 @@ impl Gpu {
             Arg::I(d as i32),
             Arg::L((wte.len / d) as i64),
             Arg::L(wpe.map_or(0, |p| p.len / d) as i64),
+            Arg::F(scale),
         ];
         self.launch("embed", (rows as u32, 1, 1), BLOCK, &args)
     }
@@ -189,30 +193,45 @@ impl Gpu {
         self.launch("bias_act", Self::rows_grid(cols, rows), BLOCK, &args)
     }
 
-    /// `x += a + ba (+ b2 + bb)` over `rows × d` (`x` in `f32`; the branches of one float type; biases
-    /// of length `d`, one type).
+    /// `x += a + ba (+ b2 + bb)` over `rows × d` (`x` in `f32`; the branches of one float type; biases,
+    /// when given, of length `d` and one type).
+    #[allow(clippy::type_complexity)]
     pub fn residual(
         &self,
         x: View<'_>,
-        (a, ba): (View<'_>, View<'_>),
-        second: Option<(View<'_>, View<'_>)>,
+        (a, ba): (View<'_>, Option<View<'_>>),
+        second: Option<(View<'_>, Option<View<'_>>)>,
         rows: usize,
         d: usize,
     ) -> Result<()> {
-        let mut inputs = vec![("branch", a), ("branch bias", ba)];
+        let mut inputs = vec![("branch", a)];
+        inputs.extend(ba.map(|b| ("branch bias", b)));
         if let Some((b2, bb)) = second {
-            inputs.extend([("second branch", b2), ("second branch bias", bb)]);
+            inputs.push(("second branch", b2));
+            inputs.extend(bb.map(|b| ("second branch bias", b)));
         }
         check_operands(self.ordinal, "residual", &inputs, &[("residual stream", x)], false)?;
         let n = rows * d;
         x.need_type("residual", &[DType::F32])?;
         x.need("residual", n)?;
         a.need("residual branch", n)?;
-        ba.need("residual bias", d)?;
+        if let Some(ba) = ba {
+            ba.need("residual bias", d)?;
+        }
+        let bias_dtype = ba.map(|b| b.dtype);
         if let Some((b2, bb)) = second {
             b2.need("residual branch", n)?;
-            bb.need("residual bias", d)?;
-            if bb.dtype != ba.dtype || b2.dtype != a.dtype {
+            if let Some(bb) = bb {
+                bb.need("residual bias", d)?;
+                if bias_dtype.is_some_and(|t| t != bb.dtype) {
+                    return Err(KernelError::Shape {
+                        what: "residual bias",
+                        expected: format!("{:?}", bias_dtype),
+                        found: bb.len,
+                    });
+                }
+            }
+            if b2.dtype != a.dtype {
                 return Err(KernelError::Shape {
                     what: "residual branch",
                     expected: format!("{:?}", a.dtype),
@@ -220,47 +239,169 @@ impl Gpu {
                 });
             }
         }
-        let (p2, pb) = second.map_or((0, 0), |(b2, bb)| (b2.ptr, bb.ptr));
+        let bias_dtype = bias_dtype.or(second.and_then(|s| s.1).map(|b| b.dtype)).unwrap_or(DType::F32);
+        let (p2, pb) = second.map_or((0, 0), |(b2, bb)| (b2.ptr, bb.map_or(0, |b| b.ptr)));
         let args = [
             Arg::P(x.ptr),
             Arg::P(a.ptr),
-            Arg::P(ba.ptr),
+            Arg::P(ba.map_or(0, |b| b.ptr)),
             Arg::P(p2),
             Arg::P(pb),
             Arg::I(a.dtype.code()),
-            Arg::I(ba.dtype.code()),
+            Arg::I(bias_dtype.code()),
             Arg::L(rows as i64),
             Arg::I(d as i32),
         ];
         self.launch("residual", Self::rows_grid(d, rows), BLOCK, &args)
     }
 
-    /// Splits the fused QKV projection (`rows × 3d`, any float type) plus `bias` into head-major `q`, `k`, `v`
-    /// (`heads × rows × hd` each, their type), rotating the first `rot` dimensions of each q and k
-    /// head with the tables `cos`/`sin` (`positions × rot/2`). `neox`: per-head `[q k v]` rows;
-    /// otherwise GPT-2's `[q | k | v]`.
+    /// RMSNorm of `rows` rows of `d` (`x` of any float type): `out = x·rstd·g` with `rstd =
+    /// 1/√(mean(x²) + eps)`, written in `out`'s type (`g` of any float type; Gemma's `1 + w` weights
+    /// are offset by the caller).
+    pub fn rms_norm(&self, x: View<'_>, g: View<'_>, eps: f32, out: View<'_>, rows: usize, d: usize) -> Result<()> {
+        check_operands(self.ordinal, "RMSNorm", &[("input", x), ("weight", g)], &[("output", out)], false)?;
+        x.need("RMSNorm input", rows * d)?;
+        out.need("RMSNorm output", rows * d)?;
+        g.need("RMSNorm weight", d)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let args = [
+            Arg::P(x.ptr),
+            Arg::I(x.dtype.code()),
+            Arg::P(g.ptr),
+            Arg::I(g.dtype.code()),
+            Arg::P(out.ptr),
+            Arg::I(out.dtype.code()),
+            Arg::I(d as i32),
+            Arg::F(eps),
+        ];
+        self.launch("rms_norm", (rows as u32, 1, 1), BLOCK, &args)
+    }
+
+    /// RMSNorm in place of the queries (`q` groups, weight `gq`) and keys (`k` groups, weight `gk`) in
+    /// the fused projection `qkv` (`rows` rows of `row` values), before rotary positions: one head per
+    /// group (Qwen 3, Gemma 3) or all heads at once (OLMo 2).
+    #[allow(clippy::too_many_arguments)]
+    pub fn qk_rms_norm(
+        &self,
+        qkv: View<'_>,
+        (rows, row): (usize, usize),
+        (q, k): (NormGroups, NormGroups),
+        (gq, gk): (View<'_>, View<'_>),
+        eps: f32,
+    ) -> Result<()> {
+        check_operands(self.ordinal, "q/k RMSNorm", &[("q weight", gq), ("k weight", gk)], &[("qkv", qkv)], false)?;
+        qkv.need("q/k RMSNorm input", rows * row)?;
+        gq.need("q norm weight", q.width)?;
+        gk.need("k norm weight", k.width)?;
+        if gq.dtype != gk.dtype {
+            return Err(KernelError::Shape {
+                what: "k norm weight",
+                expected: format!("{:?}", gq.dtype),
+                found: gk.len,
+            });
+        }
+        for (what, g) in [("q norm groups", q), ("k norm groups", k)] {
+            let end = g.offset + g.count.saturating_sub(1) * g.step + g.width;
+            if g.count == 0 || end > row {
+                return Err(KernelError::Shape {
+                    what,
+                    expected: format!("1 or more inside rows of {row}"),
+                    found: end,
+                });
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let i = |v: usize| Arg::I(v as i32);
+        let args = [
+            Arg::P(qkv.ptr),
+            Arg::I(qkv.dtype.code()),
+            Arg::L(row as i64),
+            i(q.offset),
+            i(q.step),
+            i(q.count),
+            i(q.width),
+            i(k.offset),
+            i(k.step),
+            i(k.count),
+            i(k.width),
+            Arg::P(gq.ptr),
+            Arg::P(gk.ptr),
+            Arg::I(gq.dtype.code()),
+            Arg::F(eps),
+        ];
+        let groups = q.count + k.count;
+        if groups > 65_535 || rows > i32::MAX as usize {
+            return Err(KernelError::Unsupported {
+                what: "q/k RMSNorm",
+                message: format!("{rows} rows of {groups} groups; at most 2³¹ − 1 rows and 65,535 groups"),
+            });
+        }
+        self.launch("qk_rms_norm", (rows as u32, groups as u32, 1), 128, &args)
+    }
+
+    /// `up = act(gate) · up` over `n` values (gate and up of one float type): `act` 3 is SiLU
+    /// (SwiGLU), 2 the tanh GELU (GeGLU).
+    pub fn gated_act(&self, gate: View<'_>, up: View<'_>, n: usize, act: i32) -> Result<()> {
+        check_operands(self.ordinal, "gated activation", &[("gate", gate)], &[("up", up)], false)?;
+        gate.need("gate", n)?;
+        up.need("up", n)?;
+        if gate.dtype != up.dtype || !matches!(act, 2 | 3) {
+            return Err(KernelError::Shape {
+                what: "gated activation",
+                expected: format!("gate and up of one type ({:?}) and act 2 or 3 (here {act})", up.dtype),
+                found: n,
+            });
+        }
+        let args = [Arg::P(gate.ptr), Arg::P(up.ptr), Arg::I(up.dtype.code()), Arg::L(n as i64), Arg::I(act)];
+        self.launch("gated_act", Self::grid_for(n), BLOCK, &args)
+    }
+
+    /// Splits the fused QKV projection (`rows` rows laid out as `layout` says, any float type) plus
+    /// `bias` (when given, one row's length) into head-major `q` (`heads × rows × hd`) and `k`, `v`
+    /// (`kv_heads × rows × hd`), their type, rotating the first `rot` dimensions of each q and k head
+    /// (rotate-half) with the tables `cos`/`sin` (`positions × rot/2`).
     #[allow(clippy::too_many_arguments)]
     pub fn qkv_split(
         &self,
         qkv: View<'_>,
-        bias: View<'_>,
+        bias: Option<View<'_>>,
         pos: (&[u32], View<'_>),
         rotary: Option<(View<'_>, View<'_>, usize)>,
-        neox: bool,
+        layout: QkvRow,
         (q, k, v): (View<'_>, View<'_>, View<'_>),
-        (rows, heads, hd): (usize, usize, usize),
+        (rows, heads, kv_heads, hd): (usize, usize, usize, usize),
     ) -> Result<()> {
-        let mut inputs = vec![("qkv", qkv), ("qkv bias", bias), ("positions", pos.1)];
+        let mut inputs = vec![("qkv", qkv), ("positions", pos.1)];
+        inputs.extend(bias.map(|b| ("qkv bias", b)));
         if let Some((cos, sin, _)) = rotary {
             inputs.extend([("rotary cos", cos), ("rotary sin", sin)]);
         }
         check_operands(self.ordinal, "qkv split", &inputs, &[("q", q), ("k", k), ("v", v)], false)?;
-        let d = heads * hd;
-        qkv.need("qkv", rows * 3 * d)?;
-        bias.need("qkv bias", 3 * d)?;
+        let QkvRow { row, q: q_off, k: k_off, v: v_off, head } = layout;
+        if kv_heads == 0 || kv_heads > heads {
+            return Err(KernelError::Shape {
+                what: "key/value heads",
+                expected: format!("1..={heads}"),
+                found: kv_heads,
+            });
+        }
+        for (what, off, n) in [("q heads", q_off, heads), ("k heads", k_off, kv_heads), ("v heads", v_off, kv_heads)] {
+            let end = off + (n - 1) * head + hd;
+            if end > row {
+                return Err(KernelError::Shape { what, expected: format!("inside rows of {row}"), found: end });
+            }
+        }
+        qkv.need("qkv", rows * row)?;
+        if let Some(b) = bias {
+            b.need("qkv bias", row)?;
+        }
         pos.1.need("qkv positions", rows)?;
-        for (what, o) in [("q", q), ("k", k), ("v", v)] {
-            o.need(what, rows * d)?;
+        for (what, o, n) in [("q", q, heads), ("k", k, kv_heads), ("v", v, kv_heads)] {
+            o.need(what, rows * n * hd)?;
             if o.dtype != q.dtype {
                 return Err(KernelError::Shape { what, expected: format!("{:?}", q.dtype), found: o.len });
             }
@@ -278,23 +419,29 @@ impl Gpu {
             c.need("rotary cos", (max + 1) * r / 2)?;
             s.need("rotary sin", (max + 1) * r / 2)?;
         }
+        let i = |v: usize| Arg::I(v as i32);
         let args = [
             Arg::P(qkv.ptr),
             Arg::I(qkv.dtype.code()),
-            Arg::P(bias.ptr),
-            Arg::I(bias.dtype.code()),
+            Arg::P(bias.map_or(0, |b| b.ptr)),
+            Arg::I(bias.map_or(DType::F32, |b| b.dtype).code()),
             Arg::P(pos.1.ptr),
             Arg::P(cos),
             Arg::P(sin),
-            Arg::I(rot as i32),
-            Arg::I(neox as i32),
+            i(rot),
+            Arg::L(row as i64),
+            i(q_off),
+            i(k_off),
+            i(v_off),
+            i(head),
             Arg::P(q.ptr),
             Arg::P(k.ptr),
             Arg::P(v.ptr),
             Arg::I(q.dtype.code()),
             Arg::L(rows as i64),
-            Arg::I(heads as i32),
-            Arg::I(hd as i32),
+            i(heads),
+            i(kv_heads),
+            i(hd),
             Arg::L(rotary.map_or(0, |(c, _, r)| if r == 0 { 0 } else { c.len / (r / 2) }) as i64),
         ];
         self.launch("qkv_split", (rows as u32, 1, 1), BLOCK, &args)

@@ -94,10 +94,10 @@ extern "C" __global__ void convert(const void* x, int x_dt, void* y, int y_dt, i
         st(y, i, y_dt, ld(x, i, x_dt));
 }
 
-// x[r] = wte[tok[r]] (+ wpe[pos[r]] when wpe is not null); one block per row. An id or position
+// x[r] = (wte[tok[r]] (+ wpe[pos[r]] when wpe is not null)) · scale (1 but for Gemma); one block per row. An id or position
 // outside its table (the host checks first) gives NaN, never a read outside the table.
 extern "C" __global__ void embed(const u32* tok, const u32* pos, const void* wte, const void* wpe, int dt,
-                                 float* x, int d, i64 vocab, i64 positions) {
+                                 float* x, int d, i64 vocab, i64 positions, float scale) {
     i64 r = blockIdx.x;
     i64 t = tok[r];
     bool bad = t >= vocab || (wpe && (i64)pos[r] >= positions);
@@ -108,7 +108,7 @@ extern "C" __global__ void embed(const u32* tok, const u32* pos, const void* wte
         }
         float v = ld(wte, t * d + c, dt);
         if (wpe) v += ld(wpe, (i64)pos[r] * d + c, dt);
-        x[r * d + c] = v;
+        x[r * d + c] = v * scale;
     }
 }
 
@@ -227,12 +227,13 @@ extern "C" __global__ void bias_act_vec(const void* y, const void* b, int dt, vo
     }
 }
 
-// x += (a + ba) (+ (b2 + bb) when b2 is not null): a and b2 of type a_dt, biases (length d) of type dt.
+// x += (a + ba) (+ (b2 + bb) when b2 is not null): a and b2 of type a_dt, biases (length d) of type dt;
+// a null bias adds nothing.
 extern "C" __global__ void residual(float* x, const void* a, const void* ba, const void* b2, const void* bb, int a_dt,
                                     int dt, i64 rows, int d) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= d) return;
-    float bias = ld(ba, c, dt) + (b2 ? ld(bb, c, dt) : 0.0f);
+    float bias = (ba ? ld(ba, c, dt) : 0.0f) + (b2 && bb ? ld(bb, c, dt) : 0.0f);
     for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
         i64 i = r * d + c;
         float v = ld(a, i, a_dt) + bias;
@@ -241,35 +242,80 @@ extern "C" __global__ void residual(float* x, const void* a, const void* ba, con
     }
 }
 
-// Splits the fused QKV projection (type qkv_dt, plus bias) into head-major q, k, v (heads × rows × hd, type out_dt),
-// rotating the first `rot` dimensions of every q and k head (rotate-half, GPT-NeoX) with the tables
-// cos_t/sin_t (position × rot/2). neox = 1: a row is [q k v] per head; neox = 0 (GPT-2): [q | k | v].
+// ---- The Llama family: RMSNorm, the q/k norms and the gated MLPs ----------------------------------------
+// out[r] = x[r] / sqrt(mean(x[r]²) + eps) · g (x of type x_dt, g of type dt, out written as out_dt), as the CPU
+// path computes it (x·rstd, then ·g); one block per row.
+extern "C" __global__ void rms_norm(const void* x, int x_dt, const void* g, int dt, void* out, int out_dt, int d,
+                                    float eps) {
+    i64 r = blockIdx.x;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) {
+        float v = ld(x, r * d + c, x_dt);
+        s += v * v;
+    }
+    float inv = 1.0f / sqrtf(block_sum(s) / d + eps);
+    for (int c = threadIdx.x; c < d; c += blockDim.x)
+        st(out, r * d + c, out_dt, ld(x, r * d + c, x_dt) * inv * ld(g, c, dt));
+}
+
+// RMSNorm in place of the queries and keys in the fused projection (rows of row_len values of type dt): qn
+// groups of qw values at q_off + j·q_step (weight gq), then kn groups of kw values at k_off + j·k_step
+// (weight gk); weights of type g_dt. One head per group (Qwen 3, Gemma 3) or all heads at once (OLMo 2).
+// Grid (rows, qn + kn).
+extern "C" __global__ void qk_rms_norm(void* qkv, int dt, i64 row_len, int q_off, int q_step, int qn, int qw,
+                                       int k_off, int k_step, int kn, int kw, const void* gq, const void* gk,
+                                       int g_dt, float eps) {
+    const int j = blockIdx.y;
+    const bool is_q = j < qn;
+    const int w = is_q ? qw : kw;
+    const i64 at = (i64)blockIdx.x * row_len + (is_q ? q_off + j * q_step : k_off + (j - qn) * k_step);
+    const void* g = is_q ? gq : gk;
+    float s = 0.0f;
+    for (int c = threadIdx.x; c < w; c += blockDim.x) {
+        float v = ld(qkv, at + c, dt);
+        s += v * v;
+    }
+    float inv = 1.0f / sqrtf(block_sum(s) / w + eps);
+    for (int c = threadIdx.x; c < w; c += blockDim.x) st(qkv, at + c, dt, ld(qkv, at + c, dt) * inv * ld(g, c, g_dt));
+}
+
+// up = act(gate) · up over n values of type dt: act 3 SiLU (SwiGLU), 2 tanh GELU (GeGLU).
+extern "C" __global__ void gated_act(const void* gate, void* up, int dt, i64 n, int act) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        float g = ld(gate, i, dt);
+        float a = act == 3 ? g / (1.0f + expf(-g)) : gelu(g, act);
+        st(up, i, dt, ld(up, i, dt) * a);
+    }
+}
+
+// Splits the fused QKV projection (rows of `row_len` values of type qkv_dt, plus bias when not null) into
+// head-major q (heads × rows × hd) and k, v (kv_heads × rows × hd), type out_dt, rotating the first `rot`
+// dimensions of every q and k head (rotate-half) with the tables cos_t/sin_t (position × rot/2). Head h
+// of q starts at q_off + h·head_stride in a row, of k at k_off + h·head_stride, of v at v_off + h·head_stride
+// (GPT-NeoX: per-head [q k v], head_stride 3·hd; GPT-2 and the Llama family: [q | k | v], head_stride hd).
 // One block per row.
 extern "C" __global__ void qkv_split(const void* qkv, int qkv_dt, const void* bias, int dt, const u32* pos, const float* cos_t,
-                                     const float* sin_t, int rot, int neox, void* q, void* k, void* v, int out_dt,
-                                     i64 rows, int heads, int hd, i64 positions) {
+                                     const float* sin_t, int rot, i64 row_len, int q_off, int k_off, int v_off,
+                                     int head_stride, void* q, void* k, void* v, int out_dt, i64 rows, int heads,
+                                     int kv_heads, int hd, i64 positions) {
     i64 r = blockIdx.x;
     if (rot > 0 && (i64)pos[r] >= positions) rot = 0;  // outside the tables (the host checks first): no rotation
     int d = heads * hd, half = rot / 2;
-    const i64 row = r * 3 * d;
+    const i64 row = r * row_len;
     for (int j = threadIdx.x; j < d; j += blockDim.x) {
         int h = j / hd, i = j % hd;
-        int base_q = neox ? h * 3 * hd : h * hd;
-        int stride = neox ? hd : d;
         i64 dst = ((i64)h * rows + r) * hd + i;
-        for (int part = 0; part < 3; part++) {
-            int at = base_q + part * stride;
-            float val = ld(qkv, row + at + i, qkv_dt) + ld(bias, at + i, dt);
+        for (int part = 0; part < 3 && (part == 0 || h < kv_heads); part++) {
+            int at = (part == 0 ? q_off : (part == 1 ? k_off : v_off)) + h * head_stride;
+            float val = ld(qkv, row + at + i, qkv_dt);
+            if (bias) val += ld(bias, at + i, dt);
             if (part < 2 && i < rot) {
                 int f = i < half ? i : i - half;
                 float c = cos_t[(i64)pos[r] * half + f], s = sin_t[(i64)pos[r] * half + f];
-                if (i < half) {
-                    float o = ld(qkv, row + at + i + half, qkv_dt) + ld(bias, at + i + half, dt);
-                    val = val * c - o * s;
-                } else {
-                    float o = ld(qkv, row + at + i - half, qkv_dt) + ld(bias, at + i - half, dt);
-                    val = val * c + o * s;
-                }
+                int o_at = at + (i < half ? i + half : i - half);
+                float o = ld(qkv, row + o_at, qkv_dt);
+                if (bias) o += ld(bias, o_at, dt);
+                val = i < half ? val * c - o * s : val * c + o * s;
             }
             st(part == 0 ? q : (part == 1 ? k : v), dst, out_dt, val);
         }
@@ -277,20 +323,23 @@ extern "C" __global__ void qkv_split(const void* qkv, int qkv_dt, const void* bi
 }
 
 // Causal softmax of one query block's scores: s is (heads × qb × kn) f32, query i of the block sits at
-// position q0 + i of its sequence and sees keys 0..=q0 + i. Writes p (type p_dt), zero past the diagonal.
+// position q0 + i of its sequence and sees keys 0..=q0 + i, or only the last `window` of them when window > 0.
+// Writes p (type p_dt), zero outside what a query sees.
 // Grid (qb, heads).
-extern "C" __global__ void causal_softmax(const float* s, void* p, int p_dt, int qb, int kn, int q0, float scale) {
+extern "C" __global__ void causal_softmax(const float* s, void* p, int p_dt, int qb, int kn, int q0, float scale,
+                                          int window) {
     i64 row = (i64)blockIdx.y * qb + blockIdx.x;
     const float* x = s + row * kn;
     int last = q0 + blockIdx.x;
+    int first = window > 0 && last + 1 > window ? last + 1 - window : 0;
     float m = NEG_INF;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, x[j] * scale);
+    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, x[j] * scale);
     m = block_max(m);
     float sum = 0.0f;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) sum += expf(x[j] * scale - m);
+    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) sum += expf(x[j] * scale - m);
     float inv = 1.0f / block_sum(sum);
     for (int j = threadIdx.x; j < kn; j += blockDim.x)
-        st(p, row * kn + j, p_dt, j <= last ? expf(x[j] * scale - m) * inv : 0.0f);
+        st(p, row * kn + j, p_dt, j >= first && j <= last ? expf(x[j] * scale - m) * inv : 0.0f);
 }
 
 // Per row of a chunk of logits (rows × V, type l_dt): lse = log Σ exp, and out = logit[target] − lse.
@@ -394,7 +443,8 @@ extern "C" __global__ void softmax_grad(float* logits, i64 V, const float* lse, 
 // mma.sync.m16n8k16 (f16 or bf16 inputs, f32 accumulation), keeps a running max and sum per row, and
 // accumulates O = P V with P rounded to the input type, as flash attention does. Scores are kept in
 // log2 units (the scale includes log2 e), so every exponential is one ex2.approx. No score matrix ever
-// leaves registers. q, k, v are head-major (heads × rows × HD); ctx is row-major (rows × heads·HD).
+// leaves registers. q, k, v are head-major (q heads × rows × HD; k and v heads/group × rows × HD, query head h
+// reading key/value head h / group); ctx is row-major (rows × heads·HD).
 
 template <bool BF>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
@@ -425,7 +475,7 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 // loads, conflict-free stores and reads); otherwise V is transposed on its way into shared memory.
 template <int HD, bool BF, bool LDSM>
 __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* ctx, const u32* starts,
-                                const u32* lens, int rows, int heads, float scale) {
+                                const u32* lens, int rows, int heads, int group, float scale) {
 #if __CUDA_ARCH__ >= 800  // mma.sync m16n8k16 needs sm_80; the host never launches these below it
     __shared__ u32 ks[64][HD / 2 + 4];                     // K tile: [key][dim pair]
     __shared__ __align__(16) u16 vt[LDSM ? 64 : HD][(LDSM ? HD : 64) + 8];  // V: [key][dim] or [dim][key]
@@ -435,9 +485,11 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
     if (q0 >= len) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const i64 head_base = ((i64)h * rows + start) * HD;  // element offset of this (head, sequence)
+    // Grouped-query attention: `group` query heads share each key/value head.
+    const i64 kv_base = ((i64)(h / group) * rows + start) * HD;
     const u32* q32 = (const u32*)(q + head_base);
-    const u32* k32 = (const u32*)(k + head_base);
-    const u32* v32 = (const u32*)(v + head_base);
+    const u32* k32 = (const u32*)(k + kv_base);
+    const u32* v32 = (const u32*)(v + kv_base);
     const int r0 = q0 + warp * 16 + g, r1 = r0 + 8;  // this thread's two query rows
     // Q fragments for the warp's 16 rows, all HD/16 k-steps.
     u32 qa[HD / 16][4];
@@ -556,36 +608,36 @@ __device__ void flash_attention(const u16* q, const u16* k, const u16* v, u16* c
 }
 
 extern "C" __global__ void __launch_bounds__(128) flash_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<64, false, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<64, false, true>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<64, true, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<64, true, true>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<128, false, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<128, false, true>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<128, true, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<128, true, true>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_tv_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<64, false, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<64, false, false>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_tv_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<64, true, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<64, true, false>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_tv_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<128, false, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<128, false, false>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash_tv_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention<128, true, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention<128, true, false>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 
 // ---- Pipelined fused attention ---------------------------------------------------------------------
@@ -631,7 +683,7 @@ __device__ __forceinline__ u32 pack2x(float lo, float hi) {
 
 template <int HD, int KN, int WARPS, bool BF>
 __device__ void flash_attention_pipelined(const u16* q, const u16* k, const u16* v, u16* ctx, const u32* starts,
-                                          const u32* lens, int rows, int heads, float scale) {
+                                          const u32* lens, int rows, int heads, int group, float scale) {
 #if __CUDA_ARCH__ >= 800
     constexpr int BM = WARPS * 16, THREADS = WARPS * 32, LD = HD + 8;  // row pitch: 16 bytes of padding
     constexpr int CHUNKS = KN * HD / 8;                                    // 16-byte copies per tile and operand
@@ -644,8 +696,9 @@ __device__ void flash_attention_pipelined(const u16* q, const u16* k, const u16*
     if (q0 >= len) return;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const i64 head_base = ((i64)h * rows + start) * HD;
-    const u16* kh = k + head_base;
-    const u16* vh = v + head_base;
+    const i64 kv_base = ((i64)(h / group) * rows + start) * HD;  // grouped-query attention
+    const u16* kh = k + kv_base;
+    const u16* vh = v + kv_base;
     const u32* q32 = (const u32*)(q + head_base);
     const int w0 = q0 + warp * 16;              // the warp's first query
     const int r0 = w0 + g, r1 = r0 + 8;         // this thread's two query rows
@@ -790,20 +843,20 @@ __device__ void flash_attention_pipelined(const u16* q, const u16* k, const u16*
 
 // Heads of 64: 128-query blocks (8 warps), 64-key tiles (36 KiB of shared memory, double-buffered).
 extern "C" __global__ void __launch_bounds__(256, 2) flash2_hd64_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention_pipelined<64, 64, 8, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention_pipelined<64, 64, 8, false>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) flash2_hd64_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention_pipelined<64, 64, 8, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention_pipelined<64, 64, 8, true>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 // Heads of 128: 64-query blocks (4 warps: the accumulators take twice the registers), 32-key tiles
 // (34 KiB, double-buffered, inside the 48 KiB of static shared memory).
 extern "C" __global__ void __launch_bounds__(128) flash2_hd128_f16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention_pipelined<128, 32, 4, false>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention_pipelined<128, 32, 4, false>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }
 extern "C" __global__ void __launch_bounds__(128) flash2_hd128_bf16(const u16* q, const u16* k, const u16* v, u16* ctx,
-        const u32* starts, const u32* lens, int rows, int heads, float scale) {
-    flash_attention_pipelined<128, 32, 4, true>(q, k, v, ctx, starts, lens, rows, heads, scale);
+        const u32* starts, const u32* lens, int rows, int heads, int group, float scale) {
+    flash_attention_pipelined<128, 32, 4, true>(q, k, v, ctx, starts, lens, rows, heads, group, scale);
 }

@@ -32,7 +32,7 @@ mod training;
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 25] = [
+pub const KERNELS: [&str; 28] = [
     "convert",
     "embed",
     "layer_norm",
@@ -40,6 +40,9 @@ pub const KERNELS: [&str; 25] = [
     "layer_norm_warp",
     "bias_act_vec",
     "residual",
+    "rms_norm",
+    "qk_rms_norm",
+    "gated_act",
     "qkv_split",
     "causal_softmax",
     "lse_target",
@@ -245,6 +248,53 @@ pub struct Linear<'a> {
     /// `false`: stored `outputs × inputs` row-major (PyTorch `Linear`); `true`: `inputs × outputs`
     /// (GPT-2's `Conv1D`).
     pub inputs_major: bool,
+}
+
+/// The shape and options of one causal attention call ([`Gpu::attention_shaped`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    /// Rows of the packed batch.
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (a divisor of `heads`; `heads` without grouping).
+    pub kv_heads: usize,
+    /// Dimensions per head.
+    pub hd: usize,
+    /// Each query sees at most this many keys, itself included.
+    pub window: Option<usize>,
+    /// The scores' scale (`hd^-1/2` when `None`).
+    pub scale: Option<f32>,
+}
+
+/// Where the heads sit in a row of a fused QKV projection ([`Gpu::qkv_split`]): head `h` of q starts
+/// at `q + h·head`, of k at `k + h·head`, of v at `v + h·head`, within rows of `row` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QkvRow {
+    /// Values per row.
+    pub row: usize,
+    /// Offset of the first query head.
+    pub q: usize,
+    /// Offset of the first key head.
+    pub k: usize,
+    /// Offset of the first value head.
+    pub v: usize,
+    /// From one head to the next.
+    pub head: usize,
+}
+
+/// Groups of one [`Gpu::qk_rms_norm`] side (queries or keys): `count` groups of `width` values, the
+/// first at `offset` in a row, the next `step` further.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormGroups {
+    /// Offset of the first group in a row.
+    pub offset: usize,
+    /// From one group to the next.
+    pub step: usize,
+    /// Groups per row.
+    pub count: usize,
+    /// Values per group (the weight's length).
+    pub width: usize,
 }
 
 /// How [`Gpu::attention_with`] computes causal attention.
@@ -552,7 +602,10 @@ impl Gpu {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Ok(());
         }
-        let f = &self.funcs[name];
+        let f = self.funcs.get(name).ok_or_else(|| KernelError::Unsupported {
+            what: "kernel",
+            message: format!("`{name}` is not among the compiled kernels (cuda::KERNELS)"),
+        })?;
         let mut b = stream.launch_builder(f);
         for a in args {
             match a {
