@@ -30,6 +30,22 @@ def best_of(fn, reps=3):
     return best
 
 
+def score_row(name, model, V, B, T):
+    """One table row: tokens/s of scoring B random sequences of T tokens (logits -> log_softmax -> gather),
+    and peak allocated memory."""
+    ids = torch.randint(0, V, (B, T), device=dev)
+
+    def score():
+        with torch.inference_mode():
+            logits = model(ids).logits.float()
+            return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).sum((1, 2))
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t = best_of(score)
+    print(f"| {name} | {B} | {T} | {B * T / t:.0f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} |")
+
+
 which = sys.argv[1:] or ["logprobs", "head", "families"]
 if "logprobs" in which:
     print("| PyTorch fp16 (logits+log_softmax+gather) | B | T | tokens/s | peak GiB |\n|---|---|---|---|---|")
@@ -40,17 +56,7 @@ if "logprobs" in which:
                             intermediate_size=4 * d, rotary_pct=0.25, max_position_embeddings=T)
         with torch.device(dev):
             model = GPTNeoXForCausalLM(cfg).half().eval()
-        ids = torch.randint(0, V, (B, T), device=dev)
-
-        def score():
-            with torch.inference_mode():
-                logits = model(ids).logits.float()
-                return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).sum((1, 2))
-
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        t = best_of(score)
-        print(f"| {name} | {B} | {T} | {B * T / t:.0f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} |")
+        score_row(name, model, V, B, T)
         del model
         torch.cuda.empty_cache()
 
@@ -89,16 +95,6 @@ if "families" in which:
         cfg = config(max_position_embeddings=T, tie_word_embeddings=True, **sizes)
         with torch.device(dev):
             model = model_type(cfg).to(torch.bfloat16).eval()
-        ids = torch.randint(0, sizes["vocab_size"], (B, T), device=dev)
-
-        def score():
-            with torch.inference_mode():
-                logits = model(ids).logits.float()
-                return torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).sum((1, 2))
-
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        t = best_of(score)
-        print(f"| {name} | {B} | {T} | {B * T / t:.0f} | {torch.cuda.max_memory_allocated() / 2**30:.2f} |")
+        score_row(name, model, sizes["vocab_size"], B, T)
         del model
         torch.cuda.empty_cache()

@@ -323,22 +323,29 @@ pub fn bench_family_logprobs(
     write_family(dir, family, shape, t, (Dtype::BF16, 0.02, 5))?;
     let model = GpuModel::load(dir, device).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(dir);
-    let gpu = model.gpu().clone();
     let seqs = random_seqs(&vec![t; batch], shape.vocab, 9);
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-    model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+    let (best, base, peak) = time_scoring(&model, &refs, batches)?;
+    Ok(((batch * t) as f64 / best, base, peak))
+}
+
+/// Scores `refs` once (warm-up), then `batches` times: the best time in seconds, the device memory in
+/// use before and its peak during the timed batches.
+fn time_scoring(model: &GpuModel, refs: &[&[u32]], batches: usize) -> Result<(f64, usize, usize), String> {
+    let gpu = model.gpu();
+    model.token_log_probs_batch(refs).map_err(|e| e.to_string())?;
     let base = gpu.memory().0;
     gpu.reset_peak();
     let mut best = f64::INFINITY;
     for _ in 0..batches {
         let t0 = Instant::now();
-        let lp = model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
+        let lp = model.token_log_probs_batch(refs).map_err(|e| e.to_string())?;
         best = best.min(t0.elapsed().as_secs_f64());
         if lp.iter().flatten().any(|v| !v.is_finite()) {
             return Err("non-finite log-prob".into());
         }
     }
-    Ok(((batch * t) as f64 / best, base, gpu.memory().1))
+    Ok((best, base, gpu.memory().1))
 }
 
 /// Qwen2.5-0.5B's and Llama-3.2-1B's shapes (tied output layers, as theirs are).
@@ -503,20 +510,9 @@ pub fn bench_logprobs(
         model.set_attention(how);
         model.set_output_chunk(memsteer_kernels::cuda::OUTPUT_CHUNK, logits);
         gpu.set_vectorised(vectorised);
-        model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
-        let base = gpu.memory().0;
-        gpu.reset_peak();
-        let mut best = f64::INFINITY;
-        for _ in 0..batches {
-            let t0 = Instant::now();
-            let lp = model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
-            best = best.min(t0.elapsed().as_secs_f64());
-            if lp.iter().flatten().any(|v| !v.is_finite()) {
-                return Err("non-finite log-prob".into());
-            }
-        }
+        let (best, base, peak) = time_scoring(&model, &refs, batches)?;
         let label = format!("{how:?}, {logits:?} logits{}", if vectorised { ", vectorised" } else { "" });
-        out.push((label, (batch * t) as f64 / best, base, gpu.memory().1));
+        out.push((label, (batch * t) as f64 / best, base, peak));
     }
     gpu.set_vectorised(true);
     Ok(out)
