@@ -43,6 +43,10 @@ impl Parity {
     }
 }
 
+/// Held by the checks that switch the device's process-wide settings (`Gpu::set_vectorised`), so that
+/// two of them running at once (the test harness's threads) do not switch them under each other.
+static SETTINGS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Opens CUDA device 0, or says why not.
 pub fn device() -> Result<Device, String> {
     Device::cuda(0).map_err(|e| e.to_string())
@@ -60,6 +64,7 @@ fn random_seqs(lens: &[usize], vocab: usize, seed: u64) -> Vec<Vec<u32>> {
 /// through 2 layers and the output layer that is a few 1e-3 (f16) or a few 1e-2 (bf16) nats on
 /// logits of spread ~3, bounded here at 2e-2 and 1.5e-1 relative to max(1, |log p|).
 pub fn parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
+    let _settings = SETTINGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     // Heads of 64 (d 128, 2 heads) and 128 (d 256, 2 heads): the fused attention kernel's sizes.
     let hd64 = Shape { d: 128, layers: 2, heads: 2, vocab: 1000, context: 600 };
     let hd128 = Shape { d: 256, layers: 2, heads: 2, vocab: 1000, context: 600 };
@@ -212,8 +217,11 @@ fn fixture(name: &str) -> std::path::PathBuf {
 /// and OLMo 2's q/k norms, OLMo 2's post-norms, Gemma 3's sandwich norms, local rotary and scale)
 /// scored by [`GpuModel`] against transformers' float64 log-probs (bound 1e-4 relative, as on the CPU);
 /// (2) random models of each family at the fused kernels' head sizes (64 and 128, grouped 2 and 4 to
-/// 1), f32 / f16 / bf16, against the CPU runtime, with the bounds of [`parity`].
+/// 1), f32 / f16 / bf16, against the CPU runtime, with the bounds of [`parity`] (f16: 4e-2 and 0.1 for
+/// hidden states, twice what an H200 measured); (3) each attention kernel on a grouped model against
+/// the same model ungrouped ([`crate::write_ungrouped_twin`]), bounds 5e-3 and 2e-2.
 pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
+    let _settings = SETTINGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut out = Vec::new();
     for name in [
         "tiny-llama-gqa",
@@ -266,7 +274,7 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let (f, t, a, tv, pl) =
         (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV, Attention::Pipelined);
-    let cases: [(&str, FamilyShape, Dtype, Attention, f64); 18] = [
+    let cases: [(&str, FamilyShape, Dtype, Attention, f64); 20] = [
         ("llama", hd64, Dtype::F32, a, 1e-4),
         ("llama", hd64, Dtype::F16, a, 4e-2),
         ("llama", hd64, Dtype::BF16, f, 1.5e-1),
@@ -283,14 +291,20 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
         ("olmo2", hd64, Dtype::BF16, a, 1.5e-1),
         ("gemma3", hd64, Dtype::F32, a, 1e-4),
         ("gemma3", hd128, Dtype::BF16, a, 1.5e-1),
-        // The same half-precision models on the tiled path: rounding, not a fused kernel, if they agree.
+        // The same half-precision models (the seed follows family, shape and type, not the attention)
+        // on the tiled path: rounding, not a fused kernel, where they agree.
         ("llama", hd64, Dtype::F16, t, 4e-2),
         ("gemma3", hd128, Dtype::BF16, t, 1.5e-1),
+        // Gemma 3 27B's score scale (query_pre_attn_scalar 168 at heads of 128) through the fused
+        // kernels, and the same model tiled.
+        ("gemma3@168", hd128, Dtype::F16, a, 4e-2),
+        ("gemma3@168", hd128, Dtype::F16, t, 4e-2),
     ];
     for (i, (family, shape, dtype, attention, bound)) in cases.into_iter().enumerate() {
         let m = dir.join(format!("family-{i}"));
         let std = 2.4 / (shape.d as f64).sqrt();
-        write_family(&m, family, shape, 100, (dtype, std, 101 + i as u64))?;
+        let seed = memsteer_panel::rng::hash_key(101, format!("{family} {shape:?} {dtype:?}").as_bytes());
+        write_family(&m, family, shape, 100, (dtype, std, seed))?;
         let cpu_model = Model::load(&m).map_err(|e| format!("{family}: {e}"))?;
         let cpu = cpu_model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?;
         let cpu_hidden = cpu_model.decoder().forward_packed(&refs, None).map_err(|e| e.to_string())?;
@@ -307,6 +321,41 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
         let hidden = if dtype == Dtype::F16 { 0.1 } else { hidden_bound(dtype) };
         out.push(measure(case, (&cpu, &cpu_hidden), (&gpu, &gpu_hidden), (bound, hidden))?);
         let _ = std::fs::remove_dir_all(&m);
+    }
+    // Grouped-query attention inside each kernel against the same model without grouping (every
+    // key/value head copied to the query heads that shared it): the same function, so only rounding
+    // (one product of another width) separates them; a wrong head mapping would be off by nats.
+    for (i, (shape, dtype, attention)) in [
+        (hd64, Dtype::F16, f),
+        (hd64, Dtype::F16, pl),
+        (hd128, Dtype::F16, tv),
+        (hd128, Dtype::F16, pl),
+        (hd64, Dtype::F16, t),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (grouped, ungrouped) = (dir.join(format!("gqa-{i}")), dir.join(format!("gqa-{i}-twin")));
+        let std = 2.4 / (shape.d as f64).sqrt();
+        write_family(&grouped, "llama", shape, 100, (dtype, std, 300 + i as u64))?;
+        crate::write_ungrouped_twin(&grouped, &ungrouped)?;
+        let score = |m: &Path| -> Result<(Vec<Vec<f32>>, Vec<f32>), String> {
+            let mut model = GpuModel::load(m, device).map_err(|e| e.to_string())?;
+            model.set_attention(attention);
+            Ok((
+                model.token_log_probs_batch(&refs).map_err(|e| e.to_string())?,
+                model.hidden_states(&refs).map_err(|e| e.to_string())?,
+            ))
+        };
+        let (a, b) = (score(&grouped)?, score(&ungrouped)?);
+        let case = format!(
+            "llama {dtype:?} heads {}/{} of {} attention {attention:?} vs its ungrouped twin",
+            shape.heads, shape.kv_heads, shape.head_dim
+        );
+        out.push(measure(case, (&b.0, &b.1), (&a.0, &a.1), (5e-3, 2e-2))?);
+        for m in [grouped, ungrouped] {
+            let _ = std::fs::remove_dir_all(m);
+        }
     }
     Ok(out)
 }

@@ -159,7 +159,8 @@ pub struct FamilyShape {
     pub context: usize,
 }
 
-/// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2 or gemma3) of `shape` with
+/// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2, gemma3, or `gemma3@S` with
+/// `query_pre_attn_scalar` S instead of the head size) of `shape` with
 /// random `dtype` weights in `dir`. The configuration is the family's tiny transformers fixture
 /// (`fixtures/lm/tiny-*`, what the goldens test) with the sizes replaced; a sliding window, where the
 /// family has one, covers `window` tokens (Gemma 3: every other layer slides). The tensors are the
@@ -171,6 +172,11 @@ pub fn write_family(
     window: usize,
     (dtype, std, seed): (Dtype, f64, u64),
 ) -> Result<(), String> {
+    // `gemma3@S`: Gemma 3 with `query_pre_attn_scalar` S (otherwise head_dim, as its checkpoints set it).
+    let (family, scalar) = match family.split_once('@') {
+        Some((f, s)) => (f, Some(s.parse::<usize>().map_err(|e| format!("{family}: {e}"))?)),
+        None => (family, None),
+    };
     let template = match family {
         "llama" => include_str!("../../fixtures/lm/tiny-llama-gqa/config.json"),
         "mistral" => include_str!("../../fixtures/lm/tiny-mistral-window/config.json"),
@@ -201,8 +207,8 @@ pub fn write_family(
         cfg["layer_types"] = serde_json::json!(types);
     }
     if cfg.get("query_pre_attn_scalar").is_some() {
-        // Gemma's checkpoints scale scores by head_dim^-1/2 this way (the tiny fixture's 12 tests the key).
-        cfg["query_pre_attn_scalar"] = serde_json::json!(head_dim);
+        // Gemma's checkpoints mostly scale scores by head_dim^-1/2 this way (Gemma 3 27B: 168 at heads of 128).
+        cfg["query_pre_attn_scalar"] = serde_json::json!(scalar.unwrap_or(head_dim));
     }
     if cfg.get("sliding_window").is_some_and(|w| !w.is_null()) {
         cfg["sliding_window"] = serde_json::json!(window);
@@ -213,6 +219,51 @@ pub fn write_family(
     let tensors = arch.tensors().into_iter().map(|t| (t.names[0].clone(), t.shape)).collect();
     write_model_as(dir, cfg, tensors, dtype, std, seed);
     Ok(())
+}
+
+/// The model in `src` (written by [`write_family`], grouped-query attention) rewritten into `dst` with
+/// one key/value head per query head, each a copy of the head its group shared: the same function
+/// without grouping, for checking a grouped kernel against the ungrouped one.
+pub fn write_ungrouped_twin(src: &Path, dst: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| format!("{}: {e}", src.display());
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).map_err(|e| err(&e))?)
+            .map_err(|e| err(&e))?;
+    let heads = cfg["num_attention_heads"].as_u64().ok_or("num_attention_heads")? as usize;
+    let kv = cfg["num_key_value_heads"].as_u64().ok_or("num_key_value_heads")? as usize;
+    let hd = cfg["head_dim"].as_u64().ok_or("head_dim")? as usize;
+    if kv == 0 || !heads.is_multiple_of(kv) {
+        return Err(format!("{heads} heads do not share {kv} key/value heads evenly"));
+    }
+    cfg["num_key_value_heads"] = serde_json::json!(heads);
+    let bytes = std::fs::read(src.join("model.safetensors")).map_err(|e| err(&e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(&e))?;
+    let mut out: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in st.tensors() {
+        let (dtype, mut shape, data) = (view.dtype(), view.shape().to_vec(), view.data().to_vec());
+        let kv_proj = [".k_proj.", ".v_proj."].iter().any(|p| name.contains(p));
+        if !kv_proj {
+            out.push((name, dtype, shape, data));
+            continue;
+        }
+        // Rows of head h' of the twin are rows of head h' / group of the original.
+        let row_bytes = data.len() / shape[0];
+        let head_bytes = hd * row_bytes;
+        let mut grown = Vec::with_capacity(data.len() * heads / kv);
+        for h in 0..heads {
+            let from = h / (heads / kv) * head_bytes;
+            grown.extend_from_slice(&data[from..from + head_bytes]);
+        }
+        shape[0] = heads * hd;
+        out.push((name, dtype, shape, grown));
+    }
+    std::fs::create_dir_all(dst).map_err(|e| err(&e))?;
+    let views: Vec<(String, TensorView<'_>)> = out
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b).map_err(|e| err(&e))?)))
+        .collect::<Result<_, String>>()?;
+    safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).map_err(|e| err(&e))?;
+    std::fs::write(dst.join("config.json"), cfg.to_string()).map_err(|e| err(&e))
 }
 
 /// GPT-2 small's shape (124M: 12 × 768, vocabulary 50,257) with random f16 weights, in `dir`.

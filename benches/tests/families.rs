@@ -21,3 +21,27 @@ fn every_family_writer_gives_a_model_the_cpu_runtime_scores() {
     }
     assert!(write_family(std::path::Path::new("/nonexistent"), "gpt5", shape, 8, (Dtype::F32, 0.3, 1)).is_err());
 }
+
+/// The ungrouped twin of a grouped-query model (every key/value head copied to the query heads that
+/// shared it) computes the same function: the CPU runtime scores both alike.
+#[test]
+fn the_ungrouped_twin_scores_as_the_grouped_model() {
+    let shape =
+        FamilyShape { d: 32, layers: 2, heads: 4, kv_heads: 2, head_dim: 16, inner: 48, vocab: 80, context: 40 };
+    let base = std::env::temp_dir().join(format!("memsteer-twin-{}", std::process::id()));
+    let (grouped, twin) = (base.join("grouped"), base.join("twin"));
+    write_family(&grouped, "llama", shape, 8, (Dtype::F32, 0.3, 4)).expect("writes");
+    memsteer_benches::write_ungrouped_twin(&grouped, &twin).expect("twin");
+    let arch = memsteer_lm::arch::Arch::from_file(&twin.join("config.json")).expect("config");
+    assert_eq!((arch.heads, arch.kv_heads), (4, 4));
+    let tokens: Vec<u32> = (0..30).map(|i| (i * 11 % 80) as u32).collect();
+    let a = memsteer_lm::Model::load(&grouped).expect("grouped").token_log_probs(&tokens).expect("scores");
+    let b = memsteer_lm::Model::load(&twin).expect("twin").token_log_probs(&tokens).expect("scores");
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+    assert!(worst < 1e-5, "grouped and ungrouped differ by {worst}");
+    // A different model is not its twin: the check can fail.
+    write_family(&grouped, "llama", shape, 8, (Dtype::F32, 0.3, 5)).expect("writes");
+    let c = memsteer_lm::Model::load(&grouped).expect("other").token_log_probs(&tokens).expect("scores");
+    assert!(c.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -189,7 +189,8 @@ pub struct Arch {
     pub local_rope_base: Option<f64>,
     /// The attention scores' scale, when not `head_dim^-1/2` (Gemma's `query_pre_attn_scalar^-1/2`).
     pub attn_scale: Option<f32>,
-    /// The token embeddings' scale (Gemma: √hidden in the model's type).
+    /// The token embeddings' scale (Gemma: √hidden; the runtimes round it to the stored embedding's type
+    /// at load, [`Arch::round_embed_scale`], as transformers does).
     pub embed_scale: Option<f32>,
     /// Fused QKV row layout.
     pub qkv: QkvLayout,
@@ -792,6 +793,19 @@ fn rotary_angles(
             }
         }
         (cos, sin)
+    }
+}
+
+impl Arch {
+    /// Rounds [`Arch::embed_scale`] to `stored`, the type the input embedding is stored in: transformers
+    /// multiplies Gemma's embeddings by √hidden cast to the embedding's type (34.0 for a hidden size of
+    /// 1,152 in bf16, not 33.94).
+    pub fn round_embed_scale(&mut self, stored: safetensors::Dtype) {
+        self.embed_scale = self.embed_scale.map(|s| match stored {
+            safetensors::Dtype::BF16 => half::bf16::from_f32(s).to_f32(),
+            safetensors::Dtype::F16 => half::f16::from_f32(s).to_f32(),
+            _ => s,
+        });
     }
 }
 

@@ -184,9 +184,15 @@ impl Model {
     }
 
     /// [`Model::load_arch`] computing as `compute` says.
-    pub fn load_arch_with(dir: &Path, arch: Arch, compute: Compute) -> Result<Self> {
+    pub fn load_arch_with(dir: &Path, mut arch: Arch, compute: Compute) -> Result<Self> {
         arch.validate()?;
         let weights = Weights::open(dir)?;
+        if arch.embed_scale.is_some() {
+            let specs = arch.tensors();
+            if let Some(e) = specs.iter().find(|s| s.slot == arch::Slot::Embed) {
+                arch.round_embed_scale(weights.raw(&e.name_refs(), &e.shape)?.0);
+            }
+        }
         let (has_f32, has_f16) = (weights.has_dtype(Dtype::F32), weights.has_dtype(Dtype::F16));
         // `Some(exact)`: bf16 products, f16 weights kept as hi + lo pairs when `exact`. The kernel
         // level is asked for only when it matters (a bad MEMSTEER_CPU_KERNELS fails bf16 loads only).

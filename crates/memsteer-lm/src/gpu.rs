@@ -125,7 +125,7 @@ impl GpuModel {
             return Err(LmError::Input(format!("GpuModel needs a CUDA device, not {device:?}")));
         };
         let gpu = cuda.0.clone();
-        let arch = Arch::from_file(&dir.join("config.json"))?;
+        let mut arch = Arch::from_file(&dir.join("config.json"))?;
         arch.validate()?;
         let act = match arch.mlp {
             Mlp::Plain(Activation::GeluExact) => 1,
@@ -136,7 +136,9 @@ impl GpuModel {
         let specs = arch.tensors();
         let spec = |slot: Slot| specs.iter().find(|s| s.slot == slot).expect("every model has an embedding");
         let embed = spec(Slot::Embed);
-        let dtype = dtype_of(w.raw(&embed.name_refs(), &embed.shape)?.0);
+        let stored = w.raw(&embed.name_refs(), &embed.shape)?.0;
+        let dtype = dtype_of(stored);
+        arch.round_embed_scale(stored);
         let rms = match arch.norm {
             Norm::RmsNorm { unit_offset, .. } => Some(unit_offset),
             Norm::LayerNorm { .. } => None,

@@ -734,3 +734,20 @@ fn bf16_and_f32_compute_are_bitwise_stable_across_threads_and_batches() {
         }
     }
 }
+
+/// Gemma's embedding scale is rounded to the stored embedding's type, as transformers multiplies by
+/// √hidden cast to it.
+#[test]
+fn the_embedding_scale_is_rounded_to_the_stored_type() {
+    let mut arch = memsteer_lm::arch::Arch::from_file(&fixture("tiny-gemma3").join("config.json")).expect("config");
+    assert_eq!(arch.embed_scale, Some(32f32.sqrt()));
+    arch.embed_scale = Some(1152f32.sqrt());
+    let mut bf16 = arch.clone();
+    bf16.round_embed_scale(safetensors::Dtype::BF16);
+    assert_eq!(bf16.embed_scale, Some(34.0));
+    let mut f16 = arch.clone();
+    f16.round_embed_scale(safetensors::Dtype::F16);
+    assert_eq!(f16.embed_scale, Some(33.9375));
+    arch.round_embed_scale(safetensors::Dtype::F32);
+    assert_eq!(arch.embed_scale, Some(1152f32.sqrt()));
+}

@@ -64,6 +64,9 @@ impl Gpu {
         if window == Some(0) {
             return Err(KernelError::Shape { what: "attention window", expected: "at least 1".into(), found: 0 });
         }
+        // A window no sequence outgrows changes nothing: the fused kernels stay available.
+        let longest_span = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let window = window.filter(|&w| w < longest_span);
         let group = heads / kv_heads;
         // Fused kernels take scores in log2 units (their exponentials are ex2).
         let log2_scale = scale.map_or(std::f32::consts::LOG2_E / (hd as f32).sqrt(), |s| std::f32::consts::LOG2_E * s);
@@ -71,7 +74,7 @@ impl Gpu {
         check_operands(self.ordinal, "attention", &[("q", q), ("k", k), ("v", v)], &[("context", ctx)], false)?;
         let fused = match how {
             Attention::Tiled => false,
-            // Measured on an H200 (docs/performance.md, 2026-12-04): the pipelined kernel is 1.96-2.0×
+            // Measured on an H200 (docs/performance.md, 2026-12-04): the pipelined kernel is 1.96-2.09×
             // the tiled path at 64-dimensional heads and 1.3× at 128.
             Attention::Auto => self.fused_attention_applies(q.dtype, hd) && window.is_none(),
             Attention::Fused | Attention::FusedTransposedV | Attention::Pipelined => {
@@ -113,9 +116,19 @@ impl Gpu {
         }
         if fused {
             // The pipelined kernel's cp.async loads need 16-byte aligned operands (every buffer
-            // `Gpu::alloc` gives is; a view into one may not be): Auto falls back to the first kernel.
-            let aligned = [q, k, v].iter().all(|o| o.ptr.is_multiple_of(16));
-            if how == Attention::Pipelined || (how == Attention::Auto && aligned) {
+            // `Gpu::alloc` gives is; a view into one may not be): Auto falls back to the first kernel,
+            // whose 4-byte loads need q, k, v and the output on 4-byte boundaries.
+            let aligned = |n: u64| [q, k, v, ctx].iter().all(|o| o.ptr.is_multiple_of(n));
+            if how != Attention::Pipelined && !aligned(4) {
+                if how == Attention::Auto {
+                    return self.attention_shaped(Attention::Tiled, (q, k, v), ctx, spans, shape);
+                }
+                return Err(KernelError::Unsupported {
+                    what: "fused attention",
+                    message: "q, k, v and the output must start on 4-byte boundaries".into(),
+                });
+            }
+            if how == Attention::Pipelined || (how == Attention::Auto && aligned(16)) {
                 return self.flash_attention_pipelined((q, k, v), ctx, spans, (rows, heads, group, hd), log2_scale);
             }
             let transposed_v = how == Attention::FusedTransposedV;
