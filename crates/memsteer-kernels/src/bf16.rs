@@ -102,6 +102,9 @@ impl PackedBf16 {
     /// value is kept as a `hi + lo` pair of bf16 values (exact for f16 and bf16 sources, 2× the work).
     pub fn pack(w: &[f32], n: usize, k: usize, source: Source, exact: bool) -> Result<Self> {
         crate::packed::check_weight(w.len(), n, k)?;
+        if source == Source::OutputsMajor {
+            return Self::pack_by_rows(n, k, exact, &|j, row| row.copy_from_slice(&w[j * k..(j + 1) * k]));
+        }
         let kp1 = round_up(k, K_ALIGN);
         let kp = if exact { 2 * kp1 } else { kp1 };
         let steps = kp / K_ALIGN;
@@ -114,6 +117,32 @@ impl PackedBf16 {
             for j in q * BLOCK..(q * BLOCK + BLOCK).min(n) {
                 for i in 0..k {
                     let x = at(j, i);
+                    let hi = to_bf16(x);
+                    pair[offset(j % BLOCK, i, steps, true)] = hi;
+                    if exact {
+                        pair[offset(j % BLOCK, kp1 + i, steps, true)] = to_bf16(x - from_bf16(hi));
+                    }
+                }
+            }
+        });
+        Ok(Self { n, k, kp1, split: exact, panels: data })
+    }
+
+    /// [`PackedBf16::pack`] of an outputs-major `n × k` matrix given row by row: `row(j, buf)` writes
+    /// output `j`'s `k` inputs into `buf` (decoded straight from a mapped file by the caller: no `f32`
+    /// copy of the whole matrix). The same panels as packing the rows laid end to end.
+    pub fn pack_by_rows(n: usize, k: usize, exact: bool, row: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Result<Self> {
+        let len = n.checked_mul(k).ok_or(crate::KernelError::Overflow { what: "packed weight", rows: n, cols: k })?;
+        crate::packed::check_weight(len, n, k)?;
+        let kp1 = round_up(k, K_ALIGN);
+        let kp = if exact { 2 * kp1 } else { kp1 };
+        let steps = kp / K_ALIGN;
+        let mut data = vec![0u16; round_up(n, BLOCK) * kp];
+        data.par_chunks_mut(BLOCK * kp).enumerate().for_each(|(q, pair)| {
+            let mut buf = vec![0.0f32; k];
+            for j in q * BLOCK..(q * BLOCK + BLOCK).min(n) {
+                row(j, &mut buf);
+                for (i, &x) in buf.iter().enumerate() {
                     let hi = to_bf16(x);
                     pair[offset(j % BLOCK, i, steps, true)] = hi;
                     if exact {

@@ -72,6 +72,9 @@ impl PackedF32 {
     /// Packs `w` (see [`Source`] for its layout).
     pub fn pack(w: &[f32], n: usize, k: usize, source: Source) -> Result<Self> {
         crate::packed::check_weight(w.len(), n, k)?;
+        if source == Source::OutputsMajor {
+            return Self::pack_by_rows(n, k, &|j, row| row.copy_from_slice(&w[j * k..(j + 1) * k]));
+        }
         let mut panels = vec![0.0f32; n.div_ceil(NR) * NR * k];
         panels.par_chunks_mut(NR * k).enumerate().for_each(|(p, panel)| {
             let (j0, cols) = (p * NR, NR.min(n - p * NR));
@@ -89,6 +92,27 @@ impl PackedF32 {
                             panel[i * NR + jj] = x;
                         }
                     }
+                }
+            }
+        });
+        Ok(Self { n, k, panels })
+    }
+
+    /// [`PackedF32::pack`] of an outputs-major `n × k` matrix given row by row: `row(j, buf)` writes
+    /// output `j`'s `k` inputs into `buf` (a caller decodes them straight from a mapped file, so that no
+    /// `f32` copy of the whole matrix exists). The same panels as packing the rows laid end to end.
+    pub fn pack_by_rows(n: usize, k: usize, row: &(dyn Fn(usize, &mut [f32]) + Sync)) -> Result<Self> {
+        let len = n.checked_mul(k).ok_or(crate::KernelError::Overflow { what: "packed weight", rows: n, cols: k })?;
+        crate::packed::check_weight(len, n, k)?;
+        let mut panels = vec![0.0f32; n.div_ceil(NR) * NR * k];
+        panels.par_chunks_mut(NR * k).enumerate().for_each(|(p, panel)| {
+            let (j0, cols) = (p * NR, NR.min(n - p * NR));
+            let mut buf = vec![0.0f32; k];
+            // Each output's inputs are contiguous in the source.
+            for jj in 0..cols {
+                row(j0 + jj, &mut buf);
+                for (i, &x) in buf.iter().enumerate() {
+                    panel[i * NR + jj] = x;
                 }
             }
         });

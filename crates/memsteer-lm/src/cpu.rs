@@ -204,8 +204,50 @@ impl Model {
             }
             Compute::Bf16 => Some(has_f16 && !has_f32),
         };
-        let mut w =
-            arch.load_tensors(|spec| weights.tensor(&spec.name_refs(), &spec.shape), |pieces| Ok(pieces.concat()))?;
+        // f32 products run on packed panels where the AVX-512 kernel exists (from the avx512 level
+        // up), on matrixmultiply otherwise (also when MEMSTEER_CPU_KERNELS is unusable: only bf16
+        // loads, which need a kernel level, fail on it).
+        let pack_as = match bf16 {
+            Some(exact) => Some(PackAs::Bf16 { exact }),
+            None => memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512).then_some(PackAs::F32),
+        };
+        // With packing, the products' weights (outputs major) are packed straight from the mapped file,
+        // one matrix at a time, and their pages released: no f32 copy of them ever exists, so resident
+        // memory stays near the panels' size. So is an output embedding (or the tied embedding) that the
+        // panels hold exactly by construction (f32 panels, or bf16 panels of bf16 weights).
+        let mut mapped = Mapped { weights: &weights, specs: std::collections::HashMap::new() };
+        let lazy = pack_as.is_some() && arch.weights == arch::WeightLayout::OutputsMajor;
+        let exact_panels = |stored: Dtype| match pack_as {
+            Some(PackAs::F32) => true,
+            Some(PackAs::Bf16 { .. }) => stored == Dtype::BF16,
+            None => false,
+        };
+        let mut w = arch.load_tensors(
+            |spec| {
+                let products = matches!(
+                    spec.slot,
+                    arch::Slot::Layer(
+                        _,
+                        arch::LayerSlot::Qkv(arch::Part::Weight)
+                            | arch::LayerSlot::AttnOut(arch::Part::Weight)
+                            | arch::LayerSlot::Up(arch::Part::Weight)
+                            | arch::LayerSlot::Gate(arch::Part::Weight)
+                            | arch::LayerSlot::Down(arch::Part::Weight)
+                    )
+                );
+                let output = matches!(spec.slot, arch::Slot::Head) || (spec.slot == arch::Slot::Embed && arch.tied);
+                if lazy && (products || output) {
+                    // Checked now (name, shape, type), packed later.
+                    let (stored, _) = weights.raw(&spec.name_refs(), &spec.shape)?;
+                    if products || exact_panels(stored) {
+                        mapped.specs.entry(spec.slot).or_default().push(spec.clone());
+                        return Ok(Vec::new());
+                    }
+                }
+                weights.tensor(&spec.name_refs(), &spec.shape)
+            },
+            |pieces| Ok(pieces.concat()),
+        )?;
         if let Norm::RmsNorm { unit_offset: true, .. } = arch.norm {
             // Gemma's norms multiply by `1 + w`: held as such, so every norm is `x · rstd · g`.
             let one_plus = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x += 1.0);
@@ -223,16 +265,9 @@ impl Model {
                 }
             }
         }
-        // f32 products run on packed panels where the AVX-512 kernel exists (from the avx512 level
-        // up), on matrixmultiply otherwise (also when MEMSTEER_CPU_KERNELS is unusable: only bf16
-        // loads, which need a kernel level, fail on it).
-        let pack_as = match bf16 {
-            Some(exact) => Some(PackAs::Bf16 { exact }),
-            None => memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512).then_some(PackAs::F32),
-        };
         let packed = match pack_as {
             None => None,
-            Some(how) => Some(pack(&arch, &mut w, how)?),
+            Some(how) => Some(pack(&arch, &mut w, how, &mapped)?),
         };
         // An output embedding kept exactly by its panels (f32 panels, bf16 weights in bf16 panels, f16
         // weights as hi + lo) is not held twice: checked value by value, not assumed. A tied one's rows
@@ -291,7 +326,12 @@ impl Model {
 
 /// Packs every layer's linear weights and the output embedding and drops the layers' unpacked
 /// copies (the embeddings and norms stay f32).
-fn pack(arch: &Arch, w: &mut Tensors<Vec<f32>>, how: PackAs) -> Result<(Vec<PackedLayer>, Packed)> {
+fn pack(
+    arch: &Arch,
+    w: &mut Tensors<Vec<f32>>,
+    how: PackAs,
+    mapped: &Mapped<'_>,
+) -> Result<(Vec<PackedLayer>, Packed)> {
     let source = match arch.weights {
         arch::WeightLayout::InputsMajor => Source::InputsMajor,
         arch::WeightLayout::OutputsMajor => Source::OutputsMajor,
@@ -303,23 +343,74 @@ fn pack(arch: &Arch, w: &mut Tensors<Vec<f32>>, how: PackAs) -> Result<(Vec<Pack
             PackAs::F32 => Packed::F32(PackedF32::pack(t, outputs, inputs, source)?),
         })
     };
-    let one = |t: &mut Vec<f32>, shape: (usize, usize)| {
+    use arch::{LayerSlot, Part, Slot};
+    let one = |t: &mut Vec<f32>, slot: Slot, shape: (usize, usize)| {
+        if let Some(pieces) = mapped.specs.get(&slot) {
+            return mapped.pack(pieces, shape.0, how);
+        }
         let p = packed(t, shape, source)?;
         *t = Vec::new();
         Ok::<_, LmError>(p)
     };
     let mut layers = Vec::with_capacity(w.layers.len());
-    for l in &mut w.layers {
+    for (i, l) in w.layers.iter_mut().enumerate() {
+        let at = |s: fn(Part) -> LayerSlot| Slot::Layer(i, s(Part::Weight));
         layers.push(PackedLayer {
-            qkv: one(&mut l.qkv.0, (d, arch.qkv_width()))?,
-            attn_out: one(&mut l.attn_out.0, (arch.attn_dim(), d))?,
-            up: one(&mut l.up.0, (d, inner))?,
-            gate: l.gate.as_mut().map(|g| one(&mut g.0, (d, inner))).transpose()?,
-            down: one(&mut l.down.0, (inner, d))?,
+            qkv: one(&mut l.qkv.0, at(LayerSlot::Qkv), (d, arch.qkv_width()))?,
+            attn_out: one(&mut l.attn_out.0, at(LayerSlot::AttnOut), (arch.attn_dim(), d))?,
+            up: one(&mut l.up.0, at(LayerSlot::Up), (d, inner))?,
+            gate: l.gate.as_mut().map(|g| one(&mut g.0, at(LayerSlot::Gate), (d, inner))).transpose()?,
+            down: one(&mut l.down.0, at(LayerSlot::Down), (inner, d))?,
         });
     }
-    let output = packed(w.output(), (d, arch.vocab), Source::OutputsMajor)?;
+    let head = if arch.tied { Slot::Embed } else { Slot::Head };
+    let output = match mapped.specs.get(&head) {
+        Some(pieces) => mapped.pack(pieces, d, how)?,
+        None => packed(w.output(), (d, arch.vocab), Source::OutputsMajor)?,
+    };
     Ok((layers, output))
+}
+
+/// Matrices left in the mapped weight files at load (by slot, their pieces in order), for [`pack`] to
+/// pack straight from there.
+struct Mapped<'w> {
+    weights: &'w Weights,
+    specs: std::collections::HashMap<arch::Slot, Vec<arch::TensorSpec>>,
+}
+
+impl Mapped<'_> {
+    /// Packs the outputs-major matrix of `k` inputs that `pieces` make (stacked along the outputs) row by
+    /// row from the mapped file (each row widened to f32 exactly as [`Weights::tensor`] widens it), then
+    /// releases the pieces' pages.
+    fn pack(&self, pieces: &[arch::TensorSpec], k: usize, how: PackAs) -> Result<Packed> {
+        let raws = pieces
+            .iter()
+            .map(|p| Ok((self.weights.raw(&p.name_refs(), &p.shape)?, p.shape[0])))
+            .collect::<Result<Vec<_>>>()?;
+        if let Some(p) = pieces.iter().find(|p| p.shape.len() != 2 || p.shape[1] != k) {
+            return Err(LmError::Input(format!("internal: {:?} is not a matrix of {k} inputs", p.names[0])));
+        }
+        let n: usize = raws.iter().map(|r| r.1).sum();
+        let row = |j: usize, buf: &mut [f32]| {
+            let mut j = j;
+            for ((dtype, bytes), rows) in &raws {
+                if j < *rows {
+                    let width = if *dtype == Dtype::F32 { 4 } else { 2 };
+                    crate::weights::decode(*dtype, &bytes[j * k * width..(j + 1) * k * width], buf);
+                    return;
+                }
+                j -= rows;
+            }
+        };
+        let packed = match how {
+            PackAs::Bf16 { exact } => Packed::Bf16(PackedBf16::pack_by_rows(n, k, exact, &row)?),
+            PackAs::F32 => Packed::F32(PackedF32::pack_by_rows(n, k, &row)?),
+        };
+        for p in pieces {
+            self.weights.release(&p.name_refs());
+        }
+        Ok(packed)
+    }
 }
 
 /// The CPU backend of the block loop for one packed batch (and, when decoding, its KV cache).

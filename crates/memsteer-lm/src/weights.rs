@@ -169,28 +169,29 @@ impl Weights {
     /// `transformer.` prefix).
     pub fn tensor(&self, names: &[&str], shape: &[usize]) -> Result<Vec<f32>> {
         let (dtype, data) = self.raw(names, shape)?;
-        let count: usize = shape.iter().product();
-        let mut out = vec![0.0f32; count];
-        match dtype {
-            Dtype::F32 => {
-                for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            Dtype::F16 => {
-                use half::slice::HalfFloatSliceExt;
-                let bits: Vec<half::f16> =
-                    data.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
-                bits.convert_to_f32_slice(&mut out);
-            }
-            _ => {
-                use half::slice::HalfFloatSliceExt;
-                let bits: Vec<half::bf16> =
-                    data.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
-                bits.convert_to_f32_slice(&mut out);
-            }
-        }
+        let mut out = vec![0.0f32; shape.iter().product()];
+        decode(dtype, data, &mut out);
         Ok(out)
+    }
+
+    /// Tells the kernel that the mapped pages of the tensor (the first of `names` found) are not needed
+    /// any more: it drops them from this process's resident memory (they are read back from the file if
+    /// touched again, since the mapping is read-only). For loaders that have copied a tensor elsewhere.
+    pub fn release(&self, names: &[&str]) {
+        let Some(e) = names.iter().find_map(|n| self.index.get(*n)) else { return };
+        let file = &self.files[e.file];
+        #[cfg(unix)]
+        // SAFETY: the map is private and read-only, so dropping its pages loses nothing: a later read
+        // faults the same bytes back in from the file, and every `&[u8]` into it stays valid.
+        let _ = unsafe {
+            file.bytes.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                file.data_start + e.range.0,
+                e.range.1 - e.range.0,
+            )
+        };
+        #[cfg(not(unix))]
+        let _ = file;
     }
 
     /// A fingerprint of the weights: FNV-1a over every file's header and, for each tensor (by name),
@@ -272,4 +273,27 @@ pub fn serialize_stable(
         out.extend_from_slice(bytes);
     }
     Ok(out)
+}
+
+/// `out[i]` = value `i` of little-endian `data` of type `dtype` (F32, F16 or BF16, as [`Weights::raw`]
+/// returns them), widened exactly to `f32`.
+pub(crate) fn decode(dtype: Dtype, data: &[u8], out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    match dtype {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(data.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::F16 => {
+            let bits: Vec<half::f16> =
+                data.chunks_exact(2).map(|b| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+            bits.convert_to_f32_slice(out);
+        }
+        _ => {
+            let bits: Vec<half::bf16> =
+                data.chunks_exact(2).map(|b| half::bf16::from_bits(u16::from_le_bytes([b[0], b[1]]))).collect();
+            bits.convert_to_f32_slice(out);
+        }
+    }
 }

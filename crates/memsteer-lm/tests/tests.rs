@@ -751,3 +751,19 @@ fn the_embedding_scale_is_rounded_to_the_stored_type() {
     arch.round_embed_scale(safetensors::Dtype::F32);
     assert_eq!(arch.embed_scale, Some(1152f32.sqrt()));
 }
+
+/// An output embedding packed straight from the mapped file (untied here) is given back bit for bit
+/// to the commands that read the matrix itself (the steers), as is a tied one.
+#[test]
+fn output_embeddings_packed_from_the_file_come_back_exactly() {
+    for (name, head) in [("tiny-llama-gqa", "lm_head.weight"), ("tiny-qwen2", "model.embed_tokens.weight")] {
+        let dir = fixture(name);
+        let model = Model::load(&dir).expect("load");
+        let weights = memsteer_lm::weights::Weights::open(&dir).expect("weights");
+        let (v, d) = (model.decoder().vocab(), model.decoder().dim());
+        let want = weights.tensor(&[head], &[v, d]).expect("head");
+        let got = model.decoder().output_embedding();
+        assert_eq!(got.len(), want.len(), "{name}");
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
+    }
+}
