@@ -341,23 +341,8 @@ fn counterfactual_truth(
     replicates: usize,
     report: &mut Vec<String>,
 ) -> Result<()> {
-    use memsteer_lm::train::{Params, Trainer};
-    use std::collections::HashMap;
-    let truth_path = rd.join("truth.csv");
     let run = rd.join("run");
-    let tokens: HashMap<String, Vec<u32>> = std::fs::read_to_string(train_file)?
-        .lines()
-        .map(|l| -> Result<(String, Vec<u32>)> {
-            let v: serde_json::Value = serde_json::from_str(l)?;
-            let t = v["tokens"]
-                .as_array()
-                .context("tokens")?
-                .iter()
-                .map(|x| x.as_u64().map(|t| t as u32).context("a token id"))
-                .collect::<Result<_>>()?;
-            Ok((v["id"].as_str().context("id")?.to_string(), t))
-        })
-        .collect::<Result<_>>()?;
+    let tokens = read_instance_tokens(train_file)?;
     let batches = memsteer_lm::train::run::read_batches(&run.join(memsteer_lm::train::run::BATCHES_FILE))?;
     let steps = batches.len();
     let token = |id: &str| -> Result<&[u32]> {
@@ -374,22 +359,62 @@ fn counterfactual_truth(
     // The run's own settings, as `memsteer train` recorded them.
     let cfg = memsteer_lm::train::run::train_config_from_run(&run.join(memsteer_lm::train::run::RUN_FILE))?;
     ensure!(cfg.steps == steps, "run.json says {} steps, batches.jsonl holds {steps}", cfg.steps);
-    let sums = |p: &Params, seqs: &[&[u32]]| -> Result<Vec<f64>> {
-        Ok(p.token_log_probs(seqs)?.iter().map(|lp| lp.iter().map(|&x| f64::from(x)).sum()).collect())
-    };
-    // Null check: from the checkpoint before the first cohort, the actual batches must give back the
-    // actual next checkpoint, so that every difference below is the replaced batches' doing.
+    let retraining = Retraining { run: &run, cfg: &cfg, batches: &batches, token: &token };
     if let Some(&g) = cohorts.first() {
-        let dir = run.join(format!("step{}", g - 10));
-        let mut trainer = Trainer::new(Params::from_hf(&dir)?, &cfg)?;
-        if g > 10 {
+        retraining.check_null(g, report)?;
+    }
+    retraining.truth(rd, reserve, cohorts, replicates)?;
+    compare_with_truth(rd, cohorts, replicates, report)
+}
+
+/// A training run and what retraining it needs: its directory, its settings, its batches (instance
+/// ids per step) and the tokens of an id.
+struct Retraining<'a> {
+    run: &'a std::path::Path,
+    cfg: &'a memsteer_lm::train::TrainConfig,
+    batches: &'a [Vec<String>],
+    token: &'a dyn Fn(&str) -> Result<&'a [u32]>,
+}
+
+/// The tokens of every instance of a training file, by id.
+fn read_instance_tokens(train_file: &std::path::Path) -> Result<std::collections::HashMap<String, Vec<u32>>> {
+    std::fs::read_to_string(train_file)?
+        .lines()
+        .map(|l| -> Result<(String, Vec<u32>)> {
+            let v: serde_json::Value = serde_json::from_str(l)?;
+            let t = v["tokens"]
+                .as_array()
+                .context("tokens")?
+                .iter()
+                .map(|x| x.as_u64().map(|t| t as u32).context("a token id"))
+                .collect::<Result<_>>()?;
+            Ok((v["id"].as_str().context("id")?.to_string(), t))
+        })
+        .collect()
+}
+
+impl Retraining<'_> {
+    /// A trainer resumed at checkpoint `step` (its optimizer state too, past step 0).
+    fn resume(&self, step: usize) -> Result<memsteer_lm::train::Trainer> {
+        use memsteer_lm::train::{Params, Trainer};
+        let dir = self.run.join(format!("step{step}"));
+        let mut trainer = Trainer::new(Params::from_hf(&dir)?, self.cfg)?;
+        if step > 0 {
             trainer.load_optimizer(&dir.join("optimizer.safetensors"))?;
         }
+        Ok(trainer)
+    }
+
+    /// Null check: from the checkpoint before cohort `g`, the actual batches must give back the actual
+    /// next checkpoint, so that every difference the truth measures is the replaced batches' doing.
+    fn check_null(&self, g: usize, report: &mut Vec<String>) -> Result<()> {
+        use memsteer_lm::train::Params;
+        let mut trainer = self.resume(g - 10)?;
         for step in g - 9..=g {
-            let batch = batches[step - 1].iter().map(|id| token(id)).collect::<Result<Vec<_>>>()?;
+            let batch = self.batches[step - 1].iter().map(|id| (self.token)(id)).collect::<Result<Vec<_>>>()?;
             trainer.train_step(&batch)?;
         }
-        let actual = Params::from_hf(&run.join(format!("step{g}")))?;
+        let actual = Params::from_hf(&self.run.join(format!("step{g}")))?;
         let gap = actual.data().iter().zip(trainer.params().data()).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         say!(
             report,
@@ -397,58 +422,83 @@ fn counterfactual_truth(
             g - 9
         );
         ensure!(gap == 0.0, "retraining from step {} does not reproduce checkpoint {g} (max |Δθ| = {gap:e})", g - 10);
+        Ok(())
     }
-    // Reused only when made for these cohorts, replicates and batches (a key file beside it).
-    let batches_bytes = std::fs::read(run.join("batches.jsonl"))?;
-    let key = format!(
-        "cohorts {cohorts:?}, replicates {replicates}, seeds v1, batches.jsonl {} bytes, fnv {:016x}",
-        batches_bytes.len(),
-        batches_bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
-    );
-    let key_path = rd.join("truth.key");
-    let fresh = truth_path.exists() && std::fs::read_to_string(&key_path).is_ok_and(|k| k == key);
-    if !fresh {
-        let mut rows = Vec::new();
-        for &g in cohorts {
-            // The cohort: the instances of the batches after checkpoint g − 10, up to g.
-            let members = batches[g - 10..g].iter().flatten().map(|id| token(id)).collect::<Result<Vec<_>>>()?;
-            let mut tau: std::collections::BTreeMap<usize, f64> = Default::default();
-            for r in 0..replicates {
-                let start = g - 10;
-                let dir = run.join(format!("step{start}"));
-                let mut trainer = Trainer::new(Params::from_hf(&dir)?, &cfg)?;
-                if start > 0 {
-                    trainer.load_optimizer(&dir.join("optimizer.safetensors"))?;
-                }
-                let mut rng = memsteer_panel::rng::SplitMix64::new(0x7000_0000 ^ ((g as u64) << 16) ^ r as u64);
-                let mut pool: Vec<usize> = (0..reserve.len()).collect();
-                for step in start + 1..=steps {
-                    let batch: Vec<&[u32]> = if step <= g {
-                        (0..batches[step - 1].len())
-                            .map(|_| reserve[pool.swap_remove(rng.below(pool.len() as u64) as usize)].as_slice())
-                            .collect()
-                    } else {
-                        batches[step - 1].iter().map(|id| token(id)).collect::<Result<Vec<_>>>()?
-                    };
-                    trainer.train_step(&batch)?;
-                    if step % 10 == 0 {
-                        let actual = Params::from_hf(&run.join(format!("step{step}")))?;
-                        let (a, c) = (sums(&actual, &members)?, sums(trainer.params(), &members)?);
-                        let gap = a.iter().zip(&c).map(|(a, c)| a - c).sum::<f64>() / a.len() as f64;
-                        *tau.entry(step).or_default() += gap / replicates as f64;
+
+    /// The counterfactual truth, `truth.csv` under `rd`: for each cohort, its batches replaced by fresh
+    /// instances of `reserve` and the run retrained to its end, `replicates` times; τ(g, c) is the mean
+    /// gap of the cohort's log-likelihood between the actual and the retrained checkpoint c. Reused
+    /// only when made for these cohorts, replicates and batches (a key file beside it).
+    fn truth(&self, rd: &std::path::Path, reserve: &[Vec<u32>], cohorts: &[usize], replicates: usize) -> Result<()> {
+        use memsteer_lm::train::Params;
+        let (run, batches, token, steps) = (self.run, self.batches, self.token, self.batches.len());
+        let truth_path = rd.join("truth.csv");
+        let sums = |p: &Params, seqs: &[&[u32]]| -> Result<Vec<f64>> {
+            Ok(p.token_log_probs(seqs)?.iter().map(|lp| lp.iter().map(|&x| f64::from(x)).sum()).collect())
+        };
+        let batches_bytes = std::fs::read(run.join("batches.jsonl"))?;
+        let key = format!(
+            "cohorts {cohorts:?}, replicates {replicates}, seeds v1, batches.jsonl {} bytes, fnv {:016x}",
+            batches_bytes.len(),
+            {
+                let mut h = memsteer_panel::rng::Fnv1a::default();
+                h.write(&batches_bytes);
+                h.finish()
+            }
+        );
+        let key_path = rd.join("truth.key");
+        let fresh = truth_path.exists() && std::fs::read_to_string(&key_path).is_ok_and(|k| k == key);
+        if !fresh {
+            let mut rows = Vec::new();
+            for &g in cohorts {
+                // The cohort: the instances of the batches after checkpoint g − 10, up to g.
+                let members = batches[g - 10..g].iter().flatten().map(|id| token(id)).collect::<Result<Vec<_>>>()?;
+                let mut tau: std::collections::BTreeMap<usize, f64> = Default::default();
+                for r in 0..replicates {
+                    let start = g - 10;
+                    let mut trainer = self.resume(start)?;
+                    let mut rng = memsteer_panel::rng::SplitMix64::new(0x7000_0000 ^ ((g as u64) << 16) ^ r as u64);
+                    let mut pool: Vec<usize> = (0..reserve.len()).collect();
+                    for step in start + 1..=steps {
+                        let batch: Vec<&[u32]> = if step <= g {
+                            (0..batches[step - 1].len())
+                                .map(|_| reserve[pool.swap_remove(rng.below(pool.len() as u64) as usize)].as_slice())
+                                .collect()
+                        } else {
+                            batches[step - 1].iter().map(|id| token(id)).collect::<Result<Vec<_>>>()?
+                        };
+                        trainer.train_step(&batch)?;
+                        if step % 10 == 0 {
+                            let actual = Params::from_hf(&run.join(format!("step{step}")))?;
+                            let (a, c) = (sums(&actual, &members)?, sums(trainer.params(), &members)?);
+                            let gap = a.iter().zip(&c).map(|(a, c)| a - c).sum::<f64>() / a.len() as f64;
+                            *tau.entry(step).or_default() += gap / replicates as f64;
+                        }
                     }
                 }
+                rows.extend(tau.into_iter().map(|(c, t)| (g, c, t)));
             }
-            rows.extend(tau.into_iter().map(|(c, t)| (g, c, t)));
+            let mut text = String::from("cohort_step,checkpoint_step,tau\n");
+            for (g, c, t) in &rows {
+                text.push_str(&format!("{g},{c},{t}\n"));
+            }
+            memsteer_panel::durable::write_bytes(&truth_path, text.as_bytes())?;
+            std::fs::write(&key_path, &key)?;
         }
-        let mut text = String::from("cohort_step,checkpoint_step,tau\n");
-        for (g, c, t) in &rows {
-            text.push_str(&format!("{g},{c},{t}\n"));
-        }
-        memsteer_panel::durable::write_bytes(&truth_path, text.as_bytes())?;
-        std::fs::write(&key_path, &key)?;
+        Ok(())
     }
-    // The estimators on the same run: DiD (already estimated) and the difference estimator.
+}
+
+/// The estimators on the same run, DiD (already estimated) and the difference estimator, against the
+/// truth: a figure per cohort and the report's lines.
+fn compare_with_truth(
+    rd: &std::path::Path,
+    cohorts: &[usize],
+    replicates: usize,
+    report: &mut Vec<String>,
+) -> Result<()> {
+    use std::collections::HashMap;
+    let truth_path = rd.join("truth.csv");
     let diff_dir = rd.join("profile-difference");
     {
         profile(&rd.join("panel.csv"), &diff_dir, &["--estimator", "difference", "--bootstrap", "200", "--quiet"])?;

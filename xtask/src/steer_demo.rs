@@ -215,6 +215,58 @@ fn effect(lo: &std::collections::BTreeMap<String, f64>, hi: &std::collections::B
 }
 
 /// Runs the demo into `dir`.
+/// The run's log: each line printed as it is known and kept for the gallery.
+#[derive(Default)]
+struct Log(Vec<String>);
+
+impl Log {
+    fn say(&mut self, line: String) {
+        println!("{line}");
+        self.0.push(line);
+    }
+}
+
+/// The inputs every stage reads: the run's directory and sizes, the corpus and its tokenizer.
+struct Run<'a> {
+    dir: &'a Path,
+    plan: Plan,
+    corpus: PathBuf,
+    tok: Tokenizer,
+}
+
+impl Run<'_> {
+    /// `<|endoftext|>` then the tokens of `t`.
+    fn encode(&self, t: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![EOS];
+        ids.extend(self.tok.encode(t)?);
+        Ok(ids)
+    }
+}
+
+/// The data stage's files and sentence sets.
+struct Data<'s> {
+    /// The steer's corpora.
+    pos: PathBuf,
+    neg: PathBuf,
+    /// The prompts file.
+    prompts: PathBuf,
+    /// The sentences whose openings are the prompts (kept out of every training).
+    prompt_set: Vec<&'s Sentence>,
+    /// The language models' instances.
+    lm_train: PathBuf,
+    /// Their optimizer steps.
+    steps: usize,
+}
+
+/// A trained language model: name, final checkpoint, the key its training was reused under.
+type TrainedModel = (&'static str, PathBuf, String);
+/// A steer to evaluate: label, model index, steer file.
+type SteerRow = (String, usize, PathBuf);
+/// A steer's evaluation table: its label and the Markdown table.
+type Table = (String, String);
+/// A transfer: source, target, map, fit residual, index of its steer row.
+type TransferRow = (&'static str, &'static str, &'static str, f64, usize);
+
 pub fn run(dir: &Path, quick: bool) -> Result<()> {
     let started = std::time::Instant::now();
     let plan = if quick {
@@ -239,20 +291,66 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let corpus = crate::root().join("fixtures/corpus");
     let tok = Tokenizer::from_dir(&corpus)?;
-    let mut report: Vec<String> = Vec::new();
-    let mut say = |line: String| {
-        println!("{line}");
-        report.push(line);
-    };
+    let run = Run { dir, plan, corpus, tok };
+    let mut log = Log::default();
+    let sentences = read_sentences(&run.corpus.join("sentiment.jsonl"))?;
+    let data = prepare_data(&run, &sentences, &mut log)?;
+    let models = train_models(&run, &data, &mut log)?;
+    let judge = memsteer_steer::eval::PerplexityModel::load(
+        &models[JUDGE].1,
+        &memsteer_kernels::Device::Cpu,
+        Some(&data.prompts),
+    )?;
+    log.say(format!(
+        "perplexity: under lm-{} (the large shape from seed {}), which generates nothing",
+        MODELS[JUDGE].0, MODELS[JUDGE].4
+    ));
+    let (steers, transfer_rows) = train_steers(&run, &data, &models, &mut log)?;
+    let (curves, tables) = generate_and_evaluate(&run, &data, &models, &steers, &judge, &mut log)?;
+    let scorer = memsteer_steer::eval::sentiment::SentimentScorer::builtin()?;
+    log.say(format!(
+        "scorer: the built-in sentiment classifier, {:.1}% accurate on its {} held-out sentences (the steer's training data, which it never saw)",
+        100.0 * scorer.held_out_accuracy,
+        scorer.held_out_size
+    ));
+    let (transfer_md, transfer_figures) = figures(&run, &models, &steers, &transfer_rows, &curves, &mut log)?;
+    let (explain_md, highlights) = explain_and_highlight(&run, &data, &models, &steers, scorer)?;
+    let detect_md = detect(&run, &data, &models, &steers, scorer, &mut log)?;
 
-    // --- Data: the scorer's held-out sentences train the steer; openings of a seeded sample of the
+    // --- The run's gallery.
+    let mut md = format!(
+        "# LM-Steer on trained models ({})\n\nWritten by `cargo xtask reproduce{} steer`; what matches the paper \
+         and what does not is in `docs/gallery.md`.\n\n```text\n{}\n```\n\n![positive share](positive-share.png)\n\n\
+         ## Transfer (`steer transfer`)\n\nEffect: per prompt, the share of positive continuations at the \
+         strongest positive strength minus at the strongest negative one, averaged over prompts (± 95% interval \
+         over prompts).\n\n{transfer_md}\n{transfer_figures}",
+        if quick { "quick" } else { "full" },
+        if quick { " --quick" } else { "" },
+        log.0.join("\n")
+    );
+    md.push_str(&format!(
+        "## What the large model's steer promotes (`steer explain`)\n\nThe top singular directions of W, \
+         each with the tokens at its two ends (the sign of a direction is arbitrary; · is a space):\n\n{explain_md}\n\
+         ## Where unseen sentences carry the style (`steer highlight`)\n\nSentences no model or steer trained on \
+         (the prompts' sources), the two the scorer rates most positive and the two it rates most negative. \
+         In bold, the two strongest spans of \
+         up to 4 tokens.\n\n{highlights}\n\
+         ## The steer as a sentiment classifier (`steer detect`)\n\n{detect_md}\n"
+    ));
+    for (label, table) in &tables {
+        md.push_str(&format!("## {label}\n\n{table}\n"));
+    }
+    memsteer_panel::write_atomic(&dir.join("gallery.md"), |w| w.write_all(md.as_bytes()))?;
+    println!("steer: under {} ({:.0} s)", dir.display(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The data: the scorer's held-out sentences train the steer; openings of a seeded sample of the others
+/// are the prompts; the rest (labels dropped) and Moby Dick train the language models.
+fn prepare_data<'s>(run: &Run<'_>, sentences: &'s [Sentence], log: &mut Log) -> Result<Data<'s>> {
     // others are the prompts; the rest (labels dropped) and Moby Dick train the language models.
-    let sentences = read_sentences(&corpus.join("sentiment.jsonl"))?;
-    let encode = |t: &str| -> Result<Vec<u32>> {
-        let mut ids = vec![EOS];
-        ids.extend(tok.encode(t)?);
-        Ok(ids)
-    };
+    let encode = |t: &str| run.encode(t);
+    let (dir, plan, tok, corpus) = (run.dir, &run.plan, &run.tok, &run.corpus);
     // The corpus repeats some sentences under different ids: a held-out sentence whose text the scorer
     // also trained on (under another id) is left out of the steer's data, and repeats are kept once.
     let (held, rest): (Vec<&Sentence>, Vec<&Sentence>) =
@@ -318,7 +416,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         pieces[..n].iter().enumerate().map(|(i, p)| serde_json::json!({"id": format!("x{i}"), "tokens": p})),
     )?;
     let steps = plan.epochs * n / BATCH;
-    say(format!(
+    log.say(format!(
         "data: steer on {} positive + {} negative sentences (the scorer's held-out part, less texts it trained on under another id and repeats); {} prompts (the first {PROMPT_WORDS} words of review sentences kept out of the models' and the steer's training); language models on {n} instances of {LEN} tokens ({reviews} of reviews, the rest Moby Dick), {} epochs",
         steer_set.iter().filter(|x| x.positive).count(),
         steer_set.iter().filter(|x| !x.positive).count(),
@@ -326,7 +424,12 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         plan.epochs
     ));
 
-    // --- Language models.
+    Ok(Data { pos, neg, prompts, prompt_set, lm_train, steps })
+}
+
+/// The language models (`memsteer train`), each reused when a finished run has the same settings.
+fn train_models(run: &Run<'_>, data: &Data<'_>, log: &mut Log) -> Result<Vec<TrainedModel>> {
+    let (dir, tok, corpus, lm_train, steps) = (run.dir, &run.tok, &run.corpus, &data.lm_train, data.steps);
     let mut models = Vec::new();
     for (name, hidden, layers, heads, seed) in MODELS {
         let md = dir.join(format!("lm-{name}"));
@@ -348,9 +451,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             "--model-config".into(),
             s(&config),
             "--instances".into(),
-            s(&lm_train),
+            s(lm_train),
             "--tokenizer".into(),
-            s(&corpus),
+            s(corpus),
             "--batch-size".into(),
             BATCH.to_string(),
             "--steps".into(),
@@ -374,7 +477,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         let key_file = md.join("run.key");
         let key = format!(
             "instances {:016x} config {:016x} argv {:016x}\n",
-            hash_key(1, &std::fs::read(&lm_train)?),
+            hash_key(1, &std::fs::read(lm_train)?),
             hash_key(1, &std::fs::read(&config)?),
             hash_key(1, argv.join(" ").as_bytes())
         );
@@ -386,7 +489,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         let reused = run.join(format!("step{steps}/model.safetensors")).is_file();
         let t = std::time::Instant::now();
         memsteer_cli::run_from(argv.clone()).with_context(|| format!("training the {name} language model"))?;
-        say(format!(
+        log.say(format!(
             "lm-{name}: hidden {hidden}, {layers} layers, seed {seed}, {steps} steps ({})",
             if reused {
                 "reused from an earlier run".to_string()
@@ -396,25 +499,24 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ));
         models.push((name, run.join(format!("step{steps}")), key.trim().to_string()));
     }
-    let judge =
-        memsteer_steer::eval::PerplexityModel::load(&models[JUDGE].1, &memsteer_kernels::Device::Cpu, Some(&prompts))?;
-    say(format!(
-        "perplexity: under lm-{} (the large shape from seed {}), which generates nothing",
-        MODELS[JUDGE].0, MODELS[JUDGE].4
-    ));
+    Ok(models)
+}
 
-    // --- Steers on two of the models, each moved to other models with both maps.
+/// Steers on two of the models, each moved to other models with every map.
+fn train_steers(
+    run: &Run<'_>,
+    data: &Data<'_>,
+    models: &[TrainedModel],
+    log: &mut Log,
+) -> Result<(Vec<SteerRow>, Vec<TransferRow>)> {
+    let (dir, plan, pos, neg) = (run.dir, &run.plan, &data.pos, &data.neg);
     let mut steers: Vec<(String, usize, PathBuf)> = Vec::new(); // (label, model index, steer file)
     for &m in &STEERED {
         let (name, model, model_key) = &models[m];
         let out = dir.join(format!("steer-{name}.safetensors"));
         let t = std::time::Instant::now();
-        let key = format!(
-            "{model_key} positive {} negative {} steps {}",
-            file_hash(&pos)?,
-            file_hash(&neg)?,
-            plan.steer_steps
-        );
+        let key =
+            format!("{model_key} positive {} negative {} steps {}", file_hash(pos)?, file_hash(neg)?, plan.steer_steps);
         let trained = unless_done(&out, &key, || {
             // The command's defaults: rank min(1000, d), lr 1e-2, batches of 32, ε 1e-3, 256 tokens, seed 0.
             let steps = plan.steer_steps.to_string();
@@ -425,9 +527,9 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
                 "--model",
                 &s(model),
                 "--positive",
-                &s(&pos),
+                &s(pos),
                 "--negative",
-                &s(&neg),
+                &s(neg),
                 "--out",
                 &s(&out),
                 "--steps",
@@ -437,7 +539,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             .with_context(|| format!("training the steer of lm-{name}"))
         })?;
         let training = memsteer_steer::Steer::load(&out)?.training().clone();
-        say(format!(
+        log.say(format!(
             "steer-{name}: {} sequences, {} steps, last loss {:.3} ({})",
             training["sequences"],
             plan.steer_steps,
@@ -481,14 +583,26 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         }
     }
 
-    // --- Generation at each strength and evaluation. Strength 0 is the steer file at 0, its dummy steer
-    // at 1 as at every strength; the base model without any steer is generated once per model and
-    // reported beside the curve.
+    Ok((steers, transfer_rows))
+}
+
+/// Generation at each strength and its evaluation. Strength 0 is the steer file at 0, its dummy steer at
+/// 1 as at every strength; the base model without any steer is generated once per model and reported
+/// beside the curve. Returns each steer's curve and table.
+fn generate_and_evaluate(
+    run: &Run<'_>,
+    data: &Data<'_>,
+    models: &[TrainedModel],
+    steers: &[SteerRow],
+    judge: &memsteer_steer::eval::PerplexityModel,
+    log: &mut Log,
+) -> Result<(Vec<Curve>, Vec<Table>)> {
+    let (dir, plan, prompts) = (run.dir, &run.plan, &data.prompts);
     let mut base_gen: Vec<Option<PathBuf>> = vec![None; models.len()];
     let mut curves: Vec<Curve> = Vec::new();
     let mut tables = Vec::new();
-    let prompts_hash = file_hash(&prompts)?;
-    for (label, m, steer) in &steers {
+    let prompts_hash = file_hash(prompts)?;
+    for (label, m, steer) in steers {
         let (model, model_key) = (&models[*m].1, &models[*m].2);
         let tag = steer.file_stem().and_then(|x| x.to_str()).unwrap_or("steer").to_string();
         let mut specs = Vec::new();
@@ -500,7 +614,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             );
             unless_done(out, &key, || {
                 let (samples, tokens) = (plan.samples.to_string(), plan.new_tokens.to_string());
-                let (model, prompts, out) = (s(model), s(&prompts), s(out));
+                let (model, prompts, out) = (s(model), s(prompts), s(out));
                 let mut argv = vec![
                     "memsteer",
                     "steer",
@@ -544,7 +658,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             }
         };
         specs.push(format!("{}:none", base.display()));
-        let ev = evaluate(&specs, &judge)?;
+        let ev = evaluate(&specs, judge)?;
         let mut points = Vec::new();
         let mut shares = Vec::new();
         let mut table = String::from(
@@ -564,7 +678,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         table.push_str(&table_row("no steer", share, no_steer));
         let last = points.len() - 1;
         let (e, e_half) = effect(&shares[0], &shares[last]);
-        say(format!(
+        log.say(format!(
             "{label}: positive share {:.2} at {:+} → {:.2} at {:+} (effect {e:+.2} ± {e_half:.2}); {} drop(s) between adjacent strengths",
             points[0].1,
             points[0].0,
@@ -582,12 +696,19 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             high: ends(last),
         });
     }
-    let scorer = memsteer_steer::eval::sentiment::SentimentScorer::builtin()?;
-    say(format!(
-        "scorer: the built-in sentiment classifier, {:.1}% accurate on its {} held-out sentences (the steer's training data, which it never saw)",
-        100.0 * scorer.held_out_accuracy,
-        scorer.held_out_size
-    ));
+    Ok((curves, tables))
+}
+
+/// The positive-share figure, one figure per transfer, and the transfer table.
+fn figures(
+    run: &Run<'_>,
+    models: &[TrainedModel],
+    steers: &[SteerRow],
+    transfer_rows: &[TransferRow],
+    curves: &[Curve],
+    log: &mut Log,
+) -> Result<(String, String)> {
+    let (dir, plan) = (run.dir, &run.plan);
     let series_of = |idx: &[usize]| -> Vec<memsteer_plot::Series> {
         // The figures' font has no superscript T.
         idx.iter().map(|&i| (steers[i].0.replace('ᵀ', "^T"), curves[i].points.clone())).collect()
@@ -621,7 +742,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     let mut transfer_md = format!(
         "| source → target | map | fit residual | effect on the target | source's own effect | perplexity at {lo:+} / 0 / {hi:+} | dist-1 at {lo:+} / 0 / {hi:+} |\n|---|---|---:|---:|---:|---:|---:|\n",
     );
-    for (from, to, formula, residual, i) in &transfer_rows {
+    for (from, to, formula, residual, i) in transfer_rows {
         let own = steers.iter().position(|x| models[x.1].0 == *from && x.0.ends_with("its own steer")).unwrap_or(0);
         let (c, c0) = (&curves[*i], &curves[own]);
         let ((e, eh), (e0, e0h)) = (c.effect, c0.effect);
@@ -634,13 +755,25 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             c.base.1,
             c.high.1
         ));
-        say(format!(
+        log.say(format!(
             "transfer {from} → {to} by {formula}: fit residual {residual:.3}, effect {e:+.2} ± {eh:.2} (the source's own {e0:+.2}); perplexity {:.0} / {:.0} / {:.0} at {lo:+} / 0 / {hi:+}",
             c.low.0, c.base.0, c.high.0
         ));
     }
 
-    // --- Explanation and highlighted sentences (the larger model's own steer).
+    Ok((transfer_md, transfer_figures))
+}
+
+/// What the larger model's own steer promotes (`steer explain`) and where unseen sentences carry the
+/// style (`steer highlight`): the two Markdown sections.
+fn explain_and_highlight(
+    run: &Run<'_>,
+    data: &Data<'_>,
+    models: &[TrainedModel],
+    steers: &[SteerRow],
+    scorer: &memsteer_steer::eval::sentiment::SentimentScorer,
+) -> Result<(String, String)> {
+    let (dir, tok, prompt_set) = (run.dir, &run.tok, &data.prompt_set);
     let (large_model, large_steer) = (&models[1].1, &steers[1].2);
     let large = memsteer_lm::Model::load(large_model)?;
     let steer = memsteer_steer::Steer::load_for(large_steer, large.decoder())?;
@@ -699,14 +832,8 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
     for (k, x) in picks.into_iter().enumerate() {
         let html = dir.join(format!("highlight-{}.html", k + 1));
         let strength = if x.positive { 1.0 } else { -1.0 };
-        let h = memsteer_steer::highlight::highlight(
-            large.decoder(),
-            &steer,
-            &tok,
-            tok.encode(&x.text)?,
-            strength,
-            (2, 4),
-        )?;
+        let h =
+            memsteer_steer::highlight::highlight(large.decoder(), &steer, tok, tok.encode(&x.text)?, strength, (2, 4))?;
         let page = memsteer_steer::highlight::render_html(
             &h,
             steer.labels()[0].as_str(),
@@ -751,6 +878,18 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         ));
     }
 
+    Ok((explain_md, highlights))
+}
+
+/// The steers as zero-shot classifiers (`steer detect`): the Markdown section.
+fn detect(
+    run: &Run<'_>,
+    data: &Data<'_>,
+    models: &[TrainedModel],
+    steers: &[SteerRow],
+    scorer: &memsteer_steer::eval::sentiment::SentimentScorer,
+    log: &mut Log,
+) -> Result<String> {
     // --- The steer as a zero-shot classifier (`steer detect`, the authors' `steer_analysis`): the
     // sentences no model or steer trained on (the prompts' sources), each labelled by the sign of the
     // strength that explains it best, and by the sign of the mean strength under the authors'
@@ -765,14 +904,21 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         let lm = memsteer_lm::Model::load(model)?;
         let steer = memsteer_steer::Steer::load_for(steer, lm.decoder())?;
         let config = memsteer_steer::evidence::DetectConfig { min: -3.0, max: 3.0, bins: 7 };
-        let found = prompt_set
+        let found = data
+            .prompt_set
             .iter()
             .map(|x| {
-                Ok(memsteer_steer::evidence::detect_text(lm.decoder(), &steer, &encode(&x.text)?, Some(&tok), &config)?)
+                Ok(memsteer_steer::evidence::detect_text(
+                    lm.decoder(),
+                    &steer,
+                    &run.encode(&x.text)?,
+                    Some(&run.tok),
+                    &config,
+                )?)
             })
             .collect::<Result<Vec<_>>>()?;
         let (mut best_right, mut mean_right, mut scorer_right) = (0usize, 0usize, 0usize);
-        for ((d, _), x) in found.iter().zip(&prompt_set) {
+        for ((d, _), x) in found.iter().zip(&data.prompt_set) {
             let want = if x.positive { 1.0 } else { -1.0 };
             best_right += usize::from(f64::from(d.best_strength()).signum() * want > 0.0 && d.best_strength() != 0.0);
             let mean: f64 = d.strengths.iter().zip(&d.distribution).map(|(s, p)| f64::from(*s) * p).sum();
@@ -787,7 +933,7 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
             pct(mean_right),
             pct(scorer_right)
         ));
-        say(format!(
+        log.say(format!(
             "detect: {name}'s steer labels {:.1}% of {n} unseen sentences right by its best strength, {:.1}% by the mean strength (the built-in scorer, which trained on them: {:.1}%)",
             pct(best_right),
             pct(mean_right),
@@ -800,30 +946,5 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
         scorer.held_out_size
     ));
 
-    // --- The run's gallery.
-    let mut md = format!(
-        "# LM-Steer on trained models ({})\n\nWritten by `cargo xtask reproduce{} steer`; what matches the paper \
-         and what does not is in `docs/gallery.md`.\n\n```text\n{}\n```\n\n![positive share](positive-share.png)\n\n\
-         ## Transfer (`steer transfer`)\n\nEffect: per prompt, the share of positive continuations at the \
-         strongest positive strength minus at the strongest negative one, averaged over prompts (± 95% interval \
-         over prompts).\n\n{transfer_md}\n{transfer_figures}",
-        if quick { "quick" } else { "full" },
-        if quick { " --quick" } else { "" },
-        report.join("\n")
-    );
-    md.push_str(&format!(
-        "## What the large model's steer promotes (`steer explain`)\n\nThe top singular directions of W, \
-         each with the tokens at its two ends (the sign of a direction is arbitrary; · is a space):\n\n{explain_md}\n\
-         ## Where unseen sentences carry the style (`steer highlight`)\n\nSentences no model or steer trained on \
-         (the prompts' sources), the two the scorer rates most positive and the two it rates most negative. \
-         In bold, the two strongest spans of \
-         up to 4 tokens.\n\n{highlights}\n\
-         ## The steer as a sentiment classifier (`steer detect`)\n\n{detect_md}\n"
-    ));
-    for (label, table) in &tables {
-        md.push_str(&format!("## {label}\n\n{table}\n"));
-    }
-    memsteer_panel::write_atomic(&dir.join("gallery.md"), |w| w.write_all(md.as_bytes()))?;
-    println!("steer: under {} ({:.0} s)", dir.display(), started.elapsed().as_secs_f64());
-    Ok(())
+    Ok(detect_md)
 }
