@@ -205,6 +205,34 @@ macro_rules! say {
 /// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
 /// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
 /// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
+/// A fingerprint of the code whose arithmetic the trained runs depend on (memsteer-lm and
+/// memsteer-kernels sources, FNV-1a over their paths and bytes in path order), so that runs cached under
+/// target/reproduce are retrained after a change that could move their numbers by a rounding.
+fn code_fingerprint() -> Result<u64> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            if path.is_dir() {
+                walk(&path, out)?;
+            } else if path.extension().is_some_and(|e| e == "rs" || e == "cu") {
+                out.push(path);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    for krate in ["memsteer-lm", "memsteer-kernels"] {
+        walk(&root().join("crates").join(krate).join("src"), &mut files)?;
+    }
+    files.sort();
+    let mut h = memsteer_panel::rng::Fnv1a::default();
+    for f in &files {
+        h.write(f.strip_prefix(root()).unwrap_or(f).to_string_lossy().as_bytes());
+        h.write(&std::fs::read(f)?);
+    }
+    Ok(h.finish())
+}
+
 fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
@@ -254,6 +282,16 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
                 .to_string(),
             )?;
             let run = rd.join("run");
+            // A run left by other code (the trainer or the kernels changed since) is trained again: the
+            // retraining check below compares it bit for bit with what this code computes.
+            let key = format!("code {:016x} config {}\n", code_fingerprint()?, std::fs::read_to_string(&config)?);
+            let key_file = rd.join("run.key");
+            if run.exists() && std::fs::read_to_string(&key_file).ok().as_deref() != Some(key.as_str()) {
+                println!("{}: made by other code or settings; training again", run.display());
+                std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
+                let _ = std::fs::remove_file(rd.join("truth.csv"));
+            }
+            std::fs::write(&key_file, &key)?;
             memsteer_cli::run_from([
                 "memsteer".to_string(),
                 "train".into(),

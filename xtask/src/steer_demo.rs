@@ -214,7 +214,6 @@ fn effect(lo: &std::collections::BTreeMap<String, f64>, hi: &std::collections::B
     mean_ci(&diffs)
 }
 
-/// Runs the demo into `dir`.
 /// The run's log: each line printed as it is known and kept for the gallery.
 #[derive(Default)]
 struct Log(Vec<String>);
@@ -267,6 +266,8 @@ type Table = (String, String);
 /// A transfer: source, target, map, fit residual, index of its steer row.
 type TransferRow = (&'static str, &'static str, &'static str, f64, usize);
 
+/// Runs the demo into `dir`, in stages: the data, the language models, the steers and their transfers,
+/// generation and evaluation, figures, explanation and highlights, detection, the gallery.
 pub fn run(dir: &Path, quick: bool) -> Result<()> {
     let started = std::time::Instant::now();
     let plan = if quick {
@@ -348,7 +349,6 @@ pub fn run(dir: &Path, quick: bool) -> Result<()> {
 /// The data: the scorer's held-out sentences train the steer; openings of a seeded sample of the others
 /// are the prompts; the rest (labels dropped) and Moby Dick train the language models.
 fn prepare_data<'s>(run: &Run<'_>, sentences: &'s [Sentence], log: &mut Log) -> Result<Data<'s>> {
-    // others are the prompts; the rest (labels dropped) and Moby Dick train the language models.
     let encode = |t: &str| run.encode(t);
     let (dir, plan, tok, corpus) = (run.dir, &run.plan, &run.tok, &run.corpus);
     // The corpus repeats some sentences under different ids: a held-out sentence whose text the scorer

@@ -109,10 +109,8 @@ impl PackedBf16 {
         let kp = if exact { 2 * kp1 } else { kp1 };
         let steps = kp / K_ALIGN;
         let mut data = vec![0u16; round_up(n, BLOCK) * kp];
-        let at = |row: usize, col: usize| match source {
-            Source::OutputsMajor => w[row * k + col],
-            Source::InputsMajor => w[col * n + row],
-        };
+        // Inputs major (outputs major went to pack_by_rows).
+        let at = |row: usize, col: usize| w[col * n + row];
         data.par_chunks_mut(BLOCK * kp).enumerate().for_each(|(q, pair)| {
             for j in q * BLOCK..(q * BLOCK + BLOCK).min(n) {
                 for i in 0..k {

@@ -77,22 +77,10 @@ impl PackedF32 {
         }
         let mut panels = vec![0.0f32; n.div_ceil(NR) * NR * k];
         panels.par_chunks_mut(NR * k).enumerate().for_each(|(p, panel)| {
+            // Inputs major (outputs major went to pack_by_rows): each input's 32 outputs are contiguous.
             let (j0, cols) = (p * NR, NR.min(n - p * NR));
-            match source {
-                // Each input's 32 outputs are contiguous in the source.
-                Source::InputsMajor => {
-                    for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                        dst[..cols].copy_from_slice(&w[i * n + j0..i * n + j0 + cols]);
-                    }
-                }
-                // Each output's inputs are contiguous in the source.
-                Source::OutputsMajor => {
-                    for jj in 0..cols {
-                        for (i, &x) in w[(j0 + jj) * k..(j0 + jj + 1) * k].iter().enumerate() {
-                            panel[i * NR + jj] = x;
-                        }
-                    }
-                }
+            for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
+                dst[..cols].copy_from_slice(&w[i * n + j0..i * n + j0 + cols]);
             }
         });
         Ok(Self { n, k, panels })

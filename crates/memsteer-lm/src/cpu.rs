@@ -766,4 +766,88 @@ mod tests {
             assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}, {compute:?}");
         }
     }
+
+    /// `tiny-llama-gqa` with every tensor rounded to bf16 and stored as such, in a temporary directory.
+    fn bf16_copy() -> std::path::PathBuf {
+        let src = fixture("tiny-llama-gqa");
+        let dst = std::env::temp_dir().join(format!("memsteer-bf16-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&dst).expect("dir");
+        std::fs::copy(src.join("config.json"), dst.join("config.json")).expect("config");
+        let bytes = std::fs::read(src.join("model.safetensors")).expect("weights");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(name, v)| {
+                let mut vals = vec![0.0f32; v.shape().iter().product()];
+                crate::weights::decode(v.dtype(), v.data(), &mut vals);
+                let data = vals.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect();
+                (name, v.shape().to_vec(), data)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+            .iter()
+            .map(|(n, s, b)| {
+                (n.clone(), safetensors::tensor::TensorView::new(Dtype::BF16, s.clone(), b).expect("view"))
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dst.join("model.safetensors")).expect("write");
+        dst
+    }
+
+    /// Packing straight from the mapped file (row by row, the q/k/v pieces stacked) gives the panels
+    /// that packing the loaded f32 tensors gives, for f32 and bf16 storage and every packing; the
+    /// bf16-stored head comes back from a loaded model bit for bit.
+    #[test]
+    fn packing_from_the_file_equals_packing_the_loaded_tensors() {
+        use arch::{LayerSlot, Part, Slot};
+        let bf16 = bf16_copy();
+        let f32_dir = fixture("tiny-llama-gqa");
+        let cases = [
+            (&f32_dir, PackAs::F32),
+            (&f32_dir, PackAs::Bf16 { exact: false }),
+            (&bf16, PackAs::Bf16 { exact: false }),
+            (&bf16, PackAs::Bf16 { exact: true }),
+            (&bf16, PackAs::F32),
+        ];
+        for (dir, how) in cases {
+            let arch = Arch::from_file(&dir.join("config.json")).expect("config");
+            let weights = Weights::open(dir).expect("weights");
+            let mapped = Mapped { weights: &weights, specs: std::collections::HashMap::new() };
+            for slot in [
+                Slot::Layer(0, LayerSlot::Qkv(Part::Weight)),
+                Slot::Layer(1, LayerSlot::Down(Part::Weight)),
+                Slot::Head,
+            ] {
+                let pieces: Vec<arch::TensorSpec> = arch.tensors().into_iter().filter(|t| t.slot == slot).collect();
+                assert!(!pieces.is_empty(), "{slot:?}");
+                let k = pieces[0].shape[1];
+                let from_file = mapped.pack(&pieces, k, how).expect("pack from the file");
+                let loaded: Vec<f32> =
+                    pieces.iter().flat_map(|p| weights.tensor(&p.name_refs(), &p.shape).expect("tensor")).collect();
+                let n = loaded.len() / k;
+                let eager = match how {
+                    PackAs::Bf16 { exact } => {
+                        Packed::Bf16(PackedBf16::pack(&loaded, n, k, Source::OutputsMajor, exact).expect("pack"))
+                    }
+                    PackAs::F32 => Packed::F32(PackedF32::pack(&loaded, n, k, Source::OutputsMajor).expect("pack")),
+                };
+                assert_eq!(from_file.shape(), (n, k), "{slot:?}");
+                let (mut a, mut b) = (vec![0.0f32; k], vec![0.0f32; k]);
+                for j in 0..n {
+                    from_file.row_into(j, &mut a);
+                    eager.row_into(j, &mut b);
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{slot:?} {how:?} row {j}");
+                }
+                // Exact packings hold the stored values; bf16 storage is exact in every packing.
+                if matches!(how, PackAs::F32) || dir == &bf16 {
+                    assert!(from_file.holds_exactly(&loaded), "{slot:?} {how:?}");
+                }
+            }
+        }
+        let model = Model::load(&bf16).expect("bf16 model");
+        let want = stored_output(&bf16);
+        assert!(model.output_embedding().iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let _ = std::fs::remove_dir_all(&bf16);
+    }
 }

@@ -175,14 +175,16 @@ impl Weights {
     }
 
     /// Tells the kernel that the mapped pages of the tensor (the first of `names` found) are not needed
-    /// any more: it drops them from this process's resident memory (they are read back from the file if
-    /// touched again, since the mapping is read-only). For loaders that have copied a tensor elsewhere.
+    /// any more: it drops them from this process's resident memory (they are read back if touched again,
+    /// the mapping being read-only). For loaders that have copied a tensor elsewhere.
     pub fn release(&self, names: &[&str]) {
         let Some(e) = names.iter().find_map(|n| self.index.get(*n)) else { return };
         let file = &self.files[e.file];
         #[cfg(unix)]
-        // SAFETY: the map is private and read-only, so dropping its pages loses nothing: a later read
-        // faults the same bytes back in from the file, and every `&[u8]` into it stays valid.
+        // SAFETY: the map is read-only and never written (memmap2 maps files shared), so dropping its
+        // page-table entries loses nothing: a later read faults the same bytes back in from the page
+        // cache or the file, and every `&[u8]` into it stays valid. The range is widened to whole pages,
+        // which may drop a neighbouring tensor's pages too; they fault back in the same way.
         let _ = unsafe {
             file.bytes.unchecked_advise_range(
                 memmap2::UncheckedAdvice::DontNeed,
