@@ -75,12 +75,22 @@ impl PackedF32 {
         if source == Source::OutputsMajor {
             return Self::pack_by_rows(n, k, &|j, row| row.copy_from_slice(&w[j * k..(j + 1) * k]));
         }
+        Self::pack_by_input_rows(n, k, &|i, j0, dst| dst.copy_from_slice(&w[i * n + j0..i * n + j0 + dst.len()]))
+    }
+
+    /// [`PackedF32::pack`] of an inputs-major `n × k` matrix (`k` rows of `n` outputs, GPT-2's layout)
+    /// given by pieces of its rows: `segment(i, j0, buf)` writes outputs `j0..j0 + buf.len()` of input
+    /// `i` into `buf` (decoded straight from a mapped file by the caller). The same panels as packing
+    /// the rows laid end to end.
+    pub fn pack_by_input_rows(n: usize, k: usize, segment: &(dyn Fn(usize, usize, &mut [f32]) + Sync)) -> Result<Self> {
+        let len = n.checked_mul(k).ok_or(crate::KernelError::Overflow { what: "packed weight", rows: n, cols: k })?;
+        crate::packed::check_weight(len, n, k)?;
         let mut panels = vec![0.0f32; n.div_ceil(NR) * NR * k];
         panels.par_chunks_mut(NR * k).enumerate().for_each(|(p, panel)| {
-            // Inputs major (outputs major went to pack_by_rows): each input's 32 outputs are contiguous.
+            // Each input's 32 outputs are contiguous in the source.
             let (j0, cols) = (p * NR, NR.min(n - p * NR));
             for (i, dst) in panel.chunks_exact_mut(NR).enumerate() {
-                dst[..cols].copy_from_slice(&w[i * n + j0..i * n + j0 + cols]);
+                segment(i, j0, &mut dst[..cols]);
             }
         });
         Ok(Self { n, k, panels })

@@ -211,12 +211,17 @@ impl Model {
             Some(exact) => Some(PackAs::Bf16 { exact }),
             None => memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512).then_some(PackAs::F32),
         };
-        // With packing, the products' weights (outputs major) are packed straight from the mapped file,
+        // With packing, the products' weights are packed straight from the mapped file,
         // one matrix at a time, and their pages released: no f32 copy of them ever exists, so resident
         // memory stays near the panels' size. So is an output embedding (or the tied embedding) that the
         // panels hold exactly by construction (f32 panels, or bf16 panels of bf16 weights).
         let mut mapped = Mapped { weights: &weights, specs: std::collections::HashMap::new() };
-        let lazy = pack_as.is_some() && arch.weights == arch::WeightLayout::OutputsMajor;
+        // Inputs-major products (GPT-2's Conv1D) are packed from the file into f32 panels only.
+        let lazy = match pack_as {
+            Some(PackAs::F32) => true,
+            Some(PackAs::Bf16 { .. }) => arch.weights == arch::WeightLayout::OutputsMajor,
+            None => false,
+        };
         let exact_panels = |stored: Dtype| match pack_as {
             Some(PackAs::F32) => true,
             Some(PackAs::Bf16 { .. }) => stored == Dtype::BF16,
@@ -346,7 +351,7 @@ fn pack(
     use arch::{LayerSlot, Part, Slot};
     let one = |t: &mut Vec<f32>, slot: Slot, shape: (usize, usize)| {
         if let Some(pieces) = mapped.specs.get(&slot) {
-            return mapped.pack(pieces, shape.0, how);
+            return mapped.pack(pieces, shape, how, source);
         }
         let p = packed(t, shape, source)?;
         *t = Vec::new();
@@ -365,7 +370,7 @@ fn pack(
     }
     let head = if arch.tied { Slot::Embed } else { Slot::Head };
     let output = match mapped.specs.get(&head) {
-        Some(pieces) => mapped.pack(pieces, d, how)?,
+        Some(pieces) => mapped.pack(pieces, (d, arch.vocab), how, Source::OutputsMajor)?,
         None => packed(w.output(), (d, arch.vocab), Source::OutputsMajor)?,
     };
     Ok((layers, output))
@@ -379,24 +384,47 @@ struct Mapped<'w> {
 }
 
 impl Mapped<'_> {
-    /// Packs the outputs-major matrix of `k` inputs that `pieces` make (stacked along the outputs) row by
-    /// row from the mapped file (each row widened to f32 exactly as [`Weights::tensor`] widens it), then
-    /// releases the pieces' pages.
-    fn pack(&self, pieces: &[arch::TensorSpec], k: usize, how: PackAs) -> Result<Packed> {
+    /// Packs the matrix of `(inputs, outputs)` that `pieces` make (stacked along their first dimension)
+    /// straight from the mapped file, row by row (each value widened to f32 exactly as
+    /// [`Weights::tensor`] widens it), then releases the pieces' pages. Outputs-major pieces are rows of
+    /// outputs; an inputs-major matrix (one piece) is packed into f32 panels from its rows of inputs.
+    fn pack(&self, pieces: &[arch::TensorSpec], (k, n): (usize, usize), how: PackAs, source: Source) -> Result<Packed> {
         let raws = pieces
             .iter()
             .map(|p| Ok((self.weights.raw(&p.name_refs(), &p.shape)?, p.shape[0])))
             .collect::<Result<Vec<_>>>()?;
+        let width = |dtype: Dtype| if dtype == Dtype::F32 { 4 } else { 2 };
+        if source == Source::InputsMajor {
+            let (((dtype, bytes), _), PackAs::F32, [spec]) = (&raws[0], how, pieces) else {
+                return Err(LmError::Input("internal: inputs-major weights are packed whole, into f32 panels".into()));
+            };
+            if spec.shape != [k, n] {
+                return Err(LmError::Input(format!("internal: {:?} is not {k} inputs × {n} outputs", spec.names[0])));
+            }
+            let w = width(*dtype);
+            let segment = |i: usize, j0: usize, buf: &mut [f32]| {
+                let at = i * n + j0;
+                crate::weights::decode(*dtype, &bytes[at * w..(at + buf.len()) * w], buf);
+            };
+            let packed = Packed::F32(PackedF32::pack_by_input_rows(n, k, &segment)?);
+            self.weights.release(&spec.name_refs());
+            return Ok(packed);
+        }
         if let Some(p) = pieces.iter().find(|p| p.shape.len() != 2 || p.shape[1] != k) {
             return Err(LmError::Input(format!("internal: {:?} is not a matrix of {k} inputs", p.names[0])));
         }
-        let n: usize = raws.iter().map(|r| r.1).sum();
+        if raws.iter().map(|r| r.1).sum::<usize>() != n {
+            return Err(LmError::Input(format!(
+                "internal: the pieces of {:?} do not make {n} outputs",
+                pieces[0].names[0]
+            )));
+        }
         let row = |j: usize, buf: &mut [f32]| {
             let mut j = j;
             for ((dtype, bytes), rows) in &raws {
                 if j < *rows {
-                    let width = if *dtype == Dtype::F32 { 4 } else { 2 };
-                    crate::weights::decode(*dtype, &bytes[j * k * width..(j + 1) * k * width], buf);
+                    let w = width(*dtype);
+                    crate::weights::decode(*dtype, &bytes[j * k * w..(j + 1) * k * w], buf);
                     return;
                 }
                 j -= rows;
@@ -822,7 +850,9 @@ mod tests {
                 let pieces: Vec<arch::TensorSpec> = arch.tensors().into_iter().filter(|t| t.slot == slot).collect();
                 assert!(!pieces.is_empty(), "{slot:?}");
                 let k = pieces[0].shape[1];
-                let from_file = mapped.pack(&pieces, k, how).expect("pack from the file");
+                let n_out: usize = pieces.iter().map(|p| p.shape[0]).sum();
+                let from_file =
+                    mapped.pack(&pieces, (k, n_out), how, Source::OutputsMajor).expect("pack from the file");
                 let loaded: Vec<f32> =
                     pieces.iter().flat_map(|p| weights.tensor(&p.name_refs(), &p.shape).expect("tensor")).collect();
                 let n = loaded.len() / k;
@@ -845,6 +875,28 @@ mod tests {
                 }
             }
         }
+        // GPT-2's inputs-major products, into f32 panels.
+        let gpt2 = fixture("tiny-gpt2-f32");
+        let arch = Arch::from_file(&gpt2.join("config.json")).expect("config");
+        let weights = Weights::open(&gpt2).expect("weights");
+        let mapped = Mapped { weights: &weights, specs: std::collections::HashMap::new() };
+        for slot in [Slot::Layer(0, LayerSlot::Qkv(Part::Weight)), Slot::Layer(1, LayerSlot::Down(Part::Weight))] {
+            let [spec] = &arch.tensors().into_iter().filter(|t| t.slot == slot).collect::<Vec<_>>()[..] else {
+                panic!("one tensor for {slot:?}")
+            };
+            let (k, n) = (spec.shape[0], spec.shape[1]);
+            let from_file =
+                mapped.pack(std::slice::from_ref(spec), (k, n), PackAs::F32, Source::InputsMajor).expect("pack");
+            let loaded = weights.tensor(&spec.name_refs(), &spec.shape).expect("tensor");
+            let eager = Packed::F32(PackedF32::pack(&loaded, n, k, Source::InputsMajor).expect("pack"));
+            let (mut a, mut b) = (vec![0.0f32; k], vec![0.0f32; k]);
+            for j in 0..n {
+                from_file.row_into(j, &mut a);
+                eager.row_into(j, &mut b);
+                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{slot:?} row {j}");
+            }
+        }
+        assert!(mapped.pack(&arch.tensors()[..1], (1, 1), PackAs::Bf16 { exact: false }, Source::InputsMajor).is_err());
         let model = Model::load(&bf16).expect("bf16 model");
         let want = stored_output(&bf16);
         assert!(model.output_embedding().iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
