@@ -198,16 +198,11 @@ macro_rules! say {
     }};
 }
 
-/// Memorisation profiles of real training runs: small GPT-NeoX models (three sizes × cosine and
-/// constant schedules) trained with `memsteer train` on the built-in English text (Moby Dick,
-/// tokenized with the built-in 4,096-token BPE, cut into 64-token instances, a seeded random held-out
-/// part never trained on; the same instances and batches for every run), every checkpoint scored with
-/// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
-/// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
-/// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
-/// A fingerprint of the code whose arithmetic the trained runs depend on (memsteer-lm and
-/// memsteer-kernels sources, FNV-1a over their paths and bytes in path order), so that runs cached under
-/// target/reproduce are retrained after a change that could move their numbers by a rounding.
+/// A fingerprint of what the trained runs' numbers depend on: the sources of memsteer-lm,
+/// memsteer-kernels, memsteer-panel (seeded draws) and memsteer-cli (the commands' settings) and
+/// `Cargo.lock` (FNV-1a over paths and bytes in path order), and the CPU kernel level in use. Coarse on
+/// purpose: any edit there retrains the cached runs under target/reproduce once (about 6 minutes for
+/// `--quick`), rather than let the retraining check fail on a run made by other code.
 fn code_fingerprint() -> Result<u64> {
     fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) -> Result<()> {
         for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
@@ -221,18 +216,27 @@ fn code_fingerprint() -> Result<u64> {
         Ok(())
     }
     let mut files = Vec::new();
-    for krate in ["memsteer-lm", "memsteer-kernels"] {
+    for krate in ["memsteer-lm", "memsteer-kernels", "memsteer-panel", "memsteer-cli"] {
         walk(&root().join("crates").join(krate).join("src"), &mut files)?;
     }
+    files.push(root().join("Cargo.lock"));
     files.sort();
     let mut h = memsteer_panel::rng::Fnv1a::default();
     for f in &files {
         h.write(f.strip_prefix(root()).unwrap_or(f).to_string_lossy().as_bytes());
         h.write(&std::fs::read(f)?);
     }
+    h.write(format!("{:?}", memsteer_kernels::cpu_kernels().ok()).as_bytes());
     Ok(h.finish())
 }
 
+/// Memorisation profiles of real training runs: small GPT-NeoX models (three sizes × cosine and
+/// constant schedules) trained with `memsteer train` on the built-in English text (Moby Dick,
+/// tokenized with the built-in 4,096-token BPE, cut into 64-token instances, a seeded random held-out
+/// part never trained on; the same instances and batches for every run), every checkpoint scored with
+/// `memsteer logprobs`, estimated with `memsteer profile`, then figures across runs mirroring the
+/// memorisation paper's (path by size, instantaneous memorisation against the learning rate, residual
+/// memorisation by schedule, correlation of profiles across sizes). Finished steps are reused on a rerun.
 fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
     use std::io::Write;
     let started = std::time::Instant::now();
@@ -289,7 +293,12 @@ fn trained_run(dir: &std::path::Path, quick: bool) -> Result<()> {
             if run.exists() && std::fs::read_to_string(&key_file).ok().as_deref() != Some(key.as_str()) {
                 println!("{}: made by other code or settings; training again", run.display());
                 std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
-                let _ = std::fs::remove_file(rd.join("truth.csv"));
+                // And what was made from it: the resumable scoring (its ledger would refuse the new
+                // checkpoints) and the truth.
+                for f in ["panel.csv", "truth.csv", "truth.key"] {
+                    let _ = std::fs::remove_file(rd.join(f));
+                }
+                let _ = std::fs::remove_dir_all(rd.join("panel.csv.parts"));
             }
             std::fs::write(&key_file, &key)?;
             memsteer_cli::run_from([
