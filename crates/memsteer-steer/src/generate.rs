@@ -104,6 +104,16 @@ pub fn batched_continuations(
     let mut logits = Vec::new();
     // The output embedding stays on the device across steps.
     let embedding = ResidentMatrix::new(device, decoder.output_embedding(), vocab, d)?;
+    // With MEMSTEER_GPU_PROFILE set: where the steps' time goes, on stderr at the end.
+    let profile = std::env::var_os("MEMSTEER_GPU_PROFILE").is_some();
+    let mut spent = [0.0f64; 4];
+    let mut clock = std::time::Instant::now();
+    let mut lap = |i: usize| {
+        if profile {
+            spent[i] += clock.elapsed().as_secs_f64();
+            clock = std::time::Instant::now();
+        }
+    };
     for _ in 0..max_new {
         let mut start = 0;
         while start < seqs.len() {
@@ -114,7 +124,9 @@ pub fn batched_continuations(
                 end += 1;
             }
             let refs: Vec<&[u32]> = seqs[start..end].iter().map(Vec::as_slice).collect();
+            lap(3);
             let hidden = decoder.forward_packed(&refs, None)?;
+            lap(0);
             let mut last = Vec::with_capacity(refs.len() * d);
             let mut at = 0;
             for s in &refs {
@@ -129,17 +141,39 @@ pub fn batched_continuations(
             for (c, rows) in last.chunks(max_logits.max(1) * d).enumerate() {
                 let n = rows.len() / d;
                 logits.resize(n * vocab, 0.0);
+                lap(3);
                 embedding.matmul_transposed(rows, n, &mut logits)?;
-                for (i, l) in logits.chunks(vocab).enumerate() {
-                    let k = start + c * max_logits.max(1) + i;
-                    let step = seqs[k].len() - prompts[k].len();
-                    let next = sample(l, cfg, rngs[k].uniform())
-                        .map_err(|e| SteerError::Input(format!("{}, step {step}: {e}", name(k))))?;
-                    seqs[k].push(next as u32);
-                }
+                lap(1);
+                // Each stream samples from its own generator: in parallel, the same tokens.
+                use rayon::prelude::*;
+                let first = start + c * max_logits.max(1);
+                let streams = seqs[first..first + n].iter_mut().zip(&mut rngs[first..first + n]).zip(&prompts[first..]);
+                let picked: Vec<Result<()>> = streams
+                    .zip(logits.chunks(vocab))
+                    .enumerate()
+                    .collect::<Vec<_>>()
+                    .into_par_iter()
+                    .map(|(i, (((seq, rng), prompt), l))| {
+                        let step = seq.len() - prompt.len();
+                        let next = sample(l, cfg, rng.uniform())
+                            .map_err(|e| SteerError::Input(format!("{}, step {step}: {e}", name(first + i))))?;
+                        seq.push(next as u32);
+                        Ok(())
+                    })
+                    .collect();
+                picked.into_iter().collect::<Result<()>>()?;
+                lap(2);
             }
             start = end;
         }
+    }
+    lap(3);
+    if profile {
+        let [forward, product, sampling, rest] = spent;
+        eprintln!(
+            "batched continuations: forward passes {forward:.2} s, logits products {product:.2} s, sampling {sampling:.2} s, \
+             the rest (steering, grouping) {rest:.2} s"
+        );
     }
     Ok(seqs.into_iter().zip(prompts).map(|(s, p)| s[p.len()..].to_vec()).collect())
 }
