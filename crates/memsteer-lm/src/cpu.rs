@@ -211,48 +211,7 @@ impl Model {
             Some(exact) => Some(PackAs::Bf16 { exact }),
             None => memsteer_kernels::cpu_kernels().is_ok_and(|l| l >= CpuKernels::Avx512).then_some(PackAs::F32),
         };
-        // With packing, the products' weights are packed straight from the mapped file,
-        // one matrix at a time, and their pages released: no f32 copy of them ever exists, so resident
-        // memory stays near the panels' size. So is an output embedding (or the tied embedding) that the
-        // panels hold exactly by construction (f32 panels, or bf16 panels of bf16 weights).
-        let mut mapped = Mapped { weights: &weights, specs: std::collections::HashMap::new() };
-        // Inputs-major products (GPT-2's Conv1D) are packed from the file into f32 panels only.
-        let lazy = match pack_as {
-            Some(PackAs::F32) => true,
-            Some(PackAs::Bf16 { .. }) => arch.weights == arch::WeightLayout::OutputsMajor,
-            None => false,
-        };
-        let exact_panels = |stored: Dtype| match pack_as {
-            Some(PackAs::F32) => true,
-            Some(PackAs::Bf16 { .. }) => stored == Dtype::BF16,
-            None => false,
-        };
-        let mut w = arch.load_tensors(
-            |spec| {
-                let products = matches!(
-                    spec.slot,
-                    arch::Slot::Layer(
-                        _,
-                        arch::LayerSlot::Qkv(arch::Part::Weight)
-                            | arch::LayerSlot::AttnOut(arch::Part::Weight)
-                            | arch::LayerSlot::Up(arch::Part::Weight)
-                            | arch::LayerSlot::Gate(arch::Part::Weight)
-                            | arch::LayerSlot::Down(arch::Part::Weight)
-                    )
-                );
-                let output = matches!(spec.slot, arch::Slot::Head) || (spec.slot == arch::Slot::Embed && arch.tied);
-                if lazy && (products || output) {
-                    // Checked now (name, shape, type), packed later.
-                    let (stored, _) = weights.raw(&spec.name_refs(), &spec.shape)?;
-                    if products || exact_panels(stored) {
-                        mapped.specs.entry(spec.slot).or_default().push(spec.clone());
-                        return Ok(Vec::new());
-                    }
-                }
-                weights.tensor(&spec.name_refs(), &spec.shape)
-            },
-            |pieces| Ok(pieces.concat()),
-        )?;
+        let (mut w, mapped) = load_unpacked(&arch, &weights, pack_as)?;
         if let Norm::RmsNorm { unit_offset: true, .. } = arch.norm {
             // Gemma's norms multiply by `1 + w`: held as such, so every norm is `x · rstd · g`.
             let one_plus = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x += 1.0);
@@ -374,6 +333,57 @@ fn pack(
         None => packed(w.output(), (d, arch.vocab), Source::OutputsMajor)?,
     };
     Ok((layers, output))
+}
+
+/// The tensors as f32, except those left in the mapped file for [`pack`] to pack from there (empty
+/// here, listed in the returned [`Mapped`]): with packing, the products' weights, packed one matrix at a
+/// time and their pages released, so that no f32 copy of them ever exists and resident memory stays
+/// near the panels' size; and an output embedding (or the tied embedding) that the panels hold exactly
+/// by construction (f32 panels, or bf16 panels of bf16 weights).
+fn load_unpacked<'w>(
+    arch: &Arch,
+    weights: &'w Weights,
+    pack_as: Option<PackAs>,
+) -> Result<(Tensors<Vec<f32>>, Mapped<'w>)> {
+    let mut mapped = Mapped { weights, specs: std::collections::HashMap::new() };
+    // Inputs-major products (GPT-2's Conv1D) are packed from the file into f32 panels only.
+    let lazy = match pack_as {
+        Some(PackAs::F32) => true,
+        Some(PackAs::Bf16 { .. }) => arch.weights == arch::WeightLayout::OutputsMajor,
+        None => false,
+    };
+    let exact_panels = |stored: Dtype| match pack_as {
+        Some(PackAs::F32) => true,
+        Some(PackAs::Bf16 { .. }) => stored == Dtype::BF16,
+        None => false,
+    };
+    let w = arch.load_tensors(
+        |spec| {
+            let products = matches!(
+                spec.slot,
+                arch::Slot::Layer(
+                    _,
+                    arch::LayerSlot::Qkv(arch::Part::Weight)
+                        | arch::LayerSlot::AttnOut(arch::Part::Weight)
+                        | arch::LayerSlot::Up(arch::Part::Weight)
+                        | arch::LayerSlot::Gate(arch::Part::Weight)
+                        | arch::LayerSlot::Down(arch::Part::Weight)
+                )
+            );
+            let output = matches!(spec.slot, arch::Slot::Head) || (spec.slot == arch::Slot::Embed && arch.tied);
+            if lazy && (products || output) {
+                // Checked now (name, shape, type), packed later.
+                let (stored, _) = weights.raw(&spec.name_refs(), &spec.shape)?;
+                if products || exact_panels(stored) {
+                    mapped.specs.entry(spec.slot).or_default().push(spec.clone());
+                    return Ok(Vec::new());
+                }
+            }
+            weights.tensor(&spec.name_refs(), &spec.shape)
+        },
+        |pieces| Ok(pieces.concat()),
+    )?;
+    Ok((w, mapped))
 }
 
 /// Matrices left in the mapped weight files at load (by slot, their pieces in order), for [`pack`] to

@@ -100,6 +100,58 @@ fn kerr(e: memsteer_kernels::KernelError) -> LmError {
     LmError::from(e)
 }
 
+/// Uploads every tensor of `arch` from `w` to `gpu` through the one loader: in `dtype` (a tensor stored
+/// in another type is converted, and one whose values do not fit is an error naming it), RMSNorm weights
+/// in f32 (Gemma's `1 + w` applied), the Llama family's q/k/v pieces joined on the device.
+fn upload_tensors(gpu: &Gpu, arch: &Arch, w: &Weights, dtype: DType, dir: &Path) -> Result<Tensors<DevBuf>> {
+    let rms = match arch.norm {
+        Norm::RmsNorm { unit_offset, .. } => Some(unit_offset),
+        Norm::LayerNorm { .. } => None,
+    };
+    arch.load_tensors(
+        |spec| {
+            let (dt, bytes) = w.raw(&spec.name_refs(), &spec.shape)?;
+            let dt = dtype_of(dt);
+            if let (Some(unit_offset), true) = (rms, norm_weight(spec.slot)) {
+                // RMSNorm weights live in f32 (a few thousand values), Gemma's `1 + w` offset in f32
+                // as the CPU path holds them.
+                let mut g = to_f32(bytes, dt);
+                if unit_offset {
+                    g.iter_mut().for_each(|v| *v += 1.0);
+                }
+                return gpu.upload_f32(&g).map_err(kerr);
+            }
+            if dt == dtype {
+                return gpu.upload_bytes(dtype, bytes).map_err(kerr);
+            }
+            // A tensor stored in another type than the embedding is converted to it; a value that
+            // does not fit (f32 → f16 above 65,504) is an error naming the tensor, not an infinity.
+            let converted = convert(bytes, dt, dtype);
+            if !finite(&converted, dtype) && finite(bytes, dt) {
+                return Err(LmError::Input(format!(
+                    "{}: tensor `{}` is stored as {dt:?} with values outside {dtype:?}'s range (the model's type, \
+                     from its input embedding); convert the checkpoint to one type first",
+                    dir.display(),
+                    spec.names[0]
+                )));
+            }
+            gpu.upload_bytes(dtype, &converted).map_err(kerr)
+        },
+        |pieces| {
+            // The q, k and v projections (and their biases) of the Llama family, one after the other.
+            let dtype = pieces[0].view().dtype();
+            let total = pieces.iter().map(DevBuf::len).sum();
+            let whole = gpu.alloc(dtype, total).map_err(kerr)?;
+            let mut at = 0;
+            for p in &pieces {
+                gpu.convert(p.view(), whole.view().slice(at, p.len()).map_err(kerr)?, p.len()).map_err(kerr)?;
+                at += p.len();
+            }
+            Ok(whole)
+        },
+    )
+}
+
 /// Little-endian `bytes` of type `dt` as `f32` values.
 fn to_f32(bytes: &[u8], dt: DType) -> Vec<f32> {
     convert(bytes, dt, DType::F32).chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
@@ -139,52 +191,7 @@ impl GpuModel {
         let stored = w.raw(&embed.name_refs(), &embed.shape)?.0;
         let dtype = dtype_of(stored);
         arch.round_embed_scale(stored);
-        let rms = match arch.norm {
-            Norm::RmsNorm { unit_offset, .. } => Some(unit_offset),
-            Norm::LayerNorm { .. } => None,
-        };
-        let tensors = arch.load_tensors(
-            |spec| {
-                let (dt, bytes) = w.raw(&spec.name_refs(), &spec.shape)?;
-                let dt = dtype_of(dt);
-                if let (Some(unit_offset), true) = (rms, norm_weight(spec.slot)) {
-                    // RMSNorm weights live in f32 (a few thousand values), Gemma's `1 + w` offset in f32
-                    // as the CPU path holds them.
-                    let mut g = to_f32(bytes, dt);
-                    if unit_offset {
-                        g.iter_mut().for_each(|v| *v += 1.0);
-                    }
-                    return gpu.upload_f32(&g).map_err(kerr);
-                }
-                if dt == dtype {
-                    return gpu.upload_bytes(dtype, bytes).map_err(kerr);
-                }
-                // A tensor stored in another type than the embedding is converted to it; a value that
-                // does not fit (f32 → f16 above 65,504) is an error naming the tensor, not an infinity.
-                let converted = convert(bytes, dt, dtype);
-                if !finite(&converted, dtype) && finite(bytes, dt) {
-                    return Err(LmError::Input(format!(
-                        "{}: tensor `{}` is stored as {dt:?} with values outside {dtype:?}'s range (the model's type, \
-                     from its input embedding); convert the checkpoint to one type first",
-                        dir.display(),
-                        spec.names[0]
-                    )));
-                }
-                gpu.upload_bytes(dtype, &converted).map_err(kerr)
-            },
-            |pieces| {
-                // The q, k and v projections (and their biases) of the Llama family, one after the other.
-                let dtype = pieces[0].view().dtype();
-                let total = pieces.iter().map(DevBuf::len).sum();
-                let whole = gpu.alloc(dtype, total).map_err(kerr)?;
-                let mut at = 0;
-                for p in &pieces {
-                    gpu.convert(p.view(), whole.view().slice(at, p.len()).map_err(kerr)?, p.len()).map_err(kerr)?;
-                    at += p.len();
-                }
-                Ok(whole)
-            },
-        )?;
+        let tensors = upload_tensors(&gpu, &arch, &w, dtype, dir)?;
         // The CPU path's angles (f64, then rounded to f32), for every position of the context.
         let rot = arch.rotary_dims();
         let rotary = if rot > 0 {

@@ -134,6 +134,24 @@ impl Gpu {
             let transposed_v = how == Attention::FusedTransposedV;
             return self.flash_attention((q, k, v), ctx, spans, (rows, heads, group, hd), log2_scale, transposed_v);
         }
+        self.tiled_attention((q, k, v), ctx, spans, shape, scale)
+    }
+
+    /// [`Attention::Tiled`], after [`Gpu::attention_shaped`]'s checks (`scale` already resolved, a
+    /// window only where some sequence outgrows it): cuBLAS products over query tiles with the causal
+    /// (and windowed) softmax kernel between them.
+    fn tiled_attention(
+        &self,
+        (q, k, v): (View<'_>, View<'_>, View<'_>),
+        ctx: View<'_>,
+        spans: &[(usize, usize)],
+        shape: AttentionShape,
+        scale: f32,
+    ) -> Result<()> {
+        let AttentionShape { rows, heads, kv_heads, hd, window, .. } = shape;
+        let longest_span = spans.iter().map(|s| s.1).max().unwrap_or(0);
+        let window = window.filter(|&w| w < longest_span);
+        let (group, d) = (heads / kv_heads, heads * hd);
         let longest = spans.iter().map(|s| s.1).max().unwrap_or(0);
         let tile = QUERY_TILE.min(longest.max(1));
         let scores = self.alloc(DType::F32, heads * tile * longest)?;
