@@ -12,6 +12,7 @@ use memsteer_lm::gpu::GpuModel;
 use memsteer_panel::rng::SplitMix64;
 use memsteer_steer::cuda::{SteerStepInputs, SteerTrainer};
 
+pub use crate::family_shapes;
 use crate::{Dtype, FamilyShape, Shape, write_family, write_gpt2, write_neox};
 
 /// One parity measurement: per-token log-probs of the GPU path against the CPU path.
@@ -266,8 +267,17 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
         let case = format!("{name} F32 (longest {longest}) vs transformers; hidden states vs CPU");
         out.push(measure(case, (&want, &cpu_hidden), (&gpu, &gpu_hidden), (1e-4, 1e-4))?);
     }
-    let hd64 =
-        FamilyShape { d: 256, layers: 2, heads: 4, kv_heads: 2, head_dim: 64, inner: 512, vocab: 1000, context: 600 };
+    let hd64 = FamilyShape {
+        d: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        inner: 512,
+        vocab: 1000,
+        context: 600,
+        tied: false,
+    };
     // Heads wider than d / heads (attention width 512 on a residual of 256), four query heads per KV head.
     let hd128 = FamilyShape { kv_heads: 1, head_dim: 128, ..hd64 };
     let seqs = random_seqs(&[600, 600, 600, 600, 257, 2, 31, 129, 64, 65], 1000, 7);
@@ -395,40 +405,6 @@ fn time_scoring(model: &GpuModel, refs: &[&[u32]], batches: usize) -> Result<(f6
         }
     }
     Ok((best, base, gpu.memory().1))
-}
-
-/// Qwen2.5-0.5B's and Llama-3.2-1B's shapes (tied output layers, as theirs are).
-pub fn family_shapes() -> [(&'static str, &'static str, FamilyShape); 2] {
-    [
-        (
-            "qwen2.5-0.5b",
-            "qwen2",
-            FamilyShape {
-                d: 896,
-                layers: 24,
-                heads: 14,
-                kv_heads: 2,
-                head_dim: 64,
-                inner: 4864,
-                vocab: 151_936,
-                context: 2048,
-            },
-        ),
-        (
-            "llama-3.2-1b",
-            "llama",
-            FamilyShape {
-                d: 2048,
-                layers: 16,
-                heads: 32,
-                kv_heads: 8,
-                head_dim: 64,
-                inner: 8192,
-                vocab: 128_256,
-                context: 2048,
-            },
-        ),
-    ]
 }
 
 /// One timing of the fused output layer.

@@ -157,6 +157,9 @@ pub struct FamilyShape {
     pub vocab: usize,
     /// Context length.
     pub context: usize,
+    /// Output layer tied to the input embedding (otherwise as the family's tiny fixture has it: tied
+    /// for Qwen 2 and Gemma 3, separate for the others).
+    pub tied: bool,
 }
 
 /// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2, gemma3, or `gemma3@S` with
@@ -187,7 +190,7 @@ pub fn write_family(
         other => return Err(format!("no template for the family {other}")),
     };
     let mut cfg: serde_json::Value = serde_json::from_str(template).map_err(|e| e.to_string())?;
-    let FamilyShape { d, layers, heads, kv_heads, head_dim, inner, vocab, context } = shape;
+    let FamilyShape { d, layers, heads, kv_heads, head_dim, inner, vocab, context, tied } = shape;
     for (key, value) in [
         ("hidden_size", d),
         ("num_hidden_layers", layers),
@@ -199,6 +202,9 @@ pub fn write_family(
         ("max_position_embeddings", context),
     ] {
         cfg[key] = serde_json::json!(value);
+    }
+    if tied {
+        cfg["tie_word_embeddings"] = serde_json::json!(true);
     }
     if cfg.get("layer_types").is_some() {
         let types: Vec<&str> = (0..layers)
@@ -219,6 +225,42 @@ pub fn write_family(
     let tensors = arch.tensors().into_iter().map(|t| (t.names[0].clone(), t.shape)).collect();
     write_model_as(dir, cfg, tensors, dtype, std, seed);
     Ok(())
+}
+
+/// Qwen2.5-0.5B's and Llama-3.2-1B's shapes (tied output layers, as theirs are).
+pub fn family_shapes() -> [(&'static str, &'static str, FamilyShape); 2] {
+    [
+        (
+            "qwen2.5-0.5b",
+            "qwen2",
+            FamilyShape {
+                d: 896,
+                layers: 24,
+                heads: 14,
+                kv_heads: 2,
+                head_dim: 64,
+                inner: 4864,
+                vocab: 151_936,
+                context: 2048,
+                tied: true,
+            },
+        ),
+        (
+            "llama-3.2-1b",
+            "llama",
+            FamilyShape {
+                d: 2048,
+                layers: 16,
+                heads: 32,
+                kv_heads: 8,
+                head_dim: 64,
+                inner: 8192,
+                vocab: 128_256,
+                context: 2048,
+                tied: true,
+            },
+        ),
+    ]
 }
 
 /// The model in `src` (written by [`write_family`], grouped-query attention) rewritten into `dst` with
