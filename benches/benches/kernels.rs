@@ -56,7 +56,8 @@ fn kernels(c: &mut Criterion) {
     let emb_packed = PackedF32::pack(&emb, VOCAB, DIM, Source::OutputsMajor).expect("pack");
     g.bench_function("fused_log_prob_targets_f32_packed", |b| {
         b.iter(|| {
-            memsteer_kernels::log_prob_targets_f32(black_box(&hidden), &emb_packed, &targets, &mut out).expect("ok")
+            memsteer_kernels::log_prob_targets_f32(black_box(&hidden), &emb_packed, &targets, &mut out, None)
+                .expect("ok")
         })
     });
     g.finish();

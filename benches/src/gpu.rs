@@ -234,6 +234,8 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
         "tiny-qwen3",
         "tiny-olmo2",
         "tiny-gemma3",
+        "tiny-gemma2",
+        "tiny-gemma2-hub",
     ] {
         let path = fixture(name);
         let read = std::fs::read_to_string(path.join("golden.json")).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -284,7 +286,7 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     let (f, t, a, tv, pl) =
         (Attention::Fused, Attention::Tiled, Attention::Auto, Attention::FusedTransposedV, Attention::Pipelined);
-    let cases: [(&str, FamilyShape, Dtype, Attention, f64); 20] = [
+    let cases: [(&str, FamilyShape, Dtype, Attention, f64); 22] = [
         ("llama", hd64, Dtype::F32, a, 1e-4),
         ("llama", hd64, Dtype::F16, a, 4e-2),
         ("llama", hd64, Dtype::BF16, f, 1.5e-1),
@@ -309,6 +311,9 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
         // kernels, and the same model tiled.
         ("gemma3@168", hd128, Dtype::F16, a, 4e-2),
         ("gemma3@168", hd128, Dtype::F16, t, 4e-2),
+        // Gemma 2: soft-capped scores (the tiled path, which Auto takes for them) and logits.
+        ("gemma2", hd64, Dtype::F32, a, 1e-4),
+        ("gemma2", hd128, Dtype::BF16, a, 1.5e-1),
     ];
     for (i, (family, shape, dtype, attention, bound)) in cases.into_iter().enumerate() {
         let m = dir.join(format!("family-{i}"));
@@ -467,9 +472,18 @@ pub fn bench_output_layer(
                 let run = || {
                     if logits == DType::F16 && inputs == DType::Bf16 {
                         gpu.convert(hb.view(), h16.view(), n * d)?;
-                        gpu.log_prob_targets(h16.view(), &lin16, tb.view(), out.view(), None, n, chunk, logits)?;
+                        gpu.log_prob_targets(
+                            h16.view(),
+                            &lin16,
+                            tb.view(),
+                            out.view(),
+                            None,
+                            n,
+                            (chunk, logits),
+                            None,
+                        )?;
                     } else {
-                        gpu.log_prob_targets(hb.view(), &lin, tb.view(), out.view(), None, n, chunk, logits)?;
+                        gpu.log_prob_targets(hb.view(), &lin, tb.view(), out.view(), None, n, (chunk, logits), None)?;
                     }
                     gpu.synchronize()
                 };

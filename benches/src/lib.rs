@@ -162,11 +162,11 @@ pub struct FamilyShape {
     pub tied: bool,
 }
 
-/// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2, gemma3, or `gemma3@S` with
+/// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2, gemma2, gemma3, or `gemma3@S` with
 /// `query_pre_attn_scalar` S instead of the head size) of `shape` with
 /// random `dtype` weights in `dir`. The configuration is the family's tiny transformers fixture
 /// (`fixtures/lm/tiny-*`, what the goldens test) with the sizes replaced; a sliding window, where the
-/// family has one, covers `window` tokens (Gemma 3: every other layer slides). The tensors are the
+/// family has one, covers `window` tokens (Gemma: every other layer slides). The tensors are the
 /// ones memsteer's table names for that configuration.
 pub fn write_family(
     dir: &Path,
@@ -187,6 +187,7 @@ pub fn write_family(
         "qwen3" => include_str!("../../fixtures/lm/tiny-qwen3/config.json"),
         "olmo2" => include_str!("../../fixtures/lm/tiny-olmo2/config.json"),
         "gemma3" => include_str!("../../fixtures/lm/tiny-gemma3/config.json"),
+        "gemma2" => include_str!("../../fixtures/lm/tiny-gemma2/config.json"),
         other => return Err(format!("no template for the family {other}")),
     };
     let mut cfg: serde_json::Value = serde_json::from_str(template).map_err(|e| e.to_string())?;
@@ -208,7 +209,7 @@ pub fn write_family(
     }
     if cfg.get("layer_types").is_some() {
         let types: Vec<&str> = (0..layers)
-            .map(|i| if family == "gemma3" && i % 2 == 0 { "sliding_attention" } else { "full_attention" })
+            .map(|i| if family.starts_with("gemma") && i % 2 == 0 { "sliding_attention" } else { "full_attention" })
             .collect();
         cfg["layer_types"] = serde_json::json!(types);
     }

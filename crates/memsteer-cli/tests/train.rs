@@ -381,10 +381,11 @@ fn trains_a_llama_model_whose_checkpoints_logprobs_reads() {
     );
 }
 
-/// Gemma 3 (sandwich norms with `1 + w`, GeGLU, a sliding layer with its local rotary base) and OLMo 2
-/// (norms after the branches) in the Hub layout.
+/// Gemma 3 (sandwich norms with `1 + w`, GeGLU, a sliding layer with its local rotary base), Gemma 2
+/// (soft-capped attention scores and logits, its default caps) and OLMo 2 (norms after the branches) in
+/// the Hub layout.
 #[test]
-fn trains_gemma3_and_olmo2_models_whose_checkpoints_logprobs_reads() {
+fn trains_gemma3_gemma2_and_olmo2_models_whose_checkpoints_logprobs_reads() {
     trains_and_scores(
         r#"{"model_type": "gemma3_text", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 32,
@@ -392,6 +393,13 @@ fn trains_gemma3_and_olmo2_models_whose_checkpoints_logprobs_reads() {
             "query_pre_attn_scalar": 8, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
             "hidden_activation": "gelu_pytorch_tanh"}"#,
         "gemma3_text",
+    );
+    trains_and_scores(
+        r#"{"model_type": "gemma2", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8, "intermediate_size": 32,
+            "max_position_embeddings": 32, "rms_norm_eps": 1e-6, "sliding_window": 4, "query_pre_attn_scalar": 8,
+            "rope_theta": 10000.0, "hidden_activation": "gelu_pytorch_tanh"}"#,
+        "gemma2",
     );
     trains_and_scores(
         r#"{"model_type": "olmo2", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 2,

@@ -18,12 +18,12 @@ const _: () = assert!(VOCAB_TILE.is_multiple_of(crate::f32panels::NR));
 pub(crate) fn log_prob_targets(
     hidden: &[f32],
     embedding: &[f32],
-    dim: usize,
-    vocab: usize,
+    (dim, vocab): (usize, usize),
     targets: &[u32],
     out: &mut [f32],
+    softcap: Option<f32>,
 ) -> crate::Result<()> {
-    per_block(hidden, dim, targets, out, |h, targets| log_sum_exp_block(h, embedding, dim, vocab, targets))
+    per_block(hidden, dim, targets, out, |h, targets| log_sum_exp_block(h, embedding, (dim, vocab), targets, softcap))
 }
 
 /// [`log_prob_targets`] with the output embedding packed in bf16: each block's hidden states are
@@ -34,12 +34,13 @@ pub(crate) fn log_prob_targets_bf16(
     embedding: &crate::PackedBf16,
     targets: &[u32],
     out: &mut [f32],
+    softcap: Option<f32>,
 ) -> crate::Result<()> {
     let level = crate::cpu_kernels()?;
     let dim = embedding.k();
     per_block(hidden, dim, targets, out, |h, targets| {
         let a = embedding.convert(h, targets.len(), false);
-        online_log_sum_exp(targets, embedding.n(), |v0, width, tile| {
+        online_log_sum_exp(targets, embedding.n(), softcap, |v0, width, tile| {
             embedding.product_cols(level, &a, v0, width, tile);
             Ok(())
         })
@@ -53,12 +54,13 @@ pub(crate) fn log_prob_targets_f32(
     embedding: &crate::PackedF32,
     targets: &[u32],
     out: &mut [f32],
+    softcap: Option<f32>,
 ) -> crate::Result<()> {
     let level = crate::cpu_kernels()?;
     let dim = embedding.k();
     per_block(hidden, dim, targets, out, |h, targets| {
         embedding.with_packed_rows(h, targets.len(), |a| {
-            online_log_sum_exp(targets, embedding.n(), |v0, width, tile| {
+            online_log_sum_exp(targets, embedding.n(), softcap, |v0, width, tile| {
                 embedding.product(level, a, (v0, width), tile, width);
                 Ok(())
             })
@@ -96,12 +98,12 @@ fn per_block(
 pub(crate) fn log_sum_exp_block(
     h: &[f32],
     embedding: &[f32],
-    dim: usize,
-    vocab: usize,
+    (dim, vocab): (usize, usize),
     targets: &[u32],
+    softcap: Option<f32>,
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
     let rows = targets.len();
-    online_log_sum_exp(targets, vocab, |v0, width, tile| {
+    online_log_sum_exp(targets, vocab, softcap, |v0, width, tile| {
         crate::native::gemm(
             rows,
             dim,
@@ -116,10 +118,11 @@ pub(crate) fn log_sum_exp_block(
 
 /// The online log-sum-exp over vocabulary tiles that `product(v0, width, tile)` fills
 /// (`rows × width` logits of entries `v0..v0 + width`); returns each row's log-sum-exp and target
-/// logit.
+/// logit, of the logits soft-capped by `softcap` when given.
 fn online_log_sum_exp(
     targets: &[u32],
     vocab: usize,
+    softcap: Option<f32>,
     mut product: impl FnMut(usize, usize, &mut [f32]) -> crate::Result<()>,
 ) -> crate::Result<(Vec<f32>, Vec<f32>)> {
     let rows = targets.len();
@@ -131,6 +134,9 @@ fn online_log_sum_exp(
         let width = VOCAB_TILE.min(vocab - v0);
         let tile = &mut logits[..rows * width];
         product(v0, width, tile)?;
+        if let Some(cap) = softcap {
+            vmath::softcap_in_place(tile, cap);
+        }
         for r in 0..rows {
             let row = &tile[r * width..(r + 1) * width];
             let t = targets[r] as usize;

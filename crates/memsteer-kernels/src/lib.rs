@@ -119,6 +119,21 @@ pub fn log_prob_targets(
     targets: &[u32],
     out: &mut [f32],
 ) -> Result<()> {
+    log_prob_targets_capped(device, hidden, embedding, dim, targets, out, None)
+}
+
+/// [`log_prob_targets`] of soft-capped logits: with `softcap = Some(c)` every logit `z` becomes
+/// `c · tanh(z / c)` before the softmax (Gemma 2's final soft-capping).
+pub fn log_prob_targets_capped(
+    device: &Device,
+    hidden: &[f32],
+    embedding: &[f32],
+    dim: usize,
+    targets: &[u32],
+    out: &mut [f32],
+    softcap: Option<f32>,
+) -> Result<()> {
+    check_softcap(softcap)?;
     let tokens = targets.len();
     if dim == 0 {
         return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
@@ -137,9 +152,9 @@ pub fn log_prob_targets(
         return Err(KernelError::Target { position, id, vocab });
     }
     match device {
-        Device::Cpu => cpu::log_prob_targets(hidden, embedding, dim, vocab, targets, out),
+        Device::Cpu => cpu::log_prob_targets(hidden, embedding, (dim, vocab), targets, out, softcap),
         #[cfg(feature = "cuda")]
-        Device::Cuda(g) => cuda::host::log_prob_targets(&g.0, hidden, embedding, dim, targets, out, None),
+        Device::Cuda(g) => cuda::host::log_prob_targets(&g.0, hidden, (embedding, dim, softcap), targets, out, None),
     }
 }
 
@@ -154,6 +169,20 @@ pub fn log_sum_exp_rows(
     dim: usize,
     targets: &[u32],
 ) -> Result<(Vec<f32>, Vec<f32>)> {
+    log_sum_exp_rows_capped(device, hidden, embedding, dim, targets, None)
+}
+
+/// [`log_sum_exp_rows`] of soft-capped logits (`c · tanh(z / c)`, see [`log_prob_targets_capped`]):
+/// both the log-sum-exp and the target's logit are of the capped logits.
+pub fn log_sum_exp_rows_capped(
+    device: &Device,
+    hidden: &[f32],
+    embedding: &[f32],
+    dim: usize,
+    targets: &[u32],
+    softcap: Option<f32>,
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    check_softcap(softcap)?;
     if dim == 0 {
         return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
     }
@@ -170,15 +199,25 @@ pub fn log_sum_exp_rows(
         return Err(KernelError::Target { position, id, vocab });
     }
     match device {
-        Device::Cpu => cpu::log_sum_exp_block(hidden, embedding, dim, vocab, targets),
+        Device::Cpu => cpu::log_sum_exp_block(hidden, embedding, (dim, vocab), targets, softcap),
         #[cfg(feature = "cuda")]
         Device::Cuda(g) => {
             let mut lp = vec![0.0f32; targets.len()];
             let mut lse = vec![0.0f32; targets.len()];
-            cuda::host::log_prob_targets(&g.0, hidden, embedding, dim, targets, &mut lp, Some(&mut lse))?;
+            cuda::host::log_prob_targets(&g.0, hidden, (embedding, dim, softcap), targets, &mut lp, Some(&mut lse))?;
             let target = lp.iter().zip(&lse).map(|(p, l)| p + l).collect();
             Ok((lse, target))
         }
+    }
+}
+
+/// A soft-cap must be a positive finite number.
+fn check_softcap(softcap: Option<f32>) -> Result<()> {
+    match softcap {
+        Some(c) if !(c.is_finite() && c > 0.0) => {
+            Err(KernelError::Shape { what: "softcap", expected: "a positive finite number".into(), found: 0 })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -234,27 +273,41 @@ pub fn steered_projection(
 /// [`log_prob_targets`] with the output embedding packed in bf16 ([`PackedBf16`], `vocab × dim`): the
 /// hidden states are rounded to bf16 for the logit products, which accumulate in f32; the
 /// log-sum-exp is f32. On the CPU, on the kernels [`cpu_kernels`] selects.
-pub fn log_prob_targets_bf16(hidden: &[f32], embedding: &PackedBf16, targets: &[u32], out: &mut [f32]) -> Result<()> {
+pub fn log_prob_targets_bf16(
+    hidden: &[f32],
+    embedding: &PackedBf16,
+    targets: &[u32],
+    out: &mut [f32],
+    softcap: Option<f32>,
+) -> Result<()> {
+    check_softcap(softcap)?;
     let (tokens, dim, vocab) = (targets.len(), embedding.k(), embedding.n());
     check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
     check_len("out", out.len(), tokens)?;
     if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
         return Err(KernelError::Target { id, position, vocab });
     }
-    cpu::log_prob_targets_bf16(hidden, embedding, targets, out)
+    cpu::log_prob_targets_bf16(hidden, embedding, targets, out, softcap)
 }
 
 /// [`log_prob_targets`] with the output embedding packed in f32 panels ([`PackedF32`], `vocab × dim`):
 /// each block's hidden states are packed once for all vocabulary tiles. On the CPU, on the kernels
 /// [`cpu_kernels`] selects.
-pub fn log_prob_targets_f32(hidden: &[f32], embedding: &PackedF32, targets: &[u32], out: &mut [f32]) -> Result<()> {
+pub fn log_prob_targets_f32(
+    hidden: &[f32],
+    embedding: &PackedF32,
+    targets: &[u32],
+    out: &mut [f32],
+    softcap: Option<f32>,
+) -> Result<()> {
+    check_softcap(softcap)?;
     let (tokens, dim, vocab) = (targets.len(), embedding.k(), embedding.n());
     check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
     check_len("out", out.len(), tokens)?;
     if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
         return Err(KernelError::Target { id, position, vocab });
     }
-    cpu::log_prob_targets_f32(hidden, embedding, targets, out)
+    cpu::log_prob_targets_f32(hidden, embedding, targets, out, softcap)
 }
 
 /// `out (m×n) = a (m×k) · b (k×n)`, row-major `f32`.

@@ -8,6 +8,15 @@
 //! and an add by itself, and the explicit accumulators fix the order of every sum), so their results
 //! are bitwise identical: only the speed differs (tested on this CPU's versions).
 
+/// Soft-capping in place: `x ← c · tanh(x / c)` (Gemma 2's attention scores and final logits), in the
+/// order of operations transformers uses, through the platform's `tanh` (correctly rounded to within
+/// an ulp; not vectorised).
+pub fn softcap_in_place(xs: &mut [f32], cap: f32) {
+    for x in xs {
+        *x = (*x / cap).tanh() * cap;
+    }
+}
+
 /// Defines `pub fn $name` whose body is compiled for AVX-512, AVX2 + FMA and the baseline, and runs
 /// the widest version the CPU supports.
 macro_rules! multiversion {

@@ -142,7 +142,7 @@ fn fused_bf16_log_probs_match_the_reference_on_rounded_operands() {
     let want = super::reference(&round(&hidden), &round(&emb), dim, &targets);
     let packed = PackedBf16::pack(&emb, vocab, dim, Source::OutputsMajor, false).unwrap();
     let mut out = vec![0.0f32; tokens];
-    memsteer_kernels::log_prob_targets_bf16(&hidden, &packed, &targets, &mut out).unwrap();
+    memsteer_kernels::log_prob_targets_bf16(&hidden, &packed, &targets, &mut out, None).unwrap();
     for (t, (&g, &w)) in out.iter().zip(&want).enumerate() {
         assert!((f64::from(g) - w).abs() < 1e-4, "token {t}: {g} vs {w}");
     }
@@ -152,10 +152,10 @@ fn fused_bf16_log_probs_match_the_reference_on_rounded_operands() {
         .unwrap();
     let worst = out.iter().zip(&f32_out).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst > 0.0 && worst < 0.1, "bf16 vs f32: {worst}");
-    let e = memsteer_kernels::log_prob_targets_bf16(&hidden, &packed, &[0, 5000], &mut out[..2]).unwrap_err();
+    let e = memsteer_kernels::log_prob_targets_bf16(&hidden, &packed, &[0, 5000], &mut out[..2], None).unwrap_err();
     assert!(matches!(e, KernelError::Shape { what: "hidden", .. }), "{e}");
-    let e =
-        memsteer_kernels::log_prob_targets_bf16(&hidden[..2 * dim], &packed, &[0, 5000], &mut out[..2]).unwrap_err();
+    let e = memsteer_kernels::log_prob_targets_bf16(&hidden[..2 * dim], &packed, &[0, 5000], &mut out[..2], None)
+        .unwrap_err();
     assert!(matches!(e, KernelError::Target { id: 5000, position: 1, vocab: 1100 }), "{e}");
 }
 

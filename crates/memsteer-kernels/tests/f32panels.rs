@@ -131,7 +131,7 @@ fn fused_f32_log_probs_match_the_reference_and_the_unpacked_path() {
     let want = super::reference(&hidden, &emb, dim, &targets);
     let packed = PackedF32::pack(&emb, vocab, dim, Source::OutputsMajor).unwrap();
     let mut out = vec![0.0f32; tokens];
-    memsteer_kernels::log_prob_targets_f32(&hidden, &packed, &targets, &mut out).unwrap();
+    memsteer_kernels::log_prob_targets_f32(&hidden, &packed, &targets, &mut out, None).unwrap();
     for (t, (&g, &w)) in out.iter().zip(&want).enumerate() {
         assert!((f64::from(g) - w).abs() < 1e-4, "token {t}: {g} vs {w}");
     }
@@ -140,6 +140,7 @@ fn fused_f32_log_probs_match_the_reference_and_the_unpacked_path() {
         .unwrap();
     let worst = out.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
     assert!(worst < 1e-4, "packed vs unpacked: {worst}");
-    let e = memsteer_kernels::log_prob_targets_f32(&hidden[..2 * dim], &packed, &[0, 5000], &mut out[..2]).unwrap_err();
+    let e = memsteer_kernels::log_prob_targets_f32(&hidden[..2 * dim], &packed, &[0, 5000], &mut out[..2], None)
+        .unwrap_err();
     assert!(matches!(e, KernelError::Target { id: 5000, position: 1, vocab: 1100 }), "{e}");
 }

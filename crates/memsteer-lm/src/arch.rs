@@ -192,12 +192,60 @@ pub struct Arch {
     /// The token embeddings' scale (Gemma: √hidden; the runtimes round it to the stored embedding's type
     /// at load, [`Arch::round_embed_scale`], as transformers does).
     pub embed_scale: Option<f32>,
+    /// Attention scores soft-capped to `c·tanh(s/c)` after scaling, before the mask (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Final logits soft-capped to `c·tanh(z/c)` (Gemma 2): every output layer applies it
+    /// ([`crate::Decoder::logit_softcap`]).
+    pub logit_softcap: Option<f32>,
     /// Fused QKV row layout.
     pub qkv: QkvLayout,
     /// Linear weight storage.
     pub weights: WeightLayout,
     /// Output embedding tied to the input embedding.
     pub tied: bool,
+}
+
+/// How one layer turns a query's products with the keys into attention weights: scale, soft-cap
+/// (`c·tanh(s/c)`), causal mask within the window, softmax.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ScoreMap {
+    /// Each query sees at most this many keys, itself included.
+    pub window: Option<usize>,
+    /// Scale of the products.
+    pub scale: f32,
+    /// Soft-cap of the scaled products.
+    pub softcap: Option<f32>,
+}
+
+impl ScoreMap {
+    /// The first key query `last` sees (keys `first..=last`).
+    pub fn first_key(&self, last: usize) -> usize {
+        self.window.map_or(0, |w| (last + 1).saturating_sub(w))
+    }
+
+    /// Turns `row` (the products of the query at position `last` with keys `0..row.len()`) into its
+    /// attention weights in place: zero outside `first_key(last)..=last`. With `slope`, writes there
+    /// the derivative of the soft-capped score with respect to the scaled one (`1 − tanh²`; 1 without
+    /// a cap), for the backward pass.
+    pub fn weights(&self, row: &mut [f32], last: usize, slope: Option<&mut [f32]>) {
+        let first = self.first_key(last);
+        let seen = &mut row[first..=last];
+        seen.iter_mut().for_each(|x| *x *= self.scale);
+        if let Some(cap) = self.softcap {
+            memsteer_kernels::vmath::softcap_in_place(seen, cap);
+            if let Some(slope) = slope {
+                for (d, &c) in slope[first..=last].iter_mut().zip(seen.iter()) {
+                    let t = c / cap;
+                    *d = 1.0 - t * t;
+                }
+            }
+        } else if let Some(slope) = slope {
+            slope[first..=last].fill(1.0);
+        }
+        memsteer_kernels::vmath::softmax_in_place(seen);
+        row[..first].fill(0.0);
+        row[last + 1..].fill(0.0);
+    }
 }
 
 /// A tensor's part: weight or bias.
@@ -358,6 +406,8 @@ impl Arch {
                 local_rope_base: None,
                 attn_scale: None,
                 embed_scale: None,
+                attn_softcap: None,
+                logit_softcap: None,
                 qkv: QkvLayout::Blocked,
                 weights: WeightLayout::InputsMajor,
                 tied: c.tie_word_embeddings,
@@ -390,55 +440,58 @@ impl Arch {
                     local_rope_base: None,
                     attn_scale: None,
                     embed_scale: None,
+                    attn_softcap: None,
+                    logit_softcap: None,
                     qkv: QkvLayout::PerHead,
                     weights: WeightLayout::OutputsMajor,
                     tied: c.tie_word_embeddings,
                 }
             }
-            ModelConfig::Llama(c) => Arch {
-                family: Family::Llama(c.family),
-                vocab: c.vocab_size,
-                context: c.max_position_embeddings,
-                dim: c.hidden_size,
-                layers: c.num_hidden_layers,
-                heads: c.num_attention_heads,
-                kv_heads: c.num_key_value_heads,
-                head_dim: c.head_dim,
-                inner: c.intermediate_size,
-                positions: Positions::Rotary {
-                    dims: c.head_dim,
-                    base: c.rope_theta,
-                    scaling: c.rope_scaling,
-                    f32_angles: true,
-                },
-                norm: Norm::RmsNorm { eps: c.rms_norm_eps, unit_offset: c.family == LlamaFamily::Gemma3 },
-                residual: match c.family {
-                    LlamaFamily::Olmo2 => Residual::PostNorm,
-                    LlamaFamily::Gemma3 => Residual::Sandwich,
-                    _ => Residual::Sequential,
-                },
-                mlp: if c.family == LlamaFamily::Gemma3 { Mlp::GeGlu } else { Mlp::SwiGlu },
-                qk_norm: match c.family {
-                    LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => QkNorm::PerHead,
-                    LlamaFamily::Olmo2 => QkNorm::Whole,
-                    _ => QkNorm::None,
-                },
-                biases: Biases { qkv: c.qkv_bias, attn_out: c.o_bias, mlp: c.mlp_bias },
-                // Only Mistral's and Gemma 3's windows are windows (transformers ignores the key elsewhere).
-                window: if matches!(c.family, LlamaFamily::Mistral | LlamaFamily::Gemma3) {
-                    c.sliding_window
-                } else {
-                    None
-                },
-                window_layers: c.sliding_layers.clone(),
-                local_rope_base: c.local_rope_theta,
-                attn_scale: c.query_pre_attn_scalar.map(|q| (1.0 / q.sqrt()) as f32),
-                // transformers multiplies by √hidden held in the weights' type (f32 here).
-                embed_scale: (c.family == LlamaFamily::Gemma3).then(|| (c.hidden_size as f64).sqrt() as f32),
-                qkv: QkvLayout::Blocked,
-                weights: WeightLayout::OutputsMajor,
-                tied: c.tie_word_embeddings,
-            },
+            ModelConfig::Llama(c) => {
+                let gemma = matches!(c.family, LlamaFamily::Gemma2 | LlamaFamily::Gemma3);
+                Arch {
+                    family: Family::Llama(c.family),
+                    vocab: c.vocab_size,
+                    context: c.max_position_embeddings,
+                    dim: c.hidden_size,
+                    layers: c.num_hidden_layers,
+                    heads: c.num_attention_heads,
+                    kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                    inner: c.intermediate_size,
+                    positions: Positions::Rotary {
+                        dims: c.head_dim,
+                        base: c.rope_theta,
+                        scaling: c.rope_scaling,
+                        f32_angles: true,
+                    },
+                    norm: Norm::RmsNorm { eps: c.rms_norm_eps, unit_offset: gemma },
+                    residual: match c.family {
+                        LlamaFamily::Olmo2 => Residual::PostNorm,
+                        _ if gemma => Residual::Sandwich,
+                        _ => Residual::Sequential,
+                    },
+                    mlp: if gemma { Mlp::GeGlu } else { Mlp::SwiGlu },
+                    qk_norm: match c.family {
+                        LlamaFamily::Qwen3 | LlamaFamily::Gemma3 => QkNorm::PerHead,
+                        LlamaFamily::Olmo2 => QkNorm::Whole,
+                        _ => QkNorm::None,
+                    },
+                    biases: Biases { qkv: c.qkv_bias, attn_out: c.o_bias, mlp: c.mlp_bias },
+                    // Only Mistral's and Gemma's windows are windows (transformers ignores the key elsewhere).
+                    window: if matches!(c.family, LlamaFamily::Mistral) || gemma { c.sliding_window } else { None },
+                    window_layers: c.sliding_layers.clone(),
+                    local_rope_base: c.local_rope_theta,
+                    attn_scale: c.query_pre_attn_scalar.map(|q| (1.0 / q.sqrt()) as f32),
+                    // transformers multiplies by √hidden held in the weights' type (f32 here).
+                    embed_scale: gemma.then(|| (c.hidden_size as f64).sqrt() as f32),
+                    attn_softcap: c.attn_logit_softcapping.map(|x| x as f32),
+                    logit_softcap: c.final_logit_softcapping.map(|x| x as f32),
+                    qkv: QkvLayout::Blocked,
+                    weights: WeightLayout::OutputsMajor,
+                    tied: c.tie_word_embeddings,
+                }
+            }
         }
     }
 
@@ -479,10 +532,12 @@ impl Arch {
         let positive = |x: f64| x.is_finite() && x > 0.0;
         if self.attn_scale.is_some_and(|s| !positive(f64::from(s)))
             || self.embed_scale.is_some_and(|s| !positive(f64::from(s)))
+            || self.attn_softcap.is_some_and(|s| !positive(f64::from(s)))
+            || self.logit_softcap.is_some_and(|s| !positive(f64::from(s)))
             || self.local_rope_base.is_some_and(|b| !positive(b))
             || matches!(self.positions, Positions::Rotary { base, .. } if !positive(base))
         {
-            return bad("attention and embedding scales and rotary bases must be positive".into());
+            return bad("attention and embedding scales, soft-caps and rotary bases must be positive".into());
         }
         if matches!(self.family, Family::Llama(_)) && self.weights != WeightLayout::OutputsMajor {
             return bad("the Llama family's q, k and v pieces are stored output-major".into());
@@ -751,6 +806,15 @@ impl Arch {
             return None;
         };
         Some(rotary_angles((dims, base, RopeScaling::None, f32_angles), (from, to)))
+    }
+
+    /// How layer `i` turns query-key products into attention weights.
+    pub fn scores(&self, i: usize) -> ScoreMap {
+        ScoreMap {
+            window: if self.windowed(i) { self.window } else { None },
+            scale: self.attn_scale.unwrap_or(1.0 / (self.head_dim as f32).sqrt()),
+            softcap: self.attn_softcap,
+        }
     }
 
     /// Whether layer `i` attends through the sliding window.

@@ -84,6 +84,10 @@ pub enum LlamaFamily {
     Qwen3,
     /// `olmo2` (OLMo 2): norms after attention and the MLP, RMSNorm of the whole q and k projections.
     Olmo2,
+    /// `gemma2` (Gemma 2): norms before and after each branch with `1 + w` weights, embeddings scaled by
+    /// √hidden, GeGLU, `query_pre_attn_scalar`, soft-capped attention scores and final logits, every
+    /// other layer a sliding-window layer.
+    Gemma2,
     /// `gemma3_text` (Gemma 3): norms before and after each branch with `1 + w` weights, embeddings
     /// scaled by √hidden, GeGLU, per-head q/k norms, `query_pre_attn_scalar`, sliding-window layers
     /// with their own rotary base.
@@ -157,6 +161,10 @@ pub struct LlamaConfig {
     pub local_rope_theta: Option<f64>,
     /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2` (Gemma).
     pub query_pre_attn_scalar: Option<f64>,
+    /// Attention scores soft-capped to `c·tanh(x/c)` after scaling (Gemma 2's `attn_logit_softcapping`).
+    pub attn_logit_softcapping: Option<f64>,
+    /// Final logits soft-capped to `c·tanh(x/c)` (Gemma 2's `final_logit_softcapping`).
+    pub final_logit_softcapping: Option<f64>,
 }
 
 /// A configuration of a supported architecture.
@@ -334,11 +342,11 @@ impl ModelConfig {
                 }
                 Ok(ModelConfig::GptNeoX(cfg))
             }
-            "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "gemma3_text" => {
+            "llama" | "mistral" | "qwen2" | "qwen3" | "olmo2" | "gemma2" | "gemma3_text" => {
                 Ok(ModelConfig::Llama(llama_config(v, path, model_type)?))
             }
             other => Err(err(format!(
-                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2, qwen3, olmo2 and gemma3_text"
+                "unsupported model_type {other:?}; this build runs gpt2, gpt_neox, llama, mistral, qwen2, qwen3, olmo2, gemma2 and gemma3_text"
             ))),
         }
     }
@@ -371,10 +379,11 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         "mistral" => LlamaFamily::Mistral,
         "qwen2" => LlamaFamily::Qwen2,
         "olmo2" => LlamaFamily::Olmo2,
+        "gemma2" => LlamaFamily::Gemma2,
         "gemma3_text" => LlamaFamily::Gemma3,
         _ => LlamaFamily::Qwen3,
     };
-    let gemma = family == LlamaFamily::Gemma3;
+    let gemma = matches!(family, LlamaFamily::Gemma2 | LlamaFamily::Gemma3);
     let present = |key: &str| v.get(key).is_some_and(|x| !x.is_null());
     let size = |key: &str| -> Result<usize> {
         match v.get(key) {
@@ -408,16 +417,24 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         return Err(err(format!("unsupported activation {act}; the {model_type} runtime implements {want_act}")));
     }
     if gemma {
-        check_unsupported(
-            v,
-            path,
-            &[
-                ("final_logit_softcapping", &[Value::Null]),
-                ("attn_logit_softcapping", &[Value::Null]),
-                ("use_bidirectional_attention", &[Value::Bool(false), Value::Null]),
-            ],
-        )?;
+        check_unsupported(v, path, &[("use_bidirectional_attention", &[Value::Bool(false), Value::Null])])?;
     }
+    // Soft-capping `c·tanh(x/c)` of the attention scores and of the final logits: Gemma 2's defaults are
+    // 50 and 30 (an explicit null turns one off), Gemma 3's are off; the other families have none.
+    let softcap = |key: &str, gemma2_default: f64| -> Result<Option<f64>> {
+        match v.get(key) {
+            None if family == LlamaFamily::Gemma2 => Ok(Some(gemma2_default)),
+            // transformers' other model types ignore the keys.
+            None | Some(Value::Null) => Ok(None),
+            Some(_) if !gemma => Ok(None),
+            Some(x) => match x.as_f64().filter(|c| c.is_finite() && *c > 0.0) {
+                Some(c) => Ok(Some(c)),
+                None => Err(err(format!("field `{key}` must be a positive number or null, found {x}"))),
+            },
+        }
+    };
+    let attn_logit_softcapping = softcap("attn_logit_softcapping", 50.0)?;
+    let final_logit_softcapping = softcap("final_logit_softcapping", 30.0)?;
     let hidden_size = size("hidden_size")?;
     let heads = size("num_attention_heads")?;
     // Absent keys take the defaults of transformers' config class for the model type.
@@ -430,7 +447,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         match family {
             LlamaFamily::Mistral => 8,
             LlamaFamily::Qwen2 | LlamaFamily::Qwen3 => 32,
-            LlamaFamily::Gemma3 => 4,
+            LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => 4,
             LlamaFamily::Llama | LlamaFamily::Olmo2 => heads,
         }
     };
@@ -458,7 +475,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     // Gemma 3 in transformers 5: one rope dict per layer type; the full-attention one is the model's,
     // the sliding one must be plain rotary (its base is the local base).
     let mut local_rope_theta = None;
-    if gemma {
+    if family == LlamaFamily::Gemma3 {
         if let Some(p) = params.and_then(Value::as_object).filter(|p| p.contains_key("full_attention")) {
             // As transformers fills them in: the local base from `rope_local_base_freq`, else 10,000.
             let fallback = match v.get("rope_local_base_freq") {
@@ -516,7 +533,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
     let rope_theta =
         match v.get("rope_theta").filter(|x| !x.is_null()).or_else(|| params.and_then(|p| p.get("rope_theta"))) {
             Some(x) => number(x, theta_key)?,
-            None if gemma => 1_000_000.0,
+            None if family == LlamaFamily::Gemma3 => 1_000_000.0,
             None => 10000.0,
         };
     let scaling_key = if present("rope_scaling") { "rope_scaling" } else { "rope_parameters" };
@@ -620,6 +637,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
                         Some(x) => x.as_u64().filter(|n| *n > 0).ok_or_else(|| {
                             err(format!("`sliding_window_pattern` must be a positive integer, found {x}"))
                         })? as usize,
+                        None if family == LlamaFamily::Gemma2 => 2,
                         None => 6,
                     };
                 (0..layers).map(|i| (i + 1) % pattern != 0).collect()
@@ -630,7 +648,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         (sliding_window, None)
     };
     if let Some(types) = v.get("layer_types").and_then(Value::as_array)
-        && !matches!(family, LlamaFamily::Mistral | LlamaFamily::Gemma3)
+        && !matches!(family, LlamaFamily::Mistral | LlamaFamily::Gemma2 | LlamaFamily::Gemma3)
         && types.iter().any(|t| t != "full_attention")
     {
         return Err(err(
@@ -654,10 +672,10 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
             ));
         }
         LlamaFamily::Olmo2 => (false, false, false),
-        LlamaFamily::Gemma3 if attention_bias => {
-            return Err(err("`attention_bias` = true is not supported for gemma3_text by this runtime".into()));
+        LlamaFamily::Gemma2 | LlamaFamily::Gemma3 if attention_bias => {
+            return Err(err(format!("`attention_bias` = true is not supported for {model_type} by this runtime")));
         }
-        LlamaFamily::Gemma3 => (false, false, false),
+        LlamaFamily::Gemma2 | LlamaFamily::Gemma3 => (false, false, false),
     };
     let eps = match v.get("rms_norm_eps") {
         Some(x) => number(x, "rms_norm_eps")? as f32,
@@ -696,5 +714,7 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
         } else {
             None
         },
+        attn_logit_softcapping,
+        final_logit_softcapping,
     })
 }

@@ -590,13 +590,13 @@ impl Backend for Cpu<'_, '_> {
         let (a, lay) = (self.arch, self.lay);
         let (t, heads, kv_heads, hd) = (lay.rows(), a.heads, a.kv_heads, a.head_dim);
         let shape = (heads, heads / kv_heads, hd);
-        let window = if a.windowed(index) { a.window } else { None };
+        let scores = a.scores(index);
         let off = a.qkv_offsets();
         let mut ctx = self.take(t * a.attn_dim());
         let fused = |base| Heads { data: &qkv, row_stride: off.row, base, head_stride: off.head };
         if self.caches.is_empty() {
             let kv = |s: usize| (fused(off.k), fused(off.v), lay.starts[s]);
-            ops::attention(fused(off.q), &kv, lay, shape, (window, a.attn_scale), &mut ctx)?;
+            ops::attention(fused(off.q), &kv, lay, shape, scores, &mut ctx)?;
         } else {
             // Each sequence's new keys and values join its own cache, which its queries then read.
             let kv = kv_heads * hd;
@@ -619,7 +619,7 @@ impl Backend for Cpu<'_, '_> {
                 let (ks, vs) = caches[s].layer(index);
                 (cached(ks), cached(vs), 0)
             };
-            ops::attention(fused(off.q), &kv, lay, shape, (window, a.attn_scale), &mut ctx)?;
+            ops::attention(fused(off.q), &kv, lay, shape, scores, &mut ctx)?;
         }
         self.give(qkv);
         Ok(ctx)
@@ -715,17 +715,26 @@ impl Decoder for Model {
             _ => self.w.output(),
         }
     }
+    fn logit_softcap(&self) -> Option<f32> {
+        self.arch.logit_softcap
+    }
     fn output_log_probs(&self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
+        let cap = self.arch.logit_softcap;
         match &self.packed {
-            Some((_, Packed::Bf16(output))) => memsteer_kernels::log_prob_targets_bf16(hidden, output, targets, out)?,
-            Some((_, Packed::F32(output))) => memsteer_kernels::log_prob_targets_f32(hidden, output, targets, out)?,
-            None => memsteer_kernels::log_prob_targets(
+            Some((_, Packed::Bf16(output))) => {
+                memsteer_kernels::log_prob_targets_bf16(hidden, output, targets, out, cap)?;
+            }
+            Some((_, Packed::F32(output))) => {
+                memsteer_kernels::log_prob_targets_f32(hidden, output, targets, out, cap)?
+            }
+            None => memsteer_kernels::log_prob_targets_capped(
                 &memsteer_kernels::Device::Cpu,
                 hidden,
                 self.w.output(),
                 self.arch.dim,
                 targets,
                 out,
+                cap,
             )?,
         }
         Ok(())

@@ -14,20 +14,32 @@ pub trait Decoder: Sync {
     fn forward_packed(&self, seqs: &[&[u32]], cache: Option<&mut KvCache>) -> Result<Vec<f32>>;
     /// The output embedding, `vocab × dim`.
     fn output_embedding(&self) -> &[f32];
+    /// The soft-cap of the final logits, when the model has one (Gemma 2: `z ↦ c·tanh(z/c)`). Every
+    /// output layer applies it: logits are `softcap(hidden · Eᵀ)` ([`Decoder::logits_in_place`]).
+    fn logit_softcap(&self) -> Option<f32>;
+
+    /// Applies [`Decoder::logit_softcap`] to raw logits `hidden · Eᵀ` (any number of rows), in place.
+    fn logits_in_place(&self, logits: &mut [f32]) {
+        if let Some(cap) = self.logit_softcap() {
+            memsteer_kernels::vmath::softcap_in_place(logits, cap);
+        }
+    }
     /// Hidden size.
     fn dim(&self) -> usize;
 
     /// `out[t] = log softmax(hidden[t] · Eᵀ)[targets[t]]` through the fused output layer
-    /// (`hidden` is `targets.len() × dim`). The default multiplies by [`Decoder::output_embedding`]
-    /// in f32; a model that computes in bf16 uses its packed copy.
+    /// (`hidden` is `targets.len() × dim`; logits soft-capped as [`Decoder::logit_softcap`] says). The
+    /// default multiplies by [`Decoder::output_embedding`] in f32; a model that computes in bf16 uses
+    /// its packed copy.
     fn output_log_probs(&self, hidden: &[f32], targets: &[u32], out: &mut [f32]) -> Result<()> {
-        memsteer_kernels::log_prob_targets(
+        memsteer_kernels::log_prob_targets_capped(
             &memsteer_kernels::Device::Cpu,
             hidden,
             self.output_embedding(),
             self.dim(),
             targets,
             out,
+            self.logit_softcap(),
         )?;
         Ok(())
     }

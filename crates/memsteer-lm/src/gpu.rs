@@ -337,11 +337,13 @@ impl GpuModel {
         let lp = g.alloc(DType::F32, rows)?;
         if let Some(head) = &self.head16 {
             let e = Linear { w: head.view(), outputs: self.arch.vocab, inputs: d, inputs_major: false };
-            g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, self.logits)?;
+            let cap = self.arch.logit_softcap;
+            g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, (self.chunk, self.logits), cap)?;
         } else {
             let e = Linear { w: self.w.output().view(), outputs: self.arch.vocab, inputs: d, inputs_major: false };
             let logits = if self.dtype == DType::F16 { self.logits } else { DType::F32 };
-            g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, self.chunk, logits)?;
+            let cap = self.arch.logit_softcap;
+            g.log_prob_targets(h.view(), &e, tgt.view(), lp.view(), None, rows, (self.chunk, logits), cap)?;
         }
         prof.mark("output layer");
         let out = g.download_f32(lp.view())?;
@@ -474,7 +476,7 @@ impl crate::block::Backend for DeviceRun<'_> {
         self.give(qkv);
         let ctx = self.take(dt, rows * heads * hd)?;
         let window = if a.windowed(index) { a.window } else { None };
-        let shape = AttentionShape { rows, heads, kv_heads, hd, window, scale: a.attn_scale };
+        let shape = AttentionShape { rows, heads, kv_heads, hd, window, scale: a.attn_scale, softcap: a.attn_softcap };
         self.m.gpu.attention_shaped(self.m.attention, (q.view(), k.view(), v.view()), ctx.view(), self.spans, shape)?;
         self.prof.mark("attention");
         for b in [q, k, v] {
@@ -649,6 +651,9 @@ impl Decoder for GpuDecoder {
     }
     fn output_embedding(&self) -> &[f32] {
         self.cpu.decoder().output_embedding()
+    }
+    fn logit_softcap(&self) -> Option<f32> {
+        self.cpu.decoder().logit_softcap()
     }
     fn dim(&self) -> usize {
         self.cpu.decoder().dim()

@@ -5,6 +5,7 @@
 use memsteer_kernels::{Device, MatMut, MatRef, matmul_strided, vmath};
 use rayon::prelude::*;
 
+use crate::arch::ScoreMap;
 use crate::config::Activation;
 use crate::{LmError, Result};
 
@@ -291,11 +292,10 @@ pub(crate) fn attention<'a>(
     kv: &(dyn Fn(usize) -> (Heads<'a>, Heads<'a>, usize) + Sync),
     layout: &Layout,
     (heads, group, hd): (usize, usize, usize),
-    (window, scale): (Option<usize>, Option<f32>),
+    map: ScoreMap,
     out: &mut [f32],
 ) -> Result<()> {
     let d = heads * hd;
-    let scale = scale.unwrap_or(1.0 / (hd as f32).sqrt());
     // Head-major scratch: sequence s's region holds its heads one after another (len × hd each).
     let mut scratch = vec![0.0f32; out.len()];
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::with_capacity(layout.starts.len() * heads);
@@ -321,13 +321,7 @@ pub(crate) fn attention<'a>(
             let q_tile = MatRef { data: &qm.data[(i0 * qm.rs).min(qm.data.len())..], ..qm };
             matmul_strided(&dev, (rows, hd, keys), q_tile, km.t(), 0.0, MatMut::row_major(sc, keys))?;
             for r in 0..rows {
-                let row = &mut sc[r * keys..(r + 1) * keys];
-                let last = past + i0 + r;
-                let first = window.map_or(0, |w| (last + 1).saturating_sub(w));
-                row[first..=last].iter_mut().for_each(|x| *x *= scale);
-                vmath::softmax_in_place(&mut row[first..=last]);
-                row[..first].fill(0.0);
-                row[last + 1..].fill(0.0);
+                map.weights(&mut sc[r * keys..(r + 1) * keys], past + i0 + r, None);
             }
             matmul_strided(
                 &dev,
@@ -410,6 +404,7 @@ pub(crate) fn next_logits(m: &impl crate::Decoder, tokens: &[u32], cache: &mut K
     let last = &hidden[hidden.len().saturating_sub(d)..];
     let mut logits = vec![0.0f32; m.vocab()];
     memsteer_kernels::matmul_transposed(&Device::Cpu, last, m.output_embedding(), 1, d, m.vocab(), &mut logits)?;
+    m.logits_in_place(&mut logits);
     Ok(logits)
 }
 

@@ -272,12 +272,27 @@ fn gemma3_in_the_hub_layout_matches_the_reference() {
     check_golden("tiny-gemma3-hub");
 }
 
+/// Gemma 2: sandwich norms, GeGLU, √hidden embedding scale, alternating sliding layers, and soft-capped
+/// attention scores (at 1.5) and final logits (at 3), both of which move these log-probs by more than a
+/// nat.
+#[test]
+fn gemma2_matches_the_reference() {
+    check_golden("tiny-gemma2");
+}
+
+/// The same read from the Hub's layout: no `layer_types` (every other layer sliding, from the first)
+/// and no `attn_logit_softcapping` (transformers' default of 50).
+#[test]
+fn gemma2_in_the_hub_layout_matches_the_reference() {
+    check_golden("tiny-gemma2-hub");
+}
+
 /// Cached decoding one token at a time gives the full pass's logits, with grouped-query attention,
-/// a sliding window shorter than the sequence, and q/k norms.
+/// a sliding window shorter than the sequence, q/k norms and soft-capping.
 #[test]
 fn llama_family_cached_decoding_equals_the_full_pass() {
     use memsteer_lm::KvCache;
-    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long", "tiny-olmo2", "tiny-gemma3"] {
+    for name in ["tiny-mistral-window", "tiny-qwen3", "tiny-llama3-long", "tiny-olmo2", "tiny-gemma3", "tiny-gemma2"] {
         let model = memsteer_lm::Model::load(&fixture(name)).expect("load");
         let seq: Vec<u32> = (0..20).map(|i| (i * 37 + 5) % 96).collect();
         let mut cache = KvCache::new();
@@ -288,9 +303,10 @@ fn llama_family_cached_decoding_equals_the_full_pass() {
             // The whole-sequence path (no cache): the last row's hidden state times the output embedding.
             let hidden = dec.forward_packed(&[&seq[..t]], None).expect("full");
             let last = &hidden[(t - 1) * d..t * d];
-            let full: Vec<f32> = (0..v)
+            let mut full: Vec<f32> = (0..v)
                 .map(|j| last.iter().zip(&dec.output_embedding()[j * d..(j + 1) * d]).map(|(a, b)| a * b).sum())
                 .collect();
+            dec.logits_in_place(&mut full);
             let worst = logits.iter().zip(&full).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(worst <= 1e-4, "{name}, {t} tokens: cached logits differ by {worst}");
             logits = model.next_logits(&seq[t..t + 1], &mut cache).expect("step");
@@ -305,7 +321,9 @@ fn llama_family_cached_decoding_equals_the_full_pass() {
 #[test]
 fn packed_steps_over_separate_caches_equal_each_sequence_alone() {
     use memsteer_lm::KvCache;
-    for name in ["tiny-gpt2-f32", "tiny-neox-pythia-f16", "tiny-mistral-window", "tiny-gemma3", "tiny-olmo2"] {
+    for name in
+        ["tiny-gpt2-f32", "tiny-neox-pythia-f16", "tiny-mistral-window", "tiny-gemma3", "tiny-gemma2", "tiny-olmo2"]
+    {
         let model = memsteer_lm::Model::load(&fixture(name)).expect("load");
         let dec = model.decoder();
         let (d, vocab) = (dec.dim(), dec.vocab() as u32);
@@ -502,19 +520,21 @@ fn malformed_configs_and_weights_give_clear_errors() {
     }
     let e = cfg_err(&llama("").replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 0"#));
     assert!(e.contains("`num_key_value_heads` must be a positive integer"), "{e}");
-    // Gemma 3: soft-capping (Gemma 2's) and bidirectional attention are refused; gemma2 is not read yet.
+    // Gemma: soft-caps must be positive numbers; bidirectional attention is refused.
     let gemma = |extra: &str| llama(extra).replace("\"llama\"", "\"gemma3_text\"");
     assert!(ModelConfig::from_json(&serde_json::from_str(&gemma("")).unwrap(), p).is_ok());
-    let e = cfg_err(&gemma(r#", "final_logit_softcapping": 30.0"#));
-    assert!(e.contains("`final_logit_softcapping` = 30.0 is not supported"), "{e}");
-    let e = cfg_err(&gemma(r#", "attn_logit_softcapping": 50.0"#));
-    assert!(e.contains("`attn_logit_softcapping`"), "{e}");
+    let e = cfg_err(&gemma(r#", "final_logit_softcapping": -30.0"#));
+    assert!(e.contains("`final_logit_softcapping` must be a positive number or null, found -30.0"), "{e}");
+    let e = cfg_err(&gemma(r#", "attn_logit_softcapping": "50""#));
+    assert!(e.contains("`attn_logit_softcapping` must be a positive number"), "{e}");
+    let e = cfg_err(&gemma(r#", "use_bidirectional_attention": true"#));
+    assert!(e.contains("use_bidirectional_attention"), "{e}");
     let e = cfg_err(&gemma(r#", "hidden_activation": "silu""#));
     assert!(e.contains("implements gelu_pytorch_tanh"), "{e}");
     let e = cfg_err(&gemma(r#", "layer_types": ["sliding_attention", "full_attention"]"#));
     assert!(e.contains("`layer_types` names 2 layers, the model has 1"), "{e}");
-    let e = cfg_err(&llama("").replace("\"llama\"", "\"gemma2\""));
-    assert!(e.contains("unsupported model_type \"gemma2\""), "{e}");
+    let e = cfg_err(&llama("").replace("\"llama\"", "\"gemma_x\""));
+    assert!(e.contains("unsupported model_type \"gemma_x\""), "{e}");
     let e = cfg_err(&llama("").replace("llama", "olmo2").replace("64}", r#"64, "attention_bias": true}"#));
     assert!(e.contains("not supported for olmo2"), "{e}");
     // An explicit `"num_key_value_heads": null` means one KV head per query head, as in transformers.
@@ -541,6 +561,22 @@ fn malformed_configs_and_weights_give_clear_errors() {
     assert_eq!(parse(llama("").replace("llama", "mistral")).sliding_window, Some(4096));
     assert_eq!(parse(llama(r#", "sliding_window": null"#).replace("llama", "mistral")).sliding_window, None);
     assert_eq!(parse(llama("").replace("llama", "qwen3")).head_dim, 128);
+    // Gemma 2's soft-caps default to 50 (attention) and 30 (logits), `null` turns one off; Gemma 3's are
+    // off unless given; other families ignore the keys, as transformers does.
+    let caps = |c: memsteer_lm::config::LlamaConfig| (c.attn_logit_softcapping, c.final_logit_softcapping);
+    let gemma2 = |extra: &str| llama(extra).replace("\"llama\"", "\"gemma2\"");
+    assert_eq!(caps(parse(gemma2(""))), (Some(50.0), Some(30.0)));
+    assert_eq!(
+        caps(parse(gemma2(r#", "attn_logit_softcapping": null, "final_logit_softcapping": 12"#))),
+        (None, Some(12.0))
+    );
+    assert_eq!(caps(parse(gemma(""))), (None, None));
+    assert_eq!(caps(parse(gemma(r#", "final_logit_softcapping": 30.0"#))), (None, Some(30.0)));
+    assert_eq!(caps(parse(llama(r#", "final_logit_softcapping": 30.0"#))), (None, None));
+    // Gemma 2's layers alternate from the first (sliding, full, …) without `layer_types`; one rotary base.
+    let g2 = parse(gemma2("").replace(r#""num_hidden_layers": 1"#, r#""num_hidden_layers": 4"#));
+    assert_eq!(g2.sliding_layers, Some(vec![true, false, true, false]));
+    assert_eq!((g2.local_rope_theta, g2.rope_theta, g2.sliding_window), (None, 10000.0, Some(4096)));
     let e = cfg_err(&llama("").replace("llama", "qwen3").replace(r#""num_key_value_heads": 2, "#, ""));
     assert!(e.contains("not a multiple of num_key_value_heads = 32"), "{e}");
     let e =

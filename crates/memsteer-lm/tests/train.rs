@@ -56,6 +56,14 @@ fn twenty_gemma3_steps_match_pytorch() {
     twenty_steps_within("golden-gemma3.json", "tiny-gemma3-init", 5);
 }
 
+/// Gemma 2: Gemma 3's sandwich norms, `1 + w`, embedding scale and GeGLU without q/k norms, plus
+/// soft-capped attention scores (at 0.02) and final logits (at 0.3), small enough to bend this fresh
+/// model's values, so the gradients through both caps are checked against PyTorch's.
+#[test]
+fn twenty_gemma2_steps_match_pytorch() {
+    twenty_steps("golden-gemma2.json", "tiny-gemma2-init");
+}
+
 fn twenty_steps(golden: &str, init: &str) {
     twenty_steps_within(golden, init, 20);
 }

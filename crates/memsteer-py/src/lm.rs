@@ -365,7 +365,7 @@ impl Steer {
                 HiddenCache::build_with(dec, &positive, &negative, config.max_length, budget, cache_dir.as_deref())
                     .map_err(PyErrMessage::from_error)?;
             w.begin("steer", config.steps as u64);
-            train_cached_on(&device, &cache, dec.output_embedding(), &config, &mut |_| w.add(1))
+            train_cached_on(&device, &cache, memsteer_steer::OutputLayer::of(dec), &config, &mut |_| w.add(1))
                 .map_err(PyErrMessage::from_error)
         })?;
         Ok((Steer { steer }, report.losses))

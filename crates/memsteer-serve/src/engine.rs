@@ -285,6 +285,7 @@ fn step(served: &Served, rows: &mut [Row], metrics: &Metrics) -> Result<(), Stri
     let mut logits = vec![0.0f32; n * vocab];
     matmul_transposed(&Device::Cpu, &flat, dec.output_embedding(), n, d, vocab, &mut logits)
         .map_err(|e| format!("output layer: {e}"))?;
+    dec.logits_in_place(&mut logits);
     let now = Instant::now();
     rows.par_iter_mut().zip(logits.par_chunks(vocab)).for_each(|(r, l)| advance(served, r, l, now, metrics));
     Ok(())

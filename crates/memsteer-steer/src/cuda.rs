@@ -28,6 +28,7 @@ pub struct SteerTrainer {
     vocab: usize,
     dim: usize,
     chunk: usize,
+    softcap: Option<f32>,
 }
 
 impl std::fmt::Debug for SteerTrainer {
@@ -58,8 +59,11 @@ pub struct SteerStepInputs<'a> {
 }
 
 impl SteerTrainer {
-    /// Uploads the output embedding (`vocab × dim`, row-major).
-    pub fn new(gpu: &Arc<Gpu>, embedding: &[f32], dim: usize) -> Result<Self> {
+    /// Uploads the output embedding (`vocab × dim`, row-major; with its logits' soft-cap, when it has
+    /// one).
+    pub fn new<'e>(gpu: &Arc<Gpu>, output: impl Into<crate::OutputLayer<'e>>, dim: usize) -> Result<Self> {
+        let output = output.into();
+        let embedding = output.embedding;
         if dim == 0 || embedding.is_empty() || !embedding.len().is_multiple_of(dim) {
             return Err(KernelError::Shape {
                 what: "output embedding",
@@ -69,7 +73,15 @@ impl SteerTrainer {
             .into());
         }
         let vocab = embedding.len() / dim;
-        Ok(SteerTrainer { gpu: gpu.clone(), embedding: gpu.upload_f32(embedding)?, vocab, dim, chunk: OUTPUT_CHUNK })
+        let softcap = output.softcap;
+        Ok(SteerTrainer {
+            gpu: gpu.clone(),
+            embedding: gpu.upload_f32(embedding)?,
+            vocab,
+            dim,
+            chunk: OUTPUT_CHUNK,
+            softcap,
+        })
     }
 
     /// Rows per chunk of logits (default [`OUTPUT_CHUNK`]): `rows × vocab` `f32` values exist at once.
@@ -142,8 +154,11 @@ impl SteerTrainer {
             let lg = logits.view().slice(0, c * self.vocab)?;
             let (t, o, l) = (tg.view().slice(r0, c)?, out.view().slice(r0, c)?, lse.view().slice(r0, c)?);
             g.matmul((c, d, self.vocab), hp.view().slice(r0 * d, c * d)?, false, e, true, lg, 1.0, 0.0)?;
+            if let Some(cap) = self.softcap {
+                g.softcap(lg, cap)?;
+            }
             g.lse_targets(lg, self.vocab, t, o, l, c)?;
-            g.softmax_grad(lg, self.vocab, l, t, 1.0 / n as f32, c)?;
+            g.softmax_grad(lg, self.vocab, l, t, 1.0 / n as f32, c, self.softcap)?;
             g.matmul((c, self.vocab, d), lg, false, e, false, grad.view().slice(r0 * d, c * d)?, 1.0, 0.0)?;
         }
         drop(logits);

@@ -153,14 +153,16 @@ impl Detection {
 
 /// Scores a text under each strength of `config` for the labelled steer (index 0, the dummy at 1):
 /// `hidden` holds the final hidden states of the text's tokens but the last (`(n − 1) × d`), `targets`
-/// the tokens after the first (`n − 1` of them), `embedding` the model's output embedding.
-pub fn detect(
+/// the tokens after the first (`n − 1` of them), `output` the model's output layer
+/// ([`crate::OutputLayer::of`]).
+pub fn detect<'e>(
     steer: &Steer,
     hidden: &[f32],
-    embedding: &[f32],
+    output: impl Into<crate::OutputLayer<'e>>,
     targets: &[u32],
     config: &DetectConfig,
 ) -> Result<Detection> {
+    let output = output.into();
     if steer.labels().is_empty() {
         return Err(SteerError::Input("detect: the steer has no labelled steer".into()));
     }
@@ -173,7 +175,7 @@ pub fn detect(
     let mut per_token = Vec::with_capacity(strengths.len());
     for &s in &strengths {
         labelled[0] = s;
-        let lp = steer.log_prob_targets(hidden, embedding, targets, &steer.strengths(&labelled)?)?;
+        let lp = steer.log_prob_targets(hidden, output, targets, &steer.strengths(&labelled)?)?;
         if let Some((t, v)) = lp.iter().enumerate().find(|(_, v)| !v.is_finite()) {
             return Err(SteerError::Numerical(format!(
                 "detect: log-probability of token {} at strength {s} is {v}",
@@ -191,7 +193,7 @@ pub fn detect(
     let z: f64 = weights.iter().sum();
     let distribution = weights.iter().map(|w| w / z).collect();
     labelled[0] = 0.0;
-    let base = steer.log_prob_targets(hidden, embedding, targets, &steer.strengths(&labelled)?)?;
+    let base = steer.log_prob_targets(hidden, output, targets, &steer.strengths(&labelled)?)?;
     let evidence = per_token[best].iter().zip(&base).map(|(&p, &q)| f64::from(p) - f64::from(q)).collect();
     Ok(Detection { strengths, losses, best, distribution, evidence })
 }
@@ -214,7 +216,7 @@ pub fn detect_text(
     }
     let hidden = decoder.hidden_states(ids)?;
     let rows = &hidden[..(ids.len() - 1) * decoder.dim()];
-    let detection = detect(steer, rows, decoder.output_embedding(), &ids[1..], config)?;
+    let detection = detect(steer, rows, crate::OutputLayer::of(decoder), &ids[1..], config)?;
     let pieces = match tokenizer {
         Some(t) => crate::highlight::token_pieces(t, ids)?,
         None => ids.iter().map(|i| format!(" {i}")).collect(),

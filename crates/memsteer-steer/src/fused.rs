@@ -11,9 +11,48 @@
 //! so results are bitwise identical whatever the number of rayon threads.
 
 use memsteer_kernels::{Device, MatMut, MatRef, Steers, matmul, matmul_strided, matmul_transposed, vmath};
+use memsteer_lm::Decoder;
 use rayon::prelude::*;
 
 use crate::{Result, SteerError};
+
+/// A model's output layer as the steer computations see it: the output embedding `E` (`vocab × dim`,
+/// row-major) and the soft-cap of its logits (Gemma 2's final soft-capping: logits are
+/// `c·tanh(z/c)` of the products `z = h Eᵀ`). Take it from the model with [`OutputLayer::of`]; a bare
+/// embedding converts into a layer without a cap.
+#[derive(Debug, Clone, Copy)]
+pub struct OutputLayer<'a> {
+    /// The output embedding, `vocab × dim`.
+    pub embedding: &'a [f32],
+    /// The logits' soft-cap.
+    pub softcap: Option<f32>,
+}
+
+impl<'a> OutputLayer<'a> {
+    /// The output layer of `decoder`, its soft-cap included.
+    pub fn of(decoder: &'a dyn Decoder) -> Self {
+        Self { embedding: decoder.output_embedding(), softcap: decoder.logit_softcap() }
+    }
+
+    /// Soft-caps raw products `h Eᵀ` into logits, in place (nothing without a cap).
+    pub fn cap(&self, logits: &mut [f32]) {
+        if let Some(c) = self.softcap {
+            vmath::softcap_in_place(logits, c);
+        }
+    }
+}
+
+impl<'a> From<&'a [f32]> for OutputLayer<'a> {
+    fn from(embedding: &'a [f32]) -> Self {
+        Self { embedding, softcap: None }
+    }
+}
+
+impl<'a> From<&'a Vec<f32>> for OutputLayer<'a> {
+    fn from(embedding: &'a Vec<f32>) -> Self {
+        Self { embedding, softcap: None }
+    }
+}
 
 /// Rows of one block of the fused output layer (fixed so that results do not depend on threads).
 const ROW_BLOCK: usize = 64;
@@ -24,18 +63,21 @@ const AT_B_BLOCK: usize = 16;
 
 /// Fused negative log-likelihood and its gradient with respect to the hidden states.
 ///
-/// `hidden` is `rows × dim`, `embedding` `vocab × dim` (both row-major), `targets` one id per row.
-/// Writes `grad[t] = scale · Σ_v (softmax(hidden[t] Eᵀ)_v − 1[v = targets[t]]) E_v` and returns
+/// `hidden` is `rows × dim`, `output`'s embedding `vocab × dim` (both row-major), `targets` one id per
+/// row. Writes `grad[t] = scale · Σ_v (softmax(hidden[t] Eᵀ)_v − 1[v = targets[t]]) E_v` and returns
 /// `Σ_t −log softmax(hidden[t] Eᵀ)[targets[t]]` (summed in `f64`, in row order). Pass `scale = 1/rows`
-/// for the gradient of the mean.
-pub fn nll_and_grad(
+/// for the gradient of the mean. With a soft-cap the logits are the capped ones and each term of the
+/// gradient carries the cap's slope `1 − (logit/c)²`.
+pub fn nll_and_grad<'e>(
     hidden: &[f32],
-    embedding: &[f32],
+    output: impl Into<OutputLayer<'e>>,
     dim: usize,
     targets: &[u32],
     scale: f32,
     grad: &mut [f32],
 ) -> Result<f64> {
+    let output = output.into();
+    let embedding = output.embedding;
     let rows = targets.len();
     let vocab = check_output_layer(hidden, embedding, dim, targets)?;
     if grad.len() != rows * dim {
@@ -49,7 +91,7 @@ pub fn nll_and_grad(
         .par_chunks_mut(ROW_BLOCK * dim)
         .zip(hidden.par_chunks(ROW_BLOCK * dim))
         .zip(targets.par_chunks(ROW_BLOCK))
-        .map(|((g, h), t)| block_nll_and_grad(h, embedding, dim, vocab, t, scale, g))
+        .map(|((g, h), t)| block_nll_and_grad(h, (output, dim, vocab), t, scale, g))
         .collect::<Result<_>>()?;
     Ok(losses.iter().flatten().map(|&l| f64::from(l)).sum())
 }
@@ -57,16 +99,15 @@ pub fn nll_and_grad(
 /// One block of rows: returns each row's NLL and writes its gradient.
 fn block_nll_and_grad(
     h: &[f32],
-    embedding: &[f32],
-    dim: usize,
-    vocab: usize,
+    (output, dim, vocab): (OutputLayer<'_>, usize, usize),
     targets: &[u32],
     scale: f32,
     grad: &mut [f32],
 ) -> Result<Vec<f32>> {
-    let rows = targets.len();
+    let (rows, embedding) = (targets.len(), output.embedding);
     // Pass 1: the kernels' online log-sum-exp (the same tiles and order as their fused log-probs).
-    let (lse, target_logit) = memsteer_kernels::log_sum_exp_rows(&Device::Cpu, h, embedding, dim, targets)?;
+    let (lse, target_logit) =
+        memsteer_kernels::log_sum_exp_rows_capped(&Device::Cpu, h, embedding, dim, targets, output.softcap)?;
     let mut logits = vec![0.0f32; rows * VOCAB_TILE];
     // Pass 2: recompute each tile, turn it into scale · (p − onehot) and accumulate (P_tile · E_tile).
     grad.fill(0.0);
@@ -74,14 +115,26 @@ fn block_nll_and_grad(
         let width = VOCAB_TILE.min(vocab - v0);
         let tile = &mut logits[..rows * width];
         tile_logits(h, embedding, dim, v0, width, tile)?;
+        output.cap(tile);
         for r in 0..rows {
             let row = &mut tile[r * width..(r + 1) * width];
-            for x in row.iter_mut() {
-                *x = scale * vmath::exp(*x - lse[r]);
-            }
             let t = targets[r] as usize;
-            if (v0..v0 + width).contains(&t) {
-                row[t - v0] -= scale;
+            match output.softcap {
+                None => {
+                    for x in row.iter_mut() {
+                        *x = scale * vmath::exp(*x - lse[r]);
+                    }
+                    if (v0..v0 + width).contains(&t) {
+                        row[t - v0] -= scale;
+                    }
+                }
+                // Through the cap: ∂(c·tanh(z/c))/∂z = 1 − (logit/c)².
+                Some(c) => {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        let (logit, hit) = (*x, if v0 + j == t { scale } else { 0.0 });
+                        *x = (scale * vmath::exp(logit - lse[r]) - hit) * (1.0 - (logit / c) * (logit / c));
+                    }
+                }
             }
         }
         matmul_strided(
@@ -149,14 +202,16 @@ pub struct SteerBatch<'a> {
 ///
 /// The output layer runs through [`nll_and_grad`]; every other step is a matrix product of at most
 /// `rows × max(dim, rank)` values.
-pub fn steer_loss_and_grads(
+pub fn steer_loss_and_grads<'e>(
     steers: &Steers<'_>,
     epsilon: f32,
-    embedding: &[f32],
+    output: impl Into<OutputLayer<'e>>,
     batch: &SteerBatch<'_>,
     grad_p1: &mut [f32],
     grad_p2: &mut [f32],
 ) -> Result<f64> {
+    let output = output.into();
+    let embedding = output.embedding;
     let Steers { p1, p2, steers: s, dim: d, rank: r } = *steers;
     let n = batch.targets.len();
     let per = d * r;
@@ -192,7 +247,7 @@ pub fn steer_loss_and_grads(
     }
     // Output layer: loss and G = dL/dH'.
     let mut g = vec![0.0f32; n * d];
-    let total = nll_and_grad(&hp, embedding, d, batch.targets, 1.0 / n as f32, &mut g)?;
+    let total = nll_and_grad(&hp, output, d, batch.targets, 1.0 / n as f32, &mut g)?;
     // Backward: dP2_i = ε Gᵀ V_i; dP1_i = ε Hᵀ diag(s_i) (G P2_i).
     let mut q = vec![0.0f32; n * r];
     for i in 0..s {

@@ -64,6 +64,7 @@ pub fn steered_continuation(
             let h = set.apply(last)?;
             matmul_transposed(&Device::Cpu, &h, decoder.output_embedding(), 1, d, vocab, &mut logits)?;
         }
+        decoder.logits_in_place(&mut logits);
         let next = sample(&logits, cfg, rng.uniform())
             .map_err(|e| SteerError::Input(format!("step {}: {e}", out.len())))? as u32;
         out.push(next);
@@ -143,6 +144,7 @@ pub fn batched_continuations(
                 logits.resize(n * vocab, 0.0);
                 lap(3);
                 embedding.matmul_transposed(rows, n, &mut logits)?;
+                decoder.logits_in_place(&mut logits);
                 lap(1);
                 // Each stream samples from its own generator: in parallel, the same tokens.
                 use rayon::prelude::*;

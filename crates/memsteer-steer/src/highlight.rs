@@ -65,7 +65,7 @@ pub fn highlight(
     let at = |v: f32| -> Result<Vec<f32>> {
         let mut labelled = vec![0.0f32; steer.labels().len()];
         labelled[0] = v;
-        steer.log_prob_targets(rows, decoder.output_embedding(), &tokens[1..], &steer.strengths(&labelled)?)
+        steer.log_prob_targets(rows, crate::OutputLayer::of(decoder), &tokens[1..], &steer.strengths(&labelled)?)
     };
     let (plus, minus) = (at(strength)?, at(-strength)?);
     let mut evidence = vec![None];

@@ -54,6 +54,7 @@ mod train;
 pub mod transfer;
 
 pub use error::{Result, SteerError};
+pub use fused::OutputLayer;
 pub use steer::{FORMAT_VERSION, Steer, SteerSpec, embedding_fingerprint};
 pub use train::{
     DEFAULT_MAX_RANK, HiddenCache, MAX_BATCH_SIZE, MAX_STEPS, Progress, TrainConfig, TrainReport, train, train_cached,

@@ -2,11 +2,11 @@
 
 use std::path::Path;
 
-use memsteer_kernels::{Device, Steers, log_prob_targets, matmul_transposed, steered_projection};
+use memsteer_kernels::{Device, Steers, log_prob_targets_capped, matmul_transposed, steered_projection};
 use memsteer_lm::Decoder;
 use safetensors::{Dtype, SafeTensors};
 
-use crate::{Result, SteerError};
+use crate::{OutputLayer, Result, SteerError};
 
 /// Version of the steer file layout this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -245,8 +245,16 @@ impl Steer {
         Ok(out)
     }
 
-    /// Steered logits `h' Eᵀ`, `rows × vocab`, for hidden states `rows × hidden_size`.
-    pub fn logits(&self, hidden: &[f32], embedding: &[f32], strengths: &[f32]) -> Result<Vec<f32>> {
+    /// Steered logits `h' Eᵀ` (soft-capped when `output` has a cap), `rows × vocab`, for hidden states
+    /// `rows × hidden_size`.
+    pub fn logits<'e>(
+        &self,
+        hidden: &[f32],
+        output: impl Into<OutputLayer<'e>>,
+        strengths: &[f32],
+    ) -> Result<Vec<f32>> {
+        let output = output.into();
+        let embedding = output.embedding;
         let d = self.hidden_size;
         if embedding.len() != self.vocab_size * d {
             return Err(SteerError::Input(format!(
@@ -260,20 +268,24 @@ impl Steer {
         let rows = hp.len() / d;
         let mut out = vec![0.0f32; rows * self.vocab_size];
         matmul_transposed(&Device::Cpu, &hp, embedding, rows, d, self.vocab_size, &mut out)?;
+        output.cap(&mut out);
         Ok(out)
     }
 
-    /// `log softmax(h' Eᵀ)[target]` for every row, through the kernels' fused output layer.
-    pub fn log_prob_targets(
+    /// `log softmax(h' Eᵀ)[target]` (of soft-capped logits when `output` has a cap) for every row,
+    /// through the kernels' fused output layer.
+    pub fn log_prob_targets<'e>(
         &self,
         hidden: &[f32],
-        embedding: &[f32],
+        output: impl Into<OutputLayer<'e>>,
         targets: &[u32],
         strengths: &[f32],
     ) -> Result<Vec<f32>> {
+        let output = output.into();
         let hp = self.project(hidden, strengths)?;
         let mut out = vec![0.0f32; targets.len()];
-        log_prob_targets(&Device::Cpu, &hp, embedding, self.hidden_size, targets, &mut out)?;
+        let (e, cap) = (output.embedding, output.softcap);
+        log_prob_targets_capped(&Device::Cpu, &hp, e, self.hidden_size, targets, &mut out, cap)?;
         Ok(out)
     }
 

@@ -340,20 +340,20 @@ pub fn train(
 ) -> Result<(Steer, TrainReport)> {
     config.validate()?;
     let cache = HiddenCache::build(decoder, positive, negative, config.max_length)?;
-    train_cached(&cache, decoder.output_embedding(), config, progress)
+    train_cached(&cache, crate::OutputLayer::of(decoder), config, progress)
 }
 
 /// Trains a steer (labelled steer 0 at the sequence's strength ±1, dummy steer 1 at strength 1) on cached
 /// hidden states with Adam, minimising the mean NLL of each minibatch's targets under the steered logits.
-/// `embedding` is the base model's output embedding (`vocab × dim`). Seeded and bitwise identical across
-/// rayon thread counts.
-pub fn train_cached(
+/// `output` is the base model's output layer ([`crate::OutputLayer::of`]: its embedding, `vocab × dim`,
+/// and the soft-cap of its logits). Seeded and bitwise identical across rayon thread counts.
+pub fn train_cached<'e>(
     cache: &HiddenCache,
-    embedding: &[f32],
+    output: impl Into<crate::OutputLayer<'e>>,
     config: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Steer, TrainReport)> {
-    train_cached_on(&Device::Cpu, cache, embedding, config, progress)
+    train_cached_on(&Device::Cpu, cache, output, config, progress)
 }
 
 /// [`train_cached`] with each step's loss and gradients computed on `device`: on a CUDA device
@@ -361,13 +361,15 @@ pub fn train_cached(
 /// fused output layer and backward run there (`crate::cuda::SteerTrainer`; Adam stays on
 /// the host). The same minibatches and updates as on the CPU; the numbers differ from the CPU's only
 /// in the order of the sums. Deterministic on a given device.
-pub fn train_cached_on(
+pub fn train_cached_on<'e>(
     device: &Device,
     cache: &HiddenCache,
-    embedding: &[f32],
+    output: impl Into<crate::OutputLayer<'e>>,
     config: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Steer, TrainReport)> {
+    let output = output.into();
+    let embedding = output.embedding;
     config.validate()?;
     let d = cache.dim;
     if d == 0 || embedding.is_empty() || !embedding.len().is_multiple_of(d) {
@@ -391,7 +393,7 @@ pub fn train_cached_on(
 
     #[cfg(feature = "cuda")]
     let gpu_step = match device {
-        Device::Cuda(g) => Some(crate::cuda::SteerTrainer::new(&g.0, embedding, d)?),
+        Device::Cuda(g) => Some(crate::cuda::SteerTrainer::new(&g.0, output, d)?),
         _ => None,
     };
     #[cfg(not(feature = "cuda"))]
@@ -443,18 +445,13 @@ pub fn train_cached_on(
                 };
                 t.loss_and_grads(&inputs, g1, g2)?
             }
-            None => steer_loss_and_grads(
-                &Steers { p1, p2, steers, dim: d, rank },
-                config.epsilon,
-                embedding,
-                &batch,
-                g1,
-                g2,
-            )?,
+            None => {
+                steer_loss_and_grads(&Steers { p1, p2, steers, dim: d, rank }, config.epsilon, output, &batch, g1, g2)?
+            }
         };
         #[cfg(not(feature = "cuda"))]
         let loss =
-            steer_loss_and_grads(&Steers { p1, p2, steers, dim: d, rank }, config.epsilon, embedding, &batch, g1, g2)?;
+            steer_loss_and_grads(&Steers { p1, p2, steers, dim: d, rank }, config.epsilon, output, &batch, g1, g2)?;
         if !loss.is_finite() {
             return Err(SteerError::Input(format!("training diverged: loss {loss} at step {step}; lower lr")));
         }

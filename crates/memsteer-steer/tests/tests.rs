@@ -9,7 +9,7 @@ use memsteer_kernels::Steers;
 use memsteer_lm::{Decoder, Model};
 use memsteer_steer::fused::{SteerBatch, nll_and_grad, steer_loss_and_grads};
 use memsteer_steer::{
-    HiddenCache, Steer, SteerError, SteerSpec, TrainConfig, embedding_fingerprint, train, train_cached,
+    HiddenCache, OutputLayer, Steer, SteerError, SteerSpec, TrainConfig, embedding_fingerprint, train, train_cached,
 };
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
@@ -59,7 +59,7 @@ fn reference_loss(
     h: &[f32],
     strengths: &[f32],
     targets: &[u32],
-    e: &[f32],
+    (e, softcap): (&[f32], Option<f64>),
 ) -> f64 {
     let n = targets.len();
     let vocab = e.len() / d;
@@ -75,7 +75,10 @@ fn reference_loss(
                 hp[k] += eps * si * (0..r).map(|j| u[j] * p2[base + k * r + j]).sum::<f64>();
             }
         }
-        let logits: Vec<f64> = (0..vocab).map(|v| (0..d).map(|k| hp[k] * f64::from(e[v * d + k])).sum()).collect();
+        let logits: Vec<f64> = (0..vocab)
+            .map(|v| (0..d).map(|k| hp[k] * f64::from(e[v * d + k])).sum())
+            .map(|z: f64| softcap.map_or(z, |c| c * (z / c).tanh()))
+            .collect();
         let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let lse = m + logits.iter().map(|l| (l - m).exp()).sum::<f64>().ln();
         total += lse - logits[targets[t] as usize];
@@ -109,20 +112,24 @@ fn case(seed: u64, n: usize, d: usize, r: usize, vocab: usize, eps: f32) -> Case
 }
 
 /// (a) Gradients of the fused output layer + steer chain against central finite differences of the f64
-/// reference; at ε of order one (every term matters) and at the authors' ε = 1e-3.
+/// reference; at ε of order one (every term matters) and at the authors' ε = 1e-3; with logits
+/// soft-capped at 1.5 (Gemma 2's final soft-capping; these logits reach ±6, so the cap bends them).
 #[test]
 fn steer_gradients_match_finite_differences() {
-    for (seed, eps, vocab) in [(1u64, 0.7f32, 7usize), (2, 1e-3, 9), (3, 0.3, 530)] {
+    let cases = [(1u64, 0.7f32, 7usize, None), (2, 1e-3, 9, None), (3, 0.3, 530, None), (4, 0.7, 530, Some(1.5f32))];
+    for (seed, eps, vocab, softcap) in cases {
         let c = case(seed, 5, 4, 3, vocab, eps);
+        let output = OutputLayer { embedding: &c.e, softcap };
         let per = c.s * c.d * c.r;
         let (mut g1, mut g2) = (vec![0.0f32; per], vec![0.0f32; per]);
         let batch = SteerBatch { hidden: &c.h, strengths: &c.strengths, targets: &c.targets };
         let steers = Steers { p1: &c.p1, p2: &c.p2, steers: c.s, dim: c.d, rank: c.r };
-        let loss = steer_loss_and_grads(&steers, c.eps, &c.e, &batch, &mut g1, &mut g2).expect("grads");
+        let loss = steer_loss_and_grads(&steers, c.eps, output, &batch, &mut g1, &mut g2).expect("grads");
         let mut p1: Vec<f64> = c.p1.iter().map(|&x| f64::from(x)).collect();
         let mut p2: Vec<f64> = c.p2.iter().map(|&x| f64::from(x)).collect();
         let f = |p1: &[f64], p2: &[f64]| {
-            reference_loss(p1, p2, c.s, c.d, c.r, f64::from(c.eps), &c.h, &c.strengths, &c.targets, &c.e)
+            let out = (c.e.as_slice(), softcap.map(f64::from));
+            reference_loss(p1, p2, c.s, c.d, c.r, f64::from(c.eps), &c.h, &c.strengths, &c.targets, out)
         };
         let want_loss = f(&p1, &p2);
         assert!((loss - want_loss).abs() <= FUSED_RTOL * want_loss.abs(), "loss {loss} vs {want_loss}");
@@ -157,8 +164,16 @@ fn steer_gradients_match_finite_differences() {
                 );
             }
         }
-        eprintln!("gradient check seed {seed} ε {eps} vocab {vocab}: worst error / max|grad| = {worst:.2e}");
+        eprintln!(
+            "gradient check seed {seed} ε {eps} vocab {vocab} cap {softcap:?}: worst error / max|grad| = {worst:.2e}"
+        );
     }
+    // The cap is not one that does nothing here.
+    let c = case(4, 5, 4, 3, 530, 0.7);
+    let (p1, p2): (Vec<f64>, Vec<f64>) =
+        (c.p1.iter().map(|&x| f64::from(x)).collect(), c.p2.iter().map(|&x| f64::from(x)).collect());
+    let at = |cap| reference_loss(&p1, &p2, c.s, c.d, c.r, 0.7, &c.h, &c.strengths, &c.targets, (&c.e, cap));
+    assert!((at(None) - at(Some(1.5))).abs() > 0.1, "{} vs {}", at(None), at(Some(1.5)));
 }
 
 /// (b) The fused NLL and its hidden-state gradient equal a materialised-logits f64 reference (several
@@ -198,11 +213,23 @@ fn fused_output_layer_matches_materialised_reference() {
 }
 
 /// The training forward (per-row strengths) equals the inference path (`Steer::log_prob_targets`, which
-/// uses the kernels' `steered_projection`) when every row has the same strengths.
+/// uses the kernels' `steered_projection`) when every row has the same strengths; on GPT-2 and on
+/// Gemma 2, whose logits are soft-capped (the model's output layer carries its cap to every path).
 #[test]
 fn training_forward_equals_inference_path() {
-    let model = tiny_gpt2();
+    let gemma2 = memsteer_lm::Model::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm/tiny-gemma2"),
+    )
+    .expect("tiny-gemma2");
+    assert_eq!(gemma2.decoder().logit_softcap(), Some(3.0));
+    for model in [tiny_gpt2(), gemma2] {
+        training_forward_equals_inference_path_on(&model);
+    }
+}
+
+fn training_forward_equals_inference_path_on(model: &memsteer_lm::Model) {
     let dec = model.decoder();
+    let output = OutputLayer::of(dec);
     let (d, r) = (dec.dim(), 5);
     let mut rng = Rng(11);
     let p1: Vec<f32> = (0..2 * d * r).map(|_| rng.sym(3.0)).collect();
@@ -222,19 +249,27 @@ fn training_forward_equals_inference_path() {
     let targets = &tokens[1..];
     let strengths = steer.strengths(&[-1.5]).unwrap();
     assert_eq!(strengths, vec![-1.5, 1.0]);
-    let lp = steer.log_prob_targets(&h, dec.output_embedding(), targets, &strengths).unwrap();
+    let lp = steer.log_prob_targets(&h, output, targets, &strengths).unwrap();
     let want = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
     let per_row: Vec<f32> = (0..19).flat_map(|_| strengths.clone()).collect();
     let (mut g1, mut g2) = (vec![0.0; p1.len()], vec![0.0; p2.len()]);
     let batch = SteerBatch { hidden: &h, strengths: &per_row, targets };
-    let got = steer_loss_and_grads(&steer.as_steers(), 0.5, dec.output_embedding(), &batch, &mut g1, &mut g2).unwrap();
+    let got = steer_loss_and_grads(&steer.as_steers(), 0.5, output, &batch, &mut g1, &mut g2).unwrap();
     assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
-    // And the steered logits agree with the log-probabilities.
-    let logits = steer.logits(&h, dec.output_embedding(), &strengths).unwrap();
+    // And the steered logits agree with the log-probabilities, and stay within the model's cap.
+    let logits = steer.logits(&h, output, &strengths).unwrap();
+    if let Some(cap) = dec.logit_softcap() {
+        assert!(logits.iter().all(|l| l.abs() <= cap));
+    }
     let row = &logits[..dec.vocab()];
     let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let lse = m + row.iter().map(|l| (l - m).exp()).sum::<f32>().ln();
     assert!((row[targets[0] as usize] - lse - lp[0]).abs() < 1e-5);
+    // The base model's log-probabilities are the steer's at strength 0 (the same capped output layer).
+    let zero = steer.log_prob_targets(&h, output, targets, &[0.0, 0.0]).unwrap();
+    let mut base = vec![0.0f32; targets.len()];
+    dec.output_log_probs(&h, targets, &mut base).unwrap();
+    assert!(zero.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-5), "{zero:?} vs {base:?}");
 }
 
 /// Token sets of the planted task: A is favoured by the positive corpus, B by the negative.

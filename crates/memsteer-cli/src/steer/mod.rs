@@ -463,7 +463,8 @@ pub fn train(a: &SteerTrainArgs) -> Result<SteerTrainOutcome> {
     };
     bar.set_prefix("steer");
     let device = memsteer_kernels::Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
-    let (steer, report) = train_cached_on(&device, &cache, decoder.output_embedding(), &config, &mut |p| {
+    let output = memsteer_steer::OutputLayer::of(decoder);
+    let (steer, report) = train_cached_on(&device, &cache, output, &config, &mut |p| {
         bar.set_position(p.step as u64);
         bar.set_message(format!("loss {:.4}", p.loss));
     })?;

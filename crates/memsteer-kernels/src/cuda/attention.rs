@@ -37,7 +37,7 @@ impl Gpu {
         spans: &[(usize, usize)],
         (rows, heads, hd): (usize, usize, usize),
     ) -> Result<()> {
-        let shape = AttentionShape { rows, heads, kv_heads: heads, hd, window: None, scale: None };
+        let shape = AttentionShape { rows, heads, kv_heads: heads, hd, window: None, scale: None, softcap: None };
         self.attention_shaped(how, qkv, ctx, spans, shape)
     }
 
@@ -53,7 +53,7 @@ impl Gpu {
         spans: &[(usize, usize)],
         shape: AttentionShape,
     ) -> Result<()> {
-        let AttentionShape { rows, heads, kv_heads, hd, window, scale } = shape;
+        let AttentionShape { rows, heads, kv_heads, hd, window, scale, softcap } = shape;
         if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(KernelError::Shape {
                 what: "key/value heads",
@@ -63,6 +63,12 @@ impl Gpu {
         }
         if window == Some(0) {
             return Err(KernelError::Shape { what: "attention window", expected: "at least 1".into(), found: 0 });
+        }
+        if softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return Err(KernelError::Unsupported {
+                what: "attention soft-cap",
+                message: "must be a positive finite number".into(),
+            });
         }
         // A window no sequence outgrows changes nothing: the fused kernels stay available.
         let longest_span = spans.iter().map(|s| s.1).max().unwrap_or(0);
@@ -76,12 +82,13 @@ impl Gpu {
             Attention::Tiled => false,
             // Measured on an H200 (docs/performance.md, 2026-12-04): the pipelined kernel is 1.96-2.09×
             // the tiled path at 64-dimensional heads and 1.3× at 128.
-            Attention::Auto => self.fused_attention_applies(q.dtype, hd) && window.is_none(),
+            Attention::Auto => self.fused_attention_applies(q.dtype, hd) && window.is_none() && softcap.is_none(),
             Attention::Fused | Attention::FusedTransposedV | Attention::Pipelined => {
-                if window.is_some() {
+                if window.is_some() || softcap.is_some() {
                     return Err(KernelError::Unsupported {
                         what: "fused attention",
-                        message: "a sliding window runs on the tiled path (Attention::Tiled or Auto)".into(),
+                        message: "a sliding window or a soft-cap runs on the tiled path (Attention::Tiled or Auto)"
+                            .into(),
                     });
                 }
                 if !self.fused_attention_applies(q.dtype, hd) {
@@ -148,7 +155,7 @@ impl Gpu {
         shape: AttentionShape,
         scale: f32,
     ) -> Result<()> {
-        let AttentionShape { rows, heads, kv_heads, hd, window, .. } = shape;
+        let AttentionShape { rows, heads, kv_heads, hd, window, softcap, .. } = shape;
         let longest_span = spans.iter().map(|s| s.1).max().unwrap_or(0);
         let window = window.filter(|&w| w < longest_span);
         let (group, d) = (heads / kv_heads, heads * hd);
@@ -184,6 +191,7 @@ impl Gpu {
                     Arg::I(q0 as i32),
                     Arg::F(scale),
                     Arg::I(window.map_or(0, |w| w.min(i32::MAX as usize) as i32)),
+                    Arg::F(softcap.unwrap_or(0.0)),
                 ];
                 self.launch("causal_softmax", (qb as u32, heads as u32, 1), BLOCK, &args)?;
                 for j in 0..group {

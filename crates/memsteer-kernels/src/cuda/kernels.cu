@@ -326,20 +326,28 @@ extern "C" __global__ void qkv_split(const void* qkv, int qkv_dt, const void* bi
 // position q0 + i of its sequence and sees keys 0..=q0 + i, or only the last `window` of them when window > 0.
 // Writes p (type p_dt), zero outside what a query sees.
 // Grid (qb, heads).
+// With cap > 0 the scaled scores are soft-capped to cap·tanh(s/cap) first (Gemma 2).
+__device__ __forceinline__ float capped(float x, float cap) { return cap > 0.0f ? tanhf(x / cap) * cap : x; }
 extern "C" __global__ void causal_softmax(const float* s, void* p, int p_dt, int qb, int kn, int q0, float scale,
-                                          int window) {
+                                          int window, float cap) {
     i64 row = (i64)blockIdx.y * qb + blockIdx.x;
     const float* x = s + row * kn;
     int last = q0 + blockIdx.x;
     int first = window > 0 && last + 1 > window ? last + 1 - window : 0;
     float m = NEG_INF;
-    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, x[j] * scale);
+    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) m = fmaxf(m, capped(x[j] * scale, cap));
     m = block_max(m);
     float sum = 0.0f;
-    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) sum += expf(x[j] * scale - m);
+    for (int j = first + threadIdx.x; j <= last; j += blockDim.x) sum += expf(capped(x[j] * scale, cap) - m);
     float inv = 1.0f / block_sum(sum);
     for (int j = threadIdx.x; j < kn; j += blockDim.x)
-        st(p, row * kn + j, p_dt, j >= first && j <= last ? expf(x[j] * scale - m) * inv : 0.0f);
+        st(p, row * kn + j, p_dt, j >= first && j <= last ? expf(capped(x[j] * scale, cap) - m) * inv : 0.0f);
+}
+
+// In place, n values of type dt: x = cap·tanh(x/cap) (Gemma 2's final logits).
+extern "C" __global__ void softcap(void* x, int dt, i64 n, float cap) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        st(x, i, dt, tanhf(ld(x, i, dt) / cap) * cap);
 }
 
 // Per row of a chunk of logits (rows × V, type l_dt): lse = log Σ exp, and out = logit[target] − lse.
@@ -426,14 +434,22 @@ extern "C" __global__ void scale_rows(float* m, int cols, const float* strengths
 }
 
 // Turns a chunk of f32 logits (rows × V) into scale · (softmax − one-hot(target)), in place, from each
-// row's log-sum-exp. Grid (column blocks, row blocks).
-extern "C" __global__ void softmax_grad(float* logits, i64 V, const float* lse, const u32* tgt, float scale, i64 rows) {
+// row's log-sum-exp. With cap > 0 the logits are soft-capped ones (cap·tanh(z/cap)) and the result is
+// the gradient with respect to the uncapped z: times 1 − (logit/cap)². Grid (column blocks, row blocks).
+extern "C" __global__ void softmax_grad(float* logits, i64 V, const float* lse, const u32* tgt, float scale, i64 rows,
+                                        float cap) {
     i64 j = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     if (j >= V) return;
     for (i64 r = blockIdx.y; r < rows; r += gridDim.y) {
         i64 at = r * V + j;
-        float p = expf(logits[at] - lse[r]);
-        logits[at] = scale * (j == (i64)tgt[r] ? p - 1.0f : p);
+        float z = logits[at];
+        float p = expf(z - lse[r]);
+        float g = scale * (j == (i64)tgt[r] ? p - 1.0f : p);
+        if (cap > 0.0f) {
+            float t = z / cap;
+            g *= 1.0f - t * t;
+        }
+        logits[at] = g;
     }
 }
 

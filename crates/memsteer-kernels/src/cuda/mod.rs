@@ -32,7 +32,7 @@ mod training;
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 28] = [
+pub const KERNELS: [&str; 29] = [
     "convert",
     "embed",
     "layer_norm",
@@ -49,6 +49,7 @@ pub const KERNELS: [&str; 28] = [
     "lse_target_vec",
     "scale_rows",
     "softmax_grad",
+    "softcap",
     "flash_hd64_f16",
     "flash_hd64_bf16",
     "flash_hd128_f16",
@@ -265,6 +266,8 @@ pub struct AttentionShape {
     pub window: Option<usize>,
     /// The scores' scale (`hd^-1/2` when `None`).
     pub scale: Option<f32>,
+    /// Scaled scores soft-capped to `c·tanh(s/c)` (Gemma 2; the tiled path only).
+    pub softcap: Option<f32>,
 }
 
 /// Where the heads sit in a row of a fused QKV projection ([`Gpu::qkv_split`]): head `h` of q starts
@@ -634,8 +637,7 @@ pub(crate) mod host {
     pub(crate) fn log_prob_targets(
         gpu: &Gpu,
         hidden: &[f32],
-        embedding: &[f32],
-        dim: usize,
+        (embedding, dim, softcap): (&[f32], usize, Option<f32>),
         targets: &[u32],
         out: &mut [f32],
         lse: Option<&mut [f32]>,
@@ -645,7 +647,8 @@ pub(crate) mod host {
         let lin = Linear { w: e.view(), outputs: embedding.len() / dim, inputs: dim, inputs_major: false };
         let o = gpu.alloc(DType::F32, rows)?;
         let l = gpu.alloc(DType::F32, rows)?;
-        gpu.log_prob_targets(h.view(), &lin, t.view(), o.view(), Some(l.view()), rows, OUTPUT_CHUNK, DType::F32)?;
+        let chunks = (OUTPUT_CHUNK, DType::F32);
+        gpu.log_prob_targets(h.view(), &lin, t.view(), o.view(), Some(l.view()), rows, chunks, softcap)?;
         out.copy_from_slice(&gpu.download_f32(o.view())?);
         if let Some(lse) = lse {
             lse.copy_from_slice(&gpu.download_f32(l.view())?);

@@ -7,7 +7,8 @@ impl Gpu {
     /// Fused target log-probabilities on the device: `out[r] = log softmax(hidden[r] · Eᵀ)[targets[r]]`
     /// for `rows` rows of `hidden` (the output weight's element type), in chunks of `chunk` rows so
     /// that logits (`chunk × vocab`, `logits_type`) exist for one chunk at a time. `lse`, when given,
-    /// receives each row's log-sum-exp.
+    /// receives each row's log-sum-exp. With `softcap = Some(c)` the logits are soft-capped to
+    /// `c·tanh(z/c)` first (Gemma 2).
     #[allow(clippy::too_many_arguments)]
     pub fn log_prob_targets(
         &self,
@@ -17,8 +18,8 @@ impl Gpu {
         out: View<'_>,
         lse: Option<View<'_>>,
         rows: usize,
-        chunk: usize,
-        logits_type: DType,
+        (chunk, logits_type): (usize, DType),
+        softcap: Option<f32>,
     ) -> Result<()> {
         let mut outputs = vec![("log-probabilities", out)];
         outputs.extend(lse.map(|l| ("log-sum-exp", l)));
@@ -61,6 +62,9 @@ impl Gpu {
                 self.stream.wait(d).map_err(ev)?;
             }
             self.matmul((n, e.inputs, vocab), h, false, e.w, !e.inputs_major, lg, 1.0, 0.0)?;
+            if let Some(cap) = softcap {
+                self.softcap(lg, cap)?;
+            }
             let ready = self.stream.record_event(None).map_err(ev)?;
             self.side.wait(&ready).map_err(ev)?;
             let args = [
@@ -80,6 +84,25 @@ impl Gpu {
             self.stream.wait(&d).map_err(ev)?;
         }
         Ok(())
+    }
+
+    /// Soft-capping in place on the main stream: every value `z` of `x` (any element type) becomes
+    /// `cap·tanh(z/cap)`.
+    pub fn softcap(&self, x: View<'_>, cap: f32) -> Result<()> {
+        if !(cap.is_finite() && cap > 0.0) {
+            return Err(KernelError::Unsupported {
+                what: "soft-cap",
+                message: "must be a positive finite number".into(),
+            });
+        }
+        x.need_type("soft-capped values", &[DType::F32, DType::F16, DType::Bf16])?;
+        check_operands(self.ordinal, "soft-cap", &[], &[("soft-capped values", x)], false)?;
+        if x.len == 0 {
+            return Ok(());
+        }
+        let args = [Arg::P(x.ptr), Arg::I(x.dtype.code()), Arg::L(x.len as i64), Arg::F(cap)];
+        let blocks = x.len.div_ceil(BLOCK as usize).min(65_535) as u32;
+        self.launch("softcap", (blocks, 1, 1), BLOCK, &args)
     }
 
     /// LM-Steer's projection on the device: `out = h + ε Σ_s v_s (h P1_s) P2_sᵀ` for `rows` rows of

@@ -64,7 +64,9 @@ impl Gpu {
 
     /// In place, for `rows` rows of f32 `logits`: `(softmax(row) − one_hot(target)) · scale`, the
     /// gradient of `scale ·` the cross-entropy with respect to the logits (`lse` from
-    /// [`Gpu::lse_targets`]).
+    /// [`Gpu::lse_targets`]). With `softcap = Some(c)`, `logits` are soft-capped ones (`c·tanh(z/c)`,
+    /// [`Gpu::softcap`]) and the result is the gradient with respect to the uncapped `z`.
+    #[allow(clippy::too_many_arguments)]
     pub fn softmax_grad(
         &self,
         logits: View<'_>,
@@ -73,6 +75,7 @@ impl Gpu {
         targets: View<'_>,
         scale: f32,
         rows: usize,
+        softcap: Option<f32>,
     ) -> Result<()> {
         logits.need("logits", rows * vocab)?;
         logits.need_type("logits", &[DType::F32])?;
@@ -94,6 +97,7 @@ impl Gpu {
             Arg::P(targets.ptr),
             Arg::F(scale),
             Arg::L(rows as i64),
+            Arg::F(softcap.unwrap_or(0.0)),
         ];
         self.launch("softmax_grad", Gpu::rows_grid(vocab, rows), BLOCK, &args)
     }

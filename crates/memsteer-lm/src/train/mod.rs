@@ -422,7 +422,14 @@ impl Params {
     pub fn token_log_probs(&self, seqs: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
         let acts = self.forward(seqs)?;
         let out = self.t(self.slots.output());
-        let lp = ops::output_layer(&acts.hf, out, &acts.layout, &acts.tokens, self.arch.dim, None)?;
+        let lp = ops::output_layer(
+            &acts.hf,
+            out,
+            &acts.layout,
+            &acts.tokens,
+            (self.arch.dim, self.arch.logit_softcap),
+            None,
+        )?;
         let mut result = Vec::with_capacity(seqs.len());
         let mut at = 0;
         for s in seqs {
@@ -462,7 +469,7 @@ impl Params {
             self.t(&out),
             &acts.layout,
             &acts.tokens,
-            d,
+            (d, arch.logit_softcap),
             Some((&mut dhf, &mut grads[out])),
         )?;
         let loss = -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64;
@@ -586,8 +593,7 @@ impl Params {
         let mut dctx = vec![0.0f32; n * arch.attn_dim()];
         ops::linear_backward(dout, &a.ctx, w(&s.attn_out), n, Some(&mut dctx), affine_mut(grads, &s.attn_out))?;
         let mut dqkv = vec![0.0f32; n * arch.qkv_width()];
-        let window = if arch.windowed(i) { arch.window } else { None };
-        ops::attention_backward(&dctx, &a.qkv, &acts.layout, (arch, window), &mut dqkv)?;
+        ops::attention_backward(&dctx, &a.qkv, &acts.layout, (arch, arch.scores(i)), &mut dqkv)?;
         match &acts.local {
             Some(local) if arch.sliding_layer(i) => local.apply(&mut dqkv, &acts.layout.positions, true),
             _ => acts.rotary.apply(&mut dqkv, &acts.layout.positions, true),
@@ -734,6 +740,7 @@ fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
         LlamaFamily::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
         LlamaFamily::Qwen3 => ("qwen3", "Qwen3ForCausalLM"),
         LlamaFamily::Olmo2 => ("olmo2", "Olmo2ForCausalLM"),
+        LlamaFamily::Gemma2 => ("gemma2", "Gemma2ForCausalLM"),
         LlamaFamily::Gemma3 => ("gemma3_text", "Gemma3ForCausalLM"),
     };
     let scaling = match c.rope_scaling {
@@ -767,7 +774,7 @@ fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
         "initializer_range": 0.02,
         "torch_dtype": "float32",
     });
-    if c.family == LlamaFamily::Gemma3 {
+    if matches!(c.family, LlamaFamily::Gemma2 | LlamaFamily::Gemma3) {
         let types: Option<Vec<&str>> = c
             .sliding_layers
             .as_ref()
@@ -779,8 +786,8 @@ fn llama_config_json(c: &crate::config::LlamaConfig) -> serde_json::Value {
             "layer_types": types,
             "rope_local_base_freq": c.local_rope_theta,
             "query_pre_attn_scalar": c.query_pre_attn_scalar,
-            "final_logit_softcapping": null,
-            "attn_logit_softcapping": null,
+            "final_logit_softcapping": c.final_logit_softcapping,
+            "attn_logit_softcapping": c.attn_logit_softcapping,
         });
         if let (Some(j), Some(e)) = (json.as_object_mut(), extra.as_object()) {
             j.extend(e.clone());

@@ -12,7 +12,7 @@ use memsteer_kernels::{Device, MatMut, MatRef, matmul, matmul_strided, matmul_tr
 use rayon::prelude::*;
 
 use crate::Result;
-use crate::arch::{Arch, WeightLayout};
+use crate::arch::{Arch, ScoreMap, WeightLayout};
 use crate::config::Activation;
 use crate::ops::{Heads, Layout};
 
@@ -401,14 +401,14 @@ pub(crate) fn attention_forward(
     qkv: &[f32],
     layout: &Layout,
     arch: &Arch,
-    window: Option<usize>,
+    scores: ScoreMap,
     ctx: &mut [f32],
 ) -> Result<()> {
     let off = arch.qkv_offsets();
     let fused = |base| Heads { data: qkv, row_stride: off.row, base, head_stride: off.head };
     let shape = (arch.heads, arch.heads / arch.kv_heads, arch.head_dim);
     let kv = |s: usize| (fused(off.k), fused(off.v), layout.starts[s]);
-    crate::ops::attention(fused(off.q), &kv, layout, shape, (window, arch.attn_scale), ctx)
+    crate::ops::attention(fused(off.q), &kv, layout, shape, scores, ctx)
 }
 
 /// Backward of [`attention_forward`]: `dqkv` (overwritten, laid out as `qkv`, gradients with respect
@@ -419,13 +419,13 @@ pub(crate) fn attention_backward(
     dctx: &[f32],
     qkv: &[f32],
     layout: &Layout,
-    (arch, window): (&Arch, Option<usize>),
+    (arch, scores): (&Arch, ScoreMap),
     dqkv: &mut [f32],
 ) -> Result<()> {
     let (heads, hd, off) = (arch.heads, arch.head_dim, arch.qkv_offsets());
     let group = heads / arch.kv_heads;
     let a = heads * hd;
-    let scale = arch.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt());
+    let scale = scores.scale;
     let dev = Device::Cpu;
     // Head-major scratch: sequence s's region holds its query heads one after another, each `len` rows
     // of [dq, dk, dv] (hd each).
@@ -448,13 +448,11 @@ pub(crate) fn attention_backward(
         let (q, k, v) = (head(off.q, h), head(off.k, h / group), head(off.v, h / group));
         let dout = MatRef { data: &dctx[start * a + h * hd..], rs: a, cs: 1 };
         let mut p = vec![0.0f32; len * len];
+        // The soft-cap's slope at each score (1 without a cap).
+        let mut slope = vec![0.0f32; len * len];
         matmul_strided(&dev, (len, hd, len), q, k.t(), 0.0, MatMut::row_major(&mut p, len))?;
-        for (r, row) in p.chunks_exact_mut(len).enumerate() {
-            let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
-            row[first..=r].iter_mut().for_each(|x| *x *= scale);
-            vmath::softmax_in_place(&mut row[first..=r]);
-            row[..first].fill(0.0);
-            row[r + 1..].fill(0.0);
+        for (r, (row, sl)) in p.chunks_exact_mut(len).zip(slope.chunks_exact_mut(len)).enumerate() {
+            scores.weights(row, r, Some(sl));
         }
         let mut ds = vec![0.0f32; len * len];
         matmul_strided(&dev, (len, hd, len), dout, v.t(), 0.0, MatMut::row_major(&mut ds, len))?;
@@ -467,13 +465,14 @@ pub(crate) fn attention_backward(
             0.0,
             MatMut { data: &mut out[2 * hd..], rs: 3 * hd, cs: 1 },
         )?;
-        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) · scale, zero outside the visible keys.
+        // dS = P ⊙ (dP − rowsum(P ⊙ dP)) ⊙ slope · scale, zero outside the visible keys.
         for r in 0..len {
-            let first = window.map_or(0, |w| (r + 1).saturating_sub(w));
+            let first = scores.first_key(r);
             let (pr, dr) = (&p[r * len..(r + 1) * len], &mut ds[r * len..(r + 1) * len]);
+            let sl = &slope[r * len..(r + 1) * len];
             let dot: f32 = pr[first..=r].iter().zip(&dr[first..=r]).map(|(a, b)| a * b).sum();
             for j in first..=r {
-                dr[j] = pr[j] * (dr[j] - dot) * scale;
+                dr[j] = pr[j] * (dr[j] - dot) * sl[j] * scale;
             }
             dr[..first].fill(0.0);
             dr[r + 1..].fill(0.0);
@@ -521,13 +520,14 @@ pub(crate) fn attention_backward(
 
 /// The output layer and mean cross-entropy over the predicted rows (every row but each sequence's
 /// last). Returns each predicted row's `log p(target)`; with `grads`, writes `dhidden` (overwritten,
-/// zero on unpredicted rows) and accumulates `dw += ∂loss/∂W` for `loss = −mean log p`.
+/// zero on unpredicted rows) and accumulates `dw += ∂loss/∂W` for `loss = −mean log p`. With
+/// `softcap = Some(c)` the logits are `c·tanh(z/c)` of the products `z`.
 pub(crate) fn output_layer(
     hidden: &[f32],
     w: &[f32],
     layout: &Layout,
     tokens: &[u32],
-    d: usize,
+    (d, softcap): (usize, Option<f32>),
     grads: Option<(&mut [f32], &mut [f32])>,
 ) -> Result<Vec<f32>> {
     let vocab = w.len() / d;
@@ -544,12 +544,27 @@ pub(crate) fn output_layer(
     let mut logp = vec![0.0f32; p];
     logits.par_chunks_mut(vocab).zip(&mut logp).zip(&predicted).for_each(|((row, lp), &r)| {
         let t = tokens[r + 1] as usize;
+        if let Some(cap) = softcap {
+            vmath::softcap_in_place(row, cap);
+        }
         let m = vmath::max(row);
         let lse = m + vmath::sum_exp(row, m).ln();
         *lp = row[t] - lse;
         if want_grad {
-            row.iter_mut().for_each(|x| *x = vmath::exp(*x - lse) * inv_p);
-            row[t] -= inv_p;
+            match softcap {
+                None => {
+                    row.iter_mut().for_each(|x| *x = vmath::exp(*x - lse) * inv_p);
+                    row[t] -= inv_p;
+                }
+                // Through the cap: ∂c/∂z = 1 − (c/cap)².
+                Some(cap) => {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        let (c, hit) = (*x, if j == t { inv_p } else { 0.0 });
+                        let slope = 1.0 - (c / cap) * (c / cap);
+                        *x = (vmath::exp(c - lse) * inv_p - hit) * slope;
+                    }
+                }
+            }
         }
     });
     if let Some((dhidden, dw)) = grads {

@@ -110,8 +110,7 @@ impl crate::block::Backend for Tape<'_> {
     fn attention(&mut self, index: usize, qkv: Vec<f32>, _: &LayerTensors<Range<usize>>) -> Result<Vec<f32>> {
         let arch = &self.p.arch;
         let mut ctx = vec![0.0f32; self.layout.rows() * arch.attn_dim()];
-        let window = if arch.windowed(index) { arch.window } else { None };
-        ops::attention_forward(&qkv, self.layout, arch, window, &mut ctx)?;
+        ops::attention_forward(&qkv, self.layout, arch, arch.scores(index), &mut ctx)?;
         self.layer()?.qkv = qkv;
         Ok(ctx)
     }

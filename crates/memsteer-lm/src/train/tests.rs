@@ -11,6 +11,7 @@
 
 use super::ops::{self, Rotary};
 use super::*;
+use crate::arch::ScoreMap;
 use crate::ops::Layout;
 
 /// Central-difference step.
@@ -172,14 +173,22 @@ fn attention_gradients() {
     let w = randn(13, n * d, 1.0);
     let neox = crate::arch::Arch::from_config(&ModelConfig::from(small(true, false, Activation::GeluExact)));
     assert_eq!((neox.heads, neox.head_dim), (heads, hd));
-    let f = |qkv: &[f32]| {
-        let mut ctx = vec![0.0; n * d];
-        ops::attention_forward(qkv, &layout, &neox, None, &mut ctx).unwrap();
-        dot(&ctx, &w)
-    };
+    let plain = neox.scores(0);
+    // Scores soft-capped at 0.7 (Gemma 2's attention soft-capping; the scaled scores here reach ±2, so
+    // the cap bends them), inside a window of 3 keys.
+    let capped = ScoreMap { window: Some(3), softcap: Some(0.7), ..plain };
+    for map in [plain, capped] {
+        let f = |qkv: &[f32]| {
+            let mut ctx = vec![0.0; n * d];
+            ops::attention_forward(qkv, &layout, &neox, map, &mut ctx).unwrap();
+            dot(&ctx, &w)
+        };
+        let mut dqkv = vec![0.0; n * 3 * d];
+        ops::attention_backward(&w, &qkv, &layout, (&neox, map), &mut dqkv).unwrap();
+        check(&format!("attention dqkv {map:?}"), &qkv, &dqkv, 0..n * 3 * d, OP_TOL, f);
+    }
     let mut dqkv = vec![0.0; n * 3 * d];
-    ops::attention_backward(&w, &qkv, &layout, (&neox, None), &mut dqkv).unwrap();
-    check("attention dqkv", &qkv, &dqkv, 0..n * 3 * d, OP_TOL, f);
+    ops::attention_backward(&w, &qkv, &layout, (&neox, plain), &mut dqkv).unwrap();
 
     // GPT-2's blocked layout: the same values moved to their blocked places give the same context
     // and the same gradients, moved the same way, to the bit.
@@ -199,11 +208,11 @@ fn attention_gradients() {
     }
     assert_ne!(moved, qkv);
     let (mut c1, mut c2) = (vec![0.0; n * d], vec![0.0; n * d]);
-    ops::attention_forward(&qkv, &layout, &neox, None, &mut c1).unwrap();
-    ops::attention_forward(&moved, &layout, &gpt2, None, &mut c2).unwrap();
+    ops::attention_forward(&qkv, &layout, &neox, plain, &mut c1).unwrap();
+    ops::attention_forward(&moved, &layout, &gpt2, plain, &mut c2).unwrap();
     assert_eq!(c1, c2);
     let mut dblocked = vec![0.0; n * 3 * d];
-    ops::attention_backward(&w, &moved, &layout, (&gpt2, None), &mut dblocked).unwrap();
+    ops::attention_backward(&w, &moved, &layout, (&gpt2, plain), &mut dblocked).unwrap();
     assert_eq!(dblocked, dmoved);
 }
 
@@ -229,16 +238,22 @@ fn output_layer_gradients() {
     let tokens = [3u32, 10, 0, 3, 7, 7, 1];
     let hidden = randn(14, 7 * d, 1.0);
     let w = randn(15, vocab * d, 0.7);
-    let f = |h: &[f32], w: &[f32]| {
-        let lp = ops::output_layer(h, w, &layout, &tokens, d, None).unwrap();
-        -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64
-    };
-    let (mut dh, mut dw) = (vec![1.0; 7 * d], vec![0.0; vocab * d]);
-    ops::output_layer(&hidden, &w, &layout, &tokens, d, Some((&mut dh, &mut dw))).unwrap();
-    // Each sequence's last row predicts nothing.
-    assert!(dh[3 * d..4 * d].iter().chain(&dh[6 * d..]).all(|&g| g == 0.0));
-    check("output dh", &hidden, &dh, 0..7 * d, OP_TOL, |h| f(h, &w));
-    check("output dw", &w, &dw, 0..vocab * d, OP_TOL, |w| f(&hidden, w));
+    // Plain, and soft-capped at 1.5 (Gemma 2's final soft-capping; these logits reach ±4).
+    for cap in [None, Some(1.5)] {
+        let f = |h: &[f32], w: &[f32]| {
+            let lp = ops::output_layer(h, w, &layout, &tokens, (d, cap), None).unwrap();
+            -lp.iter().map(|&x| f64::from(x)).sum::<f64>() / lp.len() as f64
+        };
+        let (mut dh, mut dw) = (vec![1.0; 7 * d], vec![0.0; vocab * d]);
+        ops::output_layer(&hidden, &w, &layout, &tokens, (d, cap), Some((&mut dh, &mut dw))).unwrap();
+        // Each sequence's last row predicts nothing.
+        assert!(dh[3 * d..4 * d].iter().chain(&dh[6 * d..]).all(|&g| g == 0.0));
+        check(&format!("output dh, cap {cap:?}"), &hidden, &dh, 0..7 * d, OP_TOL, |h| f(h, &w));
+        check(&format!("output dw, cap {cap:?}"), &w, &dw, 0..vocab * d, OP_TOL, |w| f(&hidden, w));
+    }
+    // The cap changes the loss (the test above is not of a cap that does nothing).
+    let loss = |cap| ops::output_layer(&hidden, &w, &layout, &tokens, (d, cap), None).unwrap();
+    assert!(loss(None).iter().zip(&loss(Some(1.5))).any(|(a, b)| (a - b).abs() > 0.1));
 }
 
 fn small(parallel: bool, tied: bool, act: Activation) -> NeoXConfig {
@@ -344,6 +359,8 @@ fn llama_family_whole_model_gradient() {
         sliding_layers: None,
         local_rope_theta: None,
         query_pre_attn_scalar: None,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
     };
     let mistral = LlamaConfig {
         family: LlamaFamily::Mistral,
