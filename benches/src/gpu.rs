@@ -614,6 +614,8 @@ struct SteerCase {
     rank: usize,
     steers: usize,
     epsilon: f32,
+    /// Soft-cap of the logits (Gemma 2's final soft-capping).
+    softcap: Option<f32>,
 }
 
 /// Random inputs of one steer step, owned (see [`steer_inputs`]).
@@ -646,7 +648,8 @@ impl SteerData {
             memsteer_kernels::Steers { p1: &self.p1, p2: &self.p2, steers: c.steers, dim: c.dim, rank: c.rank };
         let batch =
             memsteer_steer::fused::SteerBatch { hidden: &self.h, strengths: &self.strengths, targets: &self.targets };
-        memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, &self.emb, &batch, g1, g2)
+        let output = memsteer_steer::OutputLayer::new(&self.emb, c.softcap).map_err(|x| x.to_string())?;
+        memsteer_steer::fused::steer_loss_and_grads(&steers, c.epsilon, output, &batch, g1, g2)
             .map_err(|x| x.to_string())
     }
 }
@@ -668,13 +671,15 @@ fn steer_inputs(c: &SteerCase, seed: u64) -> SteerData {
 
 /// Loss and gradients of the device's steer step against the CPU's: vocabularies that are and are
 /// not multiples of 8 (both log-sum-exp kernels), row counts crossing the logits chunks, one and two
-/// steers, ranks below and equal to the hidden size.
+/// steers, ranks below and equal to the hidden size, and soft-capped logits (at 1, where these logits,
+/// of standard deviation about 2, bend).
 pub fn steer_parity(gpu: &std::sync::Arc<Gpu>) -> Result<Vec<SteerParity>, String> {
     let e = |x: memsteer_steer::SteerError| x.to_string();
     let cases = [
-        SteerCase { rows: 700, vocab: 1000, dim: 128, rank: 16, steers: 2, epsilon: 0.5 },
-        SteerCase { rows: 300, vocab: 1003, dim: 64, rank: 64, steers: 2, epsilon: 0.1 },
-        SteerCase { rows: 129, vocab: 5000, dim: 96, rank: 8, steers: 1, epsilon: 1.0 },
+        SteerCase { rows: 700, vocab: 1000, dim: 128, rank: 16, steers: 2, epsilon: 0.5, softcap: None },
+        SteerCase { rows: 300, vocab: 1003, dim: 64, rank: 64, steers: 2, epsilon: 0.1, softcap: None },
+        SteerCase { rows: 129, vocab: 5000, dim: 96, rank: 8, steers: 1, epsilon: 1.0, softcap: None },
+        SteerCase { rows: 300, vocab: 1000, dim: 64, rank: 64, steers: 2, epsilon: 0.5, softcap: Some(1.0) },
     ];
     let mut out = Vec::new();
     for (i, c) in cases.iter().enumerate() {
@@ -682,7 +687,8 @@ pub fn steer_parity(gpu: &std::sync::Arc<Gpu>) -> Result<Vec<SteerParity>, Strin
         let per = c.steers * c.dim * c.rank;
         let (mut c1, mut c2, mut g1, mut g2) = (vec![0.0; per], vec![0.0; per], vec![0.0; per], vec![0.0; per]);
         let cpu = data.cpu(c, &mut c1, &mut c2)?;
-        let mut t = SteerTrainer::new(gpu, &data.emb, c.dim).map_err(e)?;
+        let output = memsteer_steer::OutputLayer::new(&data.emb, c.softcap).map_err(e)?;
+        let mut t = SteerTrainer::new(gpu, output, c.dim).map_err(e)?;
         t.set_chunk(256);
         let dev = t.loss_and_grads(&data.inputs(c), &mut g1, &mut g2).map_err(e)?;
         let rel = |a: &[f32], b: &[f32]| {
@@ -697,8 +703,14 @@ pub fn steer_parity(gpu: &std::sync::Arc<Gpu>) -> Result<Vec<SteerParity>, Strin
         };
         out.push(SteerParity {
             case: format!(
-                "rows {} vocab {} dim {} rank {} steers {} ε {}",
-                c.rows, c.vocab, c.dim, c.rank, c.steers, c.epsilon
+                "rows {} vocab {} dim {} rank {} steers {} ε {}{}",
+                c.rows,
+                c.vocab,
+                c.dim,
+                c.rank,
+                c.steers,
+                c.epsilon,
+                c.softcap.map_or(String::new(), |cap| format!(" logits capped at {cap}"))
             ),
             loss: (cpu, dev),
             grad_rel: (rel(&c1, &g1), rel(&c2, &g2)),
@@ -717,11 +729,11 @@ pub fn bench_steer_step(
     cpu: bool,
 ) -> Result<(f64, Option<f64>), String> {
     let e = |x: memsteer_steer::SteerError| x.to_string();
-    let c = SteerCase { rows, vocab: 50_257, dim: 768, rank: 768, steers: 2, epsilon: 1e-3 };
+    let c = SteerCase { rows, vocab: 50_257, dim: 768, rank: 768, steers: 2, epsilon: 1e-3, softcap: None };
     let data = steer_inputs(&c, 3);
     let per = c.steers * c.dim * c.rank;
     let (mut g1, mut g2) = (vec![0.0; per], vec![0.0; per]);
-    let t = SteerTrainer::new(gpu, &data.emb, c.dim).map_err(e)?;
+    let t = SteerTrainer::new(gpu, memsteer_steer::OutputLayer::uncapped(&data.emb), c.dim).map_err(e)?;
     let inputs = data.inputs(&c);
     t.loss_and_grads(&inputs, &mut g1, &mut g2).map_err(e)?;
     let mut best = f64::INFINITY;

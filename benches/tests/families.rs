@@ -22,7 +22,10 @@ fn every_family_writer_gives_a_model_the_cpu_runtime_scores() {
         let arch = memsteer_lm::arch::Arch::from_file(&dir.join("config.json")).expect("config");
         assert_eq!((arch.dim, arch.heads, arch.kv_heads, arch.head_dim, arch.inner), (32, 4, 2, 16, 48), "{family}");
         assert_eq!(arch.window.is_some(), matches!(family, "mistral" | "gemma3" | "gemma2"), "{family}");
-        assert_eq!(arch.logit_softcap.is_some(), family == "gemma2", "{family}");
+        assert_eq!(
+            (arch.logit_softcap.is_some(), arch.attn_softcap.is_some()),
+            (family == "gemma2", family == "gemma2")
+        );
         let model = memsteer_lm::Model::load(&dir).expect("loads");
         let lp = model.token_log_probs(&(0..30).map(|i| (i * 7 % 80) as u32).collect::<Vec<_>>()).expect("scores");
         assert_eq!(lp.len(), 29);

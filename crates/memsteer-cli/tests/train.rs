@@ -424,6 +424,12 @@ fn trains_and_scores(config: &str, model_type: &str) {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("step10/config.json")).expect("config")).expect("json");
     assert_eq!(config["model_type"], model_type);
+    if model_type == "gemma2" {
+        // The config file is kept as given (without the caps), which reads back with transformers'
+        // default caps: the function that was trained.
+        let arch = memsteer_lm::arch::Arch::from_file(&out.join("step10/config.json")).expect("config");
+        assert_eq!((arch.attn_softcap, arch.logit_softcap), (Some(50.0), Some(30.0)));
+    }
     let panel = dir.path().join("panel.csv");
     ok(&[
         "logprobs",

@@ -214,9 +214,10 @@ pub fn log_sum_exp_rows_capped(
 /// A soft-cap must be a positive finite number.
 fn check_softcap(softcap: Option<f32>) -> Result<()> {
     match softcap {
-        Some(c) if !(c.is_finite() && c > 0.0) => {
-            Err(KernelError::Shape { what: "softcap", expected: "a positive finite number".into(), found: 0 })
-        }
+        Some(c) if !(c.is_finite() && c > 0.0) => Err(KernelError::Unsupported {
+            what: "logit soft-cap",
+            message: format!("must be a positive finite number, found {c}"),
+        }),
         _ => Ok(()),
     }
 }

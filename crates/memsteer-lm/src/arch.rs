@@ -236,7 +236,8 @@ impl ScoreMap {
             if let Some(slope) = slope {
                 for (d, &c) in slope[first..=last].iter_mut().zip(seen.iter()) {
                     let t = c / cap;
-                    *d = 1.0 - t * t;
+                    // At most 1 in magnitude; rounding may not leave t² below 1.
+                    *d = (1.0 - t * t).max(0.0);
                 }
             }
         } else if let Some(slope) = slope {

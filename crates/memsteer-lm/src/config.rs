@@ -631,13 +631,14 @@ fn llama_config(v: &Value, path: &Path, model_type: &str) -> Result<LlamaConfig>
                     })
                     .collect::<Result<_>>()?
             }
+            // transformers' Gemma 2 alternates whatever `sliding_window_pattern` says.
+            None if family == LlamaFamily::Gemma2 => (0..layers).map(|i| i % 2 == 0).collect(),
             None => {
                 let pattern =
                     match v.get("sliding_window_pattern") {
                         Some(x) => x.as_u64().filter(|n| *n > 0).ok_or_else(|| {
                             err(format!("`sliding_window_pattern` must be a positive integer, found {x}"))
                         })? as usize,
-                        None if family == LlamaFamily::Gemma2 => 2,
                         None => 6,
                     };
                 (0..layers).map(|i| (i + 1) % pattern != 0).collect()

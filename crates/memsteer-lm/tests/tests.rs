@@ -285,6 +285,9 @@ fn gemma2_matches_the_reference() {
 #[test]
 fn gemma2_in_the_hub_layout_matches_the_reference() {
     check_golden("tiny-gemma2-hub");
+    let arch = memsteer_lm::arch::Arch::from_file(&fixture("tiny-gemma2-hub").join("config.json")).expect("config");
+    assert_eq!((arch.attn_softcap, arch.logit_softcap), (Some(50.0), Some(3.0)));
+    assert_eq!(arch.window_layers, Some(vec![true, false, true]));
 }
 
 /// Cached decoding one token at a time gives the full pass's logits, with grouped-query attention,
@@ -575,6 +578,11 @@ fn malformed_configs_and_weights_give_clear_errors() {
     assert_eq!(caps(parse(llama(r#", "final_logit_softcapping": 30.0"#))), (None, None));
     // Gemma 2's layers alternate from the first (sliding, full, …) without `layer_types`; one rotary base.
     let g2 = parse(gemma2("").replace(r#""num_hidden_layers": 1"#, r#""num_hidden_layers": 4"#));
+    assert_eq!(g2.sliding_layers, Some(vec![true, false, true, false]));
+    // … whatever `sliding_window_pattern` says (transformers' Gemma 2 ignores it).
+    let g2 = parse(
+        gemma2(r#", "sliding_window_pattern": 3"#).replace(r#""num_hidden_layers": 1"#, r#""num_hidden_layers": 4"#),
+    );
     assert_eq!(g2.sliding_layers, Some(vec![true, false, true, false]));
     assert_eq!((g2.local_rope_theta, g2.rope_theta, g2.sliding_window), (None, 10000.0, Some(4096)));
     let e = cfg_err(&llama("").replace("llama", "qwen3").replace(r#""num_key_value_heads": 2, "#, ""));

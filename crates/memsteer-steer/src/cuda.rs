@@ -61,9 +61,8 @@ pub struct SteerStepInputs<'a> {
 impl SteerTrainer {
     /// Uploads the output embedding (`vocab × dim`, row-major; with its logits' soft-cap, when it has
     /// one).
-    pub fn new<'e>(gpu: &Arc<Gpu>, output: impl Into<crate::OutputLayer<'e>>, dim: usize) -> Result<Self> {
-        let output = output.into();
-        let embedding = output.embedding;
+    pub fn new(gpu: &Arc<Gpu>, output: crate::OutputLayer<'_>, dim: usize) -> Result<Self> {
+        let embedding = output.embedding();
         if dim == 0 || embedding.is_empty() || !embedding.len().is_multiple_of(dim) {
             return Err(KernelError::Shape {
                 what: "output embedding",
@@ -73,7 +72,7 @@ impl SteerTrainer {
             .into());
         }
         let vocab = embedding.len() / dim;
-        let softcap = output.softcap;
+        let softcap = output.softcap();
         Ok(SteerTrainer {
             gpu: gpu.clone(),
             embedding: gpu.upload_f32(embedding)?,

@@ -155,14 +155,13 @@ impl Detection {
 /// `hidden` holds the final hidden states of the text's tokens but the last (`(n − 1) × d`), `targets`
 /// the tokens after the first (`n − 1` of them), `output` the model's output layer
 /// ([`crate::OutputLayer::of`]).
-pub fn detect<'e>(
+pub fn detect(
     steer: &Steer,
     hidden: &[f32],
-    output: impl Into<crate::OutputLayer<'e>>,
+    output: crate::OutputLayer<'_>,
     targets: &[u32],
     config: &DetectConfig,
 ) -> Result<Detection> {
-    let output = output.into();
     if steer.labels().is_empty() {
         return Err(SteerError::Input("detect: the steer has no labelled steer".into()));
     }
@@ -363,14 +362,18 @@ mod tests {
         };
         let steer = Steer::new(spec, p1, p2, serde_json::json!({})).unwrap();
         assert!(steer.has_dummy());
-        let found = detect(&steer, &hidden, &embedding, &targets, &DetectConfig::default()).unwrap();
+        let found =
+            detect(&steer, &hidden, crate::OutputLayer::uncapped(&embedding), &targets, &DetectConfig::default())
+                .unwrap();
         assert!(found.losses.iter().all(|&l| l == found.losses[0]), "{:?}", found.losses);
         assert_eq!(found.best, 0);
         assert!(found.distribution.iter().all(|&p| (p - 1.0 / 7.0).abs() < 1e-12));
         assert!(found.evidence.iter().all(|&e| e == 0.0), "{:?}", found.evidence);
         // The dummy itself does move the text: against no steer at all the log-probabilities differ.
-        let with = steer.log_prob_targets(&hidden, &embedding, &targets, &[0.0, 1.0]).unwrap();
-        let without = steer.log_prob_targets(&hidden, &embedding, &targets, &[0.0, 0.0]).unwrap();
+        let with =
+            steer.log_prob_targets(&hidden, crate::OutputLayer::uncapped(&embedding), &targets, &[0.0, 1.0]).unwrap();
+        let without =
+            steer.log_prob_targets(&hidden, crate::OutputLayer::uncapped(&embedding), &targets, &[0.0, 0.0]).unwrap();
         assert!(with.iter().zip(&without).any(|(x, y)| (x - y).abs() > 1e-3));
     }
 

@@ -18,14 +18,12 @@ use crate::{Result, SteerError};
 
 /// A model's output layer as the steer computations see it: the output embedding `E` (`vocab × dim`,
 /// row-major) and the soft-cap of its logits (Gemma 2's final soft-capping: logits are
-/// `c·tanh(z/c)` of the products `z = h Eᵀ`). Take it from the model with [`OutputLayer::of`]; a bare
-/// embedding converts into a layer without a cap.
+/// `c·tanh(z/c)` of the products `z = h Eᵀ`). Take it from the model with [`OutputLayer::of`], so that
+/// a model's cap is never dropped; [`OutputLayer::uncapped`] names the plain product explicitly.
 #[derive(Debug, Clone, Copy)]
 pub struct OutputLayer<'a> {
-    /// The output embedding, `vocab × dim`.
-    pub embedding: &'a [f32],
-    /// The logits' soft-cap.
-    pub softcap: Option<f32>,
+    embedding: &'a [f32],
+    softcap: Option<f32>,
 }
 
 impl<'a> OutputLayer<'a> {
@@ -34,23 +32,36 @@ impl<'a> OutputLayer<'a> {
         Self { embedding: decoder.output_embedding(), softcap: decoder.logit_softcap() }
     }
 
+    /// Logits `h Eᵀ` without a cap.
+    pub fn uncapped(embedding: &'a [f32]) -> Self {
+        Self { embedding, softcap: None }
+    }
+
+    /// Logits soft-capped at `softcap` when given; the cap must be a positive finite number.
+    pub fn new(embedding: &'a [f32], softcap: Option<f32>) -> Result<Self> {
+        match softcap {
+            Some(c) if !(c.is_finite() && c > 0.0) => {
+                Err(SteerError::Input(format!("logit soft-cap: expected a positive finite number, found {c}")))
+            }
+            _ => Ok(Self { embedding, softcap }),
+        }
+    }
+
+    /// The output embedding, `vocab × dim`.
+    pub fn embedding(&self) -> &'a [f32] {
+        self.embedding
+    }
+
+    /// The logits' soft-cap.
+    pub fn softcap(&self) -> Option<f32> {
+        self.softcap
+    }
+
     /// Soft-caps raw products `h Eᵀ` into logits, in place (nothing without a cap).
     pub fn cap(&self, logits: &mut [f32]) {
         if let Some(c) = self.softcap {
             vmath::softcap_in_place(logits, c);
         }
-    }
-}
-
-impl<'a> From<&'a [f32]> for OutputLayer<'a> {
-    fn from(embedding: &'a [f32]) -> Self {
-        Self { embedding, softcap: None }
-    }
-}
-
-impl<'a> From<&'a Vec<f32>> for OutputLayer<'a> {
-    fn from(embedding: &'a Vec<f32>) -> Self {
-        Self { embedding, softcap: None }
     }
 }
 
@@ -68,15 +79,14 @@ const AT_B_BLOCK: usize = 16;
 /// `Σ_t −log softmax(hidden[t] Eᵀ)[targets[t]]` (summed in `f64`, in row order). Pass `scale = 1/rows`
 /// for the gradient of the mean. With a soft-cap the logits are the capped ones and each term of the
 /// gradient carries the cap's slope `1 − (logit/c)²`.
-pub fn nll_and_grad<'e>(
+pub fn nll_and_grad(
     hidden: &[f32],
-    output: impl Into<OutputLayer<'e>>,
+    output: OutputLayer<'_>,
     dim: usize,
     targets: &[u32],
     scale: f32,
     grad: &mut [f32],
 ) -> Result<f64> {
-    let output = output.into();
     let embedding = output.embedding;
     let rows = targets.len();
     let vocab = check_output_layer(hidden, embedding, dim, targets)?;
@@ -132,7 +142,8 @@ fn block_nll_and_grad(
                 Some(c) => {
                     for (j, x) in row.iter_mut().enumerate() {
                         let (logit, hit) = (*x, if v0 + j == t { scale } else { 0.0 });
-                        *x = (scale * vmath::exp(logit - lse[r]) - hit) * (1.0 - (logit / c) * (logit / c));
+                        let slope = (1.0 - (logit / c) * (logit / c)).max(0.0);
+                        *x = (scale * vmath::exp(logit - lse[r]) - hit) * slope;
                     }
                 }
             }
@@ -202,15 +213,14 @@ pub struct SteerBatch<'a> {
 ///
 /// The output layer runs through [`nll_and_grad`]; every other step is a matrix product of at most
 /// `rows × max(dim, rank)` values.
-pub fn steer_loss_and_grads<'e>(
+pub fn steer_loss_and_grads(
     steers: &Steers<'_>,
     epsilon: f32,
-    output: impl Into<OutputLayer<'e>>,
+    output: OutputLayer<'_>,
     batch: &SteerBatch<'_>,
     grad_p1: &mut [f32],
     grad_p2: &mut [f32],
 ) -> Result<f64> {
-    let output = output.into();
     let embedding = output.embedding;
     let Steers { p1, p2, steers: s, dim: d, rank: r } = *steers;
     let n = batch.targets.len();

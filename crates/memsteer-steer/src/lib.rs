@@ -32,7 +32,7 @@
 //! // Strength +2 on the labelled steer (the dummy stays at 1).
 //! let strengths = again.strengths(&[2.0])?;
 //! let h = model.decoder().hidden_states(&[1, 2, 3])?;
-//! let logits = again.logits(&h, model.decoder().output_embedding(), &strengths)?;
+//! let logits = again.logits(&h, memsteer_steer::OutputLayer::of(model.decoder()), &strengths)?;
 //! assert_eq!(logits.len(), 3 * model.decoder().vocab());
 //! # Ok::<(), memsteer_steer::SteerError>(())
 //! ```

@@ -247,14 +247,8 @@ impl Steer {
 
     /// Steered logits `h' Eᵀ` (soft-capped when `output` has a cap), `rows × vocab`, for hidden states
     /// `rows × hidden_size`.
-    pub fn logits<'e>(
-        &self,
-        hidden: &[f32],
-        output: impl Into<OutputLayer<'e>>,
-        strengths: &[f32],
-    ) -> Result<Vec<f32>> {
-        let output = output.into();
-        let embedding = output.embedding;
+    pub fn logits(&self, hidden: &[f32], output: OutputLayer<'_>, strengths: &[f32]) -> Result<Vec<f32>> {
+        let embedding = output.embedding();
         let d = self.hidden_size;
         if embedding.len() != self.vocab_size * d {
             return Err(SteerError::Input(format!(
@@ -274,17 +268,16 @@ impl Steer {
 
     /// `log softmax(h' Eᵀ)[target]` (of soft-capped logits when `output` has a cap) for every row,
     /// through the kernels' fused output layer.
-    pub fn log_prob_targets<'e>(
+    pub fn log_prob_targets(
         &self,
         hidden: &[f32],
-        output: impl Into<OutputLayer<'e>>,
+        output: OutputLayer<'_>,
         targets: &[u32],
         strengths: &[f32],
     ) -> Result<Vec<f32>> {
-        let output = output.into();
         let hp = self.project(hidden, strengths)?;
         let mut out = vec![0.0f32; targets.len()];
-        let (e, cap) = (output.embedding, output.softcap);
+        let (e, cap) = (output.embedding(), output.softcap());
         log_prob_targets_capped(&Device::Cpu, &hp, e, self.hidden_size, targets, &mut out, cap)?;
         Ok(out)
     }

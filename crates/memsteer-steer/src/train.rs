@@ -347,9 +347,9 @@ pub fn train(
 /// hidden states with Adam, minimising the mean NLL of each minibatch's targets under the steered logits.
 /// `output` is the base model's output layer ([`crate::OutputLayer::of`]: its embedding, `vocab × dim`,
 /// and the soft-cap of its logits). Seeded and bitwise identical across rayon thread counts.
-pub fn train_cached<'e>(
+pub fn train_cached(
     cache: &HiddenCache,
-    output: impl Into<crate::OutputLayer<'e>>,
+    output: crate::OutputLayer<'_>,
     config: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Steer, TrainReport)> {
@@ -361,15 +361,14 @@ pub fn train_cached<'e>(
 /// fused output layer and backward run there (`crate::cuda::SteerTrainer`; Adam stays on
 /// the host). The same minibatches and updates as on the CPU; the numbers differ from the CPU's only
 /// in the order of the sums. Deterministic on a given device.
-pub fn train_cached_on<'e>(
+pub fn train_cached_on(
     device: &Device,
     cache: &HiddenCache,
-    output: impl Into<crate::OutputLayer<'e>>,
+    output: crate::OutputLayer<'_>,
     config: &TrainConfig,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(Steer, TrainReport)> {
-    let output = output.into();
-    let embedding = output.embedding;
+    let embedding = output.embedding();
     config.validate()?;
     let d = cache.dim;
     if d == 0 || embedding.is_empty() || !embedding.len().is_multiple_of(d) {

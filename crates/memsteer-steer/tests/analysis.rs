@@ -4,7 +4,7 @@
 
 use memsteer_steer::explain::{ExplainConfig, explain, steer_svd};
 use memsteer_steer::transfer::{EmbeddingView, Matching, SharedTokens, TransferConfig, TransferMap, fit_map, transfer};
-use memsteer_steer::{Steer, SteerError, SteerSpec, embedding_fingerprint};
+use memsteer_steer::{OutputLayer, Steer, SteerError, SteerSpec, embedding_fingerprint};
 
 /// Singular values of the low-rank SVD against the dense reference, relative to σ_max.
 const SVD_RTOL: f64 = 1e-8;
@@ -362,15 +362,18 @@ fn transfer_recovers_rotated_steer() {
     let h_from = f32s(&(0..rows * d).map(|_| rng.normal()).collect::<Vec<_>>());
     let h_to = f32s(&matmul(&f64s(&h_from), &q, rows, d, d));
     for strength in [-2.0f32, 0.0, 3.0] {
-        let src = f64s(&steer.logits(&h_from, &e_from32, &steer.strengths(&[strength]).unwrap()).unwrap());
-        let dst = f64s(&moved.logits(&h_to, &e_to32, &moved.strengths(&[strength]).unwrap()).unwrap());
+        let src = f64s(
+            &steer.logits(&h_from, OutputLayer::uncapped(&e_from32), &steer.strengths(&[strength]).unwrap()).unwrap(),
+        );
+        let dst =
+            f64s(&moved.logits(&h_to, OutputLayer::uncapped(&e_to32), &moved.strengths(&[strength]).unwrap()).unwrap());
         let err = max_abs_diff(&src, &dst) / max_abs(&src);
         assert!(err <= LOGITS_RTOL, "strength {strength}: {err:e}");
     }
     // The steer's own effect (strength 3 minus strength −2) is preserved too, not only the base logits.
     let effect = |st: &Steer, h: &[f32], e: &[f32]| {
-        let hi = f64s(&st.logits(h, e, &st.strengths(&[3.0]).unwrap()).unwrap());
-        let lo = f64s(&st.logits(h, e, &st.strengths(&[-2.0]).unwrap()).unwrap());
+        let hi = f64s(&st.logits(h, OutputLayer::uncapped(e), &st.strengths(&[3.0]).unwrap()).unwrap());
+        let lo = f64s(&st.logits(h, OutputLayer::uncapped(e), &st.strengths(&[-2.0]).unwrap()).unwrap());
         hi.iter().zip(&lo).map(|(a, b)| a - b).collect::<Vec<_>>()
     };
     let (a, b) = (effect(&steer, &h_from, &e_from32), effect(&moved, &h_to, &e_to32));
@@ -592,8 +595,8 @@ fn two_sided_transfer_is_exact_for_any_invertible_map() {
     let h_to = f32s(&(0..rows * d).map(|_| rng.normal()).collect::<Vec<_>>());
     let h_from = f32s(&matmul(&f64s(&h_to), &transpose(&a, d, d), rows, d, d));
     let effect = |st: &Steer, h: &[f32], e: &[f32]| {
-        let hi = f64s(&st.logits(h, e, &st.strengths(&[3.0]).unwrap()).unwrap());
-        let lo = f64s(&st.logits(h, e, &st.strengths(&[-2.0]).unwrap()).unwrap());
+        let hi = f64s(&st.logits(h, OutputLayer::uncapped(e), &st.strengths(&[3.0]).unwrap()).unwrap());
+        let lo = f64s(&st.logits(h, OutputLayer::uncapped(e), &st.strengths(&[-2.0]).unwrap()).unwrap());
         hi.iter().zip(&lo).map(|(a, b)| a - b).collect::<Vec<_>>()
     };
     let want = effect(&steer, &h_from, &e_from32);

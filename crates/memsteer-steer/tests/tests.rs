@@ -119,7 +119,7 @@ fn steer_gradients_match_finite_differences() {
     let cases = [(1u64, 0.7f32, 7usize, None), (2, 1e-3, 9, None), (3, 0.3, 530, None), (4, 0.7, 530, Some(1.5f32))];
     for (seed, eps, vocab, softcap) in cases {
         let c = case(seed, 5, 4, 3, vocab, eps);
-        let output = OutputLayer { embedding: &c.e, softcap };
+        let output = OutputLayer::new(&c.e, softcap).expect("cap");
         let per = c.s * c.d * c.r;
         let (mut g1, mut g2) = (vec![0.0f32; per], vec![0.0f32; per]);
         let batch = SteerBatch { hidden: &c.h, strengths: &c.strengths, targets: &c.targets };
@@ -185,7 +185,7 @@ fn fused_output_layer_matches_materialised_reference() {
     let c = case(7, n, d, 1, vocab, 1.0);
     let mut grad = vec![0.0f32; n * d];
     let scale = 1.0 / n as f32;
-    let total = nll_and_grad(&c.h, &c.e, d, &c.targets, scale, &mut grad).expect("fused");
+    let total = nll_and_grad(&c.h, OutputLayer::uncapped(&c.e), d, &c.targets, scale, &mut grad).expect("fused");
     let mut want_total = 0.0f64;
     let mut worst = 0.0f64;
     for t in 0..n {
@@ -331,7 +331,7 @@ fn planted_task_moves_mass_monotonically_with_strength() {
     let mut mass_a = Vec::new();
     let mut mass_b = Vec::new();
     for strength in [-2.0f32, -1.0, 0.0, 1.0, 2.0] {
-        let logits = steer.logits(&hidden, dec.output_embedding(), &steer.strengths(&[strength]).unwrap()).unwrap();
+        let logits = steer.logits(&hidden, OutputLayer::of(dec), &steer.strengths(&[strength]).unwrap()).unwrap();
         let (mut a, mut b) = (0.0f64, 0.0f64);
         for row in logits.chunks(dec.vocab()) {
             let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
@@ -394,7 +394,7 @@ fn training_is_identical_across_thread_counts() {
     assert!(config.batch_size * 19 > 128);
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-        pool.install(|| train_cached(&cache, dec.output_embedding(), &config, &mut |_| {}).unwrap())
+        pool.install(|| train_cached(&cache, OutputLayer::of(dec), &config, &mut |_| {}).unwrap())
     };
     let (one, r1) = run(1);
     let (three, r3) = run(3);
@@ -405,7 +405,7 @@ fn training_is_identical_across_thread_counts() {
     // And a different seed gives a different steer.
     let mut other = config.clone();
     other.seed += 1;
-    let (two, _) = train_cached(&cache, dec.output_embedding(), &other, &mut |_| {}).unwrap();
+    let (two, _) = train_cached(&cache, OutputLayer::of(dec), &other, &mut |_| {}).unwrap();
     assert_ne!(bits(one.projector1()), bits(two.projector1()));
 }
 
@@ -424,8 +424,8 @@ fn a_cache_spilled_to_disk_trains_the_same_steer() {
     let disk = HiddenCache::build_with(dec, &positive, &negative, config.max_length, 1024, Some(dir.path())).unwrap();
     assert!(!memory.spilled() && disk.spilled());
     assert_eq!((memory.rows(), memory.sequences()), (disk.rows(), disk.sequences()));
-    let (a, ra) = train_cached(&memory, dec.output_embedding(), &config, &mut |_| {}).unwrap();
-    let (b, rb) = train_cached(&disk, dec.output_embedding(), &config, &mut |_| {}).unwrap();
+    let (a, ra) = train_cached(&memory, OutputLayer::of(dec), &config, &mut |_| {}).unwrap();
+    let (b, rb) = train_cached(&disk, OutputLayer::of(dec), &config, &mut |_| {}).unwrap();
     let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(a.projector1()), bits(b.projector1()));
     assert_eq!(bits(a.projector2()), bits(b.projector2()));
@@ -740,11 +740,11 @@ fn slow_training_step_timing_at_gpt2_shape() {
     let batch = SteerBatch { hidden: &h, strengths: &strengths, targets: &targets };
     let steers = Steers { p1: &p1, p2: &p2, steers: 2, dim: d, rank: r };
     let start = std::time::Instant::now();
-    steer_loss_and_grads(&steers, 1e-3, &e, &batch, &mut g1, &mut g2).unwrap();
+    steer_loss_and_grads(&steers, 1e-3, OutputLayer::uncapped(&e), &batch, &mut g1, &mut g2).unwrap();
     let step = start.elapsed();
     let mut grad = vec![0.0f32; n * d];
     let start = std::time::Instant::now();
-    nll_and_grad(&h, &e, d, &targets, 1.0, &mut grad).unwrap();
+    nll_and_grad(&h, OutputLayer::uncapped(&e), d, &targets, 1.0, &mut grad).unwrap();
     let fused = start.elapsed();
     let mut lp = vec![0.0f32; n];
     let start = std::time::Instant::now();

@@ -447,7 +447,7 @@ extern "C" __global__ void softmax_grad(float* logits, i64 V, const float* lse, 
         float g = scale * (j == (i64)tgt[r] ? p - 1.0f : p);
         if (cap > 0.0f) {
             float t = z / cap;
-            g *= 1.0f - t * t;
+            g *= fmaxf(1.0f - t * t, 0.0f);
         }
         logits[at] = g;
     }

@@ -560,7 +560,7 @@ pub(crate) fn output_layer(
                 Some(cap) => {
                     for (j, x) in row.iter_mut().enumerate() {
                         let (c, hit) = (*x, if j == t { inv_p } else { 0.0 });
-                        let slope = 1.0 - (c / cap) * (c / cap);
+                        let slope = (1.0 - (c / cap) * (c / cap)).max(0.0);
                         *x = (vmath::exp(c - lse) * inv_p - hit) * slope;
                     }
                 }

@@ -187,6 +187,15 @@ fn attention_gradients() {
         ops::attention_backward(&w, &qkv, &layout, (&neox, map), &mut dqkv).unwrap();
         check(&format!("attention dqkv {map:?}"), &qkv, &dqkv, 0..n * 3 * d, OP_TOL, f);
     }
+    // The cap bends these scores: the context moves.
+    let context = |map| {
+        let mut ctx = vec![0.0; n * d];
+        ops::attention_forward(&qkv, &layout, &neox, map, &mut ctx).unwrap();
+        ctx
+    };
+    let windowed = ScoreMap { window: Some(3), ..plain };
+    let moved = context(windowed).iter().zip(&context(capped)).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(moved > 0.05, "the cap moved the context by only {moved}");
     let mut dqkv = vec![0.0; n * 3 * d];
     ops::attention_backward(&w, &qkv, &layout, (&neox, plain), &mut dqkv).unwrap();
 
