@@ -436,10 +436,11 @@ fn text_instances_through_an_nfc_tokenizer_give_the_reference_log_probs() {
 
 /// Checkpoints of the Llama family score to transformers' log-probabilities through `memsteer logprobs`:
 /// a Llama with grouped-query attention, a Mistral whose sliding window is shorter than the sequences,
-/// a Qwen3 with q/k norms (the goldens of `fixtures/lm/make_tiny_llama.py`).
+/// a Qwen3 with q/k norms, a Gemma 2 with soft-capped scores and logits (the goldens of
+/// `fixtures/lm/make_tiny_llama.py`).
 #[test]
 fn llama_family_checkpoints_give_the_reference_log_probs() {
-    for name in ["tiny-llama-gqa", "tiny-mistral-window", "tiny-qwen3"] {
+    for name in ["tiny-llama-gqa", "tiny-mistral-window", "tiny-qwen3", "tiny-gemma2"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let model_dir = fixture(&format!("lm/{name}"));
         let golden: serde_json::Value =

@@ -578,12 +578,14 @@ fn steer_detect_recovers_the_generating_strength() {
     assert_eq!(e.trim().lines().count(), 1, "{e}");
 }
 
-/// The Llama family through every layer of `steer`: on a tiny Llama (grouped-query attention) and a
-/// tiny Qwen2 (q/k/v biases, tied head), a steer trained on the planted task moves the planted share
-/// monotonically with strength.
+/// The Llama family through every layer of `steer`: on a tiny Llama (grouped-query attention), a
+/// tiny Qwen2 (q/k/v biases, tied head) and a tiny Gemma 2 (soft-capped attention scores, and logits
+/// capped at Gemma 2's own 30, through which the steer is trained and sampled), a steer trained on the
+/// planted task moves the planted share monotonically with strength. (The fixture's own logit cap of
+/// 3, chosen to bend its goldens, leaves a steer almost no room: every logit within ±3.)
 #[test]
-fn steers_move_the_planted_share_on_llama_and_qwen2() {
-    for model in ["lm/tiny-llama-gqa", "lm/tiny-qwen2"] {
+fn steers_move_the_planted_share_on_llama_qwen2_and_gemma2() {
+    for model in ["lm/tiny-llama-gqa", "lm/tiny-qwen2", "lm/tiny-gemma2"] {
         let dir = tempfile::tempdir().expect("tempdir");
         let write = |name: &str, planted: std::ops::Range<u32>, seed: u64| {
             let mut rng = memsteer_panel::rng::SplitMix64::new(seed);
@@ -610,7 +612,17 @@ fn steers_move_the_planted_share_on_llama_and_qwen2() {
         std::fs::write(&prompts, "{\"id\": \"a\", \"tokens\": [50, 51, 52]}\n{\"id\": \"b\", \"tokens\": [70]}\n")
             .expect("prompts");
         let steer = dir.path().join("steer.safetensors");
-        let m = fixture(model);
+        let mut m = fixture(model);
+        if model.ends_with("gemma2") {
+            let copy = dir.path().join("gemma2");
+            std::fs::create_dir(&copy).expect("dir");
+            std::fs::copy(m.join("model.safetensors"), copy.join("model.safetensors")).expect("weights");
+            let mut cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).expect("config")).expect("json");
+            cfg["final_logit_softcapping"] = 30.0.into();
+            std::fs::write(copy.join("config.json"), cfg.to_string()).expect("config");
+            m = copy;
+        }
         ok(&[
             "steer",
             "train",
