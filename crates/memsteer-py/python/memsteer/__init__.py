@@ -249,7 +249,7 @@ TokensOrText = Union[str, Sequence[int]]
 
 
 class Model:
-    """A Hugging Face model directory (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen, OLMo 2, Gemma 3)
+    """A Hugging Face model directory (GPT-2, GPT-NeoX/Pythia, Llama, Mistral, Qwen, OLMo 2, Gemma 2 and 3)
     loaded onto ``device`` (``"cpu"``, or ``"cuda"``/``"cuda:N"`` in a build with CUDA).
 
     ``compute`` chooses the CPU's products as ``memsteer --compute`` does: ``"f32"`` (exact, the
