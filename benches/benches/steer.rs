@@ -71,6 +71,7 @@ fn decode(decoder: &dyn Decoder, steers: &[(Steer, Vec<f32>)], prompt: &[u32]) -
             let h = apply(steers, last);
             matmul_transposed(&Device::Cpu, &h, decoder.output_embedding(), 1, d, vocab, &mut logits).expect("mm");
         }
+        decoder.logits_in_place(&mut logits);
         let next = sample(&logits, &cfg, 0.5).expect("finite logits") as u32;
         out.push(next);
         input.clear();

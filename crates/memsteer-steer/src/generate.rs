@@ -245,6 +245,61 @@ mod tests {
             }
         }
     }
+
+    /// Sampling applies the model's logit soft-cap (tiny-gemma2: 3, which bends these logits): both
+    /// decoding paths draw what sampling from `3·tanh(z/3)` of the products `z`, capped here by hand in
+    /// `f64`, draws with the same generator, and not what the uncapped products draw.
+    #[test]
+    fn sampling_sees_the_soft_capped_logits() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/lm/tiny-gemma2");
+        let model = memsteer_lm::Model::load(&dir).unwrap();
+        let dec = model.decoder();
+        assert_eq!(dec.logit_softcap(), Some(3.0));
+        let (d, vocab) = (dec.dim(), dec.vocab());
+        let cfg = SamplingConfig::default();
+        let by_hand = |prompt: &[u32], seed: u64, cap: bool| -> Vec<u32> {
+            let mut rng = SplitMix64::new(seed);
+            let (mut cache, mut input, mut out) = (KvCache::new(), prompt.to_vec(), Vec::new());
+            while out.len() < 12 {
+                let h = dec.forward(&input, &mut cache).unwrap();
+                let last = &h[h.len() - d..];
+                let logits: Vec<f32> = (0..vocab)
+                    .map(|v| {
+                        let e = &dec.output_embedding()[v * d..(v + 1) * d];
+                        let z: f64 = last.iter().zip(e).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
+                        (if cap { 3.0 * (z / 3.0).tanh() } else { z }) as f32
+                    })
+                    .collect();
+                let next = sample(&logits, &cfg, rng.uniform()).unwrap() as u32;
+                out.push(next);
+                input = vec![next];
+            }
+            out
+        };
+        let prompts: [&[u32]; 3] = [&[5, 17, 3], &[60], &[1, 2, 3, 4, 5, 6, 7]];
+        let seeds = [11u64, 12, 13];
+        let cached: Vec<Vec<u32>> = prompts
+            .iter()
+            .zip(seeds)
+            .map(|(p, s)| steered_continuation(dec, &SteerSet::default(), p, 12, &cfg, s).unwrap())
+            .collect();
+        let capped: Vec<Vec<u32>> = prompts.iter().zip(seeds).map(|(p, s)| by_hand(p, s, true)).collect();
+        let uncapped: Vec<Vec<u32>> = prompts.iter().zip(seeds).map(|(p, s)| by_hand(p, s, false)).collect();
+        assert_eq!(cached, capped);
+        assert_ne!(cached, uncapped);
+        let names = |k: usize| format!("stream {k}");
+        let batched = batched_continuations(
+            dec,
+            &Device::Cpu,
+            &SteerSet::default(),
+            &prompts,
+            (&seeds, &names),
+            (12, &cfg),
+            BATCH_LIMITS,
+        )
+        .unwrap();
+        assert_eq!(batched, capped);
+    }
 }
 
 /// One generated sample.
