@@ -1,7 +1,8 @@
 //! Criterion benches of the fused log-prob kernel against the materialised computation (full logits
 //! buffer, then log-softmax) and the bare matrix product, same shapes, same run.
 //!
-//! Shape: GPT-2 small's output layer (hidden 768, vocabulary 50,257), 256 tokens.
+//! Shape: GPT-2 small's output layer (hidden 768, vocabulary 50,257), 256 tokens. And Gemma 2's logit
+//! soft-cap over a row of its vocabulary, vectorised against the platform's `tanhf`.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -93,5 +94,32 @@ fn kernels(c: &mut Criterion) {
     eprintln!("{}", memsteer_kernels::dispatch::describe());
 }
 
-criterion_group!(benches, kernels);
+/// Gemma 2's soft-cap `c·tanh(x/c)` over one 256,000-entry row of logits (its vocabulary): through
+/// `vmath::tanh` (branch-free, vectorised, what the runtime uses) against the platform's `tanhf`.
+fn softcap(c: &mut Criterion) {
+    const V: usize = 256_000;
+    let mut rng = SplitMix64::new(2);
+    let row: Vec<f32> = (0..V).map(|_| 20.0 * rng.normal() as f32).collect();
+    let mut x = row.clone();
+    let mut g = c.benchmark_group("softcap");
+    g.throughput(Throughput::Elements(V as u64));
+    g.measurement_time(Duration::from_secs(3));
+    g.bench_function("vmath_tanh", |b| {
+        b.iter(|| {
+            x.copy_from_slice(&row);
+            memsteer_kernels::vmath::softcap_in_place(black_box(&mut x), 30.0);
+        })
+    });
+    g.bench_function("libm_tanhf", |b| {
+        b.iter(|| {
+            x.copy_from_slice(&row);
+            for v in black_box(&mut x).iter_mut() {
+                *v = (*v / 30.0).tanh() * 30.0;
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, kernels, softcap);
 criterion_main!(benches);

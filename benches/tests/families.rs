@@ -3,9 +3,9 @@
 
 use memsteer_benches::{Dtype, FamilyShape, write_family};
 
-#[test]
-fn every_family_writer_gives_a_model_the_cpu_runtime_scores() {
-    let shape = FamilyShape {
+/// A small grouped-query shape (4 query heads, 2 KV heads of 16) for the writers' tests.
+fn small() -> FamilyShape {
+    FamilyShape {
         d: 32,
         layers: 2,
         heads: 4,
@@ -15,7 +15,12 @@ fn every_family_writer_gives_a_model_the_cpu_runtime_scores() {
         vocab: 80,
         context: 40,
         tied: false,
-    };
+    }
+}
+
+#[test]
+fn every_family_writer_gives_a_model_the_cpu_runtime_scores() {
+    let shape = small();
     for family in ["llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma3", "gemma2"] {
         let dir = std::env::temp_dir().join(format!("memsteer-family-{family}-{}", std::process::id()));
         write_family(&dir, family, shape, 8, (Dtype::F32, 0.3, 1)).expect("writes");
@@ -39,17 +44,7 @@ fn every_family_writer_gives_a_model_the_cpu_runtime_scores() {
 /// shared it) computes the same function: the CPU runtime scores both alike.
 #[test]
 fn the_ungrouped_twin_scores_as_the_grouped_model() {
-    let shape = FamilyShape {
-        d: 32,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 16,
-        inner: 48,
-        vocab: 80,
-        context: 40,
-        tied: false,
-    };
+    let shape = small();
     let base = std::env::temp_dir().join(format!("memsteer-twin-{}", std::process::id()));
     let (grouped, twin) = (base.join("grouped"), base.join("twin"));
     write_family(&grouped, "llama", shape, 8, (Dtype::F32, 0.3, 4)).expect("writes");

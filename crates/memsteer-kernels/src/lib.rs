@@ -133,24 +133,8 @@ pub fn log_prob_targets_capped(
     out: &mut [f32],
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_softcap(softcap)?;
-    let tokens = targets.len();
-    if dim == 0 {
-        return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
-    }
-    check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
-    check_len("out", out.len(), tokens)?;
-    if !embedding.len().is_multiple_of(dim) || embedding.is_empty() {
-        return Err(KernelError::Shape {
-            what: "embedding",
-            expected: format!("a non-empty multiple of dim = {dim}"),
-            found: embedding.len(),
-        });
-    }
-    let vocab = embedding.len() / dim;
-    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
-        return Err(KernelError::Target { position, id, vocab });
-    }
+    let vocab =
+        check_output_call(hidden, (dim, || embedding_vocab(embedding, dim)), targets, Some(out.len()), softcap)?;
     match device {
         Device::Cpu => cpu::log_prob_targets(hidden, embedding, (dim, vocab), targets, out, softcap),
         #[cfg(feature = "cuda")]
@@ -182,22 +166,7 @@ pub fn log_sum_exp_rows_capped(
     targets: &[u32],
     softcap: Option<f32>,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
-    check_softcap(softcap)?;
-    if dim == 0 {
-        return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
-    }
-    check_len("hidden", hidden.len(), product("hidden", targets.len(), dim)?)?;
-    if !embedding.len().is_multiple_of(dim) || embedding.is_empty() {
-        return Err(KernelError::Shape {
-            what: "embedding",
-            expected: format!("a non-empty multiple of dim = {dim}"),
-            found: embedding.len(),
-        });
-    }
-    let vocab = embedding.len() / dim;
-    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
-        return Err(KernelError::Target { position, id, vocab });
-    }
+    let vocab = check_output_call(hidden, (dim, || embedding_vocab(embedding, dim)), targets, None, softcap)?;
     match device {
         Device::Cpu => cpu::log_sum_exp_block(hidden, embedding, (dim, vocab), targets, softcap),
         #[cfg(feature = "cuda")]
@@ -209,6 +178,44 @@ pub fn log_sum_exp_rows_capped(
             Ok((lse, target))
         }
     }
+}
+
+/// The vocabulary of a row-major output embedding of `dim` columns (a non-empty whole number of rows).
+fn embedding_vocab(embedding: &[f32], dim: usize) -> Result<usize> {
+    if !embedding.len().is_multiple_of(dim) || embedding.is_empty() {
+        return Err(KernelError::Shape {
+            what: "embedding",
+            expected: format!("a non-empty multiple of dim = {dim}"),
+            found: embedding.len(),
+        });
+    }
+    Ok(embedding.len() / dim)
+}
+
+/// What every fused output-layer call checks, in this order: a valid soft-cap, a positive `dim`,
+/// `hidden` of `targets × dim` values, an output (when it has one) of one value per target, the
+/// embedding (`vocab`, which gives its vocabulary), every target inside that vocabulary. Returns the
+/// vocabulary.
+fn check_output_call(
+    hidden: &[f32],
+    (dim, vocab): (usize, impl FnOnce() -> Result<usize>),
+    targets: &[u32],
+    out: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<usize> {
+    check_softcap(softcap)?;
+    if dim == 0 {
+        return Err(KernelError::Shape { what: "dim", expected: "at least 1".into(), found: 0 });
+    }
+    check_len("hidden", hidden.len(), product("hidden", targets.len(), dim)?)?;
+    if let Some(out) = out {
+        check_len("out", out, targets.len())?;
+    }
+    let vocab = vocab()?;
+    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
+        return Err(KernelError::Target { position, id, vocab });
+    }
+    Ok(vocab)
 }
 
 /// A soft-cap must be a positive finite number.
@@ -281,13 +288,7 @@ pub fn log_prob_targets_bf16(
     out: &mut [f32],
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_softcap(softcap)?;
-    let (tokens, dim, vocab) = (targets.len(), embedding.k(), embedding.n());
-    check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
-    check_len("out", out.len(), tokens)?;
-    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
-        return Err(KernelError::Target { id, position, vocab });
-    }
+    check_output_call(hidden, (embedding.k(), || Ok(embedding.n())), targets, Some(out.len()), softcap)?;
     cpu::log_prob_targets_bf16(hidden, embedding, targets, out, softcap)
 }
 
@@ -301,13 +302,7 @@ pub fn log_prob_targets_f32(
     out: &mut [f32],
     softcap: Option<f32>,
 ) -> Result<()> {
-    check_softcap(softcap)?;
-    let (tokens, dim, vocab) = (targets.len(), embedding.k(), embedding.n());
-    check_len("hidden", hidden.len(), product("hidden", tokens, dim)?)?;
-    check_len("out", out.len(), tokens)?;
-    if let Some((position, &id)) = targets.iter().enumerate().find(|(_, t)| **t as usize >= vocab) {
-        return Err(KernelError::Target { id, position, vocab });
-    }
+    check_output_call(hidden, (embedding.k(), || Ok(embedding.n())), targets, Some(out.len()), softcap)?;
     cpu::log_prob_targets_f32(hidden, embedding, targets, out, softcap)
 }
 
