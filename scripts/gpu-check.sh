@@ -6,12 +6,14 @@
 #   MEMSTEER_GPU_BIN=DIR scripts/gpu-check.sh   # or uses prebuilt `memsteer` and `memsteer-gpu-check`
 # On a GPU machine without cargo, build here and carry the binaries (`.gpu-bin` is git-ignored):
 #   cargo build --release -p memsteer-benches -p memsteer-cli \
-#     --features memsteer-benches/cuda,memsteer-cli/cuda --bin memsteer-gpu-check --bin memsteer
-#   mkdir -p .gpu-bin && cp target/release/memsteer target/release/memsteer-gpu-check .gpu-bin/ && strip .gpu-bin/*
+#     --features memsteer-benches/cuda,memsteer-cli/cuda --bin memsteer-gpu-check --bin memsteer --bin memsteer-serve-load
+#   mkdir -p .gpu-bin && cp target/release/memsteer target/release/memsteer-gpu-check target/release/memsteer-serve-load .gpu-bin/
+#   strip .gpu-bin/*
 #   then there: MEMSTEER_GPU_BIN=.gpu-bin scripts/gpu-check.sh
-# Prints: parity with the CPU path (scoring and the LM-Steer training step) and, for the Llama family, with transformers'
-# goldens; the fused output layer; scoring at Pythia shapes (f16) and at Qwen2.5-0.5B and Llama-3.2-1B shapes (bf16), T = 2048, B = 8;
-# the same measurements by PyTorch on the same GPU, and `memsteer logprobs --device cuda` end to end.
+# Prints: parity with the CPU path (scoring, decoding with KV caches on the device, `memsteer serve --device cuda`
+# against the CPU server, and the LM-Steer training step) and, for the Llama family, with transformers' goldens; the fused output layer; scoring at Pythia shapes (f16) and at Qwen2.5-0.5B and Llama-3.2-1B shapes (bf16), T = 2048, B = 8;
+# the same measurements by PyTorch on the same GPU, `memsteer logprobs --device cuda` end to end, and the server's
+# throughput and latency at 1, 8 and 32 clients on the device.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu-check.md.
 # `scripts/gpu-check.sh quick` runs only memsteer's own checks (parity, steer step, output layer,
 # scoring; no profile, no PyTorch, no CLI runs): a few minutes, for a first look at new kernels.
@@ -22,7 +24,8 @@ cd "$(dirname "$0")/.."
 bin="${MEMSTEER_GPU_BIN:-}"
 if [ -z "$bin" ]; then
   cargo build --release -p memsteer-benches -p memsteer-cli \
-    --features memsteer-benches/cuda,memsteer-cli/cuda --bin memsteer-gpu-check --bin memsteer || exit 1
+    --features memsteer-benches/cuda,memsteer-cli/cuda --bin memsteer-gpu-check --bin memsteer --bin memsteer-serve-load \
+    || exit 1
   bin=target/release
 fi
 log="${OUT:-/tmp}/gpu-check.md"
@@ -32,7 +35,7 @@ trap 'rm -rf "$work"' EXIT
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   echo "## memsteer"
   status=0
-  timeout 400 "$bin/memsteer-gpu-check" parity steer head logprobs families --work "$work" || status=1
+  timeout 400 "$bin/memsteer-gpu-check" parity decode serve steer head logprobs families --work "$work" || status=1
   [ $quick = 1 ] && exit $status
   echo
   echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"
@@ -72,6 +75,9 @@ trap 'rm -rf "$work"' EXIT
   done
   python3 -c "import json,sys; a,b=[[json.loads(l)['tokens'] for l in open(f)] for f in sys.argv[1:]]; print(f'{sum(x==y for x,y in zip(a,b))} of {len(a)} samples identical (f16 weights: the GPU rounds differently, and on this random model, whose distributions are nearly uniform, most sampled tokens move with it)')" \
     "$work/gen-cuda.jsonl" "$work/gen-cpu.jsonl" || status=1
+  echo
+  echo "## memsteer serve --device cuda under load (Pythia-70M shape, f16, 16-token prompts, 32 new tokens)"
+  timeout 180 "$bin/memsteer-serve-load" --device cuda --dir "$work/serve-load" || status=1
   echo "a device that does not exist:"; "$bin/memsteer" logprobs --device cuda:7 --checkpoint "0=$work/p70" \
     --instances "$work/p70/instances.jsonl" --out "$work/x.csv" 2>&1 | tail -2
   exit $status

@@ -751,3 +751,197 @@ pub fn bench_steer_step(
     };
     Ok((best * 1e3, cpu_ms))
 }
+
+/// The decoding schedule of [`decode_parity`]: at each step, which sequences feed how many tokens (a
+/// prompt when the sequence starts, then one token a step, and once a chunk of 4 on top of a cache).
+/// Sequence 2 joins at step 3, sequence 1 leaves after step 6, so rows at different positions, new
+/// prompts and single tokens share steps.
+fn decode_schedule() -> Vec<Vec<(usize, usize)>> {
+    (0..10)
+        .map(|step| {
+            let mut rows = vec![(
+                0,
+                if step == 0 {
+                    37
+                } else if step == 5 {
+                    4
+                } else {
+                    1
+                },
+            )];
+            if step <= 6 {
+                rows.push((1, if step == 0 { 5 } else { 1 }));
+            }
+            if step >= 3 {
+                rows.push((2, if step == 3 { 12 } else { 1 }));
+            }
+            rows
+        })
+        .collect()
+}
+
+/// Log-softmax of each row of `logits` (`vocab` wide).
+fn log_softmax_rows(logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
+    logits
+        .chunks(vocab)
+        .map(|row| {
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = m as f64 + row.iter().map(|&x| f64::from(x - m).exp()).sum::<f64>().ln();
+            row.iter().map(|&x| (f64::from(x) - lse) as f32).collect()
+        })
+        .collect()
+}
+
+/// Decoding with KV caches on the device ([`GpuModel::forward_cached`], what `memsteer serve --device
+/// cuda` runs) against the CPU's cached decoding of the same model, over [`decode_schedule`]: every
+/// step's hidden states, and the log-softmax of each sequence's last row through [`GpuModel::logits`]
+/// against the CPU's output layer. Random models of every architecture (GPT-2's learned positions,
+/// GPT-NeoX's partial rotary, grouped heads of 64 to 256, Qwen 2's biases, q/k norms, a sliding window
+/// of 8 that the sequences outgrow, Gemma 2's caps, Gemma 3's local rotary base), f32 (bound 1e-4) and
+/// bf16 (the scoring bounds of [`parity`]).
+pub fn decode_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
+    let small = FamilyShape {
+        d: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        inner: 512,
+        vocab: 1000,
+        context: 600,
+        tied: false,
+    };
+    let wide = FamilyShape { heads: 2, kv_heads: 1, head_dim: 256, ..small };
+    let odd = FamilyShape { heads: 4, kv_heads: 4, head_dim: 80, ..small };
+    let shape = Shape { d: 256, layers: 2, heads: 4, vocab: 1000, context: 600 };
+    let mut out = Vec::new();
+    let cases: [(&str, Option<FamilyShape>, Dtype); 12] = [
+        ("gpt2", None, Dtype::F32),
+        ("neox", None, Dtype::F32),
+        ("neox", None, Dtype::BF16),
+        ("llama", Some(small), Dtype::F32),
+        ("llama", Some(odd), Dtype::F32),
+        ("llama", Some(small), Dtype::BF16),
+        ("mistral", Some(small), Dtype::F32),
+        ("qwen2", Some(small), Dtype::F32),
+        ("qwen3", Some(small), Dtype::F16),
+        ("olmo2", Some(small), Dtype::F32),
+        ("gemma3", Some(small), Dtype::F32),
+        ("gemma2", Some(wide), Dtype::F32),
+    ];
+    for (i, (family, fshape, dtype)) in cases.into_iter().enumerate() {
+        let m = dir.join(format!("decode-{i}"));
+        let std = 2.4 / 256f64.sqrt();
+        let seed = 500 + i as u64;
+        match (family, fshape) {
+            ("gpt2", _) => write_gpt2(&m, shape, false, dtype, std, seed),
+            ("neox", _) => write_neox(&m, shape, true, dtype, std, seed),
+            (f, Some(s)) => write_family(&m, f, s, 8, (dtype, std, seed))?,
+            _ => return Err(format!("no shape for {family}")),
+        }
+        let case = format!(
+            "{family} {dtype:?}{} cached decoding",
+            fshape.map_or(String::new(), |s| format!(" heads {}/{} of {}", s.heads, s.kv_heads, s.head_dim))
+        );
+        let err = |e: memsteer_lm::LmError| format!("{case}: {e}");
+        let cpu_model = Model::load(&m).map_err(err)?;
+        let cpu = cpu_model.decoder();
+        let gpu = GpuModel::load(&m, device).map_err(err)?;
+        let vocab = cpu.vocab();
+        let mut rng = SplitMix64::new(seed);
+        let mut cpu_caches: Vec<memsteer_lm::KvCache> = (0..3).map(|_| memsteer_lm::KvCache::new()).collect();
+        let mut gpu_caches = Vec::new();
+        for _ in 0..3 {
+            gpu_caches.push(gpu.new_cache(64).map_err(err)?);
+        }
+        let (mut cpu_hidden, mut gpu_hidden) = (Vec::new(), Vec::new());
+        let (mut cpu_lp, mut gpu_lp) = (Vec::new(), Vec::new());
+        for step in decode_schedule() {
+            let seqs: Vec<Vec<u32>> =
+                step.iter().map(|&(_, n)| (0..n).map(|_| rng.below(vocab as u64) as u32).collect()).collect();
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let mut cc: Vec<&mut memsteer_lm::KvCache> = Vec::new();
+            let mut gc: Vec<&mut memsteer_lm::gpu::DeviceKvCache> = Vec::new();
+            for (s, (c, g)) in cpu_caches.iter_mut().zip(gpu_caches.iter_mut()).enumerate() {
+                if step.iter().any(|&(x, _)| x == s) {
+                    cc.push(c);
+                    gc.push(g);
+                }
+            }
+            let h_cpu = cpu.forward_cached(&refs, &mut cc).map_err(err)?;
+            let h_gpu = gpu.forward_cached(&refs, &mut gc).map_err(err)?;
+            // Each sequence's last row through both output layers.
+            let d = cpu.dim();
+            let mut ends = Vec::new();
+            let mut at = 0;
+            for s in &seqs {
+                at += s.len();
+                ends.push(at - 1);
+            }
+            let last: Vec<f32> = ends.iter().flat_map(|&r| h_gpu[r * d..(r + 1) * d].iter().copied()).collect();
+            let last_cpu: Vec<f32> = ends.iter().flat_map(|&r| h_cpu[r * d..(r + 1) * d].iter().copied()).collect();
+            let mut logits_cpu = vec![0.0f32; ends.len() * vocab];
+            memsteer_kernels::matmul_transposed(
+                &Device::Cpu,
+                &last_cpu,
+                cpu.output_embedding(),
+                ends.len(),
+                d,
+                vocab,
+                &mut logits_cpu,
+            )
+            .map_err(|e| e.to_string())?;
+            cpu.logits_in_place(&mut logits_cpu);
+            let logits_gpu = gpu.logits(&last, ends.len()).map_err(err)?;
+            cpu_lp.extend(log_softmax_rows(&logits_cpu, vocab));
+            gpu_lp.extend(log_softmax_rows(&logits_gpu, vocab));
+            cpu_hidden.extend(h_cpu);
+            gpu_hidden.extend(h_gpu);
+        }
+        let (bound, hidden) = match dtype {
+            Dtype::F32 => (1e-4, 1e-4),
+            Dtype::F16 => (4e-2, 0.1),
+            _ => (1.5e-1, hidden_bound(dtype)),
+        };
+        out.push(measure(case, (&cpu_lp, &cpu_hidden), (&gpu_lp, &gpu_hidden), (bound, hidden))?);
+        let _ = std::fs::remove_dir_all(&m);
+    }
+    Ok(out)
+}
+
+/// The errors of decoding on the device: a step past a cache's capacity, a cache of another model, a
+/// capacity beyond the context. Each must be an error saying so, and a refused step must leave the
+/// caches as they were (the next step still equals the CPU's).
+pub fn decode_errors(dir: &Path, device: &Device) -> Result<(), String> {
+    let m = dir.join("decode-errors");
+    let shape = Shape { d: 64, layers: 2, heads: 2, vocab: 100, context: 50 };
+    write_gpt2(&m, shape, false, Dtype::F32, 0.3, 9);
+    let a = GpuModel::load(&m, device).map_err(|e| e.to_string())?;
+    let b = GpuModel::load(&m, device).map_err(|e| e.to_string())?;
+    let expect = |r: Result<Vec<f32>, memsteer_lm::LmError>, want: &str| match r {
+        Err(e) if e.to_string().contains(want) => Ok(()),
+        Err(e) => Err(format!("expected an error about {want:?}, got: {e}")),
+        Ok(_) => Err(format!("expected an error about {want:?}, got hidden states")),
+    };
+    let mut c = a.new_cache(4).map_err(|e| e.to_string())?;
+    expect(a.forward_cached(&[&[1, 2, 3, 4, 5]], &mut [&mut c]), "capacity")?;
+    expect(b.forward_cached(&[&[1, 2]], &mut [&mut c]), "another model")?;
+    if !c.is_empty() {
+        return Err(format!("a refused step left {} positions in the cache", c.len()));
+    }
+    match a.new_cache(51) {
+        Err(e) if e.to_string().contains("context") => {}
+        other => return Err(format!("a cache beyond the context: expected an error, got {other:?}")),
+    }
+    let h = a.forward_cached(&[&[1, 2, 3, 4]], &mut [&mut c]).map_err(|e| e.to_string())?;
+    let cpu = Model::load(&m).map_err(|e| e.to_string())?;
+    let want = cpu.decoder().hidden_states(&[1, 2, 3, 4]).map_err(|e| e.to_string())?;
+    let worst = h.iter().zip(&want).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0.0f32, f32::max);
+    let _ = std::fs::remove_dir_all(&m);
+    if worst > 1e-4 || h.len() != want.len() {
+        return Err(format!(
+            "after the refused steps, a full cache's hidden states differ from the CPU's by {worst:.2e}"
+        ));
+    }
+    Ok(())
+}

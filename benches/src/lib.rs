@@ -318,3 +318,127 @@ pub fn write_gpt2_small(dir: &Path) {
 pub fn write_pythia_70m(dir: &Path) {
     write_neox(dir, Shape { d: 512, layers: 6, heads: 8, vocab: 50304, context: 2048 }, true, Dtype::F16, 0.02, 1);
 }
+
+/// A word-level tokenizer of `vocab` words `w0` … (split on whitespace) in `dir/tokenizer.json`, so
+/// that a random model in `dir` can be served (the text of a completion names its token ids).
+pub fn write_word_tokenizer(dir: &Path, vocab: usize) -> Result<(), String> {
+    let words: serde_json::Map<String, serde_json::Value> =
+        (0..vocab).map(|i| (format!("w{i}"), serde_json::json!(i))).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": words, "unk_token": "w0"}});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+/// A random low-rank steer (one labelled steer, `style`, and the dummy; rank `rank`, entries
+/// `scale`·N(0, 1), ε 1e-3) for the model in `model`, saved to `path`.
+pub fn write_random_steer(model: &Path, path: &Path, rank: usize, scale: f64, seed: u64) -> Result<(), String> {
+    let m = memsteer_lm::Model::load(model).map_err(|e| e.to_string())?;
+    let dec = m.decoder();
+    let d = dec.dim();
+    let mut rng = SplitMix64::new(seed);
+    let p: Vec<f32> = (0..2 * 2 * d * rank).map(|_| (scale * rng.normal()) as f32).collect();
+    let spec = memsteer_steer::SteerSpec {
+        num_steers: 2,
+        hidden_size: d,
+        rank,
+        vocab_size: dec.vocab(),
+        epsilon: 1e-3,
+        embedding_fingerprint: memsteer_steer::embedding_fingerprint(dec.output_embedding()),
+        labels: vec!["style".into()],
+    };
+    memsteer_steer::Steer::new(spec, p[..2 * d * rank].to_vec(), p[2 * d * rank..].to_vec(), serde_json::json!({}))
+        .and_then(|s| s.save(path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `memsteer serve` on `device` against `memsteer serve` on the CPU (`memsteer-gpu-check serve` with a
+/// CUDA device; the CPU against itself in the tests): the same requests (prompts of 3
+/// to 40 words, 6 to 24 new tokens, the steer at −4, 0, 4 or absent, greedy and seeded sampling, sent
+/// 16 at a time so that rows join and leave running batches) to two servers in this process on one f32
+/// Qwen 2-shaped model with a word-level tokenizer. Returns the requests whose texts are identical and
+/// all of them; an f32 model gives the same tokens unless two logits tie within the rounding.
+pub fn serve_parity(dir: &Path, device: &memsteer_kernels::Device) -> Result<(usize, usize), String> {
+    let m = dir.join("serve-model");
+    let shape = crate::FamilyShape {
+        d: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        inner: 512,
+        vocab: 1000,
+        context: 600,
+        tied: false,
+    };
+    crate::write_family(&m, "qwen2", shape, 8, (crate::Dtype::F32, 2.4 / 16.0, 77))?;
+    crate::write_word_tokenizer(&m, shape.vocab)?;
+    let steer = m.join("style.safetensors");
+    crate::write_random_steer(&m, &steer, 64, 0.05, 5)?;
+    let start = |device: &memsteer_kernels::Device| {
+        let mut cfg = memsteer_serve::Config::new(m.clone());
+        cfg.port = 0;
+        cfg.threads = Some(2);
+        cfg.max_batch = 8;
+        cfg.device = device.clone();
+        cfg.steers = vec![("style".into(), steer.clone())];
+        memsteer_serve::Server::start(cfg).map_err(|e| e.to_string())
+    };
+    let (cpu, gpu) = (start(&memsteer_kernels::Device::Cpu)?, start(device)?);
+    let bodies: Vec<serde_json::Value> = (0..32)
+        .map(|i| {
+            let words = 3 + (i * 7) % 38;
+            let prompt: Vec<String> = (0..words).map(|j| format!("w{}", (i * 131 + j * 17) % 1000)).collect();
+            let mut b = serde_json::json!({"prompt": prompt.join(" "), "max_tokens": 6 + (i * 5) % 19,
+                "temperature": if i % 2 == 0 { 0.0 } else { 1.0 }, "seed": i});
+            if i % 4 != 3 {
+                let strength = [-4.0, 0.0, 4.0][i % 3];
+                b["steer"] = serde_json::json!([{"name": "style", "strength": strength}]);
+            }
+            b
+        })
+        .collect();
+    let texts = |addr: String| -> Result<Vec<String>, String> {
+        let url = format!("http://{addr}/v1/completions");
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..16)
+                .map(|c| {
+                    let (url, bodies) = (&url, &bodies);
+                    s.spawn(move || -> Result<Vec<(usize, String)>, String> {
+                        let agent = ureq::Agent::new_with_defaults();
+                        (c..bodies.len())
+                            .step_by(16)
+                            .map(|i| {
+                                let mut r = agent
+                                    .post(url)
+                                    .header("Content-Type", "application/json")
+                                    .send(bodies[i].to_string())
+                                    .map_err(|e| format!("request {i}: {e}"))?;
+                                let v: serde_json::Value = serde_json::from_str(
+                                    &r.body_mut().read_to_string().map_err(|e| format!("request {i}: {e}"))?,
+                                )
+                                .map_err(|e| format!("request {i}: {e}"))?;
+                                let text = v["choices"][0]["text"].as_str().ok_or(format!("request {i}: {v}"))?;
+                                Ok((i, text.to_string()))
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            let mut all: Vec<(usize, String)> = Vec::new();
+            for h in handles {
+                all.extend(h.join().map_err(|_| "a client panicked".to_string())??);
+            }
+            all.sort();
+            Ok(all.into_iter().map(|(_, t)| t).collect())
+        })
+    };
+    let (a, b) = (texts(cpu.addr().to_string())?, texts(gpu.addr().to_string())?);
+    cpu.shutdown().map_err(|e| e.to_string())?;
+    gpu.shutdown().map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&m);
+    if a.iter().any(String::is_empty) {
+        return Err("a completion came back empty".into());
+    }
+    Ok((a.iter().zip(&b).filter(|(x, y)| x == y).count(), a.len()))
+}

@@ -1,6 +1,6 @@
 //! The GPU runtime against the CPU runtime on random GPT-2, GPT-NeoX and Llama-family models, and
 //! against transformers' goldens of the Llama family (f32 to 1e-4 relative; f16 and bf16 within the bounds `memsteer_benches::gpu::parity` justifies), both
-//! attention kernels and both logits types. Runs with `--features cuda` on a machine with a GPU and
+//! attention kernels and both logits types; decoding with KV caches on the device and the server on it against the CPU. Runs with `--features cuda` on a machine with a GPU and
 //! skips with a message otherwise (fails instead when `MEMSTEER_REQUIRE_GPU` is set); `scripts/gpu-check.sh` runs the same check plus the benchmarks.
 #![cfg(feature = "cuda")]
 
@@ -49,4 +49,32 @@ fn gpu_steer_step_equals_the_cpu_path() {
     for p in &rows {
         assert!(p.ok(), "{}: loss {:?}, gradient differences {:?}", p.case, p.loss, p.grad_rel);
     }
+}
+
+#[test]
+fn gpu_decoding_with_device_caches_equals_the_cpu_runtime() {
+    let Some(device) = gpu() else { return };
+    let dir = std::env::temp_dir().join(format!("memsteer-gpu-decode-{}", std::process::id()));
+    let rows = memsteer_benches::gpu::decode_parity(&dir, &device).expect("decode parity runs");
+    memsteer_benches::gpu::decode_errors(&dir, &device).expect("decoding errors are errors");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(rows.len(), 12);
+    for p in &rows {
+        assert!(
+            p.ok(),
+            "{}: log-probs {:.2e} (bound {:.0e}), hidden {:.2e}",
+            p.case,
+            p.max_rel,
+            p.bound,
+            p.hidden_max_rel
+        );
+    }
+}
+
+#[test]
+fn gpu_server_answers_as_the_cpu_server() {
+    let Some(device) = gpu() else { return };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (same, all) = memsteer_benches::serve_parity(dir.path(), &device).expect("serve parity runs");
+    assert_eq!(same, all, "{same} of {all} completions identical");
 }

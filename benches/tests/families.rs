@@ -62,3 +62,13 @@ fn the_ungrouped_twin_scores_as_the_grouped_model() {
     assert!(c.iter().zip(&b).any(|(x, y)| (x - y).abs() > 1e-3));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// The harness of `memsteer-gpu-check serve` (two servers in this process, 32 concurrent requests
+/// with steers at three strengths, greedy and seeded) on the CPU against itself: every completion
+/// identical, as a request's text does not depend on what else the server is doing.
+#[test]
+fn two_cpu_servers_give_the_same_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (same, all) = memsteer_benches::serve_parity(dir.path(), &memsteer_kernels::Device::Cpu).unwrap();
+    assert_eq!((same, all), (32, 32));
+}

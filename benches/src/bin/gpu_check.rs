@@ -1,17 +1,18 @@
 //! `memsteer-gpu-check`: the GPU runtime against the CPU path (parity) and its speed at Pythia shapes,
 //! printed as tables. Run by `scripts/gpu-check.sh` on a machine with a CUDA GPU.
 //!
-//! Usage: `memsteer-gpu-check [parity] [steer] [head] [logprobs] [profile] [families] [--work DIR]` (parity, steer,
-//! head, logprobs and families when none is named).
+//! Usage: `memsteer-gpu-check [parity] [decode] [serve] [steer] [head] [logprobs] [profile] [families] [--work DIR]`
+//! (parity, decode, serve, steer, head, logprobs and families when none is named).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use memsteer_benches::Shape;
 use memsteer_benches::gpu::{
-    bench_family_logprobs, bench_logprobs, bench_output_layer, bench_steer_step, device, family_parity, family_shapes,
-    parity, profile_logprobs, steer_parity,
+    Parity, bench_family_logprobs, bench_logprobs, bench_output_layer, bench_steer_step, decode_errors, decode_parity,
+    device, family_parity, family_shapes, parity, profile_logprobs, steer_parity,
 };
+use memsteer_benches::serve_parity;
 use memsteer_kernels::Device;
 use memsteer_kernels::cuda::Attention;
 
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if what.is_empty() {
-        what = vec!["parity".into(), "steer".into(), "head".into(), "logprobs".into(), "families".into()];
+        what = ["parity", "decode", "serve", "steer", "head", "logprobs", "families"].map(String::from).to_vec();
     }
     let dev = match device() {
         Ok(d) => d,
@@ -56,33 +57,69 @@ fn main() -> ExitCode {
     let Device::Cuda(g) = &dev else { unreachable!("device() opens CUDA") };
     println!("device: {:?}", g.0);
     let mut failed = false;
-    if what.iter().any(|w| w == "parity") {
+    let table = |rows: Vec<Parity>| -> bool {
         println!(
             "\n| parity case | tokens | max abs | max rel | mean abs | bound | hidden states max rel | bound | ok |\n|---|---|---|---|---|---|---|---|---|"
         );
+        let mut ok = true;
+        for p in rows {
+            println!(
+                "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.1e} | {:.2e} | {:.1e} | {} |",
+                p.case,
+                p.tokens,
+                p.max_abs,
+                p.max_rel,
+                p.mean_abs,
+                p.bound,
+                p.hidden_max_rel,
+                p.hidden_bound,
+                if p.ok() { "yes" } else { "NO" }
+            );
+            ok &= p.ok();
+        }
+        ok
+    };
+    if what.iter().any(|w| w == "parity") {
         match parity(&work, &dev).and_then(|mut rows| {
             rows.extend(family_parity(&work, &dev)?);
             Ok(rows)
         }) {
-            Ok(rows) => {
-                for p in rows {
-                    println!(
-                        "| {} | {} | {:.2e} | {:.2e} | {:.2e} | {:.1e} | {:.2e} | {:.1e} | {} |",
-                        p.case,
-                        p.tokens,
-                        p.max_abs,
-                        p.max_rel,
-                        p.mean_abs,
-                        p.bound,
-                        p.hidden_max_rel,
-                        p.hidden_bound,
-                        if p.ok() { "yes" } else { "NO" }
-                    );
-                    failed |= !p.ok();
-                }
-            }
+            Ok(rows) => failed |= !table(rows),
             Err(e) => {
                 println!("parity failed to run: {e}");
+                failed = true;
+            }
+        }
+    }
+    if what.iter().any(|w| w == "decode") {
+        println!(
+            "\nDecoding with KV caches on the device against the CPU's cached decoding (tokens: last rows compared):"
+        );
+        match decode_parity(&work, &dev) {
+            Ok(rows) => failed |= !table(rows),
+            Err(e) => {
+                println!("decode parity failed to run: {e}");
+                failed = true;
+            }
+        }
+        match decode_errors(&work, &dev) {
+            Ok(()) => println!("decoding errors (capacity, another model's cache, beyond the context): ok"),
+            Err(e) => {
+                println!("decoding errors: FAILED: {e}");
+                failed = true;
+            }
+        }
+    }
+    if what.iter().any(|w| w == "serve") {
+        match serve_parity(&work, &dev) {
+            Ok((same, all)) => {
+                println!(
+                    "\nmemsteer serve --device cuda against the CPU server: {same} of {all} completions identical"
+                );
+                failed |= same < all;
+            }
+            Err(e) => {
+                println!("\nserve parity failed to run: {e}");
                 failed = true;
             }
         }

@@ -6,7 +6,7 @@
 //! unsteered, half steered, every row steered (a rank-512 steer file at strength 4).
 //!
 //! `cargo run --release -p memsteer-benches --bin memsteer-serve-load -- [--threads 2] [--tokens 32]
-//! [--requests 64] [--dir DIR]`
+//! [--requests 64] [--dir DIR] [--device cpu|cuda[:N]]` (a CUDA device needs the `cuda` feature).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use memsteer_panel::rng::SplitMix64;
 use memsteer_serve::{Config, Server};
-use memsteer_steer::{Steer, SteerSpec};
+use memsteer_steer::Steer;
 use serde_json::{Value, json};
 
 /// One request's timings: when each token's text arrived, from the request's start.
@@ -110,32 +110,11 @@ fn prepare(dir: &Path) -> PathBuf {
     if !dir.join("model.safetensors").exists() {
         std::fs::create_dir_all(dir).expect("dir");
         memsteer_benches::write_pythia_70m(dir);
-        let vocab: serde_json::Map<String, Value> = (0..50304).map(|i| (format!("w{i}"), json!(i))).collect();
-        let tok = json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
-            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}});
-        std::fs::write(dir.join("tokenizer.json"), tok.to_string()).expect("tokenizer");
+        memsteer_benches::write_word_tokenizer(dir, 50304).expect("tokenizer");
     }
     let steer = dir.join("style.safetensors");
     if !steer.exists() {
-        let model = memsteer_lm::Model::load(dir).expect("model");
-        let dec = model.decoder();
-        let (d, rank) = (dec.dim(), dec.dim());
-        let mut rng = SplitMix64::new(7);
-        let p: Vec<f32> = (0..2 * 2 * d * rank).map(|_| 0.01 * rng.normal() as f32).collect();
-        let spec = SteerSpec {
-            num_steers: 2,
-            hidden_size: d,
-            rank,
-            vocab_size: dec.vocab(),
-            epsilon: 1e-3,
-            embedding_fingerprint: memsteer_steer::embedding_fingerprint(dec.output_embedding()),
-            labels: vec!["style".into()],
-        };
-        Steer::new(spec, p[..2 * d * rank].to_vec(), p[2 * d * rank..].to_vec(), json!({}))
-            .expect("steer")
-            .save(&steer)
-            .expect("save");
+        memsteer_benches::write_random_steer(dir, &steer, 512, 0.01, 7).expect("steer");
     }
     steer
 }
@@ -146,6 +125,7 @@ fn main() {
         args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned().unwrap_or(default.to_string())
     };
     let threads: usize = flag("--threads", "2").parse().expect("--threads");
+    let device = memsteer_kernels::Device::parse(&flag("--device", "cpu")).expect("--device");
     let tokens: usize = flag("--tokens", "32").parse().expect("--tokens");
     let requests: usize = flag("--requests", "64").parse().expect("--requests");
     let dir = PathBuf::from(flag("--dir", &std::env::temp_dir().join("memsteer-serve-load").display().to_string()));
@@ -154,12 +134,13 @@ fn main() {
     cfg.port = 0;
     cfg.threads = Some(threads);
     cfg.max_batch = 32;
+    cfg.device = device.clone();
     let cfg_steer = steer.clone();
     cfg.steers = vec![("style".into(), steer)];
     let server = Server::start(cfg).expect("server");
     let addr = server.addr().to_string();
     println!(
-        "memsteer serve, Pythia-70M shape (6 × 512, vocabulary 50,304, f16 weights), {threads} threads, 16-token prompts, {tokens} new tokens, temperature 1"
+        "memsteer serve on {device:?}, Pythia-70M shape (6 × 512, vocabulary 50,304, f16 weights), {threads} threads, 16-token prompts, {tokens} new tokens, temperature 1"
     );
     // Warm-up: page the weights in.
     scenario(&addr, 1, 1, tokens, &|_| false);

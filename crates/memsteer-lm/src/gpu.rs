@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use memsteer_kernels::Device;
 use memsteer_kernels::cuda::{
-    Attention, AttentionShape, DType, DevBuf, Gpu, Linear, NormGroups, OUTPUT_CHUNK, QkvRow, View,
+    Attention, AttentionShape, CacheTable, DType, DevBuf, Gpu, Linear, NormGroups, OUTPUT_CHUNK, QkvRow, View,
 };
 use safetensors::Dtype;
 
@@ -44,7 +44,12 @@ pub struct GpuModel {
     /// normal range, values below 2⁻¹⁴ lose bits), so that the output layer can write f16 logits
     /// (cuBLAS writes f16 only from f16 inputs).
     head16: Option<DevBuf>,
+    /// This load's number in the process: a [`DeviceKvCache`] works only with the model that made it.
+    id: usize,
 }
+
+/// Numbers [`GpuModel`] loads.
+static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl GpuModel {
     /// The precision class of its products ([`crate::Model::precision`]): `cuda-f32`, `cuda-f16` or
@@ -215,6 +220,7 @@ impl GpuModel {
             logits: DType::F32,
             attention: Attention::Auto,
             head16: None,
+            id: LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             arch,
         };
         if dtype == DType::Bf16 {
@@ -283,7 +289,7 @@ impl GpuModel {
             targets[w[0]..w[1] - 1].copy_from_slice(&tokens[w[0] + 1..w[1]]);
         }
         let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
-        let lp = self.forward(&tokens, &positions, Some(&targets), &spans)?;
+        let lp = self.forward(&tokens, &positions, Some(&targets), &spans, None)?;
         Ok(spans.iter().map(|&(start, len)| lp[start..start + len - 1].to_vec()).collect())
     }
 
@@ -297,7 +303,103 @@ impl GpuModel {
         let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
         let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
         let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
-        self.forward(&tokens, &positions, None, &spans)
+        self.forward(&tokens, &positions, None, &spans, None)
+    }
+
+    /// An empty key/value cache on the device for one sequence of at most `capacity` positions (at
+    /// most the context), for [`GpuModel::forward_cached`]. It takes `layers × 2 × kv_heads × capacity
+    /// × head_dim` values of the weights' type, allocated now.
+    pub fn new_cache(&self, capacity: usize) -> Result<DeviceKvCache> {
+        let a = &self.arch;
+        if capacity == 0 || capacity > a.context {
+            return Err(LmError::Input(format!(
+                "a KV cache of {capacity} positions: it must hold 1 to {} (the context)",
+                a.context
+            )));
+        }
+        let len = memsteer_kernels::cuda::cache_len((a.layers, a.kv_heads, a.head_dim), capacity)
+            .ok_or_else(|| LmError::Input(format!("a KV cache of {capacity} positions does not fit in memory")))?;
+        Ok(DeviceKvCache { buf: self.gpu.alloc(self.dtype, len)?, capacity, len: 0, owner: self.id })
+    }
+
+    /// Final hidden states (`f32`, `Σ len × dim`) of the sequences laid end to end, each continuing its
+    /// own device cache (`caches[i]` for `seqs[i]`, which it extends): one packed pass for a decoding
+    /// batch whose rows are at different positions, prompts and single tokens alike. Each row's keys
+    /// and values are stored in its cache, and its queries attend to that cache only. Every sequence is
+    /// checked (non-empty, ids inside the vocabulary, inside the context and its cache's capacity)
+    /// before any work.
+    pub fn forward_cached(&self, seqs: &[&[u32]], caches: &mut [&mut DeviceKvCache]) -> Result<Vec<f32>> {
+        let a = &self.arch;
+        let pasts: Vec<usize> = caches.iter().map(|c| c.len).collect();
+        if caches.len() != seqs.len() {
+            return Err(LmError::Input(format!("{} KV caches for {} sequences", caches.len(), seqs.len())));
+        }
+        let lay = ops::layout_for((a.vocab, a.context), seqs, &pasts)?;
+        for (i, (s, c)) in seqs.iter().zip(caches.iter()).enumerate() {
+            let message = if c.owner != self.id {
+                "its KV cache was made by another model".to_string()
+            } else if c.len + s.len() > c.capacity {
+                format!("{} cached + {} new tokens exceed the KV cache's capacity of {}", c.len, s.len(), c.capacity)
+            } else {
+                continue;
+            };
+            return Err(if seqs.len() == 1 {
+                LmError::Input(message)
+            } else {
+                LmError::Sequence { index: i, message }
+            });
+        }
+        if lay.rows() == 0 {
+            return Ok(Vec::new());
+        }
+        let tokens: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied()).collect();
+        let positions: Vec<u32> = lay.positions.iter().map(|&p| p as u32).collect();
+        let spans: Vec<(usize, usize)> = lay.starts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+        let rows: Vec<(usize, usize)> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &(_, len))| {
+                let past = pasts[s];
+                (0..len).map(move |i| (s, past + i))
+            })
+            .collect();
+        let hidden = {
+            let views: Vec<(View<'_>, usize)> = caches.iter().map(|c| (c.buf.view(), c.capacity)).collect();
+            let table = self.gpu.cache_table(&views, &rows, (a.layers, a.kv_heads, a.head_dim))?;
+            self.forward(&tokens, &positions, None, &spans, Some(&table))?
+        };
+        for (c, s) in caches.iter_mut().zip(seqs) {
+            c.len += s.len();
+        }
+        Ok(hidden)
+    }
+
+    /// Logits (`rows × vocab`, soft-capped as the model says) of `rows` final hidden states (`f32`, `rows
+    /// × dim`), through the output layer on the device: the hidden states are rounded to the output
+    /// embedding's type (f16 for a bf16 model whose embedding fits f16), the product accumulates in f32.
+    pub fn logits(&self, hidden: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (d, vocab) = (self.arch.dim, self.arch.vocab);
+        if hidden.len() != rows * d {
+            return Err(LmError::Input(format!("{} hidden values for {rows} rows of {d}", hidden.len())));
+        }
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let g = &*self.gpu;
+        let (head, dtype) = match &self.head16 {
+            Some(h) => (h, DType::F16),
+            None => (self.w.output(), self.dtype),
+        };
+        let h32 = g.upload_f32(hidden)?;
+        let h = g.alloc(dtype, rows * d)?;
+        g.convert(h32.view(), h.view(), rows * d)?;
+        let logits = g.alloc(DType::F32, rows * vocab)?;
+        let e = Linear { w: head.view(), outputs: vocab, inputs: d, inputs_major: false };
+        g.linear(h.view(), &e, logits.view(), rows)?;
+        if let Some(cap) = self.arch.logit_softcap {
+            g.softcap(logits.view(), cap)?;
+        }
+        Ok(g.download_f32(logits.view())?)
     }
 
     /// The forward pass ([`crate::block::forward`] on the device): per-row target log-probs when
@@ -308,6 +410,7 @@ impl GpuModel {
         positions: &[u32],
         targets: Option<&[u32]>,
         spans: &[(usize, usize)],
+        cached: Option<&CacheTable<'_>>,
     ) -> Result<Vec<f32>> {
         let g = &*self.gpu;
         let (rows, d) = (tokens.len(), self.arch.dim);
@@ -322,6 +425,7 @@ impl GpuModel {
             tokens: (tokens, g.upload_u32(tokens)?),
             positions: (positions, g.upload_u32(positions)?),
             spans,
+            cached,
             final_dtype,
             pool: Vec::new(),
             prof: Profile::new(g),
@@ -352,6 +456,36 @@ impl GpuModel {
     }
 }
 
+/// Keys and values of every layer of one sequence on the device, for [`GpuModel::forward_cached`]
+/// (made by [`GpuModel::new_cache`], with a fixed capacity).
+#[derive(Debug)]
+pub struct DeviceKvCache {
+    buf: DevBuf,
+    capacity: usize,
+    len: usize,
+    /// The model that made it ([`GpuModel`]'s `id`): another model's cache is refused.
+    owner: usize,
+}
+
+impl DeviceKvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Most positions it holds.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Bytes of device memory it takes.
+    pub fn bytes(&self) -> usize {
+        self.buf.len() * self.buf.view().dtype().size()
+    }
+}
+
 /// The device backend of the block loop for one packed batch. The residual stream is f32; product
 /// outputs and the other activations are in the weights' type (f32 models stay f32 throughout).
 struct DeviceRun<'a> {
@@ -359,6 +493,9 @@ struct DeviceRun<'a> {
     tokens: (&'a [u32], DevBuf),
     positions: (&'a [u32], DevBuf),
     spans: &'a [(usize, usize)],
+    /// Decoding with caches: attention stores each row's keys and values in its sequence's cache and
+    /// attends to that cache ([`GpuModel::forward_cached`]).
+    cached: Option<&'a CacheTable<'a>>,
     final_dtype: DType,
     /// Buffers the operations gave back (every kernel writes its outputs in full).
     pool: Vec<DevBuf>,
@@ -477,7 +614,16 @@ impl crate::block::Backend for DeviceRun<'_> {
         let ctx = self.take(dt, rows * heads * hd)?;
         let window = if a.windowed(index) { a.window } else { None };
         let shape = AttentionShape { rows, heads, kv_heads, hd, window, scale: a.attn_scale, softcap: a.attn_softcap };
-        self.m.gpu.attention_shaped(self.m.attention, (q.view(), k.view(), v.view()), ctx.view(), self.spans, shape)?;
+        match self.cached {
+            Some(table) => {
+                self.m.gpu.cache_store(table, index, (k.view(), v.view()))?;
+                self.m.gpu.cached_attention(table, index, q.view(), ctx.view(), shape)?;
+            }
+            None => {
+                let qkv = (q.view(), k.view(), v.view());
+                self.m.gpu.attention_shaped(self.m.attention, qkv, ctx.view(), self.spans, shape)?;
+            }
+        }
         self.prof.mark("attention");
         for b in [q, k, v] {
             self.give(b);

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 
 /// Arguments of `memsteer serve`.
@@ -20,7 +20,7 @@ pub struct ServeArgs {
     /// Port (0: any free port, printed at start).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Where the model runs (only cpu in this version).
+    /// Where decoding runs: cpu, or cuda[:N] (builds with the `cuda` feature; the KV caches live on the device).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Most rows (choices) in one decoding step.
@@ -56,11 +56,7 @@ fn parse_steer(spec: &str) -> Result<(String, PathBuf)> {
 
 /// The server's configuration from the arguments (`threads`: the global `--threads`).
 pub fn config(a: &ServeArgs, threads: Option<usize>) -> Result<crate::Config> {
-    ensure!(
-        a.device == "cpu",
-        "--device {}: memsteer serve runs on the CPU in this version (decoding with a KV cache on the GPU is not built yet); use --device cpu",
-        a.device
-    );
+    let device = memsteer_kernels::Device::parse(&a.device).with_context(|| format!("--device {}", a.device))?;
     ensure!(a.max_batch >= 1, "--max-batch must be at least 1");
     ensure!(a.max_tokens >= 1, "--max-tokens must be at least 1");
     let mut cfg = crate::Config::new(a.model.clone());
@@ -75,6 +71,7 @@ pub fn config(a: &ServeArgs, threads: Option<usize>) -> Result<crate::Config> {
     cfg.max_body = a.max_body_bytes;
     cfg.seed = a.seed;
     cfg.threads = threads;
+    cfg.device = device;
     cfg.signals = true;
     Ok(cfg)
 }

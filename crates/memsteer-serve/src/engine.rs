@@ -13,15 +13,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use memsteer_kernels::{Device, matmul_transposed};
-use memsteer_lm::KvCache;
 use memsteer_lm::sample::{SamplingConfig, sample_excluding};
 use memsteer_panel::rng::SplitMix64;
 use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
-use crate::model::Served;
+use crate::model::{RowCache, Served};
 
 /// What one row (one choice of one prompt) generates.
 #[derive(Debug, Clone)]
@@ -169,7 +167,7 @@ struct Row {
     spec: RowSpec,
     events: UnboundedSender<Event>,
     received: Instant,
-    cache: KvCache,
+    cache: RowCache,
     /// What the next step feeds: the prompt, then the last token.
     input: Vec<u32>,
     generated: Vec<u32>,
@@ -211,13 +209,24 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
         while active.len() < max_batch {
             let Some(job) = waiting.front_mut() else { break };
             if let Some(spec) = job.rows.pop_front() {
+                // Room for the prompt and every generated token but the last (never fed back).
+                let cache = match served.new_cache(spec.prompt.len() + spec.max_tokens) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = job.events.send(Event::Failed(format!("choice {}: {e}", spec.choice)));
+                        job.rows.clear();
+                        waiting.pop_front();
+                        queued.fetch_sub(1, Ordering::SeqCst);
+                        continue;
+                    }
+                };
                 active.push(Row {
                     rng: SplitMix64::new(spec.seed),
                     input: spec.prompt.clone(),
                     spec,
                     events: job.events.clone(),
                     received: job.received,
-                    cache: KvCache::new(),
+                    cache,
                     generated: Vec::new(),
                     sent: String::new(),
                     detok: Detok::default(),
@@ -253,10 +262,10 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
 fn step(served: &Served, rows: &mut [Row], metrics: &Metrics) -> Result<(), String> {
     let dec = served.model.decoder();
     let (d, vocab) = (dec.dim(), dec.vocab());
-    let (seqs, mut caches): (Vec<&[u32]>, Vec<&mut KvCache>) =
+    let (seqs, mut caches): (Vec<&[u32]>, Vec<&mut RowCache>) =
         rows.iter_mut().map(|r| (r.input.as_slice(), &mut r.cache)).unzip();
     let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
-    let hidden = dec.forward_cached(&seqs, &mut caches).map_err(|e| format!("forward pass: {e}"))?;
+    let hidden = served.forward_step(&seqs, &mut caches)?;
     let mut ends = Vec::with_capacity(lens.len());
     let mut at = 0;
     for l in lens {
@@ -282,10 +291,7 @@ fn step(served: &Served, rows: &mut [Row], metrics: &Metrics) -> Result<(), Stri
         .collect::<Result<_, String>>()?;
     let n = rows.len();
     let flat: Vec<f32> = steered.concat();
-    let mut logits = vec![0.0f32; n * vocab];
-    matmul_transposed(&Device::Cpu, &flat, dec.output_embedding(), n, d, vocab, &mut logits)
-        .map_err(|e| format!("output layer: {e}"))?;
-    dec.logits_in_place(&mut logits);
+    let logits = served.logits(&flat, n)?;
     let now = Instant::now();
     rows.par_iter_mut().zip(logits.par_chunks(vocab)).for_each(|(r, l)| advance(served, r, l, now, metrics));
     Ok(())

@@ -57,6 +57,8 @@ pub struct Config {
     pub seed: u64,
     /// Threads of the decoding steps (default: all cores).
     pub threads: Option<usize>,
+    /// Where decoding runs: the CPU, or (feature `cuda`) a CUDA device with the KV caches on it.
+    pub device: memsteer_kernels::Device,
     /// Stop on SIGINT / SIGTERM (the command line); tests stop through [`Server::shutdown`].
     pub signals: bool,
 }
@@ -78,6 +80,7 @@ impl Config {
             max_body: 4 << 20,
             seed: 0,
             threads: None,
+            device: memsteer_kernels::Device::Cpu,
             signals: false,
         }
     }
@@ -99,7 +102,7 @@ impl Server {
         if cfg.max_batch == 0 || cfg.max_tokens == 0 {
             return Err(ServeError::Load("--max-batch and --max-tokens must be at least 1".into()));
         }
-        let served = Arc::new(model::Served::load(&cfg.model, &cfg.steers, cfg.served_name.clone())?);
+        let served = Arc::new(model::Served::load_on(&cfg.model, &cfg.steers, cfg.served_name.clone(), &cfg.device)?);
         let mut pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("memsteer-step-{i}"));
         if let Some(n) = cfg.threads {
             pool = pool.num_threads(n);

@@ -43,6 +43,41 @@ pub struct Served {
     /// Ids of the model's vocabulary that the tokenizer cannot decode (padded embedding rows, as
     /// Pythia's 50,304 rows for 50,277 tokens): never sampled.
     pub undecodable: Vec<u32>,
+    /// Where decoding steps run.
+    pub runner: Runner,
+}
+
+/// Where the decoding steps run: the CPU model ([`Served::model`]), or a copy of the checkpoint on a
+/// CUDA device whose KV caches live on the device. Steers, sampling and detokenising stay on the host.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Runner {
+    /// On the CPU.
+    Cpu,
+    /// On a CUDA device.
+    #[cfg(feature = "cuda")]
+    Cuda(Box<memsteer_lm::gpu::GpuModel>),
+}
+
+/// One row's keys and values, where its model runs.
+#[derive(Debug)]
+pub enum RowCache {
+    /// In host memory.
+    Cpu(memsteer_lm::KvCache),
+    /// On the device.
+    #[cfg(feature = "cuda")]
+    Cuda(memsteer_lm::gpu::DeviceKvCache),
+}
+
+impl RowCache {
+    /// Bytes its keys and values take.
+    pub fn bytes(&self) -> usize {
+        match self {
+            RowCache::Cpu(c) => c.bytes(),
+            #[cfg(feature = "cuda")]
+            RowCache::Cuda(c) => c.bytes(),
+        }
+    }
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, ServeError> {
@@ -66,6 +101,27 @@ impl Served {
     /// Loads the model in `dir` with its tokenizer and the steers `(name, file)`; a steer made for
     /// another model, a duplicate name or a missing tokenizer is an error naming it.
     pub fn load(dir: &Path, steers: &[(String, PathBuf)], name: Option<String>) -> Result<Self, ServeError> {
+        Self::load_on(dir, steers, name, &memsteer_kernels::Device::Cpu)
+    }
+
+    /// [`Served::load`] with the decoding steps on `device` (a CUDA device needs the `cuda` feature;
+    /// the CPU copy of the model is loaded too, for the steers' checks and the shapes).
+    pub fn load_on(
+        dir: &Path,
+        steers: &[(String, PathBuf)],
+        name: Option<String>,
+        device: &memsteer_kernels::Device,
+    ) -> Result<Self, ServeError> {
+        let runner = match device {
+            memsteer_kernels::Device::Cpu => Runner::Cpu,
+            #[cfg(feature = "cuda")]
+            memsteer_kernels::Device::Cuda(_) => Runner::Cuda(Box::new(
+                memsteer_lm::gpu::GpuModel::load(dir, device)
+                    .map_err(|e| ServeError::Load(format!("{} on {device:?}: {e}", dir.display())))?,
+            )),
+            #[allow(unreachable_patterns)]
+            other => return Err(ServeError::Load(format!("memsteer serve has no runtime for {other:?}"))),
+        };
         let model = memsteer_lm::Model::load(dir).map_err(|e| ServeError::Load(format!("{}: {e}", dir.display())))?;
         if !memsteer_lm::tokenizer::present_in(dir) {
             return Err(ServeError::Load(format!(
@@ -129,7 +185,73 @@ impl Served {
                 dec.vocab()
             )));
         }
-        Ok(Self { name, model, tokenizer, eos, chat, steers: loaded, created, undecodable })
+        Ok(Self { name, model, tokenizer, eos, chat, steers: loaded, created, undecodable, runner })
+    }
+
+    /// An empty KV cache for a row of at most `capacity` positions, where the model runs (on a GPU the
+    /// memory is taken now).
+    pub fn new_cache(&self, capacity: usize) -> Result<RowCache, String> {
+        match &self.runner {
+            Runner::Cpu => Ok(RowCache::Cpu(memsteer_lm::KvCache::new())),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(g) => g.new_cache(capacity.min(self.context())).map(RowCache::Cuda).map_err(|e| e.to_string()),
+        }
+        .map_err(|e: String| format!("KV cache of {capacity} positions: {e}"))
+    }
+
+    /// Final hidden states of a decoding step: `seqs[i]` continues `caches[i]` (which it extends),
+    /// all rows of all sequences laid end to end (`Σ len × dim`).
+    pub fn forward_step(&self, seqs: &[&[u32]], caches: &mut [&mut RowCache]) -> Result<Vec<f32>, String> {
+        let wrong = || "internal: a row's KV cache is not where the model runs".to_string();
+        let out = match &self.runner {
+            Runner::Cpu => {
+                let mut cpu = Vec::with_capacity(caches.len());
+                for c in caches.iter_mut() {
+                    #[allow(irrefutable_let_patterns)]
+                    let RowCache::Cpu(c) = &mut **c else { return Err(wrong()) };
+                    cpu.push(c);
+                }
+                self.model.decoder().forward_cached(seqs, &mut cpu)
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(g) => {
+                let mut dev = Vec::with_capacity(caches.len());
+                for c in caches.iter_mut() {
+                    let RowCache::Cuda(c) = &mut **c else { return Err(wrong()) };
+                    dev.push(c);
+                }
+                g.forward_cached(seqs, &mut dev)
+            }
+        };
+        out.map_err(|e| format!("forward pass: {e}"))
+    }
+
+    /// Logits (soft-capped as the model says) of `rows` final hidden states (`rows × dim`), where the
+    /// model runs.
+    pub fn logits(&self, hidden: &[f32], rows: usize) -> Result<Vec<f32>, String> {
+        let dec = self.model.decoder();
+        let out = match &self.runner {
+            Runner::Cpu => {
+                let mut logits = vec![0.0f32; rows * dec.vocab()];
+                memsteer_kernels::matmul_transposed(
+                    &memsteer_kernels::Device::Cpu,
+                    hidden,
+                    dec.output_embedding(),
+                    rows,
+                    dec.dim(),
+                    dec.vocab(),
+                    &mut logits,
+                )
+                .map(|()| {
+                    dec.logits_in_place(&mut logits);
+                    logits
+                })
+                .map_err(|e| e.to_string())
+            }
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(g) => g.logits(hidden, rows).map_err(|e| e.to_string()),
+        };
+        out.map_err(|e| format!("output layer: {e}"))
     }
 
     /// The model's context length.

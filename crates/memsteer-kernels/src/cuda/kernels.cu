@@ -424,6 +424,111 @@ extern "C" __global__ void lse_target_vec(const void* logits, int l_dt, i64 V, c
 }
 
 
+// ---- Decoding with key/value caches on the device ------------------------------------------------
+// Each sequence of a decoding batch owns one cache buffer (type dt), laid out layers × 2 (keys, values)
+// × kv_heads × capacity × hd; `caches` holds the buffers' addresses and `caps` their capacities, one per
+// sequence, and row r of the batch belongs to sequence seq[r] at position pos[r] (< its capacity: the
+// host checks every address, capacity and position before a launch).
+
+// Offset of position p of one key/value head's keys (part 0) or values (part 1) in a cache buffer.
+__device__ __forceinline__ i64 cache_at(int layer, int part, int kv_heads, int head, i64 capacity, i64 p, int hd) {
+    return ((((i64)layer * 2 + part) * kv_heads + head) * capacity + p) * hd;
+}
+
+// Stores layer `layer`'s new keys and values (head-major kv_heads × rows × hd, type dt) at their rows'
+// positions. Grid (rows, kv_heads).
+extern "C" __global__ void cache_store(const void* k, const void* v, const unsigned long long* caches, const u32* caps,
+                                       const u32* seq, const u32* pos, int dt, i64 rows, int kv_heads, int hd,
+                                       int layer) {
+    i64 r = blockIdx.x;
+    int h = blockIdx.y;
+    u32 s = seq[r];
+    void* base = (void*)caches[s];
+    i64 capacity = caps[s], p = pos[r];
+    i64 kd = cache_at(layer, 0, kv_heads, h, capacity, p, hd), vd = cache_at(layer, 1, kv_heads, h, capacity, p, hd);
+    i64 src = ((i64)h * rows + r) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        if (dt == 0) {
+            ((float*)base)[kd + d] = ((const float*)k)[src + d];
+            ((float*)base)[vd + d] = ((const float*)v)[src + d];
+        } else {
+            ((u16*)base)[kd + d] = ((const u16*)k)[src + d];
+            ((u16*)base)[vd + d] = ((const u16*)v)[src + d];
+        }
+    }
+}
+
+// Attention of each row's query heads (head-major heads × rows × hd, type dt) over its sequence's cached
+// keys 0..=pos (only the last `window` of them when window > 0), written row-major to ctx (rows ×
+// heads·hd, type dt). Scores are scaled, then soft-capped when cap > 0 (Gemma 2); query head h reads
+// key/value head h / (heads / kv_heads). Everything after the loads is f32: each warp keeps an online
+// softmax over every 4th key (lane l holds dimensions l, l + 32, …; hd ≤ 256), and the four warps'
+// maxima, sums and accumulators are merged at the end. Grid (rows, heads), 128 threads.
+#define DEC_WARPS 4
+extern "C" __global__ void __launch_bounds__(128)
+    cached_attention(const void* q, const unsigned long long* caches, const u32* caps, const u32* seq, const u32* pos,
+                     void* ctx, int dt, i64 rows, int heads, int kv_heads, int hd, int layer, float scale, int window,
+                     float cap) {
+    __shared__ float s_max[DEC_WARPS], s_sum[DEC_WARPS];
+    __shared__ float s_acc[DEC_WARPS][256];
+    i64 r = blockIdx.x;
+    int h = blockIdx.y, lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int kvh = h / (heads / kv_heads);
+    u32 s = seq[r];
+    const void* base = (const void*)caches[s];
+    i64 capacity = caps[s], p = pos[r];
+    i64 kb = cache_at(layer, 0, kv_heads, kvh, capacity, 0, hd), vb = cache_at(layer, 1, kv_heads, kvh, capacity, 0, hd);
+    float qr[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int d = lane + 32 * i;
+        qr[i] = d < hd ? ld(q, ((i64)h * rows + r) * hd + d, dt) : 0.0f;
+        acc[i] = 0.0f;
+    }
+    i64 first = window > 0 && p + 1 > window ? p + 1 - window : 0;
+    float m = NEG_INF, l = 0.0f;
+    for (i64 j = first + w; j <= p; j += DEC_WARPS) {
+        float part = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) part += qr[i] * ld(base, kb + j * hd + d, dt);
+        }
+        float sc = capped(warp_sum(part) * scale, cap);
+        float mn = fmaxf(m, sc);
+        float corr = expf(m - mn), e = expf(sc - mn);
+        l = l * corr + e;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int d = lane + 32 * i;
+            if (d < hd) acc[i] = acc[i] * corr + e * ld(base, vb + j * hd + d, dt);
+        }
+        m = mn;
+    }
+    if (lane == 0) {
+        s_max[w] = m;
+        s_sum[w] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int d = lane + 32 * i;
+        if (d < hd) s_acc[w][d] = acc[i];
+    }
+    __syncthreads();
+    float top = NEG_INF;
+    for (int x = 0; x < DEC_WARPS; x++) top = fmaxf(top, s_max[x]);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        for (int x = 0; x < DEC_WARPS; x++) {
+            if (s_max[x] == NEG_INF) continue;  // a warp that saw no key
+            float f = expf(s_max[x] - top);
+            num += s_acc[x][d] * f;
+            den += s_sum[x] * f;
+        }
+        st(ctx, r * heads * hd + (i64)h * hd + d, dt, num / den);
+    }
+}
+
 // ---- LM-Steer training (the output layer's backward on one chunk of logits) -----------------------
 // m[t, :] *= factor · strengths[t · steers + i] for a rows × cols f32 matrix. Grid (column blocks, row blocks).
 extern "C" __global__ void scale_rows(float* m, int cols, const float* strengths, int steers, int i, float factor,

@@ -19,10 +19,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::cublas::{CudaBlas, result as blas, sys as blas_sys};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
 
+pub use decode::{CacheTable, cache_len};
+
 use crate::operands::Span;
 use crate::{KernelError, Result};
 
 mod attention;
+mod decode;
 mod elementwise;
 mod output;
 mod products;
@@ -32,7 +35,7 @@ mod training;
 pub const SOURCE: &str = include_str!("kernels.cu");
 
 /// The kernels in [`SOURCE`], by entry name.
-pub const KERNELS: [&str; 29] = [
+pub const KERNELS: [&str; 31] = [
     "convert",
     "embed",
     "layer_norm",
@@ -50,6 +53,8 @@ pub const KERNELS: [&str; 29] = [
     "scale_rows",
     "softmax_grad",
     "softcap",
+    "cache_store",
+    "cached_attention",
     "flash_hd64_f16",
     "flash_hd64_bf16",
     "flash_hd128_f16",
