@@ -311,6 +311,13 @@ impl GpuModel {
     /// × head_dim` values of the weights' type, allocated now.
     pub fn new_cache(&self, capacity: usize) -> Result<DeviceKvCache> {
         let a = &self.arch;
+        if a.head_dim > 256 || a.heads > 65_535 {
+            return Err(LmError::Input(format!(
+                "{} heads of {} dimensions: decoding on the device takes heads of at most 256 dimensions and at most \
+                 65,535 heads",
+                a.heads, a.head_dim
+            )));
+        }
         if capacity == 0 || capacity > a.context {
             return Err(LmError::Input(format!(
                 "a KV cache of {capacity} positions: it must hold 1 to {} (the context)",

@@ -212,6 +212,12 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
                 // Room for the prompt and every generated token but the last (never fed back).
                 let cache = match served.new_cache(spec.prompt.len() + spec.max_tokens) {
                     Ok(c) => c,
+                    // Device memory held by running rows: wait for them to finish.
+                    Err(_) if !active.is_empty() => {
+                        job.rows.push_front(spec);
+                        break;
+                    }
+                    // Nothing else runs, so it cannot fit: the request fails (no row of it runs).
                     Err(e) => {
                         let _ = job.events.send(Event::Failed(format!("choice {}: {e}", spec.choice)));
                         job.rows.clear();

@@ -115,10 +115,14 @@ impl Served {
         let runner = match device {
             memsteer_kernels::Device::Cpu => Runner::Cpu,
             #[cfg(feature = "cuda")]
-            memsteer_kernels::Device::Cuda(_) => Runner::Cuda(Box::new(
-                memsteer_lm::gpu::GpuModel::load(dir, device)
-                    .map_err(|e| ServeError::Load(format!("{} on {device:?}: {e}", dir.display())))?,
-            )),
+            memsteer_kernels::Device::Cuda(_) => {
+                let on = |e: memsteer_lm::LmError| ServeError::Load(format!("{} on {device:?}: {e}", dir.display()));
+                let g = memsteer_lm::gpu::GpuModel::load(dir, device).map_err(on)?;
+                // A model the device cannot decode (heads wider than the kernel takes) fails here, not
+                // on every request.
+                g.new_cache(1).map_err(on)?;
+                Runner::Cuda(Box::new(g))
+            }
             #[allow(unreachable_patterns)]
             other => return Err(ServeError::Load(format!("memsteer serve has no runtime for {other:?}"))),
         };

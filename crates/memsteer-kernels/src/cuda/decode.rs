@@ -17,6 +17,8 @@ pub struct CacheTable<'a> {
     pos: DevBuf,
     rows: usize,
     dtype: DType,
+    /// The device whose buffers it points to.
+    device: usize,
     /// Layers, key/value heads, dimensions per head.
     shape: (usize, usize, usize),
     _caches: PhantomData<&'a DevBuf>,
@@ -42,7 +44,8 @@ impl Gpu {
     /// Checks a decoding batch's caches and uploads their table: `caches[s]` is sequence `s`'s buffer
     /// and its capacity in positions, `rows[r] = (s, p)` says that row `r` belongs to sequence `s` at
     /// position `p` (below the capacity). Every buffer must hold [`cache_len`] elements of one float type
-    /// on this device.
+    /// on this device, no two buffers may overlap and no two rows may share a sequence and position
+    /// (their blocks would write the same slot).
     pub fn cache_table<'a>(
         &self,
         caches: &[(View<'a>, usize)],
@@ -61,6 +64,9 @@ impl Gpu {
         let Some(&(first, _)) = caches.first() else {
             return Err(KernelError::Shape { what: "KV caches", expected: "at least one".into(), found: 0 });
         };
+        if caches.len() > u32::MAX as usize {
+            return Err(KernelError::Overflow { what: "KV caches", rows: caches.len(), cols: 1 });
+        }
         let dtype = first.dtype;
         first.need_type("KV cache", &[DType::F32, DType::F16, DType::Bf16])?;
         let mut addresses = Vec::with_capacity(caches.len() * 2);
@@ -86,9 +92,19 @@ impl Gpu {
                     found: capacity,
                 });
             }
-            check_operands(self.ordinal, "KV cache table", &[], &[("KV cache", v)], false)?;
             addresses.extend([v.ptr as u32, (v.ptr >> 32) as u32]);
             capacities.push(capacity as u32);
+        }
+        // On this device, and no two overlapping.
+        let outputs: Vec<(&'static str, View<'_>)> = caches.iter().map(|&(v, _)| ("KV cache", v)).collect();
+        check_operands(self.ordinal, "KV cache table", &[], &outputs, false)?;
+        let mut seen = std::collections::HashSet::with_capacity(rows.len());
+        if let Some(&(s, p)) = rows.iter().find(|&&row| !seen.insert(row)) {
+            return Err(KernelError::Shape {
+                what: "KV cache rows",
+                expected: format!("one row per sequence and position; sequence {s} has position {p} twice"),
+                found: rows.len(),
+            });
         }
         let (mut seq, mut pos) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
         for (r, &(s, p)) in rows.iter().enumerate() {
@@ -119,12 +135,21 @@ impl Gpu {
             pos: self.upload_u32(&pos)?,
             rows: rows.len(),
             dtype,
+            device: self.ordinal,
             shape,
             _caches: PhantomData,
         })
     }
 
-    fn check_layer(table: &CacheTable<'_>, layer: usize) -> Result<()> {
+    /// The table was built on this device and has `layer`.
+    fn check_layer(&self, table: &CacheTable<'_>, layer: usize) -> Result<()> {
+        if table.device != self.ordinal {
+            return Err(KernelError::Shape {
+                what: "KV cache table",
+                expected: format!("one built on device {}", self.ordinal),
+                found: table.device,
+            });
+        }
         if layer >= table.shape.0 {
             return Err(KernelError::Shape {
                 what: "KV cache layer",
@@ -138,7 +163,7 @@ impl Gpu {
     /// Stores layer `layer`'s keys and values of the table's rows (`k`, `v` head-major, `kv_heads ×
     /// rows × hd`, the caches' type) at the rows' positions.
     pub fn cache_store(&self, table: &CacheTable<'_>, layer: usize, (k, v): (View<'_>, View<'_>)) -> Result<()> {
-        Self::check_layer(table, layer)?;
+        self.check_layer(table, layer)?;
         let (_, kv_heads, hd) = table.shape;
         let rows = table.rows;
         check_operands(self.ordinal, "KV cache store", &[("keys", k), ("values", v)], &[], false)?;
@@ -181,7 +206,7 @@ impl Gpu {
         ctx: View<'_>,
         shape: AttentionShape,
     ) -> Result<()> {
-        Self::check_layer(table, layer)?;
+        self.check_layer(table, layer)?;
         let AttentionShape { rows, heads, kv_heads, hd, window, scale, softcap } = shape;
         if (rows, kv_heads, hd) != (table.rows, table.shape.1, table.shape.2) {
             return Err(KernelError::Shape {
