@@ -429,6 +429,65 @@ mod cuda {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The source of the `__device__` function or kernel whose definition starts with `head`: its line
+    /// when it ends there, else up to its closing brace at the start of a line.
+    fn cuda_function(head: &str) -> String {
+        let start = cuda::SOURCE.find(head).unwrap_or_else(|| panic!("`{head}` not in kernels.cu"));
+        let rest = &cuda::SOURCE[start..];
+        let line = rest.lines().next().unwrap_or_default();
+        if line.trim_end().ends_with('}') {
+            return line.to_string(); // a one-line function
+        }
+        rest[..rest.find("\n}\n").expect("closing brace") + 3].to_string()
+    }
+
+    /// The decoding kernels (`cache_store`, `cached_attention`) as kernels.cu has them, compiled as C++
+    /// for the CPU emulator (`tests/emulator/shim.h`: a thread per CUDA thread, barriers for
+    /// `__syncthreads` and warp shuffles) and run against attention computed in double
+    /// (`tests/emulator/decode.cpp`): windows, scales, soft-caps, grouped heads, heads of 32 to 256,
+    /// rows of new prompts and of cached sequences in one step, f32 and bf16. No GPU needed; skips
+    /// without a C++ compiler (`c++`, or `CXX`) unless `MEMSTEER_REQUIRE_CXX` is set, as CI sets it.
+    #[test]
+    fn cached_decoding_kernels_run_in_the_cpu_emulator() {
+        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+        let required = std::env::var_os("MEMSTEER_REQUIRE_CXX").is_some();
+        if std::process::Command::new(&cxx).arg("--version").output().is_err() {
+            assert!(!required, "MEMSTEER_REQUIRE_CXX is set but `{cxx}` does not run");
+            eprintln!("skipped: no C++ compiler (`{cxx}`)");
+            return;
+        }
+        let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulator");
+        let dir = std::env::temp_dir().join(format!("memsteer-emulator-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let section = {
+            let start = cuda::SOURCE.find("// ---- Decoding with key/value caches").expect("decoding section");
+            let end = cuda::SOURCE[start + 8..].find("// ---- ").map(|e| start + 8 + e).expect("next section");
+            &cuda::SOURCE[start..end]
+        };
+        let header = format!(
+            "{}\n{}\n{}\n{section}",
+            std::fs::read_to_string(here.join("shim.h")).expect("shim.h"),
+            cuda_function("__device__ __forceinline__ float warp_sum"),
+            cuda_function("__device__ __forceinline__ float capped"),
+        );
+        std::fs::write(dir.join("kernels.h"), header).expect("kernels.h");
+        let exe = dir.join("decode");
+        let out = std::process::Command::new(&cxx)
+            .args(["-std=c++17", "-O1", "-pthread", "-I"])
+            .arg(&dir)
+            .arg(here.join("decode.cpp"))
+            .arg("-o")
+            .arg(&exe)
+            .output()
+            .expect("run the C++ compiler");
+        assert!(out.status.success(), "compiling the emulated kernels:\n{}", String::from_utf8_lossy(&out.stderr));
+        let run = std::process::Command::new(&exe).output().expect("run the emulated kernels");
+        let report = String::from_utf8_lossy(&run.stdout);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(run.status.success(), "emulated decoding kernels:\n{report}");
+        assert_eq!(report.matches("worst relative").count(), 7, "{report}");
+    }
+
     #[test]
     fn unknown_device_names_are_errors() {
         let e = Device::parse("tpu").expect_err("tpu");

@@ -1,0 +1,112 @@
+// Runs pieces of kernels.cu on the CPU: the CUDA built-ins they use, with each thread of a block an
+// OS thread, blocks one after another. `__shared__` variables are statics (one block runs at a time),
+// `__syncthreads` is a barrier of the block, `__shfl_xor_sync` an exchange through memory between two
+// barriers of the warp. Loads and stores cover f32 and bf16 (the kernels' own helpers use PTX).
+// Plain C++17, no GPU: `cuda::cached_decoding_kernels_run_in_the_cpu_emulator` (tests/tests.rs) builds it.
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+struct dim3 {
+    unsigned x = 0, y = 0, z = 0;
+};
+thread_local dim3 threadIdx;
+dim3 blockIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+static inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+static inline float __uint_as_float(unsigned i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+static inline unsigned __float_as_uint(float f) {
+    unsigned i;
+    std::memcpy(&i, &f, 4);
+    return i;
+}
+#define NEG_INF __int_as_float(0xff800000)
+
+// A reusable barrier of n threads.
+struct Barrier {
+    std::mutex m;
+    std::condition_variable cv;
+    unsigned n, waiting = 0, generation = 0;
+    explicit Barrier(unsigned n) : n(n) {}
+    void wait() {
+        std::unique_lock<std::mutex> lock(m);
+        unsigned gen = generation;
+        if (++waiting == n) {
+            waiting = 0;
+            generation++;
+            cv.notify_all();
+        } else {
+            cv.wait(lock, [&] { return gen != generation; });
+        }
+    }
+};
+static std::unique_ptr<Barrier> block_barrier;
+static std::unique_ptr<Barrier> warp_barrier[32];
+static float exchange[32][32];
+
+static inline void __syncthreads() { block_barrier->wait(); }
+static inline float __shfl_xor_sync(unsigned, float v, int o) {
+    int t = threadIdx.x, w = t >> 5, l = t & 31;
+    exchange[w][l] = v;
+    warp_barrier[w]->wait();
+    float r = exchange[w][l ^ o];
+    warp_barrier[w]->wait();
+    return r;
+}
+
+static inline float b2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+static inline u16 f2b(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+static inline float ld(const void* p, i64 i, int dt) { return dt == 0 ? ((const float*)p)[i] : b2f(((const u16*)p)[i]); }
+static inline void st(void* p, i64 i, int dt, float v) {
+    if (dt == 0) ((float*)p)[i] = v;
+    else ((u16*)p)[i] = f2b(v);
+}
+
+// Runs a grid of gx × gy blocks of `threads` threads (a multiple of 32, at most 1024).
+static void launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& kernel) {
+    blockDim.x = threads;
+    gridDim.x = gx;
+    gridDim.y = gy;
+    for (unsigned by = 0; by < gy; by++) {
+        for (unsigned bx = 0; bx < gx; bx++) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            block_barrier.reset(new Barrier(threads));
+            for (unsigned w = 0; w < threads / 32; w++) warp_barrier[w].reset(new Barrier(32));
+            std::vector<std::thread> ts;
+            for (unsigned t = 0; t < threads; t++) ts.emplace_back([t, &kernel] {
+                threadIdx.x = t;
+                kernel();
+            });
+            for (auto& t : ts) t.join();
+        }
+    }
+}
