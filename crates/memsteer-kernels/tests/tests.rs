@@ -441,51 +441,85 @@ mod cuda {
         rest[..rest.find("\n}\n").expect("closing brace") + 3].to_string()
     }
 
-    /// The decoding kernels (`cache_store`, `cached_attention`) as kernels.cu has them, compiled as C++
-    /// for the CPU emulator (`tests/emulator/shim.h`: a thread per CUDA thread, barriers for
-    /// `__syncthreads` and warp shuffles) and run against attention computed in double
-    /// (`tests/emulator/decode.cpp`): windows, scales, soft-caps, grouped heads, heads of 32 to 256,
-    /// rows of new prompts and of cached sequences in one step, f32 and bf16. No GPU needed; skips
-    /// without a C++ compiler (`c++`, or `CXX`) unless `MEMSTEER_REQUIRE_CXX` is set, as CI sets it.
-    #[test]
-    fn cached_decoding_kernels_run_in_the_cpu_emulator() {
+    /// Compiles `tests/emulator/{driver}.cpp` with `pieces` of kernels.cu (each a function's first
+    /// line, or a whole section's header comment) after the CPU emulator (`tests/emulator/shim.h`: a
+    /// thread per CUDA thread, barriers for `__syncthreads` and warp shuffles), runs it and returns its
+    /// report; `None` (the test skips) without a C++ compiler (`c++`, or `CXX`), unless
+    /// `MEMSTEER_REQUIRE_CXX` is set, as CI sets it. No GPU needed.
+    fn emulate(driver: &str, pieces: &[&str]) -> Option<String> {
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let required = std::env::var_os("MEMSTEER_REQUIRE_CXX").is_some();
         if std::process::Command::new(&cxx).arg("--version").output().is_err() {
-            assert!(!required, "MEMSTEER_REQUIRE_CXX is set but `{cxx}` does not run");
+            assert!(
+                std::env::var_os("MEMSTEER_REQUIRE_CXX").is_none(),
+                "MEMSTEER_REQUIRE_CXX is set but `{cxx}` does not run"
+            );
             eprintln!("skipped: no C++ compiler (`{cxx}`)");
-            return;
+            return None;
         }
         let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulator");
-        let dir = std::env::temp_dir().join(format!("memsteer-emulator-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("memsteer-emulator-{driver}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let section = {
-            let start = cuda::SOURCE.find("// ---- Decoding with key/value caches").expect("decoding section");
-            let end = cuda::SOURCE[start + 8..].find("// ---- ").map(|e| start + 8 + e).expect("next section");
-            &cuda::SOURCE[start..end]
-        };
-        let header = format!(
-            "{}\n{}\n{}\n{section}",
-            std::fs::read_to_string(here.join("shim.h")).expect("shim.h"),
-            cuda_function("__device__ __forceinline__ float warp_sum"),
-            cuda_function("__device__ __forceinline__ float capped"),
-        );
+        let mut header = std::fs::read_to_string(here.join("shim.h")).expect("shim.h");
+        for piece in pieces {
+            header.push('\n');
+            if piece.starts_with("// ---- ") {
+                let start = cuda::SOURCE.find(piece).unwrap_or_else(|| panic!("`{piece}` not in kernels.cu"));
+                let end = cuda::SOURCE[start + 8..].find("// ---- ").map_or(cuda::SOURCE.len(), |e| start + 8 + e);
+                header.push_str(&cuda::SOURCE[start..end]);
+            } else {
+                header.push_str(&cuda_function(piece));
+            }
+        }
         std::fs::write(dir.join("kernels.h"), header).expect("kernels.h");
-        let exe = dir.join("decode");
+        let exe = dir.join(driver);
         let out = std::process::Command::new(&cxx)
             .args(["-std=c++17", "-O1", "-pthread", "-I"])
             .arg(&dir)
-            .arg(here.join("decode.cpp"))
+            .arg(here.join(format!("{driver}.cpp")))
             .arg("-o")
             .arg(&exe)
             .output()
             .expect("run the C++ compiler");
-        assert!(out.status.success(), "compiling the emulated kernels:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "compiling {driver}.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
         let run = std::process::Command::new(&exe).output().expect("run the emulated kernels");
-        let report = String::from_utf8_lossy(&run.stdout);
+        let report = String::from_utf8_lossy(&run.stdout).into_owned();
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(run.status.success(), "emulated decoding kernels:\n{report}");
+        assert!(run.status.success(), "{driver}.cpp:\n{report}");
+        Some(report)
+    }
+
+    /// The decoding kernels (`cache_store`, `cached_attention`) as kernels.cu has them, run in the CPU
+    /// emulator against attention computed in double (`tests/emulator/decode.cpp`): windows, scales,
+    /// soft-caps, grouped heads, heads of 32 to 256, rows of new prompts and of cached sequences in one
+    /// step, f32 and bf16.
+    #[test]
+    fn cached_decoding_kernels_run_in_the_cpu_emulator() {
+        let pieces = [
+            "__device__ __forceinline__ float warp_sum",
+            "__device__ __forceinline__ float capped",
+            "// ---- Decoding with key/value caches",
+        ];
+        let Some(report) = emulate("decode", &pieces) else { return };
         assert_eq!(report.matches("worst relative").count(), 7, "{report}");
+    }
+
+    /// Gemma 2's soft-caps on the device (`causal_softmax` with capped, windowed scores; `softcap`;
+    /// `softmax_grad` through the cap) run in the CPU emulator against double
+    /// (`tests/emulator/softcap.cpp`).
+    #[test]
+    fn soft_cap_kernels_run_in_the_cpu_emulator() {
+        let pieces = [
+            "__device__ __forceinline__ float warp_sum",
+            "__device__ __forceinline__ float warp_max",
+            "__device__ float block_sum",
+            "__device__ float block_max",
+            "__device__ __forceinline__ float capped",
+            "extern \"C\" __global__ void causal_softmax",
+            "extern \"C\" __global__ void softcap",
+            "extern \"C\" __global__ void softmax_grad",
+        ];
+        let Some(report) = emulate("softcap", &pieces) else { return };
+        assert_eq!(report.matches("worst relative").count(), 8, "{report}");
     }
 
     #[test]
