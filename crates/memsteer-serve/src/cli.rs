@@ -20,7 +20,7 @@ pub struct ServeArgs {
     /// Port (0: any free port, printed at start).
     #[arg(long, default_value_t = 8000)]
     pub port: u16,
-    /// Where decoding runs: cpu, or cuda[:N] (builds with the `cuda` feature; the KV caches live on the device).
+    /// Where decoding runs: cpu, or cuda / cuda:N (builds with the `cuda` feature; the KV caches live on the device).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Most rows (choices) in one decoding step.
