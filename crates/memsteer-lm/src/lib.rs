@@ -30,6 +30,7 @@ pub mod device;
 mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+mod head;
 pub mod instances;
 mod ops;
 pub mod sample;
@@ -42,6 +43,7 @@ pub use cpu::{Compute, Model};
 pub use decoder::Decoder;
 pub use device::DeviceModel;
 pub use error::{LmError, Result};
+pub use head::HostHead;
 pub use ops::KvCache;
 
 use std::path::Path;

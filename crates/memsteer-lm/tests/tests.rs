@@ -811,3 +811,30 @@ fn output_embeddings_packed_from_the_file_come_back_exactly() {
         assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name}");
     }
 }
+
+/// `HostHead` (what a GPU server keeps on the host) holds the model's output layer exactly as the CPU
+/// model gives it, whatever the CPU computes in (a steer's fingerprint check reads these floats): tied
+/// and untied, f32 and f16 storage, a logit cap; its forward passes are errors.
+#[test]
+fn the_host_head_is_the_models_output_layer() {
+    use memsteer_lm::{Compute, HostHead};
+    for name in
+        ["tiny-gpt2-f32", "tiny-gpt2-f16-prefixed", "tiny-neox-pythia-f16", "tiny-qwen2", "tiny-gemma2", "tiny-olmo2"]
+    {
+        let dir = fixture(name);
+        let head = HostHead::load(&dir).unwrap_or_else(|e| panic!("{name}: {e}"));
+        for compute in [Compute::F32, Compute::Bf16] {
+            let model = Model::load_with(&dir, compute).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let dec = model.decoder();
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(head.output_embedding()), bits(dec.output_embedding()), "{name} {compute:?}");
+            let shapes = |d: &dyn Decoder| (d.dim(), d.vocab(), d.context(), d.logit_softcap());
+            assert_eq!(shapes(&head), shapes(dec), "{name}");
+        }
+        let e = head.hidden_states(&[1, 2]).expect_err("no forward pass on the host");
+        assert!(e.to_string().contains("run on the device"), "{e}");
+    }
+    assert_eq!(HostHead::load(&fixture("tiny-gemma2")).unwrap().logit_softcap(), Some(3.0));
+    let e = HostHead::load(Path::new("/nonexistent/model")).expect_err("missing");
+    assert!(e.to_string().contains("/nonexistent/model"), "{e}");
+}

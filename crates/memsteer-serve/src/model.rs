@@ -27,8 +27,8 @@ pub struct NamedSteer {
 pub struct Served {
     /// The name `/v1/models` lists and requests may give.
     pub name: String,
-    /// The model.
-    pub model: memsteer_lm::Model,
+    /// The model on the host: all of it on the CPU, its output layer only when a GPU runs it.
+    pub model: HostModel,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     /// Tokens that end a generation (from `generation_config.json`, `config.json` and
@@ -45,6 +45,27 @@ pub struct Served {
     pub undecodable: Vec<u32>,
     /// Where decoding steps run.
     pub runner: Runner,
+}
+
+/// The model on the host.
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per server
+pub enum HostModel {
+    /// The whole model (decoding on the CPU).
+    Full(memsteer_lm::Model),
+    /// Its shapes, output embedding and cap (decoding on a GPU): what the steers' checks and the
+    /// server's shapes need, without a host copy of the weights.
+    Head(memsteer_lm::HostHead),
+}
+
+impl HostModel {
+    /// As a [`memsteer_lm::Decoder`] (the head's forward passes are errors).
+    pub fn decoder(&self) -> &dyn memsteer_lm::Decoder {
+        match self {
+            HostModel::Full(m) => m.decoder(),
+            HostModel::Head(h) => h,
+        }
+    }
 }
 
 /// Where the decoding steps run: the CPU model ([`Served::model`]), or a copy of the checkpoint on a
@@ -104,8 +125,8 @@ impl Served {
         Self::load_on(dir, steers, name, &memsteer_kernels::Device::Cpu)
     }
 
-    /// [`Served::load`] with the decoding steps on `device` (a CUDA device needs the `cuda` feature;
-    /// the CPU copy of the model is loaded too, for the steers' checks and the shapes).
+    /// [`Served::load`] with the decoding steps on `device` (a CUDA device needs the `cuda` feature; the
+    /// host then keeps only the model's output layer, for the steers' checks and the shapes).
     pub fn load_on(
         dir: &Path,
         steers: &[(String, PathBuf)],
@@ -126,7 +147,12 @@ impl Served {
             #[allow(unreachable_patterns)]
             other => return Err(ServeError::Load(format!("memsteer serve has no runtime for {other:?}"))),
         };
-        let model = memsteer_lm::Model::load(dir).map_err(|e| ServeError::Load(format!("{}: {e}", dir.display())))?;
+        let at = |e: memsteer_lm::LmError| ServeError::Load(format!("{}: {e}", dir.display()));
+        let model = match runner {
+            Runner::Cpu => HostModel::Full(memsteer_lm::Model::load(dir).map_err(at)?),
+            #[cfg(feature = "cuda")]
+            Runner::Cuda(_) => HostModel::Head(memsteer_lm::HostHead::load(dir).map_err(at)?),
+        };
         if !memsteer_lm::tokenizer::present_in(dir) {
             return Err(ServeError::Load(format!(
                 "{}: no tokenizer (tokenizer.json, or vocab.json + merges.txt); the server reads and writes text",
