@@ -15,8 +15,9 @@
 # the same measurements by PyTorch on the same GPU, `memsteer logprobs --device cuda` end to end, and the server's
 # throughput and latency at 1, 8 and 32 clients on the device.
 # Output goes to stdout and, when $OUT is set, to $OUT/gpu-check.md.
-# `scripts/gpu-check.sh quick` runs only memsteer's own checks (parity, steer step, output layer,
-# scoring; no profile, no PyTorch, no CLI runs): a few minutes, for a first look at new kernels.
+# `scripts/gpu-check.sh quick` runs only the checks against the CPU (scoring, decoding with device caches, the
+# server, the steer step) and the server under load (no speed of scoring, no profile, no PyTorch, no CLI runs):
+# a few minutes, for a first look at new kernels.
 set -uo pipefail
 quick=0
 [ "${1:-}" = quick ] && quick=1
@@ -35,8 +36,12 @@ trap 'rm -rf "$work"' EXIT
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
   echo "## memsteer"
   status=0
-  timeout 400 "$bin/memsteer-gpu-check" parity decode serve steer head logprobs families --work "$work" || status=1
+  timeout 300 "$bin/memsteer-gpu-check" parity decode serve steer --work "$work" || status=1
+  echo
+  echo "## memsteer serve --device cuda under load (Pythia-70M shape, f16, 16-token prompts, 32 new tokens)"
+  timeout 180 "$bin/memsteer-serve-load" --device cuda --dir "$work/serve-load" || status=1
   [ $quick = 1 ] && exit $status
+  timeout 300 "$bin/memsteer-gpu-check" head logprobs families --work "$work" || status=1
   echo
   echo "## Where the time goes (one synchronised forward per shape, MEMSTEER_GPU_PROFILE=1)"
   MEMSTEER_GPU_PROFILE=1 timeout 200 "$bin/memsteer-gpu-check" profile --work "$work" || status=1
@@ -75,9 +80,6 @@ trap 'rm -rf "$work"' EXIT
   done
   python3 -c "import json,sys; a,b=[[json.loads(l)['tokens'] for l in open(f)] for f in sys.argv[1:]]; print(f'{sum(x==y for x,y in zip(a,b))} of {len(a)} samples identical (f16 weights: the GPU rounds differently, and on this random model, whose distributions are nearly uniform, most sampled tokens move with it)')" \
     "$work/gen-cuda.jsonl" "$work/gen-cpu.jsonl" || status=1
-  echo
-  echo "## memsteer serve --device cuda under load (Pythia-70M shape, f16, 16-token prompts, 32 new tokens)"
-  timeout 180 "$bin/memsteer-serve-load" --device cuda --dir "$work/serve-load" || status=1
   echo "a device that does not exist:"; "$bin/memsteer" logprobs --device cuda:7 --checkpoint "0=$work/p70" \
     --instances "$work/p70/instances.jsonl" --out "$work/x.csv" 2>&1 | tail -2
   exit $status
