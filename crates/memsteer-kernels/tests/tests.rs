@@ -522,6 +522,25 @@ mod cuda {
         assert_eq!(report.matches("worst relative").count(), 8, "{report}");
     }
 
+    /// The row kernels a new architecture touches (`qkv_split` with rotary positions, bias, grouped
+    /// heads and both layouts; `rms_norm`; `qk_rms_norm` per head and whole; `gated_act`; `embed`) run
+    /// in the CPU emulator against double (`tests/emulator/rows.cpp`).
+    #[test]
+    fn row_kernels_run_in_the_cpu_emulator() {
+        let pieces = [
+            "__device__ __forceinline__ float warp_sum",
+            "__device__ float block_sum",
+            "__device__ __forceinline__ float gelu",
+            "extern \"C\" __global__ void embed",
+            "extern \"C\" __global__ void rms_norm",
+            "extern \"C\" __global__ void qk_rms_norm",
+            "extern \"C\" __global__ void gated_act",
+            "extern \"C\" __global__ void qkv_split",
+        ];
+        let Some(report) = emulate("rows", &pieces) else { return };
+        assert_eq!(report.matches("worst relative").count(), 11, "{report}");
+    }
+
     #[test]
     fn unknown_device_names_are_errors() {
         let e = Device::parse("tpu").expect_err("tpu");
