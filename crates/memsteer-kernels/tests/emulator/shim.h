@@ -1,8 +1,11 @@
 // Runs pieces of kernels.cu on the CPU: the CUDA built-ins they use, with each thread of a block an
 // OS thread, blocks one after another. `__shared__` variables are statics (one block runs at a time),
 // `__syncthreads` is a barrier of the block, `__shfl_xor_sync` an exchange through memory between two
-// barriers of the warp. Loads and stores cover f32 and bf16 (the kernels' own helpers use PTX).
-// Plain C++17, no GPU: `cuda::cached_decoding_kernels_run_in_the_cpu_emulator` (tests/tests.rs) builds it.
+// barriers of the warp; a thread that returns leaves both barriers, as an exited CUDA thread does.
+// Loads and stores cover f32, f16 and bf16 in software (the kernels' own helpers use PTX).
+// Plain C++17, no GPU: the `*_run_in_the_cpu_emulator` tests (tests/tests.rs) build it with a driver
+// (decode.cpp, softcap.cpp, rows.cpp) and the pieces of kernels.cu it runs.
+#include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -11,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <thread>
 #include <vector>
 
@@ -45,22 +49,29 @@ static inline unsigned __float_as_uint(float f) {
 }
 #define NEG_INF __int_as_float(0xff800000)
 
-// A reusable barrier of n threads.
+// A reusable barrier of n threads; a thread that has finished leaves it (n shrinks).
 struct Barrier {
     std::mutex m;
     std::condition_variable cv;
     unsigned n, waiting = 0, generation = 0;
     explicit Barrier(unsigned n) : n(n) {}
+    void release() {
+        waiting = 0;
+        generation++;
+        cv.notify_all();
+    }
     void wait() {
         std::unique_lock<std::mutex> lock(m);
         unsigned gen = generation;
         if (++waiting == n) {
-            waiting = 0;
-            generation++;
-            cv.notify_all();
+            release();
         } else {
             cv.wait(lock, [&] { return gen != generation; });
         }
+    }
+    void leave() {
+        std::unique_lock<std::mutex> lock(m);
+        if (--n > 0 && waiting == n) release();
     }
 };
 static std::unique_ptr<Barrier> block_barrier;
@@ -77,6 +88,29 @@ static inline float __shfl_xor_sync(unsigned, float v, int o) {
     return r;
 }
 
+// IEEE half to float and back (round to nearest even), in software.
+static inline float h2f(u16 h) {
+    u32 sign = (u32)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) return __uint_as_float(sign | 0x7f800000u | (m << 13));  // inf, NaN
+    if (e == 0) {
+        float v = std::ldexp((float)m, -24);  // subnormal (or zero)
+        return sign ? -v : v;
+    }
+    return __uint_as_float(sign | ((e + 112) << 23) | (m << 13));
+}
+static inline u16 f2h(float f) {
+    u32 u = __float_as_uint(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (u16)(sign | 0x7e00u);  // NaN
+    if (a >= 0x477ff000u) return (u16)(sign | 0x7c00u);  // rounds to infinity (65520 and above)
+    if (a < 0x38800000u) {                                // below 2^-14: a subnormal half
+        float v = __uint_as_float(a) * 16777216.0f;       // in units of 2^-24, exact
+        return (u16)(sign | (u32)std::nearbyint(v));       // round half to even (the default mode)
+    }
+    u32 e = (a >> 23) - 112, m = a & 0x7fffffu;
+    u32 h = (e << 10) | (m >> 13), rest = m & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (u16)(sign | h);
+}
 static inline float b2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
 static inline u16 f2b(float f) {
     u32 u = __float_as_uint(f);
@@ -84,10 +118,14 @@ static inline u16 f2b(float f) {
     u += 0x7fffu + ((u >> 16) & 1u);
     return (u16)(u >> 16);
 }
-static inline float ld(const void* p, i64 i, int dt) { return dt == 0 ? ((const float*)p)[i] : b2f(((const u16*)p)[i]); }
+static inline float ld(const void* p, i64 i, int dt) {
+    if (dt == 0) return ((const float*)p)[i];
+    u16 v = ((const u16*)p)[i];
+    return dt == 1 ? h2f(v) : b2f(v);
+}
 static inline void st(void* p, i64 i, int dt, float v) {
     if (dt == 0) ((float*)p)[i] = v;
-    else ((u16*)p)[i] = f2b(v);
+    else ((u16*)p)[i] = dt == 1 ? f2h(v) : f2b(v);
 }
 
 // Runs a grid of gx × gy blocks of `threads` threads (a multiple of 32, at most 1024).
@@ -105,6 +143,8 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, const std::functi
             for (unsigned t = 0; t < threads; t++) ts.emplace_back([t, &kernel] {
                 threadIdx.x = t;
                 kernel();
+                warp_barrier[t >> 5]->leave();
+                block_barrier->leave();
             });
             for (auto& t : ts) t.join();
         }
