@@ -329,6 +329,22 @@ impl GpuModel {
         Ok(DeviceKvCache { buf: self.gpu.alloc(self.dtype, len)?, capacity, len: 0, owner: self.id })
     }
 
+    /// An upper bound of the device memory one [`GpuModel::forward_cached`] step of `rows` rows and
+    /// [`GpuModel::logits`] of `outputs` rows allocate besides the caches: the residual stream and the
+    /// layer's activations for every row, the MLP over blocks of at most 4,096 rows, and the logits; the
+    /// server keeps this much free before it admits another row.
+    pub fn step_bytes(&self, rows: usize, outputs: usize) -> usize {
+        let a = &self.arch;
+        let dt = self.dtype.size();
+        let heads = a.heads * a.head_dim;
+        // Per row: f32 residual and final norm; norm output, projection, q/k/v, context, branch output
+        // and a post-norm copy in the weights' type; ids and positions.
+        let per_row = 8 * a.dim + dt * (3 * a.dim + 2 * a.qkv_width() + 2 * heads) + 8;
+        let mlp = 2 * rows.min(MLP_ROWS) * a.inner * dt;
+        let out = outputs * (4 * a.dim + dt * a.dim + 4 * a.vocab);
+        rows * per_row + mlp + out
+    }
+
     /// Final hidden states (`f32`, `Σ len × dim`) of the sequences laid end to end, each continuing its
     /// own device cache (`caches[i]` for `seqs[i]`, which it extends): one packed pass for a decoding
     /// batch whose rows are at different positions, prompts and single tokens alike. Each row's keys

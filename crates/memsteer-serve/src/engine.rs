@@ -19,7 +19,7 @@ use rayon::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::metrics::Metrics;
-use crate::model::{RowCache, Served};
+use crate::model::{Admit, RowCache, Served};
 
 /// What one row (one choice of one prompt) generates.
 #[derive(Debug, Clone)]
@@ -98,6 +98,8 @@ pub enum Event {
     },
     /// The request failed.
     Failed(String),
+    /// The request cannot run on this server's device (its KV cache does not fit even alone).
+    NoRoom(String),
 }
 
 /// A request: its rows and where its events go.
@@ -209,17 +211,19 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
         while active.len() < max_batch {
             let Some(job) = waiting.front_mut() else { break };
             if let Some(spec) = job.rows.pop_front() {
-                // Room for the prompt and every generated token but the last (never fed back).
-                let cache = match served.new_cache(spec.prompt.len() + spec.max_tokens) {
-                    Ok(c) => c,
-                    // Device memory held by running rows: wait for them to finish.
-                    Err(_) if !active.is_empty() => {
+                // Room for the prompt and every generated token; the next step runs every active row's
+                // input and this prompt.
+                let rows: usize = active.iter().map(|r| r.input.len()).sum::<usize>() + spec.prompt.len();
+                let next_step = (rows, active.len() + 1);
+                let cache = match served.admit(spec.prompt.len() + spec.max_tokens, next_step, !active.is_empty()) {
+                    Admit::Row(c) => c,
+                    Admit::Wait => {
                         job.rows.push_front(spec);
                         break;
                     }
-                    // Nothing else runs, so it cannot fit: the request fails (no row of it runs).
-                    Err(e) => {
-                        let _ = job.events.send(Event::Failed(format!("choice {}: {e}", spec.choice)));
+                    // Nothing else runs and it cannot fit: the request fails (no row of it runs).
+                    Admit::NoRoom(e) => {
+                        let _ = job.events.send(Event::NoRoom(format!("choice {}: {e}", spec.choice)));
                         job.rows.clear();
                         waiting.pop_front();
                         queued.fetch_sub(1, Ordering::SeqCst);

@@ -295,6 +295,9 @@ async fn generate(app: &App, plan: Plan, kind: Kind) -> Result<Response, ApiErro
             Some(Event::Failed(message)) => {
                 return Err(ApiError::status(500, "server_error", "generation_failed", message));
             }
+            Some(Event::NoRoom(message)) => {
+                return Err(ApiError::status(503, "server_error", "insufficient_device_memory", message));
+            }
             None => return Err(ApiError::status(500, "server_error", "engine_stopped", "the engine stopped")),
         }
     }
@@ -473,6 +476,11 @@ fn stream(
                 }
                 Some(Event::Failed(message)) => {
                     let e = ApiError::status(500, "server_error", "generation_failed", message);
+                    st.ended = true;
+                    return Some((Ok(format!("{}data: [DONE]\n\n", event(&e.body()))), st));
+                }
+                Some(Event::NoRoom(message)) => {
+                    let e = ApiError::status(503, "server_error", "insufficient_device_memory", message);
                     st.ended = true;
                     return Some((Ok(format!("{}data: [DONE]\n\n", event(&e.body()))), st));
                 }

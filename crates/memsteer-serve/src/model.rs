@@ -80,6 +80,35 @@ pub enum Runner {
     Cuda(Box<memsteer_lm::gpu::GpuModel>),
 }
 
+/// Whether a new row starts ([`Served::admit`]).
+#[derive(Debug)]
+pub enum Admit {
+    /// It starts, with this cache.
+    Row(RowCache),
+    /// Not now: the device needs the memory for the rows running.
+    Wait,
+    /// Never: it does not fit on the device even alone.
+    NoRoom(String),
+}
+
+/// The admission rule of a row on a device: its cache (or why it could not be allocated), whether
+/// other rows run, and whether the device keeps room for their next step with it. `Ok(Some)`: it
+/// starts; `Ok(None)`: it waits for the running rows; `Err`: it cannot run even alone. A row alone
+/// always starts when its cache fits: only its own step can fail then.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU's caches grow: only a device admits
+pub(crate) fn admission<C>(
+    cache: Result<C, String>,
+    others: bool,
+    room: impl FnOnce() -> bool,
+) -> Result<Option<C>, String> {
+    match cache {
+        Err(_) if others => Ok(None),
+        Err(e) => Err(e),
+        Ok(_) if others && !room() => Ok(None),
+        Ok(c) => Ok(Some(c)),
+    }
+}
+
 /// One row's keys and values, where its model runs.
 #[derive(Debug)]
 pub enum RowCache {
@@ -218,15 +247,32 @@ impl Served {
         Ok(Self { name, model, tokenizer, eos, chat, steers: loaded, created, undecodable, runner })
     }
 
-    /// An empty KV cache for a row of at most `capacity` positions, where the model runs (on a GPU the
-    /// memory is taken now).
-    pub fn new_cache(&self, capacity: usize) -> Result<RowCache, String> {
+    /// A KV cache for a new row of at most `capacity` positions, where the model runs. On the CPU a
+    /// cache grows as it fills, so a row always starts. On a GPU its memory is taken now, and when
+    /// `others` rows run the device must keep room for the next step (`next_step`: its rows and output
+    /// rows, [`memsteer_lm::gpu::GpuModel::step_bytes`]), so that a row that starts never makes the
+    /// step of the rows already running fail: otherwise the row waits for them. With nothing else
+    /// running a row always starts when its cache fits (a step that then fails fails only it).
+    pub fn admit(&self, capacity: usize, next_step: (usize, usize), others: bool) -> Admit {
+        let _ = (capacity, next_step, others);
         match &self.runner {
-            Runner::Cpu => Ok(RowCache::Cpu(memsteer_lm::KvCache::new())),
+            Runner::Cpu => Admit::Row(RowCache::Cpu(memsteer_lm::KvCache::new())),
             #[cfg(feature = "cuda")]
-            Runner::Cuda(g) => g.new_cache(capacity.min(self.context())).map(RowCache::Cuda).map_err(|e| e.to_string()),
+            Runner::Cuda(g) => {
+                let positions = capacity.min(self.context());
+                let room = || {
+                    let need = g.step_bytes(next_step.0, next_step.1);
+                    g.gpu().free_memory().is_ok_and(|(free, _)| free >= need)
+                };
+                match admission(g.new_cache(positions).map_err(|e| e.to_string()), others, room) {
+                    Ok(Some(cache)) => Admit::Row(RowCache::Cuda(cache)),
+                    Ok(None) => Admit::Wait,
+                    Err(e) => Admit::NoRoom(format!(
+                        "a KV cache of {positions} positions (prompt + max_tokens) does not fit on the device: {e}"
+                    )),
+                }
+            }
         }
-        .map_err(|e: String| format!("KV cache of {capacity} positions: {e}"))
     }
 
     /// Final hidden states of a decoding step: `seqs[i]` continues `caches[i]` (which it extends),
@@ -319,5 +365,27 @@ impl Served {
             logprob: lp(logits[token as usize]),
             top: best.into_iter().map(|i| (self.token_text(i as u32), lp(logits[i]))).collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::admission;
+
+    #[test]
+    fn a_row_waits_while_others_run_and_fails_only_alone() {
+        let full = || Err::<u8, _>("out of memory".to_string());
+        assert_eq!(admission(Ok(1u8), false, || false), Ok(Some(1)), "alone, a cache that fits starts");
+        assert_eq!(admission(Ok(1u8), true, || true), Ok(Some(1)), "room left for the others' step");
+        assert_eq!(admission(Ok(1u8), true, || false), Ok(None), "no room for the others' step: wait");
+        assert_eq!(admission(full(), true, || true), Ok(None), "no room for the cache while others run: wait");
+        assert_eq!(admission(full(), false, || true), Err("out of memory".into()), "alone and no room: fails");
+        // The room is asked only when others run and the cache fits.
+        let mut asked = false;
+        let _ = admission(Ok(1u8), false, || {
+            asked = true;
+            true
+        });
+        assert!(!asked);
     }
 }

@@ -522,6 +522,12 @@ impl Gpu {
     pub fn memory(&self) -> (usize, usize) {
         (self.mem.current.load(Ordering::Relaxed), self.mem.peak.load(Ordering::Relaxed))
     }
+    /// Bytes of device memory free and in total, as the driver reports them (all processes' use
+    /// counted).
+    pub fn free_memory(&self) -> Result<(usize, usize)> {
+        self._ctx.bind_to_thread().map_err(|e| cuda_err("bind the context", e))?;
+        cudarc::driver::result::mem_get_info().map_err(|e| cuda_err("device memory", e))
+    }
     /// Restarts the peak of [`Gpu::memory`] from the current use.
     pub fn reset_peak(&self) {
         self.mem.peak.store(self.mem.current.load(Ordering::Relaxed), Ordering::Relaxed);
