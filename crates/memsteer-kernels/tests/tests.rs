@@ -445,7 +445,9 @@ mod cuda {
     /// line, or a whole section's header comment) after the CPU emulator (`tests/emulator/shim.h`: a
     /// thread per CUDA thread, barriers for `__syncthreads` and warp shuffles), runs it and returns its
     /// report; `None` (the test skips) without a C++ compiler (`c++`, or `CXX`), unless
-    /// `MEMSTEER_REQUIRE_CXX` is set, as CI sets it. No GPU needed.
+    /// `MEMSTEER_REQUIRE_CXX` is set, as CI sets it. Runs under AddressSanitizer and
+    /// UndefinedBehaviorSanitizer, and again under ThreadSanitizer, where the compiler has them. No GPU
+    /// needed.
     fn emulate(driver: &str, pieces: &[&str]) -> Option<String> {
         let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
         if std::process::Command::new(&cxx).arg("--version").output().is_err() {
@@ -471,45 +473,60 @@ mod cuda {
             }
         }
         std::fs::write(dir.join("kernels.h"), header).expect("kernels.h");
-        let exe = dir.join(driver);
-        let compile = |sanitize: &[&str]| {
-            std::process::Command::new(&cxx)
+        // Compiles the driver with `flags` (None when the compiler refuses them) and runs it, failing
+        // after five minutes (a deadlocked barrier: a kernel that leaves a thread behind).
+        let build_and_run = |name: &str, flags: &[&str]| -> Option<std::process::Output> {
+            let exe = dir.join(name);
+            let out = std::process::Command::new(&cxx)
                 .args(["-std=c++17", "-O1", "-g", "-pthread"])
-                .args(sanitize)
+                .args(flags)
                 .arg("-I")
                 .arg(&dir)
                 .arg(here.join(format!("{driver}.cpp")))
                 .arg("-o")
                 .arg(&exe)
                 .output()
-                .expect("run the C++ compiler")
-        };
-        // Under AddressSanitizer and UndefinedBehaviorSanitizer where the compiler has them: an access
-        // outside a buffer is an error, not a number that happens to pass.
-        let mut out = compile(&["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]);
-        if !out.status.success() {
-            eprintln!("no sanitizers: {}", String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default());
-            out = compile(&[]);
-        }
-        assert!(out.status.success(), "compiling {driver}.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
-        // A deadlocked barrier (a kernel that leaves a thread behind) fails after five minutes.
-        let mut child = std::process::Command::new(&exe)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run the emulated kernels");
-        let start = std::time::Instant::now();
-        while child.try_wait().expect("wait").is_none() {
-            if start.elapsed() > std::time::Duration::from_secs(300) {
-                let _ = child.kill();
-                panic!("{driver}.cpp: still running after 300 s (a deadlocked barrier?)");
+                .expect("run the C++ compiler");
+            if !out.status.success() {
+                assert!(!flags.is_empty(), "compiling {driver}.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
+                eprintln!(
+                    "{driver}.cpp without {flags:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default()
+                );
+                return None;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let run = child.wait_with_output().expect("emulator output");
+            let mut child = std::process::Command::new(&exe)
+                .env("TSAN_OPTIONS", "halt_on_error=1:exitcode=66")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("run the emulated kernels");
+            let start = std::time::Instant::now();
+            while child.try_wait().expect("wait").is_none() {
+                if start.elapsed() > std::time::Duration::from_secs(300) {
+                    let _ = child.kill();
+                    panic!("{driver}.cpp ({flags:?}): still running after 300 s (a deadlocked barrier?)");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Some(child.wait_with_output().expect("emulator output"))
+        };
+        // Under AddressSanitizer and UndefinedBehaviorSanitizer where the compiler has them (an access
+        // outside a buffer is an error, not a number that happens to pass), else plainly.
+        let run = build_and_run("checked", &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+            .unwrap_or_else(|| build_and_run("plain", &[]).expect("a plain build"));
         let report = String::from_utf8_lossy(&run.stdout).into_owned();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(run.status.success(), "{driver}.cpp:\n{report}\n{}", String::from_utf8_lossy(&run.stderr));
+        // Under ThreadSanitizer: a missing `__syncthreads` between a shared write and a read is a race
+        // it reports, whatever numbers the run gave.
+        if let Some(run) = build_and_run("threads", &["-fsanitize=thread"]) {
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert!(
+                run.status.success() && !stderr.contains("ThreadSanitizer"),
+                "{driver}.cpp under ThreadSanitizer:\n{stderr}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
         eprintln!("{driver}.cpp:\n{report}");
         Some(report)
     }

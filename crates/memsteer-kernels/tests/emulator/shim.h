@@ -128,25 +128,51 @@ static inline void st(void* p, i64 i, int dt, float v) {
     else ((u16*)p)[i] = dt == 1 ? f2h(v) : f2b(v);
 }
 
-// Runs a grid of gx × gy blocks of `threads` threads (a multiple of 32, at most 1024).
+// Runs a grid of gx × gy blocks of `threads` threads (a multiple of 32, at most 1024): one OS thread per
+// CUDA thread, started once per launch and reused for every block, blocks one after another.
 static void launch(unsigned gx, unsigned gy, unsigned threads, const std::function<void()>& kernel) {
     blockDim.x = threads;
     gridDim.x = gx;
     gridDim.y = gy;
+    std::mutex m;
+    std::condition_variable go, done;
+    unsigned block = 0, finished = 0;  // the block being run (1-based; 0: none yet), threads done with it
+    bool stop = false;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < threads; t++) ts.emplace_back([&, t] {
+        threadIdx.x = t;
+        unsigned seen = 0;
+        for (;;) {
+            {
+                std::unique_lock<std::mutex> lock(m);
+                go.wait(lock, [&] { return stop || block != seen; });
+                if (stop) return;
+                seen = block;
+            }
+            kernel();
+            warp_barrier[t >> 5]->leave();
+            block_barrier->leave();
+            std::lock_guard<std::mutex> lock(m);
+            if (++finished == threads) done.notify_one();
+        }
+    });
     for (unsigned by = 0; by < gy; by++) {
         for (unsigned bx = 0; bx < gx; bx++) {
+            std::unique_lock<std::mutex> lock(m);
             blockIdx.x = bx;
             blockIdx.y = by;
             block_barrier.reset(new Barrier(threads));
             for (unsigned w = 0; w < threads / 32; w++) warp_barrier[w].reset(new Barrier(32));
-            std::vector<std::thread> ts;
-            for (unsigned t = 0; t < threads; t++) ts.emplace_back([t, &kernel] {
-                threadIdx.x = t;
-                kernel();
-                warp_barrier[t >> 5]->leave();
-                block_barrier->leave();
-            });
-            for (auto& t : ts) t.join();
+            finished = 0;
+            block++;
+            go.notify_all();
+            done.wait(lock, [&] { return finished == threads; });
         }
     }
+    {
+        std::lock_guard<std::mutex> lock(m);
+        stop = true;
+        go.notify_all();
+    }
+    for (auto& t : ts) t.join();
 }
