@@ -513,7 +513,11 @@ mod cuda {
         };
         // Under AddressSanitizer and UndefinedBehaviorSanitizer where the compiler has them (an access
         // outside a buffer is an error, not a number that happens to pass), else plainly.
+        // A sanitizer whose runtime cannot start on this kernel (it prints nothing of the driver's)
+        // falls back to the plain build.
+        let started = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).contains("worst relative");
         let run = build_and_run("checked", &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
+            .filter(|o| o.status.success() || started(o))
             .unwrap_or_else(|| build_and_run("plain", &[]).expect("a plain build"));
         let report = String::from_utf8_lossy(&run.stdout).into_owned();
         assert!(run.status.success(), "{driver}.cpp:\n{report}\n{}", String::from_utf8_lossy(&run.stderr));
@@ -521,10 +525,17 @@ mod cuda {
         // it reports, whatever numbers the run gave.
         if let Some(run) = build_and_run("threads", &["-fsanitize=thread"]) {
             let stderr = String::from_utf8_lossy(&run.stderr);
-            assert!(
-                run.status.success() && !stderr.contains("ThreadSanitizer"),
-                "{driver}.cpp under ThreadSanitizer:\n{stderr}"
-            );
+            if !run.status.success() && !started(&run) && !stderr.contains("WARNING: ThreadSanitizer") {
+                eprintln!(
+                    "{driver}.cpp: ThreadSanitizer's runtime did not start here: {}",
+                    stderr.lines().next().unwrap_or_default()
+                );
+            } else {
+                assert!(
+                    run.status.success() && !stderr.contains("ThreadSanitizer"),
+                    "{driver}.cpp under ThreadSanitizer:\n{stderr}"
+                );
+            }
         }
         let _ = std::fs::remove_dir_all(&dir);
         eprintln!("{driver}.cpp:\n{report}");
