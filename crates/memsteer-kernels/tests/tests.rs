@@ -473,69 +473,72 @@ mod cuda {
             }
         }
         std::fs::write(dir.join("kernels.h"), header).expect("kernels.h");
-        // Compiles the driver with `flags` (None when the compiler refuses them) and runs it, failing
-        // after five minutes (a deadlocked barrier: a kernel that leaves a thread behind).
-        let build_and_run = |name: &str, flags: &[&str]| -> Option<std::process::Output> {
-            let exe = dir.join(name);
-            let out = std::process::Command::new(&cxx)
+        std::fs::write(dir.join("probe.cpp"), "int main() { return 0; }\n").expect("probe.cpp");
+        let compile = |source: &std::path::Path, exe: &std::path::Path, flags: &[&str]| {
+            std::process::Command::new(&cxx)
                 .args(["-std=c++17", "-O1", "-g", "-pthread"])
                 .args(flags)
                 .arg("-I")
                 .arg(&dir)
-                .arg(here.join(format!("{driver}.cpp")))
+                .arg(source)
                 .arg("-o")
-                .arg(&exe)
+                .arg(exe)
                 .output()
-                .expect("run the C++ compiler");
-            if !out.status.success() {
-                assert!(!flags.is_empty(), "compiling {driver}.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
-                eprintln!(
-                    "{driver}.cpp without {flags:?}: {}",
-                    String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or_default()
-                );
-                return None;
-            }
-            let mut child = std::process::Command::new(&exe)
+                .expect("run the C++ compiler")
+        };
+        // Runs `exe` with its output in files (a long sanitizer report cannot block on a pipe); fails
+        // after five minutes (a deadlocked barrier: a kernel that leaves a thread behind).
+        let run = |exe: &std::path::Path| -> (bool, String, String) {
+            let (out, err) = (exe.with_extension("out"), exe.with_extension("err"));
+            let mut child = std::process::Command::new(exe)
                 .env("TSAN_OPTIONS", "halt_on_error=1:exitcode=66")
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
+                .stdout(std::fs::File::create(&out).expect("output file"))
+                .stderr(std::fs::File::create(&err).expect("error file"))
                 .spawn()
                 .expect("run the emulated kernels");
             let start = std::time::Instant::now();
-            while child.try_wait().expect("wait").is_none() {
+            let status = loop {
+                if let Some(status) = child.try_wait().expect("wait") {
+                    break status;
+                }
                 if start.elapsed() > std::time::Duration::from_secs(300) {
                     let _ = child.kill();
-                    panic!("{driver}.cpp ({flags:?}): still running after 300 s (a deadlocked barrier?)");
+                    panic!("{}: still running after 300 s (a deadlocked barrier?)", exe.display());
                 }
                 std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Some(child.wait_with_output().expect("emulator output"))
+            };
+            let read =
+                |p: &std::path::Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+            (status.success(), read(&out), read(&err))
         };
-        // Under AddressSanitizer and UndefinedBehaviorSanitizer where the compiler has them (an access
-        // outside a buffer is an error, not a number that happens to pass), else plainly.
-        // A sanitizer whose runtime cannot start on this kernel (it prints nothing of the driver's)
-        // falls back to the plain build.
-        let started = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).contains("worst relative");
-        let run = build_and_run("checked", &["-fsanitize=address,undefined", "-fno-sanitize-recover=all"])
-            .filter(|o| o.status.success() || started(o))
-            .unwrap_or_else(|| build_and_run("plain", &[]).expect("a plain build"));
-        let report = String::from_utf8_lossy(&run.stdout).into_owned();
-        assert!(run.status.success(), "{driver}.cpp:\n{report}\n{}", String::from_utf8_lossy(&run.stderr));
+        // Whether a sanitizer compiles and its runtime starts here (an empty program): then any failure
+        // of the driver under it is the driver's.
+        let usable = |name: &str, flags: &[&str]| {
+            let exe = dir.join(format!("probe-{name}"));
+            let ok = compile(&dir.join("probe.cpp"), &exe, flags).status.success() && run(&exe).0;
+            if !ok {
+                eprintln!("{driver}.cpp: no {name} here (its probe did not compile or run)");
+            }
+            ok
+        };
+        let source = here.join(format!("{driver}.cpp"));
+        // Under AddressSanitizer and UndefinedBehaviorSanitizer where they work (an access outside a
+        // buffer is an error, not a number that happens to pass), else plainly.
+        let checked = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"];
+        let flags: &[&str] = if usable("AddressSanitizer", &checked) { &checked } else { &[] };
+        let exe = dir.join(driver);
+        let out = compile(&source, &exe, flags);
+        assert!(out.status.success(), "compiling {driver}.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
+        let (ok, report, errors) = run(&exe);
+        assert!(ok, "{driver}.cpp:\n{report}\n{errors}");
         // Under ThreadSanitizer: a missing `__syncthreads` between a shared write and a read is a race
         // it reports, whatever numbers the run gave.
-        if let Some(run) = build_and_run("threads", &["-fsanitize=thread"]) {
-            let stderr = String::from_utf8_lossy(&run.stderr);
-            if !run.status.success() && !started(&run) && !stderr.contains("WARNING: ThreadSanitizer") {
-                eprintln!(
-                    "{driver}.cpp: ThreadSanitizer's runtime did not start here: {}",
-                    stderr.lines().next().unwrap_or_default()
-                );
-            } else {
-                assert!(
-                    run.status.success() && !stderr.contains("ThreadSanitizer"),
-                    "{driver}.cpp under ThreadSanitizer:\n{stderr}"
-                );
-            }
+        if usable("ThreadSanitizer", &["-fsanitize=thread"]) {
+            let exe = dir.join(format!("{driver}-threads"));
+            let out = compile(&source, &exe, &["-fsanitize=thread"]);
+            assert!(out.status.success(), "compiling {driver}.cpp:\n{}", String::from_utf8_lossy(&out.stderr));
+            let (ok, _, errors) = run(&exe);
+            assert!(ok && !errors.contains("ThreadSanitizer"), "{driver}.cpp under ThreadSanitizer:\n{errors}");
         }
         let _ = std::fs::remove_dir_all(&dir);
         eprintln!("{driver}.cpp:\n{report}");

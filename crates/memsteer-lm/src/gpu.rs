@@ -329,6 +329,19 @@ impl GpuModel {
         Ok(DeviceKvCache { buf: self.gpu.alloc(self.dtype, len)?, capacity, len: 0, owner: self.id })
     }
 
+    /// Bytes of a [`DeviceKvCache`] of `capacity` positions ([`GpuModel::new_cache`]).
+    pub fn cache_bytes(&self, capacity: usize) -> usize {
+        let a = &self.arch;
+        memsteer_kernels::cuda::cache_len((a.layers, a.kv_heads, a.head_dim), capacity)
+            .map_or(usize::MAX, |n| n.saturating_mul(self.dtype.size()))
+    }
+
+    /// Whether `e` says that the device ran out of memory (an allocation failed), as opposed to
+    /// another error.
+    pub fn out_of_memory(e: &LmError) -> bool {
+        matches!(e, LmError::Kernel(memsteer_kernels::KernelError::Cuda { op: "allocate", .. }))
+    }
+
     /// An upper bound of the device memory one [`GpuModel::forward_cached`] step of `rows` rows and
     /// [`GpuModel::logits`] of `outputs` rows allocate besides the caches: the residual stream and the
     /// layer's activations for every row, the MLP over blocks of at most 4,096 rows, and the logits; the

@@ -215,15 +215,21 @@ fn run(served: &Served, rx: mpsc::Receiver<Job>, queued: &AtomicUsize, max_batch
                 // input and this prompt.
                 let rows: usize = active.iter().map(|r| r.input.len()).sum::<usize>() + spec.prompt.len();
                 let next_step = (rows, active.len() + 1);
-                let cache = match served.admit(spec.prompt.len() + spec.max_tokens, next_step, !active.is_empty()) {
-                    Admit::Row(c) => c,
+                let admitted = match served.admit(spec.prompt.len() + spec.max_tokens, next_step, !active.is_empty()) {
+                    Admit::Row(c) => Ok(c),
                     Admit::Wait => {
                         job.rows.push_front(spec);
                         break;
                     }
-                    // Nothing else runs and it cannot fit: the request fails (no row of it runs).
-                    Admit::NoRoom(e) => {
-                        let _ = job.events.send(Event::NoRoom(format!("choice {}: {e}", spec.choice)));
+                    Admit::NoRoom(e) => Err(Event::NoRoom(format!("choice {}: {e}", spec.choice))),
+                    Admit::Failed(e) => Err(Event::Failed(format!("choice {}: {e}", spec.choice))),
+                };
+                let cache = match admitted {
+                    Ok(c) => c,
+                    // It cannot run (nothing else runs and it does not fit, or another error): the
+                    // request fails, and no row of it runs.
+                    Err(event) => {
+                        let _ = job.events.send(event);
                         job.rows.clear();
                         waiting.pop_front();
                         queued.fetch_sub(1, Ordering::SeqCst);

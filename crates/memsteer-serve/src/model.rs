@@ -89,23 +89,29 @@ pub enum Admit {
     Wait,
     /// Never: it does not fit on the device even alone.
     NoRoom(String),
+    /// Never: its cache could not be made for another reason than memory.
+    Failed(String),
 }
 
-/// The admission rule of a row on a device: its cache (or why it could not be allocated), whether
-/// other rows run, and whether the device keeps room for their next step with it. `Ok(Some)`: it
-/// starts; `Ok(None)`: it waits for the running rows; `Err`: it cannot run even alone. A row alone
-/// always starts when its cache fits: only its own step can fail then.
+/// The admission rule of a row on a device: whether other rows run, whether the device keeps room for
+/// its cache and their next step with it, and its cache (or why it could not be allocated: `(out of
+/// memory, message)`). `Ok(Some)`: it starts; `Ok(None)`: it waits for the running rows; `Err`: it
+/// cannot run (out of memory alone, or another error). The room is asked before the cache is made (a
+/// row that waits takes nothing); a row alone always starts when its cache fits, since only its own
+/// step can fail then.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // the CPU's caches grow: only a device admits
 pub(crate) fn admission<C>(
-    cache: Result<C, String>,
     others: bool,
     room: impl FnOnce() -> bool,
-) -> Result<Option<C>, String> {
-    match cache {
-        Err(_) if others => Ok(None),
-        Err(e) => Err(e),
-        Ok(_) if others && !room() => Ok(None),
+    cache: impl FnOnce() -> Result<C, (bool, String)>,
+) -> Result<Option<C>, (bool, String)> {
+    if others && !room() {
+        return Ok(None);
+    }
+    match cache() {
         Ok(c) => Ok(Some(c)),
+        Err((true, _)) if others => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -260,16 +266,21 @@ impl Served {
             #[cfg(feature = "cuda")]
             Runner::Cuda(g) => {
                 let positions = capacity.min(self.context());
+                // Checked before the cache is allocated, so a row that waits takes nothing.
                 let room = || {
-                    let need = g.step_bytes(next_step.0, next_step.1);
+                    let need = g.cache_bytes(positions).saturating_add(g.step_bytes(next_step.0, next_step.1));
                     g.gpu().free_memory().is_ok_and(|(free, _)| free >= need)
                 };
-                match admission(g.new_cache(positions).map_err(|e| e.to_string()), others, room) {
+                let cache = || {
+                    g.new_cache(positions).map_err(|e| (memsteer_lm::gpu::GpuModel::out_of_memory(&e), e.to_string()))
+                };
+                match admission(others, room, cache) {
                     Ok(Some(cache)) => Admit::Row(RowCache::Cuda(cache)),
                     Ok(None) => Admit::Wait,
-                    Err(e) => Admit::NoRoom(format!(
+                    Err((true, e)) => Admit::NoRoom(format!(
                         "a KV cache of {positions} positions (prompt + max_tokens) does not fit on the device: {e}"
                     )),
+                    Err((false, e)) => Admit::Failed(format!("a KV cache of {positions} positions: {e}")),
                 }
             }
         }
@@ -374,18 +385,35 @@ mod tests {
 
     #[test]
     fn a_row_waits_while_others_run_and_fails_only_alone() {
-        let full = || Err::<u8, _>("out of memory".to_string());
-        assert_eq!(admission(Ok(1u8), false, || false), Ok(Some(1)), "alone, a cache that fits starts");
-        assert_eq!(admission(Ok(1u8), true, || true), Ok(Some(1)), "room left for the others' step");
-        assert_eq!(admission(Ok(1u8), true, || false), Ok(None), "no room for the others' step: wait");
-        assert_eq!(admission(full(), true, || true), Ok(None), "no room for the cache while others run: wait");
-        assert_eq!(admission(full(), false, || true), Err("out of memory".into()), "alone and no room: fails");
-        // The room is asked only when others run and the cache fits.
+        let fits = || Ok::<u8, (bool, String)>(1);
+        let full = || Err::<u8, _>((true, "out of memory".to_string()));
+        let broken = || Err::<u8, _>((false, "an illegal address".to_string()));
+        assert_eq!(admission(false, || false, fits), Ok(Some(1)), "alone, a cache that fits starts");
+        assert_eq!(admission(true, || true, fits), Ok(Some(1)), "room left for the others' step");
+        assert_eq!(admission(true, || false, fits), Ok(None), "no room for the others' step: wait");
+        assert_eq!(admission(true, || true, full), Ok(None), "the cache does not fit while others run: wait");
+        assert_eq!(admission(false, || true, full), Err((true, "out of memory".into())), "alone and no room");
+        assert_eq!(admission(true, || true, broken), Err((false, "an illegal address".into())), "not memory: fails");
+        // A row that waits makes no cache; alone, the room is not asked.
+        let mut made = false;
+        let _ = admission(
+            true,
+            || false,
+            || {
+                made = true;
+                fits()
+            },
+        );
+        assert!(!made, "a waiting row allocated its cache");
         let mut asked = false;
-        let _ = admission(Ok(1u8), false, || {
-            asked = true;
-            true
-        });
+        let _ = admission(
+            false,
+            || {
+                asked = true;
+                true
+            },
+            fits,
+        );
         assert!(!asked);
     }
 }

@@ -523,8 +523,10 @@ impl Gpu {
         (self.mem.current.load(Ordering::Relaxed), self.mem.peak.load(Ordering::Relaxed))
     }
     /// Bytes of device memory free and in total, as the driver reports them (all processes' use
-    /// counted).
+    /// counted), after a synchronisation: buffers freed on the stream go back to the device at a
+    /// synchronisation (the stream-ordered pool keeps nothing above its default threshold of 0).
     pub fn free_memory(&self) -> Result<(usize, usize)> {
+        self.synchronize()?;
         self._ctx.bind_to_thread().map_err(|e| cuda_err("bind the context", e))?;
         cudarc::driver::result::mem_get_info().map_err(|e| cuda_err("device memory", e))
     }

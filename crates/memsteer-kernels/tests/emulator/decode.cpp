@@ -64,7 +64,7 @@ static int run(const Case& c, unsigned seed) {
     for (int layer = 0; layer < c.layers; layer++) {
         // This step's keys and values (kv_heads × rows × hd) and queries (heads × rows × hd), head-major.
         std::vector<unsigned char> k(c.kv_heads * rows * c.hd * esz), v(k.size());
-        std::vector<unsigned char> q(c.heads * rows * c.hd * esz), ctx(rows * c.heads * c.hd * esz);
+        std::vector<unsigned char> q(c.heads * rows * c.hd * esz), ctx(rows * c.heads * c.hd * esz, 0xFF);
         for (int h = 0; h < c.kv_heads; h++)
             for (int r = 0; r < rows; r++)
                 for (int d = 0; d < c.hd; d++) {

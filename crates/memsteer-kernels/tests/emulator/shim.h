@@ -74,6 +74,9 @@ struct Barrier {
         if (--n > 0 && waiting == n) release();
     }
 };
+// Every line of a driver's report reaches its output at once, even when a sanitizer ends the process.
+[[maybe_unused]] static const int line_buffered = setvbuf(stdout, nullptr, _IOLBF, 0);
+
 static std::unique_ptr<Barrier> block_barrier;
 static std::unique_ptr<Barrier> warp_barrier[32];
 static float exchange[32][32];
@@ -150,6 +153,7 @@ static void launch(unsigned gx, unsigned gy, unsigned threads, const std::functi
                 seen = block;
             }
             kernel();
+            exchange[t >> 5][t & 31] = NAN;  // an exited lane has no value to shuffle
             warp_barrier[t >> 5]->leave();
             block_barrier->leave();
             std::lock_guard<std::mutex> lock(m);
