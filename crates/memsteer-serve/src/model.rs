@@ -256,7 +256,7 @@ impl Served {
     /// A KV cache for a new row of at most `capacity` positions, where the model runs. On the CPU a
     /// cache grows as it fills, so a row always starts. On a GPU its memory is taken now, and when
     /// `others` rows run the device must keep room for the next step (`next_step`: its rows and output
-    /// rows, [`memsteer_lm::gpu::GpuModel::step_bytes`]), so that a row that starts never makes the
+    /// rows, `memsteer_lm::gpu::GpuModel::step_bytes`), so that a row that starts never makes the
     /// step of the rows already running fail: otherwise the row waits for them. With nothing else
     /// running a row always starts when its cache fits (a step that then fails fails only it).
     pub fn admit(&self, capacity: usize, next_step: (usize, usize), others: bool) -> Admit {
