@@ -599,6 +599,31 @@ mod cuda {
         assert_eq!(report.matches("worst relative").count(), 12, "{report}");
     }
 
+    /// The scoring path's memory-bound kernels (`layer_norm` and its one-warp-per-row variant, whose
+    /// warps past the last row return early; `bias_act` and its vectorised variant; `residual`;
+    /// `lse_target` and its vectorised variant; `convert`) run in the CPU emulator against double
+    /// (`tests/emulator/norms.cpp`).
+    #[test]
+    fn scoring_kernels_run_in_the_cpu_emulator() {
+        let pieces = [
+            "__device__ __forceinline__ float warp_sum",
+            "__device__ __forceinline__ float warp_max",
+            "__device__ float block_sum",
+            "__device__ float block_max",
+            "extern \"C\" __global__ void convert",
+            "extern \"C\" __global__ void layer_norm(",
+            "__device__ __forceinline__ float gelu",
+            "extern \"C\" __global__ void bias_act(",
+            "extern \"C\" __global__ void layer_norm_warp",
+            "extern \"C\" __global__ void bias_act_vec",
+            "extern \"C\" __global__ void residual",
+            "extern \"C\" __global__ void lse_target(",
+            "extern \"C\" __global__ void lse_target_vec",
+        ];
+        let Some(report) = emulate("norms", &pieces) else { return };
+        assert_eq!(report.matches("worst relative").count(), 19, "{report}");
+    }
+
     #[test]
     fn unknown_device_names_are_errors() {
         let e = Device::parse("tpu").expect_err("tpu");

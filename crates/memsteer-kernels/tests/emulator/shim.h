@@ -115,6 +115,21 @@ static inline u16 f2h(float f) {
     return (u16)(sign | h);
 }
 static inline float b2f(u16 b) { return __uint_as_float(((u32)b) << 16); }
+// The PTX exponential (ex2.approx) as the library's.
+static inline float ex2(float x) { return std::exp2(x); }
+// CUDA's vector types.
+struct float4 {
+    float x, y, z, w;
+};
+struct uint2 {
+    u32 x, y;
+};
+struct uint4 {
+    u32 x, y, z, w;
+};
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static inline uint2 make_uint2(u32 x, u32 y) { return {x, y}; }
+static inline uint4 make_uint4(u32 x, u32 y, u32 z, u32 w) { return {x, y, z, w}; }
 static inline u16 f2b(float f) {
     u32 u = __float_as_uint(f);
     if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
