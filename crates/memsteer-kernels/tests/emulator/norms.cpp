@@ -1,8 +1,8 @@
 // The scoring path's memory-bound kernels, run by the CPU emulator (shim.h) against double: layer
 // norm (one block per row, and one warp per row with 16-byte loads, where whole warps past the last
 // row return early), bias + activation (plain, and eight halves per thread), the residual add, the
-// output layer's log-sum-exp and target log-probability (plain, and 16-byte loads with ex2), and type
-// conversion. Exit status 1 and a line per case when any case is off.
+// output layer's log-sum-exp and target log-probability (plain, and 16-byte loads with ex2), type
+// conversion, and the steer step's row scaling. Exit status 1 and a line per case when any case is off.
 #include "kernels.h"
 
 static std::mt19937 rng(9);
@@ -159,6 +159,21 @@ static int convert_case(int n, int from, int to) {
     return report(what, worst, 0.0);
 }
 
+static int scale_rows_case(int rows, int cols, int steers, int i, float factor) {
+    auto m = randn((size_t)rows * cols), strengths = randn((size_t)rows * steers);
+    auto before = m;
+    launch((cols + 255) / 256, rows, 256, [&] { scale_rows(m.data(), cols, strengths.data(), steers, i, factor, rows); });
+    double worst = 0.0;
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            double want = (double)before[(size_t)r * cols + c] * ((double)factor * strengths[(size_t)r * steers + i]);
+            worst = std::max(worst, rel(m[(size_t)r * cols + c], want));
+        }
+    char what[64];
+    snprintf(what, sizeof what, "scale_rows %d × %d by steer %d of %d", rows, cols, i, steers);
+    return report(what, worst, 1e-6);
+}
+
 int main() {
     int bad = 0;
     bad += layer_norm_case(3, 300, 0, false);
@@ -180,6 +195,7 @@ int main() {
     bad += convert_case(1000, 0, 2);
     bad += convert_case(600, 2, 1);
     bad += convert_case(600, 1, 0);
+    bad += scale_rows_case(5, 300, 3, 1, 0.25f);
     printf(bad ? "%d case(s) off\n" : "every case within its bound\n", bad);
     return bad ? 1 : 0;
 }
