@@ -269,17 +269,7 @@ pub fn family_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String>
         let case = format!("{name} F32 (longest {longest}) vs transformers; hidden states vs CPU");
         out.push(measure(case, (&want, &cpu_hidden), (&gpu, &gpu_hidden), (1e-4, 1e-4))?);
     }
-    let hd64 = FamilyShape {
-        d: 256,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        inner: 512,
-        vocab: 1000,
-        context: 600,
-        tied: false,
-    };
+    let hd64 = FamilyShape::SMALL;
     // Heads wider than d / heads (attention width 512 on a residual of 256), four query heads per KV head.
     let hd128 = FamilyShape { kv_heads: 1, head_dim: 128, ..hd64 };
     let seqs = random_seqs(&[600, 600, 600, 600, 257, 2, 31, 129, 64, 65], 1000, 7);
@@ -800,17 +790,7 @@ fn log_softmax_rows(logits: &[f32], vocab: usize) -> Vec<Vec<f32>> {
 /// of 8 that the sequences outgrow, Gemma 2's caps, Gemma 3's local rotary base), f32 (bound 1e-4) and
 /// bf16 (the scoring bounds of [`parity`]).
 pub fn decode_parity(dir: &Path, device: &Device) -> Result<Vec<Parity>, String> {
-    let small = FamilyShape {
-        d: 256,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        inner: 512,
-        vocab: 1000,
-        context: 600,
-        tied: false,
-    };
+    let small = FamilyShape::SMALL;
     let wide = FamilyShape { head_dim: 256, ..small };
     let odd = FamilyShape { heads: 4, kv_heads: 4, head_dim: 80, ..small };
     let shape = Shape { d: 256, layers: 2, heads: 4, vocab: 1000, context: 600 };

@@ -162,6 +162,22 @@ pub struct FamilyShape {
     pub tied: bool,
 }
 
+impl FamilyShape {
+    /// The GPU checks' small shape: 2 layers of 256, 4 query heads of 64 on 2 key/value heads (attention
+    /// width 256), MLP 512, vocabulary 1,000, context 600, untied.
+    pub const SMALL: FamilyShape = FamilyShape {
+        d: 256,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 64,
+        inner: 512,
+        vocab: 1000,
+        context: 600,
+        tied: false,
+    };
+}
+
 /// A model of the Llama family (`family`: llama, mistral, qwen2, qwen3, olmo2, gemma2, gemma3, or `gemma3@S` with
 /// `query_pre_attn_scalar` S instead of the head size) of `shape` with
 /// random `dtype` weights in `dir`. The configuration is the family's tiny transformers fixture
@@ -360,17 +376,7 @@ pub fn write_random_steer(model: &Path, path: &Path, rank: usize, scale: f64, se
 /// all of them; an f32 model gives the same tokens unless two logits tie within the rounding.
 pub fn serve_parity(dir: &Path, device: &memsteer_kernels::Device) -> Result<(usize, usize), String> {
     let m = dir.join("serve-model");
-    let shape = crate::FamilyShape {
-        d: 256,
-        layers: 2,
-        heads: 4,
-        kv_heads: 2,
-        head_dim: 64,
-        inner: 512,
-        vocab: 1000,
-        context: 600,
-        tied: false,
-    };
+    let shape = crate::FamilyShape::SMALL;
     crate::write_family(&m, "qwen2", shape, 8, (crate::Dtype::F32, 2.4 / 16.0, 77))?;
     crate::write_word_tokenizer(&m, shape.vocab)?;
     let steer = m.join("style.safetensors");

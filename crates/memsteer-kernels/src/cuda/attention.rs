@@ -54,22 +54,7 @@ impl Gpu {
         shape: AttentionShape,
     ) -> Result<()> {
         let AttentionShape { rows, heads, kv_heads, hd, window, scale, softcap } = shape;
-        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
-            return Err(KernelError::Shape {
-                what: "key/value heads",
-                expected: format!("a divisor of the {heads} query heads"),
-                found: kv_heads,
-            });
-        }
-        if window == Some(0) {
-            return Err(KernelError::Shape { what: "attention window", expected: "at least 1".into(), found: 0 });
-        }
-        if softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return Err(KernelError::Unsupported {
-                what: "attention soft-cap",
-                message: "must be a positive finite number".into(),
-            });
-        }
+        shape.check_options()?;
         // A window no sequence outgrows changes nothing: the fused kernels stay available.
         let longest_span = spans.iter().map(|s| s.1).max().unwrap_or(0);
         let window = window.filter(|&w| w < longest_span);

@@ -35,6 +35,23 @@ impl CacheTable<'_> {
     }
 }
 
+impl CacheTable<'_> {
+    /// Each operand holds at least `len` elements of the caches' type.
+    fn check_operands(&self, operands: [(&'static str, View<'_>); 2], len: usize) -> Result<()> {
+        for (what, o) in operands {
+            o.need(what, len)?;
+            if o.dtype != self.dtype {
+                return Err(KernelError::Shape {
+                    what,
+                    expected: format!("{:?} (the caches' type)", self.dtype),
+                    found: o.len,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Elements of one sequence's cache of `capacity` positions.
 pub fn cache_len((layers, kv_heads, hd): (usize, usize, usize), capacity: usize) -> Option<usize> {
     layers.checked_mul(2)?.checked_mul(kv_heads)?.checked_mul(capacity)?.checked_mul(hd)
@@ -167,16 +184,7 @@ impl Gpu {
         let (_, kv_heads, hd) = table.shape;
         let rows = table.rows;
         check_operands(self.ordinal, "KV cache store", &[("keys", k), ("values", v)], &[], false)?;
-        for (what, o) in [("keys", k), ("values", v)] {
-            o.need(what, kv_heads * rows * hd)?;
-            if o.dtype != table.dtype {
-                return Err(KernelError::Shape {
-                    what,
-                    expected: format!("{:?} (the caches' type)", table.dtype),
-                    found: o.len,
-                });
-            }
-        }
+        table.check_operands([("keys", k), ("values", v)], kv_heads * rows * hd)?;
         let args = [
             Arg::P(k.ptr),
             Arg::P(v.ptr),
@@ -218,33 +226,12 @@ impl Gpu {
                 found: rows,
             });
         }
-        if !heads.is_multiple_of(kv_heads) || heads > 65_535 {
-            return Err(KernelError::Shape {
-                what: "query heads",
-                expected: format!("a multiple of the {kv_heads} key/value heads, at most 65,535"),
-                found: heads,
-            });
-        }
-        if window == Some(0) {
-            return Err(KernelError::Shape { what: "attention window", expected: "at least 1".into(), found: 0 });
-        }
-        if softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
-            return Err(KernelError::Unsupported {
-                what: "attention soft-cap",
-                message: "must be a positive finite number".into(),
-            });
+        shape.check_options()?;
+        if heads > 65_535 {
+            return Err(KernelError::Shape { what: "query heads", expected: "at most 65,535".into(), found: heads });
         }
         check_operands(self.ordinal, "cached attention", &[("q", q)], &[("context", ctx)], false)?;
-        for (what, o) in [("q", q), ("attention output", ctx)] {
-            o.need(what, rows * heads * hd)?;
-            if o.dtype != table.dtype {
-                return Err(KernelError::Shape {
-                    what,
-                    expected: format!("{:?} (the caches' type)", table.dtype),
-                    found: o.len,
-                });
-            }
-        }
+        table.check_operands([("q", q), ("attention output", ctx)], rows * heads * hd)?;
         let scale = scale.unwrap_or(1.0 / (hd as f32).sqrt());
         let args = [
             Arg::P(q.ptr),

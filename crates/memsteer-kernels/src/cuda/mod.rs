@@ -275,6 +275,31 @@ pub struct AttentionShape {
     pub softcap: Option<f32>,
 }
 
+impl AttentionShape {
+    /// The checks every attention implementation makes of its options: key/value heads dividing the
+    /// query heads, a window of at least one key, a positive finite soft-cap.
+    pub(super) fn check_options(&self) -> Result<()> {
+        let AttentionShape { heads, kv_heads, window, softcap, .. } = *self;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+            return Err(KernelError::Shape {
+                what: "key/value heads",
+                expected: format!("a divisor of the {heads} query heads"),
+                found: kv_heads,
+            });
+        }
+        if window == Some(0) {
+            return Err(KernelError::Shape { what: "attention window", expected: "at least 1".into(), found: 0 });
+        }
+        if softcap.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+            return Err(KernelError::Unsupported {
+                what: "attention soft-cap",
+                message: "must be a positive finite number".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Where the heads sit in a row of a fused QKV projection ([`Gpu::qkv_split`]): head `h` of q starts
 /// at `q + h·head`, of k at `k + h·head`, of v at `v + h·head`, within rows of `row` values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,23 +5,8 @@
 // conversion, and the steer step's row scaling. Exit status 1 and a line per case when any case is off.
 #include "kernels.h"
 
-static std::mt19937 rng(9);
-static std::normal_distribution<float> normal(0.0f, 1.0f);
+#include "check.h"
 
-static double rel(double got, double want) {
-    double e = std::fabs(got - want) / std::max(1.0, std::fabs(want));
-    return std::isnan(e) ? 1e9 : e;
-}
-static int report(const char* what, double worst, double bound) {
-    printf("%s: worst relative %.2e (bound %.0e)\n", what, worst, bound);
-    return worst <= bound ? 0 : 1;
-}
-static std::vector<float> randn(size_t n, float scale = 1.0f, float shift = 0.0f) {
-    std::vector<float> v(n);
-    for (auto& x : v) x = shift + scale * normal(rng);
-    return v;
-}
-static const char* type_name(int dt) { return dt == 0 ? "f32" : (dt == 1 ? "f16" : "bf16"); }
 static double type_bound(int dt) { return dt == 0 ? 1e-6 : (dt == 1 ? 1e-3 : 8e-3); }
 // Values of type dt (rounded from x).
 static std::vector<unsigned char> typed(const std::vector<float>& x, int dt) {
@@ -175,6 +160,7 @@ static int scale_rows_case(int rows, int cols, int steers, int i, float factor) 
 }
 
 int main() {
+    rng.seed(9);
     int bad = 0;
     bad += layer_norm_case(3, 300, 0, false);
     bad += layer_norm_case(2, 128, 2, false);
